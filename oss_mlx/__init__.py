@@ -1,0 +1,1 @@
+"""oss-mlx: gpt-oss on MLX."""
