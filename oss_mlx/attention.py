@@ -1,0 +1,75 @@
+"""Attention with learned per-head sinks, on a sliding window or the full causal context.
+
+Each head has a sink logit that joins the softmax but has no value: the head may attend to
+"nothing". GQA: 8 key/value heads serve 64 query heads; K and V are never tiled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import FullCache, WindowCache
+from .config import ModelConfig
+from .norm import RMSNorm
+from .rope import YarnRoPE
+
+
+def attention_mask(num_queries: int, offset: int, num_keys: int, window: int | None) -> mx.array | None:
+    """Boolean [T, S] mask (True = may attend) for queries at positions offset..offset+T-1.
+
+    The S keys are the last S positions up to offset+T-1 (a window cache keeps only a suffix).
+    Returns None when every key is visible to every query (single-token decode).
+    """
+    first_key = offset + num_queries - num_keys
+    q = mx.arange(offset, offset + num_queries)[:, None]
+    k = mx.arange(first_key, offset + num_queries)[None, :]
+    if num_queries == 1 and (window is None or num_keys <= window):
+        return None
+    visible = k <= q
+    if window is not None:
+        visible = visible & (q - k < window)
+    return visible
+
+
+def sdpa_with_sinks(
+    q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, mask: mx.array | None
+) -> mx.array:
+    """softmax([q·k * scale, sink]) @ [v, 0] per head; q [B, Hq, T, D], k/v [B, Hkv, S, D]."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks.astype(q.dtype))
+
+
+class AttentionBlock(nn.Module):
+    """x + out(attention(rope(q), rope(k), v, sinks)) over the pre-normed x."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.qkv = nn.Linear(config.hidden_size, config.qkv_dim, bias=True)
+        self.sinks = mx.zeros((config.num_attention_heads,))
+        self.out = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=True)
+        self.rope = YarnRoPE(config)
+
+    def __call__(
+        self, x: mx.array, mask: mx.array | None, cache: FullCache | WindowCache | None = None
+    ) -> mx.array:
+        B, T, _ = x.shape
+        D, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = self.qkv(self.norm(x))
+        q = qkv[..., : hq * D].reshape(B, T, hq, D).transpose(0, 2, 1, 3)
+        k = qkv[..., hq * D : (hq + hkv) * D].reshape(B, T, hkv, D).transpose(0, 2, 1, 3)
+        v = qkv[..., (hq + hkv) * D :].reshape(B, T, hkv, D).transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        o = sdpa_with_sinks(q, k, v, self.sinks, self.scale, mask)
+        return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, hq * D))

@@ -1,0 +1,76 @@
+"""gpt-oss: token embedding, L x [attention block, MoE block], RMSNorm, unembedding.
+
+Parameter names are the one canonical layout every checkpoint is mapped to (see weights.py):
+    embedding.weight
+    blocks.{i}.attn.{norm.weight, qkv.weight, qkv.bias, sinks, out.weight, out.bias}
+    blocks.{i}.mlp.{norm.weight, router.weight, router.bias}
+    blocks.{i}.mlp.experts.{gate_up,down}_{weight,scales,bias}
+    norm.weight
+    unembedding.weight
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import AttentionBlock, attention_mask
+from .cache import FullCache, ModelCache, WindowCache
+from .config import ModelConfig
+from .moe import MLPBlock
+from .norm import RMSNorm
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, quantized_experts: bool = True):
+        super().__init__()
+        self.attn = AttentionBlock(config, layer)
+        self.mlp = MLPBlock(config, quantized_experts)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache=None) -> mx.array:
+        return self.mlp(self.attn(x, mask, cache))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, quantized_experts: bool = True):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = [TransformerBlock(config, i, quantized_experts) for i in range(config.num_layers)]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(
+        self, tokens: mx.array, cache: ModelCache | None = None, last_logits_only: bool = False
+    ) -> mx.array:
+        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only)."""
+        x = self.embedding(tokens)
+        masks = self._masks(tokens.shape[1], cache)
+        for i, block in enumerate(self.blocks):
+            window = block.attn.window
+            x = block(x, masks[window], cache[i] if cache is not None else None)
+        if last_logits_only:
+            x = x[:, -1:, :]
+        return self.unembedding(self.norm(x))
+
+    def _masks(self, T: int, cache: ModelCache | None) -> dict[int | None, mx.array | None]:
+        """One mask per attention kind, shared by all layers of that kind."""
+        masks: dict[int | None, mx.array | None] = {}
+        for i, block in enumerate(self.blocks):
+            window = block.attn.window
+            if window in masks:
+                continue
+            c = cache[i] if cache is not None else None
+            offset = c.offset if c is not None else 0
+            kept = (c.kept() if isinstance(c, WindowCache) else offset) if c is not None else 0
+            masks[window] = attention_mask(T, offset, kept + T, window)
+        return masks
+
+    def make_cache(self) -> ModelCache:
+        return ModelCache(
+            [WindowCache(b.attn.window) if b.attn.window is not None else FullCache() for b in self.blocks]
+        )
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.embedding.weight.dtype if hasattr(self.embedding, "weight") else mx.bfloat16

@@ -1,0 +1,126 @@
+"""The mixture-of-experts feed-forward: router (top-k, then softmax over the k) and experts.
+
+Experts are clamped-SwiGLU MLPs whose weights stay in MXFP4 (4-bit e2m1 values, one e8m0 scale per
+32) exactly as OpenAI ships them: MLX's `mxfp4` packing reads the hub's bytes unchanged. Gate and
+up rows are interleaved (gate = even rows, up = odd rows), as shipped.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .norm import RMSNorm
+
+MXFP4_GROUP = 32
+# Below this many (token, expert) pairs, gathering in token order is cheaper than sorting.
+SORT_THRESHOLD = 64
+
+
+def clamped_swiglu(gate_up: mx.array, alpha: float, limit: float) -> mx.array:
+    """gpt-oss's SwiGLU: gate clamped above, up clamped both ways, and (up + 1)."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = mx.minimum(gate, limit)
+    up = mx.clip(up, -limit, limit)
+    return gate * mx.sigmoid(gate * alpha) * (up + 1)
+
+
+class Router(nn.Module):
+    """Linear scores over experts; the top k are kept and softmax-normalised among themselves.
+
+    Not an nn.Linear on purpose: quantizing a model must never touch the router.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, hidden_size))
+        self.bias = mx.zeros((num_experts,))
+        self.top_k = top_k
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """x [N, H] -> (weights [N, k] float32, expert indices [N, k] uint32)."""
+        logits = mx.addmm(self.bias, x, self.weight.T)
+        k = self.top_k
+        indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
+        top = mx.take_along_axis(logits, indices, axis=-1)
+        return mx.softmax(top.astype(mx.float32), axis=-1), indices.astype(mx.uint32)
+
+
+class Experts(nn.Module):
+    """E expert MLPs: [x] -> down(swiglu(gate_up(x))), weights stored [E, out, in].
+
+    `quantized=True`: MXFP4 (uint32-packed values + uint8 scales per 32 inputs).
+    `quantized=False`: float weights (a fine-tune kept in float when asked).
+    """
+
+    def __init__(self, config: ModelConfig, quantized: bool = True):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
+        self.quantized = quantized
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        if quantized:
+            self.gate_up_weight = mx.zeros((E, 2 * I, H // 8), dtype=mx.uint32)
+            self.gate_up_scales = mx.zeros((E, 2 * I, H // MXFP4_GROUP), dtype=mx.uint8)
+            self.down_weight = mx.zeros((E, H, I // 8), dtype=mx.uint32)
+            self.down_scales = mx.zeros((E, H, I // MXFP4_GROUP), dtype=mx.uint8)
+        else:
+            self.gate_up_weight = mx.zeros((E, 2 * I, H))
+            self.down_weight = mx.zeros((E, H, I))
+        self.gate_up_bias = mx.zeros((E, 2 * I))
+        self.down_bias = mx.zeros((E, H))
+
+    def _matmul(self, x: mx.array, name: str, indices: mx.array, sorted_indices: bool) -> mx.array:
+        w = getattr(self, f"{name}_weight")
+        if self.quantized:
+            y = mx.gather_qmm(
+                x,
+                w,
+                getattr(self, f"{name}_scales"),
+                None,
+                rhs_indices=indices,
+                transpose=True,
+                group_size=MXFP4_GROUP,
+                bits=4,
+                mode="mxfp4",
+                sorted_indices=sorted_indices,
+            )
+        else:
+            y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        return y + getattr(self, f"{name}_bias")[indices][..., None, :].astype(y.dtype)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x [N, H], indices [N, k] -> each selected expert's output [N, k, H]."""
+        N, k = indices.shape
+        if N * k < SORT_THRESHOLD:
+            h = x[:, None, None, :]  # [N, 1, 1, H] broadcasts against indices [N, k]
+            h = self._matmul(h, "gate_up", indices, False)
+            h = clamped_swiglu(h, self.alpha, self.limit)
+            return self._matmul(h, "down", indices, False).squeeze(-2)
+        # Prefill: group rows by expert so each expert's weights are read once.
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        h = x[order // k][:, None, :]  # [N*k, 1, H]
+        sorted_experts = flat[order]
+        h = self._matmul(h, "gate_up", sorted_experts, True)
+        h = clamped_swiglu(h, self.alpha, self.limit)
+        h = self._matmul(h, "down", sorted_experts, True).squeeze(-2)
+        return h[mx.argsort(order)].reshape(N, k, -1)
+
+
+class MLPBlock(nn.Module):
+    """x + sum_k weight_k * expert_k(norm(x))."""
+
+    def __init__(self, config: ModelConfig, quantized_experts: bool = True):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.router = Router(config.hidden_size, config.num_experts, config.experts_per_token)
+        self.experts = Experts(config, quantized=quantized_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        h = self.norm(x).reshape(-1, shape[-1])
+        weights, indices = self.router(h)
+        y = self.experts(h, indices)
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        return x + y.reshape(shape)
