@@ -258,7 +258,8 @@ def iter_canonical(
                 array = array.astype(target)
         elif array.dtype != want_dtype:
             raise CheckpointError(
-                f"{tensors.file_of[srcs[0]]}: tensor {srcs[0]!r} has dtype {array.dtype}, expected {want_dtype}"
+                f"{tensors.file_of[srcs[0]]}: tensor {srcs[0]!r} has dtype {array.dtype}, "
+                f"expected {want_dtype}"
             )
         yield name, array
 
