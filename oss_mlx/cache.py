@@ -5,6 +5,7 @@ chat that drops the previous turn's analysis (as harmony requires) must re-proce
 history. Here a sliding layer keeps only the last `window - 1` keys (all a future query can see),
 and `mark()` remembers that small state at turn boundaries; MLX arrays are immutable, so a mark is
 a reference, not a copy. `rewind_to(offset)` then works at any marked offset, however far back.
+The state before the latest update is kept too, so an interrupted step (Ctrl-C) can be undone.
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ class WindowCache:
         self.values: mx.array | None = None
         self.offset = 0
         self._marks: dict[int, tuple[mx.array | None, mx.array | None]] = {}
+        self._before_last: tuple[int, mx.array | None, mx.array | None] = (0, None, None)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Return the kept keys followed by the new ones; the caller masks by position."""
+        self._before_last = (self.offset, self.keys, self.values)
         if self.keys is None:
             all_k, all_v = keys, values
         else:
@@ -90,7 +93,7 @@ class WindowCache:
         self._marks[self.offset] = (self.keys, self.values)
 
     def can_rewind_to(self, offset: int) -> bool:
-        if offset in self._marks or offset == self.offset:
+        if offset in self._marks or offset in (0, self.offset, self._before_last[0]):
             return True
         # The kept keys cover positions [offset - kept, offset); rewinding needs the last
         # min(target, window - 1) of them before the target.
@@ -102,6 +105,10 @@ class WindowCache:
             return
         if offset in self._marks:
             self.keys, self.values = self._marks[offset]
+        elif offset == 0:
+            self.keys = self.values = None
+        elif offset == self._before_last[0]:
+            _, self.keys, self.values = self._before_last
         elif self.can_rewind_to(offset):
             cut = self.offset - offset
             self.keys, self.values = (
@@ -117,6 +124,7 @@ class WindowCache:
             )
         self.offset = offset
         self._marks = {k: v for k, v in self._marks.items() if k <= offset}
+        self._before_last = (offset, self.keys, self.values)
 
     @property
     def nbytes(self) -> int:
@@ -151,6 +159,11 @@ class ModelCache:
 
     def can_rewind_to(self, offset: int) -> bool:
         return all(c.can_rewind_to(offset) for c in self.layers)
+
+    def rewind_point(self, limit: int) -> int:
+        """The largest offset <= limit this cache can be rewound to (0 always works)."""
+        candidates = {limit, *(m for c in self.layers if isinstance(c, WindowCache) for m in c._marks)}
+        return max((o for o in candidates if o <= limit and self.can_rewind_to(o)), default=0)
 
     def rewind_to(self, offset: int) -> None:
         """Forget everything after `offset` tokens; raises CacheRewindError if impossible."""

@@ -1,0 +1,129 @@
+"""The token loop: chunked prefill, pipelined decode, sampling, stop tokens, timing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from .cache import ModelCache
+from .model import Transformer
+
+# Prefill in chunks: bounded activation memory for long prompts, same logits (tested).
+PREFILL_STEP = 2048
+
+
+@dataclass
+class SamplingOptions:
+    """temperature 0 is greedy. top_k 0 and top_p 1 and min_p 0 switch those filters off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 4096
+
+    def sampler(self) -> Callable[[mx.array], mx.array]:
+        # mlx-lm's samplers are well tested and compiled; no reason to write our own.
+        return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # the whole prompt
+    prefilled_tokens: int = 0  # the part not already in the cache
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    time_to_first_token: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: str = "length"  # "stop" (return), "tool_call" (call), "length", "interrupted"
+    context_tokens: int = 0  # tokens in the cache after the reply
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prefilled_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "prompt_tps": self.prompt_tps, "generation_tps": self.generation_tps}
+
+
+@dataclass
+class TokenStream:
+    """What generate_tokens reports besides the tokens themselves."""
+
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    tokens: list[int] = field(default_factory=list)
+
+
+def prefill(model: Transformer, tokens: list[int], cache: ModelCache, step: int = PREFILL_STEP) -> mx.array:
+    """Run `tokens` (at least one) through the model into the cache; logits of the last [1, vocab]."""
+    if not tokens:
+        raise ValueError("prefill needs at least one token")
+    logits = None
+    for start in range(0, len(tokens), step):
+        chunk = mx.array(tokens[start : start + step])[None]
+        logits = model(chunk, cache=cache, last_logits_only=True)
+        mx.eval(logits, *cache.arrays())
+    return logits[:, -1, :]
+
+
+def generate_tokens(
+    model: Transformer,
+    new_tokens: list[int],
+    cache: ModelCache,
+    options: SamplingOptions,
+    stop_ids: set[int],
+    report: TokenStream | None = None,
+    on_prefilled: Callable[[], None] | None = None,
+) -> Iterator[int]:
+    """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens.
+
+    Decoding is pipelined: step n+1 is queued before token n reaches Python. A stop token is
+    therefore fed to the cache too; callers read `cache.offset` to know what the cache holds.
+    """
+    report = report if report is not None else TokenStream()
+    stats = report.stats
+    stats.prefilled_tokens = len(new_tokens)
+    sampler = options.sampler()
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    mx.reset_peak_memory()
+
+    def sample(logits: mx.array) -> mx.array:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs)
+
+    start = time.perf_counter()
+    token = sample(prefill(model, new_tokens, cache))
+    mx.eval(token)
+    stats.prompt_seconds = time.perf_counter() - start
+    if on_prefilled is not None:
+        on_prefilled()
+    start = time.perf_counter()
+    for n in range(options.max_tokens):
+        if n + 1 < options.max_tokens:
+            next_token = sample(model(token[:, None], cache=cache)[:, -1, :])
+            mx.async_eval(next_token)
+        value = token.item()
+        if n == 0:
+            stats.time_to_first_token = stats.prompt_seconds + time.perf_counter() - start
+        report.tokens.append(value)
+        stats.generated_tokens = n + 1
+        stats.generation_seconds = time.perf_counter() - start
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        yield value
+        if value in stop_ids:
+            stats.finish_reason = "stop"
+            return
+        if n + 1 < options.max_tokens:
+            token = next_token
+    stats.finish_reason = "length"
