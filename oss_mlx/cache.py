@@ -168,7 +168,10 @@ class ModelCache:
     def rewind_to(self, offset: int) -> None:
         """Forget everything after `offset` tokens; raises CacheRewindError if impossible."""
         if not self.can_rewind_to(offset):
-            raise CacheRewindError(f"cannot rewind the cache from {self.offset} to {offset}")
+            raise CacheRewindError(
+                f"cannot rewind the cache from {self.offset} to {offset}: sliding-window layers keep "
+                "only their last window of keys; call mark() at offsets you may return to"
+            )
         for c in self.layers:
             c.rewind_to(offset)
 

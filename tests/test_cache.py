@@ -1,0 +1,106 @@
+"""Caches: chunked prefill == full forward, marks, rewinding past the window, undo of a step."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from oss_mlx.cache import CacheRewindError
+from oss_mlx.config import ModelConfig
+from oss_mlx.model import Transformer
+
+CFG = ModelConfig(
+    num_layers=4,
+    num_experts=4,
+    experts_per_token=2,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=64,
+    head_dim=16,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=8,
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    """A random tiny model with MXFP4 experts (the quantized path)."""
+    mx.random.seed(0)
+    m = Transformer(CFG, quantized_experts=True)
+    params = []
+    for name, p in tree_flatten(m.parameters()):
+        if name.endswith("experts.gate_up_weight") or name.endswith("experts.down_weight"):
+            continue
+        if name.endswith("_scales"):
+            continue
+        scale = 1.0 if ("norm" in name or "sinks" in name or "embedding" in name) else 0.05
+        base = 1.0 if "norm" in name else 0.0
+        params.append((name, base + scale * mx.random.normal(p.shape)))
+    for i in range(CFG.num_layers):
+        for proj, shape in (("gate_up", (4, 128, 64)), ("down", (4, 64, 64))):
+            w, s = mx.quantize(0.05 * mx.random.normal(shape), group_size=32, bits=4, mode="mxfp4")
+            params += [
+                (f"blocks.{i}.mlp.experts.{proj}_weight", w),
+                (f"blocks.{i}.mlp.experts.{proj}_scales", s),
+            ]
+    m.update(tree_unflatten(params))
+    mx.eval(m.parameters())
+    return m
+
+
+def run_chunks(model, tokens, chunks, cache=None):
+    cache = cache if cache is not None else model.make_cache()
+    outs, start = [], 0
+    for n in chunks:
+        outs.append(np.array(model(mx.array(tokens[None, start : start + n]), cache=cache)))
+        start += n
+    return np.concatenate(outs, axis=1), cache
+
+
+TOKENS = np.random.default_rng(1).integers(0, 256, size=70)
+
+
+@pytest.mark.parametrize("chunks", [[70], [1] * 70, [3, 20, 1, 1, 9, 36], [8, 8, 7, 9, 38]])
+def test_chunked_prefill_equals_full_forward(model, chunks):
+    full = np.array(model(mx.array(TOKENS[None])))
+    out, cache = run_chunks(model, TOKENS, chunks)
+    np.testing.assert_allclose(out, full, rtol=0, atol=2e-5 * np.abs(full).max())
+    # Sliding layers hold only window - 1 keys between calls: bounded memory.
+    assert all(c.kept() <= CFG.sliding_window - 1 for c in cache if hasattr(c, "kept"))
+
+
+def test_rewind_past_the_window_to_a_mark(model):
+    """Harmony drops the last analysis: the cache must return to the end of the previous prompt."""
+    turn1, detour, turn2 = TOKENS[:20], TOKENS[20:60], TOKENS[60:]
+    _, cache = run_chunks(model, turn1, [20])
+    cache.mark()
+    run_chunks(model, detour, [10] + [1] * 30, cache)  # 40 tokens, 5x the window
+    assert cache.offset == 60
+    assert cache.can_rewind_to(20) and not cache.can_rewind_to(21)
+    cache.rewind_to(20)
+    out, _ = run_chunks(model, turn2, [len(turn2)], cache)
+    ref = np.array(model(mx.array(np.concatenate([turn1, turn2])[None])))[:, 20:]
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_unmarked_rewind_is_refused_with_a_clear_error(model):
+    _, cache = run_chunks(model, TOKENS, [30, 10])
+    with pytest.raises(CacheRewindError, match="mark"):
+        cache.rewind_to(5)
+    assert cache.offset == 40  # untouched
+
+
+def test_undo_of_the_last_step_and_short_rewinds(model):
+    """An interrupted decode step (Ctrl-C) can be undone; rewinds inside the kept keys work."""
+    _, cache = run_chunks(model, TOKENS, [30, 1])
+    cache.rewind_to(30)  # undo the single-token step
+    out, _ = run_chunks(model, TOKENS[30:40], [10], cache)
+    ref = np.array(model(mx.array(TOKENS[None, :40])))[:, 30:]
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    assert cache.rewind_point(35) == 30 or cache.can_rewind_to(cache.rewind_point(35))
+    cache.rewind_to(0)
+    out, _ = run_chunks(model, TOKENS[:12], [12], cache)
+    np.testing.assert_allclose(out, np.array(model(mx.array(TOKENS[None, :12]))), rtol=0, atol=1e-4)
