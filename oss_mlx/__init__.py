@@ -1,1 +1,46 @@
-"""oss-mlx: gpt-oss on MLX."""
+"""oss-mlx: OpenAI's gpt-oss models on MLX, exact to the reference.
+
+    import oss_mlx
+    model, tokenizer = oss_mlx.load("openai/gpt-oss-20b")
+    print(oss_mlx.generate(model, tokenizer, "Why is the sky blue?").text)
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from .loader import load_model
+from .tokenizer import HarmonyTokenizer, load_tokenizer
+
+__all__ = ["load", "generate", "stream_generate", "Session", "load_model", "load_tokenizer"]
+
+
+def load(
+    path_or_repo: str | os.PathLike = "openai/gpt-oss-20b",
+    dtype: mx.Dtype | None = None,
+    quantize_experts: bool = True,
+):
+    """Load a gpt-oss checkpoint in any supported layout. Returns (model, tokenizer).
+
+    path_or_repo: a local folder (hub layout, transformers fine-tune, OpenAI `original/`, or one
+    made by `oss-mlx convert`) or a hub repo id. dtype: cast float weights (MXFP4 experts stay
+    MXFP4). quantize_experts: quantize float experts of a fine-tune to MXFP4 (default) or keep float.
+    """
+    model, info = load_model(path_or_repo, dtype=dtype, quantize_experts=quantize_experts)
+    tokenizer = load_tokenizer(info["path"])
+    model.info = info
+    return model, tokenizer
+
+
+def __getattr__(name: str):
+    # Generation imports the harmony layer; keep `import oss_mlx` light for the converter.
+    if name in ("generate", "stream_generate", "Session"):
+        from . import session
+
+        return getattr(session, name)
+    raise AttributeError(name)
+
+
+HarmonyTokenizer = HarmonyTokenizer

@@ -1,2 +1,52 @@
-def main():
-    pass
+"""`oss-mlx SUBCOMMAND ...`: argument dispatch only; each subcommand lives in its own module.
+
+Each module exposes `main(argv: list[str]) -> int` and parses its own arguments, so start-up stays
+fast (nothing heavy is imported until a subcommand runs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "chat": ("oss_mlx.chat.app", "terminal chat (default)"),
+    "generate": ("oss_mlx.run", "one prompt in, the answer out (scripts, pipes)"),
+    "convert": ("oss_mlx.convert.cli", "checkpoint -> MLX layout resharded for unified memory"),
+    "serve": ("oss_mlx.server.app", "OpenAI-compatible server (Responses, Chat Completions)"),
+    "bench": ("oss_mlx.bench", "prefill/decode speed and memory, side by side with mlx-lm"),
+    "plan": ("oss_mlx.memory", "will a model fit this machine? memory plan per preset and context"),
+    "synthetic": ("oss_mlx.synthetic", "write a random gpt-oss checkpoint (tests, benchmarks)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: oss-mlx SUBCOMMAND [options]   (oss-mlx SUBCOMMAND --help for its options)", ""]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv and argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"oss-mlx {version('oss-mlx')}")
+        return 0
+    name = argv.pop(0) if argv and not argv[0].startswith("-") else "chat"
+    if name not in SUBCOMMANDS:
+        print(f"oss-mlx: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        return int(module.main(argv) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
