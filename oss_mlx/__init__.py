@@ -14,7 +14,7 @@ import mlx.core as mx
 from .loader import load_model
 from .tokenizer import HarmonyTokenizer, load_tokenizer
 
-__all__ = ["load", "generate", "stream_generate", "Session", "load_model", "load_tokenizer"]
+__all__ = ["load", "generate", "stream_generate", "Session", "load_model", "load_tokenizer", "HarmonyTokenizer"]
 
 
 def load(
@@ -29,9 +29,7 @@ def load(
     MXFP4). quantize_experts: quantize float experts of a fine-tune to MXFP4 (default) or keep float.
     """
     model, info = load_model(path_or_repo, dtype=dtype, quantize_experts=quantize_experts)
-    tokenizer = load_tokenizer(info["path"])
-    model.info = info
-    return model, tokenizer
+    return model, load_tokenizer(info.path)
 
 
 def __getattr__(name: str):
@@ -42,5 +40,3 @@ def __getattr__(name: str):
         return getattr(session, name)
     raise AttributeError(name)
 
-
-HarmonyTokenizer = HarmonyTokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -60,12 +61,25 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
         raise CheckpointError(f"cannot download {text} from the Hugging Face hub: {e}") from None
 
 
+@dataclass
+class LoadInfo:
+    """Where a model came from (a dataclass, not a dict: nn.Module would treat a dict as parameters)."""
+
+    layout: str
+    path: Path
+    config: ModelConfig
+    raw_config: dict = field(repr=False)
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+
 def load_model(
     path_or_repo: str | os.PathLike,
     dtype: mx.Dtype | None = None,
     quantize_experts: bool = True,
-) -> tuple[Transformer, dict]:
-    """Build and fill a Transformer. Returns (model, info) with info['layout'], ['path'], ['config'].
+) -> tuple[Transformer, LoadInfo]:
+    """Build and fill a Transformer. Returns (model, info): layout, path, config.
 
     dtype: cast float weights (None keeps the checkpoint's, usually bfloat16). MXFP4 experts stay MXFP4.
     quantize_experts: float experts (a transformers fine-tune) are quantized to MXFP4 unless False.
@@ -103,7 +117,8 @@ def load_model(
     )
     model.load_weights(weights, strict=True)
     model.eval()
-    return model, {"layout": layout, "path": folder, "config": config, "raw_config": raw}
+    model.info = LoadInfo(layout, folder, config, raw)
+    return model, model.info
 
 
 def _quantize_dense(model: Transformer, spec: dict | None) -> None:
