@@ -1,8 +1,8 @@
 """oss-mlx: OpenAI's gpt-oss models on MLX, exact to the reference.
 
-    import oss_mlx
-    model, tokenizer = oss_mlx.load("openai/gpt-oss-20b")
-    print(oss_mlx.generate(model, tokenizer, "Why is the sky blue?").text)
+import oss_mlx
+model, tokenizer = oss_mlx.load("openai/gpt-oss-20b")
+print(oss_mlx.generate(model, tokenizer, "Why is the sky blue?").text)
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ import mlx.core as mx
 from .loader import load_model
 from .tokenizer import HarmonyTokenizer, load_tokenizer
 
-__all__ = ["load", "generate", "stream_generate", "Session", "load_model", "load_tokenizer", "HarmonyTokenizer"]
+__all__ = [
+    "load",
+    "generate",
+    "stream_generate",
+    "Session",
+    "load_model",
+    "load_tokenizer",
+    "HarmonyTokenizer",
+]
 
 
 def load(
@@ -39,4 +47,3 @@ def __getattr__(name: str):
 
         return getattr(session, name)
     raise AttributeError(name)
-
