@@ -476,10 +476,10 @@ class StreamParser:
 
     It starts after the prompt's ``<|start|>assistant`` (``role=None``: expects ``<|start|>`` first);
     output that repeats ``<|start|>assistant`` is accepted too. It never raises: a missing
-    ``<|channel|>`` means the final channel, a header that cannot be read becomes text on the final
-    channel, stray special tokens inside content are skipped (``<|start|>`` and ``<|channel|>`` begin a
-    new message), text after ``<|return|>`` starts a new message, and :meth:`finish` flushes a message
-    cut off by the end of the stream.
+    ``<|channel|>`` means the final channel, a header that cannot be read becomes text (on the final
+    channel, or on the known channel it names), stray special tokens inside content are skipped
+    (``<|start|>`` and ``<|channel|>`` begin a new message), text after ``<|return|>`` starts a new
+    message, and :meth:`finish` flushes a message cut off by the end of the stream.
     """
 
     def __init__(self, tokenizer: HarmonyTokenizer, role: str | None = "assistant") -> None:
@@ -609,11 +609,23 @@ class StreamParser:
         )
 
     def _degrade_header(self, events: list[Event]) -> None:
-        """The header is not one: its text becomes content on the final channel."""
-        ids = [t for t in self._header.ids if not self.tokenizer.is_special(t)]
-        self._open(Message(self._header.role or "assistant", "", "final"))
-        for t in ids:
-            self._text(self._decoder.feed(t), events)
+        """The header is not one: its text becomes content, on the final channel — or on the channel
+        named right after <|channel|> when that is a known one, so that garbled analysis stays analysis.
+        A leading role word and the channel word are not repeated in the text."""
+        ids = self._header.ids
+        cut = ids.index(self.tokenizer.CHANNEL) if self.tokenizer.CHANNEL in ids else len(ids)
+        head = self.tokenizer.decode_bytes(t for t in ids[:cut] if not self.tokenizer.is_special(t))
+        tail = self.tokenizer.decode_bytes(t for t in ids[cut:] if not self.tokenizer.is_special(t))
+        role, channel = self._header.role or "assistant", "final"
+        if self._header.role is None and head.split()[:1] and head.split()[0].decode() in ROLES:
+            role = head.split()[0].decode()
+            head = head.lstrip()[len(role) :].lstrip()
+        words = tail.split()
+        if words and words[0].decode(errors="replace") in CHANNELS:
+            channel = words[0].decode()
+            tail = tail.lstrip()[len(words[0]) :].lstrip()
+        self._open(Message(role, "", channel))
+        self._text(self._decoder.feed_bytes(head + tail), events)
 
     def _open_from_header(self, events: list[Event]) -> None:
         parsed = self._parse_header(self._header_text(), self._header.role)
