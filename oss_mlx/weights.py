@@ -246,8 +246,9 @@ def iter_canonical(
         array = build(*(tensors[s] for s in srcs))
         if quantize_float_experts and _EXPERT_WEIGHT.search(name):
             # A float fine-tune: quantize to MXFP4 like the released experts.
+            unpacked = (*shape[:-1], shape[-1] * 8)  # eight 4-bit values per uint32
+            _check_shape(name, array.shape, unpacked, srcs, tensors)
             w, scales = mx.quantize(array.astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
-            _check_shape(name, w.shape, shape, srcs, tensors)
             yield name, w
             yield name.replace("_weight", "_scales"), scales
             continue
@@ -266,7 +267,7 @@ def iter_canonical(
 
 def _check_shape(name, got, want, srcs, tensors) -> None:
     if tuple(got) != tuple(want):
-        where = ", ".join(f"{s!r} in {tensors.file_of[s].name} {list(tensors.shape_of[s])}" for s in srcs)
+        where = ", ".join(f"{s!r} {list(tensors.shape_of[s])} in {tensors.file_of[s]}" for s in srcs)
         raise CheckpointError(
             f"tensor {where}: gives {name} of shape {list(got)}, expected {list(want)} from config.json. "
             "The weights do not match the config (wrong config.json, or a different model)."

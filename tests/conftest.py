@@ -1,0 +1,40 @@
+"""Shared fixtures: the real vocabulary (when present) and tiny synthetic checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB_DIRS = [
+    Path(p) for p in (os.environ.get("TIKTOKEN_CACHE_DIR"), os.environ.get("TIKTOKEN_RS_CACHE_DIR")) if p
+] + [REPO.parent / "shared" / "data" / "tiktoken-cache"]
+VOCAB_FILE = "fb374d419588a4632f3f557e76b4b70aebbca790"  # sha1 of o200k_base's public address
+
+
+def vocabulary_dir() -> Path | None:
+    return next((d for d in VOCAB_DIRS if (d / VOCAB_FILE).is_file()), None)
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    found = vocabulary_dir()
+    if found is None:
+        pytest.skip(f"o200k_base vocabulary not found (looked in {[str(d) for d in VOCAB_DIRS]})")
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(found))
+    os.environ.setdefault("TIKTOKEN_RS_CACHE_DIR", str(found))
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, vocab_dir) -> Path:
+    """A tiny random gpt-oss in the hub layout, with the real 201088-token vocabulary beside it."""
+    from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
+    from oss_mlx.tokenizer import copy_vocabulary
+
+    folder = tmp_path_factory.mktemp("tiny-hub")
+    write_checkpoint(folder, SyntheticSpec.tiny(num_layers=4, sliding_window=16), layout="hf-mxfp4", seed=7)
+    copy_vocabulary(folder)
+    return folder
