@@ -281,6 +281,22 @@ def test_original_layout_refuses_what_it_cannot_describe(tmp_path):
         SyntheticSpec(hidden_size=48).validate()
 
 
+def test_default_tiny_has_the_real_vocabulary_and_harmony_ids(tmp_path):
+    folder = write_checkpoint(tmp_path, SyntheticSpec.tiny(), "hf-mxfp4")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["vocab_size"] == 201088 and cfg["eos_token_id"] == 200002 and cfg["pad_token_id"] == 199999
+    assert header(folder / "model.safetensors")["lm_head.weight"]["shape"] == [201088, 64]
+    small = SyntheticSpec(vocab_size=100).hf_config()  # ids inside a small vocabulary
+    assert (small["eos_token_id"], small["pad_token_id"]) == (99, 98)
+
+
+def test_float16_holds_the_same_experts(tmp_path, values):
+    f16 = folder_tensors(write_checkpoint(tmp_path, SPEC, "hf-float", seed=3, dtype="float16"))
+    assert header(tmp_path / "model.safetensors")["model.norm.weight"]["dtype"] == "F16"
+    for name in expert_pairs(SPEC.num_layers):
+        assert np.array_equal(f16[name].astype(np.float32), values["hf-float", "float32"][name]), name
+
+
 def test_sharding_and_index(tmp_path):
     total = {}
     for layout in ("hf-mxfp4", "hf-float", "original"):
