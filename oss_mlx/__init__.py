@@ -11,10 +11,15 @@ import os
 
 import mlx.core as mx
 
+from .generation import SamplingOptions
 from .loader import load_model
+from .session import Done, Reply, Session, generate, stream_generate
 from .tokenizer import HarmonyTokenizer, load_tokenizer
 
 __all__ = [
+    "Done",
+    "Reply",
+    "SamplingOptions",
     "load",
     "generate",
     "stream_generate",
@@ -38,12 +43,3 @@ def load(
     """
     model, info = load_model(path_or_repo, dtype=dtype, quantize_experts=quantize_experts)
     return model, load_tokenizer(info.path)
-
-
-def __getattr__(name: str):
-    # Generation imports the harmony layer; keep `import oss_mlx` light for the converter.
-    if name in ("generate", "stream_generate", "Session"):
-        from . import session
-
-        return getattr(session, name)
-    raise AttributeError(name)

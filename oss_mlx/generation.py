@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
 from .cache import ModelCache
 from .model import Transformer
@@ -28,7 +27,10 @@ class SamplingOptions:
     max_tokens: int = 4096
 
     def sampler(self) -> Callable[[mx.array], mx.array]:
-        # mlx-lm's samplers are well tested and compiled; no reason to write our own.
+        # mlx-lm's samplers are well tested and compiled; no reason to write our own. Imported here:
+        # mlx_lm pulls in transformers, which would slow every start-up by seconds.
+        from mlx_lm.sample_utils import make_sampler
+
         return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
 
@@ -64,15 +66,31 @@ class TokenStream:
     tokens: list[int] = field(default_factory=list)
 
 
-def prefill(model: Transformer, tokens: list[int], cache: ModelCache, step: int = PREFILL_STEP) -> mx.array:
-    """Run `tokens` (at least one) through the model into the cache; logits of the last [1, vocab]."""
+def prefill(
+    model: Transformer,
+    tokens: list[int],
+    cache: ModelCache,
+    step: int = PREFILL_STEP,
+    mark_at: Iterable[int] = (),
+) -> mx.array:
+    """Run `tokens` (at least one) through the model into the cache; logits of the last [1, vocab].
+
+    mark_at: positions within `tokens` after which the cache is marked (places a later prompt may
+    diverge: message starts, the end of the prompt); chunks are split there, which changes nothing.
+    """
     if not tokens:
         raise ValueError("prefill needs at least one token")
-    logits = None
-    for start in range(0, len(tokens), step):
-        chunk = mx.array(tokens[start : start + step])[None]
-        logits = model(chunk, cache=cache, last_logits_only=True)
+    marks = {m for m in mark_at if 0 < m <= len(tokens)}
+    cuts = sorted(marks | set(range(step, len(tokens), step)) | {len(tokens)})
+    logits, start = None, 0
+    for end in cuts:
+        if end <= start:
+            continue
+        logits = model(mx.array(tokens[start:end])[None], cache=cache, last_logits_only=True)
         mx.eval(logits, *cache.arrays())
+        if end in marks:
+            cache.mark()
+        start = end
     return logits[:, -1, :]
 
 
@@ -83,7 +101,7 @@ def generate_tokens(
     options: SamplingOptions,
     stop_ids: set[int],
     report: TokenStream | None = None,
-    on_prefilled: Callable[[], None] | None = None,
+    mark_at: Iterable[int] = (),
 ) -> Iterator[int]:
     """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens.
 
@@ -103,11 +121,9 @@ def generate_tokens(
         return sampler(logprobs)
 
     start = time.perf_counter()
-    token = sample(prefill(model, new_tokens, cache))
+    token = sample(prefill(model, new_tokens, cache, mark_at=mark_at))
     mx.eval(token)
     stats.prompt_seconds = time.perf_counter() - start
-    if on_prefilled is not None:
-        on_prefilled()
     start = time.perf_counter()
     for n in range(options.max_tokens):
         if n + 1 < options.max_tokens:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .generate import GenerationStats, SamplingOptions, TokenStream, generate_tokens
+from .generation import GenerationStats, SamplingOptions, TokenStream, generate_tokens
 from .harmony import Message, MessageDone, StreamParser, TextDelta, Tool, ToolCall, render_conversation
 from .model import Transformer
 from .tokenizer import HarmonyTokenizer
@@ -137,23 +137,25 @@ class Session:
         parser = StreamParser(self.tokenizer)
         reply = Reply(tokens=report.tokens, stats=report.stats)
         report.stats.finish_reason = "interrupted"
+        new = tokens[reused:]
+        # Mark where a later prompt may leave this one: before each message, and at the end (also one
+        # token before it, so regenerating the same prompt needs no prefill).
+        marks = [i for i, t in enumerate(new) if t == self.tokenizer.START] + [len(new) - 1, len(new)]
+        finished = False
         try:
             for token in generate_tokens(
-                self.model,
-                tokens[reused:],
-                self.cache,
-                options,
-                set(self.tokenizer.stop_ids),
-                report,
-                on_prefilled=self.cache.mark,
+                self.model, new, self.cache, options, set(self.tokenizer.stop_ids), report, mark_at=marks
             ):
                 for event in parser.feed(token):
                     self._collect(event, reply)
                     yield event
+            finished = True
             for event in parser.finish():
                 self._collect(event, reply)
                 yield event
         finally:
+            if not finished:
+                parser.finish()  # keep what was generated before the interruption
             self._settle(tokens + report.tokens)
             stats = report.stats
             stats.context_tokens = self.cache.offset

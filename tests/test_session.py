@@ -1,0 +1,149 @@
+"""Generation API and Session: events, stats, prefix reuse across turns, interruption."""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+import pytest
+
+import oss_mlx
+from oss_mlx.generation import SamplingOptions
+from oss_mlx.session import Done, Session
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return oss_mlx.load(tiny_checkpoint, dtype=mx.float32)
+
+
+def scripted(monkeypatch, tokenizer, texts: list[str]) -> None:
+    """Make the sampler emit these harmony completions, one per reply (the model still runs).
+
+    Decoding is pipelined, so the sampler is asked once more after the stop token: it then
+    repeats <|return|>, which nobody reads.
+    """
+    replies = iter([tokenizer.encode(t, allow_special=True) for t in texts])
+
+    def sampler(self):
+        script = iter(next(replies))
+
+        def pick(logprobs):
+            return mx.array([next(script, tokenizer.RETURN)])
+
+        return pick
+
+    monkeypatch.setattr(SamplingOptions, "sampler", sampler)
+
+
+ANSWER = "<|channel|>analysis<|message|>The user greets. Reply briefly.<|end|><|start|>assistant<|channel|>final<|message|>Hello there! How can I help?<|return|>"  # noqa: E501
+
+
+def test_generate_splits_analysis_and_final(loaded, monkeypatch):
+    model, tokenizer = loaded
+    scripted(monkeypatch, tokenizer, [ANSWER])
+    reply = oss_mlx.generate(model, tokenizer, "Hi", max_tokens=200)
+    assert reply.text == "Hello there! How can I help?"
+    assert reply.analysis == "The user greets. Reply briefly."
+    assert reply.stats.finish_reason == "stop"
+    assert reply.stats.generated_tokens == len(tokenizer.encode(ANSWER, allow_special=True))
+    assert reply.stats.prompt_tokens > 20 and reply.stats.generation_tps > 0
+
+
+def test_stream_events_and_tool_call(loaded, monkeypatch):
+    model, tokenizer = loaded
+    call = (
+        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+    )
+    scripted(monkeypatch, tokenizer, [call])
+    tools = [
+        {
+            "name": "get_weather",
+            "description": "Weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        }
+    ]
+    events = list(oss_mlx.stream_generate(model, tokenizer, "Weather in Paris?", tools=tools, max_tokens=100))
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert [c.name for c in done.reply.tool_calls] == ["get_weather"]
+    assert done.reply.tool_calls[0].arguments == '{"city": "Paris"}'
+    assert done.reply.stats.finish_reason == "tool_call"
+
+
+def test_greedy_is_deterministic_and_bounded(loaded):
+    model, tokenizer = loaded
+    a = oss_mlx.generate(model, tokenizer, "Count to three.", temperature=0.0, max_tokens=12)
+    b = oss_mlx.generate(model, tokenizer, "Count to three.", temperature=0.0, max_tokens=12)
+    assert a.tokens == b.tokens and 1 <= len(a.tokens) <= 12
+
+
+def test_turns_prefill_only_what_is_new(loaded, monkeypatch):
+    """Turn 3 of a conversation processes only its new tokens, though each turn's analysis was dropped."""
+    model, tokenizer = loaded
+    texts = [ANSWER.replace("Hello there!", f"Answer {i}.") for i in range(3)]
+    scripted(monkeypatch, tokenizer, texts)
+    session = Session(model, tokenizer)
+    prompts = []
+    seen = []  # what the model was fed: each prompt, then each reply
+    for question in ["Hi", "Tell me more about yourself, at length.", "And a third question?"]:
+        prompts.append(session._to_tokens(question))
+        reply = list(session.send(question, max_tokens=200))[-1].reply
+        assert reply.text.startswith("Answer")
+        seen.append(prompts[-1] + reply.tokens)
+    first, second, third = session.turn_stats
+    assert first.prefilled_tokens == len(prompts[0])
+    # Turn 2: the first turn's analysis is dropped, so the prompt leaves the cache right after the
+    # first prompt's <|start|>assistant - 40+ tokens back, past the 16-token window (a mark).
+    assert second.prefilled_tokens == len(prompts[1]) - len(prompts[0])
+    # Turn 3: openai-harmony drops only analysis before the first final answer, so turn 2's analysis
+    # stays and the whole of turn 2 is reused.
+    shared = next(i for i, (a, b) in enumerate(zip(prompts[2], seen[1])) if a != b)
+    assert third.prefilled_tokens == len(prompts[2]) - shared
+    assert third.prefilled_tokens < 20 < len(prompts[2]) - len(prompts[1])
+
+
+def test_reused_cache_gives_the_same_tokens_as_a_fresh_one(loaded, monkeypatch):
+    model, tokenizer = loaded
+    scripted(monkeypatch, tokenizer, [ANSWER, ANSWER])
+    session = Session(model, tokenizer)
+    for q in ["Hi", "Again"]:
+        list(session.send(q, max_tokens=200))
+    monkeypatch.undo()  # real greedy sampling from here
+    session.messages.append(oss_mlx.harmony.Message("user", "Third"))
+    history = list(session.messages)
+    reused = list(session.stream(temperature=0.0, max_tokens=8))[-1].reply
+    fresh = list(Session(model, tokenizer).stream(history, temperature=0.0, max_tokens=8))[-1].reply
+    assert reused.stats.prefilled_tokens < fresh.stats.prefilled_tokens
+    assert reused.tokens == fresh.tokens
+
+
+def test_interrupted_reply_keeps_conversation_and_cache_consistent(loaded):
+    model, tokenizer = loaded
+    session = Session(model, tokenizer)
+    events = session.send("Write a long story.", temperature=0.0, max_tokens=50)
+    for _ in itertools.islice(events, 3):
+        pass
+    events.close()  # what the chat does on Ctrl-C
+    assert session.messages[0].content == "Write a long story."
+    assert session.cache.offset == len(session.cached_tokens)
+    assert all(c.offset == session.cache.offset for c in session.cache)
+    # The session goes on, reusing the cache.
+    reply = list(session.send("Shorter, please.", temperature=0.0, max_tokens=4))[-1].reply
+    assert reply.stats.prefilled_tokens < reply.stats.prompt_tokens
+
+
+def test_regenerating_the_same_prompt_prefills_one_token(loaded, monkeypatch):
+    """/regen: the same prompt again after a long reply reuses all but its last token."""
+    model, tokenizer = loaded
+    scripted(monkeypatch, tokenizer, [ANSWER, ANSWER])
+    session = Session(model, tokenizer)
+    list(session.send("Hi", max_tokens=200))
+    session.messages = session.messages[:1]  # drop the reply, keep the question
+    reply = list(session.send(max_tokens=200))[-1].reply
+    assert reply.stats.prefilled_tokens == 1
+    assert reply.text == "Hello there! How can I help?"
