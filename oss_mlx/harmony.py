@@ -583,7 +583,12 @@ class StreamParser:
         self._header = _Header(role, list(ids or ()))
 
     def _header_is_text(self) -> bool:
-        return bool(self._header.ids) and self._parse_header(self._header_text(), self._header.role) is None
+        """For a header cut short (no <|message|>): whether it holds words beyond author, channel and
+        recipient — those are kept as text, since a header that ends there cannot have a content type."""
+        if not self._header.ids:
+            return False
+        parsed = self._parse_header(self._header_text(), self._header.role)
+        return parsed is None or parsed.content_type is not None
 
     def _header_token(self, token_id: int, events: list[Event]) -> None:
         self._header.ids.append(token_id)
@@ -617,13 +622,14 @@ class StreamParser:
         head = self.tokenizer.decode_bytes(t for t in ids[:cut] if not self.tokenizer.is_special(t))
         tail = self.tokenizer.decode_bytes(t for t in ids[cut:] if not self.tokenizer.is_special(t))
         role, channel = self._header.role or "assistant", "final"
-        if self._header.role is None and head.split()[:1] and head.split()[0].decode() in ROLES:
-            role = head.split()[0].decode()
-            head = head.lstrip()[len(role) :].lstrip()
-        words = tail.split()
-        if words and words[0].decode(errors="replace") in CHANNELS:
-            channel = words[0].decode()
-            tail = tail.lstrip()[len(words[0]) :].lstrip()
+        first = head.split()[:1]
+        if self._header.role is None and first and first[0].decode(errors="replace") in ROLES:
+            role = first[0].decode()
+            head = head.lstrip()[len(first[0]) :].lstrip()
+        first = tail.split()[:1]
+        if first and first[0].decode(errors="replace") in CHANNELS:
+            channel = first[0].decode()
+            tail = tail.lstrip()[len(first[0]) :].lstrip()
         self._open(Message(role, "", channel))
         self._text(self._decoder.feed_bytes(head + tail), events)
 

@@ -183,13 +183,15 @@ def ranks_from_tokenizer_json(path: str | Path) -> dict[bytes, int]:
         vocab = json.loads(Path(path).read_text(encoding="utf-8"))["model"]["vocab"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TokenizerError(f"cannot read model.vocab from {path}: {e}") from e
-    byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+    # str.translate maps the byte-level alphabet back to latin-1 code points, i.e. to the raw bytes.
+    to_latin1 = {ord(ch): b for b, ch in _bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
     for text, rank in vocab.items():
         if rank < NUM_BPE_TOKENS:
+            raw = text.translate(to_latin1)
             try:
-                ranks[bytes(byte_of[ch] for ch in text)] = rank
-            except KeyError as e:
+                ranks[raw.encode("latin-1")] = rank
+            except UnicodeEncodeError as e:
                 raise TokenizerError(f"{path}: token {text!r} is not byte-level BPE") from e
     _check_ranks(ranks, str(path))
     return ranks
@@ -201,8 +203,8 @@ def ranks_to_tokenizer_json(ranks: Mapping[bytes, int]) -> dict:
     Merges are left out: enough for :func:`ranks_from_tokenizer_json` and for test fixtures, not a
     complete Hugging Face tokenizer.
     """
-    char_of = _bytes_to_unicode()
-    vocab = {"".join(char_of[b] for b in tok): rank for tok, rank in sorted(ranks.items(), key=_by_rank)}
+    from_latin1 = {b: ch for b, ch in _bytes_to_unicode().items()}
+    vocab = {tok.decode("latin-1").translate(from_latin1): rank for tok, rank in ranks.items()}
     added = [{"id": i, "content": name, "special": True} for name, i in SPECIAL_TOKENS.items()]
     return {"version": "1.0", "added_tokens": added, "model": {"type": "BPE", "vocab": vocab, "merges": []}}
 
