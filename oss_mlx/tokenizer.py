@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import threading
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -95,25 +97,15 @@ def o200k_pattern() -> str:
     return _o200k_pattern()
 
 
-_pattern_lock = threading.Lock()
-_pattern: str | None = None
-
-
+@functools.lru_cache(maxsize=1)
 def _o200k_pattern() -> str:
-    global _pattern
-    with _pattern_lock:
-        if _pattern is None:
-            import tiktoken_ext.openai_public as public
+    import tiktoken_ext.openai_public as public
 
-            # The constructor loads (and may download) the ranks before returning the pattern; swap the
-            # loader for a stub during the call so that only the pattern is read.
-            real_loader = public.load_tiktoken_bpe
-            public.load_tiktoken_bpe = lambda *args, **kwargs: {}
-            try:
-                _pattern = public.o200k_base()["pat_str"]
-            finally:
-                public.load_tiktoken_bpe = real_loader
-        return _pattern
+    # tiktoken's constructor loads (and may download) the ranks before it returns the pattern. Run a copy
+    # of it whose loader is a stub, so only the pattern is read; the module itself is left untouched.
+    stub_globals = {**public.o200k_base.__globals__, "load_tiktoken_bpe": lambda *args, **kwargs: {}}
+    constructor = types.FunctionType(public.o200k_base.__code__, stub_globals)
+    return constructor()["pat_str"]
 
 
 def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
