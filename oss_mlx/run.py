@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             s = event.reply.stats
             if args.stats:
                 print(
-                    f"prompt {s.prompt_tokens} tok at {s.prompt_tps:.1f} tok/s, generated {s.generated_tokens} tok "
-                    f"at {s.generation_tps:.1f} tok/s, peak {s.peak_memory_gb:.2f} GB ({s.finish_reason})",
+                    f"prompt {s.prompt_tokens} tok at {s.prompt_tps:.1f} tok/s, "
+                    f"generated {s.generated_tokens} tok at {s.generation_tps:.1f} tok/s, "
+                    f"peak {s.peak_memory_gb:.2f} GB ({s.finish_reason})",
                     file=sys.stderr,
                 )
     return 0
