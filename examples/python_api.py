@@ -1,0 +1,31 @@
+"""The Python API in a few lines: load, one reply, streaming, a multi-turn session.
+
+python examples/python_api.py [MODEL]     (default: openai/gpt-oss-20b)
+"""
+
+import sys
+
+import oss_mlx
+from oss_mlx.harmony import TextDelta
+
+model_path = sys.argv[1] if len(sys.argv) > 1 else "openai/gpt-oss-20b"
+model, tokenizer = oss_mlx.load(model_path)
+
+# One reply, whole.
+reply = oss_mlx.generate(model, tokenizer, "Why is the sky blue? One sentence.", reasoning_effort="low")
+print("reasoning:", reply.analysis)
+print("answer:", reply.text)
+print(f"{reply.stats.generated_tokens} tokens at {reply.stats.generation_tps:.1f} tok/s")
+
+# Streaming: the answer as it is written, the chain of thought kept apart.
+for event in oss_mlx.stream_generate(model, tokenizer, "Write a haiku about MLX.", max_tokens=512):
+    if isinstance(event, TextDelta) and event.channel == "final":
+        print(event.text, end="", flush=True)
+print()
+
+# A conversation: history and KV cache are kept, so turn 2 only processes what is new.
+chat = oss_mlx.Session(model, tokenizer, reasoning_effort="medium")
+for question in ["My name is Ada.", "What is my name?"]:
+    answer = "".join(e.text for e in chat.send(question) if isinstance(e, TextDelta) and e.channel == "final")
+    print(f"> {question}\n{answer}")
+print("prefilled per turn:", [s.prefilled_tokens for s in chat.turn_stats])

@@ -1,0 +1,64 @@
+"""The `oss-mlx` command as a user runs it: subcommands, `generate`, errors without tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, env_extra: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "oss_mlx.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=120,
+    )
+
+
+def test_help_lists_subcommands():
+    out = run("--help")
+    assert out.returncode == 0
+    for name in ("chat", "generate", "convert", "serve", "bench", "plan"):
+        assert name in out.stdout
+
+
+def test_unknown_subcommand():
+    out = run("frobnicate")
+    assert out.returncode == 2 and "unknown subcommand 'frobnicate'" in out.stderr
+
+
+def test_generate_streams_an_answer(tiny_checkpoint, vocab_dir):
+    out = run(
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--stats",
+        "Hello there",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "generated 8 tok" in out.stderr and "tok/s" in out.stderr
+
+
+def test_generate_reads_stdin(tiny_checkpoint, vocab_dir):
+    out = run("generate", "--model", str(tiny_checkpoint), "--max-tokens", "2", stdin="Hi from a pipe\n")
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    "model,message",
+    [("/definitely/not/here", "no such folder"), ("not-a-repo-id", "not a hub repo id")],
+)
+def test_generate_bad_model_is_a_message_not_a_traceback(model, message):
+    out = run("generate", "--model", model, "x")
+    assert out.returncode == 1
+    assert message in out.stderr and "Traceback" not in out.stderr
