@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import VOCAB_FILE
 
 from oss_mlx import harmony as H
 from oss_mlx.tokenizer import VOCAB_FILENAME, HarmonyTokenizer, load_tokenizer
@@ -26,38 +27,19 @@ from openai_harmony import (  # noqa: E402
 )
 from openai_harmony import Message as HMessage  # noqa: E402
 
-CACHE_NAME = "fb374d419588a4632f3f557e76b4b70aebbca790"  # sha1 of o200k_base's public address
 DATE = "2025-06-28"
 
 
-def _vocab_folder() -> Path | None:
-    candidates = [os.environ.get("TIKTOKEN_CACHE_DIR"), os.environ.get("TIKTOKEN_RS_CACHE_DIR")]
-    dirs = [Path(p) for p in candidates if p]
-    dirs.append(Path(__file__).resolve().parents[1].parent / "shared/data/tiktoken-cache")
-    return next((d for d in dirs if (d / CACHE_NAME).is_file()), None)
-
-
 @pytest.fixture(scope="module")
-def vocab_folder() -> Path:
-    folder = _vocab_folder()
-    if folder is None:
-        pytest.skip(
-            "the o200k_base vocabulary is not available offline: set TIKTOKEN_CACHE_DIR to a folder holding "
-            f"{CACHE_NAME} (or place it in ../shared/data/tiktoken-cache)"
-        )
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tok(vocab_folder: Path, tmp_path_factory) -> HarmonyTokenizer:
+def tok(vocab_dir: Path, tmp_path_factory) -> HarmonyTokenizer:
     folder = tmp_path_factory.mktemp("model")
-    (folder / VOCAB_FILENAME).write_bytes((vocab_folder / CACHE_NAME).read_bytes())
+    (folder / VOCAB_FILENAME).write_bytes((vocab_dir / VOCAB_FILE).read_bytes())
     return load_tokenizer(folder)
 
 
 @pytest.fixture(scope="module")
-def enc(vocab_folder: Path):
-    os.environ.setdefault("TIKTOKEN_RS_CACHE_DIR", str(vocab_folder))
+def enc(vocab_dir: Path):
+    os.environ.setdefault("TIKTOKEN_RS_CACHE_DIR", str(vocab_dir))
     return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 

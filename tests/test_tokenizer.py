@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import VOCAB_FILE
 
 from oss_mlx import tokenizer as tk
 from oss_mlx.tokenizer import (
@@ -22,7 +23,6 @@ from oss_mlx.tokenizer import (
     write_tokenizer_json,
 )
 
-CACHE_NAME = "fb374d419588a4632f3f557e76b4b70aebbca790"  # sha1 of o200k_base's public address
 SAMPLE_TEXTS = [
     "Hello, world!",
     "naïve café — Ünïcödé, 日本語のテキスト, 한국어, русский текст, עברית",
@@ -36,29 +36,11 @@ SAMPLE_TEXTS = [
 ]
 
 
-def _vocab_folder() -> Path | None:
-    candidates = [os.environ.get("TIKTOKEN_CACHE_DIR"), os.environ.get("TIKTOKEN_RS_CACHE_DIR")]
-    dirs = [Path(p) for p in candidates if p]
-    dirs.append(Path(__file__).resolve().parents[1].parent / "shared/data/tiktoken-cache")
-    return next((d for d in dirs if (d / CACHE_NAME).is_file()), None)
-
-
 @pytest.fixture(scope="module")
-def vocab_folder() -> Path:
-    folder = _vocab_folder()
-    if folder is None:
-        pytest.skip(
-            "the o200k_base vocabulary is not available offline: set TIKTOKEN_CACHE_DIR to a folder holding "
-            f"{CACHE_NAME} (or place it in ../shared/data/tiktoken-cache)"
-        )
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model_folder(vocab_folder: Path, tmp_path_factory) -> Path:
+def model_folder(vocab_dir: Path, tmp_path_factory) -> Path:
     """A model folder as the converter leaves it: the vocabulary file beside the weights."""
     folder = tmp_path_factory.mktemp("model")
-    (folder / VOCAB_FILENAME).write_bytes((vocab_folder / CACHE_NAME).read_bytes())
+    (folder / VOCAB_FILENAME).write_bytes((vocab_dir / VOCAB_FILE).read_bytes())
     return folder
 
 
@@ -68,9 +50,9 @@ def tok(model_folder: Path) -> HarmonyTokenizer:
 
 
 @pytest.fixture(scope="module")
-def harmony_enc(vocab_folder: Path):
+def harmony_enc(vocab_dir: Path):
     oh = pytest.importorskip("openai_harmony")
-    os.environ.setdefault("TIKTOKEN_RS_CACHE_DIR", str(vocab_folder))
+    os.environ.setdefault("TIKTOKEN_RS_CACHE_DIR", str(vocab_dir))
     return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
@@ -140,10 +122,10 @@ def test_allow_special(tok: HarmonyTokenizer) -> None:
     assert tok.decode(ordinary) == tok.decode(special) == text
 
 
-def test_pattern_read_from_tiktoken(vocab_folder: Path, monkeypatch) -> None:
+def test_pattern_read_from_tiktoken(vocab_dir: Path, monkeypatch) -> None:
     import tiktoken
 
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(vocab_folder))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(vocab_dir))
     assert tk.o200k_pattern() == tiktoken.get_encoding("o200k_base")._pat_str
 
 
@@ -182,9 +164,9 @@ def _not_utf8(data: bytes) -> bool:
 
 
 def test_tokenizer_json_ranks_equal_tiktoken_ranks(
-    vocab_folder: Path, tok: HarmonyTokenizer, tmp_path: Path
+    vocab_dir: Path, tok: HarmonyTokenizer, tmp_path: Path
 ) -> None:
-    ranks = read_tiktoken_ranks(vocab_folder / CACHE_NAME)
+    ranks = read_tiktoken_ranks(vocab_dir / VOCAB_FILE)
     shaped = ranks_to_tokenizer_json(ranks)
     # Hugging Face's byte-level alphabet (GPT-2's byte-to-unicode map): " the" is "Ġthe".
     assert shaped["model"]["vocab"]["Ġthe"] == ranks[b" the"]
@@ -200,11 +182,11 @@ def test_tokenizer_json_ranks_equal_tiktoken_ranks(
     assert from_json.encode(text) == tok.encode(text)
 
 
-def test_load_from_model_folder_and_copy_vocabulary(vocab_folder: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(vocab_folder))
+def test_load_from_model_folder_and_copy_vocabulary(vocab_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(vocab_dir))
     dest = copy_vocabulary(tmp_path / "converted")
     assert dest == tmp_path / "converted" / VOCAB_FILENAME
-    assert dest.read_bytes() == (vocab_folder / CACHE_NAME).read_bytes()
+    assert dest.read_bytes() == (vocab_dir / VOCAB_FILE).read_bytes()
     # The folder's own file wins over the caches, even with the caches gone.
     _no_network_no_cache(monkeypatch, tmp_path / "empty")
     tok = load_tokenizer(dest.parent)
@@ -249,7 +231,7 @@ def test_missing_vocabulary_offline(tmp_path: Path, monkeypatch) -> None:
     message = str(info.value)
     assert attempts == [tk.O200K_BASE_URL]
     assert str(model / VOCAB_FILENAME) in message
-    assert str(tmp_path / "empty-cache" / CACHE_NAME) in message
+    assert str(tmp_path / "empty-cache" / VOCAB_FILE) in message
     assert "TIKTOKEN_CACHE_DIR" in message and "oss-mlx convert" in message and "internet" in message
     assert isinstance(info.value, RuntimeError)
 
