@@ -34,12 +34,16 @@ def load(
     path_or_repo: str | os.PathLike = "openai/gpt-oss-20b",
     dtype: mx.Dtype | None = None,
     quantize_experts: bool = True,
+    memory_budget: str | int | None = None,
 ):
     """Load a gpt-oss checkpoint in any supported layout. Returns (model, tokenizer).
 
     path_or_repo: a local folder (hub layout, transformers fine-tune, OpenAI `original/`, or one
     made by `oss-mlx convert`) or a hub repo id. dtype: cast float weights (MXFP4 experts stay
     MXFP4). quantize_experts: quantize float experts of a fine-tune to MXFP4 (default) or keep float.
+    memory_budget: e.g. "6GB" streams experts from the checkpoint, keeping only hot ones in memory.
     """
-    model, info = load_model(path_or_repo, dtype=dtype, quantize_experts=quantize_experts)
+    model, info = load_model(
+        path_or_repo, dtype=dtype, quantize_experts=quantize_experts, memory_budget=memory_budget
+    )
     return model, load_tokenizer(info.path)

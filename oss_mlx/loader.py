@@ -78,11 +78,14 @@ def load_model(
     path_or_repo: str | os.PathLike,
     dtype: mx.Dtype | None = None,
     quantize_experts: bool = True,
+    memory_budget: str | int | None = None,
 ) -> tuple[Transformer, LoadInfo]:
     """Build and fill a Transformer. Returns (model, info): layout, path, config.
 
     dtype: cast float weights (None keeps the checkpoint's, usually bfloat16). MXFP4 experts stay MXFP4.
     quantize_experts: float experts (a transformers fine-tune) are quantized to MXFP4 unless False.
+    memory_budget: e.g. "6GB"; keep only the hot experts in memory, read the others on demand
+    (streaming.py). None keeps every expert resident.
     """
     folder = resolve_model_path(path_or_repo)
     config, raw = read_config(folder)
@@ -116,6 +119,10 @@ def load_model(
         )
     )
     model.load_weights(weights, strict=True)
+    if memory_budget is not None:
+        from .streaming import stream_experts
+
+        stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
     model.eval()
     model.info = LoadInfo(layout, folder, config, raw)
     return model, model.info
