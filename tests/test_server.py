@@ -1,0 +1,456 @@
+"""`oss-mlx serve` in a real subprocess, driven with the official `openai` client (and raw httpx).
+
+The tiny random checkpoint writes random text, so replies that must be a tool call or an analysis +
+final pair are scripted through the server's test hook (OSS_MLX_SCRIPTED_REPLIES, see
+oss_mlx/server/scripted.py): a rule fires when its marker is in the last message. The model still
+runs every step. Requests without a marker are sampled for real.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from server_helpers import ServerProcess
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+KEY = "test-key-123"
+ANALYSIS = "The user greets. Reply briefly."
+FINAL = "Hello there! How can I help?"
+CALL_ARGS = '{"city": "Paris"}'
+RULES = [
+    {
+        "match": "[greet]",
+        "reply": f"<|channel|>analysis<|message|>{ANALYSIS}<|end|><|start|>assistant<|channel|>final<|message|>{FINAL}<|return|>",  # noqa: E501
+    },
+    {
+        "match": "[weather]",
+        "reply": "<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"  # noqa: E501
+        + CALL_ARGS
+        + "<|call|>",
+    },
+    {"match": "temp_c", "reply": "<|channel|>final<|message|>It is 21C in Paris.<|return|>"},
+    {"match": "[count]", "reply": "<|channel|>final<|message|>one two three four five<|return|>"},
+    {
+        "match": "[slow]",
+        "reply": "<|channel|>final<|message|>" + " word" * 400 + "<|return|>",
+        "token_delay": 0.05,
+    },
+]
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+CHAT_WEATHER_TOOL = {
+    "type": "function",
+    "function": {k: v for k, v in WEATHER_TOOL.items() if k != "type"},
+}
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoint, tmp_path_factory):
+    """Two servers, started side by side: the main one (API key, small body limit) and one with
+    --max-queue 1 for the 429 test."""
+    folder = tmp_path_factory.mktemp("server")
+    rules = folder / "rules.json"
+    rules.write_text(json.dumps(RULES))
+    env = {"OSS_MLX_SCRIPTED_REPLIES": str(rules)}
+    main = ServerProcess(
+        tiny_checkpoint, folder / "main.log", "--api-key", KEY, "--max-body-bytes", "100000", env=env
+    )
+    small = ServerProcess(tiny_checkpoint, folder / "queue.log", "--max-queue", "1", env=env)
+    try:
+        main.wait_ready()
+        small.wait_ready()
+        yield main, small
+    finally:
+        main.stop()
+        small.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c
+
+
+# ---- basics ------------------------------------------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    ids = [m.id for m in client.models.list().data]
+    assert len(ids) == 1
+    assert client.models.retrieve(ids[0]).id == ids[0]
+    health = httpx.get(f"{server.url}/health").json()  # no key needed
+    assert health["status"] == "ok" and health["model"] == ids[0]
+
+
+# ---- Responses API -------------------------------------------------------------------------------------
+
+
+def test_responses_plain_keeps_reasoning_out_of_the_text(client):
+    r = client.responses.create(model="gpt-oss", input="[greet] hi", max_output_tokens=64)
+    assert r.status == "completed"
+    assert r.output_text == FINAL
+    kinds = [item.type for item in r.output]
+    assert kinds == ["reasoning", "message"]
+    assert r.output[0].content[0].text == ANALYSIS and ANALYSIS not in r.output_text
+    u = r.usage
+    assert u.input_tokens > 20 and 0 < u.output_tokens_details.reasoning_tokens < u.output_tokens
+    assert u.total_tokens == u.input_tokens + u.output_tokens
+
+
+def test_responses_sampled_and_length_limit(client):
+    r = client.responses.create(model="gpt-oss", input="Tell me a story.", max_output_tokens=5, temperature=0)
+    assert r.usage.output_tokens <= 5
+    assert r.status in ("completed", "incomplete")
+    if r.status == "incomplete":
+        assert r.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_stream_event_sequence(client):
+    events = list(client.responses.create(model="gpt-oss", input="[greet] hi", stream=True))
+    types = [e.type for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # Each item: added, (part added), deltas, (text done, part done), item done.
+    expected_shape = [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    collapsed = [t for i, t in enumerate(types[2:-1]) if i == 0 or t != types[2:-1][i - 1]]
+    assert collapsed == expected_shape
+    reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert reasoning == ANALYSIS and text == FINAL
+    reasoning_item = next(e for e in events if e.type == "response.output_item.done").item
+    message_events = [e for e in events if e.type == "response.output_text.delta"]
+    assert {e.output_index for e in message_events} == {1}
+    assert {e.item_id for e in message_events} != {reasoning_item.id}
+    final = events[-1].response
+    assert final.output_text == FINAL and final.usage.output_tokens > 0
+
+    # The SDK's strict stream accumulator agrees.
+    with client.responses.stream(model="gpt-oss", input="[greet] again") as stream:
+        assert stream.get_final_response().output_text == FINAL
+
+
+def test_responses_tool_call_round_trip(client):
+    question = {"role": "user", "content": "[weather] in Paris?"}
+    events = list(
+        client.responses.create(model="gpt-oss", input=[question], tools=[WEATHER_TOOL], stream=True)
+    )
+    types = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in types and types[-1] == "response.completed"
+    args_done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert args_done.arguments == CALL_ARGS
+    first = events[-1].response
+    call = next(item for item in first.output if item.type == "function_call")
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert call.call_id and call.status == "completed"
+
+    # The client runs the tool and sends everything back (reasoning item included).
+    second = client.responses.create(
+        model="gpt-oss",
+        input=[
+            question,
+            *[item.model_dump(exclude_none=True) for item in first.output],
+            {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'},
+        ],
+        tools=[WEATHER_TOOL],
+    )
+    assert second.output_text == "It is 21C in Paris."
+    # The prompt repeats the first one and its reply: served from the cache.
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
+
+
+def test_previous_response_id_reuses_history_and_cache(client):
+    first = client.responses.create(model="gpt-oss", input="[greet] remember the number 42")
+    second = client.responses.create(
+        model="gpt-oss",
+        previous_response_id=first.id,
+        input="Which number?",
+        max_output_tokens=3,
+        temperature=0,
+    )
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens > first.usage.input_tokens + 10
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
+    assert client.responses.retrieve(first.id).output_text == FINAL
+    # A tool round trip through previous_response_id: the call id is known to the server.
+    call_response = client.responses.create(model="gpt-oss", input="[weather] now", tools=[WEATHER_TOOL])
+    call = next(item for item in call_response.output if item.type == "function_call")
+    answer = client.responses.create(
+        model="gpt-oss",
+        previous_response_id=call_response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'}],
+        tools=[WEATHER_TOOL],
+    )
+    assert answer.output_text == "It is 21C in Paris."
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="gpt-oss", previous_response_id="resp_nope", input="hi")
+    assert e.value.body["code"] == "previous_response_not_found"
+
+
+# ---- Chat Completions ----------------------------------------------------------------------------------
+
+
+def test_chat_plain_reasoning_in_its_own_field(client):
+    r = client.chat.completions.create(
+        model="gpt-oss",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "[greet]"}],
+    )
+    msg = r.choices[0].message
+    assert msg.content == FINAL
+    assert msg.model_extra["reasoning_content"] == ANALYSIS and msg.model_extra["reasoning"] == ANALYSIS
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_raw_sse(http):
+    body = {
+        "model": "gpt-oss",
+        "messages": [{"role": "user", "content": "[greet]"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[0]["role"] == "assistant"
+    assert "".join(d.get("content") or "" for d in deltas) == FINAL
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == ANALYSIS
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_chat_sampled_max_tokens(client):
+    r = client.chat.completions.create(
+        model="gpt-oss", messages=[{"role": "user", "content": "Count."}], max_tokens=4, temperature=0, seed=1
+    )
+    assert r.usage.completion_tokens <= 4 and r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_chat_tool_call_round_trip(client):
+    messages = [{"role": "user", "content": "[weather] in Paris?"}]
+    r = client.chat.completions.create(model="gpt-oss", messages=messages, tools=[CHAT_WEATHER_TOOL])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'},
+    ]
+    r2 = client.chat.completions.create(model="gpt-oss", messages=messages, tools=[CHAT_WEATHER_TOOL])
+    assert r2.choices[0].message.content == "It is 21C in Paris."
+    assert r2.choices[0].finish_reason == "stop"
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens
+
+    # Streamed: the call arrives as tool_calls deltas.
+    stream = client.chat.completions.create(
+        model="gpt-oss", messages=messages[:1], tools=[CHAT_WEATHER_TOOL], stream=True
+    )
+    name, args, reasons = "", "", []
+    for chunk in stream:
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                name += tc.function.name or ""
+                args += tc.function.arguments or ""
+            reasons.append(c.finish_reason)
+    assert name == "get_weather" and args == CALL_ARGS and reasons[-1] == "tool_calls"
+
+
+def test_chat_stop_sequence(client):
+    messages = [{"role": "user", "content": "[count]"}]
+    r = client.chat.completions.create(model="gpt-oss", messages=messages, stop=["three"])
+    assert r.choices[0].message.content == "one two " and r.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model="gpt-oss", messages=messages, stop="thr", stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two "
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_bad_requests_name_the_field(http):
+    bad_json = http.post(
+        "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert _error(bad_json, 400)["code"] == "invalid_json"
+    cases = [
+        ("/v1/chat/completions", {"model": "gpt-oss", "messages": "hi"}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            "max_tokens",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "tool", "tool_call_id": "c1", "content": "x"}]},
+            "messages[0].tool_call_id",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0].type",
+        ),
+        ("/v1/responses", {"input": 42}, "input"),
+        ("/v1/responses", {}, "input"),
+        ("/v1/responses", {"input": "x", "stream": "yes"}, "stream"),
+        ("/v1/responses", {"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+        ("/v1/responses", {"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (
+            "/v1/responses",
+            {"input": "x", "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "name": "nope"}},
+            "tool_choice",
+        ),
+        (
+            "/v1/responses",
+            {"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]},
+            "input[0].call_id",
+        ),
+    ]
+    for path, body, param in cases:
+        error = _error(http.post(path, json=body), 400)
+        assert error["param"] == param and error["type"] == "invalid_request_error", (body, error)
+
+
+def test_unknown_model_is_404(client, http):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    assert _error(http.post("/v1/responses", json={"model": "llama", "input": "x"}), 404)["param"] == "model"
+    assert _error(http.get("/v1/nothing"), 404)["code"] == "not_found"
+
+
+def test_body_too_large_is_413(http):
+    body = {"model": "gpt-oss", "messages": [{"role": "user", "content": "x" * 200_000}]}
+    assert _error(http.post("/v1/chat/completions", json=body), 413)["code"] == "request_too_large"
+
+
+def test_api_key_required(server):
+    body = {"model": "gpt-oss", "messages": [{"role": "user", "content": "x"}]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        error = _error(httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers), 401)
+        assert error["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+# ---- load ----------------------------------------------------------------------------------------------
+
+
+def test_concurrent_clients_all_answered(client):
+    results, errors = {}, []
+
+    def ask(i: int) -> None:
+        try:
+            r = client.chat.completions.create(
+                model="gpt-oss",
+                messages=[{"role": "user", "content": f"Question {i}?"}],
+                max_tokens=4,
+                temperature=0,
+            )
+            results[i] = r.usage.completion_tokens
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and sorted(results) == [0, 1, 2, 3]
+    assert all(1 <= n <= 4 for n in results.values())
+
+
+def _slow_stream(c: httpx.Client, path: str = "/v1/chat/completions") -> httpx.Response:
+    body = {"model": "gpt-oss", "messages": [{"role": "user", "content": "[slow]"}], "stream": True}
+    response = c.send(c.build_request("POST", path, json=body), stream=True)
+    assert response.status_code == 200
+    return response
+
+
+def test_client_disconnect_frees_the_worker(server, http, client):
+    response = _slow_stream(http)
+    lines = response.iter_lines()
+    while '"content":" word"' not in next(lines):  # generation has started
+        pass
+    response.close()
+    start = time.monotonic()
+    r = client.chat.completions.create(model="gpt-oss", messages=[{"role": "user", "content": "[greet]"}])
+    assert r.choices[0].message.content == FINAL
+    assert time.monotonic() - start < 5  # the slow reply would take 20 s
+    assert "cancelled" in server.log()
+
+
+def test_full_queue_is_429_with_retry_after(servers):
+    _, small = servers
+    with httpx.Client(base_url=small.url, timeout=30) as c:
+        running, waiting = _slow_stream(c), _slow_stream(c)
+        try:
+            r = c.post("/v1/responses", json={"input": "[greet]"})
+            error = _error(r, 429)
+            assert error["code"] == "rate_limit_exceeded" and int(r.headers["Retry-After"]) >= 1
+        finally:
+            running.close()
+            waiting.close()
+        start = time.monotonic()
+        r = c.post("/v1/responses", json={"input": "[greet]"})
+        assert r.status_code == 200 and time.monotonic() - start < 5
+    assert httpx.get(f"{small.url}/health").json()["queue"] == {"running": 0, "waiting": 0, "max_waiting": 1}
+
+
+def test_still_healthy_after_everything(servers):
+    for s in servers:
+        assert s.proc.poll() is None
+        assert httpx.get(f"{s.url}/health").json()["status"] == "ok"
