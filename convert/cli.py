@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verify", action="store_true", help="after converting: checksums + logits vs SOURCE")
     ap.add_argument("--force", action="store_true", help="replace DEST (only once the new one is complete)")
     ap.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    ap.add_argument("--cache-dir", help="Hugging Face cache folder (default: huggingface_hub's)")
     ap.add_argument("--context", type=int, default=8192, help="context length for --plan (default 8192)")
     ap.add_argument("--verify-tokens", type=int, default=16, help=argparse.SUPPRESS)
     return ap
@@ -94,14 +95,15 @@ def _run(args, out, err) -> int:
     from .hub import download, is_repo_id, resolve_source
 
     preset = get_preset(args.quality)
-    if args.dest.exists() and not args.force and not args.plan:  # fail before any download
-        raise C.ConvertError(
+    verify_only = args.verify and not args.force and not args.plan and _is_converted(args.dest)
+    if args.dest.exists() and not args.force and not args.plan and not verify_only:
+        raise C.ConvertError(  # fail before any download
             f"{args.dest} already exists; pass --force to replace it (once the new one is complete)"
         )
 
     if args.plan and not Path(args.source).expanduser().exists() and is_repo_id(args.source):
         # Planning a hub model needs its config.json only.
-        src = download(args.source, args.revision, config_only=True)
+        src = download(args.source, args.revision, args.cache_dir, config_only=True)
         from oss_mlx.config import read_config
 
         config, _ = read_config(src.folder)
@@ -113,7 +115,10 @@ def _run(args, out, err) -> int:
         return 0
 
     err.print(f"source: {args.source}", highlight=False)
-    src = resolve_source(args.source, args.revision)
+    src = resolve_source(args.source, args.revision, args.cache_dir)
+    if verify_only:
+        err.print(f"{args.dest} exists: verifying it against the source (nothing is converted)")
+        return _verify(args, out, err, args.dest, src)
     cplan = C.plan_conversion(src.folder, preset, args.dtype)
     mplan = MemoryPlan(cplan.config, preset.name, args.context, dtype_bytes=C.DTYPES[args.dtype].size)
 
@@ -171,24 +176,42 @@ def _run(args, out, err) -> int:
     _summary(out, result, mplan, seconds, src)
 
     if args.verify:
-        from .verify import VerifyError, check_shards, verify_logits
+        return _verify(args, out, err, result.dest, src)
+    return 0
 
-        try:
-            err.print("verify: checking shard checksums …")
-            check_shards(result.dest)
-            err.print(f"verify: {args.verify_tokens}-token forward, converted vs source …")
-            cmp, allowed = verify_logits(result.dest, src.folder, args.verify_tokens)
-        except VerifyError as e:
-            err.print(f"[bold red]verify FAILED:[/] {e}", highlight=False, soft_wrap=True)
-            return EXIT_VERIFY
+
+def _is_converted(dest: Path) -> bool:
+    import json
+
+    try:
+        return "oss_mlx" in json.loads((dest / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _verify(args, out, err, dest: Path, src) -> int:
+    from .verify import VerifyError, check_shards, verify_logits
+
+    try:
+        err.print("verify: checking shard checksums …")
+        shards = check_shards(dest)
+        err.print(f"verify: {args.verify_tokens}-token forward, converted vs source …")
+        cmp, allowed = verify_logits(dest, src.folder, args.verify_tokens)
+    except VerifyError as e:
+        err.print(f"[bold red]verify FAILED:[/] {e}", highlight=False, soft_wrap=True)
+        return EXIT_VERIFY
+    if cmp.identical:
+        what = "logits identical to the source's"
+    else:
         what = (
-            "identical logits" if cmp.identical else f"relative RMS deviation {cmp.rel_rms:.4f} ≤ {allowed}"
+            f"logits identical to the source quantized in memory; relative RMS deviation from the "
+            f"source {cmp.rel_rms:.4f} ≤ {allowed}"
         )
-        out.print(
-            f"[green]verify OK[/]: {len(result.shards)} shard checksums match; {what} "
-            f"(max |diff| {cmp.max_abs:.3g}, top-1 agreement {cmp.top1_agree:.0%}, {cmp.tokens} tokens)",
-            highlight=False,
-        )
+    out.print(
+        f"[green]verify OK[/]: {len(shards)} shard checksums match; {what} "
+        f"(max |diff| {cmp.max_abs:.3g}, top-1 agreement {cmp.top1_agree:.0%}, {cmp.tokens} tokens)",
+        highlight=False,
+    )
     return 0
 
 

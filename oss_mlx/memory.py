@@ -284,11 +284,16 @@ class MemoryPlan:
         if ctx >= 1024:
             options.append(f"limit the context to {ctx:,} tokens (--context {ctx})")
         if machine.platform == "mac":
-            need_mb = math.ceil((self.total + GiB) / MiB / 1024) * 1024
-            if need_mb * MiB <= wired_limit_cap(machine.ram_bytes):
-                options.append(
-                    f"raise the GPU memory limit (until reboot): sudo sysctl iogpu.wired_limit_mb={need_mb}"
-                )
+            # the best preset (this one first, then smaller) that fits once the GPU limit is raised
+            for p in [self, *sorted(smaller, key=lambda p: -p.total)]:
+                need_mb = math.ceil((p.total + GiB) / MiB / 1024) * 1024
+                if need_mb * MiB <= wired_limit_cap(machine.ram_bytes):
+                    also = "" if p is self else f"use --quality {p.preset} ({gib(p.total)}) and "
+                    options.append(
+                        f"{also}raise the GPU memory limit (until reboot): "
+                        f"sudo sysctl iogpu.wired_limit_mb={need_mb}"
+                    )
+                    break
         head = f"does not fit: needs {gib(self.total)}, the budget is {gib(ws)} ({machine.how})"
         if options:
             out.append(head + "; any one of these makes it fit:")

@@ -1,0 +1,141 @@
+"""oss_mlx.memory: the planner's arithmetic, fit and advice, and `oss-mlx plan`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from oss_mlx import memory
+from oss_mlx.config import ModelConfig
+from oss_mlx.memory import GiB, Machine, MemoryPlan, kv_bytes, main, named_config, weight_bytes
+from oss_mlx.synthetic import SyntheticSpec, checkpoint_tensors
+
+C20, C120 = named_config("20b"), named_config("120b")
+
+
+def _st_bytes(shape, dtype: str) -> int:
+    return math.prod(shape) * {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}[dtype]
+
+
+@pytest.mark.parametrize("size", ["20b", "120b"])
+def test_reference_weights_equal_the_hub_checkpoint(size):
+    """The hub layout holds exactly the reference preset's bytes (13.76 GB for 20b, 65.2 GB for 120b)."""
+    spec = SyntheticSpec.preset(size)
+    hub = sum(_st_bytes(shape, dt) for shape, dt in checkpoint_tensors(spec, "hf-mxfp4").values())
+    assert sum(weight_bytes(named_config(size)).values()) == hub
+
+
+def test_20b_components_by_hand():
+    w = weight_bytes(C20)
+    per_expert = 5760 * 2880 // 2 + 5760 * 90 + 5760 * 2 + 2880 * 2880 // 2 + 2880 * 90 + 2880 * 2
+    assert w["experts"] == 24 * 32 * per_expert == 10_165_616_640
+    assert w["embedding"] == w["unembedding"] == 201088 * 2880 * 2
+    attn = (5120 * 2880 + 5120 + 2880 * 4096 + 2880 + 64) * 2
+    assert w["attention"] == 24 * attn
+    assert sum(w.values()) == 13_761_264_768
+    # 8-bit affine, group 64: 1 byte per value + a bf16 scale and bias per 64 values
+    b = weight_bytes(C20, {"embedding": {"bits": 8, "group_size": 64, "mode": "affine"}})
+    assert b["embedding"] == 201088 * 2880 + 201088 * 45 * 2 * 2
+
+
+def test_kv_cache_full_layers_grow_sliding_layers_are_bounded():
+    per_token = 2 * 8 * 64 * 2  # keys + values, 8 kv heads of 64, bf16
+    assert kv_bytes(C20, 1024) == 12 * per_token * 1024 + 12 * per_token * 128
+    assert kv_bytes(C20, 100) == 24 * per_token * 100
+    plan = MemoryPlan(C20, "reference", 4096)
+    grow, bounded = plan.kv_bytes_per_1k()
+    assert grow == 12 * per_token * 1024 == 24 << 20  # 24 MiB per 1k tokens
+    assert bounded == 12 * per_token * 128
+    assert plan.with_context(8192).kv_bytes - plan.kv_bytes == 4 * grow
+
+
+def test_presets_shrink_and_fit():
+    ref, bal, small = (MemoryPlan(C20, p) for p in ("reference", "balanced", "small"))
+    assert ref.weights_total > bal.weights_total > small.weights_total
+    assert ref.weights["experts"] == small.weights["experts"]  # experts stay MXFP4
+    assert ref.weights["other"] == small.weights["other"]  # router, norms never quantized
+    assert ref.total == ref.weights_total + ref.kv_bytes + ref.activation_bytes
+    assert ref.fits(ref.total) and not ref.fits(ref.total - 1)
+
+
+def test_max_context_is_the_boundary():
+    plan = MemoryPlan(C20, "small", 8192)
+    ws = plan.weights_total + plan.activation_bytes + kv_bytes(C20, 5000)
+    n = plan.max_context(ws)
+    assert n == 5000
+    assert plan.with_context(n).fits(ws) and not plan.with_context(n + 1).fits(ws)
+    assert plan.max_context(plan.weights_total) == 0
+    assert plan.max_context(1 << 50) == C20.max_position_embeddings
+
+
+def test_machines():
+    assert Machine.of_size(16).working_set_bytes == 16 * GiB * 2 // 3
+    assert Machine.of_size(64).working_set_bytes == 48 * GiB
+    assert Machine.of_size(24, "linux").working_set_bytes == 24 * GiB
+    m = Machine.detect()
+    assert m.ram_bytes > 0 and m.working_set_bytes > 0
+
+
+def test_detect_uses_metal_working_set_on_a_mac(monkeypatch):
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    monkeypatch.setattr(memory, "_metal_working_set", lambda: 12 * GiB)
+    m = Machine.detect()
+    assert m.platform == "mac" and m.working_set_bytes == 12 * GiB and "Metal" in m.how
+    monkeypatch.setattr(memory, "_metal_working_set", lambda: None)  # no Metal: the approximation
+    assert Machine.detect().working_set_bytes == memory.mac_working_set(Machine.detect().ram_bytes)
+
+
+def test_advice():
+    mac16 = Machine.of_size(16)
+    advice = MemoryPlan(C20, "reference", 8192).advice(mac16)
+    assert advice[0].startswith("does not fit")
+    assert any("iogpu.wired_limit_mb=" in a for a in advice)
+    mb = int(next(a for a in advice if "wired_limit_mb" in a).rsplit("=", 1)[1])
+    assert mb % 1024 == 0 and mb * (1 << 20) <= memory.wired_limit_cap(16 * GiB)
+    # a 24 GB Mac: smaller presets fit
+    advice = MemoryPlan(C20, "reference", 8192).advice(Machine.of_size(24))
+    assert any(a.startswith("use --quality") for a in advice) or advice[0].startswith("fits")
+    assert MemoryPlan(C20, "small", 8192).advice(Machine.of_size(32))[0].startswith("fits")
+    # 120b on 64 GB: nothing helps
+    advice = MemoryPlan(C120, "small", 8192).advice(Machine.of_size(64))
+    assert len(advice) == 1 and "no preset or context" in advice[0]
+    assert MemoryPlan(C120, "reference", 8192).advice(Machine.of_size(128))[0].startswith("fits")
+
+
+def test_context_advice_when_weights_fit():
+    plan = MemoryPlan(C20, "small", 131072)
+    ws = plan.weights_total + plan.activation_bytes + kv_bytes(C20, 20000)
+    m = Machine(ws * 2, ws, "linux", "test")
+    assert any("--context 20000" in a for a in plan.advice(m))
+
+
+def test_plan_cli(capsys, tmp_path):
+    assert main(["--config", "20b", "--memory", "16", "--preset", "small"]) == 0
+    out = capsys.readouterr().out
+    for word in ("experts", "attention", "embedding", "unembedding", "kv cache", "total", "wired_limit_mb"):
+        assert word in out
+    assert main(["120b", "--memory", "128", "--context", "131072"]) == 0
+    assert "fits" in capsys.readouterr().out
+    cfg = tmp_path / "config.json"
+    import json
+
+    cfg.write_text(json.dumps(ModelConfig().to_hf_dict()))
+    assert main([str(cfg), "--memory", "24", "--platform", "linux"]) == 0
+    assert "fits" in capsys.readouterr().out
+    cfg.write_text(json.dumps({"model_type": "llama"}))
+    assert main([str(tmp_path)]) == 1
+    assert "model_type" in capsys.readouterr().err
+
+
+def test_plan_of_a_converted_folder_uses_its_preset(tmp_path, capsys):
+    import json
+
+    d = ModelConfig().to_hf_dict()
+    d["oss_mlx"] = {"format_version": 1, "preset": "balanced", "dtype": "bfloat16"}
+    from oss_mlx.convert.presets import PRESETS
+
+    d["oss_mlx"]["quantization"] = PRESETS["balanced"].spec()
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert main([str(tmp_path), "--memory", "32"]) == 0
+    assert "preset balanced" in capsys.readouterr().out
