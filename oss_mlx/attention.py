@@ -11,6 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .cache import FullCache, WindowCache
 from .config import ModelConfig
 from .norm import RMSNorm
@@ -37,8 +38,12 @@ def attention_mask(num_queries: int, offset: int, num_keys: int, window: int | N
 def sdpa_with_sinks(
     q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, mask: mx.array | None
 ) -> mx.array:
-    """softmax([q·k * scale, sink]) @ [v, 0] per head; q [B, Hq, T, D], k/v [B, Hkv, S, D]."""
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks.astype(q.dtype))
+    """softmax([q·k * scale, sink]) @ [v, 0] per head; q [B, Hq, T, D], k/v [B, Hkv, S, D].
+
+    kernels.sdpa runs the decode kernel (one query, reading the cache in place) on a GPU, and
+    mx.fast.scaled_dot_product_attention (kernels.sdpa_reference) otherwise.
+    """
+    return kernels.sdpa(q, k, v, sinks, scale, mask)
 
 
 class AttentionBlock(nn.Module):

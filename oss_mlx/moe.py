@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .config import ModelConfig
 from .norm import RMSNorm
 
@@ -39,12 +40,12 @@ class Router(nn.Module):
         self.top_k = top_k
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """x [N, H] -> (weights [N, k] float32, expert indices [N, k] uint32)."""
-        logits = mx.addmm(self.bias, x, self.weight.T)
-        k = self.top_k
-        indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
-        top = mx.take_along_axis(logits, indices, axis=-1)
-        return mx.softmax(top.astype(mx.float32), axis=-1), indices.astype(mx.uint32)
+        """x [N, H] -> (weights [N, k] float32, expert indices [N, k] uint32).
+
+        The reference (addmm, argpartition, softmax) is kernels.route_reference; on a GPU one fused
+        kernel does all three.
+        """
+        return kernels.route(x, self.weight, self.bias, self.top_k)
 
 
 class Experts(nn.Module):
@@ -73,18 +74,8 @@ class Experts(nn.Module):
     def _matmul(self, x: mx.array, name: str, indices: mx.array, sorted_indices: bool) -> mx.array:
         w = getattr(self, f"{name}_weight")
         if self.quantized:
-            y = mx.gather_qmm(
-                x,
-                w,
-                getattr(self, f"{name}_scales"),
-                None,
-                rhs_indices=indices,
-                transpose=True,
-                group_size=MXFP4_GROUP,
-                bits=4,
-                mode="mxfp4",
-                sorted_indices=sorted_indices,
-            )
+            # mx.gather_qmm(x, w, scales, transpose, group 32, 4 bits, mxfp4), shaped for MLX's fast paths.
+            y = kernels.gather_qmm_mxfp4(x, w, getattr(self, f"{name}_scales"), indices, sorted_indices)
         else:
             y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
         return y + getattr(self, f"{name}_bias")[indices][..., None, :].astype(y.dtype)
@@ -121,6 +112,9 @@ class MLPBlock(nn.Module):
         shape = x.shape
         h = self.norm(x).reshape(-1, shape[-1])
         weights, indices = self.router(h)
+        fused = kernels.moe_decode(self.experts, h, weights, indices, x.reshape(-1, shape[-1]))
+        if fused is not None:  # GPU, few tokens: gate_up + SwiGLU, down + weighted sum + residual
+            return fused.reshape(shape)
         y = self.experts(h, indices)
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         return x + y.reshape(shape)

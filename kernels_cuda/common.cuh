@@ -1,0 +1,100 @@
+// oss-mlx CUDA dialect header: prepended to every kernel body (mx.fast.cuda_kernel's `header`).
+// The twin of kernels_metal/common.h: the same helper names with the same meaning, so the kernel
+// bodies of the two dialects read alike. MLX's generated signature already includes cuda_bf16.h and
+// cuda_fp16.h; inputs arrive as `const T* name`, outputs as `T* name`.
+
+#define OSS_DEV __device__ __forceinline__
+#define OSS_LOG2E 1.4426950408889634f
+// A finite "minus infinity": safe under fast math, and exp2(OSS_NEG - m) is exactly 0.
+#define OSS_NEG (-1.0e30f)
+
+typedef unsigned int uint;
+
+OSS_DEV float to_f(float x) { return x; }
+OSS_DEV float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+OSS_DEV float to_f(__half x) { return __half2float(x); }
+
+template <typename T> OSS_DEV T from_f(float x);
+template <> OSS_DEV float from_f<float>(float x) { return x; }
+template <> OSS_DEV __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> OSS_DEV __half from_f<__half>(float x) { return __float2half(x); }
+
+// Round x to T and back: the value the reference would hold after an op that outputs T.
+template <typename T> OSS_DEV float round_to(float x) { return to_f(from_f<T>(x)); }
+
+OSS_DEV float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+OSS_DEV float lane_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+OSS_DEV int lane_xor_i(int v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+OSS_DEV float fast_exp2(float x) { return exp2f(x); }
+OSS_DEV float fast_exp(float x) { return __expf(x); }
+#define OSS_BARRIER() __syncthreads()
+#define OSS_SHARED __shared__
+
+// Load 8 consecutive elements (16-byte aligned for 16-bit types) as floats.
+OSS_DEV void load8(const __nv_bfloat16* p, float* out) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+OSS_DEV void load8(const __half* p, float* out) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+OSS_DEV void load8(const float* p, float* out) {
+  float4 a = *reinterpret_cast<const float4*>(p);
+  float4 b = *reinterpret_cast<const float4*>(p + 4);
+  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
+// Strided fallback (any element stride).
+template <typename T> OSS_DEV void load8_strided(const T* p, long long stride, float* out) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_f(p[i * stride]);
+}
+
+// ---- MXFP4 -------------------------------------------------------------------------------
+// One uint32 holds 8 e2m1 codes, element 2j in the low nibble of byte j, 2j+1 in the high one.
+// Each code is moved into an fp16 bit pattern (sign -> bit 15, exponent/mantissa bits -> 11..9):
+// that fp16 equals the e2m1 value times 2^-14 exactly (e = 0 lands on the fp16 subnormal 0.5*2^-14).
+// The 2^14 goes back into the group scale (see e8m0_scale). Pairs come out as (elem i, elem i+4).
+OSS_DEV float dot8_fp4(uint w, const float* x) {
+  uint h0 = ((w & 0x00070007u) << 9) | ((w & 0x00080008u) << 12);  // elements 0, 4
+  uint h1 = ((w & 0x00700070u) << 5) | ((w & 0x00800080u) << 8);   // elements 1, 5
+  uint h2 = ((w & 0x07000700u) << 1) | ((w & 0x08000800u) << 4);   // elements 2, 6
+  uint h3 = ((w & 0x70007000u) >> 3) | (w & 0x80008000u);          // elements 3, 7
+  float2 f0 = __half22float2(*reinterpret_cast<__half2*>(&h0));
+  float2 f1 = __half22float2(*reinterpret_cast<__half2*>(&h1));
+  float2 f2 = __half22float2(*reinterpret_cast<__half2*>(&h2));
+  float2 f3 = __half22float2(*reinterpret_cast<__half2*>(&h3));
+  float acc = f0.x * x[0];
+  acc = fmaf(f1.x, x[1], acc);
+  acc = fmaf(f2.x, x[2], acc);
+  acc = fmaf(f3.x, x[3], acc);
+  acc = fmaf(f0.y, x[4], acc);
+  acc = fmaf(f1.y, x[5], acc);
+  acc = fmaf(f2.y, x[6], acc);
+  acc = fmaf(f3.y, x[7], acc);
+  return acc;
+}
+// A 32-element MXFP4 group (16 bytes) against 32 floats.
+OSS_DEV float dot32_fp4(uint4 w, const float* x) {
+  return dot8_fp4(w.x, x) + dot8_fp4(w.y, x + 8) + dot8_fp4(w.z, x + 16) + dot8_fp4(w.w, x + 24);
+}
+// e8m0 scale 2^(s - 127), times the 2^14 taken out by dot8_fp4: 2^(s - 113), built from its bits.
+OSS_DEV float e8m0_scale(uint s) { return __uint_as_float((s + 14u) << 23); }
+OSS_DEV uint4 load_u4(const uint* p) { return *reinterpret_cast<const uint4*>(p); }

@@ -1,0 +1,132 @@
+// MoE experts on MXFP4 weights, decode-sized batches (CUDA twin of kernels_metal/experts.metal).
+//
+// Weights as OpenAI ships them and MLX's mxfp4 packs them: w [E, rows, cols / 8] uint32 (8 e2m1
+// codes per word), scales [E, rows, cols / 32] uint8 (e8m0). A warp owns whole rows; lane l holds
+// the 32-element groups l, l + 32, ... of the input vector in registers (NC = ceil(cols / 1024)
+// groups per lane), so each weight row is read once with 16-byte loads, coalesced across the warp.
+//
+// gate_up_swiglu: h[s, i] = swiglu(gate_i, up_i) for each (token, expert) slot s = n * K + j, where
+//   gate_i = W[e][2i] . x[n] + b[e][2i] and up_i = W[e][2i + 1] . x[n] + b[e][2i + 1] (rows
+//   interleaved, as shipped), swiglu = min(g, L) * sigmoid(alpha * min(g, L)) * (clip(u, -L, L) + 1).
+//   inputs  x [N, H], ids [N * K] uint32, w [E, 2I, H/8] uint32, scales [E, 2I, H/32] uint8,
+//           bias [E, 2I], consts [2] float32 (alpha, limit)
+//   outputs h [N * K, I] (T)
+//   template T, H, I, K, NC; 4 warps per block, COLS columns per warp
+//   grid (128 * ceil(I / (4 * COLS)), N * K, 1), threadgroup (128, 1, 1)
+//
+// down_combine: y[n, r] = res[n, r] + sum_j wts[n, j] * (W[e_j][r] . h[n * K + j] + b[e_j][r]).
+//   inputs  h [N * K, I], ids [N * K] uint32, wts [N * K] float32, w [E, H, I/8] uint32,
+//           scales [E, H, I/32] uint8, bias [E, H], res [N, H]
+//   outputs y [N, H] (T)
+//   template T, H, I, K, NC; 4 warps per block, ROWS rows per warp
+//   grid (128 * ceil(H / (4 * ROWS)), N, 1), threadgroup (128, 1, 1)
+// @@kernel gate_up_swiglu
+  constexpr int COLS = 2;
+  constexpr int G = H / 32;  // groups per weight row
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slot = blockIdx.y;
+  const int n = slot / K;
+  const int col0 = (blockIdx.x * 4 + warp) * COLS;
+  if (col0 >= I) return;
+  const uint e = ids[slot];
+  const float alpha = consts[0], limit = consts[1];
+
+  float xr[NC][32];
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int g = lane + 32 * c;
+    if (g < G) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) load8(x + (long long)n * H + 32 * g + 8 * q, &xr[c][8 * q]);
+    } else {
+#pragma unroll
+      for (int t = 0; t < 32; ++t) xr[c][t] = 0.f;
+    }
+  }
+  const long long row_words = H / 8;
+#pragma unroll
+  for (int cc = 0; cc < COLS; ++cc) {
+    const int col = col0 + cc;
+    if (col < I) {
+      const long long r0 = (long long)e * (2 * I) + 2 * col;  // gate row; r0 + 1 is the up row
+      const uint* wg = w + r0 * row_words;
+      const uint* wu = wg + row_words;
+      const uint8_t* sg = scales + r0 * G;
+      const uint8_t* su = sg + G;
+      float ag = 0.f, au = 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const int g = lane + 32 * c;
+        if (g < G) {
+          uint4 vg = load_u4(wg + 4 * g);
+          uint4 vu = load_u4(wu + 4 * g);
+          ag = fmaf(dot32_fp4(vg, xr[c]), e8m0_scale(sg[g]), ag);
+          au = fmaf(dot32_fp4(vu, xr[c]), e8m0_scale(su[g]), au);
+        }
+      }
+      ag = warp_sum(ag);
+      au = warp_sum(au);
+      if (lane == 0) {
+        // The reference rounds the matmul and the bias add to T; so do we, then SwiGLU in float.
+        float gt = round_to<T>(round_to<T>(ag) + to_f(bias[r0]));
+        float up = round_to<T>(round_to<T>(au) + to_f(bias[r0 + 1]));
+        gt = fminf(gt, limit);
+        up = fminf(fmaxf(up, -limit), limit);
+        float out = gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f);
+        h[(long long)slot * I + col] = from_f<T>(out);
+      }
+    }
+  }
+// @@kernel down_combine
+  constexpr int ROWS = 2;
+  constexpr int G = I / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = blockIdx.y;
+  const int row0 = (blockIdx.x * 4 + warp) * ROWS;
+  if (row0 >= H) return;
+  const long long row_words = I / 8;
+  float acc[ROWS], bsum[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = bsum[r] = 0.f;
+  for (int j = 0; j < K; ++j) {
+    const int slot = n * K + j;
+    const uint e = ids[slot];
+    const float wt = wts[slot];
+    float hr[NC][32];
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      const int g = lane + 32 * c;
+      if (g < G) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) load8(h + (long long)slot * I + 32 * g + 8 * q, &hr[c][8 * q]);
+      } else {
+#pragma unroll
+        for (int t = 0; t < 32; ++t) hr[c][t] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int row = row0 + r;
+      if (row < H) {
+        const long long ri = (long long)e * H + row;
+        const uint* wr = w + ri * row_words;
+        const uint8_t* sr = scales + ri * G;
+        float a = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          const int g = lane + 32 * c;
+          if (g < G) a = fmaf(dot32_fp4(load_u4(wr + 4 * g), hr[c]), e8m0_scale(sr[g]), a);
+        }
+        acc[r] = fmaf(wt, a, acc[r]);
+        bsum[r] = fmaf(wt, to_f(bias[ri]), bsum[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const float total = warp_sum(acc[r]);
+    const int row = row0 + r;
+    if (lane == 0 && row < H) {
+      y[(long long)n * H + row] = from_f<T>(to_f(res[(long long)n * H + row]) + total + bsum[r]);
+    }
+  }

@@ -1,0 +1,64 @@
+// MoE routing (Metal; CUDA twin: kernels_cuda/routing.cu).
+//
+// route: logits = x @ W^T + b (rounded to LT, the dtype the reference's addmm returns), top-K,
+// softmax over the K in float32. One threadgroup of 256 threads per token; simdgroup w computes the
+// logits of experts w, w + 8, ...; simdgroup 0 then selects the K largest (ties: lower index) by K
+// rounds of a simd arg-max and normalises them.
+//   inputs  x [N, H], w [E, H], b [E]
+//   outputs wts [N, K] float32 (descending logit order), ids [N, K] uint32
+//   template LT (logits dtype), H, E (<= 256), K (<= E, <= 8)
+//   grid (256 * N, 1, 1), threadgroup (256, 1, 1)
+// @@kernel route
+  threadgroup float logits[E];
+  const int n = threadgroup_position_in_grid.x;
+  const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
+  const auto xr = x + (long)n * H;
+  for (int e = warp; e < E; e += 8) {
+    const auto wr = w + (long)e * H;
+    float acc = 0.f;
+    for (int i = lane * 8; i < H; i += 256) {
+      float xv[8], wv[8];
+      load8(xr + i, xv);
+      load8(wr + i, wv);
+      for (int t = 0; t < 8; ++t) acc = fma(xv[t], wv[t], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) logits[e] = round_to<LT>(acc + to_f(b[e]));
+  }
+  OSS_BARRIER();
+  if (warp == 0) {
+    constexpr int PER = (E + 31) / 32;
+    float v[PER];
+    for (int c = 0; c < PER; ++c) {
+      int e = lane + 32 * c;
+      v[c] = e < E ? logits[e] : OSS_NEG;
+    }
+    float top[K];
+    int arg[K];
+    for (int k = 0; k < K; ++k) {
+      float best = OSS_NEG;
+      int bi = E;
+      for (int c = 0; c < PER; ++c) {
+        int e = lane + 32 * c;
+        if (e < E && (v[c] > best || (v[c] == best && e < bi))) { best = v[c]; bi = e; }
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        float ob = lane_xor(best, o);
+        int oi = lane_xor_i(bi, o);
+        if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+      }
+      top[k] = best;
+      arg[k] = bi;
+      for (int c = 0; c < PER; ++c) {
+        if (lane + 32 * c == bi) v[c] = OSS_NEG;
+      }
+    }
+    if (lane == 0) {
+      float s = 0.f, p[K];
+      for (int k = 0; k < K; ++k) { p[k] = metal::precise::exp(top[k] - top[0]); s += p[k]; }
+      for (int k = 0; k < K; ++k) {
+        wts[n * K + k] = p[k] / s;
+        ids[n * K + k] = uint(arg[k]);
+      }
+    }
+  }

@@ -1,0 +1,429 @@
+"""`oss-mlx bench`: prefill and decode speed and peak memory, oss-mlx beside mlx-lm, one run.
+
+Both engines run the same weights: gpt-oss shapes with random weights built in memory (`--config
+20b|120b|tiny`; MXFP4 experts as random bits with realistic e8m0 scales) or a checkpoint
+(`--model DIR`), mapped to mlx-lm's `gpt_oss.Model` (q/k/v split, gate/up de-interleaved, as its
+`sanitize` expects). oss-mlx runs its own token loop (`generation.generate_tokens`: chunked prefill
+and the model's caches); mlx-lm runs its own `generate_step`. For each prompt length: prefill tok/s
+(prompt tokens / time to the first sampled token) and decode tok/s after that prompt (greedy, tokens
+after the first / their time), with the peak memory of that request.
+
+    oss-mlx bench --config 20b --prompt-lengths 128,2048,8192 --json out.json
+    oss-mlx bench --config tiny --engines oss-mlx,oss-mlx:reference,mlx-lm
+
+Engines: `oss-mlx` (custom kernels where the backend has them), `oss-mlx:reference` (pure MLX,
+OSS_MLX_KERNELS=reference), `mlx-lm`. `--check-logits N` also compares oss-mlx's logits with
+kernels against the reference path over an N-token prompt and a few decoded tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import kernels
+from .config import ModelConfig
+from .model import Transformer
+
+ENGINES = ("oss-mlx", "oss-mlx:reference", "mlx-lm")
+
+
+@dataclass
+class Row:
+    engine: str  # "oss-mlx" | "mlx-lm"
+    phase: str  # "prefill" | "decode"
+    context: int  # prompt tokens (decode: the depth it decodes at)
+    tokens_per_s: float
+    peak_gb: float
+    kernels: str = ""  # oss-mlx: the kernel backend used (metal | cuda | reference)
+    label: str = ""  # the --engines entry it came from (oss-mlx:reference shows as engine oss-mlx)
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def preset_config(name: str) -> ModelConfig:
+    from .synthetic import SyntheticSpec
+
+    spec = SyntheticSpec.preset(name)
+    return ModelConfig(
+        num_layers=spec.num_layers,
+        num_experts=spec.num_experts,
+        experts_per_token=spec.experts_per_token,
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        head_dim=spec.head_dim,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        sliding_window=spec.sliding_window,
+        rope_theta=spec.rope_theta,
+        rope_scaling_factor=spec.rope_scaling_factor,
+        rope_beta_fast=spec.beta_fast,
+        rope_beta_slow=spec.beta_slow,
+        rope_original_context=spec.original_max_position_embeddings,
+        rope_truncate=spec.rope_truncate,
+    )
+
+
+def _e8m0_center(fan_in: int) -> int:
+    # FP4 codes uniform over the 16 values have rms 2.93: 2^c * 2.93 * sqrt(fan_in) ~ 1.
+    return 127 + round(-math.log2(2.926 * math.sqrt(fan_in)))
+
+
+def random_model(config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.bfloat16) -> Transformer:
+    """A gpt-oss with random weights of realistic scale, built block by block in memory."""
+    mx.random.seed(seed)
+    model = Transformer(config, quantized_experts=True)
+
+    def make(name: str, p: mx.array) -> mx.array:
+        shape = p.shape
+        if p.dtype == mx.uint32:  # packed FP4 codes: any bits are valid
+            bytes_ = mx.random.randint(0, 256, (*shape[:-1], 4 * shape[-1]), dtype=mx.uint8)
+            return bytes_.view(mx.uint32)
+        if p.dtype == mx.uint8:  # e8m0 scales around the fan-in centre
+            c = _e8m0_center(shape[-1] * 32)
+            return mx.random.randint(c - 1, c + 2, shape).astype(mx.uint8)
+        if name.endswith("norm.weight"):
+            return (1 + 0.05 * mx.random.normal(shape)).astype(dtype)
+        if name.endswith("sinks"):
+            return mx.random.normal(shape).astype(dtype)
+        if name.endswith("bias"):
+            return (0.02 * mx.random.normal(shape)).astype(dtype)
+        if name.startswith("embedding"):
+            return mx.random.normal(shape, dtype=dtype)
+        return (mx.random.normal(shape, dtype=dtype) * (1 / math.sqrt(shape[-1]))).astype(dtype)
+
+    def fill(module: nn.Module, prefix: str) -> None:
+        params = [(n, make(prefix + n, p)) for n, p in tree_flatten(module.parameters())]
+        module.update(tree_unflatten(params))
+        mx.eval(module.parameters())
+
+    for i, block in enumerate(model.blocks):
+        fill(block, f"blocks.{i}.")
+    fill(model.embedding, "embedding.")
+    fill(model.norm, "norm.")
+    fill(model.unembedding, "unembedding.")
+    return model
+
+
+def mlx_lm_model(model: Transformer):
+    """mlx-lm's gpt_oss.Model holding the same weights (shared where the layouts agree)."""
+    from mlx_lm.models import gpt_oss
+
+    c = model.config
+    args = gpt_oss.ModelArgs(
+        model_type="gpt_oss",
+        num_hidden_layers=c.num_layers,
+        num_local_experts=c.num_experts,
+        num_experts_per_tok=c.experts_per_token,
+        vocab_size=c.vocab_size,
+        rms_norm_eps=c.rms_norm_eps,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        head_dim=c.head_dim,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        sliding_window=c.sliding_window,
+        rope_theta=c.rope_theta,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": c.rope_scaling_factor,
+            "beta_fast": c.rope_beta_fast,
+            "beta_slow": c.rope_beta_slow,
+            "original_max_position_embeddings": c.rope_original_context,
+            "truncate": c.rope_truncate,
+        },
+        layer_types=list(c.layer_types),
+    )
+    lm = gpt_oss.Model(args)
+    nn.quantize(
+        lm,
+        group_size=32,
+        bits=4,
+        mode="mxfp4",
+        class_predicate=lambda p, m: ".experts." in p and hasattr(m, "to_quantized"),
+    )
+    hq, hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    weights = {
+        "model.embed_tokens.weight": model.embedding.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.unembedding.weight,
+    }
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        a, m, e = b.attn, b.mlp, b.mlp.experts
+        qw, qb = a.qkv.weight, a.qkv.bias
+        cuts = [(0, hq * D), (hq * D, (hq + hkv) * D), ((hq + hkv) * D, (hq + 2 * hkv) * D)]
+        for proj, (lo, hi) in zip(("q_proj", "k_proj", "v_proj"), cuts):
+            weights[p + f"self_attn.{proj}.weight"] = qw[lo:hi]
+            weights[p + f"self_attn.{proj}.bias"] = qb[lo:hi]
+        weights[p + "self_attn.o_proj.weight"] = a.out.weight
+        weights[p + "self_attn.o_proj.bias"] = a.out.bias
+        weights[p + "self_attn.sinks"] = a.sinks
+        weights[p + "input_layernorm.weight"] = a.norm.weight
+        weights[p + "post_attention_layernorm.weight"] = m.norm.weight
+        weights[p + "mlp.router.weight"] = m.router.weight
+        weights[p + "mlp.router.bias"] = m.router.bias
+        x = p + "mlp.experts."
+        # gate = even rows, up = odd rows (interleaved as shipped); mlx-lm keeps them apart.
+        for proj, sl in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
+            weights[x + f"{proj}.weight"] = mx.contiguous(e.gate_up_weight[:, sl, :])
+            weights[x + f"{proj}.scales"] = mx.contiguous(e.gate_up_scales[:, sl, :])
+            weights[x + f"{proj}.bias"] = mx.contiguous(e.gate_up_bias[:, sl])
+        weights[x + "down_proj.weight"] = e.down_weight
+        weights[x + "down_proj.scales"] = e.down_scales
+        weights[x + "down_proj.bias"] = e.down_bias
+        mx.eval([v for k, v in weights.items() if k.startswith(p)])
+    lm.load_weights(list(weights.items()), strict=True)
+    mx.eval(lm.parameters())
+    return lm
+
+
+# ---- runs -----------------------------------------------------------------------------------------
+
+
+def _prompt(n: int, vocab: int, seed: int) -> list[int]:
+    key = mx.random.key(seed + n)
+    return mx.random.randint(0, vocab, (n,), key=key).tolist()
+
+
+def run_oss_mlx(model: Transformer, prompt: list[int], decode: int) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, peak GB) through oss-mlx's own token loop."""
+    from .generation import SamplingOptions, TokenStream, generate_tokens
+
+    report = TokenStream()
+    cache = model.make_cache()
+    options = SamplingOptions(temperature=0.0, max_tokens=decode + 1)
+    for _ in generate_tokens(model, prompt, cache, options, stop_ids=set(), report=report):
+        pass
+    s = report.stats
+    decode_tps = (s.generated_tokens - 1) / s.generation_seconds if s.generation_seconds > 0 else 0.0
+    del cache
+    return len(prompt) / s.prompt_seconds, decode_tps, mx.get_peak_memory() / 1e9
+
+
+def run_mlx_lm(model, prompt: list[int], decode: int) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, peak GB) through mlx-lm's own generate_step."""
+    from mlx_lm.generate import generate_step
+
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    n, t1 = 0, None
+    for _ in generate_step(mx.array(prompt), model, max_tokens=decode + 1):
+        n += 1
+        if n == 1:
+            t1 = time.perf_counter()
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), (n - 1) / (t2 - t1) if t2 > t1 else 0.0, mx.get_peak_memory() / 1e9
+
+
+def check_logits(model: Transformer, n: int, steps: int = 8, seed: int = 0) -> dict:
+    """Logits with kernels vs the reference path: an n-token prefill, then `steps` decoded tokens
+    (the kernel run's greedy tokens fed to both). Max |diff| / max |ref| per step, argmax agreement."""
+    prompt = _prompt(n, model.config.vocab_size, seed + 7)
+
+    def logits_seq(tokens_fed: list[int] | None) -> tuple[list[mx.array], list[int]]:
+        cache = model.make_cache()
+        out = [model(mx.array(prompt)[None], cache=cache, last_logits_only=True)[0, -1].astype(mx.float32)]
+        mx.eval(out[-1])
+        fed = []
+        for i in range(steps):
+            tok = int(mx.argmax(out[-1]).item()) if tokens_fed is None else tokens_fed[i]
+            fed.append(tok)
+            out.append(model(mx.array([[tok]]), cache=cache)[0, -1].astype(mx.float32))
+            mx.eval(out[-1])
+        return out, fed
+
+    fast, fed = logits_seq(None)
+    with kernels.use_backend("reference"):
+        ref, _ = logits_seq(fed)
+    errs = [float(mx.max(mx.abs(a - b)).item() / mx.max(mx.abs(b)).item()) for a, b in zip(fast, ref)]
+    agree = sum(int(mx.argmax(a).item() == mx.argmax(b).item()) for a, b in zip(fast, ref))
+    return {
+        "prompt": n,
+        "steps": steps,
+        "max_rel_err": max(errs),
+        "rel_err_per_step": errs,
+        "argmax_agree": f"{agree}/{len(errs)}",
+        "backend": kernels.backend(),
+    }
+
+
+# ---- output ---------------------------------------------------------------------------------------
+
+
+def device_name() -> str:
+    info = {}
+    try:
+        info = mx.device_info()
+    except Exception:
+        pass
+    name = str(info.get("device_name", "")) if isinstance(info, dict) else ""
+    if kernels.available_backend() == "cuda" and shutil.which("nvidia-smi"):
+        try:
+            out = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                )
+                .stdout.strip()
+                .splitlines()
+            )
+            name = out[0] if out else name
+        except Exception:
+            pass
+    return name or platform.processor() or platform.machine()
+
+
+def print_table(rows: list[Row], engines: list[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    by = {(r.label or r.engine, r.phase, r.context): r for r in rows}
+    table = Table(title=title)
+    table.add_column("phase")
+    table.add_column("context", justify="right")
+    for e in engines:
+        table.add_column(f"{e} tok/s", justify="right")
+    base = "mlx-lm" if "mlx-lm" in engines else None
+    for e in engines:
+        if base and e != base:
+            table.add_column(f"{e} / mlx-lm", justify="right")
+    for e in engines:
+        table.add_column(f"{e} peak GB", justify="right")
+    keys = sorted({(r.phase, r.context) for r in rows}, key=lambda k: (k[0] != "prefill", k[1]))
+    for phase, ctx in keys:
+        cells = [phase, f"{ctx:,}"]
+        vals = {e: by.get((e, phase, ctx)) for e in engines}
+        cells += [f"{vals[e].tokens_per_s:,.1f}" if vals[e] else "-" for e in engines]
+        for e in engines:
+            if base and e != base:
+                a, b = vals[e], vals[base]
+                cells.append(f"{a.tokens_per_s / b.tokens_per_s:.2f}x" if a and b and b.tokens_per_s else "-")
+        cells += [f"{vals[e].peak_gb:.1f}" if vals[e] else "-" for e in engines]
+        table.add_row(*cells)
+    Console().print(table)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="oss-mlx bench", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", choices=("tiny", "20b", "120b"), default="20b", help="random weights")
+    src.add_argument("--model", help="a checkpoint folder or hub id instead of random weights")
+    p.add_argument("--prompt-lengths", default="128,2048,8192", help="comma-separated prompt lengths")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded after each prompt")
+    p.add_argument("--engines", default="oss-mlx,mlx-lm", help=f"comma-separated, of {', '.join(ENGINES)}")
+    p.add_argument("--warmup", type=int, default=64, help="warm-up prompt length (0: none)")
+    p.add_argument(
+        "--check-logits",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compare kernel vs reference logits over an N-token prompt",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the rows here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if bad := [e for e in engines if e not in ENGINES]:
+        print(f"oss-mlx bench: unknown engine(s) {bad}; choose from {ENGINES}", file=sys.stderr)
+        return 2
+    lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
+    G = args.decode_tokens
+
+    t = time.perf_counter()
+    if args.model:
+        from .loader import load_model
+
+        model, _ = load_model(args.model)
+        source = args.model
+    else:
+        model = random_model(preset_config(args.config), seed=args.seed)
+        source = f"--config {args.config} (random weights)"
+    c = model.config
+    print(
+        f"oss-mlx bench: {source}; {c.num_layers} layers, {c.num_experts} experts "
+        f"(top-{c.experts_per_token}), hidden {c.hidden_size}; built in {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
+    print(
+        f"device: {device_name()} ({mx.default_device()}), mlx {mx.__version__}, "
+        f"kernels: {kernels.backend()}",
+        flush=True,
+    )
+
+    rows: list[Row] = []
+    extra: dict = {}
+
+    def record(label: str, kern: str, ctx: int, res: tuple[float, float, float]) -> None:
+        pre, dec, peak = res
+        engine = label.split(":")[0]
+        rows.append(Row(engine, "prefill", ctx, pre, peak, kern, label))
+        rows.append(Row(engine, "decode", ctx, dec, peak, kern, label))
+        print(
+            f"  {label:<18} [{kern or '-':>9}] context {ctx:>6}: prefill {pre:9.1f} tok/s, "
+            f"decode {dec:7.1f} tok/s, peak {peak:.2f} GB",
+            flush=True,
+        )
+
+    for name in [e for e in engines if e.startswith("oss-mlx")]:
+        mode = "reference" if name.endswith(":reference") else None
+        with kernels.use_backend(mode):
+            kern = kernels.backend()
+            if args.warmup:
+                run_oss_mlx(model, _prompt(args.warmup, c.vocab_size, args.seed), 4)
+            for n in lengths:
+                record(name, kern, n, run_oss_mlx(model, _prompt(n, c.vocab_size, args.seed), G))
+                gc.collect()
+    if args.check_logits:
+        extra["logits_check"] = check_logits(model, args.check_logits, seed=args.seed)
+        print(f"  logits, kernels vs reference: {extra['logits_check']}", flush=True)
+    if "mlx-lm" in engines:
+        t = time.perf_counter()
+        lm = mlx_lm_model(model)
+        del model  # mlx-lm's peak memory: its own weights (shared ones stay alive through it)
+        gc.collect()
+        mx.clear_cache()
+        print(f"  mlx-lm model mapped in {time.perf_counter() - t:.1f} s", flush=True)
+        if args.warmup:
+            run_mlx_lm(lm, _prompt(args.warmup, c.vocab_size, args.seed), 4)
+        for n in lengths:
+            record("mlx-lm", "", n, run_mlx_lm(lm, _prompt(n, c.vocab_size, args.seed), G))
+            gc.collect()
+
+    title = f"{device_name()} · mlx {mx.__version__} · {source} · decode {G} tokens"
+    print_table(rows, engines, title)
+    if args.json:
+        meta = {"device": device_name(), "mlx": mx.__version__, "source": source, "decode_tokens": G}
+        with open(args.json, "w") as f:
+            json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
+        if extra:
+            with open(args.json + ".check.json", "w") as f:
+                json.dump(extra, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

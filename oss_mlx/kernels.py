@@ -1,0 +1,409 @@
+"""The one dispatch point for custom kernels: metal | cuda | reference.
+
+Every fused op here has a pure-MLX reference (the CPU / CI path, and what the kernels are tested
+against). The kernels themselves live as source text in `kernels_metal/*.metal` and their CUDA twins
+in `kernels_cuda/*.cu` (same algorithm, same inputs and outputs), read at import through
+importlib.resources and compiled by MLX (`mx.fast.metal_kernel` / `mx.fast.cuda_kernel`).
+
+Backend: Metal when `mx.metal.is_available()`, CUDA when `mx.cuda.is_available()`, else the
+reference; `OSS_MLX_KERNELS=reference` forces the reference (also `metal` / `cuda` / `auto`). A
+kernel runs only on the GPU stream and for the shapes it was written for (decode-sized batches);
+everything else takes the reference path, so callers never need to check.
+
+Kernels (see docs/KERNELS.md):
+  route           router logits -> top-k -> softmax over the k          (routing.*)
+  gate_up_swiglu  MXFP4 gate/up GEMV + bias + clamped SwiGLU            (experts.*)
+  down_combine    MXFP4 down GEMV + bias + weighted sum of k + residual (experts.*)
+  sdpa_decode     one-query attention with sinks, reading the KV cache  (attention.*)
+  sdpa_combine    merges sdpa_decode's key splits, sink included        (attention.*)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+ENV = "OSS_MLX_KERNELS"
+BACKENDS = ("metal", "cuda", "reference")
+_SOURCE_PACKAGES = {"metal": "oss_mlx.kernels_metal", "cuda": "oss_mlx.kernels_cuda"}
+_SOURCE_DIRS = {"metal": "kernels_metal", "cuda": "kernels_cuda"}
+_EXT = {"metal": ".metal", "cuda": ".cu"}
+_HEADER = {"metal": "common.h", "cuda": "common.cuh"}
+
+# Fused MoE decode while N * k stays under this (the reference switches to sorted gather_qmm there).
+MOE_MAX_SLOTS = 64
+# Keys per block of sdpa_decode before the keys are split over more blocks (flash-decoding).
+SDPA_KEYS_PER_SPLIT = 256
+SDPA_MAX_SPLITS = 256
+
+
+# ---- backend --------------------------------------------------------------------------------------
+
+
+def available_backend() -> str:
+    """The kernel dialect this machine's MLX can run: metal, cuda or reference."""
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "reference"
+
+
+_AVAILABLE = available_backend()
+_forced: str | None = None
+
+
+def backend() -> str:
+    """The backend in use now: `OSS_MLX_KERNELS` (or `use_backend`) over what is available."""
+    want = (_forced or os.environ.get(ENV, "auto")).strip().lower()
+    if want in ("reference", "ref", "off", "none", "0"):
+        return "reference"
+    if want in ("auto", "", "on", "1") or want == _AVAILABLE:
+        return _AVAILABLE
+    return "reference"  # asked for a dialect this machine cannot run
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Temporarily force `reference` (or `auto`); None restores the environment's choice."""
+    global _forced
+    before, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def _on_gpu(*arrays: mx.array) -> bool:
+    return mx.default_device() == mx.gpu
+
+
+# Outputs are pre-filled with this value when set (tests: NaN shows any element left unwritten).
+_poison: float | None = None
+
+
+@contextlib.contextmanager
+def poison_outputs(value: float = float("nan")) -> Iterator[None]:
+    global _poison
+    before, _poison = _poison, value
+    try:
+        yield
+    finally:
+        _poison = before
+
+
+# ---- sources --------------------------------------------------------------------------------------
+
+_MARK = re.compile(r"^// @@kernel (\w+)\s*$", re.M)
+
+
+def _source_text(dialect: str, filename: str) -> str:
+    try:
+        root = importlib.resources.files(_SOURCE_PACKAGES[dialect])
+        return root.joinpath(filename).read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        # A source checkout on sys.path without the package mapping (e.g. PYTHONPATH=repo).
+        return (Path(__file__).resolve().parent.parent / _SOURCE_DIRS[dialect] / filename).read_text()
+
+
+def parse_source(text: str) -> tuple[str, dict[str, str]]:
+    """Split a kernel file into its preamble (helpers, comments) and `// @@kernel NAME` bodies."""
+    parts = _MARK.split(text)
+    preamble, bodies = parts[0], {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        bodies[name] = body
+    return preamble, bodies
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    row_contiguous: bool = True
+
+
+SPECS = {
+    s.name: s
+    for s in (
+        KernelSpec("route", "routing", ("x", "w", "b"), ("wts", "ids")),
+        KernelSpec("gate_up_swiglu", "experts", ("x", "ids", "w", "scales", "bias", "consts"), ("h",)),
+        KernelSpec("down_combine", "experts", ("h", "ids", "wts", "w", "scales", "bias", "res"), ("y",)),
+        KernelSpec(
+            "sdpa_decode",
+            "attention",
+            ("q", "k", "v", "sinks", "scale_log2"),
+            ("out", "part"),
+            row_contiguous=False,
+        ),
+        KernelSpec("sdpa_combine", "attention", ("part", "sinks"), ("out",)),
+    )
+}
+
+
+def kernel_sources(dialect: str) -> dict[str, tuple[str, str]]:
+    """name -> (header, body) for every kernel of a dialect, as MLX will compile them."""
+    common = _source_text(dialect, _HEADER[dialect])
+    out = {}
+    for file in sorted({s.file for s in SPECS.values()}):
+        preamble, bodies = parse_source(_source_text(dialect, file + _EXT[dialect]))
+        for name, body in bodies.items():
+            out[name] = (common + "\n" + preamble, body)
+    return out
+
+
+_compiled: dict[tuple[str, str], object] = {}
+
+
+def _kernel(name: str):
+    dialect = backend()
+    key = (dialect, name)
+    if key not in _compiled:
+        spec = SPECS[name]
+        header, body = kernel_sources(dialect)[name]
+        make = mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
+        _compiled[key] = make(
+            name=f"oss_{name}",
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            source=body,
+            header=header,
+            ensure_row_contiguous=spec.row_contiguous,
+        )
+    return _compiled[key]
+
+
+def _launch(name: str, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+    extra = {} if _poison is None else {"init_value": _poison}
+    return _kernel(name)(
+        inputs=inputs,
+        template=template,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=output_shapes,
+        output_dtypes=output_dtypes,
+        **extra,
+    )
+
+
+_consts: dict[tuple, mx.array] = {}
+
+
+def _const(*values: float) -> mx.array:
+    """A small float32 array of constants, made once (not a new upload per call)."""
+    if values not in _consts:
+        _consts[values] = mx.array(values, dtype=mx.float32)
+    return _consts[values]
+
+
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def _result_dtype(a: mx.Dtype, b: mx.Dtype) -> mx.Dtype:
+    if a == b:
+        return a
+    if mx.float32 in (a, b):
+        return mx.float32
+    return mx.float32  # bf16 with f16 promotes to f32 in MLX
+
+
+# ---- routing --------------------------------------------------------------------------------------
+
+
+def route_reference(x: mx.array, weight: mx.array, bias: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """x [N, H] -> (weights [N, k] float32, expert indices [N, k] uint32): top-k, softmax over k."""
+    logits = mx.addmm(bias, x, weight.T)
+    indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
+    top = mx.take_along_axis(logits, indices, axis=-1)
+    return mx.softmax(top.astype(mx.float32), axis=-1), indices.astype(mx.uint32)
+
+
+def route(x: mx.array, weight: mx.array, bias: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """Router: the fused kernel where it applies, else `route_reference`.
+
+    The kernel returns the k experts in descending logit order; the reference in argpartition's
+    order. The set and each expert's weight are the same (the MoE sum does not depend on order).
+    """
+    N, H = x.shape
+    E = weight.shape[0]
+    ok = (
+        backend() != "reference"
+        and _on_gpu()
+        and x.dtype in _FLOATS
+        and weight.dtype in _FLOATS
+        and H % 8 == 0
+        and E <= 256
+        and k <= min(E, 8)
+        and N <= 65535
+    )
+    if not ok:
+        return route_reference(x, weight, bias, k)
+    lt = _result_dtype(x.dtype, weight.dtype)
+    wts, ids = _launch(
+        "route",
+        [x, weight, bias],
+        [("LT", lt), ("H", H), ("E", E), ("K", k)],
+        (256 * N, 1, 1),
+        (256, 1, 1),
+        [(N, k), (N, k)],
+        [mx.float32, mx.uint32],
+    )
+    return wts, ids
+
+
+# ---- experts --------------------------------------------------------------------------------------
+
+
+def moe_decode(experts, x: mx.array, weights: mx.array, indices: mx.array, residual: mx.array):
+    """residual + sum_j weights[:, j] * expert_{indices[:, j]}(x), fused, or None where no kernel applies.
+
+    experts: moe.Experts with MXFP4 weights; x [N, H] (normed), weights [N, k], indices [N, k],
+    residual [N, H]. Two launches: gate_up_swiglu then down_combine.
+    """
+    N, k = indices.shape
+    if (
+        backend() == "reference"
+        or not _on_gpu()
+        or not getattr(experts, "quantized", False)
+        or N * k >= MOE_MAX_SLOTS
+        or x.dtype not in _FLOATS
+    ):
+        return None
+    H = x.shape[-1]
+    two_i = experts.gate_up_weight.shape[1]
+    I = two_i // 2
+    if H % 32 or I % 32 or experts.down_weight.shape[1] != H:
+        return None
+    T = x.dtype
+    ids = indices.reshape(-1).astype(mx.uint32)
+    wts = weights.reshape(-1).astype(mx.float32)
+    cols = 2 * 4  # COLS columns per warp x 4 warps
+    (h,) = _launch(
+        "gate_up_swiglu",
+        [
+            x,
+            ids,
+            experts.gate_up_weight,
+            experts.gate_up_scales,
+            experts.gate_up_bias,
+            _const(experts.alpha, experts.limit),
+        ],
+        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024))],
+        (128 * -(-I // cols), N * k, 1),
+        (128, 1, 1),
+        [(N * k, I)],
+        [T],
+    )
+    rows = 2 * 4
+    (y,) = _launch(
+        "down_combine",
+        [h, ids, wts, experts.down_weight, experts.down_scales, experts.down_bias, residual.astype(T)],
+        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-I // 1024))],
+        (128 * -(-H // rows), N, 1),
+        (128, 1, 1),
+        [(N, H)],
+        [T],
+    )
+    return y
+
+
+def gather_qmm_mxfp4(x, w, scales, indices, sorted_indices: bool) -> mx.array:
+    """mx.gather_qmm on MXFP4 weights [E, N_out, K/8] (transposed), as the experts use it.
+
+    On CUDA, MLX's tensor-core path needs N_out % 128 == 0 (2880 is not): the output rows are then
+    split into a multiple of 128 (fast path) and the rest, which only costs a concatenate.
+    """
+
+    def qmm(wp, sp):
+        return mx.gather_qmm(
+            x,
+            wp,
+            sp,
+            None,
+            rhs_indices=indices,
+            transpose=True,
+            group_size=32,
+            bits=4,
+            mode="mxfp4",
+            sorted_indices=sorted_indices,
+        )
+
+    n_out = w.shape[1]
+    # MLX takes qmv (no N restriction) below 8 rows; only the matrix path gains from the split.
+    if backend() == "cuda" and _on_gpu() and n_out % 128 and n_out > 128 and x.size // x.shape[-1] >= 8:
+        cut = n_out - n_out % 128
+        return mx.concatenate([qmm(w[:, :cut], scales[:, :cut]), qmm(w[:, cut:], scales[:, cut:])], -1)
+    return qmm(w, scales)
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+
+def sdpa_reference(q, k, v, sinks, scale: float, mask) -> mx.array:
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks.astype(q.dtype))
+
+
+def sdpa(q, k, v, sinks, scale: float, mask, window: int | None = None) -> mx.array:
+    """Attention with sinks; the decode kernel for one query per sequence without a mask.
+
+    q [B, Hq, T, D]; k, v [B, Hkv, S, D] as the caches hand them out (views of a larger buffer
+    are read in place). `window`: attend only the last `window` keys (decode), None = all.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv if Hkv else 0
+    ok = (
+        T == 1
+        and mask is None
+        and backend() != "reference"
+        and _on_gpu()
+        and q.dtype in _FLOATS
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
+        and v.shape == k.shape
+        and D % 8 == 0
+        and (D // 8) & (D // 8 - 1) == 0
+        and D <= 256
+        and G * Hkv == Hq
+        and 1 <= G <= 16
+        and G * D <= 2048
+        and S >= 1
+    )
+    if not ok:
+        if window is not None and S > window and T == 1 and mask is None:
+            k, v = k[..., -window:, :], v[..., -window:, :]
+        return sdpa_reference(q, k, v, sinks, scale, mask)
+    attended = min(S, window) if window else S
+    nsplit = max(1, min(SDPA_MAX_SPLITS, -(-attended // SDPA_KEYS_PER_SPLIT)))
+    qf = mx.contiguous(q.reshape(B, Hq, D))
+    part_shape = (B, Hq, nsplit, D + 2) if nsplit > 1 else (1,)
+    out, part = _launch(
+        "sdpa_decode",
+        [qf, k, v, sinks, _const(scale * math.log2(math.e))],
+        [("T", q.dtype), ("D", D), ("G", G), ("WINDOW", int(window or 0))],
+        (128 * nsplit, B * Hkv, 1),
+        (128, 1, 1),
+        [(B, Hq, D) if nsplit == 1 else (1,), part_shape],
+        [q.dtype, mx.float32],
+    )
+    if nsplit > 1:
+        (out,) = _launch(
+            "sdpa_combine",
+            [part, sinks],
+            [("T", q.dtype), ("D", D)],
+            (D * B * Hq, 1, 1),
+            (D, 1, 1),
+            [(B, Hq, D)],
+            [q.dtype],
+        )
+    return out.reshape(B, Hq, 1, D)

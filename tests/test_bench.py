@@ -1,0 +1,64 @@
+"""`oss-mlx bench` on the tiny config (CPU): it runs both engines, writes the rows, maps weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import mlx.core as mx
+import pytest
+
+from oss_mlx import bench
+
+pytest.importorskip("mlx_lm")
+
+
+def test_bench_tiny_writes_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench.main(
+        [
+            "--config",
+            "tiny",
+            "--prompt-lengths",
+            "12,40",
+            "--decode-tokens",
+            "4",
+            "--warmup",
+            "8",
+            "--engines",
+            "oss-mlx,oss-mlx:reference,mlx-lm",
+            "--json",
+            str(out),
+            "--check-logits",
+            "20",
+        ]
+    )
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    keys = {(r["label"], r["phase"], r["context"]) for r in rows}
+    for label in ("oss-mlx", "oss-mlx:reference", "mlx-lm"):
+        for phase in ("prefill", "decode"):
+            for ctx in (12, 40):
+                assert (label, phase, ctx) in keys
+    for r in rows:
+        assert r["engine"] in ("oss-mlx", "mlx-lm")
+        assert r["tokens_per_s"] > 0 and r["peak_gb"] > 0
+        assert {"engine", "phase", "context", "tokens_per_s", "peak_gb"} <= set(r)
+    check = json.loads((tmp_path / "bench.json.check.json").read_text())["logits_check"]
+    assert check["max_rel_err"] < 3e-2
+    printed = capsys.readouterr().out
+    assert "mlx-lm" in printed and "prefill" in printed
+
+
+def test_unknown_engine_is_an_error():
+    assert bench.main(["--config", "tiny", "--engines", "vllm"]) == 2
+
+
+def test_mlx_lm_model_holds_the_same_weights():
+    """Same logits from both engines in float32 (YaRN rounded both ways, as mlx-lm always rounds)."""
+    config = replace(bench.preset_config("tiny"), rope_truncate=True)
+    model = bench.random_model(config, seed=1, dtype=mx.float32)
+    lm = bench.mlx_lm_model(model)
+    tokens = mx.array([[5, 17, 300, 2, 9, 11, 4]])  # under the tiny window (8)
+    a, b = model(tokens), lm(tokens)
+    assert mx.max(mx.abs(a - b)).item() < 1e-4 * mx.max(mx.abs(b)).item()
