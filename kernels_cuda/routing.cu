@@ -8,6 +8,14 @@
 //   outputs wts [N, K] float32 (descending logit order), ids [N, K] uint32
 //   template LT (logits dtype), H, E (<= 256), K (<= E, <= 8)
 //   grid (256 * N, 1, 1), threadgroup (256, 1, 1)
+//
+// norm_route: the MoE block's RMSNorm fused in front of route: h = round_T(x * rsqrt(mean(x^2) + eps)
+// * nw) (float32 math, as the reference's float32 rms_norm), written out for the experts, then the
+// logits of h as in route.
+//   inputs  x [N, H], nw [H], w [E, H], b [E], eps [1] float32
+//   outputs h [N, H] (T), wts [N, K] float32 (descending logit order), ids [N, K] uint32
+//   template T, LT (logits dtype), H (<= 8192), E (<= 256), K (<= E, <= 8)
+//   grid (256 * N, 1, 1), threadgroup (256, 1, 1)
 // @@kernel route
   OSS_SHARED float logits[E];
   const int n = blockIdx.x;
@@ -22,6 +30,87 @@
       load8(wr + i, wv);
 #pragma unroll
       for (int t = 0; t < 8; ++t) acc = fmaf(xv[t], wv[t], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) logits[e] = round_to<LT>(acc + to_f(b[e]));
+  }
+  OSS_BARRIER();
+  if (warp == 0) {
+    constexpr int PER = (E + 31) / 32;
+    float v[PER];
+#pragma unroll
+    for (int c = 0; c < PER; ++c) {
+      int e = lane + 32 * c;
+      v[c] = e < E ? logits[e] : OSS_NEG;
+    }
+    float top[K];
+    int arg[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      float best = OSS_NEG;
+      int bi = E;
+#pragma unroll
+      for (int c = 0; c < PER; ++c) {
+        int e = lane + 32 * c;
+        if (e < E && (v[c] > best || (v[c] == best && e < bi))) { best = v[c]; bi = e; }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        float ob = lane_xor(best, o);
+        int oi = lane_xor_i(bi, o);
+        if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+      }
+      top[k] = best;
+      arg[k] = bi;
+#pragma unroll
+      for (int c = 0; c < PER; ++c) {
+        if (lane + 32 * c == bi) v[c] = OSS_NEG;
+      }
+    }
+    if (lane == 0) {
+      float s = 0.f, p[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) { p[k] = expf(top[k] - top[0]); s += p[k]; }
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        wts[n * K + k] = p[k] / s;
+        ids[n * K + k] = (uint)arg[k];
+      }
+    }
+  }
+// @@kernel norm_route
+  OSS_SHARED float logits[E];
+  OSS_SHARED float red[8];
+  OSS_SHARED float hs[H];
+  const int n = blockIdx.x, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const auto* xr = x + (long long)n * H;
+  float ss = 0.f;
+  for (int i = tid; i < H; i += 256) {
+    const float v = to_f(xr[i]);
+    ss = fmaf(v, v, ss);
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) red[warp] = ss;
+  OSS_BARRIER();
+  float tot = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) tot += red[i];
+  const float r = rsqrtf(tot / H + eps[0]);
+  for (int i = tid; i < H; i += 256) {
+    const float v = round_to<T>(to_f(xr[i]) * r * to_f(nw[i]));
+    hs[i] = v;
+    h[(long long)n * H + i] = from_f<T>(v);
+  }
+  OSS_BARRIER();
+  for (int e = warp; e < E; e += 8) {
+    const auto* wr = w + (long long)e * H;
+    float acc = 0.f;
+    for (int i = lane * 8; i < H; i += 256) {
+      float wv[8];
+      load8(wr + i, wv);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) acc = fmaf(hs[i + t], wv[t], acc);
     }
     acc = warp_sum(acc);
     if (lane == 0) logits[e] = round_to<LT>(acc + to_f(b[e]));

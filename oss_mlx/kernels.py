@@ -12,6 +12,7 @@ everything else takes the reference path, so callers never need to check.
 
 Kernels (see docs/KERNELS.md):
   route           router logits -> top-k -> softmax over the k          (routing.*)
+  norm_route      the MoE block's RMSNorm, then route                   (routing.*)
   gate_up_swiglu  MXFP4 gate/up GEMV + bias + clamped SwiGLU            (experts.*)
   down_combine    MXFP4 down GEMV + bias + weighted sum of k + residual (experts.*)
   sdpa_decode     one-query attention with sinks, reading the KV cache  (attention.*)
@@ -137,6 +138,7 @@ SPECS = {
     s.name: s
     for s in (
         KernelSpec("route", "routing", ("x", "w", "b"), ("wts", "ids")),
+        KernelSpec("norm_route", "routing", ("x", "nw", "w", "b", "eps"), ("h", "wts", "ids")),
         KernelSpec("gate_up_swiglu", "experts", ("x", "ids", "w", "scales", "bias", "consts"), ("h",)),
         KernelSpec("down_combine", "experts", ("h", "ids", "wts", "w", "scales", "bias", "res"), ("y",)),
         KernelSpec(
@@ -236,17 +238,7 @@ def route(x: mx.array, weight: mx.array, bias: mx.array, k: int) -> tuple[mx.arr
     """
     N, H = x.shape
     E = weight.shape[0]
-    ok = (
-        backend() != "reference"
-        and _on_gpu()
-        and x.dtype in _FLOATS
-        and weight.dtype in _FLOATS
-        and H % 8 == 0
-        and E <= 256
-        and k <= min(E, 8)
-        and N <= 65535
-    )
-    if not ok:
+    if not _route_ok(x, weight, k):
         return route_reference(x, weight, bias, k)
     lt = _result_dtype(x.dtype, weight.dtype)
     wts, ids = _launch(
@@ -261,7 +253,63 @@ def route(x: mx.array, weight: mx.array, bias: mx.array, k: int) -> tuple[mx.arr
     return wts, ids
 
 
+def _route_ok(x: mx.array, weight: mx.array, k: int) -> bool:
+    N, H = x.shape
+    return (
+        backend() != "reference"
+        and _on_gpu()
+        and x.dtype in _FLOATS
+        and weight.dtype in _FLOATS
+        and H % 8 == 0
+        and weight.shape[0] <= 256
+        and k <= min(weight.shape[0], 8)
+        and N <= 65535
+    )
+
+
 # ---- experts --------------------------------------------------------------------------------------
+
+
+def moe_block(block, x: mx.array) -> mx.array | None:
+    """The whole MoE block, x [N, H] -> x + MoE(norm(x)), in three kernels (norm_route,
+    gate_up_swiglu, down_combine), or None where the kernels do not apply (then: the reference)."""
+    N, H = x.shape
+    router, k = block.router, block.router.top_k
+    if not (_route_ok(x, router.weight, k) and H <= 8192 and N * k < MOE_MAX_SLOTS):
+        return None
+    if not _experts_ok(block.experts, x, N, k):
+        return None
+    h, wts, ids = _launch(
+        "norm_route",
+        [x, block.norm.weight, router.weight, router.bias, _const(block.norm.eps)],
+        [
+            ("T", x.dtype),
+            ("LT", _result_dtype(x.dtype, router.weight.dtype)),
+            ("H", H),
+            ("E", router.weight.shape[0]),
+            ("K", k),
+        ],
+        (256 * N, 1, 1),
+        (256, 1, 1),
+        [(N, H), (N, k), (N, k)],
+        [x.dtype, mx.float32, mx.uint32],
+    )
+    return moe_decode(block.experts, h, wts, ids, x)
+
+
+def _experts_ok(experts, x: mx.array, N: int, k: int) -> bool:
+    H = x.shape[-1]
+    I = experts.gate_up_weight.shape[1] // 2
+    return (
+        backend() != "reference"
+        and _on_gpu()
+        and getattr(experts, "quantized", False)
+        and N * k < MOE_MAX_SLOTS
+        and x.dtype in _FLOATS
+        and H % 32 == 0
+        and I % 32 == 0
+        and experts.down_weight.shape[1] == H
+    )
 
 
 def moe_decode(experts, x: mx.array, weights: mx.array, indices: mx.array, residual: mx.array):
@@ -271,19 +319,10 @@ def moe_decode(experts, x: mx.array, weights: mx.array, indices: mx.array, resid
     residual [N, H]. Two launches: gate_up_swiglu then down_combine.
     """
     N, k = indices.shape
-    if (
-        backend() == "reference"
-        or not _on_gpu()
-        or not getattr(experts, "quantized", False)
-        or N * k >= MOE_MAX_SLOTS
-        or x.dtype not in _FLOATS
-    ):
+    if not _experts_ok(experts, x, N, k):
         return None
     H = x.shape[-1]
-    two_i = experts.gate_up_weight.shape[1]
-    I = two_i // 2
-    if H % 32 or I % 32 or experts.down_weight.shape[1] != H:
-        return None
+    I = experts.gate_up_weight.shape[1] // 2
     T = x.dtype
     ids = indices.reshape(-1).astype(mx.uint32)
     wts = weights.reshape(-1).astype(mx.float32)

@@ -110,11 +110,11 @@ class MLPBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
+        fused = kernels.moe_block(self, x.reshape(-1, shape[-1]))
+        if fused is not None:  # GPU, few tokens: norm + router, gate_up + SwiGLU, down + sum + residual
+            return fused.reshape(shape)
         h = self.norm(x).reshape(-1, shape[-1])
         weights, indices = self.router(h)
-        fused = kernels.moe_decode(self.experts, h, weights, indices, x.reshape(-1, shape[-1]))
-        if fused is not None:  # GPU, few tokens: gate_up + SwiGLU, down + weighted sum + residual
-            return fused.reshape(shape)
         y = self.experts(h, indices)
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         return x + y.reshape(shape)

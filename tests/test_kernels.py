@@ -244,13 +244,21 @@ def test_gate_up_swiglu_matches_dequantized_math(dtype, E, k, H, I, N):
 
 
 @needs_gpu
-def test_mlp_block_uses_the_kernels_and_agrees():
-    block = random_mlp(32, 4, 2880, 2880, mx.bfloat16)
-    x = mx.random.normal((1, 1, 2880)).astype(mx.bfloat16)
-    fast = block(x)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("E,k,H,I,N", [MOE_SHAPES[0], MOE_SHAPES[2], MOE_SHAPES[4], MOE_SHAPES[5]])
+def test_mlp_block_fused_matches_reference(dtype, E, k, H, I, N):
+    """norm_route + gate_up_swiglu + down_combine (the decode MoE block) vs the reference block."""
+    block = random_mlp(E, k, H, I, dtype)
+    x = (3 * mx.random.normal((N, H))).astype(dtype)
+    fused = kernels.moe_block(block, x)
+    assert fused is not None and fused.shape == x.shape
     with kernels.use_backend("reference"):
-        ref = block(x)
-    assert rel_err(fast, ref) < TOL[mx.bfloat16]
+        ref = block(x[None])[0]
+    # near-tie routing in bf16 may pick another expert for a token: compare token by token and
+    # allow at most one such token
+    errs = [rel_err(fused[n], ref[n]) for n in range(N)]
+    bad = [e for e in errs if e >= TOL[dtype]]
+    assert len(bad) <= (0 if dtype == mx.float32 else 1), errs
 
 
 @needs_gpu
@@ -419,11 +427,12 @@ def test_kernel_paths_are_taken():
         model = _tiny_model(mx.bfloat16)
         cache = model.make_cache()
         mx.eval(model(mx.array([list(range(40))]), cache=cache))
+        assert "route" in calls  # prefill: 40 tokens x 4 experts take the sorted reference experts
         calls.clear()
         mx.eval(model(mx.array([[1]]), cache=cache))
     finally:
         kernels._launch = real
-    assert {"route", "gate_up_swiglu", "down_combine", "sdpa_decode"} <= set(calls), calls
+    assert {"norm_route", "gate_up_swiglu", "down_combine", "sdpa_decode"} <= set(calls), calls
 
 
 def test_dtype_config_copy_is_harmless():
