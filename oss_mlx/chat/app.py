@@ -1,0 +1,934 @@
+"""`oss-mlx chat`: a terminal chat with gpt-oss.
+
+    oss-mlx chat [--model M] [--reasoning-effort low|medium|high] [--system TEXT]
+                 [--reasoning summary|show|hide] [--tools FILE] [--python] [--max-tokens N]
+                 [--temperature T] [--top-p P] [--seed S] [--history FILE] [--no-autosave]
+
+One `Session` holds the conversation and its KV cache: each turn prefills only what the cache does
+not hold yet. Replies stream as markdown, block by block (render.py); the chain of thought is shown
+apart. Ctrl-C stops a reply and keeps what was said; the conversation is saved after every turn.
+docs/CHAT.md is the user's guide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from ..harmony import REASONING_EFFORTS, Message, TextDelta, Tool, ToolCall, render_developer, render_system
+from . import commands
+from .guard import InterruptGuard, LoopDetector, is_interactive, no_echo
+from .history import (
+    ChatFileError,
+    data_dir,
+    load_conversation,
+    new_autosave_path,
+    save_conversation,
+)
+from .render import REASONING_MODES, ReplyView, print_markdown
+from .tools import FunctionTool, PythonSandbox, ToolFileError, load_tools, python_system_section
+
+MAX_TOOL_ROUNDS = 12
+DEFAULT_MAX_TOKENS = 8192
+PROMPT = ">>> "
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def format_stats(stats: Any, limit: int | None) -> str:
+    """The line printed after each reply."""
+    parts = [
+        f"{stats.time_to_first_token:.2f} s to first token",
+        f"{stats.generation_tps:.1f} tok/s",
+        f"{stats.generated_tokens:,} tokens",
+        f"prefilled {stats.prefilled_tokens:,} of {stats.prompt_tokens:,}",
+    ]
+    ctx = f"context {stats.context_tokens:,}"
+    if limit:
+        ctx += f" / {limit:,}"
+    parts.append(ctx)
+    if stats.peak_memory_gb:
+        parts.append(f"peak {stats.peak_memory_gb:.2f} GB")
+    if stats.finish_reason not in ("stop", "tool_call"):
+        parts.append(f"[{stats.finish_reason}]")
+    return " · ".join(parts)
+
+
+def ensure_consistent(session: Any) -> bool:
+    """After an interruption at an odd moment: the cache must hold exactly `cached_tokens`.
+
+    If it does not, the cache is dropped (the history is kept; the next turn prefills it all).
+    Returns whether the cache was kept.
+    """
+    try:
+        offsets = {c.offset for c in session.cache}
+        if len(offsets) <= 1 and (offsets or {0}).pop() == len(session.cached_tokens):
+            return True
+    except Exception:
+        pass
+    session.cache = session.model.make_cache()
+    session.cached_tokens = []
+    return False
+
+
+def _short(text: str, limit: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def context_limit(model: Any) -> int | None:
+    """max_position_embeddings, lowered to what fits in memory when the memory planner knows."""
+    info = getattr(model, "info", None)
+    config = getattr(info, "config", None)
+    if config is None:
+        return None
+    limit = config.max_position_embeddings
+    try:
+        from ..memory import Machine, MemoryPlan
+
+        raw = getattr(info, "raw_config", {}) or {}
+        section = raw.get("oss_mlx") or {}
+        plan = MemoryPlan(
+            config,
+            section.get("preset") or "reference",
+            quantization=section.get("quantization") or None,
+        )
+        fits = plan.max_context(Machine.detect().working_set_bytes)
+        if fits > 0:
+            limit = min(limit, fits)
+    except Exception:  # no planner, or it cannot tell: the model's own limit
+        pass
+    return limit
+
+
+def memory_warnings(path: Path) -> list[str]:
+    """Before loading: advice when the model does not fit this machine (empty when it does, or when
+    the memory planner is not available)."""
+    try:
+        from ..memory import Machine, MemoryPlan, config_of
+
+        config, raw = config_of(str(path))
+        section = raw.get("oss_mlx") or {}
+        plan = MemoryPlan(
+            config, section.get("preset") or "reference", quantization=section.get("quantization") or None
+        )
+        machine = Machine.detect()
+        if plan.fits(machine.working_set_bytes):
+            return []
+        return plan.advice(machine)
+    except Exception:
+        return []
+
+
+def install_scripted_replies(path: str, tokenizer: Any) -> None:
+    """TEST HOOK, only when OSS_MLX_SCRIPTED_REPLIES names a JSON file: a list of harmony completions
+    (strings, e.g. "<|channel|>final<|message|>Hi!<|return|>"), one per reply; null entries, and
+    replies past the end of the list, sample for real. The model still runs (prefill, decode, cache);
+    only the sampler's choice is replaced, as tests/test_session.py's `scripted()` does."""
+    import mlx.core as mx
+
+    from ..generation import SamplingOptions
+
+    queue = list(json.loads(Path(path).read_text()))
+    real = SamplingOptions.sampler
+
+    def sampler(self: SamplingOptions):
+        entry = queue.pop(0) if queue else None
+        if entry is None:
+            return real(self)
+        script = iter(tokenizer.encode(entry, allow_special=True))
+
+        def pick(logprobs):
+            # Depends on the logits, so each decode step really runs (as with a real sampler).
+            forced = mx.array([next(script, tokenizer.RETURN)], dtype=mx.uint32)
+            return mx.argmax(logprobs, axis=-1).astype(mx.uint32) * 0 + forced
+
+        return pick
+
+    SamplingOptions.sampler = sampler
+
+
+# ---------------------------------------------------------------------------------------------------
+# The chat
+# ---------------------------------------------------------------------------------------------------
+
+
+class ChatApp:
+    def __init__(
+        self,
+        session: Any,
+        console: Console,
+        *,
+        model_name: str = "",
+        reasoning: str = "summary",
+        markdown: bool = True,
+        sampling: dict[str, Any] | None = None,
+        tools: list[FunctionTool] | None = None,
+        python: PythonSandbox | None = None,
+        autosave: Path | None = None,
+        context_limit: int | None = None,
+    ) -> None:
+        self.session = session
+        self.console = console
+        self.model_name = model_name
+        self.reasoning = reasoning
+        self.markdown = markdown
+        self.sampling: dict[str, Any] = dict(sampling or {})
+        self.tools = {t.name: t for t in tools or []}
+        self.python = python
+        self.autosave_path = autosave
+        self.limit = context_limit
+        self.multiline = False
+        self.turn_no = sum(m.role == "user" for m in session.messages)
+        self.rows: list[tuple[str, Any]] = []  # (turn label, GenerationStats) per reply
+        self.last_analysis = ""
+        self._autosave_warned = False
+        self._prompt = None
+        self.session.tools = [Tool(t.name, t.description, t.parameters) for t in self.tools.values()]
+
+    # -- messages the model sees ----------------------------------------------------------------------
+
+    def system_message(self) -> str:
+        text = render_system(
+            self.session.reasoning_effort,
+            current_date=self.session.current_date,
+            has_function_tools=bool(self.session.tools),
+        )
+        if self.python is not None:
+            at = text.index("# Valid channels")
+            text = text[:at] + python_system_section(self.python.timeout) + "\n\n" + text[at:]
+        return text
+
+    def developer_message(self) -> str | None:
+        if self.session.instructions is None and not self.session.tools:
+            return None
+        return render_developer(self.session.instructions, self.session.tools)
+
+    def _sync_system(self) -> None:
+        """With the python tool, the system message is ours (Session renders only function tools)."""
+        msgs = self.session.messages
+        msgs[:] = [m for m in msgs if m.role != "system"]
+        if self.python is not None:
+            msgs.insert(0, Message("system", self.system_message()))
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "reasoning_effort": self.session.reasoning_effort,
+            "instructions": self.session.instructions,
+            "tools": sorted(self.tools),
+            "python": self.python is not None,
+            "sampling": self.sampling,
+        }
+
+    # -- output helpers ---------------------------------------------------------------------------------
+
+    def say(self, text: str, style: str = "dim") -> None:
+        self.console.print(Text(text, style=style), soft_wrap=True)
+
+    def error(self, text: str) -> None:
+        self.console.print(Text(text, style="red"), soft_wrap=True)
+
+    # -- saving -----------------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        self._sync_system()
+        save_conversation(
+            path,
+            self.session.messages,
+            self.settings(),
+            model=self.model_name,
+            system_message=self.system_message(),
+            developer_message=self.developer_message(),
+        )
+
+    def autosave(self) -> None:
+        if self.autosave_path is None or not any(m.role != "system" for m in self.session.messages):
+            return
+        try:
+            self.save(self.autosave_path)
+        except OSError as e:
+            if not self._autosave_warned:
+                self.error(f"autosave to {self.autosave_path} failed: {e}")
+                self._autosave_warned = True
+
+    # -- input ------------------------------------------------------------------------------------------
+
+    def _toolbar(self):
+        used = self.session.cache.offset if self.session.cache is not None else 0
+        ctx = f"{used:,}" + (f"/{self.limit:,}" if self.limit else "")
+        keys = (
+            "multi-line: Enter new line, Alt+Enter send"
+            if self.multiline
+            else "Alt+Enter or Ctrl-J: new line"
+        )
+        return (
+            f" {self.model_name} · effort {self.session.reasoning_effort} · reasoning {self.reasoning}"
+            f" · context {ctx} · {keys} · /help"
+        )
+
+    def _make_prompt(self):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.filters import Condition
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+
+        kb = KeyBindings()
+        multi = Condition(lambda: self.multiline)
+
+        @kb.add("enter", filter=~multi)
+        def _submit(event):
+            buffer = event.current_buffer
+            state = buffer.complete_state
+            if state is not None and state.current_completion is not None:
+                buffer.apply_completion(state.current_completion)
+                return
+            buffer.validate_and_handle()
+
+        @kb.add("escape", "enter")
+        def _submit_always(event):
+            event.current_buffer.validate_and_handle()
+
+        @kb.add("c-j")
+        def _newline(event):
+            event.current_buffer.insert_text("\n")
+
+        @kb.add("c-c")
+        def _interrupt(event):
+            buffer = event.current_buffer
+            if buffer.text:
+                buffer.reset()
+            else:
+                event.app.exit(exception=EOFError())
+
+        try:
+            folder = data_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(folder / "input_history"))
+        except OSError:
+            history = InMemoryHistory()
+        return PromptSession(
+            history=history,
+            completer=commands.SlashCompleter(),
+            complete_while_typing=True,
+            key_bindings=kb,
+            multiline=True,
+            bottom_toolbar=self._toolbar,
+            prompt_continuation=lambda width, line, soft: "." * (width - 1) + " ",
+            enable_history_search=False,
+        )
+
+    def read(self) -> str:
+        """The next input; EOFError at the end (Ctrl-D, Ctrl-C on an empty line, end of stdin)."""
+        if not is_interactive():
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+        if self._prompt is None:
+            self._prompt = self._make_prompt()
+        return self._prompt.prompt(PROMPT)
+
+    def ask(self, question: str) -> str:
+        """A one-off answer from the user (a tool's result); KeyboardInterrupt / EOFError cancel."""
+        if not is_interactive():
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+        from prompt_toolkit import prompt
+
+        return prompt(question)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        while True:
+            try:
+                line = self.read()
+            except (EOFError, KeyboardInterrupt):
+                self.autosave()
+                return 0
+            if not line.strip():
+                continue
+            try:
+                if not self.handle(line):
+                    self.autosave()
+                    return 0
+            except KeyboardInterrupt:
+                self.say("interrupted")
+            except Exception as e:  # a bug must not end the chat or lose the conversation
+                self.error(f"error: {type(e).__name__}: {e}")
+                if os.environ.get("OSS_MLX_DEBUG"):
+                    traceback.print_exc()
+                ensure_consistent(self.session)
+            self.autosave()
+
+    def handle(self, line: str) -> bool:
+        """One input line: a command or a message. False: quit."""
+        parsed = commands.parse_command(line)
+        if parsed is None:
+            self.turn(commands.unescape(line))
+            return True
+        name, arg = parsed
+        command = commands.find(name)
+        if command is None:
+            self.error(f"unknown command /{name} — /help lists the commands (// sends a leading slash)")
+            return True
+        return getattr(self, f"cmd_{command.name}")(arg) is not False
+
+    # -- a turn -----------------------------------------------------------------------------------------
+
+    def turn(self, text: str | None) -> None:
+        """A user message (or None: reply again to the history), with tool calls until the answer."""
+        if text is not None:
+            self.turn_no += 1
+        label = str(self.turn_no)
+        self.last_analysis = ""
+        prompt = text
+        for rounds in range(MAX_TOOL_ROUNDS + 1):
+            reply, stopped = self.reply(prompt, label if rounds == 0 else f"{label}.{rounds + 1}")
+            prompt = None
+            if stopped or reply is None or reply.stats.finish_reason != "tool_call" or not reply.tool_calls:
+                return
+            if rounds == MAX_TOOL_ROUNDS:
+                self.say(f"stopped after {MAX_TOOL_ROUNDS} tool calls in a row", style="yellow")
+                return
+            if not self.run_tool(reply.tool_calls[-1]):
+                return
+            self.autosave()
+
+    def reply(self, prompt: str | None, label: str) -> tuple[Any, str | None]:
+        """Stream one reply. Returns (Reply or None, why it was stopped: None, "interrupted", "loop")."""
+        from ..session import Done
+
+        self._sync_system()
+        view = ReplyView(self.console, self.reasoning, self.markdown)
+        detector = LoopDetector()
+        before = len(self.session.turn_stats)
+        stopped = None
+        reply = None
+        guard = InterruptGuard()
+        with guard, no_echo():
+            events = self.session.send(prompt, **self.sampling)
+            try:
+                for event in events:
+                    guard.streaming = True
+                    if isinstance(event, Done):
+                        reply = event.reply
+                        break
+                    view.event(event)
+                    if isinstance(event, TextDelta) and detector.feed((event.channel, event.text)):
+                        stopped = "loop"
+                        break
+                    if guard.requested:
+                        stopped = "interrupted"
+                        break
+            except KeyboardInterrupt:
+                stopped = "interrupted"
+            finally:
+                with guard.hold():
+                    events.close()
+                    view.finish()
+            if guard.requested and stopped is None and reply is None:
+                stopped = "interrupted"
+        ensure_consistent(self.session)
+        if reply is None and len(self.session.turn_stats) > before:
+            reply = self.session.last_reply
+        self.last_analysis += view.thinking_text
+        if stopped == "interrupted":
+            self.say("⏹ stopped (Ctrl-C); the reply so far is kept", style="yellow")
+        elif stopped == "loop":
+            self.say(
+                f"⏹ stopped: the model was repeating itself (a {detector.period}-token loop); "
+                "/regen to try again",
+                style="yellow",
+            )
+        if len(self.session.turn_stats) > before:
+            stats = self.session.turn_stats[-1]
+            if stopped and stats.finish_reason == "length":
+                stats.finish_reason = "interrupted"
+            self.rows.append((label, stats))
+            self.say(format_stats(stats, self.limit))
+            if self.limit and stats.context_tokens > 0.9 * self.limit:
+                self.say("the context is nearly full: /clear starts a new conversation", style="yellow")
+        return reply, stopped
+
+    # -- tools ------------------------------------------------------------------------------------------
+
+    def _tool_message(self, call: ToolCall, content: str) -> None:
+        if call.recipient.startswith("functions."):
+            self.session.add_tool_result(call.name, content)
+        else:  # a built-in tool (python, browser...): the author is the tool, on the call's channel
+            self.session.messages.append(
+                Message("tool", content, channel=call.channel, recipient="assistant", name=call.recipient)
+            )
+
+    def run_tool(self, call: ToolCall) -> bool:
+        """Run a tool call and record its result. False: the user stopped it."""
+        view = ReplyView(self.console, self.reasoning, self.markdown)
+        view.show_call(call)
+        try:
+            if call.recipient == "python":
+                if self.python is None:
+                    ok, out = False, "error: the python tool is not enabled"
+                else:
+                    with no_echo():
+                        result = self.python.run(call.arguments)
+                    ok, out = result.ok, result.output
+            elif call.recipient.startswith("functions.") and call.name in self.tools:
+                tool = self.tools[call.name]
+                if tool.function is not None:
+                    ok, out = tool.call(call.arguments)
+                else:
+                    out = self.ask(f"result of {call.name} (Enter sends, Ctrl-C cancels)> ")
+                    ok = True
+            else:
+                known = ", ".join(sorted(self.tools)) or "none"
+                ok, out = False, f"error: there is no tool {call.recipient!r} (function tools: {known})"
+        except (KeyboardInterrupt, EOFError):
+            self._tool_message(call, "error: the user stopped this tool call")
+            self.say("⏹ tool call stopped", style="yellow")
+            return False
+        if (
+            call.recipient.startswith("functions.")
+            and call.name in self.tools
+            and self.tools[call.name].function
+        ):
+            view.show_result(out, ok)
+        elif call.recipient == "python":
+            view.show_result(out, ok)
+        elif not ok:
+            view.show_result(out, ok)
+        self._tool_message(call, out)
+        return True
+
+    # -- commands ---------------------------------------------------------------------------------------
+
+    def cmd_help(self, arg: str) -> None:
+        table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column()
+        for usage, text in commands.help_rows():
+            table.add_row(usage, text)
+        self.console.print(table)
+        self.say(
+            "Enter sends · Alt+Enter (Esc Enter) or Ctrl-J: new line · paste keeps new lines · "
+            "Ctrl-C stops a reply; at the prompt it clears the line, on an empty line it quits · Ctrl-D quits"
+        )
+
+    def cmd_effort(self, arg: str) -> None:
+        if not arg:
+            self.say(f"reasoning effort: {self.session.reasoning_effort}")
+            return
+        value = arg.lower()
+        if value not in REASONING_EFFORTS:
+            self.error(f"/effort takes one of: {', '.join(REASONING_EFFORTS)}")
+            return
+        self.session.reasoning_effort = value
+        self.say(f"reasoning effort: {value} (from the next reply)")
+
+    def cmd_reasoning(self, arg: str) -> None:
+        value = arg.lower()
+        if value and value not in REASONING_MODES:
+            self.error(f"/reasoning takes one of: {', '.join(REASONING_MODES)}")
+            return
+        if value:
+            self.reasoning = value
+            self.say(f"reasoning: {value}")
+        if not value or value == "show":
+            text = self.last_analysis.strip()
+            if text:
+                self.console.print(Text(text, style="dim"), soft_wrap=True)
+            elif not value:
+                self.say("no reasoning in the last reply")
+
+    def cmd_system(self, arg: str) -> None:
+        if not arg:
+            self.say("system message:", style="bold")
+            self.console.print(Text(self.system_message(), style="dim"), soft_wrap=True)
+            developer = self.developer_message()
+            self.say("developer message:" if developer else "developer message: (none)", style="bold")
+            if developer:
+                self.console.print(Text(developer, style="dim"), soft_wrap=True)
+            return
+        if arg.lower() in ("none", "off", "-"):
+            self.session.instructions = None
+            self.say("instructions removed (from the next reply)")
+        else:
+            self.session.instructions = arg
+            self.say("instructions set (from the next reply)")
+
+    cmd_developer = cmd_system
+
+    def cmd_clear(self, arg: str) -> None:
+        self.autosave()
+        self.session.reset()
+        self.rows.clear()
+        self.turn_no = 0
+        self.last_analysis = ""
+        if self.autosave_path is not None and self.autosave_path.parent.name == "chats":
+            self.autosave_path = new_autosave_path(self.autosave_path.parent.parent)
+        self.say("new conversation")
+
+    def _last_user(self) -> int | None:
+        return next(
+            (
+                i
+                for i in range(len(self.session.messages) - 1, -1, -1)
+                if self.session.messages[i].role == "user"
+            ),
+            None,
+        )
+
+    def cmd_regen(self, arg: str) -> None:
+        at = self._last_user()
+        if at is None:
+            self.error("nothing to regenerate")
+            return
+        del self.session.messages[at + 1 :]
+        self.turn(None)
+
+    def cmd_undo(self, arg: str) -> None:
+        at = self._last_user()
+        if at is None:
+            self.error("nothing to undo")
+            return
+        text = self.session.messages[at].content
+        del self.session.messages[at:]
+        self.turn_no = max(0, self.turn_no - 1)
+        self.say(f"removed: {_short(text)}")
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            self.error("/save FILE")
+            return
+        path = Path(arg).expanduser()
+        try:
+            self.save(path)
+        except OSError as e:
+            self.error(f"cannot save to {path}: {e.strerror or e}")
+            return
+        n = sum(m.role != "system" for m in self.session.messages)
+        self.say(f"saved {n} messages to {path}")
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            self.error("/load FILE")
+            return
+        try:
+            messages, settings = load_conversation(arg)
+        except ChatFileError as e:
+            self.error(f"cannot load: {e}")
+            return
+        self.apply_loaded(messages, settings)
+        users = sum(m.role == "user" for m in messages)
+        self.say(f"loaded {len(messages)} messages ({users} turns) from {Path(arg).expanduser()}")
+        self.show_last_exchange()
+
+    def apply_loaded(self, messages: list[Message], settings: dict[str, Any]) -> None:
+        effort = settings.get("reasoning_effort")
+        if effort in REASONING_EFFORTS:
+            self.session.reasoning_effort = effort
+        instructions = settings.get("instructions")
+        developer = [m for m in messages if m.role == "developer"]
+        if instructions is None and developer:
+            instructions = developer[0].content.removeprefix("# Instructions\n\n").split("\n\n# Tools")[0]
+        if "instructions" in settings or developer:
+            self.session.instructions = instructions if isinstance(instructions, str) else None
+        missing = sorted(set(settings.get("tools") or []) - set(self.tools))
+        if missing:
+            self.say(
+                f"note: the conversation used tools not loaded now: {', '.join(missing)}", style="yellow"
+            )
+        # The cache is kept: the next turn reuses whatever prefix it shares (at least the system message).
+        self.session.messages[:] = [m for m in messages if m.role != "developer"]
+        self._sync_system()
+        self.session.turn_stats.clear()
+        self.rows.clear()
+        self.turn_no = sum(m.role == "user" for m in messages)
+        self.last_analysis = ""
+
+    def show_last_exchange(self) -> None:
+        msgs = self.session.messages
+        at = self._last_user()
+        if at is None:
+            return
+        self.console.print(Text(f"{PROMPT}{_short(msgs[at].content, 200)}", style="bold"), soft_wrap=True)
+        answer = next(
+            (m.content for m in msgs[at + 1 :] if m.role == "assistant" and m.channel == "final"), None
+        )
+        if answer:
+            print_markdown(self.console, answer)
+
+    def cmd_tools(self, arg: str) -> None:
+        if not self.tools and self.python is None:
+            self.say(
+                "no tools: start with --tools FILE (a .py module or a .json list of schemas) or --python"
+            )
+            return
+        for tool in self.tools.values():
+            how = "runs the function" if tool.function else "you type the result"
+            self.console.print(
+                Text.assemble(("• ", "dim"), (tool.signature(), "bold cyan"), (f"  {how}", "dim")),
+                soft_wrap=True,
+            )
+            if tool.description:
+                self.say(f"    {_short(tool.description, 100)}")
+        if self.python is not None:
+            self.console.print(
+                Text.assemble(
+                    ("• ", "dim"), ("python", "bold cyan"), (f"  sandbox: {self.python.limits}", "dim")
+                ),
+                soft_wrap=True,
+            )
+
+    def cmd_stats(self, arg: str) -> None:
+        if not self.rows:
+            self.say("no replies yet")
+            return
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for name in (
+            "turn",
+            "prompt",
+            "prefilled",
+            "generated",
+            "ttft s",
+            "tok/s",
+            "prefill tok/s",
+            "finish",
+        ):
+            table.add_column(name, justify="left" if name in ("turn", "finish") else "right")
+        for label, s in self.rows:
+            table.add_row(
+                label,
+                str(s.prompt_tokens),
+                str(s.prefilled_tokens),
+                str(s.generated_tokens),
+                f"{s.time_to_first_token:.2f}",
+                f"{s.generation_tps:.1f}",
+                f"{s.prompt_tps:.0f}",
+                s.finish_reason,
+            )
+        self.console.print(table)
+        used = self.session.cache.offset
+        peak = max((s.peak_memory_gb for _, s in self.rows), default=0.0)
+        limit = f" / {self.limit:,}" if self.limit else ""
+        self.say(f"context: {used:,}{limit} tokens in the cache · peak memory {peak:.2f} GB")
+
+    def cmd_set(self, arg: str) -> None:
+        if not arg:
+            shown = {k: self.sampling.get(k) for k in ("temperature", "top_p", "max_tokens", "seed")}
+            self.say(" · ".join(f"{k} {'default' if v is None else v}" for k, v in shown.items()))
+            return
+        name, _, value = arg.partition(" ")
+        value = value.strip()
+        kinds = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
+        name = name.replace("-", "_").lower()
+        if name not in kinds or not value:
+            self.error("/set temperature|top_p|max_tokens|seed VALUE")
+            return
+        if name == "seed" and value.lower() in ("none", "random"):
+            self.sampling.pop("seed", None)
+            self.say("seed: random")
+            return
+        try:
+            number = kinds[name](value)
+        except ValueError:
+            self.error(f"{name} must be a number")
+            return
+        if (
+            (name == "max_tokens" and number < 1)
+            or (name != "seed" and number < 0)
+            or (name == "top_p" and number > 1)
+        ):
+            self.error(f"{name} {value} is out of range")
+            return
+        self.sampling[name] = number
+        self.say(f"{name}: {number}")
+
+    def cmd_multi(self, arg: str) -> None:
+        self.multiline = not self.multiline
+        if self.multiline:
+            self.say(
+                "multi-line input: Enter adds a line, Alt+Enter (Esc Enter) sends; /multi to switch back"
+            )
+        else:
+            self.say("single-line input: Enter sends, Alt+Enter or Ctrl-J adds a line")
+
+    def cmd_exit(self, arg: str) -> bool:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..loader import DEFAULT_MODEL
+
+    ap = argparse.ArgumentParser(
+        prog="oss-mlx chat",
+        description="Chat with gpt-oss in the terminal. /help inside the chat lists the commands.",
+    )
+    ap.add_argument(
+        "--model",
+        "-m",
+        default=os.environ.get("OSS_MLX_MODEL", DEFAULT_MODEL),
+        help=f"hub repo id, checkpoint folder or converted folder (default {DEFAULT_MODEL})",
+    )
+    ap.add_argument("--reasoning-effort", "-e", choices=REASONING_EFFORTS, default="medium")
+    ap.add_argument("--system", "-s", metavar="TEXT", help="instructions (harmony's developer message)")
+    ap.add_argument(
+        "--reasoning",
+        choices=REASONING_MODES,
+        default="summary",
+        help="chain of thought: summary (one dim line, default), show (in full, dim), hide",
+    )
+    ap.add_argument(
+        "--tools",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="function tools: a .py module of typed functions (called for real) or a .json list of schemas "
+        "(you type the results); may be repeated",
+    )
+    ap.add_argument(
+        "--python", action="store_true", help="let the model run Python in a sandboxed subprocess"
+    )
+    ap.add_argument("--python-timeout", type=float, default=10.0, metavar="S", help="per run (default 10)")
+    ap.add_argument(
+        "--python-memory", type=int, default=2048, metavar="MB", help="address space (default 2048)"
+    )
+    ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="per reply")
+    ap.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (gpt-oss's recommended)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument(
+        "--history",
+        metavar="FILE",
+        help="keep this conversation in FILE: resumed if it exists, saved after every turn "
+        "(default: a new file in the data folder's chats/)",
+    )
+    ap.add_argument("--no-autosave", action="store_true", help="do not save the conversation automatically")
+    ap.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+
+    def fail(message: str, code: int = 1) -> int:
+        err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+        if os.environ.get("OSS_MLX_DEBUG"):
+            traceback.print_exc()
+        return code
+
+    if args.max_tokens < 1:
+        return fail("--max-tokens must be at least 1", 2)
+    tools: list[FunctionTool] = []
+    try:
+        for file in args.tools:
+            tools += load_tools(file)
+    except ToolFileError as e:
+        return fail(str(e), 2)
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        return fail(f"two tools have the same name: {sorted(n for n in set(names) if names.count(n) > 1)}", 2)
+
+    resumed: tuple[list[Message], dict] | None = None
+    autosave = None
+    if not args.no_autosave:
+        autosave = Path(args.history).expanduser() if args.history else new_autosave_path()
+    if args.history and Path(args.history).expanduser().exists():
+        try:
+            resumed = load_conversation(args.history)
+        except ChatFileError as e:
+            return fail(f"--history: {e}", 2)
+
+    # The model: a hub id is downloaded on first use (huggingface_hub shows its progress).
+    start = time.perf_counter()
+    try:
+        import oss_mlx
+        from oss_mlx.loader import resolve_model_path
+
+        console.print(Text(f"loading {args.model} …", style="dim"))
+        path = resolve_model_path(args.model)
+        for line in memory_warnings(path):
+            console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
+        model, tokenizer = oss_mlx.load(path)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # bad folder, offline, missing vocabulary...: said in words
+        return fail(f"cannot load {args.model}: {e}")
+    loaded_in = time.perf_counter() - start
+
+    scripted = os.environ.get("OSS_MLX_SCRIPTED_REPLIES")
+    if scripted:
+        install_scripted_replies(scripted, tokenizer)
+
+    from ..session import Session
+
+    session = Session(model, tokenizer, reasoning_effort=args.reasoning_effort, instructions=args.system)
+    sampling: dict[str, Any] = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_tokens": args.max_tokens,
+    }
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    python = PythonSandbox(timeout=args.python_timeout, memory_mb=args.python_memory) if args.python else None
+    app = ChatApp(
+        session,
+        console,
+        model_name=Path(str(args.model).rstrip("/")).name or str(args.model),
+        reasoning=args.reasoning,
+        markdown=not args.no_markdown,
+        sampling=sampling,
+        tools=tools,
+        python=python,
+        autosave=autosave,
+        context_limit=context_limit(model),
+    )
+    layout = getattr(getattr(model, "info", None), "layout", "?")
+    limit = f" · context limit {app.limit:,}" if app.limit else ""
+    console.print(
+        Text.assemble(
+            ("oss-mlx chat", "bold"),
+            (f" · {app.model_name} ({layout}) loaded in {loaded_in:.1f} s{limit}", "dim"),
+            (f" · effort {session.reasoning_effort}", "dim"),
+        ),
+        soft_wrap=True,
+    )
+    if tools:
+        app.say(f"tools: {', '.join(t.name for t in tools)}")
+    if python is not None:
+        app.say(f"python tool: {python.limits}")
+    if resumed is not None:
+        app.apply_loaded(*resumed)
+        app.say(f"resumed {len(resumed[0])} messages from {args.history}")
+        app.show_last_exchange()
+    if autosave is not None:
+        app.say(f"autosave: {autosave}")
+    app.say("/help for commands · Ctrl-C stops a reply · Ctrl-D quits")
+    return app.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
