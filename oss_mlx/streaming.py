@@ -370,39 +370,34 @@ class StreamingExperts(nn.Module):
         if len(needed) <= self.slots:
             compact, remap = self._compact(needed)
             return compact(x, mx.array(remap[idx]).astype(indices.dtype))
-        # More distinct experts than slots (a prefill, or a batch): a group of `slots` experts at a time.
+        # More distinct experts than slots (a prefill, or a batch): a group of `slots` experts at a
+        # time, each computing only its own (token, expert) pairs, in the form Experts.__call__ uses
+        # for this many pairs (token order below SORT_THRESHOLD, sorted by expert above), one
+        # independent row per pair either way, so every row is computed as the resident model does.
         N, k = idx.shape
-        groups = [needed[i : i + self.slots] for i in range(0, len(needed), self.slots)]
-        if N * k < SORT_THRESHOLD:
-            # Experts.__call__'s token-order path over every pair, kept where the pair's expert is in
-            # the group (other pairs point at position 0 and are dropped): as few as N*k < 64 rows.
-            out = None
-            for group in groups:
-                compact, remap = self._compact(group)
-                y = compact(x, mx.array(remap[idx]).astype(indices.dtype))
-                mask = mx.array(np.isin(idx, group))[..., None]
-                out = y if out is None else mx.where(mask, y, out)
-                mx.eval(out)  # before the next group evicts these experts
-            return out
-        # Experts.__call__'s sorted path: rows grouped by expert, so each group is a contiguous run.
         flat = idx.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        sorted_experts = flat[order]
-        parts = []
-        for group in groups:
-            lo = np.searchsorted(sorted_experts, group[0], side="left")
-            hi = np.searchsorted(sorted_experts, group[-1], side="right")
-            rows = order[lo:hi]
+        by_expert = N * k >= SORT_THRESHOLD
+        order = np.argsort(flat, kind="stable") if by_expert else np.arange(N * k)
+        in_order = flat[order]
+        parts, done = [], []
+        for start in range(0, len(needed), self.slots):
+            group = needed[start : start + self.slots]
+            pairs = order[np.isin(in_order, group)]  # a contiguous run when sorted by expert
             compact, remap = self._compact(group)
-            local = mx.array(remap[sorted_experts[lo:hi]]).astype(indices.dtype)
-            h = x[mx.array(rows // k)][:, None, :]
-            h = compact._matmul(h, "gate_up", local, True)
+            local = mx.array(remap[flat[pairs]]).astype(indices.dtype)
+            h = x[mx.array(pairs // k)]
+            if by_expert:
+                h = h[:, None, :]  # [P, 1, H] against sorted [P]
+            else:
+                h, local = h[:, None, None, :], local[:, None]  # [P, 1, 1, H] against [P, 1]
+            h = compact._matmul(h, "gate_up", local, by_expert)
             h = clamped_swiglu(h, self.alpha, self.limit)
-            h = compact._matmul(h, "down", local, True).squeeze(-2)
-            mx.eval(h)
+            h = compact._matmul(h, "down", local, by_expert).reshape(len(pairs), -1)
+            mx.eval(h)  # before the next group evicts these experts
             parts.append(h)
+            done.append(pairs)
         y = mx.concatenate(parts, axis=0)
-        return y[mx.array(np.argsort(order))].reshape(N, k, -1)
+        return y[mx.array(np.argsort(np.concatenate(done)))].reshape(N, k, -1)
 
 
 # ---- planning and installing ---------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def test_more_experts_than_slots_in_one_call(checkpoint, resident):
     for n in (5, 31, 40):  # 10, 62 and 80 pairs
         tokens = mx.array(PROMPT[None, :n])
         np.testing.assert_array_equal(as_np(model(tokens)), as_np(resident(tokens)))
+        assert model_streaming_stats(model).evictions > 0
 
 
 def test_bytes_read_and_hit_rate_accounting(checkpoint, resident):
