@@ -85,7 +85,7 @@ def _is_user_error(e: Exception) -> bool:
 
     from .converter import ConvertError
 
-    return isinstance(e, (CheckpointError, ConfigError, ConvertError, TokenizerError, PermissionError))
+    return isinstance(e, (CheckpointError, ConfigError, ConvertError, TokenizerError, OSError))
 
 
 def _run(args, out, err) -> int:

@@ -320,6 +320,32 @@ def test_missing_source_and_bad_repo_id(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+def test_no_vocabulary_anywhere_fails_before_writing(sources, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for var in ("TIKTOKEN_CACHE_DIR", "TIKTOKEN_RS_CACHE_DIR"):
+        monkeypatch.setenv(var, str(empty))
+    monkeypatch.setenv("OSS_MLX_OFFLINE", "1")
+    dest = tmp_path / "out"
+    assert main([str(sources["hf-mxfp4"]), str(dest)]) == 1
+    assert "o200k_base" in capsys.readouterr().err
+    assert leftovers(dest) == []
+
+
+def test_stale_folders_of_dead_runs_are_cleaned(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    dest = tmp_path / "m"
+    (tmp_path / f"m.partial-{dead.pid}").mkdir()
+    (tmp_path / "m.partial-4194305").mkdir()  # above Linux's largest pid_max: never alive
+    (tmp_path / f"m.partial-{os.getppid()}").mkdir()  # a live process: left alone
+    (tmp_path / f"m.old-{dead.pid}").mkdir()  # a --force run killed between its two renames
+    (tmp_path / f"m.old-{dead.pid}" / "config.json").write_text("{}")
+    C.clean_stale(dest)
+    assert (dest / "config.json").is_file()  # the old DEST is put back
+    assert leftovers(dest) == ["m", f"m.partial-{os.getppid()}"]
+
+
 def test_no_disk_room(sources, tmp_path, monkeypatch, capsys):
     real = shutil.disk_usage
 
