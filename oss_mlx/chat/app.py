@@ -50,21 +50,18 @@ PROMPT = ">>> "
 
 
 def format_stats(stats: Any, limit: int | None) -> str:
-    """The line printed after each reply."""
+    """The line printed after each reply: time to first token, speed, tokens, prefill, context, memory."""
     parts = [
         f"{stats.time_to_first_token:.2f} s to first token",
         f"{stats.generation_tps:.1f} tok/s",
         f"{stats.generated_tokens:,} tokens",
-        f"prefilled {stats.prefilled_tokens:,} of {stats.prompt_tokens:,}",
+        f"prefilled {stats.prefilled_tokens:,}/{stats.prompt_tokens:,}",
+        f"context {stats.context_tokens:,}" + (f"/{limit:,}" if limit else ""),
     ]
-    ctx = f"context {stats.context_tokens:,}"
-    if limit:
-        ctx += f" / {limit:,}"
-    parts.append(ctx)
     if stats.peak_memory_gb:
         parts.append(f"peak {stats.peak_memory_gb:.2f} GB")
     if stats.finish_reason not in ("stop", "tool_call"):
-        parts.append(f"[{stats.finish_reason}]")
+        parts.append(stats.finish_reason)
     return " · ".join(parts)
 
 

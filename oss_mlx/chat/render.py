@@ -59,6 +59,7 @@ class Block:
     text: str
     kind: str = "text"  # "text" (paragraph, list, quote, table), "code", "heading", "rule"
     continued: bool = False
+    more: bool = False  # a piece of a block split by force(): the rest follows
 
 
 class BlockSplitter:
@@ -186,7 +187,7 @@ class BlockSplitter:
 
     def _emit_text(self, out: list[Block], kind: str = "text", keep_continued: bool = False) -> None:
         if self._lines:
-            out.append(Block("\n".join(self._lines), kind, self._continued))
+            out.append(Block("\n".join(self._lines), kind, self._continued, more=keep_continued))
         self._lines = []
         self._continued = keep_continued
 
@@ -194,7 +195,7 @@ class BlockSplitter:
         fence_char, length = self._fence or ("`", 3)
         closing = fence_char * length
         body = "".join(line + "\n" for line in self._lines)
-        out.append(Block(f"{self._opener}\n{body}{closing}", "code", self._continued))
+        out.append(Block(f"{self._opener}\n{body}{closing}", "code", self._continued, more=keep_open))
         self._lines = []
         if keep_open:
             self._continued = True
@@ -323,7 +324,12 @@ class MarkdownStream:
             self.console.print(Markdown(block.text, code_theme=self.code_theme), crop=True)
         lines = capture.get().rstrip("\n").split("\n")
         if block.kind != "code":
-            lines = _strip_blank_edges(lines)
+            return _strip_blank_edges(lines)
+        # Pieces of one code block join without the padding rows between them.
+        if block.continued and lines and not Text.from_ansi(lines[0]).plain.strip():
+            lines = lines[1:]
+        if block.more and lines and not Text.from_ansi(lines[-1]).plain.strip():
+            lines = lines[:-1]
         return lines
 
     def _print_block(self, block: Block) -> None:

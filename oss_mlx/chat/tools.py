@@ -167,14 +167,6 @@ def type_schema(tp: Any) -> dict[str, Any]:
         elif all(isinstance(v, int) for v in values):
             schema["type"] = "integer"
         return schema
-    container = origin or tp
-    if container in (list, tuple, set, frozenset) or (
-        inspect.isclass(container) and issubclass(container, Sequence) and container is not str
-    ):
-        item = args[0] if args and args[0] is not Ellipsis else None
-        return {"type": "array", "items": type_schema(item)} if item is not None else {"type": "array"}
-    if container in (dict, Mapping) or (inspect.isclass(container) and issubclass(container, Mapping)):
-        return {"type": "object"}
     if inspect.isclass(tp) and typing.is_typeddict(tp):
         hints = typing.get_type_hints(tp, include_extras=True)
         required = sorted(getattr(tp, "__required_keys__", hints))
@@ -191,6 +183,14 @@ def type_schema(tp: Any) -> dict[str, Any]:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 required.append(f.name)
         return {"type": "object", "properties": props, "required": required}
+    container = origin or tp
+    if container in (list, tuple, set, frozenset) or (
+        inspect.isclass(container) and issubclass(container, Sequence) and container is not str
+    ):
+        item = args[0] if args and args[0] is not Ellipsis else None
+        return {"type": "array", "items": type_schema(item)} if item is not None else {"type": "array"}
+    if container in (dict, Mapping) or (inspect.isclass(container) and issubclass(container, Mapping)):
+        return {"type": "object"}
     return {}
 
 
