@@ -460,6 +460,7 @@ def stream_experts(
     for block, layer_sources in zip(model.blocks, sources):
         block.mlp.experts = StreamingExperts(block.mlp.experts, layer_sources, files, plan.slots)
     mx.eval(model.parameters())  # the resident part only: the expert tensors are gone, never read
+    mx.clear_cache()  # the loads' transient buffers (q, k, v before their concatenation ...)
     model.streaming = plan
     return plan
 

@@ -158,6 +158,26 @@ def test_canonical_layout_is_streamed(tmp_path, resident):
     np.testing.assert_array_equal(as_np(model(tokens)), as_np(resident(tokens)))
 
 
+@pytest.mark.parametrize("quality", ["reference", "balanced"])
+def test_converted_checkpoint_is_streamed(tmp_path, checkpoint, quality, vocab_dir):
+    """`oss-mlx convert` output (canonical names, experts first in each layer shard, U32 values),
+    with its dense layers resident and quantized when the preset says so."""
+    if "original" in checkpoint.name:
+        pytest.skip("one source layout is enough for the converter")
+    from oss_mlx.convert.cli import main
+
+    dest = tmp_path / quality
+    assert main([str(checkpoint), str(dest), "--quality", quality]) == 0
+    converted, _ = load_model(dest)
+    model, info = load_model(dest, memory_budget=budget_for(converted, 2))
+    assert info.layout == "oss-mlx" and model.streaming.slots == 2
+    tokens, outs = greedy(model, PROMPT[:24], 6)
+    want_tokens, want_outs = greedy(converted, PROMPT[:24], 6)
+    assert tokens == want_tokens
+    for got, want in zip(outs, want_outs):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_file_shrunk_after_loading_is_reported(tmp_path, checkpoint, resident):
     for f in checkpoint.iterdir():
         shutil.copy(f, tmp_path / f.name)
