@@ -20,11 +20,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..generation import SamplingOptions
 from ..harmony import Message, MessageDone, TextDelta
 from .common import SSE_HEADERS, ServerState, check_model, guarded, new_id, run_to_end, sse, submit
 from .schemas import (
     APIError,
+    function_name,
     function_tool,
     invalid,
     join_instructions,
@@ -32,6 +32,7 @@ from .schemas import (
     positive_int,
     reasoning_effort,
     response_format_text,
+    sampling_options,
     text_of_parts,
     tool_choice_rules,
 )
@@ -81,6 +82,7 @@ def conversation(raw: Any) -> tuple[list[Message], list[str]]:
                     raise invalid(q, f"Invalid type for '{q}': expected an object.", "invalid_type")
                 fn = get(call, "function", "object", param=f"{q}.function", required=True)
                 name = get(fn, "name", "string", param=f"{q}.function.name", required=True)
+                name = function_name(name, f"{q}.function.name", dotted=True)
                 arguments = get(fn, "arguments", "string", param=f"{q}.function.arguments", default="")
                 call_id = get(call, "id", "string", param=f"{q}.id")
                 if call_id is not None:
@@ -97,6 +99,8 @@ def conversation(raw: Any) -> tuple[list[Message], list[str]]:
         elif role in ("tool", "function"):
             call_id = get(m, "tool_call_id", "string", param=f"{p}.tool_call_id")
             name = get(m, "name", "string", param=f"{p}.name")
+            if name is not None:
+                name = function_name(name, f"{p}.name", dotted=True)
             if call_id is not None and call_id in calls:
                 recipient = calls[call_id]
             elif name is not None:
@@ -181,18 +185,7 @@ def parse(body: dict, state: ServerState) -> ChatCall:
         raise invalid("stop", "At most 4 stop sequences are allowed.")
 
     max_tokens = positive_int(body, "max_completion_tokens") or positive_int(body, "max_tokens")
-    temperature = number_in(body, "temperature", 0, 2)
-    top_p = number_in(body, "top_p", 0, 1)
-    top_k = get(body, "top_k", "integer", default=0)
-    if top_k < 0:
-        raise invalid("top_k", "'top_k' must be at least 0.")
-    options = SamplingOptions(
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        min_p=number_in(body, "min_p", 0, 1) or 0.0,
-        top_k=top_k,
-        seed=get(body, "seed", "integer"),
-    )
+    options = sampling_options(body)
     for key in ("frequency_penalty", "presence_penalty"):
         number_in(body, key, -2, 2)  # accepted and ignored (no penalties in this sampler)
     stream = get(body, "stream", "boolean", default=False)

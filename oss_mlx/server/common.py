@@ -64,7 +64,7 @@ async def submit(state: ServerState, req: GenerationRequest, prompt_param: str) 
         await anyio.to_thread.run_sync(state.engine.prepare, req)
     except ContextTooLong as e:
         raise APIError(400, str(e), prompt_param, "context_length_exceeded") from None
-    except (ValueError, KeyError, TypeError) as e:  # a message harmony cannot render
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # a message harmony cannot render
         raise APIError(400, f"The conversation cannot be rendered: {e}", prompt_param) from None
     try:
         return state.engine.submit(req)
@@ -80,14 +80,19 @@ async def submit(state: ServerState, req: GenerationRequest, prompt_param: str) 
 
 async def run_to_end(job: Job, request: Request, on_event: Callable[[Any], None]) -> Finished:
     """Non-streaming: feed each event before Finished to ``on_event``; cancel if the client goes away."""
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + DISCONNECT_POLL_SECONDS
     try:
         while True:
             try:
                 event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
             except asyncio.TimeoutError:
+                event = None
+            if loop.time() >= next_check:  # by the clock: events may come faster than any timeout
+                next_check = loop.time() + DISCONNECT_POLL_SECONDS
                 if await request.is_disconnected():
-                    job.cancel()
-                    raise APIError(499, "client disconnected") from None
+                    raise APIError(499, "client disconnected")
+            if event is None:
                 continue
             if isinstance(event, Failed):
                 raise APIError(

@@ -26,18 +26,18 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..generation import SamplingOptions
 from ..harmony import Message, MessageDone, TextDelta
 from .common import SSE_HEADERS, ServerState, check_model, guarded, new_id, run_to_end, sse, submit
 from .schemas import (
     APIError,
+    function_name,
     function_tool,
     invalid,
     join_instructions,
-    number_in,
     positive_int,
     reasoning_effort,
     response_format_text,
+    sampling_options,
     text_of_parts,
     tool_choice_rules,
 )
@@ -126,6 +126,7 @@ def input_messages(items: Any, calls: dict[str, str]) -> tuple[list[Message], li
         elif kind == "function_call":
             call_id = get(item, "call_id", "string", param=f"{p}.call_id", required=True)
             name = get(item, "name", "string", param=f"{p}.name", required=True)
+            name = function_name(name, f"{p}.name", dotted=True)
             arguments = get(item, "arguments", "string", param=f"{p}.arguments", default="")
             calls[call_id] = recipient_of(name)
             messages.append(
@@ -219,15 +220,7 @@ def parse(body: dict, state: ServerState) -> ResponsesCall:
     text_config = get(body, "text", "object", default={})
     format_text = response_format_text(text_config.get("format"), "text.format")
 
-    temperature = number_in(body, "temperature", 0, 2)
-    top_p = number_in(body, "top_p", 0, 1)
-    options = SamplingOptions(
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        min_p=number_in(body, "min_p", 0, 1) or 0.0,
-        top_k=get(body, "top_k", "integer", default=0),
-        seed=get(body, "seed", "integer"),
-    )
+    options = sampling_options(body)
     max_output = positive_int(body, "max_output_tokens")
     stream = get(body, "stream", "boolean", default=False)
     store = get(body, "store", "boolean", default=True)

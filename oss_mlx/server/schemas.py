@@ -13,7 +13,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from ..generation import SamplingOptions
 from ..harmony import Tool
+from ..tokenizer import HarmonyTokenizer
 
 EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
 
@@ -50,7 +52,9 @@ def parse_json(raw: bytes) -> dict:
 
     try:
         data = json.loads(raw, parse_constant=no_constants)
-    except (ValueError, UnicodeDecodeError) as e:
+        # Lone surrogates ("\ud800") parse, but no UTF-8 answer could quote them back.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as e:
         raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
@@ -127,6 +131,34 @@ def positive_int(data: Mapping, key: str, *, param: str | None = None) -> int | 
     return value
 
 
+def seed(data: Mapping, key: str = "seed") -> int | None:
+    """Any integer; MLX takes an unsigned 64-bit seed, so it is taken modulo 2**64."""
+    value = field(data, key, "integer")
+    return None if value is None else value % (1 << 64)
+
+
+def top_k(data: Mapping, vocab_size: int, key: str = "top_k") -> int:
+    """0 (off) or a positive count; beyond the vocabulary it is the same as off."""
+    value = field(data, key, "integer", default=0)
+    if value < 0:
+        raise invalid(key, f"'{key}' must be at least 0, got {value}.")
+    return 0 if value >= vocab_size else value
+
+
+def sampling_options(body: Mapping) -> SamplingOptions:
+    """temperature (0-2, default 1), top_p (0-1, default 1), and the extras min_p, top_k, seed.
+    max_tokens is set later, when the prompt length is known."""
+    temperature = number_in(body, "temperature", 0, 2)
+    top_p_ = number_in(body, "top_p", 0, 1)
+    return SamplingOptions(
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p_ is None else float(top_p_),
+        min_p=float(number_in(body, "min_p", 0, 1) or 0.0),
+        top_k=top_k(body, HarmonyTokenizer.vocab_size),
+        seed=seed(body),
+    )
+
+
 def reasoning_effort(value: Any, param: str) -> str | None:
     """low / medium / high; OpenAI's none / minimal map to low and xhigh to high (gpt-oss has three)."""
     if value is None:
@@ -173,14 +205,24 @@ def text_of_parts(content: Any, param: str, text_types: tuple[str, ...]) -> str:
     return "".join(texts)
 
 
+def function_name(name: str, param: str, dotted: bool = False) -> str:
+    """A function name as OpenAI allows it (letters, digits, '_', '-'; 1-64); in a conversation's
+    history also a dotted address such as ``browser.search``. It is written into harmony headers."""
+    allowed = "_-." if dotted else "_-"
+    if not 0 < len(name) <= 128 or not all(c.isascii() and (c.isalnum() or c in allowed) for c in name):
+        raise invalid(param, f"Invalid function name {name!r}: use letters, digits, '_' and '-'.")
+    return name
+
+
 def function_tool(spec: Mapping[str, Any], param: str) -> Tool:
     """A function tool from ``{"name", "description", "parameters"}`` (already unwrapped)."""
-    name = field(spec, "name", "string", param=f"{param}.name", required=True)
-    if not name or not all(c.isalnum() or c in "_-" for c in name):
-        raise invalid(f"{param}.name", f"Invalid function name {name!r}: use letters, digits, '_' and '-'.")
+    name = function_name(field(spec, "name", "string", param=f"{param}.name", required=True), f"{param}.name")
     description = field(spec, "description", "string", param=f"{param}.description", default="")
     parameters = field(spec, "parameters", "object", param=f"{param}.parameters")
     return Tool(name, description, parameters)
+
+
+REQUIRED = "You must call one of the functions in the functions namespace before you answer."
 
 
 def tool_choice_rules(
@@ -199,24 +241,26 @@ def tool_choice_rules(
     if choice == "required":
         if not tools:
             raise invalid(param, "tool_choice 'required' needs at least one tool in 'tools'.")
-        return tools, "You must call one of the functions in the functions namespace before you answer."
+        return tools, REQUIRED
     if isinstance(choice, dict):
-        kind = choice.get("type")
+        kind = field(choice, "type", "string", param=f"{param}.type", required=True)
         if kind == "function":
-            spec = choice.get("function") if isinstance(choice.get("function"), dict) else choice
-            name = spec.get("name")
+            fn = field(choice, "function", "object", param=f"{param}.function", default=choice)
+            name = field(fn, "name", "string", param=f"{param}.name", required=True)
             chosen = [t for t in tools if t.name == name]
-            if not isinstance(name, str) or not chosen:
+            if not chosen:
                 raise invalid(param, f"tool_choice names function {name!r}, which is not in 'tools'.")
             return chosen, f"You must call the function functions.{name} before you answer."
         if kind == "allowed_tools":
             names = set()
-            for t in choice.get("tools") or []:
-                if isinstance(t, dict):
-                    spec = t.get("function") if isinstance(t.get("function"), dict) else t
-                    names.add(spec.get("name"))
+            for i, t in enumerate(field(choice, "tools", "array", param=f"{param}.tools", required=True)):
+                p = f"{param}.tools[{i}]"
+                if not isinstance(t, dict):
+                    raise invalid(p, f"Invalid type for '{p}': expected an object.", "invalid_type")
+                fn = field(t, "function", "object", param=f"{p}.function", default=t)
+                names.add(field(fn, "name", "string", param=f"{p}.name", required=True))
             allowed = [t for t in tools if t.name in names]
-            mode = choice.get("mode", "auto")
+            mode = field(choice, "mode", "string", param=f"{param}.mode", default="auto")
             if mode not in ("auto", "required"):
                 raise invalid(
                     f"{param}.mode", f"tool_choice.mode must be 'auto' or 'required', got {mode!r}."
@@ -224,13 +268,12 @@ def tool_choice_rules(
             if mode == "required":
                 if not allowed:
                     raise invalid(param, "tool_choice allows no tool that is in 'tools'.")
-                return (
-                    allowed,
-                    "You must call one of the functions in the functions namespace before you answer.",
-                )
+                return allowed, REQUIRED
             return allowed, None
         raise invalid(
-            f"{param}.type", f"Unsupported tool_choice type {kind!r}; use function or allowed_tools."
+            f"{param}.type",
+            f"Unsupported tool_choice type {kind!r}; use function or allowed_tools.",
+            "unsupported_value",
         )
     raise invalid(param, f"tool_choice must be 'auto', 'none', 'required' or an object, got {choice!r}.")
 

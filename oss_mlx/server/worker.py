@@ -311,6 +311,7 @@ class Engine:
                 job.put(event)
         finally:
             events.close()  # on cancel: stops generation, settles the cache
+            session.turn_stats.clear()  # a chat keeps these per turn; a server would only pile them up
         cancelled = reply is None
         reply = reply or session.last_reply or Reply()
         stats = reply.stats
