@@ -67,8 +67,13 @@ class TmuxChat:
             script.parent.mkdir(parents=True, exist_ok=True)
             script.write_text(json.dumps(replies))
             env["OSS_MLX_SCRIPTED_REPLIES"] = str(script)
-        command = "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        command += " " + shlex.join([sys.executable, "-m", "oss_mlx.cli", "chat", *args])
+        chat = "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        chat += " " + shlex.join([sys.executable, "-m", "oss_mlx.cli", "chat", *args])
+        # tmux does not always collect the exit status of a pane's process, so a shell writes it down
+        # (its INT trap keeps it alive through the Ctrl-C presses meant for the chat).
+        self.status_file = self.home / f"status-{uuid.uuid4().hex[:8]}"
+        record = f"echo $? > {shlex.quote(str(self.status_file))}"
+        command = shlex.join(["bash", "-c", f"trap : INT; {chat}; {record}"])
         config = self.home / "tmux.conf"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text("set -g remain-on-exit on\nset -g history-limit 20000\nset -g status off\n")
@@ -151,13 +156,13 @@ class TmuxChat:
         return out == "0"
 
     def wait_exit(self, timeout: float = 15.0) -> int:
+        """Wait for the chat to end; its exit status."""
         deadline = time.monotonic() + timeout
-        while self.alive():
+        while not (self.status_file.exists() and self.status_file.read_text().strip()):
             if time.monotonic() > deadline:
                 raise AssertionError(f"the chat did not exit; screen:\n{self.screen()}")
-            time.sleep(0.1)
-        status = self.tmux("display-message", "-p", "#{pane_dead_status}", check=False).strip()
-        return int(status) if status.lstrip("-").isdigit() else -1
+            time.sleep(0.05)
+        return int(self.status_file.read_text())
 
     def close(self) -> None:
         if self.started:

@@ -55,6 +55,7 @@ HELLO = harmony_reply(
 )
 SHORT = harmony_reply("Short answer.", analysis="Easy.")
 LONG = harmony_reply(" ".join(f"word{i}" for i in range(3000)))
+LOOP = harmony_reply("ha" * 400)
 
 
 @pytest.fixture
@@ -135,7 +136,7 @@ def test_reply_help_effort_save_errors_and_exit(chat, tmp_path):
 
 @needs_tmux
 def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(chat, tmp_path):
-    app = chat("--max-tokens", "100000", replies=[LONG, SHORT])
+    app = chat("--max-tokens", "100000", replies=[LONG, SHORT, LOOP])
     app.type("Tell me a very long story")
     app.wait_for(r"word12 ")
     app.keys("C-c")
@@ -144,12 +145,13 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(chat, tmp_path):
     assert app.alive()
     screen = app.command("Thanks, that is enough", r"Short answer\.")
     assert len(re.findall(r"tok/s", screen)) >= 2
+    app.command("Now laugh", r"stopped: the model was repeating itself")  # the loop detector
 
     path = tmp_path / "after-interrupt.json"
     app.command(f"/save {path}", r"saved")
     messages = saved(path)["messages"]
     users = [m["content"] for m in messages if m["role"] == "user"]
-    assert users == ["Tell me a very long story", "Thanks, that is enough"]
+    assert users == ["Tell me a very long story", "Thanks, that is enough", "Now laugh"]
     partial = messages[1]
     assert partial["role"] == "assistant" and partial["content"].startswith("word0 word1")
     assert len(partial["content"]) < len(" ".join(f"word{i}" for i in range(3000)))
@@ -196,8 +198,8 @@ def test_load_restores_the_conversation_in_a_new_instance(chat, tmp_path):
 
 
 @needs_tmux
-def test_turn_three_prefills_only_what_is_new(chat):
-    replies = [harmony_reply(f"Answer number {i}.", analysis=f"Thinking {i}.") for i in (1, 2, 3)]
+def test_turn_three_prefills_only_what_is_new(chat, tmp_path):
+    replies = [harmony_reply(f"Answer number {i}.", analysis=f"Thinking {i}.") for i in (1, 2, 3, 4)]
     app = chat(replies=replies)
     long_text = "\n".join(
         f"Line {i}: here is some context about the problem, with details worth remembering."
@@ -222,6 +224,21 @@ def test_turn_three_prefills_only_what_is_new(chat):
     assert prefilled1 == prompt1 > 400  # the first turn prefills everything
     assert prompt3 > prompt1
     assert prefilled3 < 30 and prefilled3 * 10 < prompt3  # turn 3: only the new tokens
+
+    # /regen answers the same prompt again: all of it is in the cache but its last token.
+    app.command("/regen", r"Answer number 4\.")
+    screen = app.command("/stats", r"context: ", timeout=10)
+    regen = re.search(r"^3r\s+(\d+)\s+(\d+)\s", screen, re.MULTILINE)
+    assert regen and int(regen.group(1)) == prompt3 and int(regen.group(2)) == 1, screen
+    # /undo drops the last question and its answer.
+    app.command("/undo", r"removed: Third question\?")
+    path = tmp_path / "undone.json"
+    app.command(f"/save {path}", r"saved")
+    users = [m["content"] for m in saved(path)["messages"] if m["role"] == "user"]
+    assert users == [long_text, "Second question?"]
+    assert saved(path)["messages"][-1]["content"] == "Answer number 2."
+    app.command("/clear", r"new conversation")
+    app.command("/stats", r"no replies yet")
     app.keys("C-d")
     assert app.wait_exit() == 0
 

@@ -389,11 +389,11 @@ class ChatApp:
 
     # -- a turn -----------------------------------------------------------------------------------------
 
-    def turn(self, text: str | None) -> None:
+    def turn(self, text: str | None, label: str | None = None) -> None:
         """A user message (or None: reply again to the history), with tool calls until the answer."""
         if text is not None:
             self.turn_no += 1
-        label = str(self.turn_no)
+        label = label or str(self.turn_no)
         self.last_analysis = ""
         prompt = text
         for rounds in range(MAX_TOOL_ROUNDS + 1):
@@ -597,7 +597,7 @@ class ChatApp:
             self.error("nothing to regenerate")
             return
         del self.session.messages[at + 1 :]
-        self.turn(None)
+        self.turn(None, label=f"{self.turn_no}r")
 
     def cmd_undo(self, arg: str) -> None:
         at = self._last_user()

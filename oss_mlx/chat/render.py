@@ -218,6 +218,9 @@ def rows_above(text: str, width: int) -> int:
     return rows + max(0, math.ceil(cell_len(lines[-1]) / width) - 1)
 
 
+_TRAILING_SPACES = re.compile(r" +((?:\x1b\[[0-9;]*m)*)$")
+
+
 def _strip_blank_edges(lines: list[str]) -> list[str]:
     def blank(line: str) -> bool:
         return not Text.from_ansi(line).plain.strip()
@@ -324,7 +327,8 @@ class MarkdownStream:
             self.console.print(Markdown(block.text, code_theme=self.code_theme), crop=True)
         lines = capture.get().rstrip("\n").split("\n")
         if block.kind != "code":
-            return _strip_blank_edges(lines)
+            # No padding spaces at the ends of lines (they would be copied with the text).
+            return [_TRAILING_SPACES.sub(r"\1", line) for line in _strip_blank_edges(lines)]
         # Pieces of one code block join without the padding rows between them.
         if block.continued and lines and not Text.from_ansi(lines[0]).plain.strip():
             lines = lines[1:]
