@@ -420,11 +420,15 @@ def _slow_stream(c: httpx.Client, path: str = "/v1/chat/completions") -> httpx.R
     return response
 
 
-def test_client_disconnect_frees_the_worker(server, http, client):
-    response = _slow_stream(http)
+def _until_generating(response: httpx.Response) -> httpx.Response:
     lines = response.iter_lines()
-    while '"content":" word"' not in next(lines):  # generation has started
+    while '"content":" word"' not in next(lines):
         pass
+    return response
+
+
+def test_client_disconnect_frees_the_worker(server, http, client):
+    response = _until_generating(_slow_stream(http))
     response.close()
     start = time.monotonic()
     r = client.chat.completions.create(model="gpt-oss", messages=[{"role": "user", "content": "[greet]"}])
@@ -433,11 +437,27 @@ def test_client_disconnect_frees_the_worker(server, http, client):
     assert "cancelled" in server.log()
 
 
+def test_non_streaming_client_that_gives_up_frees_the_worker(server, client):
+    body = {"model": "gpt-oss", "input": "[slow]"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server.url}/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1
+        )
+    start = time.monotonic()
+    r = client.responses.create(model="gpt-oss", input="[greet]")
+    assert r.output_text == FINAL and time.monotonic() - start < 5
+
+
 def test_full_queue_is_429_with_retry_after(servers):
     _, small = servers
     with httpx.Client(base_url=small.url, timeout=30) as c:
-        running, waiting = _slow_stream(c), _slow_stream(c)
+        running = _until_generating(_slow_stream(c))
+        waiting = _slow_stream(c)
         try:
+            start = time.monotonic()
+            health = c.get("/health").json()  # the event loop answers while the model works
+            assert time.monotonic() - start < 1
+            assert health["queue"] == {"running": 1, "waiting": 1, "max_waiting": 1}
             r = c.post("/v1/responses", json={"input": "[greet]"})
             error = _error(r, 429)
             assert error["code"] == "rate_limit_exceeded" and int(r.headers["Retry-After"]) >= 1
