@@ -443,6 +443,24 @@ def test_markdown_stream_on_a_terminal_erases_only_its_pending_block():
     assert "\r\x1b[3A\x1b[J" in out.getvalue()
 
 
+def test_markdown_stream_leaves_a_line_taller_than_the_screen_as_streamed():
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=10, height=8, force_terminal=True, color_system=None, highlight=False)
+    stream = MarkdownStream(console)
+    stream.feed("intro\n\n")
+    long_line = "x" * 100
+    for i in range(0, 100, 7):
+        stream.feed(long_line[i : i + 7])
+    stream.feed("\n\nafter\n")
+    stream.finish()
+    text = out.getvalue()
+    assert text.count(long_line) == 1  # written once, as it streamed, never erased
+    assert text.index(long_line) < text.index("after") and text.count("intro") == 1
+    assert not re.search(r"\x1b\[\d+A", text[text.index(long_line) :].split("after")[0])
+
+
 # ===================================================================================================
 # Loop detection
 # ===================================================================================================

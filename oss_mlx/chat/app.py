@@ -500,15 +500,8 @@ class ChatApp:
             self._tool_message(call, "error: the user stopped this tool call")
             self.say("⏹ tool call stopped", style="yellow")
             return False
-        if (
-            call.recipient.startswith("functions.")
-            and call.name in self.tools
-            and self.tools[call.name].function
-        ):
-            view.show_result(out, ok)
-        elif call.recipient == "python":
-            view.show_result(out, ok)
-        elif not ok:
+        typed_by_user = ok and call.name in self.tools and self.tools[call.name].function is None
+        if not typed_by_user:
             view.show_result(out, ok)
         self._tool_message(call, out)
         return True
@@ -547,7 +540,7 @@ class ChatApp:
             self.reasoning = value
             self.say(f"reasoning: {value}")
         if not value or value == "show":
-            text = self.last_analysis.strip()
+            text = self.last_analysis.strip() or self._analysis_in_history()
             if text:
                 self.console.print(Text(text, style="dim"), soft_wrap=True)
             elif not value:
@@ -570,6 +563,16 @@ class ChatApp:
             self.say("instructions set (from the next reply)")
 
     cmd_developer = cmd_system
+
+    def _analysis_in_history(self) -> str:
+        """The reasoning of the last turn as kept in the history (after /load, say)."""
+        at = self._last_user()
+        if at is None:
+            return ""
+        msgs = self.session.messages[at + 1 :]
+        return "\n\n".join(
+            m.content for m in msgs if m.role == "assistant" and m.channel == "analysis"
+        ).strip()
 
     def cmd_clear(self, arg: str) -> None:
         self.autosave()

@@ -251,6 +251,8 @@ class MarkdownStream:
         self._shown = ""  # what is on screen for the pending block (erasable)
         self._blocks = 0  # blocks printed
         self._raw_open = False  # plain mode: the last line written has no newline yet
+        # A single line taller than the screen cannot be erased: that block stays as streamed.
+        self._frozen: str | None = None  # what of it is on screen
 
     def _write(self, text: str) -> None:
         self.console.file.write(text)
@@ -264,11 +266,7 @@ class MarkdownStream:
             self._write(text)
             self._raw_open = not text.endswith("\n")
             return
-        blocks = self.splitter.feed(text)
-        if blocks:
-            self._erase()
-            for block in blocks:
-                self._print_block(block)
+        self._print_blocks(self.splitter.feed(text))
         if self.live:
             self._show(self.splitter.pending)
 
@@ -279,10 +277,7 @@ class MarkdownStream:
                 self._write("\n")
                 self._raw_open = False
             return
-        blocks = self.splitter.flush()
-        self._erase()
-        for block in blocks:
-            self._print_block(block)
+        self._print_blocks(self.splitter.flush())
 
     @property
     def printed(self) -> bool:
@@ -296,6 +291,11 @@ class MarkdownStream:
         return ("\n" if self._blocks else "") + pending
 
     def _show(self, pending: str) -> None:
+        if self._frozen is not None:
+            if pending.startswith(self._frozen):
+                self._write(pending[len(self._frozen) :])
+                self._frozen = pending
+            return
         display = self._display(pending)
         if display.startswith(self._shown):
             self._write(display[len(self._shown) :])
@@ -307,10 +307,12 @@ class MarkdownStream:
         if rows_above(display, self.console.width) >= limit:
             blocks = self.splitter.force()
             if blocks:
-                self._erase()
-                for block in blocks:
-                    self._print_block(block)
+                self._print_blocks(blocks)
                 self._show(self.splitter.pending)
+            else:  # one line fills the screen: leave it as it streams
+                self._frozen = pending
+                self._shown = ""
+                self._blocks += 1
 
     def _erase(self) -> None:
         if not self._shown:
@@ -335,6 +337,16 @@ class MarkdownStream:
         if block.more and lines and not Text.from_ansi(lines[-1]).plain.strip():
             lines = lines[:-1]
         return lines
+
+    def _print_blocks(self, blocks: list[Block]) -> None:
+        for block in blocks:
+            if self._frozen is not None:  # the block shown as it streamed: only its end is missing
+                whole = block.text + "\n"
+                self._write(whole[len(self._frozen) :] if whole.startswith(self._frozen) else "\n")
+                self._frozen = None
+                continue
+            self._erase()
+            self._print_block(block)
 
     def _print_block(self, block: Block) -> None:
         lines = self.render_block(block)
