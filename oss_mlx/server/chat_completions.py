@@ -21,7 +21,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..harmony import Message, MessageDone, TextDelta
-from .common import SSE_HEADERS, ServerState, check_model, guarded, new_id, run_to_end, sse, submit
+from .common import (
+    KEEPALIVE,
+    KEEPALIVE_SECONDS,
+    SSE_HEADERS,
+    ServerState,
+    check_model,
+    guarded,
+    new_id,
+    run_to_end,
+    sse,
+    submit,
+)
 from .schemas import (
     APIError,
     function_name,
@@ -378,7 +389,10 @@ async def create(request: Request, body: dict, state: ServerState) -> Response:
 
     async def events():
         yield chunk({"role": "assistant", "content": ""})
-        async for event in job.stream():
+        async for event in job.stream(KEEPALIVE_SECONDS):
+            if event is None:
+                yield KEEPALIVE
+                continue
             if isinstance(event, Failed):
                 error = {
                     "message": f"Generation failed: {event.message}",

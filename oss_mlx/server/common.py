@@ -17,6 +17,10 @@ from .worker import ContextTooLong, Engine, Failed, Finished, GenerationRequest,
 
 # How a client disconnect is noticed while a non-streaming request waits.
 DISCONNECT_POLL_SECONDS = 0.5
+# A stream that has nothing to say for this long (waiting in the queue, a long prefill) sends an SSE
+# comment, which clients ignore and proxies take as life.
+KEEPALIVE_SECONDS = 10.0
+KEEPALIVE = b": keep-alive\n\n"
 
 
 @dataclass

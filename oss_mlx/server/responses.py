@@ -27,7 +27,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..harmony import Message, MessageDone, TextDelta
-from .common import SSE_HEADERS, ServerState, check_model, guarded, new_id, run_to_end, sse, submit
+from .common import (
+    KEEPALIVE,
+    KEEPALIVE_SECONDS,
+    SSE_HEADERS,
+    ServerState,
+    check_model,
+    guarded,
+    new_id,
+    run_to_end,
+    sse,
+    submit,
+)
 from .schemas import (
     APIError,
     function_name,
@@ -467,7 +478,10 @@ async def create(request: Request, body: dict, state: ServerState) -> Response:
     async def events():
         for e in builder.begin():
             yield sse(e, e["type"])
-        async for event in job.stream():
+        async for event in job.stream(KEEPALIVE_SECONDS):
+            if event is None:
+                yield KEEPALIVE
+                continue
             if isinstance(event, Failed):
                 out = builder.fail(event.message)
             elif isinstance(event, Finished):

@@ -110,10 +110,15 @@ class Job:
         self.cancelled.set()
         self.engine._release_if_waiting(self)
 
-    async def stream(self) -> AsyncIterator[Any]:
-        """Events until, and including, Finished or Failed."""
+    async def stream(self, idle: float | None = None) -> AsyncIterator[Any]:
+        """Events until, and including, Finished or Failed; None after each ``idle`` seconds without
+        one (a queued job, a long prefill), for the caller to send a keep-alive."""
         while True:
-            event = await self.events.get()
+            try:
+                event = await asyncio.wait_for(self.events.get(), idle)
+            except asyncio.TimeoutError:
+                yield None
+                continue
             yield event
             if isinstance(event, Finished | Failed):
                 return
