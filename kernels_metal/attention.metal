@@ -57,24 +57,34 @@
   const long vb = (long)b * v_strides[0] + (long)kvh * v_strides[1] + 8 * sub * v_strides[3];
   const long ks = k_strides[2], vs = v_strides[2];
   const bool unit = (k_strides[3] == 1) && (v_strides[3] == 1);
-  for (int s = s0 + grp; s < s1; s += NG) {
+  // Every lane runs the same number of iterations (the shuffles below need the whole warp);
+  // lanes past the end of the split load nothing and leave their state alone.
+  for (int base = s0; base < s1; base += NG) {
+    const int s = base + grp;
+    const bool valid = s < s1;
     float kf[8], vf[8];
-    if (unit) {
-      load8(k + kb + s * ks, kf);
-      load8(v + vb + s * vs, vf);
+    if (valid) {
+      if (unit) {
+        load8(k + kb + s * ks, kf);
+        load8(v + vb + s * vs, vf);
+      } else {
+        load8_strided(k + kb + s * ks, k_strides[3], kf);
+        load8_strided(v + vb + s * vs, v_strides[3], vf);
+      }
     } else {
-      load8_strided(k + kb + s * ks, k_strides[3], kf);
-      load8_strided(v + vb + s * vs, v_strides[3], vf);
+      for (int t = 0; t < 8; ++t) kf[t] = vf[t] = 0.f;
     }
     for (int g = 0; g < G; ++g) {
       float d = 0.f;
       for (int t = 0; t < 8; ++t) d = fma(qr[g][t], kf[t], d);
       for (int off = LPK / 2; off > 0; off >>= 1) d += lane_xor(d, off);
-      const float mn = max(m[g], d);
-      const float c = fast_exp2(m[g] - mn), p = fast_exp2(d - mn);
-      l[g] = fma(l[g], c, p);
-      for (int t = 0; t < 8; ++t) o[g][t] = fma(o[g][t], c, p * vf[t]);
-      m[g] = mn;
+      if (valid) {
+        const float mn = max(m[g], d);
+        const float c = fast_exp2(m[g] - mn), p = fast_exp2(d - mn);
+        l[g] = fma(l[g], c, p);
+        for (int t = 0; t < 8; ++t) o[g][t] = fma(o[g][t], c, p * vf[t]);
+        m[g] = mn;
+      }
     }
   }
   // Merge the key groups of this simdgroup (lanes with the same `sub`).
