@@ -131,6 +131,13 @@ def memory_warnings(path: Path) -> list[str]:
         return []
 
 
+def _import_sampler() -> None:
+    try:
+        import mlx_lm.sample_utils  # noqa: F401
+    except Exception:  # the reply will say what is wrong, in words
+        pass
+
+
 def install_scripted_replies(path: str, tokenizer: Any) -> None:
     """TEST HOOK, only when OSS_MLX_SCRIPTED_REPLIES names a JSON file: a list of harmony completions
     (strings, e.g. "<|channel|>final<|message|>Hi!<|return|>"), one per reply; null entries, and
@@ -241,22 +248,24 @@ class ChatApp:
 
     # -- saving -----------------------------------------------------------------------------------------
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, pending: list[Message] | None = None) -> None:
         self._sync_system()
         save_conversation(
             path,
-            self.session.messages,
+            self.session.messages + list(pending or []),
             self.settings(),
             model=self.model_name,
             system_message=self.system_message(),
             developer_message=self.developer_message(),
         )
 
-    def autosave(self) -> None:
-        if self.autosave_path is None or not any(m.role != "system" for m in self.session.messages):
+    def autosave(self, pending: list[Message] | None = None) -> None:
+        """Save to the autosave file; `pending`: messages not in the session yet (a question)."""
+        messages = self.session.messages + list(pending or [])
+        if self.autosave_path is None or not any(m.role != "system" for m in messages):
             return
         try:
-            self.save(self.autosave_path)
+            self.save(self.autosave_path, pending)
         except OSError as e:
             if not self._autosave_warned:
                 self.error(f"autosave to {self.autosave_path} failed: {e}")
@@ -395,6 +404,8 @@ class ChatApp:
             self.turn_no += 1
         label = label or str(self.turn_no)
         self.last_analysis = ""
+        if text is not None:
+            self.autosave([Message("user", text)])  # a crash while it answers loses nothing
         prompt = text
         for rounds in range(MAX_TOOL_ROUNDS + 1):
             reply, stopped = self.reply(prompt, label if rounds == 0 else f"{label}.{rounds + 1}")
@@ -882,6 +893,11 @@ def main(argv: list[str] | None = None) -> int:
     scripted = os.environ.get("OSS_MLX_SCRIPTED_REPLIES")
     if scripted:
         install_scripted_replies(scripted, tokenizer)
+    else:
+        # The sampler comes from mlx_lm, whose import takes seconds: done while the user types.
+        import threading
+
+        threading.Thread(target=_import_sampler, daemon=True).start()
 
     from ..session import Session
 
