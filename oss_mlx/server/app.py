@@ -194,7 +194,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="oss-mlx serve",
         description="OpenAI-compatible server for gpt-oss: Responses API and Chat Completions.",
     )
-    p.add_argument("--model", default="openai/gpt-oss-20b", help="checkpoint folder or hub repo id")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=os.environ.get("OSS_MLX_MODEL", "openai/gpt-oss-20b"),
+        help="hub repo id or checkpoint folder (default: $OSS_MLX_MODEL, else openai/gpt-oss-20b)",
+    )
     p.add_argument("--model-id", help="the id clients see in /v1/models (default: the folder or repo name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -239,6 +244,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="both",
         help="Chat Completions field(s) that carry the chain of thought (default both)",
     )
+    p.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="e.g. 6GB: stream experts from the checkpoint, hot ones kept in memory (default: all resident)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
 
@@ -263,6 +273,7 @@ def main(argv: list[str]) -> int:
         cache_slots=args.cache_slots,
         context_limit=args.context_limit,
         script=script,
+        load_kwargs={"memory_budget": args.memory_budget} if args.memory_budget else None,
     )
     log.info("loading %s", args.model)
     try:

@@ -150,6 +150,7 @@ class Engine:
         context_limit: int | None = None,
         script: Any = None,
         loader: Any = None,
+        load_kwargs: dict | None = None,
     ):
         self.model_path = model_path
         self.max_queue = max_queue
@@ -157,6 +158,7 @@ class Engine:
         self.context_limit = context_limit
         self.script = script  # the test hook (scripted.py), None in normal use
         self._loader = loader
+        self._load_kwargs = dict(load_kwargs or {})
         self.model = self.tokenizer = None
         self.sessions: list[Session] = []
         self._used: dict[int, float] = {}  # id(session) -> last use
@@ -191,7 +193,7 @@ class Engine:
             else:
                 import oss_mlx
 
-                self.model, self.tokenizer = oss_mlx.load(self.model_path)
+                self.model, self.tokenizer = oss_mlx.load(self.model_path, **self._load_kwargs)
             limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
             if self.context_limit is None:
                 self.context_limit = int(limit or 131072)
