@@ -62,7 +62,7 @@ def servers(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     rules = folder / "rules.json"
     rules.write_text(json.dumps(RULES))
-    env = {"OSS_MLX_SCRIPTED_REPLIES": str(rules)}
+    env = {"OSS_MLX_SCRIPTED_REPLIES": str(rules), "OSS_MLX_API_KEY": ""}
     main = ServerProcess(
         tiny_checkpoint, folder / "main.log", "--api-key", KEY, "--max-body-bytes", "100000", env=env
     )
@@ -302,6 +302,17 @@ def test_chat_stop_sequence(client):
     chunks = client.chat.completions.create(model="gpt-oss", messages=messages, stop="thr", stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "one two "
+
+
+def test_stop_filter_holds_back_partial_matches():
+    from oss_mlx.server.chat_completions import StopFilter
+
+    f = StopFilter(["END", "xyz"])
+    out = "".join(f.push(c) for c in "abcENxyEN") + f.flush()
+    assert out == "abcENxyEN" and not f.hit
+    f = StopFilter(["END", "xyz"])
+    out = "".join(f.push(c) for c in "abEN") + f.push("D tail") + f.push("more") + f.flush()
+    assert out == "ab" and f.hit
 
 
 # ---- errors --------------------------------------------------------------------------------------------

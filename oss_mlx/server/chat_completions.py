@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import json
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,7 +286,7 @@ class ChatBuilder:
             }
             self.tool_calls.append(call)
             index = len(self.tool_calls) - 1
-            return [{"tool_calls": [{"index": index, **json.loads(json.dumps(call))}]}]
+            return [{"tool_calls": [{"index": index, **copy.deepcopy(call)}]}]
         self.current = "reasoning" if channel == "analysis" else "content"
         return []
 
@@ -309,9 +309,9 @@ class ChatBuilder:
     def finish_reason(self, finished: Finished) -> str:
         if self.stopped:
             return "stop"
-        if self.tool_calls:
-            return "tool_calls"
-        return "length" if finished.reply.stats.finish_reason == "length" else "stop"
+        if finished.reply.stats.finish_reason == "length":  # a call cut short is no call to run
+            return "length"
+        return "tool_calls" if self.tool_calls else "stop"
 
     def message(self) -> dict:
         msg: dict[str, Any] = {
