@@ -467,7 +467,7 @@ def test_full_queue_is_429_with_retry_after(servers):
         try:
             start = time.monotonic()
             health = c.get("/health").json()  # the event loop answers while the model works
-            assert time.monotonic() - start < 1
+            assert time.monotonic() - start < 2
             assert health["queue"] == {"running": 1, "waiting": 1, "max_waiting": 1}
             r = c.post("/v1/responses", json={"input": "[greet]"})
             error = _error(r, 429)

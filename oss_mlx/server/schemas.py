@@ -52,8 +52,9 @@ def parse_json(raw: bytes) -> dict:
 
     try:
         data = json.loads(raw, parse_constant=no_constants)
-        # Lone surrogates ("\ud800") parse, but no UTF-8 answer could quote them back.
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        # Lone surrogates ("\ud800") and overflowing numbers (1e999 -> inf) parse, but no JSON answer
+        # could quote them back.
+        json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (ValueError, RecursionError) as e:
         raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
