@@ -253,6 +253,8 @@ def tool_choice_rules(
                 raise invalid(param, f"tool_choice names function {name!r}, which is not in 'tools'.")
             return chosen, f"You must call the function functions.{name} before you answer."
         if kind == "allowed_tools":
+            # Responses: {type, mode, tools}; Chat Completions: {type, allowed_tools: {mode, tools}}
+            choice = field(choice, "allowed_tools", "object", param=f"{param}.allowed_tools", default=choice)
             names = set()
             for i, t in enumerate(field(choice, "tools", "array", param=f"{param}.tools", required=True)):
                 p = f"{param}.tools[{i}]"
