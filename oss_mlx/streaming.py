@@ -393,7 +393,7 @@ class StreamingExperts(nn.Module):
             h = compact._matmul(h, "gate_up", local, by_expert)
             h = clamped_swiglu(h, self.alpha, self.limit)
             h = compact._matmul(h, "down", local, by_expert).reshape(len(pairs), -1)
-            mx.eval(h)  # before the next group evicts these experts
+            mx.eval(h)  # frees this group's stack (and evicted experts) before the next one is built
             parts.append(h)
             done.append(pairs)
         y = mx.concatenate(parts, axis=0)
