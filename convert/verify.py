@@ -2,11 +2,20 @@
 
 1. every shard's sha256 equals the one recorded in config.json (and no shard is missing or extra);
 2. a short forward pass (16 tokens by default) of the converted model against the source loaded
-   directly (same dtype): identical logits for `reference`; for the quantized presets a relative RMS
-   difference within the preset's `max_deviation`.
+   directly (same dtype), stage by stage (embedding, each layer's attention and MoE, logits), every
+   stage fed the source's own input (teacher forcing):
+   - `reference`: every stage, and so the logits, identical;
+   - quantized presets: every stage identical to the source quantized in memory with the same spec
+     (the converter wrote exactly the right bytes), and each stage's deviation from the source within
+     the preset's `max_deviation` (relative RMS: of the output for embedding and logits, of the
+     residual update `out - in` for attention and MoE).
+   Stage by stage, because a free-running forward of a *random* MoE model is chaotic: one flipped
+   expert choice early on decorrelates its logits (bf16 rounding alone moves the logits of a random
+   20b-shaped model by O(1)), so an end-to-end bound would say nothing. The end-to-end difference is
+   reported too.
 
 The forward runs layer by layer, releasing each layer's weights once used, so verifying a 20b
-conversion needs about the embedding + unembedding + one layer of memory per model, not the model.
+conversion needs about one embedding + one layer + one unembedding of memory, not the models.
 """
 
 from __future__ import annotations
@@ -27,6 +36,13 @@ from .writer import sha256_file
 
 class VerifyError(RuntimeError):
     """The converted folder does not match its checksums or its source."""
+
+
+@dataclass
+class Stage:
+    name: str
+    deviation: float  # relative RMS difference from the source (see the module docstring)
+    identical: bool  # to the expected output (the source, or the source quantized in memory)
 
 
 @dataclass
@@ -65,31 +81,74 @@ def check_shards(dest: Path, on_file=None) -> dict[str, str]:
     return shards
 
 
-def streamed_logits(
-    path: Path, tokens: np.ndarray, dtype: mx.Dtype | None = None, quantization: dict | None = None
-) -> np.ndarray:
-    """Logits [T, vocab] (float32) of a full forward over `tokens`, one layer in memory at a time.
+def _release(parts: list, i: int):
+    part, parts[i] = parts[i], None
+    return part
 
-    quantization: quantize the loaded model's dense layers in memory first, as a preset does (the
-    loader's own `_quantize_dense`), to check a quantized conversion wrote exactly those weights.
+
+def lockstep(
+    source: Path,
+    dest: Path,
+    tokens: np.ndarray,
+    dtype: mx.Dtype | None = None,
+    quantization: dict | None = None,
+) -> tuple[list[Stage], Comparison]:
+    """Run SOURCE, DEST (and SOURCE quantized in memory) stage by stage on the source's trajectory.
+
+    Returns the per-stage comparison and the end-to-end one (DEST running free on its own outputs).
     """
-    model, _ = load_model(path, dtype=dtype)
+    models = [load_model(source, dtype=dtype)[0], load_model(dest)[0]]
     if quantization:
-        _quantize_dense(model, quantization)
-    emb, blocks, norm, unemb = model.embedding, list(model.blocks), model.norm, model.unembedding
-    del model
-    T = len(tokens)
-    x = emb(mx.array(np.asarray(tokens)[None, :]))
-    mx.eval(x)
-    del emb
-    for i in range(len(blocks)):
-        block, blocks[i] = blocks[i], None
-        x = block(x, attention_mask(T, 0, T, block.attn.window))
-        mx.eval(x)
-        del block
-    logits = unemb(norm(x)).astype(mx.float32)
-    mx.eval(logits)
-    return np.array(logits[0])
+        models.append(load_model(source, dtype=dtype)[0])
+        _quantize_dense(models[2], quantization)
+    # [embedding, attention 0, mlp 0, attention 1, ..., norm + unembedding] per model; each stage is
+    # dropped once evaluated. Attention and MoE are separate stages: a preset quantizes attention
+    # projections but never the MoE (router, experts), so each stage's deviation is the direct effect
+    # of its own quantization, not of expert choices flipped by an earlier one.
+    stages = []
+    for m in models:
+        stages.append([m.embedding, *(p for b in m.blocks for p in (b.attn, b.mlp)), (m.norm, m.unembedding)])
+    del models, m
+    T, last = len(tokens), len(stages[0]) - 1
+    x = mx.array(np.asarray(tokens)[None, :])
+    results: list[Stage] = []
+    free = x  # DEST's own trajectory
+
+    def apply(f, i: int, inp: mx.array) -> mx.array:
+        if i == 0:
+            out = f(inp)
+        elif i == last:
+            out = f[1](f[0](inp)).astype(mx.float32)
+        elif i % 2:  # attention
+            out = f(inp, attention_mask(T, 0, T, f.window))
+        else:
+            out = f(inp)
+        mx.eval(out)
+        return out
+
+    def rel(a, b, base) -> float:
+        a, b = (
+            np.array(a.astype(mx.float32), dtype=np.float64),
+            np.array(b.astype(mx.float32), dtype=np.float64),
+        )
+        scale = b if base is None else b - np.array(base.astype(mx.float32), dtype=np.float64)
+        denom = float(np.sqrt(np.mean(scale**2))) or 1.0
+        return float(np.sqrt(np.mean((a - b) ** 2)) / denom)
+
+    for i in range(last + 1):
+        ref = apply(_release(stages[0], i), i, x)
+        f_dest = _release(stages[1], i)
+        got = apply(f_dest, i, x)
+        free = got if i == 0 else apply(f_dest, i, free)
+        del f_dest
+        expected = apply(_release(stages[2], i), i, x) if quantization else ref
+        kind = "attention" if i % 2 else "mlp"
+        name = "embedding" if i == 0 else "logits" if i == last else f"layer {(i - 1) // 2} {kind}"
+        base = x if 0 < i < last else None
+        results.append(Stage(name, rel(got, ref, base), bool(mx.array_equal(got, expected).item())))
+        x = ref
+    end = compare(np.array(free[0]), np.array(x[0]))
+    return results, end
 
 
 def verify_tokens(vocab_size: int, n: int = 16) -> np.ndarray:
@@ -108,42 +167,42 @@ def compare(converted: np.ndarray, reference: np.ndarray) -> Comparison:
     )
 
 
-def verify_logits(dest: Path, source: Path, n_tokens: int = 16) -> tuple[Comparison, float]:
-    """Compare a forward pass of DEST with SOURCE loaded directly; returns (comparison, allowed deviation).
+@dataclass
+class Report:
+    preset: str
+    allowed: float
+    stages: list[Stage]
+    end_to_end: Comparison
 
-    reference: the logits must be identical. Quantized presets: identical to SOURCE quantized in memory
-    with the same spec (the conversion wrote exactly the right bytes), and within the preset's
-    documented deviation from SOURCE itself.
-    """
+    @property
+    def worst(self) -> Stage:
+        return max(self.stages, key=lambda s: s.deviation)
+
+
+def verify_logits(dest: Path, source: Path, n_tokens: int = 16) -> Report:
+    """Compare DEST with SOURCE loaded directly, stage by stage (see the module docstring)."""
     cfg = json.loads((dest / "config.json").read_text())
     section = cfg["oss_mlx"]
     preset = get_preset(section.get("preset", "reference"))
     dtype = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[
         section.get("dtype", "bfloat16")
     ]
-    tokens = verify_tokens(cfg["vocab_size"], n_tokens)
-    ref = streamed_logits(source, tokens, dtype)
-    got = streamed_logits(dest, tokens)
-    cmp = compare(got, ref)
     spec = section.get("quantization") or {}
-    if any(spec.values()):
-        expect = streamed_logits(source, tokens, dtype, quantization=spec)
-        exact = compare(got, expect)
-        if not exact.identical:
-            raise VerifyError(
-                f"logits differ from the source quantized in memory with the same spec (max |diff| "
-                f"{exact.max_abs:.3g}): the converted weights are not what preset {preset.name} should write"
-            )
-    if preset.max_deviation == 0.0:
-        if not cmp.identical:
-            raise VerifyError(
-                f"logits differ from the source (max |diff| {cmp.max_abs:.3g}, "
-                f"relative RMS {cmp.rel_rms:.3g}) "
-                f"although preset {preset.name} must reproduce them exactly"
-            )
-    elif not cmp.rel_rms <= preset.max_deviation:
+    tokens = verify_tokens(cfg["vocab_size"], n_tokens)
+    stages, end = lockstep(source, dest, tokens, dtype, spec if any(spec.values()) else None)
+    report = Report(preset.name, preset.max_deviation, stages, end)
+    wrong = [s.name for s in stages if not s.identical]
+    if wrong:
+        what = "the source" if not any(spec.values()) else "the source quantized in memory with the same spec"
         raise VerifyError(
-            f"logits deviate from the source by relative RMS {cmp.rel_rms:.4f}, more than the "
+            f"logits differ from {what} at {', '.join(wrong[:4])}{' …' if len(wrong) > 4 else ''} "
+            f"(end to end: max |diff| {end.max_abs:.3g}, relative RMS {end.rel_rms:.3g}): "
+            f"the converted weights are not what preset {preset.name} should write"
+        )
+    worst = report.worst
+    if worst.deviation > preset.max_deviation:
+        raise VerifyError(
+            f"{worst.name} deviates from the source by relative RMS {worst.deviation:.4f}, more than the "
             f"{preset.max_deviation} documented for preset {preset.name}"
         )
-    return cmp, preset.max_deviation
+    return report
