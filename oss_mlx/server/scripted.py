@@ -43,7 +43,9 @@ class ScriptedSampling(SamplingOptions):
         def pick(logprobs: mx.array) -> mx.array:
             if self.token_delay:
                 time.sleep(self.token_delay)
-            return mx.array([next(tokens, self.fill)])
+            # Depends on the logits, so that each decode step is evaluated as a real one would be (a
+            # constant would leave the model's work lazy, piling up in the cache).
+            return mx.argmax(logprobs, axis=-1) * 0 + next(tokens, self.fill)
 
         return pick
 
