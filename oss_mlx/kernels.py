@@ -359,30 +359,21 @@ def moe_decode(experts, x: mx.array, weights: mx.array, indices: mx.array, resid
 def gather_qmm_mxfp4(x, w, scales, indices, sorted_indices: bool) -> mx.array:
     """mx.gather_qmm on MXFP4 weights [E, N_out, K/8] (transposed), as the experts use it.
 
-    On CUDA, MLX's tensor-core path needs N_out % 128 == 0 (2880 is not): the output rows are then
-    split into a multiple of 128 (fast path) and the rest, which only costs a concatenate.
+    (Splitting N_out = 2880 into 2816 + 64 to reach MLX-CUDA's tensor-core path was tried: MLX 0.32.4
+    has no gather_qmm implementation for the sliced 64-row tail, so the call stays whole.)
     """
-
-    def qmm(wp, sp):
-        return mx.gather_qmm(
-            x,
-            wp,
-            sp,
-            None,
-            rhs_indices=indices,
-            transpose=True,
-            group_size=32,
-            bits=4,
-            mode="mxfp4",
-            sorted_indices=sorted_indices,
-        )
-
-    n_out = w.shape[1]
-    # MLX takes qmv (no N restriction) below 8 rows; only the matrix path gains from the split.
-    if backend() == "cuda" and _on_gpu() and n_out % 128 and n_out > 128 and x.size // x.shape[-1] >= 8:
-        cut = n_out - n_out % 128
-        return mx.concatenate([qmm(w[:, :cut], scales[:, :cut]), qmm(w[:, cut:], scales[:, cut:])], -1)
-    return qmm(w, scales)
+    return mx.gather_qmm(
+        x,
+        w,
+        scales,
+        None,
+        rhs_indices=indices,
+        transpose=True,
+        group_size=32,
+        bits=4,
+        mode="mxfp4",
+        sorted_indices=sorted_indices,
+    )
 
 
 # ---- attention ------------------------------------------------------------------------------------
