@@ -837,6 +837,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--no-autosave", action="store_true", help="do not save the conversation automatically")
     ap.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
+    ap.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help='e.g. "6GB": keep only hot experts in memory and read the rest from disk (slower, smaller)',
+    )
     return ap
 
 
@@ -883,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         path = resolve_model_path(args.model)
         for line in memory_warnings(path):
             console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
-        model, tokenizer = oss_mlx.load(path)
+        model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # bad folder, offline, missing vocabulary...: said in words
