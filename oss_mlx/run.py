@@ -22,6 +22,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--show-reasoning", action="store_true", help="print the chain of thought to stderr")
     p.add_argument("--stats", action="store_true", help="print speed and memory to stderr at the end")
+    p.add_argument("--memory-budget", metavar="SIZE", help='e.g. "6GB": stream experts from disk')
     return p.parse_args(argv)
 
 
@@ -40,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from oss_mlx.weights import CheckpointError
 
     try:
-        model, tokenizer = oss_mlx.load(args.model)
-    except (CheckpointError, ConfigError, TokenizerError) as e:
+        model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
         print(f"oss-mlx generate: {e}", file=sys.stderr)
         return 1
     events = oss_mlx.stream_generate(
