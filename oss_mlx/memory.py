@@ -256,8 +256,10 @@ class MemoryPlan:
                 hi = mid - 1
         return lo
 
-    def advice(self, machine: Machine) -> list[str]:
-        """Concrete steps: what fits, or which preset / context / wired limit makes it fit."""
+    def advice(self, machine: Machine | None = None) -> list[str]:
+        """Concrete steps: what fits, or which preset / context / wired limit makes it fit (on
+        `machine`, default this one)."""
+        machine = machine or Machine.detect()
         ws = machine.working_set_bytes
         out: list[str] = []
         if self.fits(ws):

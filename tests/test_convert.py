@@ -199,7 +199,7 @@ def test_converted_folder_runs_offline(converted, tmp_path, monkeypatch):
 
     tok = load_tokenizer(converted)
     assert tok.decode(tok.encode("Hello, world")) == "Hello, world"
-    assert Path(tok.source if hasattr(tok, "source") else converted / "o200k_base.tiktoken").exists()
+    assert Path(tok.source) == converted / "o200k_base.tiktoken"
 
 
 # ---- safety ---------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ def test_advice():
     advice = MemoryPlan(C120, "small", 8192).advice(Machine.of_size(64))
     assert len(advice) == 1 and "no preset or context" in advice[0]
     assert MemoryPlan(C120, "reference", 8192).advice(Machine.of_size(128))[0].startswith("fits")
+    assert MemoryPlan(named_config("20b"), "small", 1024).advice()  # this machine
 
 
 def test_context_advice_when_weights_fit():
