@@ -34,9 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(PRESETS),
         help="; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()),
     )
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="float dtype of everything that is not MXFP4 (default bfloat16)",
+    )
     ap.add_argument("--plan", action="store_true", help="print sizes and whether it fits; write nothing")
-    ap.add_argument("--verify", action="store_true", help="after converting: checksums + logits vs SOURCE")
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="after converting (or instead, when DEST is already a conversion): shard checksums and a "
+        "stage-by-stage forward pass against SOURCE",
+    )
     ap.add_argument("--force", action="store_true", help="replace DEST (only once the new one is complete)")
     ap.add_argument("--revision", help="hub revision (branch, tag or commit)")
     ap.add_argument("--cache-dir", help="Hugging Face cache folder (default: huggingface_hub's)")
