@@ -331,7 +331,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prompt-lengths", default="128,2048,8192", help="comma-separated prompt lengths")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded after each prompt")
     p.add_argument("--engines", default="oss-mlx,mlx-lm", help=f"comma-separated, of {', '.join(ENGINES)}")
-    p.add_argument("--warmup", type=int, default=64, help="warm-up prompt length (0: none)")
+    p.add_argument(
+        "--warmup", type=int, default=300, help="warm-up prompt length (0: none); over 256 warms cache growth"
+    )
     p.add_argument(
         "--check-logits",
         type=int,
