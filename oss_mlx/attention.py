@@ -18,25 +18,27 @@ from .norm import RMSNorm
 from .rope import YarnRoPE
 
 
-def attention_mask(num_queries: int, offset: int, num_keys: int, window: int | None) -> mx.array | None:
-    """Boolean [T, S] mask (True = may attend) for queries at positions offset..offset+T-1.
+def attention_mask(
+    num_queries: int, offset: int, num_keys: int, window: int | None
+) -> mx.array | str | None:
+    """Mask for queries at positions offset..offset+T-1 over the last S keys (up to offset+T-1).
 
-    The S keys are the last S positions up to offset+T-1 (a window cache keeps only a suffix).
-    Returns None when every key is visible to every query (single-token decode).
+    A window cache keeps only a suffix of the keys, so keys are counted back from the last query.
+    None: every key is visible (single-token decode). "causal": plain causal, aligned to the last
+    key, which the fused attention applies without building a T x S array (a 2k chunk over a 32k
+    context would otherwise materialise scores of 2k x 32k per head). Otherwise a boolean [T, S]
+    array, True = may attend.
     """
+    if window is None or num_keys <= window:
+        return None if num_queries == 1 else "causal"
     first_key = offset + num_queries - num_keys
     q = mx.arange(offset, offset + num_queries)[:, None]
     k = mx.arange(first_key, offset + num_queries)[None, :]
-    if num_queries == 1 and (window is None or num_keys <= window):
-        return None
-    visible = k <= q
-    if window is not None:
-        visible = visible & (q - k < window)
-    return visible
+    return (k <= q) & (q - k < window)
 
 
 def sdpa_with_sinks(
-    q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, mask: mx.array | None
+    q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, mask: mx.array | str | None
 ) -> mx.array:
     """softmax([q·k * scale, sink]) @ [v, 0] per head; q [B, Hq, T, D], k/v [B, Hkv, S, D].
 
@@ -63,7 +65,7 @@ class AttentionBlock(nn.Module):
         self.rope = YarnRoPE(config)
 
     def __call__(
-        self, x: mx.array, mask: mx.array | None, cache: FullCache | WindowCache | None = None
+        self, x: mx.array, mask: mx.array | str | None, cache: FullCache | WindowCache | None = None
     ) -> mx.array:
         B, T, _ = x.shape
         D, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads

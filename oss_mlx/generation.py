@@ -87,7 +87,12 @@ def prefill(
         if end <= start:
             continue
         logits = model(mx.array(tokens[start:end])[None], cache=cache, last_logits_only=True)
-        mx.eval(logits, *cache.arrays())
+        # Before the last chunk only the caches are needed: evaluating just them lets MLX skip the
+        # last block's MoE and the unembedding for those chunks.
+        if end < len(tokens):
+            mx.eval(*cache.arrays())
+        else:
+            mx.eval(logits, *cache.arrays())
         if end in marks:
             cache.mark()
         start = end

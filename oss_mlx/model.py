@@ -27,7 +27,7 @@ class TransformerBlock(nn.Module):
         self.attn = AttentionBlock(config, layer)
         self.mlp = MLPBlock(config, quantized_experts)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache=None) -> mx.array:
         return self.mlp(self.attn(x, mask, cache))
 
 
@@ -46,16 +46,19 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only)."""
         x = self.embedding(tokens)
         masks = self._masks(tokens.shape[1], cache)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            window = block.attn.window
-            x = block(x, masks[window], cache[i] if cache is not None else None)
-        if last_logits_only:
-            x = x[:, -1:, :]
+            c = cache[i] if cache is not None else None
+            if i == last and last_logits_only:
+                # Only the last position goes on: the last MoE block runs on one token, not T.
+                x = block.mlp(block.attn(x, masks[block.attn.window], c)[:, -1:, :])
+            else:
+                x = block(x, masks[block.attn.window], c)
         return self.unembedding(self.norm(x))
 
-    def _masks(self, T: int, cache: ModelCache | None) -> dict[int | None, mx.array | None]:
+    def _masks(self, T: int, cache: ModelCache | None) -> dict[int | None, mx.array | str | None]:
         """One mask per attention kind, shared by all layers of that kind."""
-        masks: dict[int | None, mx.array | None] = {}
+        masks: dict[int | None, mx.array | str | None] = {}
         for i, block in enumerate(self.blocks):
             window = block.attn.window
             if window in masks:
@@ -73,4 +76,6 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.embedding.weight.dtype if hasattr(self.embedding, "weight") else mx.bfloat16
+        """The activation dtype: what the embedding produces (a quantized one: its scales' dtype)."""
+        e = self.embedding
+        return e.scales.dtype if hasattr(e, "scales") else e.weight.dtype

@@ -104,3 +104,9 @@ def test_undo_of_the_last_step_and_short_rewinds(model):
     cache.rewind_to(0)
     out, _ = run_chunks(model, TOKENS[:12], [12], cache)
     np.testing.assert_allclose(out, np.array(model(mx.array(TOKENS[None, :12]))), rtol=0, atol=1e-4)
+
+
+def test_last_logits_only_equals_the_last_row(model):
+    full = np.array(model(mx.array(TOKENS[None])))[:, -1:]
+    last = np.array(model(mx.array(TOKENS[None]), last_logits_only=True))
+    np.testing.assert_allclose(last, full, rtol=0, atol=2e-5 * np.abs(full).max())
