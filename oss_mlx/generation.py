@@ -81,7 +81,9 @@ def prefill(
     if not tokens:
         raise ValueError("prefill needs at least one token")
     marks = {m for m in mark_at if 0 < m <= len(tokens)}
-    cuts = sorted(marks | set(range(step, len(tokens), step)) | {len(tokens)})
+    # The last token goes alone: before it only the caches are evaluated, so the last layer's
+    # attention and MoE never run over the rest of the prompt (their outputs feed nothing).
+    cuts = sorted(marks | set(range(step, len(tokens), step)) | {max(len(tokens) - 1, 1), len(tokens)})
     logits, start = None, 0
     for end in cuts:
         if end <= start:
