@@ -18,9 +18,7 @@ from .norm import RMSNorm
 from .rope import YarnRoPE
 
 
-def attention_mask(
-    num_queries: int, offset: int, num_keys: int, window: int | None
-) -> mx.array | str | None:
+def attention_mask(num_queries: int, offset: int, num_keys: int, window: int | None) -> mx.array | str | None:
     """Mask for queries at positions offset..offset+T-1 over the last S keys (up to offset+T-1).
 
     A window cache keeps only a suffix of the keys, so keys are counted back from the last query.
