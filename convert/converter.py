@@ -87,8 +87,9 @@ class StreamingTensors(W.LazyTensors):
 @dataclass
 class Job:
     """Produces `outputs` (consecutive in their shard) chunk by chunk: each step yields one array per
-    output, the next rows of each. Only the first output is written as it comes; the others (scales,
-    biases: small) are kept until the first is complete."""
+    output, the next rows of each (any leading shape, with the tensor's last axis). Only the first
+    output is written as it comes; the others (scales, biases: small) are kept until the first is
+    complete."""
 
     outputs: list[TensorSpec]
     produce: Callable[[], Iterator[tuple[mx.array, ...]]]
@@ -318,15 +319,20 @@ def _quantized_producer(tensors, srcs, build, target, q):
 
 
 def _float_expert_producer(tensors, srcs, build):
-    """A float fine-tune's experts -> MXFP4, expert by expert (exactly as the loader quantizes them)."""
+    """A float fine-tune's experts -> MXFP4, exactly as the loader quantizes them (groups of 32 along
+    the input axis, so rows are independent), in blocks of rows: MLX's CPU mxfp4 quantization takes
+    ~80 bytes of scratch per value, ~0.7 GB for one whole 20b expert."""
+    rows_per_block = 1 << 20  # values per quantize call (4 MB of float32)
 
     def produce():
         (array,) = _load(tensors, srcs)
         for e in range(array.shape[0]):
-            w, scales = mx.quantize(
-                build(array[e : e + 1]).astype(mx.float32), group_size=32, bits=4, mode="mxfp4"
-            )
-            yield w, scales
+            x = build(array[e : e + 1])[0]  # [out, in]
+            step = max(1, rows_per_block // x.shape[-1])
+            for r in range(0, x.shape[0], step):
+                yield tuple(
+                    mx.quantize(x[r : r + step].astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
+                )
 
     return produce
 
@@ -379,6 +385,9 @@ def write_shards(
                         if on_progress:
                             on_progress(spec.name, c.nbytes)
                 del kept
+                # MLX keeps freed buffers for reuse; a 1 GB buffer of the last tensor would otherwise
+                # sit beside the next one (measured: 2.4 GB instead of 1.3 GB converting a float 20b).
+                mx.clear_cache()
                 if delay:
                     time.sleep(delay)
             digests[shard.name] = w.close()

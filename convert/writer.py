@@ -90,11 +90,11 @@ class ShardWriter:
         return self.data_start + self.header[name]["data_offsets"][0]
 
     def write(self, name: str, chunk: mx.array) -> None:
-        """Append `chunk` (the next rows of tensor `name`, any number of them) to the file."""
+        """Append `chunk` (the next rows of tensor `name`: any leading shape, the tensor's last axis)."""
         t = self.tensors[self._i] if self._i < len(self.tensors) else None
         if t is None or t.name != name:
             raise RuntimeError(f"{self.path.name}: wrote {name!r}, expected {t.name if t else 'nothing'}")
-        if chunk.dtype != t.dtype or (t.shape and tuple(chunk.shape[1:]) != tuple(t.shape[1:])):
+        if chunk.dtype != t.dtype or (t.shape and chunk.shape[-1:] != t.shape[-1:]):
             raise RuntimeError(
                 f"{name}: chunk {chunk.dtype} {list(chunk.shape)} does not fit {t.dtype} {list(t.shape)}"
             )
