@@ -52,7 +52,7 @@ METADATA_FILES = (
     "special_tokens_map.json",
 )
 # Recipes whose output rows (axis 0) are the source's rows: a tensor can be produced in row chunks.
-_ROW_WISE = (W._identity, W._blocks_to_uint32, W._transpose_last)
+_ROW_WISE = (W.identity, W.blocks_to_uint32, W.transpose_last)
 
 
 class ConvertError(RuntimeError):
@@ -223,7 +223,7 @@ def plan_conversion(folder: Path, preset: Preset, dtype: str = "bfloat16") -> Co
         srcs, build = recipes[name]
         part = _dense_part(name)
         q = preset.spec().get(part) if part else None
-        if float_experts and W._EXPERT_WEIGHT.search(name):
+        if float_experts and W.EXPERT_WEIGHT.search(name):
             scales = name.replace("_weight", "_scales")
             outs = [TensorSpec(name, shape, out_dtype), TensorSpec(scales, *canon[scales])]
             jobs[name] = Job(outs, _float_expert_producer(tensors, srcs, build), "experts")

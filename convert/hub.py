@@ -13,22 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from oss_mlx.loader import resolve_model_path
+from oss_mlx.loader import download as download_snapshot
+from oss_mlx.loader import is_repo_id, resolve_model_path
 from oss_mlx.weights import CheckpointError
-
-# fnmatch's "*" crosses "/", so every pattern names a top-level file explicitly.
-DOWNLOAD_PATTERNS = [
-    "config.json",
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "model-*.safetensors",
-    "generation_config.json",
-    "chat_template.jinja",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -37,10 +24,6 @@ class Source:
     name: str  # what the user gave: repo id, or the folder's absolute path
     revision: str | None  # hub commit hash (also for a folder inside a hub cache snapshot)
     hub: bool
-
-
-def is_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
 def _snapshot_revision(folder: Path) -> str | None:
@@ -66,44 +49,8 @@ def resolve_source(
     return download(source, revision, cache_dir)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def download(repo_id: str, revision: str | None = None, cache_dir=None, config_only: bool = False) -> Source:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                allow_patterns=["config.json"] if config_only else DOWNLOAD_PATTERNS,
-                local_files_only=_offline(),
-            )
-        )
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{repo_id} is not in the Hugging Face cache and cannot be downloaded "
-            "(offline, or HF_HUB_OFFLINE=1). Connect once, or pass a local checkpoint folder."
-        ) from None
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise CheckpointError(f"{repo_id}: no such repository on the hub, or no access to it ({e})") from None
-    except RevisionNotFoundError:
-        raise CheckpointError(f"{repo_id}: no revision {revision!r} on the hub") from None
-    except Exception as e:  # network, disk: reported in words
-        raise CheckpointError(f"cannot download {repo_id} from the Hugging Face hub: {e}") from None
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"{repo_id}: the repository has no top-level config.json (not a gpt-oss model?)"
-        )
+    folder = download_snapshot(repo_id, revision, cache_dir, config_only)
     return Source(
         folder, repo_id, folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision, True
     )

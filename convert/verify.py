@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from oss_mlx.attention import attention_mask
-from oss_mlx.loader import _quantize_dense, load_model
+from oss_mlx.loader import load_model, quantize_dense
 
 from .presets import get_preset
 from .writer import sha256_file
@@ -121,7 +121,7 @@ def lockstep(
     tracks = {"src": load_model(source, dtype=dtype)[0], "dest": load_model(dest)[0]}
     if quantization:
         tracks["expect"] = load_model(source, dtype=dtype)[0]
-        _quantize_dense(tracks["expect"], quantization)
+        quantize_dense(tracks["expect"], quantization)
         tracks["src32"] = load_model(source, dtype=mx.float32)[0]
         tracks["dest32"] = load_model(dest, dtype=mx.float32)[0]
     stages = {k: _stages(m) for k, m in tracks.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,19 +25,76 @@ from .weights import (
 )
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
-# Only what the model needs: the hub repos also carry original/ and metal/ copies of the weights.
+# Only what the model needs. The hub repos also carry original/ and metal/ copies of the weights,
+# and fnmatch's "*" crosses "/", so every pattern names a top-level file.
 HUB_PATTERNS = [
     "config.json",
-    "*.safetensors",
     "model.safetensors.index.json",
-    "tokenizer*.json",
+    "model.safetensors",
+    "model-*.safetensors",
     "generation_config.json",
     "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
 ]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_repo_id(text: str) -> bool:
+    return bool(_REPO_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def download(
+    repo_id: str,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    config_only: bool = False,
+) -> Path:
+    """The snapshot folder of a hub repo: huggingface_hub downloads (resumable, with progress bars)
+    or finds it in its cache; HF_HUB_OFFLINE=1 only looks in the cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=["config.json"] if config_only else HUB_PATTERNS,
+                local_files_only=_offline(),
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id} is not in the Hugging Face cache and cannot be downloaded "
+            "(offline, or HF_HUB_OFFLINE=1). Connect once, or pass a local checkpoint folder."
+        ) from None
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise CheckpointError(f"{repo_id}: no such repository on the hub, or no access to it ({e})") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id}: no revision {revision!r} on the hub") from None
+    except Exception as e:  # network, disk: reported in words
+        raise CheckpointError(f"cannot download {repo_id} from the Hugging Face hub: {e}") from None
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"{repo_id}: the repository has no top-level config.json (not a gpt-oss model?)"
+        )
+    return folder
 
 
 def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub repo id, downloaded (or found in the hub cache)."""
+    """A local folder as is (or its original/); otherwise a hub repo id, downloaded or from the cache."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -44,21 +102,11 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
         if not (path / "config.json").is_file() and (path / "original" / "config.json").is_file():
             return path / "original"
         return path
-    text = str(path_or_repo)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise CheckpointError(f"{text}: no such folder, and not a hub repo id like 'openai/gpt-oss-20b'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
-    except LocalEntryNotFoundError:
+    if not is_repo_id(str(path_or_repo)):
         raise CheckpointError(
-            f"{text} is not in the Hugging Face cache and cannot be downloaded (offline?). "
-            "Connect once, or pass a local checkpoint folder."
-        ) from None
-    except Exception as e:  # network, auth, missing repo: all reported in words
-        raise CheckpointError(f"cannot download {text} from the Hugging Face hub: {e}") from None
+            f"{path_or_repo}: no such folder, and not a hub repo id like 'openai/gpt-oss-20b'"
+        )
+    return download(str(path_or_repo))
 
 
 @dataclass
@@ -96,7 +144,7 @@ def load_model(
     if layout == "oss-mlx":
         keep_float = not raw["oss_mlx"].get("experts_mxfp4", True)
     model = Transformer(config, quantized_experts=not keep_float)
-    _quantize_dense(model, raw.get("oss_mlx", {}).get("quantization"))
+    quantize_dense(model, raw.get("oss_mlx", {}).get("quantization"))
 
     if layout == "hf-mxfp4":
         recipes = hf_recipes(config, mxfp4=True)
@@ -128,7 +176,7 @@ def load_model(
     return model, model.info
 
 
-def _quantize_dense(model: Transformer, spec: dict | None) -> None:
+def quantize_dense(model: Transformer, spec: dict | None) -> None:
     """Apply the converter's quantization of dense layers (attention, embeddings) before loading.
 
     spec: {"attention" | "embedding" | "unembedding": {"bits", "group_size", "mode"}}; router, sinks

@@ -176,7 +176,7 @@ def expert_sources(
             canonical = f"blocks.{i}.mlp.experts.{name}"
             param = getattr(experts, name)
             srcs, build = recipes.get(canonical, ([], None))
-            if len(srcs) != 1 or build not in (W._identity, W._blocks_to_uint32):
+            if len(srcs) != 1 or build not in (W.identity, W.blocks_to_uint32):
                 raise MemoryBudgetError(
                     f"{folder}: {canonical} is not stored as one tensor of experts along axis 0 "
                     f"({layout} layout), so its experts cannot be read one by one. "

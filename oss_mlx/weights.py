@@ -133,80 +133,80 @@ def detect_layout(folder: Path, raw_config: dict, tensor_names: list[str]) -> st
 Recipe = tuple[list[str], Callable[..., mx.array]]
 
 
-def _blocks_to_uint32(blocks: mx.array) -> mx.array:
+def blocks_to_uint32(blocks: mx.array) -> mx.array:
     """[..., out, in/32, 16] uint8 -> [..., out, in/8] uint32: the same bytes, MLX's mxfp4 packing."""
     shape = blocks.shape
     return blocks.view(mx.uint32).reshape(*shape[:-2], shape[-2] * shape[-1] // 4)
 
 
-def _identity(x: mx.array) -> mx.array:
+def identity(x: mx.array) -> mx.array:
     return x
 
 
-def _concat_rows(*xs: mx.array) -> mx.array:
+def concat_rows(*xs: mx.array) -> mx.array:
     return mx.concatenate(xs, axis=0)
 
 
-def _transpose_last(x: mx.array) -> mx.array:
+def transpose_last(x: mx.array) -> mx.array:
     return x.swapaxes(-1, -2)
 
 
 def hf_recipes(config: ModelConfig, mxfp4: bool) -> dict[str, Recipe]:
     r: dict[str, Recipe] = {
-        "embedding.weight": (["model.embed_tokens.weight"], _identity),
-        "norm.weight": (["model.norm.weight"], _identity),
-        "unembedding.weight": (["lm_head.weight"], _identity),
+        "embedding.weight": (["model.embed_tokens.weight"], identity),
+        "norm.weight": (["model.norm.weight"], identity),
+        "unembedding.weight": (["lm_head.weight"], identity),
     }
     for i in range(config.num_layers):
         src, dst = f"model.layers.{i}", f"blocks.{i}"
         a = f"{src}.self_attn"
-        r[f"{dst}.attn.norm.weight"] = ([f"{src}.input_layernorm.weight"], _identity)
+        r[f"{dst}.attn.norm.weight"] = ([f"{src}.input_layernorm.weight"], identity)
         for kind in ("weight", "bias"):
-            r[f"{dst}.attn.qkv.{kind}"] = ([f"{a}.{p}_proj.{kind}" for p in "qkv"], _concat_rows)
-            r[f"{dst}.attn.out.{kind}"] = ([f"{a}.o_proj.{kind}"], _identity)
-            r[f"{dst}.mlp.router.{kind}"] = ([f"{src}.mlp.router.{kind}"], _identity)
-        r[f"{dst}.attn.sinks"] = ([f"{a}.sinks"], _identity)
-        r[f"{dst}.mlp.norm.weight"] = ([f"{src}.post_attention_layernorm.weight"], _identity)
+            r[f"{dst}.attn.qkv.{kind}"] = ([f"{a}.{p}_proj.{kind}" for p in "qkv"], concat_rows)
+            r[f"{dst}.attn.out.{kind}"] = ([f"{a}.o_proj.{kind}"], identity)
+            r[f"{dst}.mlp.router.{kind}"] = ([f"{src}.mlp.router.{kind}"], identity)
+        r[f"{dst}.attn.sinks"] = ([f"{a}.sinks"], identity)
+        r[f"{dst}.mlp.norm.weight"] = ([f"{src}.post_attention_layernorm.weight"], identity)
         e = f"{src}.mlp.experts"
         for proj, name in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
-            r[f"{dst}.mlp.experts.{name}_bias"] = ([f"{e}.{proj}_bias"], _identity)
+            r[f"{dst}.mlp.experts.{name}_bias"] = ([f"{e}.{proj}_bias"], identity)
             if mxfp4:
-                r[f"{dst}.mlp.experts.{name}_weight"] = ([f"{e}.{proj}_blocks"], _blocks_to_uint32)
-                r[f"{dst}.mlp.experts.{name}_scales"] = ([f"{e}.{proj}_scales"], _identity)
+                r[f"{dst}.mlp.experts.{name}_weight"] = ([f"{e}.{proj}_blocks"], blocks_to_uint32)
+                r[f"{dst}.mlp.experts.{name}_scales"] = ([f"{e}.{proj}_scales"], identity)
             else:  # transformers stores [E, in, out]; we keep [E, out, in] like the blocks
-                r[f"{dst}.mlp.experts.{name}_weight"] = ([f"{e}.{proj}"], _transpose_last)
+                r[f"{dst}.mlp.experts.{name}_weight"] = ([f"{e}.{proj}"], transpose_last)
     return r
 
 
 def original_recipes(config: ModelConfig) -> dict[str, Recipe]:
     r: dict[str, Recipe] = {
-        "embedding.weight": (["embedding.weight"], _identity),
-        "norm.weight": (["norm.scale"], _identity),
-        "unembedding.weight": (["unembedding.weight"], _identity),
+        "embedding.weight": (["embedding.weight"], identity),
+        "norm.weight": (["norm.scale"], identity),
+        "unembedding.weight": (["unembedding.weight"], identity),
     }
     for i in range(config.num_layers):
         src, dst = f"block.{i}", f"blocks.{i}"
-        r[f"{dst}.attn.norm.weight"] = ([f"{src}.attn.norm.scale"], _identity)
-        r[f"{dst}.attn.sinks"] = ([f"{src}.attn.sinks"], _identity)
-        r[f"{dst}.mlp.norm.weight"] = ([f"{src}.mlp.norm.scale"], _identity)
+        r[f"{dst}.attn.norm.weight"] = ([f"{src}.attn.norm.scale"], identity)
+        r[f"{dst}.attn.sinks"] = ([f"{src}.attn.sinks"], identity)
+        r[f"{dst}.mlp.norm.weight"] = ([f"{src}.mlp.norm.scale"], identity)
         for kind in ("weight", "bias"):
-            r[f"{dst}.attn.qkv.{kind}"] = ([f"{src}.attn.qkv.{kind}"], _identity)
-            r[f"{dst}.attn.out.{kind}"] = ([f"{src}.attn.out.{kind}"], _identity)
-            r[f"{dst}.mlp.router.{kind}"] = ([f"{src}.mlp.gate.{kind}"], _identity)
+            r[f"{dst}.attn.qkv.{kind}"] = ([f"{src}.attn.qkv.{kind}"], identity)
+            r[f"{dst}.attn.out.{kind}"] = ([f"{src}.attn.out.{kind}"], identity)
+            r[f"{dst}.mlp.router.{kind}"] = ([f"{src}.mlp.gate.{kind}"], identity)
         for mlp, name in (("mlp1", "gate_up"), ("mlp2", "down")):
-            r[f"{dst}.mlp.experts.{name}_weight"] = ([f"{src}.mlp.{mlp}_weight.blocks"], _blocks_to_uint32)
-            r[f"{dst}.mlp.experts.{name}_scales"] = ([f"{src}.mlp.{mlp}_weight.scales"], _identity)
-            r[f"{dst}.mlp.experts.{name}_bias"] = ([f"{src}.mlp.{mlp}_bias"], _identity)
+            r[f"{dst}.mlp.experts.{name}_weight"] = ([f"{src}.mlp.{mlp}_weight.blocks"], blocks_to_uint32)
+            r[f"{dst}.mlp.experts.{name}_scales"] = ([f"{src}.mlp.{mlp}_weight.scales"], identity)
+            r[f"{dst}.mlp.experts.{name}_bias"] = ([f"{src}.mlp.{mlp}_bias"], identity)
     return r
 
 
 def canonical_recipes(names: list[str]) -> dict[str, Recipe]:
-    return {n: ([n], _identity) for n in names}
+    return {n: ([n], identity) for n in names}
 
 
 # ---- putting it together --------------------------------------------------------------------------
 
-_EXPERT_WEIGHT = re.compile(r"\.mlp\.experts\.(gate_up|down)_weight$")
+EXPERT_WEIGHT = re.compile(r"\.mlp\.experts\.(gate_up|down)_weight$")
 
 
 def iter_canonical(
@@ -244,11 +244,17 @@ def iter_canonical(
             raise CheckpointError(f"{folder}: no source for parameter {name!r} in this layout")
         srcs, build = recipes[name]
         array = build(*(tensors[s] for s in srcs))
-        if quantize_float_experts and _EXPERT_WEIGHT.search(name):
+        if quantize_float_experts and EXPERT_WEIGHT.search(name):
             # A float fine-tune: quantize to MXFP4 like the released experts.
             unpacked = (*shape[:-1], shape[-1] * 8)  # eight 4-bit values per uint32
             _check_shape(name, array.shape, unpacked, srcs, tensors)
-            w, scales = mx.quantize(array.astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
+            # One expert at a time: MLX's CPU quantizer needs ~77 bytes of scratch per value, so a
+            # whole 20b layer at once would need ~41 GB.
+            parts = [
+                mx.quantize(array[e].astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
+                for e in range(array.shape[0])
+            ]
+            w, scales = mx.stack([p[0] for p in parts]), mx.stack([p[1] for p in parts])
             yield name, w
             yield name.replace("_weight", "_scales"), scales
             continue

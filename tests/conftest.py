@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,20 @@ def tiny_checkpoint(tmp_path_factory, vocab_dir) -> Path:
     write_checkpoint(folder, SyntheticSpec.tiny(num_layers=4, sliding_window=16), layout="hf-mxfp4", seed=7)
     copy_vocabulary(folder)
     return folder
+
+
+def make_hub_cache(root: Path, repo: str, src: Path, rev: str) -> Path:
+    """A real huggingface_hub cache layout of `src`: blobs by hash, snapshot files as relative links."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(rev)
+    snap = repo_dir / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo_dir / "blobs" / digest)
+        rel = f.relative_to(src)
+        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+        (snap / rel).symlink_to(Path("../" * (len(rel.parts) + 1)) / "blobs" / digest)
+    return root

@@ -17,13 +17,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import make_hub_cache
 from oss_mlx.convert import converter as C
 from oss_mlx.convert.cli import main
 from oss_mlx.convert.hub import resolve_source
 from oss_mlx.convert.presets import PRESETS
 from oss_mlx.convert.verify import VerifyError, check_shards, verify_logits, verify_tokens
 
-from oss_mlx.loader import _quantize_dense, load_model
+from oss_mlx.loader import load_model, quantize_dense
 from oss_mlx.memory import weight_bytes
 from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
 
@@ -59,7 +60,7 @@ def converted(sources, tmp_path_factory) -> Path:
 def logits(path: Path, dtype=None, quantization=None) -> np.ndarray:
     model, _ = load_model(path, dtype=dtype)
     if quantization:
-        _quantize_dense(model, quantization)
+        quantize_dense(model, quantization)
     return np.array(model(mx.array(TOKENS[None, :])).astype(mx.float32))[0]
 
 
@@ -384,24 +385,9 @@ def test_disk_filling_up_mid_way(sources, tmp_path, monkeypatch, capsys):
 # ---- hub, plan, verify ----------------------------------------------------------------------------
 
 
-def _hub_cache(root: Path, repo: str, src: Path, rev: str) -> Path:
-    """A real huggingface_hub cache layout: blobs by hash, snapshot files as relative symlinks."""
-    repo_dir = root / f"models--{repo.replace('/', '--')}"
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(rev)
-    snap = repo_dir / "snapshots" / rev
-    snap.mkdir(parents=True)
-    (repo_dir / "blobs").mkdir()
-    for f in src.iterdir():
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copyfile(f, repo_dir / "blobs" / digest)
-        (snap / f.name).symlink_to(Path("../../blobs") / digest)
-    return root
-
-
 def test_hub_source_offline_through_a_real_cache(sources, tmp_path, monkeypatch, capsys):
     rev = "0123456789abcdef0123456789abcdef01234567"
-    cache = _hub_cache(tmp_path / "hub", "acme/tiny-gpt-oss", sources["hf-mxfp4"], rev)
+    cache = make_hub_cache(tmp_path / "hub", "acme/tiny-gpt-oss", sources["hf-mxfp4"], rev)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     dest = tmp_path / "from-hub"
     assert main(["acme/tiny-gpt-oss", str(dest), "--cache-dir", str(cache)]) == 0

@@ -8,6 +8,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import make_hub_cache
 
 from oss_mlx.config import ConfigError
 from oss_mlx.loader import load_model
@@ -163,3 +164,23 @@ def test_not_a_folder_nor_a_repo(tmp_path):
         load_model(tmp_path / "nope" / "deeper" / "x")
     with pytest.raises(ConfigError, match="config.json not found"):
         load_model(tmp_path)
+
+
+def test_hub_repo_id_loads_offline_from_the_hub_cache(checkpoints, tmp_path, monkeypatch):
+    """A repo id goes through huggingface_hub (here its cache, offline); the top-level layout is used."""
+    import huggingface_hub.constants
+
+    rev = "89abcdef0123456789abcdef0123456789abcdef"
+    src = _copy(checkpoints["hf-mxfp4"], tmp_path)
+    (src / "original").mkdir()  # the hub repos carry a second copy of the weights here
+    (src / "original" / "model.safetensors").write_bytes(b"not to be downloaded")
+    cache = make_hub_cache(tmp_path / "hub", "acme/tiny-gpt-oss", src, rev)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, info = load_model("acme/tiny-gpt-oss", dtype=mx.float32)
+    assert info.layout == "hf-mxfp4" and info.path.name == rev
+    ref, _ = load_model(checkpoints["hf-mxfp4"], dtype=mx.float32)
+    tokens = mx.array([[1, 2, 3, 4]])
+    assert np.array_equal(np.array(model(tokens)), np.array(ref(tokens)))
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        load_model("acme/other-model")
