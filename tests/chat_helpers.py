@@ -53,8 +53,11 @@ class TmuxChat:
             raise RuntimeError(f"tmux {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout
 
-    def start(self, args: list[str], replies: list[str | None] | None = None) -> TmuxChat:
+    def start(
+        self, args: list[str], replies: list[str | None] | None = None, env_extra: dict | None = None
+    ) -> TmuxChat:
         env = {
+            **(env_extra or {}),
             "TIKTOKEN_CACHE_DIR": str(self.vocab_dir),
             "TIKTOKEN_RS_CACHE_DIR": str(self.vocab_dir),
             "OSS_MLX_HOME": str(self.home),

@@ -19,6 +19,7 @@ from typing import Annotated, Literal, Optional, TypedDict
 
 import pytest
 from chat_helpers import REPO, TmuxChat, env_has_tmux, function_call, harmony_reply, python_call
+from conftest import make_hub_cache
 
 from oss_mlx.chat import commands
 from oss_mlx.chat.app import format_stats
@@ -73,6 +74,32 @@ def chat(tmp_path, vocab_dir, tiny_checkpoint):
     yield start
     for app in apps:
         app.close()
+
+
+@needs_tmux
+def test_first_run_downloads_and_converts_a_hub_model_once(tmp_path, vocab_dir, tiny_checkpoint):
+    """`--model ORG/NAME` (the default is openai/gpt-oss-20b): fetched through huggingface_hub (here its
+    cache, offline), converted once into the data folder, loaded from there on later runs."""
+    rev = "fedcba9876543210fedcba9876543210fedcba98"
+    cache = make_hub_cache(tmp_path / "hub", "acme/tiny-gpt-oss", tiny_checkpoint, rev)
+    home = tmp_path / "home"
+    env = {"HF_HUB_CACHE": str(cache)}
+    app = TmuxChat(home, vocab_dir).start(["--model", "acme/tiny-gpt-oss"], replies=[SHORT], env_extra=env)
+    try:
+        screen = app.wait_prompt(timeout=120)
+        assert "first run" in screen and "Traceback" not in screen
+        converted = home / "models" / "acme--tiny-gpt-oss"
+        section = json.loads((converted / "config.json").read_text())["oss_mlx"]
+        assert section["source"] == "acme/tiny-gpt-oss" and section["revision"] == rev
+        assert "Short answer." in app.command("Hi", r"tok/s")
+    finally:
+        app.close()
+    again = TmuxChat(home, vocab_dir).start(["--model", "acme/tiny-gpt-oss"], env_extra=env)
+    try:
+        screen = again.wait_prompt(timeout=60)
+        assert "first run" not in screen and "(oss-mlx) loaded" in screen  # the converted copy
+    finally:
+        again.close()
 
 
 def saved(path: Path) -> dict:

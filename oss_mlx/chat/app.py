@@ -131,6 +131,28 @@ def memory_warnings(path: Path) -> list[str]:
         return []
 
 
+def prepare_model(model: str, console: Console) -> Path:
+    """The folder to load. A hub id (the default, openai/gpt-oss-20b) is downloaded and converted
+    once, on first run, into the data folder; later runs load the converted copy directly."""
+    from ..loader import is_repo_id, resolve_model_path
+
+    if Path(model).expanduser().exists() or not is_repo_id(model):
+        return resolve_model_path(model)
+    dest = data_dir() / "models" / model.replace("/", "--")
+    if (dest / "config.json").is_file():
+        return dest
+    console.print(Text(f"first run: {model} is downloaded and converted once, into {dest}", style="bold"))
+    for line in memory_warnings(Path(model)):  # from its config.json alone, before any download
+        console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
+    from ..convert.cli import main as convert
+
+    if convert([model, str(dest)]) != 0:
+        raise RuntimeError(
+            f"could not convert {model} (see above); `oss-mlx convert {model} DEST` retries it"
+        )
+    return dest
+
+
 def _import_sampler() -> None:
     try:
         import mlx_lm.sample_utils  # noqa: F401
@@ -878,14 +900,13 @@ def main(argv: list[str] | None = None) -> int:
         except ChatFileError as e:
             return fail(f"--history: {e}", 2)
 
-    # The model: a hub id is downloaded on first use (huggingface_hub shows its progress).
+    # The model: a hub id is downloaded and converted on first use (with progress bars).
     start = time.perf_counter()
     try:
         import oss_mlx
-        from oss_mlx.loader import resolve_model_path
 
         console.print(Text(f"loading {args.model} …", style="dim"))
-        path = resolve_model_path(args.model)
+        path = prepare_model(args.model, console)
         for line in memory_warnings(path):
             console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
         model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
