@@ -172,6 +172,9 @@ def load_model(
 
         stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
     model.eval()
+    from .memory import wire_weights
+
+    wire_weights(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
     model.info = LoadInfo(layout, folder, config, raw)
     return model, model.info
 

@@ -145,6 +145,10 @@ class Machine:
 
     @classmethod
     def detect(cls) -> Machine:
+        override = os.environ.get("OSS_MLX_MEMORY_GB")
+        if override:  # plan as if the GPU budget were this size (a smaller share, or another machine)
+            b = int(float(override) * 1e9)
+            return cls(b, b, "mac" if sys.platform == "darwin" else "linux", f"OSS_MLX_MEMORY_GB={override}")
         ram = _total_ram()
         if sys.platform == "darwin":
             ws = _metal_working_set()
@@ -154,6 +158,20 @@ class Machine:
         if sys.platform.startswith("linux"):
             return cls(ram, ram, "linux", "this machine: MemTotal in /proc/meminfo")
         return cls(ram, ram, "other", "this machine: total RAM")
+
+
+def wire_weights(weight_bytes: int) -> int | None:
+    """On Metal, keep the weights wired (resident, never paged out) up to the recommended working
+    set: macOS otherwise may evict and re-read GPU buffers mid-generation. Returns the limit set,
+    or None where there is no such limit (CPU, CUDA)."""
+    import mlx.core as mx
+
+    ws = _metal_working_set()
+    if not ws:
+        return None
+    limit = min(weight_bytes + GiB, ws)
+    mx.set_wired_limit(limit)
+    return limit
 
 
 def _total_ram() -> int:

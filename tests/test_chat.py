@@ -800,3 +800,23 @@ def test_stats_line():
     )
     stats.finish_reason = "length"
     assert format_stats(stats, None).endswith("· length")
+
+
+def test_refuses_a_model_that_does_not_fit_and_says_what_to_do(tiny_checkpoint, vocab_dir, tmp_path):
+    """Never let the machine swap: the planner's advice, and no load, when the model does not fit."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "TIKTOKEN_CACHE_DIR": str(vocab_dir),
+        "OSS_MLX_HOME": str(tmp_path),
+        "OSS_MLX_MEMORY_GB": "0.01",  # plan as if the GPU budget were 10 MB
+    }
+    cmd = [sys.executable, "-m", "oss_mlx.cli", "chat", "--model", str(tiny_checkpoint)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert "does not fit" in text and "--memory-budget" in text and "Traceback" not in text
+    assert "loaded in" not in text

@@ -140,3 +140,27 @@ def test_plan_of_a_converted_folder_uses_its_preset(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(d))
     assert main([str(tmp_path), "--memory", "32"]) == 0
     assert "preset balanced" in capsys.readouterr().out
+
+
+def test_weights_are_wired_on_metal(monkeypatch, tmp_path):
+    """On a Mac the loader wires the weights (up to Metal's working set); elsewhere nothing is set."""
+    import mlx.core as mx
+
+    from oss_mlx import memory
+    from oss_mlx.loader import load_model
+    from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "m", SyntheticSpec.tiny(vocab_size=1024), layout="hf-mxfp4")
+    calls = []
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 0)
+    load_model(folder)
+    assert calls == []  # no Metal here
+    monkeypatch.setattr(memory, "_metal_working_set", lambda: 64 * memory.GiB)
+    model, _ = load_model(folder)
+    from mlx.utils import tree_flatten
+
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert calls == [weights + memory.GiB]
+    monkeypatch.setattr(memory, "_metal_working_set", lambda: memory.GiB // 2)
+    load_model(folder)
+    assert calls[-1] == memory.GiB // 2  # never above the working set

@@ -142,8 +142,6 @@ def prepare_model(model: str, console: Console) -> Path:
     if (dest / "config.json").is_file():
         return dest
     console.print(Text(f"first run: {model} is downloaded and converted once, into {dest}", style="bold"))
-    for line in memory_warnings(Path(model)):  # from its config.json alone, before any download
-        console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
     from ..convert.cli import main as convert
 
     if convert([model, str(dest)]) != 0:
@@ -859,6 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--no-autosave", action="store_true", help="do not save the conversation automatically")
     ap.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
+    ap.add_argument("--ignore-memory", action="store_true", help="load even if the planner says it won't fit")
     ap.add_argument(
         "--memory-budget",
         metavar="SIZE",
@@ -906,9 +905,16 @@ def main(argv: list[str] | None = None) -> int:
         import oss_mlx
 
         console.print(Text(f"loading {args.model} …", style="dim"))
-        path = prepare_model(args.model, console)
-        for line in memory_warnings(path):
+        # Checked from config.json alone (a hub model's too), before any download or load.
+        warnings = [] if args.memory_budget or args.ignore_memory else memory_warnings(Path(args.model))
+        for line in warnings:
             console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
+        if warnings:  # never let the machine swap: refuse before loading, say what to do
+            return fail(
+                "the model does not fit this machine's memory budget: do one of the above, or pass "
+                "--memory-budget SIZE to keep only hot experts in memory (or --ignore-memory to load anyway)"
+            )
+        path = prepare_model(args.model, console)
         model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
     except KeyboardInterrupt:
         return 130
