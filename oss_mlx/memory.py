@@ -331,6 +331,21 @@ class MemoryPlan:
         return out
 
 
+def fit_advice(model: str, context: int = DEFAULT_CONTEXT) -> list[str]:
+    """Before loading `model` (a folder or hub id; only its config.json is read): the planner's
+    advice when it will not fit this machine's budget, [] when it fits or cannot be planned."""
+    try:
+        config, raw = config_of(str(model))
+        section = raw.get("oss_mlx") or {}
+        plan = MemoryPlan(
+            config, section.get("preset") or "reference", context, quantization=section.get("quantization")
+        )
+        machine = Machine.detect()
+        return [] if plan.fits(machine.working_set_bytes) else plan.advice(machine)
+    except Exception:  # unreadable config: the loader will say what is wrong
+        return []
+
+
 def gib(n: int | float) -> str:
     return f"{n / GiB:.2f} GiB"
 

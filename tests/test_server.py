@@ -485,3 +485,15 @@ def test_still_healthy_after_everything(servers):
     for s in servers:
         assert s.proc.poll() is None
         assert httpx.get(f"{s.url}/health").json()["status"] == "ok"
+
+
+def test_refuses_a_model_that_does_not_fit(tiny_checkpoint, vocab_dir):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(vocab_dir), "OSS_MLX_MEMORY_GB": "0.01"}
+    cmd = [sys.executable, "-m", "oss_mlx.cli", "serve", "--model", str(tiny_checkpoint), "--port", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1
+    assert "does not fit" in out.stderr and "--memory-budget" in out.stderr and "Traceback" not in out.stderr

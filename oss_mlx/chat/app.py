@@ -112,25 +112,6 @@ def context_limit(model: Any) -> int | None:
     return limit
 
 
-def memory_warnings(path: Path) -> list[str]:
-    """Before loading: advice when the model does not fit this machine (empty when it does, or when
-    the memory planner is not available)."""
-    try:
-        from ..memory import Machine, MemoryPlan, config_of
-
-        config, raw = config_of(str(path))
-        section = raw.get("oss_mlx") or {}
-        plan = MemoryPlan(
-            config, section.get("preset") or "reference", quantization=section.get("quantization") or None
-        )
-        machine = Machine.detect()
-        if plan.fits(machine.working_set_bytes):
-            return []
-        return plan.advice(machine)
-    except Exception:
-        return []
-
-
 def prepare_model(model: str, console: Console) -> Path:
     """The folder to load. A hub id (the default, openai/gpt-oss-20b) is downloaded and converted
     once, on first run, into the data folder; later runs load the converted copy directly."""
@@ -906,7 +887,9 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(Text(f"loading {args.model} …", style="dim"))
         # Checked from config.json alone (a hub model's too), before any download or load.
-        warnings = [] if args.memory_budget or args.ignore_memory else memory_warnings(Path(args.model))
+        from ..memory import fit_advice
+
+        warnings = [] if args.memory_budget or args.ignore_memory else fit_advice(args.model)
         for line in warnings:
             console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
         if warnings:  # never let the machine swap: refuse before loading, say what to do

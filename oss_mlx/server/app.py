@@ -245,6 +245,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="Chat Completions field(s) that carry the chain of thought (default both)",
     )
     p.add_argument(
+        "--ignore-memory", action="store_true", help="load even if the memory planner says it will not fit"
+    )
+    p.add_argument(
         "--memory-budget",
         metavar="SIZE",
         help="e.g. 6GB: stream experts from the checkpoint, hot ones kept in memory (default: all resident)",
@@ -262,6 +265,18 @@ def main(argv: list[str]) -> int:
         log.warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", args.host
         )
+    if not args.memory_budget and not args.ignore_memory:
+        from ..memory import fit_advice
+
+        advice = fit_advice(args.model)
+        if advice:  # refuse before loading rather than let the machine swap
+            print("oss-mlx serve: " + "\n  ".join(advice), file=sys.stderr)
+            print(
+                "oss-mlx serve: pass --memory-budget SIZE to keep only hot experts in memory, "
+                "or --ignore-memory to load anyway",
+                file=sys.stderr,
+            )
+            return 1
     from . import scripted
 
     script = scripted.Script.from_env()
