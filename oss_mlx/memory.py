@@ -274,6 +274,23 @@ class MemoryPlan:
                 hi = mid - 1
         return lo
 
+    def streaming_minimum(self) -> int:
+        """The least `memory_budget` expert streaming accepts (see streaming.plan_streaming): the
+        non-expert weights, the KV cache and activations, and top-k experts per layer (+1 in flight)."""
+        from .streaming import ACTIVATION_ALLOWANCE, min_budget
+
+        c = self.config
+        biases = (2 * c.intermediate_size + c.hidden_size) * self.dtype_bytes  # stay resident
+        per_expert = expert_bytes(c, self.dtype_bytes) - biases
+        resident = self.weights_total - per_expert * c.num_experts * c.num_layers
+        allowance = self.kv_bytes + ACTIVATION_ALLOWANCE
+        return min_budget(resident, allowance, per_expert, c.num_layers, c.experts_per_token)
+
+    def streaming_budget(self, working_set: int) -> int | None:
+        """A --memory-budget for expert streaming that fits `working_set` (90% of it), or None."""
+        budget = int(working_set * 0.9) // 10**8 * 10**8
+        return budget if budget >= self.streaming_minimum() else None
+
     def advice(self, machine: Machine | None = None) -> list[str]:
         """Concrete steps: what fits, or which preset / context / wired limit makes it fit (on
         `machine`, default this one)."""
@@ -314,6 +331,13 @@ class MemoryPlan:
                         f"sudo sysctl iogpu.wired_limit_mb={need_mb}"
                     )
                     break
+        stream = self.streaming_budget(ws)
+        if stream is not None:
+            options.append(
+                f"keep only the hot experts in memory, reading the others from disk (slower): "
+                f"--memory-budget {stream / 1e9:.1f}GB (the least that works is "
+                f"{self.streaming_minimum() / 1e9:.1f}GB)"
+            )
         head = f"does not fit: needs {gib(self.total)}, the budget is {gib(ws)} ({machine.how})"
         if options:
             out.append(head + "; any one of these makes it fit:")

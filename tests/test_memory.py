@@ -97,9 +97,9 @@ def test_advice():
     advice = MemoryPlan(C20, "reference", 8192).advice(Machine.of_size(24))
     assert any(a.startswith("use --quality") for a in advice) or advice[0].startswith("fits")
     assert MemoryPlan(C20, "small", 8192).advice(Machine.of_size(32))[0].startswith("fits")
-    # 120b on 64 GB: nothing helps
+    # 120b on 64 GB: no preset or context helps, expert streaming does
     advice = MemoryPlan(C120, "small", 8192).advice(Machine.of_size(64))
-    assert len(advice) == 1 and "no preset or context" in advice[0]
+    assert len(advice) == 2 and "--memory-budget" in advice[1]
     assert MemoryPlan(C120, "reference", 8192).advice(Machine.of_size(128))[0].startswith("fits")
     assert MemoryPlan(named_config("20b"), "small", 1024).advice()  # this machine
 
@@ -164,3 +164,24 @@ def test_weights_are_wired_on_metal(monkeypatch, tmp_path):
     monkeypatch.setattr(memory, "_metal_working_set", lambda: memory.GiB // 2)
     load_model(folder)
     assert calls[-1] == memory.GiB // 2  # never above the working set
+
+
+def test_streaming_advice_agrees_with_what_streaming_accepts(tmp_path):
+    """The planner's --memory-budget advice uses the same minimum as expert streaming itself."""
+    import re
+
+    from oss_mlx.loader import load_model
+    from oss_mlx.streaming import MemoryBudgetError, parse_budget, plan_streaming
+    from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
+
+    plan20 = MemoryPlan(C20, "reference", 8192)
+    advice = "\n".join(plan20.advice(Machine.of_size(16)))
+    budget = re.search(r"--memory-budget (\S+)", advice)
+    assert budget and parse_budget(budget.group(1)) >= plan20.streaming_minimum()
+
+    spec = SyntheticSpec.tiny(vocab_size=1024, num_layers=4, num_experts=16)
+    model, info = load_model(write_checkpoint(tmp_path / "m", spec, layout="hf-mxfp4"))
+    need = MemoryPlan(info.config, "reference", 4096).streaming_minimum()
+    assert plan_streaming(model, int(need * 1.02), context=4096).slots >= spec.experts_per_token
+    with pytest.raises(MemoryBudgetError):
+        plan_streaming(model, int(need * 0.98), context=4096)
