@@ -65,6 +65,10 @@ class FullCache:
 class WindowCache:
     """The last `window - 1` keys and values of a sliding-window layer, plus marks."""
 
+    # A mark costs (window - 1) keys and values per sliding layer (~3 MB for the 20b); a chat marks
+    # a few places per turn, so only the most recent ones are kept (older turns re-prefill).
+    max_marks = 24
+
     def __init__(self, window: int) -> None:
         self.window = window
         self.keys: mx.array | None = None  # [B, H, n, D], n <= window - 1 between calls
@@ -91,6 +95,8 @@ class WindowCache:
 
     def mark(self) -> None:
         self._marks[self.offset] = (self.keys, self.values)
+        while len(self._marks) > self.max_marks:
+            del self._marks[min(self._marks)]
 
     def can_rewind_to(self, offset: int) -> bool:
         if offset in self._marks or offset in (0, self.offset, self._before_last[0]):

@@ -110,3 +110,13 @@ def test_last_logits_only_equals_the_last_row(model):
     full = np.array(model(mx.array(TOKENS[None])))[:, -1:]
     last = np.array(model(mx.array(TOKENS[None]), last_logits_only=True))
     np.testing.assert_allclose(last, full, rtol=0, atol=2e-5 * np.abs(full).max())
+
+
+def test_marks_are_bounded_and_the_newest_kept(model):
+    cache = model.make_cache()
+    for i in range(40):
+        model(mx.array(TOKENS[None, i : i + 1]), cache=cache)
+        cache.mark()
+    window_caches = [c for c in cache if hasattr(c, "kept")]
+    assert all(len(c._marks) == c.max_marks for c in window_caches)
+    assert cache.can_rewind_to(40 - 23) and not cache.can_rewind_to(3)
