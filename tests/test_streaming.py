@@ -35,6 +35,14 @@ def checkpoint(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def hub_checkpoint(tmp_path_factory) -> Path:
+    """The hub layout only, for tests whose source layout does not matter."""
+    folder = tmp_path_factory.mktemp("stream-hub")
+    write_checkpoint(folder, SPEC, layout="hf-mxfp4", seed=11)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def resident(checkpoint):
     model, _ = load_model(checkpoint)
     return model
@@ -142,13 +150,12 @@ def test_float_experts_ask_for_conversion(tmp_path):
         load_model(tmp_path, memory_budget="6GB")
 
 
-def test_canonical_layout_is_streamed(tmp_path, resident):
+def test_canonical_layout_is_streamed(tmp_path, hub_checkpoint):
     """A checkpoint stored under the canonical names (the converted layout): experts on axis 0."""
+    resident, _ = load_model(hub_checkpoint)
     flat = dict(tree_flatten(resident.parameters()))
     mx.save_safetensors(str(tmp_path / "model.safetensors"), flat)
-    config = json.loads((resident.info.path / "config.json").read_text())
-    if "num_local_experts" not in config:  # the original layout's config: use a hub-style one
-        pytest.skip("canonical layout checked from the hub-style config only")
+    config = json.loads((hub_checkpoint / "config.json").read_text())
     config["oss_mlx"] = {"experts_mxfp4": True}
     config.pop("quantization_config", None)
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -159,15 +166,13 @@ def test_canonical_layout_is_streamed(tmp_path, resident):
 
 
 @pytest.mark.parametrize("quality", ["reference", "balanced"])
-def test_converted_checkpoint_is_streamed(tmp_path, checkpoint, quality, vocab_dir):
+def test_converted_checkpoint_is_streamed(tmp_path, hub_checkpoint, quality, vocab_dir):
     """`oss-mlx convert` output (canonical names, experts first in each layer shard, U32 values),
     with its dense layers resident and quantized when the preset says so."""
-    if "original" in checkpoint.name:
-        pytest.skip("one source layout is enough for the converter")
     from oss_mlx.convert.cli import main
 
     dest = tmp_path / quality
-    assert main([str(checkpoint), str(dest), "--quality", quality]) == 0
+    assert main([str(hub_checkpoint), str(dest), "--quality", quality]) == 0
     converted, _ = load_model(dest)
     model, info = load_model(dest, memory_budget=budget_for(converted, 2))
     assert info.layout == "oss-mlx" and model.streaming.slots == 2
