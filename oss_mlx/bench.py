@@ -343,6 +343,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the rows here")
+    p.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="with --model: stream experts within this budget (oss-mlx only); reports the hit rate",
+    )
     return p.parse_args(argv)
 
 
@@ -352,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [e for e in engines if e not in ENGINES]:
         print(f"oss-mlx bench: unknown engine(s) {bad}; choose from {ENGINES}", file=sys.stderr)
         return 2
+    if args.memory_budget and (not args.model or "mlx-lm" in engines):
+        print(
+            "oss-mlx bench: --memory-budget needs --model (experts are read from its files) and "
+            "--engines without mlx-lm (mlx-lm keeps every expert resident)",
+            file=sys.stderr,
+        )
+        return 2
     lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
     G = args.decode_tokens
 
@@ -359,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         from .loader import load_model
 
-        model, _ = load_model(args.model)
-        source = args.model
+        model, _ = load_model(args.model, memory_budget=args.memory_budget)
+        source = args.model + (f" (memory budget {args.memory_budget})" if args.memory_budget else "")
     else:
         model = random_model(preset_config(args.config), seed=args.seed)
         source = f"--config {args.config} (random weights)"
@@ -399,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             for n in lengths:
                 record(name, kern, n, run_oss_mlx(model, _prompt(n, c.vocab_size, args.seed), G))
                 gc.collect()
+    if args.memory_budget:
+        from .streaming import model_streaming_stats
+
+        stats = model_streaming_stats(model)
+        extra["expert_streaming"] = {"hit_rate": stats.hit_rate, "bytes_read": stats.bytes_read}
+        print(f"  expert streaming: {stats.summary()}", flush=True)
     if args.check_logits:
         extra["logits_check"] = check_logits(model, args.check_logits, seed=args.seed)
         print(f"  logits, kernels vs reference: {extra['logits_check']}", flush=True)

@@ -62,3 +62,14 @@ def test_mlx_lm_model_holds_the_same_weights():
     tokens = mx.array([[5, 17, 300, 2, 9, 11, 4]])  # under the tiny window (8)
     a, b = model(tokens), lm(tokens)
     assert mx.max(mx.abs(a - b)).item() < 1e-4 * mx.max(mx.abs(b)).item()
+
+
+def test_bench_with_a_memory_budget_reports_the_hit_rate(tmp_path, capsys):
+    from oss_mlx.bench import main
+    from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "m", SyntheticSpec.tiny(vocab_size=1024), layout="hf-mxfp4")
+    common = ["--model", str(folder), "--prompt-lengths", "16", "--decode-tokens", "4", "--warmup", "0"]
+    assert main([*common, "--engines", "oss-mlx", "--memory-budget", "0.6GB"]) == 0
+    assert "expert cache hit rate" in capsys.readouterr().out
+    assert main([*common, "--memory-budget", "0.6GB"]) == 2  # mlx-lm cannot stream experts
