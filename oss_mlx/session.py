@@ -121,20 +121,27 @@ class Session:
     # ---- replies --------------------------------------------------------------------------------
 
     def stream(
-        self, prompt: Prompt | None = None, options: SamplingOptions | None = None, **sampling: Any
+        self,
+        prompt: Prompt | None = None,
+        options: SamplingOptions | None = None,
+        assistant_prefix: Sequence[int] = (),
+        **sampling: Any,
     ) -> Iterator[Event]:
         """Generate the assistant's reply to `prompt` (default: the session's history).
 
         prompt: a user message (str, appended to the history), a list of messages, or token ids.
         Yields TextDelta / ToolCall / MessageDone as they happen, and Done last. The history is not
         changed; use `send` for a chat that remembers.
+        assistant_prefix: tokens the reply is forced to start with (after `<|start|>assistant`), e.g.
+        a tool-call header when a call is required; they count as prompt, and the parser reads them.
         """
         options = options or SamplingOptions(**sampling)
-        tokens = self._to_tokens(prompt)
+        tokens = self._to_tokens(prompt) + list(assistant_prefix)
         reused = self._reuse_prefix(tokens)
         report = TokenStream()
         report.stats.prompt_tokens = len(tokens)
         parser = StreamParser(self.tokenizer)
+        parser.feed_many(assistant_prefix)  # a header only: no events to report
         reply = Reply(tokens=report.tokens, stats=report.stats)
         report.stats.finish_reason = "interrupted"
         new = tokens[reused:]

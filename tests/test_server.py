@@ -35,6 +35,8 @@ RULES = [
         + CALL_ARGS
         + "<|call|>",
     },
+    # a forced tool call: the server already wrote the header, the model writes only the arguments
+    {"match": "[forced]", "reply": CALL_ARGS + "<|call|>"},
     {"match": "temp_c", "reply": "<|channel|>final<|message|>It is 21C in Paris.<|return|>"},
     {"match": "[count]", "reply": "<|channel|>final<|message|>one two three four five<|return|>"},
     {
@@ -293,6 +295,30 @@ def test_chat_tool_call_round_trip(client):
                 args += tc.function.arguments or ""
             reasons.append(c.finish_reason)
     assert name == "get_weather" and args == CALL_ARGS and reasons[-1] == "tool_calls"
+
+
+def test_named_tool_choice_forces_the_call(client):
+    """tool_choice naming a function: the reply starts with that call's header (forced), so the
+    answer is that call even though the model, left alone, would not have called it."""
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(
+        model="gpt-oss",
+        messages=[{"role": "user", "content": "[forced] Paris please"}],
+        tools=[CHAT_WEATHER_TOOL],
+        tool_choice=weather,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    resp = client.responses.create(
+        model="gpt-oss",
+        input="[forced] Paris please",
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "name": "get_weather"},
+    )
+    (call,) = [item for item in resp.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
 
 
 def test_chat_stop_sequence(client):

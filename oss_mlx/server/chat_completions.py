@@ -35,6 +35,7 @@ from .common import (
 )
 from .schemas import (
     APIError,
+    forced_call_prefix,
     function_name,
     function_tool,
     invalid,
@@ -210,6 +211,7 @@ def parse(body: dict, state: ServerState) -> ChatCall:
         messages=messages,
         instructions=join_instructions(*system_texts, choice_text, format_text),
         tools=rendered_tools,
+        assistant_prefix=forced_call_prefix(body.get("tool_choice"), rendered_tools),
         reasoning_effort=effort or state.config.reasoning_effort,
         options=options,
         max_tokens=max_tokens,

@@ -41,6 +41,7 @@ from .common import (
 )
 from .schemas import (
     APIError,
+    forced_call_prefix,
     function_name,
     function_tool,
     invalid,
@@ -242,6 +243,7 @@ def parse(body: dict, state: ServerState) -> ResponsesCall:
         messages=history + new,
         instructions=join_instructions(*extra_instructions, instructions, choice_text, format_text),
         tools=rendered_tools,
+        assistant_prefix=forced_call_prefix(choice, rendered_tools),
         reasoning_effort=effort,
         options=options,
         max_tokens=max_output,

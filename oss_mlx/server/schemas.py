@@ -232,8 +232,8 @@ def tool_choice_rules(
     """Which tools to render, and a sentence added to the instructions (or None).
 
     auto: all tools. none: no tools are rendered, so the model cannot see them. required / a named
-    function: the tools (only the named one) are rendered and the instructions ask for a call; this is
-    not enforced by constrained decoding — the model may still answer in text.
+    function: the tools (only the named one) are rendered and the instructions ask for a call; the
+    reply is also forced to begin with a tool-call header (see forced_call_prefix).
     """
     if choice is None or choice == "auto":
         return tools, None
@@ -308,3 +308,20 @@ def response_format_text(fmt: Any, param: str) -> str | None:
 def join_instructions(*parts: str | None) -> str | None:
     texts = [p for p in parts if p]
     return "\n\n".join(texts) if texts else None
+
+
+def forced_call_prefix(choice: Any, tools: list[Tool]) -> str | None:
+    """The harmony header a reply must start with so that it is a tool call: the named function's
+    full header (the model writes only the arguments), or for `required` the header up to the
+    function name (the model picks which). None when no call is required."""
+    if isinstance(choice, dict):
+        inner = choice.get("allowed_tools", choice)
+        if choice.get("type") == "allowed_tools" and inner.get("mode") == "required":
+            choice = "required"
+        elif choice.get("type") == "function" and len(tools) == 1:
+            return f"<|channel|>commentary to=functions.{tools[0].name} <|constrain|>json<|message|>"
+    if choice == "required" and tools:
+        if len(tools) == 1:
+            return f"<|channel|>commentary to=functions.{tools[0].name} <|constrain|>json<|message|>"
+        return "<|channel|>commentary to=functions."
+    return None

@@ -70,6 +70,8 @@ class GenerationRequest:
     max_tokens: int | None = None  # None: whatever context is left
     prompt: list[int] = field(default_factory=list)  # filled by Engine.prepare
     header_tokens: int = 0  # tokens of the system + developer messages
+    assistant_prefix: str | None = None  # forced start of the reply (tool_choice required / named)
+    prefix_tokens: list[int] = field(default_factory=list)  # filled by Engine.prepare
 
 
 class QueueFull(Exception):
@@ -256,7 +258,9 @@ class Engine:
         )
         req.prompt = render_conversation(req.messages, self.tokenizer, **kwargs)
         req.header_tokens = len(render_conversation([], self.tokenizer, for_completion=False, **kwargs))
-        room = self.context_limit - len(req.prompt)
+        if req.assistant_prefix:
+            req.prefix_tokens = self.tokenizer.encode(req.assistant_prefix, allow_special=True)
+        room = self.context_limit - len(req.prompt) - len(req.prefix_tokens)
         if room < 1:
             raise ContextTooLong(len(req.prompt), self.context_limit)
         req.options.max_tokens = min(req.max_tokens or room, room)
@@ -306,7 +310,7 @@ class Engine:
         if self.script is not None:
             options = self.script.options(options, req.messages)
         session.last_reply = None
-        events = session.stream(req.prompt, options)
+        events = session.stream(req.prompt, options, assistant_prefix=req.prefix_tokens)
         reply = None
         try:
             for event in events:
