@@ -366,16 +366,23 @@ def render_message(message: Message, tokenizer: HarmonyTokenizer) -> list[int]:
 
 
 def _drop_old_analysis(messages: list[Message]) -> list[Message]:
-    # Harmony's rule (RenderConversationConfig.auto_drop_analysis): once the last assistant message is
-    # a final answer, the analysis messages before the first final-channel message are dropped. Earlier
-    # turns' chain of thought is not shown to the model again.
-    last_assistant = next((m for m in reversed(messages) if m.role == "assistant"), None)
-    if last_assistant is None or last_assistant.channel != "final":
+    # Harmony's rule: the chain of thought of completed turns is not shown again, i.e. every analysis
+    # message before the last final answer is dropped; the current turn's (after it: reasoning that
+    # led to a pending tool call) stays. This is the spec, what transformers' gpt-oss chat template
+    # renders, and what openai/harmony PR #96 fixes: openai-harmony 0.0.8 drops only the analysis
+    # before the FIRST final answer, and only when the conversation ends on one, so from the third
+    # turn on it would show the model reasoning it never saw in training. Elsewhere we render
+    # token-for-token as openai-harmony does (tested).
+    last_final = max(
+        (i for i, m in enumerate(messages) if m.role == "assistant" and m.channel == "final"), default=None
+    )
+    if last_final is None:
         return messages
-    first_final = next((i for i, m in enumerate(messages) if m.channel == "final"), None)
-    if first_final is None:
-        return messages
-    return [m for i, m in enumerate(messages) if not (i < first_final and m.channel == "analysis")]
+    return [
+        m
+        for i, m in enumerate(messages)
+        if not (i < last_final and m.role == "assistant" and m.channel == "analysis")
+    ]
 
 
 def render_conversation(
