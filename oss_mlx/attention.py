@@ -46,6 +46,31 @@ def sdpa_with_sinks(
     return kernels.sdpa(q, k, v, sinks, scale, mask)
 
 
+# Prefill of a sliding-window layer goes in query tiles of this many tokens, each against only the
+# keys its window can see: scores of TILE x (TILE + window - 1) per head instead of T x (T + window - 1),
+# and never a T x S mask (a 2k chunk would otherwise build 2k x 2k scores per head per layer).
+WINDOW_TILE = 256
+
+
+def windowed_sdpa(
+    q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, offset: int, window: int
+) -> mx.array:
+    """Sliding-window attention with sinks for T queries at offset.., tile by tile.
+
+    k/v hold the last S positions up to offset + T - 1 (what the window cache hands out).
+    """
+    T, S = q.shape[2], k.shape[2]
+    first_key = offset + T - S  # absolute position of k[:, :, 0]
+    tiles = []
+    for start in range(0, T, WINDOW_TILE):
+        end = min(T, start + WINDOW_TILE)
+        lo = max(0, offset + start - (window - 1) - first_key)  # oldest key the first query sees
+        hi = offset + end - first_key  # one past the last query's own key
+        mask = attention_mask(end - start, offset + start, hi - lo, window)
+        tiles.append(sdpa_with_sinks(q[:, :, start:end], k[:, :, lo:hi], v[:, :, lo:hi], sinks, scale, mask))
+    return mx.concatenate(tiles, axis=2)
+
+
 class AttentionBlock(nn.Module):
     """x + out(attention(rope(q), rope(k), v, sinks)) over the pre-normed x."""
 
@@ -76,5 +101,8 @@ class AttentionBlock(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = sdpa_with_sinks(q, k, v, self.sinks, self.scale, mask)
+        if self.window is not None and T > WINDOW_TILE:
+            o = windowed_sdpa(q, k, v, self.sinks, self.scale, offset, self.window)
+        else:
+            o = sdpa_with_sinks(q, k, v, self.sinks, self.scale, mask)
         return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, hq * D))

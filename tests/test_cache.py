@@ -120,3 +120,21 @@ def test_marks_are_bounded_and_the_newest_kept(model):
     window_caches = [c for c in cache if hasattr(c, "kept")]
     assert all(len(c._marks) == c.max_marks for c in window_caches)
     assert cache.can_rewind_to(40 - 23) and not cache.can_rewind_to(3)
+
+
+@pytest.mark.parametrize(
+    "T,kept,window", [(257, 0, 8), (600, 7, 8), (700, 127, 128), (1000, 0, 128), (513, 40, 300)]
+)
+def test_windowed_tiles_equal_one_masked_attention(T, kept, window):
+    """Window-layer prefill in query tiles (no T x S mask) == one attention with the full mask."""
+    from oss_mlx.attention import attention_mask, sdpa_with_sinks, windowed_sdpa
+
+    rng = np.random.default_rng(T)
+    offset = 1000 + kept
+    q = mx.array(rng.standard_normal((1, 4, T, 16)), dtype=mx.float32)
+    k = mx.array(rng.standard_normal((1, 2, kept + T, 16)), dtype=mx.float32)
+    v = mx.array(rng.standard_normal((1, 2, kept + T, 16)), dtype=mx.float32)
+    sinks = mx.array(rng.standard_normal(4), dtype=mx.float32)
+    want = sdpa_with_sinks(q, k, v, sinks, 0.25, attention_mask(T, offset, kept + T, window))
+    got = windowed_sdpa(q, k, v, sinks, 0.25, offset, window)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
