@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import AttentionBlock, attention_mask
+from .attention import WINDOW_TILE, AttentionBlock, attention_mask
 from .cache import FullCache, ModelCache, WindowCache
 from .config import ModelConfig
 from .moe import MLPBlock
@@ -66,7 +66,10 @@ class Transformer(nn.Module):
             c = cache[i] if cache is not None else None
             offset = c.offset if c is not None else 0
             kept = (c.kept() if isinstance(c, WindowCache) else offset) if c is not None else 0
-            masks[window] = attention_mask(T, offset, kept + T, window)
+            if window is not None and T > WINDOW_TILE:
+                masks[window] = None  # the window layers' prefill tiles build their own
+            else:
+                masks[window] = attention_mask(T, offset, kept + T, window)
         return masks
 
     def make_cache(self) -> ModelCache:
