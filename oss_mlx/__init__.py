@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from .generation import SamplingOptions
 from .loader import load_model
+from .model import Transformer
 from .session import Done, Reply, Session, generate, stream_generate
 from .tokenizer import HarmonyTokenizer, load_tokenizer
 
@@ -35,7 +36,7 @@ def load(
     dtype: mx.Dtype | None = None,
     quantize_experts: bool = True,
     memory_budget: str | int | None = None,
-):
+) -> tuple[Transformer, HarmonyTokenizer]:
     """Load a gpt-oss checkpoint in any supported layout. Returns (model, tokenizer).
 
     path_or_repo: a local folder (hub layout, transformers fine-tune, OpenAI `original/`, or one

@@ -224,7 +224,9 @@ class MemoryPlan:
         self.weights = weight_bytes(self.config, self.quantization, self.dtype_bytes)
 
     @classmethod
-    def for_preset(cls, config: ModelConfig, preset: str = "reference", context: int = DEFAULT_CONTEXT):
+    def for_preset(
+        cls, config: ModelConfig, preset: str = "reference", context: int = DEFAULT_CONTEXT
+    ) -> MemoryPlan:
         return cls(config, preset, context)
 
     @property

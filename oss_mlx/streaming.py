@@ -29,6 +29,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,6 +39,9 @@ from mlx.utils import tree_flatten
 from . import weights as W
 from .config import ModelConfig
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
+
+if TYPE_CHECKING:
+    from .model import Transformer
 
 # Activations, logits, MLX's scratch buffers and the Python runtime, beyond the KV cache.
 ACTIVATION_ALLOWANCE = 512 * 2**20
@@ -152,7 +156,7 @@ _CONVERT_FIRST = (
 
 
 def expert_sources(
-    model, tensors: W.LazyTensors, recipes: dict, layout: str, folder: Path | None = None
+    model: Transformer, tensors: W.LazyTensors, recipes: dict, layout: str, folder: Path | None = None
 ) -> list[dict[str, ExpertSource]]:
     """For each layer, canonical expert tensor -> where its experts are stored (checked against the model)."""
     if layout == "hf-float":
@@ -414,7 +418,7 @@ def kv_allowance(config: ModelConfig, context: int = DEFAULT_CONTEXT, dtype_byte
 
 
 def plan_streaming(
-    model, budget: str | int, context: int = DEFAULT_CONTEXT, allowance: int | None = None
+    model: Transformer, budget: str | int, context: int = DEFAULT_CONTEXT, allowance: int | None = None
 ) -> StreamingPlan:
     """Split `budget` into resident weights, KV/activations and expert slots per layer (checked)."""
     total = parse_budget(budget)
@@ -444,7 +448,7 @@ def plan_streaming(
 
 
 def stream_experts(
-    model,
+    model: Transformer,
     tensors: W.LazyTensors,
     recipes: dict,
     budget: str | int,
@@ -465,11 +469,11 @@ def stream_experts(
     return plan
 
 
-def streaming_layers(model) -> list[StreamingExperts]:
+def streaming_layers(model: Transformer) -> list[StreamingExperts]:
     return [b.mlp.experts for b in model.blocks if isinstance(b.mlp.experts, StreamingExperts)]
 
 
-def model_streaming_stats(model) -> StreamingStats | None:
+def model_streaming_stats(model: Transformer) -> StreamingStats | None:
     """Hit rate, bytes read ... summed over layers; None for a model loaded without memory_budget."""
     layers = streaming_layers(model)
     if not layers:
@@ -480,6 +484,6 @@ def model_streaming_stats(model) -> StreamingStats | None:
     return total
 
 
-def reset_streaming_stats(model) -> None:
+def reset_streaming_stats(model: Transformer) -> None:
     for layer in streaming_layers(model):
         layer._lru.stats = StreamingStats()
