@@ -69,8 +69,100 @@ def backend() -> str:
     if want in ("reference", "ref", "off", "none", "0"):
         return "reference"
     if want in ("auto", "", "on", "1") or want == _AVAILABLE:
+        if _AVAILABLE != "reference" and not _self_testing and self_test_failure() is not None:
+            return "reference"
         return _AVAILABLE
     return "reference"  # asked for a dialect this machine cannot run
+
+
+# The kernels are checked once per process on the machine that runs them, before the first use: the
+# Metal sources could only be compiled by the macOS CI here, and a driver or MLX version may differ
+# from the one they were tested with. A kernel that fails to compile or disagrees with the pure-MLX
+# reference turns every kernel off, with a warning, instead of crashing or answering wrongly.
+_self_testing = False
+_self_test_done = False
+_self_test_reason: str | None = None
+
+
+def self_test_failure() -> str | None:
+    """Why the kernels are off on this machine (None: they passed their self-test, or not run here)."""
+    global _self_testing, _self_test_done, _self_test_reason
+    if not _self_test_done:
+        _self_testing = True
+        try:
+            _self_test_reason = _self_test()
+        finally:
+            _self_testing = False
+            _self_test_done = True
+        if _self_test_reason is not None:
+            import warnings
+
+            warnings.warn(
+                f"oss-mlx: {_AVAILABLE} kernels disabled, using the pure-MLX path ({_self_test_reason}). "
+                f"Please report it; {ENV}=reference silences this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _self_test_reason
+
+
+def _self_test() -> str | None:
+    """Each kernel once on small random inputs against its reference; what went wrong, or None."""
+    from .config import ModelConfig
+    from .moe import MLPBlock
+
+    keys = mx.random.split(mx.random.key(20261126), 8)
+    try:
+        cfg = ModelConfig(
+            num_layers=1,
+            num_experts=8,
+            experts_per_token=2,
+            vocab_size=64,
+            hidden_size=64,
+            intermediate_size=64,
+            head_dim=64,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+        )
+        block = MLPBlock(cfg)
+        block.router.weight = 0.1 * mx.random.normal((8, 64), key=keys[0])
+        for name, shape, key in (("gate_up", (8, 128, 64), keys[1]), ("down", (8, 64, 64), keys[2])):
+            w, scales = mx.quantize(
+                0.1 * mx.random.normal(shape, key=key), group_size=32, bits=4, mode="mxfp4"
+            )
+            setattr(block.experts, f"{name}_weight", w)
+            setattr(block.experts, f"{name}_scales", scales)
+        x = mx.random.normal((2, 64), key=keys[3])
+        checks = {"route": None, "moe": None, "sdpa": None}
+        wts, ids = route(x, block.router.weight, block.router.bias, 2)
+        ref_w, ref_i = route_reference(x, block.router.weight, block.router.bias, 2)
+        dense = mx.zeros((2, 8)).at[mx.arange(2)[:, None], ids].add(wts)
+        ref_dense = mx.zeros((2, 8)).at[mx.arange(2)[:, None], ref_i].add(ref_w)
+        checks["route"] = (dense, ref_dense)
+        fused = moe_block(block, x)
+        if fused is not None:
+            checks["moe"] = (fused, _reference_moe(block, x))
+        q = mx.random.normal((1, 8, 1, 64), key=keys[4])
+        k = mx.random.normal((1, 2, 37, 64), key=keys[5])
+        v = mx.random.normal((1, 2, 37, 64), key=keys[6])
+        sinks = mx.random.normal((8,), key=keys[7])
+        checks["sdpa"] = (sdpa(q, k, v, sinks, 0.125, None), sdpa_reference(q, k, v, sinks, 0.125, None))
+        for name, pair in checks.items():
+            if pair is None:
+                continue
+            got, want = pair
+            err = mx.max(mx.abs(got.astype(mx.float32) - want.astype(mx.float32))).item()
+            scale = max(mx.max(mx.abs(want.astype(mx.float32))).item(), 1e-6)
+            if not err <= 2e-2 * scale:  # gross errors only: TF32 and rounding stay far below
+                return f"{name} kernel disagrees with the reference (max error {err:.3g} of {scale:.3g})"
+    except Exception as e:  # a compile error surfaces at evaluation
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _reference_moe(block, x: mx.array) -> mx.array:
+    with use_backend("reference"):
+        return block(x[None])[0]
 
 
 @contextlib.contextmanager

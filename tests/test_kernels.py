@@ -430,3 +430,24 @@ def test_dtype_config_copy_is_harmless():
     # replace() on the frozen config keeps validation (used by the bench's presets)
     c = replace(_config(4, 2, 64, 64), experts_per_token=1)
     assert c.experts_per_token == 1
+
+
+def test_self_test_runs_clean_here():
+    """The start-up self-test's code path (on this machine every op takes the reference)."""
+    assert kernels._self_test() is None
+
+
+def test_a_failing_kernel_turns_the_kernels_off_with_a_warning(monkeypatch):
+    """A kernel that does not compile (or disagrees) on the user's machine: reference path, warned."""
+    monkeypatch.setattr(kernels, "_AVAILABLE", "metal")
+    monkeypatch.setattr(kernels, "_self_test_done", False)
+    monkeypatch.setattr(kernels, "_self_test_reason", None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: ...")
+
+    monkeypatch.setattr(kernels, "route", broken)
+    with pytest.warns(RuntimeWarning, match="metal kernels disabled.*Unable to build metal library"):
+        assert kernels.backend() == "reference"
+    assert kernels.backend() == "reference"  # decided once
+    assert "RuntimeError" in kernels.self_test_failure()
