@@ -369,9 +369,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     if args.model:
+        from .config import ConfigError
         from .loader import load_model
+        from .weights import CheckpointError
 
-        model, _ = load_model(args.model, memory_budget=args.memory_budget)
+        try:
+            model, _ = load_model(args.model, memory_budget=args.memory_budget)
+        except (CheckpointError, ConfigError, ValueError) as e:
+            print(f"oss-mlx bench: cannot load {args.model}: {e}", file=sys.stderr)
+            return 1
         source = args.model + (f" (memory budget {args.memory_budget})" if args.memory_budget else "")
     else:
         model = random_model(preset_config(args.config), seed=args.seed)

@@ -28,6 +28,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.max_tokens < 1:
+        print("oss-mlx generate: --max-tokens must be at least 1", file=sys.stderr)
+        return 2
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         print("oss-mlx generate: empty prompt (pass it as an argument or on standard input)", file=sys.stderr)

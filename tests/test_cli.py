@@ -70,3 +70,19 @@ def test_generate_with_a_memory_budget_gives_the_same_tokens(tiny_checkpoint, vo
     streamed = run(*common, "--memory-budget", "0.6GB")
     assert resident.returncode == 0 and streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == resident.stdout and resident.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["generate", "--max-tokens", "0", "hi"], 2, "--max-tokens must be at least 1"),
+        (["bench", "--model", "/definitely/not/here", "--engines", "oss-mlx"], 1, "cannot load"),
+        (["serve", "--model", "/definitely/not/here", "--port", "0"], 1, "cannot load"),
+        (["convert", "/definitely/not/here", "/tmp/oss-mlx-never-written"], 1, "no such folder"),
+        (["plan", "/definitely/not/here"], 1, "no such folder"),
+    ],
+)
+def test_bad_arguments_are_messages_not_tracebacks(args, code, message):
+    out = run(*args, env_extra={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == code, out.stderr
+    assert message in out.stderr + out.stdout and "Traceback" not in out.stderr
