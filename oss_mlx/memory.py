@@ -285,6 +285,8 @@ class MemoryPlan:
         biases = (2 * c.intermediate_size + c.hidden_size) * self.dtype_bytes  # stay resident
         per_expert = expert_bytes(c, self.dtype_bytes) - biases
         resident = self.weights_total - per_expert * c.num_experts * c.num_layers
+        if not (self.quantization or {}).get("embedding"):
+            resident -= self.weights["embedding"]  # a float table is read by rows, not kept
         allowance = self.kv_bytes + ACTIVATION_ALLOWANCE
         return min_budget(resident, allowance, per_expert, c.num_layers, c.experts_per_token)
 

@@ -81,4 +81,6 @@ class Transformer(nn.Module):
     def dtype(self) -> mx.Dtype:
         """The activation dtype: what the embedding produces (a quantized one: its scales' dtype)."""
         e = self.embedding
-        return e.scales.dtype if hasattr(e, "scales") else e.weight.dtype
+        if hasattr(e, "scales"):
+            return e.scales.dtype
+        return e.weight.dtype if hasattr(e, "weight") else e.dtype  # streamed: streaming.py

@@ -211,6 +211,63 @@ def expert_sources(
     return layers
 
 
+# ---- the embedding table, row by row ------------------------------------------------------------------
+
+_FLOAT_DTYPES = {
+    "BF16": (np.uint16, mx.bfloat16),
+    "F16": (np.float16, mx.float16),
+    "F32": (np.float32, mx.float32),
+}
+
+
+def embedding_source(
+    model: Transformer, tensors: W.LazyTensors, recipes: dict, headers: dict
+) -> tuple[ExpertSource, mx.Dtype] | None:
+    """Where row t of the token embedding is stored (row = one contiguous read), or None when it is
+    not a plain float table in one tensor (a quantized embedding stays resident)."""
+    emb = model.embedding
+    srcs, build = recipes.get("embedding.weight", ([], None))
+    if not isinstance(emb, nn.Embedding) or len(srcs) != 1 or build is not W.identity:
+        return None
+    path = tensors.file_of[srcs[0]]
+    start, header = _data_start(path, headers)
+    info = header[srcs[0]]
+    if info["dtype"] not in _FLOAT_DTYPES or tuple(info["shape"]) != tuple(emb.weight.shape):
+        return None
+    np_dtype, stored = _FLOAT_DTYPES[info["dtype"]]
+    V, H = emb.weight.shape
+    row = H * np.dtype(np_dtype).itemsize
+    return ExpertSource(path, start + info["data_offsets"][0], row, np.dtype(np_dtype), (H,)), stored
+
+
+class StreamingEmbedding(nn.Module):
+    """The token embedding read from the checkpoint a row per token (pread), never held whole.
+
+    gpt-oss's table is 201,088 x 2,880 (1.16 GB in bf16); a step needs one row. Bit-identical to
+    the resident table (same bytes, same cast).
+    """
+
+    def __init__(self, source: ExpertSource, stored: mx.Dtype, files: _Files, dtype: mx.Dtype):
+        super().__init__()
+        self._source, self._stored, self._files, self._dtype = source, stored, files, dtype
+        self.rows_read = 0
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self._dtype
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        ids = np.asarray(tokens).reshape(-1)  # a host sync on token ids, which come from the host
+        unique, inverse = np.unique(ids, return_inverse=True)
+        rows = np.stack([self._files.read(self._source, int(t)) for t in unique])
+        self.rows_read += len(unique)
+        table = mx.array(rows)
+        if self._stored == mx.bfloat16:
+            table = table.view(mx.bfloat16)
+        table = table.astype(self._dtype)
+        return table[mx.array(inverse.reshape(-1))].reshape(*tokens.shape, -1)
+
+
 # ---- statistics ---------------------------------------------------------------------------------------
 
 
@@ -457,10 +514,15 @@ def stream_experts(
     folder: Path | None = None,
     context: int = DEFAULT_CONTEXT,
 ) -> StreamingPlan:
-    """Swap every layer's Experts for StreamingExperts within `budget`; load the resident weights."""
+    """Swap every layer's Experts for StreamingExperts within `budget` (and a plain float embedding
+    table for StreamingEmbedding); load the resident weights."""
     sources = expert_sources(model, tensors, recipes, layout, folder)  # refuses hf-float first
-    plan = plan_streaming(model, budget, context)
     files = _Files()
+    row_source = embedding_source(model, tensors, recipes, {})
+    if row_source is not None:  # before planning: the table no longer counts as resident
+        source, stored = row_source
+        model.embedding = StreamingEmbedding(source, stored, files, model.embedding.weight.dtype)
+    plan = plan_streaming(model, budget, context)
     for block, layer_sources in zip(model.blocks, sources):
         block.mlp.experts = StreamingExperts(block.mlp.experts, layer_sources, files, plan.slots)
     mx.eval(model.parameters())  # the resident part only: the expert tensors are gone, never read

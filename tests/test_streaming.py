@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -51,7 +52,10 @@ def resident(checkpoint):
 def budget_for(resident_model, slots: int) -> int:
     """The smallest budget that gives `slots` experts per layer."""
     plan = plan_streaming(resident_model, 10**12)
-    return min_budget(plan.resident_bytes, plan.allowance_bytes, plan.expert_bytes, plan.layers, slots)
+    resident = plan.resident_bytes
+    if isinstance(resident_model.embedding, nn.Embedding):  # a plain table is streamed too, by rows
+        resident -= resident_model.embedding.weight.nbytes
+    return min_budget(resident, plan.allowance_bytes, plan.expert_bytes, plan.layers, slots)
 
 
 def as_np(a: mx.array) -> np.ndarray:
@@ -212,3 +216,17 @@ def test_parse_budget(text, value):
 def test_parse_budget_rejects(bad):
     with pytest.raises(ValueError, match="memory_budget"):
         parse_budget(bad)
+
+
+def test_the_embedding_table_is_read_by_rows(hub_checkpoint):
+    """A float embedding table is not kept: a step reads its tokens' rows (bit-identical values)."""
+    from oss_mlx.streaming import StreamingEmbedding
+
+    resident, _ = load_model(hub_checkpoint)
+    model, _ = load_model(hub_checkpoint, memory_budget=budget_for(resident, 3))
+    assert isinstance(model.embedding, StreamingEmbedding) and model.dtype == resident.dtype
+    weights = dict(tree_flatten(model.parameters()))
+    assert not any(name.startswith("embedding") for name in weights)
+    tokens = mx.array([[5, 7, 5, 300]])
+    np.testing.assert_array_equal(as_np(model.embedding(tokens)), as_np(resident.embedding(tokens)))
+    assert model.embedding.rows_read == 3  # unique rows only
