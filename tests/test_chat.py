@@ -102,6 +102,13 @@ def test_first_run_downloads_and_converts_a_hub_model_once(tmp_path, vocab_dir, 
         again.close()
 
 
+@needs_tmux
+def test_memory_budget_streams_experts_and_stats_show_it(chat):
+    app = chat("--memory-budget", "0.6GB", replies=[SHORT])
+    assert "Short answer." in app.command("Hi", r"tok/s")
+    assert "expert cache hit rate" in app.command("/stats", r"experts streamed from disk")
+
+
 def saved(path: Path) -> dict:
     return json.loads(path.read_text())
 

@@ -740,6 +740,11 @@ class ChatApp:
         peak = max((s.peak_memory_gb for _, s in self.rows), default=0.0)
         limit = f" / {self.limit:,}" if self.limit else ""
         self.say(f"context: {used:,}{limit} tokens in the cache · peak memory {peak:.2f} GB")
+        from ..streaming import model_streaming_stats
+
+        streamed = model_streaming_stats(self.session.model)
+        if streamed is not None:  # --memory-budget
+            self.say(f"experts streamed from disk: {streamed.summary()}")
 
     def cmd_set(self, arg: str) -> None:
         if not arg:
