@@ -57,3 +57,10 @@ def make_hub_cache(root: Path, repo: str, src: Path, rev: str) -> Path:
         (snap / rel).parent.mkdir(parents=True, exist_ok=True)
         (snap / rel).symlink_to(Path("../" * (len(rel.parts) + 1)) / "blobs" / digest)
     return root
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    import numpy as np
+
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())

@@ -8,7 +8,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_hub_cache
+from conftest import make_hub_cache, rel_err
 
 from oss_mlx.config import ConfigError
 from oss_mlx.loader import load_model
@@ -32,10 +32,6 @@ SPEC = SyntheticSpec.tiny(
 )
 PROMPT = 320
 TOL = 1e-4
-
-
-def _rel_err(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +65,13 @@ def test_layout_matches_transformers(checkpoints, reference, layout, quantize):
     assert info.layout == layout
     assert model.blocks[0].mlp.experts.quantized is (layout != "hf-float" or quantize)
     out = np.array(model(mx.array(tokens)))
-    assert _rel_err(out, ref) <= TOL
+    assert rel_err(out, ref) <= TOL
     # and through the cache, in uneven chunks
     cache, outs, start = model.make_cache(), [], 0
     for n in [7, 50, 1, 1, 200, PROMPT - 259]:
         outs.append(np.array(model(mx.array(tokens[:, start : start + n]), cache=cache)))
         start += n
-    assert _rel_err(np.concatenate(outs, axis=1), ref) <= TOL
+    assert rel_err(np.concatenate(outs, axis=1), ref) <= TOL
 
 
 def test_mxfp4_bytes_are_kept_unchanged(checkpoints):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import rel_err
 
 from oss_mlx.loader import load_model
 
@@ -18,10 +19,6 @@ transformers = pytest.importorskip("transformers")
 
 PROMPT = 320
 TOL = 1e-4
-
-
-def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def build_reference(folder, truncate: bool, seed: int = 0, layers: int = 4):
@@ -79,7 +76,7 @@ def test_full_forward_matches_transformers(reference):
     assert info["config"].rope_truncate is truncate
     out = np.array(model(mx.array(tokens)))
     assert out.shape == ref.shape
-    assert _rel_err(out, ref) <= TOL
+    assert rel_err(out, ref) <= TOL
 
 
 @pytest.mark.parametrize(
@@ -100,7 +97,7 @@ def test_incremental_matches_full_forward(reference, chunks):
         outs.append(np.array(model(mx.array(tokens[:, start : start + n]), cache=cache)))
         start += n
     assert start == PROMPT and cache.offset == PROMPT
-    assert _rel_err(np.concatenate(outs, axis=1), ref) <= TOL
+    assert rel_err(np.concatenate(outs, axis=1), ref) <= TOL
 
 
 def test_the_rounding_choice_matters(reference):
@@ -114,4 +111,4 @@ def test_the_rounding_choice_matters(reference):
     flipped = Transformer(replace(info.config, rope_truncate=not truncate), quantized_experts=False)
     flipped.update(model.parameters())
     out = np.array(flipped(mx.array(tokens)))
-    assert _rel_err(out, ref) > 5 * TOL  # measured 7.7e-4 at this size; mlx-lm: 0.18 at gpt-oss size
+    assert rel_err(out, ref) > 5 * TOL  # measured 7.7e-4 at this size; mlx-lm: 0.18 at gpt-oss size
