@@ -33,6 +33,7 @@ OSS_DEV float fast_exp2(float x) { return exp2f(x); }
 OSS_DEV float fast_exp(float x) { return __expf(x); }
 #define OSS_BARRIER() __syncthreads()
 #define OSS_SHARED __shared__
+#define OSS_ALIGN16 __align__(16)
 
 // Load 8 consecutive elements (16-byte aligned for 16-bit types) as floats.
 OSS_DEV void load8(const __nv_bfloat16* p, float* out) {
@@ -98,3 +99,43 @@ OSS_DEV float dot32_fp4(uint4 w, const float* x) {
 // e8m0 scale 2^(s - 127), times the 2^14 taken out by dot8_fp4: 2^(s - 113), built from its bits.
 OSS_DEV float e8m0_scale(uint s) { return __uint_as_float((s + 14u) << 23); }
 OSS_DEV uint4 load_u4(const uint* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// ---- GEMV rows ---------------------------------------------------------------------------
+// Lane `lane` takes the 8-element chunks lane, lane + 32, ... of a vector of NCH chunks into
+// registers (zeros past the end).
+template <int NC, int NCH, typename P> OSS_DEV void load_chunks(const P* v, int lane, float (*xr)[8]) {
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int ch = lane + 32 * c;
+    if (ch < NCH) {
+      load8(v + 8 * ch, xr[c]);
+    } else {
+#pragma unroll
+      for (int t = 0; t < 8; ++t) xr[c][t] = 0.f;
+    }
+  }
+}
+// Two rows against the registers of load_chunks, summed over the warp (every lane gets the sums).
+template <int NC, int NCH, typename W>
+OSS_DEV void dot2_rows(const W* r0, const W* r1, float (*xr)[8], int lane, float& a0, float& a1) {
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int ch = lane + 32 * c;
+    if (ch < NCH) {
+      float w0[8], w1[8];
+      load8(r0 + 8 * ch, w0);
+      load8(r1 + 8 * ch, w1);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        a0 = fmaf(w0[t], xr[c][t], a0);
+        a1 = fmaf(w1[t], xr[c][t], a1);
+      }
+    }
+  }
+  a0 = warp_sum(a0);
+  a1 = warp_sum(a1);
+}
+// The same from shared memory (Metal needs a separate overload for its address space).
+template <int NC, int NCH> OSS_DEV void load_chunks_tg(const float* v, int lane, float (*xr)[8]) {
+  load_chunks<NC, NCH>(v, lane, xr);
+}

@@ -10,6 +10,7 @@
 #define OSS_NEG (-1.0e30f)
 #define OSS_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define OSS_SHARED threadgroup
+#define OSS_ALIGN16 alignas(16)
 
 OSS_DEV float to_f(float x) { return x; }
 OSS_DEV float to_f(bfloat16_t x) { return static_cast<float>(x); }
@@ -84,3 +85,44 @@ OSS_DEV float dot32_fp4(uint4 w, thread const float* x) {
 // e8m0 scale 2^(s - 127), times the 2^14 taken out by dot8_fp4: 2^(s - 113), built from its bits.
 OSS_DEV float e8m0_scale(uint s) { return as_type<float>((s + 14u) << 23); }
 OSS_DEV uint4 load_u4(const device uint32_t* p) { return *reinterpret_cast<const device uint4*>(p); }
+
+// ---- GEMV rows ---------------------------------------------------------------------------
+// Lane `lane` takes the 8-element chunks lane, lane + 32, ... of a vector of NCH chunks into
+// registers (zeros past the end). load_chunks_tg: the same from threadgroup memory.
+template <int NC, int NCH, typename P>
+OSS_DEV void load_chunks(const device P* v, int lane, thread float (*xr)[8]) {
+  for (int c = 0; c < NC; ++c) {
+    const int ch = lane + 32 * c;
+    if (ch < NCH) {
+      load8(v + 8 * ch, xr[c]);
+    } else {
+      for (int t = 0; t < 8; ++t) xr[c][t] = 0.f;
+    }
+  }
+}
+template <int NC, int NCH>
+OSS_DEV void load_chunks_tg(const threadgroup float* v, int lane, thread float (*xr)[8]) {
+  for (int c = 0; c < NC; ++c) {
+    const int ch = lane + 32 * c;
+    for (int t = 0; t < 8; ++t) xr[c][t] = ch < NCH ? v[8 * ch + t] : 0.f;
+  }
+}
+// Two rows against the registers of load_chunks, summed over the simdgroup (every lane gets the sums).
+template <int NC, int NCH, typename W>
+OSS_DEV void dot2_rows(
+    const device W* r0, const device W* r1, thread float (*xr)[8], int lane, thread float& a0, thread float& a1) {
+  for (int c = 0; c < NC; ++c) {
+    const int ch = lane + 32 * c;
+    if (ch < NCH) {
+      float w0[8], w1[8];
+      load8(r0 + 8 * ch, w0);
+      load8(r1 + 8 * ch, w1);
+      for (int t = 0; t < 8; ++t) {
+        a0 = fma(w0[t], xr[c][t], a0);
+        a1 = fma(w1[t], xr[c][t], a1);
+      }
+    }
+  }
+  a0 = warp_sum(a0);
+  a1 = warp_sum(a1);
+}

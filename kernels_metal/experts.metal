@@ -12,17 +12,16 @@
 //   inputs  x [N, H], ids [N * K] uint32, w [E, 2I, H/8] uint32, scales [E, 2I, H/32] uint8,
 //           bias [E, 2I], consts [2] float32 (alpha, limit)
 //   outputs h [N * K, I] (T)
-//   template T, H, I, K, NC; 4 warps per block, COLS columns per warp
+//   template T, H, I, K, NC, COLS (columns per warp); 4 warps per block
 //   grid (128 * ceil(I / (4 * COLS)), N * K, 1), threadgroup (128, 1, 1)
 //
 // down_combine: y[n, r] = res[n, r] + sum_j wts[n, j] * (W[e_j][r] . h[n * K + j] + b[e_j][r]).
 //   inputs  h [N * K, I], ids [N * K] uint32, wts [N * K] float32, w [E, H, I/8] uint32,
 //           scales [E, H, I/32] uint8, bias [E, H], res [N, H]
 //   outputs y [N, H] (T)
-//   template T, H, I, K, NC; 4 warps per block, ROWS rows per warp
+//   template T, H, I, K, NC, ROWS (rows per warp); 4 warps per block
 //   grid (128 * ceil(H / (4 * ROWS)), N, 1), threadgroup (128, 1, 1)
 // @@kernel gate_up_swiglu
-  constexpr int COLS = 2;
   constexpr int G = H / 32;  // groups per weight row
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int slot = threadgroup_position_in_grid.y;
@@ -74,7 +73,6 @@
     }
   }
 // @@kernel down_combine
-  constexpr int ROWS = 2;
   constexpr int G = I / 32;
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int n = threadgroup_position_in_grid.y;

@@ -17,6 +17,11 @@ Kernels (see docs/KERNELS.md):
   down_combine    MXFP4 down GEMV + bias + weighted sum of k + residual (experts.*)
   sdpa_decode     one-query attention with sinks, reading the KV cache  (attention.*)
   sdpa_combine    merges sdpa_decode's key splits, sink included        (attention.*)
+  norm_qkv_rope   attention RMSNorm + qkv GEMV + bias + YaRN RoPE       (projections.*)
+  out_residual    attention output GEMV + bias + residual               (projections.*)
+
+At batch 1 the decode step is bound by the number of ops more than by their size (each MLX op costs
+microseconds of dispatch), so a decode step on the kernels is ~10 ops per layer instead of ~47.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 ENV = "OSS_MLX_KERNELS"
 BACKENDS = ("metal", "cuda", "reference")
@@ -44,6 +50,13 @@ MOE_MAX_SLOTS = 64
 # Keys per block of sdpa_decode before the keys are split over more blocks (flash-decoding).
 SDPA_KEYS_PER_SPLIT = 256
 SDPA_MAX_SPLITS = 256
+# Work per warp of the GEMV kernels (each warp holds its input vector in registers and reads whole
+# weight rows): more rows per warp reuse the vector more and keep more loads in flight; fewer make
+# more blocks. Measured on the GPU machine (benchmarks/profile_decode.py --sweep).
+MOE_COLS_PER_WARP = 2  # gate_up_swiglu: SwiGLU columns (2 weight rows each)
+MOE_ROWS_PER_WARP = 2  # down_combine
+QKV_PAIRS_PER_WARP = 2  # norm_qkv_rope: RoPE pairs (2 weight rows each)
+OUT_ROWS_PER_WARP = 2  # out_residual (even)
 
 
 # ---- backend --------------------------------------------------------------------------------------
@@ -108,10 +121,11 @@ def self_test_failure() -> str | None:
 
 def _self_test() -> str | None:
     """Each kernel once on small random inputs against its reference; what went wrong, or None."""
+    from .attention import AttentionBlock
     from .config import ModelConfig
     from .moe import MLPBlock
 
-    keys = mx.random.split(mx.random.key(20261126), 8)
+    keys = mx.random.split(mx.random.key(20261126), 10)
     try:
         cfg = ModelConfig(
             num_layers=1,
@@ -133,7 +147,7 @@ def _self_test() -> str | None:
             setattr(block.experts, f"{name}_weight", w)
             setattr(block.experts, f"{name}_scales", scales)
         x = mx.random.normal((2, 64), key=keys[3])
-        checks = {"route": None, "moe": None, "sdpa": None}
+        checks = {"route": None, "moe": None, "sdpa": None, "attention": None}
         wts, ids = route(x, block.router.weight, block.router.bias, 2)
         ref_w, ref_i = route_reference(x, block.router.weight, block.router.bias, 2)
         dense = mx.zeros((2, 8)).at[mx.arange(2)[:, None], ids].add(wts)
@@ -147,6 +161,14 @@ def _self_test() -> str | None:
         v = mx.random.normal((1, 2, 37, 64), key=keys[6])
         sinks = mx.random.normal((8,), key=keys[7])
         checks["sdpa"] = (sdpa(q, k, v, sinks, 0.125, None), sdpa_reference(q, k, v, sinks, 0.125, None))
+        attn = AttentionBlock(cfg, layer=0)
+        attn.qkv.weight = 0.1 * mx.random.normal(attn.qkv.weight.shape, key=keys[8])
+        attn.out.weight = 0.1 * mx.random.normal(attn.out.weight.shape, key=keys[9])
+        xa = x[:1, None, :]
+        if attention_decode_ok(attn, xa):
+            with use_backend("reference"):
+                want = attn(xa, None)
+            checks["attention"] = (attn._decode(xa, None), want)
         for name, pair in checks.items():
             if pair is None:
                 continue
@@ -241,6 +263,10 @@ SPECS = {
             row_contiguous=False,
         ),
         KernelSpec("sdpa_combine", "attention", ("part", "sinks"), ("out",)),
+        KernelSpec(
+            "norm_qkv_rope", "projections", ("x", "nw", "w", "b", "wl", "pos", "consts"), ("q", "k", "v")
+        ),
+        KernelSpec("out_residual", "projections", ("o", "w", "b", "res"), ("y",)),
     )
 }
 
@@ -346,7 +372,8 @@ def route(x: mx.array, weight: mx.array, bias: mx.array, k: int) -> tuple[mx.arr
 
 
 def _route_ok(x: mx.array, weight: mx.array, k: int) -> bool:
-    N, H = x.shape
+    H = x.shape[-1]
+    N = x.size // H
     return (
         backend() != "reference"
         and _on_gpu()
@@ -363,14 +390,17 @@ def _route_ok(x: mx.array, weight: mx.array, k: int) -> bool:
 
 
 def moe_block(block, x: mx.array) -> mx.array | None:
-    """The whole MoE block, x [N, H] -> x + MoE(norm(x)), in three kernels (norm_route,
+    """The whole MoE block, x [..., H] -> x + MoE(norm(x)), in three kernels (norm_route,
     gate_up_swiglu, down_combine), or None where the kernels do not apply (then: the reference)."""
-    N, H = x.shape
+    H = x.shape[-1]
+    N = x.size // H
     router, k = block.router, block.router.top_k
     if not (_route_ok(x, router.weight, k) and H <= 8192 and N * k < MOE_MAX_SLOTS):
         return None
     if not _experts_ok(block.experts, x, N, k):
         return None
+    # The kernels index x as [N, H] rows (MLX makes inputs row-contiguous); outputs come shaped for
+    # the next kernel, so no reshape or cast sits between them.
     h, wts, ids = _launch(
         "norm_route",
         [x, block.norm.weight, router.weight, router.bias, _const(block.norm.eps)],
@@ -383,10 +413,10 @@ def moe_block(block, x: mx.array) -> mx.array | None:
         ],
         (256 * N, 1, 1),
         (256, 1, 1),
-        [(N, H), (N, k), (N, k)],
+        [(N, H), (N * k,), (N * k,)],
         [x.dtype, mx.float32, mx.uint32],
     )
-    return moe_decode(block.experts, h, wts, ids, x)
+    return _experts_decode(block.experts, h, wts, ids, x, N, k)
 
 
 def _experts_ok(experts, x: mx.array, N: int, k: int) -> bool:
@@ -413,12 +443,17 @@ def moe_decode(experts, x: mx.array, weights: mx.array, indices: mx.array, resid
     N, k = indices.shape
     if not _experts_ok(experts, x, N, k):
         return None
+    ids = indices.reshape(-1).astype(mx.uint32)
+    wts = weights.reshape(-1).astype(mx.float32)
+    return _experts_decode(experts, x, wts, ids, residual.astype(x.dtype), N, k)
+
+
+def _experts_decode(experts, x, wts, ids, residual, N: int, k: int) -> mx.array:
+    """gate_up_swiglu then down_combine; the result has the residual's shape."""
     H = x.shape[-1]
     I = experts.gate_up_weight.shape[1] // 2
     T = x.dtype
-    ids = indices.reshape(-1).astype(mx.uint32)
-    wts = weights.reshape(-1).astype(mx.float32)
-    cols = 2 * 4  # COLS columns per warp x 4 warps
+    cols = MOE_COLS_PER_WARP
     (h,) = _launch(
         "gate_up_swiglu",
         [
@@ -429,20 +464,20 @@ def moe_decode(experts, x: mx.array, weights: mx.array, indices: mx.array, resid
             experts.gate_up_bias,
             _const(experts.alpha, experts.limit),
         ],
-        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024))],
-        (128 * -(-I // cols), N * k, 1),
+        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024)), ("COLS", cols)],
+        (128 * -(-I // (4 * cols)), N * k, 1),
         (128, 1, 1),
         [(N * k, I)],
         [T],
     )
-    rows = 2 * 4
+    rows = MOE_ROWS_PER_WARP
     (y,) = _launch(
         "down_combine",
-        [h, ids, wts, experts.down_weight, experts.down_scales, experts.down_bias, residual.astype(T)],
-        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-I // 1024))],
-        (128 * -(-H // rows), N, 1),
+        [h, ids, wts, experts.down_weight, experts.down_scales, experts.down_bias, residual],
+        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-I // 1024)), ("ROWS", rows)],
+        (128 * -(-H // (4 * rows)), N, 1),
         (128, 1, 1),
-        [(N, H)],
+        [residual.shape],
         [T],
     )
     return y
@@ -505,17 +540,25 @@ def sdpa(q, k, v, sinks, scale: float, mask, window: int | None = None) -> mx.ar
         if window is not None and S > window and T == 1 and mask is None:
             k, v = k[..., -window:, :], v[..., -window:, :]
         return sdpa_reference(q, k, v, sinks, scale, mask)
+    out = sdpa_decode(mx.contiguous(q.reshape(B, Hq, D)), k, v, sinks, scale, window)
+    return out.reshape(B, Hq, 1, D)
+
+
+def sdpa_decode(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, window: int | None):
+    """The decode kernel itself: q [B, Hq, D] row-contiguous -> out [B, 1, Hq * D] (the layout the
+    output projection reads, so no transpose follows). Callers have checked the shapes (sdpa does)."""
+    B, Hq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
     attended = min(S, window) if window else S
     nsplit = max(1, min(SDPA_MAX_SPLITS, -(-attended // SDPA_KEYS_PER_SPLIT)))
-    qf = mx.contiguous(q.reshape(B, Hq, D))
     part_shape = (B, Hq, nsplit, D + 2) if nsplit > 1 else (1,)
     out, part = _launch(
         "sdpa_decode",
-        [qf, k, v, sinks, _const(scale * math.log2(math.e))],
-        [("T", q.dtype), ("D", D), ("G", G), ("WINDOW", int(window or 0))],
+        [q, k, v, sinks, _const(scale * math.log2(math.e))],
+        [("T", q.dtype), ("D", D), ("G", Hq // Hkv), ("WINDOW", int(window or 0))],
         (128 * nsplit, B * Hkv, 1),
         (128, 1, 1),
-        [(B, Hq, D) if nsplit == 1 else (1,), part_shape],
+        [(B, 1, Hq * D) if nsplit == 1 else (1,), part_shape],
         [q.dtype, mx.float32],
     )
     if nsplit > 1:
@@ -525,7 +568,98 @@ def sdpa(q, k, v, sinks, scale: float, mask, window: int | None = None) -> mx.ar
             [("T", q.dtype), ("D", D)],
             (D * B * Hq, 1, 1),
             (D, 1, 1),
-            [(B, Hq, D)],
+            [(B, 1, Hq * D)],
             [q.dtype],
         )
-    return out.reshape(B, Hq, 1, D)
+    return out
+
+
+# ---- attention projections (decode) --------------------------------------------------------------
+
+
+def attention_decode_ok(block, x: mx.array) -> bool:
+    """Whether the decode kernels cover this attention block for x [B, 1, H] (plain float linears,
+    shapes the kernels were written for, GPU)."""
+    qkv, out = block.qkv, block.out
+    D, hq, hkv = block.head_dim, block.num_heads, block.num_kv_heads
+    H = x.shape[-1]
+    G = hq // hkv if hkv else 0
+    return (
+        x.ndim == 3
+        and x.shape[1] == 1
+        and x.shape[0] <= 64
+        and backend() != "reference"
+        and _on_gpu()
+        and x.dtype in _FLOATS
+        and type(qkv) is nn.Linear
+        and type(out) is nn.Linear
+        and "bias" in qkv
+        and "bias" in out
+        and qkv.weight.dtype == x.dtype
+        and out.weight.dtype == x.dtype
+        and block.sinks.dtype in _FLOATS
+        and H % 8 == 0
+        and H <= 8192
+        and hq * D <= 16384
+        and D % 8 == 0
+        and (D // 8) & (D // 8 - 1) == 0
+        and D <= 256
+        and G * hkv == hq
+        and 1 <= G <= 16
+        and G * D <= 2048
+    )
+
+
+_position: tuple[int, mx.array] | None = None
+
+
+def _position_array(offset: int) -> mx.array:
+    """The decode position as an int32 [1] array, one per step shared by every layer (a template
+    argument would compile a kernel per position)."""
+    global _position
+    if _position is None or _position[0] != offset:
+        _position = (offset, mx.array([offset], dtype=mx.int32))
+    return _position[1]
+
+
+def norm_qkv_rope(block, x: mx.array, offset: int) -> tuple[mx.array, mx.array, mx.array]:
+    """x [B, 1, H] at position `offset` -> q [B, Hq, D], k and v [B, Hkv, 1, D]: the attention's
+    RMSNorm, qkv projection, YaRN concentration and RoPE in one kernel (attention_decode_ok first)."""
+    B, _, H = x.shape
+    D, hq, hkv = block.head_dim, block.num_heads, block.num_kv_heads
+    pw = QKV_PAIRS_PER_WARP
+    return _launch(
+        "norm_qkv_rope",
+        [
+            x,
+            block.norm.weight,
+            block.qkv.weight,
+            block.qkv.bias,
+            block.rope.wavelengths,
+            _position_array(offset),
+            _const(block.norm.eps, block.rope.concentration),
+        ],
+        [("T", x.dtype), ("H", H), ("D", D), ("HQ", hq), ("HKV", hkv), ("NC", -(-H // 256)), ("PW", pw)],
+        (128 * -(-((hq + 2 * hkv) * D // 2) // (4 * pw)), B, 1),
+        (128, 1, 1),
+        [(B, hq, D), (B, hkv, 1, D), (B, hkv, 1, D)],
+        [x.dtype] * 3,
+    )
+
+
+def out_residual(o: mx.array, linear, residual: mx.array) -> mx.array:
+    """residual + linear(o) for o [B, 1, IN] in one kernel (attention_decode_ok first)."""
+    IN = o.shape[-1]
+    H = residual.shape[-1]
+    N = residual.size // H
+    rw = OUT_ROWS_PER_WARP
+    (y,) = _launch(
+        "out_residual",
+        [o, linear.weight, linear.bias, residual],
+        [("T", residual.dtype), ("H", H), ("IN", IN), ("NC", -(-IN // 256)), ("RW", rw)],
+        (128 * -(-H // (4 * rw)), N, 1),
+        (128, 1, 1),
+        [residual.shape],
+        [residual.dtype],
+    )
+    return y

@@ -110,9 +110,9 @@ class MLPBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
-        fused = kernels.moe_block(self, x.reshape(-1, shape[-1]))
+        fused = kernels.moe_block(self, x)
         if fused is not None:  # GPU, few tokens: norm + router, gate_up + SwiGLU, down + sum + residual
-            return fused.reshape(shape)
+            return fused
         h = self.norm(x).reshape(-1, shape[-1])
         weights, indices = self.router(h)
         y = self.experts(h, indices)

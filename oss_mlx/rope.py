@@ -50,12 +50,15 @@ class YarnRoPE:
         inv_freq, self.concentration = yarn_inv_freq(config)
         self.dims = config.head_dim
         # mx.fast.rope takes wavelengths; float32 like the reference.
-        self._wavelengths = mx.array((1.0 / inv_freq).astype(np.float32))
+        self.wavelengths = mx.array((1.0 / inv_freq).astype(np.float32))
+        self._scale: dict[mx.Dtype, mx.array] = {}  # the concentration per dtype, made once
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         """x: [B, heads, T, head_dim]."""
         # Scaling the input equals scaling cos and sin (rotation is linear).
-        x = x * mx.array(self.concentration, dtype=x.dtype)
+        if x.dtype not in self._scale:
+            self._scale[x.dtype] = mx.array(self.concentration, dtype=x.dtype)
+        x = x * self._scale[x.dtype]
         return mx.fast.rope(
-            x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._wavelengths
+            x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self.wavelengths
         )

@@ -350,6 +350,124 @@ def test_sdpa_decode_reads_the_caches_in_place(dtype, prompt):
             assert rel_err(out, ref) < TOL[dtype], (type(cache).__name__, prompt)
 
 
+# ---- attention projections (decode) ---------------------------------------------------------------
+
+
+def random_attention(H: int, D: int, hq: int, hkv: int, dtype, window: int | None = None):
+    """An attention block (full, or sliding with `window`) with random weights of realistic scale."""
+    from oss_mlx.attention import AttentionBlock
+
+    config = ModelConfig(
+        num_layers=2,
+        num_experts=4,
+        experts_per_token=2,
+        vocab_size=16,
+        hidden_size=H,
+        intermediate_size=32,
+        head_dim=D,
+        num_attention_heads=hq,
+        num_key_value_heads=hkv,
+        sliding_window=window or 128,
+    )
+    block = AttentionBlock(config, layer=0 if window else 1)
+    block.norm.weight = (1 + 0.05 * mx.random.normal((H,))).astype(dtype)
+    block.qkv.weight = (mx.random.normal(block.qkv.weight.shape) / math.sqrt(H)).astype(dtype)
+    block.qkv.bias = (0.1 * mx.random.normal(block.qkv.bias.shape)).astype(dtype)
+    block.out.weight = (mx.random.normal(block.out.weight.shape) / math.sqrt(hq * D)).astype(dtype)
+    block.out.bias = (0.1 * mx.random.normal(block.out.bias.shape)).astype(dtype)
+    block.sinks = mx.random.normal((hq,)).astype(dtype)
+    mx.eval(block.parameters())
+    return block
+
+
+PROJ_SHAPES = [
+    # H, D, hq, hkv, B
+    (2880, 64, 64, 8, 1),  # gpt-oss
+    (128, 64, 8, 2, 1),
+    (200, 32, 4, 4, 2),  # 25 chunks of 8: lanes past the end
+    (96, 16, 6, 2, 3),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("H,D,hq,hkv,B", PROJ_SHAPES)
+@pytest.mark.parametrize("offset", [0, 37, 30000])
+def test_norm_qkv_rope_matches_reference(dtype, H, D, hq, hkv, B, offset):
+    block = random_attention(H, D, hq, hkv, dtype)
+    x = (3 * mx.random.normal((B, 1, H))).astype(dtype)
+    assert kernels.attention_decode_ok(block, x)
+    q, k, v = kernels.norm_qkv_rope(block, x, offset)
+    assert q.shape == (B, hq, D) and k.shape == v.shape == (B, hkv, 1, D)
+    qkv = block.qkv(block.norm(x))
+    rq = qkv[..., : hq * D].reshape(B, 1, hq, D).transpose(0, 2, 1, 3)
+    rk = qkv[..., hq * D : (hq + hkv) * D].reshape(B, 1, hkv, D).transpose(0, 2, 1, 3)
+    rv = qkv[..., (hq + hkv) * D :].reshape(B, 1, hkv, D).transpose(0, 2, 1, 3)
+    rq, rk = block.rope(rq, offset), block.rope(rk, offset)
+    # float32 angles of ~30000 rad carry ~2e-3 rad of their own rounding in any implementation
+    tol = TOL[dtype] if dtype != mx.float32 else (2e-5 if offset < 1000 else 3e-3)
+    assert rel_err(q, rq[:, :, 0]) < tol
+    assert rel_err(k, rk) < tol
+    assert rel_err(v, rv) < TOL[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("H,D,hq,hkv,B", PROJ_SHAPES)
+def test_out_residual_matches_reference(dtype, H, D, hq, hkv, B):
+    block = random_attention(H, D, hq, hkv, dtype)
+    x = (3 * mx.random.normal((B, 1, H))).astype(dtype)
+    o = mx.random.normal((B, 1, hq * D)).astype(dtype)
+    y = kernels.out_residual(o, block.out, x)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert rel_err(y, x + block.out(o)) < TOL[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("window", [None, 16])
+@pytest.mark.parametrize("prompt", [1, 9, 40])
+def test_attention_block_decode_matches_reference(dtype, window, prompt):
+    """The block's decode path (3 kernels around the cache update) vs its reference path, each on
+    its own cache filled by the same prompt, over several steps."""
+    from oss_mlx.attention import attention_mask
+
+    H, D, hq, hkv = 256, 64, 8, 2
+    block = random_attention(H, D, hq, hkv, dtype, window)
+    caches = [WindowCache(window) if window else FullCache() for _ in range(2)]
+    x = (3 * mx.random.normal((1, prompt, H))).astype(dtype)
+    with kernels.use_backend("reference"):
+        for c in caches:
+            mask = attention_mask(prompt, 0, prompt, window)
+            mx.eval(block(x, mask, c))
+    for step in range(4):
+        xt = (3 * mx.random.normal((1, 1, H))).astype(dtype)
+        fast = block(xt, None, caches[0])
+        with kernels.use_backend("reference"):
+            ref = block(xt, None, caches[1])
+        assert rel_err(fast, ref) < TOL[dtype], (step, rel_err(fast, ref))
+        assert caches[0].offset == caches[1].offset == prompt + step + 1
+
+
+@needs_gpu
+def test_decode_step_is_a_few_ops_per_layer():
+    """The point of the decode kernels: at batch 1 every op costs dispatch time, so a decode step
+    must stay a handful of primitives per layer (it was ~47 before the attention kernels)."""
+    import collections
+    import io
+    import re
+
+    model = _tiny_model(mx.bfloat16)
+    cache = model.make_cache()
+    mx.eval(model(mx.array([list(range(40))]), cache=cache))
+    logits = model(mx.array([[1]]), cache=cache)
+    buf = io.StringIO()
+    mx.export_to_dot(buf, logits)
+    ops = collections.Counter(re.findall(r'label ="([^"]+)", shape=rectangle', buf.getvalue()))
+    per_layer = (sum(ops.values()) - 12) / len(model.blocks)  # ~12 for embedding, norm, unembedding
+    assert per_layer <= 12, ops
+
+
 # ---- the whole model ------------------------------------------------------------------------------
 
 
@@ -423,7 +541,8 @@ def test_kernel_paths_are_taken():
         mx.eval(model(mx.array([[1]]), cache=cache))
     finally:
         kernels._launch = real
-    assert {"norm_route", "gate_up_swiglu", "down_combine", "sdpa_decode"} <= set(calls), calls
+    attention = {"norm_qkv_rope", "sdpa_decode", "out_residual"}
+    assert attention | {"norm_route", "gate_up_swiglu", "down_combine"} <= set(calls), calls
 
 
 def test_dtype_config_copy_is_harmless():

@@ -1,0 +1,22 @@
+#!/bin/bash
+# GPU machine: the decode kernels' tests, each kernel alone (sweep), the decode profile, and
+# optionally the bench beside mlx-lm. Logs under $OUT. STAGES picks (default: all).
+set -o pipefail
+STAGES=${STAGES:-tests sweep profile bench}
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/gpu.txt
+for stage in $STAGES; do
+  echo "== $stage" | tee -a $OUT/run.log
+  case $stage in
+    tests) timeout ${TEST_TIMEOUT:-200} python3 -m pytest -v -rf --maxfail=30 tests/test_kernels.py \
+             -k "${TESTK:-norm_qkv or out_residual or attention_block or few_ops or paths_are or self_test}" \
+             > $OUT/tests.log 2>&1; grep -cE "PASSED" $OUT/tests.log; grep -E "FAILED|Error" $OUT/tests.log | head -30 ;;
+    alltests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -v -rf --maxfail=40 tests/test_kernels.py tests/test_bench.py \
+             > $OUT/alltests.log 2>&1; grep -cE "PASSED" $OUT/alltests.log; grep -E "FAILED|Error" $OUT/alltests.log | head -30 ;;
+    sweep) timeout 150 python3 benchmarks/profile_decode.py --layers 2 --sweep --json $OUT/sweep.json 2>&1 | tee -a $OUT/run.log ;;
+    profile) timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/profile_decode.py --depths ${DEPTHS:-128,32768} \
+             --json $OUT/profile.json 2>&1 | tee -a $OUT/run.log ;;
+    bench) timeout ${BENCH_TIMEOUT:-300} python3 -m oss_mlx.cli bench --config 20b \
+             --prompt-lengths ${LENGTHS:-128,2048,8192,32768} --decode-tokens 32 --engines oss-mlx,mlx-lm \
+             --json $OUT/bench.json 2>&1 | tee $OUT/bench.log ;;
+  esac
+done

@@ -1,0 +1,106 @@
+// The attention block's projections for decode (CUDA twin of kernels_metal/projections.metal).
+//
+// At batch 1 a decode step is a few hundred small ops, and on MLX each op costs a few microseconds
+// of dispatch whatever its size, so the attention block's ~40 ops (norm casts, matmul, slices,
+// reshapes, transposes, concentration, two RoPEs, copies) are folded into two kernels around the
+// cache update and the attention itself. Both are GEMVs reading each weight row once with 16-byte
+// loads; a warp owns whole rows, lane l holds the 8-element chunks l, l + 32, ... of the input in
+// registers (NC = ceil(in / 256) chunks per lane). Rounding follows the reference path op by op
+// (norm output, matmul + bias, concentration, RoPE, residual add each rounded to T).
+//
+// norm_qkv_rope: q, k, v for N tokens at one position from the residual stream x.
+//   h = RMSNorm(x) (float32, times the weight, rounded to T); a = W h + b, rows head-major
+//   (HQ query heads, then HKV key heads, then HKV value heads, D rows each); q and k times the
+//   YaRN concentration, then rotated (half-split pairs i, i + D/2, angle pos / wavelength[i]).
+//   inputs  x [N, H], nw [H], w [(HQ + 2 HKV) D, H], b [(HQ + 2 HKV) D], wl [D / 2] float32
+//           (wavelengths, as mx.fast.rope takes them), pos [1] int32, consts [2] float32 (eps,
+//           concentration)
+//   outputs q [N, HQ, D], k [N, HKV, 1, D], v [N, HKV, 1, D] (T)
+//   template T, H, D, HQ, HKV, NC, PW (pairs of rows per warp); 4 warps per block
+//   grid (128 * ceil((HQ + 2 HKV) D / 2 / (4 PW)), N, 1), threadgroup (128, 1, 1)
+//
+// out_residual: y[n, r] = res[n, r] + (W[r] . o[n] + b[r]).
+//   inputs  o [N, IN], w [H, IN], b [H], res [N, H]
+//   outputs y [N, H] (T)
+//   template T, H, IN, NC, RW (rows per warp); 4 warps per block
+//   grid (128 * ceil(H / (4 RW)), N, 1), threadgroup (128, 1, 1)
+// @@kernel norm_qkv_rope
+  constexpr int HALF = D / 2;
+  constexpr int NCH = H / 8;
+  OSS_SHARED OSS_ALIGN16 float xs[H];
+  OSS_SHARED float red[4];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n = blockIdx.y;
+  // Every block normalises x itself: H values are cheaper to re-read than a launch to share.
+  float ss = 0.f;
+  for (int c = tid; c < NCH; c += 128) {
+    float v[8];
+    load8(x + (long long)n * H + 8 * c, v);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      xs[8 * c + t] = v[t];
+      ss = fmaf(v[t], v[t], ss);
+    }
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) red[warp] = ss;
+  OSS_BARRIER();
+  const float inv = rsqrtf((red[0] + red[1] + red[2] + red[3]) / H + consts[0]);
+  for (int i = tid; i < H; i += 128) xs[i] = round_to<T>(xs[i] * inv * to_f(nw[i]));
+  OSS_BARRIER();
+  float xr[NC][8];
+  load_chunks_tg<NC, NCH>(xs, lane, xr);
+
+  const float conc = round_to<T>(consts[1]);
+  const float p = (float)pos[0];
+#pragma unroll
+  for (int j = 0; j < PW; ++j) {
+    const int pair = (blockIdx.x * 4 + warp) * PW + j;
+    if (pair >= (HQ + 2 * HKV) * HALF) break;  // the same for the whole warp
+    const int head = pair / HALF, i = pair % HALF;
+    const long long r0 = (long long)head * D + i, r1 = r0 + HALF;
+    float a0 = 0.f, a1 = 0.f;
+    dot2_rows<NC, NCH>(w + r0 * H, w + r1 * H, xr, lane, a0, a1);
+    if (lane == 0) {
+      float y0 = round_to<T>(a0 + to_f(b[r0]));
+      float y1 = round_to<T>(a1 + to_f(b[r1]));
+      if (head < HQ + HKV) {
+        y0 = round_to<T>(y0 * conc);
+        y1 = round_to<T>(y1 * conc);
+        float sn, cs;
+        sincosf(p * (1.f / wl[i]), &sn, &cs);
+        const float o0 = y0 * cs - y1 * sn;
+        const float o1 = y0 * sn + y1 * cs;
+        y0 = o0;
+        y1 = o1;
+      }
+      T* dst;
+      if (head < HQ) {
+        dst = q + ((long long)n * HQ + head) * D;
+      } else if (head < HQ + HKV) {
+        dst = k + ((long long)n * HKV + head - HQ) * D;
+      } else {
+        dst = v + ((long long)n * HKV + head - HQ - HKV) * D;
+      }
+      dst[i] = from_f<T>(y0);
+      dst[i + HALF] = from_f<T>(y1);
+    }
+  }
+// @@kernel out_residual
+  constexpr int NCH = IN / 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = blockIdx.y;
+  const int row0 = (blockIdx.x * 4 + warp) * RW;
+  if (row0 >= H) return;
+  float xr[NC][8];
+  load_chunks<NC, NCH>(o + (long long)n * IN, lane, xr);
+  for (int r = 0; r < RW && row0 + r < H; r += 2) {
+    const int ra = row0 + r, rb = min(ra + 1, H - 1);  // an odd last row is computed twice
+    float a0 = 0.f, a1 = 0.f;
+    dot2_rows<NC, NCH>(w + (long long)ra * IN, w + (long long)rb * IN, xr, lane, a0, a1);
+    if (lane == 0) {
+      const long long y0 = (long long)n * H + ra;
+      y[y0] = from_f<T>(to_f(res[y0]) + round_to<T>(a0 + to_f(b[ra])));
+      if (ra + 1 < H) y[y0 + 1] = from_f<T>(to_f(res[y0 + 1]) + round_to<T>(a1 + to_f(b[ra + 1])));
+    }
+  }
