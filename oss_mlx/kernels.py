@@ -54,9 +54,9 @@ SDPA_MAX_SPLITS = 256
 # weight rows): more rows per warp reuse the vector more and keep more loads in flight; fewer make
 # more blocks. Measured on the GPU machine (benchmarks/profile_decode.py --sweep).
 MOE_COLS_PER_WARP = 2  # gate_up_swiglu: SwiGLU columns (2 weight rows each)
-MOE_ROWS_PER_WARP = 2  # down_combine
-QKV_PAIRS_PER_WARP = 2  # norm_qkv_rope: RoPE pairs (2 weight rows each)
-OUT_ROWS_PER_WARP = 2  # out_residual (even)
+MOE_ROWS_PER_WARP = 8  # down_combine
+QKV_PAIRS_PER_WARP = 4  # norm_qkv_rope: RoPE pairs (2 weight rows each)
+OUT_ROWS_PER_WARP = 8  # out_residual (even)
 
 
 # ---- backend --------------------------------------------------------------------------------------

@@ -384,7 +384,7 @@ PROJ_SHAPES = [
     # H, D, hq, hkv, B
     (2880, 64, 64, 8, 1),  # gpt-oss
     (128, 64, 8, 2, 1),
-    (200, 32, 4, 4, 2),  # 25 chunks of 8: lanes past the end
+    (224, 32, 4, 4, 2),  # 28 chunks of 8: lanes past the end
     (96, 16, 6, 2, 3),
 ]
 
