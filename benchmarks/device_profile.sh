@@ -15,6 +15,12 @@ for stage in $STAGES; do
     sweep) timeout 150 python3 benchmarks/profile_decode.py --layers 2 --sweep --json $OUT/sweep.json 2>&1 | tee -a $OUT/run.log ;;
     profile) timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/profile_decode.py --depths ${DEPTHS:-128,32768} \
              --json $OUT/profile.json 2>&1 | tee -a $OUT/run.log ;;
+    envs) for v in MLX_X=0 MLX_MAX_OPS_PER_BUFFER=50 MLX_MAX_OPS_PER_BUFFER=200 MLX_USE_CUDA_GRAPHS=0; do
+            env $v timeout 100 python3 benchmarks/profile_decode.py --depths 128 2>&1 | tee -a $OUT/run.log
+          done ;;
+    bench120) timeout ${BENCH_TIMEOUT:-300} python3 -m oss_mlx.cli bench --config 120b \
+             --prompt-lengths 8192,32768 --decode-tokens 8 --warmup 0 --engines oss-mlx \
+             --json $OUT/bench120.json 2>&1 | tee $OUT/bench120.log ;;
     bench) timeout ${BENCH_TIMEOUT:-300} python3 -m oss_mlx.cli bench --config 20b \
              --prompt-lengths ${LENGTHS:-128,2048,8192,32768} --decode-tokens 32 --engines oss-mlx,mlx-lm \
              --json $OUT/bench.json 2>&1 | tee $OUT/bench.log ;;

@@ -133,6 +133,23 @@ def kernel_sweep(model) -> dict:
         out[name] = {"us": round(us, 1), "GB/s": round(gbs) if gbs else None}
         print(f"  {name:<40} {us:8.1f} µs" + (f"  {gbs:7.0f} GB/s" if gbs else ""), flush=True)
 
+    if kernels.backend() == "cuda":
+        empty = mx.fast.cuda_kernel(
+            name="oss_profile_empty", input_names=["a"], output_names=["b"], source="b[0] = a[0];"
+        )
+        record(
+            "custom kernel, 1 thread (launch floor)",
+            _time_us(
+                lambda: empty(
+                    inputs=[x],
+                    grid=(1, 1, 1),
+                    threadgroup=(1, 1, 1),
+                    output_shapes=[(1,)],
+                    output_dtypes=[x.dtype],
+                )[0]
+            ),
+        )
+    record("mx add, 1 x H (builtin op floor)", _time_us(lambda: x + 1))
     wT = attn.qkv.weight.T
     record("cuBLAS addmm qkv (reference)", _time_us(lambda: mx.addmm(attn.qkv.bias, x, wT)), "qkv")
     oT = attn.out.weight.T
@@ -145,9 +162,9 @@ def kernel_sweep(model) -> dict:
     for rw in (2, 4, 8):
         kernels.OUT_ROWS_PER_WARP = rw
         record(f"out_residual RW={rw}", _time_us(lambda: kernels.out_residual(o, attn.out, x)), "out")
-    for cols in (1, 2, 4, 8):
-        for rows in (1, 2, 4, 8):
-            kernels.MOE_COLS_PER_WARP, kernels.MOE_ROWS_PER_WARP = cols, rows
+    for cols in (1, 2, 4):
+        for rows in (2, 4, 8, 16):
+            kernels.MOE_COLS_PER_WARP, kernels.MOE_ROWS_PER_BLOCK = cols, rows
             record(f"moe block COLS={cols} ROWS={rows}", _time_us(lambda: kernels.moe_block(mlp, x)), "moe")
     for S in (128, 2048, 32768):
         k = mx.random.normal((1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)

@@ -18,8 +18,8 @@
 //   inputs  h [N * K, I], ids [N * K] uint32, wts [N * K] float32, w [E, H, I/8] uint32,
 //           scales [E, H, I/32] uint8, bias [E, H], res [N, H]
 //   outputs y [N, H] (T)
-//   template T, H, I, K, NC, ROWS (rows per warp); 4 warps per block
-//   grid (128 * ceil(H / (4 * ROWS)), N, 1), threadgroup (128, 1, 1)
+//   template T, H, I, K, NC, ROWS (rows per block); 4 warps per block, warp w takes experts w, w + 4, ...
+//   grid (128 * ceil(H / ROWS), N, 1), threadgroup (128, 1, 1)
 // @@kernel gate_up_swiglu
   constexpr int G = H / 32;  // groups per weight row
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -78,15 +78,17 @@
   }
 // @@kernel down_combine
   constexpr int G = I / 32;
+  OSS_SHARED float part[4][ROWS];
+  const int tid = threadIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n = blockIdx.y;
-  const int row0 = (blockIdx.x * 4 + warp) * ROWS;
-  if (row0 >= H) return;
+  const int row0 = blockIdx.x * ROWS;
   const long long row_words = I / 8;
-  float acc[ROWS], bsum[ROWS];
+  float acc[ROWS];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) acc[r] = bsum[r] = 0.f;
-  for (int j = 0; j < K; ++j) {
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+  // Warp w takes the experts w, w + 4, ... of the token; partial sums meet in shared memory.
+  for (int j = warp; j < K; j += 4) {
     const int slot = n * K + j;
     const uint e = ids[slot];
     const float wt = wts[slot];
@@ -116,15 +118,17 @@
           if (g < G) a = fmaf(dot32_fp4(load_u4(wr + 4 * g), hr[c]), e8m0_scale(sr[g]), a);
         }
         acc[r] = fmaf(wt, a, acc[r]);
-        bsum[r] = fmaf(wt, to_f(bias[ri]), bsum[r]);
+        if (lane == 0) acc[r] = fmaf(wt, to_f(bias[ri]), acc[r]);
       }
     }
   }
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const float total = warp_sum(acc[r]);
-    const int row = row0 + r;
-    if (lane == 0 && row < H) {
-      y[(long long)n * H + row] = from_f<T>(to_f(res[(long long)n * H + row]) + total + bsum[r]);
-    }
+    if (lane == 0) part[warp][r] = total;
+  }
+  OSS_BARRIER();
+  if (tid < ROWS && row0 + tid < H) {
+    const long long at = (long long)n * H + row0 + tid;
+    y[at] = from_f<T>(to_f(res[at]) + part[0][tid] + part[1][tid] + part[2][tid] + part[3][tid]);
   }

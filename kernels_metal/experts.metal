@@ -19,8 +19,8 @@
 //   inputs  h [N * K, I], ids [N * K] uint32, wts [N * K] float32, w [E, H, I/8] uint32,
 //           scales [E, H, I/32] uint8, bias [E, H], res [N, H]
 //   outputs y [N, H] (T)
-//   template T, H, I, K, NC, ROWS (rows per warp); 4 warps per block
-//   grid (128 * ceil(H / (4 * ROWS)), N, 1), threadgroup (128, 1, 1)
+//   template T, H, I, K, NC, ROWS (rows per block); 4 warps per block, warp w takes experts w, w + 4, ...
+//   grid (128 * ceil(H / ROWS), N, 1), threadgroup (128, 1, 1)
 // @@kernel gate_up_swiglu
   constexpr int G = H / 32;  // groups per weight row
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
@@ -74,14 +74,16 @@
   }
 // @@kernel down_combine
   constexpr int G = I / 32;
+  OSS_SHARED float part[4][ROWS];
+  const int tid = thread_position_in_threadgroup.x;
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int n = threadgroup_position_in_grid.y;
-  const int row0 = (int(threadgroup_position_in_grid.x) * 4 + warp) * ROWS;
-  if (row0 >= H) return;
+  const int row0 = int(threadgroup_position_in_grid.x) * ROWS;
   const long row_words = I / 8;
-  float acc[ROWS], bsum[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = bsum[r] = 0.f;
-  for (int j = 0; j < K; ++j) {
+  float acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+  // Warp w takes the experts w, w + 4, ... of the token; partial sums meet in shared memory.
+  for (int j = warp; j < K; j += 4) {
     const int slot = n * K + j;
     const uint e = ids[slot];
     const float wt = wts[slot];
@@ -106,14 +108,16 @@
           if (g < G) a = fma(dot32_fp4(load_u4(wr + 4 * g), hr[c]), e8m0_scale(sr[g]), a);
         }
         acc[r] = fma(wt, a, acc[r]);
-        bsum[r] = fma(wt, to_f(bias[ri]), bsum[r]);
+        if (lane == 0) acc[r] = fma(wt, to_f(bias[ri]), acc[r]);
       }
     }
   }
   for (int r = 0; r < ROWS; ++r) {
     const float total = warp_sum(acc[r]);
-    const int row = row0 + r;
-    if (lane == 0 && row < H) {
-      y[(long)n * H + row] = from_f<T>(to_f(res[(long)n * H + row]) + total + bsum[r]);
-    }
+    if (lane == 0) part[warp][r] = total;
+  }
+  OSS_BARRIER();
+  if (tid < ROWS && row0 + tid < H) {
+    const long at = (long)n * H + row0 + tid;
+    y[at] = from_f<T>(to_f(res[at]) + part[0][tid] + part[1][tid] + part[2][tid] + part[3][tid]);
   }

@@ -54,7 +54,7 @@ SDPA_MAX_SPLITS = 256
 # weight rows): more rows per warp reuse the vector more and keep more loads in flight; fewer make
 # more blocks. Measured on the GPU machine (benchmarks/profile_decode.py --sweep).
 MOE_COLS_PER_WARP = 2  # gate_up_swiglu: SwiGLU columns (2 weight rows each)
-MOE_ROWS_PER_WARP = 8  # down_combine
+MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert each)
 QKV_PAIRS_PER_WARP = 4  # norm_qkv_rope: RoPE pairs (2 weight rows each)
 OUT_ROWS_PER_WARP = 8  # out_residual (even)
 
@@ -470,12 +470,12 @@ def _experts_decode(experts, x, wts, ids, residual, N: int, k: int) -> mx.array:
         [(N * k, I)],
         [T],
     )
-    rows = MOE_ROWS_PER_WARP
+    rows = MOE_ROWS_PER_BLOCK
     (y,) = _launch(
         "down_combine",
         [h, ids, wts, experts.down_weight, experts.down_scales, experts.down_bias, residual],
         [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-I // 1024)), ("ROWS", rows)],
-        (128 * -(-H // (4 * rows)), N, 1),
+        (128 * -(-H // rows), N, 1),
         (128, 1, 1),
         [residual.shape],
         [T],
