@@ -19,8 +19,17 @@ for stage in $STAGES; do
             env $v timeout 100 python3 benchmarks/profile_decode.py --depths 128 2>&1 | tee -a $OUT/run.log
           done ;;
     bench120) timeout ${BENCH_TIMEOUT:-300} python3 -m oss_mlx.cli bench --config 120b \
-             --prompt-lengths 8192,32768 --decode-tokens 8 --warmup 0 --engines oss-mlx \
+             --prompt-lengths 8192,32768 --decode-tokens 8 --warmup 0 --engines oss-mlx ${STEP:+--prefill-step $STEP} \
              --json $OUT/bench120.json 2>&1 | tee $OUT/bench120.log ;;
+    small20) for step in 2048 512; do
+               timeout 150 python3 -m oss_mlx.cli bench --config 20b --quality small --prompt-lengths 8192 \
+                 --decode-tokens 8 --warmup 0 --engines oss-mlx --prefill-step $step \
+                 --json $OUT/small20-$step.json 2>&1 | tee -a $OUT/small20.log
+             done ;;
+    bench2) for v in MLX_X=0 MLX_USE_CUDA_GRAPHS=0; do
+              env $v timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
+                --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench-$v.json 2>&1 | tee -a $OUT/bench2.log
+            done ;;
     bench) timeout ${BENCH_TIMEOUT:-300} python3 -m oss_mlx.cli bench --config 20b \
              --prompt-lengths ${LENGTHS:-128,2048,8192,32768} --decode-tokens 32 --engines oss-mlx,mlx-lm \
              --json $OUT/bench.json 2>&1 | tee $OUT/bench.log ;;

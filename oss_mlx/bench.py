@@ -200,14 +200,17 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
     return mx.random.randint(0, vocab, (n,), key=key).tolist()
 
 
-def run_oss_mlx(model: Transformer, prompt: list[int], decode: int) -> tuple[float, float, float]:
+def run_oss_mlx(
+    model: Transformer, prompt: list[int], decode: int, prefill_step: int | None = None
+) -> tuple[float, float, float]:
     """(prefill tok/s, decode tok/s, peak GB) through oss-mlx's own token loop."""
-    from .generation import SamplingOptions, TokenStream, generate_tokens
+    from .generation import PREFILL_STEP, SamplingOptions, TokenStream, generate_tokens
 
     report = TokenStream()
     cache = model.make_cache()
     options = SamplingOptions(temperature=0.0, max_tokens=decode + 1)
-    for _ in generate_tokens(model, prompt, cache, options, stop_ids=set(), report=report):
+    step = prefill_step or PREFILL_STEP
+    for _ in generate_tokens(model, prompt, cache, options, stop_ids=set(), report=report, prefill_step=step):
         pass
     s = report.stats
     decode_tps = (s.generated_tokens - 1) / s.generation_seconds if s.generation_seconds > 0 else 0.0
@@ -342,6 +345,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="compare kernel vs reference logits over an N-token prompt",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quality",
+        choices=("reference", "balanced", "small"),
+        default="reference",
+        help="with --config: quantize the random model's dense layers as `oss-mlx convert` would "
+        "(oss-mlx engines only)",
+    )
+    p.add_argument("--prefill-step", type=int, help="oss-mlx's prefill chunk (default 2048)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument(
         "--memory-budget",
@@ -364,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.quality != "reference" and (args.model or "mlx-lm" in engines):
+        print(
+            "oss-mlx bench: --quality applies to --config random weights and oss-mlx engines only "
+            "(a converted --model already has its preset; mlx-lm maps float weights)",
+            file=sys.stderr,
+        )
+        return 2
     lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
     G = args.decode_tokens
 
@@ -382,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = random_model(preset_config(args.config), seed=args.seed)
         source = f"--config {args.config} (random weights)"
+        if args.quality != "reference":
+            from convert.presets import get_preset
+
+            from .loader import quantize_dense
+
+            quantize_dense(model, get_preset(args.quality).spec())
+            mx.eval(model.parameters())
+            source += f", --quality {args.quality}"
     c = model.config
     print(
         f"oss-mlx bench: {source}; {c.num_layers} layers, {c.num_experts} experts "
@@ -415,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup:
                 run_oss_mlx(model, _prompt(args.warmup, c.vocab_size, args.seed), 4)
             for n in lengths:
-                record(name, kern, n, run_oss_mlx(model, _prompt(n, c.vocab_size, args.seed), G))
+                prompt = _prompt(n, c.vocab_size, args.seed)
+                record(name, kern, n, run_oss_mlx(model, prompt, G, args.prefill_step))
                 gc.collect()
     if args.memory_budget:
         from .streaming import model_streaming_stats

@@ -109,6 +109,7 @@ def generate_tokens(
     stop_ids: set[int],
     report: TokenStream | None = None,
     mark_at: Iterable[int] = (),
+    prefill_step: int = PREFILL_STEP,
 ) -> Iterator[int]:
     """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens.
 
@@ -128,7 +129,7 @@ def generate_tokens(
         return sampler(logprobs)
 
     start = time.perf_counter()
-    token = sample(prefill(model, new_tokens, cache, mark_at=mark_at))
+    token = sample(prefill(model, new_tokens, cache, step=prefill_step, mark_at=mark_at))
     mx.eval(token)
     stats.prompt_seconds = time.perf_counter() - start
     start = time.perf_counter()

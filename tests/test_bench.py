@@ -73,3 +73,24 @@ def test_bench_with_a_memory_budget_reports_the_hit_rate(tmp_path, capsys):
     assert main([*common, "--engines", "oss-mlx", "--memory-budget", "0.6GB"]) == 0
     assert "expert cache hit rate" in capsys.readouterr().out
     assert main([*common, "--memory-budget", "0.6GB"]) == 2  # mlx-lm cannot stream experts
+
+
+def test_bench_quality_preset_quantizes_the_random_model(tmp_path, monkeypatch):
+    """--quality small: the dense layers are quantized as the converter's preset does (smaller peak),
+    --prefill-step reaches the token loop; both are refused where they cannot apply."""
+    seen = {}
+    real = bench.run_oss_mlx
+
+    def spy(model, prompt, decode, prefill_step=None):
+        seen["attention"] = type(model.blocks[0].attn.qkv).__name__
+        seen["step"] = prefill_step
+        return real(model, prompt, decode, prefill_step)
+
+    monkeypatch.setattr(bench, "run_oss_mlx", spy)
+    common = ["--config", "tiny", "--prompt-lengths", "20", "--decode-tokens", "2", "--warmup", "0"]
+    out = tmp_path / "q.json"
+    args = [*common, "--engines", "oss-mlx", "--quality", "small", "--prefill-step", "8", "--json", str(out)]
+    assert bench.main(args) == 0
+    assert seen == {"attention": "QuantizedLinear", "step": 8}
+    assert "--quality small" in json.loads(out.read_text())[0]["source"]
+    assert bench.main([*common, "--quality", "small"]) == 2  # mlx-lm maps float weights only

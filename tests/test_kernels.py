@@ -229,7 +229,7 @@ def test_gate_up_swiglu_matches_dequantized_math(dtype, E, k, H, I, N):
             ex.gate_up_bias,
             kernels._const(ex.alpha, ex.limit),
         ],
-        [("T", dtype), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024))],
+        [("T", dtype), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024)), ("COLS", 2)],
         (128 * -(-I // 8), N * k, 1),
         (128, 1, 1),
         [(N * k, I)],
