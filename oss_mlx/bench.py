@@ -204,13 +204,14 @@ def run_oss_mlx(
     model: Transformer, prompt: list[int], decode: int, prefill_step: int | None = None
 ) -> tuple[float, float, float]:
     """(prefill tok/s, decode tok/s, peak GB) through oss-mlx's own token loop."""
-    from .generation import PREFILL_STEP, SamplingOptions, TokenStream, generate_tokens
+    from .generation import SamplingOptions, TokenStream, generate_tokens
 
     report = TokenStream()
     cache = model.make_cache()
     options = SamplingOptions(temperature=0.0, max_tokens=decode + 1)
-    step = prefill_step or PREFILL_STEP
-    for _ in generate_tokens(model, prompt, cache, options, stop_ids=set(), report=report, prefill_step=step):
+    for _ in generate_tokens(
+        model, prompt, cache, options, stop_ids=set(), report=report, prefill_step=prefill_step
+    ):
         pass
     s = report.stats
     decode_tps = (s.generated_tokens - 1) / s.generation_seconds if s.generation_seconds > 0 else 0.0
@@ -352,7 +353,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="with --config: quantize the random model's dense layers as `oss-mlx convert` would "
         "(oss-mlx engines only)",
     )
-    p.add_argument("--prefill-step", type=int, help="oss-mlx's prefill chunk (default 2048)")
+    p.add_argument(
+        "--prefill-step", type=int, help="oss-mlx's prefill chunk (default: 2048, or what load picks)"
+    )
     p.add_argument("--json", help="write the rows here")
     p.add_argument(
         "--memory-budget",

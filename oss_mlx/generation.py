@@ -109,12 +109,13 @@ def generate_tokens(
     stop_ids: set[int],
     report: TokenStream | None = None,
     mark_at: Iterable[int] = (),
-    prefill_step: int = PREFILL_STEP,
+    prefill_step: int | None = None,
 ) -> Iterator[int]:
     """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens.
 
     Decoding is pipelined: step n+1 is queued before token n reaches Python. A stop token is
     therefore fed to the cache too; callers read `cache.offset` to know what the cache holds.
+    prefill_step: the prefill chunk; default the model's (`load` picks it for the machine's memory).
     """
     report = report if report is not None else TokenStream()
     stats = report.stats
@@ -129,7 +130,8 @@ def generate_tokens(
         return sampler(logprobs)
 
     start = time.perf_counter()
-    token = sample(prefill(model, new_tokens, cache, step=prefill_step, mark_at=mark_at))
+    step = prefill_step or getattr(model, "prefill_step", PREFILL_STEP)
+    token = sample(prefill(model, new_tokens, cache, step=step, mark_at=mark_at))
     mx.eval(token)
     stats.prompt_seconds = time.perf_counter() - start
     start = time.perf_counter()

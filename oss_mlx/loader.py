@@ -172,9 +172,14 @@ def load_model(
 
         stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
     model.eval()
-    from .memory import wire_weights
+    from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
 
-    wire_weights(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
+    resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    wire_weights(resident)
+    # Smaller prefill chunks where memory is tight (read by generation.generate_tokens).
+    model.prefill_step = prefill_step_for(
+        resident, kv_bytes(config, DEFAULT_CONTEXT), Machine.detect().working_set_bytes
+    )
     model.info = LoadInfo(layout, folder, config, raw)
     return model, model.info
 

@@ -185,3 +185,37 @@ def test_streaming_advice_agrees_with_what_streaming_accepts(tmp_path):
     assert plan_streaming(model, int(need * 1.02), context=4096).slots >= spec.experts_per_token
     with pytest.raises(MemoryBudgetError):
         plan_streaming(model, int(need * 0.98), context=4096)
+
+
+def test_prefill_step_shrinks_where_memory_is_tight():
+    """2,048-token chunks where their measured transient fits beside weights + KV, else 512: the
+    120b at 8k needs ~74.6 GB with 2,048-token chunks, which a 72 GiB (77.3 GB) working set holds and
+    a 72 GB one does not."""
+    w120 = sum(weight_bytes(named_config("120b")).values())
+    kv = kv_bytes(named_config("120b"), 8192)
+    assert memory.prefill_step_for(w120, kv, 72 * 10**9) == 512
+    assert memory.prefill_step_for(w120, kv, 72 * GiB) == 2048
+    assert memory.prefill_step_for(10**9, 0, 64 * GiB) == 2048
+    assert memory.prefill_step_for(10**9, 0, 10**9) == 512  # never below the smallest chunk
+
+
+@pytest.mark.parametrize("gb,step", [("0.01", 512), ("1000", 2048)])
+def test_load_picks_the_prefill_step_and_generation_uses_it(tiny_checkpoint, monkeypatch, gb, step):
+    from oss_mlx import generation
+    from oss_mlx.loader import load_model
+
+    monkeypatch.setenv("OSS_MLX_MEMORY_GB", gb)
+    model, _ = load_model(tiny_checkpoint)
+    assert model.prefill_step == step
+    seen = []
+    real = generation.prefill
+
+    def spy(*args, step, **kwargs):
+        seen.append(step)
+        return real(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(generation, "prefill", spy)
+    options = generation.SamplingOptions(temperature=0, max_tokens=2)
+    list(generation.generate_tokens(model, [1, 2, 3], model.make_cache(), options, stop_ids=set()))
+    list(generation.generate_tokens(model, [4], model.make_cache(), options, set(), prefill_step=64))
+    assert seen == [step, 64]
