@@ -404,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         model = random_model(preset_config(args.config), seed=args.seed)
         source = f"--config {args.config} (random weights)"
         if args.quality != "reference":
-            from convert.presets import get_preset
-
+            from .convert.presets import get_preset
             from .loader import quantize_dense
 
             quantize_dense(model, get_preset(args.quality).spec())
