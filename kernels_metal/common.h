@@ -10,7 +10,7 @@
 #define OSS_NEG (-1.0e30f)
 #define OSS_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define OSS_SHARED threadgroup
-#define OSS_ALIGN16 alignas(16)
+#define OSS_ALIGN16  // threadgroup floats are read one by one here (load_chunks_tg): no alignment needed
 
 OSS_DEV float to_f(float x) { return x; }
 OSS_DEV float to_f(bfloat16_t x) { return static_cast<float>(x); }
