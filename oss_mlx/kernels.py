@@ -518,7 +518,6 @@ def sdpa(q, k, v, sinks, scale: float, mask, window: int | None = None) -> mx.ar
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv if Hkv else 0
     ok = (
         T == 1
         and mask is None
@@ -528,12 +527,7 @@ def sdpa(q, k, v, sinks, scale: float, mask, window: int | None = None) -> mx.ar
         and k.dtype == q.dtype
         and v.dtype == q.dtype
         and v.shape == k.shape
-        and D % 8 == 0
-        and (D // 8) & (D // 8 - 1) == 0
-        and D <= 256
-        and G * Hkv == Hq
-        and 1 <= G <= 16
-        and G * D <= 2048
+        and _sdpa_heads_ok(D, Hq, Hkv)
         and S >= 1
     )
     if not ok:
@@ -542,6 +536,20 @@ def sdpa(q, k, v, sinks, scale: float, mask, window: int | None = None) -> mx.ar
         return sdpa_reference(q, k, v, sinks, scale, mask)
     out = sdpa_decode(mx.contiguous(q.reshape(B, Hq, D)), k, v, sinks, scale, window)
     return out.reshape(B, Hq, 1, D)
+
+
+def _sdpa_heads_ok(D: int, hq: int, hkv: int) -> bool:
+    """The head shapes sdpa_decode was written for: D / 8 lanes per key (a power of two), G = hq / hkv
+    query heads per block, their state in registers and shared memory."""
+    G = hq // hkv if hkv else 0
+    return (
+        D % 8 == 0
+        and (D // 8) & (D // 8 - 1) == 0
+        and D <= 256
+        and G * hkv == hq
+        and 1 <= G <= 16
+        and G * D <= 2048
+    )
 
 
 def sdpa_decode(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, window: int | None):
@@ -583,7 +591,6 @@ def attention_decode_ok(block, x: mx.array) -> bool:
     qkv, out = block.qkv, block.out
     D, hq, hkv = block.head_dim, block.num_heads, block.num_kv_heads
     H = x.shape[-1]
-    G = hq // hkv if hkv else 0
     return (
         x.ndim == 3
         and x.shape[1] == 1
@@ -601,12 +608,7 @@ def attention_decode_ok(block, x: mx.array) -> bool:
         and H % 8 == 0
         and H <= 8192
         and hq * D <= 16384
-        and D % 8 == 0
-        and (D // 8) & (D // 8 - 1) == 0
-        and D <= 256
-        and G * hkv == hq
-        and 1 <= G <= 16
-        and G * D <= 2048
+        and _sdpa_heads_ok(D, hq, hkv)
     )
 
 
