@@ -16,10 +16,10 @@
 //   grid (128 * ceil(I / (4 * COLS)), N * K, 1), threadgroup (128, 1, 1)
 //
 // down_combine: y[n, r] = res[n, r] + sum_j wts[n, j] * (W[e_j][r] . h[n * K + j] + b[e_j][r]).
-//   inputs  h [N * K, I], ids [N * K] uint32, wts [N * K] float32, w [E, H, I/8] uint32,
-//           scales [E, H, I/32] uint8, bias [E, H], res [N, H]
+//   inputs  h [N * K, I], ids [N * K] uint32, wts [N * K] float32, w [E, HP, I/8] uint32,
+//           scales [E, HP, I/32] uint8 (HP >= H: rows padded for prefill), bias [E, H], res [N, H]
 //   outputs y [N, H] (T)
-//   template T, H, I, K, NC, ROWS (rows per block); 4 warps per block, warp w takes experts w, w + 4, ...
+//   template T, H, HP, I, K, NC, ROWS (rows per block); 4 warps per block, warp w takes experts w, w + 4, ...
 //   grid (128 * ceil(H / ROWS), N, 1), threadgroup (128, 1, 1)
 // @@kernel gate_up_swiglu
   constexpr int G = H / 32;  // groups per weight row
@@ -99,7 +99,7 @@
     for (int r = 0; r < ROWS; ++r) {
       const int row = row0 + r;
       if (row < H) {
-        const long ri = (long)e * H + row;
+        const long ri = (long)e * HP + row;  // weight rows per expert: HP >= H (padded)
         const device uint32_t* wr = w + ri * row_words;
         const device uint8_t* sr = scales + ri * G;
         float a = 0.f;
@@ -108,7 +108,7 @@
           if (g < G) a = fma(dot32_fp4(load_u4(wr + 4 * g), hr[c]), e8m0_scale(sr[g]), a);
         }
         acc[r] = fma(wt, a, acc[r]);
-        if (lane == 0) acc[r] = fma(wt, to_f(bias[ri]), acc[r]);
+        if (lane == 0) acc[r] = fma(wt, to_f(bias[(long)e * H + row]), acc[r]);
       }
     }
   }

@@ -116,6 +116,7 @@ def random_model(config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.bfloat
     fill(model.embedding, "embedding.")
     fill(model.norm, "norm.")
     fill(model.unembedding, "unembedding.")
+    kernels.prepare(model)  # as the loader does
     return model
 
 
@@ -183,8 +184,9 @@ def mlx_lm_model(model: Transformer):
             weights[x + f"{proj}.weight"] = mx.contiguous(e.gate_up_weight[:, sl, :])
             weights[x + f"{proj}.scales"] = mx.contiguous(e.gate_up_scales[:, sl, :])
             weights[x + f"{proj}.bias"] = mx.contiguous(e.gate_up_bias[:, sl])
-        weights[x + "down_proj.weight"] = e.down_weight
-        weights[x + "down_proj.scales"] = e.down_scales
+        H = c.hidden_size  # our rows may be padded for MLX-CUDA (kernels.prepare)
+        weights[x + "down_proj.weight"] = mx.contiguous(e.down_weight[:, :H])
+        weights[x + "down_proj.scales"] = mx.contiguous(e.down_scales[:, :H])
         weights[x + "down_proj.bias"] = e.down_bias
         mx.eval([v for k, v in weights.items() if k.startswith(p)])
     lm.load_weights(list(weights.items()), strict=True)

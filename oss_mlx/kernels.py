@@ -430,7 +430,7 @@ def _experts_ok(experts, x: mx.array, N: int, k: int) -> bool:
         and x.dtype in _FLOATS
         and H % 32 == 0
         and I % 32 == 0
-        and experts.down_weight.shape[1] == H
+        and experts.down_weight.shape[1] >= H  # rows may be padded (prepare)
     )
 
 
@@ -474,13 +474,42 @@ def _experts_decode(experts, x, wts, ids, residual, N: int, k: int) -> mx.array:
     (y,) = _launch(
         "down_combine",
         [h, ids, wts, experts.down_weight, experts.down_scales, experts.down_bias, residual],
-        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-I // 1024)), ("ROWS", rows)],
+        [
+            ("T", T),
+            ("H", H),
+            ("HP", experts.down_weight.shape[1]),
+            ("I", I),
+            ("K", k),
+            ("NC", -(-I // 1024)),
+            ("ROWS", rows),
+        ],
         (128 * -(-H // rows), N, 1),
         (128, 1, 1),
         [residual.shape],
         [T],
     )
     return y
+
+
+# MLX-CUDA's tensor-core gather_qmm needs the output size to be a multiple of this.
+CUDA_GATHER_QMM_ROWS = 128
+
+
+def prepare(model) -> None:
+    """Shape a loaded model's weights for this backend's fast paths (called by the loader).
+
+    CUDA: the experts' down projection is padded to a multiple of 128 output rows (moe.Experts.
+    pad_down_rows), which moves its prefill gather_qmm from MLX's naive kernel to the tensor-core
+    one. Metal's gather_qmm has no such condition, so nothing changes there (nor on CPU).
+    """
+    if available_backend() != "cuda" or backend() == "reference":
+        return
+    from .moe import Experts
+
+    for block in getattr(model, "blocks", []):
+        experts = getattr(block.mlp, "experts", None)
+        if isinstance(experts, Experts):
+            experts.pad_down_rows(CUDA_GATHER_QMM_ROWS)
 
 
 def gather_qmm_mxfp4(x, w, scales, indices, sorted_indices: bool) -> mx.array:

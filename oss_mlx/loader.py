@@ -172,6 +172,9 @@ def load_model(
 
         stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
     model.eval()
+    from . import kernels
+
+    kernels.prepare(model)
     from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
 
     resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -71,6 +71,23 @@ class Experts(nn.Module):
         self.gate_up_bias = mx.zeros((E, 2 * I))
         self.down_bias = mx.zeros((E, H))
 
+    def pad_down_rows(self, multiple: int) -> None:
+        """Pad the MXFP4 down projection's output rows with zeros to a multiple of `multiple`.
+
+        MLX-CUDA's tensor-core gather_qmm (prefill) needs the output size to be a multiple of 128;
+        gpt-oss's 2,880 is not, so its down projection took a naive kernel. Zero codes with zero
+        scales give exact zeros, cut off after the matmul: results are unchanged, for 64 more rows
+        per expert (2% of the down weights). The decode kernel reads the padded rows' stride.
+        """
+        E, rows, cols = self.down_weight.shape
+        pad = -rows % multiple
+        if not self.quantized or pad == 0:
+            return
+        self.down_weight = mx.concatenate([self.down_weight, mx.zeros((E, pad, cols), mx.uint32)], axis=1)
+        scales = self.down_scales
+        self.down_scales = mx.concatenate([scales, mx.zeros((E, pad, scales.shape[2]), mx.uint8)], axis=1)
+        mx.eval(self.down_weight, self.down_scales)
+
     def _matmul(self, x: mx.array, name: str, indices: mx.array, sorted_indices: bool) -> mx.array:
         w = getattr(self, f"{name}_weight")
         if self.quantized:
@@ -78,7 +95,10 @@ class Experts(nn.Module):
             y = kernels.gather_qmm_mxfp4(x, w, getattr(self, f"{name}_scales"), indices, sorted_indices)
         else:
             y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
-        return y + getattr(self, f"{name}_bias")[indices][..., None, :].astype(y.dtype)
+        bias = getattr(self, f"{name}_bias")
+        if y.shape[-1] != bias.shape[-1]:
+            y = y[..., : bias.shape[-1]]  # rows padded for MLX-CUDA (pad_down_rows)
+        return y + bias[indices][..., None, :].astype(y.dtype)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, H], indices [N, k] -> each selected expert's output [N, k, H]."""

@@ -269,6 +269,26 @@ def test_mlp_block_fused_matches_reference(dtype, E, k, H, I, N):
     assert len(bad) <= (0 if dtype == mx.float32 else 1), errs
 
 
+@pytest.mark.parametrize("N", [1, 3, 40])
+def test_padded_down_rows_change_nothing(N):
+    """kernels.prepare pads the down projection's rows for MLX-CUDA's tensor-core gather_qmm: the
+    block's output must not change (zero rows, cut off) on the decode kernels (GPU), the token-order
+    and the expert-sorted reference paths (N * k >= 64). Bit-identical, except where the padding
+    moves a GPU's sorted gather_qmm to another kernel (another summation order: bf16 tolerance)."""
+    block = random_mlp(8, 4, 96, 64, mx.bfloat16)
+    x = (3 * mx.random.normal((1, N, 96))).astype(mx.bfloat16)
+    before = block(x)
+    mx.eval(before)
+    block.experts.pad_down_rows(128)
+    assert block.experts.down_weight.shape[1] == 128 and block.experts.down_scales.shape[1] == 128
+    after = block(x)
+    assert after.shape == before.shape
+    if GPU and N * 4 >= 64:
+        assert rel_err(after, before) < TOL[mx.bfloat16]
+    else:
+        assert mx.array_equal(after, before).item()
+
+
 # ---- attention ------------------------------------------------------------------------------------
 
 
