@@ -26,6 +26,8 @@ for stage in $STAGES; do
                  --decode-tokens 8 --warmup 0 --engines oss-mlx --prefill-step $step \
                  --json $OUT/small20-$step.json 2>&1 | tee -a $OUT/small20.log
              done ;;
+    bench1) timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
+              --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench.json 2>&1 | tee -a $OUT/bench.log ;;
     bench2) for v in MLX_X=0 MLX_USE_CUDA_GRAPHS=0; do
               env $v timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
                 --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench-$v.json 2>&1 | tee -a $OUT/bench2.log
