@@ -338,7 +338,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded after each prompt")
     p.add_argument("--engines", default="oss-mlx,mlx-lm", help=f"comma-separated, of {', '.join(ENGINES)}")
     p.add_argument(
-        "--warmup", type=int, default=300, help="warm-up prompt length (0: none); over 256 warms cache growth"
+        "--warmup",
+        type=int,
+        default=2100,
+        help="warm-up prompt length (0: none); over 2,048 compiles the full prefill chunk's kernels and "
+        "the cache growth before anything is timed",
     )
     p.add_argument(
         "--check-logits",
