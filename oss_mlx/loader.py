@@ -11,7 +11,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import kernels
 from .config import ModelConfig, read_config
+from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
 from .model import Transformer
 from .weights import (
     CheckpointError,
@@ -172,11 +174,7 @@ def load_model(
 
         stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
     model.eval()
-    from . import kernels
-
-    kernels.prepare(model)
-    from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
-
+    kernels.prepare(model)  # backend-specific weight shapes (CUDA: padded down rows)
     resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     wire_weights(resident)
     # Smaller prefill chunks where memory is tight (read by generation.generate_tokens).
