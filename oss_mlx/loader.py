@@ -176,6 +176,10 @@ def load_model(
     model.eval()
     kernels.prepare(model)  # backend-specific weight shapes (CUDA: padded down rows)
     resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if memory_budget is not None:  # streamed experts are cached up to the budget, not parameters
+        from .streaming import parse_budget
+
+        resident = max(resident, parse_budget(memory_budget))
     wire_weights(resident)
     # Smaller prefill chunks where memory is tight (read by generation.generate_tokens).
     model.prefill_step = prefill_step_for(

@@ -219,3 +219,14 @@ def test_load_picks_the_prefill_step_and_generation_uses_it(tiny_checkpoint, mon
     list(generation.generate_tokens(model, [1, 2, 3], model.make_cache(), options, stop_ids=set()))
     list(generation.generate_tokens(model, [4], model.make_cache(), options, set(), prefill_step=64))
     assert seen == [step, 64]
+
+
+def test_a_streaming_budget_counts_toward_the_prefill_step(tiny_checkpoint, monkeypatch):
+    """With expert streaming the expert cache fills up to the budget: that is the model's footprint."""
+    from oss_mlx.loader import load_model
+
+    monkeypatch.setenv("OSS_MLX_MEMORY_GB", "10")  # room for 9 GB of prefill beside a tiny model...
+    model, _ = load_model(tiny_checkpoint)
+    assert model.prefill_step == 2048
+    model, _ = load_model(tiny_checkpoint, memory_budget="2GB")  # ...not beside a 2 GB budget
+    assert model.prefill_step == 512
