@@ -268,6 +268,45 @@ def check_logits(model: Transformer, n: int, steps: int = 8, seed: int = 0) -> d
     }
 
 
+def check_layers(model: Transformer, n: int, steps: int = 4, seed: int = 0) -> dict:
+    """Decode with kernels vs the reference, layer by layer, each layer fed the reference's input.
+
+    A random-weight MoE is chaotic end to end (one ulp in a router near-tie changes an expert and then
+    everything after it), so this compares each block's update (output - input) alone: both paths get
+    the same input and caches that hold the same keys (the prompt prefilled by the reference into
+    both), and the reference's output goes on to the next layer. Max relative RMS over layers/steps.
+    """
+    prompt = mx.array(_prompt(n, model.config.vocab_size, seed + 11))[None]
+    caches = [model.make_cache(), model.make_cache()]
+    with kernels.use_backend("reference"):
+        for c in caches:
+            mx.eval(model(prompt, cache=c, last_logits_only=True))
+    worst = {"attention": 0.0, "moe": 0.0}
+    token = mx.array([[7]])
+    for _ in range(steps):
+        x = model.embedding(token)
+        for i, block in enumerate(model.blocks):
+            mask = None  # one query: every cached key is visible
+            fast_attn = block.attn(x, mask, caches[0][i])
+            with kernels.use_backend("reference"):
+                ref_attn = block.attn(x, mask, caches[1][i])
+            fast_moe = block.mlp(ref_attn)
+            with kernels.use_backend("reference"):
+                ref_moe = block.mlp(ref_attn)
+            for name, fast, ref, inp in (
+                ("attention", fast_attn, ref_attn, x),
+                ("moe", fast_moe, ref_moe, ref_attn),
+            ):
+                d = (fast - inp).astype(mx.float32)
+                r = (ref - inp).astype(mx.float32)
+                err = (mx.sqrt(mx.mean((d - r) ** 2)) / mx.maximum(mx.sqrt(mx.mean(r**2)), 1e-30)).item()
+                worst[name] = max(worst[name], err)
+            x = ref_moe
+        with kernels.use_backend("reference"):
+            token = mx.argmax(model.unembedding(model.norm(x)), axis=-1)
+    return {"prompt": n, "steps": steps, "max_rel_rms": worst, "backend": kernels.backend()}
+
+
 # ---- output ---------------------------------------------------------------------------------------
 
 
@@ -350,6 +389,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0,
         metavar="N",
         help="compare kernel vs reference logits over an N-token prompt",
+    )
+    p.add_argument(
+        "--check-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after an N-token prompt, compare each layer's decode update, kernels vs reference",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -461,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_logits:
         extra["logits_check"] = check_logits(model, args.check_logits, seed=args.seed)
         print(f"  logits, kernels vs reference: {extra['logits_check']}", flush=True)
+    if args.check_layers:
+        extra["layers_check"] = check_layers(model, args.check_layers, seed=args.seed)
+        print(f"  per layer, kernels vs reference: {extra['layers_check']}", flush=True)
     if "mlx-lm" in engines:
         t = time.perf_counter()
         lm = mlx_lm_model(model)

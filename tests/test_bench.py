@@ -94,3 +94,36 @@ def test_bench_quality_preset_quantizes_the_random_model(tmp_path, monkeypatch):
     assert seen == {"attention": "QuantizedLinear", "step": 8}
     assert "--quality small" in json.loads(out.read_text())[0]["source"]
     assert bench.main([*common, "--quality", "small"]) == 2  # mlx-lm maps float weights only
+
+
+def test_check_layers_compares_each_layer_and_can_fail(monkeypatch):
+    """--check-layers: each block's decode update, fast path vs reference, same inputs. Here (CPU)
+    both are the reference, so 0; a fast MoE path off by 1% of its update must show as ~1%."""
+    import contextlib
+
+    from oss_mlx.moe import MLPBlock
+
+    model = bench.random_model(bench.preset_config("tiny"))
+    ok = bench.check_layers(model, 12, steps=2)
+    assert ok["max_rel_rms"] == {"attention": 0.0, "moe": 0.0}
+
+    reference = {"on": False}
+
+    @contextlib.contextmanager
+    def use_backend(name):
+        reference["on"] = True
+        try:
+            yield
+        finally:
+            reference["on"] = False
+
+    real = MLPBlock.__call__
+
+    def skewed(self, x):
+        y = real(self, x)
+        return y if reference["on"] else x + (y - x) * 1.01
+
+    monkeypatch.setattr(bench.kernels, "use_backend", use_backend)
+    monkeypatch.setattr(MLPBlock, "__call__", skewed)
+    bad = bench.check_layers(model, 12, steps=2)["max_rel_rms"]
+    assert bad["attention"] == 0.0 and 0.005 < bad["moe"] < 0.02
