@@ -500,9 +500,10 @@ def prepare(model) -> None:
 
     CUDA: the experts' down projection is padded to a multiple of 128 output rows (moe.Experts.
     pad_down_rows), which moves its prefill gather_qmm from MLX's naive kernel to the tensor-core
-    one. Metal's gather_qmm has no such condition, so nothing changes there (nor on CPU).
+    one. Metal's gather_qmm has no such condition, so nothing changes there (nor on CPU). The
+    padding serves the pure-MLX prefill path, so it applies with the kernels off too.
     """
-    if available_backend() != "cuda" or backend() == "reference":
+    if available_backend() != "cuda":
         return
     from .moe import Experts
 
