@@ -12,6 +12,8 @@ for stage in $STAGES; do
              > $OUT/tests.log 2>&1; grep -cE "PASSED" $OUT/tests.log; grep -E "FAILED|Error" $OUT/tests.log | head -30 ;;
     alltests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -v -rf --maxfail=40 tests/test_kernels.py tests/test_bench.py \
              > $OUT/alltests.log 2>&1; grep -cE "PASSED" $OUT/alltests.log; grep -E "FAILED|Error" $OUT/alltests.log | head -30 ;;
+    layers) timeout 300 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128 --decode-tokens 4 \
+              --engines oss-mlx --check-layers 300 --json $OUT/layers.json 2>&1 | tee -a $OUT/run.log ;;
     sweep) timeout 150 python3 benchmarks/profile_decode.py --layers 2 --sweep --json $OUT/sweep.json 2>&1 | tee -a $OUT/run.log ;;
     profile) timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/profile_decode.py --depths ${DEPTHS:-128,32768} \
              --json $OUT/profile.json 2>&1 | tee -a $OUT/run.log ;;
@@ -28,9 +30,10 @@ for stage in $STAGES; do
              done ;;
     bench1) timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
               --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench.json 2>&1 | tee -a $OUT/bench.log ;;
-    bench2) for v in MLX_X=0 MLX_USE_CUDA_GRAPHS=0; do
+    bench2) i=0; for v in MLX_X=0 MLX_USE_CUDA_GRAPHS=0; do  # (no '=' in file names: they would not come back)
+              i=$((i + 1))
               env $v timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
-                --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench-$v.json 2>&1 | tee -a $OUT/bench2.log
+                --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench-$i.json 2>&1 | tee -a $OUT/bench2.log
             done ;;
     bench) timeout ${BENCH_TIMEOUT:-300} python3 -m oss_mlx.cli bench --config 20b \
              --prompt-lengths ${LENGTHS:-128,2048,8192,32768} --decode-tokens 32 --engines oss-mlx,mlx-lm \
