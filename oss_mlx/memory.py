@@ -472,6 +472,14 @@ def print_plan(plan: MemoryPlan, machine: Machine, console=None, presets: bool =
     console.print(
         f"machine: {machine.how}: RAM {gib(machine.ram_bytes)}, budget {gib(machine.working_set_bytes)}"
     )
+    step = prefill_step_for(
+        plan.weights_total, kv_bytes(plan.config, DEFAULT_CONTEXT), machine.working_set_bytes
+    )
+    console.print(
+        f"prefill chunk at run time: {step:,} tokens (2,048 where ~{PREFILL_TRANSIENT[2048] / 1e9:.0f} GB of "
+        "transient memory fits beside the weights, as measured on MLX-CUDA; else 512)",
+        highlight=False,
+    )
     if presets:
         console.print(presets_table(plan.config, plan.context, machine, plan.dtype_bytes))
     for line in plan.advice(machine):

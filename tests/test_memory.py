@@ -230,3 +230,10 @@ def test_a_streaming_budget_counts_toward_the_prefill_step(tiny_checkpoint, monk
     assert model.prefill_step == 2048
     model, _ = load_model(tiny_checkpoint, memory_budget="2GB")  # ...not beside a 2 GB budget
     assert model.prefill_step == 512
+
+
+def test_plan_shows_the_prefill_chunk_the_runtime_will_use(capsys):
+    assert main(["--config", "120b", "--memory", "96", "--platform", "linux"]) == 0
+    assert "prefill chunk at run time: 2,048 tokens" in capsys.readouterr().out
+    assert main(["--config", "120b", "--memory", "68", "--platform", "linux"]) == 0  # 73.0 GB
+    assert "prefill chunk at run time: 512 tokens" in capsys.readouterr().out
