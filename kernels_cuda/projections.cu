@@ -34,12 +34,12 @@
   // Every block normalises x itself: H values are cheaper to re-read than a launch to share.
   float ss = 0.f;
   for (int c = tid; c < NCH; c += 128) {
-    float v[8];
-    load8(x + (long long)n * H + 8 * c, v);
+    float xv[8];
+    load8(x + (long long)n * H + 8 * c, xv);
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
-      xs[8 * c + t] = v[t];
-      ss = fmaf(v[t], v[t], ss);
+      xs[8 * c + t] = xv[t];
+      ss = fmaf(xv[t], xv[t], ss);
     }
   }
   ss = warp_sum(ss);

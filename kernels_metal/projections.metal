@@ -35,11 +35,11 @@
   // Every threadgroup normalises x itself: H values are cheaper to re-read than a launch to share.
   float ss = 0.f;
   for (int c = tid; c < NCH; c += 128) {
-    float v[8];
-    load8(x + (long)n * H + 8 * c, v);
+    float xv[8];
+    load8(x + (long)n * H + 8 * c, xv);
     for (int t = 0; t < 8; ++t) {
-      xs[8 * c + t] = v[t];
-      ss = fma(v[t], v[t], ss);
+      xs[8 * c + t] = xv[t];
+      ss = fma(xv[t], xv[t], ss);
     }
   }
   ss = warp_sum(ss);
