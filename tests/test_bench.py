@@ -94,6 +94,14 @@ def test_bench_quality_preset_quantizes_the_random_model(tmp_path, monkeypatch):
     assert seen == {"attention": "QuantizedLinear", "step": 8}
     assert "--quality small" in json.loads(out.read_text())[0]["source"]
     assert bench.main([*common, "--quality", "small"]) == 2  # mlx-lm maps float weights only
+    converted = ["--model", str(tmp_path), "--engines", "oss-mlx", "--quality", "small"]
+    assert bench.main(converted) == 2  # a converted folder already has its preset
+
+
+def test_bench_quality_refusals_say_why(tmp_path, capsys):
+    assert bench.main(["--config", "tiny", "--quality", "small"]) == 2
+    err = capsys.readouterr().err
+    assert "--quality applies to --config random weights and oss-mlx engines only" in err
 
 
 def test_check_layers_compares_each_layer_and_can_fail(monkeypatch):
