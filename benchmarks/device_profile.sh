@@ -28,6 +28,18 @@ for stage in $STAGES; do
                  --decode-tokens 8 --warmup 0 --engines oss-mlx --prefill-step $step \
                  --json $OUT/small20-$step.json 2>&1 | tee -a $OUT/small20.log
              done ;;
+    stream20)  # #7: a converted `small` 20b streamed under a budget, 8k prompt (carry .device/vocab)
+             export TIKTOKEN_CACHE_DIR=$PWD/.device/vocab TIKTOKEN_RS_CACHE_DIR=$PWD/.device/vocab
+             W=${SDIR:-/tmp/s20}; rm -rf $W
+             ( time python3 -m oss_mlx.cli synthetic $W/src --config ${SCONF:-20b} --layout hf-mxfp4 ) 2>&1 | tail -4 | tee -a $OUT/stream20.log
+             ( time python3 -m oss_mlx.cli convert $W/src $W/small --quality small ) 2>&1 | tail -6 | tee -a $OUT/stream20.log
+             rm -rf $W/src; i=0
+             for budget in ${BUDGETS:-6GB}; do
+               i=$((i + 1))
+               timeout ${STREAM_TIMEOUT:-300} python3 -m oss_mlx.cli bench --model $W/small --memory-budget $budget \
+                 --engines oss-mlx --prompt-lengths ${SLEN:-8192} --decode-tokens 8 --warmup 0 --prefill-step 512 \
+                 --json $OUT/stream20-$i.json 2>&1 | tee -a $OUT/stream20.log
+             done ;;
     bench1) timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
               --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench.json 2>&1 | tee -a $OUT/bench.log ;;
     bench2) i=0; for v in MLX_X=0 MLX_USE_CUDA_GRAPHS=0; do  # (no '=' in file names: they would not come back)

@@ -23,8 +23,6 @@
 //   grid (D * B * Hq, 1, 1), threadgroup (D, 1, 1)
 // @@kernel sdpa_decode
   constexpr int LPK = D / 8;             // lanes per key
-// @@kernel sdpa_decode
-  constexpr int LPK = D / 8;             // lanes per key
   constexpr int NG = 128 / LPK;          // key groups per block
   threadgroup float sm_m[4][G];
   threadgroup float sm_l[4][G];

@@ -235,6 +235,8 @@ def parse_source(text: str) -> tuple[str, dict[str, str]]:
     parts = _MARK.split(text)
     preamble, bodies = parts[0], {}
     for name, body in zip(parts[1::2], parts[2::2]):
+        if name in bodies:  # a pasted section would silently replace the first one
+            raise ValueError(f"kernel source: `// @@kernel {name}` appears twice")
         bodies[name] = body
     return preamble, bodies
 

@@ -65,6 +65,14 @@ def test_every_kernel_has_a_source_in_both_dialects(dialect):
             assert arg in body, f"{dialect} {name}: body never uses {arg!r}"
 
 
+def test_a_kernel_section_pasted_twice_is_refused():
+    text = "// helpers\n// @@kernel a\n  int x = 1;\n// @@kernel a\n  int y = 2;\n"
+    with pytest.raises(ValueError, match="appears twice"):
+        kernels.parse_source(text)
+    preamble, bodies = kernels.parse_source(text.replace("kernel a\n  int y", "kernel b\n  int y"))
+    assert preamble.strip() == "// helpers" and set(bodies) == {"a", "b"}
+
+
 def test_twins_document_the_same_interface():
     """The comment block of each file pair names the same inputs/outputs lines."""
     import re
