@@ -113,7 +113,8 @@ def _time_us(fn, reps: int = 100) -> float:
 
 
 def kernel_sweep(model) -> dict:
-    """Each decode kernel alone at gpt-oss shapes, µs and weight GB/s, for several work sizes."""
+    """Each decode kernel alone at gpt-oss shapes, µs and GB/s of weights (or K/V) read, for several
+    work sizes; the module's chosen sizes are restored after."""
     block = model.blocks[1]
     attn, mlp = block.attn, block.mlp
     H = model.config.hidden_size
@@ -156,6 +157,8 @@ def kernel_sweep(model) -> dict:
     record("cuBLAS addmm out (reference)", _time_us(lambda: mx.addmm(attn.out.bias, o, oT)), "out")
     with kernels.use_backend("reference"):
         record("moe block (reference)", _time_us(lambda: mlp(x)), "moe")
+    tunables = ("QKV_PAIRS_PER_WARP", "OUT_ROWS_PER_WARP", "MOE_COLS_PER_WARP", "MOE_ROWS_PER_BLOCK")
+    chosen = {t: getattr(kernels, t) for t in (*tunables, "SDPA_KEYS_PER_SPLIT")}
     for pw in (1, 2, 4, 8):
         kernels.QKV_PAIRS_PER_WARP = pw
         record(f"norm_qkv_rope PW={pw}", _time_us(lambda: kernels.norm_qkv_rope(attn, x, 100)), "qkv")
@@ -170,10 +173,22 @@ def kernel_sweep(model) -> dict:
         k = mx.random.normal((1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
         q = mx.random.normal((1, attn.num_heads, attn.head_dim)).astype(mx.bfloat16)
         mx.eval(k, q)
-        record(
-            f"sdpa_decode S={S}",
-            _time_us(lambda q=q, k=k: kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None)),
-        )
+        nbytes[f"kv{S}"] = 2 * k.nbytes
+        for kps in (128, 256, 512, 1024) if S > 128 else (256,):
+            kernels.SDPA_KEYS_PER_SPLIT = kps
+            record(
+                f"sdpa_decode S={S} keys/split={kps}",
+                _time_us(lambda q=q, k=k: kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None)),
+                f"kv{S}",
+            )
+    for name, value in chosen.items():
+        setattr(kernels, name, value)
+    # The chosen sizes again, the experts' two kernels without the routing (fixed experts 0..3)
+    ids, wts, x2 = mx.arange(4).astype(mx.uint32), mx.full((4,), 0.25), x.reshape(1, H)
+    experts = mlp.experts
+    gate_up_down = _time_us(lambda: kernels._experts_decode(experts, x2, wts, ids, x2, 1, 4))
+    record("moe experts only", gate_up_down, "moe")
+    record("moe block (chosen sizes)", _time_us(lambda: kernels.moe_block(mlp, x)), "moe")
     return out
 
 

@@ -2,18 +2,25 @@
 // (CUDA twin of kernels_metal/attention.metal).
 //
 // sdpa_decode: one block (4 warps) per (sequence b, KV head, split of the keys). The G = Hq / Hkv
-//   query heads of a KV head share every key and value load. D / 8 lanes hold one key (8 dims
-//   each, a 16-byte load), so a block walks 128 / (D / 8) keys at a time; each lane group keeps an
-//   online softmax (running max m, sum l, output o) per query head, in base 2 (q is pre-scaled by
-//   scale * log2 e). Groups are merged by shuffles, warps through shared memory. With one split the
-//   block finishes the softmax itself, starting from the sink (the sink joins the denominator and
-//   has no value); with several it writes (o, m, l) partials that sdpa_combine merges.
+//   query heads of a KV head share every key and value load. Each warp walks tiles of 32 keys,
+//   one key per lane: the lane loads its whole key (D / 8 16-byte loads, every load of the tile in
+//   flight at once) and takes its dot with the G queries, which sit in shared memory and are read
+//   by all lanes alike (broadcast, no shuffles). The tile's maximum (warp-uniform, so the running
+//   max m is too) rescales the lane's running sum l and the output; the probabilities go through
+//   shared memory to P.V, where lane l owns output dims l * VPL .. l * VPL + VPL - 1 (VPL =
+//   ceil(D / 32)) of every head and reads the tile's value rows (coalesced). Why this shape: the
+//   first version gave D / 8 lanes to a key and merged dots by shuffles per key; its 190 registers
+//   let 8 warps per SM hold 8 KB of loads in flight (~0.6 TB/s at 32k keys on an H200).
+//   Online softmax in base 2 (q is pre-scaled by scale * log2 e). Warps merge through shared
+//   memory. With one split the block finishes the softmax itself, starting from the sink (the sink
+//   joins the denominator and has no value); with several it writes (o, m, l) partials that
+//   sdpa_combine merges.
 //   Keys attended: the last WINDOW of the S given (all when WINDOW = 0) - the caches hand out
 //   exactly what a decode query may see, so WINDOW only guards longer inputs.
 //   inputs  q [B, Hq, D] (contiguous), k, v [B, Hkv, S, D] (any strides: a cache buffer's view),
 //           sinks [Hq] (any float), scale_log2 [1] float32 (scale * log2 e)
 //   outputs out [B, Hq, D] (T), part [B, Hq, nsplit, D + 2] float32 (only when nsplit > 1)
-//   template T, D (multiple of 8, D / 8 a power of two <= 32), G (<= 16), WINDOW
+//   template T, D (multiple of 8, <= 256), G (<= 16, G * D <= 1024), WINDOW
 //   grid (128 * nsplit, B * Hkv, 1), threadgroup (128, 1, 1)
 //
 // sdpa_combine: o[b, h] = sum_i 2^(m_i - M) o_i / (sum_i 2^(m_i - M) l_i + 2^(sink - M)).
@@ -22,13 +29,13 @@
 //   template T, D
 //   grid (D * B * Hq, 1, 1), threadgroup (D, 1, 1)
 // @@kernel sdpa_decode
-  constexpr int LPK = D / 8;             // lanes per key
-  constexpr int NG = 128 / LPK;          // key groups per block
+  constexpr int VPL = (D + 31) / 32;  // value dims per lane in P.V
+  OSS_SHARED OSS_ALIGN16 float sq[G][D];
+  OSS_SHARED float sp[4][G][32];
   OSS_SHARED float sm_m[4][G];
   OSS_SHARED float sm_l[4][G];
   OSS_SHARED float sm_o[4][G][D];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int sub = tid % LPK, grp = tid / LPK;
   const int split = blockIdx.x, nsplit = gridDim.x;
   const int Hkv = k_shape[1];
   const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
@@ -39,83 +46,87 @@
   const int s1 = min(S, s0 + chunk);
 
   const float qscale = scale_log2[0];
-  float qr[G][8];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    load8(q + ((long long)(b * Hkv + kvh) * G + g) * D + 8 * sub, qr[g]);
-#pragma unroll
-    for (int t = 0; t < 8; ++t) qr[g][t] *= qscale;
-  }
-  float m[G], l[G], o[G][8];
+  const long long q0 = (long long)(b * Hkv + kvh) * G * D;
+  for (int i = tid; i < G * D; i += 128) sq[i / D][i % D] = to_f(q[q0 + i]) * qscale;
+  OSS_BARRIER();
+
+  float m[G], l[G], o[G][VPL];  // m is the same on every lane; l sums this lane's keys
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     m[g] = OSS_NEG;
     l[g] = 0.f;
 #pragma unroll
-    for (int t = 0; t < 8; ++t) o[g][t] = 0.f;
+    for (int t = 0; t < VPL; ++t) o[g][t] = 0.f;
   }
-  const long long kb = (long long)b * k_strides[0] + (long long)kvh * k_strides[1] + 8 * sub * k_strides[3];
-  const long long vb = (long long)b * v_strides[0] + (long long)kvh * v_strides[1] + 8 * sub * v_strides[3];
-  const long long ks = k_strides[2], vs = v_strides[2];
-  const bool unit = (k_strides[3] == 1) && (v_strides[3] == 1);
-  // Every lane runs the same number of iterations (the shuffles below need the whole warp);
-  // lanes past the end of the split load nothing and leave their state alone.
-  for (int base = s0; base < s1; base += NG) {
-    const int s = base + grp;
+  const long long kb = (long long)b * k_strides[0] + (long long)kvh * k_strides[1];
+  const long long vb = (long long)b * v_strides[0] + (long long)kvh * v_strides[1];
+  const long long ks = k_strides[2], vs = v_strides[2], kd = k_strides[3], vd = v_strides[3];
+  const int d0 = lane * VPL;
+  // Tiles are warp-uniform (the shuffles need the whole warp); lanes past the end load nothing.
+  for (int base = s0 + 32 * warp; base < s1; base += 128) {
+    const int s = base + lane;
     const bool valid = s < s1;
-    float kf[8], vf[8];
+    float dot[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) dot[g] = 0.f;
     if (valid) {
-      if (unit) {
-        load8(k + kb + s * ks, kf);
-        load8(v + vb + s * vs, vf);
-      } else {
-        load8_strided(k + kb + s * ks, k_strides[3], kf);
-        load8_strided(v + vb + s * vs, v_strides[3], vf);
-      }
-    } else {
+      auto kr = k + kb + s * ks;
 #pragma unroll
-      for (int t = 0; t < 8; ++t) kf[t] = vf[t] = 0.f;
+      for (int c = 0; c < D / 8; ++c) {
+        float kf[8];
+        if (kd == 1) {
+          load8(kr + 8 * c, kf);
+        } else {
+          load8_strided(kr + 8 * c * kd, kd, kf);
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+#pragma unroll
+          for (int t = 0; t < 8; ++t) dot[g] = fmaf(sq[g][8 * c + t], kf[t], dot[g]);
+        }
+      }
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      float d = 0.f;
+      float mt = valid ? dot[g] : OSS_NEG;
 #pragma unroll
-      for (int t = 0; t < 8; ++t) d = fmaf(qr[g][t], kf[t], d);
+      for (int off = 16; off > 0; off >>= 1) mt = fmaxf(mt, lane_xor(mt, off));
+      const float mn = fmaxf(m[g], mt);
+      const float c = fast_exp2(m[g] - mn);
+      const float p = valid ? fast_exp2(dot[g] - mn) : 0.f;
+      l[g] = fmaf(l[g], c, p);
 #pragma unroll
-      for (int off = LPK / 2; off > 0; off >>= 1) d += lane_xor(d, off);
-      if (valid) {
-        const float mn = fmaxf(m[g], d);
-        const float c = fast_exp2(m[g] - mn), p = fast_exp2(d - mn);
-        l[g] = fmaf(l[g], c, p);
-#pragma unroll
-        for (int t = 0; t < 8; ++t) o[g][t] = fmaf(o[g][t], c, p * vf[t]);
-        m[g] = mn;
-      }
-    }
-  }
-  // Merge the key groups of this warp (lanes with the same `sub`).
-#pragma unroll
-  for (int off = LPK; off < 32; off <<= 1) {
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float mo = lane_xor(m[g], off), lo_ = lane_xor(l[g], off);
-      const float mn = fmaxf(m[g], mo);
-      const float ca = fast_exp2(m[g] - mn), cb = fast_exp2(mo - mn);
-      l[g] = l[g] * ca + lo_ * cb;
-#pragma unroll
-      for (int t = 0; t < 8; ++t) o[g][t] = o[g][t] * ca + lane_xor(o[g][t], off) * cb;
+      for (int t = 0; t < VPL; ++t) o[g][t] *= c;
       m[g] = mn;
+      sp[warp][g][lane] = p;
     }
-  }
-  if (lane < LPK) {
+    OSS_WARP_BARRIER();
+    const int nk = min(32, s1 - base);
+#pragma unroll 8
+    for (int j = 0; j < nk; ++j) {
+      auto vr = v + vb + (base + j) * vs;
+      float vv[VPL];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      if (lane == 0) {
-        sm_m[warp][g] = m[g];
-        sm_l[warp][g] = l[g];
+      for (int t = 0; t < VPL; ++t) vv[t] = (d0 + t < D) ? to_f(vr[(d0 + t) * vd]) : 0.f;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float p = sp[warp][g][j];
+#pragma unroll
+        for (int t = 0; t < VPL; ++t) o[g][t] = fmaf(p, vv[t], o[g][t]);
       }
+    }
+    OSS_WARP_BARRIER();  // sp is rewritten by the next tile
+  }
 #pragma unroll
-      for (int t = 0; t < 8; ++t) sm_o[warp][g][8 * sub + t] = o[g][t];
+  for (int g = 0; g < G; ++g) {
+    const float lw = warp_sum(l[g]);
+    if (lane == 0) {
+      sm_m[warp][g] = m[g];
+      sm_l[warp][g] = lw;
+    }
+#pragma unroll
+    for (int t = 0; t < VPL; ++t) {
+      if (d0 + t < D) sm_o[warp][g][d0 + t] = o[g][t];
     }
   }
   OSS_BARRIER();

@@ -32,6 +32,7 @@ OSS_DEV int lane_xor_i(int v, int mask) { return __shfl_xor_sync(0xffffffffu, v,
 OSS_DEV float fast_exp2(float x) { return exp2f(x); }
 OSS_DEV float fast_exp(float x) { return __expf(x); }
 #define OSS_BARRIER() __syncthreads()
+#define OSS_WARP_BARRIER() __syncwarp()
 #define OSS_SHARED __shared__
 #define OSS_ALIGN16 __align__(16)
 

@@ -9,6 +9,7 @@
 // A finite "minus infinity": safe under any math mode, and exp2(OSS_NEG - m) is exactly 0.
 #define OSS_NEG (-1.0e30f)
 #define OSS_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define OSS_WARP_BARRIER() simdgroup_barrier(mem_flags::mem_threadgroup)
 #define OSS_SHARED threadgroup
 #define OSS_ALIGN16  // threadgroup floats are read one by one here (load_chunks_tg): no alignment needed
 

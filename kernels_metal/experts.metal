@@ -12,7 +12,7 @@
 //   inputs  x [N, H], ids [N * K] uint32, w [E, 2I, H/8] uint32, scales [E, 2I, H/32] uint8,
 //           bias [E, 2I], consts [2] float32 (alpha, limit)
 //   outputs h [N * K, I] (T)
-//   template T, H, I, K, NC, COLS (columns per warp); 4 warps per block
+//   template T, H, I, K, NC, COLS (columns per warp, <= 32); 4 warps per block
 //   grid (128 * ceil(I / (4 * COLS)), N * K, 1), threadgroup (128, 1, 1)
 //
 // down_combine: y[n, r] = res[n, r] + sum_j wts[n, j] * (W[e_j][r] . h[n * K + j] + b[e_j][r]).
@@ -41,36 +41,42 @@
     }
   }
   const long row_words = H / 8;
+  // Biases first and every store last: a load after the reduction, or a store between columns,
+  // would put a memory round trip between one column's weights and the next.
+  float bg[COLS], bu[COLS], res[COLS];
   for (int cc = 0; cc < COLS; ++cc) {
-    const int col = col0 + cc;
-    if (col < I) {
-      const long r0 = (long)e * (2 * I) + 2 * col;  // gate row; r0 + 1 is the up row
-      const device uint32_t* wg = w + r0 * row_words;
-      const device uint32_t* wu = wg + row_words;
-      const device uint8_t* sg = scales + r0 * G;
-      const device uint8_t* su = sg + G;
-      float ag = 0.f, au = 0.f;
-      for (int c = 0; c < NC; ++c) {
-        const int g = lane + 32 * c;
-        if (g < G) {
-          uint4 vg = load_u4(wg + 4 * g);
-          uint4 vu = load_u4(wu + 4 * g);
-          ag = fma(dot32_fp4(vg, xr[c]), e8m0_scale(sg[g]), ag);
-          au = fma(dot32_fp4(vu, xr[c]), e8m0_scale(su[g]), au);
-        }
-      }
-      ag = warp_sum(ag);
-      au = warp_sum(au);
-      if (lane == 0) {
-        // The reference rounds the matmul and the bias add to T; so do we, then SwiGLU in float.
-        float gt = round_to<T>(round_to<T>(ag) + to_f(bias[r0]));
-        float up = round_to<T>(round_to<T>(au) + to_f(bias[r0 + 1]));
-        gt = min(gt, limit);
-        up = min(max(up, -limit), limit);
-        float out = gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f);
-        h[(long)slot * I + col] = from_f<T>(out);
+    const long r0 = (long)e * (2 * I) + 2 * min(col0 + cc, I - 1);
+    bg[cc] = to_f(bias[r0]);
+    bu[cc] = to_f(bias[r0 + 1]);
+  }
+  for (int cc = 0; cc < COLS; ++cc) {
+    const int col = min(col0 + cc, I - 1);  // past the end: recomputes the last column, not stored
+    const long r0 = (long)e * (2 * I) + 2 * col;  // gate row; r0 + 1 is the up row
+    const device uint32_t* wg = w + r0 * row_words;
+    const device uint32_t* wu = wg + row_words;
+    const device uint8_t* sg = scales + r0 * G;
+    const device uint8_t* su = sg + G;
+    float ag = 0.f, au = 0.f;
+    for (int c = 0; c < NC; ++c) {
+      const int g = lane + 32 * c;
+      if (g < G) {
+        uint4 vg = load_u4(wg + 4 * g);
+        uint4 vu = load_u4(wu + 4 * g);
+        ag = fma(dot32_fp4(vg, xr[c]), e8m0_scale(sg[g]), ag);
+        au = fma(dot32_fp4(vu, xr[c]), e8m0_scale(su[g]), au);
       }
     }
+    ag = warp_sum(ag);
+    au = warp_sum(au);
+    // The reference rounds the matmul and the bias add to T; so do we, then SwiGLU in float.
+    float gt = round_to<T>(round_to<T>(ag) + bg[cc]);
+    float up = round_to<T>(round_to<T>(au) + bu[cc]);
+    gt = min(gt, limit);
+    up = min(max(up, -limit), limit);
+    res[cc] = gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f);
+  }
+  for (int cc = 0; cc < COLS; ++cc) {
+    if (lane == cc && col0 + cc < I) h[(long)slot * I + col0 + cc] = from_f<T>(res[cc]);
   }
 // @@kernel down_combine
   constexpr int G = I / 32;
@@ -107,8 +113,9 @@
           const int g = lane + 32 * c;
           if (g < G) a = fma(dot32_fp4(load_u4(wr + 4 * g), hr[c]), e8m0_scale(sr[g]), a);
         }
-        acc[r] = fma(wt, a, acc[r]);
-        if (lane == 0) acc[r] = fma(wt, to_f(bias[(long)e * H + row]), acc[r]);
+        // lane 0 adds the bias (loaded by every lane: one broadcast load, issued with the weights)
+        const float bb = to_f(bias[(long)e * H + row]);
+        acc[r] = fma(wt, lane == 0 ? a + bb : a, acc[r]);
       }
     }
   }

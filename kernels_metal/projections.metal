@@ -16,13 +16,13 @@
 //           (wavelengths, as mx.fast.rope takes them), pos [1] int32, consts [2] float32 (eps,
 //           concentration)
 //   outputs q [N, HQ, D], k [N, HKV, 1, D], v [N, HKV, 1, D] (T)
-//   template T, H, D, HQ, HKV, NC, PW (pairs of rows per simdgroup); 4 simdgroups per threadgroup
+//   template T, H, D, HQ, HKV, NC, PW (pairs of rows per simdgroup, <= 32); 4 simdgroups per threadgroup
 //   grid (128 * ceil((HQ + 2 HKV) D / 2 / (4 PW)), N, 1), threadgroup (128, 1, 1)
 //
 // out_residual: y[n, r] = res[n, r] + (W[r] . o[n] + b[r]).
 //   inputs  o [N, IN], w [H, IN], b [H], res [N, H]
 //   outputs y [N, H] (T)
-//   template T, H, IN, NC, RW (rows per simdgroup); 4 simdgroups per threadgroup
+//   template T, H, IN, NC, RW (rows per simdgroup, even, <= 32); 4 simdgroups per threadgroup
 //   grid (128 * ceil(H / (4 RW)), N, 1), threadgroup (128, 1, 1)
 // @@kernel norm_qkv_rope
   constexpr int HALF = D / 2;
@@ -52,27 +52,39 @@
   load_chunks_tg<NC, NCH>(xs, lane, xr);
 
   const float conc = round_to<T>(consts[1]);
-  const float p = float(pos[0]);
+  const float p = (float)pos[0];
+  // Biases and angles first and every store last: a load after the reduction, or a store between
+  // pairs, would put a memory round trip between one pair's weights and the next.
+  constexpr int PAIRS = (HQ + 2 * HKV) * HALF;
+  const int pair0 = (int(threadgroup_position_in_grid.x) * 4 + warp) * PW;
+  float b0[PW], b1[PW], inv_wl[PW], y0[PW], y1[PW];
   for (int j = 0; j < PW; ++j) {
-    const int pair = (int(threadgroup_position_in_grid.x) * 4 + warp) * PW + j;
-    if (pair >= (HQ + 2 * HKV) * HALF) break;  // the same for the whole simdgroup
+    const int pair = min(pair0 + j, PAIRS - 1);  // past the end: recomputed, not stored
+    const int head = pair / HALF, i = pair % HALF;
+    b0[j] = to_f(b[head * D + i]);
+    b1[j] = to_f(b[head * D + i + HALF]);
+    inv_wl[j] = 1.f / wl[i];
+  }
+  for (int j = 0; j < PW; ++j) {
+    const int pair = min(pair0 + j, PAIRS - 1);
     const int head = pair / HALF, i = pair % HALF;
     const long r0 = (long)head * D + i, r1 = r0 + HALF;
     float a0 = 0.f, a1 = 0.f;
     dot2_rows<NC, NCH>(w + r0 * H, w + r1 * H, xr, lane, a0, a1);
-    if (lane == 0) {
-      float y0 = round_to<T>(a0 + to_f(b[r0]));
-      float y1 = round_to<T>(a1 + to_f(b[r1]));
-      if (head < HQ + HKV) {
-        y0 = round_to<T>(y0 * conc);
-        y1 = round_to<T>(y1 * conc);
-        const float theta = p * (1.f / wl[i]);
-        const float cs = metal::precise::cos(theta), sn = metal::precise::sin(theta);
-        const float o0 = y0 * cs - y1 * sn;
-        const float o1 = y0 * sn + y1 * cs;
-        y0 = o0;
-        y1 = o1;
-      }
+    y0[j] = round_to<T>(a0 + b0[j]);
+    y1[j] = round_to<T>(a1 + b1[j]);
+    if (head < HQ + HKV) {
+      const float c0 = round_to<T>(y0[j] * conc), c1 = round_to<T>(y1[j] * conc);
+      const float theta = p * inv_wl[j];
+      const float cs = metal::precise::cos(theta), sn = metal::precise::sin(theta);
+      y0[j] = c0 * cs - c1 * sn;
+      y1[j] = c0 * sn + c1 * cs;
+    }
+  }
+  for (int j = 0; j < PW; ++j) {
+    const int pair = pair0 + j;
+    if (lane == j && pair < PAIRS) {
+      const int head = pair / HALF, i = pair % HALF;
       long base;
       device T* dst;
       if (head < HQ) {
@@ -85,8 +97,8 @@
         dst = v;
         base = ((long)n * HKV + head - HQ - HKV) * D;
       }
-      dst[base + i] = from_f<T>(y0);
-      dst[base + i + HALF] = from_f<T>(y1);
+      dst[base + i] = from_f<T>(y0[j]);
+      dst[base + i + HALF] = from_f<T>(y1[j]);
     }
   }
 // @@kernel out_residual
@@ -97,13 +109,20 @@
   if (row0 >= H) return;
   float xr[NC][8];
   load_chunks<NC, NCH>(o + (long)n * IN, lane, xr);
-  for (int r = 0; r < RW && row0 + r < H; r += 2) {
-    const int ra = row0 + r, rb = min(ra + 1, H - 1);  // an odd last row is computed twice
+  // Bias and residual first, every store last (as in norm_qkv_rope).
+  float add[RW], acc[RW];
+  for (int r = 0; r < RW; ++r) {
+    const int row = min(row0 + r, H - 1);  // past the end: recomputed, not stored
+    add[r] = to_f(b[row]);
+    acc[r] = to_f(res[(long)n * H + row]);
+  }
+  for (int r = 0; r < RW; r += 2) {
+    const int ra = min(row0 + r, H - 1), rb = min(row0 + r + 1, H - 1);
     float a0 = 0.f, a1 = 0.f;
     dot2_rows<NC, NCH>(w + (long)ra * IN, w + (long)rb * IN, xr, lane, a0, a1);
-    if (lane == 0) {
-      const long y0 = (long)n * H + ra;
-      y[y0] = from_f<T>(to_f(res[y0]) + round_to<T>(a0 + to_f(b[ra])));
-      if (ra + 1 < H) y[y0 + 1] = from_f<T>(to_f(res[y0 + 1]) + round_to<T>(a1 + to_f(b[ra + 1])));
-    }
+    acc[r] += round_to<T>(a0 + add[r]);
+    acc[r + 1] += round_to<T>(a1 + add[r + 1]);
+  }
+  for (int r = 0; r < RW; ++r) {
+    if (lane == r && row0 + r < H) y[(long)n * H + row0 + r] = from_f<T>(acc[r]);
   }
