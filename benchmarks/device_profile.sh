@@ -31,6 +31,8 @@ for stage in $STAGES; do
     stream20)  # #7: a converted `small` 20b streamed under a budget, 8k prompt (carry .device/vocab)
              export TIKTOKEN_CACHE_DIR=$PWD/.device/vocab TIKTOKEN_RS_CACHE_DIR=$PWD/.device/vocab
              W=${SDIR:-/tmp/s20}; rm -rf $W
+             # PYTHONPATH runs the tree uninstalled: give it the package's oss_mlx.convert (pyproject maps it)
+             [ -e oss_mlx/convert ] || ln -s ../convert oss_mlx/convert
              ( time python3 -m oss_mlx.cli synthetic $W/src --config ${SCONF:-20b} --layout hf-mxfp4 ) 2>&1 | tail -4 | tee -a $OUT/stream20.log
              ( time python3 -m oss_mlx.cli convert $W/src $W/small --quality small ) 2>&1 | tail -6 | tee -a $OUT/stream20.log
              rm -rf $W/src; i=0

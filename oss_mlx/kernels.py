@@ -422,12 +422,14 @@ def moe_block(block, x: mx.array) -> mx.array | None:
 
 
 def _experts_ok(experts, x: mx.array, N: int, k: int) -> bool:
+    # Streamed experts (streaming.StreamingExperts) hold no full weight tensors: ask first.
+    if not getattr(experts, "quantized", False):
+        return False
     H = x.shape[-1]
     I = experts.gate_up_weight.shape[1] // 2
     return (
         backend() != "reference"
         and _on_gpu()
-        and getattr(experts, "quantized", False)
         and N * k < MOE_MAX_SLOTS
         and x.dtype in _FLOATS
         and H % 32 == 0

@@ -95,6 +95,25 @@ def test_greedy_decoding_is_bit_identical(checkpoint, resident, reference, slots
         assert 0 < stats.hit_rate < 1
 
 
+def test_gpu_kernel_predicates_leave_streamed_layers_to_the_reference(hub_checkpoint, monkeypatch):
+    """On a GPU the fused MoE kernels index whole expert tensors, which a streamed layer does not
+    have: the predicate must say no (it raised AttributeError on the H200 before), so the block
+    takes its own path."""
+    from oss_mlx import kernels
+
+    resident_model, _ = load_model(hub_checkpoint)
+    model, _ = load_model(hub_checkpoint, memory_budget=budget_for(resident_model, 2))
+    block = model.blocks[0].mlp
+    x = mx.random.normal((1, 1, SPEC.hidden_size)).astype(mx.bfloat16)
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(kernels, "_on_gpu", lambda: True)
+    assert kernels._route_ok(x, block.router.weight, block.router.top_k)  # the GPU path is asked
+    assert kernels.moe_block(block, x) is None
+    k = block.router.top_k
+    assert kernels._experts_ok(resident_model.blocks[0].mlp.experts, x, 1, k)  # resident: yes
+    assert not kernels._experts_ok(block.experts, x, 1, k)
+
+
 def test_more_experts_than_slots_in_one_call(checkpoint, resident):
     """Prompts whose tokens need more distinct experts than the slots: both of Experts' paths
     (token order below 64 (token, expert) pairs, sorted by expert above) are computed group by group."""
