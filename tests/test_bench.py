@@ -113,7 +113,8 @@ def test_check_layers_compares_each_layer_and_can_fail(monkeypatch):
 
     model = bench.random_model(bench.preset_config("tiny"))
     ok = bench.check_layers(model, 12, steps=2)
-    assert ok["max_rel_rms"] == {"attention": 0.0, "moe": 0.0}
+    assert ok["max_rel_rms"] == {"attention": 0.0, "moe": 0.0, "moe_experts": 0.0}
+    assert ok["router_disagreements"] == 0 and ok["of"] == 2 * len(model.blocks)
 
     reference = {"on": False}
 
@@ -135,6 +136,19 @@ def test_check_layers_compares_each_layer_and_can_fail(monkeypatch):
     monkeypatch.setattr(MLPBlock, "__call__", skewed)
     bad = bench.check_layers(model, 12, steps=2)["max_rel_rms"]
     assert bad["attention"] == 0.0 and 0.005 < bad["moe"] < 0.02
+
+    # A fast router that picks other experts is counted apart, with the reference's logit gap
+    route = bench.kernels.route
+
+    def other_experts(x, w, b, k):
+        wts, ids = route(x, w, b, k)
+        return (wts, ids) if reference["on"] else (wts, (ids + 1) % w.shape[0])
+
+    monkeypatch.setattr(bench.kernels, "route", other_experts)
+    flipped = bench.check_layers(model, 12, steps=2)
+    assert flipped["router_disagreements"] == flipped["of"] == 2 * len(model.blocks)
+    assert len(flipped["disagreement_gaps_in_bf16_ulps"]) == flipped["of"]
+    assert all(g >= 0 for g in flipped["disagreement_gaps_in_bf16_ulps"])
 
 
 def test_profile_script_runs_and_counts_the_graph(tmp_path):
