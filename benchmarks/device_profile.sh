@@ -37,10 +37,12 @@ for stage in $STAGES; do
              ( time python3 -m oss_mlx.cli convert $W/src $W/small --quality small ) 2>&1 | tail -6 | tee -a $OUT/stream20.log
              rm -rf $W/src; i=0
              for budget in ${BUDGETS:-6GB}; do
-               i=$((i + 1))
-               timeout ${STREAM_TIMEOUT:-300} python3 -m oss_mlx.cli bench --model $W/small --memory-budget $budget \
-                 --engines oss-mlx --prompt-lengths ${SLEN:-8192} --decode-tokens 8 --warmup 0 --prefill-step 512 \
-                 --json $OUT/stream20-$i.json 2>&1 | tee -a $OUT/stream20.log
+               for step in ${STEPS:-512}; do
+                 i=$((i + 1))
+                 timeout ${STREAM_TIMEOUT:-300} python3 -m oss_mlx.cli bench --model $W/small --memory-budget $budget \
+                   --engines oss-mlx --prompt-lengths ${SLEN:-8192} --decode-tokens 8 --warmup 0 --prefill-step $step \
+                   --json $OUT/stream20-$i.json 2>&1 | tee -a $OUT/stream20.log
+               done
              done ;;
     bench1) timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
               --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench.json 2>&1 | tee -a $OUT/bench.log ;;
