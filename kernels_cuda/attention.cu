@@ -2,15 +2,16 @@
 // (CUDA twin of kernels_metal/attention.metal).
 //
 // sdpa_decode: one block (4 warps) per (sequence b, KV head, split of the keys). The G = Hq / Hkv
-//   query heads of a KV head share every key and value load. Each warp walks tiles of 32 keys,
-//   one key per lane: the lane loads its whole key (D / 8 16-byte loads, every load of the tile in
-//   flight at once) and takes its dot with the G queries, which sit in shared memory and are read
-//   by all lanes alike (broadcast, no shuffles). The tile's maximum (warp-uniform, so the running
-//   max m is too) rescales the lane's running sum l and the output; the probabilities go through
-//   shared memory to P.V, where lane l owns output dims l * VPL .. l * VPL + VPL - 1 (VPL =
-//   ceil(D / 32)) of every head and reads the tile's value rows (coalesced). Why this shape: the
-//   first version gave D / 8 lanes to a key and merged dots by shuffles per key; its 190 registers
-//   let 8 warps per SM hold 8 KB of loads in flight (~0.6 TB/s at 32k keys on an H200).
+//   query heads of a KV head share every key and value load. Each warp walks tiles of 32 keys. For
+//   the scores a lane takes one key whole (D / 8 16-byte loads) and dots it with the G queries, which
+//   sit in shared memory and are read by all lanes alike (broadcast, no shuffles). The tile's maximum
+//   (warp-uniform, so the running max m is too) rescales the lane's running sum l and the output;
+//   the probabilities go through shared memory to P.V, where lane (kg, sub) takes 8 dims (8 sub ..)
+//   of the keys kg, kg + KG, ... (KG = 32 / (D / 8)), one 16-byte load each, issued with the keys'
+//   loads so a tile costs one memory round trip; key groups are summed once at the end. Why this
+//   shape: the first version gave D / 8 lanes to a key and merged dots by shuffles per key; its 190
+//   registers let 8 warps per SM hold 8 KB of loads in flight (~0.6 TB/s at 32k keys on an H200);
+//   a second read values 4 bytes a lane at a time, four round trips a tile.
 //   Online softmax in base 2 (q is pre-scaled by scale * log2 e). Warps merge through shared
 //   memory. With one split the block finishes the softmax itself, starting from the sink (the sink
 //   joins the denominator and has no value); with several it writes (o, m, l) partials that
@@ -20,7 +21,7 @@
 //   inputs  q [B, Hq, D] (contiguous), k, v [B, Hkv, S, D] (any strides: a cache buffer's view),
 //           sinks [Hq] (any float), scale_log2 [1] float32 (scale * log2 e)
 //   outputs out [B, Hq, D] (T), part [B, Hq, nsplit, D + 2] float32 (only when nsplit > 1)
-//   template T, D (multiple of 8, <= 256), G (<= 16, G * D <= 1024), WINDOW
+//   template T, D (D / 8 a power of two <= 32), G (<= 16, G * D <= 512), WINDOW
 //   grid (128 * nsplit, B * Hkv, 1), threadgroup (128, 1, 1)
 //
 // sdpa_combine: o[b, h] = sum_i 2^(m_i - M) o_i / (sum_i 2^(m_i - M) l_i + 2^(sink - M)).
@@ -29,13 +30,15 @@
 //   template T, D
 //   grid (D * B * Hq, 1, 1), threadgroup (D, 1, 1)
 // @@kernel sdpa_decode
-  constexpr int VPL = (D + 31) / 32;  // value dims per lane in P.V
+  constexpr int LPV = D / 8;      // lanes per value row in P.V (8 dims each, a 16-byte load)
+  constexpr int KG = 32 / LPV;    // key groups in P.V: lane (kg, sub) takes keys kg, kg + KG, ...
   OSS_SHARED OSS_ALIGN16 float sq[G][D];
   OSS_SHARED float sp[4][G][32];
   OSS_SHARED float sm_m[4][G];
   OSS_SHARED float sm_l[4][G];
   OSS_SHARED float sm_o[4][G][D];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int sub = lane % LPV, kg = lane / LPV;
   const int split = blockIdx.x, nsplit = gridDim.x;
   const int Hkv = k_shape[1];
   const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
@@ -50,20 +53,38 @@
   for (int i = tid; i < G * D; i += 128) sq[i / D][i % D] = to_f(q[q0 + i]) * qscale;
   OSS_BARRIER();
 
-  float m[G], l[G], o[G][VPL];  // m is the same on every lane; l sums this lane's keys
+  // m is the same on every lane; l sums this lane's keys; o holds dims 8 sub .. 8 sub + 7 over
+  // this lane's P.V keys (the key groups are summed once, after the last tile).
+  float m[G], l[G], o[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     m[g] = OSS_NEG;
     l[g] = 0.f;
 #pragma unroll
-    for (int t = 0; t < VPL; ++t) o[g][t] = 0.f;
+    for (int t = 0; t < 8; ++t) o[g][t] = 0.f;
   }
   const long long kb = (long long)b * k_strides[0] + (long long)kvh * k_strides[1];
   const long long vb = (long long)b * v_strides[0] + (long long)kvh * v_strides[1];
   const long long ks = k_strides[2], vs = v_strides[2], kd = k_strides[3], vd = v_strides[3];
-  const int d0 = lane * VPL;
   // Tiles are warp-uniform (the shuffles need the whole warp); lanes past the end load nothing.
   for (int base = s0 + 32 * warp; base < s1; base += 128) {
+    // The tile's values first: their loads are then in flight with the keys' (one round trip).
+    float vf[LPV][8];
+#pragma unroll
+    for (int i = 0; i < LPV; ++i) {
+      const int sv = base + kg + KG * i;
+      if (sv < s1) {
+        auto vr = v + vb + sv * vs + 8 * sub * vd;
+        if (vd == 1) {
+          load8(vr, vf[i]);
+        } else {
+          load8_strided(vr, vd, vf[i]);
+        }
+      } else {
+#pragma unroll
+        for (int t = 0; t < 8; ++t) vf[i][t] = 0.f;
+      }
+    }
     const int s = base + lane;
     const bool valid = s < s1;
     float dot[G];
@@ -96,26 +117,30 @@
       const float p = valid ? fast_exp2(dot[g] - mn) : 0.f;
       l[g] = fmaf(l[g], c, p);
 #pragma unroll
-      for (int t = 0; t < VPL; ++t) o[g][t] *= c;
+      for (int t = 0; t < 8; ++t) o[g][t] *= c;
       m[g] = mn;
       sp[warp][g][lane] = p;
     }
     OSS_WARP_BARRIER();
-    const int nk = min(32, s1 - base);
-#pragma unroll 8
-    for (int j = 0; j < nk; ++j) {
-      auto vr = v + vb + (base + j) * vs;
-      float vv[VPL];
 #pragma unroll
-      for (int t = 0; t < VPL; ++t) vv[t] = (d0 + t < D) ? to_f(vr[(d0 + t) * vd]) : 0.f;
+    for (int i = 0; i < LPV; ++i) {
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        const float p = sp[warp][g][j];
+        const float p = sp[warp][g][kg + KG * i];  // 0 past the end
 #pragma unroll
-        for (int t = 0; t < VPL; ++t) o[g][t] = fmaf(p, vv[t], o[g][t]);
+        for (int t = 0; t < 8; ++t) o[g][t] = fmaf(p, vf[i][t], o[g][t]);
       }
     }
     OSS_WARP_BARRIER();  // sp is rewritten by the next tile
+  }
+  // Sum the key groups (lanes with the same sub), then the warp's totals go to shared memory.
+#pragma unroll
+  for (int off = LPV; off < 32; off <<= 1) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int t = 0; t < 8; ++t) o[g][t] += lane_xor(o[g][t], off);
+    }
   }
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -124,9 +149,9 @@
       sm_m[warp][g] = m[g];
       sm_l[warp][g] = lw;
     }
+    if (kg == 0) {
 #pragma unroll
-    for (int t = 0; t < VPL; ++t) {
-      if (d0 + t < D) sm_o[warp][g][d0 + t] = o[g][t];
+      for (int t = 0; t < 8; ++t) sm_o[warp][g][8 * sub + t] = o[g][t];
     }
   }
   OSS_BARRIER();

@@ -573,10 +573,18 @@ def sdpa(q, k, v, sinks, scale: float, mask, window: int | None = None) -> mx.ar
 
 
 def _sdpa_heads_ok(D: int, hq: int, hkv: int) -> bool:
-    """The head shapes sdpa_decode was written for: keys of D <= 256 (D % 8 == 0: 16-byte loads),
-    G = hq / hkv query heads per block, their queries and outputs in shared memory (G * D <= 1024)."""
+    """The head shapes sdpa_decode was written for: D / 8 lanes per value row (16-byte loads; a power
+    of two <= 32), G = hq / hkv query heads per block, G x 8 outputs per lane in registers
+    (G * D <= 512)."""
     G = hq // hkv if hkv else 0
-    return D % 8 == 0 and D <= 256 and G * hkv == hq and 1 <= G <= 16 and G * D <= 1024
+    return (
+        D % 8 == 0
+        and (D // 8) & (D // 8 - 1) == 0
+        and D <= 256
+        and G * hkv == hq
+        and 1 <= G <= 16
+        and G * D <= 512
+    )
 
 
 def sdpa_decode(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, window: int | None):

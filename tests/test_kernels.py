@@ -328,8 +328,8 @@ ATTN_SHAPES = [
     (2, 2, 2, 16, 33),
     (2, 1, 4, 128, 777),
     (1, 4, 1, 32, 2049),
-    (1, 2, 16, 64, 260),
-    (1, 3, 5, 40, 1000),  # D not a power of two (lanes 20..31 own no value dims), odd G
+    (1, 4, 16, 32, 260),
+    (1, 3, 5, 32, 1000),  # odd G; 8 key groups in P.V
 ]
 
 
