@@ -16,6 +16,45 @@
 //   outputs h [N, H] (T), wts [N, K] float32 (descending logit order), ids [N, K] uint32
 //   template T, LT (logits dtype), H (<= 8192), E (<= 256), K (<= E, <= 8)
 //   grid (256 * N, 1, 1), threadgroup (256, 1, 1)
+// Warp 0 of both kernels: the K largest of logits[0, E) (ties: the lower index), by K rounds of a
+// simdgroup arg-max, then the softmax over them; token n's weights and ids written in descending order.
+template <int E, int K>
+OSS_DEV void top_k_softmax(const threadgroup float* logits, int lane, int n, device float* wts, device uint* ids) {
+  constexpr int PER = (E + 31) / 32;
+  float v[PER];
+  for (int c = 0; c < PER; ++c) {
+    int e = lane + 32 * c;
+    v[c] = e < E ? logits[e] : OSS_NEG;
+  }
+  float top[K];
+  int arg[K];
+  for (int k = 0; k < K; ++k) {
+    float best = OSS_NEG;
+    int bi = E;
+    for (int c = 0; c < PER; ++c) {
+      int e = lane + 32 * c;
+      if (e < E && (v[c] > best || (v[c] == best && e < bi))) { best = v[c]; bi = e; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      float ob = lane_xor(best, o);
+      int oi = lane_xor_i(bi, o);
+      if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+    }
+    top[k] = best;
+    arg[k] = bi;
+    for (int c = 0; c < PER; ++c) {
+      if (lane + 32 * c == bi) v[c] = OSS_NEG;
+    }
+  }
+  if (lane == 0) {
+    float s = 0.f, p[K];
+    for (int k = 0; k < K; ++k) { p[k] = metal::precise::exp(top[k] - top[0]); s += p[k]; }
+    for (int k = 0; k < K; ++k) {
+      wts[n * K + k] = p[k] / s;
+      ids[n * K + k] = uint(arg[k]);
+    }
+  }
+}
 // @@kernel route
   threadgroup float logits[E];
   const int n = threadgroup_position_in_grid.x;
@@ -34,42 +73,7 @@
     if (lane == 0) logits[e] = round_to<LT>(acc + to_f(b[e]));
   }
   OSS_BARRIER();
-  if (warp == 0) {
-    constexpr int PER = (E + 31) / 32;
-    float v[PER];
-    for (int c = 0; c < PER; ++c) {
-      int e = lane + 32 * c;
-      v[c] = e < E ? logits[e] : OSS_NEG;
-    }
-    float top[K];
-    int arg[K];
-    for (int k = 0; k < K; ++k) {
-      float best = OSS_NEG;
-      int bi = E;
-      for (int c = 0; c < PER; ++c) {
-        int e = lane + 32 * c;
-        if (e < E && (v[c] > best || (v[c] == best && e < bi))) { best = v[c]; bi = e; }
-      }
-      for (int o = 16; o > 0; o >>= 1) {
-        float ob = lane_xor(best, o);
-        int oi = lane_xor_i(bi, o);
-        if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
-      }
-      top[k] = best;
-      arg[k] = bi;
-      for (int c = 0; c < PER; ++c) {
-        if (lane + 32 * c == bi) v[c] = OSS_NEG;
-      }
-    }
-    if (lane == 0) {
-      float s = 0.f, p[K];
-      for (int k = 0; k < K; ++k) { p[k] = metal::precise::exp(top[k] - top[0]); s += p[k]; }
-      for (int k = 0; k < K; ++k) {
-        wts[n * K + k] = p[k] / s;
-        ids[n * K + k] = uint(arg[k]);
-      }
-    }
-  }
+  if (warp == 0) top_k_softmax<E, K>(logits, lane, n, wts, ids);
 // @@kernel norm_route
   threadgroup float logits[E];
   threadgroup float red[8];
@@ -106,39 +110,4 @@
     if (lane == 0) logits[e] = round_to<LT>(acc + to_f(b[e]));
   }
   OSS_BARRIER();
-  if (warp == 0) {
-    constexpr int PER = (E + 31) / 32;
-    float v[PER];
-    for (int c = 0; c < PER; ++c) {
-      int e = lane + 32 * c;
-      v[c] = e < E ? logits[e] : OSS_NEG;
-    }
-    float top[K];
-    int arg[K];
-    for (int k = 0; k < K; ++k) {
-      float best = OSS_NEG;
-      int bi = E;
-      for (int c = 0; c < PER; ++c) {
-        int e = lane + 32 * c;
-        if (e < E && (v[c] > best || (v[c] == best && e < bi))) { best = v[c]; bi = e; }
-      }
-      for (int o = 16; o > 0; o >>= 1) {
-        float ob = lane_xor(best, o);
-        int oi = lane_xor_i(bi, o);
-        if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
-      }
-      top[k] = best;
-      arg[k] = bi;
-      for (int c = 0; c < PER; ++c) {
-        if (lane + 32 * c == bi) v[c] = OSS_NEG;
-      }
-    }
-    if (lane == 0) {
-      float s = 0.f, p[K];
-      for (int k = 0; k < K; ++k) { p[k] = metal::precise::exp(top[k] - top[0]); s += p[k]; }
-      for (int k = 0; k < K; ++k) {
-        wts[n * K + k] = p[k] / s;
-        ids[n * K + k] = uint(arg[k]);
-      }
-    }
-  }
+  if (warp == 0) top_k_softmax<E, K>(logits, lane, n, wts, ids);
