@@ -65,6 +65,23 @@ def test_every_kernel_has_a_source_in_both_dialects(dialect):
             assert arg in body, f"{dialect} {name}: body never uses {arg!r}"
 
 
+def test_the_offline_compile_check_covers_every_cuda_kernel():
+    """benchmarks/compile_cuda_kernels.py (nvcc, no GPU) builds each kernel as MLX does; its case list
+    must name every kernel, with one dtype per input and output."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_cuda_kernels.py"
+    spec = importlib.util.spec_from_file_location("compile_cuda_kernels", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert {c[0] for c in tool.CASES} == set(kernels.SPECS)
+    for name, ins, outs, template in tool.CASES:
+        unit = tool.translation_unit(name, ins, outs, template)
+        assert f"__global__ void k_{name}(" in unit
+        assert len(ins) == len(kernels.SPECS[name].inputs) and len(outs) == len(kernels.SPECS[name].outputs)
+
+
 def test_a_kernel_section_pasted_twice_is_refused():
     text = "// helpers\n// @@kernel a\n  int x = 1;\n// @@kernel a\n  int y = 2;\n"
     with pytest.raises(ValueError, match="appears twice"):

@@ -1,0 +1,138 @@
+"""Compile every CUDA kernel as `mx.fast.cuda_kernel` assembles it, without a GPU: nvcc for sm_90a,
+registers and spills per kernel at gpt-oss shapes (and a few odd ones); `--ptx DIR` also writes each
+kernel's PTX, to show that a refactor changed no instruction (compare two DIRs with `--compare`).
+
+Needs nvcc (CUDA 12.x or 13) and MLX's CUDA headers: the `mlx/backend/cuda/device/*.cuh` of an MLX
+source checkout (`--mlx-src`, e.g. a clone of ml-explore/mlx at the wheel's version) and the
+`mlx/include` folder of the `mlx-cuda-*` wheel (`--mlx-include`, for cccl). Not part of CI: a GPU
+run (tests/test_kernels.py) is what proves a kernel right; this only catches compile errors and
+register growth before spending device time.
+
+    python benchmarks/compile_cuda_kernels.py --mlx-src ~/mlx --mlx-include ~/mlx_cuda/mlx/include
+    python benchmarks/compile_cuda_kernels.py ... --only route norm_route --ptx /tmp/before
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from oss_mlx import kernels  # noqa: E402
+
+CTYPE = {
+    "bf16": "__nv_bfloat16",
+    "f16": "__half",
+    "f32": "float",
+    "u32": "uint32_t",
+    "u8": "uint8_t",
+    "i32": "int32_t",
+}
+B, F = "bf16", "f32"
+# name, input dtypes, output dtypes, template arguments (as kernels.py passes them at these shapes)
+CASES = [
+    ("route", [B] * 3, [F, "u32"], dict(LT=B, H=2880, E=32, K=4)),
+    ("route", [F] * 3, [F, "u32"], dict(LT=F, H=64, E=128, K=3)),
+    ("norm_route", [B] * 4 + [F], [B, F, "u32"], dict(T=B, LT=B, H=2880, E=32, K=4)),
+    ("norm_route", [F] * 5, [F, F, "u32"], dict(T=F, LT=F, H=64, E=128, K=3)),
+    ("gate_up_swiglu", [B, "u32", "u32", "u8", B, F], [B], dict(T=B, H=2880, I=2880, K=4, NC=3, COLS=2)),
+    (
+        "down_combine",
+        [B, "u32", F, "u32", "u8", B, B],
+        [B],
+        dict(T=B, H=2880, HP=2944, I=2880, K=4, NC=3, ROWS=8),
+    ),
+    ("sdpa_decode", [B] * 4 + [F], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
+    ("sdpa_decode", [F] * 5, [F, F], dict(T=F, D=16, G=2, WINDOW=128)),
+    ("sdpa_combine", [F, B], [B], dict(T=B, D=64)),
+    ("norm_qkv_rope", [B] * 4 + [F, "i32", F], [B] * 3, dict(T=B, H=2880, D=64, HQ=64, HKV=8, NC=12, PW=4)),
+    ("out_residual", [B] * 4, [B], dict(T=B, H=2880, IN=4096, NC=16, RW=8)),
+]
+
+
+def translation_unit(name: str, ins: list[str], outs: list[str], template: dict[str, object]) -> str:
+    """The kernel as MLX's custom_kernel.cpp builds it: MLX's device utils, our header, a signature
+    with shapes/strides for the inputs the body names, the template arguments as constants."""
+    header, body = kernels.kernel_sources("cuda")[name]
+    spec = kernels.SPECS[name]
+    args = []
+    for arg, dtype in zip(spec.inputs, ins):
+        args.append(f"const {CTYPE[dtype]}* {arg}")
+        for extra in ("shape", "strides"):
+            if f"{arg}_{extra}" in body:
+                kind = "Shape" if extra == "shape" else "Strides"
+                args.append(f"const __grid_constant__ {kind} {arg}_{extra}")
+    args += [f"{CTYPE[dtype]}* {arg}" for arg, dtype in zip(spec.outputs, outs)]
+    consts = "".join(
+        f"  using {k} = {CTYPE[v]};\n" if isinstance(v, str) else f"  constexpr int {k} = {v};\n"
+        for k, v in template.items()
+    )
+    return (
+        '#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
+        + header
+        + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+        + f"__global__ void k_{name}(\n  "
+        + ",\n  ".join(args)
+        + ") {\n"
+        + consts
+        + body
+        + "\n}\n}\n"
+    )
+
+
+def compile_one(src: str, path: Path, includes: list[str], ptx: bool) -> tuple[int, str]:
+    path.write_text(src)
+    out = path.with_suffix(".ptx" if ptx else ".o")
+    flags = ["-ptx"] if ptx else ["-c", "-Xptxas", "-v"]
+    arch = "-gencode=arch=compute_90a,code=sm_90a"
+    cmd = ["nvcc", "-std=c++17", arch, *flags, *includes, "-o", str(out), str(path)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    keep = [ln.strip() for ln in r.stderr.splitlines() if re.search(r"error|registers|spill", ln)]
+    return r.returncode, "\n    ".join(keep)
+
+
+def _ptx_code(path: Path) -> list[str]:
+    """A PTX file without comments and the per-file symbol hashes of unused globals."""
+    lines = path.read_text().splitlines()
+    return [ln for ln in lines if not ln.startswith("//") and ".global .align 1 .b8" not in ln]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mlx-src", help="MLX source checkout (has mlx/backend/cuda/device/*.cuh)")
+    p.add_argument("--mlx-include", help="the mlx-cuda wheel's mlx/include folder")
+    p.add_argument("--only", nargs="*", help="kernel names")
+    p.add_argument("--ptx", help="write PTX here instead of reporting registers")
+    p.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"), help="compare two --ptx folders")
+    a = p.parse_args()
+    if a.compare:
+        left, right = Path(a.compare[0]), Path(a.compare[1])
+        same = True
+        for f in sorted(left.glob("*.ptx")):
+            eq = _ptx_code(f) == _ptx_code(right / f.name)
+            same &= eq
+            print(f"{f.name}: {'identical' if eq else 'DIFFERENT'}")
+        return 0 if same else 1
+    if not (a.mlx_src and a.mlx_include):
+        p.error("--mlx-src and --mlx-include are needed to compile")
+    inc = [f"-I{a.mlx_src}", f"-I{a.mlx_include}", f"-I{Path(a.mlx_include) / 'cccl'}"]
+    work = Path(a.ptx) if a.ptx else Path(tempfile.mkdtemp(prefix="oss-mlx-nvcc-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ok = True
+    for i, (name, ins, outs, template) in enumerate(CASES):
+        if a.only and name not in a.only:
+            continue
+        src = translation_unit(name, ins, outs, template)
+        rc, report = compile_one(src, work / f"{name}_{i}.cu", inc, bool(a.ptx))
+        ok &= rc == 0
+        print(f"{name} {template}: {'ok' if rc == 0 else 'FAILED'}\n    {report}".rstrip())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
