@@ -45,7 +45,7 @@
   const long long row_words = H / 8;
   // Biases first and every store last: a load after the reduction, or a store between columns,
   // would put a memory round trip between one column's weights and the next.
-  float bg[COLS], bu[COLS], res[COLS];
+  float bg[COLS], bu[COLS], hv[COLS];
 #pragma unroll
   for (int cc = 0; cc < COLS; ++cc) {
     const long long r0 = (long long)e * (2 * I) + 2 * min(col0 + cc, I - 1);
@@ -78,11 +78,11 @@
     float up = round_to<T>(round_to<T>(au) + bu[cc]);
     gt = fminf(gt, limit);
     up = fminf(fmaxf(up, -limit), limit);
-    res[cc] = gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f);
+    hv[cc] = gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f);
   }
 #pragma unroll
   for (int cc = 0; cc < COLS; ++cc) {
-    if (lane == cc && col0 + cc < I) h[(long long)slot * I + col0 + cc] = from_f<T>(res[cc]);
+    if (lane == cc && col0 + cc < I) h[(long long)slot * I + col0 + cc] = from_f<T>(hv[cc]);
   }
 // @@kernel down_combine
   constexpr int G = I / 32;

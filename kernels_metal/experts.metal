@@ -43,7 +43,7 @@
   const long row_words = H / 8;
   // Biases first and every store last: a load after the reduction, or a store between columns,
   // would put a memory round trip between one column's weights and the next.
-  float bg[COLS], bu[COLS], res[COLS];
+  float bg[COLS], bu[COLS], hv[COLS];
   for (int cc = 0; cc < COLS; ++cc) {
     const long r0 = (long)e * (2 * I) + 2 * min(col0 + cc, I - 1);
     bg[cc] = to_f(bias[r0]);
@@ -73,10 +73,10 @@
     float up = round_to<T>(round_to<T>(au) + bu[cc]);
     gt = min(gt, limit);
     up = min(max(up, -limit), limit);
-    res[cc] = gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f);
+    hv[cc] = gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f);
   }
   for (int cc = 0; cc < COLS; ++cc) {
-    if (lane == cc && col0 + cc < I) h[(long)slot * I + col0 + cc] = from_f<T>(res[cc]);
+    if (lane == cc && col0 + cc < I) h[(long)slot * I + col0 + cc] = from_f<T>(hv[cc]);
   }
 // @@kernel down_combine
   constexpr int G = I / 32;
