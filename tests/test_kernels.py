@@ -623,3 +623,63 @@ def test_a_failing_kernel_turns_the_kernels_off_with_a_warning(monkeypatch):
         assert kernels.backend() == "reference"
     assert kernels.backend() == "reference"  # decided once
     assert "RuntimeError" in kernels.self_test_failure()
+
+
+# ---- the kernel path's Python, run here with the GPU faked ------------------------------------------
+
+
+def test_decode_launches_with_the_gpu_faked(monkeypatch):
+    """The kernel path's Python (predicates, launch arguments, output shapes) runs in CI: the GPU
+    backend and the compiled kernels are faked, each fake recording its launch and returning arrays of
+    the shapes it declared. A decode step must launch the six kernels per layer with grids that
+    follow the work sizes, plus sdpa_combine where the keys are split (a full layer past
+    SDPA_KEYS_PER_SPLIT keys; the window layers never are)."""
+    launches = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw):
+            launches.append((self.name, dict(template), grid, [tuple(s) for s in output_shapes]))
+            return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
+
+    model = _tiny_model(mx.bfloat16)  # H 128, I 96, E 8, k 4, D 64, 8 query / 2 KV heads, window 16
+    cache = model.make_cache()
+    prompt = kernels.SDPA_KEYS_PER_SPLIT + 100
+    mx.eval(model(mx.array([[i % 500 for i in range(prompt)]]), cache=cache))  # reference prefill
+
+    monkeypatch.setattr(kernels, "_AVAILABLE", "cuda")
+    monkeypatch.setattr(kernels, "_on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "self_test_failure", lambda: None)
+    monkeypatch.setattr(kernels, "_compiled", {("cuda", n): Fake(n) for n in kernels.SPECS})
+    logits = model(mx.array([[3]]), cache=cache)
+    assert logits.shape == (1, 1, 512)
+
+    per_layer = [
+        "norm_qkv_rope",
+        "sdpa_decode",
+        "out_residual",
+        "norm_route",
+        "gate_up_swiglu",
+        "down_combine",
+    ]
+    full = per_layer[:2] + ["sdpa_combine"] + per_layer[2:]
+    want = [full if block.attn.window is None else per_layer for block in model.blocks]
+    assert [n for n, *_ in launches] == [n for layer in want for n in layer]
+
+    by_name = {}
+    for name, template, grid, shapes in launches:
+        by_name.setdefault(name, []).append((template, grid, shapes))
+    template, grid, shapes = by_name["norm_qkv_rope"][0]
+    assert shapes == [(1, 8, 64), (1, 2, 1, 64), (1, 2, 1, 64)]
+    assert grid == (128 * -(-((8 + 2 * 2) * 64 // 2) // (4 * kernels.QKV_PAIRS_PER_WARP)), 1, 1)
+    splits = -(-(prompt + 1) // kernels.SDPA_KEYS_PER_SPLIT)
+    assert by_name["sdpa_decode"][0][1] == (128, 2, 1)  # window layer: its 16 keys, one split
+    assert by_name["sdpa_decode"][1][1] == (128 * splits, 2, 1)
+    assert by_name["sdpa_decode"][1][2][1] == (1, 8, splits, 64 + 2)  # the partials sdpa_combine merges
+    assert by_name["out_residual"][0][2] == [(1, 1, 128)]
+    assert by_name["norm_route"][0][2] == [(1, 128), (4,), (4,)]
+    assert by_name["gate_up_swiglu"][0][1] == (128 * -(-96 // (4 * kernels.MOE_COLS_PER_WARP)), 4, 1)
+    assert by_name["down_combine"][0][1] == (128 * -(-128 // kernels.MOE_ROWS_PER_BLOCK), 1, 1)
+    assert by_name["down_combine"][0][2] == [(1, 1, 128)]
