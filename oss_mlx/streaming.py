@@ -435,15 +435,20 @@ class StreamingExperts(nn.Module):
         # time, each computing only its own (token, expert) pairs, in the form Experts.__call__ uses
         # for this many pairs (token order below SORT_THRESHOLD, sorted by expert above), one
         # independent row per pair either way, so every row is computed as the resident model does.
+        # The experts already cached go first (a group of hits), then the rest: consecutive calls (the
+        # chunks of a prefill) then read only what does not fit, instead of every expert again.
         N, k = idx.shape
         flat = idx.reshape(-1)
         by_expert = N * k >= SORT_THRESHOLD
         order = np.argsort(flat, kind="stable") if by_expert else np.arange(N * k)
         in_order = flat[order]
+        cached = np.isin(needed, np.fromiter(self._lru.entries, dtype=needed.dtype))
+        queue = np.concatenate([needed[cached], needed[~cached]])
         parts, done = [], []
-        for start in range(0, len(needed), self.slots):
-            group = needed[start : start + self.slots]
-            pairs = order[np.isin(in_order, group)]  # a contiguous run when sorted by expert
+        for start in range(0, len(queue), self.slots):
+            # Sorted within the group: on the sorted path the local ids must ascend with the pairs.
+            group = np.sort(queue[start : start + self.slots])
+            pairs = order[np.isin(in_order, group)]  # still sorted by expert on the sorted path
             compact, remap = self._compact(group)
             local = mx.array(remap[flat[pairs]]).astype(indices.dtype)
             h = x[mx.array(pairs // k)]

@@ -124,6 +124,21 @@ def test_more_experts_than_slots_in_one_call(checkpoint, resident):
         assert model_streaming_stats(model).evictions > 0
 
 
+def test_a_call_with_more_experts_than_slots_starts_from_the_cached_ones(checkpoint, resident):
+    """Prefill chunks each need more experts than fit: the ones left cached by the previous chunk are
+    used first (all hits), so a chunk reads only what does not fit. Output unchanged."""
+    slots = 2
+    model, _ = load_model(checkpoint, memory_budget=budget_for(resident, slots))
+    tokens = mx.array(PROMPT[None, :40])
+    first = as_np(model(tokens))
+    reset_streaming_stats(model)
+    np.testing.assert_array_equal(as_np(model(tokens)), first)
+    np.testing.assert_array_equal(first, as_np(resident(tokens)))
+    stats = model_streaming_stats(model)
+    assert stats.hits == slots * SPEC.num_layers  # each layer's first group: the cached experts
+    assert stats.experts_read == stats.lookups - stats.hits
+
+
 def test_bytes_read_and_hit_rate_accounting(checkpoint, resident):
     """Every expert read is its values + scales of both projections, once per miss."""
     E = SPEC.num_experts
