@@ -9,13 +9,13 @@ for stage in $STAGES; do
   case $stage in
     tests) timeout ${TEST_TIMEOUT:-200} python3 -m pytest -v -rf --maxfail=30 tests/test_kernels.py \
              -k "${TESTK:-norm_qkv or out_residual or attention_block or few_ops or paths_are or self_test}" \
-             > $OUT/tests.log 2>&1; grep -cE "PASSED" $OUT/tests.log; grep -E "FAILED|Error" $OUT/tests.log | head -30 ;;
+             > $OUT/tests.log 2>&1; grep -cE "PASSED" $OUT/tests.log; grep -E "FAILED|Error" $OUT/tests.log | head -30 || true ;;
     alltests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -v -rf --maxfail=40 tests/test_kernels.py tests/test_bench.py \
-             > $OUT/alltests.log 2>&1; grep -cE "PASSED" $OUT/alltests.log; grep -E "FAILED|Error" $OUT/alltests.log | head -30 ;;
+             > $OUT/alltests.log 2>&1; grep -cE "PASSED" $OUT/alltests.log; grep -E "FAILED|Error" $OUT/alltests.log | head -30 || true ;;
     streamtests)  # expert streaming on the GPU (bit-identical tokens; the converted case needs .device/vocab)
              export TIKTOKEN_CACHE_DIR=$PWD/.device/vocab TIKTOKEN_RS_CACHE_DIR=$PWD/.device/vocab
              timeout ${TEST_TIMEOUT:-200} python3 -m pytest -v -rf tests/test_streaming.py > $OUT/streamtests.log 2>&1
-             grep -cE "PASSED" $OUT/streamtests.log; grep -E "FAILED|Error" $OUT/streamtests.log | head -20 ;;
+             grep -cE "PASSED" $OUT/streamtests.log; grep -E "FAILED|Error" $OUT/streamtests.log | head -20 || true ;;
     layers) timeout 300 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128 --decode-tokens 4 \
               --engines oss-mlx --check-layers 300 --json $OUT/layers.json 2>&1 | tee -a $OUT/run.log ;;
     sweep) timeout 150 python3 benchmarks/profile_decode.py --layers 2 --sweep --json $OUT/sweep.json 2>&1 | tee -a $OUT/run.log ;;
