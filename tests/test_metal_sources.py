@@ -1,0 +1,137 @@
+"""The Metal kernels, compiled without a Mac.
+
+Nobody on this project can run Metal (no Mac; the macOS CI workflow is the only place the kernels
+run). What can be checked here is what a compiler checks: each kernel is assembled the way
+mx.fast.metal_kernel assembles it (its header, a generated signature with the inputs' address spaces,
+the attributes the body names, an explicit template instantiation) and compiled by clang (from the
+`ziglang` package) against tests/metal_shim.h, a C++ stand-in for the Metal builtins the kernels use
+in which device / constant / threadgroup are real clang address spaces. Syntax, names, overloads,
+templates and address-space mismatches fail here as they would in Metal; behaviour is not tested.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oss_mlx import kernels
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("ziglang") is None, reason="clang comes from the `ziglang` package (test extra)"
+)
+
+SHIM = Path(__file__).resolve().parent / "metal_shim.h"
+
+# mx.fast.metal_kernel's names for dtypes (MLX's get_type_string).
+MTYPE = {
+    "bf16": "bfloat16_t",
+    "f16": "float16_t",
+    "f32": "float",
+    "u32": "uint32_t",
+    "u8": "uint8_t",
+    "i32": "int32_t",
+}
+# The attributes MLX adds to the signature when the body names them (metal_kernel.cpp), with types.
+ATTRIBUTES = {
+    "simdgroup_index_in_threadgroup": "uint",
+    "thread_index_in_simdgroup": "uint",
+    "thread_index_in_threadgroup": "uint",
+    "thread_position_in_grid": "uint3",
+    "thread_position_in_threadgroup": "uint3",
+    "threadgroup_position_in_grid": "uint3",
+    "threadgroups_per_grid": "uint3",
+    "threads_per_threadgroup": "uint3",
+}
+B, F, U = "bf16", "f32", "u32"
+# name, inputs (dtype, "c" where the array has fewer than 8 elements: MLX passes it in `constant`),
+# output dtypes, template arguments (in kernels.py's order). The 20b's shapes, then small ones.
+CASES = [
+    ("route", [B, B, B], [F, U], dict(LT=B, H=2880, E=32, K=4)),
+    ("route", [F, F, F + "c"], [F, U], dict(LT=F, H=64, E=4, K=1)),
+    ("norm_route", [B, B, B, B, F + "c"], [B, F, U], dict(T=B, LT=B, H=2880, E=32, K=4)),
+    ("norm_route", ["f16", "f16", F, F, F + "c"], ["f16", F, U], dict(T="f16", LT=F, H=96, E=128, K=3)),
+    ("gate_up_swiglu", [B, U, U, "u8", B, F + "c"], [B], dict(T=B, H=2880, I=2880, K=4, NC=3, COLS=2)),
+    ("gate_up_swiglu", [F, U + "c", U, "u8", F, F + "c"], [F], dict(T=F, H=64, I=96, K=2, NC=1, COLS=4)),
+    ("down_combine", [B, U, F, U, "u8", B, B], [B], dict(T=B, H=2880, HP=2944, I=2880, K=4, NC=3, ROWS=8)),
+    ("sdpa_decode", [B, B, B, B, F + "c"], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
+    ("sdpa_decode", [F, F, F, F + "c", F + "c"], [F, F], dict(T=F, D=16, G=2, WINDOW=128)),
+    ("sdpa_combine", [F, B], [B], dict(T=B, D=64)),
+    ("norm_qkv_rope", [B] * 4 + [F, "i32c", F + "c"], [B] * 3, dict(T=B, H=2880, D=64, HQ=64, HKV=8, NC=12,
+                                                                    PW=4)),
+    ("out_residual", [B, B, B, B], [B], dict(T=B, H=2880, IN=4096, NC=16, RW=8)),
+]  # fmt: skip
+
+
+def translation_unit(name: str, ins: list[str], outs: list[str], template: dict) -> str:
+    """The kernel as MLX's write_signature() builds it (minus MLX's own prelude: the shim)."""
+    header, body = kernels.kernel_sources("metal")[name]
+    spec = kernels.SPECS[name]
+    # Threadgroup arrays are declared inside the kernel; C++ allows an address space on a static only.
+    header = header.replace("#define OSS_SHARED threadgroup", "#define OSS_SHARED static threadgroup")
+    body = re.sub(r"(?m)^(\s*)threadgroup\s", r"\1static threadgroup ", body)
+    params, index = [], 0
+    for arg, dtype in zip(spec.inputs, ins):
+        space = "constant" if dtype.endswith("c") else "device"
+        params.append(f"const {space} {MTYPE[dtype.rstrip('c')]}* {arg} [[buffer({index})]]")
+        index += 1
+        for extra, ctype in (("shape", "int"), ("strides", "int64_t")):
+            if f"{arg}_{extra}" in body:
+                params.append(f"const constant {ctype}* {arg}_{extra} [[buffer({index})]]")
+                index += 1
+    for arg, dtype in zip(spec.outputs, outs):
+        params.append(f"device {MTYPE[dtype]}* {arg} [[buffer({index})]]")
+        index += 1
+    params += [f"{t} {attr} [[{attr}]]" for attr, t in ATTRIBUTES.items() if attr in body]
+    formal = ", ".join(f"typename {k}" if isinstance(v, str) else f"int {k}" for k, v in template.items())
+    actual = ", ".join(MTYPE[v] if isinstance(v, str) else str(v) for v in template.values())
+    fn = f"custom_kernel_{name}"
+    return (
+        f"{header}\ntemplate <{formal}>\n[[kernel]] void {fn}(\n  "
+        + ",\n  ".join(params)
+        + f") {{\n{body}\n}}\n"
+        # MLX writes `template [[host_name(..)]] [[kernel]] decltype(..) ..;`: C++ takes no attributes there
+        + f"template decltype({fn}<{actual}>) {fn}<{actual}>;\n"
+    )
+
+
+def clang(source: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / "kernel.cpp"
+    path.write_text(source)
+    # zig's driver caches an object file, so compile one (-fsyntax-only leaves none, and zig fails)
+    cmd = [sys.executable, "-m", "ziglang", "c++", "-std=c++17", "-c", "-o", str(path.with_suffix(".o"))]
+    cmd += ["-Werror", "-Wno-unknown-attributes"]
+    cmd += ["-Wno-unused-command-line-argument", "-include", str(SHIM), str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_every_metal_kernel_has_a_case():
+    assert {c[0] for c in CASES} == set(kernels.SPECS)
+
+
+@pytest.mark.parametrize(
+    "case", CASES, ids=[f"{c[0]}-{c[3].get('T', c[3].get('LT'))}-{i}" for i, c in enumerate(CASES)]
+)
+def test_metal_kernel_compiles(case, tmp_path):
+    name, ins, outs, template = case
+    result = clang(translation_unit(name, ins, outs, template), tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_the_check_catches_an_address_space_mistake(tmp_path):
+    """A kernel that hands a threadgroup array to a helper taking device memory must not compile
+    (Metal refuses it too): the shim keeps address spaces."""
+    name, ins, outs, template = CASES[0]
+    source = translation_unit(name, ins, outs, template)
+    bad = source.replace(
+        "  if (warp == 0) top_k_softmax<E, K>(logits, lane, n, wts, ids);",
+        "  if (warp == 0) { float xv[8]; load8(logits, xv); }",
+    )
+    assert bad != source
+    result = clang(bad, tmp_path)
+    assert result.returncode != 0
+    assert "no matching function for call to 'load8'" in result.stderr and "address_space(1)" in result.stderr
