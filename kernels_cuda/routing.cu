@@ -14,7 +14,7 @@
 // logits of h as in route.
 //   inputs  x [N, H], nw [H], w [E, H], b [E], eps [1] float32
 //   outputs h [N, H] (T), wts [N, K] float32 (descending logit order), ids [N, K] uint32
-//   template T, LT (logits dtype), H (<= 8192), E (<= 256), K (<= E, <= 8)
+//   template T, LT (logits dtype), H (<= 7680: the row is staged in 32 KB of threadgroup memory), E (<= 256), K (<= E, <= 8)
 //   grid (256 * N, 1, 1), threadgroup (256, 1, 1)
 // Warp 0 of both kernels: the K largest of logits[0, E) (ties: the lower index), by K rounds of a
 // warp arg-max, then the softmax over them; token n's weights and ids written in descending order.

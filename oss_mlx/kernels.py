@@ -47,6 +47,9 @@ _HEADER = {"metal": "common.h", "cuda": "common.cuh"}
 
 # Fused MoE decode while N * k stays under this (the reference switches to sorted gather_qmm there).
 MOE_MAX_SLOTS = 64
+# Largest hidden size for the kernels that stage a whole row in threadgroup memory (norm_route,
+# norm_qkv_rope): Apple GPUs give a threadgroup 32 KB, i.e. 4 H + the router's 4 E (E <= 256) + 32.
+KERNEL_MAX_HIDDEN = 7680
 # Keys per block of sdpa_decode before the keys are split over more blocks (flash-decoding).
 SDPA_KEYS_PER_SPLIT = 1024  # swept on the H200: 32k keys 50.6 µs (256: 74.3 µs), docs/KERNELS.md
 SDPA_MAX_SPLITS = 256
@@ -399,7 +402,7 @@ def moe_block(block, x: mx.array) -> mx.array | None:
     H = x.shape[-1]
     N = x.size // H
     router, k = block.router, block.router.top_k
-    if not (_route_ok(x, router.weight, k) and H <= 8192 and N * k < MOE_MAX_SLOTS):
+    if not (_route_ok(x, router.weight, k) and H <= KERNEL_MAX_HIDDEN and N * k < MOE_MAX_SLOTS):
         return None
     if not _experts_ok(block.experts, x, N, k):
         return None
@@ -643,7 +646,7 @@ def attention_decode_ok(block, x: mx.array) -> bool:
         and out.weight.dtype == x.dtype
         and block.sinks.dtype in _FLOATS
         and H % 8 == 0
-        and H <= 8192
+        and H <= KERNEL_MAX_HIDDEN
         and hq * D <= 16384
         and _sdpa_heads_ok(D, hq, hkv)
     )

@@ -135,3 +135,36 @@ def test_the_check_catches_an_address_space_mistake(tmp_path):
     result = clang(bad, tmp_path)
     assert result.returncode != 0
     assert "no matching function for call to 'load8'" in result.stderr and "address_space(1)" in result.stderr
+
+
+# Apple GPUs give a threadgroup at most 32 KB of threadgroup memory; a kernel declaring more fails
+# to launch on a Mac (CUDA's 48 KB of static shared memory would not notice).
+APPLE_THREADGROUP_BYTES = 32 * 1024
+_DECL = re.compile(r"(?:threadgroup|OSS_SHARED)(?:\s+OSS_ALIGN16)?\s+float\s+\w+((?:\[[^\]]+\])+);")
+
+
+def threadgroup_bytes(name: str, template: dict) -> int:
+    """Bytes of the threadgroup arrays a kernel declares, at these template values."""
+    _header, body = kernels.kernel_sources("metal")[name]
+    total = 0
+    for dims in _DECL.findall(body):
+        n = 1
+        for expr in re.findall(r"\[([^\]]+)\]", dims):
+            n *= eval(expr, {}, dict(template))  # the dims are template names and integer arithmetic
+        total += 4 * n
+    return total
+
+
+def test_threadgroup_memory_fits_apple_gpus():
+    """At the cases above, and at the largest shapes the dispatch predicates let through."""
+    largest = [
+        ("norm_route", dict(H=kernels.KERNEL_MAX_HIDDEN, E=256, K=8)),
+        ("norm_qkv_rope", dict(H=kernels.KERNEL_MAX_HIDDEN, D=64, HQ=64, HKV=8, NC=1, PW=4)),
+        ("sdpa_decode", dict(D=32, G=16, WINDOW=0)),
+        ("sdpa_decode", dict(D=256, G=2, WINDOW=0)),
+        ("down_combine", dict(H=2880, I=2880, K=4, NC=3, ROWS=16)),
+    ]
+    for name, template in [(c[0], c[3]) for c in CASES] + largest:
+        used = threadgroup_bytes(name, template)
+        assert 0 <= used <= APPLE_THREADGROUP_BYTES, (name, template, used)
+    assert threadgroup_bytes("norm_route", dict(H=2880, E=32)) == 4 * (32 + 8 + 2880)  # the parser counts
