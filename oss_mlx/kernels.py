@@ -276,14 +276,24 @@ SPECS = {
 }
 
 
+_COMMENT = re.compile(r"[ \t]*//[^\n]*")
+
+
+def _code_only(text: str) -> str:
+    """The source without its `//` comments and blank lines. MLX copies header + body into a new
+    string for every launch (its custom-kernel call builds the whole translation unit each time), so
+    the documentation stays in the files, not in the ~140 copies a decode step makes."""
+    return "\n".join(line for line in _COMMENT.sub("", text).splitlines() if line.strip()) + "\n"
+
+
 def kernel_sources(dialect: str) -> dict[str, tuple[str, str]]:
     """name -> (header, body) for every kernel of a dialect, as MLX will compile them."""
-    common = _source_text(dialect, _HEADER[dialect])
+    common = _code_only(_source_text(dialect, _HEADER[dialect]))
     out = {}
     for file in sorted({s.file for s in SPECS.values()}):
         preamble, bodies = parse_source(_source_text(dialect, file + _EXT[dialect]))
         for name, body in bodies.items():
-            out[name] = (common + "\n" + preamble, body)
+            out[name] = (common + _code_only(preamble), _code_only(body))
     return out
 
 

@@ -59,8 +59,9 @@ TOL = {mx.float32: 2e-5, mx.bfloat16: 1.5e-2, mx.float16: 4e-3}
 def test_every_kernel_has_a_source_in_both_dialects(dialect):
     sources = kernels.kernel_sources(dialect)
     assert set(sources) == set(kernels.SPECS), f"{dialect}: {sorted(sources)} vs {sorted(kernels.SPECS)}"
-    for name, (_header, body) in sources.items():
+    for name, (header, body) in sources.items():
         assert body.strip(), name
+        assert "//" not in header + body, f"{name}: comments travel to MLX with every launch"
         for arg in (*kernels.SPECS[name].inputs, *kernels.SPECS[name].outputs):
             assert arg in body, f"{dialect} {name}: body never uses {arg!r}"
 
@@ -80,6 +81,11 @@ def test_the_offline_compile_check_covers_every_cuda_kernel():
         unit = tool.translation_unit(name, ins, outs, template)
         assert f"__global__ void k_{name}(" in unit
         assert len(ins) == len(kernels.SPECS[name].inputs) and len(outs) == len(kernels.SPECS[name].outputs)
+
+
+def test_comments_are_dropped_code_is_kept():
+    text = "#define A 1  // why\n\n  // only a comment\nint x = A; // trailing\n"
+    assert kernels._code_only(text) == "#define A 1\nint x = A;\n"
 
 
 def test_a_kernel_section_pasted_twice_is_refused():
