@@ -280,10 +280,12 @@ _COMMENT = re.compile(r"[ \t]*//[^\n]*")
 
 
 def _code_only(text: str) -> str:
-    """The source without its `//` comments and blank lines. MLX copies header + body into a new
-    string for every launch (its custom-kernel call builds the whole translation unit each time), so
-    the documentation stays in the files, not in the ~140 copies a decode step makes."""
-    return "\n".join(line for line in _COMMENT.sub("", text).splitlines() if line.strip()) + "\n"
+    """The source without its `//` comments, indentation and blank lines. MLX copies header + body
+    into a new string for every launch it records, and MLX-CUDA hashes that string again at every
+    evaluation to find the compiled module (~140 launches a decode step), so the documentation and
+    the layout stay in the files."""
+    lines = (line.strip() for line in _COMMENT.sub("", text).splitlines())
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 def kernel_sources(dialect: str) -> dict[str, tuple[str, str]]:

@@ -84,7 +84,7 @@ def test_the_offline_compile_check_covers_every_cuda_kernel():
 
 
 def test_comments_are_dropped_code_is_kept():
-    text = "#define A 1  // why\n\n  // only a comment\nint x = A; // trailing\n"
+    text = "#define A 1  // why\n\n  // only a comment\n  int x = A; // trailing\n"
     assert kernels._code_only(text) == "#define A 1\nint x = A;\n"
 
 

@@ -128,8 +128,8 @@ def test_the_check_catches_an_address_space_mistake(tmp_path):
     name, ins, outs, template = CASES[0]
     source = translation_unit(name, ins, outs, template)
     bad = source.replace(
-        "  if (warp == 0) top_k_softmax<E, K>(logits, lane, n, wts, ids);",
-        "  if (warp == 0) { float xv[8]; load8(logits, xv); }",
+        "if (warp == 0) top_k_softmax<E, K>(logits, lane, n, wts, ids);",
+        "if (warp == 0) { float xv[8]; load8(logits, xv); }",
     )
     assert bad != source
     result = clang(bad, tmp_path)
