@@ -634,12 +634,9 @@ def test_a_failing_kernel_turns_the_kernels_off_with_a_warning(monkeypatch):
 # ---- the kernel path's Python, run here with the GPU faked ------------------------------------------
 
 
-def test_decode_launches_with_the_gpu_faked(monkeypatch):
-    """The kernel path's Python (predicates, launch arguments, output shapes) runs in CI: the GPU
-    backend and the compiled kernels are faked, each fake recording its launch and returning arrays of
-    the shapes it declared. A decode step must launch the six kernels per layer with grids that
-    follow the work sizes, plus sdpa_combine where the keys are split (a full layer past
-    SDPA_KEYS_PER_SPLIT keys; the window layers never are)."""
+def fake_gpu(monkeypatch) -> list:
+    """Fake the GPU backend and every compiled kernel: each fake records (name, template, grid,
+    output shapes) and returns arrays of the shapes it declared. Returns the record."""
     launches = []
 
     class Fake:
@@ -650,15 +647,25 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch):
             launches.append((self.name, dict(template), grid, [tuple(s) for s in output_shapes]))
             return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
 
+    monkeypatch.setattr(kernels, "_AVAILABLE", "cuda")
+    monkeypatch.setattr(kernels, "_on_gpu", lambda *a: True)
+    monkeypatch.setattr(kernels, "self_test_failure", lambda: None)
+    monkeypatch.setattr(kernels, "_compiled", {("cuda", n): Fake(n) for n in kernels.SPECS})
+    return launches
+
+
+def test_decode_launches_with_the_gpu_faked(monkeypatch):
+    """The kernel path's Python (predicates, launch arguments, output shapes) runs in CI: the GPU
+    backend and the compiled kernels are faked, each fake recording its launch and returning arrays of
+    the shapes it declared. A decode step must launch the six kernels per layer with grids that
+    follow the work sizes, plus sdpa_combine where the keys are split (a full layer past
+    SDPA_KEYS_PER_SPLIT keys; the window layers never are)."""
     model = _tiny_model(mx.bfloat16)  # H 128, I 96, E 8, k 4, D 64, 8 query / 2 KV heads, window 16
     cache = model.make_cache()
     prompt = kernels.SDPA_KEYS_PER_SPLIT + 100
     mx.eval(model(mx.array([[i % 500 for i in range(prompt)]]), cache=cache))  # reference prefill
 
-    monkeypatch.setattr(kernels, "_AVAILABLE", "cuda")
-    monkeypatch.setattr(kernels, "_on_gpu", lambda *a: True)
-    monkeypatch.setattr(kernels, "self_test_failure", lambda: None)
-    monkeypatch.setattr(kernels, "_compiled", {("cuda", n): Fake(n) for n in kernels.SPECS})
+    launches = fake_gpu(monkeypatch)
     logits = model(mx.array([[3]]), cache=cache)
     assert logits.shape == (1, 1, 512)
 
@@ -689,3 +696,18 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch):
     assert by_name["gate_up_swiglu"][0][1] == (128 * -(-96 // (4 * kernels.MOE_COLS_PER_WARP)), 4, 1)
     assert by_name["down_combine"][0][1] == (128 * -(-128 // kernels.MOE_ROWS_PER_BLOCK), 1, 1)
     assert by_name["down_combine"][0][2] == [(1, 1, 128)]
+
+
+@pytest.mark.parametrize(
+    "H,fused", [(kernels.KERNEL_MAX_HIDDEN, True), (kernels.KERNEL_MAX_HIDDEN + 256, False)]
+)
+def test_rows_staged_in_threadgroup_memory_stop_at_the_apple_limit(monkeypatch, H, fused):
+    """norm_route and norm_qkv_rope keep a whole hidden row in threadgroup memory (32 KB on Apple
+    GPUs): past KERNEL_MAX_HIDDEN the MoE and attention blocks take the reference path."""
+    mlp = random_mlp(4, 2, H, 64, mx.bfloat16)
+    attn = random_attention(H, 64, 4, 2, mx.bfloat16)
+    x = mx.zeros((1, 1, H), dtype=mx.bfloat16)
+    launches = fake_gpu(monkeypatch)
+    assert (kernels.moe_block(mlp, x) is not None) is fused
+    assert kernels.attention_decode_ok(attn, x) is fused
+    assert bool(launches) is fused
