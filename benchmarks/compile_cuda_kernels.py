@@ -40,18 +40,18 @@ CASES = [
     ("route", [F] * 3, [F, "u32"], dict(LT=F, H=64, E=128, K=3)),
     ("norm_route", [B] * 4 + [F], [B, F, "u32"], dict(T=B, LT=B, H=2880, E=32, K=4)),
     ("norm_route", [F] * 5, [F, F, "u32"], dict(T=F, LT=F, H=64, E=128, K=3)),
-    ("gate_up_swiglu", [B, "u32", "u32", "u8", B, F], [B], dict(T=B, H=2880, I=2880, K=4, NC=3, COLS=2)),
+    ("gate_up_swiglu", [B, "u32", "u32", "u8", B, F], [B], dict(T=B, H=2880, I=2880, K=4, NC=3, COLS=1)),
     (
         "down_combine",
         [B, "u32", F, "u32", "u8", B, B],
         [B],
         dict(T=B, H=2880, HP=2944, I=2880, K=4, NC=3, ROWS=8),
     ),
-    ("sdpa_decode", [B] * 4 + [F], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
-    ("sdpa_decode", [F] * 5, [F, F], dict(T=F, D=16, G=2, WINDOW=128)),
+    ("sdpa_decode", [B] * 4 + [F, "i32"], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
+    ("sdpa_decode", [F] * 5 + ["i32"], [F, F], dict(T=F, D=16, G=2, WINDOW=128)),
     ("sdpa_combine", [F, B], [B], dict(T=B, D=64)),
     ("norm_qkv_rope", [B] * 4 + [F, "i32", F], [B] * 3, dict(T=B, H=2880, D=64, HQ=64, HKV=8, NC=12, PW=4)),
-    ("out_residual", [B] * 4, [B], dict(T=B, H=2880, IN=4096, NC=16, RW=8)),
+    ("out_residual", [B] * 4, [B], dict(T=B, H=2880, IN=4096, NC=16, RW=4)),
 ]
 
 

@@ -21,6 +21,11 @@ for stage in $STAGES; do
     sweep) timeout 150 python3 benchmarks/profile_decode.py --layers 2 --sweep --json $OUT/sweep.json 2>&1 | tee -a $OUT/run.log ;;
     profile) timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/profile_decode.py --depths ${DEPTHS:-128,32768} \
              --json $OUT/profile.json 2>&1 | tee -a $OUT/run.log ;;
+    probe) timeout ${PROBE_TIMEOUT:-200} python3 benchmarks/compile_probe.py --keys ${KEYS:-256} \
+             --json $OUT/probe.json 2>&1 | tee -a $OUT/run.log ;;
+    ncu) timeout ${NCU_TIMEOUT:-400} ncu --cache-control all --clock-control none -k regex:oss_ \
+             --metrics gpu__time_duration.sum --csv python3 benchmarks/ncu_sweep.py > $OUT/ncu.csv 2> $OUT/ncu.err
+         python3 benchmarks/ncu_sweep.py --summarize $OUT/ncu.csv | tee -a $OUT/run.log ;;
     envs) for v in MLX_X=0 MLX_MAX_OPS_PER_BUFFER=50 MLX_MAX_OPS_PER_BUFFER=200 MLX_USE_CUDA_GRAPHS=0; do
             env $v timeout 100 python3 benchmarks/profile_decode.py --depths 128 2>&1 | tee -a $OUT/run.log
           done ;;

@@ -178,7 +178,9 @@ def kernel_sweep(model) -> dict:
             kernels.SDPA_KEYS_PER_SPLIT = kps
             record(
                 f"sdpa_decode S={S} keys/split={kps}",
-                _time_us(lambda q=q, k=k: kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None)),
+                _time_us(
+                    lambda q=q, k=k, p=S - 1: kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None, p)
+                ),
                 f"kv{S}",
             )
     for name, value in chosen.items():

@@ -16,16 +16,19 @@
 //   memory. With one split the block finishes the softmax itself, starting from the sink (the sink
 //   joins the denominator and has no value); with several it writes (o, m, l) partials that
 //   sdpa_combine merges.
-//   Keys attended: the last WINDOW of the S given (all when WINDOW = 0) - the caches hand out
-//   exactly what a decode query may see, so WINDOW only guards longer inputs.
+//   Keys attended: the first min(S, pos + 1) of the S given, the query's position pos read from
+//   memory (so one compiled decode step serves every position: k, v may be a cache buffer whose
+//   later slots are unwritten, or a window layer's ring, where order does not matter), of those the
+//   last WINDOW (all when WINDOW = 0; the caches hand out only what a query may see, so WINDOW only
+//   guards longer inputs).
 //   inputs  q [B, Hq, D] (contiguous), k, v [B, Hkv, S, D] (any strides: a cache buffer's view),
-//           sinks [Hq] (any float), scale_log2 [1] float32 (scale * log2 e)
+//           sinks [Hq] (any float), scale_log2 [1] float32 (scale * log2 e), pos [1] int32
 //   outputs out [B, Hq, D] (T), part [B, Hq, nsplit, D + 2] float32 (only when nsplit > 1)
 //   template T, D (D / 8 a power of two <= 32), G (<= 16, G * D <= 512), WINDOW
 //   grid (128 * nsplit, B * Hkv, 1), threadgroup (128, 1, 1)
 //
 // sdpa_combine: o[b, h] = sum_i 2^(m_i - M) o_i / (sum_i 2^(m_i - M) l_i + 2^(sink - M)).
-//   inputs  part [B, Hq, nsplit, D + 2] float32, sinks [Hq] (any float)
+//   inputs  part [B, Hq, nsplit <= 256, D + 2] float32, sinks [Hq] (any float)
 //   outputs out [B, Hq, D] (T)
 //   template T, D
 //   grid (D * B * Hq, 1, 1), threadgroup (D, 1, 1)
@@ -42,7 +45,7 @@
   const int split = blockIdx.x, nsplit = gridDim.x;
   const int Hkv = k_shape[1];
   const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
-  const int S = k_shape[2];
+  const int S = min((int)k_shape[2], pos[0] + 1);  // keys written so far (a buffer may be longer)
   const int lo = (WINDOW > 0 && S > WINDOW) ? S - WINDOW : 0;
   const int chunk = (S - lo + nsplit - 1) / nsplit;
   const int s0 = lo + split * chunk;
@@ -186,17 +189,43 @@
     }
   }
 // @@kernel sdpa_combine
+  // The splits' (m, l) first, all loaded at once (a loop carrying the running maximum through its
+  // loads waited one round trip per split), then maxima and sums by tree over the block.
+  OSS_SHARED float cm[256];
+  OSS_SHARED float cl[256];
+  OSS_SHARED float red[D];
   const int bh = blockIdx.x, d = threadIdx.x;
   const int nsplit = part_shape[2];
   const int Hq = part_shape[1];
   const float* pp = part + (long long)bh * nsplit * (D + 2);
   const float sk = to_f(sinks[bh % Hq]) * OSS_LOG2E;
-  float M = sk;
-  for (int i = 0; i < nsplit; ++i) M = fmaxf(M, pp[i * (D + 2) + D]);
-  float L = fast_exp2(sk - M), O = 0.f;
-  for (int i = 0; i < nsplit; ++i) {
-    const float c = fast_exp2(pp[i * (D + 2) + D] - M);
-    L = fmaf(pp[i * (D + 2) + D + 1], c, L);
-    O = fmaf(pp[i * (D + 2) + d], c, O);
+  float mx_ = sk;
+  for (int i = d; i < nsplit; i += D) {
+    cm[i] = pp[i * (D + 2) + D];
+    cl[i] = pp[i * (D + 2) + D + 1];
+    mx_ = fmaxf(mx_, cm[i]);
   }
+  red[d] = mx_;
+  OSS_BARRIER();
+  for (int s = D / 2; s > 0; s >>= 1) {
+    if (d < s) red[d] = fmaxf(red[d], red[d + s]);
+    OSS_BARRIER();
+  }
+  const float M = red[0];
+  OSS_BARRIER();
+  float lsum = 0.f;
+  for (int i = d; i < nsplit; i += D) {
+    cm[i] = fast_exp2(cm[i] - M);  // now the split's weight
+    lsum = fmaf(cl[i], cm[i], lsum);
+  }
+  red[d] = lsum;
+  OSS_BARRIER();
+  for (int s = D / 2; s > 0; s >>= 1) {
+    if (d < s) red[d] += red[d + s];
+    OSS_BARRIER();
+  }
+  const float L = red[0] + fast_exp2(sk - M);
+  float O = 0.f;
+#pragma unroll 8
+  for (int i = 0; i < nsplit; ++i) O = fmaf(pp[i * (D + 2) + d], cm[i], O);
   out[(long long)bh * D + d] = from_f<T>(O / L);

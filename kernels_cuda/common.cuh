@@ -140,3 +140,63 @@ OSS_DEV void dot2_rows(const W* r0, const W* r1, float (*xr)[8], int lane, float
 template <int NC, int NCH> OSS_DEV void load_chunks_tg(const float* v, int lane, float (*xr)[8]) {
   load_chunks<NC, NCH>(v, lane, xr);
 }
+
+// ---- RMSNorm of one row into shared memory ------------------------------------------------
+// hs[i] = round_T(x[i] * rsqrt(mean(x^2) + eps) * nw[i]) in float32, by the NT threads of a block.
+// Each thread takes the 8-element chunks tid, tid + NT, ... of x and nw with 16-byte loads, all
+// issued before the reduction: a loop that stores between its loads (the first versions wrote each
+// element out as it went) waits one memory round trip per iteration. Ends with a barrier.
+template <typename T, int H, int NT, typename X, typename W>
+OSS_DEV void rms_norm_to_shared(const X* x, const W* nw, float eps, float* hs, float* red, int tid) {
+  constexpr int NCH = H / 8, CPT = (NCH + NT - 1) / NT;
+  float xv[CPT][8], wv[CPT][8];
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) {
+    const int ch = tid + NT * c;
+    if (ch < NCH) {
+      load8(x + 8 * ch, xv[c]);
+      load8(nw + 8 * ch, wv[c]);
+    }
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) {
+    if (tid + NT * c < NCH) {
+#pragma unroll
+      for (int t = 0; t < 8; ++t) ss = fmaf(xv[c][t], xv[c][t], ss);
+    }
+  }
+  ss = warp_sum(ss);
+  if ((tid & 31) == 0) red[tid >> 5] = ss;
+  OSS_BARRIER();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < NT / 32; ++i) total += red[i];
+  const float r = rsqrtf(total / H + eps);
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) {
+    const int ch = tid + NT * c;
+    if (ch < NCH) {
+#pragma unroll
+      for (int t = 0; t < 8; ++t) hs[8 * ch + t] = round_to<T>(xv[c][t] * r * wv[c][t]);
+    }
+  }
+  OSS_BARRIER();
+}
+// One row of W (NCH 8-element chunks) against a vector in shared memory: lane l takes the chunks
+// l, l + 32, ... (all loads issued together), summed over the warp (every lane gets the sum).
+template <int NCH, typename W> OSS_DEV float dot_row_shared(const W* row, const float* v, int lane) {
+  constexpr int NC = (NCH + 31) / 32;
+  float acc = 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int ch = lane + 32 * c;
+    if (ch < NCH) {
+      float wv[8];
+      load8(row + 8 * ch, wv);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) acc = fmaf(v[8 * ch + t], wv[t], acc);
+    }
+  }
+  return warp_sum(acc);
+}

@@ -32,22 +32,7 @@
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n = blockIdx.y;
   // Every block normalises x itself: H values are cheaper to re-read than a launch to share.
-  float ss = 0.f;
-  for (int c = tid; c < NCH; c += 128) {
-    float xv[8];
-    load8(x + (long long)n * H + 8 * c, xv);
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-      xs[8 * c + t] = xv[t];
-      ss = fmaf(xv[t], xv[t], ss);
-    }
-  }
-  ss = warp_sum(ss);
-  if (lane == 0) red[warp] = ss;
-  OSS_BARRIER();
-  const float inv = rsqrtf((red[0] + red[1] + red[2] + red[3]) / H + consts[0]);
-  for (int i = tid; i < H; i += 128) xs[i] = round_to<T>(xs[i] * inv * to_f(nw[i]));
-  OSS_BARRIER();
+  rms_norm_to_shared<T, H, 128>(x + (long long)n * H, nw, consts[0], xs, red, tid);
   float xr[NC][8];
   load_chunks_tg<NC, NCH>(xs, lane, xr);
 

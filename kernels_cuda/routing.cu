@@ -12,10 +12,12 @@
 // norm_route: the MoE block's RMSNorm fused in front of route: h = round_T(x * rsqrt(mean(x^2) + eps)
 // * nw) (float32 math, as the reference's float32 rms_norm), written out for the experts, then the
 // logits of h as in route.
+//   512 threads: the norm's loads are issued together (rms_norm_to_shared), then each warp takes
+//   two router rows at once; with one block per token, the single block's round trips are the cost.
 //   inputs  x [N, H], nw [H], w [E, H], b [E], eps [1] float32
 //   outputs h [N, H] (T), wts [N, K] float32 (descending logit order), ids [N, K] uint32
 //   template T, LT (logits dtype), H (<= 7680: the row is staged in 32 KB of threadgroup memory), E (<= 256), K (<= E, <= 8)
-//   grid (256 * N, 1, 1), threadgroup (256, 1, 1)
+//   grid (512 * N, 1, 1), threadgroup (512, 1, 1)
 // Warp 0 of both kernels: the K largest of logits[0, E) (ties: the lower index), by K rounds of a
 // warp arg-max, then the softmax over them; token n's weights and ids written in descending order.
 template <int E, int K>
@@ -83,41 +85,23 @@ OSS_DEV void top_k_softmax(const float* logits, int lane, int n, float* wts, uin
   OSS_BARRIER();
   if (warp == 0) top_k_softmax<E, K>(logits, lane, n, wts, ids);
 // @@kernel norm_route
+  constexpr int NT = 512, NWARP = NT / 32;
   OSS_SHARED float logits[E];
-  OSS_SHARED float red[8];
-  OSS_SHARED float hs[H];
+  OSS_SHARED float red[NWARP];
+  OSS_SHARED OSS_ALIGN16 float hs[H];
   const int n = blockIdx.x, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
-  const auto* xr = x + (long long)n * H;
-  float ss = 0.f;
-  for (int i = tid; i < H; i += 256) {
-    const float v = to_f(xr[i]);
-    ss = fmaf(v, v, ss);
-  }
-  ss = warp_sum(ss);
-  if (lane == 0) red[warp] = ss;
-  OSS_BARRIER();
-  float tot = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) tot += red[i];
-  const float r = rsqrtf(tot / H + eps[0]);
-  for (int i = tid; i < H; i += 256) {
-    const float v = round_to<T>(to_f(xr[i]) * r * to_f(nw[i]));
-    hs[i] = v;
-    h[(long long)n * H + i] = from_f<T>(v);
-  }
-  OSS_BARRIER();
-  for (int e = warp; e < E; e += 8) {
-    const auto* wr = w + (long long)e * H;
-    float acc = 0.f;
-    for (int i = lane * 8; i < H; i += 256) {
-      float wv[8];
-      load8(wr + i, wv);
-#pragma unroll
-      for (int t = 0; t < 8; ++t) acc = fmaf(hs[i + t], wv[t], acc);
+  rms_norm_to_shared<T, H, NT>(x + (long long)n * H, nw, eps[0], hs, red, tid);
+  // Two router rows a warp at a time (E = 32: every row in one round trip).
+  for (int e = warp; e < E; e += 2 * NWARP) {
+    const int e2 = min(e + NWARP, E - 1);
+    const float a = dot_row_shared<H / 8>(w + (long long)e * H, hs, lane);
+    const float a2 = dot_row_shared<H / 8>(w + (long long)e2 * H, hs, lane);
+    if (lane == 0) {
+      logits[e] = round_to<LT>(a + to_f(b[e]));
+      if (e + NWARP < E) logits[e2] = round_to<LT>(a2 + to_f(b[e2]));
     }
-    acc = warp_sum(acc);
-    if (lane == 0) logits[e] = round_to<LT>(acc + to_f(b[e]));
   }
+  for (int i = tid; i < H; i += NT) h[(long long)n * H + i] = from_f<T>(hs[i]);
   OSS_BARRIER();
   if (warp == 0) top_k_softmax<E, K>(logits, lane, n, wts, ids);

@@ -127,3 +127,57 @@ OSS_DEV void dot2_rows(
   a0 = warp_sum(a0);
   a1 = warp_sum(a1);
 }
+
+// ---- RMSNorm of one row into threadgroup memory -------------------------------------------
+// hs[i] = round_T(x[i] * rsqrt(mean(x^2) + eps) * nw[i]) in float32, by the NT threads of a threadgroup.
+// Each thread takes the 8-element chunks tid, tid + NT, ... of x and nw with 16-byte loads, all
+// issued before the reduction: a loop that stores between its loads (the first versions wrote each
+// element out as it went) waits one memory round trip per iteration. Ends with a barrier.
+template <typename T, int H, int NT, typename X, typename W>
+OSS_DEV void rms_norm_to_shared(
+    const device X* x, const device W* nw, float eps, threadgroup float* hs, threadgroup float* red, int tid) {
+  constexpr int NCH = H / 8, CPT = (NCH + NT - 1) / NT;
+  float xv[CPT][8], wv[CPT][8];
+  for (int c = 0; c < CPT; ++c) {
+    const int ch = tid + NT * c;
+    if (ch < NCH) {
+      load8(x + 8 * ch, xv[c]);
+      load8(nw + 8 * ch, wv[c]);
+    }
+  }
+  float ss = 0.f;
+  for (int c = 0; c < CPT; ++c) {
+    if (tid + NT * c < NCH) {
+      for (int t = 0; t < 8; ++t) ss = fma(xv[c][t], xv[c][t], ss);
+    }
+  }
+  ss = warp_sum(ss);
+  if ((tid & 31) == 0) red[tid >> 5] = ss;
+  OSS_BARRIER();
+  float total = 0.f;
+  for (int i = 0; i < NT / 32; ++i) total += red[i];
+  const float r = metal::precise::rsqrt(total / H + eps);
+  for (int c = 0; c < CPT; ++c) {
+    const int ch = tid + NT * c;
+    if (ch < NCH) {
+      for (int t = 0; t < 8; ++t) hs[8 * ch + t] = round_to<T>(xv[c][t] * r * wv[c][t]);
+    }
+  }
+  OSS_BARRIER();
+}
+// One row of W (NCH 8-element chunks) against a vector in threadgroup memory: lane l takes the
+// chunks l, l + 32, ... (all loads issued together), summed over the simdgroup (every lane gets it).
+template <int NCH, typename W>
+OSS_DEV float dot_row_shared(const device W* row, const threadgroup float* v, int lane) {
+  constexpr int NC = (NCH + 31) / 32;
+  float acc = 0.f;
+  for (int c = 0; c < NC; ++c) {
+    const int ch = lane + 32 * c;
+    if (ch < NCH) {
+      float wv[8];
+      load8(row + 8 * ch, wv);
+      for (int t = 0; t < 8; ++t) acc = fma(v[8 * ch + t], wv[t], acc);
+    }
+  }
+  return warp_sum(acc);
+}

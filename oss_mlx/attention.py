@@ -116,5 +116,34 @@ class AttentionBlock(nn.Module):
         q, k, v = kernels.norm_qkv_rope(self, x, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = kernels.sdpa_decode(q, k, v, self.sinks, self.scale, self.window)
+        o = kernels.sdpa_decode(q, k, v, self.sinks, self.scale, self.window, offset)
         return kernels.out_residual(o, self.out, x)
+
+    def step(
+        self, x: mx.array, pos: mx.array, keys: mx.array, values: mx.array
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """One token per sequence, x [B, 1, H], at position `pos` (int32 [1]), with the cache as
+        fixed-shape buffers [B, Hkv, S, D] (cache.py `decode_state`: a full layer's buffer, a window
+        layer's ring of `window` slots, position p in slot p % window): writes the new key and value
+        in place and attends the slots written so far. Pure, for the compiled decode step (decode.py);
+        returns (x + attention, keys, values)."""
+        slot = pos % self.window if self.window is not None else pos
+        if kernels.attention_decode_ok(self, x):
+            q, k, v = kernels.norm_qkv_rope(self, x, pos)
+            keys = mx.slice_update(keys, k, slot, axes=(2,))
+            values = mx.slice_update(values, v, slot, axes=(2,))
+            o = kernels.sdpa_decode(q, keys, values, self.sinks, self.scale, self.window, pos)
+            return kernels.out_residual(o, self.out, x), keys, values
+        B, _, _ = x.shape
+        D, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = self.qkv(self.norm(x))
+        q = qkv[..., : hq * D].reshape(B, 1, hq, D).transpose(0, 2, 1, 3)
+        k = qkv[..., hq * D : (hq + hkv) * D].reshape(B, 1, hkv, D).transpose(0, 2, 1, 3)
+        v = qkv[..., (hq + hkv) * D :].reshape(B, 1, hkv, D).transpose(0, 2, 1, 3)
+        offset = pos.reshape(())
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        keys = mx.slice_update(keys, k.astype(keys.dtype), slot, axes=(2,))
+        values = mx.slice_update(values, v.astype(values.dtype), slot, axes=(2,))
+        written = mx.arange(keys.shape[2]) <= pos  # a ring's slots are all written once pos >= window - 1
+        o = kernels.sdpa_reference(q, keys, values, self.sinks, self.scale, written)
+        return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, 1, hq * D)), keys, values

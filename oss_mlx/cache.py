@@ -44,6 +44,30 @@ class FullCache:
         self.offset = start + t
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    # A compiled decode step is traced once per buffer shape: the buffer grows by this many positions
+    # ahead of decoding (one retrace per 1,024 tokens decoded).
+    decode_step = 1024
+
+    def decode_state(self, like: mx.array) -> tuple[mx.array, mx.array]:
+        """The whole buffer for a decode step at position `offset`, grown first if it is full (the
+        decode attention reads positions [0, offset] of it; the rest is never read)."""
+        if self.keys is None or self.offset + 1 > self.keys.shape[2]:
+            grow = max(self.decode_step, self.offset + 1 - (0 if self.keys is None else self.keys.shape[2]))
+            grow = -(-grow // self.decode_step) * self.decode_step
+            shape = (*like.shape[:2], grow, like.shape[3])
+            new_k, new_v = mx.zeros(shape, like.dtype), mx.zeros(shape, like.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys, new_k], axis=2)
+                self.values = mx.concatenate([self.values, new_v], axis=2)
+        return self.keys, self.values
+
+    def commit_decode(self, keys: mx.array, values: mx.array) -> None:
+        """Take the buffer a decode step wrote position `offset` into."""
+        self.keys, self.values = keys, values
+        self.offset += 1
+
     def mark(self) -> None:
         pass  # every offset can be returned to by trimming
 
@@ -63,79 +87,112 @@ class FullCache:
 
 
 class WindowCache:
-    """The last `window - 1` keys and values of a sliding-window layer, plus marks."""
+    """A sliding-window layer's keys and values in a ring of `window` slots, plus marks.
 
-    # A mark costs (window - 1) keys and values per sliding layer (~3 MB for the 20b); a chat marks
-    # a few places per turn, so only the most recent ones are kept (older turns re-prefill).
+    Position p lives in slot p % window: a decode step writes one slot in place (a fixed shape, which
+    the compiled decode step needs) and the decode kernel attends every filled slot, as attention
+    does not depend on the keys' order. Positions [lo, offset) are held; a query at q needs
+    [q - window + 1, q], so rewinding to t needs lo <= max(0, t - window + 1): the last decode step can
+    always be undone.
+    """
+
+    # A mark costs a ring of keys and values per sliding layer (~3 MB for the 20b); a chat marks a few
+    # places per turn, so only the most recent ones are kept (older turns re-prefill).
     max_marks = 24
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.keys: mx.array | None = None  # [B, H, n, D], n <= window - 1 between calls
+        self.keys: mx.array | None = None  # [B, H, window, D] ring
         self.values: mx.array | None = None
         self.offset = 0
-        self._marks: dict[int, tuple[mx.array | None, mx.array | None]] = {}
-        self._before_last: tuple[int, mx.array | None, mx.array | None] = (0, None, None)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Return the kept keys followed by the new ones; the caller masks by position."""
-        self._before_last = (self.offset, self.keys, self.values)
-        if self.keys is None:
-            all_k, all_v = keys, values
-        else:
-            all_k = mx.concatenate([self.keys, keys], axis=2)
-            all_v = mx.concatenate([self.values, values], axis=2)
-        self.offset += keys.shape[2]
-        keep = self.window - 1
-        self.keys, self.values = all_k[..., -keep:, :], all_v[..., -keep:, :]
-        return all_k, all_v
+        self.lo = 0  # oldest position still held
+        self._marks: dict[int, tuple[int, mx.array | None, mx.array | None]] = {}
+        self._before_last: tuple[int, int, mx.array | None, mx.array | None] = (0, 0, None, None)
 
     def kept(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        """Keys a future query can still see: at most window - 1."""
+        return min(self.offset - self.lo, self.window - 1)
+
+    def _ordered(self) -> tuple[mx.array, mx.array] | None:
+        """The kept keys and values in position order (None when there are none)."""
+        n = self.kept()
+        if n == 0 or self.keys is None:
+            return None
+        slots = mx.array([p % self.window for p in range(self.offset - n, self.offset)], dtype=mx.uint32)
+        return mx.take(self.keys, slots, axis=2), mx.take(self.values, slots, axis=2)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Return the kept keys followed by the new ones, in order; the caller masks by position."""
+        self._before_last = (self.offset, self.lo, self.keys, self.values)
+        kept = self._ordered()
+        all_k, all_v = (
+            (keys, values)
+            if kept is None
+            else (
+                mx.concatenate([kept[0], keys], axis=2),
+                mx.concatenate([kept[1], values], axis=2),
+            )
+        )
+        end = self.offset + keys.shape[2]
+        n = min(self.window, all_k.shape[2])
+        first = end - n  # the ring holds positions [first, end)
+        tail_k, tail_v = all_k[..., -n:, :], all_v[..., -n:, :]
+        if n == self.window:
+            shift = first % self.window
+            self.keys, self.values = mx.roll(tail_k, shift, axis=2), mx.roll(tail_v, shift, axis=2)
+        else:  # fewer positions than slots: first == 0, slot p holds position p
+            pad = [(0, 0), (0, 0), (0, self.window - n), (0, 0)]
+            self.keys, self.values = mx.pad(tail_k, pad), mx.pad(tail_v, pad)
+        self.offset, self.lo = end, first
+        return all_k, all_v
+
+    def decode_state(self, like: mx.array) -> tuple[mx.array, mx.array]:
+        """The ring for a decode step (allocated on first use, shaped like `like` [B, H, 1, D])."""
+        if self.keys is None:
+            shape = (*like.shape[:2], self.window, like.shape[3])
+            self.keys, self.values = mx.zeros(shape, like.dtype), mx.zeros(shape, like.dtype)
+        return self.keys, self.values
+
+    def commit_decode(self, keys: mx.array, values: mx.array) -> None:
+        """Take the ring a decode step wrote position `offset` into."""
+        self.keys, self.values = keys, values
+        self.offset += 1
+        self.lo = max(self.lo, self.offset - self.window)
 
     def mark(self) -> None:
-        self._marks[self.offset] = (self.keys, self.values)
+        self._marks[self.offset] = (self.lo, self.keys, self.values)
         while len(self._marks) > self.max_marks:
             del self._marks[min(self._marks)]
 
     def can_rewind_to(self, offset: int) -> bool:
         if offset in self._marks or offset in (0, self.offset, self._before_last[0]):
             return True
-        # The kept keys cover positions [offset - kept, offset); rewinding needs the last
-        # min(target, window - 1) of them before the target.
-        first = self.offset - self.kept()
-        return 0 <= offset <= self.offset and offset - min(offset, self.window - 1) >= first
+        return 0 <= offset <= self.offset and self.lo <= max(0, offset - self.window + 1)
 
     def rewind_to(self, offset: int) -> None:
         if offset == self.offset:
             return
         if offset in self._marks:
-            self.keys, self.values = self._marks[offset]
+            self.lo, self.keys, self.values = self._marks[offset]
         elif offset == 0:
             self.keys = self.values = None
+            self.lo = 0
         elif offset == self._before_last[0]:
-            _, self.keys, self.values = self._before_last
-        elif self.can_rewind_to(offset):
-            cut = self.offset - offset
-            self.keys, self.values = (
-                self.keys[..., : self.kept() - cut, :],
-                self.values[..., : self.kept() - cut, :],
-            )
-            if self.kept() == 0:
-                self.keys = self.values = None
-        else:
+            _, self.lo, self.keys, self.values = self._before_last
+        elif not self.can_rewind_to(offset):
             raise CacheRewindError(
                 f"sliding-window cache at {self.offset} has no mark at {offset} "
                 f"(marks: {sorted(self._marks)}); call mark() at turn boundaries"
             )
+        # else: the ring still holds [lo, offset); slots past it are overwritten before being read
         self.offset = offset
         self._marks = {k: v for k, v in self._marks.items() if k <= offset}
-        self._before_last = (offset, self.keys, self.values)
+        self._before_last = (offset, self.lo, self.keys, self.values)
 
     @property
     def nbytes(self) -> int:
         own = 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-        marks = sum(k.nbytes + v.nbytes for k, v in self._marks.values() if k is not None)
+        marks = sum(k.nbytes + v.nbytes for _, k, v in self._marks.values() if k is not None)
         return own + marks
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import ModelCache
+from .decode import DecodeStep
 from .model import Transformer
 
 # Prefill in chunks: bounded activation memory for long prompts, same logits (tested).
@@ -101,6 +102,15 @@ def prefill(
     return logits[:, -1, :]
 
 
+def decode_step(model: Transformer) -> DecodeStep:
+    """The model's decode step, made once: its compiled traces are kept with it across requests."""
+    step = getattr(model, "_decode_step", None)
+    if step is None:
+        step = DecodeStep(model)
+        model._decode_step = step  # a plain attribute (not an array): not a parameter
+    return step
+
+
 def generate_tokens(
     model: Transformer,
     new_tokens: list[int],
@@ -113,7 +123,8 @@ def generate_tokens(
 ) -> Iterator[int]:
     """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens.
 
-    Decoding is pipelined: step n+1 is queued before token n reaches Python. A stop token is
+    Decoding is pipelined: step n+1 is queued before token n reaches Python; each step is the
+    model's compiled decode step (decode.py). A stop token is
     therefore fed to the cache too; callers read `cache.offset` to know what the cache holds.
     prefill_step: the prefill chunk; default the model's (`load` picks it for the machine's memory).
     """
@@ -134,10 +145,11 @@ def generate_tokens(
     token = sample(prefill(model, new_tokens, cache, step=step, mark_at=mark_at))
     mx.eval(token)
     stats.prompt_seconds = time.perf_counter() - start
+    decode = decode_step(model)
     start = time.perf_counter()
     for n in range(options.max_tokens):
         if n + 1 < options.max_tokens:
-            next_token = sample(model(token[:, None], cache=cache)[:, -1, :])
+            next_token = sample(decode(token[:, None], cache)[:, -1, :])
             mx.async_eval(next_token)
         value = token.item()
         if n == 0:

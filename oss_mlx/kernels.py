@@ -48,18 +48,21 @@ _HEADER = {"metal": "common.h", "cuda": "common.cuh"}
 # Fused MoE decode while N * k stays under this (the reference switches to sorted gather_qmm there).
 MOE_MAX_SLOTS = 64
 # Largest hidden size for the kernels that stage a whole row in threadgroup memory (norm_route,
-# norm_qkv_rope): Apple GPUs give a threadgroup 32 KB, i.e. 4 H + the router's 4 E (E <= 256) + 32.
+# norm_qkv_rope): Apple GPUs give a threadgroup 32 KB, i.e. 4 H + the router's 4 E (E <= 256) + 64.
 KERNEL_MAX_HIDDEN = 7680
-# Keys per block of sdpa_decode before the keys are split over more blocks (flash-decoding).
-SDPA_KEYS_PER_SPLIT = 1024  # swept on the H200: 32k keys 50.6 µs (256: 74.3 µs), docs/KERNELS.md
-SDPA_MAX_SPLITS = 256
+# sdpa_decode splits the keys over blocks (flash-decoding) in at least this many keys each, and into
+# at most SDPA_MAX_SPLITS: 2k keys go in 8 blocks, 8k and more in 32.
+SDPA_KEYS_PER_SPLIT = 256
+SDPA_MAX_SPLITS = 32
 # Work per warp of the GEMV kernels (each warp holds its input vector in registers and reads whole
 # weight rows): more rows per warp reuse the vector more and keep more loads in flight; fewer make
-# more blocks. Measured on the GPU machine (benchmarks/profile_decode.py --sweep).
-MOE_COLS_PER_WARP = 2  # gate_up_swiglu: SwiGLU columns (2 weight rows each)
+# more blocks. Chosen by GPU time per kernel (benchmarks/ncu_sweep.py under Nsight Compute, cold caches,
+# H200): timing launches from Python measured the ~5 µs host cost of a launch instead, and had chosen
+# out_residual RW = 8 (16.6 µs on the card; RW = 4: 9.0) and gate_up COLS = 2 (41.5; COLS = 1: 34.5).
+MOE_COLS_PER_WARP = 1  # gate_up_swiglu: SwiGLU columns (2 weight rows each)
 MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert each)
 QKV_PAIRS_PER_WARP = 4  # norm_qkv_rope: RoPE pairs (2 weight rows each)
-OUT_ROWS_PER_WARP = 8  # out_residual (even)
+OUT_ROWS_PER_WARP = 4  # out_residual (even)
 
 
 # ---- backend --------------------------------------------------------------------------------------
@@ -263,7 +266,7 @@ SPECS = {
         KernelSpec(
             "sdpa_decode",
             "attention",
-            ("q", "k", "v", "sinks", "scale_log2"),
+            ("q", "k", "v", "sinks", "scale_log2", "pos"),
             ("out", "part"),
             row_contiguous=False,
         ),
@@ -430,8 +433,8 @@ def moe_block(block, x: mx.array) -> mx.array | None:
             ("E", router.weight.shape[0]),
             ("K", k),
         ],
-        (256 * N, 1, 1),
-        (256, 1, 1),
+        (512 * N, 1, 1),
+        (512, 1, 1),
         [(N, H), (N * k,), (N * k,)],
         [x.dtype, mx.float32, mx.uint32],
     )
@@ -585,7 +588,7 @@ def sdpa(q, k, v, sinks, scale: float, mask, window: int | None = None) -> mx.ar
         if window is not None and S > window and T == 1 and mask is None:
             k, v = k[..., -window:, :], v[..., -window:, :]
         return sdpa_reference(q, k, v, sinks, scale, mask)
-    out = sdpa_decode(mx.contiguous(q.reshape(B, Hq, D)), k, v, sinks, scale, window)
+    out = sdpa_decode(mx.contiguous(q.reshape(B, Hq, D)), k, v, sinks, scale, window, S - 1)
     return out.reshape(B, Hq, 1, D)
 
 
@@ -604,9 +607,21 @@ def _sdpa_heads_ok(D: int, hq: int, hkv: int) -> bool:
     )
 
 
-def sdpa_decode(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, window: int | None):
+def sdpa_decode(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    sinks: mx.array,
+    scale: float,
+    window: int | None,
+    pos: int | mx.array,
+) -> mx.array:
     """The decode kernel itself: q [B, Hq, D] row-contiguous -> out [B, 1, Hq * D] (the layout the
-    output projection reads, so no transpose follows). Callers have checked the shapes (sdpa does)."""
+    output projection reads, so no transpose follows). Callers have checked the shapes (sdpa does).
+
+    The query sits at position `pos` (an int, or an int32 [1] array inside a compiled step): keys
+    [0, min(S, pos + 1)) of k and v are attended (the last `window` of them), so k and v may be a
+    whole cache buffer or ring (cache.py) whose later slots are not filled yet."""
     B, Hq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     attended = min(S, window) if window else S
@@ -614,7 +629,7 @@ def sdpa_decode(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: f
     part_shape = (B, Hq, nsplit, D + 2) if nsplit > 1 else (1,)
     out, part = _launch(
         "sdpa_decode",
-        [q, k, v, sinks, _const(scale * math.log2(math.e))],
+        [q, k, v, sinks, _const(scale * math.log2(math.e)), _as_position(pos)],
         [("T", q.dtype), ("D", D), ("G", Hq // Hkv), ("WINDOW", int(window or 0))],
         (128 * nsplit, B * Hkv, 1),
         (128, 1, 1),
@@ -676,9 +691,14 @@ def _position_array(offset: int) -> mx.array:
     return _position[1]
 
 
-def norm_qkv_rope(block, x: mx.array, offset: int) -> tuple[mx.array, mx.array, mx.array]:
-    """x [B, 1, H] at position `offset` -> q [B, Hq, D], k and v [B, Hkv, 1, D]: the attention's
-    RMSNorm, qkv projection, YaRN concentration and RoPE in one kernel (attention_decode_ok first)."""
+def _as_position(pos: int | mx.array) -> mx.array:
+    return pos if isinstance(pos, mx.array) else _position_array(pos)
+
+
+def norm_qkv_rope(block, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """x [B, 1, H] at position `offset` (an int, or an int32 [1] array) -> q [B, Hq, D], k and v
+    [B, Hkv, 1, D]: the attention's RMSNorm, qkv projection, YaRN concentration and RoPE in one kernel
+    (attention_decode_ok first)."""
     B, _, H = x.shape
     D, hq, hkv = block.head_dim, block.num_heads, block.num_kv_heads
     pw = QKV_PAIRS_PER_WARP
@@ -690,7 +710,7 @@ def norm_qkv_rope(block, x: mx.array, offset: int) -> tuple[mx.array, mx.array, 
             block.qkv.weight,
             block.qkv.bias,
             block.rope.wavelengths,
-            _position_array(offset),
+            _as_position(offset),
             _const(block.norm.eps, block.rope.concentration),
         ],
         [("T", x.dtype), ("H", H), ("D", D), ("HQ", hq), ("HKV", hkv), ("NC", -(-H // 256)), ("PW", pw)],

@@ -56,6 +56,20 @@ class Transformer(nn.Module):
                 x = block(x, masks[block.attn.window], c)
         return self.unembedding(self.norm(x))
 
+    def decode(
+        self, tokens: mx.array, pos: mx.array, kv: list[tuple[mx.array, mx.array]]
+    ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        """tokens [B, 1] at position `pos` (int32 [1]) -> (logits [B, 1, vocab], the cache buffers
+        with this position written). Pure and shape-stable: decode.py compiles it once per buffer
+        shape; cache.py's `decode_state` / `commit_decode` hand the buffers in and take them back."""
+        x = self.embedding(tokens)
+        written = []
+        for block, (keys, values) in zip(self.blocks, kv):
+            x, keys, values = block.attn.step(x, pos, keys, values)
+            x = block.mlp(x)
+            written.append((keys, values))
+        return self.unembedding(self.norm(x)), written
+
     def _masks(self, T: int, cache: ModelCache | None) -> dict[int | None, mx.array | str | None]:
         """One mask per attention kind, shared by all layers of that kind."""
         masks: dict[int | None, mx.array | str | None] = {}

@@ -711,3 +711,29 @@ def test_rows_staged_in_threadgroup_memory_stop_at_the_apple_limit(monkeypatch, 
     assert (kernels.moe_block(mlp, x) is not None) is fused
     assert kernels.attention_decode_ok(attn, x) is fused
     assert bool(launches) is fused
+
+
+def test_compiled_decode_step_launches_with_the_gpu_faked(monkeypatch):
+    """The decode step of generation (decode.py, here uncompiled so the fakes see each call) runs
+    the same kernels on the fixed-shape buffers: the window layers' sdpa_decode reads the ring of
+    `window` slots, the full layers' the whole grown buffer (its splits follow the buffer, the kernel
+    reads the position to know how many keys are written)."""
+    from oss_mlx.cache import FullCache
+    from oss_mlx.decode import DecodeStep
+
+    model = _tiny_model(mx.bfloat16)  # window 16
+    cache = model.make_cache()
+    prompt = 300
+    mx.eval(model(mx.array([[i % 500 for i in range(prompt)]]), cache=cache))  # reference prefill
+    launches = fake_gpu(monkeypatch)
+    logits = DecodeStep(model, compile=False)(mx.array([[3]]), cache)
+    assert logits.shape == (1, 1, 512) and cache.offset == prompt + 1
+    full_len = [c.keys.shape[2] for c in cache if isinstance(c, FullCache)][0]
+    assert full_len >= prompt + 1
+    splits = max(1, min(kernels.SDPA_MAX_SPLITS, -(-full_len // kernels.SDPA_KEYS_PER_SPLIT)))
+    sdpa = [(t, g) for n, t, g, _ in launches if n == "sdpa_decode"]
+    assert [g for _, g in sdpa] == [
+        (128, 2, 1) if b.attn.window else (128 * splits, 2, 1) for b in model.blocks
+    ]
+    per_layer = 6 * len(model.blocks) + (splits > 1) * sum(b.attn.window is None for b in model.blocks)
+    assert len(launches) == per_layer

@@ -1,0 +1,63 @@
+"""The decode step: one token per sequence into the cache, compiled.
+
+Why compiled: at batch 1 a decode step is ~200 small kernels, and building that graph from Python
+took ~3.5 ms a step on the GPU machine (Python, MLX's bindings, each launch's arguments) - longer
+than the card needed to run it. `mx.compile` traces `Transformer.decode` once and replays the graph
+from C++ afterwards (0.5 ms measured, benchmarks/compile_probe.py). Tracing needs fixed shapes, so
+the step works on fixed-shape cache buffers (cache.py `decode_state`) and reads its position from
+an int32 array instead of Python; the full layers' buffers grow 1,024 positions at a time, so the
+step is traced again once per 1,024 tokens.
+
+Not compiled where a step has host work in it (expert streaming reads experts from disk as the
+router picks them) or `OSS_MLX_COMPILE=0`; the same pure function then runs eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from . import kernels
+from .cache import ModelCache
+from .model import Transformer
+
+ENV = "OSS_MLX_COMPILE"
+
+
+def compilable(model: Transformer) -> bool:
+    """False when the forward pass does host work (streamed experts or embedding rows)."""
+    from .streaming import StreamingEmbedding, StreamingExperts
+
+    if isinstance(model.embedding, StreamingEmbedding):
+        return False
+    return not any(isinstance(b.mlp.experts, StreamingExperts) for b in model.blocks)
+
+
+class DecodeStep:
+    """`step(tokens [B, 1], cache) -> logits [B, 1, vocab]`, advancing the cache by one position."""
+
+    def __init__(self, model: Transformer, compile: bool | None = None) -> None:
+        self.model = model
+        if compile is None:
+            compile = os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+        self.compiled = compile and compilable(model)
+        # A trace bakes in the kernel backend it saw (OSS_MLX_KERNELS, kernels.use_backend): one each.
+        self._fns: dict[str, object] = {}
+
+    def _fn(self):
+        backend = kernels.backend()
+        if backend not in self._fns:
+            self._fns[backend] = mx.compile(self.model.decode) if self.compiled else self.model.decode
+        return self._fns[backend]
+
+    def __call__(self, tokens: mx.array, cache: ModelCache) -> mx.array:
+        attn = self.model.blocks[0].attn
+        like = mx.zeros((tokens.shape[0], attn.num_kv_heads, 1, attn.head_dim), self.model.dtype)
+        state = [c.decode_state(like) for c in cache]
+        pos = mx.array([cache.offset], dtype=mx.int32)
+        logits, written = self._fn()(tokens, pos, state)
+        del state  # the old buffers are now referenced by the graph only: MLX writes them in place
+        for c, (keys, values) in zip(cache, written):
+            c.commit_decode(keys, values)
+        return logits

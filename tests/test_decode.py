@@ -1,0 +1,77 @@
+"""The decode step (decode.py): fixed-shape cache buffers, compiled, equal to the plain forward."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_cache import CFG, TOKENS, model  # noqa: F401  (the fixture)
+
+from oss_mlx.cache import FullCache
+from oss_mlx.decode import DecodeStep, compilable
+
+
+def plain_logits(model, tokens, steps_after: int):  # noqa: F811
+    """Prefill tokens[:-steps_after], then one plain forward per token: the logits of each step."""
+    cache = model.make_cache()
+    split = len(tokens) - steps_after
+    model(mx.array(tokens[None, :split]), cache=cache)
+    steps = range(split, len(tokens))
+    return [np.array(model(mx.array(tokens[None, i : i + 1]), cache=cache)) for i in steps]
+
+
+@pytest.mark.parametrize("compile", [True, False])
+@pytest.mark.parametrize("prompt", [1, 5, 30])
+def test_decode_step_equals_the_plain_forward(model, monkeypatch, compile, prompt):  # noqa: F811
+    """Across a window layer's ring wrapping several times and the full layers' buffers growing
+    (grown every 16 positions here, 1,024 in use): every step's logits equal the plain path's."""
+    monkeypatch.setattr(FullCache, "step", 8)  # prefill's own growth
+    monkeypatch.setattr(FullCache, "decode_step", 16)
+    steps = 40
+    tokens = TOKENS[: prompt + steps]
+    want = plain_logits(model, tokens, steps)
+    cache = model.make_cache()
+    model(mx.array(tokens[None, :prompt]), cache=cache)
+    step = DecodeStep(model, compile=compile)
+    assert step.compiled is compile
+    for i in range(steps):
+        got = np.array(step(mx.array(tokens[None, prompt + i : prompt + i + 1]), cache))
+        tol = 2e-5 * np.abs(want[i]).max()
+        np.testing.assert_allclose(got, want[i], rtol=0, atol=tol, err_msg=f"step {i}")
+    assert cache.offset == prompt + steps
+    prefilled = 8 * -(-prompt // 8)
+    grown = prefilled + 16 * -(-(prompt + steps - prefilled) // 16)  # in steps of 16, not per token
+    assert all(c.keys.shape[2] == grown for c in cache if isinstance(c, FullCache))
+
+
+def test_decoded_cache_rewinds_and_prefills_on(model):  # noqa: F811
+    """Decode steps leave a cache the rest of the runtime can use: undo the last step, rewind to a
+    mark past several window lengths, prefill and decode again - equal to a fresh forward."""
+    step = DecodeStep(model)
+    cache = model.make_cache()
+    model(mx.array(TOKENS[None, :12]), cache=cache)
+    cache.mark()
+    for i in range(12, 40):
+        step(mx.array(TOKENS[None, i : i + 1]), cache)
+    cache.rewind_to(39)  # undo the last step (an interrupted reply)
+    got = np.array(model(mx.array(TOKENS[None, 39:45]), cache=cache))
+    ref = np.array(model(mx.array(TOKENS[None, :45])))[:, 39:]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    cache.rewind_to(12)  # the mark: 33 positions back, 4 window lengths
+    other = (TOKENS[12:20] + 7) % CFG.vocab_size
+    model(mx.array(other[None, :-1]), cache=cache)
+    got = np.array(step(mx.array(other[None, -1:]), cache))
+    ref = np.array(model(mx.array(np.concatenate([TOKENS[:12], other])[None])))[:, -1:]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_streamed_models_are_not_compiled(model):  # noqa: F811
+    from oss_mlx.streaming import StreamingExperts
+
+    assert compilable(model)
+    before = model.blocks[0].mlp.experts
+    model.blocks[0].mlp.experts = StreamingExperts.__new__(StreamingExperts)
+    try:
+        assert not compilable(model) and not DecodeStep(model).compiled
+    finally:
+        model.blocks[0].mlp.experts = before
