@@ -32,6 +32,7 @@ import mlx.core as mx  # noqa: E402
 from oss_mlx import kernels  # noqa: E402
 from oss_mlx.attention import AttentionBlock  # noqa: E402
 from oss_mlx.bench import _prompt, preset_config, random_model  # noqa: E402
+from oss_mlx.decode import DecodeStep  # noqa: E402
 from oss_mlx.generation import prefill  # noqa: E402
 from oss_mlx.moe import MLPBlock  # noqa: E402
 
@@ -228,6 +229,17 @@ def main() -> int:
         row["primitives_per_step"] = count_primitives(logits)
         mx.eval(logits)
         row["pipelined_ms"] = pipelined(model, cache, token, args.steps)
+        # The decode step generation runs (decode.py): compiled, fixed-shape buffers. The first call
+        # after a growth of the buffers traces; timed apart.
+        step = DecodeStep(model)
+        t = time.perf_counter()
+        mx.eval(step(token, cache))
+        row["compiled_first_step_ms"] = 1000 * (time.perf_counter() - t)
+        as_model = lambda tk, cache, step=step: step(tk, cache)  # noqa: E731  (called as model(tk, cache=))
+        row["compiled_pipelined_ms"] = pipelined(as_model, cache, token, args.steps)
+        row["compiled_build_ms"], row["compiled_eval_ms"] = synchronous(
+            as_model, cache, token, args.steps // 2
+        )
         row["build_ms"], row["eval_ms"] = synchronous(model, cache, token, args.steps // 2)
         with identity(AttentionBlock):
             row["no_attention_ms"] = pipelined(model, cache, token, args.steps // 2)
