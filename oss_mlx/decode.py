@@ -9,7 +9,8 @@ an int32 array instead of Python; the full layers' buffers grow 1,024 positions 
 step is traced again once per 1,024 tokens.
 
 Not compiled where a step has host work in it (expert streaming reads experts from disk as the
-router picks them) or `OSS_MLX_COMPILE=0`; the same pure function then runs eagerly.
+router picks them) or `OSS_MLX_COMPILE=0`; the same pure function then runs eagerly. Past
+COMPILED_MAX_POSITION cached positions the plain forward runs (see there).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from .cache import ModelCache
 from .model import Transformer
 
 ENV = "OSS_MLX_COMPILE"
+# Past this many cached positions the plain forward decodes instead. Measured on an H200 (20b shapes,
+# docs/PERFORMANCE.md): the compiled step's evaluation took 3.8 ms after 128 positions (plain: 4.8 ms,
+# plus 3.5 ms of graph building against 0.7) but 7.7 ms after 32k (plain: 5.4 ms) - the cost grows with
+# the full layers' buffers, as if each step copied them instead of writing one row in place. Until
+# that is found, the compiled step serves the first 8,192 positions, where it measured faster.
+COMPILED_MAX_POSITION = 8192
 
 
 def compilable(model: Transformer) -> bool:
@@ -52,6 +59,8 @@ class DecodeStep:
         return self._fns[backend]
 
     def __call__(self, tokens: mx.array, cache: ModelCache) -> mx.array:
+        if self.compiled and cache.offset >= COMPILED_MAX_POSITION:
+            return self.model(tokens, cache=cache)
         attn = self.model.blocks[0].attn
         like = mx.zeros((tokens.shape[0], attn.num_kv_heads, 1, attn.head_dim), self.model.dtype)
         state = [c.decode_state(like) for c in cache]
