@@ -32,7 +32,10 @@ import mlx.core as mx  # noqa: E402
 from oss_mlx import kernels  # noqa: E402
 from oss_mlx.attention import AttentionBlock  # noqa: E402
 from oss_mlx.bench import _prompt, preset_config, random_model  # noqa: E402
+from oss_mlx import decode  # noqa: E402
 from oss_mlx.decode import DecodeStep  # noqa: E402
+
+decode.COMPILED_MAX_POSITION = 1 << 30  # the compiled step at every depth here
 from oss_mlx.generation import prefill  # noqa: E402
 from oss_mlx.moe import MLPBlock  # noqa: E402
 
@@ -235,6 +238,9 @@ def main() -> int:
         t = time.perf_counter()
         mx.eval(step(token, cache))
         row["compiled_first_step_ms"] = 1000 * (time.perf_counter() - t)
+        eager = DecodeStep(model, compile=False)
+        as_eager = lambda tk, cache, step=eager: step(tk, cache)  # noqa: E731
+        row["static_eager_pipelined_ms"] = pipelined(as_eager, cache, token, args.steps)
         as_model = lambda tk, cache, step=step: step(tk, cache)  # noqa: E731  (called as model(tk, cache=))
         row["compiled_pipelined_ms"] = pipelined(as_model, cache, token, args.steps)
         row["compiled_build_ms"], row["compiled_eval_ms"] = synchronous(
