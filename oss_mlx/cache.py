@@ -122,8 +122,17 @@ class WindowCache:
         return mx.take(self.keys, slots, axis=2), mx.take(self.values, slots, axis=2)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Return the kept keys followed by the new ones, in order; the caller masks by position."""
+        """Return the kept keys followed by the new ones, in order; the caller masks by position.
+        One token into a full ring is written in place and the ring returned (the window exactly:
+        attention does not depend on the keys' order), two ops instead of a reordering."""
         self._before_last = (self.offset, self.lo, self.keys, self.values)
+        if keys.shape[2] == 1 and self.keys is not None and self.kept() == self.window - 1:
+            slot = self.offset % self.window
+            self.keys = mx.slice_update(self.keys, keys, mx.array([slot]), axes=(2,))
+            self.values = mx.slice_update(self.values, values, mx.array([slot]), axes=(2,))
+            self.offset += 1
+            self.lo = max(self.lo, self.offset - self.window)
+            return self.keys, self.values
         kept = self._ordered()
         all_k, all_v = (
             (keys, values)
