@@ -61,6 +61,8 @@ class DecodeStep:
     def __call__(self, tokens: mx.array, cache: ModelCache) -> mx.array:
         if self.compiled and cache.offset >= COMPILED_MAX_POSITION:
             return self.model(tokens, cache=cache)
+        if tokens.dtype != mx.uint32:  # one trace per input dtype: samplers return uint32
+            tokens = tokens.astype(mx.uint32)
         attn = self.model.blocks[0].attn
         like = mx.zeros((tokens.shape[0], attn.num_kv_heads, 1, attn.head_dim), self.model.dtype)
         state = [c.decode_state(like) for c in cache]
