@@ -29,13 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 
-import oss_mlx.decode as decode  # noqa: E402
 from oss_mlx import kernels  # noqa: E402
 from oss_mlx.attention import AttentionBlock  # noqa: E402
 from oss_mlx.bench import _prompt, preset_config, random_model  # noqa: E402
 from oss_mlx.decode import DecodeStep  # noqa: E402
-
-decode.COMPILED_MAX_POSITION = 1 << 30  # the compiled step at every depth here
 from oss_mlx.generation import prefill  # noqa: E402
 from oss_mlx.moe import MLPBlock  # noqa: E402
 

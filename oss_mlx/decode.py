@@ -9,8 +9,7 @@ an int32 array instead of Python; the full layers' buffers grow 1,024 positions 
 step is traced again once per 1,024 tokens.
 
 Not compiled where a step has host work in it (expert streaming reads experts from disk as the
-router picks them) or `OSS_MLX_COMPILE=0`; the same pure function then runs eagerly. Past
-COMPILED_MAX_POSITION cached positions the plain forward runs (see there).
+router picks them) or `OSS_MLX_COMPILE=0`; the same pure function then runs eagerly.
 """
 
 from __future__ import annotations
@@ -24,12 +23,6 @@ from .cache import ModelCache
 from .model import Transformer
 
 ENV = "OSS_MLX_COMPILE"
-# Past this many cached positions the plain forward decodes instead. Measured on an H200 (20b shapes,
-# docs/PERFORMANCE.md): the compiled step's evaluation took 3.8 ms after 128 positions (plain: 4.8 ms,
-# plus 3.5 ms of graph building against 0.7) but 7.7 ms after 32k (plain: 5.4 ms) - the cost grows with
-# the full layers' buffers, as if each step copied them instead of writing one row in place. Until
-# that is found, the compiled step serves the first 8,192 positions, where it measured faster.
-COMPILED_MAX_POSITION = 8192
 
 
 def compilable(model: Transformer) -> bool:
@@ -59,8 +52,6 @@ class DecodeStep:
         return self._fns[backend]
 
     def __call__(self, tokens: mx.array, cache: ModelCache) -> mx.array:
-        if self.compiled and cache.offset >= COMPILED_MAX_POSITION:
-            return self.model(tokens, cache=cache)
         if tokens.dtype != mx.uint32:  # one trace per input dtype: samplers return uint32
             tokens = tokens.astype(mx.uint32)
         attn = self.model.blocks[0].attn

@@ -83,19 +83,3 @@ def test_streamed_models_are_not_compiled(model):  # noqa: F811
         assert not compilable(model) and not DecodeStep(model).compiled
     finally:
         model.blocks[0].mlp.experts = before
-
-
-def test_long_contexts_take_the_plain_forward(model, monkeypatch):  # noqa: F811
-    """Past COMPILED_MAX_POSITION the compiled step hands over to the plain forward, on the same cache."""
-    import oss_mlx.decode as decode
-
-    monkeypatch.setattr(decode, "COMPILED_MAX_POSITION", 20)
-    tokens = TOKENS[:30]
-    want = plain_logits(model, tokens, 20)
-    cache = model.make_cache()
-    model(mx.array(tokens[None, :10]), cache=cache)
-    step = DecodeStep(model, compile=True)
-    for i in range(20):
-        got = np.array(step(mx.array(tokens[None, 10 + i : 11 + i]), cache))
-        np.testing.assert_allclose(got, want[i], rtol=0, atol=2e-5 * np.abs(want[i]).max())
-    assert cache.offset == 30
