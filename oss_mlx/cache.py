@@ -48,14 +48,15 @@ class FullCache:
     # ahead of decoding (one retrace per 1,024 tokens decoded).
     decode_step = 1024
 
-    def decode_state(self, like: mx.array) -> tuple[mx.array, mx.array]:
+    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """The whole buffer for a decode step at position `offset`, grown first if it is full (the
-        decode attention reads positions [0, offset] of it; the rest is never read)."""
+        decode attention reads positions [0, offset] of it; the rest is never read). row: the
+        (batch, heads, head_dim) of one position."""
         if self.keys is None or self.offset + 1 > self.keys.shape[2]:
             grow = max(self.decode_step, self.offset + 1 - (0 if self.keys is None else self.keys.shape[2]))
             grow = -(-grow // self.decode_step) * self.decode_step
-            shape = (*like.shape[:2], grow, like.shape[3])
-            new_k, new_v = mx.zeros(shape, like.dtype), mx.zeros(shape, like.dtype)
+            shape = (row[0], row[1], grow, row[2])
+            new_k, new_v = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
             if self.keys is None:
                 self.keys, self.values = new_k, new_v
             else:
@@ -127,9 +128,10 @@ class WindowCache:
         attention does not depend on the keys' order), two ops instead of a reordering."""
         self._before_last = (self.offset, self.lo, self.keys, self.values)
         if keys.shape[2] == 1 and self.keys is not None and self.kept() == self.window - 1:
-            slot = self.offset % self.window
-            self.keys = mx.slice_update(self.keys, keys, mx.array([slot]), axes=(2,))
-            self.values = mx.slice_update(self.values, values, mx.array([slot]), axes=(2,))
+            # A new array, not `self.keys[...] = keys`: that would change the array a mark holds.
+            slot = mx.array([self.offset % self.window])
+            self.keys = mx.slice_update(self.keys, keys, slot, axes=(2,))
+            self.values = mx.slice_update(self.values, values, slot, axes=(2,))
             self.offset += 1
             self.lo = max(self.lo, self.offset - self.window)
             return self.keys, self.values
@@ -155,11 +157,11 @@ class WindowCache:
         self.offset, self.lo = end, first
         return all_k, all_v
 
-    def decode_state(self, like: mx.array) -> tuple[mx.array, mx.array]:
-        """The ring for a decode step (allocated on first use, shaped like `like` [B, H, 1, D])."""
+    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """The ring for a decode step (allocated on first use; row: (batch, heads, head_dim))."""
         if self.keys is None:
-            shape = (*like.shape[:2], self.window, like.shape[3])
-            self.keys, self.values = mx.zeros(shape, like.dtype), mx.zeros(shape, like.dtype)
+            shape = (row[0], row[1], self.window, row[2])
+            self.keys, self.values = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
         return self.keys, self.values
 
     def commit_decode(self, keys: mx.array, values: mx.array) -> None:

@@ -55,8 +55,8 @@ class DecodeStep:
         if tokens.dtype != mx.uint32:  # one trace per input dtype: samplers return uint32
             tokens = tokens.astype(mx.uint32)
         attn = self.model.blocks[0].attn
-        like = mx.zeros((tokens.shape[0], attn.num_kv_heads, 1, attn.head_dim), self.model.dtype)
-        state = [c.decode_state(like) for c in cache]
+        row, dtype = (tokens.shape[0], attn.num_kv_heads, attn.head_dim), self.model.dtype
+        state = [c.decode_state(row, dtype) for c in cache]
         pos = mx.array([cache.offset], dtype=mx.int32)
         logits, written = self._fn()(tokens, pos, state)
         del state  # the old buffers are now referenced by the graph only: MLX writes them in place
