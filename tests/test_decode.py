@@ -83,3 +83,22 @@ def test_streamed_models_are_not_compiled(model):  # noqa: F811
         assert not compilable(model) and not DecodeStep(model).compiled
     finally:
         model.blocks[0].mlp.experts = before
+
+
+def test_the_step_is_traced_once_per_buffer_shape(model, monkeypatch):  # noqa: F811
+    """The point of compiling: Python builds the step's graph only when the buffers change shape (the
+    full layers' buffer grows by `decode_step` positions), not every token."""
+    monkeypatch.setattr(FullCache, "step", 8)
+    monkeypatch.setattr(FullCache, "decode_step", 16)
+    traced = []
+    real = type(model).decode
+    monkeypatch.setattr(type(model), "decode", lambda self, *a: traced.append(1) or real(self, *a))
+    cache = model.make_cache()
+    model(mx.array(TOKENS[None, :5]), cache=cache)  # buffer of 8 positions
+    step = DecodeStep(model, compile=True)
+    shapes = set()
+    for i in range(5, 45):
+        mx.eval(step(mx.array(TOKENS[None, i : i + 1]), cache))
+        shapes.add(next(c.keys.shape[2] for c in cache if isinstance(c, FullCache)))
+    assert shapes == {8, 24, 40, 56}  # 8, then grown by 16 as positions 8, 24, 40 are reached
+    assert len(traced) == len(shapes)
