@@ -100,15 +100,10 @@ class AttentionBlock(nn.Module):
     def __call__(
         self, x: mx.array, mask: mx.array | str | None, cache: FullCache | WindowCache | None = None
     ) -> mx.array:
-        B, T, _ = x.shape
+        T = x.shape[1]
         if T == 1 and kernels.attention_decode_ok(self, x):
             return self._decode(x, cache)
-        D, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
-        qkv = self.qkv(self.norm(x))
-        q = qkv[..., : hq * D].reshape(B, T, hq, D).transpose(0, 2, 1, 3)
-        k = qkv[..., hq * D : (hq + hkv) * D].reshape(B, T, hkv, D).transpose(0, 2, 1, 3)
-        v = qkv[..., (hq + hkv) * D :].reshape(B, T, hkv, D).transpose(0, 2, 1, 3)
-
+        q, k, v = self._project(x)
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
@@ -117,7 +112,22 @@ class AttentionBlock(nn.Module):
             o = windowed_sdpa(q, k, v, self.sinks, self.scale, offset, self.window)
         else:
             o = sdpa_with_sinks(q, k, v, self.sinks, self.scale, mask)
-        return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, hq * D))
+        return self._output(o, x)
+
+    def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """x [B, T, H] -> q [B, Hq, T, D], k and v [B, Hkv, T, D] (normed, projected, not rotated)."""
+        B, T, _ = x.shape
+        D, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = self.qkv(self.norm(x))
+        q = qkv[..., : hq * D].reshape(B, T, hq, D).transpose(0, 2, 1, 3)
+        k = qkv[..., hq * D : (hq + hkv) * D].reshape(B, T, hkv, D).transpose(0, 2, 1, 3)
+        v = qkv[..., (hq + hkv) * D :].reshape(B, T, hkv, D).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    def _output(self, o: mx.array, x: mx.array) -> mx.array:
+        """x + out(o) for the heads' outputs o [B, Hq, T, D]."""
+        B, _, T, _ = o.shape
+        return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
 
     def _decode(self, x: mx.array, cache: FullCache | WindowCache | None) -> mx.array:
         """One token per sequence on the GPU kernels: the same math as __call__ in ~5 ops instead
@@ -143,12 +153,7 @@ class AttentionBlock(nn.Module):
             keys, values = _write_row(keys, k, slot), _write_row(values, v, slot)
             o = kernels.sdpa_decode(q, keys, values, self.sinks, self.scale, self.window, pos)
             return kernels.out_residual(o, self.out, x), keys, values
-        B, _, _ = x.shape
-        D, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
-        qkv = self.qkv(self.norm(x))
-        q = qkv[..., : hq * D].reshape(B, 1, hq, D).transpose(0, 2, 1, 3)
-        k = qkv[..., hq * D : (hq + hkv) * D].reshape(B, 1, hkv, D).transpose(0, 2, 1, 3)
-        v = qkv[..., (hq + hkv) * D :].reshape(B, 1, hkv, D).transpose(0, 2, 1, 3)
+        q, k, v = self._project(x)
         offset = pos.reshape(())
         q, k = self.rope(q, offset), self.rope(k, offset)
         keys, values = (
@@ -157,4 +162,4 @@ class AttentionBlock(nn.Module):
         )
         written = mx.arange(keys.shape[2]) <= pos  # a ring's slots are all written once pos >= window - 1
         o = kernels.sdpa_reference(q, keys, values, self.sinks, self.scale, written)
-        return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, 1, hq * D)), keys, values
+        return self._output(o, x), keys, values
