@@ -26,6 +26,23 @@ for stage in $STAGES; do
     ncu) timeout ${NCU_TIMEOUT:-400} ncu --cache-control all --clock-control none -k regex:oss_ \
              --metrics gpu__time_duration.sum --csv python3 benchmarks/ncu_sweep.py > $OUT/ncu.csv 2> $OUT/ncu.err
          python3 benchmarks/ncu_sweep.py --summarize $OUT/ncu.csv | tee -a $OUT/run.log ;;
+    steps)  # every kernel of real decode steps at each depth, timed on the card (step_kernels.py)
+         for d in ${DEPTHS:-128 32768}; do
+           timeout ${STEPS_TIMEOUT:-300} ncu --profile-from-start off --cache-control none --clock-control none \
+             --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread --csv \
+             python3 benchmarks/step_kernels.py --depth $d --steps 2 > $OUT/steps-$d.csv 2> $OUT/steps-$d.err
+           echo "-- depth $d" | tee -a $OUT/run.log
+           python3 benchmarks/step_kernels.py --summarize $OUT/steps-$d.csv --steps 2 | tee -a $OUT/run.log
+         done ;;
+    detail)  # Nsight Compute's full sections for one launch of each decode kernel (stalls, occupancy)
+         timeout ${DETAIL_TIMEOUT:-300} ncu --set full --cache-control all --clock-control none -k regex:oss_ \
+           --page details --csv python3 benchmarks/ncu_sweep.py --detail > $OUT/detail.csv 2> $OUT/detail.err
+         wc -l $OUT/detail.csv | tee -a $OUT/run.log ;;
+    source)  # per-SASS-instruction stall samples of one launch of the kernels in KREGEX (ncu_sweep --detail)
+         timeout ${SOURCE_TIMEOUT:-200} ncu --set full --cache-control all --clock-control none \
+           -k regex:"${KREGEX:-oss_norm_qkv}" --launch-count 1 --page source --print-source sass --csv \
+           python3 benchmarks/ncu_sweep.py --detail > $OUT/source.csv 2> $OUT/source.err
+         wc -l $OUT/source.csv | tee -a $OUT/run.log ;;
     envs) for v in MLX_X=0 MLX_MAX_OPS_PER_BUFFER=50 MLX_MAX_OPS_PER_BUFFER=200 MLX_USE_CUDA_GRAPHS=0; do
             env $v timeout 100 python3 benchmarks/profile_decode.py --depths 128 2>&1 | tee -a $OUT/run.log
           done ;;

@@ -51,17 +51,48 @@ def run() -> None:
     for rw in (2, 4, 8):
         kernels.OUT_ROWS_PER_WARP = rw
         twice(lambda: kernels.out_residual(o, attn.out, x))
-    for cols in (1, 2, 4):
-        for rows in (2, 4, 8, 16):
+    for cols in (1, 2):
+        for rows in (4, 8):
             kernels.MOE_COLS_PER_WARP, kernels.MOE_ROWS_PER_BLOCK = cols, rows
             twice(lambda: kernels.moe_block(mlp, x))
     q = mx.random.normal((1, attn.num_heads, attn.head_dim)).astype(mx.bfloat16)
     for S in (128, 2048, 32768):
         k = mx.random.normal((1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
         mx.eval(q, k)
-        for kps in (128, 256, 512, 1024, 2048):
-            kernels.SDPA_KEYS_PER_SPLIT = kps
+        for mma in (True, False):
+            kernels.SDPA_MMA = mma
+            for kps in (64, 128, 256, 512):
+                kernels.SDPA_KEYS_PER_SPLIT = kps
+                twice(lambda k=k, S=S: kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None, S - 1))
+        kernels.SDPA_MMA, kernels.SDPA_KEYS_PER_SPLIT = True, 64
+        for most in (64, 128):  # more splits than the default 32 at long contexts
+            kernels.SDPA_MAX_SPLITS = most
             twice(lambda k=k, S=S: kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None, S - 1))
+        kernels.SDPA_MAX_SPLITS = 32
+
+
+def detail() -> None:
+    """One launch of each decode kernel at its 20b size (for `ncu --set full`: stalls, occupancy)."""
+    import mlx.core as mx
+
+    from oss_mlx import kernels
+    from oss_mlx.bench import preset_config, random_model
+
+    full = preset_config("20b")
+    config = dataclasses.replace(full, num_layers=2, layer_types=full.layer_types[:2])
+    model = random_model(config)
+    attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
+    x = mx.random.normal((1, 1, config.hidden_size)).astype(mx.bfloat16)
+    o = mx.random.normal((1, 1, attn.num_heads * attn.head_dim)).astype(mx.bfloat16)
+    q = mx.random.normal((1, attn.num_heads, attn.head_dim)).astype(mx.bfloat16)
+    mx.eval(x, o, q)
+    mx.eval(kernels.norm_qkv_rope(attn, x, 100))
+    mx.eval(kernels.out_residual(o, attn.out, x))
+    mx.eval(kernels.moe_block(mlp, x))
+    for S in (128, 32768):
+        k = mx.random.normal((1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
+        mx.eval(k)
+        mx.eval(kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None, S - 1))
 
 
 def summarize(path: str) -> None:
@@ -80,5 +111,6 @@ def summarize(path: str) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--summarize", metavar="CSV")
+    p.add_argument("--detail", action="store_true", help="one launch per kernel (for ncu --set full)")
     a = p.parse_args()
-    summarize(a.summarize) if a.summarize else run()
+    summarize(a.summarize) if a.summarize else detail() if a.detail else run()

@@ -27,11 +27,157 @@
 //   template T, D (D / 8 a power of two <= 32), G (<= 16, G * D <= 512), WINDOW
 //   grid (128 * nsplit, B * Hkv, 1), threadgroup (128, 1, 1)
 //
+// sdpa_decode_mma: sdpa_decode on the matrix units, for 16-bit T, D = 64, G <= 8 (gpt-oss: G = 8).
+//   Same inputs, outputs, grid and key ranges as sdpa_decode. Why: the SIMT kernel does 2 G D FMAs
+//   per key and lane-serial reductions (~3,600 instructions a warp for 32 keys), so it was bound by
+//   instruction latency at small S (13 µs for 128 keys) and by issue at large S (0.6 TB/s at 32k
+//   keys); here a warp's 32 keys are 32 mma instructions. Per warp and 32 keys: S = Q K^T as 4 x 4
+//   m16n8k16 tiles (rows: the G query heads, rows G..15 zero; columns: keys), online softmax on
+//   the fp32 scores in registers, P rounded to T, O += P V as 2 x 8 tiles (columns: dims). The
+//   dot products do not care in which order the dims are summed, nor P V in which order the keys,
+//   so each lane loads whole 16-byte pieces: for Q K^T lane (g, t) holds dims 16t..16t+15 of query
+//   head g and of key g of each 8-key tile (k-step s takes dims 16t+4s..16t+4s+3); for P V it holds
+//   dims 8g..8g+7 of the keys 2t, 2t+1, 2t+8, 2t+9 of each 16-key step (output column n of
+//   dim-tile v is dim 8n + v). Scores and output stay in the mma's own layout. A warp's next tile is
+//   loaded while the current one computes (mma_keys). The 4 warps merge through shared memory as in
+//   sdpa_decode, then finish with the sink or write partials.
+//   template T (bf16 or f16), D (= 64), G (<= 8), WINDOW; grid and threadgroup as sdpa_decode
+//
 // sdpa_combine: o[b, h] = sum_i 2^(m_i - M) o_i / (sum_i 2^(m_i - M) l_i + 2^(sink - M)).
 //   inputs  part [B, Hq, nsplit <= 256, D + 2] float32, sinks [Hq] (any float)
 //   outputs out [B, Hq, D] (T)
 //   template T, D
 //   grid (D * B * Hq, 1, 1), threadgroup (D, 1, 1)
+// The 4 warps' (m, l, o) per query head merged, thread (g, d) for g < G, d < D; with one split the
+// softmax is finished with the sink (it joins the denominator and has no value), with several the
+// split's partial (o, m, l) goes to part. head0 / bh0: the block's first query head, alone and as
+// b * Hq + head.
+template <typename T, int G, int D, typename SK>
+OSS_DEV void merge_warps(const float (*sm_m)[G], const float (*sm_l)[G], const float (*sm_o)[G][D],
+                         const SK* sinks, T* out, float* part, int tid, int head0, long long bh0, int split,
+                         int nsplit) {
+  for (int i = tid; i < G * D; i += 128) {
+    const int g = i / D, d = i % D;
+    float M = sm_m[0][g];
+#pragma unroll
+    for (int w4 = 1; w4 < 4; ++w4) M = fmaxf(M, sm_m[w4][g]);
+    float L = 0.f, O = 0.f;
+#pragma unroll
+    for (int w4 = 0; w4 < 4; ++w4) {
+      const float c = fast_exp2(sm_m[w4][g] - M);
+      L = fmaf(sm_l[w4][g], c, L);
+      O = fmaf(sm_o[w4][g][d], c, O);
+    }
+    const long long bh = bh0 + g;
+    if (nsplit == 1) {
+      const float sk = to_f(sinks[head0 + g]) * OSS_LOG2E;
+      const float M2 = fmaxf(M, sk);
+      const float c = fast_exp2(M - M2);
+      const float den = L * c + fast_exp2(sk - M2);
+      out[bh * D + d] = from_f<T>(O * c / den);
+    } else {
+      float* pp = part + (bh * nsplit + split) * (D + 2);
+      pp[d] = O;
+      if (d == 0) {
+        pp[D] = M;
+        pp[D + 1] = L;
+      }
+    }
+  }
+}
+// sdpa_decode_mma's key loop for one warp: tiles of 32 keys from `first` in steps of 128 (4 warps),
+// each tile's loads issued while the previous tile computes (two tiles of registers in flight).
+// UNIT: rows contiguous (k/v element strides 1): the stride is a constant, so load8_raw folds to a
+// plain 16-byte load with no branch between the loads; else element gathers.
+template <typename T, bool UNIT>
+OSS_DEV void mma_tile_loads(const T* k, const T* v, long long ks, long long vs, long long kd, long long vd,
+                            int base, int s1, int g, int t, uint4 (&kw)[4][2], uint4 (&vw)[2][4]) {
+  // Keys past the end read the last key (finite, weight 0).
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const T* kp = k + min(base + 8 * j + g, s1 - 1) * ks + 16 * t * kd;
+    kw[j][0] = load8_raw(kp, UNIT ? 1 : kd);
+    kw[j][1] = load8_raw(kp + 8 * kd, UNIT ? 1 : kd);
+  }
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = min(base + 16 * u + 2 * t + (i & 1) + 8 * (i >> 1), s1 - 1);
+      const T* vp = v + key * vs + 8 * g * vd;
+      vw[u][i] = load8_raw(vp, UNIT ? 1 : vd);
+    }
+  }
+}
+template <typename T, bool UNIT>
+OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long long kd, long long vd, int first,
+                      int s1, int g, int t, const uint4 (&qw)[2], float qscale, float& m, float& l, float (&o)[8][4]) {
+  uint4 kn[4][2], vn[2][4];
+  if (first < s1) mma_tile_loads<T, UNIT>(k, v, ks, vs, kd, vd, first, s1, g, t, kn, vn);
+  for (int base = first; base < s1; base += 128) {
+    uint4 kw[4][2], vw[2][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      kw[j][0] = kn[j][0];
+      kw[j][1] = kn[j][1];
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) vw[u][i] = vn[u][i];
+    }
+    if (base + 128 < s1) mma_tile_loads<T, UNIT>(k, v, ks, vs, kd, vd, base + 128, s1, g, t, kn, vn);
+    float sc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const uint4 kq = kw[j][s >> 1], qq = qw[s >> 1];
+        const int w0 = 2 * (s & 1);
+        Mma<T>::run(sc[j], u4_word(qq, w0), 0u, u4_word(qq, w0 + 1), 0u, u4_word(kq, w0), u4_word(kq, w0 + 1));
+      }
+    }
+    // Online softmax in base 2 over this lane's 8 scores of head g (keys 8j + 2t + e).
+    float mt = m;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool valid = base + 8 * j + 2 * t + e < s1;
+        sc[j][e] = valid ? sc[j][e] * qscale : OSS_NEG;
+        mt = fmaxf(mt, sc[j][e]);
+      }
+    }
+    mt = fmaxf(mt, lane_xor(mt, 1));
+    mt = fmaxf(mt, lane_xor(mt, 2));
+    const float c = fast_exp2(m - mt);
+    m = mt;
+    l *= c;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      o[n][0] *= c;
+      o[n][1] *= c;
+    }
+    uint pa[4];  // P as the A operand: key step u takes n-tiles 2u (a0) and 2u + 1 (a2)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const bool v0 = base + 8 * j + 2 * t < s1, v1 = base + 8 * j + 2 * t + 1 < s1;
+      pa[j] = Mma<T>::pack(v0 ? fast_exp2(sc[j][0] - mt) : 0.f, v1 ? fast_exp2(sc[j][1] - mt) : 0.f);
+      const float2 pr = Mma<T>::unpack(pa[j]);  // the sum takes the weights P V uses
+      l += pr.x + pr.y;
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const uint b0 = pair_halves(u4_word(vw[u][0], n >> 1), u4_word(vw[u][1], n >> 1), n & 1);
+        const uint b1 = pair_halves(u4_word(vw[u][2], n >> 1), u4_word(vw[u][3], n >> 1), n & 1);
+        Mma<T>::run(o[n], pa[2 * u], 0u, pa[2 * u + 1], 0u, b0, b1);
+      }
+    }
+  }
+}
 // @@kernel sdpa_decode
   constexpr int LPV = D / 8;      // lanes per value row in P.V (8 dims each, a 16-byte load)
   constexpr int KG = 32 / LPV;    // key groups in P.V: lane (kg, sub) takes keys kg, kg + KG, ...
@@ -158,36 +304,64 @@
     }
   }
   OSS_BARRIER();
-  // Merge the 4 warps: thread (g, d) for g < G, d < D.
-  for (int i = tid; i < G * D; i += 128) {
-    const int g = i / D, d = i % D;
-    float M = sm_m[0][g];
+  // Merge the 4 warps; finish with the sink (one split) or write the split's partial.
+  merge_warps<T, G, D>(sm_m, sm_l, sm_o, sinks, out, part, tid, kvh * G, (long long)b * (Hkv * G) + kvh * G,
+                       split, nsplit);
+// @@kernel sdpa_decode_mma
+  static_assert(D == 64 && G <= 8, "sdpa_decode_mma: D = 64, G <= 8");
+  OSS_SHARED float sm_m[4][G];
+  OSS_SHARED float sm_l[4][G];
+  OSS_SHARED float sm_o[4][G][D];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int split = blockIdx.x, nsplit = gridDim.x;
+  const int Hkv = k_shape[1];
+  const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
+  const int S = min((int)k_shape[2], pos[0] + 1);  // keys written so far (a buffer may be longer)
+  const int lo = (WINDOW > 0 && S > WINDOW) ? S - WINDOW : 0;
+  const int chunk = (S - lo + nsplit - 1) / nsplit;
+  const int s0 = lo + split * chunk;
+  const int s1 = min(S, s0 + chunk);
+  const float qscale = scale_log2[0];
+
+  // Q as the A operand: head g's dims 16t..16t+15, k-step s takes words 2s, 2s + 1 (rows g + 8: 0).
+  uint4 qw[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+  if (g < G) {
+    const T* qp = q + ((long long)(b * Hkv + kvh) * G + g) * D + 16 * t;
+    qw[0] = load8_raw(qp, 1);
+    qw[1] = load8_raw(qp + 8, 1);
+  }
+  const long long kb = (long long)b * k_strides[0] + (long long)kvh * k_strides[1];
+  const long long vb = (long long)b * v_strides[0] + (long long)kvh * v_strides[1];
+  const long long ks = k_strides[2], vs = v_strides[2], kd = k_strides[3], vd = v_strides[3];
+
+  float m = OSS_NEG, l = 0.f;  // head g: running maximum (same on the 4 lanes of g), this lane's sum
+  float o[8][4];
 #pragma unroll
-    for (int w4 = 1; w4 < 4; ++w4) M = fmaxf(M, sm_m[w4][g]);
-    float L = 0.f, O = 0.f;
-#pragma unroll
-    for (int w4 = 0; w4 < 4; ++w4) {
-      const float c = fast_exp2(sm_m[w4][g] - M);
-      L = fmaf(sm_l[w4][g], c, L);
-      O = fmaf(sm_o[w4][g][d], c, O);
+  for (int n = 0; n < 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  // Contiguous rows (every cache) take 16-byte loads with no branch between them; others gather.
+  if (kd == 1 && vd == 1) {
+    mma_keys<T, true>(k + kb, v + vb, ks, vs, 1, 1, s0 + 32 * warp, s1, g, t, qw, qscale, m, l, o);
+  } else {
+    mma_keys<T, false>(k + kb, v + vb, ks, vs, kd, vd, s0 + 32 * warp, s1, g, t, qw, qscale, m, l, o);
+  }
+  l += lane_xor(l, 1);
+  l += lane_xor(l, 2);
+  if (g < G) {
+    if (t == 0) {
+      sm_m[warp][g] = m;
+      sm_l[warp][g] = l;
     }
-    const int h = kvh * G + g;
-    const long long bh = (long long)b * (Hkv * G) + h;
-    if (nsplit == 1) {
-      const float sk = to_f(sinks[h]) * OSS_LOG2E;
-      const float M2 = fmaxf(M, sk);
-      const float c = fast_exp2(M - M2);
-      const float den = L * c + fast_exp2(sk - M2);
-      out[bh * D + d] = from_f<T>(O * c / den);
-    } else {
-      float* pp = part + (bh * nsplit + split) * (D + 2);
-      pp[d] = O;
-      if (d == 0) {
-        pp[D] = M;
-        pp[D + 1] = L;
-      }
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      sm_o[warp][g][16 * t + n] = o[n][0];
+      sm_o[warp][g][16 * t + 8 + n] = o[n][1];
     }
   }
+  OSS_BARRIER();
+  // Merge the 4 warps; finish with the sink (one split) or write the split's partial.
+  merge_warps<T, G, D>(sm_m, sm_l, sm_o, sinks, out, part, tid, kvh * G, (long long)b * (Hkv * G) + kvh * G,
+                       split, nsplit);
 // @@kernel sdpa_combine
   // The splits' (m, l) first, all loaded at once (a loop carrying the running maximum through its
   // loads waited one round trip per split), then maxima and sums by tree over the block.

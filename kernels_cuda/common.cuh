@@ -102,18 +102,34 @@ OSS_DEV float e8m0_scale(uint s) { return __uint_as_float((s + 14u) << 23); }
 OSS_DEV uint4 load_u4(const uint* p) { return *reinterpret_cast<const uint4*>(p); }
 
 // ---- GEMV rows ---------------------------------------------------------------------------
+// No branch around a load: where a row's chunks do not divide by 32 lanes (gpt-oss's 2880 = 11.25 x
+// 256), lanes past the end load the last chunk again (in bounds, finite) and their input is zero.
+// A load inside `if (ch < NCH)` cannot be issued before the branch, so each such tail cost its warp
+// a memory round trip of its own, between one row's loads and the next.
+//
 // Lane `lane` takes the 8-element chunks lane, lane + 32, ... of a vector of NCH chunks into
 // registers (zeros past the end).
 template <int NC, int NCH, typename P> OSS_DEV void load_chunks(const P* v, int lane, float (*xr)[8]) {
 #pragma unroll
   for (int c = 0; c < NC; ++c) {
     const int ch = lane + 32 * c;
-    if (ch < NCH) {
-      load8(v + 8 * ch, xr[c]);
-    } else {
+    float tmp[8];
+    load8(v + 8 * min(ch, NCH - 1), tmp);
 #pragma unroll
-      for (int t = 0; t < 8; ++t) xr[c][t] = 0.f;
-    }
+    for (int t = 0; t < 8; ++t) xr[c][t] = ch < NCH ? tmp[t] : 0.f;
+  }
+}
+// The 32-element groups lane, lane + 32, ... of a vector of NG groups (MXFP4 rows' group size) into
+// registers, zeros past the end (loads clamped, no branch).
+template <int NC, int NG, typename P> OSS_DEV void load_groups(const P* v, int lane, float (*xr)[32]) {
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int g = lane + 32 * c;
+    float tmp[32];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) load8(v + 32 * min(g, NG - 1) + 8 * q, &tmp[8 * q]);
+#pragma unroll
+    for (int t = 0; t < 32; ++t) xr[c][t] = g < NG ? tmp[t] : 0.f;
   }
 }
 // Two rows against the registers of load_chunks, summed over the warp (every lane gets the sums).
@@ -121,24 +137,39 @@ template <int NC, int NCH, typename W>
 OSS_DEV void dot2_rows(const W* r0, const W* r1, float (*xr)[8], int lane, float& a0, float& a1) {
 #pragma unroll
   for (int c = 0; c < NC; ++c) {
-    const int ch = lane + 32 * c;
-    if (ch < NCH) {
-      float w0[8], w1[8];
-      load8(r0 + 8 * ch, w0);
-      load8(r1 + 8 * ch, w1);
+    const int ch = min(lane + 32 * c, NCH - 1);  // past the end: xr is zero
+    float w0[8], w1[8];
+    load8(r0 + 8 * ch, w0);
+    load8(r1 + 8 * ch, w1);
 #pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        a0 = fmaf(w0[t], xr[c][t], a0);
-        a1 = fmaf(w1[t], xr[c][t], a1);
-      }
+    for (int t = 0; t < 8; ++t) {
+      a0 = fmaf(w0[t], xr[c][t], a0);
+      a1 = fmaf(w1[t], xr[c][t], a1);
     }
   }
   a0 = warp_sum(a0);
   a1 = warp_sum(a1);
 }
-// The same from shared memory (Metal needs a separate overload for its address space).
-template <int NC, int NCH> OSS_DEV void load_chunks_tg(const float* v, int lane, float (*xr)[8]) {
-  load_chunks<NC, NCH>(v, lane, xr);
+// RMSNorm of one row straight into the registers of load_chunks, by one warp alone:
+// xr = round_T(x * rsqrt(mean(x^2) + eps) * nw). No shared memory and no block barrier: every warp
+// of a GEMV starts on its weights without waiting for the others.
+template <typename T, int NC, int NCH, typename X, typename W>
+OSS_DEV void rms_norm_chunks(const X* x, const W* nw, float eps, int lane, float (*xr)[8]) {
+  load_chunks<NC, NCH>(x, lane, xr);
+  float ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t) ss = fmaf(xr[c][t], xr[c][t], ss);  // zeros past the end
+  }
+  const float r = rsqrtf(warp_sum(ss) / (8 * NCH) + eps);
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    float wv[8];
+    load8(nw + 8 * min(lane + 32 * c, NCH - 1), wv);  // past the end: xr stays zero
+#pragma unroll
+    for (int t = 0; t < 8; ++t) xr[c][t] = round_to<T>(xr[c][t] * r * wv[t]);
+  }
 }
 
 // ---- RMSNorm of one row into shared memory ------------------------------------------------
@@ -190,13 +221,62 @@ template <int NCH, typename W> OSS_DEV float dot_row_shared(const W* row, const 
   float acc = 0.f;
 #pragma unroll
   for (int c = 0; c < NC; ++c) {
-    const int ch = lane + 32 * c;
-    if (ch < NCH) {
-      float wv[8];
-      load8(row + 8 * ch, wv);
+    const int ch = lane + 32 * c, cl = min(ch, NCH - 1);  // no branch around the load
+    float wv[8];
+    load8(row + 8 * cl, wv);
 #pragma unroll
-      for (int t = 0; t < 8; ++t) acc = fmaf(v[8 * ch + t], wv[t], acc);
-    }
+    for (int t = 0; t < 8; ++t) acc = fmaf(ch < NCH ? v[8 * cl + t] : 0.f, wv[t], acc);
   }
   return warp_sum(acc);
 }
+
+// ---- Matrix units ------------------------------------------------------------------------
+// D += A B on the tensor cores, one m16n8k16 tile per warp (fp32 accumulate; T = bf16 or f16).
+// Fragments as PTX defines them, with g = lane / 4, t = lane % 4: A (16 x 16, row-major) a0 = (g,
+// 2t..2t+1), a1 = (g + 8, 2t..), a2 = (g, 2t + 8..), a3 = (g + 8, 2t + 8..); B (16 x 8) b0 = (rows
+// 2t..2t+1, column g), b1 = (rows 2t + 8.., g); D (16 x 8) d0, d1 = (g, 2t..2t+1), d2, d3 = (g + 8, ..).
+// Each register holds two 16-bit values, the lower index in the low half.
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  static OSS_DEV void run(float* d, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static OSS_DEV uint pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint*>(&h);
+  }
+  static OSS_DEV float2 unpack(uint u) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u)); }
+};
+template <> struct Mma<__half> {
+  static OSS_DEV void run(float* d, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static OSS_DEV uint pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint*>(&h);
+  }
+  static OSS_DEV float2 unpack(uint u) { return __half22float2(*reinterpret_cast<__half2*>(&u)); }
+};
+// 8 consecutive 16-bit elements (element stride `stride`) as a uint4, 16-byte load when contiguous.
+template <typename T> OSS_DEV uint4 load8_raw(const T* p, long long stride) {
+  if (stride == 1) return *reinterpret_cast<const uint4*>(p);
+  uint w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const T lo = p[2 * i * stride], hi = p[(2 * i + 1) * stride];
+    w[i] = (uint)(*reinterpret_cast<const unsigned short*>(&lo)) |
+           ((uint)(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+OSS_DEV uint u4_word(uint4 u, int i) { return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w; }
+// The 16-bit half `half` of words a and b side by side: (a.half, b.half) as one register.
+OSS_DEV uint pair_halves(uint a, uint b, int half) { return __byte_perm(a, b, half ? 0x7632 : 0x5410); }

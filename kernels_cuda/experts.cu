@@ -31,17 +31,7 @@
   const float alpha = consts[0], limit = consts[1];
 
   float xr[NC][32];
-#pragma unroll
-  for (int c = 0; c < NC; ++c) {
-    const int g = lane + 32 * c;
-    if (g < G) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) load8(x + (long long)n * H + 32 * g + 8 * q, &xr[c][8 * q]);
-    } else {
-#pragma unroll
-      for (int t = 0; t < 32; ++t) xr[c][t] = 0.f;
-    }
-  }
+  load_groups<NC, G>(x + (long long)n * H, lane, xr);
   const long long row_words = H / 8;
   // Biases first and every store last: a load after the reduction, or a store between columns,
   // would put a memory round trip between one column's weights and the next.
@@ -63,13 +53,11 @@
     float ag = 0.f, au = 0.f;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
-      const int g = lane + 32 * c;
-      if (g < G) {
-        uint4 vg = load_u4(wg + 4 * g);
-        uint4 vu = load_u4(wu + 4 * g);
-        ag = fmaf(dot32_fp4(vg, xr[c]), e8m0_scale(sg[g]), ag);
-        au = fmaf(dot32_fp4(vu, xr[c]), e8m0_scale(su[g]), au);
-      }
+      const int g = min(lane + 32 * c, G - 1);  // past the end: xr is zero
+      const uint4 vg = load_u4(wg + 4 * g);
+      const uint4 vu = load_u4(wu + 4 * g);
+      ag = fmaf(dot32_fp4(vg, xr[c]), e8m0_scale(sg[g]), ag);
+      au = fmaf(dot32_fp4(vu, xr[c]), e8m0_scale(su[g]), au);
     }
     ag = warp_sum(ag);
     au = warp_sum(au);
@@ -101,34 +89,22 @@
     const uint e = ids[slot];
     const float wt = wts[slot];
     float hr[NC][32];
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-      const int g = lane + 32 * c;
-      if (g < G) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) load8(h + (long long)slot * I + 32 * g + 8 * q, &hr[c][8 * q]);
-      } else {
-#pragma unroll
-        for (int t = 0; t < 32; ++t) hr[c][t] = 0.f;
-      }
-    }
+    load_groups<NC, G>(h + (long long)slot * I, lane, hr);
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const int row = row0 + r;
-      if (row < H) {
-        const long long ri = (long long)e * HP + row;  // weight rows per expert: HP >= H (padded)
-        const uint* wr = w + ri * row_words;
-        const uint8_t* sr = scales + ri * G;
-        float a = 0.f;
+      const int row = min(row0 + r, H - 1);  // past the end: computed, not stored
+      const long long ri = (long long)e * HP + row;  // weight rows per expert: HP >= H (padded)
+      const uint* wr = w + ri * row_words;
+      const uint8_t* sr = scales + ri * G;
+      float a = 0.f;
 #pragma unroll
-        for (int c = 0; c < NC; ++c) {
-          const int g = lane + 32 * c;
-          if (g < G) a = fmaf(dot32_fp4(load_u4(wr + 4 * g), hr[c]), e8m0_scale(sr[g]), a);
-        }
-        // lane 0 adds the bias (loaded by every lane: one broadcast load, issued with the weights)
-        const float bb = to_f(bias[(long long)e * H + row]);
-        acc[r] = fmaf(wt, lane == 0 ? a + bb : a, acc[r]);
+      for (int c = 0; c < NC; ++c) {
+        const int g = min(lane + 32 * c, G - 1);  // past the end: hr is zero
+        a = fmaf(dot32_fp4(load_u4(wr + 4 * g), hr[c]), e8m0_scale(sr[g]), a);
       }
+      // lane 0 adds the bias (loaded by every lane: one broadcast load, issued with the weights)
+      const float bb = to_f(bias[(long long)e * H + row]);
+      acc[r] = fmaf(wt, lane == 0 ? a + bb : a, acc[r]);
     }
   }
 #pragma unroll

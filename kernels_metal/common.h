@@ -11,7 +11,7 @@
 #define OSS_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define OSS_WARP_BARRIER() simdgroup_barrier(mem_flags::mem_threadgroup)
 #define OSS_SHARED threadgroup
-#define OSS_ALIGN16  // threadgroup floats are read one by one here (load_chunks_tg): no alignment needed
+#define OSS_ALIGN16  // threadgroup floats are read one by one here: no alignment needed
 
 OSS_DEV float to_f(float x) { return x; }
 OSS_DEV float to_f(bfloat16_t x) { return static_cast<float>(x); }
@@ -88,24 +88,31 @@ OSS_DEV float e8m0_scale(uint s) { return as_type<float>((s + 14u) << 23); }
 OSS_DEV uint4 load_u4(const device uint32_t* p) { return *reinterpret_cast<const device uint4*>(p); }
 
 // ---- GEMV rows ---------------------------------------------------------------------------
+// No branch around a load: where a row's chunks do not divide by 32 lanes (gpt-oss's 2880 = 11.25 x
+// 256), lanes past the end load the last chunk again (in bounds, finite) and their input is zero.
+// A load inside `if (ch < NCH)` cannot be issued before the branch, so each such tail cost its warp
+// a memory round trip of its own, between one row's loads and the next (seen on the CUDA twin).
+//
 // Lane `lane` takes the 8-element chunks lane, lane + 32, ... of a vector of NCH chunks into
-// registers (zeros past the end). load_chunks_tg: the same from threadgroup memory.
+// registers (zeros past the end).
 template <int NC, int NCH, typename P>
 OSS_DEV void load_chunks(const device P* v, int lane, thread float (*xr)[8]) {
   for (int c = 0; c < NC; ++c) {
     const int ch = lane + 32 * c;
-    if (ch < NCH) {
-      load8(v + 8 * ch, xr[c]);
-    } else {
-      for (int t = 0; t < 8; ++t) xr[c][t] = 0.f;
-    }
+    float tmp[8];
+    load8(v + 8 * min(ch, NCH - 1), tmp);
+    for (int t = 0; t < 8; ++t) xr[c][t] = ch < NCH ? tmp[t] : 0.f;
   }
 }
-template <int NC, int NCH>
-OSS_DEV void load_chunks_tg(const threadgroup float* v, int lane, thread float (*xr)[8]) {
+// The 32-element groups lane, lane + 32, ... of a vector of NG groups (MXFP4 rows' group size) into
+// registers, zeros past the end (loads clamped, no branch).
+template <int NC, int NG, typename P>
+OSS_DEV void load_groups(const device P* v, int lane, thread float (*xr)[32]) {
   for (int c = 0; c < NC; ++c) {
-    const int ch = lane + 32 * c;
-    for (int t = 0; t < 8; ++t) xr[c][t] = ch < NCH ? v[8 * ch + t] : 0.f;
+    const int g = lane + 32 * c;
+    float tmp[32];
+    for (int q = 0; q < 4; ++q) load8(v + 32 * min(g, NG - 1) + 8 * q, &tmp[8 * q]);
+    for (int t = 0; t < 32; ++t) xr[c][t] = g < NG ? tmp[t] : 0.f;
   }
 }
 // Two rows against the registers of load_chunks, summed over the simdgroup (every lane gets the sums).
@@ -113,19 +120,35 @@ template <int NC, int NCH, typename W>
 OSS_DEV void dot2_rows(
     const device W* r0, const device W* r1, thread float (*xr)[8], int lane, thread float& a0, thread float& a1) {
   for (int c = 0; c < NC; ++c) {
-    const int ch = lane + 32 * c;
-    if (ch < NCH) {
-      float w0[8], w1[8];
-      load8(r0 + 8 * ch, w0);
-      load8(r1 + 8 * ch, w1);
-      for (int t = 0; t < 8; ++t) {
-        a0 = fma(w0[t], xr[c][t], a0);
-        a1 = fma(w1[t], xr[c][t], a1);
-      }
+    const int ch = min(lane + 32 * c, NCH - 1);  // past the end: xr is zero
+    float w0[8], w1[8];
+    load8(r0 + 8 * ch, w0);
+    load8(r1 + 8 * ch, w1);
+    for (int t = 0; t < 8; ++t) {
+      a0 = fma(w0[t], xr[c][t], a0);
+      a1 = fma(w1[t], xr[c][t], a1);
     }
   }
   a0 = warp_sum(a0);
   a1 = warp_sum(a1);
+}
+
+// RMSNorm of one row straight into the registers of load_chunks, by one simdgroup alone:
+// xr = round_T(x * rsqrt(mean(x^2) + eps) * nw). No threadgroup memory and no barrier: every
+// simdgroup of a GEMV starts on its weights without waiting for the others.
+template <typename T, int NC, int NCH, typename X, typename W>
+OSS_DEV void rms_norm_chunks(const device X* x, const device W* nw, float eps, int lane, thread float (*xr)[8]) {
+  load_chunks<NC, NCH>(x, lane, xr);
+  float ss = 0.f;
+  for (int c = 0; c < NC; ++c) {
+    for (int t = 0; t < 8; ++t) ss = fma(xr[c][t], xr[c][t], ss);  // zeros past the end
+  }
+  const float r = metal::precise::rsqrt(warp_sum(ss) / (8 * NCH) + eps);
+  for (int c = 0; c < NC; ++c) {
+    float wv[8];
+    load8(nw + 8 * min(lane + 32 * c, NCH - 1), wv);  // past the end: xr stays zero
+    for (int t = 0; t < 8; ++t) xr[c][t] = round_to<T>(xr[c][t] * r * wv[t]);
+  }
 }
 
 // ---- RMSNorm of one row into threadgroup memory -------------------------------------------
@@ -172,12 +195,37 @@ OSS_DEV float dot_row_shared(const device W* row, const threadgroup float* v, in
   constexpr int NC = (NCH + 31) / 32;
   float acc = 0.f;
   for (int c = 0; c < NC; ++c) {
-    const int ch = lane + 32 * c;
-    if (ch < NCH) {
-      float wv[8];
-      load8(row + 8 * ch, wv);
-      for (int t = 0; t < 8; ++t) acc = fma(v[8 * ch + t], wv[t], acc);
-    }
+    const int ch = lane + 32 * c, cl = min(ch, NCH - 1);  // no branch around the load
+    float wv[8];
+    load8(row + 8 * cl, wv);
+    for (int t = 0; t < 8; ++t) acc = fma(ch < NCH ? v[8 * cl + t] : 0.f, wv[t], acc);
   }
   return warp_sum(acc);
+}
+
+// ---- Matrix units ------------------------------------------------------------------------
+// simdgroup_matrix<float, 8, 8>: each lane holds the elements (fm, fn) and (fm, fn + 1) with
+// fm = (q & 4) + (lane / 2) % 4, fn = (q & 2) * 2 + (lane % 2) * 2, q = lane / 4 (the layout MLX's
+// steel kernels rely on), one layout for A, B and the result alike.
+typedef simdgroup_matrix<float, 8, 8> frag8;
+OSS_DEV thread float2& elems(thread frag8& m) { return reinterpret_cast<thread float2&>(m.thread_elements()); }
+OSS_DEV int frag_row(int lane) { return ((lane / 4) & 4) + (lane / 2) % 4; }
+OSS_DEV int frag_col(int lane) { return ((lane / 4) & 2) * 2 + (lane % 2) * 2; }
+// 8 consecutive 16-bit elements (element stride `stride`) as a uint4, 16-byte load when contiguous.
+template <typename T> OSS_DEV uint4 load8_raw(const device T* p, long stride) {
+  if (stride == 1) return *reinterpret_cast<const device uint4*>(p);
+  uint4 u;
+  for (int i = 0; i < 4; ++i) {
+    u[i] = uint(as_type<ushort>(p[2 * i * stride])) | (uint(as_type<ushort>(p[(2 * i + 1) * stride])) << 16);
+  }
+  return u;
+}
+// Element i (0..7) of the 8 16-bit T values in a uint4, as float.
+OSS_DEV float elem8(bfloat16_t, uint4 u, int i) {
+  const uint w = u[i / 2];
+  return as_type<float>((i & 1) ? (w & 0xFFFF0000u) : (w << 16));
+}
+OSS_DEV float elem8(half, uint4 u, int i) {
+  const half2 h = as_type<half2>(u[i / 2]);
+  return float((i & 1) ? h.y : h.x);
 }

@@ -27,29 +27,29 @@
 // @@kernel norm_qkv_rope
   constexpr int HALF = D / 2;
   constexpr int NCH = H / 8;
-  OSS_SHARED OSS_ALIGN16 float xs[H];
-  OSS_SHARED float red[4];
-  const int tid = thread_position_in_threadgroup.x;
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int n = threadgroup_position_in_grid.y;
-  // Every threadgroup normalises x itself: H values are cheaper to re-read than a launch to share.
-  rms_norm_to_shared<T, H, 128>(x + (long)n * H, nw, consts[0], xs, red, tid);
+  // Every simdgroup normalises x itself: H values from cache cost less than a barrier.
   float xr[NC][8];
-  load_chunks_tg<NC, NCH>(xs, lane, xr);
+  rms_norm_chunks<T, NC, NCH>(x + (long)n * H, nw, consts[0], lane, xr);
 
   const float conc = round_to<T>(consts[1]);
   const float p = (float)pos[0];
-  // Biases and angles first and every store last: a load after the reduction, or a store between
-  // pairs, would put a memory round trip between one pair's weights and the next.
+  // Biases and rotations first and every store last: a load after the reduction, or a store or a
+  // branch (sincosf's slow path for large angles is one) between pairs, would put a memory round
+  // trip between one pair's weights and the next (measured: 33 µs a call on an H200 with the
+  // rotation inside the loop).
   constexpr int PAIRS = (HQ + 2 * HKV) * HALF;
   const int pair0 = (int(threadgroup_position_in_grid.x) * 4 + warp) * PW;
-  float b0[PW], b1[PW], inv_wl[PW], y0[PW], y1[PW];
+  float b0[PW], b1[PW], cs[PW], sn[PW], y0[PW], y1[PW];
   for (int j = 0; j < PW; ++j) {
     const int pair = min(pair0 + j, PAIRS - 1);  // past the end: recomputed, not stored
     const int head = pair / HALF, i = pair % HALF;
     b0[j] = to_f(b[head * D + i]);
     b1[j] = to_f(b[head * D + i + HALF]);
-    inv_wl[j] = 1.f / wl[i];
+    const float theta = p * (1.f / wl[i]);
+    cs[j] = metal::precise::cos(theta);
+    sn[j] = metal::precise::sin(theta);
   }
   for (int j = 0; j < PW; ++j) {
     const int pair = min(pair0 + j, PAIRS - 1);
@@ -61,10 +61,8 @@
     y1[j] = round_to<T>(a1 + b1[j]);
     if (head < HQ + HKV) {
       const float c0 = round_to<T>(y0[j] * conc), c1 = round_to<T>(y1[j] * conc);
-      const float theta = p * inv_wl[j];
-      const float cs = metal::precise::cos(theta), sn = metal::precise::sin(theta);
-      y0[j] = c0 * cs - c1 * sn;
-      y1[j] = c0 * sn + c1 * cs;
+      y0[j] = c0 * cs[j] - c1 * sn[j];
+      y1[j] = c0 * sn[j] + c1 * cs[j];
     }
   }
   for (int j = 0; j < PW; ++j) {

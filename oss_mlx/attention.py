@@ -147,7 +147,7 @@ class AttentionBlock(nn.Module):
         layer's ring of `window` slots, position p in slot p % window): writes the new key and value
         in place and attends the slots written so far. Pure, for the compiled decode step (decode.py);
         returns (x + attention, keys, values)."""
-        slot = pos % self.window if self.window is not None else pos
+        slot = kernels.ring_slot(pos, self.window) if self.window is not None else pos
         if kernels.attention_decode_ok(self, x):
             q, k, v = kernels.norm_qkv_rope(self, x, pos)
             keys, values = _write_row(keys, k, slot), _write_row(values, v, slot)

@@ -57,7 +57,7 @@ class DecodeStep:
         attn = self.model.blocks[0].attn
         row, dtype = (tokens.shape[0], attn.num_kv_heads, attn.head_dim), self.model.dtype
         state = [c.decode_state(row, dtype) for c in cache]
-        pos = mx.array([cache.offset], dtype=mx.int32)
+        pos = kernels.position_array(cache.offset)
         logits, written = self._fn()(tokens, pos, state)
         del state  # the old buffers are now referenced by the graph only: MLX writes them in place
         for c, (keys, values) in zip(cache, written):

@@ -16,6 +16,7 @@ Kernels (see docs/KERNELS.md):
   gate_up_swiglu  MXFP4 gate/up GEMV + bias + clamped SwiGLU            (experts.*)
   down_combine    MXFP4 down GEMV + bias + weighted sum of k + residual (experts.*)
   sdpa_decode     one-query attention with sinks, reading the KV cache  (attention.*)
+  sdpa_decode_mma the same on the matrix units (16-bit, head_dim 64, G <= 8)  (attention.*)
   sdpa_combine    merges sdpa_decode's key splits, sink included        (attention.*)
   norm_qkv_rope   attention RMSNorm + qkv GEMV + bias + YaRN RoPE       (projections.*)
   out_residual    attention output GEMV + bias + residual               (projections.*)
@@ -54,6 +55,7 @@ KERNEL_MAX_HIDDEN = 7680
 # at most SDPA_MAX_SPLITS: 2k keys go in 8 blocks, 8k and more in 32.
 SDPA_KEYS_PER_SPLIT = 256
 SDPA_MAX_SPLITS = 32
+SDPA_MMA = True  # sdpa_decode_mma where its shapes apply
 # Work per warp of the GEMV kernels (each warp holds its input vector in registers and reads whole
 # weight rows): more rows per warp reuse the vector more and keep more loads in flight; fewer make
 # more blocks. Chosen by GPU time per kernel (benchmarks/ncu_sweep.py under Nsight Compute, cold caches,
@@ -270,6 +272,13 @@ SPECS = {
             ("out", "part"),
             row_contiguous=False,
         ),
+        KernelSpec(
+            "sdpa_decode_mma",
+            "attention",
+            ("q", "k", "v", "sinks", "scale_log2", "pos"),
+            ("out", "part"),
+            row_contiguous=False,
+        ),
         KernelSpec("sdpa_combine", "attention", ("part", "sinks"), ("out",)),
         KernelSpec(
             "norm_qkv_rope", "projections", ("x", "nw", "w", "b", "wl", "pos", "consts"), ("q", "k", "v")
@@ -341,11 +350,27 @@ def _launch(name: str, inputs, template, grid, threadgroup, output_shapes, outpu
 _consts: dict[tuple, mx.array] = {}
 
 
+# MLX-CUDA (0.32.4, allocator.cpp) serves every array of 8 bytes or less from a pool in host memory
+# that the GPU reads over the bus, a round trip of microseconds for each warp that reads it: one eps
+# read by the 640 warps of norm_qkv_rope held each ~15 µs of its 35 (Nsight Compute, H200). Larger
+# arrays live on the card (made by a GPU op) or migrate there on first use (made on the host and
+# never written again). So the kernels' small inputs are at least this many bytes.
+_MIN_DEVICE_BYTES = 16
+
+
 def _const(*values: float) -> mx.array:
-    """A small float32 array of constants, made once (not a new upload per call)."""
+    """A small float32 array of constants, made once (not a new upload per call), padded past the
+    host-memory pool (_MIN_DEVICE_BYTES)."""
     if values not in _consts:
-        _consts[values] = mx.array(values, dtype=mx.float32)
+        padded = list(values) + [0.0] * max(0, _MIN_DEVICE_BYTES // 4 - len(values))
+        _consts[values] = mx.array(padded, dtype=mx.float32)
     return _consts[values]
+
+
+def ring_slot(pos: mx.array, window: int) -> mx.array:
+    """pos % window for a position pos (int32 [1]) as int32 [1] on the card: computed 4-wide and
+    viewed back (see _MIN_DEVICE_BYTES), since the cache-row scatter of every window layer reads it."""
+    return (mx.broadcast_to(pos, (_MIN_DEVICE_BYTES // 4,)) % window)[:1]
 
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -607,6 +632,13 @@ def _sdpa_heads_ok(D: int, hq: int, hkv: int) -> bool:
     )
 
 
+def _sdpa_mma_ok(dtype: mx.Dtype, D: int, G: int) -> bool:
+    """Shapes for sdpa_decode_mma (matrix units: 16-bit inputs, 64-dim heads, <= 8 query heads per
+    KV head - gpt-oss has 64 / 8 / 8); others take the SIMT sdpa_decode. SDPA_MMA = False turns it
+    off (benchmarks compare the two)."""
+    return SDPA_MMA and dtype in (mx.bfloat16, mx.float16) and D == 64 and 1 <= G <= 8
+
+
 def sdpa_decode(
     q: mx.array,
     k: mx.array,
@@ -628,7 +660,7 @@ def sdpa_decode(
     nsplit = max(1, min(SDPA_MAX_SPLITS, -(-attended // SDPA_KEYS_PER_SPLIT)))
     part_shape = (B, Hq, nsplit, D + 2) if nsplit > 1 else (1,)
     out, part = _launch(
-        "sdpa_decode",
+        "sdpa_decode_mma" if _sdpa_mma_ok(q.dtype, D, Hq // Hkv) else "sdpa_decode",
         [q, k, v, sinks, _const(scale * math.log2(math.e)), _as_position(pos)],
         [("T", q.dtype), ("D", D), ("G", Hq // Hkv), ("WINDOW", int(window or 0))],
         (128 * nsplit, B * Hkv, 1),
@@ -687,8 +719,14 @@ def _position_array(offset: int) -> mx.array:
     argument would compile a kernel per position)."""
     global _position
     if _position is None or _position[0] != offset:
-        _position = (offset, mx.array([offset], dtype=mx.int32))
+        _position = (offset, position_array(offset))
     return _position[1]
+
+
+def position_array(offset: int) -> mx.array:
+    """A decode position for the kernels: int32 [1] on the card (filled by a GPU op, see
+    _MIN_DEVICE_BYTES), not in MLX's host-memory pool of small arrays."""
+    return mx.full((_MIN_DEVICE_BYTES // 4,), offset, dtype=mx.int32)[:1]
 
 
 def _as_position(pos: int | mx.array) -> mx.array:

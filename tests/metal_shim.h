@@ -35,6 +35,7 @@ struct float2 {
   float2() = default;
   float2(float a, float b) : x(a), y(b) {}
   explicit float2(half2 h) : x(h.x), y(h.y) {}
+  float& operator[](int i) { return i == 0 ? x : y; }
 };
 struct float4 {
   float x, y, z, w;
@@ -85,5 +86,22 @@ inline float simd_sum(float v) { return v; }
 inline float simd_shuffle_xor(float v, ushort) { return v; }
 inline int simd_shuffle_xor(int v, ushort) { return v; }
 inline uint simd_shuffle_xor(uint v, ushort) { return v; }
+// simdgroup matrices: the type, its per-thread elements, fill and multiply-accumulate.
+template <typename T, int R, int C>
+struct simdgroup_matrix {
+  float2 e;
+  float2& thread_elements() { return e; }
+};
+template <typename T, int R, int C>
+simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) {
+  simdgroup_matrix<T, R, C> m;
+  m.e = float2(v, v);
+  return m;
+}
+template <typename T, int R, int C>
+void simdgroup_multiply_accumulate(simdgroup_matrix<T, R, C>& d, const simdgroup_matrix<T, R, C>& a,
+                                   const simdgroup_matrix<T, R, C>& b, const simdgroup_matrix<T, R, C>& c) {
+  d.e.x = a.e.x * b.e.x + c.e.x;
+}
 }  // namespace metal
 using namespace metal;  // MLX's prelude does the same

@@ -353,19 +353,36 @@ ATTN_SHAPES = [
     (1, 4, 1, 32, 2049),
     (1, 4, 16, 32, 260),
     (1, 3, 5, 32, 1000),  # odd G; 8 key groups in P.V
+    # more for sdpa_decode_mma (64-dim heads, G <= 8): batches, odd G, ragged tiles
+    (2, 2, 4, 64, 33),
+    (1, 3, 5, 64, 1000),
+    (1, 1, 1, 64, 2049),
+    (3, 4, 8, 64, 131),
 ]
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("mma", [True, False], ids=["mma", "simt"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("B,Hkv,G,D,S", ATTN_SHAPES)
-def test_sdpa_decode(dtype, B, Hkv, G, D, S):
+def test_sdpa_decode(monkeypatch, mma, dtype, B, Hkv, G, D, S):
+    """Both attention kernels: sdpa_decode_mma (matrix units) where its shapes apply, and the SIMT
+    sdpa_decode, which takes every shape (SDPA_MMA off)."""
+    if mma and not kernels._sdpa_mma_ok(dtype, D, G):
+        pytest.skip("sdpa_decode_mma takes 16-bit, 64-dim heads, G <= 8")
+    monkeypatch.setattr(kernels, "SDPA_MMA", mma)
+    assert kernels.backend() != "reference"  # runs the start-up self-test (its launches) before the spy
+    launched = []
+    real = kernels._launch
+    spy = lambda name, *a, **k: launched.append(name) or real(name, *a, **k)  # noqa: E731
+    monkeypatch.setattr(kernels, "_launch", spy)
     q = mx.random.normal((B, Hkv * G, 1, D)).astype(dtype)
     k = mx.random.normal((B, Hkv, S, D)).astype(dtype)
     v = mx.random.normal((B, Hkv, S, D)).astype(dtype)
     sinks = mx.random.normal((Hkv * G,)).astype(dtype)
     scale = 1 / math.sqrt(D)
     out = kernels.sdpa(q, k, v, sinks, scale, None)
+    assert launched[0] == ("sdpa_decode_mma" if mma else "sdpa_decode")
     assert out.shape == q.shape and out.dtype == dtype
     assert rel_err(out, sdpa_math(q, k, v, sinks, scale)) < TOL[dtype]
     assert rel_err(out, kernels.sdpa_reference(q, k, v, sinks, scale, None)) < TOL[dtype]
@@ -600,7 +617,7 @@ def test_kernel_paths_are_taken():
         mx.eval(model(mx.array([[1]]), cache=cache))
     finally:
         kernels._launch = real
-    attention = {"norm_qkv_rope", "sdpa_decode", "out_residual"}
+    attention = {"norm_qkv_rope", "sdpa_decode_mma", "out_residual"}  # bf16, 64-dim heads: matrix units
     assert attention | {"norm_route", "gate_up_swiglu", "down_combine"} <= set(calls), calls
 
 
@@ -671,7 +688,7 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch):
 
     per_layer = [
         "norm_qkv_rope",
-        "sdpa_decode",
+        "sdpa_decode_mma",  # bf16, 64-dim heads, 4 query heads per KV head: the matrix units
         "out_residual",
         "norm_route",
         "gate_up_swiglu",
@@ -688,9 +705,10 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch):
     assert shapes == [(1, 8, 64), (1, 2, 1, 64), (1, 2, 1, 64)]
     assert grid == (128 * -(-((8 + 2 * 2) * 64 // 2) // (4 * kernels.QKV_PAIRS_PER_WARP)), 1, 1)
     splits = -(-(prompt + 1) // kernels.SDPA_KEYS_PER_SPLIT)
-    assert by_name["sdpa_decode"][0][1] == (128, 2, 1)  # window layer: its 16 keys, one split
-    assert by_name["sdpa_decode"][1][1] == (128 * splits, 2, 1)
-    assert by_name["sdpa_decode"][1][2][1] == (1, 8, splits, 64 + 2)  # the partials sdpa_combine merges
+    sdpa = by_name["sdpa_decode_mma"]
+    assert sdpa[0][1] == (128, 2, 1)  # window layer: its 16 keys, one split
+    assert sdpa[1][1] == (128 * splits, 2, 1)
+    assert sdpa[1][2][1] == (1, 8, splits, 64 + 2)  # the partials sdpa_combine merges
     assert by_name["out_residual"][0][2] == [(1, 1, 128)]
     assert by_name["norm_route"][0][2] == [(1, 128), (4,), (4,)]
     assert by_name["gate_up_swiglu"][0][1] == (128 * -(-96 // (4 * kernels.MOE_COLS_PER_WARP)), 4, 1)
@@ -731,7 +749,7 @@ def test_compiled_decode_step_launches_with_the_gpu_faked(monkeypatch):
     full_len = [c.keys.shape[2] for c in cache if isinstance(c, FullCache)][0]
     assert full_len >= prompt + 1
     splits = max(1, min(kernels.SDPA_MAX_SPLITS, -(-full_len // kernels.SDPA_KEYS_PER_SPLIT)))
-    sdpa = [(t, g) for n, t, g, _ in launches if n == "sdpa_decode"]
+    sdpa = [(t, g) for n, t, g, _ in launches if n == "sdpa_decode_mma"]
     assert [g for _, g in sdpa] == [
         (128, 2, 1) if b.attn.window else (128 * splits, 2, 1) for b in model.blocks
     ]
