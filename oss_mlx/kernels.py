@@ -300,14 +300,90 @@ def _code_only(text: str) -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
+def _top_level_items(code: str) -> list[str]:
+    """Split comment-free C++ into its top-level items: preprocessor lines, declarations ending in
+    `;`, and definitions ending in a closing brace (string literals skipped: asm text has braces)."""
+    items, start, depth, i, n = [], 0, 0, 0, len(code)
+    while i < n:
+        c = code[i]
+        if c == '"':
+            i += 1
+            while i < n and code[i] != '"':
+                i += 2 if code[i] == "\\" else 1
+        elif c == "#" and depth == 0 and not code[start:i].strip():
+            end = code.find("\n", i)
+            end = n if end < 0 else end
+            items.append(code[start:end])
+            start = i = end
+            continue
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                end = i + 1
+                while end < n and code[end] in " \t":
+                    end += 1
+                end += end < n and code[end] == ";"
+                items.append(code[start:end])
+                start = i = end
+                continue
+        elif c == ";" and depth == 0:
+            items.append(code[start : i + 1])
+            start = i + 1
+        i += 1
+    items.append(code[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+_IDENT = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def _defined_names(item: str) -> set[str] | None:
+    """The names a helper item defines (None: always kept - macros, typedefs, using)."""
+    if item.startswith(("#", "typedef", "using")):
+        return None
+    struct = re.match(r"(?:template\s*<[^{;]*?>\s*)?struct\s+(\w+)", item)
+    if struct:
+        return {struct.group(1)}
+    head = item.split("(", 1)[0]
+    while re.search(r"<[^<>]*>", head):  # template parameter lists and arguments
+        head = re.sub(r"<[^<>]*>", " ", head)
+    names = _IDENT.findall(head)
+    return {names[-1]} if names else None
+
+
+def _used_helpers(helpers: str, body: str) -> str:
+    """The helper items a kernel body reaches (directly or through other helpers), in file order.
+
+    Why: MLX-CUDA hashes each kernel's whole source at every launch to find its compiled module
+    (custom_kernel.cpp, ~170 launches a decode step), so a header of every helper for every kernel
+    cost host time per token; each kernel now carries only what it calls."""
+    items = _top_level_items(helpers)
+    defines = [_defined_names(item) for item in items]
+    need = set(_IDENT.findall(body))
+    keep = [False] * len(items)
+    changed = True
+    while changed:
+        changed = False
+        for k, item in enumerate(items):
+            if not keep[k] and (defines[k] is None or defines[k] & need):
+                keep[k] = changed = True
+                need |= set(_IDENT.findall(item))
+    return "\n".join(item for item, kept in zip(items, keep) if kept) + "\n"
+
+
 def kernel_sources(dialect: str) -> dict[str, tuple[str, str]]:
-    """name -> (header, body) for every kernel of a dialect, as MLX will compile them."""
+    """name -> (header, body) for every kernel of a dialect, as MLX will compile them: the body, and
+    the helpers of the dialect's common header and of the kernel's file that the body uses."""
     common = _code_only(_source_text(dialect, _HEADER[dialect]))
     out = {}
     for file in sorted({s.file for s in SPECS.values()}):
         preamble, bodies = parse_source(_source_text(dialect, file + _EXT[dialect]))
+        helpers = common + _code_only(preamble)
         for name, body in bodies.items():
-            out[name] = (common + _code_only(preamble), _code_only(body))
+            code = _code_only(body)
+            out[name] = (_code_only(_used_helpers(helpers, code)), code)
     return out
 
 

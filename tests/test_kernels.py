@@ -88,6 +88,31 @@ def test_comments_are_dropped_code_is_kept():
     assert kernels._code_only(text) == "#define A 1\nint x = A;\n"
 
 
+def test_each_kernel_carries_only_the_helpers_it_calls():
+    """MLX-CUDA hashes a kernel's whole source at every launch, so each kernel gets the helpers its
+    body reaches (transitively), not the whole header; macros and typedefs always travel."""
+    code = kernels._code_only(
+        "#define OSS_DEV inline\ntypedef unsigned int uint;\n"
+        "OSS_DEV float sq(float x) { return x * x; }\n"
+        "template <typename T> OSS_DEV T twice(T x) { return sq(x) + sq(x); }\n"
+        "template <> OSS_DEV float twice<float>(float x) { return 2 * x; }\n"
+        'struct Asm { static OSS_DEV void run() { asm volatile("{ x }" ::); } };\n'
+        "OSS_DEV float unused(float x) { return x; }\n"
+    )
+    items = kernels._top_level_items(code)
+    assert len(items) == 7  # the braces inside the asm string do not split or join items
+    kept = kernels._used_helpers(code, "y = twice<T>(v); Asm::run();")
+    assert "OSS_DEV float sq(" in kept and kept.count("twice") == 2 and "struct Asm" in kept
+    assert "unused" not in kept and "#define OSS_DEV" in kept and "typedef unsigned int uint;" in kept
+    for dialect in ("cuda", "metal"):
+        sources = kernels.kernel_sources(dialect)
+        out_header = sources["out_residual"][0]
+        assert "dot2_rows" in out_header and "load8" in out_header
+        assert "merge_warps" not in out_header and "dot8_fp4" not in out_header
+        mma_header = sources["sdpa_decode_mma"][0]
+        assert "merge_warps" in mma_header and "dot2_rows" not in mma_header
+
+
 def test_a_kernel_section_pasted_twice_is_refused():
     text = "// helpers\n// @@kernel a\n  int x = 1;\n// @@kernel a\n  int y = 2;\n"
     with pytest.raises(ValueError, match="appears twice"):
