@@ -50,6 +50,11 @@ class Row:
     peak_gb: float
     kernels: str = ""  # oss-mlx: the kernel backend used (metal | cuda | reference)
     label: str = ""  # the --engines entry it came from (oss-mlx:reference shows as engine oss-mlx)
+    # decode rows: the first decode step alone (oss-mlx traces its compiled step there when the cache
+    # buffer has a size not seen before) and the rate over the steps after it. tokens_per_s stays the
+    # rate over every decoded token, as measured since the first sessions.
+    first_step_ms: float | None = None
+    steady_tokens_per_s: float | None = None
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -203,38 +208,51 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
     return mx.random.randint(0, vocab, (n,), key=key).tolist()
 
 
+# (prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s)
+Timings = tuple[float, float, float, "float | None", "float | None"]
+
+
+def _first_and_steady(times: list[float]) -> tuple[float | None, float | None]:
+    """(first decode step in ms, tok/s over the steps after it) from the times tokens arrived."""
+    if len(times) < 3 or times[-1] <= times[1]:
+        return None, None
+    return 1000 * (times[1] - times[0]), (len(times) - 2) / (times[-1] - times[1])
+
+
 def run_oss_mlx(
     model: Transformer, prompt: list[int], decode: int, prefill_step: int | None = None
-) -> tuple[float, float, float]:
-    """(prefill tok/s, decode tok/s, peak GB) through oss-mlx's own token loop."""
+) -> Timings:
+    """(prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s) through
+    oss-mlx's own token loop."""
     from .generation import SamplingOptions, TokenStream, generate_tokens
 
     report = TokenStream()
     cache = model.make_cache()
     options = SamplingOptions(temperature=0.0, max_tokens=decode + 1)
+    times = []
     for _ in generate_tokens(
         model, prompt, cache, options, stop_ids=set(), report=report, prefill_step=prefill_step
     ):
-        pass
+        times.append(time.perf_counter())
     s = report.stats
     decode_tps = (s.generated_tokens - 1) / s.generation_seconds if s.generation_seconds > 0 else 0.0
     del cache
-    return len(prompt) / s.prompt_seconds, decode_tps, mx.get_peak_memory() / 1e9
+    return (len(prompt) / s.prompt_seconds, decode_tps, mx.get_peak_memory() / 1e9, *_first_and_steady(times))
 
 
-def run_mlx_lm(model, prompt: list[int], decode: int) -> tuple[float, float, float]:
-    """(prefill tok/s, decode tok/s, peak GB) through mlx-lm's own generate_step."""
+def run_mlx_lm(model, prompt: list[int], decode: int) -> Timings:
+    """(prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s) through
+    mlx-lm's own generate_step."""
     from mlx_lm.generate import generate_step
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    n, t1 = 0, None
+    times = []
     for _ in generate_step(mx.array(prompt), model, max_tokens=decode + 1):
-        n += 1
-        if n == 1:
-            t1 = time.perf_counter()
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), (n - 1) / (t2 - t1) if t2 > t1 else 0.0, mx.get_peak_memory() / 1e9
+        times.append(time.perf_counter())
+    n, t1, t2 = len(times), times[0], time.perf_counter()
+    decode_tps = (n - 1) / (t2 - t1) if t2 > t1 else 0.0
+    return (len(prompt) / (t1 - t0), decode_tps, mx.get_peak_memory() / 1e9, *_first_and_steady(times))
 
 
 def check_logits(model: Transformer, n: int, steps: int = 8, seed: int = 0) -> dict:
@@ -510,14 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     extra: dict = {}
 
-    def record(label: str, kern: str, ctx: int, res: tuple[float, float, float]) -> None:
-        pre, dec, peak = res
+    def record(label: str, kern: str, ctx: int, res: Timings) -> None:
+        pre, dec, peak, first_ms, steady = res
         engine = label.split(":")[0]
         rows.append(Row(engine, "prefill", ctx, pre, peak, kern, label))
-        rows.append(Row(engine, "decode", ctx, dec, peak, kern, label))
+        rows.append(Row(engine, "decode", ctx, dec, peak, kern, label, first_ms, steady))
+        after_first = "" if steady is None else f" (first step {first_ms:.1f} ms, then {steady:.1f} tok/s)"
         print(
             f"  {label:<18} [{kern or '-':>9}] context {ctx:>6}: prefill {pre:9.1f} tok/s, "
-            f"decode {dec:7.1f} tok/s, peak {peak:.2f} GB",
+            f"decode {dec:7.1f} tok/s{after_first}, peak {peak:.2f} GB",
             flush=True,
         )
 
