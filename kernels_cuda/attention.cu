@@ -48,6 +48,15 @@
 //   outputs out [B, Hq, D] (T)
 //   template T, D
 //   grid (D * B * Hq, 1, 1), threadgroup (D, 1, 1)
+// The keys [s0, s1) of one split: of the first min(len, pos + 1) positions (written so far: a buffer
+// may be longer), the last WINDOW (all when WINDOW = 0), cut into nsplit equal runs.
+template <int WINDOW> OSS_DEV void split_keys(int len, int pos, int split, int nsplit, int& s0, int& s1) {
+  const int S = min(len, pos + 1);
+  const int lo = (WINDOW > 0 && S > WINDOW) ? S - WINDOW : 0;
+  const int chunk = (S - lo + nsplit - 1) / nsplit;
+  s0 = lo + split * chunk;
+  s1 = min(S, s0 + chunk);
+}
 // The 4 warps' (m, l, o) per query head merged, thread (g, d) for g < G, d < D; with one split the
 // softmax is finished with the sink (it joins the denominator and has no value), with several the
 // split's partial (o, m, l) goes to part. head0 / bh0: the block's first query head, alone and as
@@ -191,11 +200,8 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
   const int split = blockIdx.x, nsplit = gridDim.x;
   const int Hkv = k_shape[1];
   const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
-  const int S = min((int)k_shape[2], pos[0] + 1);  // keys written so far (a buffer may be longer)
-  const int lo = (WINDOW > 0 && S > WINDOW) ? S - WINDOW : 0;
-  const int chunk = (S - lo + nsplit - 1) / nsplit;
-  const int s0 = lo + split * chunk;
-  const int s1 = min(S, s0 + chunk);
+  int s0, s1;
+  split_keys<WINDOW>(k_shape[2], pos[0], split, nsplit, s0, s1);
 
   const float qscale = scale_log2[0];
   const long long q0 = (long long)(b * Hkv + kvh) * G * D;
@@ -317,11 +323,8 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
   const int split = blockIdx.x, nsplit = gridDim.x;
   const int Hkv = k_shape[1];
   const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
-  const int S = min((int)k_shape[2], pos[0] + 1);  // keys written so far (a buffer may be longer)
-  const int lo = (WINDOW > 0 && S > WINDOW) ? S - WINDOW : 0;
-  const int chunk = (S - lo + nsplit - 1) / nsplit;
-  const int s0 = lo + split * chunk;
-  const int s1 = min(S, s0 + chunk);
+  int s0, s1;
+  split_keys<WINDOW>(k_shape[2], pos[0], split, nsplit, s0, s1);
   const float qscale = scale_log2[0];
 
   // Q as the A operand: head g's dims 16t..16t+15, k-step s takes words 2s, 2s + 1 (rows g + 8: 0).

@@ -45,6 +45,16 @@
 //   outputs out [B, Hq, D] (T)
 //   template T, D
 //   grid (D * B * Hq, 1, 1), threadgroup (D, 1, 1)
+// The keys [s0, s1) of one split: of the first min(len, pos + 1) positions (written so far: a buffer
+// may be longer), the last WINDOW (all when WINDOW = 0), cut into nsplit equal runs.
+template <int WINDOW>
+OSS_DEV void split_keys(int len, int pos, int split, int nsplit, thread int& s0, thread int& s1) {
+  const int S = min(len, pos + 1);
+  const int lo = (WINDOW > 0 && S > WINDOW) ? S - WINDOW : 0;
+  const int chunk = (S - lo + nsplit - 1) / nsplit;
+  s0 = lo + split * chunk;
+  s1 = min(S, s0 + chunk);
+}
 // The 4 simdgroups' (m, l, o) per query head merged, thread (g, d) for g < G, d < D; with one split
 // the softmax is finished with the sink (it joins the denominator and has no value), with several
 // the split's partial (o, m, l) goes to part. head0 / bh0: the threadgroup's first query head, alone
@@ -173,11 +183,8 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
   const int split = threadgroup_position_in_grid.x, nsplit = threadgroups_per_grid.x;
   const int Hkv = k_shape[1];
   const int b = int(threadgroup_position_in_grid.y) / Hkv, kvh = int(threadgroup_position_in_grid.y) % Hkv;
-  const int S = min((int)k_shape[2], pos[0] + 1);  // keys written so far (a buffer may be longer)
-  const int lo = (WINDOW > 0 && S > WINDOW) ? S - WINDOW : 0;
-  const int chunk = (S - lo + nsplit - 1) / nsplit;
-  const int s0 = lo + split * chunk;
-  const int s1 = min(S, s0 + chunk);
+  int s0, s1;
+  split_keys<WINDOW>(k_shape[2], pos[0], split, nsplit, s0, s1);
 
   const float qscale = scale_log2[0];
   const long q0 = (long)(b * Hkv + kvh) * G * D;
@@ -281,11 +288,8 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
   const int split = threadgroup_position_in_grid.x, nsplit = threadgroups_per_grid.x;
   const int Hkv = k_shape[1];
   const int b = int(threadgroup_position_in_grid.y) / Hkv, kvh = int(threadgroup_position_in_grid.y) % Hkv;
-  const int S = min((int)k_shape[2], pos[0] + 1);  // keys written so far (a buffer may be longer)
-  const int lo = (WINDOW > 0 && S > WINDOW) ? S - WINDOW : 0;
-  const int chunk = (S - lo + nsplit - 1) / nsplit;
-  const int s0 = lo + split * chunk;
-  const int s1 = min(S, s0 + chunk);
+  int s0, s1;
+  split_keys<WINDOW>(k_shape[2], pos[0], split, nsplit, s0, s1);
   const float qscale = scale_log2[0];
 
   // Q^T as the B operand of the 8 dim steps: row fm of step s is dim 16 (fm / 2) + 2 s + fm % 2,

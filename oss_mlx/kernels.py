@@ -258,6 +258,7 @@ class KernelSpec:
     row_contiguous: bool = True
 
 
+_SDPA_INPUTS = ("q", "k", "v", "sinks", "scale_log2", "pos")
 SPECS = {
     s.name: s
     for s in (
@@ -265,19 +266,9 @@ SPECS = {
         KernelSpec("norm_route", "routing", ("x", "nw", "w", "b", "eps"), ("h", "wts", "ids")),
         KernelSpec("gate_up_swiglu", "experts", ("x", "ids", "w", "scales", "bias", "consts"), ("h",)),
         KernelSpec("down_combine", "experts", ("h", "ids", "wts", "w", "scales", "bias", "res"), ("y",)),
-        KernelSpec(
-            "sdpa_decode",
-            "attention",
-            ("q", "k", "v", "sinks", "scale_log2", "pos"),
-            ("out", "part"),
-            row_contiguous=False,
-        ),
-        KernelSpec(
-            "sdpa_decode_mma",
-            "attention",
-            ("q", "k", "v", "sinks", "scale_log2", "pos"),
-            ("out", "part"),
-            row_contiguous=False,
+        *(
+            KernelSpec(name, "attention", _SDPA_INPUTS, ("out", "part"), row_contiguous=False)
+            for name in ("sdpa_decode", "sdpa_decode_mma")  # the same interface, two algorithms
         ),
         KernelSpec("sdpa_combine", "attention", ("part", "sinks"), ("out",)),
         KernelSpec(
