@@ -70,6 +70,14 @@ for stage in $STAGES; do
                    --json $OUT/stream20-$i.json 2>&1 | tee -a $OUT/stream20.log
                done
              done ;;
+    envbench)  # host-bound decode: MLX-CUDA's graph settings (a commit every 100 ops or 1,000 M input
+               # elements on H100/H200, device.cpp) against the default, oss-mlx alone, 128 and 32k
+         i=0; for v in MLX_X=0 MLX_MAX_OPS_PER_BUFFER=400 "MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=1000000" \
+                       MLX_USE_CUDA_GRAPHS=0; do
+           i=$((i + 1)); echo "-- $v" | tee -a $OUT/envbench.log
+           env $v timeout 150 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,32768 --decode-tokens 64 \
+             --engines oss-mlx --json $OUT/envbench-$i.json 2>&1 | grep -E "context|device" | tee -a $OUT/envbench.log
+         done ;;
     bench1) timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
               --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench.json 2>&1 | tee -a $OUT/bench.log ;;
     bench2) i=0; for v in MLX_X=0 MLX_USE_CUDA_GRAPHS=0; do  # (no '=' in file names: they would not come back)
