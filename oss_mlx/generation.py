@@ -136,7 +136,11 @@ def generate_tokens(
         mx.random.seed(options.seed)
     mx.reset_peak_memory()
 
+    greedy = options.temperature == 0
+
     def sample(logits: mx.array) -> mx.array:
+        if greedy:  # the argmax of the logits is the argmax of the log-probabilities: no 201k-wide
+            return sampler(logits)  # logsumexp and subtraction (two launches) in every step
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs)
 

@@ -102,3 +102,23 @@ def test_the_step_is_traced_once_per_buffer_shape(model, monkeypatch):  # noqa: 
         shapes.add(next(c.keys.shape[2] for c in cache if isinstance(c, FullCache)))
     assert shapes == {8, 24, 40, 56}  # 8, then grown by 16 as positions 8, 24, 40 are reached
     assert len(traced) == len(shapes)
+
+
+def test_greedy_generation_takes_the_argmax_of_each_steps_logits(model):  # noqa: F811
+    """Greedy sampling reads the logits as they are (no log-softmax first: its argmax is the same);
+    generation's tokens are each step's argmax of the plain forward, and a sampled run still draws
+    from the log-probabilities."""
+    from oss_mlx.generation import SamplingOptions, generate_tokens
+
+    prompt, n = [int(t) for t in TOKENS[:6]], 8
+    got = list(generate_tokens(model, prompt, model.make_cache(), SamplingOptions(0.0, max_tokens=n), set()))
+    cache, want = model.make_cache(), []
+    logits = model(mx.array([prompt]), cache=cache)[:, -1, :]
+    for _ in range(n):
+        want.append(int(mx.argmax(logits, axis=-1).item()))
+        logits = model(mx.array([[want[-1]]]), cache=cache)[:, -1, :]
+    assert got == want
+    options = SamplingOptions(temperature=1.0, top_p=0.9, max_tokens=n, seed=3)
+    sampled = list(generate_tokens(model, prompt, model.make_cache(), options, set()))
+    again = list(generate_tokens(model, prompt, model.make_cache(), options, set()))
+    assert len(sampled) == n and sampled == again and all(0 <= t < CFG.vocab_size for t in sampled)
