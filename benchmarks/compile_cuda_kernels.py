@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from oss_mlx import kernels  # noqa: E402
+from oss_mlx import kernel_sources, kernels  # noqa: E402
 
 CTYPE = {
     "bf16": "__nv_bfloat16",
@@ -60,7 +60,7 @@ CASES = [
 def translation_unit(name: str, ins: list[str], outs: list[str], template: dict[str, object]) -> str:
     """The kernel as MLX's custom_kernel.cpp builds it: MLX's device utils, our header, a signature
     with shapes/strides for the inputs the body names, the template arguments as constants."""
-    header, body = kernels.kernel_sources("cuda")[name]
+    header, body = kernel_sources.kernel_sources("cuda")[name]
     spec = kernels.SPECS[name]
     args = []
     for arg, dtype in zip(spec.inputs, ins):

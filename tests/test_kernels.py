@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from oss_mlx import kernels
+from oss_mlx import kernel_sources, kernels
 from oss_mlx.cache import FullCache, WindowCache
 from oss_mlx.config import ModelConfig
 from oss_mlx.moe import MLPBlock, clamped_swiglu
@@ -57,7 +57,7 @@ TOL = {mx.float32: 2e-5, mx.bfloat16: 1.5e-2, mx.float16: 4e-3}
 
 @pytest.mark.parametrize("dialect", ["metal", "cuda"])
 def test_every_kernel_has_a_source_in_both_dialects(dialect):
-    sources = kernels.kernel_sources(dialect)
+    sources = kernel_sources.kernel_sources(dialect)
     assert set(sources) == set(kernels.SPECS), f"{dialect}: {sorted(sources)} vs {sorted(kernels.SPECS)}"
     for name, (header, body) in sources.items():
         assert body.strip(), name
@@ -85,13 +85,13 @@ def test_the_offline_compile_check_covers_every_cuda_kernel():
 
 def test_comments_are_dropped_code_is_kept():
     text = "#define A 1  // why\n\n  // only a comment\n  int x = A; // trailing\n"
-    assert kernels._code_only(text) == "#define A 1\nint x = A;\n"
+    assert kernel_sources._code_only(text) == "#define A 1\nint x = A;\n"
 
 
 def test_each_kernel_carries_only_the_helpers_it_calls():
     """MLX-CUDA hashes a kernel's whole source at every launch, so each kernel gets the helpers its
     body reaches (transitively), not the whole header; macros and typedefs always travel."""
-    code = kernels._code_only(
+    code = kernel_sources._code_only(
         "#define OSS_DEV inline\ntypedef unsigned int uint;\n"
         "OSS_DEV float sq(float x) { return x * x; }\n"
         "template <typename T> OSS_DEV T twice(T x) { return sq(x) + sq(x); }\n"
@@ -99,13 +99,13 @@ def test_each_kernel_carries_only_the_helpers_it_calls():
         'struct Asm { static OSS_DEV void run() { asm volatile("{ x }" ::); } };\n'
         "OSS_DEV float unused(float x) { return x; }\n"
     )
-    items = kernels._top_level_items(code)
+    items = kernel_sources._top_level_items(code)
     assert len(items) == 7  # the braces inside the asm string do not split or join items
-    kept = kernels._used_helpers(code, "y = twice<T>(v); Asm::run();")
+    kept = kernel_sources._used_helpers(code, "y = twice<T>(v); Asm::run();")
     assert "OSS_DEV float sq(" in kept and kept.count("twice") == 2 and "struct Asm" in kept
     assert "unused" not in kept and "#define OSS_DEV" in kept and "typedef unsigned int uint;" in kept
     for dialect in ("cuda", "metal"):
-        sources = kernels.kernel_sources(dialect)
+        sources = kernel_sources.kernel_sources(dialect)
         out_header = sources["out_residual"][0]
         assert "dot2_rows" in out_header and "load8" in out_header
         assert "merge_warps" not in out_header and "dot8_fp4" not in out_header
@@ -116,8 +116,8 @@ def test_each_kernel_carries_only_the_helpers_it_calls():
 def test_a_kernel_section_pasted_twice_is_refused():
     text = "// helpers\n// @@kernel a\n  int x = 1;\n// @@kernel a\n  int y = 2;\n"
     with pytest.raises(ValueError, match="appears twice"):
-        kernels.parse_source(text)
-    preamble, bodies = kernels.parse_source(text.replace("kernel a\n  int y", "kernel b\n  int y"))
+        kernel_sources.parse_source(text)
+    preamble, bodies = kernel_sources.parse_source(text.replace("kernel a\n  int y", "kernel b\n  int y"))
     assert preamble.strip() == "// helpers" and set(bodies) == {"a", "b"}
 
 
@@ -128,7 +128,7 @@ def test_twins_document_the_same_interface():
     for file in {s.file for s in kernels.SPECS.values()}:
         docs = []
         for d in ("metal", "cuda"):
-            text = kernels._source_text(d, file + kernels._EXT[d])
+            text = kernel_sources._source_text(d, file + kernel_sources.EXT[d])
             docs.append(re.findall(r"^//\s+(?:inputs|outputs)\s.*$", text, re.M))
         assert docs[0] == docs[1], file
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from oss_mlx import kernels
+from oss_mlx import kernel_sources, kernels
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("ziglang") is None, reason="clang comes from the `ziglang` package (test extra)"
@@ -71,7 +71,7 @@ CASES = [
 
 def translation_unit(name: str, ins: list[str], outs: list[str], template: dict) -> str:
     """The kernel as MLX's write_signature() builds it (minus MLX's own prelude: the shim)."""
-    header, body = kernels.kernel_sources("metal")[name]
+    header, body = kernel_sources.kernel_sources("metal")[name]
     spec = kernels.SPECS[name]
     # Threadgroup arrays are declared inside the kernel; C++ allows an address space on a static only.
     header = header.replace("#define OSS_SHARED threadgroup", "#define OSS_SHARED static threadgroup")
@@ -147,7 +147,7 @@ _DECL = re.compile(r"(?:threadgroup|OSS_SHARED)(?:\s+OSS_ALIGN16)?\s+float\s+\w+
 
 def threadgroup_bytes(name: str, template: dict) -> int:
     """Bytes of the threadgroup arrays a kernel declares, at these template values."""
-    _header, body = kernels.kernel_sources("metal")[name]
+    _header, body = kernel_sources.kernel_sources("metal")[name]
     names = dict(template)
     for decl in re.findall(r"constexpr int ([^;]+);", body):  # e.g. NT = 512, NWARP = NT / 32
         for const, expr in (d.split("=", 1) for d in decl.split(",")):
