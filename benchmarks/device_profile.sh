@@ -43,6 +43,10 @@ for stage in $STAGES; do
            -k regex:"${KREGEX:-oss_norm_qkv}" --launch-count 1 --page source --print-source sass --csv \
            python3 benchmarks/ncu_sweep.py --detail > $OUT/source.csv 2> $OUT/source.err
          wc -l $OUT/source.csv | tee -a $OUT/run.log ;;
+    smallprobe) timeout 120 python3 benchmarks/small_array_probe.py 2>&1 | tee -a $OUT/run.log
+         timeout 200 ncu --metrics gpu__time_duration.sum -k regex:probe --csv \
+           python3 benchmarks/small_array_probe.py > $OUT/smallprobe.csv 2> $OUT/smallprobe.err
+         python3 benchmarks/ncu_sweep.py --summarize $OUT/smallprobe.csv | tee -a $OUT/run.log ;;
     envs) for v in MLX_X=0 MLX_MAX_OPS_PER_BUFFER=50 MLX_MAX_OPS_PER_BUFFER=200 MLX_USE_CUDA_GRAPHS=0; do
             env $v timeout 100 python3 benchmarks/profile_decode.py --depths 128 2>&1 | tee -a $OUT/run.log
           done ;;
