@@ -31,7 +31,7 @@ def main() -> None:
             scale = mx.full((n,), 0.5, dtype=mx.float32) if made == "gpu" else mx.array([0.5] * n)
             mx.eval(scale)
 
-            def launch(scale=scale):
+            def launch(scale=scale, n=n, made=made):
                 return kernel(  # the template names the variant in Nsight Compute's kernel names
                     inputs=[scale],
                     template=[("N", n), ("GPU_MADE", int(made == "gpu"))],
