@@ -30,7 +30,7 @@
 // sdpa_decode_mma: sdpa_decode on the matrix units, for 16-bit T, D = 64, G <= 8 (gpt-oss: G = 8).
 //   Same inputs, outputs, grid and key ranges as sdpa_decode. Why: the SIMT kernel does 2 G D FMAs
 //   per key and lane-serial reductions (~3,600 instructions a warp for 32 keys), so it was bound by
-//   instruction latency at small S (13 µs for 128 keys) and by issue at large S (0.6 TB/s at 32k
+//   instruction latency at small S (13 µs for 128 keys) and by issue at large S (0.4-0.9 TB/s at 32k
 //   keys); here a warp's 32 keys are 32 mma instructions. Per warp and 32 keys: S = Q K^T as 4 x 4
 //   m16n8k16 tiles (rows: the G query heads, rows G..15 zero; columns: keys), online softmax on
 //   the fp32 scores in registers, P rounded to T, O += P V as 2 x 8 tiles (columns: dims). The
