@@ -9,6 +9,7 @@ layout removed (see _code_only and _used_helpers for why). oss_mlx/kernels.py co
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import re
 from dataclasses import dataclass
@@ -158,6 +159,7 @@ def _used_helpers(helpers: str, body: str) -> str:
     return "\n".join(item for item, kept in zip(items, keep) if kept) + "\n"
 
 
+@functools.cache  # the files do not change in a process; ~10 ms a dialect, once per kernel otherwise
 def kernel_sources(dialect: str) -> dict[str, tuple[str, str]]:
     """name -> (header, body) for every kernel of a dialect, as MLX will compile them: the body, and
     the helpers of the dialect's common header and of the kernel's file that the body uses."""
