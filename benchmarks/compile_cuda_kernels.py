@@ -52,7 +52,7 @@ CASES = [
     ("sdpa_decode_mma", [B] * 4 + [F, "i32"], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
     ("sdpa_decode_mma", ["f16"] * 3 + [F, F, "i32"], ["f16", F], dict(T="f16", D=64, G=3, WINDOW=128)),
     ("sdpa_combine", [F, B], [B], dict(T=B, D=64)),
-    ("norm_qkv_rope", [B] * 4 + [F, "i32", F], [B] * 3, dict(T=B, H=2880, D=64, HQ=64, HKV=8, NC=12, PW=4)),
+    ("norm_qkv_rope", [B] * 4 + [F, "i32", F], [B] * 2, dict(T=B, H=2880, D=64, HQ=64, HKV=8, NC=12, PW=4)),
     ("out_residual", [B] * 4, [B], dict(T=B, H=2880, IN=4096, NC=16, RW=4)),
 ]
 

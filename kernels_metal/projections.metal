@@ -15,7 +15,8 @@
 //   inputs  x [N, H], nw [H], w [(HQ + 2 HKV) D, H], b [(HQ + 2 HKV) D], wl [D / 2] float32
 //           (wavelengths, as mx.fast.rope takes them), pos [1] int32, consts [2] float32 (eps,
 //           concentration)
-//   outputs q [N, HQ, D], k [N, HKV, 1, D], v [N, HKV, 1, D] (T)
+//   outputs q [N, HQ, D], kv [2, N, HKV, 1, D] (T; the new key, then the new value: the layout of
+//           the caches' joint buffer, written with one scatter)
 //   template T, H, D, HQ, HKV, NC, PW (pairs of rows per simdgroup, <= 32); 4 simdgroups per threadgroup
 //   grid (128 * ceil((HQ + 2 HKV) D / 2 / (4 PW)), N, 1), threadgroup (128, 1, 1)
 //
@@ -74,12 +75,10 @@
       if (head < HQ) {
         dst = q;
         base = ((long)n * HQ + head) * D;
-      } else if (head < HQ + HKV) {
-        dst = k;
-        base = ((long)n * HKV + head - HQ) * D;
-      } else {
-        dst = v;
-        base = ((long)n * HKV + head - HQ - HKV) * D;
+      } else {  // kv [2, N, HKV, 1, D]: the keys, then the values
+        const int h = head - HQ, which = h / HKV;
+        dst = kv;
+        base = (((long)which * threadgroups_per_grid.y + n) * HKV + h % HKV) * D;
       }
       dst[base + i] = from_f<T>(y0[j]);
       dst[base + i + HALF] = from_f<T>(y1[j]);

@@ -72,13 +72,14 @@ def windowed_sdpa(
 
 
 def _write_row(buffer: mx.array, row: mx.array, slot: mx.array) -> mx.array:
-    """buffer [B, H, S, D] with row [B, H, 1, D] at position slot (int32 [1]), in place where MLX can.
+    """buffer [2, B, H, S, D] (keys, values) with row [2, B, H, 1, D] at position slot (int32 [1]), in
+    place where MLX can: one scatter for the key and the value.
 
     A scatter, not mx.slice_update with an index array: on MLX-CUDA 0.32.4 the latter copied the whole
     buffer every call (244 µs a row into 34.6 MB, against 62 µs for this; benchmarks/slice_update_probe.py).
     """
-    index = mx.broadcast_to(slot.reshape(1, 1, 1, 1), row.shape)
-    return mx.put_along_axis(buffer, index, row, axis=2)
+    index = mx.broadcast_to(slot.reshape(1, 1, 1, 1, 1), row.shape)
+    return mx.put_along_axis(buffer, index, row, axis=3)
 
 
 class AttentionBlock(nn.Module):
@@ -133,33 +134,27 @@ class AttentionBlock(nn.Module):
         """One token per sequence on the GPU kernels: the same math as __call__ in ~5 ops instead
         of ~40 (at batch 1 the op count, not the bytes, sets the decode speed)."""
         offset = cache.offset if cache is not None else 0
-        q, k, v = kernels.norm_qkv_rope(self, x, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        q, kv = kernels.norm_qkv_rope(self, x, offset)
+        k, v = cache.update_and_fetch_kv(kv) if cache is not None else (kv[0, ...], kv[1, ...])
         o = kernels.sdpa_decode(q, k, v, self.sinks, self.scale, self.window, offset)
         return kernels.out_residual(o, self.out, x)
 
-    def step(
-        self, x: mx.array, pos: mx.array, keys: mx.array, values: mx.array
-    ) -> tuple[mx.array, mx.array, mx.array]:
-        """One token per sequence, x [B, 1, H], at position `pos` (int32 [1]), with the cache as
-        fixed-shape buffers [B, Hkv, S, D] (cache.py `decode_state`: a full layer's buffer, a window
-        layer's ring of `window` slots, position p in slot p % window): writes the new key and value
-        in place and attends the slots written so far. Pure, for the compiled decode step (decode.py);
-        returns (x + attention, keys, values)."""
+    def step(self, x: mx.array, pos: mx.array, kv: mx.array) -> tuple[mx.array, mx.array]:
+        """One token per sequence, x [B, 1, H], at position `pos` (int32 [1]), with the cache as a
+        fixed-shape buffer kv [2, B, Hkv, S, D] of keys and values (cache.py `decode_state`: a full
+        layer's buffer, a window layer's ring of `window` slots, position p in slot p % window):
+        writes the new key and value in place and attends the slots written so far. Pure, for the
+        compiled decode step (decode.py); returns (x + attention, kv)."""
         slot = kernels.ring_slot(pos, self.window) if self.window is not None else pos
         if kernels.attention_decode_ok(self, x):
-            q, k, v = kernels.norm_qkv_rope(self, x, pos)
-            keys, values = _write_row(keys, k, slot), _write_row(values, v, slot)
-            o = kernels.sdpa_decode(q, keys, values, self.sinks, self.scale, self.window, pos)
-            return kernels.out_residual(o, self.out, x), keys, values
+            q, row = kernels.norm_qkv_rope(self, x, pos)
+            kv = _write_row(kv, row, slot)
+            o = kernels.sdpa_decode(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, self.window, pos)
+            return kernels.out_residual(o, self.out, x), kv
         q, k, v = self._project(x)
         offset = pos.reshape(())
         q, k = self.rope(q, offset), self.rope(k, offset)
-        keys, values = (
-            _write_row(keys, k.astype(keys.dtype), slot),
-            _write_row(values, v.astype(values.dtype), slot),
-        )
-        written = mx.arange(keys.shape[2]) <= pos  # a ring's slots are all written once pos >= window - 1
-        o = kernels.sdpa_reference(q, keys, values, self.sinks, self.scale, written)
-        return self._output(o, x), keys, values
+        kv = _write_row(kv, mx.stack([k, v]).astype(kv.dtype), slot)
+        written = mx.arange(kv.shape[3]) <= pos  # a ring's slots are all written once pos >= window - 1
+        o = kernels.sdpa_reference(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, written)
+        return self._output(o, x), kv

@@ -17,56 +17,68 @@ class CacheRewindError(RuntimeError):
     """The cache cannot be rewound to the requested offset (no mark there)."""
 
 
-class FullCache:
+class _JointKV:
+    """Keys and values held in one buffer `kv` [2, B, H, S, D] (keys, then values), so a decode step
+    writes its key and value rows with one scatter: a launch per layer fewer, and at batch 1 the step
+    is bound by launches (docs/PERFORMANCE.md). `keys` and `values` are views of it: always index it
+    as kv[i, ...] - a bare kv[i] is a gather in MLX 0.32, a copy of the whole buffer."""
+
+    kv: mx.array | None = None
+
+    @property
+    def keys(self) -> mx.array | None:
+        return None if self.kv is None else self.kv[0, ...]
+
+    @property
+    def values(self) -> mx.array | None:
+        return None if self.kv is None else self.kv[1, ...]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append [B, H, T, D] keys and values (update_and_fetch_kv with the two stacked)."""
+        return self.update_and_fetch_kv(mx.stack([keys, values.astype(keys.dtype)]))
+
+    def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        raise NotImplementedError
+
+
+class FullCache(_JointKV):
     """All keys and values, in a buffer that grows in steps (amortised appends)."""
 
     step = 256
 
     def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.kv: mx.array | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append [B, H, T, D] keys/values; return everything cached so far."""
-        start, t = self.offset, keys.shape[2]
-        if self.keys is None or start + t > self.keys.shape[2]:
+    def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        """Append [2, B, H, T, D] keys and values; return everything cached so far (keys, values)."""
+        start, t = self.offset, kv.shape[3]
+        if self.kv is None or start + t > self.kv.shape[3]:
             grow = ((t + self.step - 1) // self.step) * self.step
-            shape = (*keys.shape[:2], grow, keys.shape[3])
-            new_k, new_v = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :start, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :start, :], new_v], axis=2)
-        self.keys[..., start : start + t, :] = keys
-        self.values[..., start : start + t, :] = values
+            new = mx.zeros((*kv.shape[:3], grow, kv.shape[4]), kv.dtype)
+            self.kv = new if self.kv is None else mx.concatenate([self.kv[..., :start, :], new], axis=3)
+        self.kv[..., start : start + t, :] = kv
         self.offset = start + t
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return self.kv[0, ..., : self.offset, :], self.kv[1, ..., : self.offset, :]
 
     # A compiled decode step is traced once per buffer shape: the buffer grows by this many positions
     # ahead of decoding (one retrace per 1,024 tokens decoded).
     decode_step = 1024
 
-    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> mx.array:
         """The whole buffer for a decode step at position `offset`, grown first if it is full (the
         decode attention reads positions [0, offset] of it; the rest is never read). row: the
         (batch, heads, head_dim) of one position."""
-        if self.keys is None or self.offset + 1 > self.keys.shape[2]:
-            grow = max(self.decode_step, self.offset + 1 - (0 if self.keys is None else self.keys.shape[2]))
+        if self.kv is None or self.offset + 1 > self.kv.shape[3]:
+            grow = max(self.decode_step, self.offset + 1 - (0 if self.kv is None else self.kv.shape[3]))
             grow = -(-grow // self.decode_step) * self.decode_step
-            shape = (row[0], row[1], grow, row[2])
-            new_k, new_v = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys, new_k], axis=2)
-                self.values = mx.concatenate([self.values, new_v], axis=2)
-        return self.keys, self.values
+            new = mx.zeros((2, row[0], row[1], grow, row[2]), dtype)
+            self.kv = new if self.kv is None else mx.concatenate([self.kv, new], axis=3)
+        return self.kv
 
-    def commit_decode(self, keys: mx.array, values: mx.array) -> None:
+    def commit_decode(self, kv: mx.array) -> None:
         """Take the buffer a decode step wrote position `offset` into."""
-        self.keys, self.values = keys, values
+        self.kv = kv
         self.offset += 1
 
     def mark(self) -> None:
@@ -82,12 +94,12 @@ class FullCache:
 
     @property
     def nbytes(self) -> int:
-        if self.keys is None:
+        if self.kv is None:
             return 0
-        return 2 * self.keys[..., : self.offset, :].nbytes
+        return self.kv[..., : self.offset, :].nbytes
 
 
-class WindowCache:
+class WindowCache(_JointKV):
     """A sliding-window layer's keys and values in a ring of `window` slots, plus marks.
 
     Position p lives in slot p % window: a decode step writes one slot in place (a fixed shape, which
@@ -103,75 +115,64 @@ class WindowCache:
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.keys: mx.array | None = None  # [B, H, window, D] ring
-        self.values: mx.array | None = None
+        self.kv: mx.array | None = None  # [2, B, H, window, D] ring: keys, then values
         self.offset = 0
         self.lo = 0  # oldest position still held
-        self._marks: dict[int, tuple[int, mx.array | None, mx.array | None]] = {}
-        self._before_last: tuple[int, int, mx.array | None, mx.array | None] = (0, 0, None, None)
+        self._marks: dict[int, tuple[int, mx.array | None]] = {}
+        self._before_last: tuple[int, int, mx.array | None] = (0, 0, None)
 
     def kept(self) -> int:
         """Keys a future query can still see: at most window - 1."""
         return min(self.offset - self.lo, self.window - 1)
 
-    def _ordered(self) -> tuple[mx.array, mx.array] | None:
-        """The kept keys and values in position order (None when there are none)."""
+    def _ordered(self) -> mx.array | None:
+        """The kept keys and values [2, B, H, n, D] in position order (None when there are none)."""
         n = self.kept()
-        if n == 0 or self.keys is None:
+        if n == 0 or self.kv is None:
             return None
         slots = mx.array([p % self.window for p in range(self.offset - n, self.offset)], dtype=mx.uint32)
-        return mx.take(self.keys, slots, axis=2), mx.take(self.values, slots, axis=2)
+        return mx.take(self.kv, slots, axis=3)
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Return the kept keys followed by the new ones, in order; the caller masks by position.
-        One token into a full ring is written in place and the ring returned (the window exactly:
-        attention does not depend on the keys' order), two ops instead of a reordering."""
-        self._before_last = (self.offset, self.lo, self.keys, self.values)
-        if keys.shape[2] == 1 and self.keys is not None and self.kept() == self.window - 1:
-            # A new array, not `self.keys[...] = keys`: that would change the array a mark holds.
+    def update_and_fetch_kv(self, new: mx.array) -> tuple[mx.array, mx.array]:
+        """Take [2, B, H, T, D] keys and values; return the kept keys followed by the new ones, in
+        order (keys, values); the caller masks by position. One token into a full ring is written in
+        place and the ring returned (the window exactly: attention does not depend on the keys'
+        order), one op instead of a reordering."""
+        self._before_last = (self.offset, self.lo, self.kv)
+        if new.shape[3] == 1 and self.kv is not None and self.kept() == self.window - 1:
+            # A new array, not `self.kv[...] = new`: that would change the array a mark holds.
             slot = mx.array([self.offset % self.window])
-            self.keys = mx.slice_update(self.keys, keys, slot, axes=(2,))
-            self.values = mx.slice_update(self.values, values, slot, axes=(2,))
+            self.kv = mx.slice_update(self.kv, new, slot, axes=(3,))
             self.offset += 1
             self.lo = max(self.lo, self.offset - self.window)
-            return self.keys, self.values
+            return self.kv[0, ...], self.kv[1, ...]
         kept = self._ordered()
-        all_k, all_v = (
-            (keys, values)
-            if kept is None
-            else (
-                mx.concatenate([kept[0], keys], axis=2),
-                mx.concatenate([kept[1], values], axis=2),
-            )
-        )
-        end = self.offset + keys.shape[2]
-        n = min(self.window, all_k.shape[2])
+        every = new if kept is None else mx.concatenate([kept, new], axis=3)
+        end = self.offset + new.shape[3]
+        n = min(self.window, every.shape[3])
         first = end - n  # the ring holds positions [first, end)
-        tail_k, tail_v = all_k[..., -n:, :], all_v[..., -n:, :]
+        tail = every[..., -n:, :]
         if n == self.window:
-            shift = first % self.window
-            self.keys, self.values = mx.roll(tail_k, shift, axis=2), mx.roll(tail_v, shift, axis=2)
+            self.kv = mx.roll(tail, first % self.window, axis=3)
         else:  # fewer positions than slots: first == 0, slot p holds position p
-            pad = [(0, 0), (0, 0), (0, self.window - n), (0, 0)]
-            self.keys, self.values = mx.pad(tail_k, pad), mx.pad(tail_v, pad)
+            self.kv = mx.pad(tail, [(0, 0), (0, 0), (0, 0), (0, self.window - n), (0, 0)])
         self.offset, self.lo = end, first
-        return all_k, all_v
+        return every[0, ...], every[1, ...]
 
-    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> mx.array:
         """The ring for a decode step (allocated on first use; row: (batch, heads, head_dim))."""
-        if self.keys is None:
-            shape = (row[0], row[1], self.window, row[2])
-            self.keys, self.values = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
-        return self.keys, self.values
+        if self.kv is None:
+            self.kv = mx.zeros((2, row[0], row[1], self.window, row[2]), dtype)
+        return self.kv
 
-    def commit_decode(self, keys: mx.array, values: mx.array) -> None:
+    def commit_decode(self, kv: mx.array) -> None:
         """Take the ring a decode step wrote position `offset` into."""
-        self.keys, self.values = keys, values
+        self.kv = kv
         self.offset += 1
         self.lo = max(self.lo, self.offset - self.window)
 
     def mark(self) -> None:
-        self._marks[self.offset] = (self.lo, self.keys, self.values)
+        self._marks[self.offset] = (self.lo, self.kv)
         while len(self._marks) > self.max_marks:
             del self._marks[min(self._marks)]
 
@@ -184,12 +185,12 @@ class WindowCache:
         if offset == self.offset:
             return
         if offset in self._marks:
-            self.lo, self.keys, self.values = self._marks[offset]
+            self.lo, self.kv = self._marks[offset]
         elif offset == 0:
-            self.keys = self.values = None
+            self.kv = None
             self.lo = 0
         elif offset == self._before_last[0]:
-            _, self.lo, self.keys, self.values = self._before_last
+            _, self.lo, self.kv = self._before_last
         elif not self.can_rewind_to(offset):
             raise CacheRewindError(
                 f"sliding-window cache at {self.offset} has no mark at {offset} "
@@ -198,13 +199,12 @@ class WindowCache:
         # else: the ring still holds [lo, offset); slots past it are overwritten before being read
         self.offset = offset
         self._marks = {k: v for k, v in self._marks.items() if k <= offset}
-        self._before_last = (offset, self.lo, self.keys, self.values)
+        self._before_last = (offset, self.lo, self.kv)
 
     @property
     def nbytes(self) -> int:
-        own = 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-        marks = sum(k.nbytes + v.nbytes for _, k, v in self._marks.values() if k is not None)
-        return own + marks
+        own = 0 if self.kv is None else self.kv.nbytes
+        return own + sum(kv.nbytes for _, kv in self._marks.values() if kv is not None)
 
 
 class ModelCache:
@@ -251,11 +251,7 @@ class ModelCache:
 
     def arrays(self) -> list[mx.array]:
         """Arrays to evaluate so the cache state is materialised."""
-        out = []
-        for c in self.layers:
-            if c.keys is not None:
-                out += [c.keys, c.values]
-        return out
+        return [c.kv for c in self.layers if c.kv is not None]
 
     @property
     def nbytes(self) -> int:

@@ -60,6 +60,6 @@ class DecodeStep:
         pos = kernels.position_array(cache.offset)
         logits, written = self._fn()(tokens, pos, state)
         del state  # the old buffers are now referenced by the graph only: MLX writes them in place
-        for c, (keys, values) in zip(cache, written):
-            c.commit_decode(keys, values)
+        for c, kv in zip(cache, written):
+            c.commit_decode(kv)
         return logits

@@ -66,9 +66,7 @@ SPECS = {
             for name in ("sdpa_decode", "sdpa_decode_mma")  # the same interface, two algorithms
         ),
         KernelSpec("sdpa_combine", "attention", ("part", "sinks"), ("out",)),
-        KernelSpec(
-            "norm_qkv_rope", "projections", ("x", "nw", "w", "b", "wl", "pos", "consts"), ("q", "k", "v")
-        ),
+        KernelSpec("norm_qkv_rope", "projections", ("x", "nw", "w", "b", "wl", "pos", "consts"), ("q", "kv")),
         KernelSpec("out_residual", "projections", ("o", "w", "b", "res"), ("y",)),
     )
 }

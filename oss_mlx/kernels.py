@@ -641,10 +641,10 @@ def _as_position(pos: int | mx.array) -> mx.array:
     return pos if isinstance(pos, mx.array) else _position_array(pos)
 
 
-def norm_qkv_rope(block, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """x [B, 1, H] at position `offset` (an int, or an int32 [1] array) -> q [B, Hq, D], k and v
-    [B, Hkv, 1, D]: the attention's RMSNorm, qkv projection, YaRN concentration and RoPE in one kernel
-    (attention_decode_ok first)."""
+def norm_qkv_rope(block, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
+    """x [B, 1, H] at position `offset` (an int, or an int32 [1] array) -> q [B, Hq, D] and kv
+    [2, B, Hkv, 1, D] (the new key and value, as the caches' joint buffer holds them): the attention's
+    RMSNorm, qkv projection, YaRN concentration and RoPE in one kernel (attention_decode_ok first)."""
     B, _, H = x.shape
     D, hq, hkv = block.head_dim, block.num_heads, block.num_kv_heads
     pw = QKV_PAIRS_PER_WARP
@@ -662,8 +662,8 @@ def norm_qkv_rope(block, x: mx.array, offset: int | mx.array) -> tuple[mx.array,
         [("T", x.dtype), ("H", H), ("D", D), ("HQ", hq), ("HKV", hkv), ("NC", -(-H // 256)), ("PW", pw)],
         (128 * -(-((hq + 2 * hkv) * D // 2) // (4 * pw)), B, 1),
         (128, 1, 1),
-        [(B, hq, D), (B, hkv, 1, D), (B, hkv, 1, D)],
-        [x.dtype] * 3,
+        [(B, hq, D), (2, B, hkv, 1, D)],
+        [x.dtype] * 2,
     )
 
 

@@ -56,18 +56,17 @@ class Transformer(nn.Module):
                 x = block(x, masks[block.attn.window], c)
         return self.unembedding(self.norm(x))
 
-    def decode(
-        self, tokens: mx.array, pos: mx.array, kv: list[tuple[mx.array, mx.array]]
-    ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
-        """tokens [B, 1] at position `pos` (int32 [1]) -> (logits [B, 1, vocab], the cache buffers
-        with this position written). Pure and shape-stable: decode.py compiles it once per buffer
-        shape; cache.py's `decode_state` / `commit_decode` hand the buffers in and take them back."""
+    def decode(self, tokens: mx.array, pos: mx.array, kv: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
+        """tokens [B, 1] at position `pos` (int32 [1]) -> (logits [B, 1, vocab], each layer's cache
+        buffer [2, B, Hkv, S, D] with this position written). Pure and shape-stable: decode.py
+        compiles it once per buffer shape; cache.py's `decode_state` / `commit_decode` hand the
+        buffers in and take them back."""
         x = self.embedding(tokens)
         written = []
-        for block, (keys, values) in zip(self.blocks, kv):
-            x, keys, values = block.attn.step(x, pos, keys, values)
+        for block, buffer in zip(self.blocks, kv):
+            x, buffer = block.attn.step(x, pos, buffer)
             x = block.mlp(x)
-            written.append((keys, values))
+            written.append(buffer)
         return self.unembedding(self.norm(x)), written
 
     def _masks(self, T: int, cache: ModelCache | None) -> dict[int | None, mx.array | str | None]:

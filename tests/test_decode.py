@@ -122,3 +122,32 @@ def test_greedy_generation_takes_the_argmax_of_each_steps_logits(model):  # noqa
     sampled = list(generate_tokens(model, prompt, model.make_cache(), options, set()))
     again = list(generate_tokens(model, prompt, model.make_cache(), options, set()))
     assert len(sampled) == n and sampled == again and all(0 <= t < CFG.vocab_size for t in sampled)
+
+
+def test_the_step_reads_the_joint_buffers_as_views(model):  # noqa: F811
+    """Each layer's cache is one [2, B, H, S, D] buffer of keys and values; the attention step and the
+    caches must read its halves as views: a bare kv[i] is a Gather in MLX, a copy of the whole buffer
+    every step. Also one scatter per step writes the key and the value together."""
+    import collections
+    import io
+    import re
+
+    from oss_mlx import kernels
+
+    def ops(*arrays):
+        buf = io.StringIO()
+        mx.export_to_dot(buf, *arrays)
+        return collections.Counter(re.findall(r'label ="([^"]+)", shape=rectangle', buf.getvalue()))
+
+    cache = model.make_cache()
+    model(mx.array(TOKENS[None, :20]), cache=cache)
+    for c in cache:
+        mx.eval(c.kv)
+        assert ops(c.keys + 0, c.values + 0)["Gather"] == 0
+    attn = model.blocks[0].attn
+    kv = cache[0].decode_state((1, attn.num_kv_heads, attn.head_dim), model.dtype)
+    mx.eval(kv)
+    x = mx.random.normal((1, 1, CFG.hidden_size)).astype(model.dtype)
+    out, written = attn.step(x, kernels.position_array(20), kv)
+    counted = ops(out, written)
+    assert counted["Gather"] == 0 and counted["ScatterAxis"] == 1, counted

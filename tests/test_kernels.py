@@ -491,8 +491,9 @@ def test_norm_qkv_rope_matches_reference(dtype, H, D, hq, hkv, B, offset):
     block = random_attention(H, D, hq, hkv, dtype)
     x = (3 * mx.random.normal((B, 1, H))).astype(dtype)
     assert kernels.attention_decode_ok(block, x)
-    q, k, v = kernels.norm_qkv_rope(block, x, offset)
-    assert q.shape == (B, hq, D) and k.shape == v.shape == (B, hkv, 1, D)
+    q, kv = kernels.norm_qkv_rope(block, x, offset)
+    assert q.shape == (B, hq, D) and kv.shape == (2, B, hkv, 1, D)  # the caches' joint layout
+    k, v = kv[0, ...], kv[1, ...]
     qkv = block.qkv(block.norm(x))
     rq = qkv[..., : hq * D].reshape(B, 1, hq, D).transpose(0, 2, 1, 3)
     rk = qkv[..., hq * D : (hq + hkv) * D].reshape(B, 1, hkv, D).transpose(0, 2, 1, 3)
@@ -727,7 +728,7 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch):
     for name, template, grid, shapes in launches:
         by_name.setdefault(name, []).append((template, grid, shapes))
     template, grid, shapes = by_name["norm_qkv_rope"][0]
-    assert shapes == [(1, 8, 64), (1, 2, 1, 64), (1, 2, 1, 64)]
+    assert shapes == [(1, 8, 64), (2, 1, 2, 1, 64)]
     assert grid == (128 * -(-((8 + 2 * 2) * 64 // 2) // (4 * kernels.QKV_PAIRS_PER_WARP)), 1, 1)
     splits = -(-(prompt + 1) // kernels.SDPA_KEYS_PER_SPLIT)
     sdpa = by_name["sdpa_decode_mma"]

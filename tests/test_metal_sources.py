@@ -63,7 +63,7 @@ CASES = [
     ("sdpa_decode_mma", [B, B, B, B, F + "c", "i32c"], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
     ("sdpa_decode_mma", ["f16"] * 3 + [F, F + "c", "i32c"], ["f16", F], dict(T="f16", D=64, G=3, WINDOW=128)),
     ("sdpa_combine", [F, B], [B], dict(T=B, D=64)),
-    ("norm_qkv_rope", [B] * 4 + [F, "i32c", F + "c"], [B] * 3, dict(T=B, H=2880, D=64, HQ=64, HKV=8, NC=12,
+    ("norm_qkv_rope", [B] * 4 + [F, "i32c", F + "c"], [B] * 2, dict(T=B, H=2880, D=64, HQ=64, HKV=8, NC=12,
                                                                     PW=4)),
     ("out_residual", [B, B, B, B], [B], dict(T=B, H=2880, IN=4096, NC=16, RW=4)),
 ]  # fmt: skip
