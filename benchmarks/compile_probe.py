@@ -35,16 +35,16 @@ def main() -> int:
     config = dataclasses.replace(full, num_layers=args.layers, layer_types=full.layer_types[: args.layers])
     model = random_model(config)
     attn0 = model.blocks[0].attn
-    shape = (1, attn0.num_kv_heads, args.keys, attn0.head_dim)
-    kv = [(0.1 * mx.random.normal(shape)).astype(mx.bfloat16) for _ in range(2 * args.layers)]
+    shape = (2, 1, attn0.num_kv_heads, args.keys, attn0.head_dim)
+    kv = [(0.1 * mx.random.normal(shape)).astype(mx.bfloat16) for _ in range(args.layers)]
     mx.eval(kv)
     pos = mx.array([args.keys - 1], dtype=mx.int32)
 
     def step(x: mx.array, pos: mx.array) -> mx.array:
         for i, block in enumerate(model.blocks):
             a = block.attn
-            q, _, _ = kernels.norm_qkv_rope(a, x, 0)
-            o = kernels.sdpa_decode(q, kv[2 * i], kv[2 * i + 1], a.sinks, a.scale, None, pos)
+            q, _ = kernels.norm_qkv_rope(a, x, 0)
+            o = kernels.sdpa_decode(q, kv[i], a.sinks, a.scale, None, pos)
             x = kernels.out_residual(o, a.out, x)
             x = kernels.moe_block(block.mlp, x)
         return x

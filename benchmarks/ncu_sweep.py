@@ -57,17 +57,17 @@ def run() -> None:
             twice(lambda: kernels.moe_block(mlp, x))
     q = mx.random.normal((1, attn.num_heads, attn.head_dim)).astype(mx.bfloat16)
     for S in (128, 2048, 32768):
-        k = mx.random.normal((1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
+        k = mx.random.normal((2, 1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
         mx.eval(q, k)
         for mma in (True, False):
             kernels.SDPA_MMA = mma
             for kps in (64, 128, 256, 512):
                 kernels.SDPA_KEYS_PER_SPLIT = kps
-                twice(lambda k=k, S=S: kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None, S - 1))
+                twice(lambda k=k, S=S: kernels.sdpa_decode(q, k, attn.sinks, attn.scale, None, S - 1))
         kernels.SDPA_MMA, kernels.SDPA_KEYS_PER_SPLIT = True, 64
         for most in (64, 128):  # more splits than the default 32 at long contexts
             kernels.SDPA_MAX_SPLITS = most
-            twice(lambda k=k, S=S: kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None, S - 1))
+            twice(lambda k=k, S=S: kernels.sdpa_decode(q, k, attn.sinks, attn.scale, None, S - 1))
         kernels.SDPA_MAX_SPLITS = 32
 
 
@@ -90,9 +90,9 @@ def detail() -> None:
     mx.eval(kernels.out_residual(o, attn.out, x))
     mx.eval(kernels.moe_block(mlp, x))
     for S in (128, 32768):
-        k = mx.random.normal((1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
+        k = mx.random.normal((2, 1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
         mx.eval(k)
-        mx.eval(kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None, S - 1))
+        mx.eval(kernels.sdpa_decode(q, k, attn.sinks, attn.scale, None, S - 1))
 
 
 def summarize(path: str) -> None:

@@ -171,16 +171,16 @@ def kernel_sweep(model) -> dict:
             kernels.MOE_COLS_PER_WARP, kernels.MOE_ROWS_PER_BLOCK = cols, rows
             record(f"moe block COLS={cols} ROWS={rows}", _time_us(lambda: kernels.moe_block(mlp, x)), "moe")
     for S in (128, 2048, 32768):
-        k = mx.random.normal((1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
+        k = mx.random.normal((2, 1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
         q = mx.random.normal((1, attn.num_heads, attn.head_dim)).astype(mx.bfloat16)
         mx.eval(k, q)
-        nbytes[f"kv{S}"] = 2 * k.nbytes
+        nbytes[f"kv{S}"] = k.nbytes
         for kps in (128, 256, 512, 1024) if S > 128 else (256,):
             kernels.SDPA_KEYS_PER_SPLIT = kps
             record(
                 f"sdpa_decode S={S} keys/split={kps}",
                 _time_us(
-                    lambda q=q, k=k, p=S - 1: kernels.sdpa_decode(q, k, k, attn.sinks, attn.scale, None, p)
+                    lambda q=q, k=k, p=S - 1: kernels.sdpa_decode(q, k, attn.sinks, attn.scale, None, p)
                 ),
                 f"kv{S}",
             )

@@ -17,11 +17,12 @@
 //   joins the denominator and has no value); with several it writes (o, m, l) partials that
 //   sdpa_combine merges.
 //   Keys attended: the first min(S, pos + 1) of the S given, the query's position pos read from
-//   memory (so one compiled decode step serves every position: k, v may be a cache buffer whose
+//   memory (so one compiled decode step serves every position: kv may be a cache buffer whose
 //   later slots are unwritten, or a window layer's ring, where order does not matter), of those the
 //   last WINDOW (all when WINDOW = 0; the caches hand out only what a query may see, so WINDOW only
 //   guards longer inputs).
-//   inputs  q [B, Hq, D] (contiguous), k, v [B, Hkv, S, D] (any strides: a cache buffer's view),
+//   inputs  q [B, Hq, D] (contiguous), kv [2, B, Hkv, S, D] (keys, then values; any strides: a
+//           cache's joint buffer, read in place),
 //           sinks [Hq] (any float), scale_log2 [1] float32 (scale * log2 e), pos [1] int32
 //   outputs out [B, Hq, D] (T), part [B, Hq, nsplit, D + 2] float32 (only when nsplit > 1)
 //   template T, D (D / 8 a power of two <= 32), G (<= 16, G * D <= 512), WINDOW
@@ -198,10 +199,10 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sub = lane % LPV, kg = lane / LPV;
   const int split = blockIdx.x, nsplit = gridDim.x;
-  const int Hkv = k_shape[1];
+  const int Hkv = kv_shape[2];
   const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
   int s0, s1;
-  split_keys<WINDOW>(k_shape[2], pos[0], split, nsplit, s0, s1);
+  split_keys<WINDOW>(kv_shape[3], pos[0], split, nsplit, s0, s1);
 
   const float qscale = scale_log2[0];
   const long long q0 = (long long)(b * Hkv + kvh) * G * D;
@@ -218,9 +219,12 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
 #pragma unroll
     for (int t = 0; t < 8; ++t) o[g][t] = 0.f;
   }
-  const long long kb = (long long)b * k_strides[0] + (long long)kvh * k_strides[1];
-  const long long vb = (long long)b * v_strides[0] + (long long)kvh * v_strides[1];
-  const long long ks = k_strides[2], vs = v_strides[2], kd = k_strides[3], vd = v_strides[3];
+  // kv [2, B, Hkv, S, D]: the keys kv[0], the values kv[1], with the same strides
+  const T* k = kv;
+  const T* v = kv;
+  const long long kb = (long long)b * kv_strides[1] + (long long)kvh * kv_strides[2];
+  const long long vb = kb + kv_strides[0];
+  const long long ks = kv_strides[3], vs = ks, kd = kv_strides[4], vd = kd;
   // Tiles are warp-uniform (the shuffles need the whole warp); lanes past the end load nothing.
   for (int base = s0 + 32 * warp; base < s1; base += 128) {
     // The tile's values first: their loads are then in flight with the keys' (one round trip).
@@ -321,10 +325,10 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int split = blockIdx.x, nsplit = gridDim.x;
-  const int Hkv = k_shape[1];
+  const int Hkv = kv_shape[2];
   const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
   int s0, s1;
-  split_keys<WINDOW>(k_shape[2], pos[0], split, nsplit, s0, s1);
+  split_keys<WINDOW>(kv_shape[3], pos[0], split, nsplit, s0, s1);
   const float qscale = scale_log2[0];
 
   // Q as the A operand: head g's dims 16t..16t+15, k-step s takes words 2s, 2s + 1 (rows g + 8: 0).
@@ -334,9 +338,12 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
     qw[0] = load8_raw(qp, 1);
     qw[1] = load8_raw(qp + 8, 1);
   }
-  const long long kb = (long long)b * k_strides[0] + (long long)kvh * k_strides[1];
-  const long long vb = (long long)b * v_strides[0] + (long long)kvh * v_strides[1];
-  const long long ks = k_strides[2], vs = v_strides[2], kd = k_strides[3], vd = v_strides[3];
+  // kv [2, B, Hkv, S, D]: the keys kv[0], the values kv[1], with the same strides
+  const T* k = kv;
+  const T* v = kv;
+  const long long kb = (long long)b * kv_strides[1] + (long long)kvh * kv_strides[2];
+  const long long vb = kb + kv_strides[0];
+  const long long ks = kv_strides[3], vs = ks, kd = kv_strides[4], vd = kd;
 
   float m = OSS_NEG, l = 0.f;  // head g: running maximum (same on the 4 lanes of g), this lane's sum
   float o[8][4];

@@ -17,11 +17,12 @@
 //   joins the denominator and has no value); with several it writes (o, m, l) partials that
 //   sdpa_combine merges.
 //   Keys attended: the first min(S, pos + 1) of the S given, the query's position pos read from
-//   memory (so one compiled decode step serves every position: k, v may be a cache buffer whose
+//   memory (so one compiled decode step serves every position: kv may be a cache buffer whose
 //   later slots are unwritten, or a window layer's ring, where order does not matter), of those the
 //   last WINDOW (all when WINDOW = 0; the caches hand out only what a query may see, so WINDOW only
 //   guards longer inputs).
-//   inputs  q [B, Hq, D] (contiguous), k, v [B, Hkv, S, D] (any strides: a cache buffer's view),
+//   inputs  q [B, Hq, D] (contiguous), kv [2, B, Hkv, S, D] (keys, then values; any strides: a
+//           cache's joint buffer, read in place),
 //           sinks [Hq] (any float), scale_log2 [1] float32 (scale * log2 e), pos [1] int32
 //   outputs out [B, Hq, D] (T), part [B, Hq, nsplit, D + 2] float32 (only when nsplit > 1)
 //   template T, D (D / 8 a power of two <= 32), G (<= 16, G * D <= 512), WINDOW
@@ -181,10 +182,10 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int sub = lane % LPV, kg = lane / LPV;
   const int split = threadgroup_position_in_grid.x, nsplit = threadgroups_per_grid.x;
-  const int Hkv = k_shape[1];
+  const int Hkv = kv_shape[2];
   const int b = int(threadgroup_position_in_grid.y) / Hkv, kvh = int(threadgroup_position_in_grid.y) % Hkv;
   int s0, s1;
-  split_keys<WINDOW>(k_shape[2], pos[0], split, nsplit, s0, s1);
+  split_keys<WINDOW>(kv_shape[3], pos[0], split, nsplit, s0, s1);
 
   const float qscale = scale_log2[0];
   const long q0 = (long)(b * Hkv + kvh) * G * D;
@@ -199,9 +200,12 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
     l[g] = 0.f;
     for (int t = 0; t < 8; ++t) o[g][t] = 0.f;
   }
-  const long kb = (long)b * k_strides[0] + (long)kvh * k_strides[1];
-  const long vb = (long)b * v_strides[0] + (long)kvh * v_strides[1];
-  const long ks = k_strides[2], vs = v_strides[2], kd = k_strides[3], vd = v_strides[3];
+  // kv [2, B, Hkv, S, D]: the keys kv[0], the values kv[1], with the same strides
+  const device T* k = kv;
+  const device T* v = kv;
+  const long kb = (long)b * kv_strides[1] + (long)kvh * kv_strides[2];
+  const long vb = kb + kv_strides[0];
+  const long ks = kv_strides[3], vs = ks, kd = kv_strides[4], vd = kd;
   // Tiles are simdgroup-uniform (the shuffles need the whole simdgroup); lanes past the end load nothing.
   for (int base = s0 + 32 * warp; base < s1; base += 128) {
     // The tile's values first: their loads are then in flight with the keys' (one round trip).
@@ -286,10 +290,10 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int fm = frag_row(lane), fn = frag_col(lane);
   const int split = threadgroup_position_in_grid.x, nsplit = threadgroups_per_grid.x;
-  const int Hkv = k_shape[1];
+  const int Hkv = kv_shape[2];
   const int b = int(threadgroup_position_in_grid.y) / Hkv, kvh = int(threadgroup_position_in_grid.y) % Hkv;
   int s0, s1;
-  split_keys<WINDOW>(k_shape[2], pos[0], split, nsplit, s0, s1);
+  split_keys<WINDOW>(kv_shape[3], pos[0], split, nsplit, s0, s1);
   const float qscale = scale_log2[0];
 
   // Q^T as the B operand of the 8 dim steps: row fm of step s is dim 16 (fm / 2) + 2 s + fm % 2,
@@ -301,9 +305,12 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
     elems(qt[s]).x = fn < G ? to_f(q[q0 + fn * D + dim]) : 0.f;
     elems(qt[s]).y = fn + 1 < G ? to_f(q[q0 + (fn + 1) * D + dim]) : 0.f;
   }
-  const long kb = (long)b * k_strides[0] + (long)kvh * k_strides[1];
-  const long vb = (long)b * v_strides[0] + (long)kvh * v_strides[1];
-  const long ks = k_strides[2], vs = v_strides[2], kd = k_strides[3], vd = v_strides[3];
+  // kv [2, B, Hkv, S, D]: the keys kv[0], the values kv[1], with the same strides
+  const device T* k = kv;
+  const device T* v = kv;
+  const long kb = (long)b * kv_strides[1] + (long)kvh * kv_strides[2];
+  const long vb = kb + kv_strides[0];
+  const long ks = kv_strides[3], vs = ks, kd = kv_strides[4], vd = kd;
 
   float m[2] = {OSS_NEG, OSS_NEG}, l[2] = {0.f, 0.f};  // heads fn, fn + 1
   frag8 ot[8];

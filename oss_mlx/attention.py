@@ -40,10 +40,10 @@ def sdpa_with_sinks(
 ) -> mx.array:
     """softmax([q·k * scale, sink]) @ [v, 0] per head; q [B, Hq, T, D], k/v [B, Hkv, S, D].
 
-    kernels.sdpa runs the decode kernel (one query, reading the cache in place) on a GPU, and
-    mx.fast.scaled_dot_product_attention (kernels.sdpa_reference) otherwise.
+    MLX's fused attention (kernels.sdpa_reference); a decode step takes the kernel instead
+    (AttentionBlock.step).
     """
-    return kernels.sdpa(q, k, v, sinks, scale, mask)
+    return kernels.sdpa_reference(q, k, v, sinks, scale, mask)
 
 
 # Prefill of a sliding-window layer goes in query tiles of this many tokens, each against only the
@@ -101,9 +101,9 @@ class AttentionBlock(nn.Module):
     def __call__(
         self, x: mx.array, mask: mx.array | str | None, cache: FullCache | WindowCache | None = None
     ) -> mx.array:
+        """x [B, T, H] after what `cache` holds (one token per sequence goes through `step`, on the
+        cache's buffer: Transformer.decode)."""
         T = x.shape[1]
-        if T == 1 and kernels.attention_decode_ok(self, x):
-            return self._decode(x, cache)
         q, k, v = self._project(x)
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
@@ -130,31 +130,29 @@ class AttentionBlock(nn.Module):
         B, _, T, _ = o.shape
         return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
 
-    def _decode(self, x: mx.array, cache: FullCache | WindowCache | None) -> mx.array:
-        """One token per sequence on the GPU kernels: the same math as __call__ in ~5 ops instead
-        of ~40 (at batch 1 the op count, not the bytes, sets the decode speed)."""
-        offset = cache.offset if cache is not None else 0
-        q, kv = kernels.norm_qkv_rope(self, x, offset)
-        k, v = cache.update_and_fetch_kv(kv) if cache is not None else (kv[0, ...], kv[1, ...])
-        o = kernels.sdpa_decode(q, k, v, self.sinks, self.scale, self.window, offset)
-        return kernels.out_residual(o, self.out, x)
-
-    def step(self, x: mx.array, pos: mx.array, kv: mx.array) -> tuple[mx.array, mx.array]:
+    def step(self, x: mx.array, pos: mx.array, slot: mx.array, kv: mx.array) -> tuple[mx.array, mx.array]:
         """One token per sequence, x [B, 1, H], at position `pos` (int32 [1]), with the cache as a
         fixed-shape buffer kv [2, B, Hkv, S, D] of keys and values (cache.py `decode_state`: a full
-        layer's buffer, a window layer's ring of `window` slots, position p in slot p % window):
-        writes the new key and value in place and attends the slots written so far. Pure, for the
-        compiled decode step (decode.py); returns (x + attention, kv)."""
-        slot = kernels.ring_slot(pos, self.window) if self.window is not None else pos
+        layer's buffer, a window layer's ring of `window` slots, position p in slot p % window, the
+        slot given): writes the new key and value in place and attends the slots written so far.
+        Pure, for the compiled decode step (decode.py); returns (x + attention, kv).
+
+        On a GPU: three kernels (norm + qkv + RoPE, attention, output + residual) around one scatter;
+        with quantized projections (convert --quality small / balanced) the attention kernel still
+        reads the buffer in place."""
         if kernels.attention_decode_ok(self, x):
             q, row = kernels.norm_qkv_rope(self, x, pos)
             kv = _write_row(kv, row, slot)
-            o = kernels.sdpa_decode(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, self.window, pos)
+            o = kernels.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
             return kernels.out_residual(o, self.out, x), kv
         q, k, v = self._project(x)
         offset = pos.reshape(())
         q, k = self.rope(q, offset), self.rope(k, offset)
         kv = _write_row(kv, mx.stack([k, v]).astype(kv.dtype), slot)
+        if kernels.sdpa_decode_ok(q, kv):
+            B = x.shape[0]
+            q = mx.contiguous(q.reshape(B, self.num_heads, self.head_dim))
+            return x + self.out(kernels.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)), kv
         written = mx.arange(kv.shape[3]) <= pos  # a ring's slots are all written once pos >= window - 1
         o = kernels.sdpa_reference(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, written)
         return self._output(o, x), kv

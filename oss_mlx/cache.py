@@ -249,6 +249,16 @@ class ModelCache:
         for c in self.layers:
             c.rewind_to(offset)
 
+    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> list[mx.array]:
+        """Each layer's buffer for a decode step (grown first where full); row: (batch, heads,
+        head_dim) of one position."""
+        return [c.decode_state(row, dtype) for c in self.layers]
+
+    def commit_decode(self, written: list[mx.array]) -> None:
+        """Take the buffers a decode step wrote its position into."""
+        for c, kv in zip(self.layers, written):
+            c.commit_decode(kv)
+
     def arrays(self) -> list[mx.array]:
         """Arrays to evaluate so the cache state is materialised."""
         return [c.kv for c in self.layers if c.kv is not None]

@@ -44,6 +44,7 @@ class DecodeStep:
         self.compiled = compile and compilable(model)
         # A trace bakes in the kernel backend it saw (OSS_MLX_KERNELS, kernels.use_backend): one each.
         self._fns: dict[str, object] = {}
+        self._prepared: set[tuple] = set()
 
     def _fn(self):
         backend = kernels.backend()
@@ -54,12 +55,20 @@ class DecodeStep:
     def __call__(self, tokens: mx.array, cache: ModelCache) -> mx.array:
         if tokens.dtype != mx.uint32:  # one trace per input dtype: samplers return uint32
             tokens = tokens.astype(mx.uint32)
-        attn = self.model.blocks[0].attn
-        row, dtype = (tokens.shape[0], attn.num_kv_heads, attn.head_dim), self.model.dtype
-        state = [c.decode_state(row, dtype) for c in cache]
-        pos = kernels.position_array(cache.offset)
-        logits, written = self._fn()(tokens, pos, state)
-        del state  # the old buffers are now referenced by the graph only: MLX writes them in place
-        for c, kv in zip(cache, written):
-            c.commit_decode(kv)
-        return logits
+        return self.model.decode_into(cache, tokens, self._fn())
+
+    def prepare(self, cache: ModelCache, batch: int = 1) -> None:
+        """Ready the step for the cache's next position: grow the buffers that are full (lazily:
+        the caller's next evaluation of the cache does it) and trace the compiled step for their
+        shapes. generate_tokens calls this while the GPU runs the prompt's last chunk, so the first
+        decoded token waits on neither: a trace is ~10-20 ms of host work for the 20b, and a bench
+        decoding 32 tokens would otherwise count it in a ~70 ms measurement."""
+        state = cache.decode_state(self.model.kv_row(batch), self.model.dtype)
+        if not self.compiled:
+            return
+        key = (kernels.backend(), tuple(kv.shape for kv in state))
+        if key in self._prepared:
+            return
+        self._prepared.add(key)
+        tokens = mx.zeros((batch, 1), dtype=mx.uint32)
+        self._fn()(tokens, kernels.position_array(cache.offset), state)  # outputs dropped unevaluated

@@ -73,11 +73,14 @@ def prefill(
     cache: ModelCache,
     step: int = PREFILL_STEP,
     mark_at: Iterable[int] = (),
+    while_running: Callable[[], None] | None = None,
 ) -> mx.array:
     """Run `tokens` (at least one) through the model into the cache; logits of the last [1, vocab].
 
     mark_at: positions within `tokens` after which the cache is marked (places a later prompt may
     diverge: message starts, the end of the prompt); chunks are split there, which changes nothing.
+    while_running: called once the last chunk is queued, before waiting for it (it may change the
+    cache's arrays: they are evaluated after it).
     """
     if not tokens:
         raise ValueError("prefill needs at least one token")
@@ -95,6 +98,9 @@ def prefill(
         if end < len(tokens):
             mx.eval(*cache.arrays())
         else:
+            if while_running is not None:  # host work for after the prompt, done while the GPU runs it
+                mx.async_eval(logits, *cache.arrays())
+                while_running()
             mx.eval(logits, *cache.arrays())
         if end in marks:
             cache.mark()
@@ -146,10 +152,13 @@ def generate_tokens(
 
     start = time.perf_counter()
     step = prefill_step or getattr(model, "prefill_step", PREFILL_STEP)
-    token = sample(prefill(model, new_tokens, cache, step=step, mark_at=mark_at))
+    decode = decode_step(model)
+    logits = prefill(
+        model, new_tokens, cache, step=step, mark_at=mark_at, while_running=lambda: decode.prepare(cache)
+    )
+    token = sample(logits)
     mx.eval(token)
     stats.prompt_seconds = time.perf_counter() - start
-    decode = decode_step(model)
     start = time.perf_counter()
     for n in range(options.max_tokens):
         if n + 1 < options.max_tokens:

@@ -53,7 +53,7 @@ class KernelSpec:
     row_contiguous: bool = True
 
 
-_SDPA_INPUTS = ("q", "k", "v", "sinks", "scale_log2", "pos")
+_SDPA_INPUTS = ("q", "kv", "sinks", "scale_log2", "pos")
 SPECS = {
     s.name: s
     for s in (

@@ -163,7 +163,10 @@ def _self_test() -> str | None:
         k = mx.random.normal((1, 2, 37, 64), key=keys[5])
         v = mx.random.normal((1, 2, 37, 64), key=keys[6])
         sinks = mx.random.normal((8,), key=keys[7])
-        checks["sdpa"] = (sdpa(q, k, v, sinks, 0.125, None), sdpa_reference(q, k, v, sinks, 0.125, None))
+        kv = mx.stack([k, v])
+        if sdpa_decode_ok(q, kv):
+            got = sdpa_decode(q.reshape(1, 8, 64), kv, sinks, 0.125, None, 36).reshape(1, 8, 1, 64)
+            checks["sdpa"] = (got, sdpa_reference(q, k, v, sinks, 0.125, None))
         attn = AttentionBlock(cfg, layer=0)
         attn.qkv.weight = 0.1 * mx.random.normal(attn.qkv.weight.shape, key=keys[8])
         attn.out.weight = 0.1 * mx.random.normal(attn.out.weight.shape, key=keys[9])
@@ -171,7 +174,9 @@ def _self_test() -> str | None:
         if attention_decode_ok(attn, xa):
             with use_backend("reference"):
                 want = attn(xa, None)
-            checks["attention"] = (attn._decode(xa, None), want)
+            pos = position_array(0)  # a one-slot cache: the token attends itself, as `want` does
+            got, _ = attn.step(xa, pos, pos, mx.zeros((2, 1, attn.num_kv_heads, 1, attn.head_dim), xa.dtype))
+            checks["attention"] = (got, want)
         for name, pair in checks.items():
             if pair is None:
                 continue
@@ -497,32 +502,21 @@ def sdpa_reference(q, k, v, sinks, scale: float, mask) -> mx.array:
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks.astype(q.dtype))
 
 
-def sdpa(q, k, v, sinks, scale: float, mask, window: int | None = None) -> mx.array:
-    """Attention with sinks; the decode kernel for one query per sequence without a mask.
-
-    q [B, Hq, T, D]; k, v [B, Hkv, S, D] as the caches hand them out (views of a larger buffer
-    are read in place). `window`: attend only the last `window` keys (decode), None = all.
-    """
+def sdpa_decode_ok(q: mx.array, kv: mx.array) -> bool:
+    """Whether sdpa_decode takes q [B, Hq, 1, D] over a cache's joint buffer kv [2, B, Hkv, S, D]
+    (GPU, one float dtype, the head shapes the kernels were written for)."""
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    ok = (
+    return (
         T == 1
-        and mask is None
         and backend() != "reference"
         and _on_gpu()
         and q.dtype in _FLOATS
-        and k.dtype == q.dtype
-        and v.dtype == q.dtype
-        and v.shape == k.shape
-        and _sdpa_heads_ok(D, Hq, Hkv)
-        and S >= 1
+        and kv.dtype == q.dtype
+        and kv.ndim == 5
+        and kv.shape[4] == D
+        and _sdpa_heads_ok(D, Hq, kv.shape[2])
+        and kv.shape[3] >= 1
     )
-    if not ok:
-        if window is not None and S > window and T == 1 and mask is None:
-            k, v = k[..., -window:, :], v[..., -window:, :]
-        return sdpa_reference(q, k, v, sinks, scale, mask)
-    out = sdpa_decode(mx.contiguous(q.reshape(B, Hq, D)), k, v, sinks, scale, window, S - 1)
-    return out.reshape(B, Hq, 1, D)
 
 
 def _sdpa_heads_ok(D: int, hq: int, hkv: int) -> bool:
@@ -549,27 +543,27 @@ def _sdpa_mma_ok(dtype: mx.Dtype, D: int, G: int) -> bool:
 
 def sdpa_decode(
     q: mx.array,
-    k: mx.array,
-    v: mx.array,
+    kv: mx.array,
     sinks: mx.array,
     scale: float,
     window: int | None,
     pos: int | mx.array,
 ) -> mx.array:
-    """The decode kernel itself: q [B, Hq, D] row-contiguous -> out [B, 1, Hq * D] (the layout the
-    output projection reads, so no transpose follows). Callers have checked the shapes (sdpa does).
+    """The decode kernel itself: q [B, Hq, D] row-contiguous over kv [2, B, Hkv, S, D] (keys, then
+    values; any strides) -> out [B, 1, Hq * D] (the layout the output projection reads, so no
+    transpose follows). Callers have checked the shapes (sdpa_decode_ok).
 
     The query sits at position `pos` (an int, or an int32 [1] array inside a compiled step): keys
-    [0, min(S, pos + 1)) of k and v are attended (the last `window` of them), so k and v may be a
-    whole cache buffer or ring (cache.py) whose later slots are not filled yet."""
+    [0, min(S, pos + 1)) are attended (the last `window` of them), so kv may be a whole cache buffer
+    or ring (cache.py) whose later slots are not filled yet, read in place."""
     B, Hq, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv, S = kv.shape[2], kv.shape[3]
     attended = min(S, window) if window else S
     nsplit = max(1, min(SDPA_MAX_SPLITS, -(-attended // SDPA_KEYS_PER_SPLIT)))
     part_shape = (B, Hq, nsplit, D + 2) if nsplit > 1 else (1,)
     out, part = _launch(
         "sdpa_decode_mma" if _sdpa_mma_ok(q.dtype, D, Hq // Hkv) else "sdpa_decode",
-        [q, k, v, sinks, _const(scale * math.log2(math.e)), _as_position(pos)],
+        [q, kv, sinks, _const(scale * math.log2(math.e)), _as_position(pos)],
         [("T", q.dtype), ("D", D), ("G", Hq // Hkv), ("WINDOW", int(window or 0))],
         (128 * nsplit, B * Hkv, 1),
         (128, 1, 1),

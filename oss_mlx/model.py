@@ -14,6 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .attention import WINDOW_TILE, AttentionBlock, attention_mask
 from .cache import FullCache, ModelCache, WindowCache
 from .config import ModelConfig
@@ -43,7 +44,10 @@ class Transformer(nn.Module):
     def __call__(
         self, tokens: mx.array, cache: ModelCache | None = None, last_logits_only: bool = False
     ) -> mx.array:
-        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only)."""
+        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only). One token
+        per sequence with a cache is a decode step: `decode` on the cache's buffers, not compiled."""
+        if tokens.shape[1] == 1 and cache is not None:
+            return self.decode_into(cache, tokens)
         x = self.embedding(tokens)
         masks = self._masks(tokens.shape[1], cache)
         last = len(self.blocks) - 1
@@ -59,15 +63,30 @@ class Transformer(nn.Module):
     def decode(self, tokens: mx.array, pos: mx.array, kv: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
         """tokens [B, 1] at position `pos` (int32 [1]) -> (logits [B, 1, vocab], each layer's cache
         buffer [2, B, Hkv, S, D] with this position written). Pure and shape-stable: decode.py
-        compiles it once per buffer shape; cache.py's `decode_state` / `commit_decode` hand the
-        buffers in and take them back."""
+        compiles it once per buffer shape; `decode_into` hands the cache's buffers in and back."""
         x = self.embedding(tokens)
+        # A window layer writes slot pos % window: one slot array per window size, not per layer.
+        slots = {b.attn.window: kernels.ring_slot(pos, b.attn.window) for b in self.blocks if b.attn.window}
         written = []
         for block, buffer in zip(self.blocks, kv):
-            x, buffer = block.attn.step(x, pos, buffer)
+            x, buffer = block.attn.step(x, pos, slots.get(block.attn.window, pos), buffer)
             x = block.mlp(x)
             written.append(buffer)
         return self.unembedding(self.norm(x)), written
+
+    def decode_into(self, cache: ModelCache, tokens: mx.array, step=None) -> mx.array:
+        """tokens [B, 1] -> logits [B, 1, vocab], the cache advanced by one position: `step` (decode,
+        or its compiled trace: decode.py) on the cache's buffers, which then take the written ones."""
+        state = cache.decode_state(self.kv_row(tokens.shape[0]), self.dtype)
+        logits, written = (step or self.decode)(tokens, kernels.position_array(cache.offset), state)
+        del state  # the old buffers are now referenced by the graph only: MLX writes them in place
+        cache.commit_decode(written)
+        return logits
+
+    def kv_row(self, batch: int) -> tuple[int, int, int]:
+        """(batch, KV heads, head_dim): one position of a layer's cache."""
+        attn = self.blocks[0].attn
+        return batch, attn.num_kv_heads, attn.head_dim
 
     def _masks(self, T: int, cache: ModelCache | None) -> dict[int | None, mx.array | str | None]:
         """One mask per attention kind, shared by all layers of that kind."""

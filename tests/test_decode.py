@@ -12,19 +12,19 @@ from oss_mlx.decode import DecodeStep, compilable
 
 
 def plain_logits(model, tokens, steps_after: int):  # noqa: F811
-    """Prefill tokens[:-steps_after], then one plain forward per token: the logits of each step."""
-    cache = model.make_cache()
-    split = len(tokens) - steps_after
-    model(mx.array(tokens[None, :split]), cache=cache)
-    steps = range(split, len(tokens))
-    return [np.array(model(mx.array(tokens[None, i : i + 1]), cache=cache)) for i in steps]
+    """The logits of each of the last `steps_after` positions by a forward over the whole prefix,
+    with no cache at all: the reference a cache (and the decode step on it) must reproduce."""
+    return [
+        np.array(model(mx.array(tokens[None, : i + 1]), last_logits_only=True))
+        for i in range(len(tokens) - steps_after, len(tokens))
+    ]
 
 
 @pytest.mark.parametrize("compile", [True, False])
 @pytest.mark.parametrize("prompt", [1, 5, 30])
 def test_decode_step_equals_the_plain_forward(model, monkeypatch, compile, prompt):  # noqa: F811
     """Across a window layer's ring wrapping several times and the full layers' buffers growing
-    (grown every 16 positions here, 1,024 in use): every step's logits equal the plain path's."""
+    (grown every 16 positions here, 1,024 in use): every step's logits equal a cache-free forward's."""
     monkeypatch.setattr(FullCache, "step", 8)  # prefill's own growth
     monkeypatch.setattr(FullCache, "decode_step", 16)
     steps = 40
@@ -39,7 +39,8 @@ def test_decode_step_equals_the_plain_forward(model, monkeypatch, compile, promp
         tol = 2e-5 * np.abs(want[i]).max()
         np.testing.assert_allclose(got, want[i], rtol=0, atol=tol, err_msg=f"step {i}")
     assert cache.offset == prompt + steps
-    prefilled = 8 * -(-prompt // 8)
+    # A one-token prompt is itself a decode step; longer ones are prefilled in steps of 8.
+    prefilled = 8 * -(-prompt // 8) if prompt > 1 else 0
     grown = prefilled + 16 * -(-(prompt + steps - prefilled) // 16)  # in steps of 16, not per token
     assert all(c.keys.shape[2] == grown for c in cache if isinstance(c, FullCache))
 
@@ -148,6 +149,39 @@ def test_the_step_reads_the_joint_buffers_as_views(model):  # noqa: F811
     kv = cache[0].decode_state((1, attn.num_kv_heads, attn.head_dim), model.dtype)
     mx.eval(kv)
     x = mx.random.normal((1, 1, CFG.hidden_size)).astype(model.dtype)
-    out, written = attn.step(x, kernels.position_array(20), kv)
+    pos = kernels.position_array(20)
+    slot = kernels.ring_slot(pos, attn.window) if attn.window else pos
+    out, written = attn.step(x, pos, slot, kv)
     counted = ops(out, written)
     assert counted["Gather"] == 0 and counted["ScatterAxis"] == 1, counted
+
+
+def test_generation_traces_the_step_while_the_prompt_runs(model, monkeypatch):  # noqa: F811
+    """The first decoded token waits on no trace and no buffer growth: generate_tokens grows the full
+    layers' buffers and traces the compiled step while the prompt's last chunk runs (DecodeStep.prepare),
+    and every decoded token then replays that one trace."""
+    from oss_mlx import generation
+
+    monkeypatch.setattr(FullCache, "step", 8)
+    monkeypatch.setattr(FullCache, "decode_step", 16)
+    monkeypatch.setattr(model, "_decode_step", None, raising=False)  # a fresh step: no traces yet
+    events = []
+    real_decode, real_prefill = type(model).decode, generation.prefill
+    counted = lambda self, *a: events.append("decode") or real_decode(self, *a)  # noqa: E731
+    monkeypatch.setattr(type(model), "decode", counted)
+
+    def prefill(*a, **k):
+        logits = real_prefill(*a, **k)
+        events.append("prefilled")
+        return logits
+
+    monkeypatch.setattr(generation, "prefill", prefill)
+    cache = model.make_cache()
+    prompt = [int(t) for t in TOKENS[:16]]  # exactly fills the prompt's buffer: decoding must grow it
+    options = generation.SamplingOptions(0.0, max_tokens=6)
+    for _ in generation.generate_tokens(model, prompt, cache, options, set()):
+        if "token" not in events:
+            assert {c.kv.shape[3] for c in cache if isinstance(c, FullCache)} == {32}  # grown in the prefill
+        events.append("token")
+    # the prompt's last token (an eager decode step), the trace, then six tokens without another one
+    assert events == ["decode", "decode", "prefilled"] + ["token"] * 6
