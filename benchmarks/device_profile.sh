@@ -82,8 +82,12 @@ for stage in $STAGES; do
            env $v timeout 150 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,32768 --decode-tokens 64 \
              --engines oss-mlx --json $OUT/envbench-$i.json 2>&1 | grep -E "context|device" | tee -a $OUT/envbench.log
          done ;;
-    bench1) timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
+    bench1) timeout ${BENCH_TIMEOUT:-400} python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
               --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench.json 2>&1 | tee -a $OUT/bench.log ;;
+    benchrepeat)  # bench1 with each length run twice per engine, the second kept (session 6's runs I, J)
+            timeout ${BENCH_TIMEOUT:-430} python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
+              --decode-tokens 32 --engines oss-mlx,mlx-lm --repeat 2 --json $OUT/bench-repeat2.json 2>&1 \
+              | tee -a $OUT/bench-repeat2.log ;;
     bench2) i=0; for v in MLX_X=0 MLX_USE_CUDA_GRAPHS=0; do  # (no '=' in file names: they would not come back)
               i=$((i + 1))
               env $v timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \

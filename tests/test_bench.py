@@ -50,6 +50,34 @@ def test_bench_tiny_writes_rows(tmp_path, capsys):
     assert "mlx-lm" in printed and "prefill" in printed
 
 
+def test_repeat_keeps_the_last_run_of_each_length(tmp_path, capsys, monkeypatch):
+    """--repeat N: each length runs N times per engine; the earlier runs are printed, only the last
+    becomes a row (the first run at a new length pays MLX's one-time setup for its shapes)."""
+    calls = []
+    real = bench.run_oss_mlx
+
+    def counted(model, prompt, decode, prefill_step=None):
+        calls.append(len(prompt))
+        return real(model, prompt, decode, prefill_step)
+
+    monkeypatch.setattr(bench, "run_oss_mlx", counted)
+    out = tmp_path / "bench.json"
+    args = ["--config", "tiny", "--prompt-lengths", "12,20", "--decode-tokens", "3", "--warmup", "0"]
+    assert bench.main([*args, "--engines", "oss-mlx", "--repeat", "3", "--json", str(out)]) == 0
+    assert calls == [12, 12, 12, 20, 20, 20]
+    rows = json.loads(out.read_text())
+    assert sorted((r["phase"], r["context"]) for r in rows) == [
+        ("decode", 12),
+        ("decode", 20),
+        ("prefill", 12),
+        ("prefill", 20),
+    ]
+    assert all(r["repeat"] == 3 for r in rows)
+    printed = capsys.readouterr().out
+    assert printed.count("(not kept)") == 4  # two earlier runs for each of the two lengths
+    assert bench.main([*args, "--repeat", "0"]) == 2
+
+
 def test_unknown_engine_is_an_error():
     assert bench.main(["--config", "tiny", "--engines", "vllm"]) == 2
 
