@@ -61,7 +61,7 @@ class DecodeStep:
         """Ready the step for the cache's next position: grow the buffers that are full (lazily:
         the caller's next evaluation of the cache does it) and trace the compiled step for their
         shapes. generate_tokens calls this while the GPU runs the prompt's last chunk, so the first
-        decoded token waits on neither: a trace is ~10-20 ms of host work for the 20b, and a bench
+        decoded token waits on neither: a trace is ~5-15 ms of host work for the 20b, and a bench
         decoding 32 tokens would otherwise count it in a ~70 ms measurement."""
         state = cache.decode_state(self.model.kv_row(batch), self.model.dtype)
         if not self.compiled:
