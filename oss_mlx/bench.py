@@ -539,6 +539,19 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     extra: dict = {}
+    meta = {
+        "device": device_name(),
+        "mlx": mx.__version__,
+        "source": source,
+        "decode_tokens": G,
+        "repeat": args.repeat,
+    }
+
+    def write_rows() -> None:
+        # After every measurement, not once at the end: a run cut by a time limit keeps its rows.
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
 
     def measure(label: str, ctx: int, run) -> Timings:
         """`run()` args.repeat times; the last result (the earlier ones printed, not kept)."""
@@ -563,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             f"decode {dec:7.1f} tok/s{after_first}, peak {peak:.2f} GB",
             flush=True,
         )
+        write_rows()
 
     for name in [e for e in engines if e.startswith("oss-mlx")]:
         mode = "reference" if name.endswith(":reference") else None
@@ -603,19 +617,9 @@ def main(argv: list[str] | None = None) -> int:
 
     title = f"{device_name()} · mlx {mx.__version__} · {source} · decode {G} tokens"
     print_table(rows, engines, title)
-    if args.json:
-        meta = {
-            "device": device_name(),
-            "mlx": mx.__version__,
-            "source": source,
-            "decode_tokens": G,
-            "repeat": args.repeat,
-        }
-        with open(args.json, "w") as f:
-            json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
-        if extra:
-            with open(args.json + ".check.json", "w") as f:
-                json.dump(extra, f, indent=1)
+    if args.json and extra:
+        with open(args.json + ".check.json", "w") as f:
+            json.dump(extra, f, indent=1)
     return 0
 
 

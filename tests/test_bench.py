@@ -78,6 +78,21 @@ def test_repeat_keeps_the_last_run_of_each_length(tmp_path, capsys, monkeypatch)
     assert bench.main([*args, "--repeat", "0"]) == 2
 
 
+def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
+    """A run cut short (a time limit, a crash in the second engine) keeps the rows measured so far."""
+
+    def broken(*a, **k):
+        raise RuntimeError("mlx-lm went away")
+
+    monkeypatch.setattr(bench, "run_mlx_lm", broken)
+    out = tmp_path / "bench.json"
+    args = ["--config", "tiny", "--prompt-lengths", "12", "--decode-tokens", "2", "--warmup", "0"]
+    with pytest.raises(RuntimeError, match="went away"):
+        bench.main([*args, "--engines", "oss-mlx,mlx-lm", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert sorted((r["engine"], r["phase"]) for r in rows) == [("oss-mlx", "decode"), ("oss-mlx", "prefill")]
+
+
 def test_unknown_engine_is_an_error():
     assert bench.main(["--config", "tiny", "--engines", "vllm"]) == 2
 
