@@ -3,7 +3,8 @@
 What takes a prefill chunk's time: the MoE block and its parts (MLX's MXFP4 `gather_qmm` for gate_up
 and down, the SwiGLU), a full-attention block, and the alternative of dequantizing every expert to
 bf16 for MLX's `gather_mm` (CUTLASS grouped GEMM on CUDA). Each figure is the mean of 5 evaluations
-after one untimed one. Numbers: docs/PERFORMANCE.md, session 6.
+after one untimed one; where the card takes them, our grouped GEMM (moe_group + moe_gemm) is timed
+beside MLX's path. Numbers: docs/PERFORMANCE.md, session 6.
 
     python benchmarks/prefill_moe_probe.py
 """
@@ -54,7 +55,21 @@ def main() -> None:
         w, s = getattr(ex, f"{name}_weight"), getattr(ex, f"{name}_scales")
         return mx.dequantize(w, s, group_size=32, bits=4, mode="mxfp4", dtype=mx.bfloat16)
 
-    timed("experts (gather_qmm x2 + SwiGLU)", lambda: ex(x, indices))
+    def experts_with(gemm: bool):
+        def run():
+            kernels.MOE_GEMM = gemm
+            try:
+                return ex(x, indices)
+            finally:
+                kernels.MOE_GEMM = True
+
+        return run
+
+    timed("experts (gather_qmm x2 + SwiGLU)", experts_with(False))
+    if kernels.moe_prefill_ok(ex, x, indices):
+        timed("experts (moe_group + moe_gemm x2)", experts_with(True))
+        a, b = experts_with(False)(), experts_with(True)()
+        print(f"{'  max |moe_gemm - gather_qmm|':48s} {mx.abs(a - b).max().item():8.4f}", flush=True)
     timed("  gather_qmm gate_up", lambda: qmm(rows, "gate_up"))
     gate_up = qmm(rows, "gate_up")
     act = clamped_swiglu(gate_up, ex.alpha, ex.limit)

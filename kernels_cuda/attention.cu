@@ -58,6 +58,26 @@ template <int WINDOW> OSS_DEV void split_keys(int len, int pos, int split, int n
   s0 = lo + split * chunk;
   s1 = min(S, s0 + chunk);
 }
+// One block's part of kv [2, B, Hkv, S, D] (blocks y = b * Hkv + kvh): its keys [s0, s1) (split_keys),
+// kv + kb the first of them, kv + vb its first value (kv[1] has the same strides), ks the stride between
+// keys and kd between dims.
+struct KVPart {
+  int Hkv, b, kvh, s0, s1;
+  long long kb, vb, ks, kd;
+};
+template <int WINDOW, typename Shape, typename Strides>
+OSS_DEV KVPart kv_part(const Shape& shape, const Strides& strides, int y, int pos, int split, int nsplit) {
+  KVPart p;
+  p.Hkv = shape[2];
+  p.b = y / p.Hkv;
+  p.kvh = y % p.Hkv;
+  split_keys<WINDOW>(shape[3], pos, split, nsplit, p.s0, p.s1);
+  p.kb = (long long)p.b * strides[1] + (long long)p.kvh * strides[2];
+  p.vb = p.kb + strides[0];
+  p.ks = strides[3];
+  p.kd = strides[4];
+  return p;
+}
 // The 4 warps' (m, l, o) per query head merged, thread (g, d) for g < G, d < D; with one split the
 // softmax is finished with the sink (it joins the denominator and has no value), with several the
 // split's partial (o, m, l) goes to part. head0 / bh0: the block's first query head, alone and as
@@ -97,10 +117,10 @@ OSS_DEV void merge_warps(const float (*sm_m)[G], const float (*sm_l)[G], const f
 }
 // sdpa_decode_mma's key loop for one warp: tiles of 32 keys from `first` in steps of 128 (4 warps),
 // each tile's loads issued while the previous tile computes (two tiles of registers in flight).
-// UNIT: rows contiguous (k/v element strides 1): the stride is a constant, so load8_raw folds to a
+// UNIT: rows contiguous (element stride kd = 1): the stride is a constant, so load8_raw folds to a
 // plain 16-byte load with no branch between the loads; else element gathers.
 template <typename T, bool UNIT>
-OSS_DEV void mma_tile_loads(const T* k, const T* v, long long ks, long long vs, long long kd, long long vd,
+OSS_DEV void mma_tile_loads(const T* k, const T* v, long long ks, long long kd,
                             int base, int s1, int g, int t, uint4 (&kw)[4][2], uint4 (&vw)[2][4]) {
   // Keys past the end read the last key (finite, weight 0).
 #pragma unroll
@@ -114,16 +134,16 @@ OSS_DEV void mma_tile_loads(const T* k, const T* v, long long ks, long long vs, 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int key = min(base + 16 * u + 2 * t + (i & 1) + 8 * (i >> 1), s1 - 1);
-      const T* vp = v + key * vs + 8 * g * vd;
-      vw[u][i] = load8_raw(vp, UNIT ? 1 : vd);
+      const T* vp = v + key * ks + 8 * g * kd;
+      vw[u][i] = load8_raw(vp, UNIT ? 1 : kd);
     }
   }
 }
 template <typename T, bool UNIT>
-OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long long kd, long long vd, int first,
+OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long kd, int first,
                       int s1, int g, int t, const uint4 (&qw)[2], float qscale, float& m, float& l, float (&o)[8][4]) {
   uint4 kn[4][2], vn[2][4];
-  if (first < s1) mma_tile_loads<T, UNIT>(k, v, ks, vs, kd, vd, first, s1, g, t, kn, vn);
+  if (first < s1) mma_tile_loads<T, UNIT>(k, v, ks, kd, first, s1, g, t, kn, vn);
   for (int base = first; base < s1; base += 128) {
     uint4 kw[4][2], vw[2][4];
 #pragma unroll
@@ -136,7 +156,7 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
 #pragma unroll
       for (int i = 0; i < 4; ++i) vw[u][i] = vn[u][i];
     }
-    if (base + 128 < s1) mma_tile_loads<T, UNIT>(k, v, ks, vs, kd, vd, base + 128, s1, g, t, kn, vn);
+    if (base + 128 < s1) mma_tile_loads<T, UNIT>(k, v, ks, kd, base + 128, s1, g, t, kn, vn);
     float sc[4][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -199,10 +219,9 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sub = lane % LPV, kg = lane / LPV;
   const int split = blockIdx.x, nsplit = gridDim.x;
-  const int Hkv = kv_shape[2];
-  const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
-  int s0, s1;
-  split_keys<WINDOW>(kv_shape[3], pos[0], split, nsplit, s0, s1);
+  const KVPart p = kv_part<WINDOW>(kv_shape, kv_strides, blockIdx.y, pos[0], split, nsplit);
+  const int Hkv = p.Hkv, b = p.b, kvh = p.kvh, s0 = p.s0, s1 = p.s1;
+  const long long kb = p.kb, vb = p.vb, ks = p.ks, kd = p.kd;
 
   const float qscale = scale_log2[0];
   const long long q0 = (long long)(b * Hkv + kvh) * G * D;
@@ -219,12 +238,6 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
 #pragma unroll
     for (int t = 0; t < 8; ++t) o[g][t] = 0.f;
   }
-  // kv [2, B, Hkv, S, D]: the keys kv[0], the values kv[1], with the same strides
-  const T* k = kv;
-  const T* v = kv;
-  const long long kb = (long long)b * kv_strides[1] + (long long)kvh * kv_strides[2];
-  const long long vb = kb + kv_strides[0];
-  const long long ks = kv_strides[3], vs = ks, kd = kv_strides[4], vd = kd;
   // Tiles are warp-uniform (the shuffles need the whole warp); lanes past the end load nothing.
   for (int base = s0 + 32 * warp; base < s1; base += 128) {
     // The tile's values first: their loads are then in flight with the keys' (one round trip).
@@ -233,11 +246,11 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
     for (int i = 0; i < LPV; ++i) {
       const int sv = base + kg + KG * i;
       if (sv < s1) {
-        auto vr = v + vb + sv * vs + 8 * sub * vd;
-        if (vd == 1) {
+        auto vr = kv + vb + sv * ks + 8 * sub * kd;
+        if (kd == 1) {
           load8(vr, vf[i]);
         } else {
-          load8_strided(vr, vd, vf[i]);
+          load8_strided(vr, kd, vf[i]);
         }
       } else {
 #pragma unroll
@@ -250,7 +263,7 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
 #pragma unroll
     for (int g = 0; g < G; ++g) dot[g] = 0.f;
     if (valid) {
-      auto kr = k + kb + s * ks;
+      auto kr = kv + kb + s * ks;
 #pragma unroll
       for (int c = 0; c < D / 8; ++c) {
         float kf[8];
@@ -325,10 +338,9 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int split = blockIdx.x, nsplit = gridDim.x;
-  const int Hkv = kv_shape[2];
-  const int b = blockIdx.y / Hkv, kvh = blockIdx.y % Hkv;
-  int s0, s1;
-  split_keys<WINDOW>(kv_shape[3], pos[0], split, nsplit, s0, s1);
+  const KVPart p = kv_part<WINDOW>(kv_shape, kv_strides, blockIdx.y, pos[0], split, nsplit);
+  const int Hkv = p.Hkv, b = p.b, kvh = p.kvh, s0 = p.s0, s1 = p.s1;
+  const long long kb = p.kb, vb = p.vb, ks = p.ks, kd = p.kd;
   const float qscale = scale_log2[0];
 
   // Q as the A operand: head g's dims 16t..16t+15, k-step s takes words 2s, 2s + 1 (rows g + 8: 0).
@@ -338,22 +350,16 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long vs, long l
     qw[0] = load8_raw(qp, 1);
     qw[1] = load8_raw(qp + 8, 1);
   }
-  // kv [2, B, Hkv, S, D]: the keys kv[0], the values kv[1], with the same strides
-  const T* k = kv;
-  const T* v = kv;
-  const long long kb = (long long)b * kv_strides[1] + (long long)kvh * kv_strides[2];
-  const long long vb = kb + kv_strides[0];
-  const long long ks = kv_strides[3], vs = ks, kd = kv_strides[4], vd = kd;
 
   float m = OSS_NEG, l = 0.f;  // head g: running maximum (same on the 4 lanes of g), this lane's sum
   float o[8][4];
 #pragma unroll
   for (int n = 0; n < 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   // Contiguous rows (every cache) take 16-byte loads with no branch between them; others gather.
-  if (kd == 1 && vd == 1) {
-    mma_keys<T, true>(k + kb, v + vb, ks, vs, 1, 1, s0 + 32 * warp, s1, g, t, qw, qscale, m, l, o);
+  if (kd == 1) {
+    mma_keys<T, true>(kv + kb, kv + vb, ks, 1, s0 + 32 * warp, s1, g, t, qw, qscale, m, l, o);
   } else {
-    mma_keys<T, false>(k + kb, v + vb, ks, vs, kd, vd, s0 + 32 * warp, s1, g, t, qw, qscale, m, l, o);
+    mma_keys<T, false>(kv + kb, kv + vb, ks, kd, s0 + 32 * warp, s1, g, t, qw, qscale, m, l, o);
   }
   l += lane_xor(l, 1);
   l += lane_xor(l, 2);

@@ -93,6 +93,17 @@ OSS_DEV float dot8_fp4(uint w, const float* x) {
   acc = fmaf(f3.y, x[7], acc);
   return acc;
 }
+// The 8 values of one uint32 in element order, times `scale` (an e8m0_scale: the 2^14 included).
+OSS_DEV void fp4x8_scaled(uint w, float scale, float* out) {
+  uint h[4] = {((w & 0x00070007u) << 9) | ((w & 0x00080008u) << 12), ((w & 0x00700070u) << 5) | ((w & 0x00800080u) << 8),
+               ((w & 0x07000700u) << 1) | ((w & 0x08000800u) << 4), ((w & 0x70007000u) >> 3) | (w & 0x80008000u)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(*reinterpret_cast<__half2*>(&h[i]));
+    out[i] = f.x * scale;  // elements i and i + 4 (see dot8_fp4)
+    out[i + 4] = f.y * scale;
+  }
+}
 // A 32-element MXFP4 group (16 bytes) against 32 floats.
 OSS_DEV float dot32_fp4(uint4 w, const float* x) {
   return dot8_fp4(w.x, x) + dot8_fp4(w.y, x + 8) + dot8_fp4(w.z, x + 16) + dot8_fp4(w.w, x + 24);

@@ -18,6 +18,17 @@
 //   outputs h [N, H] (T), wts [N, K] float32 (descending logit order), ids [N, K] uint32
 //   template T, LT (logits dtype), H (<= 7680: the row is staged in 32 KB of threadgroup memory), E (<= 256), K (<= E, <= 8)
 //   grid (512 * N, 1, 1), threadgroup (512, 1, 1)
+//
+// moe_group: the prefill chunk's (token, expert) rows grouped by expert for moe_gemm: counts by
+// shared-memory atomics, their prefix sums, then each row's place in its expert's run. The order of
+// rows within an expert is arbitrary (atomics); moe_gemm computes each row alone and writes it back
+// to its own slot, so the result does not depend on it.
+//   inputs  ids [NK] uint32 (route's ids, flattened: row s = n * K + j)
+//   outputs perm [NK] uint32 (sorted row -> s), offsets [E + 1] uint32 (expert e's rows are
+//           perm[offsets[e] .. offsets[e + 1])), tiles [E + 1] uint32 (expert e's BM-row tiles are
+//           moe_gemm's row tiles tiles[e] .. tiles[e + 1])
+//   template E (<= 1024), BM
+//   grid (1024, 1, 1), threadgroup (1024, 1, 1): one block
 // Warp 0 of both kernels: the K largest of logits[0, E) (ties: the lower index), by K rounds of a
 // warp arg-max, then the softmax over them; token n's weights and ids written in descending order.
 template <int E, int K>
@@ -105,3 +116,25 @@ OSS_DEV void top_k_softmax(const float* logits, int lane, int n, float* wts, uin
   for (int i = tid; i < H; i += NT) h[(long long)n * H + i] = from_f<T>(hs[i]);
   OSS_BARRIER();
   if (warp == 0) top_k_softmax<E, K>(logits, lane, n, wts, ids);
+// @@kernel moe_group
+  OSS_SHARED uint count[E];
+  OSS_SHARED uint cursor[E];
+  const int tid = threadIdx.x, nk = ids_shape[0];
+  for (int e = tid; e < E; e += 1024) count[e] = 0;
+  OSS_BARRIER();
+  for (int s = tid; s < nk; s += 1024) atomicAdd(&count[ids[s]], 1u);
+  OSS_BARRIER();
+  if (tid == 0) {
+    uint rows = 0, tile = 0;
+    for (int e = 0; e < E; ++e) {
+      offsets[e] = rows;
+      tiles[e] = tile;
+      cursor[e] = rows;
+      rows += count[e];
+      tile += (count[e] + BM - 1) / BM;
+    }
+    offsets[E] = rows;
+    tiles[E] = tile;
+  }
+  OSS_BARRIER();
+  for (int s = tid; s < nk; s += 1024) perm[atomicAdd(&cursor[ids[s]], 1u)] = (uint)s;

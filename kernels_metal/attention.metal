@@ -56,6 +56,26 @@ OSS_DEV void split_keys(int len, int pos, int split, int nsplit, thread int& s0,
   s0 = lo + split * chunk;
   s1 = min(S, s0 + chunk);
 }
+// One block's part of kv [2, B, Hkv, S, D] (blocks y = b * Hkv + kvh): its keys [s0, s1) (split_keys),
+// kv + kb the first of them, kv + vb its first value (kv[1] has the same strides), ks the stride between
+// keys and kd between dims.
+struct KVPart {
+  int Hkv, b, kvh, s0, s1;
+  long kb, vb, ks, kd;
+};
+template <int WINDOW, typename Shape, typename Strides>
+OSS_DEV KVPart kv_part(Shape shape, Strides strides, int y, int pos, int split, int nsplit) {
+  KVPart p;
+  p.Hkv = shape[2];
+  p.b = y / p.Hkv;
+  p.kvh = y % p.Hkv;
+  split_keys<WINDOW>(shape[3], pos, split, nsplit, p.s0, p.s1);
+  p.kb = (long)p.b * strides[1] + (long)p.kvh * strides[2];
+  p.vb = p.kb + strides[0];
+  p.ks = strides[3];
+  p.kd = strides[4];
+  return p;
+}
 // The 4 simdgroups' (m, l, o) per query head merged, thread (g, d) for g < G, d < D; with one split
 // the softmax is finished with the sink (it joins the denominator and has no value), with several
 // the split's partial (o, m, l) goes to part. head0 / bh0: the threadgroup's first query head, alone
@@ -94,10 +114,10 @@ OSS_DEV void merge_warps(const threadgroup float (*sm_m)[G], const threadgroup f
 }
 // sdpa_decode_mma's key loop for one simdgroup: tiles of 32 keys from `first` in steps of 128 (4
 // simdgroups), each tile's loads issued while the previous tile computes (two tiles in registers).
-// UNIT: rows contiguous (k/v element strides 1): the stride is a constant, so load8_raw folds to a
+// UNIT: rows contiguous (element stride kd = 1): the stride is a constant, so load8_raw folds to a
 // plain 16-byte load with no branch between the loads; else element gathers.
 template <typename T, bool UNIT>
-OSS_DEV void mma_tile_loads(const device T* k, const device T* v, long ks, long vs, long kd, long vd, int base,
+OSS_DEV void mma_tile_loads(const device T* k, const device T* v, long ks, long kd, int base,
                             int s1, int fm, int fn, thread uint4 (&kw)[4][2], thread uint4 (&vw)[4][2]) {
   // Keys past the end read the last key (finite, weight 0).
   for (int j = 0; j < 4; ++j) {
@@ -105,17 +125,17 @@ OSS_DEV void mma_tile_loads(const device T* k, const device T* v, long ks, long 
     kw[j][0] = load8_raw(kp, UNIT ? 1 : kd);
     kw[j][1] = load8_raw(kp + 8 * kd, UNIT ? 1 : kd);
     for (int c = 0; c < 2; ++c) {
-      const device T* vp = v + min(base + 8 * j + fn + c, s1 - 1) * vs + 8 * fm * vd;
-      vw[j][c] = load8_raw(vp, UNIT ? 1 : vd);
+      const device T* vp = v + min(base + 8 * j + fn + c, s1 - 1) * ks + 8 * fm * kd;
+      vw[j][c] = load8_raw(vp, UNIT ? 1 : kd);
     }
   }
 }
 template <typename T, bool UNIT>
-OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, long kd, long vd, int first,
+OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long kd, int first,
                       int s1, int fm, int fn, thread frag8 (&qt)[8], float qscale, thread float (&m)[2],
                       thread float (&l)[2], thread frag8 (&ot)[8]) {
   uint4 kn[4][2], vn[4][2];
-  if (first < s1) mma_tile_loads<T, UNIT>(k, v, ks, vs, kd, vd, first, s1, fm, fn, kn, vn);
+  if (first < s1) mma_tile_loads<T, UNIT>(k, v, ks, kd, first, s1, fm, fn, kn, vn);
   for (int base = first; base < s1; base += 128) {
     uint4 kw[4][2], vw[4][2];
     for (int j = 0; j < 4; ++j) {
@@ -124,7 +144,7 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
         vw[j][c] = vn[j][c];
       }
     }
-    if (base + 128 < s1) mma_tile_loads<T, UNIT>(k, v, ks, vs, kd, vd, base + 128, s1, fm, fn, kn, vn);
+    if (base + 128 < s1) mma_tile_loads<T, UNIT>(k, v, ks, kd, base + 128, s1, fm, fn, kn, vn);
     frag8 st[4];
     for (int j = 0; j < 4; ++j) {
       st[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.f);
@@ -182,10 +202,9 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int sub = lane % LPV, kg = lane / LPV;
   const int split = threadgroup_position_in_grid.x, nsplit = threadgroups_per_grid.x;
-  const int Hkv = kv_shape[2];
-  const int b = int(threadgroup_position_in_grid.y) / Hkv, kvh = int(threadgroup_position_in_grid.y) % Hkv;
-  int s0, s1;
-  split_keys<WINDOW>(kv_shape[3], pos[0], split, nsplit, s0, s1);
+  const KVPart p = kv_part<WINDOW>(kv_shape, kv_strides, threadgroup_position_in_grid.y, pos[0], split, nsplit);
+  const int Hkv = p.Hkv, b = p.b, kvh = p.kvh, s0 = p.s0, s1 = p.s1;
+  const long kb = p.kb, vb = p.vb, ks = p.ks, kd = p.kd;
 
   const float qscale = scale_log2[0];
   const long q0 = (long)(b * Hkv + kvh) * G * D;
@@ -200,12 +219,6 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
     l[g] = 0.f;
     for (int t = 0; t < 8; ++t) o[g][t] = 0.f;
   }
-  // kv [2, B, Hkv, S, D]: the keys kv[0], the values kv[1], with the same strides
-  const device T* k = kv;
-  const device T* v = kv;
-  const long kb = (long)b * kv_strides[1] + (long)kvh * kv_strides[2];
-  const long vb = kb + kv_strides[0];
-  const long ks = kv_strides[3], vs = ks, kd = kv_strides[4], vd = kd;
   // Tiles are simdgroup-uniform (the shuffles need the whole simdgroup); lanes past the end load nothing.
   for (int base = s0 + 32 * warp; base < s1; base += 128) {
     // The tile's values first: their loads are then in flight with the keys' (one round trip).
@@ -213,11 +226,11 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
     for (int i = 0; i < LPV; ++i) {
       const int sv = base + kg + KG * i;
       if (sv < s1) {
-        auto vr = v + vb + sv * vs + 8 * sub * vd;
-        if (vd == 1) {
+        auto vr = kv + vb + sv * ks + 8 * sub * kd;
+        if (kd == 1) {
           load8(vr, vf[i]);
         } else {
-          load8_strided(vr, vd, vf[i]);
+          load8_strided(vr, kd, vf[i]);
         }
       } else {
         for (int t = 0; t < 8; ++t) vf[i][t] = 0.f;
@@ -228,7 +241,7 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
     float dot[G];
     for (int g = 0; g < G; ++g) dot[g] = 0.f;
     if (valid) {
-      auto kr = k + kb + s * ks;
+      auto kr = kv + kb + s * ks;
       for (int c = 0; c < D / 8; ++c) {
         float kf[8];
         if (kd == 1) {
@@ -290,10 +303,9 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int fm = frag_row(lane), fn = frag_col(lane);
   const int split = threadgroup_position_in_grid.x, nsplit = threadgroups_per_grid.x;
-  const int Hkv = kv_shape[2];
-  const int b = int(threadgroup_position_in_grid.y) / Hkv, kvh = int(threadgroup_position_in_grid.y) % Hkv;
-  int s0, s1;
-  split_keys<WINDOW>(kv_shape[3], pos[0], split, nsplit, s0, s1);
+  const KVPart p = kv_part<WINDOW>(kv_shape, kv_strides, threadgroup_position_in_grid.y, pos[0], split, nsplit);
+  const int Hkv = p.Hkv, b = p.b, kvh = p.kvh, s0 = p.s0, s1 = p.s1;
+  const long kb = p.kb, vb = p.vb, ks = p.ks, kd = p.kd;
   const float qscale = scale_log2[0];
 
   // Q^T as the B operand of the 8 dim steps: row fm of step s is dim 16 (fm / 2) + 2 s + fm % 2,
@@ -305,21 +317,15 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long vs, lo
     elems(qt[s]).x = fn < G ? to_f(q[q0 + fn * D + dim]) : 0.f;
     elems(qt[s]).y = fn + 1 < G ? to_f(q[q0 + (fn + 1) * D + dim]) : 0.f;
   }
-  // kv [2, B, Hkv, S, D]: the keys kv[0], the values kv[1], with the same strides
-  const device T* k = kv;
-  const device T* v = kv;
-  const long kb = (long)b * kv_strides[1] + (long)kvh * kv_strides[2];
-  const long vb = kb + kv_strides[0];
-  const long ks = kv_strides[3], vs = ks, kd = kv_strides[4], vd = kd;
 
   float m[2] = {OSS_NEG, OSS_NEG}, l[2] = {0.f, 0.f};  // heads fn, fn + 1
   frag8 ot[8];
   for (int n = 0; n < 8; ++n) ot[n] = make_filled_simdgroup_matrix<float, 8, 8>(0.f);
   // Contiguous rows (every cache) take 16-byte loads with no branch between them; others gather.
-  if (kd == 1 && vd == 1) {
-    mma_keys<T, true>(k + kb, v + vb, ks, vs, 1, 1, s0 + 32 * warp, s1, fm, fn, qt, qscale, m, l, ot);
+  if (kd == 1) {
+    mma_keys<T, true>(kv + kb, kv + vb, ks, 1, s0 + 32 * warp, s1, fm, fn, qt, qscale, m, l, ot);
   } else {
-    mma_keys<T, false>(k + kb, v + vb, ks, vs, kd, vd, s0 + 32 * warp, s1, fm, fn, qt, qscale, m, l, ot);
+    mma_keys<T, false>(kv + kb, kv + vb, ks, kd, s0 + 32 * warp, s1, fm, fn, qt, qscale, m, l, ot);
   }
   for (int c = 0; c < 2; ++c) {
     l[c] += lane_xor(l[c], 2);

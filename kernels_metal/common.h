@@ -83,6 +83,16 @@ OSS_DEV float dot8_fp4(uint w, thread const float* x) {
 OSS_DEV float dot32_fp4(uint4 w, thread const float* x) {
   return dot8_fp4(w.x, x) + dot8_fp4(w.y, x + 8) + dot8_fp4(w.z, x + 16) + dot8_fp4(w.w, x + 24);
 }
+// The 8 values of one uint32 in element order, times `scale` (an e8m0_scale: the 2^14 included).
+OSS_DEV void fp4x8_scaled(uint w, float scale, thread float* out) {
+  const uint h[4] = {((w & 0x00070007u) << 9) | ((w & 0x00080008u) << 12), ((w & 0x00700070u) << 5) | ((w & 0x00800080u) << 8),
+                     ((w & 0x07000700u) << 1) | ((w & 0x08000800u) << 4), ((w & 0x70007000u) >> 3) | (w & 0x80008000u)};
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = float2(as_type<half2>(h[i]));
+    out[i] = f.x * scale;  // elements i and i + 4 (see dot8_fp4)
+    out[i + 4] = f.y * scale;
+  }
+}
 // e8m0 scale 2^(s - 127), times the 2^14 taken out by dot8_fp4: 2^(s - 113), built from its bits.
 OSS_DEV float e8m0_scale(uint s) { return as_type<float>((s + 14u) << 23); }
 OSS_DEV uint4 load_u4(const device uint32_t* p) { return *reinterpret_cast<const device uint4*>(p); }

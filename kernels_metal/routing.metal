@@ -18,6 +18,17 @@
 //   outputs h [N, H] (T), wts [N, K] float32 (descending logit order), ids [N, K] uint32
 //   template T, LT (logits dtype), H (<= 7680: the row is staged in 32 KB of threadgroup memory), E (<= 256), K (<= E, <= 8)
 //   grid (512 * N, 1, 1), threadgroup (512, 1, 1)
+//
+// moe_group: the prefill chunk's (token, expert) rows grouped by expert for moe_gemm: counts by
+// threadgroup atomics, their prefix sums, then each row's place in its expert's run. The order of
+// rows within an expert is arbitrary (atomics); moe_gemm computes each row alone and writes it back
+// to its own slot, so the result does not depend on it.
+//   inputs  ids [NK] uint32 (route's ids, flattened: row s = n * K + j)
+//   outputs perm [NK] uint32 (sorted row -> s), offsets [E + 1] uint32 (expert e's rows are
+//           perm[offsets[e] .. offsets[e + 1])), tiles [E + 1] uint32 (expert e's BM-row tiles are
+//           moe_gemm's row tiles tiles[e] .. tiles[e + 1])
+//   template E (<= 1024), BM
+//   grid (1024, 1, 1), threadgroup (1024, 1, 1): one threadgroup
 // Warp 0 of both kernels: the K largest of logits[0, E) (ties: the lower index), by K rounds of a
 // simdgroup arg-max, then the softmax over them; token n's weights and ids written in descending order.
 template <int E, int K>
@@ -97,3 +108,26 @@ OSS_DEV void top_k_softmax(const threadgroup float* logits, int lane, int n, dev
   for (int i = tid; i < H; i += NT) h[(long)n * H + i] = from_f<T>(hs[i]);
   OSS_BARRIER();
   if (warp == 0) top_k_softmax<E, K>(logits, lane, n, wts, ids);
+// @@kernel moe_group
+  threadgroup atomic_uint count[E];
+  threadgroup atomic_uint cursor[E];
+  const int tid = thread_position_in_threadgroup.x, nk = ids_shape[0];
+  for (int e = tid; e < E; e += 1024) atomic_store_explicit(&count[e], 0u, memory_order_relaxed);
+  OSS_BARRIER();
+  for (int s = tid; s < nk; s += 1024) atomic_fetch_add_explicit(&count[ids[s]], 1u, memory_order_relaxed);
+  OSS_BARRIER();
+  if (tid == 0) {
+    uint rows = 0, tile = 0;
+    for (int e = 0; e < E; ++e) {
+      const uint c = atomic_load_explicit(&count[e], memory_order_relaxed);
+      offsets[e] = rows;
+      tiles[e] = tile;
+      atomic_store_explicit(&cursor[e], rows, memory_order_relaxed);
+      rows += c;
+      tile += (c + BM - 1) / BM;
+    }
+    offsets[E] = rows;
+    tiles[E] = tile;
+  }
+  OSS_BARRIER();
+  for (int s = tid; s < nk; s += 1024) perm[atomic_fetch_add_explicit(&cursor[ids[s]], 1u, memory_order_relaxed)] = uint(s);

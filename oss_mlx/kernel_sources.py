@@ -61,6 +61,13 @@ SPECS = {
         KernelSpec("norm_route", "routing", ("x", "nw", "w", "b", "eps"), ("h", "wts", "ids")),
         KernelSpec("gate_up_swiglu", "experts", ("x", "ids", "w", "scales", "bias", "consts"), ("h",)),
         KernelSpec("down_combine", "experts", ("h", "ids", "wts", "w", "scales", "bias", "res"), ("y",)),
+        KernelSpec("moe_group", "routing", ("ids",), ("perm", "offsets", "tiles")),
+        KernelSpec(
+            "moe_gemm",
+            "experts",
+            ("a", "perm", "offsets", "tiles", "w", "scales", "bias", "consts"),
+            ("out",),
+        ),
         *(
             KernelSpec(name, "attention", _SDPA_INPUTS, ("out", "part"), row_contiguous=False)
             for name in ("sdpa_decode", "sdpa_decode_mma")  # the same interface, two algorithms

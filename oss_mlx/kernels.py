@@ -453,6 +453,82 @@ def _experts_decode(experts, x, wts, ids, residual, N: int, k: int) -> mx.array:
     return y
 
 
+# Prefill experts (moe_group + moe_gemm): rows of one expert per tile; moe_gemm is written for 64.
+MOE_GEMM_ROWS = 64
+MOE_GEMM = True  # the grouped GEMM where its shapes apply (benchmarks compare it with gather_qmm)
+
+
+def moe_prefill_ok(experts, x: mx.array, indices: mx.array) -> bool:
+    """Whether moe_prefill takes x [N, H] with indices [N, k] (GPU, MXFP4 weights, 16-bit
+    activations for the matrix units, the row count where decode's kernels stop)."""
+    if not MOE_GEMM or not getattr(experts, "quantized", False):
+        return False
+    N, k = indices.shape
+    E, rows, _ = experts.gate_up_weight.shape
+    return (
+        backend() != "reference"
+        and _on_gpu()
+        and N * k >= MOE_MAX_SLOTS
+        and x.dtype in (mx.bfloat16, mx.float16)
+        and x.shape[-1] % 32 == 0
+        and (rows // 2) % 32 == 0
+        and E <= 1024
+        and experts.down_weight.shape[1] >= x.shape[-1]  # rows may be padded (prepare)
+    )
+
+
+def moe_prefill(experts, x: mx.array, indices: mx.array) -> mx.array:
+    """Each selected expert's output for a prefill chunk: x [N, H] (normed), indices [N, k] ->
+    [N, k, H] (bias included), as moe.Experts returns it. Three launches: moe_group sorts the rows by
+    expert, moe_gemm runs gate_up + SwiGLU, then down, writing the rows back in (token, expert) order.
+    moe_prefill_ok first."""
+    N, k = indices.shape
+    E, gate_up_rows, _ = experts.gate_up_weight.shape
+    H, I, NK, BM = x.shape[-1], gate_up_rows // 2, N * k, MOE_GEMM_ROWS
+    perm, offsets, tiles = _launch(
+        "moe_group",
+        [indices.reshape(-1).astype(mx.uint32)],
+        [("E", E), ("BM", BM)],
+        (1024, 1, 1),
+        (1024, 1, 1),
+        [(NK,), (E + 1,), (E + 1,)],
+        [mx.uint32] * 3,
+    )
+    consts = _const(experts.alpha, experts.limit)
+    row_tiles = -(-NK // BM) + E  # at most one partial tile per expert
+    out = x
+    for mode, name, width in ((0, "gate_up", I), (1, "down", H)):
+        w = getattr(experts, f"{name}_weight")
+        (out,) = _launch(
+            "moe_gemm",
+            [
+                out,
+                perm,
+                offsets,
+                tiles,
+                w,
+                getattr(experts, f"{name}_scales"),
+                getattr(experts, f"{name}_bias"),
+                consts,
+            ],
+            [
+                ("T", x.dtype),
+                ("KD", out.shape[-1]),
+                ("N", w.shape[1]),
+                ("NOUT", width),
+                ("E", E),
+                ("K", k),
+                ("MODE", mode),
+                ("BM", BM),
+            ],
+            (256 * -(-w.shape[1] // 128), row_tiles, 1),
+            (256, 1, 1),
+            [(NK, width)],
+            [x.dtype],
+        )
+    return out.reshape(N, k, H)
+
+
 # MLX-CUDA's tensor-core gather_qmm needs the output size to be a multiple of this.
 CUDA_GATHER_QMM_ROWS = 128
 

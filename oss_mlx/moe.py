@@ -108,6 +108,8 @@ class Experts(nn.Module):
             h = self._matmul(h, "gate_up", indices, False)
             h = clamped_swiglu(h, self.alpha, self.limit)
             return self._matmul(h, "down", indices, False).squeeze(-2)
+        if kernels.moe_prefill_ok(self, x, indices):  # GPU: grouping + grouped GEMM kernels
+            return kernels.moe_prefill(self, x, indices)
         # Prefill: group rows by expert so each expert's weights are read once.
         flat = indices.flatten()
         order = mx.argsort(flat)

@@ -103,5 +103,24 @@ void simdgroup_multiply_accumulate(simdgroup_matrix<T, R, C>& d, const simdgroup
                                    const simdgroup_matrix<T, R, C>& b, const simdgroup_matrix<T, R, C>& c) {
   d.e.x = a.e.x * b.e.x + c.e.x;
 }
+struct ulong2 {
+  unsigned long x, y;
+  ulong2(unsigned long a, unsigned long b) : x(a), y(b) {}
+};
+template <typename T, int R, int C>
+void simdgroup_load(simdgroup_matrix<T, R, C>& d, const threadgroup T* src, unsigned long elements_per_row = C,
+                    ulong2 matrix_origin = ulong2(0, 0), bool transpose_matrix = false) {
+  d.e.x = src[0];
+}
+// Atomics on threadgroup memory (the ones the kernels use).
+enum memory_order { memory_order_relaxed };
+enum class atomic_uint : uint {};  // a distinct, trivial type: a threadgroup array of it needs no constructor
+inline void atomic_store_explicit(threadgroup atomic_uint* a, uint v, memory_order) { *a = atomic_uint(v); }
+inline uint atomic_load_explicit(threadgroup atomic_uint* a, memory_order) { return uint(*a); }
+inline uint atomic_fetch_add_explicit(threadgroup atomic_uint* a, uint v, memory_order) {
+  const uint old = uint(*a);
+  *a = atomic_uint(old + v);
+  return old;
+}
 }  // namespace metal
 using namespace metal;  // MLX's prelude does the same

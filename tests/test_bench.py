@@ -148,12 +148,14 @@ def test_bench_quality_refusals_say_why(tmp_path, capsys):
 
 
 def test_check_layers_compares_each_layer_and_can_fail(monkeypatch):
-    """--check-layers: each block's decode update, fast path vs reference, same inputs. Here (CPU)
-    both are the reference, so 0; a fast MoE path off by 1% of its update must show as ~1%."""
+    """--check-layers: each block's decode update, fast path vs reference, same inputs. With the
+    reference forced, both sides are the reference, so 0; a fast MoE path off by 1% of its update must show as ~1%."""
     import contextlib
 
     from oss_mlx.moe import MLPBlock
 
+    # The reference on both sides on every machine (on a GPU the kernels differ by bf16's spread)
+    monkeypatch.setenv("OSS_MLX_KERNELS", "reference")
     model = bench.random_model(bench.preset_config("tiny"))
     ok = bench.check_layers(model, 12, steps=2)
     assert ok["max_rel_rms"] == {"attention": 0.0, "moe": 0.0, "moe_experts": 0.0}

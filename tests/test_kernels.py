@@ -267,6 +267,60 @@ def test_moe_decode_matches_reference(dtype, E, k, H, I, N):
     assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
 
 
+def _prefill_indices(N: int, E: int, k: int, used: int) -> mx.array:
+    """k distinct experts per token drawn from the first `used` of E (the rest get no rows), skewed so
+    the experts' row counts differ."""
+    scores = mx.random.uniform(shape=(N, E)) + mx.concatenate(
+        [mx.linspace(1, 0, used), -10 * mx.ones((E - used,))]
+    )
+    return mx.argsort(-scores, axis=-1)[:, :k].astype(mx.uint32)
+
+
+@needs_gpu
+@pytest.mark.parametrize("E,k,N,used", [(4, 2, 40, 3), (32, 4, 700, 32), (128, 4, 517, 100), (8, 1, 65, 8)])
+def test_moe_group_groups_rows_by_expert(E, k, N, used):
+    ids = _prefill_indices(N, E, k, used).reshape(-1)
+    BM = kernels.MOE_GEMM_ROWS
+    shapes = [(N * k,), (E + 1,), (E + 1,)]
+    grid = (1024, 1, 1)
+    perm, offsets, tiles = kernels._launch(
+        "moe_group", [ids], [("E", E), ("BM", BM)], grid, grid, shapes, [mx.uint32] * 3
+    )
+    ids, perm, offsets, tiles = (np.array(a).astype(np.int64) for a in (ids, perm, offsets, tiles))
+    counts = np.bincount(ids, minlength=E)
+    assert sorted(perm) == list(range(N * k))  # a permutation of the rows
+    assert (np.diff(ids[perm]) >= 0).all()  # grouped by expert, in expert order
+    assert (offsets == np.concatenate([[0], np.cumsum(counts)])).all()
+    assert (tiles == np.concatenate([[0], np.cumsum(-(-counts // BM))])).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize(
+    "E,k,H,I,N,used",
+    [
+        (4, 2, 64, 96, 40, 3),  # an expert with no rows; partial row and column tiles
+        (8, 1, 96, 64, 65, 8),
+        (32, 4, 2880, 2880, 517, 32),  # gpt-oss-20b's experts
+        (128, 4, 2880, 2880, 300, 90),  # gpt-oss-120b's: many experts with a row or two, some none
+    ],
+)
+def test_moe_prefill_matches_reference(dtype, E, k, H, I, N, used):
+    """The prefill experts (moe_group, then moe_gemm for gate_up + SwiGLU and for down) against the
+    reference's sorted gather_qmm path, each selected expert's output [N, k, H]."""
+    block = random_mlp(E, k, H, I, dtype)
+    x = mx.random.normal((N, H)).astype(dtype)
+    indices = _prefill_indices(N, E, k, used)
+    assert kernels.moe_prefill_ok(block.experts, x, indices)
+    got = kernels.moe_prefill(block.experts, x, indices)
+    with kernels.use_backend("reference"):
+        want = block.experts(x, indices)
+    assert got.shape == want.shape == (N, k, H) and got.dtype == dtype
+    assert rel_err(got, want) < TOL[dtype], rel_err(got, want)
+    block.experts.pad_down_rows(kernels.CUDA_GATHER_QMM_ROWS)  # as the loader does on CUDA
+    assert rel_err(kernels.moe_prefill(block.experts, x, indices), want) < TOL[dtype]
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("E,k,H,I,N", MOE_SHAPES[:4])
@@ -820,3 +874,35 @@ def test_compiled_decode_step_launches_with_the_gpu_faked(monkeypatch):
     ]
     per_layer = 6 * len(model.blocks) + (splits > 1) * sum(b.attn.window is None for b in model.blocks)
     assert len(launches) == per_layer
+
+
+def test_prefill_experts_launch_with_the_gpu_faked(monkeypatch):
+    """The prefill experts' Python in CI: where moe_prefill applies (16-bit, from 64 rows on), and its
+    three launches' templates, grids and shapes (moe_group, then moe_gemm for gate_up and for down)."""
+    block = random_mlp(4, 2, 64, 96, mx.bfloat16)
+    x = mx.random.normal((40, 64)).astype(mx.bfloat16)
+    indices = _prefill_indices(40, 4, 2, 3)
+    launches = fake_gpu(monkeypatch)
+    assert kernels.moe_prefill_ok(block.experts, x, indices)
+    assert not kernels.moe_prefill_ok(
+        block.experts, x.astype(mx.float32), indices
+    )  # the matrix units: 16-bit
+    assert not kernels.moe_prefill_ok(block.experts, x[:31], indices[:31])  # 62 rows: decode's kernels
+    out = kernels.moe_prefill(block.experts, x, indices)
+    assert out.shape == (40, 2, 64)
+    assert [n for n, *_ in launches] == ["moe_group", "moe_gemm", "moe_gemm"]
+    (
+        (_, group_t, group_grid, group_shapes),
+        (_, up_t, up_grid, up_shapes),
+        (_, down_t, down_grid, down_shapes),
+    ) = launches
+    assert (
+        group_t == {"E": 4, "BM": 64} and group_grid == (1024, 1, 1) and group_shapes == [(80,), (5,), (5,)]
+    )
+    row_tiles = -(-80 // 64) + 4  # at most one partial tile per expert
+    assert up_t["MODE"] == 0 and (up_t["KD"], up_t["N"], up_t["NOUT"]) == (64, 192, 96)
+    assert up_grid == (256 * 2, row_tiles, 1) and up_shapes == [(80, 96)]
+    assert down_t["MODE"] == 1 and (down_t["KD"], down_t["N"], down_t["NOUT"]) == (96, 64, 64)
+    assert down_grid == (256, row_tiles, 1) and down_shapes == [(80, 64)]
+    with kernels.use_backend("reference"):
+        assert not kernels.moe_prefill_ok(block.experts, x, indices)
