@@ -149,7 +149,8 @@ def test_bench_quality_refusals_say_why(tmp_path, capsys):
 
 def test_check_layers_compares_each_layer_and_can_fail(monkeypatch):
     """--check-layers: each block's decode update, fast path vs reference, same inputs. With the
-    reference forced, both sides are the reference, so 0; a fast MoE path off by 1% of its update must show as ~1%."""
+    reference forced, both sides are the reference, so 0; a fast MoE path off by 1% of its update
+    must show as ~1%."""
     import contextlib
 
     from oss_mlx.moe import MLPBlock
