@@ -44,6 +44,7 @@ for stage in $STAGES; do
            python3 benchmarks/ncu_sweep.py --detail > $OUT/source.csv 2> $OUT/source.err
          wc -l $OUT/source.csv | tee -a $OUT/run.log ;;
     moeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/prefill_moe_probe.py 2>&1 | tee -a $OUT/moeprobe.log ;;
+    shapeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/first_shape_probe.py 2>&1 | tee -a $OUT/shapeprobe.log ;;
     smallprobe) timeout 120 python3 benchmarks/small_array_probe.py 2>&1 | tee -a $OUT/run.log
          timeout 200 ncu --metrics gpu__time_duration.sum -k regex:probe --csv \
            python3 benchmarks/small_array_probe.py > $OUT/smallprobe.csv 2> $OUT/smallprobe.err
