@@ -55,19 +55,31 @@ WINDOW_TILE = 256
 def windowed_sdpa(
     q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, offset: int, window: int
 ) -> mx.array:
-    """Sliding-window attention with sinks for T queries at offset.., tile by tile.
+    """Sliding-window attention with sinks for T >= WINDOW_TILE queries at offset.., tile by tile.
 
     k/v hold the last S positions up to offset + T - 1 (what the window cache hands out).
+
+    Every tile has the same shape, whatever T is: the last one ends at T and overlaps its neighbour
+    (only its new rows are kept), and each tile is copied out contiguous. MLX-CUDA builds a cuDNN graph
+    per distinct shape and strides (0.1-0.9 s for a new prompt length's tiles, docs/UPSTREAM.md item
+    4); this way the window layers build them once per process (twice from an empty cache, plus one
+    for a first prompt shorter than WINDOW_TILE + window - 1). The copies are ~3 MB a tile.
     """
     T, S = q.shape[2], k.shape[2]
     first_key = offset + T - S  # absolute position of k[:, :, 0]
     tiles = []
     for start in range(0, T, WINDOW_TILE):
-        end = min(T, start + WINDOW_TILE)
+        first_row = start  # rows of this tile not produced by the one before
+        start = min(start, T - WINDOW_TILE)
+        end = start + WINDOW_TILE
         lo = max(0, offset + start - (window - 1) - first_key)  # oldest key the first query sees
         hi = offset + end - first_key  # one past the last query's own key
-        mask = attention_mask(end - start, offset + start, hi - lo, window)
-        tiles.append(sdpa_with_sinks(q[:, :, start:end], k[:, :, lo:hi], v[:, :, lo:hi], sinks, scale, mask))
+        mask = attention_mask(WINDOW_TILE, offset + start, hi - lo, window)
+        tile_q, tile_k, tile_v = (
+            mx.contiguous(a) for a in (q[:, :, start:end], k[:, :, lo:hi], v[:, :, lo:hi])
+        )
+        out = sdpa_with_sinks(tile_q, tile_k, tile_v, sinks, scale, mask)
+        tiles.append(out[:, :, first_row - start :])
     return mx.concatenate(tiles, axis=2)
 
 

@@ -138,3 +138,31 @@ def test_windowed_tiles_equal_one_masked_attention(T, kept, window):
     want = sdpa_with_sinks(q, k, v, sinks, 0.25, attention_mask(T, offset, kept + T, window))
     got = windowed_sdpa(q, k, v, sinks, 0.25, offset, window)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+
+
+def test_windowed_tiles_have_one_shape_whatever_the_length(monkeypatch):
+    """Every window tile has the same shape for any prompt length (MLX-CUDA builds an attention graph
+    per shape): one shape once the window is full before the prompt, two from an empty cache (a prompt
+    of under WINDOW_TILE + window - 1 tokens there ends in a tile of its own, as it does here for W + 1)."""
+    from oss_mlx import attention
+
+    seen = set()
+    real = attention.sdpa_with_sinks
+
+    def spy(q, k, v, sinks, scale, mask):
+        seen.add((q.shape, k.shape, v.shape, mask.shape))
+        return real(q, k, v, sinks, scale, mask)
+
+    monkeypatch.setattr(attention, "sdpa_with_sinks", spy)
+    window, W = 128, attention.WINDOW_TILE
+    for kept, lengths, shapes in (
+        (window - 1, (W + 1, 777, 2047), 1),
+        (0, (777, 1000, 2047), 2),
+        (0, (W + 1,), 2),
+    ):
+        seen.clear()
+        for T in lengths:
+            q = mx.zeros((1, 4, T, 16))
+            kv = mx.zeros((1, 2, kept + T, 16))
+            assert attention.windowed_sdpa(q, kv, kv, mx.zeros(4), 0.25, 5000 + kept, window).shape == q.shape
+        assert len(seen) == shapes, seen
