@@ -277,7 +277,9 @@ def _prefill_indices(N: int, E: int, k: int, used: int) -> mx.array:
 
 
 @needs_gpu
-@pytest.mark.parametrize("E,k,N,used", [(4, 2, 40, 3), (32, 4, 700, 32), (128, 4, 517, 100), (8, 1, 65, 8)])
+@pytest.mark.parametrize(
+    "E,k,N,used", [(4, 2, 40, 3), (32, 4, 700, 32), (128, 4, 517, 100), (8, 1, 65, 8), (16, 3, 101, 12)]
+)
 def test_moe_group_groups_rows_by_expert(E, k, N, used):
     ids = _prefill_indices(N, E, k, used).reshape(-1)
     BM = kernels.MOE_GEMM_ROWS
@@ -301,6 +303,7 @@ def test_moe_group_groups_rows_by_expert(E, k, N, used):
     [
         (4, 2, 64, 96, 40, 3),  # an expert with no rows; partial row and column tiles
         (8, 1, 96, 64, 65, 8),
+        (16, 3, 64, 96, 50, 12),  # k = 3: rows of a token three apart
         (32, 4, 2880, 2880, 517, 32),  # gpt-oss-20b's experts
         (128, 4, 2880, 2880, 300, 90),  # gpt-oss-120b's: many experts with a row or two, some none
     ],
