@@ -150,7 +150,7 @@ def _self_test() -> str | None:
             setattr(block.experts, f"{name}_weight", w)
             setattr(block.experts, f"{name}_scales", scales)
         x = mx.random.normal((2, 64), key=keys[3])
-        checks = {"route": None, "moe": None, "sdpa": None, "attention": None}
+        checks = {"route": None, "moe": None, "moe_prefill": None, "sdpa": None, "attention": None}
         wts, ids = route(x, block.router.weight, block.router.bias, 2)
         ref_w, ref_i = route_reference(x, block.router.weight, block.router.bias, 2)
         dense = mx.zeros((2, 8)).at[mx.arange(2)[:, None], ids].add(wts)
@@ -159,14 +159,25 @@ def _self_test() -> str | None:
         fused = moe_block(block, x)
         if fused is not None:
             checks["moe"] = (fused, _reference_moe(block, x))
+        # The prefill experts (moe_group + moe_gemm): 16-bit rows, enough of them for the GEMM.
+        xp = mx.random.normal((MOE_MAX_SLOTS // 2, 64), key=keys[3]).astype(mx.bfloat16)
+        _, ids_p = route_reference(xp, block.router.weight, block.router.bias, 2)
+        if moe_prefill_ok(block.experts, xp, ids_p):
+            want = _dense_experts(block.experts, xp, ids_p)
+            checks["moe_prefill"] = (moe_prefill(block.experts, xp, ids_p), want)
+        # Both attention kernels (SIMT in float32, the matrix units' in bf16), keys split, so
+        # sdpa_combine runs too.
+        S = SDPA_KEYS_PER_SPLIT + 37
         q = mx.random.normal((1, 8, 1, 64), key=keys[4])
-        k = mx.random.normal((1, 2, 37, 64), key=keys[5])
-        v = mx.random.normal((1, 2, 37, 64), key=keys[6])
+        k = mx.random.normal((1, 2, S, 64), key=keys[5])
+        v = mx.random.normal((1, 2, S, 64), key=keys[6])
         sinks = mx.random.normal((8,), key=keys[7])
-        kv = mx.stack([k, v])
-        if sdpa_decode_ok(q, kv):
-            got = sdpa_decode(q.reshape(1, 8, 64), kv, sinks, 0.125, None, 36).reshape(1, 8, 1, 64)
-            checks["sdpa"] = (got, sdpa_reference(q, k, v, sinks, 0.125, None))
+        for name, dtype in (("sdpa", mx.float32), ("sdpa_mma", mx.bfloat16)):
+            qd, kd, vd, sd = (a.astype(dtype) for a in (q, k, v, sinks))
+            kv = mx.stack([kd, vd])
+            if sdpa_decode_ok(qd, kv):
+                got = sdpa_decode(qd.reshape(1, 8, 64), kv, sd, 0.125, None, S - 1).reshape(1, 8, 1, 64)
+                checks[name] = (got, sdpa_reference(qd, kd, vd, sd, 0.125, None))
         attn = AttentionBlock(cfg, layer=0)
         attn.qkv.weight = 0.1 * mx.random.normal(attn.qkv.weight.shape, key=keys[8])
         attn.out.weight = 0.1 * mx.random.normal(attn.out.weight.shape, key=keys[9])
@@ -183,11 +194,32 @@ def _self_test() -> str | None:
             got, want = pair
             err = mx.max(mx.abs(got.astype(mx.float32) - want.astype(mx.float32))).item()
             scale = max(mx.max(mx.abs(want.astype(mx.float32))).item(), 1e-6)
-            if not err <= 2e-2 * scale:  # gross errors only: TF32 and rounding stay far below
+            # Gross errors only (a wrong index is off by the output's whole scale): TF32 and float32
+            # rounding stay far below 2%; bf16 alone spreads 0.5-1.4% of the scale on these inputs.
+            tolerance = 2e-2 if want.dtype == mx.float32 else 6e-2
+            if not err <= tolerance * scale:
                 return f"{name} kernel disagrees with the reference (max error {err:.3g} of {scale:.3g})"
     except Exception as e:  # a compile error surfaces at evaluation
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
+
+
+def _dense_experts(experts, x: mx.array, indices: mx.array) -> mx.array:
+    """Each selected expert's output [N, k, H] from dequantized weights, rounded where the reference
+    rounds (each matmul's and bias add's result to x's dtype): the self-test's reference for the
+    prefill GEMM. Not the reference path's sorted gather_qmm: on CUDA its first use has MLX compile
+    kernels of its own (over a minute at the 20b's shapes, docs/PERFORMANCE.md)."""
+    from .moe import clamped_swiglu
+
+    def linear(name: str, h: mx.array) -> mx.array:
+        w, scales = getattr(experts, f"{name}_weight"), getattr(experts, f"{name}_scales")
+        w = mx.dequantize(w, scales, group_size=32, bits=4, mode="mxfp4", dtype=mx.float32)[indices]
+        bias = getattr(experts, f"{name}_bias")
+        y = (w[..., : bias.shape[-1], :] @ h.astype(mx.float32)[..., None])[..., 0]  # rows may be padded
+        return y.astype(x.dtype) + bias[indices].astype(x.dtype)
+
+    h = clamped_swiglu(linear("gate_up", x[:, None, :]), experts.alpha, experts.limit)
+    return linear("down", h)
 
 
 def _reference_moe(block, x: mx.array) -> mx.array:

@@ -793,6 +793,14 @@ def fake_gpu(monkeypatch) -> list:
     return launches
 
 
+def test_the_self_test_launches_every_kernel(monkeypatch):
+    """The start-up self-test is what turns the kernels off where one fails to compile (a Metal source
+    on a Mac nobody here has): a kernel it left out would fail at a user's first prompt instead."""
+    launches = fake_gpu(monkeypatch)
+    kernels._self_test()  # the fakes return zeros: only which kernels it launches is checked here
+    assert {name for name, *_ in launches} == set(kernels.SPECS)
+
+
 def test_decode_launches_with_the_gpu_faked(monkeypatch):
     """The kernel path's Python (predicates, launch arguments, output shapes) runs in CI: the GPU
     backend and the compiled kernels are faked, each fake recording its launch and returning arrays of
