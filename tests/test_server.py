@@ -9,8 +9,11 @@ runs every step. Requests without a marker are sampled for real.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -38,6 +41,21 @@ RULES = [
     # a forced tool call: the server already wrote the header, the model writes only the arguments
     {"match": "[forced]", "reply": CALL_ARGS + "<|call|>"},
     {"match": "temp_c", "reply": "<|channel|>final<|message|>It is 21C in Paris.<|return|>"},
+    # examples/openai_client.py's three questions
+    {
+        "match": "Why is the sky blue?",
+        "reply": "<|channel|>analysis<|message|>Rayleigh scattering.<|end|><|start|>assistant<|channel|>final<|message|>Air scatters blue light most.<|return|>",  # noqa: E501
+    },
+    {
+        "match": "Name three prime numbers.",
+        "reply": "<|channel|>analysis<|message|>Small primes.<|end|><|start|>assistant<|channel|>final<|message|>2, 3 and 5.<|return|>",  # noqa: E501
+    },
+    {
+        "match": "What's the weather in Paris?",
+        "reply": "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+        + CALL_ARGS
+        + "<|call|>",
+    },
     {"match": "[count]", "reply": "<|channel|>final<|message|>one two three four five<|return|>"},
     {
         "match": "[slow]",
@@ -523,3 +541,20 @@ def test_refuses_a_model_that_does_not_fit(tiny_checkpoint, vocab_dir):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1
     assert "does not fit" in out.stderr and "--memory-budget" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_openai_client_example_runs_against_the_server(server):
+    """examples/openai_client.py as a user runs it, against the server: both APIs, each plain, streamed
+    and with a tool round trip (its three questions have scripted replies above)."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "openai_client.py"
+    cmd = [sys.executable, str(example), "--base-url", f"{server.url}/v1", "--api-key", KEY]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert text.count("[reasoning] Rayleigh scattering.") == 2  # Responses' reasoning item, chat's field
+    assert "[answer] Air scatters blue light most.\n" in text  # Responses
+    assert "[answer] Air scatters blue light most. (stop)" in text  # Chat Completions
+    assert text.count("2, 3 and 5.") == 2  # both streams
+    assert text.count('model calls get_weather({"city": "Paris"})') == 2
+    assert text.count("[answer] It is 21C in Paris.") == 2
+    assert "cached prompt tokens:" in text
