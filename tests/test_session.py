@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -147,3 +151,17 @@ def test_regenerating_the_same_prompt_prefills_one_token(loaded, monkeypatch):
     reply = list(session.send(max_tokens=200))[-1].reply
     assert reply.stats.prefilled_tokens == 1
     assert reply.text == "Hello there! How can I help?"
+
+
+def test_the_python_api_example_runs(tiny_checkpoint):
+    """examples/python_api.py as a user runs it (the tiny random model, replies capped at 6 tokens):
+    load, one reply with its stats, a stream, a two-turn session whose second turn prefills only what
+    is new."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
+    cmd = [sys.executable, str(example), str(tiny_checkpoint), "--max-tokens", "6"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^[1-6] tokens at [\d.]+ tok/s$", out.stdout, re.M), out.stdout
+    assert "\n> My name is Ada.\n" in out.stdout and "\n> What is my name?\n" in out.stdout
+    turns = re.search(r"^prefilled per turn: \[(\d+), (\d+)\]$", out.stdout, re.M)
+    assert turns and 0 < int(turns[2]) < int(turns[1]), out.stdout
