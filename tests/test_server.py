@@ -558,3 +558,19 @@ def test_the_openai_client_example_runs_against_the_server(server):
     assert text.count('model calls get_weather({"city": "Paris"})') == 2
     assert text.count("[answer] It is 21C in Paris.") == 2
     assert "cached prompt tokens:" in text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_the_agents_sdk_example_runs_against_the_server(server, api, stream):
+    """examples/agents_sdk.py (an OpenAI Agents SDK agent with a tool) against the server, through
+    both of the SDK's model classes: the agent calls get_weather, then answers from its result."""
+    pytest.importorskip("agents", reason="examples/agents_sdk.py needs openai-agents (the test extra)")
+    example = Path(__file__).resolve().parents[1] / "examples" / "agents_sdk.py"
+    cmd = [sys.executable, str(example), "--base-url", f"{server.url}/v1", "--api-key", KEY, "--api", api]
+    cmd += ["--stream"] if stream else []
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("It is 21C in Paris."), out.stdout
+    if stream:
+        assert '[calls get_weather({"city": "Paris"})]' in out.stdout
