@@ -147,7 +147,9 @@ def test_the_check_catches_an_address_space_mistake(tmp_path):
 # Apple GPUs give a threadgroup at most 32 KB of threadgroup memory; a kernel declaring more fails
 # to launch on a Mac (CUDA's 48 KB of static shared memory would not notice).
 APPLE_THREADGROUP_BYTES = 32 * 1024
-_DECL = re.compile(r"(?:threadgroup|OSS_SHARED)(?:\s+OSS_ALIGN16)?\s+float\s+\w+((?:\[[^\]]+\])+);")
+_DECL = re.compile(
+    r"(?:threadgroup|OSS_SHARED)(?:\s+OSS_ALIGN16)?\s+(?:float|uint|atomic_uint)\s+\w+((?:\[[^\]]+\])+);"
+)  # 4-byte elements: every threadgroup array the kernels declare
 
 
 def threadgroup_bytes(name: str, template: dict) -> int:
@@ -174,8 +176,10 @@ def test_threadgroup_memory_fits_apple_gpus():
         ("sdpa_decode", dict(D=32, G=16, WINDOW=0)),
         ("sdpa_decode", dict(D=256, G=2, WINDOW=0)),
         ("down_combine", dict(H=2880, I=2880, K=4, NC=3, ROWS=16)),
+        ("moe_group", dict(E=1024, BM=64)),  # moe_prefill_ok's largest E
     ]
     for name, template in [(c[0], c[3]) for c in CASES] + largest:
         used = threadgroup_bytes(name, template)
         assert 0 <= used <= APPLE_THREADGROUP_BYTES, (name, template, used)
+    assert threadgroup_bytes("moe_group", dict(E=128, BM=64)) == 2 * 4 * 128  # counts and cursors
     assert threadgroup_bytes("norm_route", dict(H=2880, E=32)) == 4 * (32 + 16 + 2880)  # the parser counts
