@@ -48,7 +48,7 @@ for stage in $STAGES; do
          wc -l $OUT/source.csv | tee -a $OUT/run.log ;;
     moeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/prefill_moe_probe.py 2>&1 | tee -a $OUT/moeprobe.log ;;
     shapeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/first_shape_probe.py 2>&1 | tee -a $OUT/shapeprobe.log ;;
-    order)  # is the first measured decode row slow because it is first? (session 7: after 128 first, 323-402 tok/s; after 2k, 344-475)
+    order)  # why the after-128 decode row was low in session 7's runs (323-402 tok/s; after 2k 344-475; later 128s ~500)
             for w in 2100 0; do timeout ${BENCH_TIMEOUT:-200} python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,128,2048,128 \
               --decode-tokens 64 --engines oss-mlx --warmup $w --json $OUT/order-warmup$w.json 2>&1 | tee -a $OUT/order.log; done ;;
     smallprobe) timeout 120 python3 benchmarks/small_array_probe.py 2>&1 | tee -a $OUT/run.log
