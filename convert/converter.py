@@ -180,7 +180,7 @@ def plan_conversion(folder: Path, preset: Preset, dtype: str = "bfloat16") -> Co
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype]
     config, raw = read_config(folder)
-    tensors = StreamingTensors(W.checkpoint_files(folder))
+    tensors = StreamingTensors.from_folder(folder)
     layout = W.detect_layout(folder, raw, tensors.names())
     if layout == "oss-mlx":
         section = raw["oss_mlx"]
@@ -212,7 +212,13 @@ def plan_conversion(folder: Path, preset: Preset, dtype: str = "bfloat16") -> Co
     canon = {
         name: (tuple(a.shape), a.dtype)
         for name, a in W.iter_canonical(
-            tensors, recipes, expected, dtype=target, quantize_float_experts=float_experts, folder=folder
+            tensors,
+            recipes,
+            expected,
+            dtype=target,
+            quantize_float_experts=float_experts,
+            folder=folder,
+            config=config,
         )
     }
 

@@ -19,7 +19,6 @@ from .weights import (
     CheckpointError,
     LazyTensors,
     canonical_recipes,
-    checkpoint_files,
     detect_layout,
     hf_recipes,
     iter_canonical,
@@ -139,7 +138,7 @@ def load_model(
     """
     folder = resolve_model_path(path_or_repo)
     config, raw = read_config(folder)
-    tensors = LazyTensors(checkpoint_files(folder))
+    tensors = LazyTensors.from_folder(folder)
     layout = detect_layout(folder, raw, tensors.names())
 
     keep_float = layout == "hf-float" and not quantize_experts
@@ -166,6 +165,7 @@ def load_model(
             dtype=dtype,
             quantize_float_experts=layout == "hf-float" and not keep_float,
             folder=folder,
+            config=config,
         )
     )
     model.load_weights(weights, strict=True)
