@@ -324,7 +324,7 @@ class _Keys:
         return default
 
     def _value(self, key: str) -> Any:
-        return self.get(key, self.defaults[key])
+        return self.get(key, self.defaults.get(key))
 
     def int(self, key: str) -> int:
         value = self._value(key)

@@ -217,3 +217,14 @@ def quantize_dense(model: Transformer, spec: dict | None) -> None:
 
 def model_config(path_or_repo: str | os.PathLike) -> ModelConfig:
     return read_config(resolve_model_path(path_or_repo))[0]
+
+
+def check_vocabulary(config: ModelConfig, tokenizer_vocab: int, folder: Path) -> None:
+    """The model's embedding must have a row for every id the tokenizer makes: MLX does not check the
+    lookup, and an id past the end crashes the process (segfault) or reads other memory."""
+    if config.vocab_size < tokenizer_vocab:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: vocab_size is {config.vocab_size}, but the tokenizer's ids go up to "
+            f"{tokenizer_vocab - 1}: the model cannot read the prompts it would be given. gpt-oss has "
+            f"vocab_size {tokenizer_vocab} (a synthetic checkpoint to chat with needs at least that many)."
+        )

@@ -383,14 +383,15 @@ def check_checkpoint(
     UNEXPECTED keys.
     """
     where = folder or "the checkpoint"
-    needed = {
-        name: recipes[name]
+    names = [
+        name
         for name in expected
         if not (quantize_float_experts and name.endswith("_scales") and name not in recipes)
-    }
-    if unmapped := [n for n in needed if n not in recipes]:
-        raise CheckpointError(f"{where}: no source for parameter(s) {', '.join(unmapped[:5])} in this layout")
-    missing = [(name, src) for name, (srcs, _) in needed.items() for src in srcs if src not in tensors]
+    ]
+    # A parameter without a recipe (the canonical layout: one per tensor present) misses its tensor.
+    missing = [
+        (name, src) for name in names for src in recipes.get(name, ([name], None))[0] if src not in tensors
+    ]
     if missing:
         shown = ", ".join(f"{src!r} (for {name})" for name, src in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -399,6 +400,7 @@ def check_checkpoint(
             f"model of this config (check num_hidden_layers / num_local_experts in config.json)"
             f"{_defaults_note(config)}."
         )
+    needed = {name: recipes[name] for name in names}
     for name, (srcs, build) in needed.items():
         shape, dtype = expected[name]
         if quantize_float_experts and EXPERT_WEIGHT.search(name):
