@@ -34,14 +34,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from oss_mlx import weights as W
-from oss_mlx.config import ModelConfig, read_config
+from oss_mlx.config import CONVERTED_FORMAT_VERSION, ModelConfig, read_config
 from oss_mlx.memory import weight_bytes
 from oss_mlx.model import Transformer
 
 from .presets import Preset
 from .writer import ShardWriter, TensorSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = CONVERTED_FORMAT_VERSION
 CHUNK_BYTES = 64 << 20  # rows of a source tensor evaluated at once when it can be split
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 EXPERT_ORDER = ("gate_up_weight", "gate_up_scales", "down_weight", "down_scales", "gate_up_bias", "down_bias")

@@ -199,6 +199,8 @@ class ModelConfig:
                     f"quantization_config.quant_method is {method!r}: only the hub's 'mxfp4' (or no "
                     "quantization_config, float weights) is supported"
                 )
+        if "oss_mlx" in d:
+            _check_converted(d["oss_mlx"])
         if not k.bool("attention_bias"):
             raise ConfigError("attention_bias is false, but gpt-oss attention has biases (not supported)")
         layers = k.int("num_hidden_layers")
@@ -295,6 +297,11 @@ class ModelConfig:
                 "beta_slow": self.rope_beta_slow,
                 "original_max_position_embeddings": self.rope_original_context,
                 "truncate": self.rope_truncate,
+                **(
+                    {}
+                    if self.rope_attention_factor is None
+                    else {"attention_factor": self.rope_attention_factor}
+                ),
             },
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": True,
@@ -401,6 +408,41 @@ def _hf_rope(k: _Keys) -> dict[str, Any]:
         "rope_truncate": bool(truncate),
         "rope_attention_factor": None if attention is None else float(attention),
     }
+
+
+# The layout `oss-mlx convert` writes (docs/MEMORY.md); a folder from a newer converter is refused.
+CONVERTED_FORMAT_VERSION = 1
+QUANTIZED_PARTS = ("attention", "embedding", "unembedding")
+
+
+def _check_converted(section: Any) -> None:
+    """The `oss_mlx` section of a converted folder's config.json: what the loader reads from it."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"oss_mlx must be an object, not {section!r} ({_kind(section)})")
+    version = section.get("format_version", CONVERTED_FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > CONVERTED_FORMAT_VERSION:
+        raise ConfigError(
+            f"oss_mlx.format_version is {version!r}: this oss-mlx reads converted folders up to format "
+            f"{CONVERTED_FORMAT_VERSION}. Upgrade oss-mlx, or convert the original checkpoint again."
+        )
+    if not isinstance(section.get("experts_mxfp4", True), bool):
+        raise ConfigError("oss_mlx.experts_mxfp4 must be true or false")
+    quantization = section.get("quantization") or {}
+    if not isinstance(quantization, dict):
+        raise ConfigError(f"oss_mlx.quantization must be an object, not {quantization!r}")
+    for part, q in quantization.items():
+        where = f"oss_mlx.quantization.{part}"
+        if part not in QUANTIZED_PARTS:
+            raise ConfigError(f"{where}: unknown part (expected one of {', '.join(QUANTIZED_PARTS)})")
+        if q is None:
+            continue
+        if not isinstance(q, dict):
+            raise ConfigError(f"{where} must be null or an object with bits and group_size, not {q!r}")
+        for key in ("bits", "group_size"):
+            if isinstance(q.get(key), bool) or not isinstance(q.get(key), int) or q[key] < 1:
+                raise ConfigError(f"{where}.{key} must be a positive integer, not {q.get(key)!r}")
+        if q.get("mode", "affine") not in ("affine", "mxfp4", "mxfp8", "nvfp4"):
+            raise ConfigError(f"{where}.mode {q['mode']!r} is not an MLX quantization mode")
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -197,6 +197,13 @@ def test_config_reads_as_transformers_reads_it(case):
     assert scale == pytest.approx(rotary.attention_scaling, rel=1e-12)
 
 
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_the_converted_dialect_keeps_every_field(case):
+    """`oss-mlx convert` writes ModelConfig.to_hf_dict(): read back, it is the same config."""
+    ours = ModelConfig.from_dict(json.loads(json.dumps(CONFIG_CASES[case])))
+    assert ModelConfig.from_dict(json.loads(json.dumps(ours.to_hf_dict()))) == ours
+
+
 @pytest.mark.parametrize(
     "raw,words",
     [
@@ -224,6 +231,10 @@ def test_config_reads_as_transformers_reads_it(case):
         ({**BASE, "attention_bias": False}, "attention_bias is false"),
         ({**BASE, "quantization_config": {"quant_method": "gptq"}}, "quant_method is 'gptq'"),
         ([1, 2], "expected a JSON object, not a list"),
+        ({**BASE, "oss_mlx": {"format_version": 2}}, "oss_mlx.format_version is 2: this oss-mlx reads"),
+        ({**BASE, "oss_mlx": {"quantization": {"attention": {"bits": "four"}}}}, "attention.bits must be"),
+        ({**BASE, "oss_mlx": {"quantization": {"router": None}}}, "oss_mlx.quantization.router: unknown"),
+        ({**BASE, "oss_mlx": []}, "oss_mlx must be an object"),
     ],
 )
 def test_bad_config_values_name_the_key_and_file(raw, words):
