@@ -73,6 +73,36 @@ ORIGINAL_DEFAULTS: dict[str, Any] = {
     "rope_ntk_alpha": 1.0,
     "rope_ntk_beta": 32.0,
 }
+# ModelConfig field <- config.json key, per dialect (the sizes are named alike in both).
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "head_dim",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+_HF_INTS = {
+    "num_layers": "num_hidden_layers",
+    "experts_per_token": "num_experts_per_tok",
+    "max_position_embeddings": "max_position_embeddings",
+    **{key: key for key in _SIZES},
+}
+_HF_FLOATS = {key: key for key in ("rms_norm_eps", "swiglu_alpha", "swiglu_limit")}
+_ORIGINAL_INTS = {
+    "num_layers": "num_hidden_layers",
+    "num_experts": "num_experts",
+    "experts_per_token": "experts_per_token",
+    "rope_original_context": "initial_context_length",
+    **{key: key for key in _SIZES},
+}
+_ORIGINAL_FLOATS = {
+    "swiglu_limit": "swiglu_limit",
+    "rope_theta": "rope_theta",
+    "rope_scaling_factor": "rope_scaling_factor",
+    "rope_beta_fast": "rope_ntk_beta",
+    "rope_beta_slow": "rope_ntk_alpha",
+}
 # Keys only OpenAI's original dialect has (the hub's HF config.json also carries experts_per_token
 # and initial_context_length, but always with model_type).
 _ORIGINAL_ONLY = (
@@ -203,7 +233,6 @@ class ModelConfig:
             _check_converted(d["oss_mlx"])
         if not k.bool("attention_bias"):
             raise ConfigError("attention_bias is false, but gpt-oss attention has biases (not supported)")
-        layers = k.int("num_hidden_layers")
         # transformers' attribute_map reads num_experts as num_local_experts.
         experts = k.int(
             "num_experts" if "num_experts" in d and "num_local_experts" not in d else "num_local_experts"
@@ -219,54 +248,27 @@ class ModelConfig:
             window = HF_DEFAULTS["sliding_window"]  # unused: no layer slides
         else:
             window = k.int("sliding_window")
-        rope = _hf_rope(k)
         return cls(
-            num_layers=layers,
             num_experts=experts,
-            experts_per_token=k.int("num_experts_per_tok"),
-            vocab_size=k.int("vocab_size"),
-            hidden_size=k.int("hidden_size"),
-            intermediate_size=k.int("intermediate_size"),
-            head_dim=k.int("head_dim"),
-            num_attention_heads=k.int("num_attention_heads"),
-            num_key_value_heads=k.int("num_key_value_heads"),
             sliding_window=window,
             layer_types=types,
-            rms_norm_eps=k.float("rms_norm_eps"),
-            swiglu_alpha=k.float("swiglu_alpha"),
-            swiglu_limit=k.float("swiglu_limit"),
-            max_position_embeddings=k.int("max_position_embeddings"),
             tie_word_embeddings=k.bool("tie_word_embeddings"),
             extra={key: v for key, v in d.items() if key in ("oss_mlx", "quantization_config")},
+            **k.fields(_HF_INTS, _HF_FLOATS),
+            **_hf_rope(k),
             defaulted=tuple(k.defaulted),
-            **rope,
         )
 
     @classmethod
     def _from_original(cls, k: _Keys) -> ModelConfig:
         window = k.int("sliding_window")
-        layers = k.int("num_hidden_layers")
         # The reference slides even layers by `sliding_window`; 0 means no window anywhere.
-        types = (FULL,) * layers if window == 0 else ()
+        types = (FULL,) * k.int("num_hidden_layers") if window == 0 else ()
         return cls(
-            num_layers=layers,
-            num_experts=k.int("num_experts"),
-            experts_per_token=k.int("experts_per_token"),
-            vocab_size=k.int("vocab_size"),
-            hidden_size=k.int("hidden_size"),
-            intermediate_size=k.int("intermediate_size"),
-            head_dim=k.int("head_dim"),
-            num_attention_heads=k.int("num_attention_heads"),
-            num_key_value_heads=k.int("num_key_value_heads"),
             sliding_window=window or ORIGINAL_DEFAULTS["sliding_window"],
             layer_types=types,
-            swiglu_limit=k.float("swiglu_limit"),
-            rope_theta=k.float("rope_theta"),
-            rope_scaling_factor=k.float("rope_scaling_factor"),
-            rope_beta_fast=k.float("rope_ntk_beta"),
-            rope_beta_slow=k.float("rope_ntk_alpha"),
-            rope_original_context=k.int("initial_context_length"),
             rope_truncate=False,  # OpenAI's reference never rounds the YaRN range
+            **k.fields(_ORIGINAL_INTS, _ORIGINAL_FLOATS),
             defaulted=tuple(k.defaulted),
         )
 
@@ -327,7 +329,8 @@ class _Keys:
     def get(self, key: str, default: Any) -> Any:
         if key in self.raw:
             return self.raw[key]
-        self.defaulted.append(key)
+        if key not in self.defaulted:
+            self.defaulted.append(key)
         return default
 
     def _value(self, key: str) -> Any:
@@ -344,6 +347,12 @@ class _Keys:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{key} must be a number, not {value!r} ({_kind(value)})")
         return float(value)
+
+    def fields(self, ints: dict[str, str], floats: dict[str, str]) -> dict[str, Any]:
+        """ModelConfig field -> value, for tables of field <- key."""
+        return {f: self.int(key) for f, key in ints.items()} | {
+            f: self.float(key) for f, key in floats.items()
+        }
 
     def bool(self, key: str) -> bool:
         value = self._value(key)
