@@ -102,19 +102,23 @@ def test_hf_defaults_are_transformers_defaults():
     assert {k: v for k, v in ref.rope_parameters.items() if k != "rope_theta"} == HF_DEFAULT_ROPE
 
 
-BASE = dict(
-    model_type="gpt_oss",
-    num_hidden_layers=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=64,
-    head_dim=16,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    sliding_window=8,
-)
+# SPEC's config.json with only the keys that set sizes: everything else is left to the defaults.
+BASE = {
+    key: SPEC.hf_config()[key]
+    for key in (
+        "model_type",
+        "num_hidden_layers",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "head_dim",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "sliding_window",
+    )
+}
 YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
 FULL_ROPE = {**YARN, "original_max_position_embeddings": 4096}
 
