@@ -114,6 +114,16 @@ _ORIGINAL_ONLY = (
 )
 
 
+# Keys that set tensor shapes (both dialects): named when their defaults were used and shapes disagree.
+SIZE_KEYS = ("num_hidden_layers", "num_local_experts", "num_experts", *_SIZES)
+
+
+def defaults_note(defaulted: tuple[tuple[str, Any], ...]) -> str:
+    """' (not in config.json, so defaults were used: hidden_size=2880)', or '' if no size key was."""
+    used = ", ".join(f"{key}={value}" for key, value in defaulted if key in SIZE_KEYS)
+    return f" (not in config.json, so defaults were used: {used})" if used else ""
+
+
 def is_original_dialect(raw: dict[str, Any]) -> bool:
     """Whether a config.json is OpenAI's original/config.json rather than a Hugging Face one."""
     return "model_type" not in raw and any(k in raw for k in _ORIGINAL_ONLY)
@@ -148,8 +158,8 @@ class ModelConfig:
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
-    # Keys config.json did not set, whose defaults were used (named when the weights disagree).
-    defaulted: tuple[str, ...] = field(default=(), compare=False)
+    # Keys config.json did not set, with the defaults used (named when the weights disagree).
+    defaulted: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -205,19 +215,21 @@ class ModelConfig:
         OpenAI's reference for original/config.json."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, not {_kind(d)}")
+        original = is_original_dialect(d)
+        keys = _Keys(d, source, ORIGINAL_DEFAULTS if original else HF_DEFAULTS)
         try:
-            if is_original_dialect(d):
-                return cls._from_original(_Keys(d, source, ORIGINAL_DEFAULTS))
+            if original:
+                return cls._from_original(keys)
             model_type = d.get("model_type")
             if model_type != "gpt_oss":
                 raise ConfigError(
                     f"{source}: model_type is {model_type!r}, expected 'gpt_oss'. oss-mlx runs gpt-oss "
                     "checkpoints only (openai/gpt-oss-20b, openai/gpt-oss-120b and their fine-tunes)."
                 )
-            return cls._from_hf(_Keys(d, source, HF_DEFAULTS))
+            return cls._from_hf(keys)
         except ConfigError as e:
-            message = str(e)
-            raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from None
+            message = str(e) if str(e).startswith(source) else f"{source}: {e}"
+            raise ConfigError(message + defaults_note(tuple(keys.defaulted.items()))) from None
 
     @classmethod
     def _from_hf(cls, k: _Keys) -> ModelConfig:
@@ -256,7 +268,7 @@ class ModelConfig:
             extra={key: v for key, v in d.items() if key in ("oss_mlx", "quantization_config")},
             **k.fields(_HF_INTS, _HF_FLOATS),
             **_hf_rope(k),
-            defaulted=tuple(k.defaulted),
+            defaulted=tuple(k.defaulted.items()),
         )
 
     @classmethod
@@ -269,7 +281,7 @@ class ModelConfig:
             layer_types=types,
             rope_truncate=False,  # OpenAI's reference never rounds the YaRN range
             **k.fields(_ORIGINAL_INTS, _ORIGINAL_FLOATS),
-            defaulted=tuple(k.defaulted),
+            defaulted=tuple(k.defaulted.items()),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -324,13 +336,12 @@ class _Keys:
 
     def __init__(self, raw: dict[str, Any], source: str, defaults: dict[str, Any]):
         self.raw, self.source, self.defaults = raw, source, defaults
-        self.defaulted: list[str] = []
+        self.defaulted: dict[str, Any] = {}
 
     def get(self, key: str, default: Any) -> Any:
         if key in self.raw:
             return self.raw[key]
-        if key not in self.defaulted:
-            self.defaulted.append(key)
+        self.defaulted[key] = default
         return default
 
     def _value(self, key: str) -> Any:
@@ -378,7 +389,7 @@ def _hf_rope(k: _Keys) -> dict[str, Any]:
     elif d.get("rope_parameters") is not None:
         where, rope = "rope_parameters", d["rope_parameters"]
     else:
-        k.defaulted.append("rope_parameters")
+        k.defaulted["rope_parameters"] = HF_DEFAULT_ROPE
         where, rope = "rope_parameters", dict(HF_DEFAULT_ROPE)
     if not isinstance(rope, dict):
         raise ConfigError(f"{where} must be an object, not {rope!r} ({_kind(rope)})")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .config import ModelConfig, is_original_dialect
+from .config import ModelConfig, defaults_note, is_original_dialect
 from .errors import LoadError
 
 
@@ -353,11 +353,6 @@ def canonical_recipes(names: list[str]) -> dict[str, Recipe]:
 
 EXPERT_WEIGHT = re.compile(r"\.mlp\.experts\.(gate_up|down)_weight$")
 _LAYER = re.compile(r"\.(\d+)\.")
-# Config keys that set tensor shapes, per dialect (named when a default was used and shapes disagree).
-_SIZE_KEYS = (
-    "num_hidden_layers", "num_local_experts", "num_experts", "vocab_size", "hidden_size",
-    "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads",
-)  # fmt: skip
 
 
 class CheckpointWarning(UserWarning):
@@ -443,8 +438,7 @@ def _check_source(tensors, src, name, want_shape, want_dtype, build, config) -> 
 
 
 def _defaults_note(config: ModelConfig | None) -> str:
-    keys = [k for k in (config.defaulted if config else ()) if k in _SIZE_KEYS]
-    return f" (config.json does not set {', '.join(keys)}: defaults were used)" if keys else ""
+    return defaults_note(config.defaulted) if config is not None else ""
 
 
 def _check_leftovers(unused: list[str], used: set[str], tensors: LazyTensors, where, config) -> None:

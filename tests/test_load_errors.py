@@ -165,6 +165,8 @@ CONFIG_CASES = {
     "no sliding_window": _without(BASE, "sliding_window"),
     "layer_types": {**BASE, "layer_types": ["full_attention", "sliding_attention"]},
     "no rms_norm_eps, swiglu": {**BASE, "rms_norm_eps": 1e-6, "swiglu_limit": 5.0},
+    "the hub's 20b config.json": SyntheticSpec.gpt_oss_20b().hf_config(),
+    "a transformers 5 save of the 120b": SyntheticSpec.gpt_oss_120b().hf_config(False, "transformers5"),
 }
 
 
@@ -248,6 +250,15 @@ def test_bad_config_values_name_the_key_and_file(raw, words):
     assert isinstance(e.value, LoadError)
 
 
+def test_a_config_error_names_the_defaults_behind_it():
+    with pytest.raises(
+        ConfigError,
+        match=r"layer_types has 2 entries for 36 layers \(not in config.json, so "
+        r"defaults were used: num_hidden_layers=36\)",
+    ):
+        ModelConfig.from_dict({**_without(BASE, "num_hidden_layers"), "layer_types": ["full_attention"] * 2})
+
+
 def test_sliding_window_null_without_sliding_layers_is_fine():
     cfg = ModelConfig.from_dict({**BASE, "sliding_window": None, "layer_types": ["full_attention"] * 2})
     assert not any(cfg.is_sliding(i) for i in range(2))
@@ -265,7 +276,7 @@ def test_original_config_missing_keys_take_the_reference_defaults(sources, tmp_p
         load_model(folder)
     message = str(e.value)
     assert "embedding.weight' is [256, 64] float32, expected [256, 2880]" in message
-    assert "config.json does not set hidden_size: defaults were used" in message
+    assert "(not in config.json, so defaults were used: hidden_size=2880)" in message
     assert "KeyError" not in message
 
 
