@@ -103,8 +103,8 @@ _ORIGINAL_FLOATS = {
     "rope_beta_fast": "rope_ntk_beta",
     "rope_beta_slow": "rope_ntk_alpha",
 }
-# Keys only OpenAI's original dialect has (the hub's HF config.json also carries experts_per_token
-# and initial_context_length, but always with model_type).
+# Keys of OpenAI's dialect. A Hugging Face config.json may carry some of them too (the hub's has
+# experts_per_token), but it always has model_type.
 _ORIGINAL_ONLY = (
     "num_experts",
     "experts_per_token",
@@ -131,6 +131,8 @@ def is_original_dialect(raw: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # Built directly, the defaults are gpt-oss-20b's; a config.json's missing keys take its dialect's
+    # defaults instead (HF_DEFAULTS, ORIGINAL_DEFAULTS).
     num_layers: int = 24
     num_experts: int = 32
     experts_per_token: int = 4

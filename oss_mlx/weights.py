@@ -95,11 +95,7 @@ def _check_entry(path: Path, name: str, info: object) -> None:
             f"{path}: tensor {name!r} is stored as {MLX_UNREADABLE[dtype]}, which MLX cannot read. "
             "Save the checkpoint with float weights in bfloat16, float16 or float32."
         )
-    ints = lambda v, n=None: (  # noqa: E731
-        isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
-        and (n is None or len(v) == n)
-    )  # fmt: skip
-    if not ints(shape) or not ints(offsets, 2) or offsets[0] > offsets[1]:
+    if not _naturals(shape) or not _naturals(offsets, 2) or offsets[0] > offsets[1]:
         raise CheckpointError(f"{corrupt} (shape {shape!r}, data_offsets {offsets!r})")
     want = math.prod(shape) * ST_ITEMSIZE[dtype]
     if offsets[1] - offsets[0] != want:
@@ -107,6 +103,15 @@ def _check_entry(path: Path, name: str, info: object) -> None:
             f"{corrupt}: {offsets[1] - offsets[0]} bytes for {shape} {dtype} ({want} bytes). "
             "Re-download or re-save this file."
         )
+
+
+def _naturals(value: object, length: int | None = None) -> bool:
+    """A JSON list of non-negative integers (of `length` items, when given)."""
+    return (
+        isinstance(value, list)
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+        and (length is None or len(value) == length)
+    )
 
 
 def read_index(folder: Path) -> dict[str, str] | None:
@@ -150,11 +155,12 @@ def checkpoint_files(folder: Path) -> list[Path]:
 class LazyTensors:
     """name -> lazily loaded mx.array over all shards, remembering which file holds what.
 
-    weight_map (the index's): each tensor is read from the shard the index names, which must hold it.
+    weight_map (the index's, tensor -> shard path): each tensor is read from the shard the index
+    names, which must hold it.
     Without an index a name may be in one file only (a stale copy beside new shards is refused).
     """
 
-    def __init__(self, files: list[Path], weight_map: dict[str, str] | None = None):
+    def __init__(self, files: list[Path], weight_map: dict[str, Path] | None = None):
         self.file_of: dict[str, Path] = {}
         self.shape_of: dict[str, tuple[int, ...]] = {}
         self.dtype_of: dict[str, str] = {}  # the safetensors dtype, e.g. "BF16"
@@ -163,7 +169,7 @@ class LazyTensors:
             for name, info in read_safetensors_header(path).items():
                 if name == "__metadata__":
                     continue
-                if weight_map is not None and weight_map.get(name) != path.name:
+                if weight_map is not None and weight_map.get(name) != path:
                     continue  # the index puts it elsewhere (or nowhere): that copy is not read
                 if name in self.file_of:
                     raise CheckpointError(
@@ -176,7 +182,7 @@ class LazyTensors:
         if weight_map is not None:
             absent = [n for n in weight_map if n not in self.file_of]
             if absent:
-                shown = ", ".join(f"{n!r} (in {weight_map[n]})" for n in absent[:3])
+                shown = ", ".join(f"{n!r} (in {weight_map[n].name})" for n in absent[:3])
                 raise CheckpointError(
                     f"model.safetensors.index.json lists {len(absent)} tensor(s) its shards do not hold: "
                     f"{shown}. The shards and the index are from different downloads: download again."
@@ -185,7 +191,9 @@ class LazyTensors:
     @classmethod
     def from_folder(cls, folder: Path) -> LazyTensors:
         """The tensors of a checkpoint folder (its index, if any, and its shards, all checked)."""
-        return cls(checkpoint_files(folder), read_index(folder))
+        weight_map = read_index(folder)
+        files = checkpoint_files(folder)
+        return cls(files, None if weight_map is None else {k: folder / v for k, v in weight_map.items()})
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
