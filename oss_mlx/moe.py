@@ -37,7 +37,7 @@ def gather_mm_float(x: mx.array, w: mx.array, indices: mx.array, sorted_indices:
     """
     if w.dtype == mx.float32 or mx.default_device() != mx.cpu:
         return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
-    if not sorted_indices:  # x [N, 1, 1, in] against the picked experts [N, k, out, in]
+    if not sorted_indices:  # x [N, 1 or k, 1, in] against the picked experts [N, k, out, in]
         y = x.astype(mx.float32) @ w[indices].astype(mx.float32).swapaxes(-1, -2)
     else:
         y = mx.gather_mm(

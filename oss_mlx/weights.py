@@ -233,8 +233,8 @@ def detect_layout(folder: Path, raw_config: dict, tensor_names: list[str]) -> st
 # ---- mappings: (canonical name) <- recipe over source tensors -------------------------------------
 
 Shape = tuple[int, ...]
-# What a source tensor must be: its shape, and its dtype ("float": bfloat16, float16 or float32).
-Expected = tuple[Shape, "mx.Dtype | str"]
+# What a source tensor must be: its shape and dtype (any float dtype stands for all three floats).
+Expected = tuple[Shape, mx.Dtype]
 
 
 class Build:
@@ -246,7 +246,7 @@ class Build:
     def __call__(self, *xs: mx.array) -> mx.array:
         raise NotImplementedError
 
-    def sources(self, shape: Shape, dtype: mx.Dtype | str) -> list[Expected]:
+    def sources(self, shape: Shape, dtype: mx.Dtype) -> list[Expected]:
         """(shape, dtype) of each source for a canonical tensor of this shape and dtype."""
         return [(shape, dtype)]
 
@@ -262,7 +262,7 @@ class TransposeLast(Build):
     def __call__(self, x: mx.array) -> mx.array:
         return x.swapaxes(-1, -2)
 
-    def sources(self, shape: Shape, dtype: mx.Dtype | str) -> list[Expected]:
+    def sources(self, shape: Shape, dtype: mx.Dtype) -> list[Expected]:
         return [((*shape[:-2], shape[-1], shape[-2]), dtype)]
 
 
@@ -275,7 +275,7 @@ class BlocksToUint32(Build):
         shape = blocks.shape
         return blocks.view(mx.uint32).reshape(*shape[:-2], shape[-2] * shape[-1] // 4)
 
-    def sources(self, shape: Shape, dtype: mx.Dtype | str) -> list[Expected]:
+    def sources(self, shape: Shape, dtype: mx.Dtype) -> list[Expected]:
         return [((*shape[:-1], shape[-1] // 4, 16), mx.uint8)]
 
 
@@ -290,7 +290,7 @@ class ConcatRows(Build):
     def __call__(self, *xs: mx.array) -> mx.array:
         return mx.concatenate(xs, axis=0)
 
-    def sources(self, shape: Shape, dtype: mx.Dtype | str) -> list[Expected]:
+    def sources(self, shape: Shape, dtype: mx.Dtype) -> list[Expected]:
         return [((r, *shape[1:]), dtype) for r in self.rows]
 
 
@@ -381,9 +381,9 @@ def check_checkpoint(
     implies, and every tensor of the checkpoint is used.
 
     Raises CheckpointError naming the tensor, its file and what was expected. Tensors left over are
-    refused when they are layers (or experts...) the config does not have -- almost certainly the
-    wrong config.json -- and otherwise named in a CheckpointWarning, as transformers reports
-    UNEXPECTED keys.
+    refused when they belong to layers the config does not have (almost certainly the wrong
+    config.json: loading would silently drop part of the model), and otherwise named in a
+    CheckpointWarning, as transformers reports UNEXPECTED keys.
     """
     where = folder or "the checkpoint"
     names = [
@@ -414,8 +414,8 @@ def check_checkpoint(
     _check_leftovers([n for n in tensors.names() if n not in used], used, tensors, where, config)
 
 
-def _kind(dtype: mx.Dtype | str) -> str:
-    if dtype == "float" or mx.issubdtype(dtype, mx.floating):
+def _kind(dtype: mx.Dtype) -> str:
+    if mx.issubdtype(dtype, mx.floating):
         return "float (bfloat16, float16 or float32)"
     return str(dtype).removeprefix("mlx.core.")
 
@@ -426,8 +426,10 @@ def _dtype_name(st_dtype: str) -> str:
 
 def _check_source(tensors, src, name, want_shape, want_dtype, build, config) -> None:
     got_shape, got_dtype = tensors.shape_of[src], tensors.dtype_of[src]
-    want_float = want_dtype == "float" or mx.issubdtype(want_dtype, mx.floating)
-    dtype_ok = got_dtype in ST_FLOATS if want_float else ST_DTYPES.get(got_dtype) == want_dtype
+    if mx.issubdtype(want_dtype, mx.floating):
+        dtype_ok = got_dtype in ST_FLOATS
+    else:
+        dtype_ok = ST_DTYPES.get(got_dtype) == want_dtype
     if tuple(got_shape) == tuple(want_shape) and dtype_ok:
         return
     why = (
@@ -452,7 +454,7 @@ def _defaults_note(config: ModelConfig | None) -> str:
 def _check_leftovers(unused: list[str], used: set[str], tensors: LazyTensors, where, config) -> None:
     if not unused:
         return
-    # A left-over tensor named like a used one but for another index is a layer (or expert) the config
+    # A left-over tensor named like a used one but for another index is a layer the config
     # does not have: loading would silently drop part of the model.
     pattern = {_LAYER.sub(".#.", n) for n in used}
     extra = [n for n in unused if _LAYER.search(n) and _LAYER.sub(".#.", n) in pattern]
