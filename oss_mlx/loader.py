@@ -19,7 +19,6 @@ from .weights import (
     CheckpointError,
     LazyTensors,
     canonical_recipes,
-    checkpoint_files,
     detect_layout,
     hf_recipes,
     iter_canonical,
@@ -139,7 +138,7 @@ def load_model(
     """
     folder = resolve_model_path(path_or_repo)
     config, raw = read_config(folder)
-    tensors = LazyTensors(checkpoint_files(folder))
+    tensors = LazyTensors.from_folder(folder)
     layout = detect_layout(folder, raw, tensors.names())
 
     keep_float = layout == "hf-float" and not quantize_experts
@@ -166,6 +165,7 @@ def load_model(
             dtype=dtype,
             quantize_float_experts=layout == "hf-float" and not keep_float,
             folder=folder,
+            config=config,
         )
     )
     model.load_weights(weights, strict=True)
@@ -217,3 +217,14 @@ def quantize_dense(model: Transformer, spec: dict | None) -> None:
 
 def model_config(path_or_repo: str | os.PathLike) -> ModelConfig:
     return read_config(resolve_model_path(path_or_repo))[0]
+
+
+def check_vocabulary(config: ModelConfig, tokenizer_vocab: int, folder: Path) -> None:
+    """The model's embedding must have a row for every id the tokenizer makes: MLX does not check the
+    lookup, and an id past the end crashes the process (segfault) or reads other memory."""
+    if config.vocab_size < tokenizer_vocab:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: vocab_size is {config.vocab_size}, but the tokenizer's ids go up to "
+            f"{tokenizer_vocab - 1}: the model cannot read the prompts it would be given. gpt-oss has "
+            f"vocab_size {tokenizer_vocab} (a synthetic checkpoint to chat with needs at least that many)."
+        )

@@ -27,6 +27,28 @@ def clamped_swiglu(gate_up: mx.array, alpha: float, limit: float) -> mx.array:
     return gate * mx.sigmoid(gate * alpha) * (up + 1)
 
 
+def gather_mm_float(x: mx.array, w: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+    """x @ w[indices].T for float expert weights w [E, out, in] (kept float: quantize_experts=False).
+
+    MLX's CPU gather_mm takes float32 only (0.32.4: "[GatherMM::eval] Currently only supports
+    float32"), and bfloat16 is a fine-tune's dtype: there the product is taken in float32 and rounded
+    back, as a bfloat16 matmul accumulates in float32 anyway. A few tokens (unsorted) convert only the
+    experts they picked; a prefill converts each layer's experts once per chunk.
+    """
+    if w.dtype == mx.float32 or mx.default_device() != mx.cpu:
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+    if not sorted_indices:  # x [N, 1 or k, 1, in] against the picked experts [N, k, out, in]
+        y = x.astype(mx.float32) @ w[indices].astype(mx.float32).swapaxes(-1, -2)
+    else:
+        y = mx.gather_mm(
+            x.astype(mx.float32),
+            w.astype(mx.float32).swapaxes(-1, -2),
+            rhs_indices=indices,
+            sorted_indices=True,
+        )
+    return y.astype(x.dtype)
+
+
 class Router(nn.Module):
     """Linear scores over experts; the top k are kept and softmax-normalised among themselves.
 
@@ -94,7 +116,7 @@ class Experts(nn.Module):
             # mx.gather_qmm(x, w, scales, transpose, group 32, 4 bits, mxfp4), shaped for MLX's fast paths.
             y = kernels.gather_qmm_mxfp4(x, w, getattr(self, f"{name}_scales"), indices, sorted_indices)
         else:
-            y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+            y = gather_mm_float(x, w, indices, sorted_indices)
         bias = getattr(self, f"{name}_bias")
         if y.shape[-1] != bias.shape[-1]:
             y = y[..., : bias.shape[-1]]  # rows padded for MLX-CUDA (pad_down_rows)

@@ -37,15 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import oss_mlx
-    from oss_mlx.config import ConfigError
+    from oss_mlx.errors import LoadError
     from oss_mlx.harmony import TextDelta
     from oss_mlx.session import Done
-    from oss_mlx.tokenizer import TokenizerError
-    from oss_mlx.weights import CheckpointError
 
     try:
         model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
-    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+    except (LoadError, ValueError) as e:  # ValueError: a bad --memory-budget
         print(f"oss-mlx generate: {e}", file=sys.stderr)
         return 1
     events = oss_mlx.stream_generate(

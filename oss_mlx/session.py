@@ -201,10 +201,13 @@ class Session:
                 self.messages.extend(self.last_reply.messages)
 
     def add_tool_result(self, name: str, content: str) -> None:
-        """Record a function tool's output (name without the `functions.` prefix)."""
-        self.messages.append(
-            Message("tool", content, channel="commentary", recipient="assistant", name=f"functions.{name}")
-        )
+        """Record a function tool's output (name without the `functions.` prefix) on the channel of its
+        call, as gpt-oss's reference tools answer: a call the model made on analysis is then dropped
+        together with its output once the turn is complete (harmony's rule), not leaving it behind."""
+        recipient = f"functions.{name}"
+        call = next((m for m in reversed(self.messages) if m.recipient == recipient), None)
+        channel = call.channel if call is not None and call.channel else "commentary"
+        self.messages.append(Message("tool", content, channel=channel, recipient="assistant", name=recipient))
 
 
 def stream_generate(

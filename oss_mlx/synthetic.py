@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import ORIGINAL_DEFAULTS
+
 __all__ = [
     "FP4_VALUES",
     "LAYOUTS",
@@ -85,24 +87,7 @@ HUB_MODULES_NOT_CONVERTED = [
     "lm_head",
 ]
 # OpenAI's original/config.json holds exactly the fields of gpt_oss.torch.model.ModelConfig.
-ORIGINAL_CONFIG_KEYS = (
-    "num_hidden_layers",
-    "num_experts",
-    "experts_per_token",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "swiglu_limit",
-    "head_dim",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "sliding_window",
-    "initial_context_length",
-    "rope_theta",
-    "rope_scaling_factor",
-    "rope_ntk_alpha",
-    "rope_ntk_beta",
-)
+ORIGINAL_CONFIG_KEYS = tuple(ORIGINAL_DEFAULTS)
 REAL_VOCAB = 201088
 HARMONY_EOS = 200002  # <|return|>, the hub config's eos_token_id
 HARMONY_PAD = 199999  # <|endoftext|>, the hub config's pad_token_id

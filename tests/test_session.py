@@ -81,6 +81,28 @@ def test_stream_events_and_tool_call(loaded, monkeypatch):
     assert done.reply.stats.finish_reason == "tool_call"
 
 
+@pytest.mark.parametrize("channel", ["analysis", "commentary"])
+def test_tool_result_follows_its_call_channel(loaded, monkeypatch, channel):
+    """A function called on analysis gets its output on analysis: once the turn is answered, harmony
+    drops both (on commentary, both stay). The output never outlives its call in the next prompt."""
+    model, tokenizer = loaded
+    args = '{"city": "Paris"}'
+    call = f"<|channel|>{channel} to=functions.get_weather <|constrain|>json<|message|>{args}<|call|>"
+    final = "<|channel|>final<|message|>It is sunny in Paris.<|return|>"
+    scripted(monkeypatch, tokenizer, [call, final])
+    city = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [{"name": "get_weather", "parameters": city}]
+    session = Session(model, tokenizer, tools=tools)
+    list(session.send("Weather in Paris?", max_tokens=100))
+    session.add_tool_result("get_weather", '{"sky": "sunny"}')
+    assert session.messages[-1].channel == channel
+    list(session.send(max_tokens=100))
+    text = tokenizer.decode(session._to_tokens("Thanks!"))
+    kept = channel == "commentary"
+    assert ('"city": "Paris"' in text) is kept and ('{"sky": "sunny"}' in text) is kept
+    assert "It is sunny in Paris." in text
+
+
 def test_greedy_is_deterministic_and_bounded(loaded):
     model, tokenizer = loaded
     a = oss_mlx.generate(model, tokenizer, "Count to three.", temperature=0.0, max_tokens=12)
