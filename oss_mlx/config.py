@@ -8,7 +8,7 @@ Three dialects exist: Hugging Face's (`model_type: gpt_oss`, transformers 4.x `r
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,19 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        # Types first: a string where a number belongs would otherwise fail in the arithmetic below
+        # ("sixty-four" % 32 is string formatting: "not all arguments converted ...").
+        wrong = [
+            f"{f.name} must be {'a whole number' if f.type == 'int' else 'a number'} (got {value!r})"
+            for f in fields(self)
+            if f.type in ("int", "float")
+            and (
+                isinstance(value := getattr(self, f.name), bool)
+                or not isinstance(value, int if f.type == "int" else (int, float))
+            )
+        ]
+        if wrong:
+            raise ConfigError("invalid gpt-oss config: " + "; ".join(wrong))
         problems = []
         if len(self.layer_types) != self.num_layers:
             problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
@@ -86,8 +99,18 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from any supported config.json dialect (detected from its keys)."""
-        if "experts_per_token" in d and "num_experts" in d:
-            return cls._from_original(d)
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: a config is a JSON object, not {type(d).__name__}")
+        try:
+            if "experts_per_token" in d and "num_experts" in d:
+                return cls._from_original(d)
+            return cls._from_hf_checked(d, source)
+        except ConfigError as e:
+            message = str(e)
+            raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from None
+
+    @classmethod
+    def _from_hf_checked(cls, d: dict[str, Any], source: str) -> ModelConfig:
         model_type = d.get("model_type")
         if model_type != "gpt_oss":
             raise ConfigError(

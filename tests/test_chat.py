@@ -192,14 +192,19 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(chat, tmp_path):
     screen = app.command("/stats", r"context: ")
     assert re.search(r"^1 .*interrupted", screen, re.MULTILINE)
 
-    # Ctrl-C at the prompt: the first clears the line, on an empty line it quits.
+    # Ctrl-C at the prompt: the first clears the line; on an empty line the first says how to quit,
+    # the second quits, saying where the conversation is.
     app.type("a draft I do not want", enter=False)
     app.wait_for(r">>> a draft I do not want")
     app.keys("C-c")
     app.wait_prompt()
     assert app.alive()
     app.keys("C-c")
+    app.wait_for(r"Ctrl-C again quits")
+    assert app.alive()
+    app.keys("C-c")
     assert app.wait_exit() == 0
+    assert re.search(r"bye: the conversation is saved in .*chats", app.screen())
     assert "Traceback" not in app.screen()
 
 
