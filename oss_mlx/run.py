@@ -14,7 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = A.parser("oss-mlx generate", __doc__)
     p.add_argument("prompt", nargs="?", help="the user message (default: read standard input)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, checkpoint folder or converted folder")
-    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    p.add_argument(
+        "--reasoning-effort", choices=("low", "medium", "high"), default="medium", help="how long it thinks"
+    )
     p.add_argument("--system", help="developer instructions")
     p.add_argument("--max-tokens", type=A.MAX_TOKENS, default=2048, help="per reply, reasoning included")
     p.add_argument(

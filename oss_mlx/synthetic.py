@@ -729,18 +729,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap = A.parser("oss-mlx synthetic", "Write a random gpt-oss checkpoint.")
     ap.add_argument("dest", type=Path, help="output folder")
     ap.add_argument("--config", default="tiny", choices=["tiny", "20b", "120b"], help="sizes")
-    ap.add_argument("--layout", default="hf-mxfp4", choices=list(LAYOUTS))
+    ap.add_argument("--layout", default="hf-mxfp4", choices=list(LAYOUTS), help="on-disk layout")
     ap.add_argument(
         "--seed", type=A.SEED_NON_NEGATIVE, default=0, help="the same seed writes the same values"
     )
-    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="of every float tensor")
     ap.add_argument(
         "--max-shard-bytes",
         type=A.NON_NEGATIVE_INT,
         default=2_000_000_000,
         help="split into shards above this size; 0: a single file",
     )
-    ap.add_argument("--config-style", default="hub", choices=["hub", "transformers5"])
+    ap.add_argument(
+        "--config-style",
+        default="hub",
+        choices=["hub", "transformers5"],
+        help="config.json as on the hub (transformers 4) or as transformers 5 writes it",
+    )
     ap.add_argument("--num-layers", type=A.Number(int, 1, 1024), help="override the preset's layer count")
     ap.add_argument("--num-experts", type=A.Number(int, 1, 4096), help="override the preset's expert count")
     ap.add_argument(

@@ -931,7 +931,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="hub repo id, checkpoint folder or converted folder "
         f"(default: $OSS_MLX_MODEL, else {DEFAULT_MODEL})",
     )
-    ap.add_argument("--reasoning-effort", "-e", choices=REASONING_EFFORTS, default="medium")
+    ap.add_argument(
+        "--reasoning-effort", "-e", choices=REASONING_EFFORTS, default="medium", help="how long it thinks"
+    )
     ap.add_argument("--system", "-s", metavar="TEXT", help="instructions (harmony's developer message)")
     ap.add_argument(
         "--reasoning",

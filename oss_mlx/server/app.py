@@ -190,6 +190,10 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     from .. import cli_args as A
 
     p = A.parser("oss-mlx serve", "OpenAI-compatible server for gpt-oss: Responses API and Chat Completions.")
@@ -205,7 +209,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the id clients see in /v1/models (default: the folder or repo name)",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument(
         "--api-key",
         type=A.non_empty("--api-key"),  # an empty key would silently mean "no key"
@@ -262,8 +266,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=A.size,
         help="e.g. 6GB: stream experts from the checkpoint, hot ones kept in memory (default: all resident)",
     )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return p.parse_args(argv)
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="what the server logs",
+    )
+    return p
 
 
 def main(argv: list[str]) -> int:
