@@ -170,15 +170,19 @@ def generate_tokens(
     progress(0, len(new_tokens))
     step = prefill_step or getattr(model, "prefill_step", PREFILL_STEP)
     decode = decode_step(model)
-    logits = prefill(
-        model,
-        new_tokens,
-        cache,
-        step=step,
-        mark_at=mark_at,
-        while_running=lambda: decode.prepare(cache),
-        progress=progress,
-    )
+    try:
+        logits = prefill(
+            model,
+            new_tokens,
+            cache,
+            step=step,
+            mark_at=mark_at,
+            while_running=lambda: decode.prepare(cache),
+            progress=progress,
+        )
+    except BaseException:  # cut short (Ctrl-C): the time it did take
+        stats.prompt_seconds = time.perf_counter() - prefill_start
+        raise
     token = sample(logits)
     mx.eval(token)
     progress(len(new_tokens), len(new_tokens))

@@ -218,7 +218,9 @@ def test_help_shows_every_default(sub):
             continue
         entry = p._get_formatter()._format_action(action)  # this option's entry in --help
         text = re.sub(r"-\s+", "-", " ".join(entry.split()))  # argparse wraps after hyphens
-        shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+        shown = (
+            ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+        )
         assert "default" in text.lower() and shown in text, (sub, text)
 
 

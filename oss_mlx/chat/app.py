@@ -313,9 +313,9 @@ class ChatApp:
             if self.multiline
             else "Alt+Enter or Ctrl-J: new line"
         )
-        return (
+        return (  # /help before the keys: a narrow terminal cuts the end of the line
             f" {self.model_name} · effort {self.session.reasoning_effort} · reasoning {self.reasoning}"
-            f" · context {ctx} · {keys} · /help"
+            f" · context {ctx} · /help · {keys}"
         )
 
     def _make_prompt(self):
@@ -434,9 +434,11 @@ class ChatApp:
                 return self.quit()
 
     def quit(self) -> int:
-        self.autosave()
-        saved = self.autosave_path is not None and self.autosave_path.is_file()
-        self.say(f"bye: the conversation is saved in {self.autosave_path}" if saved else "bye")
+        guard = InterruptGuard()  # one more Ctrl-C while quitting changes nothing
+        with guard, guard.hold():
+            self.autosave()
+            saved = self.autosave_path is not None and self.autosave_path.is_file()
+            self.say(f"bye: the conversation is saved in {self.autosave_path}" if saved else "bye")
         return 0
 
     def handle(self, line: str) -> bool:
