@@ -560,16 +560,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
     elif not args.memory_budget and not args.ignore_memory:
-        from .memory import fit_advice
+        from .memory import refuse_unless_fits
 
-        advice = fit_advice(args.model, context)
-        if advice:
-            print("oss-mlx bench: " + "\n  ".join(advice), file=sys.stderr)
-            print(
-                "oss-mlx bench: error: the model does not fit; pass --memory-budget SIZE (with --engines "
-                "oss-mlx) or --ignore-memory to run anyway",
-                file=sys.stderr,
-            )
+        if refuse_unless_fits("oss-mlx bench", args.model, context, how=" (with --engines oss-mlx)"):
             return 1
 
     t = time.perf_counter()

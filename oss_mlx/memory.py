@@ -396,6 +396,22 @@ def fit_advice(model: str, context: int = DEFAULT_CONTEXT) -> list[str]:
         return []
 
 
+def refuse_unless_fits(prog: str, model: str, context: int = DEFAULT_CONTEXT, how: str = "") -> bool:
+    """Before loading `model`: when it will not fit, print the planner's advice and what to pass
+    instead (to stderr, as `prog`), and return True (the caller stops). Never let the machine swap."""
+    advice = fit_advice(model, context)
+    if not advice:
+        return False
+    print(f"{prog}: " + "\n  ".join(advice), file=sys.stderr)
+    print(
+        f"{prog}: error: the model does not fit this machine's memory budget: do one of the above, or "
+        f"pass --memory-budget SIZE{how} to keep only hot experts in memory (or --ignore-memory to load "
+        "anyway)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def gib(n: int | float) -> str:
     return f"{n / GiB:.2f} GiB"
 

@@ -60,17 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import oss_mlx
     from oss_mlx.harmony import TextDelta
-    from oss_mlx.memory import fit_advice
+    from oss_mlx.memory import refuse_unless_fits
     from oss_mlx.session import Done
 
-    advice = [] if args.memory_budget or args.ignore_memory else fit_advice(args.model)
-    if advice:  # refuse before loading rather than let the machine swap
-        print("oss-mlx generate: " + "\n  ".join(advice), file=sys.stderr)
-        print(
-            "oss-mlx generate: pass --memory-budget SIZE to keep only hot experts in memory, "
-            "or --ignore-memory to load anyway",
-            file=sys.stderr,
-        )
+    if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits("oss-mlx generate", args.model):
         return 1
     model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
     events = oss_mlx.stream_generate(

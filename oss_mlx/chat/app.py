@@ -1030,16 +1030,10 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(Text(f"loading {args.model} …", style="dim"))
         # Checked from config.json alone (a hub model's too), before any download or load.
-        from ..memory import fit_advice
+        from ..memory import refuse_unless_fits
 
-        warnings = [] if args.memory_budget or args.ignore_memory else fit_advice(args.model)
-        for line in warnings:
-            console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
-        if warnings:  # never let the machine swap: refuse before loading, say what to do
-            return fail(
-                "the model does not fit this machine's memory budget: do one of the above, or pass "
-                "--memory-budget SIZE to keep only hot experts in memory (or --ignore-memory to load anyway)"
-            )
+        if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits("oss-mlx chat", args.model):
+            return 1
         path = prepare_model(args.model, console)
         model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
     except KeyboardInterrupt:

@@ -13,7 +13,6 @@ import hmac
 import ipaddress
 import logging
 import os
-import sys
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -285,16 +284,9 @@ def main(argv: list[str]) -> int:
             "listening on %s without --api-key: anyone who can reach this port can use the model", args.host
         )
     if not args.memory_budget and not args.ignore_memory:
-        from ..memory import fit_advice
+        from ..memory import refuse_unless_fits
 
-        advice = fit_advice(args.model)
-        if advice:  # refuse before loading rather than let the machine swap
-            print("oss-mlx serve: " + "\n  ".join(advice), file=sys.stderr)
-            print(
-                "oss-mlx serve: pass --memory-budget SIZE to keep only hot experts in memory, "
-                "or --ignore-memory to load anyway",
-                file=sys.stderr,
-            )
+        if refuse_unless_fits("oss-mlx serve", args.model):
             return 1
     from . import scripted
 
