@@ -85,7 +85,7 @@ def offline_advice(repo_id: str, reason: str) -> str:
     """What to do when `repo_id` is neither cached nor downloadable: steps that work offline."""
     name = repo_id.rsplit("/", 1)[-1]
     return (
-        f"{repo_id} is not on this machine, and the Hugging Face hub cannot be reached ({reason}). "
+        f"{repo_id} is not in the Hugging Face cache here, and the hub cannot be reached ({reason}). "
         "Any one of these works:\n"
         "  - connect to the network and run the same command again (downloads resume where they stopped);\n"
         f"  - on a machine with network, run `oss-mlx convert {repo_id} {name}`, copy the folder {name} "
