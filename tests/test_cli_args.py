@@ -410,7 +410,10 @@ def test_offline_first_run_is_told_fast_what_to_do(no_hub, args, sub):
     assert out.returncode == 1, out.stderr
     assert took < 20, f"{took:.1f} s: huggingface_hub's retries were not skipped"  # they take ~25 s
     text = out.stderr
-    assert "Traceback" not in text and "not in the Hugging Face cache here, and the hub cannot be reached" in text
+    assert (
+        "Traceback" not in text
+        and "not in the Hugging Face cache here, and the hub cannot be reached" in text
+    )
     assert "oss-mlx convert acme/gpt-oss-tiny gpt-oss-tiny" in text and "HF_HUB_CACHE" in text
 
 
