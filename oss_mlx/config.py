@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,19 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        # Types first: a string where a number belongs would otherwise fail in the arithmetic below
+        # ("sixty-four" % 32 is string formatting: "not all arguments converted ...").
+        wrong = [
+            f"{f.name} must be {'a whole number' if f.type == 'int' else 'a number'} (got {value!r})"
+            for f in fields(self)
+            if f.type in ("int", "float")
+            and (
+                isinstance(value := getattr(self, f.name), bool)
+                or not isinstance(value, int if f.type == "int" else (int, float))
+            )
+        ]
+        if wrong:
+            raise ConfigError("invalid gpt-oss config: " + "; ".join(wrong))
         problems = []
         for name in ("num_layers", "num_experts", "vocab_size", "num_attention_heads", "num_key_value_heads"):
             if getattr(self, name) < 1:

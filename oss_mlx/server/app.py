@@ -13,7 +13,6 @@ import hmac
 import ipaddress
 import logging
 import os
-import sys
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -190,22 +189,30 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="oss-mlx serve",
-        description="OpenAI-compatible server for gpt-oss: Responses API and Chat Completions.",
-    )
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import cli_args as A
+
+    p = A.parser("oss-mlx serve", "OpenAI-compatible server for gpt-oss: Responses API and Chat Completions.")
     p.add_argument(
         "--model",
         "-m",
         default=os.environ.get("OSS_MLX_MODEL", "openai/gpt-oss-20b"),
         help="hub repo id or checkpoint folder (default: $OSS_MLX_MODEL, else openai/gpt-oss-20b)",
     )
-    p.add_argument("--model-id", help="the id clients see in /v1/models (default: the folder or repo name)")
+    p.add_argument(
+        "--model-id",
+        type=A.non_empty("--model-id"),
+        help="the id clients see in /v1/models (default: the folder or repo name)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("OSS_MLX_API_KEY"),
+        type=A.non_empty("--api-key"),  # an empty key would silently mean "no key"
+        default=os.environ.get("OSS_MLX_API_KEY") or None,
         help="require 'Authorization: Bearer KEY' (default: $OSS_MLX_API_KEY, else no key)",
     )
     p.add_argument(
@@ -216,33 +223,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=A.Number(int, 0, 100_000),
         default=16,
-        help="requests that may wait while one generates; more get 429 (default 16)",
+        help="requests that may wait while one generates; more get 429",
     )
     p.add_argument(
-        "--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request size limit (413 past it)"
+        "--max-body-bytes",
+        type=A.Number(int, 1024, 2**31),
+        default=8 * 1024 * 1024,
+        help="request size limit in bytes (413 past it)",
     )
     p.add_argument(
-        "--context-limit", type=int, help="prompt + output tokens per request (default: the model's maximum)"
+        "--context-limit",
+        type=A.CONTEXT,
+        help="prompt + output tokens per request (default: the model's maximum)",
     )
     p.add_argument(
         "--cache-slots",
-        type=int,
+        type=A.Number(int, 1, 1024),
         default=2,
-        help="conversations whose KV caches are kept for prefix reuse (default 2)",
+        help="conversations whose KV caches are kept for prefix reuse",
     )
     p.add_argument(
         "--max-stored-responses",
-        type=int,
+        type=A.Number(int, 0, 10**6),
         default=512,
-        help="responses kept in memory for previous_response_id (default 512)",
+        help="responses kept in memory for previous_response_id",
     )
     p.add_argument(
         "--reasoning-field",
         choices=["both", "reasoning_content", "reasoning"],
         default="both",
-        help="Chat Completions field(s) that carry the chain of thought (default both)",
+        help="Chat Completions field(s) that carry the chain of thought",
     )
     p.add_argument(
         "--ignore-memory", action="store_true", help="load even if the memory planner says it will not fit"
@@ -250,10 +262,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--memory-budget",
         metavar="SIZE",
+        type=A.size,
         help="e.g. 6GB: stream experts from the checkpoint, hot ones kept in memory (default: all resident)",
     )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return p.parse_args(argv)
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="what the server logs",
+    )
+    return p
 
 
 def main(argv: list[str]) -> int:
@@ -266,16 +284,9 @@ def main(argv: list[str]) -> int:
             "listening on %s without --api-key: anyone who can reach this port can use the model", args.host
         )
     if not args.memory_budget and not args.ignore_memory:
-        from ..memory import fit_advice
+        from ..memory import refuse_unless_fits
 
-        advice = fit_advice(args.model)
-        if advice:  # refuse before loading rather than let the machine swap
-            print("oss-mlx serve: " + "\n  ".join(advice), file=sys.stderr)
-            print(
-                "oss-mlx serve: pass --memory-budget SIZE to keep only hot experts in memory, "
-                "or --ignore-memory to load anyway",
-                file=sys.stderr,
-            )
+        if refuse_unless_fits("oss-mlx serve", args.model):
             return 1
     from . import scripted
 
@@ -284,7 +295,7 @@ def main(argv: list[str]) -> int:
         log.warning("TEST HOOK %s is set: replies are scripted, not sampled", scripted.ENV)
     engine = Engine(
         args.model,
-        max_queue=max(0, args.max_queue),
+        max_queue=args.max_queue,
         cache_slots=args.cache_slots,
         context_limit=args.context_limit,
         script=script,
@@ -293,9 +304,10 @@ def main(argv: list[str]) -> int:
     log.info("loading %s", args.model)
     try:
         engine.start()
-    except Exception as e:  # a bad path, a bad checkpoint: told in words
-        print(f"oss-mlx serve: cannot load {args.model}: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # a bad path, a bad checkpoint: told in words (a bug: named as one)
+        from ..cli_args import report
+
+        return report("oss-mlx serve", e, doing=f"cannot load {args.model}")
     path = Path(args.model).expanduser()
     path = path if path.exists() else None
     model_id = args.model_id or (path.resolve().name if path is not None else args.model)

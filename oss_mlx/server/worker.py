@@ -199,6 +199,12 @@ class Engine:
             limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
             if self.context_limit is None:
                 self.context_limit = int(limit or 131072)
+            elif limit and self.context_limit > limit:
+                from ..cli_args import UsageError
+
+                raise UsageError(
+                    f"--context-limit {self.context_limit:,} is above the model's maximum ({limit:,} tokens)"
+                )
             if self.script is not None:
                 self.script = self.script(self.tokenizer)
         except BaseException as e:  # reported by start()
