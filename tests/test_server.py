@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, free_port
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -537,7 +537,8 @@ def test_refuses_a_model_that_does_not_fit(tiny_checkpoint, vocab_dir):
     import sys
 
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(vocab_dir), "OSS_MLX_MEMORY_GB": "0.01"}
-    cmd = [sys.executable, "-m", "oss_mlx.cli", "serve", "--model", str(tiny_checkpoint), "--port", "0"]
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "oss_mlx.cli", "serve", "--model", str(tiny_checkpoint), "--port", port]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1
     assert "does not fit" in out.stderr and "--memory-budget" in out.stderr and "Traceback" not in out.stderr
