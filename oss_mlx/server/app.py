@@ -221,6 +221,7 @@ def create_app(
                 allow_origins=sorted(policy.origins),
                 allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["*"],
+                allow_private_network=True,  # a public page calling a loopback server: Chrome asks
                 expose_headers=["Retry-After"],
                 max_age=600,
             )

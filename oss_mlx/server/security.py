@@ -12,8 +12,9 @@ decides whether they do anything. The rules (docs/SERVER.md "Security" states th
   cross-site`` / ``same-site`` (a page's image or script tag: no Origin on those GETs).
 * **Content-Type**: a body must be ``application/json`` (415 otherwise), so that no "simple"
   cross-origin request (text/plain, form posts: no CORS preflight) can carry one.
-* **CORS** for the allowed origins, with Starlette's CORSMiddleware (preflight answers; headers on
-  every response, errors included, so that an allowed page can read them).
+* **CORS** for the allowed origins, with Starlette's CORSMiddleware (preflight answers, Chrome's
+  Private Network Access included; headers on every response, errors too, so that an allowed page
+  can read them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .schemas import APIError, brief, clip
 
@@ -107,7 +108,7 @@ class BrowserGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        hosts, origins, fetch_site, private_network = [], [], None, False
+        hosts, origins, fetch_site = [], [], None
         for name, value in scope["headers"]:
             if name == b"host":
                 hosts.append(value.decode("latin-1"))
@@ -115,27 +116,11 @@ class BrowserGuard:
                 origins.append(value.decode("latin-1"))
             elif name == b"sec-fetch-site":
                 fetch_site = value.decode("latin-1").strip().lower()
-            elif name == b"access-control-request-private-network":
-                private_network = value.strip().lower() == b"true"
         refused = self._refusal(hosts, origins, fetch_site)
         if refused is not None:
             await refused(scope, receive, send)
             return
-        if not (private_network and origins and scope["method"] == "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-
-        # Chrome's Private Network Access: a public page's preflight to a loopback server must be
-        # answered with this header too, for the allowed origins.
-        async def send_allowing_private_network(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {
-                    **message,
-                    "headers": [*message["headers"], (b"access-control-allow-private-network", b"true")],
-                }
-            await send(message)
-
-        await self.app(scope, receive, send_allowing_private_network)
+        await self.app(scope, receive, send)
 
     def _refusal(self, hosts: list[str], origins: list[str], fetch_site: str | None) -> JSONResponse | None:
         for host in hosts:

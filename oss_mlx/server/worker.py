@@ -255,8 +255,9 @@ class Engine:
         """Render the prompt (in a worker-pool thread, not the event loop) and check the context.
 
         With ``req.truncate`` a prompt that does not fit loses its oldest turns (whole turns, from a
-        user message on) until it leaves room for ``max_tokens`` (or a quarter of the context, at most
-        4096 tokens, when none is asked for); ``check=False`` only renders (token counting).
+        user message on) until it leaves room for a reply: a quarter of the context, at most 4096 tokens,
+        whatever ``max_tokens`` asks (so that a token count, which knows no max_tokens, agrees with the
+        prompt a request runs); ``check=False`` only renders (token counting).
         """
         kwargs = dict(
             reasoning_effort=req.reasoning_effort,
@@ -267,7 +268,7 @@ class Engine:
             req.prefix_tokens = self.tokenizer.encode(req.assistant_prefix, allow_special=True)
         req.prompt = render_conversation(req.messages, self.tokenizer, **kwargs)
         req.header_tokens = len(render_conversation([], self.tokenizer, for_completion=False, **kwargs))
-        reserve = req.max_tokens or min(4096, self.context_limit // 4)
+        reserve = min(4096, self.context_limit // 4)
         if req.truncate and len(req.prompt) + len(req.prefix_tokens) + reserve > self.context_limit:
             self._truncate(req, kwargs, reserve)
         room = self.context_limit - len(req.prompt) - len(req.prefix_tokens)
