@@ -460,3 +460,66 @@ def test_the_port_is_bound_before_the_model_loads(tiny_checkpoint, tmp_path):
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def test_access_policies_in_process():
+    """The combinations the servers above do not run: an allowed origin without --api-key, `*`,
+    and binding beyond loopback (the same app and middleware, driven in process)."""
+    from starlette.testclient import TestClient
+
+    from oss_mlx.server.app import create_app
+    from oss_mlx.server.common import ServerConfig, ServerState
+    from oss_mlx.server.security import AccessPolicy
+
+    class NoEngine:
+        def queue_state(self) -> dict:
+            return {"running": 0, "waiting": 0, "max_waiting": 0}
+
+    def client(policy: AccessPolicy) -> TestClient:
+        app = create_app(ServerState(NoEngine(), ServerConfig("m", aliases={"m"})), policy)
+        return TestClient(app, base_url="http://localhost")
+
+    c = client(AccessPolicy.for_bind("127.0.0.1", [], [GOOD]))
+    r = c.get("/v1/models", headers={"Origin": GOOD, "Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == GOOD  # no key needed
+    assert c.get("/v1/models", headers={"Origin": EVIL}).status_code == 403
+    assert c.get("/v1/models", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+
+    c = client(AccessPolicy.for_bind("127.0.0.1", [], ["*"]))
+    r = c.get("/v1/models", headers={"Origin": EVIL})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert c.get("/v1/models", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+    assert c.get("/v1/models", headers={"Host": "attacker.example"}).status_code == 403  # Host still checked
+
+    c = client(AccessPolicy.for_bind("0.0.0.0", [], []))
+    assert c.get("/health", headers={"Host": "my-mac.local:8000"}).status_code == 200
+    assert c.get("/health", headers={"Origin": EVIL}).status_code == 403
+    c = client(AccessPolicy.for_bind("0.0.0.0", ["my-mac.local"], []))
+    assert c.get("/health", headers={"Host": "my-mac.local:8000"}).status_code == 200
+    assert c.get("/health", headers={"Host": "0.0.0.0:8000"}).status_code == 200
+    assert c.get("/health", headers={"Host": "other.local"}).status_code == 403
+    c = client(AccessPolicy.for_bind("127.0.0.1", ["*"], []))
+    assert c.get("/health", headers={"Host": "anything.example"}).status_code == 200
+
+
+def test_the_store_unit():
+    from oss_mlx.server.store import ObjectStore, page
+
+    store = ObjectStore(max_items=3, max_bytes=100)
+    assert store.put("a", 1, 40) and store.put("b", 2, 40)
+    assert store.get("a") == 1  # a is now the most recently used
+    assert store.put("c", 3, 40)  # 120 > 100: b (least recently used) goes
+    assert store.get("b") is None and store.get("a") == 1 and store.bytes == 80
+    assert not store.put("big", 4, 101) and store.get("a") == 1 and store.get("c") == 3
+    store.resize("a", 10)
+    assert store.bytes == 50 and store.delete("a") and store.bytes == 40
+    items = [{"id": str(i)} for i in range(5)]
+    assert page(items, None, 2, "asc") == {
+        "object": "list",
+        "data": items[:2],
+        "first_id": "0",
+        "last_id": "1",
+        "has_more": True,
+    }
+    assert page(items, "3", 2, "asc")["data"] == items[4:] and not page(items, "3", 2, "asc")["has_more"]
+    assert [i["id"] for i in page(items, "3", 5, "desc")["data"]] == ["2", "1", "0"]

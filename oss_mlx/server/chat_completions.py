@@ -80,6 +80,7 @@ UNSUPPORTED = (
     "prompt_cache_options",
 )
 MAX_LOGIT_BIAS = 1024  # entries; OpenAI documents none
+MAX_STOP_CHARS = 1024  # per stop sequence; OpenAI documents none
 
 
 def conversation(raw: Any) -> tuple[list[Message], list[str], list[dict]]:
@@ -260,6 +261,8 @@ def parse(body: dict, state: ServerState) -> ChatCall:
     stops = [s for s in stops if s]
     if len(stops) > MAX_STOP:
         raise invalid("stop", f"At most {MAX_STOP} stop sequences are allowed.")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):  # each is matched against every delta
+        raise invalid("stop", f"A stop sequence may be at most {MAX_STOP_CHARS} characters long.")
 
     max_tokens = positive_int(body, "max_completion_tokens") or positive_int(body, "max_tokens")
     options = sampling_options(body)
