@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_helpers import ServerProcess, free_port
+from server_helpers import ServerProcess, free_port, running
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -98,13 +98,8 @@ def servers(tiny_checkpoint, tmp_path_factory):
         tiny_checkpoint, folder / "main.log", "--api-key", KEY, "--max-body-bytes", "100000", env=env
     )
     small = ServerProcess(tiny_checkpoint, folder / "queue.log", "--max-queue", "1", env=env)
-    try:
-        main.wait_ready()
-        small.wait_ready()
+    with running(main, small):
         yield main, small
-    finally:
-        main.stop()
-        small.stop()
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +219,20 @@ def test_responses_tool_call_round_trip(client):
     assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
 
 
+def _weather_round_trip(client):
+    """A call to get_weather, then its output sent through previous_response_id: (the response with
+    the call, the call, the answer)."""
+    call_response = client.responses.create(model="gpt-oss", input="[weather] now", tools=[WEATHER_TOOL])
+    call = next(item for item in call_response.output if item.type == "function_call")
+    answer = client.responses.create(
+        model="gpt-oss",
+        previous_response_id=call_response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'}],
+        tools=[WEATHER_TOOL],
+    )
+    return call_response, call, answer
+
+
 def test_previous_response_id_reuses_history_and_cache(client):
     first = client.responses.create(model="gpt-oss", input="[greet] remember the number 42")
     second = client.responses.create(
@@ -238,14 +247,7 @@ def test_previous_response_id_reuses_history_and_cache(client):
     assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
     assert client.responses.retrieve(first.id).output_text == FINAL
     # A tool round trip through previous_response_id: the call id is known to the server.
-    call_response = client.responses.create(model="gpt-oss", input="[weather] now", tools=[WEATHER_TOOL])
-    call = next(item for item in call_response.output if item.type == "function_call")
-    answer = client.responses.create(
-        model="gpt-oss",
-        previous_response_id=call_response.id,
-        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'}],
-        tools=[WEATHER_TOOL],
-    )
+    _, _, answer = _weather_round_trip(client)
     assert answer.output_text == "It is 21C in Paris."
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="gpt-oss", previous_response_id="resp_nope", input="hi")
@@ -815,14 +817,7 @@ def test_responses_endpoints_through_the_sdk(client):
     with pytest.raises(openai.NotFoundError):
         client.responses.input_items.list("resp_nope")
     # A tool round trip's items list their calls and outputs.
-    call_r = client.responses.create(model="gpt-oss", input="[weather] now", tools=[WEATHER_TOOL])
-    call = next(i for i in call_r.output if i.type == "function_call")
-    out = client.responses.create(
-        model="gpt-oss",
-        previous_response_id=call_r.id,
-        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'}],
-        tools=[WEATHER_TOOL],
-    )
+    _, call, out = _weather_round_trip(client)
     (listed_output,) = client.responses.input_items.list(out.id).data
     assert listed_output.type == "function_call_output" and listed_output.call_id == call.call_id
     # delete: gone afterwards, and a continuation from it is refused.

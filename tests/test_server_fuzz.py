@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, running
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -318,11 +318,8 @@ def server(tiny_checkpoint, tmp_path_factory):
         "2MB",
         env={"OSS_MLX_API_KEY": "", "OSS_MLX_SCRIPTED_REPLIES": ""},
     )
-    try:
-        s.wait_ready()
+    with running(s):
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_helpers import ServerProcess, free_port
+from server_helpers import ServerProcess, free_port, running
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -50,13 +50,8 @@ def servers(tiny_checkpoint, tmp_path_factory):
         *("--api-key", KEY, "--cors-origin", GOOD, "--allowed-host", "my.lan"),
         env=env,
     )
-    try:
-        open_.wait_ready()
-        cors.wait_ready()
+    with running(open_, cors):
         yield open_, cors
-    finally:
-        open_.stop()
-        cors.stop()
 
 
 @pytest.fixture(scope="module")
