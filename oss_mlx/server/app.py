@@ -316,21 +316,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="oss-mlx serve",
         description="OpenAI-compatible server for gpt-oss: Responses API and Chat Completions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--model",
         "-m",
         default=os.environ.get("OSS_MLX_MODEL", "openai/gpt-oss-20b"),
-        help="hub repo id or checkpoint folder ($OSS_MLX_MODEL if set)",
+        help="hub repo id or checkpoint folder (default: $OSS_MLX_MODEL, else openai/gpt-oss-20b)",
     )
     p.add_argument("--model-id", help="the id clients see in /v1/models (default: the folder or repo name)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_int_in(1, 65535), default=8000, help="TCP port, 1-65535")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_in(1, 65535), default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("OSS_MLX_API_KEY"),
-        help="require 'Authorization: Bearer KEY' ($OSS_MLX_API_KEY if set; default: no key)",
+        help="require 'Authorization: Bearer KEY' (default: $OSS_MLX_API_KEY, else no key)",
     )
     p.add_argument(
         "--cors-origin",
@@ -339,7 +338,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         metavar="ORIGIN",
         help="a web page origin (http://localhost:3000) allowed to call the server from a browser; "
-        "repeatable; '*' allows every origin. Default: none, browser requests from pages are refused",
+        "repeatable; '*' allows every origin (default: none; requests from web pages are refused)",
     )
     p.add_argument(
         "--allowed-host",
@@ -347,25 +346,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         metavar="NAME",
         help="a Host name to accept besides localhost, 127.0.0.1 and [::1] (repeatable; '*': any). "
-        "Bound to a non-loopback address without it, any Host is accepted",
+        "(default: none; bound to a non-loopback address, any Host is then accepted)",
     )
     p.add_argument(
         "--reasoning-effort",
         choices=["low", "medium", "high"],
         default="medium",
-        help="default when a request names none",
+        help="used when a request names none (default medium)",
     )
     p.add_argument(
         "--max-queue",
         type=_int_in(0),
         default=16,
-        help="requests that may wait while one generates; more get 429",
+        help="requests that may wait while one generates; more get 429 (default 16)",
     )
     p.add_argument(
         "--max-body-bytes",
         type=_int_in(1024),
         default=8 * 1024 * 1024,
-        help="request size limit (413 past it)",
+        help="request size limit, 413 past it (default 8 MiB)",
     )
     p.add_argument(
         "--context-limit",
@@ -376,54 +375,54 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--cache-slots",
         type=_int_in(1),
         default=2,
-        help="conversations whose KV caches are kept for prefix reuse",
+        help="conversations whose KV caches are kept for prefix reuse (default 2)",
     )
     p.add_argument(
         "--max-stored-responses",
         type=_int_in(0),
         default=512,
-        help="stored responses and chat completions kept in memory (previous_response_id, retrieval)",
+        help="stored responses and chat completions kept in memory (default 512)",
     )
     p.add_argument(
         "--max-stored-bytes",
         type=_size,
         default="256MB",
         metavar="SIZE",
-        help="their total size (as JSON) kept in memory; the least recently used go first",
+        help="their total size as JSON; the least recently used go first (default 256MB)",
     )
     p.add_argument(
         "--max-connections",
         type=_int_in(1, 100000),
         default=64,
-        help="open connections; past it the one waiting longest for request headers is closed",
+        help="open connections; past it the one waiting longest for request headers is closed (default 64)",
     )
     p.add_argument(
         "--header-timeout",
         type=_seconds,
         default=10.0,
         metavar="SECONDS",
-        help="a connection must send a request's headers within this long (after opening, or after a "
-        "response), or it is closed",
+        help="a connection must send a request's headers within this long after opening or after a "
+        "response, or it is closed (default 10)",
     )
     p.add_argument(
         "--keep-alive-timeout",
         type=_seconds,
         default=5.0,
         metavar="SECONDS",
-        help="an idle connection between requests is closed after this long",
+        help="an idle connection between requests is closed after this long (default 5)",
     )
     p.add_argument(
         "--body-timeout",
         type=_seconds,
         default=60.0,
         metavar="SECONDS",
-        help="a request's body must arrive within this long (408 otherwise)",
+        help="a request's body must arrive within this long, 408 otherwise (default 60)",
     )
     p.add_argument(
         "--reasoning-field",
         choices=["both", "reasoning_content", "reasoning"],
         default="both",
-        help="Chat Completions field(s) that carry the chain of thought",
+        help="Chat Completions field(s) that carry the chain of thought (default both)",
     )
     p.add_argument(
         "--ignore-memory", action="store_true", help="load even if the memory planner says it will not fit"
@@ -435,10 +434,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="e.g. 6GB: stream experts from the checkpoint, hot ones kept in memory (default: all resident)",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    args = p.parse_args(argv)
-    if isinstance(args.max_stored_bytes, str):  # the default, not parsed by argparse
-        args.max_stored_bytes = _size(args.max_stored_bytes)
-    return args
+    return p.parse_args(argv)  # a string default goes through its type too: 256MB -> bytes
 
 
 def listen(host: str, port: int) -> socket.socket:
