@@ -150,6 +150,14 @@ def size(text: str) -> str:
     return text.strip()
 
 
+def size_bytes(text: str) -> int:
+    """argparse type of a size flag read as a number of bytes (--max-stored-bytes)."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise BadValue(str(e)) from None
+
+
 # ---- lists --------------------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ class SamplingOptions:
     top_k: int = 0
     seed: int | None = None
     max_tokens: int = 4096
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias)
 
     def sampler(self) -> Callable[[mx.array], mx.array]:
         # mlx-lm's samplers are well tested and compiled; no reason to write our own. Imported here:
@@ -33,6 +34,12 @@ class SamplingOptions:
         from mlx_lm.sample_utils import make_sampler
 
         return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def bias_vector(self, width: int) -> mx.array:
+        """``logit_bias`` as a vector added to the logits before sampling."""
+        ids = mx.array(list(self.logit_bias or {}), dtype=mx.int32)
+        values = mx.array(list((self.logit_bias or {}).values()), dtype=mx.float32)
+        return mx.zeros((width,), dtype=mx.float32).at[ids].add(values)
 
 
 @dataclass
@@ -151,8 +158,13 @@ def generate_tokens(
     mx.reset_peak_memory()
 
     greedy = options.temperature == 0
+    bias: list[mx.array] = []  # made at the first step, as wide as the logits
 
     def sample(logits: mx.array) -> mx.array:
+        if options.logit_bias:
+            if not bias:
+                bias.append(options.bias_vector(logits.shape[-1]).astype(logits.dtype))
+            logits = logits + bias[0]
         if greedy:  # the argmax of the logits is the argmax of the log-probabilities: no 201k-wide
             return sampler(logits)  # logsumexp and subtraction (two launches) in every step
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

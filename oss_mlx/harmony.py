@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -635,6 +636,10 @@ class StreamParser:
         if first and first[0].decode(errors="replace") in CHANNELS:
             channel = first[0].decode()
             tail = tail.lstrip()[len(first[0]) :].lstrip()
+        # An address (`to=functions.x`) is header syntax, never text for the reader.
+        head, tail = (
+            _ADDRESS.sub(b"", part).lstrip() if _ADDRESS.search(part) else part for part in (head, tail)
+        )
         self._open(Message(role, "", channel))
         self._text(self._decoder.feed_bytes(head + tail), events)
 
@@ -722,6 +727,9 @@ class StreamParser:
         self._message = None
         self._parts = []
         self._state = _EXPECT_START
+
+
+_ADDRESS = re.compile(rb"(?:^|\s+)to=\S*")
 
 
 def parse_completion(

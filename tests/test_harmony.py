@@ -741,10 +741,36 @@ def test_header_too_long_degrades_to_text(tok) -> None:
     text = " to=functions." + "very_long_name_" * 40 + "<|return|>"
     parser, events = _parse(tok, text)
     assert parser.messages[0].channel == "final"
-    assert parser.messages[0].content == text.removesuffix("<|return|>")
+    # What follows the header limit is text; the address itself never is.
+    content = parser.messages[0].content
+    assert "to=" not in content and text.removesuffix("<|return|>").endswith(content) and len(content) > 300
     # It streamed before the end, once the header limit was passed.
     first = next(i for i, e in enumerate(events) if isinstance(e, H.TextDelta))
     assert first < len(events) - 2
+
+
+def test_a_broken_header_never_shows_its_address(tok) -> None:
+    """A header the model garbles (a forced `to=functions.` it does not complete, a recipient with
+    words after it) becomes text without its `to=...` address: headers are not prose."""
+    cases = {
+        "<|channel|>commentary to=functions. Paris weather<|message|>hi<|end|>": (
+            "commentary",
+            "Paris weatherhi",
+        ),
+        "<|channel|>commentary to=functions.get weather now please and more<|end|>": (
+            "commentary",
+            "weather now please and more",
+        ),
+        "<|channel|>final to=functions.x blah blah blah blah blah blah blah<|return|>": (
+            "final",
+            "blah blah blah blah blah blah blah",
+        ),
+    }
+    for text, (channel, content) in cases.items():
+        parser, _ = _parse(tok, text)
+        assert [(m.channel, m.recipient, m.content) for m in parser.messages] == [(channel, None, content)], (
+            text
+        )
 
 
 def test_unterminated_tool_call_is_not_executed(tok) -> None:
