@@ -4,7 +4,7 @@
 set -o pipefail
 # The device runs this checkout uninstalled (PYTHONPATH=$PWD), where pyproject.toml's package-dir
 # mapping (convert/ -> oss_mlx.convert, the kernel folders) does not apply: links do it (git-ignored).
-for d in convert kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
+for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
 STAGES=${STAGES:-tests sweep profile bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/gpu.txt
 for stage in $STAGES; do
