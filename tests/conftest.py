@@ -36,6 +36,8 @@ def pytest_collection_modifyitems(config, items):
         chosen = {id(item) for item in kept}
         config.hook.pytest_deselected(items=[item for item in items if id(item) not in chosen])
         items[:] = kept
+
+
 VOCAB_DIRS = [
     Path(p) for p in (os.environ.get("TIKTOKEN_CACHE_DIR"), os.environ.get("TIKTOKEN_RS_CACHE_DIR")) if p
 ] + [REPO.parent / "shared" / "data" / "tiktoken-cache"]
