@@ -56,13 +56,13 @@ def translation_unit(name: str, case: Case) -> str:
     header, body = kernels.kernel_sources("cuda")[name]
     spec = kernels.SPECS[name]
     args = []
-    for arg, dtype in zip(spec.input_names, case.inputs):
+    for arg, dtype in zip(spec.inputs, case.inputs):
         args.append(f"const {CTYPE[dtype.removesuffix('c')]}* {arg}")
         for extra in ("shape", "strides"):
             if f"{arg}_{extra}" in body:
                 kind = "Shape" if extra == "shape" else "Strides"
                 args.append(f"const __grid_constant__ {kind} {arg}_{extra}")
-    args += [f"{CTYPE[dtype]}* {arg}" for arg, dtype in zip(spec.output_names, case.outputs)]
+    args += [f"{CTYPE[dtype]}* {arg}" for arg, dtype in zip(spec.outputs, case.outputs)]
     consts = "".join(
         f"  using {k} = {CTYPE[v]};\n" if isinstance(v, str) else f"  constexpr int {k} = {v};\n"
         for k, v in case.template.items()

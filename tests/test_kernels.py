@@ -89,7 +89,7 @@ def test_every_kernel_has_a_source_in_both_dialects(dialect):
         assert body.strip(), name
         assert "//" not in header + body, f"{name}: comments travel to MLX with every launch"
         assert "$" not in header + body, f"{name}: a dialect word left unexpanded"
-        for arg in (*kernels.SPECS[name].input_names, *kernels.SPECS[name].output_names):
+        for arg in (*kernels.SPECS[name].inputs, *kernels.SPECS[name].outputs):
             assert arg in body, f"{dialect} {name}: body never uses {arg!r}"
 
 
@@ -100,11 +100,11 @@ def test_every_case_matches_its_interface():
     dtypes = {"bf16", "f16", "f32", "u32", "u8", "i32"}
     for name, spec in kernels.SPECS.items():
         assert spec.cases, name
-        assert len(set(spec.input_names + spec.output_names)) == len(spec.inputs) + len(spec.outputs), name
+        assert len(set(spec.inputs + spec.outputs)) == len(spec.inputs) + len(spec.outputs), name
         for case in spec.cases:
             assert len(case.inputs) == len(spec.inputs) and len(case.outputs) == len(spec.outputs), name
             assert {d.removesuffix("c") for d in case.inputs} | set(case.outputs) <= dtypes, (name, case)
-            assert tuple(case.template) == spec.template_names, (name, case.template, spec.template_names)
+            assert tuple(case.template) == spec.template, (name, case.template, spec.template)
 
 
 def test_the_offline_compile_check_covers_every_cuda_kernel():
@@ -873,7 +873,7 @@ class Factory:
     def __call__(self, name, input_names, output_names, source, header, ensure_row_contiguous):
         kernel = name.removeprefix("oss_")
         spec = kernels.SPECS[kernel]
-        assert (tuple(input_names), tuple(output_names)) == (spec.input_names, spec.output_names)
+        assert (tuple(input_names), tuple(output_names)) == (spec.inputs, spec.outputs)
         assert ensure_row_contiguous == spec.row_contiguous
         self.built[kernel] = {"source": source, "header": header}
 
@@ -881,7 +881,7 @@ class Factory:
             if self.error is not None:
                 raise self.error
             assert len(inputs) == len(spec.inputs) and len(output_shapes) == len(spec.outputs), kernel
-            assert tuple(k for k, _ in template) == spec.template_names, (kernel, template)
+            assert tuple(k for k, _ in template) == spec.template, (kernel, template)
             self.launches.append((kernel, dict(template), grid, [tuple(s) for s in output_shapes]))
             return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
 

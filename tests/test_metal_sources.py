@@ -64,7 +64,7 @@ def translation_unit(name: str, ins: list[str], outs: list[str], template: dict)
     header = header.replace("#define OSS_SHARED threadgroup", "#define OSS_SHARED static threadgroup")
     body = re.sub(r"(?m)^(\s*)threadgroup\s", r"\1static threadgroup ", body)
     params, index = [], 0
-    for arg, dtype in zip(spec.input_names, ins):
+    for arg, dtype in zip(spec.inputs, ins):
         space = "constant" if dtype.endswith("c") else "device"
         params.append(f"const {space} {MTYPE[dtype.rstrip('c')]}* {arg} [[buffer({index})]]")
         index += 1
@@ -72,7 +72,7 @@ def translation_unit(name: str, ins: list[str], outs: list[str], template: dict)
             if f"{arg}_{extra}" in body:
                 params.append(f"const constant {ctype}* {arg}_{extra} [[buffer({index})]]")
                 index += 1
-    for arg, dtype in zip(spec.output_names, outs):
+    for arg, dtype in zip(spec.outputs, outs):
         params.append(f"device {MTYPE[dtype]}* {arg} [[buffer({index})]]")
         index += 1
     params += [f"{t} {attr} [[{attr}]]" for attr, t in ATTRIBUTES.items() if attr in body]

@@ -134,8 +134,8 @@ def _kernel(name: str):
         make = RUNTIME.make_kernel or (mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel)
         RUNTIME.compiled[key] = make(
             name=f"oss_{name}",
-            input_names=list(spec.input_names),
-            output_names=list(spec.output_names),
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
             source=body,
             header=header,
             ensure_row_contiguous=spec.row_contiguous,

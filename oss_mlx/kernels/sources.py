@@ -63,42 +63,43 @@ def _name(doc: str) -> str:
 @dataclass(frozen=True)
 class KernelSpec:
     """A kernel's interface, written once: what the launchers pass, the compile checks build and MLX
-    is told. inputs / outputs / template: "name [shape] (notes)" in the order MLX receives them."""
+    is told. The docs read "name [shape] (notes)", in the order MLX receives them; `inputs`,
+    `outputs` and `template` are the names alone."""
 
     name: str
     family: str  # the source file: kernels_shared/<family>.gpu or kernels_<dialect>/<family>.*
     does: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    template: tuple[str, ...]
+    input_docs: tuple[str, ...]
+    output_docs: tuple[str, ...]
+    template_docs: tuple[str, ...]
     grid: str  # the launch grid (threads), in the launcher's words
     threads: str  # the threadgroup
     cases: tuple[Case, ...]
     row_contiguous: bool = True  # MLX copies strided inputs first (False: the kernel reads strides)
 
     @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(_name(d) for d in self.inputs)
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(_name(d) for d in self.input_docs)
 
     @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(_name(d) for d in self.outputs)
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(_name(d) for d in self.output_docs)
 
     @property
-    def template_names(self) -> tuple[str, ...]:
-        return tuple(_name(d) for d in self.template)
+    def template(self) -> tuple[str, ...]:
+        return tuple(_name(d) for d in self.template_docs)
 
 
 _B, _F = "bf16", "f32"
 _SDPA = dict(
-    inputs=(
+    input_docs=(
         "q [B, Hq, D] (T, contiguous)",
         "kv [2, B, Hkv, S, D] (T; keys, then values; any strides: a cache's joint buffer, read in place)",
         "sinks [Hq] (any float)",
         "scale_log2 [1] float32 (scale * log2 e)",
         "pos [1] int32 (the query's position: keys [0, min(S, pos + 1)) are attended)",
     ),
-    outputs=(
+    output_docs=(
         "out [B, Hq, D] (T; written when nsplit = 1)",
         "part [B, Hq, nsplit, D + 2] float32 (each split's o, m, l; written when nsplit > 1)",
     ),
@@ -113,9 +114,9 @@ SPECS = {
             "route",
             "routing",
             "router logits -> top-k -> softmax over the k",
-            inputs=("x [N, H]", "w [E, H]", "b [E]"),
-            outputs=("wts [N, K] float32 (descending logit order)", "ids [N, K] uint32"),
-            template=("LT (the logits' dtype)", "H", "E (<= 256)", "K (<= E, <= 8)"),
+            input_docs=("x [N, H]", "w [E, H]", "b [E]"),
+            output_docs=("wts [N, K] float32 (descending logit order)", "ids [N, K] uint32"),
+            template_docs=("LT (the logits' dtype)", "H", "E (<= 256)", "K (<= E, <= 8)"),
             grid="(256 * N, 1, 1)",
             threads="(256, 1, 1)",
             cases=(
@@ -128,9 +129,9 @@ SPECS = {
             "norm_route",
             "routing",
             "the MoE block's RMSNorm, then route",
-            inputs=("x [N, H]", "nw [H]", "w [E, H]", "b [E]", "eps [1] float32"),
-            outputs=("h [N, H] (T: the normed rows)", "wts [N * K] float32", "ids [N * K] uint32"),
-            template=(
+            input_docs=("x [N, H]", "nw [H]", "w [E, H]", "b [E]", "eps [1] float32"),
+            output_docs=("h [N, H] (T: the normed rows)", "wts [N * K] float32", "ids [N * K] uint32"),
+            template_docs=(
                 "T",
                 "LT (the logits' dtype)",
                 "H (<= 7680: the row is staged in 32 KB of threadgroup memory)",
@@ -149,7 +150,7 @@ SPECS = {
             "gate_up_swiglu",
             "decode_moe",
             "MXFP4 gate/up GEMV + bias + clamped SwiGLU, for each (token, expert) slot",
-            inputs=(
+            input_docs=(
                 "x [N, H] (the normed rows)",
                 "ids [N * K] uint32",
                 "w [E, 2I, H/8] uint32 (gate and up rows interleaved)",
@@ -157,8 +158,15 @@ SPECS = {
                 "bias [E, 2I]",
                 "consts [2] float32 (alpha, limit)",
             ),
-            outputs=("h [N * K, I] (T)",),
-            template=("T", "H", "I", "K", "NC (ceil(H / 1024))", "COLS (SwiGLU columns per warp, <= 32)"),
+            output_docs=("h [N * K, I] (T)",),
+            template_docs=(
+                "T",
+                "H",
+                "I",
+                "K",
+                "NC (ceil(H / 1024))",
+                "COLS (SwiGLU columns per warp, <= 32)",
+            ),
             grid="(128 * ceil(I / (4 * COLS)), N * K, 1)",
             threads="(128, 1, 1): 4 warps",
             cases=(
@@ -170,7 +178,7 @@ SPECS = {
             "down_combine",
             "decode_moe",
             "MXFP4 down GEMV + bias, weighted sum over the k experts, + residual",
-            inputs=(
+            input_docs=(
                 "h [N * K, I]",
                 "ids [N * K] uint32",
                 "wts [N * K] float32",
@@ -179,8 +187,8 @@ SPECS = {
                 "bias [E, H]",
                 "res [N, H]",
             ),
-            outputs=("y [N, H] (T)",),
-            template=("T", "H", "HP", "I", "K", "NC (ceil(I / 1024))", "ROWS (output rows per block)"),
+            output_docs=("y [N, H] (T)",),
+            template_docs=("T", "H", "HP", "I", "K", "NC (ceil(I / 1024))", "ROWS (output rows per block)"),
             grid="(128 * ceil(H / ROWS), N, 1)",
             threads="(128, 1, 1): 4 warps, warp w takes experts w, w + 4, ...",
             cases=(
@@ -193,13 +201,13 @@ SPECS = {
             "moe_group",
             "prefill_moe",
             "a prefill chunk's (token, expert) rows grouped by expert, for moe_gemm",
-            inputs=("ids [NK] uint32 (the router's ids, flattened: row s = n * K + j)",),
-            outputs=(
+            input_docs=("ids [NK] uint32 (the router's ids, flattened: row s = n * K + j)",),
+            output_docs=(
                 "perm [NK] uint32 (sorted row -> s)",
                 "offsets [E + 1] uint32 (expert e's rows are perm[offsets[e] .. offsets[e + 1]))",
                 "tiles [E + 1] uint32 (expert e's BM-row tiles are moe_gemm's tiles[e] .. tiles[e + 1])",
             ),
-            template=("E (<= 1024)", "BM"),
+            template_docs=("E (<= 1024)", "BM"),
             grid="(1024, 1, 1)",
             threads="(1024, 1, 1): one block",
             cases=(_case("u32 -> u32 u32 u32", E=32, BM=64), _case("u32 -> u32 u32 u32", E=128, BM=64)),
@@ -208,7 +216,7 @@ SPECS = {
             "moe_gemm",
             "prefill_moe",
             "grouped MXFP4 GEMM on the matrix units: gate_up + bias + SwiGLU (MODE 0), down + bias (MODE 1)",
-            inputs=(
+            input_docs=(
                 "a [rows, KD] (T: MODE 0 the normed rows x, MODE 1 moe_gemm's MODE 0 output)",
                 "perm [NK] uint32",
                 "offsets [E + 1] uint32",
@@ -218,8 +226,8 @@ SPECS = {
                 "bias [E, N] (MODE 0) or [E, NOUT] (MODE 1)",
                 "consts [2] float32 (alpha, limit)",
             ),
-            outputs=("out [NK, NOUT] (T; MODE 0 in sorted-row order, MODE 1 in (token, expert) order)",),
-            template=(
+            output_docs=("out [NK, NOUT] (T; MODE 0 in sorted-row order, MODE 1 in (token, expert) order)",),
+            template_docs=(
                 "T (bf16 or f16)",
                 "KD (% 32 == 0)",
                 "N (weight rows, padded ones included)",
@@ -282,7 +290,12 @@ SPECS = {
             "sdpa_decode",
             "decode_attention",
             "one-query attention with sinks over a cache's K/V buffer, the keys split over blocks",
-            template=("T", "D (D / 8 a power of two <= 32)", "G (Hq / Hkv, <= 16, G * D <= 512)", "WINDOW"),
+            template_docs=(
+                "T",
+                "D (D / 8 a power of two <= 32)",
+                "G (Hq / Hkv, <= 16, G * D <= 512)",
+                "WINDOW",
+            ),
             cases=(
                 _case("bf16 bf16 bf16 f32c i32c -> bf16 f32", T=_B, D=64, G=8, WINDOW=0),
                 _case("f32 f32 f32 f32c i32c -> f32 f32", T=_F, D=16, G=2, WINDOW=128),
@@ -293,7 +306,7 @@ SPECS = {
             "sdpa_decode_mma",
             "decode_attention",
             "sdpa_decode on the matrix units (16-bit, head_dim 64, G <= 8)",
-            template=("T (bf16 or f16)", "D (= 64)", "G (<= 8)", "WINDOW"),
+            template_docs=("T (bf16 or f16)", "D (= 64)", "G (<= 8)", "WINDOW"),
             cases=(
                 _case("bf16 bf16 bf16 f32c i32c -> bf16 f32", T=_B, D=64, G=8, WINDOW=0),
                 _case("f16 f16 f32 f32c i32c -> f16 f32", T="f16", D=64, G=3, WINDOW=128),
@@ -304,9 +317,9 @@ SPECS = {
             "sdpa_combine",
             "decode_attention",
             "merges sdpa_decode's key splits, sink included",
-            inputs=("part [B, Hq, nsplit <= 256, D + 2] float32", "sinks [Hq] (any float)"),
-            outputs=("out [B, Hq, D] (T)",),
-            template=("T", "D"),
+            input_docs=("part [B, Hq, nsplit <= 256, D + 2] float32", "sinks [Hq] (any float)"),
+            output_docs=("out [B, Hq, D] (T)",),
+            template_docs=("T", "D"),
             grid="(D * B * Hq, 1, 1)",
             threads="(D, 1, 1)",
             cases=(_case("f32 bf16 -> bf16", T=_B, D=64),),
@@ -315,7 +328,7 @@ SPECS = {
             "norm_qkv_rope",
             "decode_attention",
             "the attention's RMSNorm + qkv GEMV + bias + YaRN concentration + RoPE on q and k",
-            inputs=(
+            input_docs=(
                 "x [N, H]",
                 "nw [H]",
                 "w [(HQ + 2 HKV) D, H] (rows head-major: query heads, key heads, value heads)",
@@ -324,11 +337,11 @@ SPECS = {
                 "pos [1] int32",
                 "consts [2] float32 (eps, concentration)",
             ),
-            outputs=(
+            output_docs=(
                 "q [N, HQ, D] (T)",
                 "kv [2, N, HKV, 1, D] (T: the new key, then value, as the caches' joint buffer holds them)",
             ),
-            template=(
+            template_docs=(
                 "T",
                 "H (<= 7680)",
                 "D",
@@ -356,9 +369,9 @@ SPECS = {
             "out_residual",
             "decode_attention",
             "the attention's output GEMV + bias + residual",
-            inputs=("o [N, IN]", "w [H, IN]", "b [H]", "res [N, H]"),
-            outputs=("y [N, H] (T)",),
-            template=("T", "H", "IN", "NC (ceil(IN / 256))", "RW (rows per warp, even, <= 32)"),
+            input_docs=("o [N, IN]", "w [H, IN]", "b [H]", "res [N, H]"),
+            output_docs=("y [N, H] (T)",),
+            template_docs=("T", "H", "IN", "NC (ceil(IN / 256))", "RW (rows per warp, even, <= 32)"),
             grid="(128 * ceil(H / (4 RW)), N, 1)",
             threads="(128, 1, 1): 4 warps",
             cases=(_case("bf16 bf16 bf16 bf16 -> bf16", T=_B, H=2880, IN=4096, NC=16, RW=4),),
