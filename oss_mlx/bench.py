@@ -36,7 +36,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
 from .config import ModelConfig
+from .kernels import decode_moe
+from .loader import prepare_for_backend
 from .model import Transformer
+from .moe import mxfp4_weights
 
 ENGINES = ("oss-mlx", "oss-mlx:reference", "mlx-lm")
 
@@ -122,7 +125,7 @@ def random_model(config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.bfloat
     fill(model.embedding, "embedding.")
     fill(model.norm, "norm.")
     fill(model.unembedding, "unembedding.")
-    kernels.prepare(model)  # as the loader does
+    prepare_for_backend(model)  # as the loader does
     return model
 
 
@@ -190,7 +193,7 @@ def mlx_lm_model(model: Transformer):
             weights[x + f"{proj}.weight"] = mx.contiguous(e.gate_up_weight[:, sl, :])
             weights[x + f"{proj}.scales"] = mx.contiguous(e.gate_up_scales[:, sl, :])
             weights[x + f"{proj}.bias"] = mx.contiguous(e.gate_up_bias[:, sl])
-        H = c.hidden_size  # our rows may be padded for MLX-CUDA (kernels.prepare)
+        H = c.hidden_size  # our rows may be padded for MLX-CUDA (loader.pad_down_rows)
         weights[x + "down_proj.weight"] = mx.contiguous(e.down_weight[:, :H])
         weights[x + "down_proj.scales"] = mx.contiguous(e.down_scales[:, :H])
         weights[x + "down_proj.bias"] = e.down_bias
@@ -339,8 +342,9 @@ def check_layers(model: Transformer, n: int, steps: int = 4, seed: int = 0) -> d
                 k = mlp.router.top_k
                 ulp = 2.0 ** (np.floor(np.log2(max(abs(top[k - 1]), 1e-30))) - 7)  # bf16: 8 significant bits
                 disagreements.append(float((top[k - 1] - top[k]) / ulp))
-            fused = kernels.moe_decode(mlp.experts, h, ref_w, ref_ids, ref_attn.reshape(-1, H))
-            if fused is not None:
+            experts = mxfp4_weights(mlp.experts)
+            if decode_moe.moe_decode_ok(experts, h, ref_ids):
+                fused = decode_moe.moe_decode(experts, h, ref_w, ref_ids, ref_attn.reshape(-1, H))
                 worst["moe_experts"] = max(
                     worst["moe_experts"], rel(fused.reshape(ref_moe.shape), ref_moe, ref_attn)
                 )

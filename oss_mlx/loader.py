@@ -12,10 +12,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import kernels
+from . import kernel_selftest, kernels
 from .config import ModelConfig, read_config
 from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
 from .model import Transformer
+from .moe import Experts
 from .weights import (
     CheckpointError,
     LazyTensors,
@@ -223,7 +224,7 @@ def load_model(
 
         stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
     model.eval()
-    kernels.prepare(model)  # backend-specific weight shapes (CUDA: padded down rows)
+    prepare_for_backend(model)
     resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     if memory_budget is not None:  # streamed experts are cached up to the budget, not parameters
         from .streaming import parse_budget
@@ -236,6 +237,41 @@ def load_model(
     )
     model.info = LoadInfo(layout, folder, config, raw)
     return model, model.info
+
+
+# MLX-CUDA's tensor-core gather_qmm needs the output size to be a multiple of this.
+CUDA_GATHER_QMM_ROWS = 128
+
+
+def prepare_for_backend(model: Transformer) -> None:
+    """What this machine needs of a loaded model before its first forward: on CUDA, the experts'
+    down rows padded (pad_down_rows; it serves the pure-MLX prefill path, so it applies with the
+    kernels off too, and Metal's gather_qmm has no such condition); where kernels would run, their
+    start-up self-test (kernel_selftest), which turns them off if one fails here."""
+    if kernels.available_backend() == "cuda":
+        for block in getattr(model, "blocks", []):
+            experts = getattr(block.mlp, "experts", None)
+            if isinstance(experts, Experts):
+                pad_down_rows(experts, CUDA_GATHER_QMM_ROWS)
+    kernel_selftest.check()
+
+
+def pad_down_rows(experts: Experts, multiple: int) -> None:
+    """Pad the MXFP4 down projection's output rows with zeros to a multiple of `multiple`.
+
+    MLX-CUDA's tensor-core gather_qmm (prefill) needs the output size to be a multiple of 128;
+    gpt-oss's 2,880 is not, so its down projection took a naive kernel. Zero codes with zero
+    scales give exact zeros, cut off after the matmul (Experts._matmul): results are unchanged, for
+    64 more rows per expert (2% of the down weights). The decode kernel reads the padded rows' stride.
+    """
+    E, rows, cols = experts.down_weight.shape
+    pad = -rows % multiple
+    if not experts.quantized or pad == 0:
+        return
+    experts.down_weight = mx.concatenate([experts.down_weight, mx.zeros((E, pad, cols), mx.uint32)], axis=1)
+    scales = experts.down_scales
+    experts.down_scales = mx.concatenate([scales, mx.zeros((E, pad, scales.shape[2]), mx.uint8)], axis=1)
+    mx.eval(experts.down_weight, experts.down_scales)
 
 
 def quantize_dense(model: Transformer, spec: dict | None) -> None:

@@ -345,8 +345,8 @@ class StreamingExperts(nn.Module):
         self.down_bias = experts.down_bias
         self.alpha, self.limit = experts.alpha, experts.limit
         self.num_experts = experts.gate_up_weight.shape[0]
-        # No `quantized` attribute: kernels.moe_decode then leaves this layer to __call__ (its fused
-        # kernels index the full expert tensors, which are not here).
+        # No `quantized` attribute: moe.mxfp4_weights then finds no weights for the fused kernels (they
+        # index the full expert tensors, which are not here): the layer takes __call__.
         self.streaming = True
         self._sources = sources
         self._files = files

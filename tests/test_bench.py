@@ -160,7 +160,7 @@ def test_check_layers_compares_each_layer_and_can_fail(monkeypatch):
     must show as ~1%."""
     import contextlib
 
-    from oss_mlx.moe import MLPBlock
+    from oss_mlx.moe import MLPBlock, Router
 
     # The reference on both sides on every machine (on a GPU the kernels differ by bf16's spread)
     monkeypatch.setenv("OSS_MLX_KERNELS", "reference")
@@ -191,13 +191,13 @@ def test_check_layers_compares_each_layer_and_can_fail(monkeypatch):
     assert bad["attention"] == 0.0 and 0.005 < bad["moe"] < 0.02
 
     # A fast router that picks other experts is counted apart, with the reference's logit gap
-    route = bench.kernels.route
+    route = Router.__call__
 
-    def other_experts(x, w, b, k):
-        wts, ids = route(x, w, b, k)
-        return (wts, ids) if reference["on"] else (wts, (ids + 1) % w.shape[0])
+    def other_experts(self, x):
+        wts, ids = route(self, x)
+        return (wts, ids) if reference["on"] else (wts, (ids + 1) % self.weight.shape[0])
 
-    monkeypatch.setattr(bench.kernels, "route", other_experts)
+    monkeypatch.setattr(Router, "__call__", other_experts)
     flipped = bench.check_layers(model, 12, steps=2)
     assert flipped["router_disagreements"] == flipped["of"] == 2 * len(model.blocks)
     assert len(flipped["disagreement_gaps_in_bf16_ulps"]) == flipped["of"]
