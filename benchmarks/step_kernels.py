@@ -43,27 +43,30 @@ def run(depth: int, steps: int, layers: int, preset: str) -> None:
 
     import mlx.core as mx
 
+    from oss_mlx.batch_cache import BatchCache
     from oss_mlx.bench import _prompt, preset_config, random_model
-    from oss_mlx.generation import decode_step, prefill
+    from oss_mlx.runtime import runtime_of
 
     full = preset_config(preset)
     config = dataclasses.replace(full, num_layers=layers, layer_types=full.layer_types[:layers])
     model = random_model(config)
     cache = model.make_cache()
-    logits = prefill(model, _prompt(depth, config.vocab_size, 0), cache)
-    step = decode_step(model)
-    token = mx.argmax(logits, axis=-1)[:, None]
+    logits = model(mx.array(_prompt(depth, config.vocab_size, 0))[None], cache=cache, last_logits_only=True)
+    step = runtime_of(model).decode
+    batch = BatchCache.for_model(model)
+    batch.join(0, cache)
+    token = mx.argmax(logits[:, -1, :], axis=-1)[:, None]
     for _ in range(3):  # trace, JIT-compile every kernel, settle the buffers
-        token = mx.argmax(step(token, cache)[:, -1, :], axis=-1)[:, None]
+        token = mx.argmax(step(token, batch)[:, -1, :], axis=-1)[:, None]
         mx.eval(token)
     mx.synchronize()
     _profiler(True)
     for _ in range(steps):
-        token = mx.argmax(step(token, cache)[:, -1, :], axis=-1)[:, None]
+        token = mx.argmax(step(token, batch)[:, -1, :], axis=-1)[:, None]
         mx.eval(token)
     mx.synchronize()
     _profiler(False)
-    print(f"depth {depth}: {steps} steps profiled, cache offset {cache.offset}", file=sys.stderr)
+    print(f"depth {depth}: {steps} steps profiled, cache offset {batch.lengths[0]}", file=sys.stderr)
 
 
 def family(name: str) -> str:

@@ -81,14 +81,14 @@ def windowed_sdpa(
     return mx.concatenate(tiles, axis=2)
 
 
-def _write_row(buffer: mx.array, row: mx.array, slot: mx.array) -> mx.array:
-    """buffer [2, B, H, S, D] (keys, values) with row [2, B, H, 1, D] at position slot (int32 [1]), in
-    place where MLX can: one scatter for the key and the value.
+def _write_row(buffer: mx.array, row: mx.array, slots: mx.array) -> mx.array:
+    """buffer [2, R, H, S, D] (keys, values) with row [2, R, H, 1, D] at each row's slot (int32 [R]),
+    in place where MLX can: one scatter for the keys and the values of every row.
 
     A scatter, not mx.slice_update with an index array: on MLX-CUDA 0.32.4 the latter copied the whole
     buffer every call (244 µs a row into 34.6 MB, against 62 µs for this; benchmarks/slice_update_probe.py).
     """
-    index = mx.broadcast_to(slot.reshape(1, 1, 1, 1, 1), row.shape)
+    index = mx.broadcast_to(slots.reshape(1, -1, 1, 1, 1), row.shape)
     return mx.put_along_axis(buffer, index, row, axis=3)
 
 
@@ -111,8 +111,8 @@ class AttentionBlock(nn.Module):
     def __call__(
         self, x: mx.array, mask: mx.array | str | None, cache: FullCache | WindowCache | None = None
     ) -> mx.array:
-        """x [B, T, H] after what `cache` holds (one token per sequence goes through `step`, on the
-        cache's buffer: Transformer.decode)."""
+        """x [B, T, H] after what `cache` holds (the decode batch's one token per row goes through
+        `step` instead: Transformer.step)."""
         T = x.shape[1]
         q, k, v = self._project(x)
         offset = cache.offset if cache is not None else 0
@@ -140,33 +140,37 @@ class AttentionBlock(nn.Module):
         B, _, T, _ = o.shape
         return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
 
-    def step(self, x: mx.array, pos: mx.array, slot: mx.array, kv: mx.array) -> tuple[mx.array, mx.array]:
-        """One token per sequence, x [B, 1, H], at position `pos` (int32 [1]), with the cache as a
-        fixed-shape buffer kv [2, B, Hkv, S, D] of keys and values (cache.py `decode_state`: a full
-        layer's buffer, a window layer's ring of `window` slots, position p in slot p % window, the
-        slot given): writes the new key and value in place and attends the slots written so far.
-        Pure, for the compiled decode step (decode.py); returns (x + attention, kv).
+    def step(
+        self, x: mx.array, positions: mx.array, slots: mx.array, kv: mx.array
+    ) -> tuple[mx.array, mx.array]:
+        """One token per row, x [R, 1, H], row r at position positions[r] (int32 [R]), with the cache
+        as a fixed-shape buffer kv [2, R, Hkv, S, D] of keys and values (batch_cache.py: a full
+        layer's buffer, a window layer's ring of `window` slots, position p in slot p % window; each
+        row's slot given): writes every row's new key and value in place and attends, per row, the
+        slots written so far. Pure, for the compiled decode step (decode.py); returns
+        (x + attention, kv).
 
-        On a GPU: three kernels (norm + qkv + RoPE, attention, output + residual) around one scatter;
-        with quantized projections (convert --quality small / balanced) the attention kernel still
-        reads the buffer in place."""
+        On a GPU, one row: three kernels (norm + qkv + RoPE, attention, output + residual) around one
+        scatter; with quantized projections (convert --quality small / balanced) the attention kernel
+        still reads the buffer in place."""
         w = self.decode_weights()
-        if decode_attention.attention_decode_ok(w, x):
-            q, row = decode_attention.norm_qkv_rope(w, x, pos)
-            kv = _write_row(kv, row, slot)
-            o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
+        one = positions.shape[0] == 1  # the decode kernels take one position for the batch
+        if one and decode_attention.attention_decode_ok(w, x):
+            q, row = decode_attention.norm_qkv_rope(w, x, positions)
+            kv = _write_row(kv, row, slots)
+            o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, positions)
             return decode_attention.out_residual(o, w.out_weight, w.out_bias, x), kv
         q, k, v = self._project(x)
-        offset = pos.reshape(())
-        q, k = self.rope(q, offset), self.rope(k, offset)
-        kv = _write_row(kv, mx.stack([k, v]).astype(kv.dtype), slot)
-        if decode_attention.sdpa_decode_ok(q, kv):
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        kv = _write_row(kv, mx.stack([k, v]).astype(kv.dtype), slots)
+        if one and decode_attention.sdpa_decode_ok(q, kv):
             B = x.shape[0]
             q = mx.contiguous(q.reshape(B, self.num_heads, self.head_dim))
-            o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
+            o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, positions)
             return x + self.out(o), kv
-        written = mx.arange(kv.shape[3]) <= pos  # a ring's slots are all written once pos >= window - 1
-        o = sdpa_with_sinks(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, written)
+        # Per row: the slots written so far (a ring's are all written once the row reaches window - 1).
+        written = mx.arange(kv.shape[3])[None, :] <= positions[:, None]
+        o = sdpa_with_sinks(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, written[:, None, None, :])
         return self._output(o, x), kv
 
     def decode_weights(self) -> AttentionWeights | None:

@@ -223,7 +223,7 @@ def _first_and_steady(times: list[float]) -> tuple[float | None, float | None]:
 
 
 def run_oss_mlx(
-    model: Transformer, prompt: list[int], decode: int, prefill_step: int | None = None
+    model: Transformer, prompt: list[int], decode: int, prefill_chunk: int | None = None
 ) -> Timings:
     """(prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s) through
     oss-mlx's own token loop."""
@@ -234,7 +234,7 @@ def run_oss_mlx(
     options = SamplingOptions(temperature=0.0, max_tokens=decode + 1)
     times = []
     for _ in generate_tokens(
-        model, prompt, cache, options, stop_ids=set(), report=report, prefill_step=prefill_step
+        model, prompt, cache, options, stop_ids=set(), report=report, prefill_chunk=prefill_chunk
     ):
         times.append(time.perf_counter())
     s = report.stats

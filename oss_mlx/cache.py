@@ -61,25 +61,14 @@ class FullCache(_JointKV):
         self.offset = start + t
         return self.kv[0, ..., : self.offset, :], self.kv[1, ..., : self.offset, :]
 
-    # A compiled decode step is traced once per buffer shape: the buffer grows by this many positions
-    # ahead of decoding (one retrace per 1,024 tokens decoded).
-    decode_step = 1024
-
-    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> mx.array:
-        """The whole buffer for a decode step at position `offset`, grown first if it is full (the
-        decode attention reads positions [0, offset] of it; the rest is never read). row: the
-        (batch, heads, head_dim) of one position."""
-        if self.kv is None or self.offset + 1 > self.kv.shape[3]:
-            grow = max(self.decode_step, self.offset + 1 - (0 if self.kv is None else self.kv.shape[3]))
-            grow = -(-grow // self.decode_step) * self.decode_step
-            new = mx.zeros((2, row[0], row[1], grow, row[2]), dtype)
-            self.kv = new if self.kv is None else mx.concatenate([self.kv, new], axis=3)
+    def held(self) -> mx.array | None:
+        """The buffer [2, B, H, S, D] whose first `offset` positions are this cache's keys and values
+        (the decode batch takes it: batch_cache.py)."""
         return self.kv
 
-    def commit_decode(self, kv: mx.array) -> None:
-        """Take the buffer a decode step wrote position `offset` into."""
-        self.kv = kv
-        self.offset += 1
+    def adopt(self, kv: mx.array | None, offset: int) -> None:
+        """Take back a buffer holding `offset` positions (what the decode batch wrote)."""
+        self.kv, self.offset = kv, offset
 
     def mark(self) -> None:
         pass  # every offset can be returned to by trimming
@@ -159,17 +148,15 @@ class WindowCache(_JointKV):
         self.offset, self.lo = end, first
         return every[0, ...], every[1, ...]
 
-    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> mx.array:
-        """The ring for a decode step (allocated on first use; row: (batch, heads, head_dim))."""
-        if self.kv is None:
-            self.kv = mx.zeros((2, row[0], row[1], self.window, row[2]), dtype)
+    def held(self) -> mx.array | None:
+        """The ring [2, B, H, window, D], position p in slot p % window (the decode batch takes it:
+        batch_cache.py); None before the first position."""
         return self.kv
 
-    def commit_decode(self, kv: mx.array) -> None:
-        """Take the ring a decode step wrote position `offset` into."""
-        self.kv = kv
-        self.offset += 1
-        self.lo = max(self.lo, self.offset - self.window)
+    def adopt(self, ring: mx.array | None, offset: int) -> None:
+        """Take back the ring after the decode batch wrote positions up to `offset` into it."""
+        self.kv, self.offset = ring, offset
+        self.lo = max(self.lo, offset - self.window)
 
     def mark(self) -> None:
         self._marks[self.offset] = (self.lo, self.kv)
@@ -248,16 +235,6 @@ class ModelCache:
             )
         for c in self.layers:
             c.rewind_to(offset)
-
-    def decode_state(self, row: tuple[int, int, int], dtype: mx.Dtype) -> list[mx.array]:
-        """Each layer's buffer for a decode step (grown first where full); row: (batch, heads,
-        head_dim) of one position."""
-        return [c.decode_state(row, dtype) for c in self.layers]
-
-    def commit_decode(self, written: list[mx.array]) -> None:
-        """Take the buffers a decode step wrote its position into."""
-        for c, kv in zip(self.layers, written):
-            c.commit_decode(kv)
 
     def arrays(self) -> list[mx.array]:
         """Arrays to evaluate so the cache state is materialised."""

@@ -1,12 +1,13 @@
-"""The decode step: one token per sequence into the cache, compiled.
+"""The decode step: one token per row of the decode batch into its caches, compiled.
 
 Why compiled: at batch 1 a decode step is ~200 small kernels, and building that graph from Python
 took ~3.5 ms a step on the GPU machine (Python, MLX's bindings, each launch's arguments) - longer
-than the card needed to run it. `mx.compile` traces `Transformer.decode` once and replays the graph
+than the card needed to run it. `mx.compile` traces `Transformer.step` once and replays the graph
 from C++ afterwards (0.5 ms measured, benchmarks/compile_probe.py). Tracing needs fixed shapes, so
-the step works on fixed-shape cache buffers (cache.py `decode_state`) and reads its position from
-an int32 array instead of Python; the full layers' buffers grow 1,024 positions at a time, so the
-step is traced again once per 1,024 tokens.
+the step works on the decode batch's fixed-shape buffers (batch_cache.py) and reads each row's
+position from an int32 array instead of Python; the buffers change shape when the batch changes
+row bucket or the full layers grow (1,024 positions at a time), and only then is the step traced
+again.
 
 Not compiled where a step has host work in it (expert streaming reads experts from disk as the
 router picks them) or `OSS_MLX_COMPILE=0`; the same pure function then runs eagerly.
@@ -15,11 +16,12 @@ router picks them) or `OSS_MLX_COMPILE=0`; the same pure function then runs eage
 from __future__ import annotations
 
 import os
+import threading
 
 import mlx.core as mx
 
 from . import kernels
-from .cache import ModelCache
+from .batch_cache import BatchCache
 from .model import Transformer
 
 ENV = "OSS_MLX_COMPILE"
@@ -35,40 +37,60 @@ def compilable(model: Transformer) -> bool:
 
 
 class DecodeStep:
-    """`step(tokens [B, 1], cache) -> logits [B, 1, vocab]`, advancing the cache by one position."""
+    """`step(tokens [R, 1], batch) -> logits [R, 1, vocab]`, every row of the batch advanced one
+    position. Holds the compiled traces: one compiled function per kernel backend and thread (a
+    trace bakes in the backend it saw, and MLX streams belong to the thread that made them)."""
 
     def __init__(self, model: Transformer, compile: bool | None = None) -> None:
         self.model = model
         if compile is None:
             compile = os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
         self.compiled = compile and compilable(model)
-        # A trace bakes in the kernel backend it saw (OSS_MLX_KERNELS, kernels.use_backend): one each.
-        self._fns: dict[str, object] = {}
-        self._prepared: set[tuple] = set()
+        self._fns: dict[tuple[str, int], object] = {}
+        self._traced: set[tuple] = set()
 
     def _fn(self):
-        backend = kernels.backend()
-        if backend not in self._fns:
-            self._fns[backend] = mx.compile(self.model.decode) if self.compiled else self.model.decode
-        return self._fns[backend]
+        key = (kernels.backend(), threading.get_ident())
+        if key not in self._fns:
 
-    def __call__(self, tokens: mx.array, cache: ModelCache) -> mx.array:
+            def step(tokens, positions, kv):  # not the bound method: `model` may be a weak proxy
+                return self.model.step(tokens, positions, kv)
+
+            self._fns[key] = mx.compile(step) if self.compiled else step
+        return self._fns[key]
+
+    def __call__(self, tokens: mx.array, batch: BatchCache) -> mx.array:
         if tokens.dtype != mx.uint32:  # one trace per input dtype: samplers return uint32
             tokens = tokens.astype(mx.uint32)
-        return self.model.decode_into(cache, tokens, self._fn())
+        state = batch.state()
+        logits, written = self._fn()(tokens, batch.positions(), state)
+        del state  # the old buffers are now referenced by the graph only: MLX writes them in place
+        batch.commit(written)
+        return logits
 
-    def prepare(self, cache: ModelCache, batch: int = 1) -> None:
-        """Ready the step for the cache's next position: grow the buffers that are full (lazily:
-        the caller's next evaluation of the cache does it) and trace the compiled step for their
-        shapes. generate_tokens calls this while the GPU runs the prompt's last chunk, so the first
-        decoded token waits on neither: a trace is ~5-15 ms of host work for the 20b, and a bench
-        decoding 32 tokens would otherwise count it in a ~70 ms measurement."""
-        state = cache.decode_state(self.model.kv_row(batch), self.model.dtype)
+    def trace_ahead(self, batch: BatchCache, rows: int, length: int) -> None:
+        """Trace the compiled step for buffers of `rows` rows and full layers of `length` positions
+        (BatchCache.shape_after_join) before they exist: the scheduler calls this while the GPU runs
+        a joining prompt's last chunk, so its first decoded token waits on no trace (~5-15 ms of
+        host work for the 20b; a bench decoding 32 tokens would otherwise count it in ~70 ms)."""
         if not self.compiled:
             return
-        key = (kernels.backend(), tuple(kv.shape for kv in state))
-        if key in self._prepared:
+        key = (kernels.backend(), threading.get_ident(), rows, length)
+        if key in self._traced:
             return
-        self._prepared.add(key)
-        tokens = mx.zeros((batch, 1), dtype=mx.uint32)
-        self._fn()(tokens, kernels.position_array(cache.offset), state)  # outputs dropped unevaluated
+        self._traced.add(key)
+        H, D, dtype = batch.kv_heads, batch.head_dim, batch.dtype
+        state = [mx.zeros((2, rows, H, w or length, D), dtype) for w in batch.windows]
+        tokens = mx.zeros((rows, 1), dtype=mx.uint32)
+        positions = kernels.device_ints([0] * rows)[:rows]
+        self._fn()(tokens, positions, state)  # outputs dropped unevaluated: only the trace is kept
+
+
+def decode_one(step: DecodeStep, tokens: mx.array, cache) -> mx.array:
+    """One decode step of a single sequence's cache (tests, checks): it joins a batch of its own,
+    steps, and leaves (moved in and out, not copied). tokens [1, 1] -> logits [1, 1, vocab]."""
+    batch = BatchCache.for_model(step.model)
+    batch.join(0, cache)
+    logits = step(tokens, batch)
+    batch.leave(0)
+    return logits

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from .cache import ModelCache
-from .decode import DecodeStep
 from .model import Transformer
 
 # Prefill in chunks: bounded activation memory for long prompts, same logits (tested).
-PREFILL_STEP = 2048
+PREFILL_CHUNK = 2048
 
 
 @dataclass
@@ -29,11 +27,37 @@ class SamplingOptions:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias)
 
     def sampler(self) -> Callable[[mx.array], mx.array]:
+        """log-probabilities [1, vocab] -> token [1] (logits when greedy). With a seed, the draws come
+        from a random key of this sampler's own, so a seeded reply is the same alone or beside others
+        (MLX's global random state is shared by every sequence of a batch)."""
         # mlx-lm's samplers are well tested and compiled; no reason to write our own. Imported here:
         # mlx_lm pulls in transformers, which would slow every start-up by seconds.
-        from mlx_lm.sample_utils import make_sampler
+        from mlx_lm import sample_utils as su
 
-        return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+        if self.seed is None or self.temperature == 0:
+            return su.make_sampler(
+                temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k
+            )
+        key = [mx.random.key(self.seed)]
+
+        def sample(logprobs: mx.array) -> mx.array:
+            # make_sampler's filters in its order, then the draw with this sampler's key
+            if 0 < self.top_p < 1.0:
+                logprobs = su.apply_top_p(logprobs, self.top_p)
+            if self.min_p != 0.0:
+                logprobs = su.apply_min_p(logprobs, self.min_p)
+            if self.top_k > 0:
+                logprobs = su.apply_top_k(logprobs, self.top_k)
+            key[0], draw = mx.random.split(key[0])
+            return mx.random.categorical(logprobs * (1.0 / self.temperature), key=draw)
+
+        return sample
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The choice is the argmax of the logits, nothing else (the decode batch takes one argmax
+        for all such rows): greedy, no logit bias, and the sampler not replaced (a test hook's)."""
+        return self.temperature == 0 and not self.logit_bias and type(self).sampler is _SAMPLER
 
     def bias_vector(self, width: int) -> mx.array:
         """``logit_bias`` as a vector added to the logits before sampling."""
@@ -74,59 +98,16 @@ class TokenStream:
     tokens: list[int] = field(default_factory=list)
 
 
-def prefill(
-    model: Transformer,
-    tokens: list[int],
-    cache: ModelCache,
-    step: int = PREFILL_STEP,
-    mark_at: Iterable[int] = (),
-    while_running: Callable[[], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> mx.array:
-    """Run `tokens` (at least one) through the model into the cache; logits of the last [1, vocab].
-
-    mark_at: positions within `tokens` after which the cache is marked (places a later prompt may
-    diverge: message starts, the end of the prompt); chunks are split there, which changes nothing.
-    while_running: called once the last chunk is queued, before waiting for it (it may change the
-    cache's arrays: they are evaluated after it).
-    progress: called as progress(tokens done, total) after each chunk is in the cache (it only
-    reports: the chunks and the results are the same with or without it).
-    """
-    if not tokens:
-        raise ValueError("prefill needs at least one token")
-    marks = {m for m in mark_at if 0 < m <= len(tokens)}
-    # The last token goes alone: before it only the caches are evaluated, so the last layer's
-    # attention and MoE never run over the rest of the prompt (their outputs feed nothing).
-    cuts = sorted(marks | set(range(step, len(tokens), step)) | {max(len(tokens) - 1, 1), len(tokens)})
-    logits, start = None, 0
-    for end in cuts:
-        if end <= start:
-            continue
-        logits = model(mx.array(tokens[start:end])[None], cache=cache, last_logits_only=True)
-        # Before the last chunk only the caches are needed: evaluating just them lets MLX skip the
-        # last block's MoE and the unembedding for those chunks.
-        if end < len(tokens):
-            mx.eval(*cache.arrays())
-            if progress is not None:
-                progress(end, len(tokens))
-        else:
-            if while_running is not None:  # host work for after the prompt, done while the GPU runs it
-                mx.async_eval(logits, *cache.arrays())
-                while_running()
-            mx.eval(logits, *cache.arrays())
-        if end in marks:
-            cache.mark()
-        start = end
-    return logits[:, -1, :]
+_SAMPLER = SamplingOptions.sampler
 
 
-def decode_step(model: Transformer) -> DecodeStep:
-    """The model's decode step, made once: its compiled traces are kept with it across requests."""
-    step = getattr(model, "_decode_step", None)
-    if step is None:
-        step = DecodeStep(model)
-        model._decode_step = step  # a plain attribute (not an array): not a parameter
-    return step
+def prefill_cuts(n: int, chunk: int, marks: Iterable[int] = ()) -> list[int]:
+    """Where a prompt of n new tokens is cut into prefill chunks: every `chunk` tokens, at the marks
+    (places a later prompt may diverge: the cache is marked there; cutting changes nothing), and
+    before the last token, which goes alone: before it only the caches are evaluated, so the last
+    layer's attention and MoE never run over the rest of the prompt (their outputs feed nothing)."""
+    cuts = set(range(chunk, n, chunk)) | {m for m in marks if 0 < m <= n} | {max(n - 1, 1), n}
+    return sorted(c for c in cuts if c <= n)
 
 
 def generate_tokens(
@@ -137,83 +118,48 @@ def generate_tokens(
     stop_ids: set[int],
     report: TokenStream | None = None,
     mark_at: Iterable[int] = (),
-    prefill_step: int | None = None,
+    prefill_chunk: int | None = None,
     on_prefill: Callable[[int, int], None] | None = None,
 ) -> Iterator[int]:
-    """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens.
+    """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens,
+    in the caller's thread: the scheduler (scheduler.py) with this one sequence, stepped here.
 
-    Decoding is pipelined: step n+1 is queued before token n reaches Python; each step is the
-    model's compiled decode step (decode.py). A stop token is
-    therefore fed to the cache too; callers read `cache.offset` to know what the cache holds.
-    prefill_step: the prefill chunk; default the model's (`load` picks it for the machine's memory).
+    Decoding is pipelined: step n+1 is queued before token n reaches Python, so a stop token is fed
+    to the cache too; callers read `cache.offset` to know what the cache holds.
+    mark_at: positions within `new_tokens` after which the cache is marked.
+    prefill_chunk: the prefill chunk; default the model's (`load` picks it for the machine's memory).
     on_prefill(done, total): after each prefill chunk; the stats (tokens prefilled, seconds, peak
     memory) are kept up to date with it, so a prefill cut short reports what it really did.
+    Concurrent generations on one model go through the model's runtime instead (Session, batch_generate).
     """
-    report = report if report is not None else TokenStream()
-    stats = report.stats
-    stats.prefilled_tokens = 0
-    sampler = options.sampler()
-    if options.seed is not None:
-        mx.random.seed(options.seed)
-    mx.reset_peak_memory()
+    from .runtime import runtime_of
+    from .scheduler import End, Progress, Scheduler, Sequence, Token
 
-    greedy = options.temperature == 0
-    bias: list[mx.array] = []  # made at the first step, as wide as the logits
-
-    def sample(logits: mx.array) -> mx.array:
-        if options.logit_bias:
-            if not bias:
-                bias.append(options.bias_vector(logits.shape[-1]).astype(logits.dtype))
-            logits = logits + bias[0]
-        if greedy:  # the argmax of the logits is the argmax of the log-probabilities: no 201k-wide
-            return sampler(logits)  # logsumexp and subtraction (two launches) in every step
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs)
-
-    prefill_start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        stats.prefilled_tokens = done
-        stats.prompt_seconds = time.perf_counter() - prefill_start
-        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-        if on_prefill is not None:
-            on_prefill(done, total)
-
-    progress(0, len(new_tokens))
-    step = prefill_step or getattr(model, "prefill_step", PREFILL_STEP)
-    decode = decode_step(model)
+    if not new_tokens:
+        raise ValueError("prefill needs at least one token")
+    runtime = runtime_of(model)
+    outputs: list = []
+    seq = Sequence(cache, new_tokens, options, stop_ids, mark_at=mark_at, report=report, emit=outputs.append)
+    scheduler = Scheduler(
+        model, runtime.decode, prefill_chunk=prefill_chunk or runtime.prefill_chunk, max_batch=1
+    )
+    scheduler.submit(seq)
+    ended = False
     try:
-        logits = prefill(
-            model,
-            new_tokens,
-            cache,
-            step=step,
-            mark_at=mark_at,
-            while_running=lambda: decode.prepare(cache),
-            progress=progress,
-        )
-    except BaseException:  # cut short (Ctrl-C): the time it did take
-        stats.prompt_seconds = time.perf_counter() - prefill_start
-        raise
-    token = sample(logits)
-    mx.eval(token)
-    progress(len(new_tokens), len(new_tokens))
-    start = time.perf_counter()
-    for n in range(options.max_tokens):
-        if n + 1 < options.max_tokens:
-            next_token = sample(decode(token[:, None], cache)[:, -1, :])
-            mx.async_eval(next_token)
-        value = token.item()
-        if n == 0:
-            stats.time_to_first_token = stats.prompt_seconds + time.perf_counter() - start
-        report.tokens.append(value)
-        stats.generated_tokens = n + 1
-        stats.generation_seconds = time.perf_counter() - start
-        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-        yield value
-        if value in stop_ids:
-            stats.finish_reason = "stop"
-            return
-        if n + 1 < options.max_tokens:
-            token = next_token
-    stats.finish_reason = "length"
+        while not ended:
+            scheduler.step()
+            for out in outputs:
+                if isinstance(out, Token):
+                    yield out.id
+                elif isinstance(out, Progress) and on_prefill is not None:
+                    on_prefill(out.done, out.total)
+                elif isinstance(out, End):
+                    ended = True
+                    if out.error is not None:
+                        raise out.error
+            outputs.clear()
+    finally:
+        if not ended:  # closed early or interrupted: the cache comes back out of the batch
+            seq.cancel()
+            while not seq.done:
+                scheduler.step()

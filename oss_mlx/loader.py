@@ -17,6 +17,7 @@ from .config import ModelConfig, read_config
 from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
 from .model import Transformer
 from .moe import Experts
+from .runtime import runtime_of
 from .weights import (
     CheckpointError,
     LazyTensors,
@@ -231,12 +232,13 @@ def load_model(
 
         resident = max(resident, parse_budget(memory_budget))
     wire_weights(resident)
-    # Smaller prefill chunks where memory is tight (read by generation.generate_tokens).
-    model.prefill_step = prefill_step_for(
+    runtime = runtime_of(model)
+    runtime.info = LoadInfo(layout, folder, config, raw)
+    # Smaller prefill chunks where memory is tight.
+    runtime.prefill_chunk = prefill_step_for(
         resident, kv_bytes(config, DEFAULT_CONTEXT), Machine.detect().working_set_bytes
     )
-    model.info = LoadInfo(layout, folder, config, raw)
-    return model, model.info
+    return model, runtime.info
 
 
 # MLX-CUDA's tensor-core gather_qmm needs the output size to be a multiple of this.

@@ -90,13 +90,14 @@ def weight_bytes(
     }
 
 
-def kv_bytes_per_token(config: ModelConfig) -> int:
+def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = KV_BYTES) -> int:
     """Keys + values of one token in one layer."""
-    return 2 * config.num_key_value_heads * config.head_dim * KV_BYTES
+    return 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
-def kv_bytes(config: ModelConfig, context: int) -> int:
-    per = kv_bytes_per_token(config)
+def kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = KV_BYTES) -> int:
+    """One sequence's keys and values at `context` tokens (sliding layers hold at most their window)."""
+    per = kv_bytes_per_token(config, dtype_bytes)
     total = 0
     for t in config.layer_types:
         total += per * (context if t == FULL else min(context, config.sliding_window))

@@ -44,14 +44,13 @@ class Transformer(nn.Module):
     def __call__(
         self, tokens: mx.array, cache: ModelCache | None = None, last_logits_only: bool = False
     ) -> mx.array:
-        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only). One token
-        per sequence with a cache is a decode step: `decode` on the cache's buffers, not compiled.
+        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only), after what
+        `cache` holds (which takes the new keys and values). The decode batch's steps go through
+        `step` instead (decode.py).
 
-        Raw ids are checked here (check_tokens); the compiled decode loop (decode.py) is not: the ids
-        it feeds are sampled from the model's own logits."""
+        Raw ids are checked here (check_tokens); the decode step is not: the ids it feeds are
+        sampled from the model's own logits."""
         self.check_tokens(tokens)
-        if tokens.shape[1] == 1 and cache is not None:
-            return self.decode_into(cache, tokens)
         x = self.embedding(tokens)
         masks = self._masks(tokens.shape[1], cache)
         last = len(self.blocks) - 1
@@ -82,33 +81,24 @@ class Transformer(nn.Module):
                 "is too small"
             )
 
-    def decode(self, tokens: mx.array, pos: mx.array, kv: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
-        """tokens [B, 1] at position `pos` (int32 [1]) -> (logits [B, 1, vocab], each layer's cache
-        buffer [2, B, Hkv, S, D] with this position written). Pure and shape-stable: decode.py
-        compiles it once per buffer shape; `decode_into` hands the cache's buffers in and back."""
+    def step(
+        self, tokens: mx.array, positions: mx.array, kv: list[mx.array]
+    ) -> tuple[mx.array, list[mx.array]]:
+        """One token per row, tokens [R, 1], row r at position positions[r] (int32 [R]) -> (logits
+        [R, 1, vocab], each layer's buffer [2, R, Hkv, S, D] with every row's position written).
+        Pure and shape-stable: decode.py compiles it once per buffer shape and hands the decode
+        batch's buffers in and back (batch_cache.py)."""
         x = self.embedding(tokens)
-        # A window layer writes slot pos % window: one slot array per window size, not per layer.
-        slots = {b.attn.window: kernels.ring_slot(pos, b.attn.window) for b in self.blocks if b.attn.window}
+        # A window layer writes slot position % window: one slot array per window size, not per layer.
+        slots = {
+            b.attn.window: kernels.ring_slots(positions, b.attn.window) for b in self.blocks if b.attn.window
+        }
         written = []
         for block, buffer in zip(self.blocks, kv):
-            x, buffer = block.attn.step(x, pos, slots.get(block.attn.window, pos), buffer)
+            x, buffer = block.attn.step(x, positions, slots.get(block.attn.window, positions), buffer)
             x = block.mlp(x)
             written.append(buffer)
         return self.unembedding(self.norm(x)), written
-
-    def decode_into(self, cache: ModelCache, tokens: mx.array, step=None) -> mx.array:
-        """tokens [B, 1] -> logits [B, 1, vocab], the cache advanced by one position: `step` (decode,
-        or its compiled trace: decode.py) on the cache's buffers, which then take the written ones."""
-        state = cache.decode_state(self.kv_row(tokens.shape[0]), self.dtype)
-        logits, written = (step or self.decode)(tokens, kernels.position_array(cache.offset), state)
-        del state  # the old buffers are now referenced by the graph only: MLX writes them in place
-        cache.commit_decode(written)
-        return logits
-
-    def kv_row(self, batch: int) -> tuple[int, int, int]:
-        """(batch, KV heads, head_dim): one position of a layer's cache."""
-        attn = self.blocks[0].attn
-        return batch, attn.num_kv_heads, attn.head_dim
 
     def _masks(self, T: int, cache: ModelCache | None) -> dict[int | None, mx.array | str | None]:
         """One mask per attention kind, shared by all layers of that kind."""

@@ -54,8 +54,8 @@ class YarnRoPE:
         self.wavelengths = mx.array((1.0 / inv_freq).astype(np.float32))
         self._scale: dict[mx.Dtype, mx.array] = {}  # the concentration per dtype, made once
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        """x: [B, heads, T, head_dim]."""
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        """x: [B, heads, T, head_dim]; offset: the first position, or one per sequence (int32 [B])."""
         # Scaling the input equals scaling cos and sin (rotation is linear).
         if x.dtype not in self._scale:
             self._scale[x.dtype] = mx.array(self.concentration, dtype=x.dtype)

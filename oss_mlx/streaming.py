@@ -39,6 +39,7 @@ from mlx.utils import tree_flatten
 from . import weights as W
 from .cli_args import parse_size
 from .config import ModelConfig
+from .memory import kv_bytes
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
 
 if TYPE_CHECKING:
@@ -284,7 +285,7 @@ class StreamingStats:
 
 @dataclass
 class StreamingPlan:
-    """How a budget was split (bytes). Attached to the model as `model.streaming`."""
+    """How a budget was split (bytes); the model's runtime keeps it (`runtime_of(model).streaming`)."""
 
     budget: int
     resident_bytes: int
@@ -449,16 +450,6 @@ class StreamingExperts(nn.Module):
 # ---- planning and installing ---------------------------------------------------------------------------
 
 
-def kv_allowance(config: ModelConfig, context: int = DEFAULT_CONTEXT, dtype_bytes: int = 2) -> int:
-    """Bytes of KV cache for `context` tokens (sliding layers hold at most their window)."""
-    per_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-    total = 0
-    for i in range(config.num_layers):
-        sliding = config.layer_types[i] == "sliding_attention"
-        total += per_token * (min(context, config.sliding_window) if sliding else context)
-    return total
-
-
 def plan_streaming(
     model: Transformer, budget: str | int, context: int = DEFAULT_CONTEXT, allowance: int | None = None
 ) -> StreamingPlan:
@@ -475,7 +466,7 @@ def plan_streaming(
     per_expert = expert // (L * E)
     if allowance is None:
         act = model.dtype if mx.issubdtype(model.dtype, mx.floating) else mx.bfloat16
-        allowance = kv_allowance(config, context, act.size) + ACTIVATION_ALLOWANCE
+        allowance = kv_bytes(config, context, act.size) + ACTIVATION_ALLOWANCE
     slots = min(E, (total - resident - allowance) // ((L + 1) * per_expert)) if total > resident else 0
     plan = StreamingPlan(total, resident, allowance, per_expert, L, max(int(slots), 0), E, k)
     if slots < k:
@@ -512,7 +503,9 @@ def stream_experts(
         block.mlp.experts = StreamingExperts(block.mlp.experts, layer_sources, files, plan.slots)
     mx.eval(model.parameters())  # the resident part only: the expert tensors are gone, never read
     mx.clear_cache()  # the loads' transient buffers (q, k, v before their concatenation ...)
-    model.streaming = plan
+    from .runtime import runtime_of
+
+    runtime_of(model).streaming = plan
     return plan
 
 

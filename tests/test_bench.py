@@ -63,9 +63,9 @@ def test_repeat_keeps_the_last_run_of_each_length(tmp_path, capsys, monkeypatch)
     calls = []
     real = bench.run_oss_mlx
 
-    def counted(model, prompt, decode, prefill_step=None):
+    def counted(model, prompt, decode, prefill_chunk=None):
         calls.append(len(prompt))
-        return real(model, prompt, decode, prefill_step)
+        return real(model, prompt, decode, prefill_chunk)
 
     monkeypatch.setattr(bench, "run_oss_mlx", counted)
     out = tmp_path / "bench.json"
@@ -131,10 +131,10 @@ def test_bench_quality_preset_quantizes_the_random_model(tmp_path, monkeypatch):
     seen = {}
     real = bench.run_oss_mlx
 
-    def spy(model, prompt, decode, prefill_step=None):
+    def spy(model, prompt, decode, prefill_chunk=None):
         seen["attention"] = type(model.blocks[0].attn.qkv).__name__
-        seen["step"] = prefill_step
-        return real(model, prompt, decode, prefill_step)
+        seen["step"] = prefill_chunk
+        return real(model, prompt, decode, prefill_chunk)
 
     monkeypatch.setattr(bench, "run_oss_mlx", spy)
     common = ["--config", "tiny", "--prompt-lengths", "20", "--decode-tokens", "2", "--warmup", "0"]

@@ -1,4 +1,5 @@
-"""The decode step (decode.py): fixed-shape cache buffers, compiled, equal to the plain forward."""
+"""The decode step (decode.py) on the decode batch's fixed-shape buffers (batch_cache.py), compiled,
+equal to the plain forward: one sequence here; several at their own positions in test_batching.py."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 from test_cache import CFG, TOKENS, model  # noqa: F401  (the fixture)
 
-from oss_mlx import kernels
+from oss_mlx import batch_cache, kernels
+from oss_mlx.batch_cache import BatchCache
 from oss_mlx.cache import FullCache
-from oss_mlx.decode import DecodeStep, compilable
+from oss_mlx.decode import DecodeStep, compilable, decode_one
 
 
 def plain_logits(model, tokens, steps_after: int):  # noqa: F811
@@ -29,7 +31,7 @@ def test_decode_step_equals_the_plain_forward(model, monkeypatch, compile, promp
     On the reference path everywhere (a GPU's kernels are held to the same step below, and to the
     reference in test_kernels.py): a fused router may break a near-tie otherwise than the reference."""
     monkeypatch.setattr(FullCache, "step", 8)  # prefill's own growth
-    monkeypatch.setattr(FullCache, "decode_step", 16)
+    monkeypatch.setattr(batch_cache, "GROW", 16)
     steps = 40
     tokens = TOKENS[: prompt + steps]
     # MLX-CUDA's float32 matmuls may round through TF32; the CPU's are exact float32.
@@ -40,27 +42,33 @@ def test_decode_step_equals_the_plain_forward(model, monkeypatch, compile, promp
         model(mx.array(tokens[None, :prompt]), cache=cache)
         step = DecodeStep(model, compile=compile)
         assert step.compiled is compile
+        batch = BatchCache.for_model(model)
+        batch.join("only", cache)
+        held = batch.length
         for i in range(steps):
-            got = np.array(step(mx.array(tokens[None, prompt + i : prompt + i + 1]), cache))
+            got = np.array(step(mx.array(tokens[None, prompt + i : prompt + i + 1]), batch))
             atol = rel * np.abs(want[i]).max()
             np.testing.assert_allclose(got, want[i], rtol=0, atol=atol, err_msg=f"step {i}")
+        assert held == 8 * -(-prompt // 8)
+        assert batch.length == held + 16 * -(
+            -(prompt + steps - held) // 16
+        )  # grown 16 at a time, not per token
+        batch.leave("only")
     assert cache.offset == prompt + steps
-    # A one-token prompt is itself a decode step; longer ones are prefilled in steps of 8.
-    prefilled = 8 * -(-prompt // 8) if prompt > 1 else 0
-    grown = prefilled + 16 * -(-(prompt + steps - prefilled) // 16)  # in steps of 16, not per token
-    assert all(c.keys.shape[2] == grown for c in cache if isinstance(c, FullCache))
 
 
 def test_compiled_step_equals_the_eager_step(model, monkeypatch):  # noqa: F811
     """The compiled trace computes what the same step computes op by op, on whatever backend this
     machine has (a GPU's kernels included), across buffer growth and ring wraps."""
-    monkeypatch.setattr(FullCache, "decode_step", 16)
-    caches = [model.make_cache(), model.make_cache()]
+    monkeypatch.setattr(batch_cache, "GROW", 16)
     steps = [DecodeStep(model, compile=c) for c in (True, False)]
-    for c in caches:
+    batches = [BatchCache.for_model(model) for _ in steps]
+    for b in batches:
+        c = model.make_cache()
         model(mx.array(TOKENS[None, :5]), cache=c)
+        b.join(0, c)
     for i in range(5, 45):
-        got, want = (np.array(s(mx.array(TOKENS[None, i : i + 1]), c)) for s, c in zip(steps, caches))
+        got, want = (np.array(s(mx.array(TOKENS[None, i : i + 1]), b)) for s, b in zip(steps, batches))
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=f"position {i}")
 
 
@@ -84,7 +92,8 @@ def test_decoded_cache_rewinds_and_prefills_on(model):  # noqa: F811
         out.append(np.array(decode(mx.array(other[None, -1:]), cache)))
         return out
 
-    got = scenario(DecodeStep(model))
+    step = DecodeStep(model)
+    got = scenario(lambda tokens, cache: decode_one(step, tokens, cache))
     want = scenario(lambda tokens, cache: model(tokens, cache=cache))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * np.abs(w).max())
@@ -107,20 +116,21 @@ def test_streamed_models_are_not_compiled(model):  # noqa: F811
 
 def test_the_step_is_traced_once_per_buffer_shape(model, monkeypatch):  # noqa: F811
     """The point of compiling: Python builds the step's graph only when the buffers change shape (the
-    full layers' buffer grows by `decode_step` positions), not every token."""
-    monkeypatch.setattr(FullCache, "step", 8)
-    monkeypatch.setattr(FullCache, "decode_step", 16)
+    full layers' buffer grows by GROW positions), not every token."""
+    monkeypatch.setattr(batch_cache, "GROW", 16)
     traced = []
-    real = type(model).decode
-    monkeypatch.setattr(type(model), "decode", lambda self, *a: traced.append(1) or real(self, *a))
+    real = type(model).step
+    monkeypatch.setattr(type(model), "step", lambda self, *a: traced.append(1) or real(self, *a))
     cache = model.make_cache()
-    model(mx.array(TOKENS[None, :5]), cache=cache)  # buffer of 8 positions
+    model(mx.array(TOKENS[None, :5]), cache=cache)  # a prefill buffer of 256 positions
     step = DecodeStep(model, compile=True)
+    batch = BatchCache.for_model(model)
+    batch.join(0, cache)
     shapes = set()
-    for i in range(5, 45):
-        mx.eval(step(mx.array(TOKENS[None, i : i + 1]), cache))
-        shapes.add(next(c.keys.shape[2] for c in cache if isinstance(c, FullCache)))
-    assert shapes == {8, 24, 40, 56}  # 8, then grown by 16 as positions 8, 24, 40 are reached
+    for i in range(5, 300):
+        mx.eval(step(mx.array(TOKENS[None, i % 70 : i % 70 + 1]), batch))
+        shapes.add(batch.length)
+    assert shapes == {256, 272, 288, 304}  # 256, then grown by 16 as positions 256, 272, 288 are reached
     assert len(traced) == len(shapes)
 
 
@@ -165,42 +175,42 @@ def test_the_step_reads_the_joint_buffers_as_views(model):  # noqa: F811
         mx.eval(c.kv)
         assert ops(c.keys + 0, c.values + 0)["Gather"] == 0
     attn = model.blocks[0].attn
-    kv = cache[0].decode_state((1, attn.num_kv_heads, attn.head_dim), model.dtype)
+    batch = BatchCache.for_model(model)
+    batch.join(0, cache)
+    kv = batch.state()[0]
     mx.eval(kv)
     x = mx.random.normal((1, 1, CFG.hidden_size)).astype(model.dtype)
-    pos = kernels.position_array(20)
-    slot = kernels.ring_slot(pos, attn.window) if attn.window else pos
+    pos = batch.positions()
+    slot = kernels.ring_slots(pos, attn.window) if attn.window else pos
     out, written = attn.step(x, pos, slot, kv)
     counted = ops(out, written)
     assert counted["Gather"] == 0 and counted["ScatterAxis"] == 1, counted
 
 
 def test_generation_traces_the_step_while_the_prompt_runs(model, monkeypatch):  # noqa: F811
-    """The first decoded token waits on no trace and no buffer growth: generate_tokens grows the full
-    layers' buffers and traces the compiled step while the prompt's last chunk runs (DecodeStep.prepare),
-    and every decoded token then replays that one trace."""
+    """The first decoded token waits on no trace: the scheduler traces the compiled step for the batch
+    the prompt joins while the prompt's last chunk runs (DecodeStep.trace_ahead), and every decoded
+    token then replays that one trace."""
     from oss_mlx import generation
+    from oss_mlx.runtime import runtime_of
 
-    monkeypatch.setattr(FullCache, "step", 8)
-    monkeypatch.setattr(FullCache, "decode_step", 16)
-    monkeypatch.setattr(model, "_decode_step", None, raising=False)  # a fresh step: no traces yet
+    monkeypatch.setattr(batch_cache, "GROW", 16)
+    runtime = runtime_of(model)
+    monkeypatch.setattr(runtime, "_decode", None)  # a fresh step: no traces yet
     events = []
-    real_decode, real_prefill = type(model).decode, generation.prefill
-    counted = lambda self, *a: events.append("decode") or real_decode(self, *a)  # noqa: E731
-    monkeypatch.setattr(type(model), "decode", counted)
+    real_step, real_call = type(model).step, type(model).__call__
+    monkeypatch.setattr(type(model), "step", lambda self, *a: events.append("step") or real_step(self, *a))
 
-    def prefill(*a, **k):
-        logits = real_prefill(*a, **k)
-        events.append("prefilled")
-        return logits
+    def call(self, tokens, *a, **k):
+        events.append(f"forward {tokens.shape[1]}")
+        return real_call(self, tokens, *a, **k)
 
-    monkeypatch.setattr(generation, "prefill", prefill)
+    monkeypatch.setattr(type(model), "__call__", call)
     cache = model.make_cache()
-    prompt = [int(t) for t in TOKENS[:16]]  # exactly fills the prompt's buffer: decoding must grow it
+    prompt = [int(t) for t in TOKENS[:16]]
     options = generation.SamplingOptions(0.0, max_tokens=6)
     for _ in generation.generate_tokens(model, prompt, cache, options, set()):
-        if "token" not in events:
-            assert {c.kv.shape[3] for c in cache if isinstance(c, FullCache)} == {32}  # grown in the prefill
         events.append("token")
-    # the prompt's last token (an eager decode step), the trace, then six tokens without another one
-    assert events == ["decode", "decode", "prefilled"] + ["token"] * 6
+    # the prompt but its last token, the last token alone, the trace, then the first token and five
+    # more decoded without another trace
+    assert events == ["forward 15", "forward 1", "step"] + ["token"] * 6

@@ -614,9 +614,9 @@ def test_sdpa_decode_window(S, window):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("prompt", [1, 5, 127, 300, 2100])
 def test_sdpa_decode_reads_the_caches_in_place(dtype, prompt):
-    """The kernels read a cache's joint buffer as a decode step hands it over (cache.py
-    `decode_state`): a full layer's buffer with unwritten slots past the position, a window layer's
-    ring in slot order; against the keys and values in position order."""
+    """The kernels read a cache's joint buffer as a decode step hands it over (batch_cache.py
+    `state`): a full layer's buffer with unwritten slots past the position, a window layer's ring in
+    slot order; against the keys and values in position order."""
     from oss_mlx.attention import _write_row
 
     Hkv, G, D, window = 2, 4, 64, 128
@@ -625,18 +625,28 @@ def test_sdpa_decode_reads_the_caches_in_place(dtype, prompt):
         values = (0.5 * keys).astype(dtype)
         cache.update_and_fetch(keys, values)
         w = window if isinstance(cache, WindowCache) else None
+        batch = one_layer_batch(cache, Hkv, D, dtype)
         for _ in range(3):
             q = mx.random.normal((1, Hkv * G, 1, D)).astype(dtype)
             row = mx.random.normal((2, 1, Hkv, 1, D)).astype(dtype)
-            pos = cache.offset
-            kv = cache.decode_state((1, Hkv, D), dtype)
-            kv = _write_row(kv, row, kernels.position_array(pos % window if w else pos))
-            cache.commit_decode(kv)
+            pos = batch.positions()
+            kv = _write_row(batch.state()[0], row, kernels.ring_slots(pos, window) if w else pos)
+            batch.commit([kv])
             keys, values = mx.concatenate([keys, row[0]], axis=2), mx.concatenate([values, row[1]], axis=2)
             sinks = mx.random.normal((Hkv * G,))
-            out = sdpa_kernel(q, None, None, sinks, 0.125, w, kv=kv, pos=kernels.position_array(pos))
+            out = sdpa_kernel(q, None, None, sinks, 0.125, w, kv=kv, pos=pos)
             ref = sdpa_math(q, keys, values, sinks, 0.125, window=w)
             assert rel_err(out, ref) < TOL[dtype], (type(cache).__name__, prompt)
+
+
+def one_layer_batch(cache, kv_heads: int, head_dim: int, dtype):
+    """A decode batch of one layer holding `cache` (a FullCache or WindowCache) as its only row."""
+    from oss_mlx.batch_cache import BatchCache
+    from oss_mlx.cache import ModelCache
+
+    batch = BatchCache([getattr(cache, "window", None)], kv_heads, head_dim, dtype)
+    batch.join(0, ModelCache([cache]))
+    return batch
 
 
 # ---- attention projections (decode) ---------------------------------------------------------------
@@ -732,17 +742,18 @@ def test_attention_block_decode_matches_reference(dtype, window, prompt):
         for c in caches:
             mask = attention_mask(prompt, 0, prompt, window)
             mx.eval(block(x, mask, c))
+    batch = one_layer_batch(caches[0], hkv, D, dtype)
     for step in range(4):
         xt = (3 * mx.random.normal((1, 1, H))).astype(dtype)
         assert decode_attention.attention_decode_ok(block.decode_weights(), xt)
-        c, pos = caches[0], kernels.position_array(caches[0].offset)
-        slot = kernels.ring_slot(pos, window) if window else pos
-        fast, kv = block.step(xt, pos, slot, c.decode_state((1, hkv, D), dtype))
-        c.commit_decode(kv)
+        pos = batch.positions()
+        slot = kernels.ring_slots(pos, window) if window else pos
+        fast, kv = block.step(xt, pos, slot, batch.state()[0])
+        batch.commit([kv])
         with kernels.use_backend("reference"):
             ref = block(xt, None, caches[1])
         assert rel_err(fast, ref) < TOL[dtype], (step, rel_err(fast, ref))
-        assert caches[0].offset == caches[1].offset == prompt + step + 1
+        assert batch.lengths[0] == caches[1].offset == prompt + step + 1
 
 
 @needs_gpu
@@ -754,10 +765,12 @@ def test_decode_step_is_a_few_ops_per_layer():
     import io
     import re
 
+    from oss_mlx.decode import DecodeStep, decode_one
+
     model = _tiny_model(mx.bfloat16)
     cache = model.make_cache()
     mx.eval(model(mx.array([list(range(40))]), cache=cache))
-    logits = model(mx.array([[1]]), cache=cache)
+    logits = decode_one(DecodeStep(model, compile=False), mx.array([[1]]), cache)
     buf = io.StringIO()
     mx.export_to_dot(buf, logits)
     ops = collections.Counter(re.findall(r'label ="([^"]+)", shape=rectangle', buf.getvalue()))
@@ -813,11 +826,13 @@ def test_model_logits_with_kernels_equal_reference(dtype, prompt):
     mx.eval(model.parameters())
     tokens = mx.random.randint(0, 512, (prompt,)).tolist()
 
+    from oss_mlx.decode import DecodeStep, decode_one
+
     def run(m):
-        cache = m.make_cache()
+        cache, step = m.make_cache(), DecodeStep(m, compile=False)
         outs = [m(mx.array([tokens]), cache=cache, last_logits_only=True)[0, -1]]
         for t in (3, 141, 7, 500, 22, 9):
-            outs.append(m(mx.array([[t]]), cache=cache)[0, -1])
+            outs.append(decode_one(step, mx.array([[t]]), cache)[0, -1])
         mx.eval(outs)
         return outs
 
@@ -840,13 +855,15 @@ def test_model_logits_with_kernels_equal_reference(dtype, prompt):
 @needs_gpu
 def test_kernel_paths_are_taken():
     """Guard against silently falling back: the decode shapes of gpt-oss hit every kernel."""
+    from oss_mlx.decode import DecodeStep, decode_one
+
     with recording_launches() as calls:
         model = _tiny_model(mx.bfloat16)
         cache = model.make_cache()
         mx.eval(model(mx.array([list(range(40))]), cache=cache))
         assert "route" in calls  # prefill: 40 tokens x 4 experts take the grouped GEMM
         calls.clear()
-        mx.eval(model(mx.array([[1]]), cache=cache))
+        mx.eval(decode_one(DecodeStep(model, compile=False), mx.array([[1]]), cache))
     attention = {"norm_qkv_rope", "sdpa_decode_mma", "out_residual"}  # bf16, 64-dim heads: matrix units
     assert attention | {"norm_route", "gate_up_swiglu", "down_combine"} <= set(calls), calls
 
@@ -959,8 +976,10 @@ def test_decode_launches_with_the_gpu_faked():
     prompt = decode_attention.SDPA_KEYS_PER_SPLIT + 100
     mx.eval(model(mx.array([[i % 500 for i in range(prompt)]]), cache=cache))  # reference prefill
 
+    from oss_mlx.decode import DecodeStep, decode_one
+
     with fake_gpu() as launches:
-        logits = model(mx.array([[3]]), cache=cache)
+        logits = decode_one(DecodeStep(model, compile=False), mx.array([[3]]), cache)
     assert logits.shape == (1, 1, 512)
 
     per_layer = [
@@ -1016,14 +1035,14 @@ def test_compiled_decode_step_launches_with_the_gpu_faked():
     `window` slots, the full layers' the whole grown buffer (its splits follow the buffer, the kernel
     reads the position to know how many keys are written)."""
     from oss_mlx.cache import FullCache
-    from oss_mlx.decode import DecodeStep
+    from oss_mlx.decode import DecodeStep, decode_one
 
     model = _tiny_model(mx.bfloat16)  # window 16
     cache = model.make_cache()
     prompt = 300
     mx.eval(model(mx.array([[i % 500 for i in range(prompt)]]), cache=cache))  # reference prefill
     with fake_gpu() as launches:
-        logits = DecodeStep(model, compile=False)(mx.array([[3]]), cache)
+        logits = decode_one(DecodeStep(model, compile=False), mx.array([[3]]), cache)
     assert logits.shape == (1, 1, 512) and cache.offset == prompt + 1
     full_len = [c.keys.shape[2] for c in cache if isinstance(c, FullCache)][0]
     assert full_len >= prompt + 1

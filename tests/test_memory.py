@@ -201,35 +201,37 @@ def test_prefill_step_shrinks_where_memory_is_tight():
 
 @pytest.mark.parametrize("gb,step", [("0.01", 512), ("1000", 2048)])
 def test_load_picks_the_prefill_step_and_generation_uses_it(tiny_checkpoint, monkeypatch, gb, step):
-    from oss_mlx import generation
+    from oss_mlx import generation, scheduler
     from oss_mlx.loader import load_model
+    from oss_mlx.runtime import runtime_of
 
     monkeypatch.setenv("OSS_MLX_MEMORY_GB", gb)
     model, _ = load_model(tiny_checkpoint)
-    assert model.prefill_step == step
+    assert runtime_of(model).prefill_chunk == step
     seen = []
-    real = generation.prefill
+    real = generation.prefill_cuts
 
-    def spy(*args, step, **kwargs):
-        seen.append(step)
-        return real(*args, step=step, **kwargs)
+    def spy(n, chunk, marks=()):
+        seen.append(chunk)
+        return real(n, chunk, marks)
 
-    monkeypatch.setattr(generation, "prefill", spy)
+    monkeypatch.setattr(scheduler, "prefill_cuts", spy)
     options = generation.SamplingOptions(temperature=0, max_tokens=2)
     list(generation.generate_tokens(model, [1, 2, 3], model.make_cache(), options, stop_ids=set()))
-    list(generation.generate_tokens(model, [4], model.make_cache(), options, set(), prefill_step=64))
+    list(generation.generate_tokens(model, [4], model.make_cache(), options, set(), prefill_chunk=64))
     assert seen == [step, 64]
 
 
 def test_a_streaming_budget_counts_toward_the_prefill_step(tiny_checkpoint, monkeypatch):
     """With expert streaming the expert cache fills up to the budget: that is the model's footprint."""
     from oss_mlx.loader import load_model
+    from oss_mlx.runtime import runtime_of
 
     monkeypatch.setenv("OSS_MLX_MEMORY_GB", "10")  # room for 9 GB of prefill beside a tiny model...
     model, _ = load_model(tiny_checkpoint)
-    assert model.prefill_step == 2048
+    assert runtime_of(model).prefill_chunk == 2048
     model, _ = load_model(tiny_checkpoint, memory_budget="2GB")  # ...not beside a 2 GB budget
-    assert model.prefill_step == 512
+    assert runtime_of(model).prefill_chunk == 512
 
 
 def test_plan_shows_the_prefill_chunk_the_runtime_will_use(capsys):

@@ -13,6 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from oss_mlx.loader import load_model
+from oss_mlx.runtime import runtime_of
 from oss_mlx.streaming import (
     MemoryBudgetError,
     StreamingExperts,
@@ -82,7 +83,7 @@ def reference(resident):
 @pytest.mark.parametrize("slots", [2, 5])
 def test_greedy_decoding_is_bit_identical(checkpoint, resident, reference, slots):
     model, _ = load_model(checkpoint, memory_budget=budget_for(resident, slots))
-    assert model.streaming.slots == slots
+    assert runtime_of(model).streaming.slots == slots
     assert all(isinstance(b.mlp.experts, StreamingExperts) for b in model.blocks)
     tokens, outs = greedy(model, PROMPT, 12)
     assert tokens == reference[0]
@@ -150,7 +151,7 @@ def test_bytes_read_and_hit_rate_accounting(checkpoint, resident):
         getattr(experts, n).nbytes // E
         for n in ("gate_up_weight", "gate_up_scales", "down_weight", "down_scales")
     )
-    assert model.streaming.expert_bytes == per_expert
+    assert runtime_of(model).streaming.expert_bytes == per_expert
     greedy(model, PROMPT, 4)
     stats = model_streaming_stats(model)
     assert stats.bytes_read == stats.experts_read * per_expert
@@ -170,7 +171,10 @@ def test_expert_weights_are_not_parameters(checkpoint, resident):
     names = [n for n, _ in tree_flatten(model.parameters())]
     assert not [n for n in names if n.endswith(("experts.gate_up_weight", "experts.down_scales"))]
     assert "blocks.0.mlp.experts.gate_up_bias" in names
-    assert sum(p.nbytes for _, p in tree_flatten(model.parameters())) == model.streaming.resident_bytes
+    assert (
+        sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+        == runtime_of(model).streaming.resident_bytes
+    )
 
 
 def test_budget_too_small_names_the_minimum(checkpoint, resident):
@@ -178,8 +182,8 @@ def test_budget_too_small_names_the_minimum(checkpoint, resident):
     with pytest.raises(MemoryBudgetError, match=r"too small.*needs at least .* GB.*Use memory_budget='"):
         load_model(checkpoint, memory_budget=need - 1)
     model, _ = load_model(checkpoint, memory_budget=need)
-    assert model.streaming.slots == SPEC.experts_per_token
-    assert model.streaming.minimum_budget == need
+    assert runtime_of(model).streaming.slots == SPEC.experts_per_token
+    assert runtime_of(model).streaming.minimum_budget == need
     with pytest.raises(MemoryBudgetError, match="'0.6GB'"):
         load_model(checkpoint, memory_budget="100MB")
 
@@ -215,7 +219,7 @@ def test_converted_checkpoint_is_streamed(tmp_path, hub_checkpoint, quality, voc
     assert main([str(hub_checkpoint), str(dest), "--quality", quality]) == 0
     converted, _ = load_model(dest)
     model, info = load_model(dest, memory_budget=budget_for(converted, 2))
-    assert info.layout == "oss-mlx" and model.streaming.slots == 2
+    assert info.layout == "oss-mlx" and runtime_of(model).streaming.slots == 2
     tokens, outs = greedy(model, PROMPT[:24], 6)
     want_tokens, want_outs = greedy(converted, PROMPT[:24], 6)
     assert tokens == want_tokens

@@ -37,12 +37,13 @@ from .dispatch import (
     KERNEL_MAX_HIDDEN,
     available_backend,
     backend,
+    device_ints,
     disable,
     disabled,
     emulated,
     poison_outputs,
     position_array,
-    ring_slot,
+    ring_slots,
     use_backend,
 )
 from .sources import SPECS, kernel_sources
@@ -64,9 +65,10 @@ __all__ = [
     "emulated",
     "kernel_sources",
     "poison_outputs",
+    "device_ints",
     "position_array",
     "prefill_moe",
-    "ring_slot",
+    "ring_slots",
     "routing",
     "use_backend",
 ]

@@ -182,6 +182,13 @@ def position_array(offset: int) -> mx.array:
     return mx.full((MIN_DEVICE_BYTES // 4,), offset, dtype=mx.int32)[:1]
 
 
+def device_ints(values: list[int]) -> mx.array:
+    """int32 [len(values)], at least MIN_DEVICE_BYTES long underneath (a view of a padded array):
+    the decode batch's per-row positions, kept padded as they advance (see MIN_DEVICE_BYTES)."""
+    pad = max(0, MIN_DEVICE_BYTES // 4 - len(values))
+    return mx.array(list(values) + [0] * pad, dtype=mx.int32)
+
+
 def as_position(pos: int | mx.array) -> mx.array:
     """pos as the kernels' int32 [1]: an int becomes one array per step shared by every layer (a
     template argument would compile a kernel per position)."""
@@ -192,10 +199,15 @@ def as_position(pos: int | mx.array) -> mx.array:
     return RUNTIME.position[1]
 
 
-def ring_slot(pos: mx.array, window: int) -> mx.array:
-    """pos % window for a position pos (int32 [1]) as int32 [1] on the card: computed 4-wide and
-    viewed back (see MIN_DEVICE_BYTES), since the cache-row scatter of every window layer reads it."""
-    return (mx.broadcast_to(pos, (MIN_DEVICE_BYTES // 4,)) % window)[:1]
+def ring_slots(positions: mx.array, window: int) -> mx.array:
+    """positions % window (int32 [R]) for the rows' positions, on the card: computed at least
+    MIN_DEVICE_BYTES wide and viewed back (see MIN_DEVICE_BYTES), since the cache-row scatter of
+    every window layer reads it."""
+    n = positions.shape[0]
+    if n * 4 >= MIN_DEVICE_BYTES:
+        return positions % window
+    pad = mx.zeros((MIN_DEVICE_BYTES // 4 - n,), dtype=positions.dtype)
+    return (mx.concatenate([positions, pad]) % window)[:n]
 
 
 def result_dtype(a: mx.Dtype, b: mx.Dtype) -> mx.Dtype:

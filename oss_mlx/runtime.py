@@ -1,0 +1,216 @@
+"""A loaded model's runtime: everything it runs with besides its weights.
+
+    runtime_of(model).info           where it came from (loader.LoadInfo; None for a model built here)
+    runtime_of(model).prefill_chunk  the prompt chunk the loader picked for this machine's memory
+    runtime_of(model).streaming      the expert-streaming plan (streaming.StreamingPlan) or None
+    runtime_of(model).decode         the compiled decode step and its traces (decode.DecodeStep)
+    runtime_of(model).scheduler      the continuous-batching scheduler every Session on the model
+                                     shares (scheduler.py), stepped by one thread: `submit` starts it
+
+Kept off the nn.Module: a module's attributes are its parameters and submodules, and runtime state
+there was spread over four loose attributes. A runtime is found by the model's identity and holds the
+model weakly, so dropping the model frees both.
+
+Why one thread steps the scheduler: MLX streams belong to the thread that made them, and a compiled
+trace to the thread that traced it; every Session on a model (from any thread) hands its sequence to
+that thread and reads its tokens back. The server's worker thread, which loads the model, steps it
+itself (`drive`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import weakref
+
+import mlx.core as mx
+
+from .decode import DecodeStep
+from .generation import PREFILL_CHUNK
+from .scheduler import Scheduler, Sequence
+
+log = logging.getLogger("oss_mlx")
+
+DEFAULT_MAX_BATCH = 8  # sequences decoding at once (the server's --max-concurrency)
+IDLE_WAIT = 1.0  # seconds the stepping thread sleeps between checks that its model still exists
+
+
+class Runtime:
+    """See the module doc. Made by `runtime_of` (the loader fills `info`, `prefill_chunk`, `streaming`)."""
+
+    def __init__(self, model) -> None:
+        self._model = weakref.ref(model)
+        self.info = None  # loader.LoadInfo
+        self.streaming = None  # streaming.StreamingPlan
+        self._prefill_chunk = PREFILL_CHUNK
+        self.max_batch = DEFAULT_MAX_BATCH
+        self.max_waiting: int | None = None
+        self.memory_limit: int | None = None
+        self._decode: DecodeStep | None = None
+        self._scheduler: Scheduler | None = None
+        self._driver: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per prefill chunk (the loader picks it for the machine's memory)."""
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, tokens: int) -> None:
+        self._prefill_chunk = tokens
+        if self._scheduler is not None:
+            self._scheduler.prefill_chunk = tokens
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this runtime is gone")
+        return model
+
+    @property
+    def decode(self) -> DecodeStep:
+        """The model's decode step, made once: its compiled traces are kept across requests."""
+        if self._decode is None:
+            self._decode = DecodeStep(weakref.proxy(self.model))
+        return self._decode
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            from .memory import kv_bytes
+
+            config = self.model.config
+            dtype_bytes = self.model.dtype.size
+            self._scheduler = Scheduler(
+                weakref.proxy(self.model),
+                self.decode,
+                prefill_chunk=self.prefill_chunk,
+                max_batch=self.max_batch,
+                max_waiting=self.max_waiting,
+                memory_limit=self.memory_limit,
+                kv_bytes=lambda context: kv_bytes(config, context, dtype_bytes),
+            )
+        return self._scheduler
+
+    def configure(
+        self,
+        *,
+        max_batch: int | None = None,
+        max_waiting: int | None = None,
+        memory_limit: int | None = None,
+        prefill_chunk: int | None = None,
+    ) -> None:
+        """Set the scheduler's limits (before its first use, or while it is idle)."""
+        if self._scheduler is not None and not self._scheduler.idle:
+            raise RuntimeError("the scheduler is running sequences: configure it before or between them")
+        if max_batch is not None:
+            self.max_batch = max_batch
+        if max_waiting is not None:
+            self.max_waiting = max_waiting
+        if memory_limit is not None:
+            self.memory_limit = memory_limit
+        if prefill_chunk is not None:
+            self._prefill_chunk = prefill_chunk
+        if self._driver is None:
+            self._scheduler = None  # made again with these on next use
+        else:  # a thread steps it: the same object, new limits
+            sched = self._scheduler
+            sched.max_batch, sched.max_waiting = self.max_batch, self.max_waiting
+            sched.memory_limit, sched.prefill_chunk = self.memory_limit, self._prefill_chunk
+
+    # ---- the stepping thread ----------------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence with the shared scheduler (Busy when its queue is full) and make sure a
+        thread steps it."""
+        scheduler = self.scheduler
+        scheduler.submit(seq)
+        with self._lock:
+            if self._driver is None:
+                # Weights must be evaluated here: a lazy array made on this thread's stream cannot be
+                # evaluated on another's.
+                mx.eval(self.model.parameters())
+                self._driver = threading.Thread(
+                    target=_drive_weakly, args=(weakref.ref(self),), name="oss-mlx-scheduler", daemon=True
+                )
+                _THREADS.add(self._driver)
+                self._driver.start()
+
+    def drive(self, stop: threading.Event) -> None:
+        """Step the scheduler in this thread until `stop` is set (the server's worker thread)."""
+        with self._lock:
+            if self._driver is not None:
+                raise RuntimeError("another thread steps this model's scheduler already")
+            self._driver = threading.current_thread()
+        scheduler = self.scheduler
+        try:
+            while not stop.is_set():
+                _step_or_wait(scheduler, stop.is_set)
+        finally:
+            scheduler.fail_all(RuntimeError("the server is stopping"))
+            with self._lock:
+                self._driver = None
+
+
+def _step_or_wait(scheduler: Scheduler, stopping) -> None:
+    if scheduler.idle:
+        with scheduler.wake:
+            if scheduler.idle and not stopping():
+                scheduler.wake.wait(IDLE_WAIT)
+        return
+    try:
+        scheduler.step()
+    except Exception as e:  # a bug: every sequence is told, the thread goes on
+        log.exception("scheduler step failed")
+        scheduler.fail_all(e)
+
+
+def _drive_weakly(ref: weakref.ref) -> None:
+    """The thread a Runtime starts: steps its scheduler while the runtime (and its model) exists
+    and the interpreter is not exiting."""
+    scheduler = None
+    try:
+        while not _EXITING.is_set():
+            runtime = ref()
+            if runtime is None:
+                return
+            scheduler = runtime.scheduler
+            del runtime
+            _step_or_wait(scheduler, _EXITING.is_set)
+            scheduler = None
+    finally:
+        if scheduler is not None:
+            scheduler.fail_all(RuntimeError("the interpreter is exiting"))
+
+
+# A thread still inside MLX when the interpreter exits aborts the process ("terminate called without
+# an active exception"): at exit the stepping threads are stopped and joined first.
+_EXITING = threading.Event()
+_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_threads() -> None:
+    _EXITING.set()
+    for runtime in list(_RUNTIMES.values()):
+        if runtime._scheduler is not None:
+            runtime._scheduler.notify()
+    for thread in list(_THREADS):
+        thread.join(timeout=10)
+
+
+_RUNTIMES: dict[int, Runtime] = {}
+
+
+def runtime_of(model) -> Runtime:
+    """The model's runtime (made with defaults the first time: a model built in code)."""
+    key = id(model)
+    runtime = _RUNTIMES.get(key)
+    if runtime is None or runtime._model() is not model:
+        runtime = Runtime(model)
+        _RUNTIMES[key] = runtime
+        weakref.finalize(model, _RUNTIMES.pop, key, None)
+    return runtime

@@ -1,0 +1,464 @@
+"""Continuous batching: requests become sequences; each step decodes every running sequence together
+and runs at most one prefill chunk of a joining one.
+
+A step, in order:
+  1. sequences leave the decode batch: cancelled ones, finished ones (a stop token or their last
+     token read), and those whose unread token is their last (it is read, never fed);
+  2. admission: the next waiting sequence starts its prefill when the batch has room (max_batch
+     sequences, the one prefilling included) and the memory planner says its KV cache fits;
+  3. the batch's decode step is queued (decode.py): one token per sequence, each at its own position;
+  4. one prefill chunk of the joining sequence runs on its own cache (generation.prefill_cuts: the
+     chunks a lone prompt takes, so its keys and values are exactly a lone prompt's); after its last
+     chunk its first token is sampled and it joins the batch (batch_cache.py);
+  5. the tokens sampled one step earlier are read (the GPU meanwhile runs this step's): each
+     sequence's `emit` gets them, and a stop token or max_tokens finishes it.
+
+Every sequence sees exactly what it would alone: its prompt prefilled the same way, its decode steps
+at its own positions over its own keys (per-row masks and rings), its own sampler and random key.
+A cancelled sequence leaves within one step, or between two prefill chunks. `emit` and `on_end` are
+called on the thread that steps the scheduler (runtime.py runs one per model; generate_tokens steps
+one inline); `submit` and `Sequence.cancel` may come from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .batch_cache import BatchCache, grown, row_bucket
+from .cache import ModelCache
+from .decode import DecodeStep
+from .generation import SamplingOptions, TokenStream, prefill_cuts
+
+# ---- what a sequence reports --------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """The prompt's processing: `done` of `total` new tokens are in the cache."""
+
+    done: int
+    total: int
+
+
+@dataclass
+class Token:
+    id: int
+
+
+@dataclass
+class End:
+    """The last output of a sequence: its cache is back in its hands (settled by `on_end` first).
+    error: what stopped it, when something failed."""
+
+    error: BaseException | None = None
+
+
+Output = Progress | Token | End
+
+
+class Busy(Exception):
+    """The scheduler's waiting queue is full (the server answers 429)."""
+
+    def __init__(self, waiting: int):
+        super().__init__(f"{waiting} requests are waiting already")
+        self.waiting = waiting
+
+
+_WAITING, _PREFILL, _DECODE, _DRAIN, _DONE = "waiting", "prefill", "decode", "drain", "done"
+
+
+class Sequence:
+    """One request in the scheduler: `tokens` to prefill after what `cache` holds, then sampling
+    until a stop id or `options.max_tokens`. The scheduler owns `cache` from submit until End."""
+
+    def __init__(
+        self,
+        cache: ModelCache,
+        tokens: list[int],
+        options: SamplingOptions,
+        stop_ids: Iterable[int],
+        *,
+        mark_at: Iterable[int] = (),
+        report: TokenStream | None = None,
+        emit: Callable[[Output], None] | None = None,
+        on_end: Callable[[], None] | None = None,
+    ):
+        if not tokens:
+            raise ValueError("a sequence needs at least one new token (to get the next one's logits)")
+        if options.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {options.max_tokens}")
+        self.cache, self.tokens, self.options = cache, list(tokens), options
+        self.stop_ids = frozenset(stop_ids)
+        self.marks = {m for m in mark_at if 0 < m <= len(self.tokens)}
+        self.report = report if report is not None else TokenStream()
+        self.emit = emit or (lambda output: None)
+        self.on_end = on_end
+        self.state = _WAITING
+        self.finish: str | None = None  # "stop" | "length" | "interrupted" once decided
+        self.error: BaseException | None = None
+        self._cancel = threading.Event()
+        self._start_offset = cache.offset
+        self._wake: Callable[[], None] | None = None  # the scheduler's, set at submit
+        # prefill
+        self._cuts: list[int] = []
+        self._prefilled = 0
+        self._started = 0.0
+        # decode
+        self._sample: Callable[[mx.array], mx.array] | None = None
+        self.produced = 0  # tokens sampled so far, read or not
+        self.pending: tuple[mx.array, int] | None = None  # the token to feed next: (array, index)
+        self._unread: list[tuple[mx.array, int, int]] = []  # (array, index, step sampled at)
+        self._first_read = 0.0
+
+    @property
+    def projected(self) -> int:
+        """The most positions this sequence may hold: what its cache had, its prompt, its reply."""
+        return self._start_offset + len(self.tokens) + self.options.max_tokens
+
+    def cancel(self) -> None:
+        """Stop it (from any thread): it leaves within one scheduler step or one prefill chunk, and
+        End follows."""
+        self._cancel.set()
+        if self._wake is not None:
+            self._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.state == _DONE
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+
+
+class _Sampler:
+    """A sequence's next-token choice from logits [1, vocab]: its options' logit bias, then greedy
+    on the logits, or its sampler on the log-probabilities (what a lone generation does)."""
+
+    def __init__(self, options: SamplingOptions, vocab: int, dtype: mx.Dtype):
+        self.greedy = options.plain_greedy  # the batch takes one argmax for all such rows
+        self.sampler = options.sampler()
+        self.bias = options.bias_vector(vocab).astype(dtype) if options.logit_bias else None
+        self.argmax = options.temperature == 0
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.argmax:  # the argmax of the logits is the argmax of the log-probabilities: no
+            return self.sampler(logits)  # vocab-wide logsumexp and subtraction in every step
+        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+
+# ---- the scheduler -----------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """Admission, the decode batch and the prefill of joining sequences (see the module doc).
+
+    max_batch: sequences decoding or prefilling at once. max_waiting: submitted ones that may wait
+    (None: no limit; past it submit raises Busy). memory_limit: bytes MLX may hold once a sequence
+    is admitted (weights and every cache included, the batch's buffers projected to each sequence's
+    most positions); a sequence that does not fit waits. None: no check. Alone a sequence is always
+    admitted, as a single generation always was.
+    """
+
+    def __init__(
+        self,
+        model,
+        decode: DecodeStep,
+        *,
+        prefill_chunk: int,
+        max_batch: int = 8,
+        max_waiting: int | None = None,
+        memory_limit: int | None = None,
+        kv_bytes: Callable[[int], int] | None = None,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self.model, self.decode = model, decode
+        self.prefill_chunk = prefill_chunk
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.memory_limit = memory_limit
+        self.kv_bytes = kv_bytes  # one sequence's keys and values at a context (memory.kv_bytes)
+        self.batch = BatchCache.for_model(model)
+        self._lock = threading.Lock()
+        self._submitted: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: Sequence | None = None
+        self.decoding: list[Sequence] = []  # in the batch
+        self.draining: list[Sequence] = []  # out of the batch, tokens still to read
+        self._sampled: mx.array | None = None  # the last step's tokens, one per row
+        self._rows_changed = True
+        self._step = 0
+        self.wake = threading.Condition()  # notified on submit and cancel (runtime.py waits on it)
+
+    # ---- from any thread ----------------------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence (raises Busy when max_waiting are waiting already)."""
+        with self._lock:
+            waiting = len(self._submitted) + len(self.waiting)
+            if self.max_waiting is not None and waiting >= self.max_waiting + max(0, self.room()):
+                raise Busy(waiting)
+            seq._start_offset = seq.cache.offset
+            seq._wake = self.notify
+            self._submitted.append(seq)
+        self.notify()
+
+    def notify(self) -> None:
+        with self.wake:
+            self.wake.notify_all()
+
+    def room(self) -> int:
+        """How many more sequences could start now (max_batch less those running)."""
+        return self.max_batch - self.running
+
+    @property
+    def running(self) -> int:
+        return len(self.decoding) + (self.prefilling is not None)
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._submitted) + len(self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            submitted = bool(self._submitted)
+        return not (submitted or self.waiting or self.prefilling or self.decoding or self.draining)
+
+    # ---- the step (one thread) ----------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One iteration (see the module doc)."""
+        self._step += 1
+        with self._lock:
+            self.waiting.extend(self._submitted)
+            self._submitted.clear()
+        self._retire()
+        self._admit()
+        try:
+            self._decode()
+        except Exception as e:  # an MLX error in the batch: every sequence in it fails, others go on
+            self._fail_batch(e)
+        self._prefill()
+        self._read()
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every sequence with `error` (the stepping thread is stopping, or a bug)."""
+        self._fail_batch(error)
+        for seq in [*self.waiting, *([self.prefilling] if self.prefilling else []), *self.draining]:
+            seq.error = seq.error or error
+            self._end(seq)
+        self.waiting.clear()
+        self.prefilling = None
+        self.draining = []
+
+    def _retire(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            seq.finish = "interrupted"
+            self._end(seq)
+        if self.prefilling is not None and self.prefilling.cancelled:
+            seq, self.prefilling = self.prefilling, None
+            seq.finish = "interrupted"
+            self._end(seq)
+        for seq in list(self.decoding):
+            if seq.cancelled or seq.finish:
+                seq.finish = seq.finish or "interrupted"
+                seq._unread.clear()  # what was sampled after the end is never read
+            elif seq.produced < seq.options.max_tokens:
+                continue
+            self.decoding.remove(seq)
+            self.batch.leave(seq)
+            self._rows_changed = True
+            if seq._unread:
+                seq.state = _DRAIN  # its last token is read next
+                self.draining.append(seq)
+            else:
+                self._end(seq)
+
+    def _admit(self) -> None:
+        if self.prefilling is not None or not self.waiting or self.room() < 1:
+            return
+        seq = self.waiting[0]
+        if not self._fits(seq):
+            return
+        self.waiting.popleft()
+        if not (self.decoding or self.draining):  # alone: its peak is its own
+            mx.reset_peak_memory()
+        seq.state, self.prefilling = _PREFILL, seq
+        seq._cuts = prefill_cuts(len(seq.tokens), self.prefill_chunk, seq.marks)
+        seq._started = time.perf_counter()
+        seq._sample = _Sampler(seq.options, self.model.config.vocab_size, self.model.dtype)
+        seq.report.stats.prefilled_tokens = 0
+        self._progress(seq, 0)
+
+    def _fits(self, seq: Sequence) -> bool:
+        if self.memory_limit is None or self.kv_bytes is None or not (self.decoding or self.draining):
+            return True
+        rows = row_bucket(len(self.decoding) + 1)
+        longest = max([seq.projected, *(s.projected for s in self.decoding)])
+        window = max((w for w in self.batch.windows if w), default=0)
+        after = rows * self.kv_bytes(max(grown(0, longest), window))
+        need = mx.get_active_memory() - self.batch.nbytes + after + self.kv_bytes(len(seq.tokens))
+        return need <= self.memory_limit
+
+    def _decode(self) -> None:
+        if not self.decoding:
+            return
+        batch = self.batch
+        if self._rows_changed:
+            pieces = []
+            for key in batch.keys:
+                if key is None:
+                    pieces.append(mx.zeros((1,), dtype=mx.uint32))
+                else:
+                    array, i = key.pending
+                    pieces.append(array[i : i + 1].astype(mx.uint32))
+            tokens = mx.concatenate(pieces)
+        else:
+            tokens = self._sampled
+        logits = self.decode(tokens[:, None], batch)[:, -1, :]
+        sampled = self._sample_rows(logits)
+        mx.async_eval(sampled)
+        for r, seq in enumerate(batch.keys):
+            if seq is not None:
+                seq.pending = (sampled, r)
+                seq._unread.append((sampled, r, self._step))
+                seq.produced += 1
+        self._sampled, self._rows_changed = sampled, False
+
+    def _sample_rows(self, logits: mx.array) -> mx.array:
+        """logits [R, vocab] -> uint32 [R]: one argmax for the greedy rows, each other row its own
+        sampler (free rows: 0)."""
+        keys = self.batch.keys
+        if all(s is None or s._sample.greedy for s in keys):
+            return mx.argmax(logits, axis=-1).astype(mx.uint32)
+        greedy = mx.argmax(logits, axis=-1).astype(mx.uint32)
+        parts = [
+            greedy[r : r + 1]
+            if s is None or s._sample.greedy
+            else s._sample(logits[r : r + 1]).astype(mx.uint32)
+            for r, s in enumerate(keys)
+        ]
+        return mx.concatenate(parts)
+
+    def _prefill(self) -> None:
+        seq = self.prefilling
+        if seq is None:
+            return
+        try:
+            self._prefill_chunk(seq)
+        except Exception as e:  # bad ids, an MLX error: this sequence fails, the others go on
+            self.prefilling = None
+            seq.error = e
+            self._end(seq)
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        cut = next(c for c in seq._cuts if c > seq._prefilled)
+        chunk = mx.array(seq.tokens[seq._prefilled : cut])[None]
+        logits = self.model(chunk, cache=seq.cache, last_logits_only=True)
+        last = cut == len(seq.tokens)
+        if not last:
+            # Only the caches: MLX then skips the last block's MoE and the unembedding of the chunk.
+            mx.eval(*seq.cache.arrays())
+            seq._prefilled = cut
+            if cut in seq.marks:
+                seq.cache.mark()
+            self._progress(seq, cut)
+            return
+        mx.async_eval(logits, *seq.cache.arrays())
+        joins = seq.options.max_tokens > 1
+        if joins:  # host work while the GPU runs the chunk: the step traced for the batch it joins
+            held = max((layer.held().shape[3] for layer in seq.cache if layer.held() is not None), default=0)
+            self.decode.trace_ahead(self.batch, *self.batch.shape_after_join(seq.cache.offset, held))
+        if cut in seq.marks:
+            seq.cache.mark()
+        token = seq._sample(logits[:, -1, :]).astype(mx.uint32)
+        mx.async_eval(token)
+        seq._prefilled = cut
+        seq.produced, seq.pending = 1, (token, 0)
+        seq._unread.append((token, 0, self._step - 1))  # read in this step: the first token waits on nothing
+        self.prefilling = None
+        if joins:
+            self.batch.join(seq, seq.cache)
+            self._rows_changed = True
+            seq.state = _DECODE
+            self.decoding.append(seq)
+        else:
+            seq.state = _DRAIN
+            self.draining.append(seq)
+
+    def _read(self) -> None:
+        values: dict[int, list[int]] = {}
+        for seq in [*self.decoding, *self.draining]:
+            ready = [u for u in seq._unread if u[2] < self._step]
+            if not ready:
+                continue
+            seq._unread = [u for u in seq._unread if u[2] >= self._step]
+            for array, i, _ in ready:
+                if id(array) not in values:
+                    values[id(array)] = array.tolist()
+                if seq.finish is None:
+                    self._deliver(seq, values[id(array)][i])
+        for seq in [s for s in self.draining if not s._unread]:
+            self.draining.remove(seq)
+            seq.finish = seq.finish or "length"
+            self._end(seq)
+
+    def _deliver(self, seq: Sequence, token: int) -> None:
+        stats, now = seq.report.stats, time.perf_counter()
+        if not seq.report.tokens:
+            stats.prompt_seconds = now - seq._started
+            stats.time_to_first_token = stats.prompt_seconds
+            seq._first_read = now
+            self._progress(seq, len(seq.tokens))
+        seq.report.tokens.append(token)
+        stats.generated_tokens = len(seq.report.tokens)
+        stats.generation_seconds = now - seq._first_read
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        seq.emit(Token(token))
+        if token in seq.stop_ids:
+            seq.finish = "stop"
+        elif stats.generated_tokens >= seq.options.max_tokens:
+            seq.finish = "length"
+
+    def _progress(self, seq: Sequence, done: int) -> None:
+        stats = seq.report.stats
+        stats.prefilled_tokens = done
+        stats.prompt_seconds = time.perf_counter() - seq._started
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        seq.emit(Progress(done, len(seq.tokens)))
+
+    def _fail_batch(self, error: BaseException) -> None:
+        for seq in self.decoding:
+            seq.cache.rewind_to(0)  # its keys and values were in the batch
+            seq.error = seq.error or error
+            self._end(seq)
+        self.decoding = []
+        self.batch = BatchCache.for_model(self.model)
+        self._rows_changed = True
+
+    def _end(self, seq: Sequence) -> None:
+        seq.state = _DONE
+        stats = seq.report.stats
+        if seq.finish is not None:
+            stats.finish_reason = seq.finish
+        if seq._started and not seq.report.tokens:  # stopped in the prefill: the time it did take
+            stats.prompt_seconds = time.perf_counter() - seq._started
+        try:
+            if seq.on_end is not None:
+                seq.on_end()
+        finally:
+            seq.emit(End(seq.error))
