@@ -5,7 +5,7 @@ step of gpt-oss shapes with random weights into parts, to decide what to fuse ne
 
     python3 benchmarks/profile_decode.py --layers 24 --depths 128,32768 --steps 64
 
-Prints, per depth: pipelined ms/step (as generation.generate_tokens runs it), synchronous ms/step
+Prints, per depth: pipelined ms/step (as runtime.generate_tokens runs it), synchronous ms/step
 split into graph building (Python) and evaluation, the number of primitives in one step's graph,
 and the step without attention / without the MoE block / without both (the blocks patched to
 identity), so each part's cost is the difference. Also the per-primitive cost of a chain of tiny ops.

@@ -3,7 +3,7 @@
 Both engines run the same weights: gpt-oss shapes with random weights built in memory (`--config
 20b|120b|tiny`; MXFP4 experts as random bits with realistic e8m0 scales) or a checkpoint
 (`--model DIR`), mapped to mlx-lm's `gpt_oss.Model` (q/k/v split, gate/up de-interleaved, as its
-`sanitize` expects). oss-mlx runs its own token loop (`generation.generate_tokens`: chunked prefill
+`sanitize` expects). oss-mlx runs its own token loop (`runtime.generate_tokens`: chunked prefill
 and the model's caches); mlx-lm runs its own `generate_step`. For each prompt length: prefill tok/s
 (prompt tokens / time to the first sampled token) and decode tok/s after that prompt (greedy, tokens
 after the first / their time), with the peak memory of that request.
@@ -227,7 +227,8 @@ def run_oss_mlx(
 ) -> Timings:
     """(prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s) through
     oss-mlx's own token loop."""
-    from .generation import SamplingOptions, TokenStream, generate_tokens
+    from .generation import SamplingOptions, TokenStream
+    from .runtime import generate_tokens
 
     report = TokenStream()
     cache = model.make_cache()

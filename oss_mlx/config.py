@@ -221,6 +221,15 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
 
+    def kv_bytes(self, context: int, dtype_bytes: int = 2) -> int:
+        """One sequence's keys and values at `context` tokens: 2 Hkv D values per token and layer,
+        sliding layers holding at most their window (the one formula: memory.py, streaming.py and
+        the scheduler's admission use it)."""
+        per = 2 * self.num_key_value_heads * self.head_dim * dtype_bytes
+        return sum(
+            per * (min(context, self.sliding_window) if t == SLIDING else context) for t in self.layer_types
+        )
+
     # ---- dialects ---------------------------------------------------------------------------
 
     @classmethod

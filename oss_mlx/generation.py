@@ -1,14 +1,12 @@
-"""The token loop: chunked prefill, pipelined decode, sampling, stop tokens, timing."""
+"""What a generation is asked and reports: sampling options, stats, where a prompt is cut into prefill
+chunks. The token loop itself is the scheduler (scheduler.py); runtime.generate_tokens runs one sequence."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-
-from .cache import ModelCache
-from .model import Transformer
 
 # Prefill in chunks: bounded activation memory for long prompts, same logits (tested).
 PREFILL_CHUNK = 2048
@@ -108,58 +106,3 @@ def prefill_cuts(n: int, chunk: int, marks: Iterable[int] = ()) -> list[int]:
     layer's attention and MoE never run over the rest of the prompt (their outputs feed nothing)."""
     cuts = set(range(chunk, n, chunk)) | {m for m in marks if 0 < m <= n} | {max(n - 1, 1), n}
     return sorted(c for c in cuts if c <= n)
-
-
-def generate_tokens(
-    model: Transformer,
-    new_tokens: list[int],
-    cache: ModelCache,
-    options: SamplingOptions,
-    stop_ids: set[int],
-    report: TokenStream | None = None,
-    mark_at: Iterable[int] = (),
-    prefill_chunk: int | None = None,
-    on_prefill: Callable[[int, int], None] | None = None,
-) -> Iterator[int]:
-    """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens,
-    in the caller's thread: the scheduler (scheduler.py) with this one sequence, stepped here.
-
-    Decoding is pipelined: step n+1 is queued before token n reaches Python, so a stop token is fed
-    to the cache too; callers read `cache.offset` to know what the cache holds.
-    mark_at: positions within `new_tokens` after which the cache is marked.
-    prefill_chunk: the prefill chunk; default the model's (`load` picks it for the machine's memory).
-    on_prefill(done, total): after each prefill chunk; the stats (tokens prefilled, seconds, peak
-    memory) are kept up to date with it, so a prefill cut short reports what it really did.
-    Concurrent generations on one model go through the model's runtime instead (Session, batch_generate).
-    """
-    from .runtime import runtime_of
-    from .scheduler import End, Progress, Scheduler, Sequence, Token
-
-    if not new_tokens:
-        raise ValueError("prefill needs at least one token")
-    runtime = runtime_of(model)
-    outputs: list = []
-    seq = Sequence(cache, new_tokens, options, stop_ids, mark_at=mark_at, report=report, emit=outputs.append)
-    scheduler = Scheduler(
-        model, runtime.decode, prefill_chunk=prefill_chunk or runtime.prefill_chunk, max_batch=1
-    )
-    scheduler.submit(seq)
-    ended = False
-    try:
-        while not ended:
-            scheduler.step()
-            for out in outputs:
-                if isinstance(out, Token):
-                    yield out.id
-                elif isinstance(out, Progress) and on_prefill is not None:
-                    on_prefill(out.done, out.total)
-                elif isinstance(out, End):
-                    ended = True
-                    if out.error is not None:
-                        raise out.error
-            outputs.clear()
-    finally:
-        if not ended:  # closed early or interrupted: the cache comes back out of the batch
-            seq.cancel()
-            while not seq.done:
-                scheduler.step()

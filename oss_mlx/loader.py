@@ -87,10 +87,11 @@ def load_model(
         )
     )
     model.load_weights(weights, strict=True)
+    streaming = None
     if memory_budget is not None:
         from .streaming import stream_experts
 
-        stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
+        streaming = stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
     model.eval()
     prepare_for_backend(model)
     resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -100,7 +101,7 @@ def load_model(
         resident = max(resident, parse_budget(memory_budget))
     wire_weights(resident)
     runtime = runtime_of(model)
-    runtime.info = LoadInfo(layout, folder, config, raw)
+    runtime.info, runtime.streaming = LoadInfo(layout, folder, config, raw), streaming
     # Smaller prefill chunks where memory is tight.
     runtime.prefill_chunk = prefill_step_for(
         resident, kv_bytes(config, DEFAULT_CONTEXT), Machine.detect().working_set_bytes

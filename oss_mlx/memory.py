@@ -96,12 +96,8 @@ def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = KV_BYTES) -> int:
 
 
 def kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = KV_BYTES) -> int:
-    """One sequence's keys and values at `context` tokens (sliding layers hold at most their window)."""
-    per = kv_bytes_per_token(config, dtype_bytes)
-    total = 0
-    for t in config.layer_types:
-        total += per * (context if t == FULL else min(context, config.sliding_window))
-    return total
+    """One sequence's keys and values at `context` tokens (ModelConfig.kv_bytes)."""
+    return config.kv_bytes(context, dtype_bytes)
 
 
 def activation_bytes(config: ModelConfig, chunk: int = PREFILL_CHUNK) -> int:

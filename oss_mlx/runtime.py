@@ -23,12 +23,15 @@ import atexit
 import logging
 import threading
 import weakref
+from collections.abc import Callable, Iterable, Iterator
 
 import mlx.core as mx
 
+from .cache import ModelCache
 from .decode import DecodeStep
-from .generation import PREFILL_CHUNK
-from .scheduler import Scheduler, Sequence
+from .generation import PREFILL_CHUNK, SamplingOptions, TokenStream
+from .model import Transformer
+from .scheduler import End, Progress, Scheduler, Sequence, Token
 
 log = logging.getLogger("oss_mlx")
 
@@ -80,8 +83,6 @@ class Runtime:
     @property
     def scheduler(self) -> Scheduler:
         if self._scheduler is None:
-            from .memory import kv_bytes
-
             config = self.model.config
             dtype_bytes = self.model.dtype.size
             self._scheduler = Scheduler(
@@ -91,7 +92,7 @@ class Runtime:
                 max_batch=self.max_batch,
                 max_waiting=self.max_waiting,
                 memory_limit=self.memory_limit,
-                kv_bytes=lambda context: kv_bytes(config, context, dtype_bytes),
+                kv_bytes=lambda context: config.kv_bytes(context, dtype_bytes),
             )
         return self._scheduler
 
@@ -214,3 +215,55 @@ def runtime_of(model) -> Runtime:
         _RUNTIMES[key] = runtime
         weakref.finalize(model, _RUNTIMES.pop, key, None)
     return runtime
+
+
+def generate_tokens(
+    model: Transformer,
+    new_tokens: list[int],
+    cache: ModelCache,
+    options: SamplingOptions,
+    stop_ids: set[int],
+    report: TokenStream | None = None,
+    mark_at: Iterable[int] = (),
+    prefill_chunk: int | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
+) -> Iterator[int]:
+    """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens,
+    in the caller's thread: the scheduler (scheduler.py) with this one sequence, stepped here.
+
+    Decoding is pipelined: step n+1 is queued before token n reaches Python, so a stop token is fed
+    to the cache too; callers read `cache.offset` to know what the cache holds.
+    mark_at: positions within `new_tokens` after which the cache is marked.
+    prefill_chunk: the prefill chunk; default the model's (`load` picks it for the machine's memory).
+    on_prefill(done, total): after each prefill chunk; the stats (tokens prefilled, seconds, peak
+    memory) are kept up to date with it, so a prefill cut short reports what it really did.
+    Concurrent generations on one model go through the model's runtime instead (Session, batch_generate).
+    """
+    if not new_tokens:
+        raise ValueError("prefill needs at least one token")
+    runtime = runtime_of(model)
+    outputs: list = []
+    seq = Sequence(cache, new_tokens, options, stop_ids, mark_at=mark_at, report=report, emit=outputs.append)
+    scheduler = Scheduler(
+        model, runtime.decode, prefill_chunk=prefill_chunk or runtime.prefill_chunk, max_batch=1
+    )
+    scheduler.submit(seq)
+    ended = False
+    try:
+        while not ended:
+            scheduler.step()
+            for out in outputs:
+                if isinstance(out, Token):
+                    yield out.id
+                elif isinstance(out, Progress) and on_prefill is not None:
+                    on_prefill(out.done, out.total)
+                elif isinstance(out, End):
+                    ended = True
+                    if out.error is not None:
+                        raise out.error
+            outputs.clear()
+    finally:
+        if not ended:  # closed early or interrupted: the cache comes back out of the batch
+            seq.cancel()
+            while not seq.done:
+                scheduler.step()

@@ -40,7 +40,6 @@ from . import weights as W
 from .cli_args import parse_size
 from .config import ModelConfig
 from .errors import MemoryBudgetError
-from .memory import kv_bytes
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
 
 if TYPE_CHECKING:
@@ -463,7 +462,7 @@ def plan_streaming(
     per_expert = expert // (L * E)
     if allowance is None:
         act = model.dtype if mx.issubdtype(model.dtype, mx.floating) else mx.bfloat16
-        allowance = kv_bytes(config, context, act.size) + ACTIVATION_ALLOWANCE
+        allowance = config.kv_bytes(context, act.size) + ACTIVATION_ALLOWANCE
     slots = min(E, (total - resident - allowance) // ((L + 1) * per_expert)) if total > resident else 0
     plan = StreamingPlan(total, resident, allowance, per_expert, L, max(int(slots), 0), E, k)
     if slots < k:
@@ -500,9 +499,6 @@ def stream_experts(
         block.mlp.experts = StreamingExperts(block.mlp.experts, layer_sources, files, plan.slots)
     mx.eval(model.parameters())  # the resident part only: the expert tensors are gone, never read
     mx.clear_cache()  # the loads' transient buffers (q, k, v before their concatenation ...)
-    from .runtime import runtime_of
-
-    runtime_of(model).streaming = plan
     return plan
 
 

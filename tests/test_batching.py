@@ -10,8 +10,8 @@ from test_cache import CFG, model  # noqa: F401  (the fixture)
 
 from oss_mlx import batch_cache, kernels
 from oss_mlx.batch_cache import BatchCache
-from oss_mlx.generation import SamplingOptions, generate_tokens
-from oss_mlx.runtime import runtime_of
+from oss_mlx.generation import SamplingOptions
+from oss_mlx.runtime import generate_tokens, runtime_of
 from oss_mlx.scheduler import End, Progress, Scheduler, Sequence, Token
 
 # Mixed lengths: one token, under the window (8), several windows, and a multi-chunk prompt.

@@ -138,7 +138,8 @@ def test_greedy_generation_takes_the_argmax_of_each_steps_logits(model):  # noqa
     """Greedy sampling reads the logits as they are (no log-softmax first: its argmax is the same);
     generation's tokens are each step's argmax of the plain forward, and a sampled run still draws
     from the log-probabilities."""
-    from oss_mlx.generation import SamplingOptions, generate_tokens
+    from oss_mlx.generation import SamplingOptions
+    from oss_mlx.runtime import generate_tokens
 
     prompt, n = [int(t) for t in TOKENS[:6]], 8
     got = list(generate_tokens(model, prompt, model.make_cache(), SamplingOptions(0.0, max_tokens=n), set()))
@@ -192,6 +193,7 @@ def test_generation_traces_the_step_while_the_prompt_runs(model, monkeypatch):  
     the prompt joins while the prompt's last chunk runs (DecodeStep.trace_ahead), and every decoded
     token then replays that one trace."""
     from oss_mlx import generation
+    from oss_mlx import runtime as runtime_module
     from oss_mlx.runtime import runtime_of
 
     monkeypatch.setattr(batch_cache, "GROW", 16)
@@ -209,7 +211,7 @@ def test_generation_traces_the_step_while_the_prompt_runs(model, monkeypatch):  
     cache = model.make_cache()
     prompt = [int(t) for t in TOKENS[:16]]
     options = generation.SamplingOptions(0.0, max_tokens=6)
-    for _ in generation.generate_tokens(model, prompt, cache, options, set()):
+    for _ in runtime_module.generate_tokens(model, prompt, cache, options, set()):
         events.append("token")
     # the prompt but its last token, the last token alone, the trace, then the first token and five
     # more decoded without another trace

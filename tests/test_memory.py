@@ -201,7 +201,7 @@ def test_prefill_step_shrinks_where_memory_is_tight():
 
 @pytest.mark.parametrize("gb,step", [("0.01", 512), ("1000", 2048)])
 def test_load_picks_the_prefill_step_and_generation_uses_it(tiny_checkpoint, monkeypatch, gb, step):
-    from oss_mlx import generation, scheduler
+    from oss_mlx import generation, runtime, scheduler
     from oss_mlx.loader import load_model
     from oss_mlx.runtime import runtime_of
 
@@ -217,8 +217,8 @@ def test_load_picks_the_prefill_step_and_generation_uses_it(tiny_checkpoint, mon
 
     monkeypatch.setattr(scheduler, "prefill_cuts", spy)
     options = generation.SamplingOptions(temperature=0, max_tokens=2)
-    list(generation.generate_tokens(model, [1, 2, 3], model.make_cache(), options, stop_ids=set()))
-    list(generation.generate_tokens(model, [4], model.make_cache(), options, set(), prefill_chunk=64))
+    list(runtime.generate_tokens(model, [1, 2, 3], model.make_cache(), options, stop_ids=set()))
+    list(runtime.generate_tokens(model, [4], model.make_cache(), options, set(), prefill_chunk=64))
     assert seen == [step, 64]
 
 

@@ -191,7 +191,7 @@ def test_the_python_api_example_runs(tiny_checkpoint):
 
 
 def test_prefill_progress_reports_without_changing_the_tokens(loaded):
-    from oss_mlx.generation import generate_tokens
+    from oss_mlx.runtime import generate_tokens
 
     model, _ = loaded
     tokens = list(range(300, 350))
