@@ -97,6 +97,8 @@ CONTEXT = Number(int, 1, 2**24)  # tokens; the model's own limit is checked once
 SECONDS = Number(float, 0.0, 7 * 24 * 3600.0, low_open=True)
 MEMORY_GB = Number(float, 0.0, 1e6, low_open=True)
 SEED_NON_NEGATIVE = Number(int, 0, 2**63 - 1)  # deterministic content (synthetic weights, bench prompts)
+CONCURRENCY = Number(int, 1, 256)  # sequences decoded together (the decode batch's largest bucket)
+PREFILL_CHUNK = Number(int, 16, 2**16)  # prompt tokens per prefill chunk
 
 # The chat's /set: the same checks as the flags.
 SAMPLING: dict[str, Number] = {

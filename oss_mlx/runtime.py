@@ -140,13 +140,16 @@ class Runtime:
                 _THREADS.add(self._driver)
                 self._driver.start()
 
-    def drive(self, stop: threading.Event) -> None:
-        """Step the scheduler in this thread until `stop` is set (the server's worker thread)."""
+    def drive(self, stop: threading.Event, started: Callable[[], None] | None = None) -> None:
+        """Step the scheduler in this thread until `stop` is set (the server's worker thread, which
+        loaded the model); `started` is called once this thread is the one (submits may come then)."""
         with self._lock:
             if self._driver is not None:
                 raise RuntimeError("another thread steps this model's scheduler already")
             self._driver = threading.current_thread()
         scheduler = self.scheduler
+        if started is not None:
+            started()
         try:
             while not stop.is_set():
                 _step_or_wait(scheduler, stop.is_set)

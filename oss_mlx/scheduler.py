@@ -4,12 +4,13 @@ and runs at most one prefill chunk of a joining one.
 A step, in order:
   1. sequences leave the decode batch: cancelled ones, finished ones (a stop token or their last
      token read), and those whose unread token is their last (it is read, never fed);
-  2. admission: the next waiting sequence starts its prefill when the batch has room (max_batch
-     sequences, the one prefilling included) and the memory planner says its KV cache fits;
+  2. admission: waiting sequences start their prefill, in order, while the batch has room (max_batch
+     sequences, those prefilling included) and the memory planner says their KV caches fit;
   3. the batch's decode step is queued (decode.py): one token per sequence, each at its own position;
-  4. one prefill chunk of the joining sequence runs on its own cache (generation.prefill_cuts: the
-     chunks a lone prompt takes, so its keys and values are exactly a lone prompt's); after its last
-     chunk its first token is sampled and it joins the batch (batch_cache.py);
+  4. one prefill chunk runs, of the prefilling sequences in turn (a short prompt does not wait for a
+     long one to finish), on that sequence's own cache (generation.prefill_cuts: the chunks a lone
+     prompt takes, so its keys and values are exactly a lone prompt's); after its last chunk its
+     first token is sampled and it joins the batch (batch_cache.py);
   5. the tokens sampled one step earlier are read (the GPU meanwhile runs this step's): each
      sequence's `emit` gets them, and a stop token or max_tokens finishes it.
 
@@ -193,7 +194,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._submitted: deque[Sequence] = deque()
         self.waiting: deque[Sequence] = deque()
-        self.prefilling: Sequence | None = None
+        self.prefilling: list[Sequence] = []  # admitted, prefilled a chunk at a time in turn
         self.decoding: list[Sequence] = []  # in the batch
         self.draining: list[Sequence] = []  # out of the batch, tokens still to read
         self._sampled: mx.array | None = None  # the last step's tokens, one per row
@@ -224,7 +225,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self.decoding) + (self.prefilling is not None)
+        return len(self.decoding) + len(self.prefilling)
 
     @property
     def queued(self) -> int:
@@ -257,11 +258,11 @@ class Scheduler:
     def fail_all(self, error: BaseException) -> None:
         """End every sequence with `error` (the stepping thread is stopping, or a bug)."""
         self._fail_batch(error)
-        for seq in [*self.waiting, *([self.prefilling] if self.prefilling else []), *self.draining]:
+        for seq in [*self.waiting, *self.prefilling, *self.draining]:
             seq.error = seq.error or error
             self._end(seq)
         self.waiting.clear()
-        self.prefilling = None
+        self.prefilling = []
         self.draining = []
 
     def _retire(self) -> None:
@@ -269,8 +270,8 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.finish = "interrupted"
             self._end(seq)
-        if self.prefilling is not None and self.prefilling.cancelled:
-            seq, self.prefilling = self.prefilling, None
+        for seq in [s for s in self.prefilling if s.cancelled]:
+            self.prefilling.remove(seq)
             seq.finish = "interrupted"
             self._end(seq)
         for seq in list(self.decoding):
@@ -289,15 +290,14 @@ class Scheduler:
                 self._end(seq)
 
     def _admit(self) -> None:
-        if self.prefilling is not None or not self.waiting or self.room() < 1:
-            return
-        seq = self.waiting[0]
-        if not self._fits(seq):
-            return
-        self.waiting.popleft()
-        if not (self.decoding or self.draining):  # alone: its peak is its own
+        while self.waiting and self.room() >= 1 and self._fits(self.waiting[0]):
+            self._start(self.waiting.popleft())
+
+    def _start(self, seq: Sequence) -> None:
+        if not (self.decoding or self.draining or self.prefilling):  # alone: its peak is its own
             mx.reset_peak_memory()
-        seq.state, self.prefilling = _PREFILL, seq
+        seq.state = _PREFILL
+        self.prefilling.append(seq)
         seq._cuts = prefill_cuts(len(seq.tokens), self.prefill_chunk, seq.marks)
         seq._started = time.perf_counter()
         seq._sample = _Sampler(seq.options, self.model.config.vocab_size, self.model.dtype)
@@ -305,13 +305,15 @@ class Scheduler:
         self._progress(seq, 0)
 
     def _fits(self, seq: Sequence) -> bool:
-        if self.memory_limit is None or self.kv_bytes is None or not (self.decoding or self.draining):
-            return True
-        rows = row_bucket(len(self.decoding) + 1)
-        longest = max([seq.projected, *(s.projected for s in self.decoding)])
+        others = [*self.decoding, *self.prefilling]
+        if self.memory_limit is None or self.kv_bytes is None or not others:
+            return True  # alone, a sequence always runs (as a single generation always did)
+        rows = row_bucket(len(others) + 1)
+        longest = max([seq.projected, *(s.projected for s in others)])
         window = max((w for w in self.batch.windows if w), default=0)
         after = rows * self.kv_bytes(max(grown(0, longest), window))
-        need = mx.get_active_memory() - self.batch.nbytes + after + self.kv_bytes(len(seq.tokens))
+        prompts = sum(self.kv_bytes(s._start_offset + len(s.tokens)) for s in [*self.prefilling, seq])
+        need = mx.get_active_memory() - self.batch.nbytes + after + prompts
         return need <= self.memory_limit
 
     def _decode(self) -> None:
@@ -355,17 +357,18 @@ class Scheduler:
         return mx.concatenate(parts)
 
     def _prefill(self) -> None:
-        seq = self.prefilling
-        if seq is None:
+        if not self.prefilling:
             return
+        seq = self.prefilling.pop(0)
         try:
-            self._prefill_chunk(seq)
+            if not self._prefill_chunk(seq):
+                self.prefilling.append(seq)  # more chunks to come, after the others' turn
         except Exception as e:  # bad ids, an MLX error: this sequence fails, the others go on
-            self.prefilling = None
             seq.error = e
             self._end(seq)
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
+    def _prefill_chunk(self, seq: Sequence) -> bool:
+        """One chunk of seq's prompt; True once the prompt is done (and seq decoding)."""
         cut = next(c for c in seq._cuts if c > seq._prefilled)
         chunk = mx.array(seq.tokens[seq._prefilled : cut])[None]
         logits = self.model(chunk, cache=seq.cache, last_logits_only=True)
@@ -377,7 +380,7 @@ class Scheduler:
             if cut in seq.marks:
                 seq.cache.mark()
             self._progress(seq, cut)
-            return
+            return False
         mx.async_eval(logits, *seq.cache.arrays())
         joins = seq.options.max_tokens > 1
         if joins:  # host work while the GPU runs the chunk: the step traced for the batch it joins
@@ -390,7 +393,6 @@ class Scheduler:
         seq._prefilled = cut
         seq.produced, seq.pending = 1, (token, 0)
         seq._unread.append((token, 0, self._step - 1))  # read in this step: the first token waits on nothing
-        self.prefilling = None
         if joins:
             self.batch.join(seq, seq.cache)
             self._rows_changed = True
@@ -399,6 +401,7 @@ class Scheduler:
         else:
             seq.state = _DRAIN
             self.draining.append(seq)
+        return True
 
     def _read(self) -> None:
         values: dict[int, list[int]] = {}

@@ -89,7 +89,7 @@ CHAT_WEATHER_TOOL = {
 @pytest.fixture(scope="module")
 def servers(tiny_checkpoint, tmp_path_factory):
     """Two servers, started side by side: the main one (API key, small body limit) and one with
-    --max-queue 1 for the 429 test."""
+    --max-concurrency 1 --max-queue 1 for the 429 test."""
     folder = tmp_path_factory.mktemp("server")
     rules = folder / "rules.json"
     rules.write_text(json.dumps(RULES))
@@ -97,7 +97,9 @@ def servers(tiny_checkpoint, tmp_path_factory):
     main = ServerProcess(
         tiny_checkpoint, folder / "main.log", "--api-key", KEY, "--max-body-bytes", "100000", env=env
     )
-    small = ServerProcess(tiny_checkpoint, folder / "queue.log", "--max-queue", "1", env=env)
+    small = ServerProcess(
+        tiny_checkpoint, folder / "queue.log", "--max-concurrency", "1", "--max-queue", "1", env=env
+    )
     with running(main, small):
         yield main, small
 
@@ -525,7 +527,7 @@ def test_full_queue_is_429_with_retry_after(servers):
             start = time.monotonic()
             health = c.get("/health").json()  # the event loop answers while the model works
             assert time.monotonic() - start < 2
-            assert health["queue"] == {"running": 1, "waiting": 1, "max_waiting": 1}
+            assert health["queue"] == {"running": 1, "waiting": 1, "max_running": 1, "max_waiting": 1}
             r = c.post("/v1/responses", json={"input": "[greet]"})
             error = _error(r, 429)
             assert error["code"] == "rate_limit_exceeded" and int(r.headers["Retry-After"]) >= 1
@@ -535,7 +537,8 @@ def test_full_queue_is_429_with_retry_after(servers):
         start = time.monotonic()
         r = c.post("/v1/responses", json={"input": "[greet]"})
         assert r.status_code == 200 and time.monotonic() - start < 5
-    assert httpx.get(f"{small.url}/health").json()["queue"] == {"running": 0, "waiting": 0, "max_waiting": 1}
+    idle = {"running": 0, "waiting": 0, "max_running": 1, "max_waiting": 1}
+    assert httpx.get(f"{small.url}/health").json()["queue"] == idle
 
 
 # ---- bounded fields, depth, parameters (issue: hardening) ---------------------------------------------

@@ -327,10 +327,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="used when a request names none",
     )
     p.add_argument(
+        "--max-concurrency",
+        type=A.CONCURRENCY,
+        default=8,
+        metavar="N",
+        help="requests that generate at once, decoded together (a new one starts while others "
+        "decode); each needs its KV cache in memory, and a request waits until it fits",
+    )
+    p.add_argument(
         "--max-queue",
         type=A.Number(int, 0, 100_000),
         default=16,
-        help="requests that may wait while one generates; more get 429",
+        help="requests that may wait while --max-concurrency generate; more get 429",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=A.PREFILL_CHUNK,
+        metavar="TOKENS",
+        help="prompt tokens processed between two decode steps of the running requests: smaller "
+        "keeps their tokens flowing during a long prompt, larger prefills faster (default: 2048, "
+        "512 where memory is tight)",
     )
     p.add_argument(
         "--max-body-bytes",
@@ -476,6 +492,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     engine = Engine(
         args.model,
         max_queue=args.max_queue,
+        max_concurrency=args.max_concurrency,
+        prefill_chunk=args.prefill_chunk,
         cache_slots=args.cache_slots,
         context_limit=args.context_limit,
         script=script,

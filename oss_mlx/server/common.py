@@ -98,11 +98,7 @@ async def run_to_end(job: Job, request: Request, on_event: Callable[[Any], None]
     loop = asyncio.get_running_loop()
     next_check = loop.time() + DISCONNECT_POLL_SECONDS
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                event = None
+        async for event in job.stream(DISCONNECT_POLL_SECONDS):
             if loop.time() >= next_check:  # by the clock: events may come faster than any timeout
                 next_check = loop.time() + DISCONNECT_POLL_SECONDS
                 if await request.is_disconnected():
@@ -116,8 +112,9 @@ async def run_to_end(job: Job, request: Request, on_event: Callable[[Any], None]
             if isinstance(event, Finished):
                 return event
             on_event(event)
+        raise RuntimeError("a job's stream ended without Finished")
     finally:
-        job.cancel()  # no-op once finished; frees the worker on any other way out
+        job.cancel()  # no-op once finished; frees its place on any other way out
 
 
 def sse(data: Any, event: str | None = None) -> bytes:

@@ -1,20 +1,22 @@
-"""The one generation worker: the model, a few Sessions whose caches are reused, and a bounded queue.
+"""The generation worker: the model, a pool of Sessions whose caches are reused, and the scheduler.
 
-MLX runs one generation at a time, so a single thread owns the model (it also loads it: MLX streams
-belong to the thread that made them). Requests are rendered to tokens in the request handler, then
-queued as :class:`Job` objects; the worker streams each job's events back to the event loop. The
-event loop never waits on MLX.
+One thread loads the model and steps its scheduler (runtime.py, scheduler.py): MLX streams belong to
+the thread that made them. Requests are rendered to tokens off the event loop, then become scheduler
+sequences at once: up to ``max_concurrency`` decode together (a new one's prefill runs a chunk at a
+time between the others' decode steps, so its first token does not wait for them to finish), at most
+``max_queue`` more wait. A submit beyond that raises :class:`QueueFull` (the app answers 429 with
+Retry-After, estimated from recent request durations). The scheduler's outputs (tokens, progress,
+the end) reach the event loop through each :class:`Job`'s asyncio queue, where they become harmony
+events; the event loop never waits on MLX. Cancelling a job (client gone, stop sequence met) frees
+its place within one decode step or one prefill chunk, and the cache is settled.
 
-Queue semantics: one job runs; at most ``max_queue`` more wait. A submit beyond that raises
-:class:`QueueFull` (the app answers 429 with Retry-After, estimated from recent job durations).
-Cancelling a job (client gone, stop sequence met) that waits frees its slot at once; one that runs
-stops at its next token, which closes the ``Session.stream`` generator and leaves the cache
-consistent.
+Admission also checks memory: a request waits until its KV cache (projected to its prompt and
+max_tokens) fits beside the others' (memory.py's budget for this machine), instead of swapping.
 
-Prefix reuse: up to ``cache_slots`` Sessions are kept. A request goes to the session whose cached
-tokens share the longest prefix with its prompt when that prefix reaches past the system and
+Prefix reuse: up to ``cache_slots`` idle Sessions are kept. A request goes to the idle session whose
+cached tokens share the longest prefix with its prompt when that prefix reaches past the system and
 developer messages (the same conversation, continued); otherwise to a fresh session while there is
-room, else to the least recently used one. ``Session.stream(tokens)`` rewinds the cache itself.
+room, else to the least recently used idle one. ``Session.begin`` rewinds the cache itself.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -31,7 +32,9 @@ from typing import Any
 
 from ..generation import SamplingOptions
 from ..harmony import Message, MessageDone, StreamParser, Tool, render_conversation
-from ..session import Done, Reply, Session
+from ..runtime import runtime_of
+from ..scheduler import Busy, End, Progress, Token
+from ..session import Reply, ReplyBuilder, Session, Turn
 
 log = logging.getLogger("oss_mlx.server")
 
@@ -90,42 +93,53 @@ class ContextTooLong(Exception):
         )
 
 
-_WAITING, _RUNNING, _DONE = "waiting", "running", "done"
-
-
 class Job:
-    """One queued generation; its events arrive on the event loop through an asyncio queue."""
+    """One request's generation: the scheduler's outputs arrive through an asyncio queue and become
+    harmony events here, on the event loop."""
 
     def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
         self.engine, self.request, self.loop = engine, request, loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.state = _WAITING
+        self.outputs: asyncio.Queue = asyncio.Queue()
+        self.turn: Turn | None = None
+        self.builder: ReplyBuilder | None = None
+        self.usage: Usage | None = None  # set when the sequence ends (on the worker thread)
 
-    def put(self, event: Any) -> None:
+    def put(self, output: Any) -> None:
         """From the worker thread."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
         except RuntimeError:  # the event loop is gone (shutdown)
-            self.cancelled.set()
+            self.cancel()
 
     def cancel(self) -> None:
-        """Stop this job (idempotent, from the event loop): a waiting job leaves the queue at once."""
-        self.cancelled.set()
-        self.engine._release_if_waiting(self)
+        """Stop this job (idempotent, any thread): it leaves the scheduler within a step or a chunk."""
+        if self.turn is not None:
+            self.turn.sequence.cancel()
 
     async def stream(self, idle: float | None = None) -> AsyncIterator[Any]:
-        """Events until, and including, Finished or Failed; None after each ``idle`` seconds without
-        one (a queued job, a long prefill), for the caller to send a keep-alive."""
+        """Events (TextDelta, ToolCall, MessageDone) until, and including, Finished or Failed; None
+        after each ``idle`` seconds without one (waiting for a place, a long prefill), for the caller
+        to send a keep-alive."""
         while True:
             try:
-                event = await asyncio.wait_for(self.events.get(), idle)
+                output = await asyncio.wait_for(self.outputs.get(), idle)
             except asyncio.TimeoutError:
                 yield None
                 continue
-            yield event
-            if isinstance(event, Finished | Failed):
+            if isinstance(output, Token):
+                for event in self.builder.feed(output.id):
+                    yield event
+            elif isinstance(output, End):
+                if output.error is not None:
+                    yield Failed(f"{type(output.error).__name__}: {output.error}")
+                    return
+                for event in self.builder.finish():
+                    yield event
+                reply = self.builder.reply
+                yield Finished(reply, self.usage or Usage(), reply.stats.finish_reason == "interrupted")
                 return
+            elif not isinstance(output, Progress):
+                raise TypeError(f"unexpected scheduler output {output!r}")
 
 
 def reasoning_token_count(tokens: list[int], tokenizer) -> int:
@@ -150,30 +164,34 @@ class Engine:
         model_path: str,
         *,
         max_queue: int = 16,
+        max_concurrency: int = 8,
         cache_slots: int = 2,
         context_limit: int | None = None,
+        prefill_chunk: int | None = None,
         script: Any = None,
         loader: Any = None,
         load_kwargs: dict | None = None,
     ):
         self.model_path = model_path
         self.max_queue = max_queue
+        self.max_concurrency = max_concurrency
         self.cache_slots = max(1, cache_slots)
         self.context_limit = context_limit
+        self.prefill_chunk = prefill_chunk
         self.script = script  # the test hook (scripted.py), None in normal use
         self._loader = loader
         self._load_kwargs = dict(load_kwargs or {})
         self.model = self.tokenizer = None
-        self.sessions: list[Session] = []
+        self.runtime = None
+        self.sessions: list[Session] = []  # kept for prefix reuse (idle or busy)
+        self._busy: set[int] = set()  # id(session) of those generating
         self._used: dict[int, float] = {}  # id(session) -> last use
-        self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._admitted = 0  # waiting + running
         self._seconds_per_job = 5.0  # moving average, for Retry-After
         self._ready = threading.Event()
+        self._stop = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="oss-mlx-generation", daemon=True)
-        self.running: Job | None = None
 
     # ---- life ----------------------------------------------------------------------------------
 
@@ -185,9 +203,9 @@ class Engine:
             raise self._load_error
 
     def stop(self) -> None:
-        if self.running is not None:
-            self.running.cancelled.set()
-        self._queue.put(None)
+        self._stop.set()
+        if self.runtime is not None:
+            self.runtime.scheduler.notify()
         self._thread.join(timeout=10)
 
     def _main(self) -> None:
@@ -209,34 +227,23 @@ class Engine:
                 )
             if self.script is not None:
                 self.script = self.script(self.tokenizer)
+            self.runtime = runtime_of(self.model)
+            self.runtime.configure(
+                max_batch=self.max_concurrency,
+                max_waiting=self.max_queue,
+                memory_limit=memory_limit(self.runtime),
+                prefill_chunk=self.prefill_chunk,
+            )
         except BaseException as e:  # reported by start()
             self._load_error = e
             self._ready.set()
             return
-        self._ready.set()
-        self._warm_up()
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            with self._lock:
-                if job.state == _DONE:  # cancelled while waiting
-                    continue
-                job.state = _RUNNING
-                self.running = job
-            started = time.monotonic()
-            try:
-                self._run(job)
-            except Exception as e:  # a bug or an MLX error: the job fails, the server goes on
-                log.exception("generation failed")
-                job.put(Failed(f"{type(e).__name__}: {e}"))
-            finally:
-                elapsed = time.monotonic() - started
-                with self._lock:
-                    job.state = _DONE
-                    self.running = None
-                    self._admitted -= 1
-                    self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
+
+        def started() -> None:
+            self._ready.set()
+            self._warm_up()
+
+        self.runtime.drive(self._stop, started)  # this thread steps the scheduler until stop()
 
     def _warm_up(self) -> None:
         # The sampler comes from mlx-lm, whose import takes seconds: done now, while the first request
@@ -253,9 +260,15 @@ class Engine:
         return self._ready.is_set() and self._load_error is None
 
     def queue_state(self) -> dict:
-        with self._lock:
-            running = 1 if self.running is not None else 0
-            return {"running": running, "waiting": self._admitted - running, "max_waiting": self.max_queue}
+        scheduler = self.runtime.scheduler if self.runtime is not None else None
+        running = scheduler.running if scheduler is not None else 0
+        waiting = scheduler.queued if scheduler is not None else 0
+        return {
+            "running": running,
+            "waiting": waiting,
+            "max_running": self.max_concurrency,
+            "max_waiting": self.max_queue,
+        }
 
     def prepare(self, req: GenerationRequest, check: bool = True) -> GenerationRequest:
         """Render the prompt (in a worker-pool thread, not the event loop) and check the context.
@@ -310,74 +323,51 @@ class Engine:
         req.dropped_messages = start
 
     def submit(self, req: GenerationRequest) -> Job:
+        """Start a job (from the event loop): a session for it, its sequence with the scheduler
+        (QueueFull when max_queue are waiting already)."""
         job = Job(self, req, asyncio.get_running_loop())
-        with self._lock:
-            if self._admitted >= 1 + self.max_queue:
-                retry = math.ceil(self._seconds_per_job * (self._admitted - self.max_queue))
-                raise QueueFull(max(1, min(retry, 120)))
-            self._admitted += 1
-        self._queue.put(job)
-        return job
-
-    def _release_if_waiting(self, job: Job) -> None:
-        with self._lock:
-            if job.state == _WAITING:
-                job.state = _DONE
-                self._admitted -= 1
-
-    # ---- generation (worker thread) ------------------------------------------------------------
-
-    def _pick_session(self, prompt: list[int], header: int) -> Session:
-        def shared(s: Session) -> int:
-            a, n = s.cached_tokens, min(len(s.cached_tokens), len(prompt))
-            i = 0
-            while i < n and a[i] == prompt[i]:
-                i += 1
-            return i
-
-        best = max(self.sessions, key=lambda s: (shared(s), self._used[id(s)]), default=None)
-        if best is not None and shared(best) > header:
-            return best
-        if len(self.sessions) < self.cache_slots:
-            session = Session(self.model, self.tokenizer)
-            self.sessions.append(session)
-            self._used[id(session)] = 0.0
-            return session
-        return min(self.sessions, key=lambda s: self._used[id(s)])
-
-    def _run(self, job: Job) -> None:
-        req = job.request
-        session = self._pick_session(req.prompt, req.header_tokens)
-        self._used[id(session)] = time.monotonic()
         options = req.options
         if self.script is not None:
             options = self.script.options(options, req.messages)
+        with self._lock:
+            session = self._pick_session(req.prompt, req.header_tokens)
+            self._busy.add(id(session))
+            self._used[id(session)] = time.monotonic()
         session.last_reply = None
-        events = session.stream(req.prompt, options, assistant_prefix=req.prefix_tokens)
-        reply = None
+        started = time.monotonic()
+        turn = session.begin(req.prompt, options, req.prefix_tokens, emit=job.put)
+        job.turn = turn
+        job.builder = ReplyBuilder(self.tokenizer, turn.report, req.prefix_tokens)
+        settle = turn.sequence.on_end
+
+        def on_end() -> None:  # on the worker thread, the cache back: settle, count, free the session
+            try:
+                settle()
+            finally:
+                job.usage = self._finish(session, turn, time.monotonic() - started)
+
+        turn.sequence.on_end = on_end
         try:
-            for event in events:
-                if isinstance(event, Done):
-                    reply = event.reply
-                    break
-                if job.cancelled.is_set():
-                    break
-                job.put(event)
-        finally:
-            events.close()  # on cancel: stops generation, settles the cache
-            session.turn_stats.clear()  # a chat keeps these per turn; a server would only pile them up
-        cancelled = reply is None
-        reply = reply or session.last_reply or Reply()
-        stats = reply.stats
+            self.runtime.submit(turn.sequence)
+        except Busy as e:
+            with self._lock:
+                self._busy.discard(id(session))
+            retry = math.ceil(self._seconds_per_job * (e.waiting - self.max_queue + 1) / self.max_concurrency)
+            raise QueueFull(max(1, min(retry, 120))) from None
+        return job
+
+    def _finish(self, session: Session, turn: Turn, elapsed: float) -> Usage:
+        stats, tokens = turn.report.stats, turn.report.tokens
+        session.turn_stats.clear()  # a chat keeps these per turn; a server would only pile them up
         usage = Usage(
             prompt_tokens=stats.prompt_tokens,
             cached_tokens=stats.prompt_tokens - stats.prefilled_tokens,
             completion_tokens=stats.generated_tokens,
-            reasoning_tokens=reasoning_token_count(reply.tokens, self.tokenizer),
+            reasoning_tokens=reasoning_token_count(tokens, self.tokenizer),
         )
         log.info(
             "%s: prompt %d tokens (%d cached), %d generated (%d reasoning) at %.1f tok/s, %s",
-            "cancelled" if cancelled else "done",
+            "cancelled" if stats.finish_reason == "interrupted" else "done",
             usage.prompt_tokens,
             usage.cached_tokens,
             usage.completion_tokens,
@@ -385,4 +375,47 @@ class Engine:
             stats.generation_tps,
             stats.finish_reason,
         )
-        job.put(Finished(reply, usage, cancelled))
+        with self._lock:
+            self._busy.discard(id(session))
+            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
+            idle = [s for s in self.sessions if id(s) not in self._busy]
+            while len(self.sessions) > self.cache_slots and idle:  # past the slots: the oldest goes
+                oldest = min(idle, key=lambda s: self._used[id(s)])
+                idle.remove(oldest)
+                self.sessions.remove(oldest)
+                del self._used[id(oldest)]
+        return usage
+
+    # ---- sessions --------------------------------------------------------------------------------
+
+    def _pick_session(self, prompt: list[int], header: int) -> Session:
+        """Under the lock: an idle session continuing this conversation, else a fresh one while the
+        slots allow (or others are busy), else the least recently used idle one."""
+
+        def shared(s: Session) -> int:
+            a, n = s.cached_tokens, min(len(s.cached_tokens), len(prompt))
+            i = 0
+            while i < n and a[i] == prompt[i]:
+                i += 1
+            return i
+
+        idle = [s for s in self.sessions if id(s) not in self._busy]
+        best = max(idle, key=lambda s: (shared(s), self._used[id(s)]), default=None)
+        if best is not None and shared(best) > header:
+            return best
+        if len(self.sessions) < self.cache_slots or not idle:
+            session = Session(self.model, self.tokenizer)
+            self.sessions.append(session)
+            self._used[id(session)] = 0.0
+            return session
+        return min(idle, key=lambda s: self._used[id(s)])
+
+
+def memory_limit(runtime) -> int | None:
+    """Bytes MLX may hold with every sequence admitted: this machine's budget (memory.Machine) less
+    the transient memory of one prefill chunk (memory.PREFILL_TRANSIENT)."""
+    from ..memory import PREFILL_TRANSIENT, Machine
+
+    budget = Machine.detect().working_set_bytes
+    transient = PREFILL_TRANSIENT.get(runtime.prefill_chunk, max(PREFILL_TRANSIENT.values()))
+    return max(0, budget - transient) if budget else None
