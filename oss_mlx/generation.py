@@ -75,6 +75,7 @@ class GenerationStats:
     peak_memory_gb: float = 0.0
     finish_reason: str = "length"  # "stop" (return), "tool_call" (call), "length", "interrupted"
     context_tokens: int = 0  # tokens in the cache after the reply
+    max_batch: int = 0  # the most sequences it was decoded together with (itself included)
 
     @property
     def prompt_tps(self) -> float:

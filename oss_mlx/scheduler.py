@@ -334,8 +334,10 @@ class Scheduler:
         logits = self.decode(tokens[:, None], batch)[:, -1, :]
         sampled = self._sample_rows(logits)
         mx.async_eval(sampled)
+        size = batch.size
         for r, seq in enumerate(batch.keys):
             if seq is not None:
+                seq.report.stats.max_batch = max(seq.report.stats.max_batch, size)
                 seq.pending = (sampled, r)
                 seq._unread.append((sampled, r, self._step))
                 seq.produced += 1
@@ -359,13 +361,17 @@ class Scheduler:
     def _prefill(self) -> None:
         if not self.prefilling:
             return
-        seq = self.prefilling.pop(0)
+        seq = self.prefilling[0]  # kept in the list while its chunk runs (other threads count it)
         try:
-            if not self._prefill_chunk(seq):
-                self.prefilling.append(seq)  # more chunks to come, after the others' turn
+            done = self._prefill_chunk(seq)
         except Exception as e:  # bad ids, an MLX error: this sequence fails, the others go on
+            self.prefilling.remove(seq)
             seq.error = e
             self._end(seq)
+            return
+        self.prefilling.remove(seq)
+        if not done:
+            self.prefilling.append(seq)  # more chunks to come, after the others' turn
 
     def _prefill_chunk(self, seq: Sequence) -> bool:
         """One chunk of seq's prompt; True once the prompt is done (and seq decoding)."""

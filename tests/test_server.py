@@ -527,7 +527,13 @@ def test_full_queue_is_429_with_retry_after(servers):
             start = time.monotonic()
             health = c.get("/health").json()  # the event loop answers while the model works
             assert time.monotonic() - start < 2
-            assert health["queue"] == {"running": 1, "waiting": 1, "max_running": 1, "max_waiting": 1}
+            assert health["queue"] == {
+                "running": 1,
+                "prefilling": 0,
+                "waiting": 1,
+                "max_running": 1,
+                "max_waiting": 1,
+            }
             r = c.post("/v1/responses", json={"input": "[greet]"})
             error = _error(r, 429)
             assert error["code"] == "rate_limit_exceeded" and int(r.headers["Retry-After"]) >= 1
@@ -537,7 +543,7 @@ def test_full_queue_is_429_with_retry_after(servers):
         start = time.monotonic()
         r = c.post("/v1/responses", json={"input": "[greet]"})
         assert r.status_code == 200 and time.monotonic() - start < 5
-    idle = {"running": 0, "waiting": 0, "max_running": 1, "max_waiting": 1}
+    idle = {"running": 0, "prefilling": 0, "waiting": 0, "max_running": 1, "max_waiting": 1}
     assert httpx.get(f"{small.url}/health").json()["queue"] == idle
 
 

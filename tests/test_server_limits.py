@@ -469,7 +469,7 @@ def test_access_policies_in_process():
 
     class NoEngine:
         def queue_state(self) -> dict:
-            return {"running": 0, "waiting": 0, "max_running": 1, "max_waiting": 0}
+            return {"running": 0, "prefilling": 0, "waiting": 0, "max_running": 1, "max_waiting": 0}
 
     def client(policy: AccessPolicy) -> TestClient:
         app = create_app(ServerState(NoEngine(), ServerConfig("m", aliases={"m"})), policy)

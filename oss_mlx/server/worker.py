@@ -263,8 +263,10 @@ class Engine:
         scheduler = self.runtime.scheduler if self.runtime is not None else None
         running = scheduler.running if scheduler is not None else 0
         waiting = scheduler.queued if scheduler is not None else 0
+        prefilling = len(scheduler.prefilling) if scheduler is not None else 0
         return {
-            "running": running,
+            "running": running,  # prefilling or decoding
+            "prefilling": prefilling,
             "waiting": waiting,
             "max_running": self.max_concurrency,
             "max_waiting": self.max_queue,
@@ -366,7 +368,8 @@ class Engine:
             reasoning_tokens=reasoning_token_count(tokens, self.tokenizer),
         )
         log.info(
-            "%s: prompt %d tokens (%d cached), %d generated (%d reasoning) at %.1f tok/s, %s",
+            "%s: prompt %d tokens (%d cached), %d generated (%d reasoning) at %.1f tok/s, %s, "
+            "decoded in a batch of up to %d",
             "cancelled" if stats.finish_reason == "interrupted" else "done",
             usage.prompt_tokens,
             usage.cached_tokens,
@@ -374,6 +377,7 @@ class Engine:
             usage.reasoning_tokens,
             stats.generation_tps,
             stats.finish_reason,
+            stats.max_batch,
         )
         with self._lock:
             self._busy.discard(id(session))
