@@ -15,7 +15,7 @@ from .errors import LoadError
 from .generation import SamplingOptions
 from .loader import check_vocabulary, load_model, model_config, resolve_model_path
 from .model import Transformer
-from .session import Done, Reply, Session, generate, stream_generate
+from .session import Done, Reply, Session, batch_generate, generate, stream_generate
 from .tokenizer import HarmonyTokenizer, load_tokenizer
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "SamplingOptions",
     "load",
     "generate",
+    "batch_generate",
     "stream_generate",
     "Session",
     "load_model",

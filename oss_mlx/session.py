@@ -337,3 +337,65 @@ def generate(model: Transformer, tokenizer: HarmonyTokenizer, prompt: Prompt, **
         if isinstance(event, Done):
             reply = event.reply
     return reply
+
+
+def batch_generate(
+    model: Transformer,
+    tokenizer: HarmonyTokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    reasoning_effort: str = "medium",
+    instructions: str | None = None,
+    tools: Sequence[Tool | Mapping[str, Any]] | None = None,
+    max_tokens: int | Sequence[int] = 4096,
+    **sampling: Any,
+) -> list[Reply]:
+    """One reply per prompt, decoded together (continuous batching: runtime.py, scheduler.py), in
+    order; each is what `generate` gives for its prompt alone (greedy: the same tokens).
+
+    prompts: each a user message (str), a list of messages, or token ids. max_tokens: one for all,
+    or one per prompt. sampling: temperature, top_p, min_p, top_k, seed, logit_bias (each reply with
+    a seed draws from a key of its own). Up to the runtime's max_batch decode at once (8 by default:
+    `runtime_of(model).configure(max_batch=N)`), the rest start as places free up.
+    """
+    limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(limits) != len(prompts):
+        raise ValueError(f"max_tokens: {len(limits)} values for {len(prompts)} prompts")
+    outputs: queue.SimpleQueue = queue.SimpleQueue()
+    turns, builders = [], []
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        session = Session(
+            model, tokenizer, reasoning_effort=reasoning_effort, instructions=instructions, tools=tools
+        )
+        options = SamplingOptions(max_tokens=limit, **sampling)
+        turn = session.begin(prompt, options, emit=lambda out, i=i: outputs.put((i, out)))
+        turns.append(turn)
+        builders.append(ReplyBuilder(tokenizer, turn.report))
+    runtime = runtime_of(model)
+    ended: set[int] = set()
+    submitted = 0
+    try:
+        for turn in turns:
+            runtime.submit(turn.sequence)
+            submitted += 1
+        while len(ended) < len(turns):
+            i, out = outputs.get()
+            if isinstance(out, Token):
+                builders[i].feed(out.id)
+            elif isinstance(out, End):
+                ended.add(i)
+                if out.error is not None:
+                    raise out.error
+    finally:
+        if len(ended) < submitted:  # an error or Ctrl-C: the others stop too, their caches settle
+            for turn in turns[:submitted]:
+                turn.sequence.cancel()
+            while len(ended) < submitted:
+                i, out = outputs.get()
+                if isinstance(out, End):
+                    ended.add(i)
+    replies = []
+    for builder in builders:
+        builder.finish()
+        replies.append(builder.reply)
+    return replies

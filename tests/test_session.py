@@ -250,3 +250,62 @@ def test_a_prefill_stopped_half_way_reports_what_it_did_and_keeps_it(loaded, mon
             reply = event.reply
     assert reply.text == "Hello there! How can I help?"
     assert reply.stats.prefilled_tokens == total - done
+
+
+QUESTIONS = [
+    "Hi",
+    "What is the capital of France, and why?",
+    "Count to five. " * 6,
+    "Tell me a story about a cat.",
+]
+
+
+def test_batch_generate_equals_each_alone(loaded):
+    """batch_generate decodes the prompts together; each reply is what generate gives it alone."""
+    model, tokenizer = loaded
+    limits = [12, 30, 7, 21]
+    alone = [
+        oss_mlx.generate(model, tokenizer, q, max_tokens=m, temperature=0) for q, m in zip(QUESTIONS, limits)
+    ]
+    together = oss_mlx.batch_generate(model, tokenizer, QUESTIONS, max_tokens=limits, temperature=0)
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert [(r.text, r.analysis) for r in together] == [(r.text, r.analysis) for r in alone]
+    assert max(r.stats.max_batch for r in together) >= 3  # they really were decoded together
+    with pytest.raises(ValueError, match="max_tokens: 2 values for 4 prompts"):
+        oss_mlx.batch_generate(model, tokenizer, QUESTIONS, max_tokens=[3, 4])
+
+
+def test_sessions_on_one_model_stream_from_threads_at_once(loaded):
+    """Four conversations of two turns each, every one in its own thread, on one model: each gives
+    what it gives alone (second turns reuse their own session's prefix), decoded together."""
+    import threading
+
+    model, tokenizer = loaded
+
+    def conversation(first: str) -> tuple[list[list[int]], list[int], int]:
+        session = Session(model, tokenizer)
+        tokens, prefilled = [], []
+        for text in (first, "And then?"):
+            reply = None
+            for event in session.send(text, max_tokens=15, temperature=0):
+                if isinstance(event, Done):
+                    reply = event.reply
+            tokens.append(reply.tokens)
+            prefilled.append(reply.stats.prefilled_tokens)
+        return tokens, prefilled, max(s.max_batch for s in session.turn_stats)
+
+    alone = [conversation(q)[:2] for q in QUESTIONS]
+    results: dict[int, tuple] = {}
+    gate = threading.Barrier(len(QUESTIONS))
+
+    def run(i: int) -> None:
+        gate.wait(30)
+        results[i] = conversation(QUESTIONS[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results[i][:2] for i in range(len(QUESTIONS))] == alone
+    assert max(results[i][2] for i in results) >= 2
