@@ -119,7 +119,7 @@ OSS_DEV void mma_keys(const T* k, const T* v, long long ks, long long kd, int fi
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int split = blockIdx.x, nsplit = gridDim.x;
-  const KVPart p = kv_part<WINDOW>(kv_shape, kv_strides, blockIdx.y, pos[0], split, nsplit);
+  const KVPart p = kv_part<WINDOW, KPS>(kv_shape, kv_strides, blockIdx.y, pos[blockIdx.y / kv_shape[2]], split, nsplit);
   const int Hkv = p.Hkv, b = p.b, kvh = p.kvh, s0 = p.s0, s1 = p.s1;
   const long long kb = p.kb, vb = p.vb, ks = p.ks, kd = p.kd;
   const float qscale = scale_log2[0];

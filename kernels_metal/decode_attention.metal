@@ -102,7 +102,7 @@ OSS_DEV void mma_keys(const device T* k, const device T* v, long ks, long kd, in
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int fm = frag_row(lane), fn = frag_col(lane);
   const int split = threadgroup_position_in_grid.x, nsplit = threadgroups_per_grid.x;
-  const KVPart p = kv_part<WINDOW>(kv_shape, kv_strides, threadgroup_position_in_grid.y, pos[0], split, nsplit);
+  const KVPart p = kv_part<WINDOW, KPS>(kv_shape, kv_strides, threadgroup_position_in_grid.y, pos[threadgroup_position_in_grid.y / kv_shape[2]], split, nsplit);
   const int Hkv = p.Hkv, b = p.b, kvh = p.kvh, s0 = p.s0, s1 = p.s1;
   const long kb = p.kb, vb = p.vb, ks = p.ks, kd = p.kd;
   const float qscale = scale_log2[0];

@@ -150,12 +150,11 @@ class AttentionBlock(nn.Module):
         slots written so far. Pure, for the compiled decode step (decode.py); returns
         (x + attention, kv).
 
-        On a GPU, one row: three kernels (norm + qkv + RoPE, attention, output + residual) around one
-        scatter; with quantized projections (convert --quality small / balanced) the attention kernel
-        still reads the buffer in place."""
+        On a GPU: three kernels (norm + qkv + RoPE, attention, output + residual, each row at its
+        own position) around one scatter; with quantized projections (convert --quality small /
+        balanced) the attention kernel still reads the buffer in place."""
         w = self.decode_weights()
-        one = positions.shape[0] == 1  # the decode kernels take one position for the batch
-        if one and decode_attention.attention_decode_ok(w, x):
+        if decode_attention.attention_decode_ok(w, x):
             q, row = decode_attention.norm_qkv_rope(w, x, positions)
             kv = _write_row(kv, row, slots)
             o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, positions)
@@ -163,7 +162,7 @@ class AttentionBlock(nn.Module):
         q, k, v = self._project(x)
         q, k = self.rope(q, positions), self.rope(k, positions)
         kv = _write_row(kv, mx.stack([k, v]).astype(kv.dtype), slots)
-        if one and decode_attention.sdpa_decode_ok(q, kv):
+        if decode_attention.sdpa_decode_ok(q, kv):
             B = x.shape[0]
             q = mx.contiguous(q.reshape(B, self.num_heads, self.head_dim))
             o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, positions)

@@ -70,7 +70,14 @@ def run() -> str | None:
             setattr(block.experts, f"{name}_scales", scales)
         experts = mxfp4_weights(block.experts)
         x = mx.random.normal((2, 64), key=keys[3])
-        checks = {"route": None, "moe": None, "moe_prefill": None, "sdpa": None, "attention": None}
+        checks = {
+            "route": None,
+            "moe": None,
+            "moe_grouped": None,
+            "moe_prefill": None,
+            "sdpa": None,
+            "attention": None,
+        }
         wts, ids = router(x)  # the kernel where it applies
         ref_w, ref_i = route_reference(x, router.weight, router.bias, 2)
         dense = mx.zeros((2, 8)).at[mx.arange(2)[:, None], ids].add(wts)
@@ -82,6 +89,14 @@ def run() -> str | None:
             )
             with kernels.use_backend("reference"):
                 checks["moe"] = (fused, block(x[None])[0])
+        # The decode batch's experts grouped by expert (from MOE_GROUPED_FROM tokens on).
+        xg = mx.random.normal((decode_moe.MOE_GROUPED_FROM + 1, 64), key=keys[4])
+        if decode_moe.moe_block_ok(xg, router.weight, 2, experts):
+            fused = decode_moe.moe_block(
+                xg, block.norm.weight, block.norm.eps, router.weight, router.bias, 2, experts
+            )
+            with kernels.use_backend("reference"):
+                checks["moe_grouped"] = (fused, block(xg[None])[0])
         # The prefill experts (moe_group + moe_gemm): 16-bit rows, enough of them for the GEMM.
         xp = mx.random.normal((decode_moe.MOE_MAX_SLOTS // 2, 64), key=keys[3]).astype(mx.bfloat16)
         _, ids_p = route_reference(xp, router.weight, router.bias, 2)

@@ -1012,6 +1012,46 @@ def test_decode_launches_with_the_gpu_faked():
     assert by_name["down_combine"][0][2] == [(1, 1, 128)]
 
 
+def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
+    """Five rows at their own positions: the attention kernels take the rows' positions (int32 [5]),
+    the experts are grouped (moe_group, gate_up_grouped over the experts, down_grouped, moe_combine);
+    two rows keep the per-slot experts (fewer than MOE_GROUPED_FROM tokens)."""
+    from oss_mlx.batch_cache import BatchCache
+    from oss_mlx.decode import DecodeStep
+
+    model = _tiny_model(mx.bfloat16)  # E 8, k 4, H 128, I 96
+    for rows in (5, 2):
+        batch = BatchCache.for_model(model)
+        for i in range(rows):
+            c = model.make_cache()
+            mx.eval(model(mx.array([[j % 500 for j in range(3 + 50 * i)]]), cache=c))
+            batch.join(i, c)
+        R = batch.rows  # the bucket: 8 for 5 sequences
+        with fake_gpu() as launches:
+            logits = DecodeStep(model, compile=False)(mx.array([[3]] * R), batch)
+        assert logits.shape == (R, 1, 512)
+        names = [n for n, *_ in launches]
+        by_name = {}
+        for name, template, grid, shapes in launches:
+            by_name.setdefault(name, []).append((template, grid, shapes))
+        assert by_name["norm_qkv_rope"][0][2] == [(R, 8, 64), (2, R, 2, 1, 64)]
+        assert by_name["norm_qkv_rope"][0][1][1] == R
+        if rows >= decode_moe.MOE_GROUPED_FROM:
+            assert "gate_up_swiglu" not in names and "down_combine" not in names
+            per_layer = ["moe_group", "gate_up_grouped", "down_grouped", "moe_combine"]
+            assert [n for n in names if n in per_layer] == per_layer * len(model.blocks)
+            assert by_name["moe_group"][0][2] == [(R * 4,), (9,), (9,)]
+            assert by_name["gate_up_grouped"][0][1] == (
+                128 * -(-96 // (4 * decode_moe.MOE_GROUPED_COLS)),
+                8,
+                1,
+            )
+            assert by_name["down_grouped"][0][2] == [(R * 4, 128)]
+            assert by_name["moe_combine"][0][1] == (256, R, 1)
+        else:
+            assert "gate_up_grouped" not in names and names.count("down_combine") == len(model.blocks)
+
+
 @pytest.mark.parametrize(
     "H,fused", [(kernels.KERNEL_MAX_HIDDEN, True), (kernels.KERNEL_MAX_HIDDEN + 256, False)]
 )
@@ -1088,3 +1128,107 @@ def test_prefill_experts_launch_with_the_gpu_faked():
     assert up_grid == (256 * 2, row_tiles, 1) and up_shapes == [(80, 96)]
     assert down_t["MODE"] == 1 and (down_t["KD"], down_t["N"], down_t["NOUT"]) == (96, 64, 64)
     assert down_grid == (256, row_tiles, 1) and down_shapes == [(80, 64)]
+
+
+# ---- the decode batch: rows at their own positions, experts grouped ---------------------------------
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize(
+    "E,k,H,I,N", [(4, 2, 64, 96, 5), (32, 4, 2880, 2880, 4), (32, 4, 2880, 2880, 15), (128, 4, 1088, 1120, 9)]
+)
+def test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k, H, I, N):
+    """From MOE_GROUPED_FROM tokens the decode MoE groups the slots by expert (each expert's weights
+    read once a step); for k <= 4 its result is the per-slot kernels' to the bit (a sequence decodes
+    the same in a batch as alone), and the reference's within tolerance."""
+    block = random_mlp(E, k, H, I, dtype)
+    x = mx.random.normal((N, H)).astype(dtype)
+    h = block.norm(x)
+    indices = mx.argsort(mx.random.uniform(shape=(N, E)), axis=-1)[:, :k].astype(mx.uint32)
+    weights = mx.softmax(mx.random.normal((N, k)), axis=-1)
+    experts = mxfp4_weights(block.experts)
+    with recording_launches() as launched:
+        grouped = decode_moe.moe_decode(experts, h, weights, indices, x)
+        mx.eval(grouped)
+    assert "gate_up_grouped" in launched and "gate_up_swiglu" not in launched
+    monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", 10**6)
+    per_slot = decode_moe.moe_decode(experts, h, weights, indices, x)
+    assert mx.array_equal(grouped, per_slot).item()
+    assert rel_err(grouped, moe_reference(block, x, weights, indices)) < TOL[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("mma", [True, False], ids=["mma", "simt"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_sdpa_decode_rows_at_their_own_positions(monkeypatch, mma, dtype):
+    """One buffer, rows at positions 0, 5, 300 and 2,100: each row attends its own first pos + 1 keys,
+    and gets the bits it gets alone in a buffer of its own length (splits follow the row's length)."""
+    monkeypatch.setattr(decode_attention, "SDPA_MMA", mma)
+    Hkv, G, D, S = 2, 4, 64, 2304
+    positions = [0, 5, 300, 2100]
+    B = len(positions)
+    q = mx.random.normal((B, Hkv * G, 1, D)).astype(dtype)
+    kv = mx.random.normal((2, B, Hkv, S, D)).astype(dtype)
+    sinks = mx.random.normal((Hkv * G,))
+    pos = kernels.device_ints(positions)[:B]
+    out = sdpa_kernel(q, None, None, sinks, 0.125, kv=kv, pos=pos)
+    for b, p in enumerate(positions):
+        alone_kv = mx.contiguous(kv[:, b : b + 1, :, : 256 * -(-(p + 1) // 256)])
+        alone = sdpa_kernel(q[b : b + 1], None, None, sinks, 0.125, kv=alone_kv, pos=p)
+        assert mx.array_equal(out[b : b + 1], alone).item(), (b, p)
+        want = sdpa_math(
+            q[b : b + 1], kv[0, b : b + 1, :, : p + 1], kv[1, b : b + 1, :, : p + 1], sinks, 0.125
+        )
+        assert rel_err(out[b : b + 1], want) < TOL[dtype]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_norm_qkv_rope_rows_at_their_own_positions(dtype):
+    block = random_attention(256, 64, 8, 2, dtype)
+    positions = [0, 37, 900, 5]
+    x = (3 * mx.random.normal((len(positions), 1, 256))).astype(dtype)
+    w = block.decode_weights()
+    q, kv = decode_attention.norm_qkv_rope(w, x, kernels.device_ints(positions)[: len(positions)])
+    for b, p in enumerate(positions):
+        qb, kvb = decode_attention.norm_qkv_rope(w, x[b : b + 1], p)
+        assert mx.array_equal(q[b : b + 1], qb).item() and mx.array_equal(kv[:, b : b + 1], kvb).item()
+
+
+@needs_gpu
+def test_a_batched_decode_step_equals_each_row_alone():
+    """The whole step on the kernels, five rows at their own positions (experts grouped) against each
+    sequence decoded alone: the attention and MoE kernels give each row its lone bits; only the
+    unembedding's matmul (M rows against one) may round otherwise, so the logits agree to bf16 noise
+    and their argmax everywhere."""
+    from oss_mlx.batch_cache import BatchCache
+    from oss_mlx.decode import DecodeStep, decode_one
+
+    model = _tiny_model(mx.bfloat16)
+    step = DecodeStep(model)
+    lengths = [3, 40, 17, 300, 9]
+    caches = []
+    for n in lengths:
+        c = model.make_cache()
+        mx.eval(model(mx.array([[i % 500 for i in range(n)]]), cache=c))
+        caches.append(c)
+    alone_caches = []
+    for n in lengths:
+        c = model.make_cache()
+        mx.eval(model(mx.array([[i % 500 for i in range(n)]]), cache=c))
+        alone_caches.append(c)
+    batch = BatchCache.for_model(model)
+    for i, c in enumerate(caches):
+        batch.join(i, c)
+    tokens = mx.array([[7], [99], [3], [250], [41]])
+    for _ in range(3):
+        with recording_launches() as launched:
+            together = step(tokens, batch)
+            mx.eval(together)
+        assert "gate_up_grouped" in launched
+        for i, c in enumerate(alone_caches):
+            alone = decode_one(step, tokens[i : i + 1], c)
+            assert rel_err(together[i], alone[0]) < TOL[mx.bfloat16]
+            assert mx.argmax(together[i, -1]).item() == mx.argmax(alone[0, -1]).item()
+        tokens = mx.argmax(together[:, -1, :], axis=-1)[:, None]

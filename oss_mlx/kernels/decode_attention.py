@@ -13,7 +13,8 @@ from .dispatch import FLOATS, KERNEL_MAX_HIDDEN, as_position, backend, const, la
 from .weights import AttentionWeights
 
 # sdpa_decode splits the keys over blocks (flash-decoding) in at least this many keys each, and into
-# at most SDPA_MAX_SPLITS: 2k keys go in 8 blocks, 8k and more in 32.
+# at most SDPA_MAX_SPLITS: 2k keys go in 8 blocks, 8k and more in 32. Each row's keys are cut by its
+# own length (the kernel's KPS), so a row's sums do not depend on the batch's buffer length.
 SDPA_KEYS_PER_SPLIT = 256
 SDPA_MAX_SPLITS = 32
 SDPA_MMA = True  # sdpa_decode_mma where its shapes apply
@@ -75,9 +76,10 @@ def sdpa_decode(
     out [B, 1, Hq * D] (the layout the output projection reads, so no transpose follows); callers
     have checked the shapes (sdpa_decode_ok).
 
-    The query sits at position `pos` (an int, or an int32 [1] array inside a compiled step): keys
-    [0, min(S, pos + 1)) are attended (the last `window` of them), so kv may be a whole cache buffer
-    or ring (cache.py) whose later slots are not filled yet, read in place."""
+    Row b's query sits at position pos[b] (an int for every row, or an int32 [B] array inside a
+    compiled step): its keys [0, min(S, pos[b] + 1)) are attended (the last `window` of them), so kv
+    may be the decode batch's buffer or ring (batch_cache.py) whose later slots are not filled yet,
+    read in place."""
     B, Hq, D = q.shape
     Hkv, S = kv.shape[2], kv.shape[3]
     attended = min(S, window) if window else S
@@ -86,7 +88,13 @@ def sdpa_decode(
     out, part = launch(
         "sdpa_decode_mma" if sdpa_mma_ok(q.dtype, D, Hq // Hkv) else "sdpa_decode",
         [q, kv, sinks, const(scale * math.log2(math.e)), as_position(pos)],
-        [("T", q.dtype), ("D", D), ("G", Hq // Hkv), ("WINDOW", int(window or 0))],
+        [
+            ("T", q.dtype),
+            ("D", D),
+            ("G", Hq // Hkv),
+            ("WINDOW", int(window or 0)),
+            ("KPS", SDPA_KEYS_PER_SPLIT),
+        ],
         (128 * nsplit, B * Hkv, 1),
         (128, 1, 1),
         [(B, 1, Hq * D) if nsplit == 1 else (1,), part_shape],
@@ -130,7 +138,8 @@ def attention_decode_ok(w: AttentionWeights | None, x: mx.array) -> bool:
 
 
 def norm_qkv_rope(w: AttentionWeights, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
-    """x [B, 1, H] at position `offset` (an int, or an int32 [1] array) -> q [B, Hq, D] and kv
+    """x [B, 1, H], row b at position offset[b] (an int for every row, or an int32 [B] array) ->
+    q [B, Hq, D] and kv
     [2, B, Hkv, 1, D] (the new key and value, as the caches' joint buffer holds them): the attention's
     RMSNorm, qkv projection, YaRN concentration and RoPE in one kernel (attention_decode_ok first)."""
     B, _, H = x.shape

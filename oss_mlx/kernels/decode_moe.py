@@ -1,5 +1,7 @@
 """The MoE block for decode-sized batches in three kernels: norm_route (routing.py), gate_up_swiglu
-and down_combine (kernels_shared/decode_moe.gpu). The reference: moe.MLPBlock's own path."""
+and down_combine (kernels_shared/decode_moe.gpu); from MOE_GROUPED_FROM tokens on, the slots are
+grouped by expert first (moe_group) and gate_up_grouped, down_grouped and moe_combine read each
+expert's weights once per step. The reference: moe.MLPBlock's own path."""
 
 from __future__ import annotations
 
@@ -18,6 +20,14 @@ MOE_MAX_SLOTS = 64
 # gate_up COLS = 2 (41.5 µs on the card; COLS = 1: 34.5).
 MOE_COLS_PER_WARP = 1  # gate_up_swiglu: SwiGLU columns (2 weight rows each)
 MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert each)
+# From this many tokens the grouped kernels: a step then reads each chosen expert once, not once per
+# (token, expert) slot. With uniform routing N tokens choose E (1 - (1 - k/E)^N) distinct experts of
+# their N k slots: for the 20b (E 32, k 4) 7.5 of 8 at N = 2 (the two extra launches, moe_group and
+# moe_combine, cost about what is saved), 13.9 of 16 at 4, 21.9 of 32 at 8; the GPU benchmark
+# (benchmarks/batch_decode.py) measures both sides of it.
+MOE_GROUPED_FROM = 4
+MOE_GROUPED_COLS = 1  # gate_up_grouped: SwiGLU columns per warp
+MOE_GROUPED_ROWS = 2  # down_grouped: output rows per warp (4: 207 registers a thread)
 
 
 def experts_ok(experts: ExpertWeights | None, x: mx.array, N: int, k: int) -> bool:
@@ -86,7 +96,10 @@ def moe_decode(
 
 
 def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> mx.array:
-    """gate_up_swiglu then down_combine; the result has the residual's shape."""
+    """gate_up_swiglu then down_combine (or grouped by expert from MOE_GROUPED_FROM tokens); the
+    result has the residual's shape."""
+    if N >= MOE_GROUPED_FROM and experts.gate_up_weight.shape[0] <= 1024:
+        return _experts_grouped(experts, x, wts, ids, residual, N, k)
     H = x.shape[-1]
     I = experts.gate_up_weight.shape[1] // 2
     T = x.dtype
@@ -122,6 +135,69 @@ def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> m
         ],
         (128 * -(-H // rows), N, 1),
         (128, 1, 1),
+        [residual.shape],
+        [T],
+    )
+    return y
+
+
+def _experts_grouped(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> mx.array:
+    """moe_group (the slots sorted by expert), gate_up_grouped, down_grouped, moe_combine: the same
+    result as the per-slot kernels, each expert's weights read once."""
+    H = x.shape[-1]
+    E, gate_up_rows, _ = experts.gate_up_weight.shape
+    I, T, NK = gate_up_rows // 2, x.dtype, N * k
+    perm, offsets, _ = launch(
+        "moe_group",
+        [ids],
+        [("E", E), ("BM", 64)],
+        (1024, 1, 1),
+        (1024, 1, 1),
+        [(NK,), (E + 1,), (E + 1,)],
+        [mx.uint32] * 3,
+    )
+    cols = MOE_GROUPED_COLS
+    (h,) = launch(
+        "gate_up_grouped",
+        [
+            x,
+            perm,
+            offsets,
+            experts.gate_up_weight,
+            experts.gate_up_scales,
+            experts.gate_up_bias,
+            const(experts.alpha, experts.limit),
+        ],
+        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024)), ("COLS", cols)],
+        (128 * -(-I // (4 * cols)), E, 1),
+        (128, 1, 1),
+        [(NK, I)],
+        [T],
+    )
+    rw = MOE_GROUPED_ROWS
+    (d,) = launch(
+        "down_grouped",
+        [h, perm, offsets, wts, experts.down_weight, experts.down_scales, experts.down_bias],
+        [
+            ("T", T),
+            ("H", H),
+            ("HP", experts.down_weight.shape[1]),
+            ("I", I),
+            ("K", k),
+            ("NC", -(-I // 1024)),
+            ("RW", rw),
+        ],
+        (128 * -(-H // (4 * rw)), E, 1),
+        (128, 1, 1),
+        [(NK, H)],
+        [mx.float32],
+    )
+    (y,) = launch(
+        "moe_combine",
+        [d, residual],
+        [("T", T), ("H", H), ("K", k)],
+        (256 * -(-H // 256), N, 1),
+        (256, 1, 1),
         [residual.shape],
         [T],
     )

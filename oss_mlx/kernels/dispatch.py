@@ -190,8 +190,9 @@ def device_ints(values: list[int]) -> mx.array:
 
 
 def as_position(pos: int | mx.array) -> mx.array:
-    """pos as the kernels' int32 [1]: an int becomes one array per step shared by every layer (a
-    template argument would compile a kernel per position)."""
+    """pos as the kernels' int32 [B] (one position per row): an array as it is; an int (the same
+    position for every row, a single sequence) becomes an int32 [1] shared by every layer of the
+    step (a template argument would compile a kernel per position)."""
     if isinstance(pos, mx.array):
         return pos
     if RUNTIME.position is None or RUNTIME.position[0] != pos:
