@@ -10,6 +10,11 @@ after the first / their time), with the peak memory of that request.
 
     oss-mlx bench --config 20b --prompt-lengths 128,2048,8192 --json out.json
     oss-mlx bench --config tiny --engines oss-mlx,oss-mlx:reference,mlx-lm
+    oss-mlx bench --config tiny --concurrency 1,4,8,16 --prompt-lengths 128 --decode-tokens 64
+
+With `--concurrency`, streams decode together instead (bench_concurrency.py): aggregate and
+per-stream decode tok/s, and the time to first token of a request arriving while the others decode,
+oss-mlx's scheduler beside mlx-lm's BatchGenerator; each stream's prompt is the first prompt length.
 
 Engines: `oss-mlx` (custom kernels where the backend has them), `oss-mlx:reference` (pure MLX,
 OSS_MLX_KERNELS=reference), `mlx-lm`. `--check-logits N` also compares oss-mlx's logits with
@@ -58,6 +63,11 @@ class Row:
     # rate over every decoded token, as measured since the first sessions.
     first_step_ms: float | None = None
     steady_tokens_per_s: float | None = None
+    # --concurrency rows (phase "decode-concurrent"): tokens_per_s is the aggregate of `streams`
+    streams: int | None = None
+    per_stream_tokens_per_s: float | None = None
+    ttft_ms: float | None = None  # a request arriving while streams - 1 others decode
+    ttft_alone_ms: float | None = None
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -444,6 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-tokens", type=A.Number(int, 1, 10**6), default=64, help="tokens decoded after each prompt"
     )
     p.add_argument(
+        "--concurrency",
+        type=A.NumberList(A.CONCURRENCY),
+        metavar="N,N,...",
+        help="measure N streams decoding together instead (aggregate and per-stream tok/s, time to "
+        "first token of a request arriving meanwhile), each stream's prompt the first --prompt-lengths",
+    )
+    p.add_argument(
         "--engines",
         type=A.ChoiceList(ENGINES),
         default=["oss-mlx", "mlx-lm"],
@@ -482,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
         "~0.3 s at 2k on MLX-CUDA for either engine",
     )
     p.add_argument("--seed", type=A.SEED_NON_NEGATIVE, default=0, help="random weights and prompts")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="with --config: the random model's float weights and activations (a CPU multiplies float32 "
+        "with its BLAS, bfloat16 without)",
+    )
     p.add_argument(
         "--quality",
         choices=("reference", "balanced", "small"),
@@ -535,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
             "--quality applies to --config random weights and oss-mlx engines only "
             "(a converted --model already has its preset; mlx-lm maps float weights)"
         )
+    if args.model and args.dtype != "bfloat16":
+        parser.error("--dtype applies to --config random weights (a checkpoint has its own dtype)")
     lengths = args.prompt_lengths
     G = args.decode_tokens
     context = max([*lengths, args.warmup, args.check_logits, args.check_layers]) + G + 1
@@ -581,8 +607,11 @@ def main(argv: list[str] | None = None) -> int:
             return report("oss-mlx bench", e, doing=f"cannot load {args.model}")
         source = args.model + (f" (memory budget {args.memory_budget})" if args.memory_budget else "")
     else:
-        model = random_model(preset_config(args.config), seed=args.seed)
-        source = f"--config {args.config} (random weights)"
+        dtype = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[args.dtype]
+        model = random_model(preset_config(args.config), seed=args.seed, dtype=dtype)
+        source = (
+            f"--config {args.config} (random weights{', ' + args.dtype if args.dtype != 'bfloat16' else ''})"
+        )
         if args.quality != "reference":
             from .convert.presets import get_preset
             from .loader import quantize_dense
@@ -604,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     extra: dict = {}
+    if args.concurrency:
+        return _concurrency(args, model, engines, source, rows)
     meta = {
         "device": device_name(),
         "mlx": mx.__version__,
@@ -685,6 +716,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and extra:
         with open(args.json + ".check.json", "w") as f:
             json.dump(extra, f, indent=1)
+    return 0
+
+
+def _concurrency(
+    args: argparse.Namespace, model: Transformer, engines: list[str], source: str, rows: list
+) -> int:
+    """--concurrency: streams decoding together, each engine, one table (bench_concurrency.py)."""
+    from . import bench_concurrency as bc
+
+    length, G = args.prompt_lengths[0], args.decode_tokens
+    most = max(args.concurrency)
+    vocab = model.config.vocab_size
+    prompts = [_prompt(length, vocab, args.seed + 1000 * i) for i in range(most)]
+    probe = _prompt(length, vocab, args.seed + 999_999)
+    meta = {"device": device_name(), "mlx": mx.__version__, "source": source, "decode_tokens": G}
+    results: dict[str, list] = {}
+
+    def keep(label: str, kern: str, c) -> None:
+        results.setdefault(label, []).append(c)
+        ttft = "" if c.ttft_ms is None else f", TTFT {c.ttft_ms:.0f} ms beside {c.streams - 1} streams"
+        print(
+            f"  {label:<18} [{kern or '-':>9}] {c.streams:>3} streams: {c.aggregate_tokens_per_s:9.1f} tok/s "
+            f"({c.per_stream_tokens_per_s:.1f} per stream){ttft}, alone {c.ttft_alone_ms:.0f} ms, "
+            f"peak {c.peak_gb:.2f} GB",
+            flush=True,
+        )
+        engine = label.split(":")[0]
+        rows.append(
+            Row(engine, "decode-concurrent", length, c.aggregate_tokens_per_s, c.peak_gb, kern, label,
+                streams=c.streams, per_stream_tokens_per_s=c.per_stream_tokens_per_s, ttft_ms=c.ttft_ms,
+                ttft_alone_ms=c.ttft_alone_ms)
+        )  # fmt: skip
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
+
+    for name in [e for e in engines if e.startswith("oss-mlx")]:
+        with kernels.use_backend("reference" if name.endswith(":reference") else None):
+            kern = kernels.backend()
+            for n in args.concurrency:
+                keep(name, kern, bc.oss_mlx_concurrent(model, n, prompts, probe, G))
+                gc.collect()
+    if "mlx-lm" in engines:
+        lm = mlx_lm_model(model)
+        del model
+        gc.collect()
+        mx.clear_cache()
+        for n in args.concurrency:
+            keep("mlx-lm", "", bc.mlx_lm_concurrent(lm, n, prompts, probe, G))
+            gc.collect()
+    title = f"{device_name()} · mlx {mx.__version__} · {source} · prompts {length}, decode {G} tokens"
+    bc.print_concurrency(results, title)
     return 0
 
 

@@ -359,19 +359,31 @@ class Scheduler:
         return mx.concatenate(parts)
 
     def _prefill(self) -> None:
-        if not self.prefilling:
-            return
-        seq = self.prefilling[0]  # kept in the list while its chunk runs (other threads count it)
-        try:
-            done = self._prefill_chunk(seq)
-        except Exception as e:  # bad ids, an MLX error: this sequence fails, the others go on
+        """Prefill chunks of at most prefill_chunk tokens in all this step: the prefilling sequences
+        in turn, each going on while its next chunk fits (a short prompt is read in one step, a long
+        one a chunk a step)."""
+        used = 0
+        for _ in range(len(self.prefilling)):
+            seq = self.prefilling[0]  # kept in the list while its chunk runs (other threads count it)
+            done = False
+            try:
+                while not done and (used == 0 or used + self._next_chunk(seq) <= self.prefill_chunk):
+                    used += self._next_chunk(seq)
+                    done = self._prefill_chunk(seq)
+            except Exception as e:  # bad ids, an MLX error: this sequence fails, the others go on
+                self.prefilling.remove(seq)
+                seq.error = e
+                self._end(seq)
+                continue
             self.prefilling.remove(seq)
-            seq.error = e
-            self._end(seq)
-            return
-        self.prefilling.remove(seq)
-        if not done:
-            self.prefilling.append(seq)  # more chunks to come, after the others' turn
+            if not done:
+                self.prefilling.append(seq)  # more chunks to come, after the others' turn
+            if used >= self.prefill_chunk:
+                return
+
+    @staticmethod
+    def _next_chunk(seq: Sequence) -> int:
+        return next(c for c in seq._cuts if c > seq._prefilled) - seq._prefilled
 
     def _prefill_chunk(self, seq: Sequence) -> bool:
         """One chunk of seq's prompt; True once the prompt is done (and seq decoding)."""
@@ -401,6 +413,7 @@ class Scheduler:
         seq._unread.append((token, 0, self._step - 1))  # read in this step: the first token waits on nothing
         if joins:
             self.batch.join(seq, seq.cache)
+            mx.async_eval(self.batch.buffers)  # its rows copied (or grown) now, not in the next step
             self._rows_changed = True
             seq.state = _DECODE
             self.decoding.append(seq)
