@@ -119,8 +119,12 @@ def main() -> int:
     for n in STREAMS:
         c = bench_concurrency.oss_mlx_concurrent(model, n, prompts, probe, args.decode)
         rows.append(c.__dict__)
-        print(f"oss-mlx {n:>2} streams: {c.aggregate_tokens_per_s:8.1f} tok/s, TTFT {c.ttft_ms} ms "
-              f"(alone {c.ttft_alone_ms:.1f})", flush=True)  # fmt: skip
+        ttft = "-" if c.ttft_ms is None else f"{c.ttft_ms:.1f}"
+        print(
+            f"oss-mlx {n:>2} streams: {c.aggregate_tokens_per_s:8.1f} tok/s, TTFT {ttft} ms "
+            f"(alone {c.ttft_alone_ms:.1f})",
+            flush=True,
+        )
     context = args.prompt + args.decode // 2
     one = rows[0]["aggregate_tokens_per_s"]
     for r in rows:
@@ -135,9 +139,12 @@ def main() -> int:
     out["ttft_beside_7_over_alone"] = eight["ttft_ms"] / eight["ttft_alone_ms"]
     save()
     for r in rows:
-        print(f"  {r['streams']:>2} streams: measured {r['aggregate_tokens_per_s']:8.1f}, predicted "
-              f"{r['predicted_tokens_per_s']:8.1f} ({r['predicted_speedup']:.2f}x one stream, "
-              f"{r['bytes_per_step_gb']:.2f} GB a step): {100 * r['measured_over_predicted']:.0f}%")  # fmt: skip
+        measured, predicted = r["aggregate_tokens_per_s"], r["predicted_tokens_per_s"]
+        print(
+            f"  {r['streams']:>2} streams: measured {measured:8.1f}, predicted {predicted:8.1f} "
+            f"({r['predicted_speedup']:.2f}x one stream, {r['bytes_per_step_gb']:.2f} GB a step): "
+            f"{100 * r['measured_over_predicted']:.0f}%"
+        )
     print(f"TTFT beside 7 streams / alone: {out['ttft_beside_7_over_alone']:.2f}x", flush=True)
 
     # 4: grouped MoE kernels against the per-slot ones
@@ -166,8 +173,15 @@ def main() -> int:
     for (tokens, gaps, tops), got in zip(alone, together):
         ulp = [2.0 ** (math.floor(math.log2(max(abs(t), 1e-30))) - 7) for t in tops]
         min_gap_ulps = min(g / u for g, u in zip(gaps, ulp))
-        records.append({"kept": min_gap_ulps > GAP_ULPS, "min_gap_ulps": min_gap_ulps, "equal": tokens == got,
-                        "first_difference": next((i for i, (a, b) in enumerate(zip(tokens, got)) if a != b), None)})  # fmt: skip
+        differ = [i for i, (a, b) in enumerate(zip(tokens, got)) if a != b]
+        records.append(
+            {
+                "kept": min_gap_ulps > GAP_ULPS,
+                "min_gap_ulps": min_gap_ulps,
+                "equal": tokens == got,
+                "first_difference": differ[0] if differ else None,
+            }
+        )
     kept = [r for r in records if r["kept"]]
     out["equality"] = {
         "steps": steps,
@@ -178,9 +192,12 @@ def main() -> int:
         "all_equal": sum(r["equal"] for r in records),
         "records": records,
     }
-    print(f"greedy equality, batch of 8 vs alone: {out['equality']['kept_equal']} of {len(kept)} kept prompts "
-          f"(gap > {GAP_ULPS} bf16 ulps) equal over {steps} tokens; all prompts {out['equality']['all_equal']} "
-          f"of {len(records)}", flush=True)  # fmt: skip
+    eq = out["equality"]
+    print(
+        f"greedy equality, batch of 8 vs alone: {eq['kept_equal']} of {len(kept)} kept prompts (gap > "
+        f"{GAP_ULPS} bf16 ulps) equal over {steps} tokens; all prompts {eq['all_equal']} of {len(records)}",
+        flush=True,
+    )
     save()
 
     # 2: mlx-lm's BatchGenerator, same weights
@@ -193,8 +210,12 @@ def main() -> int:
             c = bench_concurrency.mlx_lm_concurrent(lm, n, prompts, probe, args.decode)
             lm_rows.append(c.__dict__)
             ours = next(r for r in rows if r["streams"] == n)["aggregate_tokens_per_s"]
-            print(f"mlx-lm  {n:>2} streams: {c.aggregate_tokens_per_s:8.1f} tok/s (oss-mlx "
-                  f"{ours / c.aggregate_tokens_per_s:.2f}x), TTFT {c.ttft_ms} ms", flush=True)  # fmt: skip
+            ttft = "-" if c.ttft_ms is None else f"{c.ttft_ms:.1f}"
+            print(
+                f"mlx-lm  {n:>2} streams: {c.aggregate_tokens_per_s:8.1f} tok/s "
+                f"(oss-mlx {ours / c.aggregate_tokens_per_s:.2f}x), TTFT {ttft} ms",
+                flush=True,
+            )
         out["mlx_lm"] = lm_rows
         save()
     return 0
