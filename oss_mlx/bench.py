@@ -743,11 +743,10 @@ def _concurrency(
             flush=True,
         )
         engine = label.split(":")[0]
-        rows.append(
-            Row(engine, "decode-concurrent", length, c.aggregate_tokens_per_s, c.peak_gb, kern, label,
-                streams=c.streams, per_stream_tokens_per_s=c.per_stream_tokens_per_s, ttft_ms=c.ttft_ms,
-                ttft_alone_ms=c.ttft_alone_ms)
-        )  # fmt: skip
+        row = Row(engine, "decode-concurrent", length, c.aggregate_tokens_per_s, c.peak_gb, kern, label)
+        row.streams, row.per_stream_tokens_per_s = c.streams, c.per_stream_tokens_per_s
+        row.ttft_ms, row.ttft_alone_ms = c.ttft_ms, c.ttft_alone_ms
+        rows.append(row)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
