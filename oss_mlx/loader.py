@@ -145,19 +145,11 @@ def download(
 
 
 def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
-    """A local folder as is (or its original/); otherwise a hub repo id, downloaded or from the cache."""
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; pass the folder that holds config.json")
-        if not (path / "config.json").is_file() and (path / "original" / "config.json").is_file():
-            return path / "original"
-        return path
-    if not is_repo_id(str(path_or_repo)):
-        raise CheckpointError(
-            f"{path_or_repo}: no such folder, and not a hub repo id like 'openai/gpt-oss-20b'"
-        )
-    return download(str(path_or_repo))
+    """A local folder as is (or its original/); a hub repo id by the model store's one rule: the
+    converted copy, else the Hugging Face cache, else downloaded and converted once (model_store)."""
+    from .model_store import resolve
+
+    return resolve(path_or_repo)
 
 
 @dataclass
