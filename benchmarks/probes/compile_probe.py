@@ -4,7 +4,7 @@ A shape-static stand-in for one decode step of the 20b: per layer norm_qkv_rope 
 fixed key buffer -> out_residual -> the MoE block (the cache write left out). Timed eagerly and through
 mx.compile, each both synchronously (host build / evaluation) and pipelined (as generation runs).
 
-    python3 benchmarks/compile_probe.py --layers 24 --keys 256
+    python3 benchmarks/probes/compile_probe.py --layers 24 --keys 256
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlx.core as mx  # noqa: E402
 

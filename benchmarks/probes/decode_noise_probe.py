@@ -3,9 +3,9 @@
 For each of three rounds (the sdpa key split as shipped, one split for every key, as shipped again)
 and each context, a warm run of that length, then the measured one: 48 decoded tokens, the whole rate
 and the rate after the first step. Rounds 1 and 3 are the same code: their difference is the noise.
-Numbers: docs/PERFORMANCE.md, session 6.
+Numbers: docs/PERFORMANCE.md, "What to know when reading these".
 
-    python benchmarks/decode_noise_probe.py
+    python benchmarks/probes/decode_noise_probe.py
 """
 
 from __future__ import annotations

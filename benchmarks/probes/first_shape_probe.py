@@ -6,7 +6,7 @@ cost. Pieces: the qkv projection (GEMM), RoPE, full-attention (causal) and windo
 sinks, the router, the experts (our grouped GEMM and MLX's gather_qmm path), a whole attention block,
 a whole MoE block, and the unembedding GEMM.
 
-    python benchmarks/first_shape_probe.py [--lengths 1000,1333,1777] [--config 20b]
+    python benchmarks/probes/first_shape_probe.py [--lengths 1000,1333,1777] [--config 20b]
 """
 
 from __future__ import annotations

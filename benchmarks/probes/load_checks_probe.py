@@ -8,8 +8,8 @@
    for a CPU machine).
 3. check_checkpoint on a 20b-shaped header set: the time every load spends checking.
 
-    python3 benchmarks/load_checks_probe.py            # GPU machine; prints one JSON object
-    python3 benchmarks/load_checks_probe.py --small    # CPU machine
+    python3 benchmarks/probes/load_checks_probe.py            # GPU machine; prints one JSON object
+    python3 benchmarks/probes/load_checks_probe.py --small    # CPU machine
 """
 
 from __future__ import annotations

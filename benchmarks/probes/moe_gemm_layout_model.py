@@ -1,4 +1,4 @@
-"""A numpy model of moe_group + moe_gemm's index maps (kernels_cuda/routing.cu, experts.cu), against
+"""A numpy model of moe_group + moe_gemm's index maps (kernels_shared/prefill_moe.gpu, kernels_cuda/prefill_moe.cu), against
 the reference experts on a small random layer. No GPU: it checks the design (which shared-memory word
 each lane stages and reads for the mma.sync m16n8k16 fragments, the tile -> expert search, the
 epilogue's rows and columns), not the compiled kernel, which the GPU tests check.
@@ -8,7 +8,7 @@ m16n8k16 product is A (16 x 16, from the lanes' a0..a3) times B (16 x 8, from b0
 fragment layouts: a0 (row g, k 2t..2t+1), a1 (row g+8), a2 (k + 8), a3 (row g+8, k + 8); b0 (k 2t..2t+1,
 column g), b1 (k + 8); c0, c1 (row g, columns 2t, 2t+1), c2, c3 (row g+8).
 
-    python benchmarks/moe_gemm_layout_model.py
+    python benchmarks/probes/moe_gemm_layout_model.py
 """
 
 from __future__ import annotations

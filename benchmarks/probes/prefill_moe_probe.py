@@ -4,9 +4,9 @@ What takes a prefill chunk's time: the MoE block and its parts (MLX's MXFP4 `gat
 and down, the SwiGLU), a full-attention block, and the alternative of dequantizing every expert to
 bf16 for MLX's `gather_mm` (CUTLASS grouped GEMM on CUDA). Each figure is the mean of 5 evaluations
 after one untimed one; where the card takes them, our grouped GEMM (moe_group + moe_gemm) is timed
-beside MLX's path. Numbers: docs/PERFORMANCE.md, session 6.
+beside MLX's path. Numbers: docs/PERFORMANCE.md, "Where prefill's time goes".
 
-    python benchmarks/prefill_moe_probe.py
+    python benchmarks/probes/prefill_moe_probe.py
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Is a cache row written in place on this backend? (GPU machine; why the compiled decode step slows
-down with the context, docs/PERFORMANCE.md "Latest".) Times a step of: write one row of a [1, 8, S, 64]
+down with the context: docs/UPSTREAM.md item 2.) Times a step of: write one row of a [1, 8, S, 64]
 bf16 buffer with a static index (x[..., p:p+1, :] = row) or a dynamic one (mx.slice_update with an
 int32 index array), then read one value from the result, for small and large S. A write in place costs
 the same at every S; a copy grows with S.
 
-    python3 benchmarks/slice_update_probe.py
+    python3 benchmarks/probes/slice_update_probe.py
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@ arrays of <= 8 bytes from a managed pool advised `AccessedBy` the GPU, which sta
 each warp that reads one crosses the bus. This launches one custom kernel whose every warp reads
 `scale[0]` and writes one float, with `scale` of 1, 2, 4 and 8 float32 (4 to 32 bytes), made on the
 host and made by a GPU op, and reports µs per launch (run it under Nsight Compute for the card's own
-time: `ncu --metrics gpu__time_duration.sum -k regex:probe python3 benchmarks/small_array_probe.py`).
+time: `ncu --metrics gpu__time_duration.sum -k regex:probe python3 benchmarks/probes/small_array_probe.py`).
 
-    python3 benchmarks/small_array_probe.py
+    python3 benchmarks/probes/small_array_probe.py
 """
 
 from __future__ import annotations
