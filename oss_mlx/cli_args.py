@@ -211,7 +211,7 @@ def non_empty(what: str) -> Callable[[str], str]:
 
 def hub_id(text: str) -> str:
     """A Hugging Face repo id (`oss-mlx models path ID`): ORG/NAME, nothing that reads as a path."""
-    from .loader import is_repo_id
+    from .hub import is_repo_id
 
     value = str(text).strip()
     if not is_repo_id(value):
@@ -281,8 +281,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .chat.tools import ToolFileError
     from .convert.converter import ConvertError
     from .convert.verify import VerifyError
-    from .errors import LoadError
-    from .streaming import MemoryBudgetError
+    from .errors import LoadError, MemoryBudgetError
 
     return (
         UsageError,

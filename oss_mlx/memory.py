@@ -528,7 +528,7 @@ def config_of(model: str) -> tuple[ModelConfig, dict[str, Any]]:
     path = Path(model).expanduser()
     if path.is_file():
         return read_config(path.parent) if path.name == "config.json" else _read_file_config(path)
-    from .loader import is_repo_id
+    from .hub import is_repo_id
     from .model_store import resolve
 
     if path.is_dir() or is_repo_id(model):
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         config = named_config(args.config or args.model)
     elif args.model:
         from .cli_args import report, user_errors
-        from .loader import is_repo_id
+        from .hub import is_repo_id
 
         try:
             config, raw = config_of(args.model)

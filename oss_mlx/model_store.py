@@ -55,7 +55,7 @@ def downloads_dir() -> Path:
 
 def entry_name(repo_id: str) -> str:
     """The store's folder name of a hub id (huggingface_hub's own spelling: ORG--NAME)."""
-    from .loader import is_repo_id
+    from .hub import is_repo_id
 
     if not is_repo_id(repo_id):
         raise CheckpointError(f"{repo_id!r} is not a hub repo id like 'openai/gpt-oss-20b'")
@@ -123,7 +123,7 @@ def resolve(
     both the store and the Hugging Face cache then downloads config.json alone, nothing is converted.
     say: how to tell the user that a first download and conversion starts (default: stderr).
     """
-    from .loader import download, is_repo_id
+    from .hub import download, is_repo_id
 
     path = Path(path_or_repo).expanduser()
     if path.exists():
@@ -150,7 +150,7 @@ def download_and_convert(repo_id: str, say: Callable[[str], None]) -> Path:
     from rich.console import Console
 
     from .convert.cli import main as convert
-    from .loader import download
+    from .hub import download
 
     dest = converted_folder(repo_id)
     staging = downloads_dir()
@@ -200,7 +200,7 @@ def folder_bytes(folder: Path) -> int:
 def _repo_of(folder: Path) -> str:
     section = json.loads((folder / "config.json").read_text())["oss_mlx"]
     source = section.get("source")
-    from .loader import is_repo_id
+    from .hub import is_repo_id
 
     if isinstance(source, str) and is_repo_id(source) and entry_name(source) == folder.name:
         return source

@@ -907,7 +907,7 @@ class ChatApp:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..loader import DEFAULT_MODEL
+    from ..hub import DEFAULT_MODEL
 
     A = cli_args
     ap = A.parser(
