@@ -1,5 +1,5 @@
-"""A numpy model of moe_group + moe_gemm's index maps (kernels_shared/prefill_moe.gpu, kernels_cuda/prefill_moe.cu), against
-the reference experts on a small random layer. No GPU: it checks the design (which shared-memory word
+"""A numpy model of moe_group + moe_gemm's index maps (kernels_shared/prefill_moe.gpu,
+kernels_cuda/prefill_moe.cu), against the reference experts on a small random layer. No GPU: it checks the design (which shared-memory word
 each lane stages and reads for the mma.sync m16n8k16 fragments, the tile -> expert search, the
 epilogue's rows and columns), not the compiled kernel, which the GPU tests check.
 
