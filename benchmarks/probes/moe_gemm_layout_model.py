@@ -1,7 +1,8 @@
 """A numpy model of moe_group + moe_gemm's index maps (kernels_shared/prefill_moe.gpu,
-kernels_cuda/prefill_moe.cu), against the reference experts on a small random layer. No GPU: it checks the design (which shared-memory word
-each lane stages and reads for the mma.sync m16n8k16 fragments, the tile -> expert search, the
-epilogue's rows and columns), not the compiled kernel, which the GPU tests check.
+kernels_cuda/prefill_moe.cu), against the reference experts on a small random layer. No GPU: it
+checks the design (which shared-memory word each lane stages and reads for the mma.sync m16n8k16
+fragments, the tile -> expert search, the epilogue's rows and columns), not the compiled kernel,
+which the GPU tests check.
 
 Each thread's staging and each lane's fragment loads are written as in the CUDA source; an
 m16n8k16 product is A (16 x 16, from the lanes' a0..a3) times B (16 x 8, from b0, b1) with the PTX
