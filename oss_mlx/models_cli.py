@@ -12,6 +12,8 @@ import sys
 
 from . import model_store as S
 
+ACTIONS = ("list", "path", "remove")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import cli_args as A
@@ -19,17 +21,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = A.parser(
         "oss-mlx models",
         "The models on this machine that a hub id resolves to: the converted copies in the store "
-        f"({S.store_dir()}), then gpt-oss snapshots in the Hugging Face cache (used as they are).",
+        f"({S.store_dir()}), then gpt-oss snapshots in the Hugging Face cache (used as they are).\n\n"
+        "  oss-mlx models                   list them: hub id, size, where, path\n"
+        "  oss-mlx models path ID           the folder every entry point loads for ID\n"
+        "  oss-mlx models remove ID [--yes] delete the store's copy of ID (asks first)",
     )
-    sub = ap.add_subparsers(dest="action", metavar="ACTION")
-    sub.add_parser("list", help="list them (the default)", formatter_class=A.HelpFormatter)
-    p = sub.add_parser("path", help="print the folder a hub id loads from", formatter_class=A.HelpFormatter)
-    p.add_argument("repo_id", type=A.hub_id, metavar="ID", help="e.g. openai/gpt-oss-20b")
-    r = sub.add_parser(
-        "remove", help="delete a converted model from the store (asks first)", formatter_class=A.HelpFormatter
+    ap.add_argument(
+        "action", nargs="?", choices=ACTIONS, default="list", metavar="ACTION", help=", ".join(ACTIONS)
     )
-    r.add_argument("repo_id", type=A.hub_id, metavar="ID", help="e.g. openai/gpt-oss-20b")
-    r.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    ap.add_argument(
+        "repo_id", nargs="?", type=A.hub_id, metavar="ID", help="hub repo id, e.g. openai/gpt-oss-20b"
+    )
+    ap.add_argument("-y", "--yes", action="store_true", help="remove without asking")
     return ap
 
 
@@ -104,7 +107,14 @@ def remove(repo_id: str, yes: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    ap = build_parser()
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.action in ("path", "remove") and args.repo_id is None:
+        ap.error(f"{args.action} needs a hub repo id (e.g. oss-mlx models {args.action} openai/gpt-oss-20b)")
+    if args.action == "list" and args.repo_id is not None:
+        ap.error(f"list takes no ID (oss-mlx models path {args.repo_id} prints its folder)")
+    if args.yes and args.action != "remove":
+        ap.error("--yes applies to remove")
     if args.action == "path":
         return show_path(args.repo_id)
     if args.action == "remove":
