@@ -1,0 +1,220 @@
+"""The token mask of a constrained reply: llguidance's matcher over the whole turn, one per sequence.
+
+generate_tokens asks for the next mask with the token just sampled while the GPU already runs the
+next forward step (which does not need the mask; only its sampling does), so the host work here
+overlaps the model's. A mask is llguidance's bitmask (int32 words, bit i allows token i), applied
+to the logits inside the sampler (generation.py `masked`).
+
+Fitting max_tokens: a constrained answer cut off by the token limit would be invalid JSON, and a
+model (a random one at worst) may never want to close its strings. So the processor keeps a closing
+path in view: the fewest tokens it finds that end the turn from where it is (`<|end|>`, the final
+header, the shortest JSON the schema allows, `<|return|>`). When the tokens left come within a few
+of that path, the path is forced: strings end, arrays stop at minItems, optional fields are left out,
+and the reply ends properly. If even that does not fit (a very small max_tokens), nothing is forced
+and the reply ends by length (finish_reason "length", never a claim of completion).
+
+The closing path is searched, not derived: llguidance gives no shortest completion. A walk from the
+current state takes forced tokens, then tries end tokens and JSON closers in order (`"` inside a
+string; `}`, `]`, `,`, `:`, `0`, `"` outside), else a random printable byte (then any byte, to finish a
+UTF-8 character); the shortest of a few seeded walks wins, re-tokenized canonically. Formats and
+patterns (emails, dates, `^[A-Z]{3}$`) are found by the random steps; the search is bounded, and when it
+finds nothing the reply may end by length.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+import mlx.core as mx
+import numpy as np
+
+from .structured import Checked, turn_grammar
+from .tokenizer import HarmonyTokenizer
+
+# Force the closing path when at most this many tokens beyond it are left: one more sampled token may
+# lengthen the path (an escape begun, a key opened), so it is not left to the last token.
+CLOSE_SLACK = 8
+WALKS = 6  # seeded walks per search; the shortest wins
+WALK_LIMIT = 384  # tokens one walk may take before it is given up
+
+
+def _quoting(state: tuple[bool, bool], data: bytes) -> tuple[bool, bool]:
+    """(inside a JSON string, after a backslash) once `data` follows `state`."""
+    inside, escaped = state
+    for b in data:
+        if escaped:
+            escaped = False
+        elif inside and b == 0x5C:
+            escaped = True
+        elif b == 0x22:
+            inside = not inside
+    return inside, escaped
+
+
+class TurnConstraint:
+    """The grammar state of one constrained reply (see the module docstring)."""
+
+    def __init__(
+        self,
+        checked: Checked,
+        tokenizer: HarmonyTokenizer,
+        max_tokens: int,
+        prefix: Iterable[int] = (),
+        seed: int = 0,
+    ):
+        """prefix: tokens the reply is made to start with (they are prompt, but the grammar reads them)."""
+        self.checked, self.tokenizer, self.max_tokens = checked, tokenizer, max_tokens
+        self.prefix, self.seed = list(prefix), seed
+        self.matcher = None
+        self.closed = False  # the closing path was forced
+        self.searches = 0
+        self._words = None
+        self._forced: list[int] = []
+        self._check_at = max_tokens  # look for the closing path when this many tokens (or fewer) are left
+        self._quote = (False, False)  # where the message being written stands, as JSON text (_quoting)
+        tok = tokenizer
+        byte_token = {b: tok.encoding.encode_single_token(bytes([b])) for b in range(256)}
+        self._ends = [tok.RETURN, tok.CALL, tok.END]
+        self._in_string = [byte_token[0x22]]
+        self._outside = [byte_token[ord(c)] for c in '}],:0"[{nft-']
+        self._printable = [byte_token[b] for b in range(0x20, 0x7F)]
+        self._any_byte = [byte_token[b] for b in range(256)]
+
+    # ---- the steps generate_tokens drives ----------------------------------------------------------
+
+    def begin(self, remaining: int) -> mx.array:
+        """Build the matcher (the reply starts after `<|start|>assistant`), feed the prefix, and return
+        the first mask."""
+        import llguidance
+        from llguidance.numpy import allocate_token_bitmask
+
+        grammar_tokenizer = self.tokenizer.grammar_tokenizer()
+        self.matcher = llguidance.LLMatcher(
+            grammar_tokenizer, turn_grammar(self.checked, self.max_tokens), log_level=0
+        )
+        self._raise_on_error()
+        self._words = allocate_token_bitmask(1, grammar_tokenizer.vocab_size)
+        for token in self.prefix:
+            self._consume(token)
+        return self._next(remaining)
+
+    def advance(self, token: int, remaining: int) -> mx.array:
+        """Take the token sampled last; return the mask for the next one (`remaining` may follow)."""
+        self._consume(token)
+        return self._next(remaining)
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _raise_on_error(self) -> None:
+        if self.matcher.is_error():
+            raise RuntimeError(f"constrained decoding: {self.matcher.get_error()}")
+
+    def _consume(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            self._raise_on_error()
+        self._raise_on_error()
+        self._quote = self._quoted(self._quote, token)
+
+    def _quoted(self, state: tuple[bool, bool], token: int) -> tuple[bool, bool]:
+        if token == self.tokenizer.MESSAGE:  # a message's content begins
+            return False, False
+        if self.tokenizer.is_special(token):
+            return state
+        return _quoting(state, self.tokenizer.token_bytes(token))
+
+    def _only(self, token: int) -> mx.array:
+        words = np.zeros_like(self._words)
+        words[0, token >> 5] = np.int32(np.uint32(1 << (token & 31)).view(np.int32))
+        return mx.array(words)
+
+    def _next(self, remaining: int) -> mx.array:
+        from llguidance.numpy import fill_next_token_bitmask
+
+        if not self._forced and remaining <= self._check_at:
+            self._plan_closing(remaining)
+        if self._forced:
+            return self._only(self._forced.pop(0))
+        forced = self.matcher.compute_ff_tokens()
+        if forced:  # the grammar allows one text here: take its canonical tokens, not any spelling
+            return self._only(forced[0])
+        fill_next_token_bitmask(self.matcher, self._words)
+        self._raise_on_error()
+        return mx.array(self._words)
+
+    def _plan_closing(self, remaining: int) -> None:
+        path = self.closing_path()
+        if path is None:  # none found from here: look again a little later
+            self._check_at = remaining - max(1, remaining // 8)
+            return
+        gap = remaining - len(path)
+        if 0 <= gap <= CLOSE_SLACK:
+            self._forced, self.closed = list(path), True
+        elif gap < 0:
+            self._check_at = -1  # it cannot fit any more: the reply will end by length
+        else:
+            self._check_at = remaining - max(1, (gap - CLOSE_SLACK) // 2)
+
+    def closing_path(self) -> list[int] | None:
+        """The fewest tokens found that end the turn from the current state (its last is a stop)."""
+        self.searches += 1
+        rng = random.Random(self.seed)
+        best = None
+        for _ in range(WALKS):
+            path, random_steps = self._walk(rng, best)
+            if path is not None and (best is None or len(path) < len(best)):
+                best = path
+            if not random_steps:  # every walk from here would be the same one
+                break
+        return None if best is None else self._canonical(best)
+
+    def _walk(self, rng: random.Random, best: list[int] | None) -> tuple[list[int] | None, bool]:
+        """One walk to a stop token: (its tokens or None, whether it took a random step)."""
+        m = self.matcher.deep_copy()
+        stops = (self.tokenizer.RETURN, self.tokenizer.CALL)
+        quote = self._quote
+        path: list[int] = []
+        random_steps = False
+        limit = WALK_LIMIT if best is None else len(best)
+        while len(path) < limit:
+            forced = m.compute_ff_tokens()
+            taken = m.try_consume_tokens(forced) if forced else 0
+            chosen = forced[:taken]
+            if not chosen:
+                order = self._ends + (self._in_string if quote[0] else self._outside)
+                token = next((t for t in order if m.validate_tokens([t])), None)
+                if token is not None and path[-2:] == [token, token]:  # "0.000...": a loop; step aside
+                    token = None
+                if token is None:
+                    random_steps = True
+                    shuffled = rng.sample(self._printable, len(self._printable))
+                    token = next((t for t in shuffled + self._any_byte if m.validate_tokens([t])), None)
+                if token is None or not m.consume_token(token):
+                    return None, random_steps
+                chosen = [token]
+            for token in chosen:
+                path.append(token)
+                quote = self._quoted(quote, token)
+                if token in stops:
+                    return path, random_steps
+        return None, random_steps
+
+    def _canonical(self, path: list[int]) -> list[int]:
+        """The path's text in the tokenizer's own tokens (fewer than the walk's single bytes), if the
+        matcher takes them; else the path as found."""
+        tok, out, run = self.tokenizer, [], bytearray()
+        grammar_tokenizer = tok.grammar_tokenizer()
+        for token in path:
+            if tok.is_special(token):
+                if run:
+                    out += grammar_tokenizer.tokenize_bytes(bytes(run))
+                    run = bytearray()
+                out.append(token)
+            else:
+                run += tok.token_bytes(token)
+        if run:
+            out += grammar_tokenizer.tokenize_bytes(bytes(run))
+        if len(out) >= len(path):
+            return path
+        trial = self.matcher.deep_copy()
+        return out if trial.try_consume_tokens(out) == len(out) else path
