@@ -14,11 +14,14 @@ and the reply ends properly. If even that does not fit (a very small max_tokens)
 and the reply ends by length (finish_reason "length", never a claim of completion).
 
 The closing path is searched, not derived: llguidance gives no shortest completion. A walk from the
-current state takes forced tokens, then tries end tokens and JSON closers in order (`"` inside a
-string; `}`, `]`, `,`, `:`, `0`, `"` outside), else a random printable byte (then any byte, to finish a
-UTF-8 character); the shortest of a few seeded walks wins, re-tokenized canonically. Formats and
-patterns (emails, dates, `^[A-Z]{3}$`) are found by the random steps; the search is bounded, and when it
-finds nothing the reply may end by length.
+current state takes forced tokens, then the first allowed of: the end tokens, then `"` inside a
+string, or outside one `}` `]` `,` `:` `0` `"` `[` `{` and the first letters of null / false / true
+and `-` (closers first: they end things); failing those (or when the same one would come a third
+time in a row, as in `0.000...`) a random printable byte, then any byte (to finish a UTF-8
+character). The shortest of a few seeded walks wins, re-tokenized canonically. Formats and patterns
+(emails, dates, `^[A-Z]{3}$`) are found by the random steps; the walks are bounded, and when they
+find nothing the reply may end by length. The search runs when the tokens left shrink toward the
+last path's length (halving the gap each time): a few times per reply, ~1 ms each on the CPU.
 """
 
 from __future__ import annotations
