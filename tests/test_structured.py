@@ -10,6 +10,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
+from chat_helpers import TmuxChat, env_has_tmux
 from structured_cases import PERSON, SCHEMAS, validate
 
 import oss_mlx
@@ -370,3 +371,39 @@ def test_stats_report_mask_time(loaded):
     free = oss_mlx.generate(model, tokenizer, "Text.", max_tokens=5, seed=2).stats
     assert free.masked_tokens == 0 and free.mask_seconds == 0
     assert isinstance(list(oss_mlx.stream_generate(model, tokenizer, "x", max_tokens=2))[-1], Done)
+
+
+# ---- the chat -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not env_has_tmux(), reason="tmux is not installed (apt-get install -y tmux)")
+def test_chat_json_command_constrains_the_next_answers(tmp_path, vocab_dir, tiny_checkpoint):
+    """`/json FILE` in the real chat (tmux): the random model's next answers are valid JSON for the
+    schema, a scripted reasoning with braces passes unchanged, bad files are refused with the reason,
+    `/json off` goes back to free text."""
+    schema_file, bad_file = tmp_path / "person.json", tmp_path / "bad.json"
+    schema_file.write_text(json.dumps(PERSON))
+    bad_file.write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    thought = "Braces { and } are fine here."
+    replies = [f"<|channel|>analysis<|message|>{thought}<|end|>{FINAL}not json<|return|>", None]
+    app = TmuxChat(tmp_path / "home", vocab_dir).start(["--model", str(tiny_checkpoint)], replies=replies)
+    try:
+        app.wait_prompt(timeout=60)
+        app.command(f"/json {tmp_path / 'missing.json'}", r"cannot read")
+        app.command(f"/json {bad_file}", r"uniqueItems")
+        app.command(f"/json {schema_file}", r"answers follow the JSON schema")
+        app.command("/set max_tokens 40", r"max_tokens: 40")
+        app.command("Who are you?", r"tok/s", timeout=120)
+        app.command("And now?", r"tok/s", timeout=120)
+        saved = tmp_path / "conversation.json"
+        app.command(f"/save {saved}", r"saved")
+        app.command("/json off", r"free text again")
+    finally:
+        app.close()
+    messages = json.loads(saved.read_text())["messages"]
+    finals = [m["content"] for m in messages if m.get("role") == "assistant" and m.get("channel") == "final"]
+    assert len(finals) == 2
+    for text in finals:
+        validate(text, PERSON)
+    analyses = [m["content"] for m in messages if m.get("channel") == "analysis"]
+    assert analyses[0] == thought  # the scripted reasoning, kept token for token

@@ -58,6 +58,12 @@ COMMANDS: tuple[Command, ...] = (
         "sampling: temperature, top_p, max_tokens, seed (none: random); without argument: show them",
         ("temperature", "top_p", "max_tokens", "seed"),
     ),
+    Command(
+        "json",
+        "/json [SCHEMA_FILE|off]",
+        "answers follow this JSON schema (enforced; reasoning stays free); off: free text; no argument: show",
+        path=True,
+    ),
     Command("multi", "/multi", "toggle multi-line input (Enter: new line, Alt+Enter: send)"),
     Command("exit", "/exit", "quit (also Ctrl-D, or Ctrl-C on an empty line)", aliases=("quit", "q")),
 )
