@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             extra = (
                 f" mask ms mean {row['mask_ms_mean']:.3f} median {row['mask_ms_median']:.3f} "
-                f"p90 {row['mask_ms_p90']:.3f} max {row['mask_ms_max']:.2f} (first {row['first_mask_ms']:.1f})"
+                f"p90 {row['mask_ms_p90']:.3f} max {row['mask_ms_max']:.2f}"
+                f" (first {row['first_mask_ms']:.1f})"
                 f" searches {row['closing_searches']} closed {row['closed_to_fit']}"
                 if c is not None
                 else ""
