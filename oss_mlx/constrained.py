@@ -77,6 +77,7 @@ class TurnConstraint:
         self._check_at = max_tokens  # look for the closing path when this many tokens (or fewer) are left
         self._quote = (False, False)  # where the message being written stands, as JSON text (_quoting)
         tok = tokenizer
+        tok.grammar_tokenizer()  # built once per tokenizer (~1 s): here, not inside a mask's time
         byte_token = {b: tok.encoding.encode_single_token(bytes([b])) for b in range(256)}
         self._ends = [tok.RETURN, tok.CALL, tok.END]
         self._in_string = [byte_token[0x22]]

@@ -89,12 +89,11 @@ class TokenConstraint(Protocol):
     def advance(self, token: int, remaining: int) -> mx.array: ...
 
 
-_BIT = mx.arange(32, dtype=mx.int32)
-
-
 def masked(logits: mx.array, words: mx.array) -> mx.array:
     """`logits` [B, vocab] with every token the bitmask `words` [B, W] does not allow set to -inf."""
-    bits = mx.right_shift(words[..., None], _BIT) & 1
+    # (made here, not at import: an array belongs to the thread that made it, and the server
+    # generates on a worker thread)
+    bits = mx.right_shift(words[..., None], mx.arange(32, dtype=mx.int32)) & 1
     allowed = bits.reshape(words.shape[0], -1)[:, : logits.shape[-1]].astype(mx.bool_)
     return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
 

@@ -60,7 +60,8 @@ class OutputConstraint:
     schema is enforced, or :func:`check` raises naming what the engine cannot enforce. None: enforced
     when the engine supports it, else only valid JSON is. False: only valid JSON (the schema is still
     shown to the model in the prompt by the caller), OpenAI's non-strict "best effort".
-    param / tools_param: how errors name the answer format and the tools (``{i}`` is the index).
+    param / tools_param: how errors name the answer format and the tools' parameters (``{i}`` is the
+    tool's index; or a mapping of function name -> name).
     """
 
     json_schema: Mapping[str, Any] | None = None
@@ -71,7 +72,7 @@ class OutputConstraint:
     reasoning_budget: int | None = None
     strict: bool | None = True
     param: str = "json_schema"
-    tools_param: str = "tools[{i}].parameters"
+    tools_param: str | Mapping[str, str] = "tools[{i}].parameters"
 
     @property
     def active(self) -> bool:
@@ -209,7 +210,10 @@ def check(constraint: OutputConstraint) -> Checked:
     if choice != "none":
         seen = set()
         for i, tool in enumerate(tools):
-            param = c.tools_param.format(i=i)
+            if isinstance(c.tools_param, Mapping):
+                param = c.tools_param.get(tool.name, f"tools[{i}].parameters")
+            else:
+                param = c.tools_param.format(i=i)
             if not _NAME.fullmatch(tool.name):
                 raise ConstraintError(
                     f"Invalid function name {tool.name!r}: use letters, digits, '_', '-' and '.'.", param

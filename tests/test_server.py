@@ -38,8 +38,8 @@ RULES = [
         + CALL_ARGS
         + "<|call|>",
     },
-    # a forced tool call: the server already wrote the header, the model writes only the arguments
-    {"match": "[forced]", "reply": CALL_ARGS + "<|call|>"},
+    # a plain answer where tool_choice forces a call: the constraint overrules the script
+    {"match": "[forced]", "reply": "<|channel|>final<|message|>No call needed.<|return|>"},
     {"match": "temp_c", "reply": "<|channel|>final<|message|>It is 21C in Paris.<|return|>"},
     # examples/openai_client.py's three questions
     {
@@ -316,27 +316,29 @@ def test_chat_tool_call_round_trip(client):
 
 
 def test_named_tool_choice_forces_the_call(client):
-    """tool_choice naming a function: the reply starts with that call's header (forced), so the
-    answer is that call even though the model, left alone, would not have called it."""
+    """tool_choice naming a function: the reply is that call (its arguments valid for the schema) even
+    though the model, left alone, answers in text (scripted): the constraint overrules it."""
     weather = {"type": "function", "function": {"name": "get_weather"}}
     r = client.chat.completions.create(
         model="gpt-oss",
         messages=[{"role": "user", "content": "[forced] Paris please"}],
         tools=[CHAT_WEATHER_TOOL],
         tool_choice=weather,
+        max_completion_tokens=40,
     )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
     resp = client.responses.create(
         model="gpt-oss",
         input="[forced] Paris please",
         tools=[WEATHER_TOOL],
         tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=40,
     )
     (call,) = [item for item in resp.output if item.type == "function_call"]
-    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
 
 
 def test_chat_stop_sequence(client):

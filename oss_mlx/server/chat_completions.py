@@ -28,6 +28,7 @@ from .common import (
     ServerState,
     check_model,
     guarded,
+    is_offered_call,
     new_id,
     run_to_end,
     sse,
@@ -35,12 +36,12 @@ from .common import (
 )
 from .schemas import (
     APIError,
-    forced_call_prefix,
     function_name,
     function_tool,
     invalid,
     join_instructions,
     number_in,
+    output_constraint,
     positive_int,
     reasoning_effort,
     response_format_text,
@@ -52,7 +53,6 @@ from .schemas import field as get
 from .worker import Failed, Finished, GenerationRequest, Usage
 
 TEXT_PARTS = ("text", "input_text", "output_text")
-NOT_TOOLS = ("all", "assistant", "user")
 
 
 def recipient_of(name: str) -> str:
@@ -161,6 +161,7 @@ def parse(body: dict, state: ServerState) -> ChatCall:
     if effort is None and isinstance(body.get("reasoning"), dict):
         effort = reasoning_effort(body["reasoning"].get("effort"), "reasoning.effort")
     tools = []
+    tool_params = {}  # function name -> where its parameters are in the request (for errors)
     for i, spec in enumerate(get(body, "tools", "array", default=[])):
         p = f"tools[{i}]"
         if not isinstance(spec, dict):
@@ -173,8 +174,12 @@ def parse(body: dict, state: ServerState) -> ChatCall:
                 get(spec, "function", "object", param=f"{p}.function", required=True), f"{p}.function"
             )
         )
-    rendered_tools, choice_text = tool_choice_rules(body.get("tool_choice"), tools)
-    format_text = response_format_text(body.get("response_format"), "response_format")
+        tool_params.setdefault(tools[-1].name, f"{p}.function.parameters")
+    choice = body.get("tool_choice")
+    rendered_tools, choice_text = tool_choice_rules(choice, tools)
+    fmt = body.get("response_format")
+    format_text = response_format_text(fmt, "response_format")
+    constraint = output_constraint(fmt, "response_format", rendered_tools, choice, tool_params)
 
     n = get(body, "n", "integer", default=1)
     if n != 1:
@@ -205,13 +210,13 @@ def parse(body: dict, state: ServerState) -> ChatCall:
     include_usage = get(
         stream_options, "include_usage", "boolean", param="stream_options.include_usage", default=False
     )
-    get(body, "parallel_tool_calls", "boolean")
+    get(body, "parallel_tool_calls", "boolean")  # harmony writes one call per reply: true or false, one
 
     request = GenerationRequest(
         messages=messages,
         instructions=join_instructions(*system_texts, choice_text, format_text),
         tools=rendered_tools,
-        assistant_prefix=forced_call_prefix(body.get("tool_choice"), rendered_tools),
+        constraint=constraint,
         reasoning_effort=effort or state.config.reasoning_effort,
         options=options,
         max_tokens=max_tokens,
@@ -253,7 +258,8 @@ class StopFilter:
 class ChatBuilder:
     """The worker's events -> the assistant message and, for streaming, chat.completion.chunk deltas."""
 
-    def __init__(self, stops: list[str], reasoning_fields: tuple[str, ...]):
+    def __init__(self, stops: list[str], reasoning_fields: tuple[str, ...], offered: set[str] = frozenset()):
+        self.offered = offered  # functions the request offered: a call to any other is not a call
         self.content = ""
         self.reasoning = ""
         self.tool_calls: list[dict] = []
@@ -279,7 +285,7 @@ class ChatBuilder:
         return []
 
     def _open(self, channel: str | None, recipient: str | None) -> list[dict]:
-        if recipient is not None and recipient not in NOT_TOOLS:
+        if is_offered_call(recipient, self.offered):
             self.current = "tool"
             call = {
                 "id": new_id("call_"),
@@ -341,7 +347,8 @@ def usage_object(u: Usage) -> dict:
 async def create(request: Request, body: dict, state: ServerState) -> Response:
     call = parse(body, state)
     job = await submit(state, call.request, "messages")
-    builder = ChatBuilder(call.stops, state.config.reasoning_fields)
+    offered = {t.name for t in call.request.tools}
+    builder = ChatBuilder(call.stops, state.config.reasoning_fields, offered)
     cid, created = new_id("chatcmpl-"), int(time.time())
 
     def on_event(event: Any) -> None:

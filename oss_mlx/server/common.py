@@ -12,7 +12,8 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 
-from .schemas import APIError
+from ..structured import ConstraintError
+from .schemas import APIError, constraint_error
 from .worker import ContextTooLong, Engine, Failed, Finished, GenerationRequest, Job, QueueFull
 
 # How a client disconnect is noticed while a non-streaming request waits.
@@ -39,6 +40,13 @@ class ServerState:
     engine: Engine
     config: ServerConfig
     store: Any = None  # responses.ResponseStore
+
+
+def is_offered_call(recipient: str | None, offered: set[str]) -> bool:
+    """Whether a message to `recipient` is a call of a function the request offered. Other messages,
+    calls of functions it did not offer included (a model without tools in view may still write one),
+    reach the client as text, never as a call; with tools offered the grammar allows only theirs."""
+    return recipient is not None and recipient.startswith("functions.") and recipient[10:] in offered
 
 
 def new_id(prefix: str) -> str:
@@ -68,6 +76,8 @@ async def submit(state: ServerState, req: GenerationRequest, prompt_param: str) 
         await anyio.to_thread.run_sync(state.engine.prepare, req)
     except ContextTooLong as e:
         raise APIError(400, str(e), prompt_param, "context_length_exceeded") from None
+    except ConstraintError as e:  # a schema or tool_choice the engine cannot enforce
+        raise constraint_error(e) from None
     except (ValueError, KeyError, TypeError, RecursionError) as e:  # a message harmony cannot render
         raise APIError(400, f"The conversation cannot be rendered: {e}", prompt_param) from None
     try:

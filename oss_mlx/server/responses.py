@@ -34,6 +34,7 @@ from .common import (
     ServerState,
     check_model,
     guarded,
+    is_offered_call,
     new_id,
     run_to_end,
     sse,
@@ -41,11 +42,11 @@ from .common import (
 )
 from .schemas import (
     APIError,
-    forced_call_prefix,
     function_name,
     function_tool,
     invalid,
     join_instructions,
+    output_constraint,
     positive_int,
     reasoning_effort,
     response_format_text,
@@ -59,7 +60,6 @@ from .schemas import (
 from .worker import Failed, Finished, GenerationRequest, Usage
 
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
-NOT_TOOLS = ("all", "assistant", "user")
 
 
 @dataclass
@@ -215,6 +215,7 @@ def parse(body: dict, state: ServerState) -> ResponsesCall:
     reasoning = get(body, "reasoning", "object", default={})
     effort = reasoning_effort(reasoning.get("effort"), "reasoning.effort") or state.config.reasoning_effort
     tools = []
+    tool_params = {}  # function name -> where its parameters are in the request (for errors)
     for i, spec in enumerate(get(body, "tools", "array", default=[])):
         p = f"tools[{i}]"
         if not isinstance(spec, dict):
@@ -227,23 +228,26 @@ def parse(body: dict, state: ServerState) -> ResponsesCall:
                 "unsupported_value",
             )
         tools.append(function_tool(spec, p))
+        tool_params.setdefault(tools[-1].name, f"{p}.parameters")
     choice = body.get("tool_choice")
     rendered_tools, choice_text = tool_choice_rules(choice, tools)
     text_config = get(body, "text", "object", default={})
-    format_text = response_format_text(text_config.get("format"), "text.format")
+    fmt = text_config.get("format")
+    format_text = response_format_text(fmt, "text.format")
+    constraint = output_constraint(fmt, "text.format", rendered_tools, choice, tool_params)
 
     options = sampling_options(body)
     max_output = positive_int(body, "max_output_tokens")
     stream = get(body, "stream", "boolean", default=False)
     store = get(body, "store", "boolean", default=True)
-    parallel = get(body, "parallel_tool_calls", "boolean", default=True)
+    parallel = get(body, "parallel_tool_calls", "boolean", default=True)  # harmony: one call a reply
     metadata = get(body, "metadata", "object", default={})
 
     request = GenerationRequest(
         messages=history + new,
         instructions=join_instructions(*extra_instructions, instructions, choice_text, format_text),
         tools=rendered_tools,
-        assistant_prefix=forced_call_prefix(choice, rendered_tools),
+        constraint=constraint,
         reasoning_effort=effort,
         options=options,
         max_tokens=max_output,
@@ -275,7 +279,7 @@ def parse(body: dict, state: ServerState) -> ResponsesCall:
                 "name": t.name,
                 "description": t.description,
                 "parameters": t.parameters,
-                "strict": False,
+                "strict": t.strict is not False,  # made exact once the schemas are checked (create)
             }
             for t in tools
         ],
@@ -302,8 +306,9 @@ class _Open:
 class ResponseBuilder:
     """Turns the worker's events into output items and, for streaming, the Responses event sequence."""
 
-    def __init__(self, response: dict):
+    def __init__(self, response: dict, offered: set[str] = frozenset()):
         self.response = response
+        self.offered = offered  # functions the request offered: a call to any other is not a call
         self.output: list[dict] = response["output"]
         self.seq = 0
         self.current: _Open | None = None
@@ -337,7 +342,7 @@ class ResponseBuilder:
 
     def _open(self, channel: str | None, recipient: str | None) -> list[dict]:
         index = len(self.output)
-        if recipient is not None and recipient not in NOT_TOOLS:
+        if is_offered_call(recipient, self.offered):
             kind, part = "function_call", None
             call_id = new_id("call_")
             self.new_calls[call_id] = recipient
@@ -469,7 +474,12 @@ def _remember(state: ServerState, call: ResponsesCall, builder: ResponseBuilder,
 async def create(request: Request, body: dict, state: ServerState) -> Response:
     call = parse(body, state)
     job = await submit(state, call.request, "input")
-    builder = ResponseBuilder(call.response)
+    checked = call.request.checked
+    if checked is not None:  # whether each tool's schema is enforced, now that it was compiled
+        enforced = checked.enforced_tools
+        for tool in call.response["tools"]:
+            tool["strict"] = enforced.get(tool["name"], tool["strict"])
+    builder = ResponseBuilder(call.response, {t.name for t in call.request.tools})
 
     if not call.stream:
         finished = await run_to_end(job, request, builder.feed)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..generation import SamplingOptions
 from ..harmony import Tool
+from ..structured import ConstraintError, OutputConstraint
 from ..tokenizer import HarmonyTokenizer
 
 EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
@@ -216,11 +217,17 @@ def function_name(name: str, param: str, dotted: bool = False) -> str:
 
 
 def function_tool(spec: Mapping[str, Any], param: str) -> Tool:
-    """A function tool from ``{"name", "description", "parameters"}`` (already unwrapped)."""
+    """A function tool from ``{"name", "description", "parameters", "strict"}`` (already unwrapped).
+
+    strict (structured.py): true, the arguments follow ``parameters`` or the request is refused (400
+    naming what cannot be enforced); absent, they follow it when the engine supports the schema, else
+    they are any JSON object (OpenAI: Responses strict by default, Chat Completions best effort; both
+    get the stronger of the two here); false, any JSON object."""
     name = function_name(field(spec, "name", "string", param=f"{param}.name", required=True), f"{param}.name")
     description = field(spec, "description", "string", param=f"{param}.description", default="")
     parameters = field(spec, "parameters", "object", param=f"{param}.parameters")
-    return Tool(name, description, parameters)
+    strict = field(spec, "strict", "boolean", param=f"{param}.strict")
+    return Tool(name, description, parameters, strict)
 
 
 REQUIRED = "You must call one of the functions in the functions namespace before you answer."
@@ -233,7 +240,7 @@ def tool_choice_rules(
 
     auto: all tools. none: no tools are rendered, so the model cannot see them. required / a named
     function: the tools (only the named one) are rendered and the instructions ask for a call; the
-    reply is also forced to begin with a tool-call header (see forced_call_prefix).
+    reply is constrained to be such a call (tool_choice_mode, structured.py).
     """
     if choice is None or choice == "auto":
         return tools, None
@@ -281,47 +288,77 @@ def tool_choice_rules(
     raise invalid(param, f"tool_choice must be 'auto', 'none', 'required' or an object, got {choice!r}.")
 
 
-def response_format_text(fmt: Any, param: str) -> str | None:
-    """Harmony's ``# Response Formats`` section for a JSON schema (a request to the model, not enforced)."""
-    if fmt is None:
-        return None
-    if not isinstance(fmt, dict):
-        raise invalid(param, f"Invalid type for '{param}': expected an object.", "invalid_type")
-    kind = fmt.get("type")
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
-        return "Respond with a single JSON object and nothing else."
-    if kind == "json_schema":
-        spec = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else fmt
-        schema = spec.get("schema")
-        if not isinstance(schema, dict):
-            raise invalid(f"{param}.schema", "A json_schema response format needs a 'schema' object.")
-        name = spec.get("name") if isinstance(spec.get("name"), str) else "response"
-        description = spec.get("description")
-        comment = f"// {description}\n" if isinstance(description, str) and description else ""
-        body = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-        return f"# Response Formats\n\n## {name}\n\n{comment}{body}"
-    raise invalid(f"{param}.type", f"Unsupported response format type {kind!r}.", "unsupported_value")
-
-
 def join_instructions(*parts: str | None) -> str | None:
     texts = [p for p in parts if p]
     return "\n\n".join(texts) if texts else None
 
 
-def forced_call_prefix(choice: Any, tools: list[Tool]) -> str | None:
-    """The harmony header a reply must start with so that it is a tool call: the named function's
-    full header (the model writes only the arguments), or for `required` the header up to the
-    function name (the model picks which). None when no call is required."""
-    if isinstance(choice, dict):
+def tool_choice_mode(choice: Any, rendered: list[Tool]) -> str:
+    """The constraint's tool_choice for the tools `tool_choice_rules` rendered: "auto", "none",
+    "required" (one of them) or a function's name (checked there already)."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice or "auto"
+    if choice.get("type") == "allowed_tools":
         inner = choice.get("allowed_tools", choice)
-        if choice.get("type") == "allowed_tools" and inner.get("mode") == "required":
-            choice = "required"
-        elif choice.get("type") == "function" and len(tools) == 1:
-            return f"<|channel|>commentary to=functions.{tools[0].name} <|constrain|>json<|message|>"
-    if choice == "required" and tools:
-        if len(tools) == 1:
-            return f"<|channel|>commentary to=functions.{tools[0].name} <|constrain|>json<|message|>"
-        return "<|channel|>commentary to=functions."
-    return None
+        return "required" if inner.get("mode") == "required" else "auto"
+    return rendered[0].name  # type function: rendered is the named tool
+
+
+def _format_spec(fmt: Any, param: str) -> tuple[str | None, Mapping[str, Any]]:
+    """(type, the object holding name / schema / strict) of a response format; 400 if malformed."""
+    if fmt is None:
+        return None, {}
+    if not isinstance(fmt, dict):
+        raise invalid(param, f"Invalid type for '{param}': expected an object.", "invalid_type")
+    kind = fmt.get("type")
+    if kind in (None, "text"):
+        return None, {}
+    if kind == "json_object":
+        return kind, {}
+    if kind == "json_schema":
+        nested = isinstance(fmt.get("json_schema"), dict)  # Chat Completions nests it, Responses not
+        spec = fmt["json_schema"] if nested else fmt
+        where = f"{param}.json_schema" if nested else param
+        if not isinstance(spec.get("schema"), dict):
+            raise invalid(f"{where}.schema", "A json_schema response format needs a 'schema' object.")
+        field(spec, "strict", "boolean", param=f"{where}.strict")
+        return kind, {**spec, "_param": f"{where}.schema"}
+    raise invalid(f"{param}.type", f"Unsupported response format type {kind!r}.", "unsupported_value")
+
+
+def response_format_text(fmt: Any, param: str) -> str | None:
+    """Harmony's ``# Response Formats`` section for a JSON schema (the model is told the schema; the
+    answer is also constrained to it: answer_constraint)."""
+    kind, spec = _format_spec(fmt, param)
+    if kind == "json_object":
+        return "Respond with a single JSON object and nothing else."
+    if kind != "json_schema":
+        return None
+    name = spec.get("name") if isinstance(spec.get("name"), str) else "response"
+    description = spec.get("description")
+    comment = f"// {description}\n" if isinstance(description, str) and description else ""
+    body = json.dumps(spec["schema"], separators=(",", ":"), ensure_ascii=False)
+    return f"# Response Formats\n\n## {name}\n\n{comment}{body}"
+
+
+def output_constraint(
+    fmt: Any, param: str, tools: list[Tool], choice: Any, tool_params: dict
+) -> OutputConstraint:
+    """What the reply is constrained to: the response format's JSON (json_object: any object;
+    json_schema: its schema, strict as the request says), calls of the rendered tools per tool_choice.
+    tool_params: function name -> the request field of its parameters (for errors)."""
+    kind, spec = _format_spec(fmt, param)
+    answer: dict[str, Any] = {}
+    if kind == "json_object":
+        answer = {"json_schema": {"type": "object"}, "param": param}
+    elif kind == "json_schema":
+        answer = {"json_schema": spec["schema"], "strict": spec.get("strict"), "param": spec["_param"]}
+    return OutputConstraint(
+        tools=tools, tool_choice=tool_choice_mode(choice, tools), tools_param=tool_params, **answer
+    )
+
+
+def constraint_error(e: ConstraintError) -> APIError:
+    """A constraint the engine cannot enforce, as the 400 naming the field and the keyword."""
+    code = "unsupported_json_schema" if e.keywords else "invalid_value"
+    return APIError(400, e.message, e.param, code)

@@ -32,6 +32,7 @@ from typing import Any
 from ..generation import SamplingOptions
 from ..harmony import Message, MessageDone, StreamParser, Tool, render_conversation
 from ..session import Done, Reply, Session
+from ..structured import Checked, OutputConstraint, check
 
 log = logging.getLogger("oss_mlx.server")
 
@@ -70,8 +71,8 @@ class GenerationRequest:
     max_tokens: int | None = None  # None: whatever context is left
     prompt: list[int] = field(default_factory=list)  # filled by Engine.prepare
     header_tokens: int = 0  # tokens of the system + developer messages
-    assistant_prefix: str | None = None  # forced start of the reply (tool_choice required / named)
-    prefix_tokens: list[int] = field(default_factory=list)  # filled by Engine.prepare
+    constraint: OutputConstraint | None = None  # response format, tool calls (structured.py)
+    checked: Checked | None = None  # filled by Engine.prepare: None when nothing is constrained
 
 
 class QueueFull(Exception):
@@ -231,10 +232,12 @@ class Engine:
                     self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
 
     def _warm_up(self) -> None:
-        # The sampler comes from mlx-lm, whose import takes seconds: done now, while the first request
-        # is still being written, rather than during it.
+        # The sampler comes from mlx-lm, whose import takes seconds, and constrained replies need the
+        # vocabulary in llguidance's form (~1 s to build): both done now, while the first request is
+        # still being written, rather than during it.
         try:
             SamplingOptions().sampler()
+            self.tokenizer.grammar_tokenizer()
         except Exception:  # noqa: BLE001 - only an optimisation
             pass
 
@@ -258,12 +261,12 @@ class Engine:
         )
         req.prompt = render_conversation(req.messages, self.tokenizer, **kwargs)
         req.header_tokens = len(render_conversation([], self.tokenizer, for_completion=False, **kwargs))
-        if req.assistant_prefix:
-            req.prefix_tokens = self.tokenizer.encode(req.assistant_prefix, allow_special=True)
-        room = self.context_limit - len(req.prompt) - len(req.prefix_tokens)
+        room = self.context_limit - len(req.prompt)
         if room < 1:
             raise ContextTooLong(len(req.prompt), self.context_limit)
         req.options.max_tokens = min(req.max_tokens or room, room)
+        if req.constraint is not None and req.constraint.active:
+            req.checked = check(req.constraint)  # ConstraintError: the request's 400
         return req
 
     def submit(self, req: GenerationRequest) -> Job:
@@ -310,7 +313,7 @@ class Engine:
         if self.script is not None:
             options = self.script.options(options, req.messages)
         session.last_reply = None
-        events = session.stream(req.prompt, options, assistant_prefix=req.prefix_tokens)
+        events = session.stream(req.prompt, options, constraint=req.checked)
         reply = None
         try:
             for event in events:
