@@ -329,7 +329,8 @@ def test_named_tool_choice_forces_the_call(client):
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
-    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
     resp = client.responses.create(
         model="gpt-oss",
         input="[forced] Paris please",
