@@ -165,8 +165,7 @@ class Session:
         if checked is not None:
             from .constrained import TurnConstraint  # llguidance is imported only when it is used
 
-            seed = options.seed or 0
-            turn = TurnConstraint(checked, self.tokenizer, options.max_tokens, assistant_prefix, seed)
+            turn = TurnConstraint(checked, self.tokenizer, options.max_tokens, assistant_prefix)
         tokens = self._to_tokens(prompt) + list(assistant_prefix)
         reused = self._reuse_prefix(tokens)
         report = TokenStream()

@@ -58,8 +58,9 @@ class OutputConstraint:
 
     strict: for the answer's json_schema (a tool's own ``Tool.strict`` for its arguments). True: the
     schema is enforced, or :func:`check` raises naming what the engine cannot enforce. None: enforced
-    when the engine supports it, else only valid JSON is. False: only valid JSON (the schema is still
-    shown to the model in the prompt by the caller), OpenAI's non-strict "best effort".
+    when the engine supports its keywords, else only valid JSON is (a schema that is wrong, such as an
+    unknown type or an unsatisfiable one, raises either way). False: only valid JSON (the schema is
+    still shown to the model in the prompt by the caller), OpenAI's non-strict "best effort".
     param / tools_param: how errors name the answer format and the tools' parameters (``{i}`` is the
     tool's index; or a mapping of function name -> name).
     """
@@ -138,8 +139,8 @@ def _json_part(schema: Any, strict: bool | None, param: str, fallback: dict) -> 
     if error is None:
         return Part(_json_grammar(schema))
     keywords = _keywords(error)
-    if strict is None:  # OpenAI's default: strict where the schema allows it
-        return Part(_json_grammar(fallback), enforced=False, note=error)
+    if strict is None and keywords:  # OpenAI's default, strict where the schema allows it: a feature
+        return Part(_json_grammar(fallback), enforced=False, note=error)  # the engine lacks, not an error
     named = f" ({', '.join(keywords)})" if keywords else ""
     raise ConstraintError(
         f"{param}: this JSON schema cannot be enforced{named}: {error}. Remove or rewrite that part of "
@@ -151,8 +152,40 @@ def _json_part(schema: Any, strict: bool | None, param: str, fallback: dict) -> 
 
 def _json_grammar(schema: Mapping[str, Any]) -> dict:
     # x-guidance (the engine's options) is read at the top level only; the caller's own is replaced.
-    body = {k: v for k, v in schema.items() if k != "x-guidance"}
+    body = {k: v for k, v in _dated(schema).items() if k != "x-guidance"}
     return {"json_schema": {**body, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}}
+
+
+# llguidance's date / time / date-time follow RFC 3339's grammar: year 0000, second 60 and Feb 29 of any
+# year pass. Python's datetime, Pydantic and jsonschema refuse those, so the client that asked for the
+# format could not read the answer; these patterns allow only what they accept (T and Z upper case,
+# fractions to the microsecond, offsets to 23:59).
+_YEAR = "(?:000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})"
+_LEAP = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_MONTH_DAY = (
+    "(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    "|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+)
+_DATE = f"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP}-02-29)"
+_TIME = (
+    r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+DATE_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$"}
+_DATA_KEYS = ("enum", "const", "default", "examples")  # values, not schemas: left as they are
+
+
+def _dated(schema: Any) -> Any:
+    """`schema` with each date / time / date-time format (without a pattern of its own) as a pattern."""
+    if isinstance(schema, list):
+        return [_dated(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: (v if k in _DATA_KEYS else _dated(v)) for k, v in schema.items()}
+    fmt = out.get("format")
+    if isinstance(fmt, str) and fmt in DATE_PATTERNS and "pattern" not in out:
+        del out["format"]
+        out["pattern"] = DATE_PATTERNS[fmt]
+    return out
 
 
 def _text_part(grammar: dict, what: str, param: str) -> Part:

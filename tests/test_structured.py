@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from chat_helpers import TmuxChat, env_has_tmux
-from structured_cases import PERSON, SCHEMAS, validate
+from structured_cases import CHECKER, PERSON, SCHEMAS, validate
 
 import oss_mlx
 from oss_mlx.generation import SamplingOptions, masked
@@ -156,6 +156,29 @@ def test_the_reasoning_is_free_text_and_the_answer_is_not(loaded):
     json_start = allowed(tokenizer, m)
     assert 0 < len(json_start) < 100
     assert all(tokenizer.decode([t]).lstrip().startswith("{") for t in json_start)
+
+
+@pytest.mark.parametrize(
+    "fmt, good, bad",
+    [
+        (
+            "date",
+            ["2024-02-29", "2000-02-29", "0001-01-01", "2023-12-31"],
+            ["0000-01-01", "2023-02-29", "1900-02-29"],
+        ),
+        ("time", ["23:59:59Z", "12:00:00.123456+05:30"], ["23:59:60Z", "24:00:00Z", "12:00:00"]),
+        ("date-time", ["2024-02-29T23:59:59.5-01:00"], ["0000-01-01T00:00:00Z", "2023-02-29T00:00:00Z"]),
+    ],
+)
+def test_date_formats_allow_what_python_and_jsonschema_accept(loaded, fmt, good, bad):
+    """llguidance's RFC 3339 grammar lets year 0000, second 60 and Feb 29 of any year through; Python's
+    datetime, Pydantic and jsonschema do not, so the answer is held to what they accept."""
+    _, tokenizer = loaded
+    for value, expected in [(v, True) for v in good] + [(v, False) for v in bad]:
+        m = matcher(tokenizer, OutputConstraint(json_schema={"type": "string", "format": fmt}))
+        tokens = tokenizer.encode(f'<|channel|>final<|message|>"{value}"<|return|>', allow_special=True)
+        assert (m.try_consume_tokens(tokens) == len(tokens)) is expected, value
+        assert CHECKER.conforms(value, fmt) is expected, value
 
 
 # ---- random weights: every reply valid ------------------------------------------------------------------
