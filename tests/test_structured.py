@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -430,3 +433,32 @@ def test_chat_json_command_constrains_the_next_answers(tmp_path, vocab_dir, tiny
         validate(text, PERSON)
     analyses = [m["content"] for m in messages if m.get("channel") == "analysis"]
     assert analyses[0] == thought  # the scripted reasoning, kept token for token
+
+
+def test_the_structured_output_example_runs(tiny_checkpoint):
+    """examples/structured_output.py as a user runs it (the tiny random model, replies capped): both
+    answers parse as recipes of its schema, whole and streamed."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "structured_output.py"
+    out = subprocess.run(
+        [sys.executable, str(example), str(tiny_checkpoint), "--max-tokens", "60"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    recipe_schema = _example_schema(example)
+    lines = {
+        line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in out.stdout.splitlines() if ": " in line
+    }
+    for key in ("recipe", "soup"):
+        validate(lines[key], recipe_schema)
+    assert lines["finish"].startswith("stop, mask ")
+
+
+def _example_schema(example: Path) -> dict:
+    """RECIPE from the example's source, without running it (it loads a model at import)."""
+    import ast
+
+    tree = ast.parse(example.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "RECIPE")
+    return ast.literal_eval(node.value)
