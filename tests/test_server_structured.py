@@ -15,12 +15,10 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
 
 import httpx
 import openai
 import pytest
-from pydantic import BaseModel, Field
 from server_helpers import ServerProcess
 from structured_cases import PERSON, SCHEMAS, validate
 
@@ -165,17 +163,8 @@ def test_every_schema_through_both_apis(client, budget, name, api, stream):
 # ---- the openai client's .parse() --------------------------------------------------------------------------
 
 
-class Ingredient(BaseModel):
-    item: str
-    grams: float = Field(ge=0)
-
-
-class Recipe(BaseModel):
-    name: str
-    kind: Literal["sweet", "savory"]
-    servings: int = Field(ge=1, le=12)
-    ingredients: list[Ingredient] = Field(min_length=1, max_length=3)
-    note: str | None
+# The example's Pydantic model (nested, a Literal, bounds, a list with min/max length, an Optional).
+Recipe = runpy.run_path(str(EXAMPLES / "openai_structured.py"), run_name="example")["Recipe"]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -441,31 +430,22 @@ def test_unsupported_schemas_are_400_naming_the_keyword(server):
 # ---- the examples ------------------------------------------------------------------------------------------
 
 
-def test_the_structured_examples_run_against_the_server(server):
-    """examples/openai_structured.py (.parse() in both APIs) and examples/forced_tool_call.py, as a user
-    runs them, against the server (the random model: replies capped)."""
-    base = ["--base-url", f"{server.url}/v1", "--max-tokens", "60"]
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "openai_structured.py"), *base],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+def run_example(name: str, server) -> list[str]:
+    """An example as a user runs it, against the server (the random model: replies capped); its lines."""
+    cmd = [sys.executable, str(EXAMPLES / name), "--base-url", f"{server.url}/v1", "--max-tokens", "60"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    return out.stdout.splitlines()
+
+
+def test_the_structured_examples_run_against_the_server(server):
+    """examples/openai_structured.py (.parse() in both APIs) and examples/forced_tool_call.py."""
+    lines = run_example("openai_structured.py", server)
     assert [line.split(" ", 2)[:2] for line in lines] == [["responses:", "Recipe"], ["chat:", "Recipe"]]
     for line in lines:
-        recipe = json.loads(line.split(" ", 2)[2])
-        assert recipe["kind"] in ("sweet", "savory") and 1 <= recipe["servings"] <= 12
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "forced_tool_call.py"), *base],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert out.returncode == 0, out.stderr
-    calls = out.stdout.splitlines()
-    assert len(calls) == 4, out.stdout
+        Recipe.model_validate_json(line.split(" ", 2)[2])
+    calls = run_example("forced_tool_call.py", server)
+    assert len(calls) == 4, calls
     example = runpy.run_path(str(EXAMPLES / "forced_tool_call.py"), run_name="example")
     parameters = {f["name"]: f["parameters"] for f in example["FUNCTIONS"]}
     for line, allowed in zip(calls, [{"get_weather", "get_time"}, {"get_time"}] * 2):
