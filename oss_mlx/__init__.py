@@ -15,6 +15,7 @@ from .generation import SamplingOptions
 from .loader import load_model
 from .model import Transformer
 from .session import Done, Reply, Session, generate, stream_generate
+from .structured import ConstraintError, OutputConstraint
 from .tokenizer import HarmonyTokenizer, load_tokenizer
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "HarmonyTokenizer",
+    "OutputConstraint",
+    "ConstraintError",
 ]
 
 

@@ -135,7 +135,10 @@ def _json_part(schema: Any, strict: bool | None, param: str, fallback: dict) -> 
         )
     if strict is False:
         return Part(_json_grammar(fallback), enforced=False, note="strict is false")
-    error = _validate(_json_grammar(schema))
+    try:
+        error = _validate(_json_grammar(schema))
+    except RecursionError:
+        raise ConstraintError(f"{param}: the JSON schema is nested too deeply.", param) from None
     if error is None:
         return Part(_json_grammar(schema))
     keywords = _keywords(error)

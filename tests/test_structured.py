@@ -462,3 +462,11 @@ def _example_schema(example: Path) -> dict:
     tree = ast.parse(example.read_text())
     node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "RECIPE")
     return ast.literal_eval(node.value)
+
+
+def test_a_schema_nested_too_deeply_is_refused_in_words():
+    schema: dict = {"type": "string"}
+    for _ in range(5000):
+        schema = {"type": "array", "items": schema}
+    with pytest.raises(ConstraintError, match="nested too deeply"):
+        check(OutputConstraint(json_schema=schema))
