@@ -32,7 +32,8 @@ from typing import Any
 from ..generation import SamplingOptions
 from ..harmony import Message, MessageDone, StreamParser, Tool, render_conversation
 from ..session import Done, Reply, Session
-from ..structured import Checked, OutputConstraint, check
+from ..structured import Checked, OutputConstraint
+from ..structured import check as check_constraint
 
 log = logging.getLogger("oss_mlx.server")
 
@@ -73,6 +74,8 @@ class GenerationRequest:
     header_tokens: int = 0  # tokens of the system + developer messages
     constraint: OutputConstraint | None = None  # response format, tool calls (structured.py)
     checked: Checked | None = None  # filled by Engine.prepare: None when nothing is constrained
+    truncate: bool = False  # drop the oldest turns when the prompt does not fit (truncation: auto)
+    dropped_messages: int = 0  # how many Engine.prepare dropped
 
 
 class QueueFull(Exception):
@@ -200,6 +203,12 @@ class Engine:
             limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
             if self.context_limit is None:
                 self.context_limit = int(limit or 131072)
+            elif limit and self.context_limit > limit:
+                from ..cli_args import UsageError
+
+                raise UsageError(
+                    f"--context-limit {self.context_limit:,} is above the model's maximum ({limit:,} tokens)"
+                )
             if self.script is not None:
                 self.script = self.script(self.tokenizer)
         except BaseException as e:  # reported by start()
@@ -252,8 +261,14 @@ class Engine:
             running = 1 if self.running is not None else 0
             return {"running": running, "waiting": self._admitted - running, "max_waiting": self.max_queue}
 
-    def prepare(self, req: GenerationRequest) -> GenerationRequest:
-        """Render the prompt (in a worker-pool thread, not the event loop) and check the context."""
+    def prepare(self, req: GenerationRequest, check: bool = True) -> GenerationRequest:
+        """Render the prompt (in a worker-pool thread, not the event loop) and check the context.
+
+        With ``req.truncate`` a prompt that does not fit loses its oldest turns (whole turns, from a
+        user message on) until it leaves room for a reply: a quarter of the context, at most 4096 tokens,
+        whatever ``max_tokens`` asks (so that a token count, which knows no max_tokens, agrees with the
+        prompt a request runs); ``check=False`` only renders (token counting).
+        """
         kwargs = dict(
             reasoning_effort=req.reasoning_effort,
             tools=req.tools or None,
@@ -261,13 +276,42 @@ class Engine:
         )
         req.prompt = render_conversation(req.messages, self.tokenizer, **kwargs)
         req.header_tokens = len(render_conversation([], self.tokenizer, for_completion=False, **kwargs))
+        reserve = min(4096, self.context_limit // 4)
+        if req.truncate and len(req.prompt) + reserve > self.context_limit:
+            self._truncate(req, kwargs, reserve)
         room = self.context_limit - len(req.prompt)
-        if room < 1:
+        if check and room < 1:
             raise ContextTooLong(len(req.prompt), self.context_limit)
-        req.options.max_tokens = min(req.max_tokens or room, room)
-        if req.constraint is not None and req.constraint.active:
-            req.checked = check(req.constraint)  # ConstraintError: the request's 400
+        req.options.max_tokens = max(1, min(req.max_tokens or room, room))
+        if check and req.constraint is not None and req.constraint.active:
+            req.checked = check_constraint(req.constraint)  # ConstraintError: the request's 400
         return req
+
+    def _truncate(self, req: GenerationRequest, kwargs: dict, reserve: int) -> None:
+        """Keep the longest tail of whole turns that fits (binary search over the turn starts)."""
+        starts = [i for i, m in enumerate(req.messages) if i > 0 and m.role == "user"]
+        fits: dict[int, list[int]] = {}
+
+        def fit(start: int) -> bool:
+            tokens = render_conversation(req.messages[start:], self.tokenizer, **kwargs)
+            fits[start] = tokens
+            return len(tokens) + reserve <= self.context_limit
+
+        lo, hi = 0, len(starts)  # the answer is the first start (index into starts) that fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fit(starts[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        if not starts:
+            return
+        # Past the last start even the last turn alone does not fit: it is kept, and the context
+        # check then says so.
+        start = starts[min(lo, len(starts) - 1)]
+        req.prompt = fits.get(start) or render_conversation(req.messages[start:], self.tokenizer, **kwargs)
+        req.messages = req.messages[start:]
+        req.dropped_messages = start
 
     def submit(self, req: GenerationRequest) -> Job:
         job = Job(self, req, asyncio.get_running_loop())
