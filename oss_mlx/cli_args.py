@@ -271,8 +271,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .chat.tools import ToolFileError
     from .convert.converter import ConvertError
     from .convert.verify import VerifyError
-    from .errors import LoadError
-    from .streaming import MemoryBudgetError
+    from .errors import LoadError, MemoryBudgetError
 
     return (
         UsageError,
