@@ -241,13 +241,20 @@ class Engine:
                     self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
 
     def _warm_up(self) -> None:
-        # The sampler comes from mlx-lm, whose import takes seconds, and constrained replies need the
-        # vocabulary in llguidance's form (~1 s to build): both done now, while the first request is
-        # still being written, rather than during it.
+        # The sampler comes from mlx-lm, whose import takes seconds: done now, while the first request
+        # is still being written, rather than during it. Constrained replies need the vocabulary in
+        # llguidance's form (~1 s to build): built on a thread of its own, so that a first request
+        # without a constraint does not wait for it (one with a constraint waits on its lock).
+        threading.Thread(target=self._grammar_vocabulary, name="oss-mlx-grammar", daemon=True).start()
         try:
             SamplingOptions().sampler()
-            self.tokenizer.grammar_tokenizer()
         except Exception:  # noqa: BLE001 - only an optimisation
+            pass
+
+    def _grammar_vocabulary(self) -> None:
+        try:
+            self.tokenizer.grammar_tokenizer()
+        except Exception:  # noqa: BLE001 - the first constrained request builds it, or says why not
             pass
 
     # ---- requests --------------------------------------------------------------------------------
