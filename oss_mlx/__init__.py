@@ -17,6 +17,7 @@ from .loader import check_vocabulary, load_model, model_config
 from .model import Transformer
 from .model_store import resolve
 from .session import Done, Reply, Session, generate, stream_generate
+from .structured import ConstraintError, OutputConstraint
 from .tokenizer import HarmonyTokenizer, load_tokenizer
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "LoadError",
     "load_tokenizer",
     "HarmonyTokenizer",
+    "OutputConstraint",
+    "ConstraintError",
 ]
 
 
