@@ -239,8 +239,32 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced = before
 
 
+_make_kernel = None  # emulated(): builds kernels instead of mx.fast.metal_kernel / cuda_kernel
+
+
+@contextlib.contextmanager
+def emulated(dialect: str, make_kernel) -> Iterator[None]:
+    """For its duration the kernel layer believes `dialect` is this machine's and the current device
+    is the GPU (for the shape predicates), and builds kernels with `make_kernel` (the signature of
+    mx.fast.metal_kernel) instead of MLX's factory; the start-up self-test counts as passed (tests
+    call `_self_test` themselves). The compiled-kernel cache is cleared on entry and exit. For
+    running the launch path off a GPU: the Metal text on the CPU (tests/metal_emulator), or fakes.
+    The kernel package keeps this name and these semantics when the launchers move."""
+    global _AVAILABLE, _make_kernel, _self_test_done, _self_test_reason
+    if dialect not in ("metal", "cuda"):
+        raise ValueError(f"emulated: a kernel dialect, metal or cuda (not {dialect!r})")
+    saved = (_AVAILABLE, _make_kernel, _self_test_done, _self_test_reason)
+    _compiled.clear()
+    _AVAILABLE, _make_kernel, _self_test_done, _self_test_reason = dialect, make_kernel, True, None
+    try:
+        yield
+    finally:
+        _AVAILABLE, _make_kernel, _self_test_done, _self_test_reason = saved
+        _compiled.clear()
+
+
 def _on_gpu(*arrays: mx.array) -> bool:
-    return mx.default_device() == mx.gpu
+    return _make_kernel is not None or mx.default_device() == mx.gpu
 
 
 # Outputs are pre-filled with this value when set (tests: NaN shows any element left unwritten).
@@ -268,7 +292,7 @@ def _kernel(name: str):
     if key not in _compiled:
         spec = SPECS[name]
         header, body = kernel_sources(dialect)[name]
-        make = mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
+        make = _make_kernel or (mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel)
         _compiled[key] = make(
             name=f"oss_{name}",
             input_names=list(spec.inputs),
