@@ -37,6 +37,7 @@ typedef struct {
   int64_t max_threads;         // per threadgroup (MLX checks maxTotalThreadsPerThreadgroup)
   int64_t threadgroup_memory;  // bytes a threadgroup may declare
   uint32_t garbage;            // the 32-bit pattern uninitialised threadgroup memory holds
+  void* stacks;                // the fibers' stacks (oss_make_stacks: one set for the process)
 } OssLaunch;
 
 enum { OSS_OK = 0, OSS_ERROR = 1, OSS_FAULT = 2, OSS_TIMEOUT = 3 };

@@ -45,6 +45,7 @@ class _Launch(ctypes.Structure):
         ("max_threads", ctypes.c_int64),
         ("threadgroup_memory", ctypes.c_int64),
         ("garbage", ctypes.c_uint32),
+        ("stacks", ctypes.c_void_p),
     ]
 
 
@@ -73,7 +74,21 @@ def load(path: str) -> ctypes.CDLL:
     lib.oss_free.restype = None
     lib.oss_threadgroup_bytes.argtypes = []
     lib.oss_threadgroup_bytes.restype = ctypes.c_int64
+    lib.oss_make_stacks.argtypes = []
+    lib.oss_make_stacks.restype = ctypes.c_void_p
     return lib
+
+
+_stacks: list[int] = []  # the fibers' stacks, one set for every library of the process
+
+
+def _stacks_from(lib: ctypes.CDLL) -> int:
+    if not _stacks:
+        ptr = lib.oss_make_stacks()
+        if not ptr:
+            raise MemoryError("metal emulator: no memory for the fibers' stacks")
+        _stacks.append(ptr)
+    return _stacks[0]
 
 
 def _host(a: mx.array) -> np.ndarray:
@@ -226,6 +241,7 @@ class Emulator:
                 max_threads=MAX_THREADS,
                 threadgroup_memory=THREADGROUP_MEMORY,
                 garbage=GARBAGE,
+                stacks=_stacks_from(lib),
             )
             result = _Result()
             pointers = (ctypes.c_void_p * len(buffers.pointers))(*buffers.pointers)

@@ -362,6 +362,18 @@ OSS_API void* oss_alloc(uint64_t n, void** base, uint64_t* size) {
 
 OSS_API void oss_free(void* base, uint64_t size) { munmap(base, size); }
 
+// Stacks for a threadgroup's fibers, each above an inaccessible page (an overflow faults). Made once
+// by one library and handed to every launch: each mapping split by a guard page counts against the
+// process's limit of mappings, which a library of its own per kernel would exhaust.
+OSS_API void* oss_make_stacks(void) {
+  const size_t bytes = size_t(kMaxThreads) * (kStack + kPage);
+  void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  char* c = static_cast<char*>(m);
+  for (int i = 0; i < kMaxThreads; ++i) mprotect(c + i * (kStack + kPage), kPage, PROT_NONE);
+  return m;
+}
+
 OSS_API int64_t oss_threadgroup_bytes(void) {
   return (__start_oss_tg && __stop_oss_tg) ? int64_t(__stop_oss_tg - __start_oss_tg) : 0;
 }
@@ -395,17 +407,12 @@ OSS_API void oss_launch(const OssLaunch* L, void** buffers, OssResult* R) {
              (long long)R->threadgroup_memory, (long long)L->threadgroup_memory);
     return;
   }
-  if (rt.stacks == nullptr) {
-    const size_t bytes = size_t(kMaxThreads) * (kStack + kPage);
-    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (m == MAP_FAILED) {
-      R->code = OSS_ERROR;
-      snprintf(R->message, sizeof R->message, "no memory for the fibers' stacks");
-      return;
-    }
-    rt.stacks = static_cast<char*>(m);
-    for (int i = 0; i < kMaxThreads; ++i) mprotect(rt.stacks + i * (kStack + kPage), kPage, PROT_NONE);
+  if (L->stacks == nullptr) {
+    R->code = OSS_ERROR;
+    snprintf(R->message, sizeof R->message, "no stacks for the fibers (oss_make_stacks)");
+    return;
   }
+  rt.stacks = static_cast<char*>(L->stacks);
   kernel_buffers = buffers;
   rt.schedule = int(L->schedule);
 
