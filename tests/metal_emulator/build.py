@@ -27,6 +27,7 @@ FLAGS = [
     "-std=c++17",
     "-O1",
     "-fPIC",
+    "-mcpu=x86_64_v2",  # the same code on every machine (native AVX-512 BF16 conversions flush denormals)
     "-fvisibility=hidden",
     "-fno-exceptions",
     "-fno-rtti",

@@ -344,6 +344,19 @@ __attribute__((visibility("hidden"))) uint32_t oss_lane(void) {
 
 __attribute__((visibility("hidden"))) void oss_fail(const char* what) { fail("%s", what); }
 
+// float -> bfloat conversion (compiler-rt's, which zig's runtime library lacks): round to nearest
+// even, NaN stays a quiet NaN, subnormals are kept (x86's AVX-512 BF16 instruction would flush them:
+// build.py compiles for a baseline CPU).
+__attribute__((visibility("hidden"))) __bf16 __truncsfbf2(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  const uint16_t r = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t((u >> 16) | 0x40u)
+                                                     : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  __bf16 b;
+  memcpy(&b, &r, sizeof b);
+  return b;
+}
+
 // A buffer of n bytes whose end touches an inaccessible page (and whose start follows one): reads
 // and writes past either end fault. The data starts 16-byte aligned, so up to 15 bytes after the
 // end stay accessible. *base and *size are what oss_free needs.
