@@ -129,6 +129,18 @@ def test_sdpa_decode_window(S, window):
     tk.test_sdpa_decode_window(S, window)
 
 
+@pytest.mark.parametrize("S,window", ids((300, 128), (4000, 1000)))
+def test_sdpa_decode_window_simt_float32(monkeypatch, S, window):
+    """The window's bound on the SIMT kernel, in float32 (tolerance 2e-5: one key too many or too few
+    shows; the window test above takes the bf16 matrix-unit kernel)."""
+    monkeypatch.setattr(kernels, "SDPA_MMA", False)
+    q = mx.random.normal((1, 8, 1, 64))
+    k, v = mx.random.normal((1, 2, S, 64)), mx.random.normal((1, 2, S, 64))
+    sinks = mx.random.normal((8,))
+    out = tk.decode_attention(q, k, v, sinks, 0.125, window=window)
+    assert tk.rel_err(out, tk.sdpa_math(q, k, v, sinks, 0.125, window)) < tk.TOL[F32]
+
+
 @pytest.mark.parametrize("dtype,prompt", ids((F32, 300), (BF16, 127)))
 def test_sdpa_decode_reads_the_caches_in_place(dtype, prompt):
     tk.test_sdpa_decode_reads_the_caches_in_place(dtype, prompt)
