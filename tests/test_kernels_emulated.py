@@ -35,7 +35,9 @@ def metal_on_this_cpu(monkeypatch):
 
 
 def ids(*cases):
-    return [pytest.param(*c, id="-".join(str(getattr(v, "name", v)).split(".")[-1] for v in c)) for c in cases]
+    return [
+        pytest.param(*c, id="-".join(str(getattr(v, "name", v)).split(".")[-1] for v in c)) for c in cases
+    ]
 
 
 # ---- routing ---------------------------------------------------------------------------------------
@@ -43,7 +45,13 @@ def ids(*cases):
 
 @pytest.mark.parametrize(
     "dtype,E,k,N,H",
-    ids((F32, 4, 1, 17, 96), (F32, 32, 4, 3, 2880), (F32, 128, 3, 17, 96), (BF16, 32, 2, 3, 2880), (BF16, 128, 4, 17, 96)),
+    ids(
+        (F32, 4, 1, 17, 96),
+        (F32, 32, 4, 3, 2880),
+        (F32, 128, 3, 17, 96),
+        (BF16, 32, 2, 3, 2880),
+        (BF16, 128, 4, 17, 96),
+    ),
 )
 def test_route(dtype, E, k, N, H):
     tk.test_route(dtype, E, k, N, H)
@@ -72,7 +80,9 @@ def test_gate_up_swiglu_against_dequantized_math(dtype, E, k, H, I, N):
     tk.test_gate_up_swiglu_matches_dequantized_math(dtype, E, k, H, I, N)
 
 
-@pytest.mark.parametrize("dtype,E,k,H,I,N", ids((F32, 8, 4, 96, 64, 2), (F32, 4, 1, 64, 64, 1), (BF16, 8, 3, 96, 64, 5)))
+@pytest.mark.parametrize(
+    "dtype,E,k,H,I,N", ids((F32, 8, 4, 96, 64, 2), (F32, 4, 1, 64, 64, 1), (BF16, 8, 3, 96, 64, 5))
+)
 def test_mlp_block_fused(dtype, E, k, H, I, N):
     tk.test_mlp_block_fused_matches_reference(dtype, E, k, H, I, N)
 

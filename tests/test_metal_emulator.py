@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"Metal emulat
 
 
 def run(body, inputs, outputs, grid, threadgroup, template=None, header="", emulator=EMULATOR, **kw):
-    """One launch of a kernel with body `body`; inputs and outputs are {name: array} / {name: (shape, dtype)}."""
+    """One launch of a kernel with body `body`; inputs {name: array}, outputs {name: (shape, dtype)}."""
     k = emulator.metal_kernel(
         name="probe", input_names=list(inputs), output_names=list(outputs), source=body, header=header, **kw
     )
@@ -98,7 +98,9 @@ def test_the_grid_is_dispatched_as_mlx_dispatches_it():
     out[8 * i + 7] = dispatch_threads_per_threadgroup.x;
     """
     gx, gy, tx, ty = 70, 3, 32, 2
-    (out,) = run(body, {"dummy": mx.zeros((8,))}, {"out": ((gx * gy * 8,), mx.uint32)}, (gx, gy, 1), (tx, ty, 1))
+    (out,) = run(
+        body, {"dummy": mx.zeros((8,))}, {"out": ((gx * gy * 8,), mx.uint32)}, (gx, gy, 1), (tx, ty, 1)
+    )
     out = np.array(out).reshape(gy, gx, 8)
     for y in range(gy):
         for x in range(gx):
@@ -107,8 +109,13 @@ def test_the_grid_is_dispatched_as_mlx_dispatches_it():
             lin = px + py * nx
             want = [px, py, x // tx, nx * 100 + ny, 3 * 100 + 2, (lin // 32) * 100 + lin % 32, lin, tx]
             assert list(out[y, x]) == want, (x, y)
-    (small,) = run("out[thread_position_in_grid.x] = threads_per_threadgroup.x;", {"d": mx.zeros((8,))},
-                   {"out": ((5,), mx.uint32)}, (5, 1, 1), (256, 1, 1))  # fmt: skip
+    (small,) = run(
+        "out[thread_position_in_grid.x] = threads_per_threadgroup.x;",
+        {"d": mx.zeros((8,))},
+        {"out": ((5,), mx.uint32)},
+        (5, 1, 1),
+        (256, 1, 1),
+    )
     assert np.array(small).tolist() == [5] * 5
 
 
@@ -122,17 +129,34 @@ def test_inputs_outputs_and_strides_as_mlx_passes_them():
     out[i] = x[i * x_strides[2]] + x_shape[0] * 1000 + x_ndim * 100 + s + c[1];
     """
     for contiguous, want_stride in ((False, 4), (True, 1)):
-        (out,) = run(body, {"x": view, "s": mx.array(7.0), "c": mx.array([1.0, 2.0])},
-                     {"out": ((2,), mx.float32)}, (2, 1, 1), (2, 1, 1), ensure_row_contiguous=contiguous)  # fmt: skip
+        (out,) = run(
+            body,
+            {"x": view, "s": mx.array(7.0), "c": mx.array([1.0, 2.0])},
+            {"out": ((2,), mx.float32)},
+            (2, 1, 1),
+            (2, 1, 1),
+            ensure_row_contiguous=contiguous,
+        )
         flat = np.array(view).reshape(-1) if contiguous else np.array(base).reshape(-1)
         want = [flat[i * want_stride] + 4 * 1000 + 300 + 7 + 2 for i in range(2)]
         assert np.array(out).tolist() == want, contiguous
     k = EMULATOR.metal_kernel("probe", ["x"], ["a", "b"], "if (thread_position_in_grid.x == 0) a[0] = x[0];")
-    a, b = k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(2,), (2,)],
-             output_dtypes=[mx.float32, mx.float32], init_value=-3.0)  # fmt: skip
+    a, b = k(
+        inputs=[mx.ones((4,))],
+        grid=(1, 1, 1),
+        threadgroup=(1, 1, 1),
+        output_shapes=[(2,), (2,)],
+        output_dtypes=[mx.float32, mx.float32],
+        init_value=-3.0,
+    )
     assert np.array(a).tolist() == [1.0, -3.0] and np.array(b).tolist() == [-3.0, -3.0]
-    a, _ = k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(2,), (2,)],
-             output_dtypes=[mx.float32, mx.float32])  # fmt: skip
+    a, _ = k(
+        inputs=[mx.ones((4,))],
+        grid=(1, 1, 1),
+        threadgroup=(1, 1, 1),
+        output_shapes=[(2,), (2,)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
     assert np.isnan(np.array(a)[1])  # never written: garbage, as MLX leaves outputs uninitialised
 
 
@@ -140,8 +164,13 @@ def test_launch_limits_are_apple_gpus():
     with pytest.raises(MetalEmulatorError, match="greater than the maximum allowed threads per threadgroup"):
         run("out[0] = 1;", {"d": mx.zeros((8,))}, {"out": ((1,), mx.float32)}, (2048, 1, 1), (1025, 1, 1))
     with pytest.raises(MetalEmulatorError, match="36864 bytes of threadgroup memory"):
-        run("threadgroup float big[9216]; big[thread_position_in_grid.x] = 0; out[0] = big[0];",
-            {"d": mx.zeros((8,))}, {"out": ((1,), mx.float32)}, (32, 1, 1), (32, 1, 1))  # fmt: skip
+        run(
+            "threadgroup float big[9216]; big[thread_position_in_grid.x] = 0; out[0] = big[0];",
+            {"d": mx.zeros((8,))},
+            {"out": ((1,), mx.float32)},
+            (32, 1, 1),
+            (32, 1, 1),
+        )
 
 
 # ---- threadgroups and simdgroups ---------------------------------------------------------------------
@@ -160,18 +189,33 @@ def test_a_barrier_waits_for_every_thread_and_threadgroup_memory_starts_as_garba
     want = np.concatenate([np.arange(127, -1, -1), np.arange(255, 127, -1)])
     barrier = "threadgroup_barrier(mem_flags::mem_threadgroup);"
     for schedule in ("shuffle", "forward", "reverse"):
-        (out,) = run(SHARED.format(barrier=barrier), {"x": x}, {"out": ((256,), mx.float32)}, (256, 1, 1),
-                     (128, 1, 1), emulator=Emulator(schedule))  # fmt: skip
+        (out,) = run(
+            SHARED.format(barrier=barrier),
+            {"x": x},
+            {"out": ((256,), mx.float32)},
+            (256, 1, 1),
+            (128, 1, 1),
+            emulator=Emulator(schedule),
+        )
         assert np.array(out).tolist() == want.tolist(), schedule
     (out,) = run(SHARED.format(barrier=""), {"x": x}, {"out": ((256,), mx.float32)}, (256, 1, 1), (128, 1, 1))
     assert np.isnan(np.array(out)).any()  # without the barrier some reads come before the writes
 
 
 def test_barriers_every_thread_must_reach():
-    body = "if (thread_position_in_threadgroup.x == 3) return; threadgroup_barrier(mem_flags::mem_threadgroup); out[0] = 1;"
+    body = (
+        "if (thread_position_in_threadgroup.x == 3) return;"
+        "threadgroup_barrier(mem_flags::mem_threadgroup); out[0] = 1;"
+    )
     with pytest.raises(MetalEmulatorError, match="every thread of a threadgroup to reach each barrier"):
-        run(body, {"d": mx.zeros((8,))}, {"out": ((1,), mx.float32)}, (64, 1, 1), (64, 1, 1),
-            emulator=Emulator("forward"))  # fmt: skip
+        run(
+            body,
+            {"d": mx.zeros((8,))},
+            {"out": ((1,), mx.float32)},
+            (64, 1, 1),
+            (64, 1, 1),
+            emulator=Emulator("forward"),
+        )
     body = "if (thread_index_in_simdgroup < 16) out[0] = simd_sum(1.f); else out[1] = simd_sum(2.f);"
     with pytest.raises(MetalEmulatorError, match="divergent simdgroup operation"):
         run(body, {"d": mx.zeros((8,))}, {"out": ((2,), mx.float32)}, (32, 1, 1), (32, 1, 1))
@@ -205,8 +249,13 @@ o[11] = float(simd_any(v > 2.f)) + 2 * float(simd_all(v > -5.f));
 def test_simdgroup_functions_exchange_among_the_active_lanes():
     n = 40  # one full simdgroup and one of 8 live lanes (the other 24 returned)
     x = mx.array(np.random.default_rng(0).normal(size=n).astype(np.float32))
-    (out,) = run(SIMD.replace("float* o", "device float* o"), {"x": x}, {"out": ((12 * 64,), mx.float32)},
-                 (64, 1, 1), (64, 1, 1))  # fmt: skip
+    (out,) = run(
+        SIMD.replace("float* o", "device float* o"),
+        {"x": x},
+        {"out": ((12 * 64,), mx.float32)},
+        (64, 1, 1),
+        (64, 1, 1),
+    )
     out, xs = np.array(out).reshape(64, 12)[:n], np.array(x)
     for i in range(n):
         sg, lane = divmod(i, 32)
@@ -216,10 +265,20 @@ def test_simdgroup_functions_exchange_among_the_active_lanes():
         def at(src, lane=lane, lanes=lanes, live=live):
             return lanes[src] if 0 <= src < live else np.nan  # an inactive lane's value is garbage
 
-        want = [lanes.sum(), lanes.max(), lanes.min(), lanes[:lane].sum(), lanes[: lane + 1].sum(),
-                at(lane * 7 % 32), at(lane ^ 5), at(lane + 3) if lane + 3 < 32 else lanes[lane],
-                at(lane - 3) if lane >= 3 else lanes[lane], lanes[2],
-                sum(1 << j for j in range(live) if lanes[j] > 0), float(any(lanes > 2)) + 2 * all(lanes > -5)]  # fmt: skip
+        want = [
+            lanes.sum(),
+            lanes.max(),
+            lanes.min(),
+            lanes[:lane].sum(),
+            lanes[: lane + 1].sum(),
+            at(lane * 7 % 32),
+            at(lane ^ 5),
+            at(lane + 3) if lane + 3 < 32 else lanes[lane],
+            at(lane - 3) if lane >= 3 else lanes[lane],
+            lanes[2],
+            sum(1 << j for j in range(live) if lanes[j] > 0),
+            float(any(lanes > 2)) + 2 * all(lanes > -5),
+        ]
         np.testing.assert_allclose(out[i], np.array(want, np.float32), rtol=1e-6, atol=1e-6, err_msg=str(i))
 
 
@@ -233,26 +292,53 @@ def test_atomics_interleave_so_a_split_read_modify_write_loses_updates():
     if (thread_position_in_threadgroup.x == 0) out[0] = atomic_load_explicit(&n, memory_order_relaxed);
     """
     atomic = "atomic_fetch_add_explicit(&n, 1u, memory_order_relaxed);"
-    split = "atomic_store_explicit(&n, atomic_load_explicit(&n, memory_order_relaxed) + 1u, memory_order_relaxed);"
+    split = (
+        "atomic_store_explicit(&n, atomic_load_explicit(&n, memory_order_relaxed) + 1u, "
+        "memory_order_relaxed);"
+    )
     for schedule in ("shuffle", "forward", "reverse"):
         emulator = Emulator(schedule)
-        (good,) = run(body.format(add=atomic), {"d": mx.zeros((8,))}, {"out": ((1,), mx.uint32)}, (512, 1, 1),
-                      (512, 1, 1), emulator=emulator)  # fmt: skip
-        (bad,) = run(body.format(add=split), {"d": mx.zeros((8,))}, {"out": ((1,), mx.uint32)}, (512, 1, 1),
-                     (512, 1, 1), emulator=emulator)  # fmt: skip
+        (good,) = run(
+            body.format(add=atomic),
+            {"d": mx.zeros((8,))},
+            {"out": ((1,), mx.uint32)},
+            (512, 1, 1),
+            (512, 1, 1),
+            emulator=emulator,
+        )
+        (bad,) = run(
+            body.format(add=split),
+            {"d": mx.zeros((8,))},
+            {"out": ((1,), mx.uint32)},
+            (512, 1, 1),
+            (512, 1, 1),
+            emulator=emulator,
+        )
         assert good.item() == 512 and bad.item() < 512, (schedule, good.item(), bad.item())
 
 
 def test_invalid_accesses_and_endless_loops_are_errors():
     with pytest.raises(MetalEmulatorError, match=r"SIGSEGV .*past the end of input `x` \(64 bytes\)"):
-        run("out[0] = x[thread_position_in_grid.x * 1024];", {"x": mx.zeros((16,))}, {"out": ((1,), mx.float32)},
-            (4, 1, 1), (4, 1, 1))  # fmt: skip
+        run(
+            "out[0] = x[thread_position_in_grid.x * 1024];",
+            {"x": mx.zeros((16,))},
+            {"out": ((1,), mx.float32)},
+            (4, 1, 1),
+            (4, 1, 1),
+        )
     with pytest.raises(MetalEmulatorError, match="CPU-time budget"):
-        run("threadgroup atomic_uint n; while (true) atomic_fetch_add_explicit(&n, 1u, memory_order_relaxed);",
+        run(
+            "threadgroup atomic_uint n;while (true) atomic_fetch_add_explicit(&n, 1u, memory_order_relaxed);",
             {"d": mx.zeros((8,))},
-            {"out": ((1,), mx.uint32)}, (1, 1, 1), (1, 1, 1), emulator=Emulator(cpu_seconds=0.5))  # fmt: skip
+            {"out": ((1,), mx.uint32)},
+            (1, 1, 1),
+            (1, 1, 1),
+            emulator=Emulator(cpu_seconds=0.5),
+        )
     # the process carries on: the next launch runs
-    (ok,) = run("out[0] = x[0] + 1;", {"x": mx.ones((16,))}, {"out": ((1,), mx.float32)}, (1, 1, 1), (1, 1, 1))
+    (ok,) = run(
+        "out[0] = x[0] + 1;", {"x": mx.ones((16,))}, {"out": ((1,), mx.float32)}, (1, 1, 1), (1, 1, 1)
+    )
     assert ok.item() == 2.0
 
 
@@ -293,14 +379,20 @@ def test_simdgroup_matrix_multiply_accumulate():
     """
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(10, 12)).astype(np.float32), rng.normal(size=(8, 8)).astype(np.float32)
-    (out,) = run(body, {"x": mx.array(x), "y": mx.array(y)}, {"out": ((12, 10), mx.float32)}, (32, 1, 1),
-                 (32, 1, 1))  # fmt: skip
+    (out,) = run(
+        body, {"x": mx.array(x), "y": mx.array(y)}, {"out": ((12, 10), mx.float32)}, (32, 1, 1), (32, 1, 1)
+    )
     want = x[1:9, 2:10].astype(np.float64) @ y.T.astype(np.float64) + 0.5
     np.testing.assert_allclose(np.array(out)[2:10, 1:9], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(MetalEmulatorError, match="all 32 lanes"):
-        run("if (thread_index_in_simdgroup < 31) { simdgroup_float8x8 a; simdgroup_load(a, x); "
-            "simdgroup_multiply(a, a, a); simdgroup_store(a, out); }", {"x": mx.array(y)},
-            {"out": ((64,), mx.float32)}, (32, 1, 1), (32, 1, 1))  # fmt: skip
+        run(
+            "if (thread_index_in_simdgroup < 31) { simdgroup_float8x8 a; simdgroup_load(a, x); "
+            "simdgroup_multiply(a, a, a); simdgroup_store(a, out); }",
+            {"x": mx.array(y)},
+            {"out": ((64,), mx.float32)},
+            (32, 1, 1),
+            (32, 1, 1),
+        )
 
 
 # ---- numbers -----------------------------------------------------------------------------------------
@@ -321,8 +413,14 @@ def test_bfloat_and_half_round_as_metal():
     const half u = half(x[i]), v = half(x[(i + 1) % N]);
     s[i] = u * v + u;  // two roundings to half
     """
-    b, h, s = run(body, {"x": x}, {"b": ((n,), mx.bfloat16), "h": ((n,), mx.float16), "s": ((n,), mx.float16)},
-                  (n, 1, 1), (256, 1, 1), template=[("N", n)])  # fmt: skip
+    b, h, s = run(
+        body,
+        {"x": x},
+        {"b": ((n,), mx.bfloat16), "h": ((n,), mx.float16), "s": ((n,), mx.float16)},
+        (n, 1, 1),
+        (256, 1, 1),
+        template=[("N", n)],
+    )
     assert mx.array_equal(b.view(mx.uint16), x.astype(mx.bfloat16).view(mx.uint16)).item()
     assert mx.array_equal(h.view(mx.uint16), x.astype(mx.float16).view(mx.uint16)).item()
     with np.errstate(over="ignore", invalid="ignore"):

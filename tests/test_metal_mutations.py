@@ -64,7 +64,8 @@ MUTATIONS = [
     Mutation("matrix load not transposed (the weights as the B operand)", "moe_gemm",
              "LDF, ulong2(0, 0), true);", "LDF, ulong2(0, 0), false);", MOE_PREFILL),
     Mutation("wrong e8m0 bias (2^(s - 112) for 2^(s - 113))", "down_combine",
-             "return as_type<float>((s + 14u) << 23);", "return as_type<float>((s + 15u) << 23);", MOE_DECODE),
+             "return as_type<float>((s + 14u) << 23);", "return as_type<float>((s + 15u) << 23);",
+             MOE_DECODE),
     Mutation("wrong sink handling (the sink left out of the denominator)", "sdpa_decode",
              "const float den = L * c + fast_exp2(sk - M2);", "const float den = L * c;",
              sdpa(False, F32, 1, 8, 8, 64, 1)),
@@ -76,10 +77,12 @@ MUTATIONS = [
              lambda mp: te.test_out_residual_rounds_where_the_reference_rounds()),
     Mutation("atomics replaced by a plain load and store (expert counts lose updates)", "moe_group",
              "atomic_fetch_add_explicit(&count[ids[s]], 1u, memory_order_relaxed)",
-             "atomic_store_explicit(&count[ids[s]], atomic_load_explicit(&count[ids[s]], memory_order_relaxed) + 1u, "
-             "memory_order_relaxed)", lambda mp: tk.test_moe_group_groups_rows_by_expert(32, 4, 700, 32)),
+             "atomic_store_explicit(&count[ids[s]], "
+             "atomic_load_explicit(&count[ids[s]], memory_order_relaxed) + 1u, memory_order_relaxed)",
+             lambda mp: tk.test_moe_group_groups_rows_by_expert(32, 4, 700, 32)),
     Mutation("threadgroup memory read before it is written (the counts' reset dropped)", "moe_group",
-             "for (int e = tid; e < E; e += 1024) atomic_store_explicit(&count[e], 0u, memory_order_relaxed);", "",
+             "for (int e = tid; e < E; e += 1024) "
+             "atomic_store_explicit(&count[e], 0u, memory_order_relaxed);", "",
              lambda mp: tk.test_moe_group_groups_rows_by_expert(4, 2, 40, 3)),
     Mutation("wrong window bound (one key too few)", "sdpa_decode",
              "const int lo = (WINDOW > 0 && S > WINDOW) ? S - WINDOW : 0;",
@@ -133,7 +136,9 @@ def test_at_least_ten_kinds_on_every_family():
 _baselines: set[int] = set()
 
 
-@pytest.mark.parametrize("mutation", MUTATIONS, ids=[f"{m.kernel}:{m.kind.split(' (')[0]}" for m in MUTATIONS])
+@pytest.mark.parametrize(
+    "mutation", MUTATIONS, ids=[f"{m.kernel}:{m.kind.split(' (')[0]}" for m in MUTATIONS]
+)
 def test_the_emulated_tests_catch_the_planted_bug(mutation):
     header, body = kernel_sources.kernel_sources("metal")[mutation.kernel]
     assert mutation.old in header + body, f"the pattern is not in {mutation.kernel}'s Metal text"

@@ -13,9 +13,16 @@ interleave. What it cannot model is in docs/KERNELS.md ("The Metal emulator").
         ...  # the kernel layer launches the Metal kernels here, on the CPU
 """
 
+import os
+
 from .build import BuildError, unavailable
 from .launch import LAUNCHES, Emulator, MetalEmulatorError
 
-EMULATOR = Emulator()
+# The tests' emulator. OSS_MLX_METAL_EMULATOR_SCHEDULE (shuffle | forward | reverse) and _SEED pick
+# other interleavings of the same kernels (shuffle, seed 0 in CI).
+EMULATOR = Emulator(
+    schedule=os.environ.get("OSS_MLX_METAL_EMULATOR_SCHEDULE", "shuffle"),
+    seed=int(os.environ.get("OSS_MLX_METAL_EMULATOR_SEED", "0")),
+)
 
 __all__ = ["BuildError", "EMULATOR", "Emulator", "LAUNCHES", "MetalEmulatorError", "unavailable"]

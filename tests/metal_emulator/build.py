@@ -53,7 +53,7 @@ def unavailable() -> str | None:
     if importlib.util.find_spec("ziglang") is None:
         return "clang comes from the `ziglang` package (the test extra)"
     if sys.platform != "linux" or platform.machine() != "x86_64":
-        return f"the emulator's fibers are written for x86-64 Linux (this is {sys.platform} {platform.machine()})"
+        return f"the emulator's fibers are written for x86-64 Linux (not {sys.platform} {platform.machine()})"
     return None
 
 
@@ -106,15 +106,21 @@ def runtime_object() -> Path:
     return out
 
 
+@functools.cache
+def _inputs_text() -> tuple[str, str]:
+    return SHIM.read_text(), ABI.read_text()
+
+
+@functools.cache
 def library(cpp: str) -> Path:
     """The shared library of one translation unit (compiled now, or from the cache)."""
     runtime = runtime_object()
-    key = _digest(cpp, SHIM.read_text(), ABI.read_text(), runtime.name)
+    key = _digest(cpp, *_inputs_text(), runtime.name)
     out = cache_dir() / f"kernel-{key}.so"
     if out.exists():
-        library.hits += 1
+        library_counts["cached"] += 1
         return out
-    library.misses += 1
+    library_counts["compiled"] += 1
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         src = Path(tmp) / "kernel.cpp"
         src.write_text(cpp)
@@ -126,8 +132,7 @@ def library(cpp: str) -> Path:
         return _publish(so, out)
 
 
-library.hits = 0
-library.misses = 0
+library_counts = {"compiled": 0, "cached": 0}  # distinct libraries this process
 
 
 def compile_errors(cpp: str) -> str | None:

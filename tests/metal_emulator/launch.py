@@ -60,15 +60,28 @@ class _Result(ctypes.Structure):
     ]
 
 
-_SIGNALS = {4: "SIGILL (illegal instruction)", 7: "SIGBUS", 8: "SIGFPE (integer division by zero?)", 11: "SIGSEGV"}
+_SIGNALS = {
+    4: "SIGILL (illegal instruction)",
+    7: "SIGBUS",
+    8: "SIGFPE (integer division by zero?)",
+    11: "SIGSEGV",
+}
 
 
 @functools.cache
 def load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
-    lib.oss_launch.argtypes = [ctypes.POINTER(_Launch), ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(_Result)]
+    lib.oss_launch.argtypes = [
+        ctypes.POINTER(_Launch),
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(_Result),
+    ]
     lib.oss_launch.restype = None
-    lib.oss_alloc.argtypes = [ctypes.c_uint64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint64)]
+    lib.oss_alloc.argtypes = [
+        ctypes.c_uint64,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_uint64),
+    ]
     lib.oss_alloc.restype = ctypes.c_void_p
     lib.oss_free.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
     lib.oss_free.restype = None
@@ -199,18 +212,26 @@ class Emulator:
         k = _kernel(name, tuple(input_names), tuple(output_names), source, header, atomic_outputs)
         return EmulatedKernel(self, k, ensure_row_contiguous)
 
-    def _run(self, lib, k, inst, arrays, output_shapes, output_dtypes, grid, threadgroup, init_value, contiguous):
+    def _run(
+        self, lib, k, inst, arrays, output_shapes, output_dtypes, grid, threadgroup, init_value, contiguous
+    ):
         buffers = _Buffers(lib)
         try:
             keep = []  # host views must outlive the copies
-            for name, info, a in zip(k.input_names, source.shape_infos(k.source, list(k.input_names)), arrays):
+            for name, info, a in zip(
+                k.input_names, source.shape_infos(k.source, list(k.input_names)), arrays
+            ):
                 host = _host(a)
                 if contiguous and not host.flags.c_contiguous:
                     host = np.ascontiguousarray(host)  # MLX copies such an input first
                 keep.append(host)
                 item = host.itemsize
                 low = sum(min(0, (n - 1) * s) for n, s in zip(host.shape, host.strides)) if host.size else 0
-                high = sum(max(0, (n - 1) * s) for n, s in zip(host.shape, host.strides)) + item if host.size else 0
+                high = (
+                    sum(max(0, (n - 1) * s) for n, s in zip(host.shape, host.strides)) + item
+                    if host.size
+                    else 0
+                )
                 buffers.add(high - low, f"input `{name}`", host, offset=low)
                 if a.ndim > 0:
                     extras = (
@@ -225,7 +246,9 @@ class Emulator:
             outs = []
             for name, shape, dtype in zip(k.output_names, output_shapes, output_dtypes):
                 if init_value is not None:
-                    init = _host(mx.broadcast_to(mx.array(init_value, dtype=dtype), tuple(shape)))  # as MLX fills
+                    init = _host(
+                        mx.broadcast_to(mx.array(init_value, dtype=dtype), tuple(shape))
+                    )  # as MLX fills
                 else:
                     init = _host(mx.zeros(tuple(shape), dtype))
                     init = np.frombuffer(_garbage(init.nbytes), init.dtype).reshape(init.shape)

@@ -166,6 +166,13 @@ def _template_def(template) -> str:
     return "<" + ", ".join(_template_value(v)[1] for _, v in template) + ">"
 
 
+_SHAPE_PARAMS = (
+    "const constant int* {}_shape",
+    "const constant int64_t* {}_strides",
+    "const constant int& {}_ndim",
+)
+
+
 def _signature(k: Kernel, inst: Instance, name: str) -> str:
     text = ""
     if inst.template:
@@ -176,8 +183,7 @@ def _signature(k: Kernel, inst: Instance, name: str) -> str:
         params.append(f"  const {a.space} {a.dtype}{'&' if a.ndim == 0 else '*'} {arg} [[buffer({index})]]")
         index += 1
         if a.ndim > 0:
-            for present, decl in zip(info, ("const constant int* {}_shape", "const constant int64_t* {}_strides",
-                                            "const constant int& {}_ndim")):  # fmt: skip
+            for present, decl in zip(info, _SHAPE_PARAMS):
                 if present:
                     params.append(f"  {decl.format(arg)} [[buffer({index})]]")
                     index += 1
@@ -230,9 +236,13 @@ def _entry(k: Kernel, inst: Instance, call: str) -> str:
         return f"*{ptr}" if ref else ptr
 
     for info, a in zip(shape_infos(k.source, list(k.input_names)), inst.inputs):
-        args.append(buffer(f"const {a.dtype}", "constant" if a.space == "constant" else "device", a.ndim == 0))
+        args.append(
+            buffer(f"const {a.dtype}", "constant" if a.space == "constant" else "device", a.ndim == 0)
+        )
         if a.ndim > 0:
-            for present, ctype, ref in zip(info, ("const int", "const int64_t", "const int"), (False, False, True)):
+            for present, ctype, ref in zip(
+                info, ("const int", "const int64_t", "const int"), (False, False, True)
+            ):
                 if present:
                     args.append(buffer(ctype, "constant", ref))
     for t in inst.output_types:
