@@ -19,7 +19,8 @@ import pytest
 import test_kernels as tk
 from metal_emulator import EMULATOR, LAUNCHES, unavailable
 
-from oss_mlx import kernels
+from oss_mlx import kernel_selftest, kernels
+from oss_mlx.kernels import decode_attention
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"Metal emulator: {unavailable()}")
 
@@ -143,11 +144,11 @@ def test_sdpa_decode_window(S, window):
 def test_sdpa_decode_window_simt_float32(monkeypatch, S, window):
     """The window's bound on the SIMT kernel, in float32 (tolerance 2e-5: one key too many or too few
     shows; the window test above takes the bf16 matrix-unit kernel)."""
-    monkeypatch.setattr(kernels, "SDPA_MMA", False)
+    monkeypatch.setattr(decode_attention, "SDPA_MMA", False)
     q = mx.random.normal((1, 8, 1, 64))
     k, v = mx.random.normal((1, 2, S, 64)), mx.random.normal((1, 2, S, 64))
     sinks = mx.random.normal((8,))
-    out = tk.decode_attention(q, k, v, sinks, 0.125, window=window)
+    out = tk.sdpa_kernel(q, k, v, sinks, 0.125, window=window)
     assert tk.rel_err(out, tk.sdpa_math(q, k, v, sinks, 0.125, window)) < tk.TOL[F32]
 
 
@@ -177,7 +178,8 @@ def test_out_residual_rounds_where_the_reference_rounds():
     block = tk.random_attention(256, 64, 8, 2, BF16)
     x = (0.5 * mx.random.normal((4, 1, 256))).astype(BF16)
     o = mx.random.normal((4, 1, 512)).astype(BF16)
-    got, want = kernels.out_residual(o, block.out, x), x + block.out(o)
+    got = decode_attention.out_residual(o, block.out.weight, block.out.bias, x)
+    want = x + block.out(o)
     same = np.mean(np.array(got.view(mx.uint16)) == np.array(want.view(mx.uint16)))
     assert same > 0.99, same
 
@@ -206,6 +208,6 @@ def test_self_test_passes_and_every_kernel_ran_on_this_cpu():
     and every kernel in SPECS has run through the emulator in this session (the count is printed at
     the end of the run)."""
     before = LAUNCHES.copy()
-    assert kernels._self_test() is None
+    assert kernel_selftest.run() is None
     assert {n.removeprefix("oss_") for n in LAUNCHES - before} == set(kernels.SPECS)
     assert {n.removeprefix("oss_") for n in LAUNCHES} >= set(kernels.SPECS)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from metal_emulator import EMULATOR, Emulator, MetalEmulatorError, source, unavailable
 
-from oss_mlx import kernels
+from oss_mlx import kernel_selftest, kernels
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"Metal emulator: {unavailable()}")
 
@@ -56,7 +56,7 @@ def test_the_source_is_the_one_mlx_generates(tmp_path, capfd):
         return launch
 
     with kernels.emulated("metal", recording):
-        assert kernels._self_test() is None
+        assert kernel_selftest.run() is None
     seen = set()
     for i, (factory, call, k) in enumerate(calls):
         if factory["name"] in seen:
