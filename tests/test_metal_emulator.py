@@ -342,6 +342,47 @@ def test_invalid_accesses_and_endless_loops_are_errors():
     assert ok.item() == 2.0
 
 
+def test_vector_types_operators_and_conversions():
+    """Element-wise operators with vectors and scalars, compound assignment, shifts, comparisons to bool
+    vectors, constructors from scalars and vectors, as_type reinterpreting bits, float2(half2) converting."""
+    body = """
+    const uint i = thread_position_in_grid.x;
+    const float4 a = float4(x[4 * i], x[4 * i + 1], float2(x[4 * i + 2], x[4 * i + 3]));
+    float4 b = a * 2.f + 1.f;
+    b -= float4(0.5f);
+    b /= 2;
+    uint4 u = uint4(3, 5, 7, 9) << 2u;
+    u ^= uint4(1u);
+    const bool4 gt = a > 0.f;
+    const float2 f = float2(as_type<half2>(uint(0x3c004000))) + float2(1.f, 2.f);
+    device float* o = out + 8 * i;
+    o[0] = b.x + b.y * 10;
+    o[1] = b.z;
+    o[2] = b.w;
+    o[3] = float(u.y + u[3]);
+    o[4] = float(all(gt)) + 2 * float(any(gt));
+    o[5] = f.x;
+    o[6] = f.y;
+    o[7] = dot(a, b);
+    """
+    x = mx.array(np.array([1, -2, 3, 4, 0.5, 1, 2, 3], np.float32))
+    (out,) = run(body, {"x": x}, {"out": ((16,), mx.float32)}, (2, 1, 1), (2, 1, 1))
+    a = np.array(x).reshape(2, 4)
+    b = (a * 2 + 1 - 0.5) / 2
+    for i in range(2):
+        want = [
+            b[i, 0] + 10 * b[i, 1],
+            b[i, 2],
+            b[i, 3],
+            21 + 37,
+            (a[i] > 0).all() + 2 * (a[i] > 0).any(),
+            3,
+            3,
+        ]
+        assert np.array(out)[8 * i : 8 * i + 7].tolist() == want
+        assert np.array(out)[8 * i + 7] == pytest.approx(float(a[i] @ b[i]))
+
+
 # ---- simdgroup matrices ------------------------------------------------------------------------------
 
 

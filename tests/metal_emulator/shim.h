@@ -178,67 +178,51 @@ struct packed_vec : packed_storage<T, N> {
   const T& operator[](int i) const { return this->e_[i]; }
 };
 
-#define OSS_VEC_BINARY(op)                                                                       \
+// Element-wise operators: vector op vector, vector op scalar, scalar op vector; R is the result's
+// element type (T, or bool for comparisons).
+#define OSS_VEC_OP(op, R)                                                                        \
   template <typename T, int N>                                                                   \
-  inline vec<T, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {                         \
-    vec<T, N> r;                                                                                 \
+  inline vec<R, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {                         \
+    vec<R, N> r;                                                                                 \
     for (int i = 0; i < N; ++i) r.e_[i] = a.e_[i] op b.e_[i];                                    \
     return r;                                                                                    \
   }                                                                                              \
   template <typename T, int N>                                                                   \
-  inline vec<T, N> operator op(const vec<T, N>& a, typename vec<T, N>::elem b) {                 \
-    vec<T, N> r;                                                                                 \
-    for (int i = 0; i < N; ++i) r.e_[i] = a.e_[i] op b;                                          \
-    return r;                                                                                    \
+  inline vec<R, N> operator op(const vec<T, N>& a, typename vec<T, N>::elem b) {                 \
+    return a op vec<T, N>(b);                                                                    \
   }                                                                                              \
   template <typename T, int N>                                                                   \
-  inline vec<T, N> operator op(typename vec<T, N>::elem a, const vec<T, N>& b) {                 \
-    vec<T, N> r;                                                                                 \
-    for (int i = 0; i < N; ++i) r.e_[i] = a op b.e_[i];                                          \
-    return r;                                                                                    \
-  }                                                                                              \
+  inline vec<R, N> operator op(typename vec<T, N>::elem a, const vec<T, N>& b) {                 \
+    return vec<T, N>(a) op b;                                                                    \
+  }
+#define OSS_VEC_ARITHMETIC(op)                                                                   \
+  OSS_VEC_OP(op, T)                                                                              \
   template <typename T, int N>                                                                   \
   inline vec<T, N>& operator op##=(vec<T, N>& a, const vec<T, N>& b) {                           \
-    for (int i = 0; i < N; ++i) a.e_[i] = a.e_[i] op b.e_[i];                                    \
-    return a;                                                                                    \
+    return a = a op b;                                                                           \
   }                                                                                              \
   template <typename T, int N>                                                                   \
   inline vec<T, N>& operator op##=(vec<T, N>& a, typename vec<T, N>::elem b) {                   \
-    for (int i = 0; i < N; ++i) a.e_[i] = a.e_[i] op b;                                          \
-    return a;                                                                                    \
+    return a = a op vec<T, N>(b);                                                                \
   }
-OSS_VEC_BINARY(+)
-OSS_VEC_BINARY(-)
-OSS_VEC_BINARY(*)
-OSS_VEC_BINARY(/)
-OSS_VEC_BINARY(%)
-OSS_VEC_BINARY(&)
-OSS_VEC_BINARY(|)
-OSS_VEC_BINARY(^)
-OSS_VEC_BINARY(<<)
-OSS_VEC_BINARY(>>)
-#undef OSS_VEC_BINARY
-
-#define OSS_VEC_COMPARE(op)                                                                      \
-  template <typename T, int N>                                                                   \
-  inline vec<bool, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {                      \
-    vec<bool, N> r;                                                                              \
-    for (int i = 0; i < N; ++i) r.e_[i] = a.e_[i] op b.e_[i];                                    \
-    return r;                                                                                    \
-  }                                                                                              \
-  template <typename T, int N>                                                                   \
-  inline vec<bool, N> operator op(const vec<T, N>& a, typename vec<T, N>::elem b) {              \
-    vec<bool, N> r;                                                                              \
-    for (int i = 0; i < N; ++i) r.e_[i] = a.e_[i] op b;                                          \
-    return r;                                                                                    \
-  }
-OSS_VEC_COMPARE(==)
-OSS_VEC_COMPARE(!=)
-OSS_VEC_COMPARE(<)
-OSS_VEC_COMPARE(<=)
-OSS_VEC_COMPARE(>)
-OSS_VEC_COMPARE(>=)
-#undef OSS_VEC_COMPARE
+OSS_VEC_ARITHMETIC(+)
+OSS_VEC_ARITHMETIC(-)
+OSS_VEC_ARITHMETIC(*)
+OSS_VEC_ARITHMETIC(/)
+OSS_VEC_ARITHMETIC(%)
+OSS_VEC_ARITHMETIC(&)
+OSS_VEC_ARITHMETIC(|)
+OSS_VEC_ARITHMETIC(^)
+OSS_VEC_ARITHMETIC(<<)
+OSS_VEC_ARITHMETIC(>>)
+OSS_VEC_OP(==, bool)
+OSS_VEC_OP(!=, bool)
+OSS_VEC_OP(<, bool)
+OSS_VEC_OP(<=, bool)
+OSS_VEC_OP(>, bool)
+OSS_VEC_OP(>=, bool)
+#undef OSS_VEC_ARITHMETIC
+#undef OSS_VEC_OP
 
 template <typename T, int N>
 inline vec<T, N> operator-(const vec<T, N>& a) {
