@@ -31,6 +31,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line_warnings(prog: str) -> None:
+    """Warnings (an unused checkpoint tensor, kernels turned off) as one line naming the command,
+    not Python's file:line and source line, which mean nothing to a user (--debug keeps those)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
@@ -50,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"oss-mlx: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if not debug:
+        _one_line_warnings(f"oss-mlx {name}")
     try:
         module = importlib.import_module(SUBCOMMANDS[name][0])
         return int(module.main(argv) or 0)
