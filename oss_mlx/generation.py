@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -76,6 +77,15 @@ class GenerationStats:
     finish_reason: str = "length"  # "stop" (return), "tool_call" (call), "length", "interrupted"
     context_tokens: int = 0  # tokens in the cache after the reply
     max_batch: int = 0  # the most sequences it was decoded together with (itself included)
+    # Constrained replies (structured outputs): host time spent on token masks, how many were made,
+    # and whether the end was forced to fit max_tokens (constrained.py).
+    mask_seconds: float = 0.0
+    masked_tokens: int = 0
+    closed_to_fit: bool = False
+
+    @property
+    def mask_ms_per_token(self) -> float:
+        return 1e3 * self.mask_seconds / self.masked_tokens if self.masked_tokens else 0.0
 
     @property
     def prompt_tps(self) -> float:
@@ -86,7 +96,8 @@ class GenerationStats:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "prompt_tps": self.prompt_tps, "generation_tps": self.generation_tps}
+        rates = {"prompt_tps": self.prompt_tps, "generation_tps": self.generation_tps}
+        return {**self.__dict__, **rates, "mask_ms_per_token": self.mask_ms_per_token}
 
 
 @dataclass
@@ -107,3 +118,28 @@ def prefill_cuts(n: int, chunk: int, marks: Iterable[int] = ()) -> list[int]:
     layer's attention and MoE never run over the rest of the prompt (their outputs feed nothing)."""
     cuts = set(range(chunk, n, chunk)) | {m for m in marks if 0 < m <= n} | {max(n - 1, 1), n}
     return sorted(c for c in cuts if c <= n)
+
+
+class TokenConstraint(Protocol):
+    """Which tokens may come next (constrained.TurnConstraint): an int32 bitmask [1, ceil(vocab/32)],
+    bit i of word i // 32 allowing token i."""
+
+    closed: bool  # the end was forced to fit the token budget
+
+    def begin(self, remaining: int) -> mx.array: ...
+
+    def advance(self, token: int, remaining: int) -> mx.array: ...
+
+
+def masked(logits: mx.array, words: mx.array) -> mx.array:
+    """`logits` [B, vocab] with every token the bitmask `words` [B, W] does not allow set to -inf."""
+    # (made here, not at import: an array belongs to the thread that made it, and the server
+    # generates on a worker thread)
+    bits = mx.right_shift(words[..., None], mx.arange(32, dtype=mx.int32)) & 1
+    allowed = bits.reshape(words.shape[0], -1)[:, : logits.shape[-1]].astype(mx.bool_)
+    return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+
+# One fused kernel instead of five 201k-wide ones (measured on the CPU: 1.3 ms -> 0.2 ms a token): what
+# the scheduler's samplers apply.
+masked_fused = mx.compile(masked)

@@ -29,7 +29,7 @@ import mlx.core as mx
 
 from .cache import ModelCache
 from .decode import DecodeStep
-from .generation import PREFILL_CHUNK, SamplingOptions, TokenStream
+from .generation import PREFILL_CHUNK, SamplingOptions, TokenConstraint, TokenStream
 from .model import Transformer
 from .scheduler import End, Progress, Scheduler, Sequence, Token
 
@@ -155,6 +155,7 @@ class Runtime:
                 _step_or_wait(scheduler, stop.is_set)
         finally:
             scheduler.fail_all(RuntimeError("the server is stopping"))
+            _settle_stream()
             with self._lock:
                 self._driver = None
 
@@ -188,6 +189,17 @@ def _drive_weakly(ref: weakref.ref) -> None:
     finally:
         if scheduler is not None:
             scheduler.fail_all(RuntimeError("the interpreter is exiting"))
+        _settle_stream()
+
+
+def _settle_stream() -> None:
+    """Wait for the work this thread queued: the pipelined step's last tokens are queued and never
+    read, and a thread ending with them still running could abort the process at exit (seen on the
+    CPU under load as "terminate called without an active exception")."""
+    try:
+        mx.synchronize()
+    except Exception:  # noqa: BLE001 - only tidying up on the way out
+        pass
 
 
 # A thread still inside MLX when the interpreter exits aborts the process ("terminate called without
@@ -230,6 +242,7 @@ def generate_tokens(
     mark_at: Iterable[int] = (),
     prefill_chunk: int | None = None,
     on_prefill: Callable[[int, int], None] | None = None,
+    constraint: TokenConstraint | None = None,
 ) -> Iterator[int]:
     """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens,
     in the caller's thread: the scheduler (scheduler.py) with this one sequence, stepped here.
@@ -240,13 +253,23 @@ def generate_tokens(
     prefill_chunk: the prefill chunk; default the model's (`load` picks it for the machine's memory).
     on_prefill(done, total): after each prefill chunk; the stats (tokens prefilled, seconds, peak
     memory) are kept up to date with it, so a prefill cut short reports what it really did.
+    constraint: masks the logits before sampling (structured outputs; scheduler.py says when).
     Concurrent generations on one model go through the model's runtime instead (Session, batch_generate).
     """
     if not new_tokens:
         raise ValueError("prefill needs at least one token")
     runtime = runtime_of(model)
     outputs: list = []
-    seq = Sequence(cache, new_tokens, options, stop_ids, mark_at=mark_at, report=report, emit=outputs.append)
+    seq = Sequence(
+        cache,
+        new_tokens,
+        options,
+        stop_ids,
+        mark_at=mark_at,
+        report=report,
+        emit=outputs.append,
+        constraint=constraint,
+    )
     scheduler = Scheduler(
         model, runtime.decode, prefill_chunk=prefill_chunk or runtime.prefill_chunk, max_batch=1
     )

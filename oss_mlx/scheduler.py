@@ -12,7 +12,10 @@ A step, in order:
      prompt takes, so its keys and values are exactly a lone prompt's); after its last chunk its
      first token is sampled and it joins the batch (batch_cache.py);
   5. the tokens sampled one step earlier are read (the GPU meanwhile runs this step's): each
-     sequence's `emit` gets them, and a stop token or max_tokens finishes it.
+     sequence's `emit` gets them, and a stop token or max_tokens finishes it;
+  6. with a constrained sequence in the batch (structured outputs: constrained.py), the batch's
+     sampling waits until here: a row's mask depends on the token just read, and is made on the host
+     while the GPU runs the step's forward pass (which does not need it).
 
 Every sequence sees exactly what it would alone: its prompt prefilled the same way, its decode steps
 at its own positions over its own keys (per-row masks and rings), its own sampler and random key.
@@ -34,7 +37,7 @@ import mlx.core as mx
 from .batch_cache import BatchCache, grown, row_bucket
 from .cache import ModelCache
 from .decode import DecodeStep
-from .generation import SamplingOptions, TokenStream, prefill_cuts
+from .generation import SamplingOptions, TokenConstraint, TokenStream, masked_fused, prefill_cuts
 
 # ---- what a sequence reports --------------------------------------------------------------------------
 
@@ -89,6 +92,7 @@ class Sequence:
         report: TokenStream | None = None,
         emit: Callable[[Output], None] | None = None,
         on_end: Callable[[], None] | None = None,
+        constraint: TokenConstraint | None = None,
     ):
         if not tokens:
             raise ValueError("a sequence needs at least one new token (to get the next one's logits)")
@@ -100,6 +104,7 @@ class Sequence:
         self.report = report if report is not None else TokenStream()
         self.emit = emit or (lambda output: None)
         self.on_end = on_end
+        self.constraint = constraint  # masks the logits of every token it samples
         self.state = _WAITING
         self.finish: str | None = None  # "stop" | "length" | "interrupted" once decided
         self.error: BaseException | None = None
@@ -142,18 +147,21 @@ class Sequence:
 
 
 class _Sampler:
-    """A sequence's next-token choice from logits [1, vocab]: its options' logit bias, then greedy
-    on the logits, or its sampler on the log-probabilities (what a lone generation does)."""
+    """A sequence's next-token choice from logits [1, vocab]: its options' logit bias, its constraint's
+    mask, then greedy on the logits, or its sampler on the log-probabilities."""
 
-    def __init__(self, options: SamplingOptions, vocab: int, dtype: mx.Dtype):
-        self.greedy = options.plain_greedy  # the batch takes one argmax for all such rows
+    def __init__(self, options: SamplingOptions, vocab: int, dtype: mx.Dtype, constrained: bool = False):
+        # the batch takes one argmax for all such rows
+        self.greedy = options.plain_greedy and not constrained
         self.sampler = options.sampler()
         self.bias = options.bias_vector(vocab).astype(dtype) if options.logit_bias else None
         self.argmax = options.temperature == 0
 
-    def __call__(self, logits: mx.array) -> mx.array:
+    def __call__(self, logits: mx.array, mask: mx.array | None = None) -> mx.array:
         if self.bias is not None:
             logits = logits + self.bias
+        if mask is not None:
+            logits = masked_fused(logits, mask)
         if self.argmax:  # the argmax of the logits is the argmax of the log-probabilities: no
             return self.sampler(logits)  # vocab-wide logsumexp and subtraction in every step
         return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
@@ -199,6 +207,7 @@ class Scheduler:
         self.draining: list[Sequence] = []  # out of the batch, tokens still to read
         self._sampled: mx.array | None = None  # the last step's tokens, one per row
         self._rows_changed = True
+        self._deferred: tuple[mx.array, list] | None = None  # logits and rows waiting for masks
         self._step = 0
         self.wake = threading.Condition()  # notified on submit and cancel (runtime.py waits on it)
 
@@ -254,6 +263,11 @@ class Scheduler:
             self._fail_batch(e)
         self._prefill()
         self._read()
+        if self._deferred is not None:
+            try:
+                self._sample_deferred()
+            except Exception as e:
+                self._fail_batch(e)
 
     def fail_all(self, error: BaseException) -> None:
         """End every sequence with `error` (the stepping thread is stopping, or a bug)."""
@@ -275,7 +289,7 @@ class Scheduler:
             seq.finish = "interrupted"
             self._end(seq)
         for seq in list(self.decoding):
-            if seq.cancelled or seq.finish:
+            if seq.cancelled or seq.finish or seq.error is not None:
                 seq.finish = seq.finish or "interrupted"
                 seq._unread.clear()  # what was sampled after the end is never read
             elif seq.produced < seq.options.max_tokens:
@@ -300,7 +314,9 @@ class Scheduler:
         self.prefilling.append(seq)
         seq._cuts = prefill_cuts(len(seq.tokens), self.prefill_chunk, seq.marks)
         seq._started = time.perf_counter()
-        seq._sample = _Sampler(seq.options, self.model.config.vocab_size, self.model.dtype)
+        seq._sample = _Sampler(
+            seq.options, self.model.config.vocab_size, self.model.dtype, seq.constraint is not None
+        )
         seq.report.stats.prefilled_tokens = 0
         self._progress(seq, 0)
 
@@ -332,28 +348,63 @@ class Scheduler:
         else:
             tokens = self._sampled
         logits = self.decode(tokens[:, None], batch)[:, -1, :]
-        sampled = self._sample_rows(logits)
+        keys = list(batch.keys)  # the rows as they are now (a sequence joining in _prefill may add one)
+        self._rows_changed = False
+        if any(s is not None and s.constraint is not None for s in keys):
+            mx.async_eval(logits)  # the masks need the tokens _read reads: sampled after it
+            self._deferred = (logits, keys)
+            return
+        self._sampled_rows(self._sample_rows(logits, keys), keys)
+
+    def _sample_deferred(self) -> None:
+        """The batch's sampling with each constrained row's mask: the token it was fed was read (in
+        this step's _read, or the step before for a first token), so its grammar state advances by it."""
+        logits, keys = self._deferred
+        self._deferred = None
+        masks = {}
+        for r, seq in enumerate(keys):
+            if seq is None or seq.constraint is None or seq.finish is not None or seq.error is not None:
+                continue  # (a finished row's token is never read)
+            fed, remaining = seq.report.tokens[-1], seq.options.max_tokens - len(seq.report.tokens)
+            try:
+                masks[r] = self._mask(seq, lambda s=seq, t=fed, n=remaining: s.constraint.advance(t, n))
+            except Exception as e:  # the grammar failed: this sequence ends with it, the others go on
+                seq.error = e
+        self._sampled_rows(self._sample_rows(logits, keys, masks), keys)
+
+    def _sampled_rows(self, sampled: mx.array, keys: list) -> None:
         mx.async_eval(sampled)
-        size = batch.size
-        for r, seq in enumerate(batch.keys):
+        size = sum(s is not None for s in keys)
+        for r, seq in enumerate(keys):
             if seq is not None:
                 seq.report.stats.max_batch = max(seq.report.stats.max_batch, size)
                 seq.pending = (sampled, r)
                 seq._unread.append((sampled, r, self._step))
                 seq.produced += 1
-        self._sampled, self._rows_changed = sampled, False
+        self._sampled = sampled
 
-    def _sample_rows(self, logits: mx.array) -> mx.array:
-        """logits [R, vocab] -> uint32 [R]: one argmax for the greedy rows, each other row its own
-        sampler (free rows: 0)."""
-        keys = self.batch.keys
+    @staticmethod
+    def _mask(seq: Sequence, make: Callable[[], mx.array]) -> mx.array:
+        """The constraint's next mask, its host time counted in the sequence's stats."""
+        stats, begun = seq.report.stats, time.perf_counter()
+        mask = make()
+        stats.mask_seconds += time.perf_counter() - begun
+        stats.masked_tokens += 1
+        stats.closed_to_fit = seq.constraint.closed
+        return mask
+
+    @staticmethod
+    def _sample_rows(logits: mx.array, keys: list, masks: dict | None = None) -> mx.array:
+        """logits [R, vocab] -> uint32 [R]: one argmax for the plain greedy rows, each other row its
+        own sampler with its mask (free rows: 0)."""
+        masks = masks or {}
         if all(s is None or s._sample.greedy for s in keys):
             return mx.argmax(logits, axis=-1).astype(mx.uint32)
         greedy = mx.argmax(logits, axis=-1).astype(mx.uint32)
         parts = [
             greedy[r : r + 1]
             if s is None or s._sample.greedy
-            else s._sample(logits[r : r + 1]).astype(mx.uint32)
+            else s._sample(logits[r : r + 1], masks.get(r)).astype(mx.uint32)
             for r, s in enumerate(keys)
         ]
         return mx.concatenate(parts)
@@ -406,7 +457,10 @@ class Scheduler:
             self.decode.trace_ahead(self.batch, *self.batch.shape_after_join(seq.cache.offset, held))
         if cut in seq.marks:
             seq.cache.mark()
-        token = seq._sample(logits[:, -1, :]).astype(mx.uint32)
+        mask = None
+        if seq.constraint is not None:  # made while the GPU runs the chunk
+            mask = self._mask(seq, lambda: seq.constraint.begin(seq.options.max_tokens))
+        token = seq._sample(logits[:, -1, :], mask).astype(mx.uint32)
         mx.async_eval(token)
         seq._prefilled = cut
         seq.produced, seq.pending = 1, (token, 0)
@@ -471,6 +525,7 @@ class Scheduler:
         self.decoding = []
         self.batch = BatchCache.for_model(self.model)
         self._rows_changed = True
+        self._deferred = None
 
     def _end(self, seq: Sequence) -> None:
         seq.state = _DONE
