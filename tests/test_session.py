@@ -275,6 +275,54 @@ def test_batch_generate_equals_each_alone(loaded):
         oss_mlx.batch_generate(model, tokenizer, QUESTIONS, max_tokens=[3, 4])
 
 
+def test_constrained_replies_batched_equal_each_alone(loaded):
+    """Structured outputs in the batch: each constrained reply (its mask made from the token just
+    read, the batch sampled after it) is what it is alone, and valid; a free reply decoded beside
+    constrained ones is unchanged too."""
+    import json
+    import threading
+
+    model, tokenizer = loaded
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+        "required": ["n", "ok"],
+        "additionalProperties": False,
+    }
+    keys = dict(json_schema=schema, reasoning_budget=6, temperature=0)
+    limits = [40, 28, 34]
+    alone = [oss_mlx.generate(model, tokenizer, q, max_tokens=m, **keys) for q, m in zip(QUESTIONS, limits)]
+    together = oss_mlx.batch_generate(model, tokenizer, QUESTIONS[:3], max_tokens=limits, **keys)
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert max(r.stats.max_batch for r in together) >= 2
+    for reply in together:
+        assert reply.stats.masked_tokens > 0
+        if reply.stats.finish_reason == "stop":
+            assert set(json.loads(reply.text)) == {"n", "ok"}
+
+    free_alone = oss_mlx.generate(model, tokenizer, QUESTIONS[3], max_tokens=30, temperature=0)
+    results: dict[str, oss_mlx.Reply] = {}
+    gate = threading.Barrier(2)
+
+    def run(name: str, **kwargs) -> None:
+        gate.wait(30)
+        results[name] = oss_mlx.generate(model, tokenizer, **kwargs)
+
+    threads = [
+        threading.Thread(
+            target=run, args=("free",), kwargs=dict(prompt=QUESTIONS[3], max_tokens=30, temperature=0)
+        ),
+        threading.Thread(target=run, args=("json",), kwargs=dict(prompt=QUESTIONS[0], max_tokens=40, **keys)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results["free"].tokens == free_alone.tokens
+    assert results["json"].tokens == alone[0].tokens
+    assert results["free"].stats.masked_tokens == 0
+
+
 def test_sessions_on_one_model_stream_from_threads_at_once(loaded):
     """Four conversations of two turns each, every one in its own thread, on one model: each gives
     what it gives alone (second turns reuse their own session's prefix), decoded together."""
