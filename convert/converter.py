@@ -33,6 +33,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from oss_mlx import mxfp4
 from oss_mlx import weights as W
 from oss_mlx.config import CONVERTED_FORMAT_VERSION, ModelConfig, read_config
 from oss_mlx.memory import weight_bytes
@@ -336,9 +337,7 @@ def _float_expert_producer(tensors, srcs, build):
             x = build(array[e : e + 1])[0]  # [out, in]
             step = max(1, rows_per_block // x.shape[-1])
             for r in range(0, x.shape[0], step):
-                yield tuple(
-                    mx.quantize(x[r : r + step].astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
-                )
+                yield mxfp4.quantize(x[r : r + step])
 
     return produce
 

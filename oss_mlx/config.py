@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoadError
+from .mxfp4 import GROUP_SIZE
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -204,8 +205,10 @@ class ModelConfig:
         if self.head_dim < 2 or self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be positive and even for rotary embeddings")
         for name in ("hidden_size", "intermediate_size"):
-            if getattr(self, name) < 32 or getattr(self, name) % 32:
-                problems.append(f"{name}={getattr(self, name)} is not a multiple of the MXFP4 group (32)")
+            if getattr(self, name) < GROUP_SIZE or getattr(self, name) % GROUP_SIZE:
+                problems.append(
+                    f"{name}={getattr(self, name)} is not a multiple of the MXFP4 group ({GROUP_SIZE})"
+                )
         for name in ("rms_norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")

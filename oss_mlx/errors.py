@@ -12,5 +12,9 @@ class LoadError(Exception):
     """A model folder, hub id, config.json, checkpoint or vocabulary that cannot be loaded."""
 
 
+class CheckpointError(LoadError, ValueError):
+    """A checkpoint folder that cannot be loaded; the message says what and how to fix it."""
+
+
 class MemoryBudgetError(ValueError):
     """A memory budget that cannot hold the model even when streaming its experts."""

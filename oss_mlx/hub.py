@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from .weights import CheckpointError
+from .errors import CheckpointError
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
 # Only what the model needs. The hub repos also carry original/ and metal/ copies of the weights,

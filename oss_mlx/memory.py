@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import mxfp4
 from .config import FULL, ConfigError, ModelConfig
 
 GiB = 1 << 30
@@ -61,8 +62,8 @@ def dense_bytes(rows: int, cols: int, quant: dict | None, dtype_bytes: int) -> i
 def expert_bytes(config: ModelConfig, dtype_bytes: int = 2) -> int:
     """One expert (gate_up + down), MXFP4 values + uint8 scales + float biases."""
     H, I = config.hidden_size, config.intermediate_size
-    gate_up = 2 * I * H // 2 + 2 * I * H // 32 + 2 * I * dtype_bytes
-    down = H * I // 2 + H * I // 32 + H * dtype_bytes
+    gate_up = dense_bytes(2 * I, H, mxfp4.MLX_MODE, dtype_bytes) + 2 * I * dtype_bytes
+    down = dense_bytes(H, I, mxfp4.MLX_MODE, dtype_bytes) + H * dtype_bytes
     return gate_up + down
 
 
