@@ -13,7 +13,6 @@ docs/CHAT.md is the user's guide.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -166,34 +165,6 @@ def _import_sampler() -> None:
         pass
 
 
-def install_scripted_replies(path: str, tokenizer: Any) -> None:
-    """TEST HOOK, only when OSS_MLX_SCRIPTED_REPLIES names a JSON file: a list of harmony completions
-    (strings, e.g. "<|channel|>final<|message|>Hi!<|return|>"), one per reply; null entries, and
-    replies past the end of the list, sample for real. The model still runs (prefill, decode, cache);
-    only the sampler's choice is replaced, as tests/test_session.py's `scripted()` does."""
-    import mlx.core as mx
-
-    from ..generation import SamplingOptions
-
-    queue = list(json.loads(Path(path).read_text()))
-    real = SamplingOptions.sampler
-
-    def sampler(self: SamplingOptions):
-        entry = queue.pop(0) if queue else None
-        if entry is None:
-            return real(self)
-        script = iter(tokenizer.encode(entry, allow_special=True))
-
-        def pick(logprobs):
-            # Depends on the logits, so each decode step really runs (as with a real sampler).
-            forced = mx.array([next(script, tokenizer.RETURN)], dtype=mx.uint32)
-            return mx.argmax(logprobs, axis=-1).astype(mx.uint32) * 0 + forced
-
-        return pick
-
-    SamplingOptions.sampler = sampler
-
-
 # ---------------------------------------------------------------------------------------------------
 # The chat
 # ---------------------------------------------------------------------------------------------------
@@ -213,6 +184,7 @@ class ChatApp:
         python: PythonSandbox | None = None,
         autosave: Path | None = None,
         context_limit: int | None = None,
+        script: Any = None,
     ) -> None:
         self.session = session
         self.console = console
@@ -222,6 +194,7 @@ class ChatApp:
         self.sampling: dict[str, Any] = dict(sampling or {})
         self.tools = {t.name: t for t in tools or []}
         self.python = python
+        self.script = script  # the test hook (oss_mlx/testing/scripted.py), None in normal use
         self.autosave_path = autosave
         self.limit = context_limit
         self.multiline = False
@@ -495,7 +468,7 @@ class ChatApp:
         guard = InterruptGuard()
         with guard:
             with no_echo():
-                events = self.session.send(prompt, on_prefill=view.prefill, **self.sampling)
+                events = self.session.send(prompt, on_prefill=view.prefill, **self._sampling_for(prompt))
                 try:
                     for event in events:
                         guard.streaming = True
@@ -520,6 +493,15 @@ class ChatApp:
             # More Ctrl-C presses while this reply is wrapped up are absorbed: they were meant for it.
             with guard.hold():
                 return self._after_reply(view, detector, label, before, reply, stopped)
+
+    def _sampling_for(self, prompt: str | None) -> dict[str, Any]:
+        """The reply's sampling: the /set values, as scripted options when the test hook is on."""
+        if self.script is None:
+            return self.sampling
+        from ..generation import SamplingOptions
+
+        last = [prompt] if prompt is not None else self.session.messages
+        return {"options": self.script.options(SamplingOptions(**self.sampling), last)}
 
     def _after_reply(
         self,
@@ -1042,10 +1024,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"cannot load {args.model}: {cli_args.describe_error(e)}")
     loaded_in = time.perf_counter() - start
 
-    scripted = os.environ.get("OSS_MLX_SCRIPTED_REPLIES")
-    if scripted:
-        install_scripted_replies(scripted, tokenizer)
-    else:
+    from ..testing.scripted import ENV, Script
+
+    script = Script.from_file(os.environ[ENV], tokenizer) if os.environ.get(ENV) else None
+    if script is None:
         # The sampler comes from mlx_lm, whose import takes seconds: done while the user types.
         import threading
 
@@ -1079,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
         python=python,
         autosave=autosave,
         context_limit=context_limit(model),
+        script=script,
     )
     layout = getattr(getattr(model, "info", None), "layout", "?")
     limit = f" · context limit {app.limit:,}" if app.limit else ""

@@ -467,7 +467,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
 
         if refuse_unless_fits("oss-mlx serve", args.model):
             return 1
-    from . import scripted
+    from ..testing import scripted
     from .connections import GuardedH11Protocol
 
     script = scripted.Script.from_env()
