@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
     elif not args.memory_budget and not args.ignore_memory:
-        from .memory import refuse_unless_fits
+        from .plan_cli import refuse_unless_fits
 
         if refuse_unless_fits("oss-mlx bench", args.model, context, how=" (with --engines oss-mlx)"):
             return 1

@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "convert": ("oss_mlx.convert.cli", "checkpoint -> MLX layout resharded for unified memory"),
     "serve": ("oss_mlx.server.app", "OpenAI-compatible server (Responses, Chat Completions)"),
     "bench": ("oss_mlx.bench", "prefill/decode speed and memory, side by side with mlx-lm"),
-    "plan": ("oss_mlx.memory", "will a model fit this machine? memory plan per preset and context"),
+    "plan": ("oss_mlx.plan_cli", "will a model fit this machine? memory plan per preset and context"),
     "synthetic": ("oss_mlx.synthetic", "write a random gpt-oss checkpoint (tests, benchmarks)"),
 }
 

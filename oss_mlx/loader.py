@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 from . import kernel_selftest, kernels
 from .config import ModelConfig, read_config
 from .hub import resolve_model_path
-from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
+from .machine import Machine, prefill_step_for, wire_weights
+from .memory import DEFAULT_CONTEXT, kv_bytes
 from .model import Transformer
 from .moe import Experts
 from .weights import (

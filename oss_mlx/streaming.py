@@ -40,13 +40,12 @@ from . import weights as W
 from .cli_args import parse_size
 from .config import ModelConfig
 from .errors import MemoryBudgetError
+from .memory import ACTIVATION_ALLOWANCE, kv_bytes, min_budget
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
 
 if TYPE_CHECKING:
     from .model import Transformer
 
-# Activations, logits, MLX's scratch buffers and the Python runtime, beyond the KV cache.
-ACTIVATION_ALLOWANCE = 512 * 2**20
 # The KV cache is budgeted for this many tokens (sliding layers only ever hold their window).
 DEFAULT_CONTEXT = 4096
 _EXPERT_TENSORS = ("gate_up_weight", "gate_up_scales", "down_weight", "down_scales")
@@ -54,15 +53,9 @@ _EXPERT_PARAM = re.compile(r"\.experts\.(gate_up|down)_(weight|scales)$")
 
 
 def parse_budget(budget: str | int) -> int:
-    """'6GB' (10^9), '6.5GiB' (2^30), '800MB', '800MiB', '12G' or an int of bytes -> bytes."""
-    if isinstance(budget, bool):
-        raise ValueError(f"memory_budget must be bytes or a size like '6GB', not {budget!r}")
-    if isinstance(budget, (int, np.integer)):
-        if int(budget) <= 0:
-            raise ValueError(f"memory_budget must be positive, got {budget!r}")
-        return int(budget)
+    """`memory_budget` in bytes: a size like '6GB' or a number of bytes (cli_args.parse_size)."""
     try:
-        return parse_size(str(budget))
+        return parse_size(budget)
     except ValueError as e:
         raise ValueError(f"memory_budget={budget!r}: {e}") from None
 
@@ -294,10 +287,6 @@ class StreamingPlan:
         )
 
 
-def min_budget(resident: int, allowance: int, expert_bytes: int, layers: int, top_k: int) -> int:
-    return resident + allowance + top_k * (layers + 1) * expert_bytes
-
-
 # ---- the module ---------------------------------------------------------------------------------------
 
 
@@ -437,16 +426,6 @@ class StreamingExperts(nn.Module):
 # ---- planning and installing ---------------------------------------------------------------------------
 
 
-def kv_allowance(config: ModelConfig, context: int = DEFAULT_CONTEXT, dtype_bytes: int = 2) -> int:
-    """Bytes of KV cache for `context` tokens (sliding layers hold at most their window)."""
-    per_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-    total = 0
-    for i in range(config.num_layers):
-        sliding = config.layer_types[i] == "sliding_attention"
-        total += per_token * (min(context, config.sliding_window) if sliding else context)
-    return total
-
-
 def plan_streaming(
     model: Transformer, budget: str | int, context: int = DEFAULT_CONTEXT, allowance: int | None = None
 ) -> StreamingPlan:
@@ -463,7 +442,7 @@ def plan_streaming(
     per_expert = expert // (L * E)
     if allowance is None:
         act = model.dtype if mx.issubdtype(model.dtype, mx.floating) else mx.bfloat16
-        allowance = kv_allowance(config, context, act.size) + ACTIVATION_ALLOWANCE
+        allowance = kv_bytes(config, context, act.size) + ACTIVATION_ALLOWANCE
     slots = min(E, (total - resident - allowance) // ((L + 1) * per_expert)) if total > resident else 0
     plan = StreamingPlan(total, resident, allowance, per_expert, L, max(int(slots), 0), E, k)
     if slots < k:

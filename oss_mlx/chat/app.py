@@ -1012,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(Text(f"loading {args.model} …", style="dim"))
         # Checked from config.json alone (a hub model's too), before any download or load.
-        from ..memory import refuse_unless_fits
+        from ..plan_cli import refuse_unless_fits
 
         if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits("oss-mlx chat", args.model):
             return 1
