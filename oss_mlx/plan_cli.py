@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import ConfigError, ModelConfig
 from .machine import PREFILL_TRANSIENT, GiB, Machine, MiB, prefill_step_for
-from .memory import COMPONENTS, DEFAULT_CONTEXT, MemoryPlan, presets, gib, kv_bytes
+from .memory import COMPONENTS, DEFAULT_CONTEXT, MemoryPlan, gib, kv_bytes, presets
 
 
 def fit_advice(model: str, context: int = DEFAULT_CONTEXT) -> list[str]:

@@ -12,9 +12,8 @@ import mlx.core as mx
 import pytest
 
 import oss_mlx
-from oss_mlx.generation import SamplingOptions
 from oss_mlx.session import Done, Session
-from oss_mlx.testing.scripted import Script, in_order
+from oss_mlx.testing.scripted import Script
 
 
 @pytest.fixture(scope="module")
@@ -22,23 +21,12 @@ def loaded(tiny_checkpoint):
     return oss_mlx.load(tiny_checkpoint, dtype=mx.float32)
 
 
-def scripted(tokenizer, texts: list[str]):
-    """The test hook (oss_mlx/testing/scripted.py): sampling options that make the sampler emit these
-    harmony completions, one per reply, in turn (the model still runs).
-
-    Decoding is pipelined, so the sampler is asked once more after the stop token: it then
-    repeats <|return|>, which nobody reads.
-    """
-    script = Script(in_order(texts), tokenizer)
-    return lambda **sampling: script.options(SamplingOptions(**sampling))
-
-
 ANSWER = "<|channel|>analysis<|message|>The user greets. Reply briefly.<|end|><|start|>assistant<|channel|>final<|message|>Hello there! How can I help?<|return|>"  # noqa: E501
 
 
 def test_generate_splits_analysis_and_final(loaded):
     model, tokenizer = loaded
-    replies = scripted(tokenizer, [ANSWER])
+    replies = Script.replies([ANSWER], tokenizer).sampling
     reply = oss_mlx.generate(model, tokenizer, "Hi", options=replies(max_tokens=200))
     assert reply.text == "Hello there! How can I help?"
     assert reply.analysis == "The user greets. Reply briefly."
@@ -52,7 +40,7 @@ def test_stream_events_and_tool_call(loaded):
     call = (
         '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
     )
-    replies = scripted(tokenizer, [call])
+    replies = Script.replies([call], tokenizer).sampling
     tools = [
         {
             "name": "get_weather",
@@ -83,7 +71,7 @@ def test_tool_result_follows_its_call_channel(loaded, channel):
     args = '{"city": "Paris"}'
     call = f"<|channel|>{channel} to=functions.get_weather <|constrain|>json<|message|>{args}<|call|>"
     final = "<|channel|>final<|message|>It is sunny in Paris.<|return|>"
-    replies = scripted(tokenizer, [call, final])
+    replies = Script.replies([call, final], tokenizer).sampling
     city = {"type": "object", "properties": {"city": {"type": "string"}}}
     tools = [{"name": "get_weather", "parameters": city}]
     session = Session(model, tokenizer, tools=tools)
@@ -108,7 +96,7 @@ def test_turns_prefill_only_what_is_new(loaded):
     """Turn 3 of a conversation processes only its new tokens, though each turn's analysis was dropped."""
     model, tokenizer = loaded
     texts = [ANSWER.replace("Hello there!", f"Answer {i}.") for i in range(3)]
-    replies = scripted(tokenizer, texts)
+    replies = Script.replies(texts, tokenizer).sampling
     session = Session(model, tokenizer)
     prompts = []
     seen = []  # what the model was fed: each prompt, then each reply
@@ -129,7 +117,7 @@ def test_turns_prefill_only_what_is_new(loaded):
 
 def test_reused_cache_gives_the_same_tokens_as_a_fresh_one(loaded):
     model, tokenizer = loaded
-    replies = scripted(tokenizer, [ANSWER, ANSWER])
+    replies = Script.replies([ANSWER, ANSWER], tokenizer).sampling
     session = Session(model, tokenizer)
     for q in ["Hi", "Again"]:
         list(session.send(q, options=replies(max_tokens=200)))
@@ -160,7 +148,7 @@ def test_interrupted_reply_keeps_conversation_and_cache_consistent(loaded):
 def test_regenerating_the_same_prompt_prefills_one_token(loaded):
     """/regen: the same prompt again after a long reply reuses all but its last token."""
     model, tokenizer = loaded
-    replies = scripted(tokenizer, [ANSWER, ANSWER])
+    replies = Script.replies([ANSWER, ANSWER], tokenizer).sampling
     session = Session(model, tokenizer)
     list(session.send("Hi", options=replies(max_tokens=200)))
     session.messages = session.messages[:1]  # drop the reply, keep the question
@@ -200,7 +188,7 @@ def test_a_prefill_stopped_half_way_reports_what_it_did_and_keeps_it(loaded, mon
     prompt), how long it took and the peak memory; those tokens stay in the cache for the next turn."""
     model, tokenizer = loaded
     monkeypatch.setattr(model, "prefill_step", 64)
-    replies = scripted(tokenizer, [ANSWER, ANSWER])
+    replies = Script.replies([ANSWER, ANSWER], tokenizer).sampling
     session = Session(model, tokenizer)
     long_text = " ".join(f"fact {i} is worth keeping" for i in range(60))
     calls: list[tuple[int, int]] = []

@@ -13,6 +13,7 @@ docs/CHAT.md is the user's guide.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -205,6 +206,8 @@ class ChatApp:
         self._prompt = None
         self._quit_armed = False  # Ctrl-C on an empty line was pressed: a second one quits
         self.session.tools = [Tool(t.name, t.description, t.parameters) for t in self.tools.values()]
+        self.json_schema: dict | None = None  # /json: the answers follow this schema (enforced)
+        self.json_file = ""
 
     # -- messages the model sees ----------------------------------------------------------------------
 
@@ -468,7 +471,9 @@ class ChatApp:
         guard = InterruptGuard()
         with guard:
             with no_echo():
-                events = self.session.send(prompt, on_prefill=view.prefill, **self._sampling_for(prompt))
+                constraint = {"json_schema": self.json_schema} if self.json_schema is not None else {}
+                sampling = self._sampling_for(prompt)
+                events = self.session.send(prompt, on_prefill=view.prefill, **sampling, **constraint)
                 try:
                     for event in events:
                         guard.streaming = True
@@ -882,6 +887,33 @@ class ChatApp:
             self.say(f"no clipboard here: {what} written to {done.path}")
         else:
             self.say(f"copied {what} to the clipboard ({done.how})")
+
+    def cmd_json(self, arg: str) -> None:
+        if not arg:
+            if self.json_schema is None:
+                self.say("answers are free text; /json SCHEMA_FILE makes them follow a JSON schema")
+            else:
+                self.say(f"answers follow the JSON schema in {self.json_file} (/json off: free text)")
+            return
+        if arg.lower() == "off":
+            self.json_schema, self.json_file = None, ""
+            self.say("answers are free text again")
+            return
+        from ..structured import ConstraintError, OutputConstraint, check
+
+        path = Path(arg).expanduser()
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+            check(OutputConstraint(json_schema=schema, tools=self.session.tools, param=str(path)))
+        except OSError as e:
+            self.error(f"cannot read {path}: {e.strerror or e}")
+            return
+        except ValueError as e:  # not JSON, or a schema the engine cannot enforce (ConstraintError)
+            what = e.message if isinstance(e, ConstraintError) else f"{path} is not JSON: {e}"
+            self.error(what)
+            return
+        self.json_schema, self.json_file = schema, str(path)
+        self.say(f"answers follow the JSON schema in {path} (the reasoning stays free; /json off to stop)")
 
     def cmd_multi(self, arg: str) -> None:
         self.multiline = not self.multiline

@@ -19,7 +19,9 @@ message's content is used (no ``match``: any message); when none matches, the re
 ``reply`` is harmony text as the model would write it after ``<|start|>assistant`` (special tokens
 allowed); after it the sampler repeats ``<|return|>``; null samples the reply for real. ``token_delay``
 (seconds) slows each step. ``once``: the rule serves one reply and is dropped, so a list of ``once``
-rules (`in_order`) scripts a conversation's replies in turn.
+rules (`in_order`) scripts a conversation's replies in turn. When the reply is constrained (structured
+outputs), a scripted token the constraint forbids is replaced by the best token it allows: the script
+shows what is accepted, never an invalid output.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ ENV = "OSS_MLX_SCRIPTED_REPLIES"
 _KEYS = {"match", "reply", "token_delay", "once"}
 
 
+def scripted_pick(logprobs: mx.array, token: int) -> mx.array:
+    """`token`, unless a constraint masked it out (its log-probability is -inf): then the best token
+    the constraint allows, so a constrained reply stays valid whatever the script says. Depends on
+    the logits, so that each decode step is evaluated as a real one would be (a constant would leave
+    the model's work lazy, piling up in the cache)."""
+    best = mx.argmax(logprobs, axis=-1)
+    return mx.where(logprobs[..., token] > -mx.inf, mx.array(token, dtype=best.dtype), best)
+
+
 @dataclass
 class ScriptedSampling(SamplingOptions):
     script: tuple[int, ...] = ()
@@ -51,9 +62,7 @@ class ScriptedSampling(SamplingOptions):
         def pick(logprobs: mx.array) -> mx.array:
             if self.token_delay:
                 time.sleep(self.token_delay)
-            # Depends on the logits, so that each decode step is evaluated as a real one would be (a
-            # constant would leave the model's work lazy, piling up in the cache).
-            return mx.argmax(logprobs, axis=-1) * 0 + next(tokens, self.fill)
+            return scripted_pick(logprobs, next(tokens, self.fill))
 
         return pick
 
@@ -89,6 +98,11 @@ class Script:
         ]
 
     @classmethod
+    def replies(cls, texts: Sequence[str | None], tokenizer) -> Script:
+        """These replies in turn (`in_order`): for in-process tests, with `sampling`."""
+        return cls(in_order(texts), tokenizer)
+
+    @classmethod
     def from_file(cls, path: str | os.PathLike, tokenizer) -> Script:
         with open(path, encoding="utf-8") as f:
             return cls(json.load(f), tokenizer)
@@ -119,3 +133,7 @@ class Script:
                     **kept, script=rule.reply, fill=self.tokenizer.RETURN, token_delay=rule.token_delay
                 )
         return options
+
+    def sampling(self, **sampling: Any) -> SamplingOptions:
+        """The next reply's options (`SamplingOptions(**sampling)`, scripted), no message to match."""
+        return self.options(SamplingOptions(**sampling))
