@@ -10,7 +10,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "chat": ("oss_mlx.chat.app", "terminal chat (default)"),
+    "chat": ("oss_mlx.chat.main", "terminal chat (default)"),
     "generate": ("oss_mlx.run", "one prompt in, the answer out (scripts, pipes)"),
     "convert": ("oss_mlx.convert.cli", "checkpoint -> MLX layout resharded for unified memory"),
     "serve": ("oss_mlx.server.app", "OpenAI-compatible server (Responses, Chat Completions)"),
