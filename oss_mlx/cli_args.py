@@ -279,9 +279,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The project's own error types: bad input, said in words (printed without a traceback)."""
     from .chat.history import ChatFileError
     from .chat.tools import ToolFileError
-    from .convert.converter import ConvertError
     from .convert.verify import VerifyError
-    from .errors import LoadError, MemoryBudgetError
+    from .errors import ConvertError, LoadError, MemoryBudgetError
 
     return (
         UsageError,

@@ -16,5 +16,9 @@ class CheckpointError(LoadError, ValueError):
     """A checkpoint folder that cannot be loaded; the message says what and how to fix it."""
 
 
+class ConvertError(RuntimeError):
+    """A conversion (`oss-mlx convert`) that cannot proceed; the message says why and what to do."""
+
+
 class MemoryBudgetError(ValueError):
     """A memory budget that cannot hold the model even when streaming its experts."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import safetensors_file as st
 from .config import ConfigError, ModelConfig
 from .machine import PREFILL_TRANSIENT, GiB, Machine, MiB, prefill_step_for
 from .memory import COMPONENTS, DEFAULT_CONTEXT, MemoryPlan, gib, kv_bytes, presets
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     section = raw.get("oss_mlx") or {}
     preset = args.preset or section.get("preset") or "reference"
-    dtype_bytes = {"float32": 4}.get(section.get("dtype", "bfloat16"), 2)
+    dtype_bytes = st.ITEMSIZE[st.FLOAT_NAMES.get(section.get("dtype"), "BF16")]
     quant = section.get("quantization") if not args.preset and section else None
     plan = MemoryPlan(config, preset, args.context, quantization=quant, dtype_bytes=dtype_bytes)
     machine = Machine.of_size(args.memory, args.platform or "mac") if args.memory else Machine.detect()
