@@ -77,7 +77,6 @@ def converted_config(
     digests: dict,
     experts: dict,
     tensor_bytes: int,
-    seconds: float | None = None,
 ) -> dict:
     cfg = plan.config.to_hf_dict()
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
@@ -143,8 +142,7 @@ def convert(
             "weight_map": dict(sorted(weight_map.items())),
         }
         (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        seconds = time.monotonic() - start
-        cfg = converted_config(plan, source, digests, experts, plan.tensor_bytes, seconds)
+        cfg = converted_config(plan, source, digests, experts, plan.tensor_bytes)
         (partial / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     written = sum((dest / n).stat().st_size for n in digests)
     return Result(dest, plan, time.monotonic() - start, written, digests)

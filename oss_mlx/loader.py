@@ -37,9 +37,6 @@ class LoadInfo:
     config: ModelConfig
     raw_config: dict = field(repr=False)
 
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
 
 def load_model(
     path_or_repo: str | os.PathLike,
@@ -166,10 +163,6 @@ def quantize_dense(model: Transformer, spec: dict | None) -> None:
             mode=q.get("mode", "affine"),
             class_predicate=wanted,
         )
-
-
-def model_config(path_or_repo: str | os.PathLike) -> ModelConfig:
-    return read_config(resolve(path_or_repo))[0]
 
 
 def check_vocabulary(config: ModelConfig, tokenizer_vocab: int, folder: Path) -> None:
