@@ -487,6 +487,17 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+# The official models, as changes to ModelConfig's defaults (which are gpt-oss-20b's).
+OFFICIAL_SHAPES: dict[str, dict[str, Any]] = {"20b": {}, "120b": {"num_layers": 36, "num_experts": 128}}
+
+
+def official_config(size: str) -> ModelConfig:
+    """The config of openai/gpt-oss-20b or -120b (`size` "20b" / "120b"), no file needed."""
+    if size not in OFFICIAL_SHAPES:
+        raise ValueError(f"unknown model size {size!r}; choose {' or '.join(OFFICIAL_SHAPES)}")
+    return ModelConfig(**OFFICIAL_SHAPES[size])
+
+
 def read_config(folder: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Read `folder/config.json`; returns the config and the raw dict."""
     path = Path(folder) / "config.json"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import safetensors_file as st
-from .config import ConfigError, ModelConfig
+from .config import OFFICIAL_SHAPES, ConfigError, ModelConfig, official_config
 from .machine import PREFILL_TRANSIENT, GiB, Machine, MiB, prefill_step_for
 from .memory import COMPONENTS, DEFAULT_CONTEXT, MemoryPlan, gib, kv_bytes, presets
 
@@ -138,16 +138,8 @@ def print_plan(plan: MemoryPlan, machine: Machine, console=None, presets: bool =
 
 # ---- oss-mlx plan ---------------------------------------------------------------------------------
 
-NAMED_CONFIGS = ("20b", "120b")
-
-
-def named_config(name: str) -> ModelConfig:
-    """The shapes of openai/gpt-oss-20b / -120b (no file needed)."""
-    if name == "20b":
-        return ModelConfig()
-    if name == "120b":
-        return ModelConfig(num_layers=36, num_experts=128)
-    raise ValueError(f"unknown model size {name!r}; choose 20b or 120b")
+NAMED_CONFIGS = tuple(OFFICIAL_SHAPES)
+named_config = official_config  # the shapes of openai/gpt-oss-20b / -120b (no file needed)
 
 
 def config_of(model: str) -> tuple[ModelConfig, dict[str, Any]]:

@@ -18,25 +18,7 @@ from .synthetic import BIAS_STD, NORM_STD, SyntheticSpec, scale_exponent
 
 def preset_config(name: str) -> ModelConfig:
     """The ModelConfig of `SyntheticSpec.preset(name)`: `tiny`, `20b` or `120b`."""
-    spec = SyntheticSpec.preset(name)
-    return ModelConfig(
-        num_layers=spec.num_layers,
-        num_experts=spec.num_experts,
-        experts_per_token=spec.experts_per_token,
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        head_dim=spec.head_dim,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        sliding_window=spec.sliding_window,
-        rope_theta=spec.rope_theta,
-        rope_scaling_factor=spec.rope_scaling_factor,
-        rope_beta_fast=spec.beta_fast,
-        rope_beta_slow=spec.beta_slow,
-        rope_original_context=spec.original_max_position_embeddings,
-        rope_truncate=spec.rope_truncate,
-    )
+    return SyntheticSpec.preset(name).model_config()
 
 
 def random_codes(shape: tuple[int, ...]) -> mx.array:

@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import mxfp4
 from .. import safetensors_file as st
-from ..config import ORIGINAL_DEFAULTS
+from ..config import FULL, ORIGINAL_DEFAULTS, SLIDING, ModelConfig, official_config
 
 __all__ = [
     "LAYOUTS",
@@ -112,26 +112,64 @@ class SyntheticSpec:
         return cls(**overrides)
 
     @classmethod
+    def from_config(cls, config: ModelConfig, **overrides: Any) -> SyntheticSpec:
+        """The spec of a model of `config`'s sizes and hyper-parameters."""
+        c = config
+        default_types = [SLIDING if i % 2 == 0 else FULL for i in range(c.num_layers)]
+        fields = dict(
+            num_layers=c.num_layers,
+            num_experts=c.num_experts,
+            experts_per_token=c.experts_per_token,
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            head_dim=c.head_dim,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            sliding_window=c.sliding_window,
+            rope_theta=c.rope_theta,
+            rope_scaling_factor=c.rope_scaling_factor,
+            beta_fast=c.rope_beta_fast,
+            beta_slow=c.rope_beta_slow,
+            original_max_position_embeddings=c.rope_original_context,
+            rope_truncate=c.rope_truncate,
+            swiglu_limit=c.swiglu_limit,
+            layer_types=None if list(c.layer_types) == default_types else list(c.layer_types),
+        )
+        return cls(**{**fields, **overrides})
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig of the model this spec writes."""
+        return ModelConfig(
+            num_layers=self.num_layers,
+            num_experts=self.num_experts,
+            experts_per_token=self.experts_per_token,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            head_dim=self.head_dim,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            sliding_window=self.sliding_window,
+            layer_types=tuple(self.resolved_layer_types),
+            swiglu_limit=self.swiglu_limit,
+            rope_theta=self.rope_theta,
+            rope_scaling_factor=self.rope_scaling_factor,
+            rope_beta_fast=self.beta_fast,
+            rope_beta_slow=self.beta_slow,
+            rope_original_context=self.original_max_position_embeddings,
+            rope_truncate=self.rope_truncate,
+        )
+
+    @classmethod
     def gpt_oss_20b(cls, **overrides: Any) -> SyntheticSpec:
         """The real shapes of openai/gpt-oss-20b (24 layers, 32 experts, top-4)."""
-        real = dict(
-            num_layers=24,
-            num_experts=32,
-            experts_per_token=4,
-            vocab_size=REAL_VOCAB,
-            hidden_size=2880,
-            intermediate_size=2880,
-            head_dim=64,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            sliding_window=128,
-        )
-        return cls(**{**real, **overrides})
+        return cls.from_config(official_config("20b"), **overrides)
 
     @classmethod
     def gpt_oss_120b(cls, **overrides: Any) -> SyntheticSpec:
         """The real shapes of openai/gpt-oss-120b (36 layers, 128 experts, top-4)."""
-        return cls.gpt_oss_20b(**{"num_layers": 36, "num_experts": 128, **overrides})
+        return cls.from_config(official_config("120b"), **overrides)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SyntheticSpec:
