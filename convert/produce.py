@@ -140,7 +140,7 @@ def write_shards(
                             on_progress(spec.name, c.nbytes)
                 del kept
                 # MLX keeps freed buffers for reuse; a 1 GB buffer of the last tensor would otherwise
-                # sit beside the next one (measured: 2.4 GB instead of 1.3 GB converting a float 20b).
+                # sit beside the next one, doubling the peak (docs/PERFORMANCE.md, "Converter").
                 mx.clear_cache()
                 if delay:
                     time.sleep(delay)

@@ -68,17 +68,16 @@ class Machine:
         return cls(ram, ram, "other", "this machine: total RAM")
 
 
-# What a prefill chunk transiently takes beyond weights and KV cache, measured on MLX-CUDA (H200,
-# 20b and 120b shapes, docs/MEMORY.md "Measured"): ~4 GB for 512-token chunks, ~9 GB for 2,048. Far
-# above the intermediates' arithmetic (activation_bytes: 0.14 GB): library workspaces and the MoE's
-# gathered rows. Not measured on Metal; assumed the same there.
+# What a prefill chunk of this many tokens transiently takes beyond weights and KV cache: far above the
+# intermediates' arithmetic (activation_bytes), for library workspaces and the MoE's gathered rows.
+# Measured on MLX-CUDA and assumed the same on Metal (docs/MEMORY.md, "Measured on the GPU machine").
 PREFILL_TRANSIENT = {2048: 9 * 10**9, 512: 4 * 10**9}
 
 
 def prefill_step_for(resident_bytes: int, kv: int, working_set: int) -> int:
     """The prefill chunk to use: 2,048 tokens (fastest) when the machine has room for its transient
-    memory beside the weights and the KV cache (8k context), else 512 (measured, 120b at 8k on
-    MLX-CUDA: 69.4 GB peak instead of 73.3 GB, for 22% slower prefill at 32k)."""
+    memory beside the weights and the KV cache (8k context), else 512: a lower peak for a slower long
+    prefill (the trade, measured: docs/MEMORY.md)."""
     for step in sorted(PREFILL_TRANSIENT, reverse=True):
         if resident_bytes + kv + PREFILL_TRANSIENT[step] <= working_set:
             return step

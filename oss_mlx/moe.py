@@ -58,11 +58,8 @@ def route_reference(x: mx.array, weight: mx.array, bias: mx.array, k: int) -> tu
 
 
 def gather_qmm_mxfp4(x, w, scales, indices, sorted_indices: bool) -> mx.array:
-    """mx.gather_qmm on MXFP4 weights [E, N_out, K/8] (transposed), as the experts use it.
-
-    (Splitting N_out = 2880 into 2816 + 64 to reach MLX-CUDA's tensor-core path was tried: MLX 0.32.4
-    has no gather_qmm implementation for the sliced 64-row tail, so the call stays whole.)
-    """
+    """mx.gather_qmm on MXFP4 weights [E, N_out, K/8] (transposed), as the experts use it: one call
+    (why not split to reach MLX-CUDA's tensor-core path: docs/KERNELS.md)."""
     return mx.gather_qmm(
         x,
         w,
