@@ -68,30 +68,7 @@ def mlx_lm_model(model: Transformer):
     from mlx_lm.models import gpt_oss
 
     c = model.config
-    args = gpt_oss.ModelArgs(
-        model_type="gpt_oss",
-        num_hidden_layers=c.num_layers,
-        num_local_experts=c.num_experts,
-        num_experts_per_tok=c.experts_per_token,
-        vocab_size=c.vocab_size,
-        rms_norm_eps=c.rms_norm_eps,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        head_dim=c.head_dim,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        sliding_window=c.sliding_window,
-        rope_theta=c.rope_theta,
-        rope_scaling={
-            "rope_type": "yarn",
-            "factor": c.rope_scaling_factor,
-            "beta_fast": c.rope_beta_fast,
-            "beta_slow": c.rope_beta_slow,
-            "original_max_position_embeddings": c.rope_original_context,
-            "truncate": c.rope_truncate,
-        },
-        layer_types=list(c.layer_types),
-    )
+    args = gpt_oss.ModelArgs.from_dict(c.to_hf_dict())  # the HF config.json keys mlx-lm reads
     lm = gpt_oss.Model(args)
     nn.quantize(
         lm,
