@@ -35,7 +35,7 @@ import mlx.core as mx  # noqa: E402
 from oss_mlx import bench, bench_concurrency, kernels  # noqa: E402
 from oss_mlx.batch_cache import BatchCache  # noqa: E402
 from oss_mlx.kernels import decode_moe  # noqa: E402
-from oss_mlx.memory import expert_bytes, weight_bytes  # noqa: E402
+from oss_mlx.memory import expert_bytes, kv_bytes, weight_bytes  # noqa: E402
 from oss_mlx.runtime import runtime_of  # noqa: E402
 
 GAP_ULPS = 4  # a top-2 gap above this many bf16 ulps of the top logit is beyond bf16 noise
@@ -48,7 +48,7 @@ def bytes_per_step(config, rows: int, context: int) -> float:
     E, k, L = config.num_experts, config.experts_per_token, config.num_layers
     distinct = E * (1 - (1 - k / E) ** rows)
     dense = w["attention"] + w["unembedding"] + w["other"]
-    return dense + L * distinct * expert_bytes(config) + rows * config.kv_bytes(context)
+    return dense + L * distinct * expert_bytes(config) + rows * kv_bytes(config, context)
 
 
 def gaps_and_tokens(model, prompt: list[int], steps: int) -> tuple[list[int], list[float], list[float]]:

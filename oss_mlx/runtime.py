@@ -30,6 +30,7 @@ import mlx.core as mx
 from .cache import ModelCache
 from .decode import DecodeStep
 from .generation import PREFILL_CHUNK, SamplingOptions, TokenConstraint, TokenStream
+from .memory import kv_bytes
 from .model import Transformer
 from .scheduler import End, Progress, Scheduler, Sequence, Token
 
@@ -92,7 +93,7 @@ class Runtime:
                 max_batch=self.max_batch,
                 max_waiting=self.max_waiting,
                 memory_limit=self.memory_limit,
-                kv_bytes=lambda context: config.kv_bytes(context, dtype_bytes),
+                kv_bytes=lambda context: kv_bytes(config, context, dtype_bytes),
             )
         return self._scheduler
 

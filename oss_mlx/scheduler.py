@@ -153,7 +153,7 @@ class _Sampler:
     def __init__(self, options: SamplingOptions, vocab: int, dtype: mx.Dtype, constrained: bool = False):
         # the batch takes one argmax for all such rows
         self.greedy = options.plain_greedy and not constrained
-        self.sampler = options.sampler()
+        self.draw = options.sampler()
         self.bias = options.bias_vector(vocab).astype(dtype) if options.logit_bias else None
         self.argmax = options.temperature == 0
 
@@ -163,8 +163,8 @@ class _Sampler:
         if mask is not None:
             logits = masked_fused(logits, mask)
         if self.argmax:  # the argmax of the logits is the argmax of the log-probabilities: no
-            return self.sampler(logits)  # vocab-wide logsumexp and subtraction in every step
-        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            return self.draw(logits)  # vocab-wide logsumexp and subtraction in every step
+        return self.draw(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
 
 # ---- the scheduler -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from conftest import make_hub_cache
 from server_helpers import ServerProcess, running
 
 from oss_mlx import model_store
+from oss_mlx.runtime import runtime_of
 
 REPO_ID = "acme/tiny-gpt-oss"
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -108,14 +109,15 @@ def test_every_entry_point_resolves_a_hub_id_to_the_converted_folder(converted, 
     the Hugging Face cache (unreadable there: only the converted copy can make them succeed)."""
     import oss_mlx
     from oss_mlx.loader import load_model
-    from oss_mlx.memory import config_of
+    from oss_mlx.plan_cli import config_of
 
     home, hub, env = places
     poisoned = poison_hub_cache(hub, tiny_checkpoint)
     assert model_store.hub_cached(REPO_ID) == poisoned  # it is there, and complete-looking
 
     model, _ = oss_mlx.load(REPO_ID)
-    assert model.info.path == converted and model.info.layout == "oss-mlx"
+    info = runtime_of(model).info
+    assert info.path == converted and info.layout == "oss-mlx"
     assert load_model(REPO_ID)[1].path == converted
     assert "oss_mlx" in config_of(REPO_ID)[1]  # the planner reads the converted config
 

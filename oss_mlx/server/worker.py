@@ -180,7 +180,7 @@ class Engine:
         self.cache_slots = max(1, cache_slots)
         self.context_limit = context_limit
         self.prefill_chunk = prefill_chunk
-        self.script = script  # the test hook (scripted.py), None in normal use
+        self.script = script  # the test hook (oss_mlx/testing/scripted.py), None in normal use
         self._loader = loader
         self._load_kwargs = dict(load_kwargs or {})
         self.model = self.tokenizer = None
