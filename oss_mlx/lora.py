@@ -390,7 +390,8 @@ def freeze_base(model: nn.Module) -> None:
     """Only the LoRA tensors train (the base is frozen: QLoRA-style on MXFP4 experts)."""
     model.freeze()
     for _, m in lora_modules(model):
-        m.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+        # Frozen names are flattened ("lora_a.q"): the dicts' entries, not the dicts, are unfrozen.
+        m.unfreeze(keys=[f"{kind}.{part}" for kind in ("lora_a", "lora_b") for part in m[kind]], recurse=False)
 
 
 def parameter_count(sites: dict[tuple[int, str], Site], config: ModelConfig) -> int:

@@ -2,7 +2,8 @@
 
 * system / developer messages -> the harmony developer message's instructions (joined, in order)
 * user -> user; tool (``tool_call_id``) -> the tool result, addressed from the matching call
-* assistant -> its reasoning (``reasoning_content`` or ``reasoning``) as an analysis message, its
+* assistant -> its reasoning (``reasoning_content``, ``reasoning`` or ``thinking``, the field of
+  transformers' chat template and of the cookbook's fine-tuning data) as an analysis message, its
   content (``final``, or ``commentary`` when it carries tool_calls: a preamble), its tool_calls
 * reply: ``message.content`` holds only text meant for the user (final channel and commentary
   preambles); the chain of thought is in ``message.reasoning_content`` and ``message.reasoning``
@@ -20,7 +21,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..harmony import Message, MessageDone, TextDelta
+from ..harmony import Message, MessageDone, TextDelta, Tool
 from .common import (
     KEEPALIVE,
     KEEPALIVE_SECONDS,
@@ -79,7 +80,7 @@ def conversation(raw: Any) -> tuple[list[Message], list[str]]:
         elif role == "user":
             messages.append(Message("user", text_of_parts(content or "", f"{p}.content", TEXT_PARTS)))
         elif role == "assistant":
-            for key in ("reasoning_content", "reasoning"):
+            for key in ("reasoning_content", "reasoning", "thinking"):
                 thought = get(m, key, "string", param=f"{p}.{key}")
                 if thought:
                     messages.append(Message("assistant", thought, channel="analysis"))
@@ -140,6 +141,24 @@ def conversation(raw: Any) -> tuple[list[Message], list[str]]:
     return messages, instructions
 
 
+def function_tools(body: dict) -> list[Tool]:
+    """``tools`` (``[{"type": "function", "function": {...}}]``) -> harmony function tools."""
+    tools = []
+    for i, spec in enumerate(get(body, "tools", "array", default=[])):
+        p = f"tools[{i}]"
+        if not isinstance(spec, dict):
+            raise invalid(p, f"Invalid type for '{p}': expected an object.", "invalid_type")
+        kind = get(spec, "type", "string", param=f"{p}.type", default="function")
+        if kind != "function":
+            raise invalid(f"{p}.type", f"Tools of type {kind!r} are not supported.", "unsupported_value")
+        tools.append(
+            function_tool(
+                get(spec, "function", "object", param=f"{p}.function", required=True), f"{p}.function"
+            )
+        )
+    return tools
+
+
 @dataclass
 class ChatCall:
     request: GenerationRequest
@@ -160,19 +179,7 @@ def parse(body: dict, state: ServerState) -> ChatCall:
     effort = reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
     if effort is None and isinstance(body.get("reasoning"), dict):
         effort = reasoning_effort(body["reasoning"].get("effort"), "reasoning.effort")
-    tools = []
-    for i, spec in enumerate(get(body, "tools", "array", default=[])):
-        p = f"tools[{i}]"
-        if not isinstance(spec, dict):
-            raise invalid(p, f"Invalid type for '{p}': expected an object.", "invalid_type")
-        kind = get(spec, "type", "string", param=f"{p}.type", default="function")
-        if kind != "function":
-            raise invalid(f"{p}.type", f"Tools of type {kind!r} are not supported.", "unsupported_value")
-        tools.append(
-            function_tool(
-                get(spec, "function", "object", param=f"{p}.function", required=True), f"{p}.function"
-            )
-        )
+    tools = function_tools(body)
     rendered_tools, choice_text = tool_choice_rules(body.get("tool_choice"), tools)
     format_text = response_format_text(body.get("response_format"), "response_format")
 
