@@ -115,7 +115,8 @@ def _load_tensors(path: Path) -> dict[str, mx.array]:
     if not path.is_file():
         bin_file = path.with_name("adapter_model.bin")
         hint = (
-            f" ({bin_file.name} is there: re-save it with safetensors, save_pretrained(safe_serialization=True))"
+            f" ({bin_file.name} is there: save it again as safetensors, "
+            "save_pretrained(safe_serialization=True))"
             if bin_file.is_file()
             else ""
         )
@@ -220,7 +221,7 @@ def _peft(folder: Path, raw: dict, config: ModelConfig):
     tensors = _load_tensors(folder / PEFT_FILE)
     E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
     rslora = bool(raw.get("use_rslora", False))
-    r_default, alpha_default = int(raw.get("r", 8)), float(raw.get("lora_alpha", 8))
+    alpha_default = float(raw.get("lora_alpha", 8))  # ranks come from the tensors' shapes
 
     def scale(key: str, rank: int) -> float:
         alpha = float(_pattern_value(raw.get("alpha_pattern"), key, alpha_default))
@@ -346,7 +347,9 @@ def ours_expert_to_peft(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
 # ---- writing ---------------------------------------------------------------------------------------
 
 
-def _atomic_save(tensors: dict[str, mx.array], path: Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, mx.array], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # mlx keeps .safetensors last
     mx.save_safetensors(str(tmp), tensors, metadata=metadata or {})
     _fsync(tmp)
@@ -384,7 +387,7 @@ def save_adapter(
         raise AdapterError("the model has no adapter attached")
     config: ModelConfig = model.config
     if format == "oss-mlx":
-        _atomic_save(weights, folder / OURS_FILE, {"format": FORMAT})
+        atomic_save_safetensors(weights, folder / OURS_FILE, {"format": FORMAT})
         cfg = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -443,7 +446,7 @@ def _save_peft(model: nn.Module, folder: Path, weights: dict[str, mx.array]) -> 
             out[f"{PEFT_PREFIX}model.layers.{layer}.mlp.experts{nest}.lora_A.weight"] = a
             out[f"{PEFT_PREFIX}model.layers.{layer}.mlp.experts{nest}.lora_B.weight"] = b
             params.add(f"mlp.experts.{t}_proj")
-    _atomic_save(out, folder / PEFT_FILE, {"format": "pt"})
+    atomic_save_safetensors(out, folder / PEFT_FILE, {"format": "pt"})
     cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -260,9 +260,10 @@ class LoRAExperts(nn.Module):
         y = self.base._matmul(x, name, indices, sorted_indices)
         if name not in self.lora_a:
             return y
-        h = self.dropout(x) if self.dropout is not None else x
-        a = self.lora_a[name].astype(x.dtype).swapaxes(-1, -2)
-        b = self.lora_b[name].astype(x.dtype).swapaxes(-1, -2)
+        # In float32: MLX's CPU gather_mm takes float32 only, and the rank-r products are small.
+        h = (self.dropout(x) if self.dropout is not None else x).astype(mx.float32)
+        a = self.lora_a[name].astype(mx.float32).swapaxes(-1, -2)
+        b = self.lora_b[name].astype(mx.float32).swapaxes(-1, -2)
         h = mx.gather_mm(h, a, rhs_indices=indices, sorted_indices=sorted_indices)
         h = mx.gather_mm(h, b, rhs_indices=indices, sorted_indices=sorted_indices)
         return y + (h * self._scales[name]).astype(y.dtype)
@@ -391,7 +392,9 @@ def freeze_base(model: nn.Module) -> None:
     model.freeze()
     for _, m in lora_modules(model):
         # Frozen names are flattened ("lora_a.q"): the dicts' entries, not the dicts, are unfrozen.
-        m.unfreeze(keys=[f"{kind}.{part}" for kind in ("lora_a", "lora_b") for part in m[kind]], recurse=False)
+        m.unfreeze(
+            keys=[f"{kind}.{part}" for kind in ("lora_a", "lora_b") for part in m[kind]], recurse=False
+        )
 
 
 def parameter_count(sites: dict[tuple[int, str], Site], config: ModelConfig) -> int:

@@ -23,6 +23,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--show-reasoning", action="store_true", help="print the chain of thought to stderr")
     p.add_argument("--stats", action="store_true", help="print speed and memory to stderr at the end")
     p.add_argument("--memory-budget", metavar="SIZE", help='e.g. "6GB": stream experts from disk')
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
     return p.parse_args(argv)
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from oss_mlx.weights import CheckpointError
 
     try:
-        model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
+        model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget, adapter=args.adapter)
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
         print(f"oss-mlx generate: {e}", file=sys.stderr)
         return 1

@@ -112,7 +112,8 @@ def test_single_turn_with_reasoning(tok, enc):
     conv = [*head(instructions="Answer in French."), user("Hi")]
     prompt = enc.render_conversation_for_completion(Conversation.from_messages(conv), Role.ASSISTANT)
     full = enc.render_conversation_for_training(
-        Conversation.from_messages([*conv, analysis("User greets. Reply in French."), final("Bonjour !")]), KEEP
+        Conversation.from_messages([*conv, analysis("User greets. Reply in French."), final("Bonjour !")]),
+        KEEP,
     )
     assert seq.tokens == full and seq.tokens[: len(prompt)] == prompt
     assert not any(seq.scored[: len(prompt)])
@@ -137,7 +138,11 @@ def test_multi_turn_tools_as_inference_sees_each_turn(tok, enc):
                 "reasoning_content": "Need the tool.",
                 "content": None,
                 "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    }
                 ],
             },
             {"role": "tool", "tool_call_id": "c1", "content": "18C"},
@@ -148,9 +153,15 @@ def test_multi_turn_tools_as_inference_sees_each_turn(tok, enc):
     }
     first, second = render_record(record, tok, RenderOptions(include_analysis=True), "x.jsonl:3")
     h = head(effort="low", tools=[WEATHER["function"]])
-    turn1 = [analysis("Need the tool."), call("get_weather", '{"city":"Paris"}'), result("get_weather", "18C")]
+    turn1 = [
+        analysis("Need the tool."),
+        call("get_weather", '{"city":"Paris"}'),
+        result("get_weather", "18C"),
+    ]
     turn1 += [analysis("Got it."), final("18 degrees.")]
-    want1 = enc.render_conversation_for_training(Conversation.from_messages([*h, user("Weather in Paris?"), *turn1]), KEEP)
+    want1 = enc.render_conversation_for_training(
+        Conversation.from_messages([*h, user("Weather in Paris?"), *turn1]), KEEP
+    )
     assert first.tokens == want1
     # mid-turn: what the prompt after the tool result is at inference
     mid = enc.render_conversation_for_completion(
@@ -186,18 +197,24 @@ def test_ends_on_a_tool_call(tok):
 
 
 def test_bad_inputs_name_the_line(tok, tmp_path):
-    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    def chat(*messages):
+        return json.dumps({"messages": list(messages)})
+
+    u, a = {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}
+    good = chat(u, a)
     cases = [
         ("{not json", r"x\.jsonl:2: not valid JSON"),
         (json.dumps({"prompt": "a"}), r"x\.jsonl:2: no 'messages' field \(keys: prompt\)"),
-        (json.dumps({"messages": [{"role": "user", "content": "a"}]}), r"x\.jsonl:2: no assistant message"),
-        (json.dumps({"messages": [{"role": "wizard", "content": "a"}]}), r"x\.jsonl:2: Unknown role 'wizard'"),
-        (json.dumps({"messages": [{"content": "a"}]}), r"x\.jsonl:2: .*messages\[0\]\.role"),
+        (chat(u), r"x\.jsonl:2: no assistant message"),
+        (chat({"role": "wizard", "content": "a"}), r"x\.jsonl:2: Unknown role 'wizard'"),
+        (chat({"content": "a"}), r"x\.jsonl:2: .*messages\[0\]\.role"),
         (json.dumps({"messages": "hi"}), r"x\.jsonl:2: .*expected an array"),
         (json.dumps([1, 2]), r"x\.jsonl:2: expected a JSON object"),
-        (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b " * 300}]}),
-         r"x\.jsonl:2: \d+ tokens .*longer than --max-length 64.*--truncate"),
-    ]  # fmt: skip
+        (
+            chat(u, {**a, "content": "b " * 300}),
+            r"x\.jsonl:2: \d+ tokens .*longer than --max-length 64.*--truncate",
+        ),
+    ]
     for line, pattern in cases:
         path = tmp_path / "x.jsonl"
         path.write_text(good + "\n" + line + "\n")
@@ -215,10 +232,11 @@ def test_bad_inputs_name_the_line(tok, tmp_path):
 
 
 def test_batches_and_positions(tok):
-    a = render_record({"messages": [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d"}]},
-                      tok, RenderOptions(), "x:1")[0]  # fmt: skip
-    b = render_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "ok"}]},
-                      tok, RenderOptions(), "x:2")[0]  # fmt: skip
+    def one(question, answer, where):
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return render_record({"messages": messages}, tok, RenderOptions(), where)[0]
+
+    a, b = one("a b c", "d", "x:1"), one("a", "ok", "x:2")
     batch = make_batch([a, b])
     T = batch.inputs.shape[1]
     assert T == max(len(a.tokens), len(b.tokens)) - 1

@@ -65,7 +65,11 @@ def ours(folder, adapter, quantize=False):
         {"transposed": False},  # the layout peft >= 0.19 writes on transformers 4.x
         {"modules": ["q_proj", "v_proj"], "parameters": ["mlp.experts.down_proj"]},
         {"modules": ATTENTION, "parameters": [*EXPERTS, "mlp.router.weight"], "r": 3, "alpha": 5.0},
-        {"use_rslora": True, "alpha_pattern": {"o_proj": 3.0, "gate_up_proj": 1.5}, "layers_to_transform": [0, 2]},
+        {
+            "use_rslora": True,
+            "alpha_pattern": {"o_proj": 3.0, "gate_up_proj": 1.5},
+            "layers_to_transform": [0, 2],
+        },
     ],
     ids=["all", "peft-swapped", "subset", "router-rank3", "rslora-patterns-layers"],
 )
@@ -109,7 +113,10 @@ def test_mxfp4_base_matches_dequantized_reference(tmp_path):
     for layout in ("hf-mxfp4", "hf-float"):
         write_checkpoint(tmp_path / layout, spec, layout=layout, seed=5, dtype="float32")
     model = transformers.GptOssForCausalLM.from_pretrained(
-        tmp_path / "hf-float", dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+        tmp_path / "hf-float",
+        dtype=torch.float32,
+        attn_implementation="eager",
+        experts_implementation="eager",
     ).eval()
     pm = add_lora(torch, peft, model, seed=3)
     pm.save_pretrained(tmp_path / "peft")
@@ -135,12 +142,17 @@ def test_our_adapter_exported_to_peft_runs_in_transformers(base, tmp_path):
     from oss_mlx.lora import adapter_weights
 
     model.load_weights(
-        [(k, mx.array(0.2 * rng.standard_normal(v.shape), dtype=mx.float32)) for k, v in adapter_weights(model).items()],
+        [
+            (k, mx.array(0.2 * rng.standard_normal(v.shape), dtype=mx.float32))
+            for k, v in adapter_weights(model).items()
+        ],
         strict=False,
     )
     out = np.array(model(mx.array(tokens())))
     save_adapter(model, tmp_path / "peft", format="peft")
-    hf = transformers.GptOssForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager")
+    hf = transformers.GptOssForCausalLM.from_pretrained(
+        base, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    )
     pm = peft.PeftModel.from_pretrained(hf.eval(), tmp_path / "peft").eval()
     assert rel_err(out, torch_logits(torch, pm, tokens())) <= TOL
 

@@ -849,6 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help='e.g. "6GB": keep only hot experts in memory and read the rest from disk (slower, smaller)',
     )
+    ap.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
     return ap
 
 
@@ -903,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--memory-budget SIZE to keep only hot experts in memory (or --ignore-memory to load anyway)"
             )
         path = prepare_model(args.model, console)
-        model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
+        model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget, adapter=args.adapter)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # bad folder, offline, missing vocabulary...: said in words

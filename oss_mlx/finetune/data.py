@@ -115,11 +115,15 @@ def render_record(
         raise DataError(f"{where}: expected a JSON object with 'messages', got {type(record).__name__}")
     if "messages" not in record:
         keys = ", ".join(sorted(record)) or "none"
-        raise DataError(f"{where}: no 'messages' field (keys: {keys}); each line needs {{\"messages\": [...]}}")
+        raise DataError(
+            f"{where}: no 'messages' field (keys: {keys}); each line needs {{\"messages\": [...]}}"
+        )
     try:
         messages, system_texts = conversation(record["messages"])
         tools: list[Tool] = function_tools(record)
-        effort = reasoning_effort(record.get("reasoning_effort"), "reasoning_effort") or options.reasoning_effort
+        effort = (
+            reasoning_effort(record.get("reasoning_effort"), "reasoning_effort") or options.reasoning_effort
+        )
     except APIError as e:
         raise DataError(f"{where}: {e.message}") from None
     instructions = join_instructions(*system_texts)

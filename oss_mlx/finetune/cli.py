@@ -1,0 +1,416 @@
+"""`oss-mlx finetune`: LoRA on a gpt-oss model (MXFP4 base frozen) from JSONL chat data.
+
+    oss-mlx finetune --model openai/gpt-oss-20b --data train.jsonl --valid valid.jsonl --out my-adapter
+
+OUT receives the adapter (adapter_config.json + adapters.safetensors, loaded by `--adapter OUT` on
+chat / serve / generate and by `oss_mlx.load(..., adapter=OUT)`), train_log.jsonl (one JSON object per
+step and per evaluation) and checkpoints/step-N (adapter, optimizer state, data position; the last
+--keep of them). `--resume` continues from the last checkpoint. Before anything is loaded the memory
+planner checks that a step fits (turning gradient checkpointing on when needed) and refuses otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..lora import DEFAULT_TARGETS, LoRAConfig, LoRAError, parse_layers, parse_targets
+
+DELAY_ENV = "OSS_MLX_FINETUNE_DELAY"  # testing hook: seconds to sleep after each step (lets a test kill it)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..loader import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="oss-mlx finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="hub id, checkpoint or converted folder")
+    p.add_argument("--data", required=True, metavar="FILE", help="training conversations (JSONL)")
+    p.add_argument("--valid", metavar="FILE", help="held-out conversations (JSONL): eval loss")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the adapter and checkpoints go")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, help="default 8")
+    g.add_argument("--alpha", type=float, default=16.0, help="scale = alpha / rank (default 16)")
+    g.add_argument("--dropout", type=float, default=0.0, help="on the adapter's input (default 0)")
+    g.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="q,k,v,out (or attention), gate_up,down (or experts), router; default attention + experts",
+    )
+    g.add_argument("--layers", help="layers to adapt, e.g. 0-11,23 (default all)")
+    g.add_argument("--expert-layers", help="layers whose experts are adapted (default: --layers)")
+    g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    g.add_argument("--epochs", type=float, default=1.0, help="default 1")
+    g.add_argument("--learning-rate", "--lr", type=float, default=1e-4, help="peak (default 1e-4)")
+    g.add_argument("--min-learning-rate", type=float, default=0.0, help="end of the cosine (default 0)")
+    g.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
+    g.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0: off (default 1)")
+    g.add_argument(
+        "--checkpointing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="gradient checkpointing: auto turns it on when a step would not fit otherwise",
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the base's float weights"
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (default 2048)")
+    g.add_argument("--truncate", action="store_true", help="cut longer sequences instead of failing")
+    g.add_argument("--include-analysis", action="store_true", help="score the chain of thought too")
+    g.add_argument(
+        "--turns", choices=["all", "last"], default="all", help="which answers of a conversation train"
+    )
+    g.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-every", type=int, default=50, help="steps between eval losses (default 50)")
+    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    g.add_argument("--log-every", type=int, default=1, help="steps between progress lines (default 1)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start over")
+    g.add_argument(
+        "--save-peft", action="store_true", help="also write the adapter in PEFT's format to OUT/peft"
+    )
+    g.add_argument(
+        "--ignore-memory", action="store_true", help="run even if the planner says it will not fit"
+    )
+    return p
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"oss-mlx finetune: {message}", file=sys.stderr)
+    return code
+
+
+def _check_numbers(args) -> str | None:
+    for name, lo in (("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("max_length", 16), ("keep", 1)):
+        if getattr(args, name) < lo:
+            return f"--{name.replace('_', '-')} must be at least {lo}"
+    for name in ("eval_every", "save_every", "log_every"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    if args.steps is not None and args.steps < 1:
+        return "--steps must be at least 1"
+    if not args.epochs > 0:
+        return "--epochs must be positive"
+    if not args.learning_rate > 0 or args.min_learning_rate < 0:
+        return "--learning-rate must be positive and --min-learning-rate not negative"
+    if args.warmup < 0:
+        return "--warmup must not be negative"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if problem := _check_numbers(args):
+        return _fail(problem)
+    out = Path(args.out).expanduser()
+    try:
+        return run(args, out)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint is kept: continue with --resume", file=sys.stderr)
+        return 130
+
+
+def run(args, out: Path) -> int:
+    from rich.console import Console
+
+    from ..config import ConfigError
+    from ..memory import Machine, TrainingPlan, choose_checkpointing, config_of, gib
+    from ..tokenizer import TokenizerError, load_tokenizer
+    from ..weights import CheckpointError
+    from .data import DataError, RenderOptions, load_dataset
+    from .trainer import LOG_FILE, TrainConfig, clean_partial, complete_checkpoints
+
+    console = Console(stderr=True, highlight=False)
+    say = console.print
+
+    # ---- the output folder: never lose a previous run by accident ---------------------------------
+    previous = complete_checkpoints(out) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} is a file; give a folder")
+    if args.resume:
+        if not previous:
+            return _fail(f"--resume: {out} holds no checkpoint to resume (start without --resume)")
+    elif out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            return _fail(
+                f"{out} is not empty (a previous run?): pass --resume to continue it, --overwrite to "
+                "delete it and start over, or another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_partial(out)
+
+    # ---- model config, data: checked before the weights are loaded ---------------------------------
+    from ..loader import resolve_model_path
+
+    try:
+        folder = resolve_model_path(args.model)
+        config, raw = config_of(str(folder))
+        tokenizer = load_tokenizer(folder)
+        layers = parse_layers(args.layers, config.num_layers)
+        expert_layers = parse_layers(args.expert_layers, config.num_layers)
+        lora = LoRAConfig(
+            rank=args.rank,
+            alpha=args.alpha,
+            dropout=args.dropout,
+            targets=parse_targets(args.targets),
+            layers=layers,
+            expert_layers=expert_layers,
+            rslora=args.rslora,
+        )
+        options = RenderOptions(
+            reasoning_effort=args.reasoning_effort,
+            include_analysis=args.include_analysis,
+            turns=args.turns,
+            max_length=args.max_length,
+            truncate=args.truncate,
+        )
+        train = load_dataset(args.data, tokenizer, options)
+        valid = load_dataset(args.valid, tokenizer, options) if args.valid else None
+    except (CheckpointError, ConfigError, TokenizerError, DataError, LoRAError) as e:
+        return _fail(str(e), 1)
+    say(
+        f"data: {len(train)} sequences, {train.tokens:,} tokens ({train.targets:,} scored)"
+        + (f", {train.truncated} truncated" if train.truncated else "")
+        + (f"; valid: {len(valid)} sequences, {valid.targets:,} scored tokens" if valid else "")
+    )
+    per_epoch = math.ceil(len(train) / args.batch_size / args.grad_accum)
+    steps = args.steps or max(1, math.ceil(per_epoch * args.epochs))
+
+    # ---- the memory plan ----------------------------------------------------------------------------
+    from ..lora import parameter_count
+
+    sites = lora.sites(config.num_layers)
+    longest = max(len(s.tokens) for s in train.sequences)
+    section = raw.get("oss_mlx") or {}
+    plan = TrainingPlan(
+        config,
+        parameter_count(sites, config),
+        length=longest,
+        batch=args.batch_size,
+        quantization=section.get("quantization"),
+        dtype_bytes=4 if args.dtype == "float32" else 2,
+        grad_accum=args.grad_accum,
+        scored=max(s.targets for s in train.sequences),
+    )
+    machine = Machine.detect()
+    try:
+        plan, why = choose_checkpointing(plan, machine.working_set_bytes, args.checkpointing)
+    except MemoryError as e:
+        if not args.ignore_memory:
+            return _fail(f"{e} (or --ignore-memory to try anyway)", 1)
+        plan, why = plan.replace(checkpointing=args.checkpointing != "off"), "as asked (--ignore-memory)"
+    say(f"memory: {plan.summary()}; budget {gib(machine.working_set_bytes)} ({machine.how}); {why}")
+    say(f"LoRA: {len(sites)} sites, {plan.adapter_parameters:,} trainable values (rank {lora.rank})")
+
+    tconfig = TrainConfig(
+        lora=lora,
+        steps=steps,
+        learning_rate=args.learning_rate,
+        min_learning_rate=args.min_learning_rate,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip or None,
+        checkpointing=plan.checkpointing,
+        seed=args.seed,
+    )
+    identity = {
+        "model": str(folder.resolve()),
+        "dtype": args.dtype,
+        "render": {
+            k: getattr(options, k)
+            for k in ("reasoning_effort", "include_analysis", "turns", "max_length", "truncate")
+        },
+    }
+
+    # ---- the model ----------------------------------------------------------------------------------
+    import mlx.core as mx
+
+    from ..loader import load_model
+    from .trainer import Trainer, TrainError, write_final
+
+    say(f"loading {args.model} …")
+    try:
+        model, _ = load_model(folder, dtype=mx.float32 if args.dtype == "float32" else mx.bfloat16)
+        trainer = Trainer(model, tconfig, train, valid)
+    except (CheckpointError, ConfigError, LoRAError) as e:
+        return _fail(str(e), 1)
+
+    log_path = out / LOG_FILE
+    if args.resume:
+        last = previous[-1]
+        try:
+            state = json.loads((last / "trainer_state.json").read_text())
+            problems = _resume_problems(state, tconfig, identity, train, valid)
+            if problems:
+                return _fail(f"--resume: {last} was made with other settings: {'; '.join(problems)}", 1)
+            trainer.load_checkpoint(last)
+        except (TrainError, json.JSONDecodeError, OSError, KeyError, ValueError) as e:
+            return _fail(f"--resume: cannot use {last}: {e}", 1)
+        _truncate_log(log_path, trainer.step)
+        say(
+            f"resumed from {last.name}: step {trainer.step} of {steps}, "
+            f"data epoch {trainer.order.position.epoch}"
+        )
+    else:
+        log_path.write_text("")
+
+    extra = {"run": identity}
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    progress = _Progress(console, steps, trainer.step)
+    try:
+        if valid is not None and trainer.step == 0:
+            loss = trainer.evaluate()
+            _log(log_path, {"step": 0, "eval_loss": loss})
+            progress.note(f"step 0: eval loss {loss:.4f}")
+        while trainer.step < steps:
+            result = trainer.train_step()
+            _log(
+                log_path,
+                {
+                    "step": result.step,
+                    "loss": result.loss,
+                    "learning_rate": result.learning_rate,
+                    "tokens": result.tokens,
+                    "targets": result.targets,
+                    "seconds": round(result.seconds, 4),
+                },
+            )
+            progress.update(result, args.log_every)
+            if valid is not None and (result.step % args.eval_every == 0 or result.step == steps):
+                loss = trainer.evaluate()
+                _log(log_path, {"step": result.step, "eval_loss": loss})
+                progress.note(f"step {result.step}: eval loss {loss:.4f}")
+            if result.step % args.save_every == 0 or result.step == steps:
+                trainer.save_checkpoint(out, keep=args.keep, extra=extra)
+            if delay:
+                time.sleep(delay)
+    except KeyboardInterrupt:
+        progress.stop()
+        if trainer.step and not (out / "checkpoints" / f"step-{trainer.step:06d}").is_dir():
+            trainer.save_checkpoint(out, keep=args.keep, extra=extra)
+        raise
+    progress.stop()
+    write_final(trainer, out, extra=extra)
+    if args.save_peft:
+        from ..adapters import AdapterError, save_adapter
+
+        try:
+            save_adapter(trainer.model, out / "peft", format="peft")
+        except AdapterError as e:
+            say(f"[yellow]not written in PEFT's format: {e}[/]")
+    say(f"done: {trainer.step} steps; adapter in {out} (use it with --adapter {out})")
+    return 0
+
+
+def _resume_problems(state: dict, config, identity: dict, train, valid) -> list[str]:
+    problems = []
+    saved = state.get("config", {})
+    for key, value in config.to_dict().items():
+        if key == "steps":
+            if value < state["step"]:
+                problems.append(f"--steps {value} is below the checkpoint's step {state['step']}")
+            elif saved.get("steps") != value:
+                problems.append(
+                    f"steps was {saved.get('steps')} (the cosine schedule depends on it), now {value}"
+                )
+        elif saved.get(key) != value:
+            problems.append(f"{key} was {saved.get(key)!r}, now {value!r}")
+    run = state.get("run", {})
+    for key, value in identity.items():
+        if run.get(key) != value:
+            problems.append(f"{key} was {run.get(key)!r}, now {value!r}")
+    if state.get("train_sha256") != train.sha256:
+        problems.append("the training data changed")
+    if (state.get("valid_sha256") or None) != (valid.sha256 if valid is not None else None):
+        problems.append("the validation data changed")
+    return problems
+
+
+def _log(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the log rows of steps after the checkpoint (they are trained again)."""
+    from ..adapters import atomic_write_text
+
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in rows:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by the kill
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+class _Progress:
+    """A rich progress bar (loss, tokens/s, ETA) on a terminal; plain lines otherwise."""
+
+    def __init__(self, console, total: int, done: int):
+        self.console, self.total, self.start_step = console, total, done
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.bar = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  lr {task.fields[lr]}"),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=done, loss="-", tps="-", lr="-")
+            self.bar.start()
+
+    def update(self, r, every: int) -> None:
+        self.tokens += r.tokens
+        elapsed = time.perf_counter() - self.start
+        tps = self.tokens / elapsed if elapsed > 0 else 0.0
+        left = (self.total - r.step) * elapsed / max(1, r.step - self.start_step)
+        if self.bar is not None:
+            self.bar.update(
+                self.task,
+                completed=r.step,
+                loss=f"{r.loss:.4f}",
+                tps=f"{tps:,.0f}",
+                lr=f"{r.learning_rate:.2e}",
+            )
+        elif r.step % every == 0 or r.step == self.total:
+            self.console.print(
+                f"step {r.step}/{self.total}  loss {r.loss:.4f}  lr {r.learning_rate:.2e}  "
+                f"{tps:,.0f} tok/s  eta {time.strftime('%H:%M:%S', time.gmtime(left))}"
+            )
+
+    def note(self, text: str) -> None:
+        self.console.print(text)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
