@@ -34,14 +34,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from oss_mlx import weights as W
-from oss_mlx.config import ModelConfig, read_config
+from oss_mlx.config import CONVERTED_FORMAT_VERSION, ModelConfig, read_config
 from oss_mlx.memory import weight_bytes
 from oss_mlx.model import Transformer
 
 from .presets import Preset
 from .writer import ShardWriter, TensorSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = CONVERTED_FORMAT_VERSION
 CHUNK_BYTES = 64 << 20  # rows of a source tensor evaluated at once when it can be split
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 EXPERT_ORDER = ("gate_up_weight", "gate_up_scales", "down_weight", "down_scales", "gate_up_bias", "down_bias")
@@ -125,6 +125,11 @@ class ConversionPlan:
     preset: Preset
     dtype: str
     shards: list[ShardPlan]
+    # The source's tensors and the recipes that map them to canonical names (fuse.py builds jobs of
+    # its own from them), and entries added to config.json's oss_mlx section (fuse.py: the adapter).
+    tensors: W.LazyTensors | None = field(default=None, repr=False)
+    recipes: dict | None = field(default=None, repr=False)
+    provenance: dict = field(default_factory=dict)
 
     @property
     def tensor_bytes(self) -> int:
@@ -180,7 +185,7 @@ def plan_conversion(folder: Path, preset: Preset, dtype: str = "bfloat16") -> Co
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype]
     config, raw = read_config(folder)
-    tensors = StreamingTensors(W.checkpoint_files(folder))
+    tensors = StreamingTensors.from_folder(folder)
     layout = W.detect_layout(folder, raw, tensors.names())
     if layout == "oss-mlx":
         section = raw["oss_mlx"]
@@ -212,7 +217,13 @@ def plan_conversion(folder: Path, preset: Preset, dtype: str = "bfloat16") -> Co
     canon = {
         name: (tuple(a.shape), a.dtype)
         for name, a in W.iter_canonical(
-            tensors, recipes, expected, dtype=target, quantize_float_experts=float_experts, folder=folder
+            tensors,
+            recipes,
+            expected,
+            dtype=target,
+            quantize_float_experts=float_experts,
+            folder=folder,
+            config=config,
         )
     }
 
@@ -242,7 +253,8 @@ def plan_conversion(folder: Path, preset: Preset, dtype: str = "bfloat16") -> Co
             outs = [TensorSpec(name, shape, out_dtype)]
             jobs[name] = Job(outs, _plain_producer(tensors, srcs, build, target, shape), component_of(name))
 
-    return ConversionPlan(folder, config, raw, layout, preset, dtype, _assign_shards(config, jobs))
+    shards = _assign_shards(config, jobs)
+    return ConversionPlan(folder, config, raw, layout, preset, dtype, shards, tensors, recipes)
 
 
 def _assign_shards(config: ModelConfig, jobs: dict[str, Job]) -> list[ShardPlan]:
@@ -436,6 +448,7 @@ def converted_config(
         # Expert e of tensor T in layer i lies at experts["blocks.i"]["tensors"][T]["offset"] + e * stride
         # in its shard (a file offset; stride = that tensor's bytes / num_experts).
         "experts": experts,
+        **plan.provenance,
     }
     return cfg
 

@@ -36,6 +36,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .errors import LoadError
 from .lora import (
     LoRAConfig,
     LoRAError,
@@ -73,7 +74,7 @@ _PEFT_UNSUPPORTED = {
 }
 
 
-class AdapterError(LoRAError):
+class AdapterError(LoRAError, LoadError):
     """An adapter folder that cannot be used with this model; the message names the file and the fix."""
 
 
@@ -164,7 +165,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, dtype: mx.Dtype | 
             )
         weights.append((name, got.astype(target)))
     model.load_weights(weights, strict=False)
-    mx.eval(model.parameters())
+    mx.eval([w for _, w in weights])  # the adapter only: the base stays as lazy as it was loaded
     model.adapter = AdapterInfo(kind, folder, len(sites), sum(w.size for _, w in weights))
     return {"kind": kind, "sites": len(sites), "parameters": model.adapter.parameters}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,15 +12,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import kernels
+from . import kernel_selftest, kernels
 from .config import ModelConfig, read_config
 from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
 from .model import Transformer
+from .moe import Experts
 from .weights import (
     CheckpointError,
     LazyTensors,
     canonical_recipes,
-    checkpoint_files,
     detect_layout,
     hf_recipes,
     iter_canonical,
@@ -51,6 +52,50 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+HUB_CONNECT_TIMEOUT = 3.0  # seconds; huggingface_hub itself retries for ~25 s before it gives up
+
+
+@functools.lru_cache(maxsize=4)  # one probe per process and endpoint: a plan and a load share it
+def hub_unreachable(endpoint: str | None = None, timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
+    """Why the Hugging Face hub cannot be reached (None: it can), from one TCP connect.
+
+    The endpoint is huggingface_hub's (HF_ENDPOINT); behind a proxy (HTTPS_PROXY, ALL_PROXY) the
+    proxy is what must answer. A connect is enough to tell "no network" from "slow network".
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(endpoint or constants.ENDPOINT)
+    names = ("HTTPS_PROXY", "https_proxy") if url.scheme == "https" else ("HTTP_PROXY", "http_proxy")
+    proxy = next((os.environ[n] for n in (*names, "ALL_PROXY", "all_proxy") if os.environ.get(n)), None)
+    target = urlsplit(proxy if "://" in (proxy or "://") else f"http://{proxy}") if proxy else url
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        what = "the proxy " if proxy else ""
+        return f"cannot connect to {what}{host}:{port}: {e.strerror or e}"
+    return None
+
+
+def offline_advice(repo_id: str, reason: str) -> str:
+    """What to do when `repo_id` is neither cached nor downloadable: steps that work offline."""
+    name = repo_id.rsplit("/", 1)[-1]
+    return (
+        f"{repo_id} is not in the Hugging Face cache here, and the hub cannot be reached ({reason}). "
+        "Any one of these works:\n"
+        "  - connect to the network and run the same command again (downloads resume where they stopped);\n"
+        f"  - on a machine with network, run `oss-mlx convert {repo_id} {name}`, copy the folder {name} "
+        f"here and give its path instead of {repo_id} (`oss-mlx chat --model path/to/{name}`; a "
+        "converted folder holds its vocabulary: no network needed);\n"
+        "  - if a Hugging Face cache holding it is on this machine, set HF_HUB_CACHE to that folder "
+        "(HF_HUB_OFFLINE=1 skips the network check)."
+    )
+
+
 def download(
     repo_id: str,
     revision: str | None = None,
@@ -58,7 +103,8 @@ def download(
     config_only: bool = False,
 ) -> Path:
     """The snapshot folder of a hub repo: huggingface_hub downloads (resumable, with progress bars)
-    or finds it in its cache; HF_HUB_OFFLINE=1 only looks in the cache."""
+    or finds it in its cache. With HF_HUB_OFFLINE=1, or when the hub does not answer a quick connect,
+    only the cache is looked at: no retries, and a message saying what to do if it is not there."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -67,6 +113,7 @@ def download(
         RevisionNotFoundError,
     )
 
+    reason = "HF_HUB_OFFLINE is set" if _offline() else hub_unreachable()
     try:
         folder = Path(
             snapshot_download(
@@ -74,13 +121,12 @@ def download(
                 revision=revision,
                 cache_dir=cache_dir,
                 allow_patterns=["config.json"] if config_only else HUB_PATTERNS,
-                local_files_only=_offline(),
+                local_files_only=reason is not None,
             )
         )
     except LocalEntryNotFoundError:
         raise CheckpointError(
-            f"{repo_id} is not in the Hugging Face cache and cannot be downloaded "
-            "(offline, or HF_HUB_OFFLINE=1). Connect once, or pass a local checkpoint folder."
+            offline_advice(repo_id, reason or "the download failed and the cache does not hold it")
         ) from None
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise CheckpointError(f"{repo_id}: no such repository on the hub, or no access to it ({e})") from None
@@ -92,6 +138,9 @@ def download(
         raise CheckpointError(
             f"{repo_id}: the repository has no top-level config.json (not a gpt-oss model?)"
         )
+    if reason is not None and not config_only and not any(folder.glob("*.safetensors")):
+        # A plan cached config.json alone; the weights were never downloaded.
+        raise CheckpointError(offline_advice(repo_id, f"{reason}; the cache holds only its config.json"))
     return folder
 
 
@@ -139,7 +188,7 @@ def load_model(
     """
     folder = resolve_model_path(path_or_repo)
     config, raw = read_config(folder)
-    tensors = LazyTensors(checkpoint_files(folder))
+    tensors = LazyTensors.from_folder(folder)
     layout = detect_layout(folder, raw, tensors.names())
 
     keep_float = layout == "hf-float" and not quantize_experts
@@ -166,6 +215,7 @@ def load_model(
             dtype=dtype,
             quantize_float_experts=layout == "hf-float" and not keep_float,
             folder=folder,
+            config=config,
         )
     )
     model.load_weights(weights, strict=True)
@@ -174,7 +224,7 @@ def load_model(
 
         stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
     model.eval()
-    kernels.prepare(model)  # backend-specific weight shapes (CUDA: padded down rows)
+    prepare_for_backend(model)
     resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     if memory_budget is not None:  # streamed experts are cached up to the budget, not parameters
         from .streaming import parse_budget
@@ -187,6 +237,41 @@ def load_model(
     )
     model.info = LoadInfo(layout, folder, config, raw)
     return model, model.info
+
+
+# MLX-CUDA's tensor-core gather_qmm needs the output size to be a multiple of this.
+CUDA_GATHER_QMM_ROWS = 128
+
+
+def prepare_for_backend(model: Transformer) -> None:
+    """What this machine needs of a loaded model before its first forward: on CUDA, the experts'
+    down rows padded (pad_down_rows; it serves the pure-MLX prefill path, so it applies with the
+    kernels off too, and Metal's gather_qmm has no such condition); where kernels would run, their
+    start-up self-test (kernel_selftest), which turns them off if one fails here."""
+    if kernels.available_backend() == "cuda":
+        for block in getattr(model, "blocks", []):
+            experts = getattr(block.mlp, "experts", None)
+            if isinstance(experts, Experts):
+                pad_down_rows(experts, CUDA_GATHER_QMM_ROWS)
+    kernel_selftest.check()
+
+
+def pad_down_rows(experts: Experts, multiple: int) -> None:
+    """Pad the MXFP4 down projection's output rows with zeros to a multiple of `multiple`.
+
+    MLX-CUDA's tensor-core gather_qmm (prefill) needs the output size to be a multiple of 128;
+    gpt-oss's 2,880 is not, so its down projection took a naive kernel. Zero codes with zero
+    scales give exact zeros, cut off after the matmul (Experts._matmul): results are unchanged, for
+    64 more rows per expert (2% of the down weights). The decode kernel reads the padded rows' stride.
+    """
+    E, rows, cols = experts.down_weight.shape
+    pad = -rows % multiple
+    if not experts.quantized or pad == 0:
+        return
+    experts.down_weight = mx.concatenate([experts.down_weight, mx.zeros((E, pad, cols), mx.uint32)], axis=1)
+    scales = experts.down_scales
+    experts.down_scales = mx.concatenate([scales, mx.zeros((E, pad, scales.shape[2]), mx.uint8)], axis=1)
+    mx.eval(experts.down_weight, experts.down_scales)
 
 
 def quantize_dense(model: Transformer, spec: dict | None) -> None:
@@ -217,3 +302,14 @@ def quantize_dense(model: Transformer, spec: dict | None) -> None:
 
 def model_config(path_or_repo: str | os.PathLike) -> ModelConfig:
     return read_config(resolve_model_path(path_or_repo))[0]
+
+
+def check_vocabulary(config: ModelConfig, tokenizer_vocab: int, folder: Path) -> None:
+    """The model's embedding must have a row for every id the tokenizer makes: MLX does not check the
+    lookup, and an id past the end crashes the process (segfault) or reads other memory."""
+    if config.vocab_size < tokenizer_vocab:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: vocab_size is {config.vocab_size}, but the tokenizer's ids go up to "
+            f"{tokenizer_vocab - 1}: the model cannot read the prompts it would be given. gpt-oss has "
+            f"vocab_size {tokenizer_vocab} (a synthetic checkpoint to chat with needs at least that many)."
+        )

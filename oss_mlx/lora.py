@@ -30,9 +30,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import kernels
 from .config import ModelConfig
-from .moe import Experts
+from .errors import LoRAError
+from .moe import Experts, Router
 
 ATTENTION_TARGETS = ("q", "k", "v", "out")
 EXPERT_TARGETS = ("gate_up", "down")
@@ -40,10 +40,6 @@ TARGETS = (*ATTENTION_TARGETS, *EXPERT_TARGETS, "router")
 # Shorthands accepted wherever targets are named (the CLI's --targets).
 TARGET_GROUPS = {"attention": ATTENTION_TARGETS, "experts": EXPERT_TARGETS, "qkv": ("q", "k", "v")}
 DEFAULT_TARGETS = (*ATTENTION_TARGETS, *EXPERT_TARGETS)  # the router is off unless asked for
-
-
-class LoRAError(ValueError):
-    """A LoRA setting or adapter that does not fit the model; the message says what and how to fix it."""
 
 
 def parse_targets(text: str | Iterable[str]) -> tuple[str, ...]:
@@ -300,8 +296,7 @@ class LoRARouter(nn.Module):
     def bias(self) -> mx.array:
         return self.base.bias
 
-    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        return kernels.route(x, self.weight, self.bias, self.top_k)
+    __call__ = Router.__call__  # routing as the base does it, on the adapted weight
 
 
 LORA_MODULES = (LoRALinear, LoRAExperts, LoRARouter)

@@ -45,7 +45,11 @@ class Transformer(nn.Module):
         self, tokens: mx.array, cache: ModelCache | None = None, last_logits_only: bool = False
     ) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only). One token
-        per sequence with a cache is a decode step: `decode` on the cache's buffers, not compiled."""
+        per sequence with a cache is a decode step: `decode` on the cache's buffers, not compiled.
+
+        Raw ids are checked here (check_tokens); the compiled decode loop (decode.py) is not: the ids
+        it feeds are sampled from the model's own logits."""
+        self.check_tokens(tokens)
         if tokens.shape[1] == 1 and cache is not None:
             return self.decode_into(cache, tokens)
         x = self.embedding(tokens)
@@ -60,10 +64,29 @@ class Transformer(nn.Module):
                 x = block(x, masks[block.attn.window], c)
         return self.unembedding(self.norm(x))
 
+    def check_tokens(self, tokens: mx.array) -> None:
+        """Refuse ids outside the embedding table: MLX does not bounds-check the lookup (on the CPU an
+        id past the end crashes the process; on a GPU it reads other memory). One small reduction and
+        sync per call: a prefill chunk, not a decode step."""
+        if not mx.issubdtype(tokens.dtype, mx.integer):
+            raise ValueError(f"token ids must be integers, not {tokens.dtype}")
+        if tokens.size == 0:
+            return
+        low, high = mx.stack([tokens.min(), tokens.max()]).tolist()
+        vocab = self.config.vocab_size
+        if low < 0 or high >= vocab:
+            bad = high if high >= vocab else low
+            raise ValueError(
+                f"token id {bad} is outside this model's vocabulary (ids 0..{vocab - 1}, vocab_size in "
+                "its config.json): the ids come from another tokenizer, or the checkpoint's vocabulary "
+                "is too small"
+            )
+
     def hidden_states(self, tokens: mx.array, run_block=None) -> mx.array:
         """tokens [B, T] from position 0, no cache -> the final norm's output [B, T, H] (training: the
         loss unembeds only the positions it scores). run_block(block, x, mask) replaces block(x, mask),
-        e.g. to recompute each block's activations in the backward pass (fine-tuning's mx.checkpoint)."""
+        e.g. to keep each block's input for a recomputation in the backward pass (finetune/loss.py)."""
+        self.check_tokens(tokens)
         x = self.embedding(tokens)
         masks = self._masks(tokens.shape[1], None)
         for block in self.blocks:

@@ -26,47 +26,51 @@ DELAY_ENV = "OSS_MLX_FINETUNE_DELAY"  # testing hook: seconds to sleep after eac
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import cli_args as A
     from ..loader import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="oss-mlx finetune", description=__doc__.split("\n\n")[0])
+    positive = A.Number(float, 0.0, low_open=True)
+    p = A.parser("oss-mlx finetune", __doc__)
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="hub id, checkpoint or converted folder")
     p.add_argument("--data", required=True, metavar="FILE", help="training conversations (JSONL)")
     p.add_argument("--valid", metavar="FILE", help="held-out conversations (JSONL): eval loss")
     p.add_argument("--out", required=True, metavar="DIR", help="where the adapter and checkpoints go")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=8, help="default 8")
-    g.add_argument("--alpha", type=float, default=16.0, help="scale = alpha / rank (default 16)")
-    g.add_argument("--dropout", type=float, default=0.0, help="on the adapter's input (default 0)")
+    g.add_argument("--rank", type=A.Number(int, 1, 4096), default=8)
+    g.add_argument("--alpha", type=positive, default=16.0, help="scale = alpha / rank")
+    g.add_argument("--dropout", type=A.Number(float, 0.0, 0.95), default=0.0, help="on the adapter's input")
     g.add_argument(
         "--targets",
         default=",".join(DEFAULT_TARGETS),
-        help="q,k,v,out (or attention), gate_up,down (or experts), router; default attention + experts",
+        help="q,k,v,out (or attention), gate_up,down (or experts), router",
     )
-    g.add_argument("--layers", help="layers to adapt, e.g. 0-11,23 (default all)")
+    g.add_argument("--layers", help="layers to adapt, e.g. 0-11,23 (default: all)")
     g.add_argument("--expert-layers", help="layers whose experts are adapted (default: --layers)")
     g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
-    g.add_argument("--epochs", type=float, default=1.0, help="default 1")
-    g.add_argument("--learning-rate", "--lr", type=float, default=1e-4, help="peak (default 1e-4)")
-    g.add_argument("--min-learning-rate", type=float, default=0.0, help="end of the cosine (default 0)")
-    g.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
-    g.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0: off (default 1)")
+    g.add_argument("--steps", type=A.POSITIVE_INT, help="optimizer steps (default: --epochs over the data)")
+    g.add_argument("--epochs", type=positive, default=1.0)
+    g.add_argument("--learning-rate", "--lr", type=positive, default=1e-4, help="peak")
+    g.add_argument(
+        "--min-learning-rate", type=A.Number(float, 0.0), default=0.0, help="where the cosine ends"
+    )
+    g.add_argument("--warmup", type=A.NON_NEGATIVE_INT, default=0, help="linear warmup steps")
+    g.add_argument("--batch-size", type=A.Number(int, 1, 4096), default=1, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=A.Number(int, 1, 4096), default=1, help="micro-batches per step")
+    g.add_argument("--weight-decay", type=A.Number(float, 0.0), default=0.0)
+    g.add_argument("--grad-clip", type=A.Number(float, 0.0), default=1.0, help="max gradient norm; 0: off")
     g.add_argument(
         "--checkpointing",
         choices=["auto", "on", "off"],
         default="auto",
         help="gradient checkpointing: auto turns it on when a step would not fit otherwise",
     )
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=A.SEED_NON_NEGATIVE, default=0)
     g.add_argument(
         "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the base's float weights"
     )
     g = p.add_argument_group("data")
-    g.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (default 2048)")
+    g.add_argument("--max-length", type=A.Number(int, 16, 131072), default=2048, help="tokens per sequence")
     g.add_argument("--truncate", action="store_true", help="cut longer sequences instead of failing")
     g.add_argument("--include-analysis", action="store_true", help="score the chain of thought too")
     g.add_argument(
@@ -74,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
     g = p.add_argument_group("run")
-    g.add_argument("--eval-every", type=int, default=50, help="steps between eval losses (default 50)")
-    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default 100)")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
-    g.add_argument("--log-every", type=int, default=1, help="steps between progress lines (default 1)")
+    g.add_argument("--eval-every", type=A.POSITIVE_INT, default=50, help="steps between eval losses")
+    g.add_argument("--save-every", type=A.POSITIVE_INT, default=100, help="steps between checkpoints")
+    g.add_argument("--keep", type=A.POSITIVE_INT, default=3, help="checkpoints kept")
+    g.add_argument("--log-every", type=A.POSITIVE_INT, default=1, help="steps between progress lines")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start over")
     g.add_argument(
@@ -90,32 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"oss-mlx finetune: {message}", file=sys.stderr)
+    print(f"oss-mlx finetune: error: {message}", file=sys.stderr)
     return code
-
-
-def _check_numbers(args) -> str | None:
-    for name, lo in (("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("max_length", 16), ("keep", 1)):
-        if getattr(args, name) < lo:
-            return f"--{name.replace('_', '-')} must be at least {lo}"
-    for name in ("eval_every", "save_every", "log_every"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be at least 1"
-    if args.steps is not None and args.steps < 1:
-        return "--steps must be at least 1"
-    if not args.epochs > 0:
-        return "--epochs must be positive"
-    if not args.learning_rate > 0 or args.min_learning_rate < 0:
-        return "--learning-rate must be positive and --min-learning-rate not negative"
-    if args.warmup < 0:
-        return "--warmup must not be negative"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if problem := _check_numbers(args):
-        return _fail(problem)
+    if args.resume and args.overwrite:
+        return _fail("--resume continues the run in --out, --overwrite deletes it: give one of them")
     out = Path(args.out).expanduser()
     try:
         return run(args, out)

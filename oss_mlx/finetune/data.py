@@ -40,10 +40,7 @@ import numpy as np
 
 from ..harmony import Message, Tool, render_conversation, render_message
 from ..tokenizer import HarmonyTokenizer
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names the file, the line and the fix."""
+from .errors import DataError
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,7 @@ def render_record(
             f"{where}: no 'messages' field (keys: {keys}); each line needs {{\"messages\": [...]}}"
         )
     try:
-        messages, system_texts = conversation(record["messages"])
+        messages, system_texts, _ = conversation(record["messages"])
         tools: list[Tool] = function_tools(record)
         effort = (
             reasoning_effort(record.get("reasoning_effort"), "reasoning_effort") or options.reasoning_effort

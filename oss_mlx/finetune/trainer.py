@@ -34,16 +34,13 @@ from ..adapters import CONFIG_FILE, OURS_FILE, atomic_save_safetensors, atomic_w
 from ..convert.converter import _fsync_dir, _pid_alive
 from ..lora import LoRAConfig, adapter_weights, attach, freeze_base, lora_modules
 from .data import BatchOrder, DataPosition, Dataset, eval_batches, make_batch
+from .errors import TrainError
 from .loss import loss_sum, value_and_grad
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or resume; the message says why and what to do."""
 
 
 @dataclass
