@@ -271,9 +271,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .chat.tools import ToolFileError
     from .convert.converter import ConvertError
     from .convert.verify import VerifyError
-    from .errors import LoadError, LoRAError
+    from .errors import LoadError, LoRAError, MemoryBudgetError
     from .finetune.errors import DataError, TrainError
-    from .streaming import MemoryBudgetError
 
     return (
         UsageError,

@@ -703,7 +703,7 @@ def config_of(model: str) -> tuple[ModelConfig, dict[str, Any]]:
         if not (path / "config.json").is_file() and (path / "original" / "config.json").is_file():
             path = path / "original"
         return read_config(path)
-    from .loader import download, is_repo_id
+    from .hub import download, is_repo_id
 
     if is_repo_id(model):
         return read_config(download(model, config_only=True))
@@ -761,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         config = named_config(args.config or args.model)
     elif args.model:
         from .cli_args import report, user_errors
-        from .loader import is_repo_id
+        from .hub import is_repo_id
 
         try:
             config, raw = config_of(args.model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .loader import DEFAULT_MODEL
+from .hub import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:

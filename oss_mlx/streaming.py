@@ -39,6 +39,7 @@ from mlx.utils import tree_flatten
 from . import weights as W
 from .cli_args import parse_size
 from .config import ModelConfig
+from .errors import MemoryBudgetError
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
 
 if TYPE_CHECKING:
@@ -50,10 +51,6 @@ ACTIVATION_ALLOWANCE = 512 * 2**20
 DEFAULT_CONTEXT = 4096
 _EXPERT_TENSORS = ("gate_up_weight", "gate_up_scales", "down_weight", "down_scales")
 _EXPERT_PARAM = re.compile(r"\.experts\.(gate_up|down)_(weight|scales)$")
-
-
-class MemoryBudgetError(ValueError):
-    """A memory budget that cannot hold the model even when streaming its experts."""
 
 
 def parse_budget(budget: str | int) -> int:

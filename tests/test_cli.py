@@ -78,7 +78,7 @@ def test_generate_with_a_memory_budget_gives_the_same_tokens(tiny_checkpoint, vo
     [
         (["generate", "--max-tokens", "0", "hi"], 2, "--max-tokens: must be between 1 and"),
         (["bench", "--model", "/definitely/not/here", "--engines", "oss-mlx"], 1, "cannot load"),
-        (["serve", "--model", "/definitely/not/here", "--port", "0"], 2, "--port: must be between 1 and 65,535"),
+        (["serve", "--model", "/definitely/not/here", "--port", "0"], 2, "--port: must be between 1 and"),
         (["serve", "--model", "/definitely/not/here", "--port", str(free_port())], 1, "cannot load"),
         (["convert", "/definitely/not/here", "/tmp/oss-mlx-never-written"], 1, "no such folder"),
         (["plan", "/definitely/not/here"], 1, "no such folder"),

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from server_helpers import free_port
 
 from oss_mlx import cli, cli_args
 
@@ -273,7 +274,7 @@ def sixty_four(tmp_path_factory, tiny_checkpoint) -> Path:
 def test_a_config_value_of_the_wrong_type_names_the_key_and_the_file(sub, sixty_four):
     args = {
         "chat": ["chat", "--model", str(sixty_four), "--no-autosave"],
-        "serve": ["serve", "--model", str(sixty_four), "--port", "0"],
+        "serve": ["serve", "--model", str(sixty_four), "--port", str(free_port())],
         "generate": ["generate", "--model", str(sixty_four), "hi"],
         "plan": ["plan", str(sixty_four)],
     }[sub]
@@ -399,7 +400,7 @@ def run_env(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedP
         (["chat", "--model", "acme/gpt-oss-tiny"], "chat"),
         (["plan", "acme/gpt-oss-tiny"], "plan"),
         (["generate", "--model", "acme/gpt-oss-tiny", "hi"], "generate"),
-        (["serve", "--model", "acme/gpt-oss-tiny", "--port", "0"], "serve"),
+        (["serve", "--model", "acme/gpt-oss-tiny", "--port", str(free_port())], "serve"),
         (["convert", "acme/gpt-oss-tiny", "out"], "convert"),
     ],
 )
@@ -448,7 +449,7 @@ def test_plan_of_an_official_model_offline_uses_its_known_shapes(no_hub):
 
 
 def test_the_hub_probe_reports_why(monkeypatch):
-    from oss_mlx.loader import hub_unreachable
+    from oss_mlx.hub import hub_unreachable
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

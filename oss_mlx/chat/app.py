@@ -140,14 +140,14 @@ def context_limit(model: Any) -> int | None:
 def prepare_model(model: str, console: Console) -> Path:
     """The folder to load. A hub id (the default, openai/gpt-oss-20b) is downloaded and converted
     once, on first run, into the data folder; later runs load the converted copy directly."""
-    from ..loader import is_repo_id, resolve_model_path
+    from ..hub import is_repo_id, resolve_model_path
 
     if Path(model).expanduser().exists() or not is_repo_id(model):
         return resolve_model_path(model)
     dest = data_dir() / "models" / model.replace("/", "--")
     if (dest / "config.json").is_file():
         return dest
-    from ..loader import download
+    from ..hub import download
     from ..weights import CheckpointError
 
     download(model, config_only=True)  # offline: says so now, with what to do, before any output
@@ -920,7 +920,7 @@ class ChatApp:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..loader import DEFAULT_MODEL
+    from ..hub import DEFAULT_MODEL
 
     A = cli_args
     ap = A.parser(

@@ -141,12 +141,14 @@ def run(args, out: Path) -> int:
     clean_partial(out)
 
     # ---- model config, data: checked before the weights are loaded ---------------------------------
-    from ..loader import resolve_model_path
+    from ..hub import resolve_model_path
+    from ..loader import check_vocabulary
 
     try:
         folder = resolve_model_path(args.model)
         config, raw = config_of(str(folder))
         tokenizer = load_tokenizer(folder)
+        check_vocabulary(config, tokenizer.vocab_size, folder)
         layers = parse_layers(args.layers, config.num_layers)
         expert_layers = parse_layers(args.expert_layers, config.num_layers)
         lora = LoRAConfig(

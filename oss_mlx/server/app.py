@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reasoning-effort",
         choices=["low", "medium", "high"],
         default="medium",
-        help="used when a request names none (default medium)",
+        help="used when a request names none",
     )
     p.add_argument(
         "--max-queue",
@@ -353,20 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-stored-responses",
         type=A.Number(int, 0, 10**6),
         default=512,
-        help="stored responses and chat completions kept in memory (default 512)",
+        help="stored responses and chat completions kept in memory",
     )
     p.add_argument(
         "--max-stored-bytes",
         type=A.size_bytes,
         default="256MB",
         metavar="SIZE",
-        help="their total size as JSON; the least recently used go first (default 256MB)",
+        help="their total size as JSON; the least recently used go first",
     )
     p.add_argument(
         "--max-connections",
         type=A.Number(int, 1, 100_000),
         default=64,
-        help="open connections; past it the one waiting longest for request headers is closed (default 64)",
+        help="open connections; past it the one waiting longest for request headers is closed",
     )
     p.add_argument(
         "--header-timeout",
@@ -374,21 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="a connection must send a request's headers within this long after opening or after a "
-        "response, or it is closed (default 10)",
+        "response, or it is closed",
     )
     p.add_argument(
         "--keep-alive-timeout",
         type=A.Number(float, 0.0, 86400.0, low_open=True),
         default=5.0,
         metavar="SECONDS",
-        help="an idle connection between requests is closed after this long (default 5)",
+        help="an idle connection between requests is closed after this long",
     )
     p.add_argument(
         "--body-timeout",
         type=A.Number(float, 0.0, 86400.0, low_open=True),
         default=60.0,
         metavar="SECONDS",
-        help="a request's body must arrive within this long, 408 otherwise (default 60)",
+        help="a request's body must arrive within this long, 408 otherwise",
     )
     p.add_argument(
         "--reasoning-field",
