@@ -27,7 +27,7 @@ DELAY_ENV = "OSS_MLX_FINETUNE_DELAY"  # testing hook: seconds to sleep after eac
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import cli_args as A
-    from ..loader import DEFAULT_MODEL
+    from ..hub import DEFAULT_MODEL
 
     positive = A.Number(float, 0.0, low_open=True)
     p = A.parser("oss-mlx finetune", __doc__)
