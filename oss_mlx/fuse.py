@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the fused model's folder")
     p.add_argument("--quality", default="reference", choices=list(PRESETS), help="as oss-mlx convert")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="of the float weights"
+    )
     p.add_argument("--force", action="store_true", help="replace --out (once the new one is complete)")
     return p
 

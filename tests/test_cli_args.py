@@ -162,6 +162,22 @@ bad("synthetic", "--config", ["7b"], before=["dst"])
 bad("synthetic", "--layout", ["gguf"], before=["dst"])
 bad("synthetic", "--dtype", ["int4"], before=["dst"])
 bad("synthetic", "--config-style", ["v3"], before=["dst"])
+FT = ["--data", "d.jsonl", "--out", "o"]
+bad("finetune", "--rank", ["0", "-1", "x", "1.5"], before=FT)
+bad("finetune", "--alpha", ["0", "-2", "x"], before=FT)
+bad("finetune", "--dropout", ["-0.1", "1", "x"], before=FT)
+bad("finetune", "--learning-rate", ["0", "-1e-4", "x"], before=FT)
+bad("finetune", "--steps", ["0", "-3"], before=FT)
+bad("finetune", "--epochs", ["0", "-1"], before=FT)
+bad("finetune", "--batch-size", ["0"], before=FT)
+bad("finetune", "--grad-accum", ["0"], before=FT)
+bad("finetune", "--max-length", ["8", "x"], before=FT)
+bad("finetune", "--warmup", ["-1"], before=FT)
+bad("finetune", "--checkpointing", ["sometimes"], before=FT)
+bad("finetune", "--turns", ["first"], before=FT)
+FU = ["--model", "m", "--adapter", "a", "--out", "o"]
+bad("fuse", "--quality", ["best"], before=FU)
+bad("fuse", "--dtype", ["int4"], before=FU)
 
 
 def test_the_bad_input_list_is_broad():

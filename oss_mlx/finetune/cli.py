@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", metavar="FILE", help="held-out conversations (JSONL): eval loss")
     p.add_argument("--out", required=True, metavar="DIR", help="where the adapter and checkpoints go")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=A.Number(int, 1, 4096), default=8)
+    g.add_argument("--rank", type=A.Number(int, 1, 4096), default=8, help="the adapter's rank")
     g.add_argument("--alpha", type=positive, default=16.0, help="scale = alpha / rank")
     g.add_argument("--dropout", type=A.Number(float, 0.0, 0.95), default=0.0, help="on the adapter's input")
     g.add_argument(
@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=A.POSITIVE_INT, help="optimizer steps (default: --epochs over the data)")
-    g.add_argument("--epochs", type=positive, default=1.0)
+    g.add_argument(
+        "--epochs", type=positive, default=1.0, help="passes over the data (when --steps is not given)"
+    )
     g.add_argument("--learning-rate", "--lr", type=positive, default=1e-4, help="peak")
     g.add_argument(
         "--min-learning-rate", type=A.Number(float, 0.0), default=0.0, help="where the cosine ends"
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=A.NON_NEGATIVE_INT, default=0, help="linear warmup steps")
     g.add_argument("--batch-size", type=A.Number(int, 1, 4096), default=1, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=A.Number(int, 1, 4096), default=1, help="micro-batches per step")
-    g.add_argument("--weight-decay", type=A.Number(float, 0.0), default=0.0)
+    g.add_argument("--weight-decay", type=A.Number(float, 0.0), default=0.0, help="AdamW's")
     g.add_argument("--grad-clip", type=A.Number(float, 0.0), default=1.0, help="max gradient norm; 0: off")
     g.add_argument(
         "--checkpointing",
@@ -65,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="gradient checkpointing: auto turns it on when a step would not fit otherwise",
     )
-    g.add_argument("--seed", type=A.SEED_NON_NEGATIVE, default=0)
+    g.add_argument(
+        "--seed",
+        type=A.SEED_NON_NEGATIVE,
+        default=0,
+        help="the adapter's initial values, data order, dropout",
+    )
     g.add_argument(
         "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the base's float weights"
     )
@@ -76,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--turns", choices=["all", "last"], default="all", help="which answers of a conversation train"
     )
-    g.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
+    g.add_argument(
+        "--reasoning-effort",
+        choices=["low", "medium", "high"],
+        default="medium",
+        help="the system message's, where a line gives none",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=A.POSITIVE_INT, default=50, help="steps between eval losses")
     g.add_argument("--save-every", type=A.POSITIVE_INT, default=100, help="steps between checkpoints")
