@@ -43,10 +43,11 @@ def run(config_name: str, length: int, batch: int, rank: int, targets: str, chec
         config, parameter_count(sites, config), length=length, batch=batch, checkpointing=checkpointing
     )
     rng = np.random.default_rng(seed)
+    n = length + 1
     rows = [
-        TrainSequence(list(map(int, rng.integers(0, config.vocab_size, length + 1))), [True] * (length + 1), 0)
+        TrainSequence(list(map(int, rng.integers(0, config.vocab_size, n))), [True] * n, 0)
         for _ in range(batch * (steps + warmup))
-    ]  # fmt: skip
+    ]
     data = Dataset(Path("random"), "", rows)
     mx.random.seed(seed)
     model = random_model(config, seed=seed, dtype=mx.bfloat16)
