@@ -387,7 +387,8 @@ class MemoryPlan:
 # (docs/FINETUNE.md, "Memory"): what one block keeps for its backward pass, S = k (8 I b + 11 H) + 8 H +
 # (Q + A) b (b: activation bytes, Q: qkv rows, A: heads x head_dim; the experts' SwiGLU rows dominate).
 # Unfused attention (the CPU, where MLX has no fused kernel) also holds score-sized arrays
-# (heads x queries x keys, float32): ~1.25 of them kept per layer, ~5.5 at once in one layer's backward.
+# (heads x queries x keys, in the activations' dtype): ~1.25 of them kept per layer, ~5.5 at once in one
+# layer's backward.
 # On a GPU, MLX's fused attention and its fused backward (ScaledDotProductAttentionVJP) hold none.
 ATTENTION_SAVED_SCORES = 1.25
 ATTENTION_BACKWARD_SCORES = 5.5
@@ -404,12 +405,13 @@ def training_block_bytes(config: ModelConfig, dtype_bytes: int) -> int:
     return k * (8 * I * dtype_bytes + 11 * H) + 8 * H + (q + a) * dtype_bytes
 
 
-def attention_score_bytes(config: ModelConfig, tokens: int, batch: int) -> tuple[int, int]:
-    """(score bytes of a full-attention layer, of a sliding one) for one row of `tokens` queries, float32:
-    a sliding layer's prefill goes in tiles of WINDOW_TILE queries over their window (attention.py)."""
+def attention_score_bytes(config: ModelConfig, tokens: int, batch: int, dtype_bytes: int) -> tuple[int, int]:
+    """(score bytes of a full-attention layer, of a sliding one) for rows of `tokens` queries, in the
+    activations' dtype (the unfused attention's): a sliding layer's prefill goes in tiles of WINDOW_TILE
+    queries over their window (attention.py)."""
     from .attention import WINDOW_TILE
 
-    heads = batch * config.num_attention_heads * 4
+    heads = batch * config.num_attention_heads * dtype_bytes
     full = heads * tokens * tokens
     if tokens <= WINDOW_TILE:
         return full, full
@@ -454,7 +456,7 @@ class TrainingPlan:
     def _scores(self) -> tuple[int, int]:
         if self.fused_attention:
             return 0, 0
-        return attention_score_bytes(self.config, self.length, self.batch)
+        return attention_score_bytes(self.config, self.length, self.batch, self.dtype_bytes)
 
     @property
     def activation_parts(self) -> dict[str, int]:
