@@ -28,6 +28,11 @@ for stage in $STAGES; do
              export TIKTOKEN_CACHE_DIR=$PWD/.device/vocab TIKTOKEN_RS_CACHE_DIR=$PWD/.device/vocab
              timeout ${TEST_TIMEOUT:-200} python3 -m pytest -v -rf tests/test_streaming.py > $OUT/streamtests.log 2>&1
              grep -cE "PASSED" $OUT/streamtests.log; grep -E "FAILED|Error" $OUT/streamtests.log | head -20 || true ;;
+    structured)  # decode with a JSON schema vs free, same run, 20b shapes (llguidance among the wheels:
+             # prepare-mlx-cuda.sh llguidance; the vocabulary in .device/vocab)
+             export TIKTOKEN_CACHE_DIR=$PWD/.device/vocab TIKTOKEN_RS_CACHE_DIR=$PWD/.device/vocab
+             timeout ${STRUCTURED_TIMEOUT:-500} python3 benchmarks/structured_decode.py --config 20b \
+               --decode-tokens 256 --repeat 3 --json $OUT/structured.json 2>&1 | tee -a $OUT/run.log ;;
     layers) timeout 300 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128 --decode-tokens 4 \
               --engines oss-mlx --check-layers 300 --json $OUT/layers.json 2>&1 | tee -a $OUT/run.log ;;
     sweep) timeout 150 python3 benchmarks/profile_decode.py --layers 2 --sweep --json $OUT/sweep.json 2>&1 | tee -a $OUT/run.log ;;

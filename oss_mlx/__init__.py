@@ -16,6 +16,7 @@ from .generation import SamplingOptions
 from .loader import check_vocabulary, load_model, model_config, resolve_model_path
 from .model import Transformer
 from .session import Done, Reply, Session, generate, stream_generate
+from .structured import ConstraintError, OutputConstraint
 from .tokenizer import HarmonyTokenizer, load_tokenizer
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "LoadError",
     "load_tokenizer",
     "HarmonyTokenizer",
+    "OutputConstraint",
+    "ConstraintError",
 ]
 
 
