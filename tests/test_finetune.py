@@ -79,17 +79,29 @@ def test_toy_task_is_learned_and_changes_greedy_output(toy, tmp_path):
     )
     assert before.returncode == 0, before.stderr
     assert PHRASE not in before.stdout
-    run = oss_mlx(*finetune_args(toy, out, "--steps", "12", "--eval-every", "6", "--save-every", "6"))
+    run = oss_mlx(
+        *finetune_args(toy, out, "--steps", "20", "--lr", "5e-3", "--eval-every", "10", "--save-every", "10")
+    )
     assert run.returncode == 0, run.stderr
     assert "memory:" in run.stderr and "loss" in run.stderr
     evals = [r["eval_loss"] for r in log_rows(out) if "eval_loss" in r]
-    assert len(evals) == 3 and evals[-1] < 0.6 * evals[0], evals  # held-out loss, steps 0, 6, 12
+    assert len(evals) == 3 and evals[-1] < 0.6 * evals[0], evals  # held-out loss, steps 0, 10, 20
     after = oss_mlx(
         "generate", "--model", str(toy / "model"), "--adapter", str(out), "--temperature", "0",
         "--max-tokens", "12", prompt,
     )  # fmt: skip
     assert after.returncode == 0, after.stderr
-    assert after.stdout.strip() == PHRASE
+    assert after.stdout.strip() == PHRASE, (after.stdout, run.stderr[-600:])
+    # the same adapter behind the server, asked through the openai client
+    from openai import OpenAI
+    from server_helpers import ServerProcess, running
+
+    with running(ServerProcess(toy / "model", tmp_path / "serve.log", "--adapter", str(out))) as (server,):
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=60)
+        reply = client.chat.completions.create(
+            model="model", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=12
+        )
+    assert reply.choices[0].message.content == PHRASE
 
 
 def test_kill_9_then_resume_loses_nothing(toy, tmp_path):
