@@ -4,7 +4,8 @@ beside them (oss_mlx.memory.TrainingPlan), with gradient checkpointing on and of
 A random gpt-oss of the chosen shapes (MXFP4 experts, bfloat16 elsewhere: oss_mlx.bench.random_model),
 LoRA on attention and experts (rank 8, alpha 16: OpenAI's cookbook values) on every layer, rows of
 random tokens, every position scored (the planner's worst case). Warmup steps first (compilation,
-allocator), then timed steps; the peak is MLX's over the timed steps, weights included.
+allocator), then timed steps; the peak is MLX's over the timed steps, weights included (less what the
+process held before it built the model: nothing, run as a script).
 
     python3 benchmarks/finetune_bench.py --config 20b --length 2048 --json finetune-h200.json   # GPU
     python3 benchmarks/finetune_bench.py --config tiny --length 64 --steps 1 --warmup 1         # CPU
@@ -36,6 +37,11 @@ def run(config_name: str, length: int, batch: int, rank: int, targets: str, chec
 
     if "num_layers" in overrides:
         overrides.setdefault("layer_types", ())  # the default alternation for the new count
+    import gc
+
+    gc.collect()
+    mx.clear_cache()
+    baseline = mx.get_active_memory()  # whatever the process held before (0 when run as a script)
     config = replace(preset_config(config_name), **overrides)
     lora = LoRAConfig(rank=rank, alpha=2.0 * rank, targets=targets)
     sites = lora.sites(config.num_layers)
@@ -66,7 +72,7 @@ def run(config_name: str, length: int, batch: int, rank: int, targets: str, chec
         losses.append(result.loss)
         if i >= warmup:
             times.append(result.seconds)
-    peak = mx.get_peak_memory()
+    peak = mx.get_peak_memory() - baseline
     step_s = statistics.median(times)
     return {
         "config": config_name,
