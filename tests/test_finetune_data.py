@@ -4,12 +4,9 @@ tokens scored; bad files fail naming the line."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VOCAB_FILE
 
 from oss_mlx.finetune.data import (
     BatchOrder,
@@ -20,7 +17,6 @@ from oss_mlx.finetune.data import (
     make_batch,
     render_record,
 )
-from oss_mlx.tokenizer import VOCAB_FILENAME, load_tokenizer
 
 oh = pytest.importorskip("openai_harmony")
 from openai_harmony import (  # noqa: E402
@@ -44,19 +40,6 @@ WEATHER = {
     },
 }
 KEEP = RenderConversationConfig(auto_drop_analysis=False)
-
-
-@pytest.fixture(scope="module")
-def tok(vocab_dir: Path, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vocab")
-    (folder / VOCAB_FILENAME).write_bytes((vocab_dir / VOCAB_FILE).read_bytes())
-    return load_tokenizer(folder)
-
-
-@pytest.fixture(scope="module")
-def enc(vocab_dir: Path):
-    os.environ.setdefault("TIKTOKEN_RS_CACHE_DIR", str(vocab_dir))
-    return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
 def head(effort="medium", instructions=None, tools=()) -> list:

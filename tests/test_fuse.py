@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err
-from lora_helpers import VOCAB, add_lora
+from hf_reference import VOCAB, add_lora
 
 from oss_mlx.adapters import load_adapter
 from oss_mlx.fuse import fuse

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err
-from lora_helpers import EXPERTS, VOCAB, add_lora, random_base
+from hf_reference import EXPERTS, VOCAB, add_lora, random_base
 from mlx.utils import tree_flatten
 
 from oss_mlx.adapters import PEFT_PREFIX, load_adapter, peft_expert_to_ours

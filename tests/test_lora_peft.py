@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err
-from lora_helpers import ATTENTION, EXPERTS, VOCAB, add_lora, random_base, torch_logits
+from hf_reference import ATTENTION, EXPERTS, VOCAB, add_lora, random_base, torch_logits
 
 from oss_mlx.adapters import AdapterError, load_adapter, save_adapter
 from oss_mlx.loader import load_model

@@ -1,4 +1,4 @@
-"""Reference adapters made by peft on random transformers GptOssForCausalLM models (test helpers)."""
+"""Random transformers GptOssForCausalLM models (the reference), and adapters made on them by peft."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 VOCAB = 1024
 
 
-def tiny_config(transformers, layers: int = 3, hidden: int = 64, intermediate: int = 96):
+def tiny_config(
+    transformers, layers: int = 3, hidden: int = 64, intermediate: int = 96, truncate: bool = False
+):
     return transformers.GptOssConfig(
         num_hidden_layers=layers,
         num_local_experts=8,
@@ -28,7 +30,7 @@ def tiny_config(transformers, layers: int = 3, hidden: int = 64, intermediate: i
             "factor": 32.0,
             "beta_fast": 32.0,
             "beta_slow": 1.0,
-            "truncate": False,
+            "truncate": truncate,
             "original_max_position_embeddings": 4096,
             "rope_theta": 150000.0,
         },
