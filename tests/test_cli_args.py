@@ -178,6 +178,12 @@ bad("finetune", "--turns", ["first"], before=FT)
 FU = ["--model", "m", "--adapter", "a", "--out", "o"]
 bad("fuse", "--quality", ["best"], before=FU)
 bad("fuse", "--dtype", ["int4"], before=FU)
+BAD += [
+    ("models", [action, value, "--yes"][: 2 + (action == "remove")], "ID")
+    for action in ("path", "remove")
+    for value in ("../etc", "/etc/passwd", "acme", "", "a b/c")
+]
+BAD += [("models", ["frobnicate"], "ACTION")]
 
 
 def test_the_bad_input_list_is_broad():
@@ -202,6 +208,9 @@ def test_bad_values_are_refused_by_the_parser(sub, argv, flag, capsys):
         ("plan", ["20b", "--context", "1000000"], "--context: the model's limit is 131,072 tokens"),
         ("plan", ["--config", "20b", "120b"], "not both"),
         ("plan", [], "give a model"),
+        ("models", ["remove"], "remove needs a hub repo id"),
+        ("models", ["path", "acme/x", "--yes"], "--yes applies to remove"),
+        ("models", ["list", "acme/x"], "list takes no ID"),
     ],
 )
 def test_combinations_are_refused_in_words(sub, argv, needle, capsys):
