@@ -7,15 +7,19 @@ random tokens, every position scored (the planner's worst case). Warmup steps fi
 allocator), then timed steps; the peak is MLX's over the timed steps, weights included (less what the
 process held before it built the model: nothing, run as a script).
 
-    python3 benchmarks/finetune_bench.py --config 20b --length 2048 --json finetune-h200.json   # GPU
-    python3 benchmarks/finetune_bench.py --config tiny --length 64 --steps 1 --warmup 1         # CPU
+    python3 benchmarks/finetune_bench.py --config 20b --length 2048 --results $OUT/results.jsonl  # GPU
+    python3 benchmarks/finetune_bench.py --config tiny --length 64 --steps 1 --warmup 1             # CPU
+
+--results appends one row per mode (benchmarks/results/DEVICE.jsonl's format: oss_mlx/bench_results.py,
+kind "finetune") as soon as it is measured, so a run cut by a time limit keeps the modes it finished.
+A mode that fails (e.g. an op without a GPU implementation) is printed and recorded with its error,
+and the next mode still runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -99,46 +103,93 @@ def run(config_name: str, length: int, batch: int, rank: int, targets: str, chec
     }
 
 
-def device() -> str:
+def summary(row: dict) -> str:
+    losses = ", ".join(f"{x:.3f}" for x in row["losses"])
+    return (
+        f"{row['tokens_per_second']:,.0f} tok/s ({row['step_seconds_median']:.3f} s a step), "
+        f"peak {row['peak_memory_bytes'] / 1e9:.2f} GB, planned {row['planned_bytes'] / 1e9:.2f} GB "
+        f"(x{row['planned_over_measured']:.2f}); losses {losses}"
+    )
+
+
+def lora_targets(text: str) -> str:
+    """--targets checked when parsed (the names oss-mlx finetune takes), not after the model is built."""
+    from oss_mlx.cli_args import BadValue
+    from oss_mlx.lora import LoRAError, parse_targets
+
     try:
-        info = mx.device_info()
-        return str(info.get("device_name") or info.get("architecture") or mx.default_device())
-    except Exception:  # older MLX: no device_info
-        return f"{mx.default_device()} ({platform.machine()})"
+        return ",".join(parse_targets(text))
+    except LoRAError as e:
+        raise BadValue(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from oss_mlx import cli_args as A
+
+    p = A.parser("finetune_bench.py", __doc__)
+    p.add_argument("--config", default="20b", choices=["tiny", "20b", "120b"], help="random weights' shapes")
+    p.add_argument("--length", type=A.Number(int, 1, 131072), default=2048, help="tokens per sequence")
+    p.add_argument("--batch", type=A.Number(int, 1, 4096), default=1, help="sequences per step")
+    p.add_argument(
+        "--rank", type=A.Number(int, 1, 4096), default=8, help="the adapter's rank (alpha 2 x rank)"
+    )
+    p.add_argument("--targets", type=lora_targets, default="attention,experts", help="LoRA targets")
+    p.add_argument(
+        "--checkpointing",
+        type=A.ChoiceList(("on", "off")),
+        default=["on", "off"],
+        help="on, off or on,off (both, one after the other)",
+    )
+    p.add_argument("--steps", type=A.POSITIVE_INT, default=5, help="timed steps")
+    p.add_argument("--warmup", type=A.NON_NEGATIVE_INT, default=2, help="untimed steps first")
+    p.add_argument("--seed", type=A.SEED_NON_NEGATIVE, default=0, help="weights and tokens")
+    p.add_argument("--json", type=A.output_file, metavar="FILE", help="write the rows here")
+    p.add_argument(
+        "--results",
+        type=A.output_file,
+        metavar="FILE",
+        help="append a row per mode (benchmarks/results/DEVICE.jsonl)",
+    )
+    p.add_argument("--num-layers", type=A.Number(int, 1, 1024), help="override the preset's layer count")
+    p.add_argument(
+        "--vocab-size", type=A.Number(int, 16, 2**20), help="override the preset's vocabulary size"
+    )
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="20b", choices=["tiny", "20b", "120b"])
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--targets", default="attention,experts")
-    p.add_argument("--checkpointing", default="on,off", help="on, off or on,off (both, one after the other)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", type=Path, help="write the rows here")
-    p.add_argument("--num-layers", type=int, help="override the preset's layer count")
-    p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
-    args = p.parse_args(argv)
+    from oss_mlx.bench import device_name
+
+    args = build_parser().parse_args(argv)
     overrides = {k: v for k in ("num_layers", "vocab_size") if (v := getattr(args, k)) is not None}
-    rows = []
-    for mode in args.checkpointing.split(","):
-        row = run(args.config, args.length, args.batch, args.rank, args.targets, mode.strip() == "on",
-                  args.steps, args.warmup, **overrides)  # fmt: skip
-        row["device"] = device()
+    results = None
+    if args.results:
+        from oss_mlx.bench_results import ResultsFile, provenance
+
+        given = list(sys.argv[1:] if argv is None else argv)
+        shared = provenance(given, device_name(), "python3 benchmarks/finetune_bench.py")
+        results = ResultsFile(Path(args.results), {**shared, "kind": "finetune"})
+    rows, failed = [], 0
+    for mode in args.checkpointing:
+        label = f"{args.config} length {args.length} batch {args.batch} rank {args.rank} checkpointing {mode}"
+        try:
+            row = run(args.config, args.length, args.batch, args.rank, args.targets, mode == "on",
+                      args.steps, args.warmup, args.seed, **overrides)  # fmt: skip
+        except Exception as e:  # measured modes are kept; the failure is a result too
+            failed += 1
+            row = {"config": args.config, "length": args.length, "batch": args.batch, "rank": args.rank,
+                   "checkpointing": mode == "on", "error": f"{type(e).__name__}: {e}"}  # fmt: skip
+            print(f"{label}: failed: {row['error']}", flush=True)
+        else:
+            print(f"{label}: {summary(row)}", flush=True)
+        row["device"] = device_name()
         rows.append(row)
-        print(
-            f"{args.config} length {args.length} batch {args.batch} rank {args.rank} checkpointing {mode}: "
-            f"{row['tokens_per_second']:,.0f} tok/s ({row['step_seconds_median']:.3f} s a step), "
-            f"peak {row['peak_memory_bytes'] / 1e9:.2f} GB, planned {row['planned_bytes'] / 1e9:.2f} GB "
-            f"(x{row['planned_over_measured']:.2f}); losses {', '.join(f'{x:.3f}' for x in row['losses'])}",
-            flush=True,
-        )
+        if results is not None:
+            results.append(row)
         mx.clear_cache()
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

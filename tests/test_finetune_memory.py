@@ -35,10 +35,15 @@ def test_plan_bounds_the_measured_peak(checkpointing):
 
 
 def test_the_benchmark_command_runs_at_tiny_shapes(tmp_path):
-    out = tmp_path / "rows.json"
+    from oss_mlx.bench_results import read_rows
+
+    out, results = tmp_path / "rows.json", tmp_path / "results.jsonl"
     argv = ["--config", "tiny", "--length", "16", "--steps", "1", "--warmup", "1", "--json", str(out)]
-    assert bench().main(argv) == 0
+    assert bench().main([*argv, "--results", str(results)]) == 0
     rows = json.loads(out.read_text())
+    appended = read_rows(results)  # the results files' rows: provenance + the measurement
+    assert [r["kind"] for r in appended] == ["finetune"] * 2 and all(r["commit"] for r in appended)
+    assert [r["peak_memory_bytes"] for r in appended] == [r["peak_memory_bytes"] for r in rows]
     assert [r["checkpointing"] for r in rows] == [True, False]
     for r in rows:
         assert r["tokens_per_second"] > 0 and r["peak_memory_bytes"] > r["planned_parts"]["weights"]
@@ -64,3 +69,24 @@ def test_auto_checkpointing_and_refusal_at_20b_shapes():
     with pytest.raises(MemoryError, match="alone need"):
         choose_checkpointing(plan, mac16 // 2)
     assert plan.weights == pytest.approx(12.82 * GiB, rel=1e-3)  # the inference planner's weights
+
+
+@pytest.mark.parametrize(
+    "flag, value, words",
+    [
+        ("--length", "0", "--length: must be between 1 and 131,072"),
+        ("--checkpointing", "sometimes", "--checkpointing: must be a comma-separated list of on, off"),
+        ("--targets", "mlp", "unknown LoRA target 'mlp'"),
+        ("--steps", "-1", "--steps: must be at least 1"),
+        ("--results", "/no/such/folder/r.jsonl", "the folder /no/such/folder does not exist"),
+    ],
+)
+def test_the_benchmark_refuses_bad_values_before_building_anything(flag, value, words):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--config", "tiny", flag, value],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2 and words in run.stderr and "Traceback" not in run.stderr, run.stderr

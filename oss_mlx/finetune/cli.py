@@ -125,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, out: Path) -> int:
     from rich.console import Console
 
-    from ..config import ConfigError
     from ..memory import Machine, TrainingPlan, choose_checkpointing, config_of, gib
-    from ..tokenizer import TokenizerError, load_tokenizer
-    from ..weights import CheckpointError
+    from ..tokenizer import load_tokenizer
     from .data import DataError, RenderOptions, load_dataset
     from .trainer import LOG_FILE, TrainConfig, clean_partial, complete_checkpoints
 
@@ -153,14 +151,16 @@ def run(args, out: Path) -> int:
     clean_partial(out)
 
     # ---- model config, data: checked before the weights are loaded ---------------------------------
-    from ..hub import resolve_model_path
+    from ..errors import LoadError
     from ..loader import check_vocabulary
+    from ..model_store import resolve
 
     try:
-        folder = resolve_model_path(args.model)
-        config, raw = config_of(str(folder))
-        tokenizer = load_tokenizer(folder)
-        check_vocabulary(config, tokenizer.vocab_size, folder)
+        # config.json alone for now: a hub id not on this machine is downloaded only once the plan fits
+        described = resolve(args.model, need="config")
+        config, raw = config_of(str(described))
+        tokenizer = load_tokenizer(described)
+        check_vocabulary(config, tokenizer.vocab_size, described)
         layers = parse_layers(args.layers, config.num_layers)
         expert_layers = parse_layers(args.expert_layers, config.num_layers)
         lora = LoRAConfig(
@@ -181,7 +181,7 @@ def run(args, out: Path) -> int:
         )
         train = load_dataset(args.data, tokenizer, options)
         valid = load_dataset(args.valid, tokenizer, options) if args.valid else None
-    except (CheckpointError, ConfigError, TokenizerError, DataError, LoRAError) as e:
+    except (LoadError, DataError, LoRAError) as e:  # the config, checkpoint and vocabulary errors too
         return _fail(str(e), 1)
     say(
         f"data: {len(train)} sequences, {train.tokens:,} tokens ({train.targets:,} scored)"
@@ -230,6 +230,17 @@ def run(args, out: Path) -> int:
         checkpointing=plan.checkpointing,
         seed=args.seed,
     )
+
+    # ---- the model ----------------------------------------------------------------------------------
+    import mlx.core as mx
+
+    from ..loader import load_model
+    from .trainer import Trainer, TrainError, write_final
+
+    try:
+        folder = resolve(args.model, say=lambda text: say(text, style="bold"))
+    except LoadError as e:
+        return _fail(str(e), 1)
     identity = {
         "model": str(folder.resolve()),
         "dtype": args.dtype,
@@ -238,18 +249,11 @@ def run(args, out: Path) -> int:
             for k in ("reasoning_effort", "include_analysis", "turns", "max_length", "truncate")
         },
     }
-
-    # ---- the model ----------------------------------------------------------------------------------
-    import mlx.core as mx
-
-    from ..loader import load_model
-    from .trainer import Trainer, TrainError, write_final
-
     say(f"loading {args.model} …")
     try:
         model, _ = load_model(folder, dtype=mx.float32 if args.dtype == "float32" else mx.bfloat16)
         trainer = Trainer(model, tconfig, train, valid)
-    except (CheckpointError, ConfigError, LoRAError) as e:
+    except (LoadError, LoRAError) as e:
         return _fail(str(e), 1)
 
     log_path = out / LOG_FILE
