@@ -29,11 +29,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .moe import MXFP4_GROUP
-
-ROWS_PER_QUANTIZE = (
-    1 << 20
-)  # values per mx.quantize call (MLX's CPU quantizer takes ~80 bytes of scratch each)
+from . import mxfp4
 
 
 @dataclass
@@ -110,17 +106,17 @@ def plan_fuse(folder: Path, adapter: str | os.PathLike, preset, dtype: str = "bf
     """The converter's plan for `folder`, with the adapter's tensors produced merged. Returns (plan,
     report); the report fills in while the plan is written."""
     from .adapters import load_adapter
-    from .convert import converter as C
+    from .convert.plan import DTYPES, Job, _dense_part, plan_conversion
     from .lora import weight_deltas
     from .model import Transformer
     from .weights import EXPERT_WEIGHT
 
-    plan = C.plan_conversion(folder, preset, dtype)
+    plan = plan_conversion(folder, preset, dtype)
     skeleton = Transformer(plan.config, quantized_experts=True)  # lazy zeros: only the adapter is read
     summary = load_adapter(skeleton, adapter, dtype=mx.float32)
     deltas = weight_deltas(skeleton)
     report = FuseReport(str(Path(adapter).expanduser()), summary["kind"])
-    target = C.DTYPES[dtype]
+    target = DTYPES[dtype]
     for shard in plan.shards:
         jobs, skip = [], set()
         specs = {t.name: t for t in shard.tensors}
@@ -137,11 +133,11 @@ def plan_fuse(folder: Path, adapter: str | os.PathLike, preset, dtype: str = "bf
                 outputs = job.outputs if len(job.outputs) > 1 else [job.outputs[0], specs[scales]]
                 skip.add(scales)  # produced with the weight
                 produce = _expert_producer(plan, name, deltas[name], report)
-                jobs.append(C.Job(outputs, produce, "experts"))
+                jobs.append(Job(outputs, produce, "experts"))
             else:
-                q = preset.spec().get(C._dense_part(name) or "")
+                q = preset.spec().get(_dense_part(name) or "")
                 produce = _dense_producer(plan, name, srcs, build, deltas[name], target, q, report)
-                jobs.append(C.Job(job.outputs, produce, job.component))
+                jobs.append(Job(job.outputs, produce, job.component))
         shard.jobs = jobs
         assert [t.name for t in shard.tensors] == list(specs), "fuse changed the shard's tensor order"
     plan.provenance["fused_adapter"] = report.record
@@ -174,6 +170,8 @@ def _dense_producer(plan, name, srcs, build, delta, target, q, report: FuseRepor
 
 def _expert_producer(plan, name: str, delta: mx.array, report: FuseReport):
     """dequantize(W_e) + delta_e -> MXFP4, expert by expert, in blocks of rows: (values, scales) chunks."""
+    from .convert.produce import QUANTIZE_BLOCK_VALUES
+
     srcs, build = plan.recipes[name]
     scale_name = name.replace("_weight", "_scales")
 
@@ -186,21 +184,16 @@ def _expert_producer(plan, name: str, delta: mx.array, report: FuseReport):
         for e in range(w.shape[0]):
             rows = w.shape[1]
             cols = delta.shape[-1]
-            step = max(1, ROWS_PER_QUANTIZE // cols)
+            step = max(1, QUANTIZE_BLOCK_VALUES // cols)
             for r in range(0, rows, step):
                 if float_source:
                     base = w[e, r : r + step].astype(mx.float32)
                 else:
-                    base = mx.dequantize(
-                        w[e, r : r + step], scales[e, r : r + step], group_size=MXFP4_GROUP, bits=4,
-                        mode="mxfp4", dtype=mx.float32,
-                    )  # fmt: skip
+                    base = mxfp4.dequantize(w[e, r : r + step], scales[e, r : r + step])
                 d = delta[e, r : r + step]
                 merged = base + d
-                values, new_scales = mx.quantize(merged, group_size=MXFP4_GROUP, bits=4, mode="mxfp4")
-                stored = mx.dequantize(
-                    values, new_scales, group_size=MXFP4_GROUP, bits=4, mode="mxfp4", dtype=mx.float32
-                )
+                values, new_scales = mxfp4.quantize(merged)
+                stored = mxfp4.dequantize(values, new_scales)
                 report.add(name, base, d, merged, stored)
                 yield values, new_scales
 

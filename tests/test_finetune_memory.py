@@ -11,7 +11,8 @@ import pytest
 
 from oss_mlx.config import ModelConfig
 from oss_mlx.lora import LoRAConfig, parameter_count
-from oss_mlx.memory import GiB, Machine, TrainingPlan, choose_checkpointing
+from oss_mlx.machine import GiB, Machine
+from oss_mlx.memory import TrainingPlan, choose_checkpointing
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_bench.py"
 

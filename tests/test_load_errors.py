@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import rel_err, vocabulary_dir
 
 import oss_mlx
 from oss_mlx.config import HF_DEFAULT_ROPE, HF_DEFAULTS, ConfigError, ModelConfig
@@ -46,8 +46,19 @@ SPEC = SyntheticSpec.tiny(
 LAYOUTS = ("hf-mxfp4", "hf-float", "original", "oss-mlx")
 
 
+class Layouts(dict):
+    """The checkpoints by layout; a layout that could not be built skips the test asking for it."""
+
+    def __init__(self, built: dict[str, Path], missing: dict[str, str]):
+        super().__init__(built)
+        self.missing = missing
+
+    def __missing__(self, layout: str) -> Path:
+        pytest.skip(self.missing[layout])
+
+
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
+def sources(tmp_path_factory, request):
     """The same tiny model in every layout (oss-mlx: converted from hf-mxfp4), float32."""
     from oss_mlx.convert.cli import main as convert
 
@@ -56,9 +67,13 @@ def sources(tmp_path_factory):
         layout: write_checkpoint(root / layout, SPEC, layout=layout, seed=5, dtype="float32")
         for layout in LAYOUTS[:3]
     }
+    # The converter writes the tokenizer beside the weights, so oss-mlx needs the vocabulary.
+    if vocabulary_dir() is None:
+        return Layouts(out, {"oss-mlx": "o200k_base vocabulary not found: the converter needs it"})
+    request.getfixturevalue("vocab_dir")
     assert convert([str(out["hf-mxfp4"]), str(root / "oss-mlx"), "--dtype", "float32"]) == 0
     out["oss-mlx"] = root / "oss-mlx"
-    return out
+    return Layouts(out, {})
 
 
 def copy(src: Path, tmp_path: Path) -> Path:
@@ -686,3 +701,28 @@ def test_generate_with_a_too_small_vocabulary_is_a_message_not_a_segfault(small_
     out = _generate(small_vocab)
     assert out.returncode == 1, (out.returncode, out.stderr)  # was -11 (SIGSEGV), exit 139 in a shell
     assert out.stderr.strip().count("\n") == 0 and "vocab_size is 10" in out.stderr
+
+
+def test_a_checkpoint_warning_is_one_line_on_the_command_line(tiny_checkpoint, vocab_dir, tmp_path):
+    """An unused tensor is worth a word, not Python's file:line and source line: the command prints
+    `oss-mlx generate: warning: ...` on one line and still answers."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    folder = copy(tiny_checkpoint, tmp_path)
+    extra = "model.rotary_emb.inv_freq"
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    tensors = load_torch(shard)
+    tensors[extra] = torch.ones(8)
+    save_torch(tensors, shard)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        idx = json.loads(index.read_text())
+        idx["weight_map"][extra] = shard.name
+        index.write_text(json.dumps(idx))
+    out = _generate(folder)
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if "not used" in line]
+    assert len(warned) == 1 and warned[0].startswith("oss-mlx generate: warning: "), out.stderr
+    assert extra in warned[0] and ".py:" not in out.stderr

@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, out: Path) -> int:
     from rich.console import Console
 
-    from ..memory import Machine, TrainingPlan, choose_checkpointing, config_of, gib
+    from ..machine import Machine
+    from ..memory import TrainingPlan, choose_checkpointing, gib
+    from ..plan_cli import config_of
     from ..tokenizer import load_tokenizer
     from .data import DataError, RenderOptions, load_dataset
     from .trainer import LOG_FILE, TrainConfig, clean_partial, complete_checkpoints

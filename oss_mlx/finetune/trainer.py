@@ -19,7 +19,6 @@ so accumulation changes memory, not the result.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from ..adapters import CONFIG_FILE, OURS_FILE, atomic_save_safetensors, atomic_write_text, save_adapter
-from ..convert.converter import _fsync_dir, _pid_alive
+from ..convert.folder import WORKING, atomic_folder, clean_stale
 from ..lora import LoRAConfig, adapter_weights, attach, freeze_base, lora_modules
 from .data import BatchOrder, DataPosition, Dataset, eval_batches, make_batch
 from .errors import TrainError
@@ -158,31 +157,21 @@ class Trainer:
         root = Path(out) / CHECKPOINTS
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:06d}"
-        tmp = root / f".step-{self.step:06d}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_adapter(self.model, tmp, lora=self.config.lora)
-        atomic_save_safetensors(dict(tree_flatten(self.optimizer.state)), tmp / OPTIMIZER_FILE)
-        state = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "position": asdict(self.order.position),
-            "config": self.config.to_dict(),
-            "train_sha256": self.train.sha256,
-            "valid_sha256": self.valid.sha256 if self.valid is not None else None,
-            **(extra or {}),
-        }
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a resumed run): replace it whole
-            old = root / f".step-{self.step:06d}.old-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        _fsync_dir(root)
+        # The converter's atomic folder: written as step-N.partial-<pid>, renamed once complete; the same
+        # step saved again (a resumed run) is replaced whole.
+        with atomic_folder(final, force=True) as tmp:
+            save_adapter(self.model, tmp, lora=self.config.lora)
+            atomic_save_safetensors(dict(tree_flatten(self.optimizer.state)), tmp / OPTIMIZER_FILE)
+            state = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "position": asdict(self.order.position),
+                "config": self.config.to_dict(),
+                "train_sha256": self.train.sha256,
+                "valid_sha256": self.valid.sha256 if self.valid is not None else None,
+                **(extra or {}),
+            }
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
         for stale in complete_checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
         return final
@@ -224,23 +213,19 @@ def complete_checkpoints(out: Path) -> list[Path]:
     root = Path(out) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    found = [
+        p
+        for p in root.glob("step-*")
+        if p.is_dir() and not WORKING.search(p.name) and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def clean_partial(out: Path) -> list[Path]:
-    """Remove temporary checkpoint folders left by a killed run (their pid is gone)."""
-    removed = []
+    """Remove the half-written checkpoint folders of a killed run (their pid is gone)."""
     root = Path(out) / CHECKPOINTS
-    for p in sorted(root.glob(".step-*")) if root.is_dir() else []:
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+    working = {root / WORKING.sub("", p.name) for p in root.glob("step-*") if WORKING.search(p.name)}
+    return [removed for dest in sorted(working) for removed in clean_stale(dest)]
 
 
 def write_final(trainer: Trainer, out: Path, extra: dict | None = None) -> None:
