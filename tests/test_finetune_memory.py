@@ -91,3 +91,21 @@ def test_the_benchmark_refuses_bad_values_before_building_anything(flag, value, 
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode == 2 and words in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_the_gpu_stage_command_parses(tmp_path):
+    """device_profile.sh's `finetune` stage, printed by DRY_RUN: the flags the GPU run will get are the
+    benchmark's (a typo would cost a GPU call)."""
+    import os
+    import shlex
+    import subprocess
+
+    script = BENCH.parent / "device_profile.sh"
+    env = {**os.environ, "DRY_RUN": "1", "STAGES": "finetune", "OUT": str(tmp_path)}
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, env=env)
+    lines = [x for x in run.stdout.splitlines() if "finetune_bench.py" in x]
+    assert run.returncode == 0 and len(lines) == 1, run.stdout + run.stderr
+    argv = shlex.split(lines[0])
+    args = bench().build_parser().parse_args(argv[argv.index("benchmarks/finetune_bench.py") + 1 :])
+    assert (args.config, args.length, args.batch, args.rank) == ("20b", 2048, 1, 8)
+    assert args.checkpointing == ["on", "off"] and args.results == str(tmp_path / "results.jsonl")
