@@ -82,6 +82,18 @@ class Transformer(nn.Module):
                 "is too small"
             )
 
+    def hidden_states(self, tokens: mx.array, run_block=None) -> mx.array:
+        """tokens [B, T] from position 0, no cache -> the final norm's output [B, T, H] (training: the
+        loss unembeds only the positions it scores). run_block(block, x, mask) replaces block(x, mask),
+        e.g. to keep each block's input for a recomputation in the backward pass (finetune/loss.py)."""
+        self.check_tokens(tokens)
+        x = self.embedding(tokens)
+        masks = self._masks(tokens.shape[1], None)
+        for block in self.blocks:
+            mask = masks[block.attn.window]
+            x = block(x, mask) if run_block is None else run_block(block, x, mask)
+        return self.norm(x)
+
     def decode(self, tokens: mx.array, pos: mx.array, kv: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
         """tokens [B, 1] at position `pos` (int32 [1]) -> (logits [B, 1, vocab], each layer's cache
         buffer [2, B, Hkv, S, D] with this position written). Pure and shape-stable: decode.py
