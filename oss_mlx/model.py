@@ -81,6 +81,18 @@ class Transformer(nn.Module):
                 "is too small"
             )
 
+    def hidden_states(self, tokens: mx.array, run_block=None) -> mx.array:
+        """tokens [B, T] from position 0, no cache -> the final norm's output [B, T, H] (training: the
+        loss unembeds only the positions it scores). run_block(block, x, mask) replaces block(x, mask),
+        e.g. to keep each block's input for a recomputation in the backward pass (finetune/loss.py)."""
+        self.check_tokens(tokens)
+        x = self.embedding(tokens)
+        masks = self._masks(tokens.shape[1], None)
+        for block in self.blocks:
+            mask = masks[block.attn.window]
+            x = block(x, mask) if run_block is None else run_block(block, x, mask)
+        return self.norm(x)
+
     def step(
         self, tokens: mx.array, positions: mx.array, kv: list[mx.array]
     ) -> tuple[mx.array, list[mx.array]]:

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory-budget", type=A.size, metavar="SIZE", help='e.g. "6GB": stream experts from disk'
     )
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
     return p
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits("oss-mlx generate", args.model):
         return 1
-    model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
+    model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget, adapter=args.adapter)
     events = oss_mlx.stream_generate(
         model,
         tokenizer,

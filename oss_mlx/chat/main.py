@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help='e.g. "6GB": keep only hot experts in memory and read the rest from disk (slower, smaller)',
     )
+    ap.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
     return ap
 
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits("oss-mlx chat", args.model):
             return 1
         path = prepare_model(args.model, console)
-        model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
+        model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget, adapter=args.adapter)
     except KeyboardInterrupt:
         return 130
     except (*cli_args.user_errors(), OSError) as e:  # bad folder, offline, no vocabulary: in words
