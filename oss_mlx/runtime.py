@@ -135,10 +135,14 @@ class Runtime:
                 # Weights must be evaluated here: a lazy array made on this thread's stream cannot be
                 # evaluated on another's.
                 mx.eval(self.model.parameters())
+                parked = threading.Event()
                 self._driver = threading.Thread(
-                    target=_drive_weakly, args=(weakref.ref(self),), name="oss-mlx-scheduler", daemon=True
+                    target=_drive_weakly,
+                    args=(weakref.ref(self), parked),
+                    name="oss-mlx-scheduler",
+                    daemon=True,
                 )
-                _THREADS.add(self._driver)
+                _PARKED[self._driver] = parked
                 self._driver.start()
 
     def drive(self, stop: threading.Event, started: Callable[[], None] | None = None) -> None:
@@ -174,9 +178,9 @@ def _step_or_wait(scheduler: Scheduler, stopping) -> None:
         scheduler.fail_all(e)
 
 
-def _drive_weakly(ref: weakref.ref) -> None:
+def _drive_weakly(ref: weakref.ref, parked: threading.Event) -> None:
     """The thread a Runtime starts: steps its scheduler while the runtime (and its model) exists
-    and the interpreter is not exiting."""
+    and the interpreter is not exiting; at exit it parks (see _stop_threads)."""
     scheduler = None
     try:
         while not _EXITING.is_set():
@@ -184,6 +188,7 @@ def _drive_weakly(ref: weakref.ref) -> None:
             if runtime is None:
                 return
             scheduler = runtime.scheduler
+            _STEPPED.add(scheduler)
             del runtime
             _step_or_wait(scheduler, _EXITING.is_set)
             scheduler = None
@@ -191,32 +196,40 @@ def _drive_weakly(ref: weakref.ref) -> None:
         if scheduler is not None:
             scheduler.fail_all(RuntimeError("the interpreter is exiting"))
         _settle_stream()
+        if not _EXITING.is_set():  # the model is gone: the thread ends
+            _PARKED.pop(threading.current_thread(), None)
+        else:
+            parked.set()
+            threading.Event().wait()  # never returns: the process ends with this thread asleep here
 
 
 def _settle_stream() -> None:
-    """Wait for the work this thread queued: the pipelined step's last tokens are queued and never
-    read, and a thread ending with them still running could abort the process at exit (seen on the
-    CPU under load as "terminate called without an active exception")."""
+    """Wait for the work this thread queued (the pipelined step's last tokens are queued and never
+    read), so that none is running when the thread ends or parks."""
     try:
         mx.synchronize()
     except Exception:  # noqa: BLE001 - only tidying up on the way out
         pass
 
 
-# A thread still inside MLX when the interpreter exits aborts the process ("terminate called without
-# an active exception"): at exit the stepping threads are stopped and joined first.
+# A thread inside MLX while the interpreter exits aborts the process ("terminate called without an
+# active exception"), and so does one that ends during the exit: its C++ thread-locals are destroyed
+# after Python's join returns, racing MLX's own teardown on the main thread (seen on the CPU, about
+# one exit in four under load). So at exit each stepping thread finishes its step, waits for its
+# queued work, and parks in a wait that never returns instead of ending.
 _EXITING = threading.Event()
-_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_PARKED: dict[threading.Thread, threading.Event] = {}
+_STEPPED: weakref.WeakSet[Scheduler] = weakref.WeakSet()
 
 
 @atexit.register
 def _stop_threads() -> None:
     _EXITING.set()
-    for runtime in list(_RUNTIMES.values()):
-        if runtime._scheduler is not None:
-            runtime._scheduler.notify()
-    for thread in list(_THREADS):
-        thread.join(timeout=10)
+    for scheduler in list(_STEPPED):
+        scheduler.notify()
+    for thread, parked in list(_PARKED.items()):
+        if thread.is_alive():
+            parked.wait(timeout=10)
 
 
 _RUNTIMES: dict[int, Runtime] = {}

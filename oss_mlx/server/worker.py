@@ -11,7 +11,7 @@ events; the event loop never waits on MLX. Cancelling a job (client gone, stop s
 its place within one decode step or one prefill chunk, and the cache is settled.
 
 Admission also checks memory: a request waits until its KV cache (projected to its prompt and
-max_tokens) fits beside the others' (memory.py's budget for this machine), instead of swapping.
+max_tokens) fits beside the others' (machine.py's budget for this machine), instead of swapping.
 
 Prefix reuse: up to ``cache_slots`` idle Sessions are kept. A request goes to the idle session whose
 cached tokens share the longest prefix with its prompt when that prefix reaches past the system and
@@ -432,9 +432,9 @@ class Engine:
 
 
 def memory_limit(runtime) -> int | None:
-    """Bytes MLX may hold with every sequence admitted: this machine's budget (memory.Machine) less
-    the transient memory of one prefill chunk (memory.PREFILL_TRANSIENT)."""
-    from ..memory import PREFILL_TRANSIENT, Machine
+    """Bytes MLX may hold with every sequence admitted: this machine's budget (machine.Machine) less
+    the transient memory of one prefill chunk (machine.PREFILL_TRANSIENT)."""
+    from ..machine import PREFILL_TRANSIENT, Machine
 
     budget = Machine.detect().working_set_bytes
     transient = PREFILL_TRANSIENT.get(runtime.prefill_chunk, max(PREFILL_TRANSIENT.values()))
