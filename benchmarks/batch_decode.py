@@ -1,6 +1,7 @@
 """Continuous batching on the GPU: gpt-oss-20b shapes, random weights, one command, JSON out.
 
-    python benchmarks/batch_decode.py --json batch-h200.json          # ~6-8 minutes on an H200
+    python benchmarks/batch_decode.py --skip-mlx-lm --results benchmarks/results/h200.jsonl
+    (the mlx-lm comparison also comes from `oss-mlx bench --concurrency`; no GPU timing recorded yet)
 
 1. Aggregate decode at 1, 4, 8, 16 streams (oss-mlx's scheduler), beside the bytes-per-step
    prediction: a step reads the attention, norms, routers and unembedding once, each distinct expert
@@ -94,14 +95,29 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128, help="each stream's prompt length")
     ap.add_argument("--decode", type=int, default=96, help="tokens decoded per stream")
     ap.add_argument("--equality-prompts", type=int, default=32)
+    ap.add_argument("--streams", default="1,4,8,16", help="the concurrencies (1 and 8 always run)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--results", help="append a JSON row per measurement here (benchmarks/results/)")
     ap.add_argument("--skip-mlx-lm", action="store_true")
     args = ap.parse_args()
+    global STREAMS
+    STREAMS = tuple(sorted({1, 8, *(int(n) for n in args.streams.split(","))}))
     out: dict = {"config": args.config, "prompt": args.prompt, "decode": args.decode, "mlx": mx.__version__}
+    results = None
+    if args.results:
+        from oss_mlx.bench_results import ResultsFile, provenance
 
-    def save() -> None:
+        shared = provenance(sys.argv[1:], bench.device_name(), "python3 benchmarks/batch_decode.py")
+        shared |= {"kind": "batch_decode", "config": args.config}
+        shared |= {"prompt": args.prompt, "decode": args.decode}
+        results = ResultsFile(args.results, shared)
+
+    def save(part: str | None = None, *rows: dict) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
+        if results is not None:
+            for row in rows:
+                results.append({"part": part, **row})
 
     t = time.perf_counter()
     model = bench.random_model(bench.preset_config(args.config))
@@ -137,7 +153,7 @@ def main() -> int:
     out["oss_mlx"] = rows
     eight = next(r for r in rows if r["streams"] == 8)
     out["ttft_beside_7_over_alone"] = eight["ttft_ms"] / eight["ttft_alone_ms"]
-    save()
+    save("oss_mlx_concurrent", *rows)
     for r in rows:
         measured, predicted = r["aggregate_tokens_per_s"], r["predicted_tokens_per_s"]
         print(
@@ -160,7 +176,7 @@ def main() -> int:
     decode_moe.MOE_GROUPED_FROM = saved
     runtime_of(model)._decode = None
     out["moe_grouped_vs_per_slot"] = grouped
-    save()
+    save("moe_grouped_vs_per_slot", grouped)
 
     # 5: greedy equality, batched vs alone, for prompts beyond bf16 noise
     steps = 32
@@ -198,7 +214,7 @@ def main() -> int:
         f"{GAP_ULPS} bf16 ulps) equal over {steps} tokens; all prompts {eq['all_equal']} of {len(records)}",
         flush=True,
     )
-    save()
+    save("equality", {k: v for k, v in eq.items() if k != "records"})
 
     # 2: mlx-lm's BatchGenerator, same weights
     if not args.skip_mlx_lm:
@@ -217,7 +233,7 @@ def main() -> int:
                 flush=True,
             )
         out["mlx_lm"] = lm_rows
-        save()
+        save("mlx_lm_concurrent", *lm_rows)
     return 0
 
 
