@@ -47,6 +47,14 @@ for stage in $STAGES; do
       export TIKTOKEN_CACHE_DIR=$PWD/.device/vocab TIKTOKEN_RS_CACHE_DIR=$PWD/.device/vocab
       timeout ${STRUCTURED_TIMEOUT:-500} python3 benchmarks/structured_decode.py --config 20b \
         --decode-tokens 256 --repeat 3 --results $RESULTS --json $OUT/structured.json 2>&1 | tee -a $OUT/run.log ;;
+    concurrency)  # streams decoding together at 20b shapes, oss-mlx's scheduler beside mlx-lm's BatchGenerator
+                  # (docs/PERFORMANCE.md, Concurrency): aggregate and per-stream tok/s, TTFT beside running streams
+      timeout ${CONCURRENCY_TIMEOUT:-450} python3 -m oss_mlx.cli bench --config 20b --concurrency 1,4,8,16 \
+        --prompt-lengths 128 --decode-tokens 64 --results $RESULTS --json $OUT/concurrency.json 2>&1 | tee -a $OUT/run.log ;;
+    batchdecode)  # benchmarks/batch_decode.py at 20b shapes: the bytes-per-step prediction, TTFT beside 7
+                  # streams, grouped vs per-slot MoE, bf16 greedy equality (mlx-lm: the concurrency stage)
+      timeout ${BATCHDECODE_TIMEOUT:-450} python3 benchmarks/batch_decode.py --config 20b --skip-mlx-lm \
+        --results $RESULTS --json $OUT/batch_decode.json 2>&1 | tee -a $OUT/run.log ;;
     finetune)  # LoRA training at 20b shapes (docs/FINETUNE.md): MXFP4 base, rank 8 on attention + experts,
                # 2048 tokens, batch 1; checkpointing on, then off; peak memory and tok/s beside the plan
       timeout ${FINETUNE_TIMEOUT:-290} python3 benchmarks/finetune_bench.py --config 20b --length 2048 --batch 1 \

@@ -443,7 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     extra: dict = {}
     if args.concurrency:
-        return _concurrency(args, model, engines, source, rows)
+        results = None
+        if args.results:
+            from .bench_results import ResultsFile, provenance
+
+            fields = {"kind": "bench", "source": source, "decode_tokens": G}
+            results = ResultsFile(args.results, {**provenance(argv, device_name()), **fields})
+        return _concurrency(args, model, engines, source, rows, results)
     meta = {
         "device": device_name(),
         "mlx": mx.__version__,
@@ -550,9 +556,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _concurrency(
-    args: argparse.Namespace, model: Transformer, engines: list[str], source: str, rows: list
+    args: argparse.Namespace,
+    model: Transformer,
+    engines: list[str],
+    source: str,
+    rows: list,
+    results_file=None,
 ) -> int:
-    """--concurrency: streams decoding together, each engine, one table (bench_concurrency.py)."""
+    """--concurrency: streams decoding together, each engine, one table (bench_concurrency.py); a row
+    per engine and concurrency (appended to `results_file`, a bench_results.ResultsFile, when given)."""
     from . import bench_concurrency as bc
 
     length, G = args.prompt_lengths[0], args.decode_tokens
@@ -580,6 +592,8 @@ def _concurrency(
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
+        if results_file is not None:
+            results_file.append({**asdict(row), "kept": True})
 
     for name in [e for e in engines if e.startswith("oss-mlx")]:
         with kernels.use_backend("reference" if name.endswith(":reference") else None):
