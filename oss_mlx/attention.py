@@ -97,6 +97,10 @@ def _write_row(buffer: mx.array, row: mx.array, slot: mx.array) -> mx.array:
 class AttentionBlock(nn.Module):
     """x + out(attention(rope(q), rope(k), v, sinks)) over the pre-normed x."""
 
+    # Tensor parallel (distributed/tensor_parallel.py): the block holds a slice of the heads, and
+    # `shard` adds every rank's part of the output, the residual counted once.
+    shard = None
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -140,7 +144,8 @@ class AttentionBlock(nn.Module):
     def _output(self, o: mx.array, x: mx.array) -> mx.array:
         """x + out(o) for the heads' outputs o [B, Hq, T, D]."""
         B, _, T, _ = o.shape
-        return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
+        y = self.out(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
+        return x + y if self.shard is None else self.shard.all_sum(self.shard.residual(x) + y)
 
     def step(self, x: mx.array, pos: mx.array, slot: mx.array, kv: mx.array) -> tuple[mx.array, mx.array]:
         """One token per sequence, x [B, 1, H], at position `pos` (int32 [1]), with the cache as a
@@ -156,7 +161,9 @@ class AttentionBlock(nn.Module):
             q, row = kernels.norm_qkv_rope(self, x, pos)
             kv = _write_row(kv, row, slot)
             o = kernels.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
-            return kernels.out_residual(o, self.out, x), kv
+            if self.shard is None:
+                return kernels.out_residual(o, self.out, x), kv
+            return self.shard.all_sum(kernels.out_residual(o, self.out, self.shard.residual(x))), kv
         q, k, v = self._project(x)
         offset = pos.reshape(())
         q, k = self.rope(q, offset), self.rope(k, offset)
@@ -164,7 +171,9 @@ class AttentionBlock(nn.Module):
         if kernels.sdpa_decode_ok(q, kv):
             B = x.shape[0]
             q = mx.contiguous(q.reshape(B, self.num_heads, self.head_dim))
-            return x + self.out(kernels.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)), kv
+            o = kernels.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
+            y = self.out(o)
+            return (x + y if self.shard is None else self.shard.all_sum(self.shard.residual(x) + y)), kv
         written = mx.arange(kv.shape[3]) <= pos  # a ring's slots are all written once pos >= window - 1
         o = kernels.sdpa_reference(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, written)
         return self._output(o, x), kv

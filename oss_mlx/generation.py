@@ -133,7 +133,23 @@ def generate_tokens(
     model's compiled decode step (decode.py). A stop token is
     therefore fed to the cache too; callers read `cache.offset` to know what the cache holds.
     prefill_step: the prefill chunk; default the model's (`load` picks it for the machine's memory).
+    A distributed model's loop runs where a dead rank cannot hang the caller (distributed/runtime.py).
     """
+    tokens = _generate_tokens(model, new_tokens, cache, options, stop_ids, report, mark_at, prefill_step)
+    guard = getattr(model, "guard", None)
+    return tokens if guard is None else guard(tokens)
+
+
+def _generate_tokens(
+    model: Transformer,
+    new_tokens: list[int],
+    cache: ModelCache,
+    options: SamplingOptions,
+    stop_ids: set[int],
+    report: TokenStream | None,
+    mark_at: Iterable[int],
+    prefill_step: int | None,
+) -> Iterator[int]:
     report = report if report is not None else TokenStream()
     stats = report.stats
     stats.prefilled_tokens = len(new_tokens)

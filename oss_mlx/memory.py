@@ -546,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--platform", choices=["mac", "linux"], help="with --memory: mac (default; GPU working set) or linux"
     )
+    ap.add_argument(
+        "--hosts", metavar="FILE", help="hosts.json: the split over these machines and the memory on each"
+    )
+    ap.add_argument(
+        "--distributed", choices=("auto", "pipeline", "tensor"), default="auto", help="with --hosts"
+    )
     args = ap.parse_args(argv)
     from rich.console import Console
 
@@ -568,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         return 1
+    if args.hosts:
+        from .distributed.cli import plan_main
+
+        return plan_main(args, config, {**section, "quantization": plan.quantization})
     machine = Machine.of_size(args.memory, args.platform or "mac") if args.memory else Machine.detect()
     print_plan(plan, machine)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .distributed import cli as distributed
 from .loader import DEFAULT_MODEL
 
 
@@ -23,6 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--show-reasoning", action="store_true", help="print the chain of thought to stderr")
     p.add_argument("--stats", action="store_true", help="print speed and memory to stderr at the end")
     p.add_argument("--memory-budget", metavar="SIZE", help='e.g. "6GB": stream experts from disk')
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -38,16 +40,31 @@ def main(argv: list[str] | None = None) -> int:
 
     import oss_mlx
     from oss_mlx.config import ConfigError
-    from oss_mlx.harmony import TextDelta
-    from oss_mlx.session import Done
+    from oss_mlx.distributed.group import DistributedError
     from oss_mlx.tokenizer import TokenizerError
     from oss_mlx.weights import CheckpointError
 
     try:
-        model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
-    except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
+        if distributed.requested(args):  # several ranks: this is rank 0 (the others never return)
+            model, tokenizer = distributed.load(args.model, args)
+        else:
+            model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError, DistributedError) as e:
         print(f"oss-mlx generate: {e}", file=sys.stderr)
         return 1
+    try:
+        return _answer(args, prompt, model, tokenizer)
+    except DistributedError as e:
+        sys.stdout.write("\n")
+        print(f"oss-mlx generate: {e}", file=sys.stderr)
+        return 1
+
+
+def _answer(args: argparse.Namespace, prompt: str, model, tokenizer) -> int:
+    import oss_mlx
+    from oss_mlx.harmony import TextDelta
+    from oss_mlx.session import Done
+
     events = oss_mlx.stream_generate(
         model,
         tokenizer,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import time
 import weakref
 from collections import OrderedDict
@@ -39,6 +38,7 @@ from mlx.utils import tree_flatten
 from . import weights as W
 from .config import ModelConfig
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
+from .partial_read import data_start, pread_into
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -120,12 +120,9 @@ class _Files:
         if fd is None:
             fd = self.fds[src.path] = os.open(src.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         out = np.empty(src.shape, dtype=src.dtype)
-        view, pos, done = memoryview(out).cast("B"), src.offset + expert * src.stride, 0
-        while done < src.stride:  # pread may return short reads (signals, network filesystems)
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n <= 0:
-                raise OSError(f"{src.path}: unexpected end of file reading expert {expert} at {pos + done}")
-            done += n
+        pread_into(
+            fd, memoryview(out).cast("B"), src.offset + expert * src.stride, src.path, f"expert {expert}"
+        )
         return out
 
 
@@ -136,15 +133,6 @@ def _close_all(fds: dict[Path, int]) -> None:
         except OSError:
             pass
     fds.clear()
-
-
-def _data_start(path: Path, cache: dict[Path, tuple[int, dict]]) -> tuple[int, dict]:
-    if path not in cache:
-        header = W.read_safetensors_header(path)
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-        cache[path] = (8 + n, header)
-    return cache[path]
 
 
 _INT_DTYPES = {"U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4}
@@ -189,7 +177,7 @@ def expert_sources(
                     )
                 )
             path = tensors.file_of[srcs[0]]
-            start, header = _data_start(path, headers)
+            start, header = data_start(path, headers)
             info = header[srcs[0]]
             lo, hi = info["data_offsets"]
             per_expert = int(np.prod(param.shape[1:])) * param.dtype.size
@@ -230,7 +218,7 @@ def embedding_source(
     if not isinstance(emb, nn.Embedding) or len(srcs) != 1 or build is not W.identity:
         return None
     path = tensors.file_of[srcs[0]]
-    start, header = _data_start(path, headers)
+    start, header = data_start(path, headers)
     info = header[srcs[0]]
     if info["dtype"] not in _FLOAT_DTYPES or tuple(info["shape"]) != tuple(emb.weight.shape):
         return None

@@ -1,0 +1,127 @@
+"""Load one rank's part of a checkpoint (any layout the loader reads), reading only that part.
+
+Pipeline stages read their layers' tensors whole (lazily, as the loader does: only the tensors asked
+for are ever read). Tensor-parallel ranks read rows straight from the files (partial_read.py): their
+experts (axis 0 of every expert tensor, in every layout), their heads' qkv rows, their vocabulary
+rows; the out projection's columns are strided on disk, so that tensor (H x Hq*D, 24 MB for the 20b)
+is read whole and its columns copied out. Everything then goes through the loader's checks
+(weights.iter_canonical: shapes against this rank's model, dtypes, MXFP4 quantization of float
+experts), so a rank's part is held exactly as the whole model would hold it.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .. import weights as W
+from ..loader import Checkpoint, finish_loading, quantize_dense
+from ..memory import DEFAULT_CONTEXT
+from ..partial_read import DTYPES, Headers, read_rows
+from .group import Group
+from .pipeline import PipelineStage
+from .plan import Plan
+from .tensor_parallel import Cut, TensorParallelRank, cut
+
+# Recipes whose output rows are the source's rows (axis 0 kept): a row range can be read from the source.
+_ROW_WISE = (W.identity, W.blocks_to_uint32)
+
+
+def activation_dtype(ckpt: Checkpoint, dtype: mx.Dtype | None) -> mx.Dtype:
+    """The hidden states' dtype: the float dtype of the stored embedding (its scales' if quantized),
+    or the dtype the weights are cast to. Read from the header: every rank knows it, with or without
+    the embedding."""
+    if dtype is not None:
+        return dtype
+    for name in ("embedding.scales", "embedding.weight"):
+        srcs, _ = ckpt.recipes.get(name, ([], None))
+        if srcs and srcs[0] in ckpt.tensors:
+            path = ckpt.tensors.file_of[srcs[0]]
+            stored = W.read_safetensors_header(path)[srcs[0]]["dtype"]
+            return DTYPES[stored]
+    raise W.CheckpointError(f"{ckpt.folder}: no embedding tensor to take the activation dtype from")
+
+
+class _ShareTensors:
+    """What weights.iter_canonical reads, for one rank: canonical name -> this rank's part of it."""
+
+    def __init__(self, ckpt: Checkpoint, cuts: dict[str, Cut | None], expected: dict):
+        self.ckpt, self.cuts, self.expected = ckpt, cuts, expected
+        self.headers: Headers = {}
+        src = ckpt.tensors
+        self.file_of = {n: src.file_of[ckpt.recipes[n][0][0]] for n in cuts if n in ckpt.recipes}
+        self.shape_of = {n: tuple(expected[n][0]) for n in cuts}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.cuts and all(
+            s in self.ckpt.tensors for s in self.ckpt.recipes.get(name, ([None],))[0]
+        )
+
+    def __getitem__(self, name: str) -> mx.array:
+        srcs, build = self.ckpt.recipes[name]
+        part = self.cuts[name]
+        tensors = self.ckpt.tensors
+        if part is None:
+            return build(*(tensors[s] for s in srcs))  # lazy: read when evaluated
+        if part.zeros:
+            shape, dtype = self.expected[name]
+            return mx.zeros(shape, dtype)
+        if part.rows is not None:
+            if build in _ROW_WISE or (build is W.transpose_last and len(tensors.shape_of[srcs[0]]) >= 3):
+                return build(read_rows(tensors.file_of[srcs[0]], srcs[0], list(part.rows), self.headers))
+            if build is W.concat_rows:  # the hub's q, k and v: each canonical range in its own source
+                pieces, base = [], 0
+                for s in srcs:
+                    n = tensors.shape_of[s][0]
+                    ranges = [
+                        range(max(r.start, base) - base, min(r.stop, base + n) - base) for r in part.rows
+                    ]
+                    ranges = [r for r in ranges if len(r) > 0]
+                    pieces.append(read_rows(tensors.file_of[s], s, ranges, self.headers))
+                    base += n
+                return mx.concatenate(pieces, axis=0)
+            whole = build(*(tensors[s] for s in srcs))
+            out = mx.concatenate([whole[r.start : r.stop] for r in part.rows], axis=0)
+        else:
+            whole = build(*(tensors[s] for s in srcs))
+            lo, hi = part.cols
+            out = mx.contiguous(whole[:, lo:hi])
+        mx.eval(out)  # now, so that the whole tensor is released before the next one is read
+        return out
+
+
+def build_rank_model(ckpt: Checkpoint, plan: Plan, group: Group, dtype: mx.Dtype | None = None):
+    """This rank's model, filled with its part of the checkpoint, ready to run."""
+    share = plan.shares[group.rank]
+    config = ckpt.config
+    if plan.mode == "pipeline":
+        model = PipelineStage(config, share, group, activation_dtype(ckpt, dtype), not ckpt.float_experts)
+    else:
+        model = TensorParallelRank(config, share, group, not ckpt.float_experts)
+    quantize_dense(model, ckpt.raw.get("oss_mlx", {}).get("quantization"))
+    local = {k: (v.shape, v.dtype) for k, v in tree_flatten(model.parameters())}
+    names = {model.canonical_name(k): k for k in local}
+    expected = {name: local[k] for name, k in names.items()}
+    if plan.mode == "tensor":
+        shape_of = {
+            n: tuple(ckpt.tensors.shape_of[ckpt.recipes[n][0][0]]) for n in expected if n in ckpt.recipes
+        }
+        cuts = {n: cut(n, shape_of.get(n, ()), config, share, group.rank) for n in expected}
+    else:
+        cuts = dict.fromkeys(expected)
+    tensors = _ShareTensors(ckpt, cuts, expected)
+    weights = W.iter_canonical(
+        tensors,
+        {n: ([n], W.identity) for n in expected},
+        expected,
+        dtype=dtype,
+        quantize_float_experts=ckpt.quantize_float_experts,
+        folder=ckpt.folder,
+    )
+    filled = []
+    for name, array in weights:
+        mx.eval(array)  # one tensor at a time: the peak is this rank's part plus one tensor
+        filled.append((names[name], array))
+    model.load_weights(filled, strict=True)
+    kv = share.kv_bytes * DEFAULT_CONTEXT // max(plan.context, 1)
+    return finish_loading(model, ckpt, kv=kv)
