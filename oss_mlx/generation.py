@@ -16,6 +16,10 @@ from .model import Transformer
 PREFILL_STEP = 2048
 
 
+def _argmax(logits: mx.array) -> mx.array:
+    return mx.argmax(logits, axis=-1)
+
+
 @dataclass
 class SamplingOptions:
     """temperature 0 is greedy. top_k 0 and top_p 1 and min_p 0 switch those filters off."""
@@ -28,6 +32,8 @@ class SamplingOptions:
     max_tokens: int = 4096
 
     def sampler(self) -> Callable[[mx.array], mx.array]:
+        if self.temperature == 0:  # greedy: what make_sampler returns for temp 0, without importing it
+            return _argmax
         # mlx-lm's samplers are well tested and compiled; no reason to write our own. Imported here:
         # mlx_lm pulls in transformers, which would slow every start-up by seconds.
         from mlx_lm.sample_utils import make_sampler

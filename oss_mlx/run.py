@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import oss_mlx
     from oss_mlx.config import ConfigError
-    from oss_mlx.distributed.group import DistributedError
+    from oss_mlx.distributed.errors import DistributedError
     from oss_mlx.tokenizer import TokenizerError
     from oss_mlx.weights import CheckpointError
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
@@ -76,16 +75,13 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--prefill-step", type=int, default=24)
     ap.add_argument("--endless", action="store_true", help="decode until a rank fails (fault tests)")
+    ap.add_argument("--then-endless", action="store_true", help="the checks, then --endless")
     args = ap.parse_args()
 
     import time
 
     from oss_mlx.distributed import cli
-    from oss_mlx.generation import SamplingOptions
 
-    if os.environ.get("MLX_RANK", "0") == "0":
-        # Rank 0 samples: mlx-lm's sampler is imported before the ranks measure their memory.
-        SamplingOptions().sampler()
     start = time.perf_counter()
     model, tokenizer = cli.load(args.model, args)
     loaded = time.perf_counter() - start
@@ -96,6 +92,9 @@ def main() -> int:
     out["plan"] = model.runtime.plan.as_dict()
     out["seconds"]["load"] = loaded
     print(json.dumps(out), flush=True)
+    if args.then_endless:
+        endless(model)
+        return 1
     return 0
 
 

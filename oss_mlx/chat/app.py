@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ..distributed.errors import DistributedError
 from ..harmony import REASONING_EFFORTS, Message, TextDelta, Tool, ToolCall, render_developer, render_system
 from . import commands
 from .guard import InterruptGuard, LoopDetector, is_interactive, no_echo
@@ -377,6 +378,10 @@ class ChatApp:
                     return 0
             except KeyboardInterrupt:
                 self.say("interrupted")
+            except DistributedError as e:  # a rank or a link is gone: the model is too
+                self.error(str(e))
+                self.autosave()
+                return 1
             except Exception as e:  # a bug must not end the chat or lose the conversation
                 self.error(f"error: {type(e).__name__}: {e}")
                 if os.environ.get("OSS_MLX_DEBUG"):
@@ -849,6 +854,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help='e.g. "6GB": keep only hot experts in memory and read the rest from disk (slower, smaller)',
     )
+    from ..distributed import cli as distributed
+
+    distributed.add_arguments(ap)
     return ap
 
 
@@ -892,9 +900,11 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(Text(f"loading {args.model} …", style="dim"))
         # Checked from config.json alone (a hub model's too), before any download or load.
+        from ..distributed import cli as distributed
         from ..memory import fit_advice
 
-        warnings = [] if args.memory_budget or args.ignore_memory else fit_advice(args.model)
+        several = distributed.requested(args)  # the distributed planner checks each machine instead
+        warnings = [] if args.memory_budget or args.ignore_memory or several else fit_advice(args.model)
         for line in warnings:
             console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
         if warnings:  # never let the machine swap: refuse before loading, say what to do
@@ -903,7 +913,10 @@ def main(argv: list[str] | None = None) -> int:
                 "--memory-budget SIZE to keep only hot experts in memory (or --ignore-memory to load anyway)"
             )
         path = prepare_model(args.model, console)
-        model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
+        if several:  # this process is rank 0; the other ranks only compute (and never get here)
+            model, tokenizer = distributed.load(str(path), args)
+        else:
+            model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # bad folder, offline, missing vocabulary...: said in words

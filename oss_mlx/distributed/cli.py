@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ..memory import DEFAULT_CONTEXT, GiB, Machine
-from .group import DistributedError, launched
+from .errors import DistributedError
 from .hosts import Hostfile, HostsError, Launch
 
 
@@ -42,12 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def requested(args: argparse.Namespace) -> bool:
     """Whether this run is distributed: --hosts given, or started as one rank (mlx.launch)."""
+    from .group import launched
+
     return bool(getattr(args, "hosts", None)) or launched()
 
 
 def load(model_path: str, args: argparse.Namespace):
     """(model, tokenizer) on rank 0; the other ranks compute until rank 0 is done, then exit here."""
     from ..tokenizer import load_tokenizer
+    from .group import launched
     from .runtime import Options, start
 
     mode = None if args.distributed == "auto" else args.distributed

@@ -29,15 +29,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .errors import DistributedError
+
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = float(os.environ.get("OSS_MLX_HEARTBEAT_TIMEOUT", "5"))
 CONNECT_TIMEOUT = 120.0  # every worker connects to rank 0 within this (they load nothing before it)
 ADDRESS_BYTES = 256
-
-
-class DistributedError(RuntimeError):
-    """A distributed run failed (a rank died or hangs, a link dropped, ranks disagree); the message
-    says which rank and what happened."""
 
 
 # ---- the MLX group --------------------------------------------------------------------------------
@@ -202,6 +199,7 @@ class ControlLink:
         self._failed: str | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self.woken = threading.Event()  # a worker: rank 0 said "wake" (protocol PARK)
         self._sock: socket.socket | None = None
         self.host = socket.gethostname()
         if self.rank == 0:
@@ -313,6 +311,16 @@ class ControlLink:
     def failed(self) -> str | None:
         return self._failed
 
+    def wake_all(self) -> None:
+        """Rank 0: parked workers, back to the collectives."""
+        for r in list(self.peers):
+            self.send(r, "wake")
+
+    def wait_woken(self) -> None:
+        """A worker: wait for rank 0's "wake" (a failure ends the process meanwhile)."""
+        self.woken.wait()
+        self.woken.clear()
+
     def abort_all(self, reason: str) -> None:
         """Rank 0: tell every worker to exit now (they may be blocked in a collective)."""
         for r in list(self.peers):
@@ -375,6 +383,8 @@ class ControlLink:
                 elif kind == "err":
                     self.messages.append(f"{self.describe(peer.rank)}: {text}")
                     self.fail(self.messages[-1])
+                elif kind == "wake":
+                    self.woken.set()
                 elif kind == "abort":
                     self.fail(f"rank 0 stopped the group: {text}")
                 elif kind == "bye":

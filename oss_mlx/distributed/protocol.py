@@ -11,6 +11,9 @@ runs the same call on its own part, with its own caches, in the same order:
     FORWARD  model(tokens, cache, last_logits_only)  (a prefill chunk, or a forward without cache)
     DECODE   one decode step (the compiled step, decode.py) of the tokens in the header
     CACHE    cache operations, in the order rank 0 did them: MARK, REWIND(offset), FREE
+    PARK     nothing to do for a while (a request ended): workers wait on the control link, not in a
+             collective, until rank 0 wakes them before its next command. (MLX's ring backend polls
+             while it waits: an idle worker in an all_sum kept a core 20-45% busy.)
     STOP     the end: workers leave their loop
 
 The header of a decode step carries the token sampled from the previous step as a lazy array, so the
@@ -36,7 +39,7 @@ from .group import DistributedError, Group
 
 HEADER = 8
 INLINE = 64
-FORWARD, DECODE, CACHE, STOP = 1, 2, 3, 4
+FORWARD, DECODE, CACHE, STOP, PARK = 1, 2, 3, 4, 5
 MARK, REWIND, FREE = 1, 2, 3
 NO_CACHE = -1
 LAST_LOGITS_ONLY = 1
@@ -69,13 +72,17 @@ class SharedCache(ModelCache):
 class Controller:
     """Rank 0's side: turns each model call into a command for the other ranks (module docstring)."""
 
-    def __init__(self, group: Group, on_step: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, group: Group, on_step: Callable[[], None] | None = None, wake: Callable[[], None] | None = None
+    ) -> None:
         self.group = group.group
         self._ops: list[tuple[int, int, int]] = []
         self._lock = threading.Lock()
         self._ids = 0
         self._last: mx.array | None = None  # the previous command: the next one depends on it
         self.on_step = on_step
+        self._wake = wake
+        self.parked = False
 
     # -- caches ----------------------------------------------------------------------------------
 
@@ -101,6 +108,10 @@ class Controller:
     def _command(
         self, op: int, cache: ModelCache | None, batch: int, tokens: int, flags: int, count: int, inline=None
     ):
+        if self.parked:
+            self.parked = False
+            if self._wake is not None:
+                self._wake()
         cache_id = cache.cache_id if isinstance(cache, SharedCache) else NO_CACHE
         offset = cache.offset if cache is not None else 0
         head = mx.array([op, cache_id, batch, tokens, flags, offset, count, 0], dtype=mx.int32)
@@ -142,6 +153,14 @@ class Controller:
         self._stepped()
         return header[HEADER : HEADER + B].reshape(B, 1).astype(tokens.dtype)
 
+    def park(self) -> None:
+        """Tell the workers to wait off the collectives until the next command."""
+        if self.parked:
+            return
+        self.flush()
+        mx.eval(self._command(PARK, None, 0, 0, 0, 0))
+        self.parked = True
+
     def stop(self) -> None:
         self.flush()
         mx.eval(self._command(STOP, None, 0, 0, 0, 0))
@@ -154,8 +173,14 @@ class Controller:
 # ---- the workers' side ------------------------------------------------------------------------------
 
 
-def serve(model, group: Group, on_step: Callable[[], None] | None = None) -> None:
-    """A worker's loop: run rank 0's commands on this rank's part of the model until STOP."""
+def serve(
+    model,
+    group: Group,
+    on_step: Callable[[], None] | None = None,
+    wait_wake: Callable[[], None] | None = None,
+) -> None:
+    """A worker's loop: run rank 0's commands on this rank's part of the model until STOP;
+    wait_wake() blocks until rank 0 wakes a parked worker."""
     from ..decode import DecodeStep
 
     g = group.group
@@ -184,6 +209,10 @@ def serve(model, group: Group, on_step: Callable[[], None] | None = None) -> Non
         op, cache_id, B, T, flags, offset, count = (int(v) for v in h[:7])
         if op == STOP:
             return
+        if op == PARK:
+            if wait_wake is not None:
+                wait_wake()
+            continue
         if op == CACHE:
             ops = receive(3 * count).reshape(count, 3)
             for kind, cid, arg in ops.tolist():

@@ -189,6 +189,7 @@ class Runtime:
             if self.failure is None:
                 try:
                     self.run(tokens.close)  # settles the cache on the compute thread, in order
+                    self.run(self.controller.park)  # the workers wait off the collectives till the next
                 except DistributedError:
                     pass
 
@@ -390,7 +391,12 @@ def start(model_path: str | os.PathLike, options: Options | None = None, launch=
         raise
     if not rank0:
         try:
-            protocol.serve(model, group, on_step=lambda: setattr(link, "steps", link.steps + 1))
+            protocol.serve(
+                model,
+                group,
+                on_step=lambda: setattr(link, "steps", link.steps + 1),
+                wait_wake=link.wait_woken,
+            )
         except Exception as e:  # a desynchronised cache, an MLX error: rank 0 hears why, then all stop
             link.report(f"{type(e).__name__}: {e}")
             time.sleep(0.5)
@@ -405,7 +411,10 @@ def start(model_path: str | os.PathLike, options: Options | None = None, launch=
         # failure that caused it is said before the process ends.
         signal.signal(signal.SIGTERM, _terminate)
     runtime.model, runtime.plan = model, plan
-    runtime.controller = protocol.Controller(group, on_step=lambda: setattr(link, "steps", link.steps + 1))
+    runtime.controller = protocol.Controller(
+        group, on_step=lambda: setattr(link, "steps", link.steps + 1), wake=link.wake_all
+    )
+    runtime.run(runtime.controller.park)  # until the first request
     model.controller = runtime.controller
     model.guard = runtime.guard
     model.runtime = runtime

@@ -112,7 +112,7 @@ def build_rank_model(ckpt: Checkpoint, plan: Plan, group: Group, dtype: mx.Dtype
     tensors = _ShareTensors(ckpt, cuts, expected)
     weights = W.iter_canonical(
         tensors,
-        {n: ([n], W.identity) for n in expected},
+        {n: ([n], W.identity) for n in expected if n in ckpt.recipes},
         expected,
         dtype=dtype,
         quantize_float_experts=ckpt.quantize_float_experts,

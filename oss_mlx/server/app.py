@@ -253,6 +253,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="e.g. 6GB: stream experts from the checkpoint, hot ones kept in memory (default: all resident)",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from ..distributed import cli as distributed
+
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -265,7 +268,19 @@ def main(argv: list[str]) -> int:
         log.warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", args.host
         )
-    if not args.memory_budget and not args.ignore_memory:
+    from ..distributed import cli as distributed
+
+    loader = None
+    if distributed.requested(args):  # this process is rank 0 and serves; the others only compute
+        from ..distributed.errors import DistributedError
+
+        try:
+            loaded = distributed.load(args.model, args)
+        except (DistributedError, ValueError, OSError) as e:
+            print(f"oss-mlx serve: cannot start the distributed run: {e}", file=sys.stderr)
+            return 1
+        loader = lambda path: loaded  # noqa: E731 - the engine calls it on its thread
+    elif not args.memory_budget and not args.ignore_memory:
         from ..memory import fit_advice
 
         advice = fit_advice(args.model)
@@ -288,6 +303,7 @@ def main(argv: list[str]) -> int:
         cache_slots=args.cache_slots,
         context_limit=args.context_limit,
         script=script,
+        loader=loader,
         load_kwargs={"memory_budget": args.memory_budget} if args.memory_budget else None,
     )
     log.info("loading %s", args.model)
@@ -320,6 +336,14 @@ def main(argv: list[str]) -> int:
             app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
         )
     )
+    runtime = getattr(engine.model, "runtime", None)
+    if runtime is not None:  # a rank or a link is gone: the request in flight gets the error, then we stop
+
+        def stop(reason: str) -> None:
+            log.error("distributed run failed: %s; shutting down", reason)
+            server.should_exit = True
+
+        runtime.on_failure.append(stop)
     try:
         server.run()
     finally:
