@@ -287,10 +287,10 @@ def _alive(pid: int) -> bool:
     return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _launch(n: int, mode: str, model: Path, report: Path, *extra: str) -> dict:
+def _launch(n: int, mode: str, model: Path, report: Path, *extra: str, **env: str) -> dict:
     cmd = [*MLX_LAUNCH, "--backend", "ring", "-n", str(n), "--starting-port", str(_free_port_base(n))]
     cmd += ["--", sys.executable, str(PROBE), str(model), "--distributed", mode, *extra]
-    run = _run(cmd, _env(OSS_MLX_DISTRIBUTED_REPORT=str(report)), timeout=150)
+    run = _run(cmd, _env(OSS_MLX_DISTRIBUTED_REPORT=str(report), **env), timeout=150)
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert run.returncode == 0 and lines, f"exit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
     return json.loads(lines[-1])
@@ -343,9 +343,12 @@ def _check_greedy(got: dict, reference: dict, report: Path, mode: str, n: int) -
 @pytest.mark.parametrize("mode,n", [("pipeline", 2), ("pipeline", 4), ("tensor", 4)])
 def test_greedy_tokens_identical_to_one_process(tiny, tiny_converted, reference, tmp_path, mode, n):
     """2 ranks read the converted layout, 4 the hub layout (fewer tokens: 4 processes on 2 cores);
-    the reference is the hub layout in one process. Tensor on 2 ranks: the next test."""
+    the reference is the hub layout in one process. Pipeline on 4 ranks hands the hidden state on
+    with all_sums, as on NCCL (no send/recv there). Tensor on 2 ranks: the next test."""
     tokens = 8 if n == 2 else 3
-    got = _launch(n, mode, tiny_converted if n == 2 else tiny, tmp_path, "--max-tokens", str(tokens))
+    handoff = {"OSS_MLX_PIPELINE_HANDOFF": "collective"} if (mode, n) == ("pipeline", 4) else {}
+    model = tiny_converted if n == 2 else tiny
+    got = _launch(n, mode, model, tmp_path, "--max-tokens", str(tokens), **handoff)
     _check_greedy(got, reference(tokens), tmp_path, mode, n)
 
 
