@@ -89,39 +89,45 @@ def _e8m0_center(fan_in: int) -> int:
     return 127 + round(-math.log2(2.926 * math.sqrt(fan_in)))
 
 
+def random_parameter(name: str, p: mx.array, dtype: mx.Dtype = mx.bfloat16) -> mx.array:
+    """A random value of realistic scale for parameter `name` shaped like p (draws from MLX's global
+    random state: the order of calls fixes the values)."""
+    shape = p.shape
+    if p.dtype == mx.uint32:  # packed FP4 codes: any bits are valid
+        bytes_ = mx.random.randint(0, 256, (*shape[:-1], 4 * shape[-1]), dtype=mx.uint8)
+        return bytes_.view(mx.uint32)
+    if p.dtype == mx.uint8:  # e8m0 scales around the fan-in centre
+        c = _e8m0_center(shape[-1] * 32)
+        return mx.random.randint(c - 1, c + 2, shape).astype(mx.uint8)
+    if name.endswith("norm.weight"):
+        return (1 + 0.05 * mx.random.normal(shape)).astype(dtype)
+    if name.endswith("sinks"):
+        return mx.random.normal(shape).astype(dtype)
+    if name.endswith("bias"):
+        return (0.02 * mx.random.normal(shape)).astype(dtype)
+    if name.startswith("embedding"):
+        return mx.random.normal(shape, dtype=dtype)
+    return (mx.random.normal(shape, dtype=dtype) * (1 / math.sqrt(shape[-1]))).astype(dtype)
+
+
+def random_parts(model: Transformer) -> list[tuple[nn.Module, str]]:
+    """The modules random_model fills, in its order, with their name prefixes."""
+    parts = [(block, f"blocks.{i}.") for i, block in enumerate(model.blocks)]
+    return parts + [
+        (model.embedding, "embedding."),
+        (model.norm, "norm."),
+        (model.unembedding, "unembedding."),
+    ]
+
+
 def random_model(config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.bfloat16) -> Transformer:
     """A gpt-oss with random weights of realistic scale, built block by block in memory."""
     mx.random.seed(seed)
     model = Transformer(config, quantized_experts=True)
-
-    def make(name: str, p: mx.array) -> mx.array:
-        shape = p.shape
-        if p.dtype == mx.uint32:  # packed FP4 codes: any bits are valid
-            bytes_ = mx.random.randint(0, 256, (*shape[:-1], 4 * shape[-1]), dtype=mx.uint8)
-            return bytes_.view(mx.uint32)
-        if p.dtype == mx.uint8:  # e8m0 scales around the fan-in centre
-            c = _e8m0_center(shape[-1] * 32)
-            return mx.random.randint(c - 1, c + 2, shape).astype(mx.uint8)
-        if name.endswith("norm.weight"):
-            return (1 + 0.05 * mx.random.normal(shape)).astype(dtype)
-        if name.endswith("sinks"):
-            return mx.random.normal(shape).astype(dtype)
-        if name.endswith("bias"):
-            return (0.02 * mx.random.normal(shape)).astype(dtype)
-        if name.startswith("embedding"):
-            return mx.random.normal(shape, dtype=dtype)
-        return (mx.random.normal(shape, dtype=dtype) * (1 / math.sqrt(shape[-1]))).astype(dtype)
-
-    def fill(module: nn.Module, prefix: str) -> None:
-        params = [(n, make(prefix + n, p)) for n, p in tree_flatten(module.parameters())]
+    for module, prefix in random_parts(model):
+        params = [(n, random_parameter(prefix + n, p, dtype)) for n, p in tree_flatten(module.parameters())]
         module.update(tree_unflatten(params))
         mx.eval(module.parameters())
-
-    for i, block in enumerate(model.blocks):
-        fill(block, f"blocks.{i}.")
-    fill(model.embedding, "embedding.")
-    fill(model.norm, "norm.")
-    fill(model.unembedding, "unembedding.")
     kernels.prepare(model)  # as the loader does
     return model
 

@@ -180,6 +180,8 @@ class Peer:
     last_seen: float
     steps: int = 0
     closed: bool = False
+    peak_memory: int = 0  # the worker's MLX peak memory (GPU, or CPU buffers), bytes
+    peak_rss: int = 0
 
 
 class ControlLink:
@@ -326,6 +328,14 @@ class ControlLink:
         for r in list(self.peers):
             self.send(r, "abort", reason)
 
+    @staticmethod
+    def memory() -> str:
+        """'MLX peak bytes, peak RSS bytes' of this process (sent with each heartbeat)."""
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return f"{mx.get_peak_memory()} {rss if sys.platform == 'darwin' else rss * 1024}"
+
     def closing(self) -> None:
         """A planned end begins: peers that now close their connection are not failures."""
         self._stopping.set()
@@ -347,7 +357,7 @@ class ControlLink:
             for peer in list(self.peers.values()):
                 if peer.closed:
                     continue
-                self.send(peer.rank, "hb", str(self.steps))
+                self.send(peer.rank, "hb", f"{self.steps} {self.memory()}")
                 if now - peer.last_seen > self.timeout and not self._stopping.is_set():
                     behind = f" at step {peer.steps}" if self.rank == 0 else ""
                     silent = now - peer.last_seen
@@ -379,7 +389,10 @@ class ControlLink:
                 kind, _, text = line.decode(errors="replace").partition(" ")
                 peer.last_seen = time.monotonic()
                 if kind == "hb":
-                    peer.steps = int(text or 0)
+                    fields = [int(v) for v in text.split()]
+                    peer.steps = fields[0] if fields else 0
+                    if len(fields) >= 3:
+                        peer.peak_memory, peer.peak_rss = fields[1], fields[2]
                 elif kind == "err":
                     self.messages.append(f"{self.describe(peer.rank)}: {text}")
                     self.fail(self.messages[-1])

@@ -193,6 +193,21 @@ class Runtime:
                 except DistributedError:
                     pass
 
+    def memory(self) -> list[dict]:
+        """Per rank: MLX's peak memory and the peak RSS, bytes (the others' as of their last
+        heartbeat, at most HEARTBEAT_INTERVAL old)."""
+        out = [{"rank": 0, "peak_memory": mx.get_peak_memory(), "peak_rss": peak_rss()}]
+        for r in range(1, self.group.size):
+            peer = self.link.peers.get(r) if self.link is not None else None
+            out.append(
+                {
+                    "rank": r,
+                    "peak_memory": peer.peak_memory if peer else 0,
+                    "peak_rss": peer.peak_rss if peer else 0,
+                }
+            )
+        return out
+
     # -- the end ---------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -263,8 +278,51 @@ def _fingerprint(path: Path) -> dict:
     return {"size": size, "header": read_safetensors_header(path), "sha256": h.hexdigest()}
 
 
-def _identity(ckpt: Checkpoint, plan: Plan) -> tuple[list[str], str]:
-    """(digests of code, model and plan; a one-line description of the model) of this rank."""
+def digest(x) -> str:
+    return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class CheckpointSource:
+    """Where every rank's weights come from: a checkpoint folder (any layout) at the same path on
+    each machine. `start` uses open(), then config, quantization, dtype_bytes, identity(), build().
+    (benchmarks/distributed_bench.py has another source: random weights made in memory.)"""
+
+    def __init__(self, path: str | os.PathLike, options: Options) -> None:
+        self.path, self.options = path, options
+        self.ckpt: Checkpoint | None = None
+
+    def open(self) -> None:
+        from .shard_load import activation_dtype
+
+        self.ckpt = open_checkpoint(self.path, self.options.quantize_experts)
+        self.config = self.ckpt.config
+        self.quantization = (self.ckpt.raw.get("oss_mlx") or {}).get("quantization")
+        self.dtype_bytes = activation_dtype(self.ckpt, self.options.dtype).size
+
+    def identity(self) -> tuple[str, str]:
+        """(a digest of the model: config and weights; a one-line description)."""
+        ckpt = self.ckpt
+        section = ckpt.raw.get("oss_mlx") or {}
+        if section.get("shards"):
+            weights = {"shards": section["shards"]}  # sha256 of every shard, recorded at conversion
+        else:  # no checksums in other layouts: headers, sizes and a fingerprint of the bytes (not all
+            # of them: hashing a 65 GB checkpoint at every start would take minutes)
+            files = sorted(set(ckpt.tensors.file_of.values()))
+            weights = {path.name: _fingerprint(path) for path in files}
+        created = section.get("created", "")
+        about = f"{ckpt.layout} {ckpt.folder.name}" + (f" converted {created}" if created else "")
+        model = {"config": ckpt.config.to_hf_dict(), "layout": ckpt.layout, "weights": weights}
+        return digest(model), about
+
+    def build(self, plan: Plan, group: Group):
+        from .shard_load import build_rank_model
+
+        model, _ = build_rank_model(self.ckpt, plan, group, self.options.dtype)
+        return model
+
+
+def _identity(source, plan: Plan) -> tuple[list[str], str]:
+    """(digests of code, model and plan; a one-line description) of this rank."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -272,24 +330,12 @@ def _identity(ckpt: Checkpoint, plan: Plan) -> tuple[list[str], str]:
     except PackageNotFoundError:
         ours = "0"
     code = f"oss-mlx {ours}, mlx {mx.__version__}, protocol {protocol.HEADER}+{protocol.INLINE}"
-    section = ckpt.raw.get("oss_mlx") or {}
-    if section.get("shards"):
-        weights = {"shards": section["shards"]}  # sha256 of every shard, recorded at conversion
-    else:  # no checksums in other layouts: headers, sizes and a fingerprint of the bytes (not all of
-        # them: hashing a 65 GB checkpoint at every start would take minutes)
-        weights = {path.name: _fingerprint(path) for path in sorted(set(ckpt.tensors.file_of.values()))}
-    model = {"config": ckpt.config.to_hf_dict(), "layout": ckpt.layout, "weights": weights}
-
-    def digest(x) -> str:
-        return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()
-
-    created = section.get("created", "")
-    about = f"{ckpt.layout} {ckpt.folder.name}" + (f" converted {created}" if created else "")
-    return [digest(code), digest(model), digest(plan.as_dict())], f"{about}; {code}"[:200]
+    model, about = source.identity()
+    return [digest(code), model, digest(plan.as_dict())], f"{about}; {code}"[:200]
 
 
-def _check_same(group: Group, link: ControlLink, ckpt: Checkpoint, plan: Plan) -> None:
-    digests, about = _identity(ckpt, plan)
+def _check_same(group: Group, link: ControlLink, source, plan: Plan) -> None:
+    digests, about = _identity(source, plan)
     mine = np.frombuffer(bytes.fromhex("".join(digests)), dtype=np.uint8).astype(np.int32)
     every = group.gather(np.concatenate([mine, encode_text(about)]))
     if group.rank != 0:
@@ -342,12 +388,12 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def start(model_path: str | os.PathLike, options: Options | None = None, launch=None) -> Runtime:
-    """Join the group and load this rank's part (module docstring). Rank 0: returns the Runtime, with
+def start(model, options: Options | None = None, launch=None) -> Runtime:
+    """Join the group and load this rank's part (module docstring). model: a checkpoint folder (the
+    same path on every machine) or a source like CheckpointSource. Rank 0: returns the Runtime, with
     `runtime.model` ready; other ranks: serve rank 0's commands, then exit (never return)."""
-    from .shard_load import activation_dtype, build_rank_model
-
     options = options or Options()
+    source = model if hasattr(model, "build") else CheckpointSource(model, options)
     if options.mode is not None and options.mode not in MODES:
         raise DistributedError(f"unknown distributed mode {options.mode!r}; choose pipeline or tensor")
     group = init_group()
@@ -360,29 +406,25 @@ def start(model_path: str | os.PathLike, options: Options | None = None, launch=
     agree = _Agreement(group, link, runtime)
     try:
         started = time.perf_counter()
-        ckpt = agree("open the checkpoint", lambda: open_checkpoint(model_path, options.quantize_experts))
+        agree("open the model", source.open)
         budgets = [int(b) * 2**20 for b in group.gather([_budget() // 2**20])[:, 0]]
-        latency = measure_latency(group, ckpt.config.hidden_size) if options.mode is None else 0.0
+        latency = measure_latency(group, source.config.hidden_size) if options.mode is None else 0.0
         latency = float(group.broadcast(np.array([latency], np.float32), mx.float32)[0])
-        section = ckpt.raw.get("oss_mlx") or {}
-        dtype_bytes = agree("read the checkpoint's dtype", lambda: activation_dtype(ckpt, options.dtype).size)
         plan = agree(
             "plan the split",
             lambda: make_plan(
-                ckpt.config,
+                source.config,
                 budgets,
                 mode=options.mode,
                 latency=latency if options.mode is None else None,
                 backend=group.backend,
                 context=options.context,
-                quantization=section.get("quantization"),
-                dtype_bytes=dtype_bytes,
+                quantization=source.quantization,
+                dtype_bytes=source.dtype_bytes,
             ),
         )
-        _check_same(group, link, ckpt, plan)
-        model, _ = agree(
-            "load its part of the model", lambda: build_rank_model(ckpt, plan, group, options.dtype)
-        )
+        _check_same(group, link, source, plan)
+        model = agree("load its part of the model", lambda: source.build(plan, group))
         group.barrier()
         _report(group, plan, baseline, time.perf_counter() - started)
     except DistributedError:

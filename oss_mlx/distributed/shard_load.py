@@ -21,7 +21,7 @@ from ..partial_read import DTYPES, Headers, read_rows
 from .group import Group
 from .pipeline import PipelineStage
 from .plan import Plan
-from .tensor_parallel import Cut, TensorParallelRank, cut
+from .tensor_parallel import Cut, TensorParallelRank, apply_cut, cut
 
 # Recipes whose output rows are the source's rows (axis 0 kept): a row range can be read from the source.
 _ROW_WISE = (W.identity, W.blocks_to_uint32)
@@ -80,12 +80,7 @@ class _ShareTensors:
                     pieces.append(read_rows(tensors.file_of[s], s, ranges, self.headers))
                     base += n
                 return mx.concatenate(pieces, axis=0)
-            whole = build(*(tensors[s] for s in srcs))
-            out = mx.concatenate([whole[r.start : r.stop] for r in part.rows], axis=0)
-        else:
-            whole = build(*(tensors[s] for s in srcs))
-            lo, hi = part.cols
-            out = mx.contiguous(whole[:, lo:hi])
+        out = apply_cut(build(*(tensors[s] for s in srcs)), part)
         mx.eval(out)  # now, so that the whole tensor is released before the next one is read
         return out
 

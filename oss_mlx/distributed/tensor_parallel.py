@@ -120,6 +120,18 @@ class Cut:
     zeros: bool = False
 
 
+def apply_cut(whole: mx.array, part: Cut | None) -> mx.array:
+    """This rank's part of a whole tensor (a copy: the whole can then be released)."""
+    if part is None:
+        return whole
+    if part.zeros:
+        return mx.zeros_like(whole)
+    if part.rows is not None:
+        return mx.concatenate([whole[r.start : r.stop] for r in part.rows], axis=0)
+    lo, hi = part.cols
+    return mx.contiguous(whole[:, lo:hi])
+
+
 _LAYER = re.compile(r"^blocks\.\d+\.(attn|mlp)\.(.+)$")
 
 
