@@ -1,6 +1,7 @@
 """Compile every CUDA kernel as `mx.fast.cuda_kernel` assembles it, without a GPU: nvcc for sm_90a,
-registers and spills per kernel at gpt-oss shapes (and a few odd ones); `--ptx DIR` also writes each
-kernel's PTX, to show that a refactor changed no instruction (compare two DIRs with `--compare`).
+registers and spills per kernel at every case of SPECS (gpt-oss shapes and a few odd ones); `--ptx
+DIR` also writes each case's PTX, to show that a refactor changed no instruction (compare two DIRs
+with `--compare`; files are named by kernel, dtypes and template, so two checkouts' runs line up).
 
 Needs nvcc (CUDA 12.x or 13) and MLX's CUDA headers: the `mlx/backend/cuda/device/*.cuh` of an MLX
 source checkout (`--mlx-src`, e.g. a clone of ml-explore/mlx at the wheel's version) and the
@@ -23,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from oss_mlx import kernel_sources, kernels  # noqa: E402
+from oss_mlx import kernels  # noqa: E402
+from oss_mlx.kernels.sources import Case  # noqa: E402
 
 CTYPE = {
     "bf16": "__nv_bfloat16",
@@ -33,66 +35,37 @@ CTYPE = {
     "u8": "uint8_t",
     "i32": "int32_t",
 }
-B, F = "bf16", "f32"
-# name, input dtypes, output dtypes, template arguments (as kernels.py passes them at these shapes)
-CASES = [
-    ("route", [B] * 3, [F, "u32"], dict(LT=B, H=2880, E=32, K=4)),
-    ("route", [F] * 3, [F, "u32"], dict(LT=F, H=64, E=128, K=3)),
-    ("norm_route", [B] * 4 + [F], [B, F, "u32"], dict(T=B, LT=B, H=2880, E=32, K=4)),
-    ("norm_route", [F] * 5, [F, F, "u32"], dict(T=F, LT=F, H=64, E=128, K=3)),
-    ("gate_up_swiglu", [B, "u32", "u32", "u8", B, F], [B], dict(T=B, H=2880, I=2880, K=4, NC=3, COLS=1)),
-    (
-        "down_combine",
-        [B, "u32", F, "u32", "u8", B, B],
-        [B],
-        dict(T=B, H=2880, HP=2944, I=2880, K=4, NC=3, ROWS=8),
-    ),
-    ("moe_group", ["u32"], ["u32"] * 3, dict(E=32, BM=64)),
-    ("moe_group", ["u32"], ["u32"] * 3, dict(E=128, BM=64)),
-    (
-        "moe_gemm",
-        [B, "u32", "u32", "u32", "u32", "u8", B, F],
-        [B],
-        dict(T=B, KD=2880, N=5760, NOUT=2880, E=32, K=4, MODE=0, BM=64),
-    ),
-    (
-        "moe_gemm",
-        [B, "u32", "u32", "u32", "u32", "u8", B, F],
-        [B],
-        dict(T=B, KD=2880, N=2944, NOUT=2880, E=32, K=4, MODE=1, BM=64),
-    ),
-    (
-        "moe_gemm",
-        ["f16", "u32", "u32", "u32", "u32", "u8", F, F],
-        ["f16"],
-        dict(T="f16", KD=96, N=128, NOUT=64, E=4, K=2, MODE=0, BM=64),
-    ),
-    ("sdpa_decode", [B] * 3 + [F, "i32"], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
-    ("sdpa_decode", [F] * 4 + ["i32"], [F, F], dict(T=F, D=16, G=2, WINDOW=128)),
-    ("sdpa_decode_mma", [B] * 3 + [F, "i32"], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
-    ("sdpa_decode_mma", ["f16"] * 2 + [F, F, "i32"], ["f16", F], dict(T="f16", D=64, G=3, WINDOW=128)),
-    ("sdpa_combine", [F, B], [B], dict(T=B, D=64)),
-    ("norm_qkv_rope", [B] * 4 + [F, "i32", F], [B] * 2, dict(T=B, H=2880, D=64, HQ=64, HKV=8, NC=12, PW=4)),
-    ("out_residual", [B] * 4, [B], dict(T=B, H=2880, IN=4096, NC=16, RW=4)),
-]
 
 
-def translation_unit(name: str, ins: list[str], outs: list[str], template: dict[str, object]) -> str:
+def cases():
+    """(kernel name, case) for every case in SPECS, the one table of the kernels' interfaces."""
+    for name, spec in kernels.SPECS.items():
+        for case in spec.cases:
+            yield name, case
+
+
+def case_key(name: str, case: Case) -> str:
+    """A file name for one case, the same in any checkout whose SPECS lists it (for --compare)."""
+    args = "-".join(f"{k}{v}" for k, v in case.template.items())
+    return f"{name}-{'.'.join(case.inputs)}-{args}"
+
+
+def translation_unit(name: str, case: Case) -> str:
     """The kernel as MLX's custom_kernel.cpp builds it: MLX's device utils, our header, a signature
     with shapes/strides for the inputs the body names, the template arguments as constants."""
-    header, body = kernel_sources.kernel_sources("cuda")[name]
+    header, body = kernels.kernel_sources("cuda")[name]
     spec = kernels.SPECS[name]
     args = []
-    for arg, dtype in zip(spec.inputs, ins):
-        args.append(f"const {CTYPE[dtype]}* {arg}")
+    for arg, dtype in zip(spec.inputs, case.inputs):
+        args.append(f"const {CTYPE[dtype.removesuffix('c')]}* {arg}")
         for extra in ("shape", "strides"):
             if f"{arg}_{extra}" in body:
                 kind = "Shape" if extra == "shape" else "Strides"
                 args.append(f"const __grid_constant__ {kind} {arg}_{extra}")
-    args += [f"{CTYPE[dtype]}* {arg}" for arg, dtype in zip(spec.outputs, outs)]
+    args += [f"{CTYPE[dtype]}* {arg}" for arg, dtype in zip(spec.outputs, case.outputs)]
     consts = "".join(
         f"  using {k} = {CTYPE[v]};\n" if isinstance(v, str) else f"  constexpr int {k} = {v};\n"
-        for k, v in template.items()
+        for k, v in case.template.items()
     )
     return (
         '#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
@@ -136,6 +109,9 @@ def main() -> int:
         left, right = Path(a.compare[0]), Path(a.compare[1])
         same = True
         for f in sorted(left.glob("*.ptx")):
+            if not (right / f.name).is_file():
+                print(f"{f.name}: only in {left}")
+                continue
             eq = _ptx_code(f) == _ptx_code(right / f.name)
             same &= eq
             print(f"{f.name}: {'identical' if eq else 'DIFFERENT'}")
@@ -146,13 +122,14 @@ def main() -> int:
     work = Path(a.ptx) if a.ptx else Path(tempfile.mkdtemp(prefix="oss-mlx-nvcc-"))
     work.mkdir(parents=True, exist_ok=True)
     ok = True
-    for i, (name, ins, outs, template) in enumerate(CASES):
+    for name, case in cases():
         if a.only and name not in a.only:
             continue
-        src = translation_unit(name, ins, outs, template)
-        rc, report = compile_one(src, work / f"{name}_{i}.cu", inc, bool(a.ptx))
+        rc, report = compile_one(
+            translation_unit(name, case), work / f"{case_key(name, case)}.cu", inc, bool(a.ptx)
+        )
         ok &= rc == 0
-        print(f"{name} {template}: {'ok' if rc == 0 else 'FAILED'}\n    {report}".rstrip())
+        print(f"{name} {case.template}: {'ok' if rc == 0 else 'FAILED'}\n    {report}".rstrip())
     return 0 if ok else 1
 
 

@@ -22,6 +22,7 @@ import mlx.core as mx  # noqa: E402
 
 from oss_mlx import kernels  # noqa: E402
 from oss_mlx.bench import preset_config, random_model  # noqa: E402
+from oss_mlx.kernels import decode_attention  # noqa: E402
 
 
 def main() -> int:
@@ -42,11 +43,11 @@ def main() -> int:
 
     def step(x: mx.array, pos: mx.array) -> mx.array:
         for i, block in enumerate(model.blocks):
-            a = block.attn
-            q, _ = kernels.norm_qkv_rope(a, x, 0)
-            o = kernels.sdpa_decode(q, kv[i], a.sinks, a.scale, None, pos)
-            x = kernels.out_residual(o, a.out, x)
-            x = kernels.moe_block(block.mlp, x)
+            a, w = block.attn, block.attn.decode_weights()
+            q, _ = decode_attention.norm_qkv_rope(w, x, 0)
+            o = decode_attention.sdpa_decode(q, kv[i], a.sinks, a.scale, None, pos)
+            x = decode_attention.out_residual(o, w.out_weight, w.out_bias, x)
+            x = block.mlp(x)  # on the GPU: norm_route, gate_up_swiglu, down_combine
         return x
 
     compiled = mx.compile(step)

@@ -10,24 +10,23 @@ Numbers: docs/PERFORMANCE.md, session 6.
 
 from __future__ import annotations
 
-from oss_mlx import kernels
 from oss_mlx.bench import _prompt, preset_config, random_model, run_oss_mlx
+from oss_mlx.kernels import decode_attention
 
 
 def main() -> None:
     model = random_model(preset_config("20b"))
-    kernels.prepare(model)
     vocab = model.config.vocab_size
     run_oss_mlx(model, _prompt(300, vocab, 0), 4)
-    shipped = kernels.SDPA_KEYS_PER_SPLIT
+    shipped = decode_attention.SDPA_KEYS_PER_SPLIT
     for keys_per_split in (shipped, 1 << 20, shipped):
-        kernels.SDPA_KEYS_PER_SPLIT = keys_per_split
+        decode_attention.SDPA_KEYS_PER_SPLIT = keys_per_split
         for n in (128, 2048, 8192):
             run_oss_mlx(model, _prompt(n, vocab, 1), 4)
             _, decode, _, _, steady = run_oss_mlx(model, _prompt(n, vocab, 1), 48)
             rates = f"decode {decode:6.1f} tok/s, steady {steady:6.1f}"
             print(f"keys/split {keys_per_split:>8} context {n:>5}: {rates}", flush=True)
-    kernels.SDPA_KEYS_PER_SPLIT = shipped
+    decode_attention.SDPA_KEYS_PER_SPLIT = shipped
 
 
 if __name__ == "__main__":

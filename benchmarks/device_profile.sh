@@ -1,10 +1,11 @@
 #!/bin/bash
 # GPU machine: the decode kernels' tests, each kernel alone (sweep), the decode profile, and
-# optionally the bench beside mlx-lm. Logs under $OUT. STAGES picks (default: all).
+# optionally the bench beside mlx-lm. Logs under $OUT. STAGES picks (default: all). The full suites
+# then the bench: STAGES=suites SHARD=1/3 (2/3, 3/3: a call each), then STAGES=bench BENCH_TIMEOUT=560.
 set -o pipefail
 # The device runs this checkout uninstalled (PYTHONPATH=$PWD), where pyproject.toml's package-dir
 # mapping (convert/ -> oss_mlx.convert, the kernel folders) does not apply: links do it (git-ignored).
-for d in convert kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
+for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
 STAGES=${STAGES:-tests sweep profile bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/gpu.txt
 for stage in $STAGES; do
@@ -13,6 +14,14 @@ for stage in $STAGES; do
     tests) timeout ${TEST_TIMEOUT:-200} python3 -m pytest -v -rf --maxfail=30 tests/test_kernels.py \
              -k "${TESTK:-norm_qkv or out_residual or attention_block or few_ops or paths_are or self_test}" \
              > $OUT/tests.log 2>&1; grep -cE "PASSED" $OUT/tests.log; grep -E "FAILED|Error" $OUT/tests.log | head -30 || true ;;
+    suites)  # the full kernel and decode suites, SHARD=i/n of them per call (each within a call's 10 minutes);
+             # counts and failures to run.log, everything to suites-i-of-n.log / .xml
+             part=${SHARD:-1/1}; tag=${part/\//-of-}
+             timeout ${TEST_TIMEOUT:-570} python3 -m pytest -v -rfEs -p no:cacheprovider tests/test_kernels.py \
+               tests/test_decode.py --shard $part --junitxml $OUT/suites-$tag.xml > $OUT/suites-$tag.log 2>&1
+             echo "rc $? (124: cut by the timeout)" | tee -a $OUT/run.log
+             tail -n 1 $OUT/suites-$tag.log | tee -a $OUT/run.log
+             grep -E "^(FAILED|ERROR)" $OUT/suites-$tag.log | head -30 | tee -a $OUT/run.log || true ;;
     alltests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -v -rf --maxfail=40 tests/test_kernels.py tests/test_bench.py \
              > $OUT/alltests.log 2>&1; grep -cE "PASSED" $OUT/alltests.log; grep -E "FAILED|Error" $OUT/alltests.log | head -30 || true ;;
     streamtests)  # expert streaming on the GPU (bit-identical tokens; the converted case needs .device/vocab)

@@ -48,10 +48,10 @@ class RandomSource:
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        from oss_mlx import kernels
         from oss_mlx.bench import random_parameter, random_parts
         from oss_mlx.distributed.pipeline import PipelineStage
         from oss_mlx.distributed.tensor_parallel import TensorParallelRank, apply_cut, cut
+        from oss_mlx.loader import prepare_for_backend
         from oss_mlx.model import Transformer
 
         share = plan.shares[group.rank]
@@ -74,7 +74,7 @@ class RandomSource:
                     weights.append((held[name], value))
         model.load_weights(weights, strict=True)
         model.eval()
-        kernels.prepare(model)
+        prepare_for_backend(model)  # as the loader does
         return model
 
 

@@ -17,9 +17,9 @@ import time
 
 import mlx.core as mx
 
-from oss_mlx import kernels
 from oss_mlx.attention import sdpa_with_sinks, windowed_sdpa
 from oss_mlx.bench import preset_config, random_model
+from oss_mlx.kernels import prefill_moe
 
 
 def first_and_second(fn) -> tuple[float, float]:
@@ -42,7 +42,6 @@ def main() -> None:
     full = preset_config(args.config)
     config = dataclasses.replace(full, num_layers=2, layer_types=full.layer_types[:2])
     model = random_model(config)
-    kernels.prepare(model)
     window_block, full_block = model.blocks[0], model.blocks[1]
     attn, mlp = full_block.attn, full_block.mlp
     H = config.hidden_size
@@ -57,11 +56,11 @@ def main() -> None:
         mx.eval(x, q, k, v, h, indices)
 
         def gather_qmm_path(h=h, indices=indices):
-            kernels.MOE_GEMM = False
+            prefill_moe.MOE_GEMM = False
             try:
                 return mlp.experts(h, indices)
             finally:
-                kernels.MOE_GEMM = True
+                prefill_moe.MOE_GEMM = True
 
         pieces = {
             "qkv projection (GEMM)": lambda x=x: attn.qkv(x),

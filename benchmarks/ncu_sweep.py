@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def run() -> None:
     import mlx.core as mx
 
-    from oss_mlx import kernels
     from oss_mlx.bench import preset_config, random_model
+    from oss_mlx.kernels import decode_attention, decode_moe
 
     full = preset_config("20b")
     config = dataclasses.replace(full, num_layers=2, layer_types=full.layer_types[:2])
@@ -45,54 +45,58 @@ def run() -> None:
         for _ in range(2):
             mx.eval(fn())
 
+    w = attn.decode_weights()
     for pw in (1, 2, 4, 8):
-        kernels.QKV_PAIRS_PER_WARP = pw
-        twice(lambda: kernels.norm_qkv_rope(attn, x, 100))
+        decode_attention.QKV_PAIRS_PER_WARP = pw
+        twice(lambda: decode_attention.norm_qkv_rope(w, x, 100))
     for rw in (2, 4, 8):
-        kernels.OUT_ROWS_PER_WARP = rw
-        twice(lambda: kernels.out_residual(o, attn.out, x))
+        decode_attention.OUT_ROWS_PER_WARP = rw
+        twice(lambda: decode_attention.out_residual(o, w.out_weight, w.out_bias, x))
     for cols in (1, 2):
         for rows in (4, 8):
-            kernels.MOE_COLS_PER_WARP, kernels.MOE_ROWS_PER_BLOCK = cols, rows
-            twice(lambda: kernels.moe_block(mlp, x))
+            decode_moe.MOE_COLS_PER_WARP, decode_moe.MOE_ROWS_PER_BLOCK = cols, rows
+            twice(lambda: mlp(x))  # norm_route, gate_up_swiglu, down_combine
     q = mx.random.normal((1, attn.num_heads, attn.head_dim)).astype(mx.bfloat16)
     for S in (128, 2048, 32768):
         k = mx.random.normal((2, 1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
         mx.eval(q, k)
         for mma in (True, False):
-            kernels.SDPA_MMA = mma
+            decode_attention.SDPA_MMA = mma
             for kps in (64, 128, 256, 512):
-                kernels.SDPA_KEYS_PER_SPLIT = kps
-                twice(lambda k=k, S=S: kernels.sdpa_decode(q, k, attn.sinks, attn.scale, None, S - 1))
-        kernels.SDPA_MMA, kernels.SDPA_KEYS_PER_SPLIT = True, 64
+                decode_attention.SDPA_KEYS_PER_SPLIT = kps
+                twice(
+                    lambda k=k, S=S: decode_attention.sdpa_decode(q, k, attn.sinks, attn.scale, None, S - 1)
+                )
+        decode_attention.SDPA_MMA, decode_attention.SDPA_KEYS_PER_SPLIT = True, 64
         for most in (64, 128):  # more splits than the default 32 at long contexts
-            kernels.SDPA_MAX_SPLITS = most
-            twice(lambda k=k, S=S: kernels.sdpa_decode(q, k, attn.sinks, attn.scale, None, S - 1))
-        kernels.SDPA_MAX_SPLITS = 32
+            decode_attention.SDPA_MAX_SPLITS = most
+            twice(lambda k=k, S=S: decode_attention.sdpa_decode(q, k, attn.sinks, attn.scale, None, S - 1))
+        decode_attention.SDPA_MAX_SPLITS = 32
 
 
 def detail() -> None:
     """One launch of each decode kernel at its 20b size (for `ncu --set full`: stalls, occupancy)."""
     import mlx.core as mx
 
-    from oss_mlx import kernels
     from oss_mlx.bench import preset_config, random_model
+    from oss_mlx.kernels import decode_attention
 
     full = preset_config("20b")
     config = dataclasses.replace(full, num_layers=2, layer_types=full.layer_types[:2])
     model = random_model(config)
     attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
+    w = attn.decode_weights()
     x = mx.random.normal((1, 1, config.hidden_size)).astype(mx.bfloat16)
     o = mx.random.normal((1, 1, attn.num_heads * attn.head_dim)).astype(mx.bfloat16)
     q = mx.random.normal((1, attn.num_heads, attn.head_dim)).astype(mx.bfloat16)
     mx.eval(x, o, q)
-    mx.eval(kernels.norm_qkv_rope(attn, x, 100))
-    mx.eval(kernels.out_residual(o, attn.out, x))
-    mx.eval(kernels.moe_block(mlp, x))
+    mx.eval(decode_attention.norm_qkv_rope(w, x, 100))
+    mx.eval(decode_attention.out_residual(o, w.out_weight, w.out_bias, x))
+    mx.eval(mlp(x))  # norm_route, gate_up_swiglu, down_combine
     for S in (128, 32768):
         k = mx.random.normal((2, 1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
         mx.eval(k)
-        mx.eval(kernels.sdpa_decode(q, k, attn.sinks, attn.scale, None, S - 1))
+        mx.eval(decode_attention.sdpa_decode(q, k, attn.sinks, attn.scale, None, S - 1))
 
 
 def summarize(path: str) -> None:

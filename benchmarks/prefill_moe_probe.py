@@ -16,9 +16,9 @@ import time
 
 import mlx.core as mx
 
-from oss_mlx import kernels
 from oss_mlx.bench import preset_config, random_model
-from oss_mlx.moe import clamped_swiglu
+from oss_mlx.kernels import prefill_moe
+from oss_mlx.moe import clamped_swiglu, gather_qmm_mxfp4, mxfp4_weights
 
 
 def timed(name: str, fn, reps: int = 5) -> float:
@@ -37,7 +37,6 @@ def main() -> None:
     full = preset_config("20b")
     config = dataclasses.replace(full, num_layers=2, layer_types=full.layer_types[:2])
     model = random_model(config)
-    kernels.prepare(model)
     mlp, ex = model.blocks[0].mlp, model.blocks[0].mlp.experts
     N, k = 2047, config.experts_per_token
     x = mx.random.normal((N, config.hidden_size)).astype(mx.bfloat16)
@@ -49,7 +48,7 @@ def main() -> None:
 
     def qmm(h, name):
         w, s = getattr(ex, f"{name}_weight"), getattr(ex, f"{name}_scales")
-        return kernels.gather_qmm_mxfp4(h, w, s, experts, True)
+        return gather_qmm_mxfp4(h, w, s, experts, True)
 
     def dequantized(name):
         w, s = getattr(ex, f"{name}_weight"), getattr(ex, f"{name}_scales")
@@ -57,16 +56,16 @@ def main() -> None:
 
     def experts_with(gemm: bool):
         def run():
-            kernels.MOE_GEMM = gemm
+            prefill_moe.MOE_GEMM = gemm
             try:
                 return ex(x, indices)
             finally:
-                kernels.MOE_GEMM = True
+                prefill_moe.MOE_GEMM = True
 
         return run
 
     timed("experts (gather_qmm x2 + SwiGLU)", experts_with(False))
-    if kernels.moe_prefill_ok(ex, x, indices):
+    if prefill_moe.moe_prefill_ok(mxfp4_weights(ex), x, indices):
         timed("experts (moe_group + moe_gemm x2)", experts_with(True))
         a, b = experts_with(False)(), experts_with(True)()
         print(f"{'  max |moe_gemm - gather_qmm|':48s} {mx.abs(a - b).max().item():8.4f}", flush=True)

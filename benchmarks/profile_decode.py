@@ -34,7 +34,8 @@ from oss_mlx.attention import AttentionBlock  # noqa: E402
 from oss_mlx.bench import _prompt, preset_config, random_model  # noqa: E402
 from oss_mlx.decode import DecodeStep  # noqa: E402
 from oss_mlx.generation import prefill  # noqa: E402
-from oss_mlx.moe import MLPBlock  # noqa: E402
+from oss_mlx.kernels import decode_attention, decode_moe  # noqa: E402
+from oss_mlx.moe import MLPBlock, mxfp4_weights  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -158,40 +159,50 @@ def kernel_sweep(model) -> dict:
     record("cuBLAS addmm out (reference)", _time_us(lambda: mx.addmm(attn.out.bias, o, oT)), "out")
     with kernels.use_backend("reference"):
         record("moe block (reference)", _time_us(lambda: mlp(x)), "moe")
-    tunables = ("QKV_PAIRS_PER_WARP", "OUT_ROWS_PER_WARP", "MOE_COLS_PER_WARP", "MOE_ROWS_PER_BLOCK")
-    chosen = {t: getattr(kernels, t) for t in (*tunables, "SDPA_KEYS_PER_SPLIT")}
+    tunables = {
+        "QKV_PAIRS_PER_WARP": decode_attention,
+        "OUT_ROWS_PER_WARP": decode_attention,
+        "SDPA_KEYS_PER_SPLIT": decode_attention,
+        "MOE_COLS_PER_WARP": decode_moe,
+        "MOE_ROWS_PER_BLOCK": decode_moe,
+    }
+    chosen = {t: getattr(module, t) for t, module in tunables.items()}
+    w = attn.decode_weights()
     for pw in (1, 2, 4, 8):
-        kernels.QKV_PAIRS_PER_WARP = pw
-        record(f"norm_qkv_rope PW={pw}", _time_us(lambda: kernels.norm_qkv_rope(attn, x, 100)), "qkv")
+        decode_attention.QKV_PAIRS_PER_WARP = pw
+        record(f"norm_qkv_rope PW={pw}", _time_us(lambda: decode_attention.norm_qkv_rope(w, x, 100)), "qkv")
     for rw in (2, 4, 8):
-        kernels.OUT_ROWS_PER_WARP = rw
-        record(f"out_residual RW={rw}", _time_us(lambda: kernels.out_residual(o, attn.out, x)), "out")
+        decode_attention.OUT_ROWS_PER_WARP = rw
+        out_residual = lambda: decode_attention.out_residual(o, w.out_weight, w.out_bias, x)  # noqa: E731
+        record(f"out_residual RW={rw}", _time_us(out_residual), "out")
     for cols in (1, 2, 4):
         for rows in (2, 4, 8, 16):
-            kernels.MOE_COLS_PER_WARP, kernels.MOE_ROWS_PER_BLOCK = cols, rows
-            record(f"moe block COLS={cols} ROWS={rows}", _time_us(lambda: kernels.moe_block(mlp, x)), "moe")
+            decode_moe.MOE_COLS_PER_WARP, decode_moe.MOE_ROWS_PER_BLOCK = cols, rows
+            record(f"moe block COLS={cols} ROWS={rows}", _time_us(lambda: mlp(x)), "moe")
     for S in (128, 2048, 32768):
         k = mx.random.normal((2, 1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
         q = mx.random.normal((1, attn.num_heads, attn.head_dim)).astype(mx.bfloat16)
         mx.eval(k, q)
         nbytes[f"kv{S}"] = k.nbytes
         for kps in (128, 256, 512, 1024) if S > 128 else (256,):
-            kernels.SDPA_KEYS_PER_SPLIT = kps
+            decode_attention.SDPA_KEYS_PER_SPLIT = kps
             record(
                 f"sdpa_decode S={S} keys/split={kps}",
                 _time_us(
-                    lambda q=q, k=k, p=S - 1: kernels.sdpa_decode(q, k, attn.sinks, attn.scale, None, p)
+                    lambda q=q, k=k, p=S - 1: decode_attention.sdpa_decode(
+                        q, k, attn.sinks, attn.scale, None, p
+                    )
                 ),
                 f"kv{S}",
             )
     for name, value in chosen.items():
-        setattr(kernels, name, value)
+        setattr(tunables[name], name, value)
     # The chosen sizes again, the experts' two kernels without the routing (fixed experts 0..3)
     ids, wts, x2 = mx.arange(4).astype(mx.uint32), mx.full((4,), 0.25), x.reshape(1, H)
-    experts = mlp.experts
-    gate_up_down = _time_us(lambda: kernels._experts_decode(experts, x2, wts, ids, x2, 1, 4))
+    experts = mxfp4_weights(mlp.experts)
+    gate_up_down = _time_us(lambda: decode_moe._experts(experts, x2, wts, ids, x2, 1, 4))
     record("moe experts only", gate_up_down, "moe")
-    record("moe block (chosen sizes)", _time_us(lambda: kernels.moe_block(mlp, x)), "moe")
+    record("moe block (chosen sizes)", _time_us(lambda: mlp(x)), "moe")
     return out
 
 

@@ -20,9 +20,11 @@ EXIT_VERIFY = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="oss-mlx convert",
-        description="Convert a gpt-oss checkpoint (hub repo id or local folder: hub MXFP4, transformers "
+    from oss_mlx import cli_args as A
+
+    ap = A.parser(
+        "oss-mlx convert",
+        "Convert a gpt-oss checkpoint (hub repo id or local folder: hub MXFP4, transformers "
         "float fine-tune, OpenAI original) to the oss-mlx layout: one shard per layer, experts as "
         "contiguous byte ranges, checksums and provenance in config.json, the vocabulary included.",
     )
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="bfloat16",
         choices=["bfloat16", "float16", "float32"],
-        help="float dtype of everything that is not MXFP4 (default bfloat16)",
+        help="float dtype of everything that is not MXFP4",
     )
     ap.add_argument("--plan", action="store_true", help="print sizes and whether it fits; write nothing")
     ap.add_argument(
@@ -50,14 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="replace DEST (only once the new one is complete)")
     ap.add_argument("--revision", help="hub revision (branch, tag or commit)")
     ap.add_argument("--cache-dir", help="Hugging Face cache folder (default: huggingface_hub's)")
-    ap.add_argument("--context", type=int, default=8192, help="context length for --plan (default 8192)")
-    ap.add_argument("--verify-tokens", type=int, default=16, help=argparse.SUPPRESS)
+    ap.add_argument("--context", type=A.CONTEXT, default=8192, help="context length in tokens for --plan")
+    ap.add_argument("--verify-tokens", type=A.Number(int, 1, 4096), default=16, help=argparse.SUPPRESS)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
+    from rich.markup import escape
 
     out, err = Console(), Console(stderr=True)
 
@@ -73,9 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except Exception as e:
-        if not _is_user_error(e):
+        from oss_mlx.cli_args import describe_error, user_errors
+
+        if not isinstance(e, (*user_errors(), OSError)):
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(
+            f"oss-mlx convert: [bold red]error:[/] {escape(describe_error(e))}",
+            highlight=False,
+            soft_wrap=True,
+        )
         return EXIT_ERROR
     finally:
         if previous is not None:
@@ -86,16 +95,6 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _is_user_error(e: Exception) -> bool:
-    from oss_mlx.config import ConfigError
-    from oss_mlx.tokenizer import TokenizerError
-    from oss_mlx.weights import CheckpointError
-
-    from .converter import ConvertError
-
-    return isinstance(e, (CheckpointError, ConfigError, ConvertError, TokenizerError, OSError))
 
 
 def _run(args, out, err) -> int:

@@ -34,14 +34,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from oss_mlx import weights as W
-from oss_mlx.config import ModelConfig, read_config
+from oss_mlx.config import CONVERTED_FORMAT_VERSION, ModelConfig, read_config
 from oss_mlx.memory import weight_bytes
 from oss_mlx.model import Transformer
 
 from .presets import Preset
 from .writer import ShardWriter, TensorSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = CONVERTED_FORMAT_VERSION
 CHUNK_BYTES = 64 << 20  # rows of a source tensor evaluated at once when it can be split
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 EXPERT_ORDER = ("gate_up_weight", "gate_up_scales", "down_weight", "down_scales", "gate_up_bias", "down_bias")
@@ -180,7 +180,7 @@ def plan_conversion(folder: Path, preset: Preset, dtype: str = "bfloat16") -> Co
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype]
     config, raw = read_config(folder)
-    tensors = StreamingTensors(W.checkpoint_files(folder))
+    tensors = StreamingTensors.from_folder(folder)
     layout = W.detect_layout(folder, raw, tensors.names())
     if layout == "oss-mlx":
         section = raw["oss_mlx"]
@@ -212,7 +212,13 @@ def plan_conversion(folder: Path, preset: Preset, dtype: str = "bfloat16") -> Co
     canon = {
         name: (tuple(a.shape), a.dtype)
         for name, a in W.iter_canonical(
-            tensors, recipes, expected, dtype=target, quantize_float_experts=float_experts, folder=folder
+            tensors,
+            recipes,
+            expected,
+            dtype=target,
+            quantize_float_experts=float_experts,
+            folder=folder,
+            config=config,
         )
     }
 

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from oss_mlx.loader import download as download_snapshot
-from oss_mlx.loader import is_repo_id, resolve_model_path
+from oss_mlx.hub import download as download_snapshot
+from oss_mlx.hub import is_repo_id, resolve_model_path
 from oss_mlx.weights import CheckpointError
 
 

@@ -11,8 +11,9 @@ import os
 
 import mlx.core as mx
 
+from .errors import LoadError
 from .generation import SamplingOptions
-from .loader import load_model
+from .loader import check_vocabulary, load_model, model_config, resolve_model_path
 from .model import Transformer
 from .session import Done, Reply, Session, generate, stream_generate
 from .tokenizer import HarmonyTokenizer, load_tokenizer
@@ -26,6 +27,7 @@ __all__ = [
     "stream_generate",
     "Session",
     "load_model",
+    "LoadError",
     "load_tokenizer",
     "HarmonyTokenizer",
 ]
@@ -43,8 +45,11 @@ def load(
     made by `oss-mlx convert`) or a hub repo id. dtype: cast float weights (MXFP4 experts stay
     MXFP4). quantize_experts: quantize float experts of a fine-tune to MXFP4 (default) or keep float.
     memory_budget: e.g. "6GB" streams experts from the checkpoint, keeping only hot ones in memory.
+    Raises LoadError (its message names the file, tensor or key, and the fix) for anything that
+    cannot be loaded.
     """
-    model, info = load_model(
-        path_or_repo, dtype=dtype, quantize_experts=quantize_experts, memory_budget=memory_budget
-    )
-    return model, load_tokenizer(info.path)
+    folder = resolve_model_path(path_or_repo)
+    tokenizer = load_tokenizer(folder)
+    check_vocabulary(model_config(folder), tokenizer.vocab_size, folder)  # before any weight is read
+    model, _ = load_model(folder, dtype=dtype, quantize_experts=quantize_experts, memory_budget=memory_budget)
+    return model, tokenizer

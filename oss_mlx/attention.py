@@ -11,9 +11,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
 from .cache import FullCache, WindowCache
 from .config import ModelConfig
+from .kernels import AttentionWeights, decode_attention
 from .norm import RMSNorm
 from .rope import YarnRoPE
 
@@ -38,12 +38,10 @@ def attention_mask(num_queries: int, offset: int, num_keys: int, window: int | N
 def sdpa_with_sinks(
     q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, mask: mx.array | str | None
 ) -> mx.array:
-    """softmax([q·k * scale, sink]) @ [v, 0] per head; q [B, Hq, T, D], k/v [B, Hkv, S, D].
-
-    MLX's fused attention (kernels.sdpa_reference); a decode step takes the kernel instead
-    (AttentionBlock.step).
+    """softmax([q·k * scale, sink]) @ [v, 0] per head; q [B, Hq, T, D], k/v [B, Hkv, S, D]: MLX's
+    fused attention with sinks. A decode step on a GPU takes the kernel instead (AttentionBlock.step).
     """
-    return kernels.sdpa_reference(q, k, v, sinks, scale, mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks.astype(q.dtype))
 
 
 # Prefill of a sliding-window layer goes in query tiles of this many tokens, each against only the
@@ -157,23 +155,46 @@ class AttentionBlock(nn.Module):
         On a GPU: three kernels (norm + qkv + RoPE, attention, output + residual) around one scatter;
         with quantized projections (convert --quality small / balanced) the attention kernel still
         reads the buffer in place."""
-        if kernels.attention_decode_ok(self, x):
-            q, row = kernels.norm_qkv_rope(self, x, pos)
+        w = self.decode_weights()
+        if decode_attention.attention_decode_ok(w, x):
+            q, row = decode_attention.norm_qkv_rope(w, x, pos)
             kv = _write_row(kv, row, slot)
-            o = kernels.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
+            o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
             if self.shard is None:
-                return kernels.out_residual(o, self.out, x), kv
-            return self.shard.all_sum(kernels.out_residual(o, self.out, self.shard.residual(x))), kv
+                return decode_attention.out_residual(o, w.out_weight, w.out_bias, x), kv
+            y = decode_attention.out_residual(o, w.out_weight, w.out_bias, self.shard.residual(x))
+            return self.shard.all_sum(y), kv
         q, k, v = self._project(x)
         offset = pos.reshape(())
         q, k = self.rope(q, offset), self.rope(k, offset)
         kv = _write_row(kv, mx.stack([k, v]).astype(kv.dtype), slot)
-        if kernels.sdpa_decode_ok(q, kv):
+        if decode_attention.sdpa_decode_ok(q, kv):
             B = x.shape[0]
             q = mx.contiguous(q.reshape(B, self.num_heads, self.head_dim))
-            o = kernels.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
+            o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
             y = self.out(o)
             return (x + y if self.shard is None else self.shard.all_sum(self.shard.residual(x) + y)), kv
         written = mx.arange(kv.shape[3]) <= pos  # a ring's slots are all written once pos >= window - 1
-        o = kernels.sdpa_reference(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, written)
+        o = sdpa_with_sinks(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, written)
         return self._output(o, x), kv
+
+    def decode_weights(self) -> AttentionWeights | None:
+        """The block's weights as the decode kernels take them; None where its projections are not
+        plain float linears with biases (convert --quality small / balanced quantizes them)."""
+        qkv, out = self.qkv, self.out
+        if not (type(qkv) is nn.Linear and type(out) is nn.Linear and "bias" in qkv and "bias" in out):
+            return None
+        return AttentionWeights(
+            self.norm.weight,
+            self.norm.eps,
+            qkv.weight,
+            qkv.bias,
+            self.rope.wavelengths,
+            self.rope.concentration,
+            out.weight,
+            out.bias,
+            self.sinks,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )

@@ -36,7 +36,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
 from .config import ModelConfig
+from .kernels import decode_moe
+from .loader import prepare_for_backend
 from .model import Transformer
+from .moe import mxfp4_weights
 
 ENGINES = ("oss-mlx", "oss-mlx:reference", "mlx-lm")
 
@@ -128,7 +131,7 @@ def random_model(config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.bfloat
         params = [(n, random_parameter(prefix + n, p, dtype)) for n, p in tree_flatten(module.parameters())]
         module.update(tree_unflatten(params))
         mx.eval(module.parameters())
-    kernels.prepare(model)  # as the loader does
+    prepare_for_backend(model)  # as the loader does
     return model
 
 
@@ -196,7 +199,7 @@ def mlx_lm_model(model: Transformer):
             weights[x + f"{proj}.weight"] = mx.contiguous(e.gate_up_weight[:, sl, :])
             weights[x + f"{proj}.scales"] = mx.contiguous(e.gate_up_scales[:, sl, :])
             weights[x + f"{proj}.bias"] = mx.contiguous(e.gate_up_bias[:, sl])
-        H = c.hidden_size  # our rows may be padded for MLX-CUDA (kernels.prepare)
+        H = c.hidden_size  # our rows may be padded for MLX-CUDA (loader.pad_down_rows)
         weights[x + "down_proj.weight"] = mx.contiguous(e.down_weight[:, :H])
         weights[x + "down_proj.scales"] = mx.contiguous(e.down_scales[:, :H])
         weights[x + "down_proj.bias"] = e.down_bias
@@ -345,8 +348,9 @@ def check_layers(model: Transformer, n: int, steps: int = 4, seed: int = 0) -> d
                 k = mlp.router.top_k
                 ulp = 2.0 ** (np.floor(np.log2(max(abs(top[k - 1]), 1e-30))) - 7)  # bf16: 8 significant bits
                 disagreements.append(float((top[k - 1] - top[k]) / ulp))
-            fused = kernels.moe_decode(mlp.experts, h, ref_w, ref_ids, ref_attn.reshape(-1, H))
-            if fused is not None:
+            experts = mxfp4_weights(mlp.experts)
+            if decode_moe.moe_decode_ok(experts, h, ref_ids):
+                fused = decode_moe.moe_decode(experts, h, ref_w, ref_ids, ref_attn.reshape(-1, H))
                 worst["moe_experts"] = max(
                     worst["moe_experts"], rel(fused.reshape(ref_moe.shape), ref_moe, ref_attn)
                 )
@@ -425,45 +429,64 @@ def print_table(rows: list[Row], engines: list[str], title: str) -> None:
 # ---- main -----------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="oss-mlx bench", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli_args as A
+
+    p = A.parser("oss-mlx bench", __doc__)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", choices=("tiny", "20b", "120b"), default="20b", help="random weights")
+    src.add_argument(
+        "--config", choices=("tiny", "20b", "120b"), default="20b", help="shapes of the random-weight model"
+    )
     src.add_argument("--model", help="a checkpoint folder or hub id instead of random weights")
-    p.add_argument("--prompt-lengths", default="128,2048,8192", help="comma-separated prompt lengths")
-    p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded after each prompt")
-    p.add_argument("--engines", default="oss-mlx,mlx-lm", help=f"comma-separated, of {', '.join(ENGINES)}")
+    p.add_argument(
+        "--prompt-lengths",
+        type=A.NumberList(A.Number(int, 1, 2**20)),
+        default=[128, 2048, 8192],
+        metavar="N,N,...",
+        help="comma-separated prompt lengths in tokens",
+    )
+    p.add_argument(
+        "--decode-tokens", type=A.Number(int, 1, 10**6), default=64, help="tokens decoded after each prompt"
+    )
+    p.add_argument(
+        "--engines",
+        type=A.ChoiceList(ENGINES),
+        default=["oss-mlx", "mlx-lm"],
+        metavar="E,E,...",
+        help=f"comma-separated, of {', '.join(ENGINES)}",
+    )
     p.add_argument(
         "--warmup",
-        type=int,
+        type=A.Number(int, 0, 2**20),
         default=2100,
         help="warm-up prompt length (0: none); over 2,048 compiles the full prefill chunk's kernels and "
         "the cache growth before anything is timed",
     )
     p.add_argument(
         "--check-logits",
-        type=int,
+        type=A.Number(int, 0, 2**20),
         default=0,
         metavar="N",
-        help="compare kernel vs reference logits over an N-token prompt",
+        help="compare kernel vs reference logits over an N-token prompt (0, the default: no check)",
     )
     p.add_argument(
         "--check-layers",
-        type=int,
+        type=A.Number(int, 0, 2**20),
         default=0,
         metavar="N",
-        help="after an N-token prompt, compare each layer's decode update, kernels vs reference",
+        help="after an N-token prompt, compare each layer's decode update, kernels vs reference "
+        "(0, the default: no check)",
     )
     p.add_argument(
         "--repeat",
-        type=int,
+        type=A.Number(int, 1, 1000),
         default=1,
         metavar="N",
         help="run each prompt length N times in a row per engine and keep the last run (the earlier "
         "ones are printed): a first run at a new length pays MLX's one-time setup for its shapes, "
         "~0.3 s at 2k on MLX-CUDA for either engine",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=A.SEED_NON_NEGATIVE, default=0, help="random weights and prompts")
     p.add_argument(
         "--quality",
         choices=("reference", "balanced", "small"),
@@ -472,54 +495,95 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(oss-mlx engines only)",
     )
     p.add_argument(
-        "--prefill-step", type=int, help="oss-mlx's prefill chunk (default: 2048, or what load picks)"
+        "--prefill-step",
+        type=A.Number(int, 1, 2**20),
+        help="oss-mlx's prefill chunk in tokens (default: 2048, or what load picks)",
     )
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--json", type=A.output_file, metavar="FILE", help="write the rows here")
     p.add_argument(
         "--memory-budget",
+        type=A.size,
         metavar="SIZE",
         help="with --model: stream experts within this budget (oss-mlx only); reports the hit rate",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--ignore-memory", action="store_true", help="run even if the memory planner says it will not fit"
+    )
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def memory_needed(config: ModelConfig, quality: str, context: int, engines: list[str]):
+    """(bytes the run needs at its peak, the plan): the planner's total for the longest prompt, plus
+    mlx-lm's own copies of the experts (gate and up de-interleaved) while both models are alive."""
+    from .memory import MemoryPlan
+
+    plan = MemoryPlan(config, quality, context)
+    extra = plan.weights["experts"] if "mlx-lm" in engines else 0
+    return plan.total + extra, plan
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if bad := [e for e in engines if e not in ENGINES]:
-        print(f"oss-mlx bench: unknown engine(s) {bad}; choose from {ENGINES}", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    engines = args.engines
     if args.memory_budget and (not args.model or "mlx-lm" in engines):
-        print(
-            "oss-mlx bench: --memory-budget needs --model (experts are read from its files) and "
-            "--engines without mlx-lm (mlx-lm keeps every expert resident)",
-            file=sys.stderr,
+        parser.error(
+            "--memory-budget needs --model (experts are read from its files) and "
+            "--engines without mlx-lm (mlx-lm keeps every expert resident)"
         )
-        return 2
     if args.quality != "reference" and (args.model or "mlx-lm" in engines):
-        print(
-            "oss-mlx bench: --quality applies to --config random weights and oss-mlx engines only "
-            "(a converted --model already has its preset; mlx-lm maps float weights)",
-            file=sys.stderr,
+        parser.error(
+            "--quality applies to --config random weights and oss-mlx engines only "
+            "(a converted --model already has its preset; mlx-lm maps float weights)"
         )
-        return 2
-    if args.repeat < 1:
-        print("oss-mlx bench: --repeat must be at least 1", file=sys.stderr)
-        return 2
-    lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
+    lengths = args.prompt_lengths
     G = args.decode_tokens
+    context = max([*lengths, args.warmup, args.check_logits, args.check_layers]) + G + 1
+    print(
+        f"oss-mlx bench: prompts of {', '.join(f'{n:,}' for n in lengths)} tokens, {G} decoded after each, "
+        f"engines {', '.join(engines)}",
+        flush=True,
+    )
+    if not args.model:
+        from .memory import Machine, gib
+
+        need, plan = memory_needed(preset_config(args.config), args.quality, context, engines)
+        machine = Machine.detect()
+        print(
+            f"oss-mlx bench: building a random-weight gpt-oss ({args.config}: "
+            f"{plan.config.num_layers} layers, {plan.config.num_experts} experts, "
+            f"{gib(plan.weights_total)} of weights) in memory; "
+            f"needs ~{gib(need)} of {gib(machine.working_set_bytes)} ({machine.how})",
+            flush=True,
+        )
+        if need > machine.working_set_bytes and not args.ignore_memory:
+            print(
+                f"oss-mlx bench: error: --config {args.config} does not fit this machine's memory: "
+                f"needs ~{gib(need)}, the budget is {gib(machine.working_set_bytes)}. Use --config tiny, "
+                "shorter --prompt-lengths, --engines oss-mlx (mlx-lm adds its own copy of the experts), "
+                "or --ignore-memory to run anyway",
+                file=sys.stderr,
+            )
+            return 1
+    elif not args.memory_budget and not args.ignore_memory:
+        from .memory import refuse_unless_fits
+
+        if refuse_unless_fits("oss-mlx bench", args.model, context, how=" (with --engines oss-mlx)"):
+            return 1
 
     t = time.perf_counter()
     if args.model:
-        from .config import ConfigError
+        from .cli_args import report, user_errors
         from .loader import load_model
-        from .weights import CheckpointError
 
         try:
             model, _ = load_model(args.model, memory_budget=args.memory_budget)
-        except (CheckpointError, ConfigError, ValueError) as e:
-            print(f"oss-mlx bench: cannot load {args.model}: {e}", file=sys.stderr)
-            return 1
+        except user_errors() as e:
+            return report("oss-mlx bench", e, doing=f"cannot load {args.model}")
         source = args.model + (f" (memory budget {args.memory_budget})" if args.memory_budget else "")
     else:
         model = random_model(preset_config(args.config), seed=args.seed)

@@ -21,8 +21,12 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: oss-mlx SUBCOMMAND [options]   (oss-mlx SUBCOMMAND --help for its options)", ""]
+    lines = [
+        "usage: oss-mlx [--debug] SUBCOMMAND [options]   (oss-mlx SUBCOMMAND --help for its options)",
+        "",
+    ]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "  --debug    on an unexpected error, print the traceback (also OSS_MLX_DEBUG=1)"]
     return "\n".join(lines)
 
 
@@ -36,16 +40,23 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"oss-mlx {version('oss-mlx')}")
         return 0
+    from .cli_args import debug_requested, report
+
+    debug = debug_requested(argv)
+    if argv and argv[0] == "--debug":  # `oss-mlx --debug SUB ...`: the subcommand after it
+        argv.pop(0)
     name = argv.pop(0) if argv and not argv[0].startswith("-") else "chat"
     if name not in SUBCOMMANDS:
         print(f"oss-mlx: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
     try:
+        module = importlib.import_module(SUBCOMMANDS[name][0])
         return int(module.main(argv) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the project's errors in one line; a bug names itself (--debug: traceback)
+        return report(f"oss-mlx {name}", e, debug)
 
 
 if __name__ == "__main__":

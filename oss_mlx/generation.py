@@ -30,6 +30,7 @@ class SamplingOptions:
     top_k: int = 0
     seed: int | None = None
     max_tokens: int = 4096
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias)
 
     def sampler(self) -> Callable[[mx.array], mx.array]:
         if self.temperature == 0:  # greedy: what make_sampler returns for temp 0, without importing it
@@ -40,11 +41,17 @@ class SamplingOptions:
 
         return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
+    def bias_vector(self, width: int) -> mx.array:
+        """``logit_bias`` as a vector added to the logits before sampling."""
+        ids = mx.array(list(self.logit_bias or {}), dtype=mx.int32)
+        values = mx.array(list((self.logit_bias or {}).values()), dtype=mx.float32)
+        return mx.zeros((width,), dtype=mx.float32).at[ids].add(values)
+
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0  # the whole prompt
-    prefilled_tokens: int = 0  # the part not already in the cache
+    prefilled_tokens: int = 0  # the part not already in the cache, processed (so far, while it runs)
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
@@ -80,6 +87,7 @@ def prefill(
     step: int = PREFILL_STEP,
     mark_at: Iterable[int] = (),
     while_running: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> mx.array:
     """Run `tokens` (at least one) through the model into the cache; logits of the last [1, vocab].
 
@@ -87,6 +95,8 @@ def prefill(
     diverge: message starts, the end of the prompt); chunks are split there, which changes nothing.
     while_running: called once the last chunk is queued, before waiting for it (it may change the
     cache's arrays: they are evaluated after it).
+    progress: called as progress(tokens done, total) after each chunk is in the cache (it only
+    reports: the chunks and the results are the same with or without it).
     """
     if not tokens:
         raise ValueError("prefill needs at least one token")
@@ -103,6 +113,8 @@ def prefill(
         # last block's MoE and the unembedding for those chunks.
         if end < len(tokens):
             mx.eval(*cache.arrays())
+            if progress is not None:
+                progress(end, len(tokens))
         else:
             if while_running is not None:  # host work for after the prompt, done while the GPU runs it
                 mx.async_eval(logits, *cache.arrays())
@@ -132,6 +144,7 @@ def generate_tokens(
     report: TokenStream | None = None,
     mark_at: Iterable[int] = (),
     prefill_step: int | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
 ) -> Iterator[int]:
     """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens.
 
@@ -139,9 +152,13 @@ def generate_tokens(
     model's compiled decode step (decode.py). A stop token is
     therefore fed to the cache too; callers read `cache.offset` to know what the cache holds.
     prefill_step: the prefill chunk; default the model's (`load` picks it for the machine's memory).
+    on_prefill(done, total): after each prefill chunk; the stats (tokens prefilled, seconds, peak
+    memory) are kept up to date with it, so a prefill cut short reports what it really did.
     A distributed model's loop runs where a dead rank cannot hang the caller (distributed/runtime.py).
     """
-    tokens = _generate_tokens(model, new_tokens, cache, options, stop_ids, report, mark_at, prefill_step)
+    tokens = _generate_tokens(
+        model, new_tokens, cache, options, stop_ids, report, mark_at, prefill_step, on_prefill
+    )
     guard = getattr(model, "guard", None)
     return tokens if guard is None else guard(tokens)
 
@@ -155,32 +172,57 @@ def _generate_tokens(
     report: TokenStream | None,
     mark_at: Iterable[int],
     prefill_step: int | None,
+    on_prefill: Callable[[int, int], None] | None,
 ) -> Iterator[int]:
     report = report if report is not None else TokenStream()
     stats = report.stats
-    stats.prefilled_tokens = len(new_tokens)
+    stats.prefilled_tokens = 0
     sampler = options.sampler()
     if options.seed is not None:
         mx.random.seed(options.seed)
     mx.reset_peak_memory()
 
     greedy = options.temperature == 0
+    bias: list[mx.array] = []  # made at the first step, as wide as the logits
 
     def sample(logits: mx.array) -> mx.array:
+        if options.logit_bias:
+            if not bias:
+                bias.append(options.bias_vector(logits.shape[-1]).astype(logits.dtype))
+            logits = logits + bias[0]
         if greedy:  # the argmax of the logits is the argmax of the log-probabilities: no 201k-wide
             return sampler(logits)  # logsumexp and subtraction (two launches) in every step
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs)
 
-    start = time.perf_counter()
+    prefill_start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        stats.prefilled_tokens = done
+        stats.prompt_seconds = time.perf_counter() - prefill_start
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        if on_prefill is not None:
+            on_prefill(done, total)
+
+    progress(0, len(new_tokens))
     step = prefill_step or getattr(model, "prefill_step", PREFILL_STEP)
     decode = decode_step(model)
-    logits = prefill(
-        model, new_tokens, cache, step=step, mark_at=mark_at, while_running=lambda: decode.prepare(cache)
-    )
+    try:
+        logits = prefill(
+            model,
+            new_tokens,
+            cache,
+            step=step,
+            mark_at=mark_at,
+            while_running=lambda: decode.prepare(cache),
+            progress=progress,
+        )
+    except BaseException:  # cut short (Ctrl-C): the time it did take
+        stats.prompt_seconds = time.perf_counter() - prefill_start
+        raise
     token = sample(logits)
     mx.eval(token)
-    stats.prompt_seconds = time.perf_counter() - start
+    progress(len(new_tokens), len(new_tokens))
     start = time.perf_counter()
     for n in range(options.max_tokens):
         if n + 1 < options.max_tokens:

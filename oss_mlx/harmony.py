@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -366,23 +367,21 @@ def render_message(message: Message, tokenizer: HarmonyTokenizer) -> list[int]:
 
 
 def _drop_old_analysis(messages: list[Message]) -> list[Message]:
-    # Harmony's rule: the chain of thought of completed turns is not shown again, i.e. every analysis
-    # message before the last final answer is dropped; the current turn's (after it: reasoning that
-    # led to a pending tool call) stays. This is the spec, what transformers' gpt-oss chat template
-    # renders, and what openai/harmony PR #96 fixes: openai-harmony 0.0.8 drops only the analysis
-    # before the FIRST final answer, and only when the conversation ends on one, so from the third
-    # turn on it would show the model reasoning it never saw in training. Elsewhere we render
-    # token-for-token as openai-harmony does (tested).
+    # Harmony's rule: the chain of thought of completed turns is not shown again, i.e. every message on
+    # the analysis channel before the last final answer is dropped, whoever wrote it: the reasoning,
+    # built-in tool calls made in it (python, browser.*, functions called on analysis) and those tools'
+    # outputs, which come back on the call's channel. The current turn's (after the last final answer:
+    # reasoning and tool use that lead to a pending answer) stays. This is the spec, what transformers'
+    # gpt-oss chat template renders, and what openai/harmony PR #96 fixes: openai-harmony 0.0.8 drops
+    # the same messages, but only those before the FIRST final answer and only when the conversation
+    # ends on one, so from the third turn on it would show the model reasoning it never saw in
+    # training. Elsewhere we render token-for-token as openai-harmony does (tested).
     last_final = max(
         (i for i, m in enumerate(messages) if m.role == "assistant" and m.channel == "final"), default=None
     )
     if last_final is None:
         return messages
-    return [
-        m
-        for i, m in enumerate(messages)
-        if not (i < last_final and m.role == "assistant" and m.channel == "analysis")
-    ]
+    return [m for i, m in enumerate(messages) if not (i < last_final and m.channel == "analysis")]
 
 
 def render_conversation(
@@ -637,6 +636,10 @@ class StreamParser:
         if first and first[0].decode(errors="replace") in CHANNELS:
             channel = first[0].decode()
             tail = tail.lstrip()[len(first[0]) :].lstrip()
+        # An address (`to=functions.x`) is header syntax, never text for the reader.
+        head, tail = (
+            _ADDRESS.sub(b"", part).lstrip() if _ADDRESS.search(part) else part for part in (head, tail)
+        )
         self._open(Message(role, "", channel))
         self._text(self._decoder.feed_bytes(head + tail), events)
 
@@ -724,6 +727,9 @@ class StreamParser:
         self._message = None
         self._parts = []
         self._state = _EXPECT_START
+
+
+_ADDRESS = re.compile(rb"(?:^|\s+)to=\S*")
 
 
 def parse_completion(

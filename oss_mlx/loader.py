@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,104 +10,21 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import kernels
+from . import kernel_selftest, kernels
 from .config import ModelConfig, read_config
+from .hub import resolve_model_path
 from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
 from .model import Transformer
+from .moe import Experts
 from .weights import (
     CheckpointError,
     LazyTensors,
     canonical_recipes,
-    checkpoint_files,
     detect_layout,
     hf_recipes,
     iter_canonical,
     original_recipes,
 )
-
-DEFAULT_MODEL = "openai/gpt-oss-20b"
-# Only what the model needs. The hub repos also carry original/ and metal/ copies of the weights,
-# and fnmatch's "*" crosses "/", so every pattern names a top-level file.
-HUB_PATTERNS = [
-    "config.json",
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "model-*.safetensors",
-    "generation_config.json",
-    "chat_template.jinja",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.match(text)) and not text.startswith((".", "/", "~"))
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def download(
-    repo_id: str,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    config_only: bool = False,
-) -> Path:
-    """The snapshot folder of a hub repo: huggingface_hub downloads (resumable, with progress bars)
-    or finds it in its cache; HF_HUB_OFFLINE=1 only looks in the cache."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                allow_patterns=["config.json"] if config_only else HUB_PATTERNS,
-                local_files_only=_offline(),
-            )
-        )
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{repo_id} is not in the Hugging Face cache and cannot be downloaded "
-            "(offline, or HF_HUB_OFFLINE=1). Connect once, or pass a local checkpoint folder."
-        ) from None
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise CheckpointError(f"{repo_id}: no such repository on the hub, or no access to it ({e})") from None
-    except RevisionNotFoundError:
-        raise CheckpointError(f"{repo_id}: no revision {revision!r} on the hub") from None
-    except Exception as e:  # network, disk: reported in words
-        raise CheckpointError(f"cannot download {repo_id} from the Hugging Face hub: {e}") from None
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"{repo_id}: the repository has no top-level config.json (not a gpt-oss model?)"
-        )
-    return folder
-
-
-def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
-    """A local folder as is (or its original/); otherwise a hub repo id, downloaded or from the cache."""
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; pass the folder that holds config.json")
-        if not (path / "config.json").is_file() and (path / "original" / "config.json").is_file():
-            return path / "original"
-        return path
-    if not is_repo_id(str(path_or_repo)):
-        raise CheckpointError(
-            f"{path_or_repo}: no such folder, and not a hub repo id like 'openai/gpt-oss-20b'"
-        )
-    return download(str(path_or_repo))
 
 
 @dataclass
@@ -146,7 +62,7 @@ def open_checkpoint(path_or_repo: str | os.PathLike, quantize_experts: bool = Tr
     """Resolve, read the config and the tensors' headers, detect the layout (nothing else is read)."""
     folder = resolve_model_path(path_or_repo)
     config, raw = read_config(folder)
-    tensors = LazyTensors(checkpoint_files(folder))
+    tensors = LazyTensors.from_folder(folder)
     layout = detect_layout(folder, raw, tensors.names())
     keep_float = layout == "hf-float" and not quantize_experts
     if layout == "oss-mlx":
@@ -187,6 +103,7 @@ def load_model(
             dtype=dtype,
             quantize_float_experts=ckpt.quantize_float_experts,
             folder=ckpt.folder,
+            config=ckpt.config,
         )
     )
     model.load_weights(weights, strict=True)
@@ -211,7 +128,7 @@ def finish_loading(
     the prefill chunk for this machine's memory. resident: at least this many bytes stay in memory
     (expert streaming's budget); kv: the KV cache at the default context (default: the whole model's)."""
     model.eval()
-    kernels.prepare(model)  # backend-specific weight shapes (CUDA: padded down rows)
+    prepare_for_backend(model)  # backend-specific weight shapes (CUDA: padded down rows), kernel self-test
     resident = max(resident or 0, sum(v.nbytes for _, v in tree_flatten(model.parameters())))
     wire_weights(resident)
     # Smaller prefill chunks where memory is tight (read by generation.generate_tokens).
@@ -219,6 +136,41 @@ def finish_loading(
     model.prefill_step = prefill_step_for(resident, kv, Machine.detect().working_set_bytes)
     model.info = LoadInfo(ckpt.layout, ckpt.folder, ckpt.config, ckpt.raw)
     return model, model.info
+
+
+# MLX-CUDA's tensor-core gather_qmm needs the output size to be a multiple of this.
+CUDA_GATHER_QMM_ROWS = 128
+
+
+def prepare_for_backend(model: Transformer) -> None:
+    """What this machine needs of a loaded model before its first forward: on CUDA, the experts'
+    down rows padded (pad_down_rows; it serves the pure-MLX prefill path, so it applies with the
+    kernels off too, and Metal's gather_qmm has no such condition); where kernels would run, their
+    start-up self-test (kernel_selftest), which turns them off if one fails here."""
+    if kernels.available_backend() == "cuda":
+        for block in getattr(model, "blocks", []):
+            experts = getattr(block.mlp, "experts", None)
+            if isinstance(experts, Experts):
+                pad_down_rows(experts, CUDA_GATHER_QMM_ROWS)
+    kernel_selftest.check()
+
+
+def pad_down_rows(experts: Experts, multiple: int) -> None:
+    """Pad the MXFP4 down projection's output rows with zeros to a multiple of `multiple`.
+
+    MLX-CUDA's tensor-core gather_qmm (prefill) needs the output size to be a multiple of 128;
+    gpt-oss's 2,880 is not, so its down projection took a naive kernel. Zero codes with zero
+    scales give exact zeros, cut off after the matmul (Experts._matmul): results are unchanged, for
+    64 more rows per expert (2% of the down weights). The decode kernel reads the padded rows' stride.
+    """
+    E, rows, cols = experts.down_weight.shape
+    pad = -rows % multiple
+    if not experts.quantized or pad == 0:
+        return
+    experts.down_weight = mx.concatenate([experts.down_weight, mx.zeros((E, pad, cols), mx.uint32)], axis=1)
+    scales = experts.down_scales
+    experts.down_scales = mx.concatenate([scales, mx.zeros((E, pad, scales.shape[2]), mx.uint8)], axis=1)
+    mx.eval(experts.down_weight, experts.down_scales)
 
 
 def quantize_dense(model: Transformer, spec: dict | None) -> None:
@@ -249,3 +201,14 @@ def quantize_dense(model: Transformer, spec: dict | None) -> None:
 
 def model_config(path_or_repo: str | os.PathLike) -> ModelConfig:
     return read_config(resolve_model_path(path_or_repo))[0]
+
+
+def check_vocabulary(config: ModelConfig, tokenizer_vocab: int, folder: Path) -> None:
+    """The model's embedding must have a row for every id the tokenizer makes: MLX does not check the
+    lookup, and an id past the end crashes the process (segfault) or reads other memory."""
+    if config.vocab_size < tokenizer_vocab:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: vocab_size is {config.vocab_size}, but the tokenizer's ids go up to "
+            f"{tokenizer_vocab - 1}: the model cannot read the prompts it would be given. gpt-oss has "
+            f"vocab_size {tokenizer_vocab} (a synthetic checkpoint to chat with needs at least that many)."
+        )

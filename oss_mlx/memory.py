@@ -147,7 +147,12 @@ class Machine:
     def detect(cls) -> Machine:
         override = os.environ.get("OSS_MLX_MEMORY_GB")
         if override:  # plan as if the GPU budget were this size (a smaller share, or another machine)
-            b = int(float(override) * 1e9)
+            from .cli_args import MEMORY_GB, UsageError
+
+            try:
+                b = int(MEMORY_GB(override) * 1e9)
+            except ValueError as e:
+                raise UsageError(f"OSS_MLX_MEMORY_GB {e} (GB, e.g. 16)") from None
             return cls(b, b, "mac" if sys.platform == "darwin" else "linux", f"OSS_MLX_MEMORY_GB={override}")
         ram = _total_ram()
         if sys.platform == "darwin":
@@ -391,6 +396,22 @@ def fit_advice(model: str, context: int = DEFAULT_CONTEXT) -> list[str]:
         return []
 
 
+def refuse_unless_fits(prog: str, model: str, context: int = DEFAULT_CONTEXT, how: str = "") -> bool:
+    """Before loading `model`: when it will not fit, print the planner's advice and what to pass
+    instead (to stderr, as `prog`), and return True (the caller stops). Never let the machine swap."""
+    advice = fit_advice(model, context)
+    if not advice:
+        return False
+    print(f"{prog}: " + "\n  ".join(advice), file=sys.stderr)
+    print(
+        f"{prog}: error: the model does not fit this machine's memory budget: do one of the above, or "
+        f"pass --memory-budget SIZE{how} to keep only hot experts in memory (or --ignore-memory to load "
+        "anyway)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def gib(n: int | float) -> str:
     return f"{n / GiB:.2f} GiB"
 
@@ -511,38 +532,46 @@ def config_of(model: str) -> tuple[ModelConfig, dict[str, Any]]:
         if not (path / "config.json").is_file() and (path / "original" / "config.json").is_file():
             path = path / "original"
         return read_config(path)
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        from huggingface_hub import hf_hub_download
+    from .hub import download, is_repo_id
 
-        try:
-            return read_config(Path(hf_hub_download(model, "config.json")).parent)
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise ConfigError(f"cannot read config.json of {model} from the hub (offline?): {e}") from None
+    if is_repo_id(model):
+        return read_config(download(model, config_only=True))
     raise ConfigError(f"{model}: no such folder or config.json, and not a hub repo id")
 
 
 def _read_file_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     import json
 
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not a JSON config ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is a JSON object, not {type(raw).__name__}")
     return ModelConfig.from_dict(raw, source=str(path)), raw
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="oss-mlx plan",
-        description="Will a gpt-oss model fit this machine (or one of --memory GB)? Bytes per component, "
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli_args as A
+
+    ap = A.parser(
+        "oss-mlx plan",
+        "Will a gpt-oss model fit this machine (or one of --memory GB)? Bytes per component, "
         "KV cache, activations, and what to do if it does not fit.",
     )
     ap.add_argument("model", nargs="?", help="model folder, config.json, hub repo id, or 20b / 120b")
     ap.add_argument("--config", choices=NAMED_CONFIGS, help="plan for gpt-oss-20b / -120b shapes (no file)")
-    ap.add_argument("--preset", "--quality", dest="preset", help="quality preset (default: the model's)")
     ap.add_argument(
-        "--context", type=int, default=DEFAULT_CONTEXT, help=f"tokens (default {DEFAULT_CONTEXT})"
+        "--preset",
+        "--quality",
+        dest="preset",
+        choices=list(_presets()),
+        help="quality preset (default: the model's, else reference)",
     )
-    ap.add_argument("--memory", type=float, help="plan for a machine with this many GB of RAM")
+    ap.add_argument("--context", type=A.CONTEXT, default=DEFAULT_CONTEXT, help="tokens of context")
+    ap.add_argument(
+        "--memory", type=A.MEMORY_GB, metavar="GB", help="plan for a machine with this many GB of RAM"
+    )
     ap.add_argument(
         "--platform", choices=["mac", "linux"], help="with --memory: mac (default; GPU working set) or linux"
     )
@@ -552,28 +581,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--distributed", choices=("auto", "pipeline", "tensor"), default="auto", help="with --hosts"
     )
-    args = ap.parse_args(argv)
-    from rich.console import Console
+    return ap
 
-    err = Console(stderr=True)
-    try:
-        raw: dict[str, Any] = {}
-        if args.config or args.model in NAMED_CONFIGS:
-            config = named_config(args.config or args.model)
-        elif args.model:
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.platform and args.memory is None:
+        ap.error("--platform applies to --memory GB (this machine's platform is detected)")
+    if args.config and args.model:
+        ap.error(f"give a model or --config {args.config}, not both")
+    raw: dict[str, Any] = {}
+    if args.config or args.model in NAMED_CONFIGS:
+        config = named_config(args.config or args.model)
+    elif args.model:
+        from .cli_args import report, user_errors
+        from .hub import is_repo_id
+
+        try:
             config, raw = config_of(args.model)
-        else:
-            ap.error("give a model (folder, config.json, hub id) or --config 20b|120b")
-        section = raw.get("oss_mlx") or {}
-        preset = args.preset or section.get("preset") or "reference"
-        dtype_bytes = {"float32": 4}.get(section.get("dtype", "bfloat16"), 2)
-        quant = section.get("quantization") if not args.preset and section else None
-        if args.context <= 0:
-            raise ValueError("--context must be positive")
-        plan = MemoryPlan(config, preset, args.context, quantization=quant, dtype_bytes=dtype_bytes)
-    except (ConfigError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        return 1
+        except user_errors() as e:
+            known = args.model.lower().removeprefix("openai/gpt-oss-")
+            if not is_repo_id(args.model) or known not in NAMED_CONFIGS:
+                return report("oss-mlx plan", e)
+            # The hub cannot be asked, but the official models' shapes are known.
+            print(
+                f"oss-mlx plan: {args.model}'s config.json is not at hand (offline?): planning with "
+                f"the shapes of gpt-oss-{known}",
+                file=sys.stderr,
+            )
+            config = named_config(known)
+    else:
+        ap.error("give a model (folder, config.json, hub id) or --config 20b|120b")
+    if args.context > config.max_position_embeddings:
+        ap.error(
+            f"argument --context: the model's limit is {config.max_position_embeddings:,} tokens "
+            f"(got {args.context:,})"
+        )
+    section = raw.get("oss_mlx") or {}
+    preset = args.preset or section.get("preset") or "reference"
+    dtype_bytes = {"float32": 4}.get(section.get("dtype", "bfloat16"), 2)
+    quant = section.get("quantization") if not args.preset and section else None
+    plan = MemoryPlan(config, preset, args.context, quantization=quant, dtype_bytes=dtype_bytes)
     if args.hosts:
         from .distributed.cli import plan_main
 

@@ -48,7 +48,11 @@ class Transformer(nn.Module):
         self, tokens: mx.array, cache: ModelCache | None = None, last_logits_only: bool = False
     ) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only). One token
-        per sequence with a cache is a decode step: `decode` on the cache's buffers, not compiled."""
+        per sequence with a cache is a decode step: `decode` on the cache's buffers, not compiled.
+
+        Raw ids are checked here (check_tokens); the compiled decode loop (decode.py) is not: the ids
+        it feeds are sampled from the model's own logits."""
+        self.check_tokens(tokens)
         if tokens.shape[1] == 1 and cache is not None:
             return self.decode_into(cache, tokens)
         x = self.run_blocks(self.embed(tokens), cache, last_logits_only)
@@ -78,6 +82,24 @@ class Transformer(nn.Module):
         """Hidden states after the last layer -> logits (x holds only the last position when
         last_logits_only: the last layer cut it)."""
         return self.unembedding(self.norm(x))
+
+    def check_tokens(self, tokens: mx.array) -> None:
+        """Refuse ids outside the embedding table: MLX does not bounds-check the lookup (on the CPU an
+        id past the end crashes the process; on a GPU it reads other memory). One small reduction and
+        sync per call: a prefill chunk, not a decode step."""
+        if not mx.issubdtype(tokens.dtype, mx.integer):
+            raise ValueError(f"token ids must be integers, not {tokens.dtype}")
+        if tokens.size == 0:
+            return
+        low, high = mx.stack([tokens.min(), tokens.max()]).tolist()
+        vocab = self.config.vocab_size
+        if low < 0 or high >= vocab:
+            bad = high if high >= vocab else low
+            raise ValueError(
+                f"token id {bad} is outside this model's vocabulary (ids 0..{vocab - 1}, vocab_size in "
+                "its config.json): the ids come from another tokenizer, or the checkpoint's vocabulary "
+                "is too small"
+            )
 
     def decode(self, tokens: mx.array, pos: mx.array, kv: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
         """tokens [B, 1] at position `pos` (int32 [1]) -> (logits [B, 1, vocab], each layer's cache

@@ -10,8 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
 from .config import ModelConfig
+from .kernels import ExpertWeights, decode_moe, prefill_moe, routing
 from .norm import RMSNorm
 
 MXFP4_GROUP = 32
@@ -27,6 +27,89 @@ def clamped_swiglu(gate_up: mx.array, alpha: float, limit: float) -> mx.array:
     return gate * mx.sigmoid(gate * alpha) * (up + 1)
 
 
+def gather_mm_float(x: mx.array, w: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+    """x @ w[indices].T for float expert weights w [E, out, in] (kept float: quantize_experts=False).
+
+    MLX's CPU gather_mm takes float32 only (0.32.4: "[GatherMM::eval] Currently only supports
+    float32"), and bfloat16 is a fine-tune's dtype: there the product is taken in float32 and rounded
+    back, as a bfloat16 matmul accumulates in float32 anyway. A few tokens (unsorted) convert only the
+    experts they picked; a prefill converts each layer's experts once per chunk.
+    """
+    if w.dtype == mx.float32 or mx.default_device() != mx.cpu:
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+    if not sorted_indices:  # x [N, 1 or k, 1, in] against the picked experts [N, k, out, in]
+        y = x.astype(mx.float32) @ w[indices].astype(mx.float32).swapaxes(-1, -2)
+    else:
+        y = mx.gather_mm(
+            x.astype(mx.float32),
+            w.astype(mx.float32).swapaxes(-1, -2),
+            rhs_indices=indices,
+            sorted_indices=True,
+        )
+    return y.astype(x.dtype)
+
+
+def route_reference(x: mx.array, weight: mx.array, bias: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """x [N, H] -> (weights [N, k] float32, expert indices [N, k] uint32): top-k, softmax over k."""
+    logits = mx.addmm(bias, x, weight.T)
+    indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
+    top = mx.take_along_axis(logits, indices, axis=-1)
+    return mx.softmax(top.astype(mx.float32), axis=-1), indices.astype(mx.uint32)
+
+
+def gather_qmm_mxfp4(x, w, scales, indices, sorted_indices: bool) -> mx.array:
+    """mx.gather_qmm on MXFP4 weights [E, N_out, K/8] (transposed), as the experts use it.
+
+    (Splitting N_out = 2880 into 2816 + 64 to reach MLX-CUDA's tensor-core path was tried: MLX 0.32.4
+    has no gather_qmm implementation for the sliced 64-row tail, so the call stays whole.)
+    """
+    return mx.gather_qmm(
+        x,
+        w,
+        scales,
+        None,
+        rhs_indices=indices,
+        transpose=True,
+        group_size=32,
+        bits=4,
+        mode="mxfp4",
+        sorted_indices=sorted_indices,
+    )
+
+
+def mxfp4_weights(experts) -> ExpertWeights | None:
+    """An experts module's MXFP4 tensors as the kernels take them; None where it holds none whole
+    (float experts; streaming.StreamingExperts, which reads experts on demand, has no `quantized`)."""
+    if not getattr(experts, "quantized", False):
+        return None
+    return ExpertWeights(
+        experts.gate_up_weight,
+        experts.gate_up_scales,
+        experts.gate_up_bias,
+        experts.down_weight,
+        experts.down_scales,
+        experts.down_bias,
+        experts.alpha,
+        experts.limit,
+    )
+
+
+def dequantized_experts(experts: ExpertWeights, x: mx.array, indices: mx.array) -> mx.array:
+    """Each selected expert's output [N, k, H] from dequantized weights, rounded where the reference
+    rounds (each matmul's and bias add's result to x's dtype): the kernels' self-test's reference for
+    the prefill GEMM. Not the sorted gather_qmm path: on CUDA its first use has MLX compile kernels
+    of its own (over a minute at the 20b's shapes, docs/PERFORMANCE.md)."""
+
+    def linear(w: mx.array, scales: mx.array, bias: mx.array, h: mx.array) -> mx.array:
+        w = mx.dequantize(w, scales, group_size=MXFP4_GROUP, bits=4, mode="mxfp4", dtype=mx.float32)[indices]
+        y = (w[..., : bias.shape[-1], :] @ h.astype(mx.float32)[..., None])[..., 0]  # rows may be padded
+        return y.astype(x.dtype) + bias[indices].astype(x.dtype)
+
+    h = linear(experts.gate_up_weight, experts.gate_up_scales, experts.gate_up_bias, x[:, None, :])
+    h = clamped_swiglu(h, experts.alpha, experts.limit)
+    return linear(experts.down_weight, experts.down_scales, experts.down_bias, h)
+
+
 class Router(nn.Module):
     """Linear scores over experts; the top k are kept and softmax-normalised among themselves.
 
@@ -40,12 +123,11 @@ class Router(nn.Module):
         self.top_k = top_k
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """x [N, H] -> (weights [N, k] float32, expert indices [N, k] uint32).
-
-        The reference (addmm, argpartition, softmax) is kernels.route_reference; on a GPU one fused
-        kernel does all three.
-        """
-        return kernels.route(x, self.weight, self.bias, self.top_k)
+        """x [N, H] -> (weights [N, k] float32, expert indices [N, k] uint32): route_reference, or on
+        a GPU one fused kernel doing all three steps."""
+        if routing.route_ok(x, self.weight, self.top_k):
+            return routing.route(x, self.weight, self.bias, self.top_k)
+        return route_reference(x, self.weight, self.bias, self.top_k)
 
 
 class Experts(nn.Module):
@@ -71,33 +153,16 @@ class Experts(nn.Module):
         self.gate_up_bias = mx.zeros((E, 2 * I))
         self.down_bias = mx.zeros((E, H))
 
-    def pad_down_rows(self, multiple: int) -> None:
-        """Pad the MXFP4 down projection's output rows with zeros to a multiple of `multiple`.
-
-        MLX-CUDA's tensor-core gather_qmm (prefill) needs the output size to be a multiple of 128;
-        gpt-oss's 2,880 is not, so its down projection took a naive kernel. Zero codes with zero
-        scales give exact zeros, cut off after the matmul: results are unchanged, for 64 more rows
-        per expert (2% of the down weights). The decode kernel reads the padded rows' stride.
-        """
-        E, rows, cols = self.down_weight.shape
-        pad = -rows % multiple
-        if not self.quantized or pad == 0:
-            return
-        self.down_weight = mx.concatenate([self.down_weight, mx.zeros((E, pad, cols), mx.uint32)], axis=1)
-        scales = self.down_scales
-        self.down_scales = mx.concatenate([scales, mx.zeros((E, pad, scales.shape[2]), mx.uint8)], axis=1)
-        mx.eval(self.down_weight, self.down_scales)
-
     def _matmul(self, x: mx.array, name: str, indices: mx.array, sorted_indices: bool) -> mx.array:
         w = getattr(self, f"{name}_weight")
         if self.quantized:
             # mx.gather_qmm(x, w, scales, transpose, group 32, 4 bits, mxfp4), shaped for MLX's fast paths.
-            y = kernels.gather_qmm_mxfp4(x, w, getattr(self, f"{name}_scales"), indices, sorted_indices)
+            y = gather_qmm_mxfp4(x, w, getattr(self, f"{name}_scales"), indices, sorted_indices)
         else:
-            y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+            y = gather_mm_float(x, w, indices, sorted_indices)
         bias = getattr(self, f"{name}_bias")
         if y.shape[-1] != bias.shape[-1]:
-            y = y[..., : bias.shape[-1]]  # rows padded for MLX-CUDA (pad_down_rows)
+            y = y[..., : bias.shape[-1]]  # rows padded for MLX-CUDA (loader.pad_down_rows)
         return y + bias[indices][..., None, :].astype(y.dtype)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
@@ -108,8 +173,9 @@ class Experts(nn.Module):
             h = self._matmul(h, "gate_up", indices, False)
             h = clamped_swiglu(h, self.alpha, self.limit)
             return self._matmul(h, "down", indices, False).squeeze(-2)
-        if kernels.moe_prefill_ok(self, x, indices):  # GPU: grouping + grouped GEMM kernels
-            return kernels.moe_prefill(self, x, indices)
+        experts = mxfp4_weights(self)
+        if prefill_moe.moe_prefill_ok(experts, x, indices):  # GPU: grouping + grouped GEMM kernels
+            return prefill_moe.moe_prefill(experts, x, indices)
         # Prefill: group rows by expert so each expert's weights are read once.
         flat = indices.flatten()
         order = mx.argsort(flat)
@@ -137,18 +203,20 @@ class MLPBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
-        if self.shard is None:
-            fused = kernels.moe_block(self, x)
-            if fused is not None:  # GPU, few tokens: norm + router, gate_up + SwiGLU, down + sum + residual
-                return fused
+        router, experts = self.router, mxfp4_weights(self.experts)
+        if self.shard is None and decode_moe.moe_block_ok(x, router.weight, router.top_k, experts):
+            # GPU, few tokens: norm + router, gate_up + SwiGLU, down + sum + residual
+            return decode_moe.moe_block(
+                x, self.norm.weight, self.norm.eps, router.weight, router.bias, router.top_k, experts
+            )
         h = self.norm(x).reshape(-1, shape[-1])
         weights, indices = self.router(h)
         residual = x
         if self.shard is not None:
             weights, indices = self.shard.local(weights, indices)
             residual = self.shard.residual(x)
-            fused = kernels.moe_decode(self.experts, h, weights, indices, residual.reshape(h.shape))
-            if fused is not None:  # GPU, few tokens: this rank's experts, summed, + its residual share
+            if decode_moe.moe_decode_ok(experts, h, indices):  # GPU, few tokens: this rank's experts
+                fused = decode_moe.moe_decode(experts, h, weights, indices, residual.reshape(h.shape))
                 return self.shard.all_sum(fused.reshape(shape))
         y = self.experts(h, indices)
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)

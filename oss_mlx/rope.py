@@ -19,8 +19,9 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
     """Per-pair inverse frequencies (float64) and the attention (concentration) factor."""
     dim, base, factor = config.head_dim, config.rope_theta, config.rope_scaling_factor
     pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    given = config.rope_attention_factor  # a config's explicit attention_factor (transformers' key)
     if factor <= 1.0:
-        return 1.0 / pos_freqs, 1.0
+        return 1.0 / pos_freqs, 1.0 if given is None else given
 
     def correction_dim(num_rotations: float) -> float:
         # The pair index whose wavelength fits `num_rotations` times in the original context.
@@ -39,7 +40,7 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
     ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
     extrapolate = 1.0 - ramp  # 1: keep the original frequency (high-frequency pairs)
     inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolate
-    concentration = 0.1 * math.log(factor) + 1.0
+    concentration = 0.1 * math.log(factor) + 1.0 if given is None else given
     return inv_freq, concentration
 
 

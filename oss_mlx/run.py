@@ -6,65 +6,73 @@ import argparse
 import sys
 
 from .distributed import cli as distributed
-from .loader import DEFAULT_MODEL
+from .hub import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli_args as A
+
+    p = A.parser("oss-mlx generate", __doc__)
+    p.add_argument("prompt", nargs="?", help="the user message (default: read standard input)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, checkpoint folder or converted folder")
+    p.add_argument(
+        "--reasoning-effort", choices=("low", "medium", "high"), default="medium", help="how long it thinks"
+    )
+    p.add_argument("--system", help="developer instructions")
+    p.add_argument("--max-tokens", type=A.MAX_TOKENS, default=2048, help="per reply, reasoning included")
+    p.add_argument(
+        "--temperature", type=A.TEMPERATURE, default=1.0, help="0 = greedy; 1.0 as OpenAI advises; 0 to 2"
+    )
+    p.add_argument("--top-p", type=A.TOP_P, default=1.0, help="nucleus sampling, above 0 and at most 1")
+    p.add_argument("--seed", type=A.SEED, help="0 to 2^64-1; -1 or none: random (default: random)")
+    p.add_argument("--show-reasoning", action="store_true", help="print the chain of thought to stderr")
+    p.add_argument("--stats", action="store_true", help="print speed and memory to stderr at the end")
+    p.add_argument("--ignore-memory", action="store_true", help="load even if the planner says it won't fit")
+    p.add_argument(
+        "--memory-budget", type=A.size, metavar="SIZE", help='e.g. "6GB": stream experts from disk'
+    )
+    distributed.add_arguments(p)
+    return p
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="oss-mlx generate", description=__doc__)
-    p.add_argument("prompt", nargs="?", help="the user message (default: read standard input)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, checkpoint folder or converted folder")
-    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
-    p.add_argument("--system", help="developer instructions")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument(
-        "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0, as OpenAI advises)"
-    )
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--show-reasoning", action="store_true", help="print the chain of thought to stderr")
-    p.add_argument("--stats", action="store_true", help="print speed and memory to stderr at the end")
-    p.add_argument("--memory-budget", metavar="SIZE", help='e.g. "6GB": stream experts from disk')
-    distributed.add_arguments(p)
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.max_tokens < 1:
-        print("oss-mlx generate: --max-tokens must be at least 1", file=sys.stderr)
-        return 2
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.prompt is not None:
+        prompt = args.prompt
+    else:
+        if sys.stdin.isatty():
+            print(
+                "oss-mlx generate: type the prompt, then Ctrl-D (or pass it as an argument)", file=sys.stderr
+            )
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            print(
+                f"oss-mlx generate: standard input is not UTF-8 text ({e.reason} at byte {e.start})",
+                file=sys.stderr,
+            )
+            return 2
     if not prompt.strip():
         print("oss-mlx generate: empty prompt (pass it as an argument or on standard input)", file=sys.stderr)
         return 2
 
     import oss_mlx
-    from oss_mlx.config import ConfigError
-    from oss_mlx.distributed.errors import DistributedError
-    from oss_mlx.tokenizer import TokenizerError
-    from oss_mlx.weights import CheckpointError
-
-    try:
-        if distributed.requested(args):  # several ranks: this is rank 0 (the others never return)
-            model, tokenizer = distributed.load(args.model, args)
-        else:
-            model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
-    except (CheckpointError, ConfigError, TokenizerError, ValueError, DistributedError) as e:
-        print(f"oss-mlx generate: {e}", file=sys.stderr)
-        return 1
-    try:
-        return _answer(args, prompt, model, tokenizer)
-    except DistributedError as e:
-        sys.stdout.write("\n")
-        print(f"oss-mlx generate: {e}", file=sys.stderr)
-        return 1
-
-
-def _answer(args: argparse.Namespace, prompt: str, model, tokenizer) -> int:
-    import oss_mlx
     from oss_mlx.harmony import TextDelta
+    from oss_mlx.memory import refuse_unless_fits
     from oss_mlx.session import Done
 
+    if distributed.requested(args):  # several ranks: this is rank 0 (the others never return)
+        model, tokenizer = distributed.load(args.model, args)
+    else:
+        if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits(
+            "oss-mlx generate", args.model
+        ):
+            return 1
+        model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
     events = oss_mlx.stream_generate(
         model,
         tokenizer,

@@ -8,7 +8,7 @@ after every prefill, which lets sliding-window layers rewind that far (see cache
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,7 @@ class Session:
         prompt: Prompt | None = None,
         options: SamplingOptions | None = None,
         assistant_prefix: Sequence[int] = (),
+        on_prefill: Callable[[int, int], None] | None = None,
         **sampling: Any,
     ) -> Iterator[Event]:
         """Generate the assistant's reply to `prompt` (default: the session's history).
@@ -134,6 +135,7 @@ class Session:
         changed; use `send` for a chat that remembers.
         assistant_prefix: tokens the reply is forced to start with (after `<|start|>assistant`), e.g.
         a tool-call header when a call is required; they count as prompt, and the parser reads them.
+        on_prefill(done, total): progress of the prompt's processing (the part not in the cache).
         """
         options = options or SamplingOptions(**sampling)
         tokens = self._to_tokens(prompt) + list(assistant_prefix)
@@ -151,7 +153,14 @@ class Session:
         finished = False
         try:
             for token in generate_tokens(
-                self.model, new, self.cache, options, set(self.tokenizer.stop_ids), report, mark_at=marks
+                self.model,
+                new,
+                self.cache,
+                options,
+                set(self.tokenizer.stop_ids),
+                report,
+                mark_at=marks,
+                on_prefill=on_prefill,
             ):
                 for event in parser.feed(token):
                     self._collect(event, reply)
@@ -166,6 +175,8 @@ class Session:
             self._settle(tokens + report.tokens)
             stats = report.stats
             stats.context_tokens = self.cache.offset
+            if not report.tokens:  # stopped in the prefill: what the cache really took of the prompt
+                stats.prefilled_tokens = max(0, min(len(new), self.cache.offset - reused))
             if report.tokens and report.tokens[-1] == self.tokenizer.CALL:
                 stats.finish_reason = "tool_call"
             reply.messages = list(parser.messages)
@@ -201,10 +212,13 @@ class Session:
                 self.messages.extend(self.last_reply.messages)
 
     def add_tool_result(self, name: str, content: str) -> None:
-        """Record a function tool's output (name without the `functions.` prefix)."""
-        self.messages.append(
-            Message("tool", content, channel="commentary", recipient="assistant", name=f"functions.{name}")
-        )
+        """Record a function tool's output (name without the `functions.` prefix) on the channel of its
+        call, as gpt-oss's reference tools answer: a call the model made on analysis is then dropped
+        together with its output once the turn is complete (harmony's rule), not leaving it behind."""
+        recipient = f"functions.{name}"
+        call = next((m for m in reversed(self.messages) if m.recipient == recipient), None)
+        channel = call.channel if call is not None and call.channel else "commentary"
+        self.messages.append(Message("tool", content, channel=channel, recipient="assistant", name=recipient))
 
 
 def stream_generate(

@@ -36,7 +36,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import weights as W
+from .cli_args import parse_size
 from .config import ModelConfig
+from .errors import MemoryBudgetError
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
 from .partial_read import data_start, pread_into
 
@@ -49,26 +51,6 @@ ACTIVATION_ALLOWANCE = 512 * 2**20
 DEFAULT_CONTEXT = 4096
 _EXPERT_TENSORS = ("gate_up_weight", "gate_up_scales", "down_weight", "down_scales")
 _EXPERT_PARAM = re.compile(r"\.experts\.(gate_up|down)_(weight|scales)$")
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "t": 10**12,
-}
-
-
-class MemoryBudgetError(ValueError):
-    """A memory budget that cannot hold the model even when streaming its experts."""
 
 
 def parse_budget(budget: str | int) -> int:
@@ -76,18 +58,13 @@ def parse_budget(budget: str | int) -> int:
     if isinstance(budget, bool):
         raise ValueError(f"memory_budget must be bytes or a size like '6GB', not {budget!r}")
     if isinstance(budget, (int, np.integer)):
-        value = int(budget)
-    else:
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _UNITS:
-            raise ValueError(
-                f"memory_budget={budget!r}: expected a size like '6GB', '6.5GiB', '800MB' or an int of bytes"
-            )
-        value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"memory_budget must be positive, got {budget!r}")
-    return value
+        if int(budget) <= 0:
+            raise ValueError(f"memory_budget must be positive, got {budget!r}")
+        return int(budget)
+    try:
+        return parse_size(str(budget))
+    except ValueError as e:
+        raise ValueError(f"memory_budget={budget!r}: {e}") from None
 
 
 def _gb(n: int) -> str:
@@ -353,8 +330,8 @@ class StreamingExperts(nn.Module):
         self.down_bias = experts.down_bias
         self.alpha, self.limit = experts.alpha, experts.limit
         self.num_experts = experts.gate_up_weight.shape[0]
-        # No `quantized` attribute: kernels.moe_decode then leaves this layer to __call__ (its fused
-        # kernels index the full expert tensors, which are not here).
+        # No `quantized` attribute: moe.mxfp4_weights then finds no weights for the fused kernels (they
+        # index the full expert tensors, which are not here): the layer takes __call__.
         self.streaming = True
         self._sources = sources
         self._files = files

@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import ORIGINAL_DEFAULTS
+
 __all__ = [
     "FP4_VALUES",
     "LAYOUTS",
@@ -85,24 +87,7 @@ HUB_MODULES_NOT_CONVERTED = [
     "lm_head",
 ]
 # OpenAI's original/config.json holds exactly the fields of gpt_oss.torch.model.ModelConfig.
-ORIGINAL_CONFIG_KEYS = (
-    "num_hidden_layers",
-    "num_experts",
-    "experts_per_token",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "swiglu_limit",
-    "head_dim",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "sliding_window",
-    "initial_context_length",
-    "rope_theta",
-    "rope_scaling_factor",
-    "rope_ntk_alpha",
-    "rope_ntk_beta",
-)
+ORIGINAL_CONFIG_KEYS = tuple(ORIGINAL_DEFAULTS)
 REAL_VOCAB = 201088
 HARMONY_EOS = 200002  # <|return|>, the hub config's eos_token_id
 HARMONY_PAD = 199999  # <|endoftext|>, the hub config's pad_token_id
@@ -723,21 +708,41 @@ def write_checkpoint(
 # -- CLI --------------------------------------------------------------------------------------------------
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli_args as A
+
+    ap = A.parser("oss-mlx synthetic", "Write a random gpt-oss checkpoint.")
+    ap.add_argument("dest", type=Path, help="output folder")
+    ap.add_argument("--config", default="tiny", choices=["tiny", "20b", "120b"], help="sizes")
+    ap.add_argument("--layout", default="hf-mxfp4", choices=list(LAYOUTS), help="on-disk layout")
+    ap.add_argument(
+        "--seed", type=A.SEED_NON_NEGATIVE, default=0, help="the same seed writes the same values"
+    )
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="of every float tensor")
+    ap.add_argument(
+        "--max-shard-bytes",
+        type=A.NON_NEGATIVE_INT,
+        default=2_000_000_000,
+        help="split into shards above this size; 0: a single file",
+    )
+    ap.add_argument(
+        "--config-style",
+        default="hub",
+        choices=["hub", "transformers5"],
+        help="config.json as on the hub (transformers 4) or as transformers 5 writes it",
+    )
+    ap.add_argument("--num-layers", type=A.Number(int, 1, 1024), help="override the preset's layer count")
+    ap.add_argument("--num-experts", type=A.Number(int, 1, 4096), help="override the preset's expert count")
+    ap.add_argument(
+        "--vocab-size", type=A.Number(int, 1, 2**24), help="override the preset's vocabulary size"
+    )
+    ap.add_argument("--overwrite", action="store_true", help="replace safetensors already in DEST")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     """`oss-mlx synthetic DEST --config tiny|20b|120b --layout ... --seed N`."""
-    ap = argparse.ArgumentParser(prog="oss-mlx synthetic", description="Write a random gpt-oss checkpoint.")
-    ap.add_argument("dest", type=Path, help="output folder")
-    ap.add_argument("--config", default="tiny", choices=["tiny", "20b", "120b"], help="sizes (default tiny)")
-    ap.add_argument("--layout", default="hf-mxfp4", choices=list(LAYOUTS))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    ap.add_argument("--max-shard-bytes", type=int, default=2_000_000_000, help="0: a single file")
-    ap.add_argument("--config-style", default="hub", choices=["hub", "transformers5"])
-    ap.add_argument("--num-layers", type=int, help="override the preset's layer count")
-    ap.add_argument("--num-experts", type=int, help="override the preset's expert count")
-    ap.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
-    ap.add_argument("--overwrite", action="store_true", help="replace safetensors already in DEST")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     overrides = {
         k: v
@@ -777,9 +782,21 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=progress,
         )
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except FileExistsError:  # the library's advice names its keyword; a user of the CLI needs the flag
+        print(
+            f"oss-mlx synthetic: error: {args.dest} already holds checkpoint files; pass --overwrite to "
+            "replace them",
+            file=sys.stderr,
+        )
         return 2
+    except ValueError as e:
+        print(f"oss-mlx synthetic: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full disk, a file where the folder should be
+        from .cli_args import describe_error
+
+        print(f"\noss-mlx synthetic: error: cannot write {args.dest}: {describe_error(e)}", file=sys.stderr)
+        return 1
     print(f"wrote {args.layout} {args.config} checkpoint to {out} in {time.monotonic() - start:.1f}s")
     return 0
 

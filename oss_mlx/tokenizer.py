@@ -29,6 +29,8 @@ from pathlib import Path
 
 import tiktoken
 
+from .errors import LoadError
+
 __all__ = [
     "VOCAB_FILENAME",
     "VOCAB_SIZE",
@@ -79,7 +81,7 @@ def _special_tokens() -> dict[str, int]:
 SPECIAL_TOKENS: Mapping[str, int] = _special_tokens()
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(LoadError, RuntimeError):
     """Base class of the tokenizer's errors."""
 
 

@@ -79,7 +79,10 @@ class TmuxChat:
         command = shlex.join(["bash", "-c", f"trap : INT; {chat}; {record}"])
         config = self.home / "tmux.conf"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text("set -g remain-on-exit on\nset -g history-limit 20000\nset -g status off\n")
+        config.write_text(
+            "set -g remain-on-exit on\nset -g history-limit 20000\nset -g status off\n"
+            "set -g set-clipboard on\n"  # OSC 52 from the chat (/copy) lands in a tmux buffer
+        )
         self.tmux(
             "-f", str(config), "new-session", "-d", "-x", str(self.width), "-y", str(self.height),
             "-c", str(REPO), command,

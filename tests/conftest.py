@@ -10,6 +10,34 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shard",
+        default="1/1",
+        help="i/n: run every n-th collected test from the i-th on (a suite split over calls of a few "
+        "minutes each, as on the GPU machine: benchmarks/device_profile.sh, stage suites)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """--shard i/n keeps items i-1, i-1+n, ... (round robin: each part gets its share of every test's
+    parameter grid, so the parts take about the same time)."""
+    shard = config.getoption("--shard")
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+        if not 1 <= i <= n:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"--shard {shard!r}: expected i/n, 1 <= i <= n (e.g. 2/3)") from None
+    if n > 1:
+        kept = items[i - 1 :: n]
+        chosen = {id(item) for item in kept}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in chosen])
+        items[:] = kept
+
+
 VOCAB_DIRS = [
     Path(p) for p in (os.environ.get("TIKTOKEN_CACHE_DIR"), os.environ.get("TIKTOKEN_RS_CACHE_DIR")) if p
 ] + [REPO.parent / "shared" / "data" / "tiktoken-cache"]

@@ -11,8 +11,11 @@ from __future__ import annotations
 import enum
 import io
 import json
+import os
 import re
+import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Optional, TypedDict
@@ -57,6 +60,13 @@ HELLO = harmony_reply(
 SHORT = harmony_reply("Short answer.", analysis="Easy.")
 LONG = harmony_reply(" ".join(f"word{i}" for i in range(3000)))
 LOOP = harmony_reply("ha" * 400)
+
+
+@pytest.fixture(scope="module")
+def loaded_tiny(tiny_checkpoint):
+    import oss_mlx
+
+    return oss_mlx.load(tiny_checkpoint)
 
 
 @pytest.fixture
@@ -192,14 +202,19 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(chat, tmp_path):
     screen = app.command("/stats", r"context: ")
     assert re.search(r"^1 .*interrupted", screen, re.MULTILINE)
 
-    # Ctrl-C at the prompt: the first clears the line, on an empty line it quits.
+    # Ctrl-C at the prompt: the first clears the line; on an empty line the first says how to quit,
+    # the second quits, saying where the conversation is.
     app.type("a draft I do not want", enter=False)
     app.wait_for(r">>> a draft I do not want")
     app.keys("C-c")
     app.wait_prompt()
     assert app.alive()
     app.keys("C-c")
+    app.wait_for(r"Ctrl-C again quits")
+    assert app.alive()
+    app.keys("C-c")
     assert app.wait_exit() == 0
+    assert re.search(r"bye: the conversation is saved in .*chats", app.screen())
     assert "Traceback" not in app.screen()
 
 
@@ -827,3 +842,310 @@ def test_refuses_a_model_that_does_not_fit_and_says_what_to_do(tiny_checkpoint, 
     assert out.returncode == 1, text
     assert "does not fit" in text and "--memory-budget" in text and "Traceback" not in text
     assert "loaded in" not in text
+
+
+# ===================================================================================================
+# Keys, long prompts, copying, Ctrl-C, reasoning, commands (end to end, in tmux)
+# ===================================================================================================
+
+
+def user_messages(app: TmuxChat, path: Path) -> list[str]:
+    app.command(f"/save {path}", r"saved")
+    return [m["content"] for m in saved(path)["messages"] if m["role"] == "user"]
+
+
+@needs_tmux
+def test_alt_enter_adds_a_line_and_enter_sends(chat, tmp_path):
+    app = chat(replies=[SHORT, SHORT, SHORT])
+    app.type("first line", enter=False)
+    app.keys("M-Enter")  # Alt+Enter as a terminal sends it: Escape, then Enter
+    app.type("second line", enter=False)
+    app.keys("Escape", "Enter")  # the same, typed as two keys
+    app.type("third line", enter=False)
+    app.wait_for(r"^\.\.\. third line", count=1)
+    assert "tok/s" not in app.screen()  # nothing was sent yet
+    app.keys("Enter")
+    app.wait_for(r"Short answer\.")
+    app.wait_prompt()
+    assert user_messages(app, tmp_path / "a.json") == ["first line\nsecond line\nthird line"]
+    # /multi swaps them: Enter adds a line, Alt+Enter sends.
+    app.command("/multi", r"multi-line input")
+    app.type("one", enter=False)
+    app.keys("Enter")
+    app.type("two", enter=False)
+    app.keys("M-Enter")
+    app.wait_for(r"Short answer\.", count=2)
+    app.wait_prompt()
+    app.type("/multi", enter=False)
+    app.keys("M-Enter")
+    app.wait_for(r"single-line input")
+    app.wait_prompt()
+    assert user_messages(app, tmp_path / "b.json")[-1] == "one\ntwo"
+
+
+CODE = (
+    "def double(x):\n"
+    "    return x * 2  # " + "a comment longer than the terminal is wide " * 3 + "\n"
+    "\n"
+    "class A:\n"
+    "    pass"
+)
+CODE_REPLY = harmony_reply(f"Here:\n\n```python\n{CODE}\n```\n\nAnd `inline`.\n\n```sh\nls -l\n```\n\nDone.")
+
+
+def fake_clipboard(folder: Path) -> tuple[Path, Path]:
+    """A `wl-copy` that writes what it is given to a file (the clipboard program's place)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "clipboard.txt"
+    program = folder / "wl-copy"
+    program.write_text(f"#!/bin/sh\n{shutil.which('cat')} > {out}\n")
+    program.chmod(0o755)
+    return folder, out
+
+
+@needs_tmux
+def test_code_blocks_copy_exactly_and_copy_puts_them_on_the_clipboard(tmp_path, vocab_dir, tiny_checkpoint):
+    no_clipboard = {"DISPLAY": "", "WAYLAND_DISPLAY": ""}
+    app = TmuxChat(tmp_path / "home", vocab_dir).start(
+        ["--model", str(tiny_checkpoint)], replies=[CODE_REPLY], env_extra=no_clipboard
+    )
+    try:
+        app.wait_prompt(60)
+        app.command("Some code?", r"Done\.")
+        # What the pane shows, wrapped lines joined and trailing spaces kept (tmux -J): the code
+        # lines, exactly, with no padding column on the left and no spaces to the full width.
+        shown = app.tmux("capture-pane", "-p", "-J", "-S", "-").split("\n")
+        first = shown.index("def double(x):")
+        assert shown[first : first + 5] == CODE.split("\n")
+        assert "ls -l" in shown and shown[first - 1] == "" and shown[first + 5] == ""
+
+        screen = app.command("/copy code", r"copied the code block")
+        path = Path(re.search(r"also in (\S+)\)", screen).group(1))
+        assert path == tmp_path / "home" / "copied.txt" and path.read_text() == "ls -l\n"
+        assert app.tmux("show-buffer") == "ls -l\n"  # OSC 52 reached the terminal (tmux)
+        app.command("/copy", r"copied the reply")
+        reply = path.read_text()
+        assert reply.startswith("Here:\n\n```python\ndef double(x):") and reply.endswith("Done.")
+        assert app.tmux("show-buffer") == reply
+        app.command("/copy everything", r"/copy code its last code block")
+    finally:
+        app.close()
+    # Where a clipboard program exists, it gets the text.
+    bin_dir, clipboard = fake_clipboard(tmp_path / "bin")
+    env = {"WAYLAND_DISPLAY": "wayland-test", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    app = TmuxChat(tmp_path / "home2", vocab_dir).start(
+        ["--model", str(tiny_checkpoint)], replies=[CODE_REPLY], env_extra=env
+    )
+    try:
+        app.wait_prompt(60)
+        app.command("/copy", r"nothing to copy: no reply yet")
+        app.command("Some code?", r"Done\.")
+        app.command("/copy code", r"copied the code block .* to the clipboard \(wl-copy\)")
+        assert clipboard.read_text() == "ls -l\n"
+    finally:
+        app.close()
+
+
+@needs_tmux
+def test_a_long_prompt_shows_progress_and_ctrl_c_says_what_happened(chat):
+    """Prefill progress (done/total, rate) while a long paste is read; Ctrl-C then reports how many
+    tokens were processed and that there is no reply; /stats shows real numbers."""
+    app = chat(replies=[SHORT])
+    text = "\n".join(
+        f"Line {i}: here is some context about the problem, with details worth remembering."
+        for i in range(600)
+    )
+    app.paste(text)
+    app.wait_for(r"Line 599: here")
+    app.keys("Enter")
+    shown = app.wait_for(r"reading the prompt: (2,048|[3-9],\d{3})/10,\d{3} tokens \(\d+%\) · [\d,]+ tok/s")
+    total = int(re.search(r"reading the prompt: [\d,]+/([\d,]+)", shown).group(1).replace(",", ""))
+    app.keys("C-c")
+    screen = app.wait_for(r"stopped \(Ctrl-C\) while reading the prompt", timeout=60)
+    app.wait_prompt()
+    m = re.search(r"while reading the prompt: ([\d,]+) of ([\d,]+) new tokens were processed", screen)
+    done = int(m.group(1).replace(",", ""))
+    assert int(m.group(2).replace(",", "")) == total and 2048 <= done < total and done % 2048 == 0
+    assert "no reply was produced" in screen and "the reply so far is kept" not in screen
+    assert re.search(rf"no reply · prefilled {done:,}/{total:,} in [\d.]+ s", screen)
+    screen = app.command("/stats", r"context: ")
+    assert re.search(rf"^1\s+{total}\s+{done}\s+0\s.*interrupted", screen, re.MULTILINE), screen
+    assert re.search(rf"context: {done:,} / [\d,]+ tokens in the cache", screen)  # kept for the next turn
+    peak = float(re.search(r"peak memory ([\d.]+) GB", screen).group(1))
+    assert peak > 0
+    assert "Traceback" not in screen
+
+
+@needs_tmux
+def test_three_quick_ctrl_c_do_not_quit_silently(chat):
+    app = chat("--max-tokens", "100000", replies=[LONG])
+    app.type("Tell me a very long story")
+    app.wait_for(r"word12 ")
+    app.keys("C-c", "C-c", "C-c")  # one meant for the reply, two more in the heat of the moment
+    app.wait_for(r"stopped \(Ctrl-C\)")
+    app.wait_prompt()
+    time.sleep(1.0)
+    assert app.alive(), app.screen()
+    # From the prompt, Ctrl-C twice quits, and says so.
+    for _ in range(2):  # the third press above may already have armed the quit
+        app.keys("C-c")
+        deadline = time.monotonic() + 3
+        while app.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not app.alive():
+            break
+    assert app.wait_exit() == 0
+    screen = app.screen()
+    assert "Ctrl-C again quits" in screen and "bye: the conversation is saved in" in screen
+
+
+@needs_tmux
+def test_streamed_reasoning_breaks_lines_between_words(chat):
+    words = [f"w{i}{'x' * (3 + i % 9)}" for i in range(90)]
+    app = chat("--reasoning", "show", replies=[harmony_reply("Fine.", analysis=" ".join(words))])
+    app.command("Think aloud", r"Fine\.")
+    rows = app.tmux("capture-pane", "-p", "-S", "-").splitlines()  # the screen's rows, as wrapped
+    shown = [row for row in rows if row.startswith("w") and "x" in row]
+    assert len(shown) >= 5  # the reasoning took several rows of the 120-column pane
+    assert " ".join(" ".join(shown).split()) == " ".join(words)
+    for row in shown:
+        assert all(word in words for word in row.split()), row  # no word cut in two
+
+
+@needs_tmux
+def test_ambiguous_commands_and_the_date_in_the_system_message(chat, tmp_path):
+    from oss_mlx.chat.app import today
+
+    app = chat(replies=[SHORT])
+    app.command("/e", r"/e could be /effort or /exit: type more of the name")
+    app.command("/re", r"/re could be /reasoning or /regen or /reset")
+    screen = app.command("/system", r"developer message")
+    assert f"Current date: {today()}" in screen
+    app.command("Hi", r"Short answer\.")
+    path = tmp_path / "dated.json"
+    app.command(f"/save {path}", r"saved")
+    data = saved(path)
+    assert (
+        data["settings"]["current_date"] == today() and f"Current date: {today()}" in data["system_message"]
+    )
+    # A conversation loaded keeps its own start date (the one its cache and history were made with).
+    data["settings"]["current_date"] = "2025-08-05"
+    path.write_text(json.dumps(data))
+    app.command(f"/load {path}", r"loaded")
+    assert "Current date: 2025-08-05" in app.command("/system", r"developer message", timeout=10)
+
+
+# ===================================================================================================
+# Parts of the above, in-process
+# ===================================================================================================
+
+
+def test_code_blocks_render_without_padding():
+    from rich.console import Console
+
+    for terminal in (True, False):
+        out = io.StringIO()
+        console = Console(file=out, width=30, force_terminal=terminal, color_system="256", highlight=False)
+        stream = MarkdownStream(console, live=False)
+        stream.feed(f"Intro.\n\n```python\n{CODE}\n```\n\n- a list with code:\n\n  ```\n  x = 1\n  ```\n")
+        stream.finish()
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in out.getvalue().split("\n")]
+        first = lines.index("def double(x):")
+        assert lines[first : first + 5] == CODE.split("\n")  # long lines are not cut either
+        nested = next(line for line in lines if "x = 1" in line)
+        assert nested.strip() == "x = 1" and not nested.endswith(" ")
+
+
+def test_word_wrap_never_cuts_a_word():
+    from oss_mlx.chat.render import WordWrap
+
+    words = [f"word{i}{'y' * (i % 11)}" for i in range(200)]
+    text = " ".join(words) + "\nnext paragraph\n"
+    for step in (1, 3, 7):
+        wrap = WordWrap(40)
+        out = "".join(wrap.feed(text[i : i + step]) for i in range(0, len(text), step)) + wrap.flush()
+        rows = out.split("\n")
+        assert all(len(row) <= 40 and not row.endswith(" ") for row in rows)
+        assert " ".join(" ".join(rows[:-2]).split()) == " ".join(words) and rows[-2] == "next paragraph"
+
+
+def test_ambiguous_prefixes_list_their_candidates():
+    assert commands.candidates("e") == ["effort", "exit"]
+    assert commands.candidates("re") == ["reasoning", "regen", "reset"]  # reset: /clear's alias
+    assert commands.candidates("zz") == [] and commands.find("cop").name == "copy"
+
+
+def test_osc52_and_the_file_fallback(tmp_path, monkeypatch):
+    import base64
+
+    from oss_mlx.chat import clipboard
+
+    bin_dir, out = fake_clipboard(tmp_path / "bin")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    written: list[str] = []
+    done = clipboard.copy_text("héllo\n  world\n", tmp_path / "copied.txt", written.append)
+    assert done.how == "OSC 52" and done.path.read_text() == "héllo\n  world\n"
+    assert written == ["\x1b]52;c;" + base64.b64encode("héllo\n  world\n".encode()).decode() + "\x07"]
+    done = clipboard.copy_text("x", tmp_path / "copied.txt", None)  # not a terminal: the file only
+    assert done.how == "file" and done.path.read_text() == "x"
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-test")
+    assert clipboard.copy_text("y", tmp_path / "unused.txt", written.append).how == "wl-copy"
+    assert out.read_text() == "y" and not (tmp_path / "unused.txt").exists()
+
+
+def test_set_checks_values_as_the_flags_do():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from oss_mlx.chat.app import ChatApp
+
+    out = io.StringIO()
+    app = ChatApp(SimpleNamespace(messages=[], tools=[]), Console(file=out, width=200), sampling={"seed": 3})
+    for line, expected in [
+        ("temperature -3", "temperature must be between 0 and 2 (got -3)"),
+        ("top_p 9", "top_p must be greater than 0 and at most 1 (got 9)"),
+        ("seed 99999999999999999999", "seed must be between -1 and 2^64-1 (got 99999999999999999999)"),
+        ("max_tokens 0", "max_tokens must be between 1 and"),
+        ("seed -1", "seed: random"),
+        ("temperature 0.7", "temperature: 0.7"),
+    ]:
+        app.cmd_set(line)
+        assert expected in out.getvalue(), (line, out.getvalue())
+    assert app.sampling == {"temperature": 0.7}  # -1: the seed is random again
+
+
+def test_stats_line_of_a_reply_stopped_in_its_prompt():
+    stats = GenerationStats(
+        prompt_tokens=29599, prefilled_tokens=8192, prompt_seconds=4.0, context_tokens=8192,
+        peak_memory_gb=0.3, finish_reason="interrupted",
+    )  # fmt: skip
+    assert format_stats(stats, None) == (
+        "no reply · prefilled 8,192/29,599 in 4.0 s (2,048 tok/s) · context 8,192 · peak 0.30 GB"
+        " · interrupted"
+    )
+
+
+def test_the_system_message_date_renders_as_openai_harmony_renders_it(loaded_tiny):
+    """The chat's Session carries today's date (as OpenAI's reference chat does), token for token."""
+    oh = pytest.importorskip("openai_harmony")
+    from oss_mlx.chat.app import today
+    from oss_mlx.session import Session
+
+    model, tokenizer = loaded_tiny
+    date = today()
+    ours = Session(model, tokenizer, current_date=date).render([Message("user", "Hi")])
+    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+    system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort.MEDIUM)
+    system = system.with_conversation_start_date(date)
+    conversation = oh.Conversation.from_messages(
+        [
+            oh.Message.from_role_and_content(oh.Role.SYSTEM, system),
+            oh.Message.from_role_and_content(oh.Role.USER, "Hi"),
+        ]
+    )
+    theirs = enc.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
+    assert ours == theirs and f"Current date: {date}" in tokenizer.decode(ours)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from server_helpers import free_port
 
 
 def run(*args: str, env_extra: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -75,9 +76,10 @@ def test_generate_with_a_memory_budget_gives_the_same_tokens(tiny_checkpoint, vo
 @pytest.mark.parametrize(
     "args,code,message",
     [
-        (["generate", "--max-tokens", "0", "hi"], 2, "--max-tokens must be at least 1"),
+        (["generate", "--max-tokens", "0", "hi"], 2, "--max-tokens: must be between 1 and"),
         (["bench", "--model", "/definitely/not/here", "--engines", "oss-mlx"], 1, "cannot load"),
-        (["serve", "--model", "/definitely/not/here", "--port", "0"], 1, "cannot load"),
+        (["serve", "--model", "/definitely/not/here", "--port", "0"], 2, "--port: must be between 1 and"),
+        (["serve", "--model", "/definitely/not/here", "--port", str(free_port())], 1, "cannot load"),
         (["convert", "/definitely/not/here", "/tmp/oss-mlx-never-written"], 1, "no such folder"),
         (["plan", "/definitely/not/here"], 1, "no such folder"),
     ],

@@ -399,6 +399,112 @@ def test_tool_call_round_trip(tok, enc, for_completion: bool) -> None:
     _assert_same(tok, ours, _reference(enc, reference, for_completion))
 
 
+# --- tools on the analysis channel: dropped with their calls once the turn is complete --------------
+
+
+def _call(recipient: str, args: str, content_type: str | None = None, channel: str = "analysis") -> H.Message:
+    return H.Message("assistant", args, channel=channel, recipient=recipient, content_type=content_type)
+
+
+def _output(tool: str, text: str, channel: str = "analysis") -> H.Message:
+    """A tool's output, on the call's channel (as gpt-oss's reference tools send it back)."""
+    return H.Message("tool", text, channel=channel, recipient="assistant", name=tool)
+
+
+PYTHON_TURN = [
+    H.Message("user", "What is 2**100?"),
+    H.Message("assistant", "Use python.", channel="analysis"),
+    _call("python", "print(2**100)", "code"),
+    _output("python", "1267650600228229401496703205376"),
+    H.Message("assistant", "2**100 = 1267650600228229401496703205376.", channel="final"),
+]
+BROWSER_TURN = [
+    H.Message("user", "Any news on MLX?"),
+    _call("browser.search", '{"query": "MLX release"}', "json"),
+    _output("browser.search", "【0†MLX 0.32 released†github.com】"),
+    H.Message("assistant", "Open the first result.", channel="analysis"),
+    _call("browser.open", '{"id": 0}', "json"),
+    _output("browser.open", "L0: MLX 0.32 adds ..."),
+    H.Message("assistant", "MLX 0.32 was released.", channel="final"),
+]
+FUNCTION_ON_ANALYSIS_TURN = [
+    H.Message("user", "Weather in Tokyo?"),
+    _call("functions.get_weather", '{"location": "Tokyo"}', "<|constrain|>json"),
+    _output("functions.get_weather", '{"temperature": 20}'),
+    H.Message("assistant", "It is 20°C in Tokyo.", channel="final"),
+]
+NEXT_USER = H.Message("user", "Thanks! And tomorrow?")
+ANALYSIS_TOOL_TURNS = {
+    "python": PYTHON_TURN,
+    "browser": BROWSER_TURN,
+    "function-on-analysis": FUNCTION_ON_ANALYSIS_TURN,
+    "commentary-call-kept": [  # a function called on commentary stays, call and output (the spec)
+        H.Message("user", "Weather in Tokyo?"),
+        H.Message("assistant", "Need get_weather.", channel="analysis"),
+        _call("functions.get_weather", '{"location": "Tokyo"}', "<|constrain|>json", "commentary"),
+        _output("functions.get_weather", '{"temperature": 20}', "commentary"),
+        H.Message("assistant", "It is 20°C in Tokyo.", channel="final"),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ANALYSIS_TOOL_TURNS))
+@pytest.mark.parametrize("for_completion", [True, False])
+def test_completed_turn_drops_tool_use_on_analysis(tok, enc, case: str, for_completion: bool) -> None:
+    """One completed turn, then the next user message: openai-harmony drops every analysis-channel
+    message, whoever wrote it (tool outputs too), and so do we: exactly its tokens."""
+    conversation = [*ANALYSIS_TOOL_TURNS[case], NEXT_USER]
+    tools = [WEATHER] if case.startswith(("function", "commentary")) else None
+    ours = H.render_conversation(
+        conversation, tok, tools=tools, current_date=DATE, for_completion=for_completion
+    )
+    developer = [_developer(None, [WEATHER])] if tools else []
+    reference = [_system(), *developer, *map(_theirs, conversation)]
+    _assert_same(tok, ours, _reference(enc, reference, for_completion))
+    text = tok.decode(ours)
+    assert "to=assistant<|channel|>analysis" not in text  # no tool output survives its dropped call
+    assert "<|channel|>analysis" not in text
+    if case == "commentary-call-kept":
+        assert "functions.get_weather to=assistant<|channel|>commentary" in text
+
+
+@pytest.mark.parametrize("case", ["python", "browser", "function-on-analysis"])
+def test_tool_use_of_the_current_turn_is_kept(tok, enc, case: str) -> None:
+    """A pending turn (its tool output not answered yet) keeps its reasoning, calls and outputs: the
+    model continues from them. After a completed turn, only that turn's analysis goes."""
+    turn = ANALYSIS_TOOL_TURNS[case]
+    pending = turn[:-1]  # up to the last tool output
+    tools = [WEATHER] if case.startswith("function") else None
+    developer = [_developer(None, [WEATHER])] if tools else []
+    ours = H.render_conversation(pending, tok, tools=tools, current_date=DATE)
+    _assert_same(tok, ours, _reference(enc, [_system(), *developer, *map(_theirs, pending)]))
+    assert "to=assistant<|channel|>analysis" in tok.decode(ours)
+    # The same pending turn after a completed python turn: the completed turn's tool use is dropped,
+    # the current one's kept. openai-harmony 0.0.8 drops nothing here (the conversation does not end
+    # on a final answer): the documented difference, so compared with its rendering of the spec's
+    # messages.
+    conversation = [*PYTHON_TURN, *pending]
+    ours = H.render_conversation(conversation, tok, tools=tools, current_date=DATE)
+    spec = [m for m in PYTHON_TURN if m.channel != "analysis"] + pending
+    _assert_same(tok, ours, _reference(enc, [_system(), *developer, *map(_theirs, spec)], drop=False))
+    pending_python = sum(m.name == "python" for m in pending)  # turn 1's python output is not kept
+    assert tok.decode(ours).count("<|start|>python to=assistant") == pending_python
+
+
+def test_several_turns_with_tools_drop_every_completed_turn(tok, enc) -> None:
+    """Three completed turns using python, the browser and a function on analysis, then a question:
+    only the final answers remain. openai-harmony 0.0.8 drops only the first turn's (the documented
+    difference): ours equals its rendering of the spec's messages, and its own keeps later outputs."""
+    conversation = [*PYTHON_TURN, *BROWSER_TURN, *FUNCTION_ON_ANALYSIS_TURN, NEXT_USER]
+    ours = H.render_conversation(conversation, tok, tools=[WEATHER], current_date=DATE)
+    spec = [m for m in conversation if m.channel != "analysis"]
+    developer = _developer(None, [WEATHER])
+    _assert_same(tok, ours, _reference(enc, [_system(), developer, *map(_theirs, spec)], drop=False))
+    assert [m.role for m in spec] == ["user", "assistant"] * 3 + ["user"]
+    theirs = tok.decode(_reference(enc, [_system(), developer, *map(_theirs, conversation)]))
+    assert "browser.open to=assistant<|channel|>analysis" in theirs  # what 0.0.8 leaves in
+
+
 def test_messages_with_own_system_and_developer(tok, enc) -> None:
     conversation = [
         H.Message("system", "Custom system prompt."),
@@ -635,10 +741,36 @@ def test_header_too_long_degrades_to_text(tok) -> None:
     text = " to=functions." + "very_long_name_" * 40 + "<|return|>"
     parser, events = _parse(tok, text)
     assert parser.messages[0].channel == "final"
-    assert parser.messages[0].content == text.removesuffix("<|return|>")
+    # What follows the header limit is text; the address itself never is.
+    content = parser.messages[0].content
+    assert "to=" not in content and text.removesuffix("<|return|>").endswith(content) and len(content) > 300
     # It streamed before the end, once the header limit was passed.
     first = next(i for i, e in enumerate(events) if isinstance(e, H.TextDelta))
     assert first < len(events) - 2
+
+
+def test_a_broken_header_never_shows_its_address(tok) -> None:
+    """A header the model garbles (a forced `to=functions.` it does not complete, a recipient with
+    words after it) becomes text without its `to=...` address: headers are not prose."""
+    cases = {
+        "<|channel|>commentary to=functions. Paris weather<|message|>hi<|end|>": (
+            "commentary",
+            "Paris weatherhi",
+        ),
+        "<|channel|>commentary to=functions.get weather now please and more<|end|>": (
+            "commentary",
+            "weather now please and more",
+        ),
+        "<|channel|>final to=functions.x blah blah blah blah blah blah blah<|return|>": (
+            "final",
+            "blah blah blah blah blah blah blah",
+        ),
+    }
+    for text, (channel, content) in cases.items():
+        parser, _ = _parse(tok, text)
+        assert [(m.channel, m.recipient, m.content) for m in parser.messages] == [(channel, None, content)], (
+            text
+        )
 
 
 def test_unterminated_tool_call_is_not_executed(tok) -> None:

@@ -8,6 +8,7 @@ every kernel launch (kernels.poison_outputs), so an element a kernel forgot to w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import replace
@@ -20,16 +21,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from oss_mlx import kernel_sources, kernels
+from oss_mlx import kernel_selftest, kernels
+from oss_mlx.attention import sdpa_with_sinks
 from oss_mlx.cache import FullCache, WindowCache
 from oss_mlx.config import ModelConfig
-from oss_mlx.moe import MLPBlock, clamped_swiglu
+from oss_mlx.kernels import decode_attention, decode_moe, dispatch, prefill_moe, routing, sources
+from oss_mlx.loader import CUDA_GATHER_QMM_ROWS, pad_down_rows, prepare_for_backend
+from oss_mlx.moe import MLPBlock, clamped_swiglu, mxfp4_weights, route_reference
 
 GPU = kernels.available_backend() != "reference" and mx.default_device() == mx.gpu
 needs_gpu = pytest.mark.skipif(
     not GPU,
     reason=f"no GPU kernel backend here (MLX backend: {kernels.available_backend()}, device "
-    f"{mx.default_device()}); the CUDA twins run on the GPU machine, the Metal kernels in macOS CI",
+    f"{mx.default_device()}); the CUDA expansion runs on the GPU machine, the Metal one in macOS CI",
 )
 
 
@@ -52,23 +56,59 @@ def rel_err(a: mx.array, b: mx.array) -> float:
 
 TOL = {mx.float32: 2e-5, mx.bfloat16: 1.5e-2, mx.float16: 4e-3}
 
+
+@contextlib.contextmanager
+def recording_launches():
+    """The names of the kernels launched inside, the kernels themselves real: this machine's
+    dialect through kernels.emulated with a factory that wraps MLX's."""
+    dialect = kernels.available_backend()
+    make = mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
+    launched = []
+
+    def recording(**kw):
+        kernel = make(**kw)
+
+        def call(*args, **kwargs):
+            launched.append(kw["name"].removeprefix("oss_"))
+            return kernel(*args, **kwargs)
+
+        return call
+
+    with kernels.emulated(dialect, recording):
+        yield launched
+
+
 # ---- sources and dispatch (everywhere) ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dialect", ["metal", "cuda"])
 def test_every_kernel_has_a_source_in_both_dialects(dialect):
-    sources = kernel_sources.kernel_sources(dialect)
-    assert set(sources) == set(kernels.SPECS), f"{dialect}: {sorted(sources)} vs {sorted(kernels.SPECS)}"
-    for name, (header, body) in sources.items():
+    texts = kernels.kernel_sources(dialect)
+    assert set(texts) == set(kernels.SPECS), f"{dialect}: {sorted(texts)} vs {sorted(kernels.SPECS)}"
+    for name, (header, body) in texts.items():
         assert body.strip(), name
         assert "//" not in header + body, f"{name}: comments travel to MLX with every launch"
+        assert "$" not in header + body, f"{name}: a dialect word left unexpanded"
         for arg in (*kernels.SPECS[name].inputs, *kernels.SPECS[name].outputs):
             assert arg in body, f"{dialect} {name}: body never uses {arg!r}"
 
 
+def test_every_case_matches_its_interface():
+    """SPECS is the one table of the kernels' interfaces; the offline compile checks (clang for the
+    Metal text, nvcc for the CUDA text) build its cases: one dtype per input and output, the
+    template arguments in the spec's order, at least one case a kernel."""
+    dtypes = {"bf16", "f16", "f32", "u32", "u8", "i32"}
+    for name, spec in kernels.SPECS.items():
+        assert spec.cases, name
+        assert len(set(spec.inputs + spec.outputs)) == len(spec.inputs) + len(spec.outputs), name
+        for case in spec.cases:
+            assert len(case.inputs) == len(spec.inputs) and len(case.outputs) == len(spec.outputs), name
+            assert {d.removesuffix("c") for d in case.inputs} | set(case.outputs) <= dtypes, (name, case)
+            assert tuple(case.template) == spec.template, (name, case.template, spec.template)
+
+
 def test_the_offline_compile_check_covers_every_cuda_kernel():
-    """benchmarks/compile_cuda_kernels.py (nvcc, no GPU) builds each kernel as MLX does; its case list
-    must name every kernel, with one dtype per input and output."""
+    """benchmarks/compile_cuda_kernels.py (nvcc, no GPU) builds each case of SPECS as MLX does."""
     import importlib.util
     from pathlib import Path
 
@@ -76,22 +116,23 @@ def test_the_offline_compile_check_covers_every_cuda_kernel():
     spec = importlib.util.spec_from_file_location("compile_cuda_kernels", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert {c[0] for c in tool.CASES} == set(kernels.SPECS)
-    for name, ins, outs, template in tool.CASES:
-        unit = tool.translation_unit(name, ins, outs, template)
-        assert f"__global__ void k_{name}(" in unit
-        assert len(ins) == len(kernels.SPECS[name].inputs) and len(outs) == len(kernels.SPECS[name].outputs)
+    cases = list(tool.cases())
+    assert {name for name, _ in cases} == set(kernels.SPECS)
+    assert len(cases) == sum(len(s.cases) for s in kernels.SPECS.values())
+    for name, case in cases:
+        unit = tool.translation_unit(name, case)
+        assert f"__global__ void k_{name}(" in unit and "$" not in unit
 
 
 def test_comments_are_dropped_code_is_kept():
     text = "#define A 1  // why\n\n  // only a comment\n  int x = A; // trailing\n"
-    assert kernel_sources._code_only(text) == "#define A 1\nint x = A;\n"
+    assert sources._code_only(text) == "#define A 1\nint x = A;\n"
 
 
 def test_each_kernel_carries_only_the_helpers_it_calls():
     """MLX-CUDA hashes a kernel's whole source at every launch, so each kernel gets the helpers its
     body reaches (transitively), not the whole header; macros and typedefs always travel."""
-    code = kernel_sources._code_only(
+    code = sources._code_only(
         "#define OSS_DEV inline\ntypedef unsigned int uint;\n"
         "OSS_DEV float sq(float x) { return x * x; }\n"
         "template <typename T> OSS_DEV T twice(T x) { return sq(x) + sq(x); }\n"
@@ -99,62 +140,134 @@ def test_each_kernel_carries_only_the_helpers_it_calls():
         'struct Asm { static OSS_DEV void run() { asm volatile("{ x }" ::); } };\n'
         "OSS_DEV float unused(float x) { return x; }\n"
     )
-    items = kernel_sources._top_level_items(code)
+    items = sources._top_level_items(code)
     assert len(items) == 7  # the braces inside the asm string do not split or join items
-    kept = kernel_sources._used_helpers(code, "y = twice<T>(v); Asm::run();")
+    kept = sources._used_helpers(code, "y = twice<T>(v); Asm::run();")
     assert "OSS_DEV float sq(" in kept and kept.count("twice") == 2 and "struct Asm" in kept
     assert "unused" not in kept and "#define OSS_DEV" in kept and "typedef unsigned int uint;" in kept
     for dialect in ("cuda", "metal"):
-        sources = kernel_sources.kernel_sources(dialect)
-        out_header = sources["out_residual"][0]
+        texts = kernels.kernel_sources(dialect)
+        out_header = texts["out_residual"][0]
         assert "dot2_rows" in out_header and "load8" in out_header
         assert "merge_warps" not in out_header and "dot8_fp4" not in out_header
-        mma_header = sources["sdpa_decode_mma"][0]
+        mma_header = texts["sdpa_decode_mma"][0]  # the shared family helpers, then the dialect's
         assert "merge_warps" in mma_header and "dot2_rows" not in mma_header
+        assert mma_header.index("merge_warps") < mma_header.index("mma_keys")
 
 
 def test_a_kernel_section_pasted_twice_is_refused():
     text = "// helpers\n// @@kernel a\n  int x = 1;\n// @@kernel a\n  int y = 2;\n"
     with pytest.raises(ValueError, match="appears twice"):
-        kernel_sources.parse_source(text)
-    preamble, bodies = kernel_sources.parse_source(text.replace("kernel a\n  int y", "kernel b\n  int y"))
+        sources.parse_source(text)
+    preamble, bodies = sources.parse_source(text.replace("kernel a\n  int y", "kernel b\n  int y"))
     assert preamble.strip() == "// helpers" and set(bodies) == {"a", "b"}
 
 
-def test_twins_document_the_same_interface():
-    """The comment block of each file pair names the same inputs/outputs lines."""
-    import re
+def test_dialect_words_are_replaced_as_text():
+    """A shared source's `$words` become each dialect's spelling; what MLX scans a Metal body for
+    (its attributes) is in the text itself; CUDA's spellings are renamed for Metal."""
+    src = (
+        "const int tid = $tid.x, lane = $lane(tid), w = $warp($tid.x);\n"
+        "const $device float* p = part + ($group.y * (long long)n);\n"
+        "#pragma unroll\n"
+        "for (;;) acc = fmaf(a, $atomic_add(cnt[ids[s]], 1u), fmaxf(b, c));\n"
+    )
+    assert sources.expand(src, "cuda") == (
+        "const int tid = threadIdx.x, lane = tid & 31, w = threadIdx.x >> 5;\n"
+        "const float* p = part + (blockIdx.y * (long long)n);\n"
+        "#pragma unroll\n"
+        "for (;;) acc = fmaf(a, atomicAdd(&cnt[ids[s]], 1u), fmaxf(b, c));\n"
+    )
+    assert sources.expand(src, "metal") == (
+        "const int tid = thread_position_in_threadgroup.x, lane = thread_index_in_simdgroup, "
+        "w = simdgroup_index_in_threadgroup;\n"
+        "const device float* p = part + (threadgroup_position_in_grid.y * (long)n);\n"
+        "for (;;) acc = fma(a, atomic_fetch_add_explicit(&cnt[ids[s]], 1u, memory_order_relaxed), "
+        "max(b, c));\n"
+    )
+    with pytest.raises(ValueError, match=r"unknown dialect word \$lanes"):
+        sources.expand("x = $lanes;", "cuda")
+    with pytest.raises(ValueError, match=r"\$lane takes arguments"):
+        sources.expand("x = $lane;", "metal")
 
-    for file in {s.file for s in kernels.SPECS.values()}:
-        docs = []
-        for d in ("metal", "cuda"):
-            text = kernel_sources._source_text(d, file + kernel_sources.EXT[d])
-            docs.append(re.findall(r"^//\s+(?:inputs|outputs)\s.*$", text, re.M))
-        assert docs[0] == docs[1], file
+
+def test_one_source_per_simt_kernel():
+    """Every kernel but the two matrix-unit ones is written once, in kernels_shared/; those two are
+    written per dialect; no kernel is defined twice (kernel_sources refuses that)."""
+    shared, per_dialect = set(), {d: set() for d in sources.DIALECTS}
+    for family in {s.family for s in kernels.SPECS.values()}:
+        for dialect in sources.DIALECTS:
+            for where, _, bodies in sources._family_code(dialect, family):
+                (shared if where.startswith("kernels_shared/") else per_dialect[dialect]).update(bodies)
+        for spec in kernels.SPECS.values():
+            assert spec.family in {"routing", "decode_moe", "prefill_moe", "decode_attention"}, spec
+    assert per_dialect["metal"] == per_dialect["cuda"] == {"sdpa_decode_mma", "moe_gemm"}
+    assert shared == set(kernels.SPECS) - {"sdpa_decode_mma", "moe_gemm"}
+    metal = kernels.kernel_sources("metal")
+    for name in shared:  # CUDA's names are gone from the Metal expansion
+        header, body = metal[name]
+        for cuda_word in ("threadIdx", "blockIdx", "gridDim", "fmaf", "long long", "#pragma unroll", "__"):
+            assert cuda_word not in header + body, (name, cuda_word)
 
 
-def test_reference_is_forced_by_the_environment(monkeypatch):
+def test_reference_is_forced_by_the_environment(monkeypatch, fake_factory):
+    """OSS_MLX_KERNELS=reference (or use_backend) wins over a GPU backend: no kernel launches, the
+    model's reference path runs."""
+    launches, make = fake_factory
+    model = _tiny_model(mx.bfloat16)
+    cache = model.make_cache()
+    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
+    x = mx.random.normal((3, 128)).astype(mx.bfloat16)
+    router = model.blocks[0].mlp.router
     monkeypatch.setenv(kernels.ENV, "reference")
-    assert kernels.backend() == "reference"
-    x = mx.random.normal((3, 64))
-    w, b = mx.random.normal((8, 64)), mx.random.normal((8,))
-    got = kernels.route(x, w, b, 2)
-    ref = kernels.route_reference(x, w, b, 2)
+    with kernels.emulated("cuda", make):
+        assert kernels.backend() == "reference" and kernels.available_backend() == "cuda"
+        got = router(x)
+        mx.eval(model(mx.array([[4]]), cache=cache))
+        assert launches == []
+        monkeypatch.setenv(kernels.ENV, "auto")
+        assert kernels.backend() == "cuda"
+        with kernels.use_backend("reference"):
+            assert kernels.backend() == "reference"
+            mx.eval(model(mx.array([[5]]), cache=cache))
+            assert launches == []
+        mx.eval(model(mx.array([[6]]), cache=cache))
+        assert launches  # now the kernels run
+    ref = route_reference(x, router.weight, router.bias, router.top_k)
     assert all(mx.array_equal(a, r).item() for a, r in zip(got, ref))
-    monkeypatch.setenv(kernels.ENV, "auto")
     assert kernels.backend() == kernels.available_backend()
-    with kernels.use_backend("reference"):
-        assert kernels.backend() == "reference"
 
 
-def test_cpu_stream_takes_the_reference(monkeypatch):
+def test_emulated_stands_in_for_the_machine(fake_factory):
+    """kernels.emulated(dialect, make_kernel): the dialect is this machine's, the device counts as
+    the GPU, kernels come from make_kernel with the text of that dialect, the compiled-kernel cache
+    is empty on entry and on exit, and everything is as before afterwards."""
+    launches, make = fake_factory
+    before = (kernels.available_backend(), kernels.backend(), dispatch.on_gpu())
+    dispatch.RUNTIME.compiled[("metal", "route")] = object()
+    x, w, b = mx.zeros((2, 64)), mx.zeros((8, 64)), mx.zeros((8,))
+    with kernels.emulated("metal", make):
+        assert not dispatch.RUNTIME.compiled
+        assert kernels.available_backend() == kernels.backend() == "metal" and dispatch.on_gpu()
+        assert routing.route_ok(x, w, 2)
+        routing.route(x, w, b, 2)
+        assert [n for n, *_ in launches] == ["route"] and dispatch.RUNTIME.compiled
+        assert make.built["route"]["source"] == kernels.kernel_sources("metal")["route"][1]
+    assert not dispatch.RUNTIME.compiled
+    assert (kernels.available_backend(), kernels.backend(), dispatch.on_gpu()) == before
+    with pytest.raises(ValueError, match="metal or cuda"):
+        with kernels.emulated("reference", make):
+            pass
+
+
+def test_cpu_stream_takes_the_reference(monkeypatch, fake_factory):
     """Work placed on the CPU stream never takes a GPU kernel, even where a GPU kernel backend is."""
-    monkeypatch.setattr(kernels, "_AVAILABLE", "cuda")
+    monkeypatch.setattr(dispatch.RUNTIME, "machine", "cuda")
     q, kv = mx.random.normal((1, 4, 1, 16)), mx.random.normal((2, 1, 2, 9, 16))
     with mx.stream(mx.cpu):
-        assert not kernels.sdpa_decode_ok(q, kv)
-    monkeypatch.setattr(kernels, "_on_gpu", lambda *a: True)
-    assert kernels.sdpa_decode_ok(q, kv)  # the shapes themselves are the kernel's
+        assert not decode_attention.sdpa_decode_ok(q, kv)
+    with kernels.emulated("cuda", fake_factory[1]):
+        assert decode_attention.sdpa_decode_ok(q, kv)  # the shapes themselves are the kernel's
 
 
 # ---- routing --------------------------------------------------------------------------------------
@@ -168,7 +281,8 @@ def test_route(dtype, E, k, N, H):
     x = mx.random.normal((N, H)).astype(dtype)
     w = (mx.random.normal((E, H)) / math.sqrt(H)).astype(dtype)
     b = (0.1 * mx.random.normal((E,))).astype(dtype)
-    wts, ids = kernels.route(x, w, b, k)
+    assert routing.route_ok(x, w, k)
+    wts, ids = routing.route(x, w, b, k)
     if dtype == mx.float32:  # float64 math (MLX's GPU float32 matmul may run in TF32)
         logits = _np(x).astype(np.float64) @ _np(w).astype(np.float64).T + _np(b).astype(np.float64)
         slack = 1e-5
@@ -261,8 +375,10 @@ def test_moe_decode_matches_reference(dtype, E, k, H, I, N):
     # routing drawn independently of the kernel: k distinct experts per token, random weights
     indices = mx.argsort(mx.random.uniform(shape=(N, E)), axis=-1)[:, :k].astype(mx.uint32)
     weights = mx.softmax(mx.random.normal((N, k)), axis=-1)
-    out = kernels.moe_decode(block.experts, h, weights, indices, x)
-    assert out is not None and out.shape == (N, H) and out.dtype == dtype
+    experts = mxfp4_weights(block.experts)
+    assert decode_moe.moe_decode_ok(experts, h, indices)
+    out = decode_moe.moe_decode(experts, h, weights, indices, x)
+    assert out.shape == (N, H) and out.dtype == dtype
     ref = moe_reference(block, x, weights, indices)
     assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
 
@@ -282,10 +398,10 @@ def _prefill_indices(N: int, E: int, k: int, used: int) -> mx.array:
 )
 def test_moe_group_groups_rows_by_expert(E, k, N, used):
     ids = _prefill_indices(N, E, k, used).reshape(-1)
-    BM = kernels.MOE_GEMM_ROWS
+    BM = prefill_moe.MOE_GEMM_ROWS
     shapes = [(N * k,), (E + 1,), (E + 1,)]
     grid = (1024, 1, 1)
-    perm, offsets, tiles = kernels._launch(
+    perm, offsets, tiles = dispatch.launch(
         "moe_group", [ids], [("E", E), ("BM", BM)], grid, grid, shapes, [mx.uint32] * 3
     )
     ids, perm, offsets, tiles = (np.array(a).astype(np.int64) for a in (ids, perm, offsets, tiles))
@@ -314,14 +430,15 @@ def test_moe_prefill_matches_reference(dtype, E, k, H, I, N, used):
     block = random_mlp(E, k, H, I, dtype)
     x = mx.random.normal((N, H)).astype(dtype)
     indices = _prefill_indices(N, E, k, used)
-    assert kernels.moe_prefill_ok(block.experts, x, indices)
-    got = kernels.moe_prefill(block.experts, x, indices)
+    experts = mxfp4_weights(block.experts)
+    assert prefill_moe.moe_prefill_ok(experts, x, indices)
+    got = prefill_moe.moe_prefill(experts, x, indices)
     with kernels.use_backend("reference"):
         want = block.experts(x, indices)
     assert got.shape == want.shape == (N, k, H) and got.dtype == dtype
     assert rel_err(got, want) < TOL[dtype], rel_err(got, want)
-    block.experts.pad_down_rows(kernels.CUDA_GATHER_QMM_ROWS)  # as the loader does on CUDA
-    assert rel_err(kernels.moe_prefill(block.experts, x, indices), want) < TOL[dtype]
+    pad_down_rows(block.experts, CUDA_GATHER_QMM_ROWS)  # as the loader does on CUDA
+    assert rel_err(prefill_moe.moe_prefill(mxfp4_weights(block.experts), x, indices), want) < TOL[dtype]
 
 
 @needs_gpu
@@ -333,7 +450,7 @@ def test_gate_up_swiglu_matches_dequantized_math(dtype, E, k, H, I, N):
     ex = block.experts
     x = mx.random.normal((N, H)).astype(dtype)
     indices = mx.argsort(mx.random.uniform(shape=(N, E)), axis=-1)[:, :k].astype(mx.uint32)
-    (h,) = kernels._launch(
+    (h,) = dispatch.launch(
         "gate_up_swiglu",
         [
             x,
@@ -341,7 +458,7 @@ def test_gate_up_swiglu_matches_dequantized_math(dtype, E, k, H, I, N):
             ex.gate_up_weight,
             ex.gate_up_scales,
             ex.gate_up_bias,
-            kernels._const(ex.alpha, ex.limit),
+            dispatch.const(ex.alpha, ex.limit),
         ],
         [("T", dtype), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024)), ("COLS", 2)],
         (128 * -(-I // 8), N * k, 1),
@@ -371,8 +488,10 @@ def test_mlp_block_fused_matches_reference(dtype, E, k, H, I, N):
     """norm_route + gate_up_swiglu + down_combine (the decode MoE block) vs the reference block."""
     block = random_mlp(E, k, H, I, dtype)
     x = (3 * mx.random.normal((N, H))).astype(dtype)
-    fused = kernels.moe_block(block, x)
-    assert fused is not None and fused.shape == x.shape
+    router, experts = block.router, mxfp4_weights(block.experts)
+    assert decode_moe.moe_block_ok(x, router.weight, k, experts)
+    fused = decode_moe.moe_block(x, block.norm.weight, block.norm.eps, router.weight, router.bias, k, experts)
+    assert fused.shape == x.shape
     with kernels.use_backend("reference"):
         ref = block(x[None])[0]
     # near-tie routing in bf16 may pick another expert for a token: compare token by token and
@@ -385,7 +504,7 @@ def test_mlp_block_fused_matches_reference(dtype, E, k, H, I, N):
 
 @pytest.mark.parametrize("N", [1, 3, 40])
 def test_padded_down_rows_change_nothing(N):
-    """kernels.prepare pads the down projection's rows for MLX-CUDA's tensor-core gather_qmm: the
+    """The loader pads the down projection's rows for MLX-CUDA's tensor-core gather_qmm: the
     block's output must not change (zero rows, cut off) on the decode kernels (GPU), the token-order
     and the expert-sorted reference paths (N * k >= 64). Bit-identical, except where the padding
     moves a GPU's sorted gather_qmm to another kernel (another summation order: bf16 tolerance)."""
@@ -393,7 +512,7 @@ def test_padded_down_rows_change_nothing(N):
     x = (3 * mx.random.normal((1, N, 96))).astype(mx.bfloat16)
     before = block(x)
     mx.eval(before)
-    block.experts.pad_down_rows(128)
+    pad_down_rows(block.experts, 128)
     assert block.experts.down_weight.shape[1] == 128 and block.experts.down_scales.shape[1] == 128
     after = block(x)
     assert after.shape == before.shape
@@ -406,14 +525,14 @@ def test_padded_down_rows_change_nothing(N):
 # ---- attention ------------------------------------------------------------------------------------
 
 
-def decode_attention(q, k, v, sinks, scale, window=None, kv=None, pos=None) -> mx.array:
+def sdpa_kernel(q, k, v, sinks, scale, window=None, kv=None, pos=None) -> mx.array:
     """sdpa_decode for q [B, Hq, 1, D] over k, v [B, Hkv, S, D] (stacked into the caches' joint
     layout) or a joint buffer kv, at position pos (default: the last key) -> [B, Hq, 1, D]."""
     kv = mx.stack([k, v]) if kv is None else kv
-    assert kernels.sdpa_decode_ok(q, kv)
+    assert decode_attention.sdpa_decode_ok(q, kv)
     B, Hq, _, D = q.shape
     pos = kv.shape[3] - 1 if pos is None else pos
-    out = kernels.sdpa_decode(mx.contiguous(q.reshape(B, Hq, D)), kv, sinks, scale, window, pos)
+    out = decode_attention.sdpa_decode(mx.contiguous(q.reshape(B, Hq, D)), kv, sinks, scale, window, pos)
     return out.reshape(B, Hq, 1, D)
 
 
@@ -462,24 +581,22 @@ ATTN_SHAPES = [
 def test_sdpa_decode(monkeypatch, mma, dtype, B, Hkv, G, D, S):
     """Both attention kernels: sdpa_decode_mma (matrix units) where its shapes apply, and the SIMT
     sdpa_decode, which takes every shape (SDPA_MMA off)."""
-    if mma and not kernels._sdpa_mma_ok(dtype, D, G):
+    if mma and not decode_attention.sdpa_mma_ok(dtype, D, G):
         pytest.skip("sdpa_decode_mma takes 16-bit, 64-dim heads, G <= 8")
-    monkeypatch.setattr(kernels, "SDPA_MMA", mma)
-    assert kernels.backend() != "reference"  # runs the start-up self-test (its launches) before the spy
-    launched = []
-    real = kernels._launch
-    spy = lambda name, *a, **k: launched.append(name) or real(name, *a, **k)  # noqa: E731
-    monkeypatch.setattr(kernels, "_launch", spy)
+    monkeypatch.setattr(decode_attention, "SDPA_MMA", mma)
+    assert kernels.backend() != "reference"
     q = mx.random.normal((B, Hkv * G, 1, D)).astype(dtype)
     k = mx.random.normal((B, Hkv, S, D)).astype(dtype)
     v = mx.random.normal((B, Hkv, S, D)).astype(dtype)
     sinks = mx.random.normal((Hkv * G,)).astype(dtype)
     scale = 1 / math.sqrt(D)
-    out = decode_attention(q, k, v, sinks, scale)
+    with recording_launches() as launched:
+        out = sdpa_kernel(q, k, v, sinks, scale)
+        mx.eval(out)
     assert launched[0] == ("sdpa_decode_mma" if mma else "sdpa_decode")
     assert out.shape == q.shape and out.dtype == dtype
     assert rel_err(out, sdpa_math(q, k, v, sinks, scale)) < TOL[dtype]
-    assert rel_err(out, kernels.sdpa_reference(q, k, v, sinks, scale, None)) < TOL[dtype]
+    assert rel_err(out, sdpa_with_sinks(q, k, v, sinks, scale, None)) < TOL[dtype]
 
 
 @needs_gpu
@@ -489,7 +606,7 @@ def test_sdpa_decode_window(S, window):
     k = mx.random.normal((1, 2, S, 64)).astype(mx.bfloat16)
     v = mx.random.normal((1, 2, S, 64)).astype(mx.bfloat16)
     sinks = mx.random.normal((16,))
-    out = decode_attention(q, k, v, sinks, 0.125, window=window)
+    out = sdpa_kernel(q, k, v, sinks, 0.125, window=window)
     assert rel_err(out, sdpa_math(q, k, v, sinks, 0.125, window)) < TOL[mx.bfloat16]
 
 
@@ -517,7 +634,7 @@ def test_sdpa_decode_reads_the_caches_in_place(dtype, prompt):
             cache.commit_decode(kv)
             keys, values = mx.concatenate([keys, row[0]], axis=2), mx.concatenate([values, row[1]], axis=2)
             sinks = mx.random.normal((Hkv * G,))
-            out = decode_attention(q, None, None, sinks, 0.125, w, kv=kv, pos=kernels.position_array(pos))
+            out = sdpa_kernel(q, None, None, sinks, 0.125, w, kv=kv, pos=kernels.position_array(pos))
             ref = sdpa_math(q, keys, values, sinks, 0.125, window=w)
             assert rel_err(out, ref) < TOL[dtype], (type(cache).__name__, prompt)
 
@@ -568,8 +685,9 @@ PROJ_SHAPES = [
 def test_norm_qkv_rope_matches_reference(dtype, H, D, hq, hkv, B, offset):
     block = random_attention(H, D, hq, hkv, dtype)
     x = (3 * mx.random.normal((B, 1, H))).astype(dtype)
-    assert kernels.attention_decode_ok(block, x)
-    q, kv = kernels.norm_qkv_rope(block, x, offset)
+    w = block.decode_weights()
+    assert decode_attention.attention_decode_ok(w, x)
+    q, kv = decode_attention.norm_qkv_rope(w, x, offset)
     assert q.shape == (B, hq, D) and kv.shape == (2, B, hkv, 1, D)  # the caches' joint layout
     k, v = kv[0, ...], kv[1, ...]
     qkv = block.qkv(block.norm(x))
@@ -591,7 +709,7 @@ def test_out_residual_matches_reference(dtype, H, D, hq, hkv, B):
     block = random_attention(H, D, hq, hkv, dtype)
     x = (3 * mx.random.normal((B, 1, H))).astype(dtype)
     o = mx.random.normal((B, 1, hq * D)).astype(dtype)
-    y = kernels.out_residual(o, block.out, x)
+    y = decode_attention.out_residual(o, block.out.weight, block.out.bias, x)
     assert y.shape == x.shape and y.dtype == dtype
     assert rel_err(y, x + block.out(o)) < TOL[dtype]
 
@@ -616,7 +734,7 @@ def test_attention_block_decode_matches_reference(dtype, window, prompt):
             mx.eval(block(x, mask, c))
     for step in range(4):
         xt = (3 * mx.random.normal((1, 1, H))).astype(dtype)
-        assert kernels.attention_decode_ok(block, xt)
+        assert decode_attention.attention_decode_ok(block.decode_weights(), xt)
         c, pos = caches[0], kernels.position_array(caches[0].offset)
         slot = kernels.ring_slot(pos, window) if window else pos
         fast, kv = block.step(xt, pos, slot, c.decode_state((1, hkv, D), dtype))
@@ -722,23 +840,13 @@ def test_model_logits_with_kernels_equal_reference(dtype, prompt):
 @needs_gpu
 def test_kernel_paths_are_taken():
     """Guard against silently falling back: the decode shapes of gpt-oss hit every kernel."""
-    calls = []
-    real = kernels._launch
-
-    def spy(name, *a, **k):
-        calls.append(name)
-        return real(name, *a, **k)
-
-    kernels._launch = spy
-    try:
+    with recording_launches() as calls:
         model = _tiny_model(mx.bfloat16)
         cache = model.make_cache()
         mx.eval(model(mx.array([list(range(40))]), cache=cache))
-        assert "route" in calls  # prefill: 40 tokens x 4 experts take the sorted reference experts
+        assert "route" in calls  # prefill: 40 tokens x 4 experts take the grouped GEMM
         calls.clear()
         mx.eval(model(mx.array([[1]]), cache=cache))
-    finally:
-        kernels._launch = real
     attention = {"norm_qkv_rope", "sdpa_decode_mma", "out_residual"}  # bf16, 64-dim heads: matrix units
     assert attention | {"norm_route", "gate_up_swiglu", "down_combine"} <= set(calls), calls
 
@@ -751,57 +859,96 @@ def test_dtype_config_copy_is_harmless():
 
 def test_self_test_runs_clean_here():
     """The start-up self-test's code path (on this machine every op takes the reference)."""
-    assert kernels._self_test() is None
+    assert kernel_selftest.run() is None
 
 
-def test_a_failing_kernel_turns_the_kernels_off_with_a_warning(monkeypatch):
+class Factory:
+    """A stand-in for mx.fast.cuda_kernel / metal_kernel (kernels.emulated): each kernel it makes
+    checks its launch against SPECS, records (name, template, grid, output shapes) and returns
+    zeros of the declared shapes, or raises `error` if one is set."""
+
+    def __init__(self, launches: list, error: Exception | None = None):
+        self.launches, self.error, self.built = launches, error, {}
+
+    def __call__(self, name, input_names, output_names, source, header, ensure_row_contiguous):
+        kernel = name.removeprefix("oss_")
+        spec = kernels.SPECS[kernel]
+        assert (tuple(input_names), tuple(output_names)) == (spec.inputs, spec.outputs)
+        assert ensure_row_contiguous == spec.row_contiguous
+        self.built[kernel] = {"source": source, "header": header}
+
+        def launch(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw):
+            if self.error is not None:
+                raise self.error
+            assert len(inputs) == len(spec.inputs) and len(output_shapes) == len(spec.outputs), kernel
+            assert tuple(k for k, _ in template) == spec.template, (kernel, template)
+            self.launches.append((kernel, dict(template), grid, [tuple(s) for s in output_shapes]))
+            return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
+
+        return launch
+
+
+@pytest.fixture
+def fake_factory():
+    launches = []
+    return launches, Factory(launches)
+
+
+@contextlib.contextmanager
+def fake_gpu():
+    """The kernel path's Python with the GPU faked: the CUDA backend emulated, every kernel a fake
+    (Factory). Yields the record of launches."""
+    launches = []
+    with kernels.emulated("cuda", Factory(launches)):
+        yield launches
+
+
+@pytest.fixture
+def fresh_self_test(monkeypatch):
+    monkeypatch.setattr(kernel_selftest, "_verdicts", {})
+
+
+def test_a_failing_kernel_turns_the_kernels_off_with_a_warning(fresh_self_test):
     """A kernel that does not compile (or disagrees) on the user's machine: reference path, warned."""
-    monkeypatch.setattr(kernels, "_AVAILABLE", "metal")
-    monkeypatch.setattr(kernels, "_self_test_done", False)
-    monkeypatch.setattr(kernels, "_self_test_reason", None)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: ...")
-
-    monkeypatch.setattr(kernels, "route", broken)
-    with pytest.warns(RuntimeWarning, match="metal kernels disabled.*Unable to build metal library"):
+    error = RuntimeError("[metal::Device] Unable to build metal library from source\nerror: ...")
+    with kernels.emulated("metal", Factory([], error)):
+        assert kernels.backend() == "metal"
+        with pytest.warns(RuntimeWarning, match="metal kernels disabled.*Unable to build metal library"):
+            kernel_selftest.check()
         assert kernels.backend() == "reference"
-    assert kernels.backend() == "reference"  # decided once
-    assert "RuntimeError" in kernels.self_test_failure()
+        assert "RuntimeError" in kernel_selftest.check()  # decided once: no second run, no warning
+        assert "RuntimeError" in kernels.disabled()
+    assert kernels.disabled() is None and kernels.backend() == kernels.available_backend()
+
+
+def test_the_loader_pads_for_cuda_and_runs_the_self_test(fresh_self_test):
+    """loader.prepare_for_backend (load_model's last step; the bench's random models too): on CUDA the
+    experts' down rows padded to 128, then the self-test, whose failure turns the kernels off."""
+    from oss_mlx.bench import random_model
+
+    config = replace(_tiny_model(mx.float32).config, hidden_size=96, head_dim=16)
+    model = random_model(config, seed=1)  # on this CPU: not padded
+    assert model.blocks[0].mlp.experts.down_weight.shape[1] == 96
+    with kernels.emulated("cuda", Factory([], RuntimeError("NVRTC compilation failed"))):
+        with pytest.warns(RuntimeWarning, match="cuda kernels disabled.*NVRTC"):
+            prepare_for_backend(model)
+        assert kernels.backend() == "reference"
+    experts = model.blocks[0].mlp.experts
+    assert experts.down_weight.shape[1] == experts.down_scales.shape[1] == CUDA_GATHER_QMM_ROWS
 
 
 # ---- the kernel path's Python, run here with the GPU faked ------------------------------------------
 
 
-def fake_gpu(monkeypatch) -> list:
-    """Fake the GPU backend and every compiled kernel: each fake records (name, template, grid,
-    output shapes) and returns arrays of the shapes it declared. Returns the record."""
-    launches = []
-
-    class Fake:
-        def __init__(self, name):
-            self.name = name
-
-        def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw):
-            launches.append((self.name, dict(template), grid, [tuple(s) for s in output_shapes]))
-            return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
-
-    monkeypatch.setattr(kernels, "_AVAILABLE", "cuda")
-    monkeypatch.setattr(kernels, "_on_gpu", lambda *a: True)
-    monkeypatch.setattr(kernels, "self_test_failure", lambda: None)
-    monkeypatch.setattr(kernels, "_compiled", {("cuda", n): Fake(n) for n in kernels.SPECS})
-    return launches
-
-
-def test_the_self_test_launches_every_kernel(monkeypatch):
+def test_the_self_test_launches_every_kernel():
     """The start-up self-test is what turns the kernels off where one fails to compile (a Metal source
     on a Mac nobody here has): a kernel it left out would fail at a user's first prompt instead."""
-    launches = fake_gpu(monkeypatch)
-    kernels._self_test()  # the fakes return zeros: only which kernels it launches is checked here
+    with fake_gpu() as launches:
+        kernel_selftest.run()  # the fakes return zeros: only which kernels it launches is checked here
     assert {name for name, *_ in launches} == set(kernels.SPECS)
 
 
-def test_decode_launches_with_the_gpu_faked(monkeypatch):
+def test_decode_launches_with_the_gpu_faked():
     """The kernel path's Python (predicates, launch arguments, output shapes) runs in CI: the GPU
     backend and the compiled kernels are faked, each fake recording its launch and returning arrays of
     the shapes it declared. A decode step must launch the six kernels per layer with grids that
@@ -809,11 +956,11 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch):
     SDPA_KEYS_PER_SPLIT keys; the window layers never are)."""
     model = _tiny_model(mx.bfloat16)  # H 128, I 96, E 8, k 4, D 64, 8 query / 2 KV heads, window 16
     cache = model.make_cache()
-    prompt = kernels.SDPA_KEYS_PER_SPLIT + 100
+    prompt = decode_attention.SDPA_KEYS_PER_SPLIT + 100
     mx.eval(model(mx.array([[i % 500 for i in range(prompt)]]), cache=cache))  # reference prefill
 
-    launches = fake_gpu(monkeypatch)
-    logits = model(mx.array([[3]]), cache=cache)
+    with fake_gpu() as launches:
+        logits = model(mx.array([[3]]), cache=cache)
     assert logits.shape == (1, 1, 512)
 
     per_layer = [
@@ -833,35 +980,37 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch):
         by_name.setdefault(name, []).append((template, grid, shapes))
     template, grid, shapes = by_name["norm_qkv_rope"][0]
     assert shapes == [(1, 8, 64), (2, 1, 2, 1, 64)]
-    assert grid == (128 * -(-((8 + 2 * 2) * 64 // 2) // (4 * kernels.QKV_PAIRS_PER_WARP)), 1, 1)
-    splits = -(-(prompt + 1) // kernels.SDPA_KEYS_PER_SPLIT)
+    assert grid == (128 * -(-((8 + 2 * 2) * 64 // 2) // (4 * decode_attention.QKV_PAIRS_PER_WARP)), 1, 1)
+    splits = -(-(prompt + 1) // decode_attention.SDPA_KEYS_PER_SPLIT)
     sdpa = by_name["sdpa_decode_mma"]
     assert sdpa[0][1] == (128, 2, 1)  # window layer: its 16 keys, one split
     assert sdpa[1][1] == (128 * splits, 2, 1)
     assert sdpa[1][2][1] == (1, 8, splits, 64 + 2)  # the partials sdpa_combine merges
     assert by_name["out_residual"][0][2] == [(1, 1, 128)]
     assert by_name["norm_route"][0][2] == [(1, 128), (4,), (4,)]
-    assert by_name["gate_up_swiglu"][0][1] == (128 * -(-96 // (4 * kernels.MOE_COLS_PER_WARP)), 4, 1)
-    assert by_name["down_combine"][0][1] == (128 * -(-128 // kernels.MOE_ROWS_PER_BLOCK), 1, 1)
+    assert by_name["gate_up_swiglu"][0][1] == (128 * -(-96 // (4 * decode_moe.MOE_COLS_PER_WARP)), 4, 1)
+    assert by_name["down_combine"][0][1] == (128 * -(-128 // decode_moe.MOE_ROWS_PER_BLOCK), 1, 1)
     assert by_name["down_combine"][0][2] == [(1, 1, 128)]
 
 
 @pytest.mark.parametrize(
     "H,fused", [(kernels.KERNEL_MAX_HIDDEN, True), (kernels.KERNEL_MAX_HIDDEN + 256, False)]
 )
-def test_rows_staged_in_threadgroup_memory_stop_at_the_apple_limit(monkeypatch, H, fused):
+def test_rows_staged_in_threadgroup_memory_stop_at_the_apple_limit(H, fused):
     """norm_route and norm_qkv_rope keep a whole hidden row in threadgroup memory (32 KB on Apple
     GPUs): past KERNEL_MAX_HIDDEN the MoE and attention blocks take the reference path."""
     mlp = random_mlp(4, 2, H, 64, mx.bfloat16)
     attn = random_attention(H, 64, 4, 2, mx.bfloat16)
     x = mx.zeros((1, 1, H), dtype=mx.bfloat16)
-    launches = fake_gpu(monkeypatch)
-    assert (kernels.moe_block(mlp, x) is not None) is fused
-    assert kernels.attention_decode_ok(attn, x) is fused
-    assert bool(launches) is fused
+    pos = kernels.position_array(0)
+    with fake_gpu() as launches:
+        mx.eval(mlp(x))
+        mx.eval(attn.step(x, pos, pos, mx.zeros((2, 1, 2, 1, 64), dtype=mx.bfloat16)))
+    names = {name for name, *_ in launches}
+    assert ("norm_route" in names) is fused and ("norm_qkv_rope" in names) is fused, names
 
 
-def test_compiled_decode_step_launches_with_the_gpu_faked(monkeypatch):
+def test_compiled_decode_step_launches_with_the_gpu_faked():
     """The decode step of generation (decode.py, here uncompiled so the fakes see each call) runs
     the same kernels on the fixed-shape buffers: the window layers' sdpa_decode reads the ring of
     `window` slots, the full layers' the whole grown buffer (its splits follow the buffer, the kernel
@@ -873,12 +1022,14 @@ def test_compiled_decode_step_launches_with_the_gpu_faked(monkeypatch):
     cache = model.make_cache()
     prompt = 300
     mx.eval(model(mx.array([[i % 500 for i in range(prompt)]]), cache=cache))  # reference prefill
-    launches = fake_gpu(monkeypatch)
-    logits = DecodeStep(model, compile=False)(mx.array([[3]]), cache)
+    with fake_gpu() as launches:
+        logits = DecodeStep(model, compile=False)(mx.array([[3]]), cache)
     assert logits.shape == (1, 1, 512) and cache.offset == prompt + 1
     full_len = [c.keys.shape[2] for c in cache if isinstance(c, FullCache)][0]
     assert full_len >= prompt + 1
-    splits = max(1, min(kernels.SDPA_MAX_SPLITS, -(-full_len // kernels.SDPA_KEYS_PER_SPLIT)))
+    splits = max(
+        1, min(decode_attention.SDPA_MAX_SPLITS, -(-full_len // decode_attention.SDPA_KEYS_PER_SPLIT))
+    )
     sdpa = [(t, g) for n, t, g, _ in launches if n == "sdpa_decode_mma"]
     assert [g for _, g in sdpa] == [
         (128, 2, 1) if b.attn.window else (128 * splits, 2, 1) for b in model.blocks
@@ -887,19 +1038,22 @@ def test_compiled_decode_step_launches_with_the_gpu_faked(monkeypatch):
     assert len(launches) == per_layer
 
 
-def test_prefill_experts_launch_with_the_gpu_faked(monkeypatch):
+def test_prefill_experts_launch_with_the_gpu_faked():
     """The prefill experts' Python in CI: where moe_prefill applies (16-bit, from 64 rows on), and its
     three launches' templates, grids and shapes (moe_group, then moe_gemm for gate_up and for down)."""
     block = random_mlp(4, 2, 64, 96, mx.bfloat16)
     x = mx.random.normal((40, 64)).astype(mx.bfloat16)
     indices = _prefill_indices(40, 4, 2, 3)
-    launches = fake_gpu(monkeypatch)
-    assert kernels.moe_prefill_ok(block.experts, x, indices)
-    assert not kernels.moe_prefill_ok(
-        block.experts, x.astype(mx.float32), indices
-    )  # the matrix units: 16-bit
-    assert not kernels.moe_prefill_ok(block.experts, x[:31], indices[:31])  # 62 rows: decode's kernels
-    out = kernels.moe_prefill(block.experts, x, indices)
+    experts = mxfp4_weights(block.experts)
+    with fake_gpu() as launches:
+        assert prefill_moe.moe_prefill_ok(experts, x, indices)
+        assert not prefill_moe.moe_prefill_ok(
+            experts, x.astype(mx.float32), indices
+        )  # the matrix units: 16-bit
+        assert not prefill_moe.moe_prefill_ok(experts, x[:31], indices[:31])  # 62 rows: decode's kernels
+        out = prefill_moe.moe_prefill(experts, x, indices)
+        with kernels.use_backend("reference"):
+            assert not prefill_moe.moe_prefill_ok(experts, x, indices)
     assert out.shape == (40, 2, 64)
     assert [n for n, *_ in launches] == ["moe_group", "moe_gemm", "moe_gemm"]
     (
@@ -915,5 +1069,3 @@ def test_prefill_experts_launch_with_the_gpu_faked(monkeypatch):
     assert up_grid == (256 * 2, row_tiles, 1) and up_shapes == [(80, 96)]
     assert down_t["MODE"] == 1 and (down_t["KD"], down_t["N"], down_t["NOUT"]) == (96, 64, 64)
     assert down_grid == (256, row_tiles, 1) and down_shapes == [(80, 64)]
-    with kernels.use_backend("reference"):
-        assert not kernels.moe_prefill_ok(block.experts, x, indices)

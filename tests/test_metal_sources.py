@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from oss_mlx import kernel_sources, kernels
+from oss_mlx import kernels
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("ziglang") is None, reason="clang comes from the `ziglang` package (test extra)"
@@ -47,36 +47,18 @@ ATTRIBUTES = {
     "threadgroups_per_grid": "uint3",
     "threads_per_threadgroup": "uint3",
 }
-B, F, U = "bf16", "f32", "u32"
 # name, inputs (dtype, "c" where the array has fewer than 8 elements: MLX passes it in `constant`),
-# output dtypes, template arguments (in kernels.py's order). The 20b's shapes, then small ones.
+# output dtypes, template arguments: every case of SPECS (the one table of the kernels' interfaces).
 CASES = [
-    ("route", [B, B, B], [F, U], dict(LT=B, H=2880, E=32, K=4)),
-    ("route", [F, F, F + "c"], [F, U], dict(LT=F, H=64, E=4, K=1)),
-    ("norm_route", [B, B, B, B, F + "c"], [B, F, U], dict(T=B, LT=B, H=2880, E=32, K=4)),
-    ("norm_route", ["f16", "f16", F, F, F + "c"], ["f16", F, U], dict(T="f16", LT=F, H=96, E=128, K=3)),
-    ("gate_up_swiglu", [B, U, U, "u8", B, F + "c"], [B], dict(T=B, H=2880, I=2880, K=4, NC=3, COLS=1)),
-    ("gate_up_swiglu", [F, U + "c", U, "u8", F, F + "c"], [F], dict(T=F, H=64, I=96, K=2, NC=1, COLS=4)),
-    ("down_combine", [B, U, F, U, "u8", B, B], [B], dict(T=B, H=2880, HP=2944, I=2880, K=4, NC=3, ROWS=8)),
-    ("moe_group", [U], [U] * 3, dict(E=32, BM=64)),
-    ("moe_gemm", [B, U, U, U, U, "u8", B, F + "c"], [B],
-     dict(T=B, KD=2880, N=5760, NOUT=2880, E=32, K=4, MODE=0, BM=64)),
-    ("moe_gemm", ["f16", U, U, U, U, "u8", "f16", F + "c"], ["f16"],
-     dict(T="f16", KD=2880, N=2880, NOUT=2880, E=128, K=4, MODE=1, BM=64)),
-    ("sdpa_decode", [B, B, B, F + "c", "i32c"], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
-    ("sdpa_decode", [F, F, F, F + "c", "i32c"], [F, F], dict(T=F, D=16, G=2, WINDOW=128)),
-    ("sdpa_decode_mma", [B, B, B, F + "c", "i32c"], [B, F], dict(T=B, D=64, G=8, WINDOW=0)),
-    ("sdpa_decode_mma", ["f16"] * 2 + [F, F + "c", "i32c"], ["f16", F], dict(T="f16", D=64, G=3, WINDOW=128)),
-    ("sdpa_combine", [F, B], [B], dict(T=B, D=64)),
-    ("norm_qkv_rope", [B] * 4 + [F, "i32c", F + "c"], [B] * 2, dict(T=B, H=2880, D=64, HQ=64, HKV=8, NC=12,
-                                                                    PW=4)),
-    ("out_residual", [B, B, B, B], [B], dict(T=B, H=2880, IN=4096, NC=16, RW=4)),
-]  # fmt: skip
+    (name, list(case.inputs), list(case.outputs), case.template)
+    for name, spec in kernels.SPECS.items()
+    for case in spec.cases
+]
 
 
 def translation_unit(name: str, ins: list[str], outs: list[str], template: dict) -> str:
     """The kernel as MLX's write_signature() builds it (minus MLX's own prelude: the shim)."""
-    header, body = kernel_sources.kernel_sources("metal")[name]
+    header, body = kernels.kernel_sources("metal")[name]
     spec = kernels.SPECS[name]
     # Threadgroup arrays are declared inside the kernel; C++ allows an address space on a static only.
     header = header.replace("#define OSS_SHARED threadgroup", "#define OSS_SHARED static threadgroup")
@@ -154,7 +136,7 @@ _DECL = re.compile(
 
 def threadgroup_bytes(name: str, template: dict) -> int:
     """Bytes of the threadgroup arrays a kernel declares, at these template values."""
-    _header, body = kernel_sources.kernel_sources("metal")[name]
+    _header, body = kernels.kernel_sources("metal")[name]
     names = dict(template)
     for decl in re.findall(r"constexpr int ([^;]+);", body):  # e.g. NT = 512, NWARP = NT / 32
         for const, expr in (d.split("=", 1) for d in decl.split(",")):

@@ -13,12 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+from http.client import HTTPConnection
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, free_port, running
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -27,6 +28,7 @@ KEY = "test-key-123"
 ANALYSIS = "The user greets. Reply briefly."
 FINAL = "Hello there! How can I help?"
 CALL_ARGS = '{"city": "Paris"}'
+UNOFFERED_ARGS = '{"confirm": true}'
 RULES = [
     {
         "match": "[greet]",
@@ -57,6 +59,15 @@ RULES = [
         + "<|call|>",
     },
     {"match": "[count]", "reply": "<|channel|>final<|message|>one two three four five<|return|>"},
+    # a call to a function the request does not offer
+    {
+        "match": "[unoffered]",
+        "reply": "<|channel|>commentary to=functions.delete_everything <|constrain|>json<|message|>"
+        + UNOFFERED_ARGS
+        + "<|call|>",
+    },
+    # after a forced `to=functions.` (tool_choice required, several tools) the model writes no name
+    {"match": "[garbled]", "reply": " please look up the weather<|end|>"},
     {
         "match": "[slow]",
         "reply": "<|channel|>final<|message|>" + " word" * 400 + "<|return|>",
@@ -87,13 +98,8 @@ def servers(tiny_checkpoint, tmp_path_factory):
         tiny_checkpoint, folder / "main.log", "--api-key", KEY, "--max-body-bytes", "100000", env=env
     )
     small = ServerProcess(tiny_checkpoint, folder / "queue.log", "--max-queue", "1", env=env)
-    try:
-        main.wait_ready()
-        small.wait_ready()
+    with running(main, small):
         yield main, small
-    finally:
-        main.stop()
-        small.stop()
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +219,20 @@ def test_responses_tool_call_round_trip(client):
     assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
 
 
+def _weather_round_trip(client):
+    """A call to get_weather, then its output sent through previous_response_id: (the response with
+    the call, the call, the answer)."""
+    call_response = client.responses.create(model="gpt-oss", input="[weather] now", tools=[WEATHER_TOOL])
+    call = next(item for item in call_response.output if item.type == "function_call")
+    answer = client.responses.create(
+        model="gpt-oss",
+        previous_response_id=call_response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'}],
+        tools=[WEATHER_TOOL],
+    )
+    return call_response, call, answer
+
+
 def test_previous_response_id_reuses_history_and_cache(client):
     first = client.responses.create(model="gpt-oss", input="[greet] remember the number 42")
     second = client.responses.create(
@@ -227,14 +247,7 @@ def test_previous_response_id_reuses_history_and_cache(client):
     assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
     assert client.responses.retrieve(first.id).output_text == FINAL
     # A tool round trip through previous_response_id: the call id is known to the server.
-    call_response = client.responses.create(model="gpt-oss", input="[weather] now", tools=[WEATHER_TOOL])
-    call = next(item for item in call_response.output if item.type == "function_call")
-    answer = client.responses.create(
-        model="gpt-oss",
-        previous_response_id=call_response.id,
-        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'}],
-        tools=[WEATHER_TOOL],
-    )
+    _, _, answer = _weather_round_trip(client)
     assert answer.output_text == "It is 21C in Paris."
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="gpt-oss", previous_response_id="resp_nope", input="hi")
@@ -525,6 +538,400 @@ def test_full_queue_is_429_with_retry_after(servers):
     assert httpx.get(f"{small.url}/health").json()["queue"] == {"running": 0, "waiting": 0, "max_waiting": 1}
 
 
+# ---- bounded fields, depth, parameters (issue: hardening) ---------------------------------------------
+
+
+def _done_lines(server) -> int:
+    return server.log().count("oss_mlx.server: done:")
+
+
+def test_field_limits_are_openais(server, http, client):
+    kept = client.responses.create(model="gpt-oss", input="[greet] keep me")
+    ok_metadata = {f"k{i:02d}" + "x" * 61: "v" * 512 for i in range(16)}  # 16 keys of 64, values of 512
+    r = client.responses.create(model="gpt-oss", input="[greet]", metadata=ok_metadata)
+    assert r.metadata == ok_metadata
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    cases = [
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "object_above_max_properties"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata", "string_above_max_length"),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k", "string_above_max_length"),
+        ({"metadata": {"k": 1}}, "metadata.k", "invalid_type"),
+        ({"metadata": {"k": {"nested": "x"}}}, "metadata.k", "invalid_type"),
+        ({"user": "u" * 65}, "user", "string_above_max_length"),
+        ({"safety_identifier": "s" * 65}, "safety_identifier", "string_above_max_length"),
+        ({"prompt_cache_key": "p" * 65}, "prompt_cache_key", "string_above_max_length"),
+        ({"tools": [{**tool, "name": f"f{i}"} for i in range(129)]}, "tools", "array_above_max_length"),
+        ({"tools": [tool, tool]}, "tools[1]", "invalid_value"),
+        ({"tools": [{**tool, "name": "f" * 65}]}, "tools[0].name", "invalid_value"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "bad name", "schema": {}}}},
+            "text.format.name",
+            "invalid_value",
+        ),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c" * 65, "output": "x"}]},
+            "input[0].call_id",
+            "string_above_max_length",
+        ),
+        ({"previous_response_id": "r" * 65}, "previous_response_id", "string_above_max_length"),
+    ]
+    for extra, param, code in cases:
+        body = {"model": "gpt-oss", "input": "[greet] x", **extra}
+        error = _error(http.post("/v1/responses", json=body), 400)
+        assert (error["param"], error["code"]) == (param, code), (extra, error)
+        assert len(error["message"]) < 400  # never the whole value echoed back
+    chat = [
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"user": "u" * 65}, "user"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"tools": [CHAT_WEATHER_TOOL] * 2}, "tools[1]"),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}] * 129}
+                ]
+            },
+            "messages[0].tool_calls",
+        ),
+    ]
+    for extra, param in chat:
+        body = {"model": "gpt-oss", "messages": [{"role": "user", "content": "[greet]"}], **extra}
+        assert _error(http.post("/v1/chat/completions", json=body), 400)["param"] == param, extra
+    # Nothing was lost: the earlier response is still there, the client still answered.
+    assert client.responses.retrieve(kept.id).output_text == FINAL
+
+
+def test_echoed_fields_keep_only_what_means_something(client):
+    r = client.responses.create(
+        model="gpt-oss",
+        input="[greet]",
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "name": "get_weather", "junk": "x" * 1000},
+        text={
+            "format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}, "junk": [1] * 100}
+        },
+    )
+    assert r.tool_choice.model_dump(exclude_none=True) == {"type": "function", "name": "get_weather"}
+    fmt = r.text.format.model_dump(exclude_none=True, by_alias=True)
+    assert fmt == {"type": "json_schema", "name": "out", "schema": {"type": "object"}}
+
+
+def _nested(depth: int) -> dict | list:
+    value: dict | list = {"leaf": 1}
+    for i in range(depth):
+        value = {"a": value} if i % 2 else [value]
+    return value
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_deep_nesting_is_a_400_before_any_work(server, client, stream):
+    """~500-900 levels used to overflow deepcopy: a 500 after the whole generation (streamed: 200,
+    then a reset). Now every depth past 64 levels is a 400 at parse time, naming the field."""
+    kept = client.responses.create(model="gpt-oss", input="[greet] before")
+    generated = _done_lines(server)
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=30)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    for depth in (65, 600, 900, 5000):
+        for field, value in (
+            ("metadata", {"k": _nested(depth)}),
+            ("text", {"format": {"type": "json_schema", "name": "x", "schema": _nested(depth)}}),
+            ("tool_choice", {"type": "function", "name": "f", "x": _nested(depth)}),
+            ("tools", [{**tool, "parameters": {"type": "object", "properties": _nested(depth)}}]),
+        ):
+            body = {"model": "gpt-oss", "input": "[greet]", "stream": stream, "tools": [tool], field: value}
+            try:
+                raw = json.dumps(body)
+            except RecursionError:  # too deep for this test's own encoder: written by hand
+                raw = json.dumps({**body, field: "@"}).replace('"@"', "[" * depth + "]" * depth)
+            conn.request("POST", "/v1/responses", body=raw, headers=headers)
+            r = conn.getresponse()
+            error = json.loads(r.read())["error"]
+            assert r.status == 400 and error["code"] == "nesting_too_deep", (depth, field, error)
+            assert "64 levels" in error["message"]
+            if depth < 900:  # below the JSON parser's own limit the field is named
+                assert error["param"] == field, error
+    sock = conn.sock
+    conn.request("GET", "/health", headers=headers)
+    assert conn.getresponse().read() and conn.sock is sock  # the same connection still serves
+    conn.close()
+    assert _done_lines(server) == generated  # no generation ran for any of them
+    assert client.responses.retrieve(kept.id).output_text == FINAL
+    assert "Traceback" not in server.log()
+
+
+def test_a_model_path_is_not_a_model_name(server, http, tiny_checkpoint):
+    for name in (str(tiny_checkpoint), str(tiny_checkpoint.resolve()), str(tiny_checkpoint) + "/"):
+        body = {"model": name, "messages": [{"role": "user", "content": "[greet]"}]}
+        assert _error(http.post("/v1/chat/completions", json=body), 404)["code"] == "model_not_found"
+        assert _error(http.get(f"/v1/models/{name}"), 404)["code"] == "model_not_found"
+    body = {"model": tiny_checkpoint.name, "messages": [{"role": "user", "content": "[greet]"}]}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_model_aliases_of_a_served_gpt_oss():
+    from pathlib import Path as P
+
+    from oss_mlx.server.app import model_aliases
+
+    names = model_aliases("/models/my-finetune", "my-finetune", P("/models/my-finetune"), shape=(24, 32))
+    assert {"openai/gpt-oss-20b", "gpt-oss-20b", "gpt-oss:20b", "my-finetune", "gpt-oss"} <= names
+    assert not any("/models" in n for n in names) and "gpt-oss-120b" not in names
+    names = model_aliases("openai/gpt-oss-120b", "openai/gpt-oss-120b", None)
+    assert {"openai/gpt-oss-120b", "gpt-oss-120b", "gpt-oss:120b"} <= names and "gpt-oss-20b" not in names
+    tiny = model_aliases("/tmp/tiny", "tiny", P("/tmp/tiny"), shape=(4, 4))
+    assert not any("20b" in n or "120b" in n for n in tiny)
+
+
+def test_accepted_parameters_work_or_are_refused_by_name(http, client):
+    responses_cases = [
+        ({"include": ["file_search_call.results"]}, "include[0]"),
+        ({"include": ["reasoning.encrypted_content", "message.output_text.logprobs"]}, "include[1]"),
+        ({"reasoning": {"summary": "detailed"}}, "reasoning.summary"),
+        ({"reasoning": {"generate_summary": "concise"}}, "reasoning.generate_summary"),
+        ({"reasoning": {"context": "all_turns"}}, "reasoning.context"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"truncation": "middle"}, "truncation"),
+        ({"text": {"verbosity": "low"}}, "text.verbosity"),
+        ({"background": True}, "background"),
+        ({"prompt_cache_retention": "24h"}, "prompt_cache_retention"),
+        ({"service_tier": "turbo"}, "service_tier"),
+    ]
+    for extra, param in responses_cases:
+        body = {"model": "gpt-oss", "input": "[greet]", **extra}
+        assert _error(http.post("/v1/responses", json=body), 400)["param"] == param, extra
+    chat_cases = [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"top_logprobs": 0}, "top_logprobs"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"logit_bias": {"999999": 1}}, "logit_bias"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy"}}, "audio"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"verbosity": "high"}, "verbosity"),
+    ]
+    for extra, param in chat_cases:
+        body = {"model": "gpt-oss", "messages": [{"role": "user", "content": "[greet]"}], **extra}
+        assert _error(http.post("/v1/chat/completions", json=body), 400)["param"] == param, extra
+    # What is accepted is honoured, or echoed as what was done.
+    r = client.responses.create(
+        model="gpt-oss",
+        input="[greet]",
+        truncation="auto",
+        reasoning={"effort": "low", "summary": "auto"},
+        service_tier="flex",
+        top_logprobs=0,
+        prompt_cache_key="conversation-1",
+    )
+    assert r.truncation == "auto" and r.reasoning.summary == "auto" and r.service_tier == "default"
+    assert r.prompt_cache_key == "conversation-1" and r.output_text == FINAL
+    c = client.chat.completions.create(
+        model="gpt-oss",
+        messages=[{"role": "user", "content": "[greet]"}],
+        frequency_penalty=0,
+        presence_penalty=0,
+        service_tier="auto",
+    )
+    assert c.choices[0].message.content == FINAL and c.service_tier == "default"
+
+
+def test_logit_bias_steers_sampling(client):
+    from oss_mlx.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    (token,) = tok.encode(" banana")
+    r = client.chat.completions.create(
+        model="gpt-oss",
+        messages=[{"role": "user", "content": "Say anything."}],
+        logit_bias={str(token): 100},
+        temperature=0,
+        max_tokens=4,
+    )
+    assert r.choices[0].message.content == tok.decode([token] * 4)
+
+
+def test_encrypted_reasoning_round_trips_without_the_store(client, http):
+    first = client.responses.create(
+        model="gpt-oss",
+        input="[weather] in Paris?",
+        tools=[WEATHER_TOOL],
+        store=False,
+        include=["reasoning.encrypted_content"],
+    )
+    reasoning = next(item for item in first.output if item.type == "reasoning")
+    assert reasoning.encrypted_content and reasoning.content[0].text == "Need the weather tool."
+    call = next(item for item in first.output if item.type == "function_call")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)  # store: false
+    # A stateless client sends the reasoning back as the encrypted content alone.
+    items = [item.model_dump(exclude_none=True) for item in first.output]
+    opaque = [
+        {"type": "reasoning", "id": i["id"], "summary": [], "encrypted_content": i["encrypted_content"]}
+        if i["type"] == "reasoning"
+        else i
+        for i in items
+    ]
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'}
+    question = {"role": "user", "content": "[weather] in Paris?"}
+    full = client.responses.input_tokens.count(input=[question, *items, output], tools=[WEATHER_TOOL])
+    bare = client.responses.input_tokens.count(input=[question, *opaque, output], tools=[WEATHER_TOOL])
+    without = client.responses.input_tokens.count(
+        input=[question, *[i for i in items if i["type"] != "reasoning"], output], tools=[WEATHER_TOOL]
+    )
+    assert full.input_tokens == bare.input_tokens > without.input_tokens
+    answer = client.responses.create(model="gpt-oss", input=[question, *opaque, output], tools=[WEATHER_TOOL])
+    assert answer.output_text == "It is 21C in Paris."
+    forged = [question, {"type": "reasoning", "summary": [], "encrypted_content": "not ours"}]
+    error = _error(http.post("/v1/responses", json={"input": forged}), 400)
+    assert error["param"] == "input[1].encrypted_content"
+
+
+def test_responses_endpoints_through_the_sdk(client):
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "[greet] second question"},
+    ]
+    r = client.responses.create(model="gpt-oss", input=items, instructions="Answer kindly.", temperature=0)
+    # input_tokens.count: the same prompt the response ran (our harmony renderer, real tokens).
+    counted = client.responses.input_tokens.count(model="gpt-oss", input=items, instructions="Answer kindly.")
+    assert counted.object == "response.input_tokens" and counted.input_tokens == r.usage.input_tokens
+    # input_items.list: newest first by default, pages of `limit`, the SDK following them.
+    listed = client.responses.input_items.list(r.id)
+    assert [i.role for i in listed.data] == ["user", "assistant", "user", "developer"]
+    assert listed.data[0].content[0].text == "[greet] second question" and listed.data[0].id
+    paged = list(client.responses.input_items.list(r.id, limit=1, order="asc"))
+    assert [i.role for i in paged] == ["developer", "user", "assistant", "user"]
+    first_page = client.responses.input_items.list(r.id, limit=3)
+    assert first_page.has_more and len(first_page.data) == 3
+    # cancel: only background responses can be; this server makes none (OpenAI's answer: 400).
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.cancel(r.id)
+    assert "Cannot cancel a synchronous response" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_nope")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_nope")
+    # A tool round trip's items list their calls and outputs.
+    _, call, out = _weather_round_trip(client)
+    (listed_output,) = client.responses.input_items.list(out.id).data
+    assert listed_output.type == "function_call_output" and listed_output.call_id == call.call_id
+    # delete: gone afterwards, and a continuation from it is refused.
+    assert client.responses.delete(r.id) is None
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="gpt-oss", previous_response_id=r.id, input="more")
+
+
+def test_chat_stored_completions_through_the_sdk(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "[greet]"}]
+    plain = client.chat.completions.create(model="gpt-oss", messages=messages)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.retrieve(plain.id)  # store defaults to false, as with OpenAI
+    stored = client.chat.completions.create(
+        model="gpt-oss", messages=messages, store=True, metadata={"run": "a"}
+    )
+    other = client.chat.completions.create(
+        model="gpt-oss", messages=messages, store=True, metadata={"run": "b"}, stream=True
+    )
+    other_id = next(iter(other)).id
+    for _ in other:
+        pass
+    got = client.chat.completions.retrieve(stored.id)
+    assert got.id == stored.id and got.choices[0].message.content == FINAL
+    ids = [c.id for c in client.chat.completions.list(metadata={"run": "a"})]
+    assert ids == [stored.id]
+    assert [c.id for c in client.chat.completions.list()][-2:] == [stored.id, other_id]
+    assert [c.id for c in client.chat.completions.list(order="desc", limit=1)][:1] == [other_id]
+    assert client.chat.completions.retrieve(other_id).choices[0].message.content == FINAL
+    updated = client.chat.completions.update(stored.id, metadata={"run": "c"})
+    assert updated.metadata == {"run": "c"}
+    assert [c.id for c in client.chat.completions.list(metadata={"run": "c"})] == [stored.id]
+    listed = list(client.chat.completions.messages.list(stored.id, limit=1))
+    assert [(m.role, m.content) for m in listed] == [("system", "Be brief."), ("user", "[greet]")]
+    assert len({m.id for m in listed}) == 2
+    deleted = client.chat.completions.delete(stored.id)
+    assert deleted.deleted and deleted.object == "chat.completion.deleted"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.retrieve(stored.id)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_call_to_a_function_not_offered_is_text(client, stream):
+    """The model calls delete_everything, which is not in `tools`: no client can run that, so it is
+    answered as text (the call's arguments), never as a function call."""
+    question = "[unoffered] clean up"
+    if stream:
+        events = list(
+            client.responses.create(model="gpt-oss", input=question, tools=[WEATHER_TOOL], stream=True)
+        )
+        assert not any("function_call" in e.type for e in events)
+        r = events[-1].response
+    else:
+        r = client.responses.create(model="gpt-oss", input=question, tools=[WEATHER_TOOL])
+    assert [i.type for i in r.output] == ["message"] and r.output[0].phase == "final_answer"
+    assert r.output_text == UNOFFERED_ARGS and r.status == "completed"
+    # The stored conversation agrees with what the client saw: continuing it works.
+    follow = client.responses.create(
+        model="gpt-oss", previous_response_id=r.id, input="[greet] ok", tools=[WEATHER_TOOL]
+    )
+    assert follow.output_text == FINAL
+    messages = [{"role": "user", "content": question}]
+    if stream:
+        chunks = list(
+            client.chat.completions.create(
+                model="gpt-oss", messages=messages, tools=[CHAT_WEATHER_TOOL], stream=True
+            )
+        )
+        assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        c = client.chat.completions.create(model="gpt-oss", messages=messages, tools=[CHAT_WEATHER_TOOL])
+        assert c.choices[0].message.tool_calls is None
+        text, reason = c.choices[0].message.content, c.choices[0].finish_reason
+    assert text == UNOFFERED_ARGS and reason == "stop"
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_the_agents_sdk_takes_an_unoffered_call_as_the_answer(server, api):
+    """The Agents SDK fails on a call to a tool it does not have (ModelBehaviorError); answered as
+    text, the agent's run ends with it instead."""
+    pytest.importorskip("agents", reason="needs openai-agents (the test extra)")
+    example = Path(__file__).resolve().parents[1] / "examples" / "agents_sdk.py"
+    cmd = [sys.executable, str(example), "--base-url", f"{server.url}/v1", "--api-key", KEY, "--api", api]
+    out = subprocess.run([*cmd, "[unoffered] clean up"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == UNOFFERED_ARGS
+
+
+def test_a_garbled_forced_header_never_shows_its_address(client):
+    """tool_choice required with two tools forces `<|channel|>commentary to=functions.`; when the
+    model does not write a name after it, its words are text, without the header's address."""
+    second = {**WEATHER_TOOL, "name": "get_time"}
+    r = client.responses.create(
+        model="gpt-oss", input="[garbled]", tools=[WEATHER_TOOL, second], tool_choice="required"
+    )
+    text = " ".join(part.text for item in r.output if item.type == "message" for part in item.content)
+    assert "please look up the weather" in text and "to=" not in text and "functions." not in text
+    c = client.chat.completions.create(
+        model="gpt-oss",
+        messages=[{"role": "user", "content": "[garbled]"}],
+        tools=[
+            CHAT_WEATHER_TOOL,
+            {"type": "function", "function": {**CHAT_WEATHER_TOOL["function"], "name": "get_time"}},
+        ],
+        tool_choice="required",
+    )
+    content = c.choices[0].message.content
+    assert "please look up the weather" in content and "to=" not in content
+
+
 def test_still_healthy_after_everything(servers):
     for s in servers:
         assert s.proc.poll() is None
@@ -537,7 +944,8 @@ def test_refuses_a_model_that_does_not_fit(tiny_checkpoint, vocab_dir):
     import sys
 
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(vocab_dir), "OSS_MLX_MEMORY_GB": "0.01"}
-    cmd = [sys.executable, "-m", "oss_mlx.cli", "serve", "--model", str(tiny_checkpoint), "--port", "0"]
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "oss_mlx.cli", "serve", "--model", str(tiny_checkpoint), "--port", port]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1
     assert "does not fit" in out.stderr and "--memory-budget" in out.stderr and "Traceback" not in out.stderr

@@ -81,6 +81,28 @@ def test_stream_events_and_tool_call(loaded, monkeypatch):
     assert done.reply.stats.finish_reason == "tool_call"
 
 
+@pytest.mark.parametrize("channel", ["analysis", "commentary"])
+def test_tool_result_follows_its_call_channel(loaded, monkeypatch, channel):
+    """A function called on analysis gets its output on analysis: once the turn is answered, harmony
+    drops both (on commentary, both stay). The output never outlives its call in the next prompt."""
+    model, tokenizer = loaded
+    args = '{"city": "Paris"}'
+    call = f"<|channel|>{channel} to=functions.get_weather <|constrain|>json<|message|>{args}<|call|>"
+    final = "<|channel|>final<|message|>It is sunny in Paris.<|return|>"
+    scripted(monkeypatch, tokenizer, [call, final])
+    city = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [{"name": "get_weather", "parameters": city}]
+    session = Session(model, tokenizer, tools=tools)
+    list(session.send("Weather in Paris?", max_tokens=100))
+    session.add_tool_result("get_weather", '{"sky": "sunny"}')
+    assert session.messages[-1].channel == channel
+    list(session.send(max_tokens=100))
+    text = tokenizer.decode(session._to_tokens("Thanks!"))
+    kept = channel == "commentary"
+    assert ('"city": "Paris"' in text) is kept and ('{"sky": "sunny"}' in text) is kept
+    assert "It is sunny in Paris." in text
+
+
 def test_greedy_is_deterministic_and_bounded(loaded):
     model, tokenizer = loaded
     a = oss_mlx.generate(model, tokenizer, "Count to three.", temperature=0.0, max_tokens=12)
@@ -165,3 +187,49 @@ def test_the_python_api_example_runs(tiny_checkpoint):
     assert "\n> My name is Ada.\n" in out.stdout and "\n> What is my name?\n" in out.stdout
     turns = re.search(r"^prefilled per turn: \[(\d+), (\d+)\]$", out.stdout, re.M)
     assert turns and 0 < int(turns[2]) < int(turns[1]), out.stdout
+
+
+def test_prefill_progress_reports_without_changing_the_logits(loaded):
+    from oss_mlx.generation import prefill
+
+    model, _ = loaded
+    tokens = list(range(300, 350))
+    seen: list[tuple[int, int]] = []
+    quiet = prefill(model, tokens, model.make_cache(), step=16)
+    reported = prefill(model, tokens, model.make_cache(), step=16, progress=lambda d, n: seen.append((d, n)))
+    assert mx.array_equal(quiet, reported)
+    assert seen == [(16, 50), (32, 50), (48, 50), (49, 50)]  # each chunk once it is in the cache
+
+
+def test_a_prefill_stopped_half_way_reports_what_it_did_and_keeps_it(loaded, monkeypatch):
+    """Ctrl-C during a long prompt: the stats say how many tokens were processed (not the whole
+    prompt), how long it took and the peak memory; those tokens stay in the cache for the next turn."""
+    model, tokenizer = loaded
+    monkeypatch.setattr(model, "prefill_step", 64)
+    scripted(monkeypatch, tokenizer, [ANSWER, ANSWER])  # the stopped reply asks for its sampler too
+    session = Session(model, tokenizer)
+    long_text = " ".join(f"fact {i} is worth keeping" for i in range(60))
+    calls: list[tuple[int, int]] = []
+
+    def stop_after_two_chunks(done: int, total: int) -> None:
+        calls.append((done, total))
+        if done >= 128:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        for _ in session.send(long_text, on_prefill=stop_after_two_chunks):
+            pass
+    total = calls[0][1]
+    assert calls[0] == (0, total) and total > 256
+    stats = session.turn_stats[-1]
+    assert stats.prefilled_tokens == 128 == session.cache.offset == len(session.cached_tokens)
+    assert stats.generated_tokens == 0 and stats.finish_reason == "interrupted"
+    assert stats.prompt_seconds > 0 and stats.peak_memory_gb > 0
+    assert session.messages[-1].content == long_text  # the question is kept
+    # The next reply to the same history prefills only the rest.
+    reply = None
+    for event in session.send(None, max_tokens=200):
+        if isinstance(event, Done):
+            reply = event.reply
+    assert reply.text == "Hello there! How can I help?"
+    assert reply.stats.prefilled_tokens == total - 128

@@ -100,18 +100,20 @@ def test_gpu_kernel_predicates_leave_streamed_layers_to_the_reference(hub_checkp
     have: the predicate must say no (it raised AttributeError on the H200 before), so the block
     takes its own path."""
     from oss_mlx import kernels
+    from oss_mlx.kernels import decode_moe, routing
+    from oss_mlx.moe import mxfp4_weights
 
     resident_model, _ = load_model(hub_checkpoint)
     model, _ = load_model(hub_checkpoint, memory_budget=budget_for(resident_model, 2))
     block = model.blocks[0].mlp
     x = mx.random.normal((1, 1, SPEC.hidden_size)).astype(mx.bfloat16)
-    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
-    monkeypatch.setattr(kernels, "_on_gpu", lambda: True)
-    assert kernels._route_ok(x, block.router.weight, block.router.top_k)  # the GPU path is asked
-    assert kernels.moe_block(block, x) is None
     k = block.router.top_k
-    assert kernels._experts_ok(resident_model.blocks[0].mlp.experts, x, 1, k)  # resident: yes
-    assert not kernels._experts_ok(block.experts, x, 1, k)
+    resident = mxfp4_weights(resident_model.blocks[0].mlp.experts)
+    with kernels.emulated("cuda", lambda **kw: None):  # the GPU believed, no kernel launched
+        assert routing.route_ok(x, block.router.weight, k)  # the GPU path is asked
+        assert mxfp4_weights(block.experts) is None
+        assert not decode_moe.moe_block_ok(x, block.router.weight, k, mxfp4_weights(block.experts))
+        assert decode_moe.moe_block_ok(x, block.router.weight, k, resident)  # resident: yes
 
 
 def test_more_experts_than_slots_in_one_call(checkpoint, resident):

@@ -26,9 +26,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .. import cli_args
 from ..distributed.errors import DistributedError
 from ..harmony import REASONING_EFFORTS, Message, TextDelta, Tool, ToolCall, render_developer, render_system
 from . import commands
+from .clipboard import copy_text
 from .guard import InterruptGuard, LoopDetector, is_interactive, no_echo
 from .history import (
     ChatFileError,
@@ -37,7 +39,7 @@ from .history import (
     new_autosave_path,
     save_conversation,
 )
-from .render import REASONING_MODES, ReplyView, print_markdown
+from .render import REASONING_MODES, BlockSplitter, ReplyView, code_of, print_markdown
 from .tools import FunctionTool, PythonSandbox, ToolFileError, load_tools, python_system_section
 
 MAX_TOOL_ROUNDS = 12
@@ -51,14 +53,21 @@ PROMPT = ">>> "
 
 
 def format_stats(stats: Any, limit: int | None) -> str:
-    """The line printed after each reply: time to first token, speed, tokens, prefill, context, memory."""
-    parts = [
-        f"{stats.time_to_first_token:.2f} s to first token",
-        f"{stats.generation_tps:.1f} tok/s",
-        f"{stats.generated_tokens:,} tokens",
-        f"prefilled {stats.prefilled_tokens:,}/{stats.prompt_tokens:,}",
-        f"context {stats.context_tokens:,}" + (f"/{limit:,}" if limit else ""),
-    ]
+    """The line printed after each reply: time to first token, speed, tokens, prefill, context, memory.
+    A reply stopped before its first token says how far the prompt got instead."""
+    if stats.generated_tokens:
+        parts = [
+            f"{stats.time_to_first_token:.2f} s to first token",
+            f"{stats.generation_tps:.1f} tok/s",
+            f"{stats.generated_tokens:,} tokens",
+            f"prefilled {stats.prefilled_tokens:,}/{stats.prompt_tokens:,}",
+        ]
+    else:
+        parts = [
+            f"no reply · prefilled {stats.prefilled_tokens:,}/{stats.prompt_tokens:,} in "
+            f"{stats.prompt_seconds:.1f} s ({stats.prompt_tps:,.0f} tok/s)"
+        ]
+    parts.append(f"context {stats.context_tokens:,}" + (f"/{limit:,}" if limit else ""))
     if stats.peak_memory_gb:
         parts.append(f"peak {stats.peak_memory_gb:.2f} GB")
     if stats.finish_reason not in ("stop", "tool_call"):
@@ -81,6 +90,22 @@ def ensure_consistent(session: Any) -> bool:
     session.cache = session.model.make_cache()
     session.cached_tokens = []
     return False
+
+
+def today() -> str:
+    """The conversation's start date as OpenAI's reference chat writes it in the system message."""
+    import datetime
+
+    return datetime.datetime.now().strftime("%Y-%m-%d")
+
+
+def _valid_date(value: Any) -> bool:
+    import datetime
+
+    try:
+        return isinstance(value, str) and datetime.date.fromisoformat(value).isoformat() == value
+    except ValueError:
+        return False
 
 
 def _short(text: str, limit: int = 70) -> str:
@@ -116,20 +141,22 @@ def context_limit(model: Any) -> int | None:
 def prepare_model(model: str, console: Console) -> Path:
     """The folder to load. A hub id (the default, openai/gpt-oss-20b) is downloaded and converted
     once, on first run, into the data folder; later runs load the converted copy directly."""
-    from ..loader import is_repo_id, resolve_model_path
+    from ..hub import is_repo_id, resolve_model_path
 
     if Path(model).expanduser().exists() or not is_repo_id(model):
         return resolve_model_path(model)
     dest = data_dir() / "models" / model.replace("/", "--")
     if (dest / "config.json").is_file():
         return dest
+    from ..hub import download
+    from ..weights import CheckpointError
+
+    download(model, config_only=True)  # offline: says so now, with what to do, before any output
     console.print(Text(f"first run: {model} is downloaded and converted once, into {dest}", style="bold"))
     from ..convert.cli import main as convert
 
     if convert([model, str(dest)]) != 0:
-        raise RuntimeError(
-            f"could not convert {model} (see above); `oss-mlx convert {model} DEST` retries it"
-        )
+        raise CheckpointError(f"could not convert {model} into {dest} (the reason is above)")
     return dest
 
 
@@ -204,6 +231,7 @@ class ChatApp:
         self.last_analysis = ""
         self._autosave_warned = False
         self._prompt = None
+        self._quit_armed = False  # Ctrl-C on an empty line was pressed: a second one quits
         self.session.tools = [Tool(t.name, t.description, t.parameters) for t in self.tools.values()]
 
     # -- messages the model sees ----------------------------------------------------------------------
@@ -238,6 +266,7 @@ class ChatApp:
             "tools": sorted(self.tools),
             "python": self.python is not None,
             "sampling": self.sampling,
+            "current_date": self.session.current_date,
         }
 
     # -- output helpers ---------------------------------------------------------------------------------
@@ -266,8 +295,10 @@ class ChatApp:
         messages = self.session.messages + list(pending or [])
         if self.autosave_path is None or not any(m.role != "system" for m in messages):
             return
+        guard = InterruptGuard()  # a Ctrl-C now waits: the save is not cut half-way
         try:
-            self.save(self.autosave_path, pending)
+            with guard, guard.hold():
+                self.save(self.autosave_path, pending)
         except OSError as e:
             if not self._autosave_warned:
                 self.error(f"autosave to {self.autosave_path} failed: {e}")
@@ -283,9 +314,9 @@ class ChatApp:
             if self.multiline
             else "Alt+Enter or Ctrl-J: new line"
         )
-        return (
+        return (  # /help before the keys: a narrow terminal cuts the end of the line
             f" {self.model_name} · effort {self.session.reasoning_effort} · reasoning {self.reasoning}"
-            f" · context {ctx} · {keys} · /help"
+            f" · context {ctx} · /help · {keys}"
         )
 
     def _make_prompt(self):
@@ -306,21 +337,26 @@ class ChatApp:
                 return
             buffer.validate_and_handle()
 
-        @kb.add("escape", "enter")
-        def _submit_always(event):
-            event.current_buffer.validate_and_handle()
-
+        # Alt+Enter arrives as Escape then Enter: a new line, or in /multi mode (where Enter is the
+        # new line) it sends.
+        @kb.add("escape", "enter", filter=~multi)
         @kb.add("c-j")
         def _newline(event):
             event.current_buffer.insert_text("\n")
+
+        @kb.add("escape", "enter", filter=multi)
+        def _submit_multi(event):
+            event.current_buffer.validate_and_handle()
 
         @kb.add("c-c")
         def _interrupt(event):
             buffer = event.current_buffer
             if buffer.text:
                 buffer.reset()
-            else:
+            elif self._quit_armed:  # the second Ctrl-C in a row on an empty line
                 event.app.exit(exception=EOFError())
+            else:
+                event.app.exit(exception=KeyboardInterrupt())
 
         try:
             folder = data_dir()
@@ -328,7 +364,7 @@ class ChatApp:
             history = FileHistory(str(folder / "input_history"))
         except OSError:
             history = InMemoryHistory()
-        return PromptSession(
+        session = PromptSession(
             history=history,
             completer=commands.SlashCompleter(),
             complete_while_typing=True,
@@ -338,6 +374,12 @@ class ChatApp:
             prompt_continuation=lambda width, line, soft: "." * (width - 1) + " ",
             enable_history_search=False,
         )
+
+        def typed(_buffer) -> None:
+            self._quit_armed = False
+
+        session.default_buffer.on_text_changed += typed
+        return session
 
     def read(self) -> str:
         """The next input; EOFError at the end (Ctrl-D, Ctrl-C on an empty line, end of stdin)."""
@@ -367,15 +409,20 @@ class ChatApp:
         while True:
             try:
                 line = self.read()
-            except (EOFError, KeyboardInterrupt):
-                self.autosave()
-                return 0
+            except EOFError:
+                return self.quit()
+            except KeyboardInterrupt:
+                # Ctrl-C on an empty line (or one meant for a reply that had already stopped): the
+                # chat ends only when it is pressed again, and says so.
+                self._quit_armed = True
+                self.say("(Ctrl-C again quits; so do Ctrl-D and /exit)")
+                continue
+            self._quit_armed = False
             if not line.strip():
                 continue
+            keep = True
             try:
-                if not self.handle(line):
-                    self.autosave()
-                    return 0
+                keep = self.handle(line)
             except KeyboardInterrupt:
                 self.say("interrupted")
             except DistributedError as e:  # a rank or a link is gone: the model is too
@@ -384,10 +431,20 @@ class ChatApp:
                 return 1
             except Exception as e:  # a bug must not end the chat or lose the conversation
                 self.error(f"error: {type(e).__name__}: {e}")
-                if os.environ.get("OSS_MLX_DEBUG"):
+                if cli_args.debug_requested():
                     traceback.print_exc()
                 ensure_consistent(self.session)
             self.autosave()
+            if not keep:
+                return self.quit()
+
+    def quit(self) -> int:
+        guard = InterruptGuard()  # one more Ctrl-C while quitting changes nothing
+        with guard, guard.hold():
+            self.autosave()
+            saved = self.autosave_path is not None and self.autosave_path.is_file()
+            self.say(f"bye: the conversation is saved in {self.autosave_path}" if saved else "bye")
+        return 0
 
     def handle(self, line: str) -> bool:
         """One input line: a command or a message. False: quit."""
@@ -398,7 +455,12 @@ class ChatApp:
         name, arg = parsed
         command = commands.find(name)
         if command is None:
-            self.error(f"unknown command /{name} — /help lists the commands (// sends a leading slash)")
+            options = commands.candidates(name)
+            if options:
+                listed = " or ".join(f"/{o}" for o in options)
+                self.error(f"/{name} could be {listed}: type more of the name")
+            else:
+                self.error(f"unknown command /{name} — /help lists the commands (// sends a leading slash)")
             return True
         return getattr(self, f"cmd_{command.name}")(arg) is not False
 
@@ -436,43 +498,65 @@ class ChatApp:
         stopped = None
         reply = None
         guard = InterruptGuard()
-        with guard, no_echo():
-            events = self.session.send(prompt, **self.sampling)
-            try:
-                for event in events:
-                    guard.streaming = True
-                    if isinstance(event, Done):
-                        reply = event.reply
-                        break
-                    view.event(event)
-                    if isinstance(event, TextDelta) and detector.feed((event.channel, event.text)):
-                        stopped = "loop"
-                        break
-                    if guard.requested:
-                        stopped = "interrupted"
-                        break
-            except KeyboardInterrupt:
-                stopped = "interrupted"
-            finally:
-                with guard.hold():
-                    events.close()
-                    view.finish()
-            if guard.requested and stopped is None and reply is None:
-                stopped = "interrupted"
+        with guard:
+            with no_echo():
+                events = self.session.send(prompt, on_prefill=view.prefill, **self.sampling)
+                try:
+                    for event in events:
+                        guard.streaming = True
+                        if isinstance(event, Done):
+                            reply = event.reply
+                            break
+                        view.event(event)
+                        if isinstance(event, TextDelta) and detector.feed((event.channel, event.text)):
+                            stopped = "loop"
+                            break
+                        if guard.requested:
+                            stopped = "interrupted"
+                            break
+                except KeyboardInterrupt:
+                    stopped = "interrupted"
+                finally:
+                    with guard.hold():
+                        events.close()
+                        view.finish()
+                if guard.requested and stopped is None and reply is None:
+                    stopped = "interrupted"
+            # More Ctrl-C presses while this reply is wrapped up are absorbed: they were meant for it.
+            with guard.hold():
+                return self._after_reply(view, detector, label, before, reply, stopped)
+
+    def _after_reply(
+        self,
+        view: ReplyView,
+        detector: LoopDetector,
+        label: str,
+        before: int,
+        reply: Any,
+        stopped: str | None,
+    ) -> tuple[Any, str | None]:
         ensure_consistent(self.session)
-        if reply is None and len(self.session.turn_stats) > before:
+        stats = self.session.turn_stats[-1] if len(self.session.turn_stats) > before else None
+        if reply is None and stats is not None:
             reply = self.session.last_reply
         self.last_analysis += view.thinking_text
         if stopped == "interrupted":
-            self.say("⏹ stopped (Ctrl-C); the reply so far is kept", style="yellow")
+            if stats is not None and not stats.generated_tokens:
+                self.say(
+                    f"⏹ stopped (Ctrl-C) while reading the prompt: {stats.prefilled_tokens:,} of "
+                    f"{view.prefill_total:,} new tokens were processed (kept in the cache); no reply was "
+                    "produced. Your message is kept: /regen answers it, /undo removes it",
+                    style="yellow",
+                )
+            else:
+                self.say("⏹ stopped (Ctrl-C); the reply so far is kept", style="yellow")
         elif stopped == "loop":
             self.say(
                 f"⏹ stopped: the model was repeating itself (a {detector.period}-token loop); "
                 "/regen to try again",
                 style="yellow",
             )
-        if len(self.session.turn_stats) > before:
-            stats = self.session.turn_stats[-1]
+        if stats is not None:
             if stopped and stats.finish_reason == "length":
                 stats.finish_reason = "interrupted"
             self.rows.append((label, stats))
@@ -534,7 +618,8 @@ class ChatApp:
         self.console.print(table)
         self.say(
             "Enter sends · Alt+Enter (Esc Enter) or Ctrl-J: new line · paste keeps new lines · "
-            "Ctrl-C stops a reply; at the prompt it clears the line, on an empty line it quits · Ctrl-D quits"
+            "Ctrl-C stops a reply; at the prompt it clears the line, twice on an empty line it quits · "
+            "Ctrl-D quits"
         )
 
     def cmd_effort(self, arg: str) -> None:
@@ -594,6 +679,7 @@ class ChatApp:
     def cmd_clear(self, arg: str) -> None:
         self.autosave()
         self.session.reset()
+        self.session.current_date = today()
         self.rows.clear()
         self.turn_no = 0
         self.last_analysis = ""
@@ -660,6 +746,8 @@ class ChatApp:
         effort = settings.get("reasoning_effort")
         if effort in REASONING_EFFORTS:
             self.session.reasoning_effort = effort
+        if _valid_date(settings.get("current_date")):  # the conversation's own start date
+            self.session.current_date = settings["current_date"]
         instructions = settings.get("instructions")
         developer = [m for m in messages if m.role == "developer"]
         if instructions is None and developer:
@@ -753,34 +841,70 @@ class ChatApp:
 
     def cmd_set(self, arg: str) -> None:
         if not arg:
-            shown = {k: self.sampling.get(k) for k in ("temperature", "top_p", "max_tokens", "seed")}
+            shown = {k: self.sampling.get(k) for k in cli_args.SAMPLING}
             self.say(" · ".join(f"{k} {'default' if v is None else v}" for k, v in shown.items()))
             return
         name, _, value = arg.partition(" ")
         value = value.strip()
-        kinds = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
         name = name.replace("-", "_").lower()
-        if name not in kinds or not value:
-            self.error("/set temperature|top_p|max_tokens|seed VALUE")
-            return
-        if name == "seed" and value.lower() in ("none", "random"):
-            self.sampling.pop("seed", None)
-            self.say("seed: random")
+        kind = cli_args.SAMPLING.get(name)
+        if kind is None or not value:
+            self.error(f"/set {'|'.join(cli_args.SAMPLING)} VALUE")
             return
         try:
-            number = kinds[name](value)
-        except ValueError:
-            self.error(f"{name} must be a number")
+            number = kind(value)  # the same check as the command-line flag
+        except ValueError as e:
+            self.error(f"{name} {e}")
             return
-        if (
-            (name == "max_tokens" and number < 1)
-            or (name != "seed" and number < 0)
-            or (name == "top_p" and number > 1)
-        ):
-            self.error(f"{name} {value} is out of range")
+        if number is None:
+            self.sampling.pop(name, None)
+            self.say(f"{name}: random")
             return
         self.sampling[name] = number
         self.say(f"{name}: {number}")
+
+    def cmd_copy(self, arg: str) -> None:
+        what = arg.strip().lower()
+        if what not in ("", "code"):
+            self.error("/copy copies the last reply; /copy code its last code block")
+            return
+        reply = next(
+            (
+                m.content
+                for m in reversed(self.session.messages)
+                if m.role == "assistant" and m.channel == "final" and m.content.strip()
+            ),
+            None,
+        )
+        if reply is None:
+            self.error("nothing to copy: no reply yet")
+            return
+        text = reply
+        if what == "code":
+            splitter = BlockSplitter()
+            blocks = splitter.feed(reply) + splitter.flush()
+            code = [code_of(b.text)[1] for b in blocks if b.kind == "code" and not b.continued]
+            if not code:
+                self.error("the last reply has no code block (/copy copies all of it)")
+                return
+            text = code[-1] + "\n"
+        terminal = self.console.file.write if self.console.is_terminal else None
+        try:
+            done = copy_text(text, data_dir() / "copied.txt", terminal)
+        except OSError as e:
+            self.error(f"cannot copy: {cli_args.describe_error(e)}")
+            return
+        lines = text.count("\n") + (not text.endswith("\n"))
+        what = f"{'the code block' if what else 'the reply'} ({lines:,} lines, {len(text):,} characters)"
+        if done.how == "OSC 52":
+            self.say(
+                f"copied {what} to the terminal's clipboard (OSC 52: if your terminal does not allow it, "
+                f"the text is also in {done.path})"
+            )
+        elif done.path is not None:
+            self.say(f"no clipboard here: {what} written to {done.path}")
+        else:
+            self.say(f"copied {what} to the clipboard ({done.how})")
 
     def cmd_multi(self, arg: str) -> None:
         self.multiline = not self.multiline
@@ -801,19 +925,22 @@ class ChatApp:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..loader import DEFAULT_MODEL
+    from ..hub import DEFAULT_MODEL
 
-    ap = argparse.ArgumentParser(
-        prog="oss-mlx chat",
-        description="Chat with gpt-oss in the terminal. /help inside the chat lists the commands.",
+    A = cli_args
+    ap = A.parser(
+        "oss-mlx chat", "Chat with gpt-oss in the terminal. /help inside the chat lists the commands."
     )
     ap.add_argument(
         "--model",
         "-m",
         default=os.environ.get("OSS_MLX_MODEL", DEFAULT_MODEL),
-        help=f"hub repo id, checkpoint folder or converted folder (default {DEFAULT_MODEL})",
+        help="hub repo id, checkpoint folder or converted folder "
+        f"(default: $OSS_MLX_MODEL, else {DEFAULT_MODEL})",
     )
-    ap.add_argument("--reasoning-effort", "-e", choices=REASONING_EFFORTS, default="medium")
+    ap.add_argument(
+        "--reasoning-effort", "-e", choices=REASONING_EFFORTS, default="medium", help="how long it thinks"
+    )
     ap.add_argument("--system", "-s", metavar="TEXT", help="instructions (harmony's developer message)")
     ap.add_argument(
         "--reasoning",
@@ -832,14 +959,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--python", action="store_true", help="let the model run Python in a sandboxed subprocess"
     )
-    ap.add_argument("--python-timeout", type=float, default=10.0, metavar="S", help="per run (default 10)")
     ap.add_argument(
-        "--python-memory", type=int, default=2048, metavar="MB", help="address space (default 2048)"
+        "--python-timeout",
+        type=A.SECONDS,
+        default=10.0,
+        metavar="S",
+        help="seconds per run of the python tool",
     )
-    ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="per reply")
-    ap.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (gpt-oss's recommended)")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int)
+    ap.add_argument(
+        "--python-memory",
+        type=A.Number(int, 32, 2**22),
+        default=2048,
+        metavar="MB",
+        help="address space of the python tool (Linux)",
+    )
+    ap.add_argument("--max-tokens", type=A.MAX_TOKENS, default=DEFAULT_MAX_TOKENS, help="per reply")
+    ap.add_argument(
+        "--temperature", type=A.TEMPERATURE, default=1.0, help="0 to 2; 0 is greedy; 1.0 as OpenAI advises"
+    )
+    ap.add_argument("--top-p", type=A.TOP_P, default=1.0, help="nucleus sampling, above 0 and at most 1")
+    ap.add_argument(
+        "--seed", type=A.SEED, help="0 to 2^64-1 for every reply; -1 or none: random (the default)"
+    )
     ap.add_argument(
         "--history",
         metavar="FILE",
@@ -851,6 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore-memory", action="store_true", help="load even if the planner says it won't fit")
     ap.add_argument(
         "--memory-budget",
+        type=A.size,
         metavar="SIZE",
         help='e.g. "6GB": keep only hot experts in memory and read the rest from disk (slower, smaller)',
     )
@@ -866,13 +1008,9 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, highlight=False)
 
     def fail(message: str, code: int = 1) -> int:
-        err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
-        if os.environ.get("OSS_MLX_DEBUG"):
-            traceback.print_exc()
+        err.print(f"oss-mlx chat: [red]error:[/] {escape(message)}", soft_wrap=True)
         return code
 
-    if args.max_tokens < 1:
-        return fail("--max-tokens must be at least 1", 2)
     tools: list[FunctionTool] = []
     try:
         for file in args.tools:
@@ -901,17 +1039,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(Text(f"loading {args.model} …", style="dim"))
         # Checked from config.json alone (a hub model's too), before any download or load.
         from ..distributed import cli as distributed
-        from ..memory import fit_advice
+        from ..memory import refuse_unless_fits
 
         several = distributed.requested(args)  # the distributed planner checks each machine instead
-        warnings = [] if args.memory_budget or args.ignore_memory or several else fit_advice(args.model)
-        for line in warnings:
-            console.print(Text(f"memory: {line}", style="yellow"), soft_wrap=True)
-        if warnings:  # never let the machine swap: refuse before loading, say what to do
-            return fail(
-                "the model does not fit this machine's memory budget: do one of the above, or pass "
-                "--memory-budget SIZE to keep only hot experts in memory (or --ignore-memory to load anyway)"
-            )
+        unchecked = args.memory_budget or args.ignore_memory or several
+        if not unchecked and refuse_unless_fits("oss-mlx chat", args.model):
+            return 1
         path = prepare_model(args.model, console)
         if several:  # this process is rank 0; the other ranks only compute (and never get here)
             model, tokenizer = distributed.load(str(path), args)
@@ -919,8 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # bad folder, offline, missing vocabulary...: said in words
-        return fail(f"cannot load {args.model}: {e}")
+    except (*cli_args.user_errors(), OSError) as e:  # bad folder, offline, no vocabulary: in words
+        return fail(f"cannot load {args.model}: {cli_args.describe_error(e)}")
     loaded_in = time.perf_counter() - start
 
     scripted = os.environ.get("OSS_MLX_SCRIPTED_REPLIES")
@@ -934,7 +1067,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..session import Session
 
-    session = Session(model, tokenizer, reasoning_effort=args.reasoning_effort, instructions=args.system)
+    session = Session(
+        model,
+        tokenizer,
+        reasoning_effort=args.reasoning_effort,
+        instructions=args.system,
+        current_date=today(),  # as OpenAI's reference chat: the conversation's start date
+    )
     sampling: dict[str, Any] = {
         "temperature": args.temperature,
         "top_p": args.top_p,

@@ -58,8 +58,14 @@ COMMANDS: tuple[Command, ...] = (
         "sampling: temperature, top_p, max_tokens, seed (none: random); without argument: show them",
         ("temperature", "top_p", "max_tokens", "seed"),
     ),
+    Command(
+        "copy",
+        "/copy [code]",
+        "copy the last reply (or its last code block) to the clipboard, exactly as written",
+        ("code",),
+    ),
     Command("multi", "/multi", "toggle multi-line input (Enter: new line, Alt+Enter: send)"),
-    Command("exit", "/exit", "quit (also Ctrl-D, or Ctrl-C on an empty line)", aliases=("quit", "q")),
+    Command("exit", "/exit", "quit (also Ctrl-D, or Ctrl-C twice on an empty line)", aliases=("quit", "q")),
 )
 
 _BY_NAME = {c.name: c for c in COMMANDS} | {a: c for c in COMMANDS for a in c.aliases}
@@ -91,8 +97,17 @@ def find(name: str) -> Command | None:
     """A command by name or alias, or by an unambiguous prefix."""
     if name in _BY_NAME:
         return _BY_NAME[name]
-    matches = {c for key, c in _BY_NAME.items() if key.startswith(name)}
-    return matches.pop() if len(matches) == 1 else None
+    matches = candidates(name)
+    return _BY_NAME[matches[0]] if len(matches) == 1 else None
+
+
+def candidates(prefix: str) -> list[str]:
+    """The commands a prefix could mean, one spelling each (the name, or the alias that matched)."""
+    seen: dict[Command, str] = {}
+    for key, command in _BY_NAME.items():
+        if key.startswith(prefix) and command not in seen:
+            seen[command] = command.name if command.name.startswith(prefix) else key
+    return sorted(seen.values())
 
 
 def help_rows() -> list[tuple[str, str]]:

@@ -20,10 +20,11 @@ import time
 from dataclasses import dataclass
 
 from rich.cells import cell_len
-from rich.console import Console
-from rich.markdown import Markdown
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.markdown import CodeBlock, Markdown
 from rich.markup import escape
 from rich.style import Style
+from rich.syntax import Syntax
 from rich.text import Text
 
 from ..harmony import MessageDone, TextDelta, ToolCall
@@ -232,6 +233,49 @@ def _strip_blank_edges(lines: list[str]) -> list[str]:
     return lines
 
 
+# Code is shown without a background or padding, in the terminal's own palette (ANSI colours), so
+# that what a user selects and copies is exactly the code: rich's default code block pads every line
+# with a space on the left and spaces to the full width on the right.
+CODE_THEME = "ansi_dark"
+
+
+def render_code(console: Console, code: str, lexer: str = "text", theme: str = CODE_THEME) -> list[str]:
+    """The lines of `code`, highlighted, exactly as written: no padding, no trailing spaces added, and
+    no line breaks added (a long line is wrapped by the terminal, so a copy joins it back)."""
+    try:
+        text = Syntax(code, lexer or "text", theme=theme, background_color="default").highlight(code)
+    except Exception:  # an unknown lexer name and the like: plain is fine
+        text = Text(code)
+    if text.plain.rstrip("\n") != code.rstrip("\n"):
+        text = Text(code)  # never show something other than the code
+    lines = text.split("\n", allow_blank=True)[: code.count("\n") + 1]
+    out = []
+    for line in lines:
+        with console.capture() as capture:
+            console.print(line, soft_wrap=True, end="")
+        out.append(capture.get())
+    return out
+
+
+class _CodeBlock(CodeBlock):
+    """A code block inside other markdown (a list item, a quote): no padding, no background."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        code = str(self.text).rstrip()
+        yield Syntax(code, self.lexer_name, theme=self.theme, word_wrap=True, background_color="default")
+
+
+class _Markdown(Markdown):
+    elements = {**Markdown.elements, "fence": _CodeBlock, "code_block": _CodeBlock}
+
+
+def code_of(block_text: str) -> tuple[str, str]:
+    """(lexer name, body) of a fenced block's text as BlockSplitter makes it: opener, body, closer."""
+    lines = block_text.split("\n")
+    opener = lines[0].strip().lstrip("`~").strip()
+    return (opener.split()[0] if opener else "text"), "\n".join(lines[1:-1])
+
+
 class MarkdownStream:
     """Streams one message's markdown to the console (see the module docstring)."""
 
@@ -241,7 +285,7 @@ class MarkdownStream:
         *,
         markdown: bool = True,
         live: bool | None = None,
-        code_theme: str = "monokai",
+        code_theme: str = CODE_THEME,
     ) -> None:
         self.console = console
         self.markdown = markdown
@@ -325,18 +369,14 @@ class MarkdownStream:
 
     def render_block(self, block: Block) -> list[str]:
         """The block's lines as the console would print them (ANSI styles when a terminal)."""
+        if block.kind == "code":
+            lexer, code = code_of(block.text)
+            return render_code(self.console, code, lexer, self.code_theme)
         with self.console.capture() as capture:
-            self.console.print(Markdown(block.text, code_theme=self.code_theme), crop=True)
+            self.console.print(_Markdown(block.text, code_theme=self.code_theme), crop=True)
         lines = capture.get().rstrip("\n").split("\n")
-        if block.kind != "code":
-            # No padding spaces at the ends of lines (they would be copied with the text).
-            return [_TRAILING_SPACES.sub(r"\1", line) for line in _strip_blank_edges(lines)]
-        # Pieces of one code block join without the padding rows between them.
-        if block.continued and lines and not Text.from_ansi(lines[0]).plain.strip():
-            lines = lines[1:]
-        if block.more and lines and not Text.from_ansi(lines[-1]).plain.strip():
-            lines = lines[:-1]
-        return lines
+        # No padding spaces at the ends of lines (they would be copied with the text).
+        return [_TRAILING_SPACES.sub(r"\1", line) for line in _strip_blank_edges(lines)]
 
     def _print_blocks(self, blocks: list[Block]) -> None:
         for block in blocks:
@@ -355,6 +395,52 @@ class MarkdownStream:
         separator = "\n" if self._blocks and not block.continued else ""
         self._write(separator + "".join(line + "\n" for line in lines))
         self._blocks += 1
+
+
+class WordWrap:
+    """Streamed text cut into lines at spaces, for text written straight to the terminal (which would
+    break a line in the middle of a word). A word is held back until the space after it arrives; the
+    spaces where a line is broken are dropped, so no line ends with them. A word longer than the
+    width is left to the terminal."""
+
+    def __init__(self, width: int) -> None:
+        self.width = max(10, width)
+        self.column = 0  # cells on the current row
+        self.spaces = 0  # spaces seen after the last word, not written yet
+        self.word = ""
+
+    def feed(self, text: str) -> str:
+        out: list[str] = []
+        for ch in text:
+            if ch == "\n":
+                out.append(self._word())
+                out.append("\n")
+                self.column, self.spaces = 0, 0
+            elif ch == " ":
+                out.append(self._word())
+                self.spaces += 1
+            else:
+                self.word += ch
+        return "".join(out)
+
+    def flush(self) -> str:
+        return self._word()
+
+    def _word(self) -> str:
+        if not self.word:
+            return ""
+        word, self.word = self.word, ""
+        n = cell_len(word)
+        if self.column and self.column + self.spaces + n > self.width:
+            out = "\n" + word
+            self.column = n
+        else:
+            out = " " * self.spaces + word
+            self.column += self.spaces + n
+        self.spaces = 0
+        if self.column > self.width:  # a word longer than a row: the terminal wrapped it
+            self.column = (self.column - 1) % self.width + 1
+        return out
 
 
 class StatusLine:
@@ -395,6 +481,7 @@ class StatusLine:
 # ---------------------------------------------------------------------------------------------------
 
 REASONING_MODES = ("summary", "show", "hide")
+PREFILL_SHOWN_FROM = 512  # prompt tokens: below this, processing them is too quick to report
 
 
 def _compact_json(text: str, limit: int = 240) -> str:
@@ -430,6 +517,9 @@ class ReplyView:
         self._thinking_seconds = 0.0
         self._call_tokens = 0
         self._dim = Style(dim=True)
+        self._wrap: WordWrap | None = None  # reasoning shown in full, as it streams
+        self._prefill_start = 0.0
+        self.prefill_total = 0  # new prompt tokens of this reply (reported by the prefill)
 
     def _write(self, text: str) -> None:
         self.console.file.write(text)
@@ -444,6 +534,7 @@ class ReplyView:
         self.section = section
         if section == "reasoning":
             self._thinking_start = time.monotonic()
+            self._wrap = WordWrap(self.console.width)
         elif section == "answer":
             self.stream = MarkdownStream(self.console, markdown=self.markdown)
 
@@ -457,6 +548,8 @@ class ReplyView:
             self._thinking_seconds += time.monotonic() - self._thinking_start
             self.status.clear()
             if self.reasoning == "show":
+                if self._wrap is not None:
+                    self._write_dim(self._wrap.flush())
                 if not self.thinking_text.endswith("\n"):
                     self._write("\n")
                 self.printed = True
@@ -493,11 +586,32 @@ class ReplyView:
         self.thinking_text += text
         if self.reasoning == "show":
             clean = sanitize(text)
-            if self.console.is_terminal and self.console.color_system:
-                clean = self._dim.render(clean, color_system=self.console.color_system)
-            self._write(clean)
+            if self._wrap is not None and self.console.is_terminal:
+                clean = self._wrap.feed(clean)
+            self._write_dim(clean)
         else:
             self.status.show(f"thinking… ({self.thinking_tokens} tokens)", throttle=0.08)
+
+    def _write_dim(self, text: str) -> None:
+        if text and self.console.is_terminal and self.console.color_system:
+            text = self._dim.render(text, color_system=self.console.color_system)
+        if text:
+            self._write(text)
+
+    def prefill(self, done: int, total: int) -> None:
+        """Progress of a long prompt's processing, on the status line (a short one shows nothing)."""
+        now = time.monotonic()
+        self.prefill_total = total
+        if done == 0:
+            self._prefill_start = now
+        if total < PREFILL_SHOWN_FROM or done >= total:
+            self.status.clear()
+            return
+        elapsed = now - self._prefill_start
+        rate = f" · {done / elapsed:,.0f} tok/s" if done and elapsed > 0 else ""
+        self.status.show(
+            f"reading the prompt: {done:,}/{total:,} tokens ({100 * done // total}%){rate} · Ctrl-C stops"
+        )
 
     def _answer(self, text: str) -> None:
         self._begin("answer")
@@ -514,10 +628,9 @@ class ReplyView:
         """Print a tool call (before it runs)."""
         self._end_section()
         if call.recipient == "python" or call.name == "python":
-            from rich.syntax import Syntax
-
             self.console.print(Text("⚙ python", style="bold cyan"))
-            self.console.print(Syntax(call.arguments.strip("\n"), "python", theme="monokai", word_wrap=True))
+            lines = render_code(self.console, sanitize(call.arguments).strip("\n"), "python")
+            self._write("".join(line + "\n" for line in lines))
         else:
             args = _compact_json(call.arguments)
             self.console.print(

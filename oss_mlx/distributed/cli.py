@@ -47,6 +47,14 @@ def requested(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "hosts", None)) or launched()
 
 
+def is_worker() -> bool:
+    """Started by a launcher as a rank other than 0 (decided before anything binds a port)."""
+    import os
+
+    rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
+    return rank.strip() not in ("", "0")
+
+
 def load(model_path: str, args: argparse.Namespace):
     """(model, tokenizer) on rank 0; the other ranks compute until rank 0 is done, then exit here."""
     from ..tokenizer import load_tokenizer

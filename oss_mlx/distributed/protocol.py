@@ -250,6 +250,7 @@ class AnnouncedCalls:
     def __call__(self, tokens: mx.array, cache: ModelCache | None = None, last_logits_only: bool = False):
         if self.controller is None or (tokens.shape[1] == 1 and cache is not None):
             return super().__call__(tokens, cache, last_logits_only)
+        self.check_tokens(tokens)  # before the others are told: a refused call must not reach them
         tokens = self.controller.forward(tokens, cache, last_logits_only)
         out = super().__call__(tokens, cache, last_logits_only)
         # Every rank evaluates the whole call (its collectives), even when the caller then evaluates

@@ -1,9 +1,11 @@
-"""What both APIs share: server settings, model names, submitting a job, SSE framing, ids."""
+"""What both APIs share: server settings, model names, submitting a job, SSE framing, ids, which
+replies are tool calls, list pages."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -12,8 +14,12 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 
-from .schemas import APIError
+from ..harmony import Message
+from .schemas import APIError, brief, invalid
+from .store import ObjectStore
 from .worker import ContextTooLong, Engine, Failed, Finished, GenerationRequest, Job, QueueFull
+
+log = logging.getLogger("oss_mlx.server")
 
 # How a client disconnect is noticed while a non-streaming request waits.
 DISCONNECT_POLL_SECONDS = 0.5
@@ -31,14 +37,13 @@ class ServerConfig:
     reasoning_fields: tuple[str, ...] = ("reasoning_content", "reasoning")
     max_body_bytes: int = 8 * 1024 * 1024
     api_key: str | None = None
-    max_stored_responses: int = 512
 
 
 @dataclass
 class ServerState:
     engine: Engine
     config: ServerConfig
-    store: Any = None  # responses.ResponseStore
+    store: ObjectStore = field(default_factory=lambda: ObjectStore(512, 256 * 10**6))
 
 
 def new_id(prefix: str) -> str:
@@ -56,20 +61,26 @@ def check_model(body: dict, config: ServerConfig) -> str:
         return config.model_id
     raise APIError(
         404,
-        f"The model '{name}' does not exist. This server serves '{config.model_id}' (see GET /v1/models).",
+        f"The model {brief(name)} does not exist. This server serves '{config.model_id}' "
+        "(see GET /v1/models).",
         "model",
         "model_not_found",
     )
 
 
-async def submit(state: ServerState, req: GenerationRequest, prompt_param: str) -> Job:
-    """Render the prompt off the event loop, then queue the job (400 context / 429 queue full)."""
+async def render(state: ServerState, req: GenerationRequest, prompt_param: str, check: bool = True) -> None:
+    """Render the prompt off the event loop (400 when it does not fit the context, with ``check``)."""
     try:
-        await anyio.to_thread.run_sync(state.engine.prepare, req)
+        await anyio.to_thread.run_sync(lambda: state.engine.prepare(req, check))
     except ContextTooLong as e:
         raise APIError(400, str(e), prompt_param, "context_length_exceeded") from None
     except (ValueError, KeyError, TypeError, RecursionError) as e:  # a message harmony cannot render
-        raise APIError(400, f"The conversation cannot be rendered: {e}", prompt_param) from None
+        raise APIError(400, f"The conversation cannot be rendered: {brief(str(e))}", prompt_param) from None
+
+
+async def submit(state: ServerState, req: GenerationRequest, prompt_param: str) -> Job:
+    """Render the prompt, then queue the job (400 context / 429 queue full)."""
+    await render(state, req, prompt_param)
     try:
         return state.engine.submit(req)
     except QueueFull as e:
@@ -125,3 +136,58 @@ async def guarded(job: Job, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ---- which replies are tool calls --------------------------------------------------------------------
+
+NOT_TOOLS = ("all", "assistant", "user")
+
+
+def called_function(recipient: str | None, offered: set[str]) -> str | None:
+    """The name of the offered function a message calls; None when it is no call, or a call to a
+    function the request did not offer (gpt-oss may call its built-in ``browser.*`` / ``python`` tools,
+    or a function from earlier turns): such a call is returned as text, since a client cannot run it
+    (the Agents SDK, for one, fails on it)."""
+    if recipient is None or recipient in NOT_TOOLS:
+        return None
+    name = recipient.removeprefix("functions.")
+    if recipient.startswith("functions.") and name in offered:
+        return name
+    log.warning("the model called %s, which the request did not offer: returned as text", brief(recipient))
+    return None
+
+
+def as_the_client_saw(messages: list[Message], offered: set[str]) -> list[Message]:
+    """The reply's messages as they were answered: a call to a function that was not offered
+    becomes the final-channel text it was returned as, so that a continued conversation agrees with
+    what the client was told."""
+    out = []
+    for m in messages:
+        if m.role == "assistant" and m.recipient not in (None, *NOT_TOOLS):
+            name = m.recipient.removeprefix("functions.")
+            if not (m.recipient.startswith("functions.") and name in offered):
+                m = Message(
+                    "assistant", m.content, channel="analysis" if m.channel == "analysis" else "final"
+                )
+        out.append(m)
+    return out
+
+
+def recipient_of(name: str) -> str:
+    """A function's harmony address (function names cannot hold a dot; a dotted name is kept as is)."""
+    return name if "." in name else f"functions.{name}"
+
+
+# ---- lists ---------------------------------------------------------------------------------------------
+
+
+def list_query(request: Request, default_order: str, default_limit: int = 20) -> tuple[str | None, int, str]:
+    """``after``, ``limit`` (1-100) and ``order`` (asc / desc) of a list request's query."""
+    q = request.query_params
+    limit_text = q.get("limit", str(default_limit))
+    if not (limit_text.isascii() and limit_text.isdigit() and 1 <= int(limit_text) <= 100):
+        raise invalid("limit", f"'limit' must be an integer from 1 to 100, got {brief(limit_text)}.")
+    order = q.get("order", default_order)
+    if order not in ("asc", "desc"):
+        raise invalid("order", f"'order' must be 'asc' or 'desc', got {brief(order)}.")
+    return q.get("after"), int(limit_text), order

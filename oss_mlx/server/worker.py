@@ -72,6 +72,8 @@ class GenerationRequest:
     header_tokens: int = 0  # tokens of the system + developer messages
     assistant_prefix: str | None = None  # forced start of the reply (tool_choice required / named)
     prefix_tokens: list[int] = field(default_factory=list)  # filled by Engine.prepare
+    truncate: bool = False  # drop the oldest turns when the prompt does not fit (truncation: auto)
+    dropped_messages: int = 0  # how many Engine.prepare dropped
 
 
 class QueueFull(Exception):
@@ -199,6 +201,12 @@ class Engine:
             limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
             if self.context_limit is None:
                 self.context_limit = int(limit or 131072)
+            elif limit and self.context_limit > limit:
+                from ..cli_args import UsageError
+
+                raise UsageError(
+                    f"--context-limit {self.context_limit:,} is above the model's maximum ({limit:,} tokens)"
+                )
             if self.script is not None:
                 self.script = self.script(self.tokenizer)
         except BaseException as e:  # reported by start()
@@ -249,22 +257,57 @@ class Engine:
             running = 1 if self.running is not None else 0
             return {"running": running, "waiting": self._admitted - running, "max_waiting": self.max_queue}
 
-    def prepare(self, req: GenerationRequest) -> GenerationRequest:
-        """Render the prompt (in a worker-pool thread, not the event loop) and check the context."""
+    def prepare(self, req: GenerationRequest, check: bool = True) -> GenerationRequest:
+        """Render the prompt (in a worker-pool thread, not the event loop) and check the context.
+
+        With ``req.truncate`` a prompt that does not fit loses its oldest turns (whole turns, from a
+        user message on) until it leaves room for a reply: a quarter of the context, at most 4096 tokens,
+        whatever ``max_tokens`` asks (so that a token count, which knows no max_tokens, agrees with the
+        prompt a request runs); ``check=False`` only renders (token counting).
+        """
         kwargs = dict(
             reasoning_effort=req.reasoning_effort,
             tools=req.tools or None,
             developer_instructions=req.instructions,
         )
-        req.prompt = render_conversation(req.messages, self.tokenizer, **kwargs)
-        req.header_tokens = len(render_conversation([], self.tokenizer, for_completion=False, **kwargs))
         if req.assistant_prefix:
             req.prefix_tokens = self.tokenizer.encode(req.assistant_prefix, allow_special=True)
+        req.prompt = render_conversation(req.messages, self.tokenizer, **kwargs)
+        req.header_tokens = len(render_conversation([], self.tokenizer, for_completion=False, **kwargs))
+        reserve = min(4096, self.context_limit // 4)
+        if req.truncate and len(req.prompt) + len(req.prefix_tokens) + reserve > self.context_limit:
+            self._truncate(req, kwargs, reserve)
         room = self.context_limit - len(req.prompt) - len(req.prefix_tokens)
-        if room < 1:
+        if check and room < 1:
             raise ContextTooLong(len(req.prompt), self.context_limit)
-        req.options.max_tokens = min(req.max_tokens or room, room)
+        req.options.max_tokens = max(1, min(req.max_tokens or room, room))
         return req
+
+    def _truncate(self, req: GenerationRequest, kwargs: dict, reserve: int) -> None:
+        """Keep the longest tail of whole turns that fits (binary search over the turn starts)."""
+        starts = [i for i, m in enumerate(req.messages) if i > 0 and m.role == "user"]
+        fits: dict[int, list[int]] = {}
+
+        def fit(start: int) -> bool:
+            tokens = render_conversation(req.messages[start:], self.tokenizer, **kwargs)
+            fits[start] = tokens
+            return len(tokens) + len(req.prefix_tokens) + reserve <= self.context_limit
+
+        lo, hi = 0, len(starts)  # the answer is the first start (index into starts) that fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fit(starts[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        if not starts:
+            return
+        # Past the last start even the last turn alone does not fit: it is kept, and the context
+        # check then says so.
+        start = starts[min(lo, len(starts) - 1)]
+        req.prompt = fits.get(start) or render_conversation(req.messages[start:], self.tokenizer, **kwargs)
+        req.messages = req.messages[start:]
+        req.dropped_messages = start
 
     def submit(self, req: GenerationRequest) -> Job:
         job = Job(self, req, asyncio.get_running_loop())

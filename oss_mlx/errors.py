@@ -1,0 +1,16 @@
+"""The error types a command prints as one line: a model that cannot be loaded (config, checkpoint,
+tokenizer), a memory budget that cannot hold it.
+
+Its message names what is wrong, where (file, tensor or key) and the fix, in one line, so a command
+prints it as is, without a traceback: `except LoadError as e: print(e)`.
+"""
+
+from __future__ import annotations
+
+
+class LoadError(Exception):
+    """A model folder, hub id, config.json, checkpoint or vocabulary that cannot be loaded."""
+
+
+class MemoryBudgetError(ValueError):
+    """A memory budget that cannot hold the model even when streaming its experts."""

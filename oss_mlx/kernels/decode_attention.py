@@ -1,0 +1,174 @@
+"""The attention block's decode step in kernels (kernels_shared/decode_attention.gpu, and
+kernels_{metal,cuda}/decode_attention.* for sdpa_decode_mma): norm_qkv_rope, then the model's cache
+scatter, sdpa_decode (+ sdpa_combine where the keys were split), out_residual. The reference:
+attention.AttentionBlock's own path and attention.sdpa_with_sinks."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from .dispatch import FLOATS, KERNEL_MAX_HIDDEN, as_position, backend, const, launch, on_gpu
+from .weights import AttentionWeights
+
+# sdpa_decode splits the keys over blocks (flash-decoding) in at least this many keys each, and into
+# at most SDPA_MAX_SPLITS: 2k keys go in 8 blocks, 8k and more in 32.
+SDPA_KEYS_PER_SPLIT = 256
+SDPA_MAX_SPLITS = 32
+SDPA_MMA = True  # sdpa_decode_mma where its shapes apply
+# Work per warp of the projection GEMVs (as decode_moe's): chosen by GPU time per kernel under Nsight
+# Compute (benchmarks/ncu_sweep.py); timing launches from Python had chosen out_residual RW = 8 (16.6 µs
+# on the card; RW = 4: 9.0).
+QKV_PAIRS_PER_WARP = 4  # norm_qkv_rope: RoPE pairs (2 weight rows each)
+OUT_ROWS_PER_WARP = 4  # out_residual (even)
+
+
+def sdpa_decode_ok(q: mx.array, kv: mx.array) -> bool:
+    """Whether sdpa_decode takes q [B, Hq, 1, D] over a cache's joint buffer kv [2, B, Hkv, S, D]
+    (GPU, one float dtype, the head shapes the kernels were written for)."""
+    B, Hq, T, D = q.shape
+    return (
+        T == 1
+        and backend() != "reference"
+        and on_gpu()
+        and q.dtype in FLOATS
+        and kv.dtype == q.dtype
+        and kv.ndim == 5
+        and kv.shape[4] == D
+        and sdpa_heads_ok(D, Hq, kv.shape[2])
+        and kv.shape[3] >= 1
+    )
+
+
+def sdpa_heads_ok(D: int, hq: int, hkv: int) -> bool:
+    """The head shapes sdpa_decode was written for: D / 8 lanes per value row (16-byte loads; a power
+    of two <= 32), G = hq / hkv query heads per block, G x 8 outputs per lane in registers
+    (G * D <= 512)."""
+    G = hq // hkv if hkv else 0
+    return (
+        D % 8 == 0
+        and (D // 8) & (D // 8 - 1) == 0
+        and D <= 256
+        and G * hkv == hq
+        and 1 <= G <= 16
+        and G * D <= 512
+    )
+
+
+def sdpa_mma_ok(dtype: mx.Dtype, D: int, G: int) -> bool:
+    """Shapes for sdpa_decode_mma (matrix units: 16-bit inputs, 64-dim heads, <= 8 query heads per
+    KV head - gpt-oss has 64 / 8 / 8); others take the SIMT sdpa_decode. SDPA_MMA = False turns it
+    off (benchmarks compare the two)."""
+    return SDPA_MMA and dtype in (mx.bfloat16, mx.float16) and D == 64 and 1 <= G <= 8
+
+
+def sdpa_decode(
+    q: mx.array,
+    kv: mx.array,
+    sinks: mx.array,
+    scale: float,
+    window: int | None,
+    pos: int | mx.array,
+) -> mx.array:
+    """q [B, Hq, D] row-contiguous over kv [2, B, Hkv, S, D] (keys, then values; any strides) ->
+    out [B, 1, Hq * D] (the layout the output projection reads, so no transpose follows); callers
+    have checked the shapes (sdpa_decode_ok).
+
+    The query sits at position `pos` (an int, or an int32 [1] array inside a compiled step): keys
+    [0, min(S, pos + 1)) are attended (the last `window` of them), so kv may be a whole cache buffer
+    or ring (cache.py) whose later slots are not filled yet, read in place."""
+    B, Hq, D = q.shape
+    Hkv, S = kv.shape[2], kv.shape[3]
+    attended = min(S, window) if window else S
+    nsplit = max(1, min(SDPA_MAX_SPLITS, -(-attended // SDPA_KEYS_PER_SPLIT)))
+    part_shape = (B, Hq, nsplit, D + 2) if nsplit > 1 else (1,)
+    out, part = launch(
+        "sdpa_decode_mma" if sdpa_mma_ok(q.dtype, D, Hq // Hkv) else "sdpa_decode",
+        [q, kv, sinks, const(scale * math.log2(math.e)), as_position(pos)],
+        [("T", q.dtype), ("D", D), ("G", Hq // Hkv), ("WINDOW", int(window or 0))],
+        (128 * nsplit, B * Hkv, 1),
+        (128, 1, 1),
+        [(B, 1, Hq * D) if nsplit == 1 else (1,), part_shape],
+        [q.dtype, mx.float32],
+    )
+    if nsplit > 1:
+        (out,) = launch(
+            "sdpa_combine",
+            [part, sinks],
+            [("T", q.dtype), ("D", D)],
+            (D * B * Hq, 1, 1),
+            (D, 1, 1),
+            [(B, 1, Hq * D)],
+            [q.dtype],
+        )
+    return out
+
+
+def attention_decode_ok(w: AttentionWeights | None, x: mx.array) -> bool:
+    """Whether the decode kernels cover an attention block for x [B, 1, H] (GPU, the shapes the
+    kernels were written for). w None: the block's projections are not plain float linears."""
+    if w is None:
+        return False
+    D, hq, hkv = w.head_dim, w.num_heads, w.num_kv_heads
+    H = x.shape[-1]
+    return (
+        x.ndim == 3
+        and x.shape[1] == 1
+        and x.shape[0] <= 64
+        and backend() != "reference"
+        and on_gpu()
+        and x.dtype in FLOATS
+        and w.qkv_weight.dtype == x.dtype
+        and w.out_weight.dtype == x.dtype
+        and w.sinks.dtype in FLOATS
+        and H % 8 == 0
+        and H <= KERNEL_MAX_HIDDEN
+        and hq * D <= 16384
+        and sdpa_heads_ok(D, hq, hkv)
+    )
+
+
+def norm_qkv_rope(w: AttentionWeights, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
+    """x [B, 1, H] at position `offset` (an int, or an int32 [1] array) -> q [B, Hq, D] and kv
+    [2, B, Hkv, 1, D] (the new key and value, as the caches' joint buffer holds them): the attention's
+    RMSNorm, qkv projection, YaRN concentration and RoPE in one kernel (attention_decode_ok first)."""
+    B, _, H = x.shape
+    D, hq, hkv = w.head_dim, w.num_heads, w.num_kv_heads
+    pw = QKV_PAIRS_PER_WARP
+    q, kv = launch(
+        "norm_qkv_rope",
+        [
+            x,
+            w.norm_weight,
+            w.qkv_weight,
+            w.qkv_bias,
+            w.wavelengths,
+            as_position(offset),
+            const(w.eps, w.concentration),
+        ],
+        [("T", x.dtype), ("H", H), ("D", D), ("HQ", hq), ("HKV", hkv), ("NC", -(-H // 256)), ("PW", pw)],
+        (128 * -(-((hq + 2 * hkv) * D // 2) // (4 * pw)), B, 1),
+        (128, 1, 1),
+        [(B, hq, D), (2, B, hkv, 1, D)],
+        [x.dtype] * 2,
+    )
+    return q, kv
+
+
+def out_residual(o: mx.array, weight: mx.array, bias: mx.array, residual: mx.array) -> mx.array:
+    """residual + o @ weight.T + bias for o [B, 1, IN] in one kernel (attention_decode_ok first)."""
+    IN = o.shape[-1]
+    H = residual.shape[-1]
+    N = residual.size // H
+    rw = OUT_ROWS_PER_WARP
+    (y,) = launch(
+        "out_residual",
+        [o, weight, bias, residual],
+        [("T", residual.dtype), ("H", H), ("IN", IN), ("NC", -(-IN // 256)), ("RW", rw)],
+        (128 * -(-H // (4 * rw)), N, 1),
+        (128, 1, 1),
+        [residual.shape],
+        [residual.dtype],
+    )
+    return y

@@ -1,0 +1,128 @@
+"""The MoE block for decode-sized batches in three kernels: norm_route (routing.py), gate_up_swiglu
+and down_combine (kernels_shared/decode_moe.gpu). The reference: moe.MLPBlock's own path."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .dispatch import FLOATS, KERNEL_MAX_HIDDEN, backend, const, launch, on_gpu
+from .routing import norm_route, route_ok
+from .weights import ExpertWeights
+
+# The fused MoE decode while N * k stays under this (from here on, the prefill experts: prefill_moe).
+MOE_MAX_SLOTS = 64
+# Work per warp of the GEMV kernels (each warp holds its input vector in registers and reads whole
+# weight rows): more rows per warp reuse the vector more and keep more loads in flight; fewer make
+# more blocks. Chosen by GPU time per kernel (benchmarks/ncu_sweep.py under Nsight Compute, cold caches,
+# H200): timing launches from Python measured the ~5 µs host cost of a launch instead, and had chosen
+# gate_up COLS = 2 (41.5 µs on the card; COLS = 1: 34.5).
+MOE_COLS_PER_WARP = 1  # gate_up_swiglu: SwiGLU columns (2 weight rows each)
+MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert each)
+
+
+def experts_ok(experts: ExpertWeights | None, x: mx.array, N: int, k: int) -> bool:
+    """Whether gate_up_swiglu and down_combine take N rows x [N, H] with k experts each (GPU, MXFP4
+    experts, fewer than MOE_MAX_SLOTS (token, expert) pairs). experts None: none whole in memory."""
+    if experts is None:
+        return False
+    H = x.shape[-1]
+    I = experts.gate_up_weight.shape[1] // 2
+    return (
+        backend() != "reference"
+        and on_gpu()
+        and N * k < MOE_MAX_SLOTS
+        and x.dtype in FLOATS
+        and H % 32 == 0
+        and I % 32 == 0
+        and experts.down_weight.shape[1] >= H  # rows may be padded (loader.pad_down_rows)
+    )
+
+
+def moe_block_ok(x: mx.array, router_weight: mx.array, k: int, experts: ExpertWeights | None) -> bool:
+    """Whether moe_block takes the MoE block of x [..., H] (its row staged in threadgroup memory)."""
+    H = x.shape[-1]
+    N = x.size // H
+    return (
+        route_ok(x, router_weight, k)
+        and H <= KERNEL_MAX_HIDDEN
+        and N * k < MOE_MAX_SLOTS
+        and experts_ok(experts, x, N, k)
+    )
+
+
+def moe_block(
+    x: mx.array,
+    norm_weight: mx.array,
+    eps: float,
+    router_weight: mx.array,
+    router_bias: mx.array,
+    k: int,
+    experts: ExpertWeights,
+) -> mx.array:
+    """The whole MoE block, x [..., H] -> x + MoE(RMSNorm(x)), in three kernels (moe_block_ok first).
+    The kernels index x as [N, H] rows (MLX makes inputs row-contiguous); each one's outputs come
+    shaped for the next, so no reshape or cast sits between them."""
+    H = x.shape[-1]
+    N = x.size // H
+    h, wts, ids = norm_route(x, norm_weight, eps, router_weight, router_bias, k)
+    return _experts(experts, h, wts, ids, x, N, k)
+
+
+def moe_decode_ok(experts: ExpertWeights | None, x: mx.array, indices: mx.array) -> bool:
+    N, k = indices.shape
+    return experts_ok(experts, x, N, k)
+
+
+def moe_decode(
+    experts: ExpertWeights, x: mx.array, weights: mx.array, indices: mx.array, residual: mx.array
+) -> mx.array:
+    """residual + sum_j weights[:, j] * expert_{indices[:, j]}(x) for given routing: x [N, H] (normed),
+    weights [N, k], indices [N, k], residual [N, H]; gate_up_swiglu then down_combine (moe_decode_ok
+    first)."""
+    N, k = indices.shape
+    ids = indices.reshape(-1).astype(mx.uint32)
+    wts = weights.reshape(-1).astype(mx.float32)
+    return _experts(experts, x, wts, ids, residual.astype(x.dtype), N, k)
+
+
+def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> mx.array:
+    """gate_up_swiglu then down_combine; the result has the residual's shape."""
+    H = x.shape[-1]
+    I = experts.gate_up_weight.shape[1] // 2
+    T = x.dtype
+    cols = MOE_COLS_PER_WARP
+    (h,) = launch(
+        "gate_up_swiglu",
+        [
+            x,
+            ids,
+            experts.gate_up_weight,
+            experts.gate_up_scales,
+            experts.gate_up_bias,
+            const(experts.alpha, experts.limit),
+        ],
+        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024)), ("COLS", cols)],
+        (128 * -(-I // (4 * cols)), N * k, 1),
+        (128, 1, 1),
+        [(N * k, I)],
+        [T],
+    )
+    rows = MOE_ROWS_PER_BLOCK
+    (y,) = launch(
+        "down_combine",
+        [h, ids, wts, experts.down_weight, experts.down_scales, experts.down_bias, residual],
+        [
+            ("T", T),
+            ("H", H),
+            ("HP", experts.down_weight.shape[1]),
+            ("I", I),
+            ("K", k),
+            ("NC", -(-I // 1024)),
+            ("ROWS", rows),
+        ],
+        (128 * -(-H // rows), N, 1),
+        (128, 1, 1),
+        [residual.shape],
+        [T],
+    )
+    return y

@@ -1,0 +1,203 @@
+"""Which kernel backend runs (metal | cuda | reference), and the launch of a compiled kernel.
+
+Backend: Metal when `mx.metal.is_available()`, CUDA when `mx.cuda.is_available()`, else the
+reference; `OSS_MLX_KERNELS=reference` forces the reference (also `metal` / `cuda` / `auto`),
+`use_backend` does the same inside a process, and `disable` (the start-up self-test's verdict,
+oss_mlx/kernel_selftest.py) turns every kernel off. A kernel runs only on the GPU stream and for the
+shapes it was written for; each stage module says which (`*_ok`), and the model takes its reference
+path everywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .sources import SPECS, kernel_sources
+
+ENV = "OSS_MLX_KERNELS"
+BACKENDS = ("metal", "cuda", "reference")
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+# Largest hidden size for the kernels that stage a whole row in threadgroup memory (norm_route,
+# norm_qkv_rope): Apple GPUs give a threadgroup 32 KB, i.e. 4 H + the router's 4 E (E <= 256) + 64.
+KERNEL_MAX_HIDDEN = 7680
+
+
+def _machine_backend() -> str:
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "reference"
+
+
+@dataclass
+class KernelRuntime:
+    """The kernel layer's state in this process."""
+
+    machine: str  # the dialect this machine's MLX runs (or the emulated one)
+    forced: str | None = None  # use_backend()
+    disabled: str | None = None  # why the kernels are off (the self-test's verdict)
+    make_kernel: Callable | None = None  # emulated(): builds kernels instead of mx.fast.*_kernel
+    gpu: bool | None = None  # emulated(): the current device counts as the GPU
+    poison: float | None = None  # poison_outputs()
+    compiled: dict[tuple[str, str], object] = field(default_factory=dict)
+    consts: dict[tuple, mx.array] = field(default_factory=dict)
+    position: tuple[int, mx.array] | None = None  # the decode position array of the current step
+
+
+RUNTIME = KernelRuntime(_machine_backend())
+
+
+def available_backend() -> str:
+    """The kernel dialect this machine's MLX can run: metal, cuda or reference."""
+    return RUNTIME.machine
+
+
+def backend() -> str:
+    """The backend in use now: `OSS_MLX_KERNELS` (or `use_backend`) over what is available."""
+    want = (RUNTIME.forced or os.environ.get(ENV, "auto")).strip().lower()
+    if want in ("reference", "ref", "off", "none", "0"):
+        return "reference"
+    if want in ("auto", "", "on", "1") or want == RUNTIME.machine:
+        return "reference" if RUNTIME.disabled is not None else RUNTIME.machine
+    return "reference"  # asked for a dialect this machine cannot run
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Temporarily force `reference` (or `auto`); None restores the environment's choice."""
+    before, RUNTIME.forced = RUNTIME.forced, name
+    try:
+        yield
+    finally:
+        RUNTIME.forced = before
+
+
+def disable(reason: str) -> None:
+    """Every kernel off for the rest of the process (the self-test found one failing here)."""
+    RUNTIME.disabled = reason
+
+
+def disabled() -> str | None:
+    """Why the kernels are off on this machine (None: they are not)."""
+    return RUNTIME.disabled
+
+
+@contextlib.contextmanager
+def emulated(dialect: str, make_kernel: Callable) -> Iterator[None]:
+    """For its duration the kernel layer believes `dialect` is this machine's and the current device
+    is the GPU (for the shape predicates), and builds kernels with `make_kernel` (the signature of
+    mx.fast.metal_kernel) instead of MLX's factory. The compiled-kernel cache is cleared on entry
+    and on exit. For running the kernels' launch path off their GPU: CPU emulation of the Metal
+    text, or fakes that record the launches."""
+    if dialect not in ("metal", "cuda"):
+        raise ValueError(f"emulated: a kernel dialect, metal or cuda (not {dialect!r})")
+    saved = (RUNTIME.machine, RUNTIME.make_kernel, RUNTIME.gpu, RUNTIME.disabled)
+    RUNTIME.compiled.clear()
+    RUNTIME.machine, RUNTIME.make_kernel, RUNTIME.gpu, RUNTIME.disabled = dialect, make_kernel, True, None
+    try:
+        yield
+    finally:
+        RUNTIME.machine, RUNTIME.make_kernel, RUNTIME.gpu, RUNTIME.disabled = saved
+        RUNTIME.compiled.clear()
+
+
+def on_gpu() -> bool:
+    """Whether new work goes to the GPU (kernels never run on the CPU stream)."""
+    return RUNTIME.gpu if RUNTIME.gpu is not None else mx.default_device() == mx.gpu
+
+
+@contextlib.contextmanager
+def poison_outputs(value: float = float("nan")) -> Iterator[None]:
+    """Outputs are pre-filled with `value` (tests: NaN shows any element a kernel left unwritten)."""
+    before, RUNTIME.poison = RUNTIME.poison, value
+    try:
+        yield
+    finally:
+        RUNTIME.poison = before
+
+
+def _kernel(name: str):
+    # The machine's dialect: a launch only follows a predicate that found backend() != "reference",
+    # and backend() is then this one (reading the environment again per launch cost ~1 µs, x 144 a step).
+    dialect = RUNTIME.machine
+    key = (dialect, name)
+    if key not in RUNTIME.compiled:
+        spec = SPECS[name]
+        header, body = kernel_sources(dialect)[name]
+        make = RUNTIME.make_kernel or (mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel)
+        RUNTIME.compiled[key] = make(
+            name=f"oss_{name}",
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            source=body,
+            header=header,
+            ensure_row_contiguous=spec.row_contiguous,
+        )
+    return RUNTIME.compiled[key]
+
+
+def launch(name: str, inputs, template, grid, threadgroup, output_shapes, output_dtypes) -> list[mx.array]:
+    """Kernel `name` (SPECS) on `inputs`, compiled at first use."""
+    extra = {} if RUNTIME.poison is None else {"init_value": RUNTIME.poison}
+    return _kernel(name)(
+        inputs=inputs,
+        template=template,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=output_shapes,
+        output_dtypes=output_dtypes,
+        **extra,
+    )
+
+
+# ---- small inputs --------------------------------------------------------------------------------
+
+# MLX-CUDA (0.32.4, allocator.cpp) serves every array of 8 bytes or less from a pool in host memory
+# that the GPU reads over the bus, a round trip of microseconds for each warp that reads it: 44% of
+# norm_qkv_rope's stall samples waited on its one eps load (Nsight Compute, H200). Larger
+# arrays live on the card (made by a GPU op) or migrate there on first use (made on the host and
+# never written again). So the kernels' small inputs are at least this many bytes.
+MIN_DEVICE_BYTES = 16
+
+
+def const(*values: float) -> mx.array:
+    """A small float32 array of constants, made once (not a new upload per call), padded past the
+    host-memory pool (MIN_DEVICE_BYTES)."""
+    if values not in RUNTIME.consts:
+        padded = list(values) + [0.0] * max(0, MIN_DEVICE_BYTES // 4 - len(values))
+        RUNTIME.consts[values] = mx.array(padded, dtype=mx.float32)
+    return RUNTIME.consts[values]
+
+
+def position_array(offset: int) -> mx.array:
+    """A decode position for the kernels: int32 [1] on the card (filled by a GPU op, see
+    MIN_DEVICE_BYTES), not in MLX's host-memory pool of small arrays."""
+    return mx.full((MIN_DEVICE_BYTES // 4,), offset, dtype=mx.int32)[:1]
+
+
+def as_position(pos: int | mx.array) -> mx.array:
+    """pos as the kernels' int32 [1]: an int becomes one array per step shared by every layer (a
+    template argument would compile a kernel per position)."""
+    if isinstance(pos, mx.array):
+        return pos
+    if RUNTIME.position is None or RUNTIME.position[0] != pos:
+        RUNTIME.position = (pos, position_array(pos))
+    return RUNTIME.position[1]
+
+
+def ring_slot(pos: mx.array, window: int) -> mx.array:
+    """pos % window for a position pos (int32 [1]) as int32 [1] on the card: computed 4-wide and
+    viewed back (see MIN_DEVICE_BYTES), since the cache-row scatter of every window layer reads it."""
+    return (mx.broadcast_to(pos, (MIN_DEVICE_BYTES // 4,)) % window)[:1]
+
+
+def result_dtype(a: mx.Dtype, b: mx.Dtype) -> mx.Dtype:
+    """The dtype MLX gives a matmul of a and b (bf16 with f16 promotes to f32)."""
+    return a if a == b else mx.float32

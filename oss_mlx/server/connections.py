@@ -1,0 +1,127 @@
+"""uvicorn's h11 protocol with the two guards it lacks: a deadline for request headers, and a cap on
+open connections that stalled ones cannot fill.
+
+uvicorn 0.55 times out only idle keep-alive connections (``timeout_keep_alive``, armed after a
+response, disarmed by the first byte of the next request), and has no header timeout; a connection
+that never completes its request headers stays open forever. ``limit_concurrency`` does not help:
+it counts such connections but acts only on complete requests (with a 503), so enough stalled
+connections exhaust the process's file handles and nothing is answered any more. Hence this
+subclass:
+
+* **header deadline**: from the moment a connection opens, or finishes a response, it has
+  ``header_timeout`` seconds to complete the next request's headers (the line and all headers, a
+  deadline, not an idle timer: one byte every few seconds does not keep it open); then it is closed.
+* **connection cap**: past ``max_connections`` open connections, a new one closes the connection
+  that has waited longest for headers (stalled or idle between requests), so stalled connections
+  never lock real clients out. Only when every connection is busy with a request is the new one
+  refused (503, ``Retry-After``).
+
+Request bodies have their own deadline, in the app (``--body-timeout``, 408).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("oss_mlx.server")
+
+_BUSY = json.dumps(
+    {
+        "error": {
+            "message": "The server has too many open connections, all busy (see --max-connections). "
+            "Retry later.",
+            "type": "server_error",
+            "param": None,
+            "code": "too_many_connections",
+        }
+    }
+).encode()
+REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+    b"connection: close\r\ncontent-length: " + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY
+)
+
+
+class GuardedH11Protocol(H11Protocol):
+    header_timeout: float = 10.0
+    max_connections: int = 64
+
+    @classmethod
+    def configured(cls, header_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:
+        """This protocol with these limits (uvicorn takes a class and makes one per connection)."""
+        return type(
+            cls.__name__, (cls,), {"header_timeout": header_timeout, "max_connections": max_connections}
+        )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting_since: float | None = None  # when it began waiting for request headers
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # ---- the header deadline --------------------------------------------------------------------
+
+    def _await_headers(self) -> None:
+        self.waiting_since = time.monotonic()
+        self._disarm()
+        self._deadline = self.loop.call_later(self.header_timeout, self._headers_too_late)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_too_late(self) -> None:
+        self._deadline = None
+        if self.waiting_since is not None and not self.transport.is_closing():
+            log.debug("closed a connection that sent no complete request headers in %gs", self.header_timeout)
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's headers were read: a new request-response cycle
+            self.waiting_since = None
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._await_headers()  # before super(), which may read a pipelined request at once
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.waiting_since = None
+        super().connection_lost(exc)
+
+    # ---- the connection cap ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_headers()
+        if len(self.connections) > self.max_connections:
+            self._make_room()
+
+    def _make_room(self) -> None:
+        waiting = [
+            c
+            for c in self.connections
+            if c is not self
+            and getattr(c, "waiting_since", None) is not None
+            and not c.transport.is_closing()
+        ]
+        if waiting:
+            oldest = min(waiting, key=lambda c: c.waiting_since)
+            log.debug("connection cap reached: closed the connection waiting longest for headers")
+            oldest.transport.close()
+        else:
+            log.warning(
+                "connection cap (%d) reached with every connection busy: refused one", self.max_connections
+            )
+            self.transport.write(REFUSED)
+            self.transport.close()
