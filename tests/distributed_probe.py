@@ -16,8 +16,12 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 TURNS = ("Hello there, who are you?", "And what can you do for me today?")
 
 
-def checks(model, tokenizer, max_tokens: int, prefill_step: int) -> dict:
-    """A forward without cache, chunked prefill + decode, and a two-turn session (greedy)."""
+PARTS = ("forward", "generate", "session")
+
+
+def checks(model, tokenizer, max_tokens: int, prefill_step: int, parts=PARTS) -> dict:
+    """A forward without cache, chunked prefill + decode, and a two-turn session (greedy), or the
+    `parts` of them named."""
     import time
 
     import mlx.core as mx
@@ -29,13 +33,17 @@ def checks(model, tokenizer, max_tokens: int, prefill_step: int) -> dict:
     out: dict = {"seconds": {}}
     start = time.perf_counter()
     ids = [int(t) for t in tokenizer.encode(PROMPT)]
-    logits = model(mx.array(ids)[None])
-    out["logits"] = logits[0, -1, :64].astype(mx.float32).tolist()
-    out["argmax"] = mx.argmax(logits[0], axis=-1).tolist()
-    out["seconds"]["forward"] = time.perf_counter() - start
+    if "forward" in parts:
+        logits = model(mx.array(ids)[None])
+        out["logits"] = logits[0, -1, :64].astype(mx.float32).tolist()
+        out["argmax"] = mx.argmax(logits[0], axis=-1).tolist()
+        out["seconds"]["forward"] = time.perf_counter() - start
     greedy = SamplingOptions(temperature=0, max_tokens=max_tokens)
-    out["generated"] = list(generate_tokens(model, ids, model.make_cache(), greedy, set(), TokenStream()))
-    out["seconds"]["generate"] = time.perf_counter() - start
+    if "generate" in parts:
+        out["generated"] = list(generate_tokens(model, ids, model.make_cache(), greedy, set(), TokenStream()))
+        out["seconds"]["generate"] = time.perf_counter() - start
+    if "session" not in parts:
+        return out
     session = Session(model, tokenizer, reasoning_effort="low")
     out["turns"] = []
     for text in TURNS:
@@ -76,6 +84,7 @@ def main() -> int:
     ap.add_argument("--prefill-step", type=int, default=24)
     ap.add_argument("--endless", action="store_true", help="decode until a rank fails (fault tests)")
     ap.add_argument("--then-endless", action="store_true", help="the checks, then --endless")
+    ap.add_argument("--parts", default=",".join(PARTS), help="which checks (default all)")
     args = ap.parse_args()
 
     import time
@@ -88,7 +97,7 @@ def main() -> int:
     if args.endless:
         endless(model)
         return 1
-    out = checks(model, tokenizer, args.max_tokens, args.prefill_step)
+    out = checks(model, tokenizer, args.max_tokens, args.prefill_step, tuple(args.parts.split(",")))
     out["plan"] = model.runtime.plan.as_dict()
     out["seconds"]["load"] = loaded
     print(json.dumps(out), flush=True)

@@ -42,20 +42,31 @@ def activation_dtype(ckpt: Checkpoint, dtype: mx.Dtype | None) -> mx.Dtype:
     raise W.CheckpointError(f"{ckpt.folder}: no embedding tensor to take the activation dtype from")
 
 
+_ST_NAME = {v: k for k, v in W.ST_DTYPES.items()}
+
+
 class _ShareTensors:
-    """What weights.iter_canonical reads, for one rank: canonical name -> this rank's part of it."""
+    """What weights.iter_canonical reads, for one rank: canonical name -> this rank's part of it,
+    described (shape, dtype) as the part it returns. The checkpoint itself is checked whole first
+    (build_rank_model), so these checks are of the parts."""
 
     def __init__(self, ckpt: Checkpoint, cuts: dict[str, Cut | None], expected: dict):
         self.ckpt, self.cuts, self.expected = ckpt, cuts, expected
         self.headers: Headers = {}
-        src = ckpt.tensors
-        self.file_of = {n: src.file_of[ckpt.recipes[n][0][0]] for n in cuts if n in ckpt.recipes}
-        self.shape_of = {n: tuple(expected[n][0]) for n in cuts}
+        self.file_of, self.shape_of, self.dtype_of = {}, {}, {}
+        for n, (shape, dtype) in expected.items():
+            if n not in ckpt.recipes:
+                continue
+            if ckpt.quantize_float_experts and W.EXPERT_WEIGHT.search(n):
+                shape, dtype = (*shape[:-1], shape[-1] * 8), mx.float32  # quantized after reading
+            self.file_of[n] = ckpt.tensors.file_of[ckpt.recipes[n][0][0]]
+            self.shape_of[n], self.dtype_of[n] = tuple(shape), _ST_NAME[dtype]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.cuts and all(
-            s in self.ckpt.tensors for s in self.ckpt.recipes.get(name, ([None],))[0]
-        )
+        return name in self.shape_of
+
+    def names(self) -> list[str]:
+        return list(self.shape_of)
 
     def __getitem__(self, name: str) -> mx.array:
         srcs, build = self.ckpt.recipes[name]
@@ -69,7 +80,7 @@ class _ShareTensors:
         if part.rows is not None:
             if build in _ROW_WISE or (build is W.transpose_last and len(tensors.shape_of[srcs[0]]) >= 3):
                 return build(read_rows(tensors.file_of[srcs[0]], srcs[0], list(part.rows), self.headers))
-            if build is W.concat_rows:  # the hub's q, k and v: each canonical range in its own source
+            if isinstance(build, W.ConcatRows):  # the hub's q, k and v: each range in its own source
                 pieces, base = [], 0
                 for s in srcs:
                     n = tensors.shape_of[s][0]
@@ -85,6 +96,24 @@ class _ShareTensors:
         return out
 
 
+def _check_whole(ckpt: Checkpoint, quantization: dict | None) -> None:
+    """The loader's checks of the whole checkpoint against the whole model, from the headers (every
+    rank: each reads its own copy), before any part is read."""
+    from ..model import Transformer
+
+    whole = Transformer(ckpt.config, quantized_experts=not ckpt.float_experts)  # never evaluated
+    quantize_dense(whole, quantization)
+    expected = {k: (v.shape, v.dtype) for k, v in tree_flatten(whole.parameters())}
+    W.check_checkpoint(
+        ckpt.tensors,
+        ckpt.recipes,
+        expected,
+        quantize_float_experts=ckpt.quantize_float_experts,
+        folder=ckpt.folder,
+        config=ckpt.config,
+    )
+
+
 def build_rank_model(ckpt: Checkpoint, plan: Plan, group: Group, dtype: mx.Dtype | None = None):
     """This rank's model, filled with its part of the checkpoint, ready to run."""
     share = plan.shares[group.rank]
@@ -93,7 +122,9 @@ def build_rank_model(ckpt: Checkpoint, plan: Plan, group: Group, dtype: mx.Dtype
         model = PipelineStage(config, share, group, activation_dtype(ckpt, dtype), not ckpt.float_experts)
     else:
         model = TensorParallelRank(config, share, group, not ckpt.float_experts)
-    quantize_dense(model, ckpt.raw.get("oss_mlx", {}).get("quantization"))
+    quantization = ckpt.raw.get("oss_mlx", {}).get("quantization")
+    quantize_dense(model, quantization)
+    _check_whole(ckpt, quantization)
     local = {k: (v.shape, v.dtype) for k, v in tree_flatten(model.parameters())}
     names = {model.canonical_name(k): k for k in local}
     expected = {name: local[k] for name, k in names.items()}
@@ -112,6 +143,7 @@ def build_rank_model(ckpt: Checkpoint, plan: Plan, group: Group, dtype: mx.Dtype
         dtype=dtype,
         quantize_float_experts=ckpt.quantize_float_experts,
         folder=ckpt.folder,
+        config=config,
     )
     filled = []
     for name, array in weights:
