@@ -13,9 +13,11 @@ import mlx.core as mx
 
 from .errors import LoadError
 from .generation import SamplingOptions
-from .loader import check_vocabulary, load_model, model_config, resolve_model_path
+from .loader import check_vocabulary, load_model, model_config
 from .model import Transformer
+from .model_store import resolve
 from .session import Done, Reply, Session, generate, stream_generate
+from .structured import ConstraintError, OutputConstraint
 from .tokenizer import HarmonyTokenizer, load_tokenizer
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "LoadError",
     "load_tokenizer",
     "HarmonyTokenizer",
+    "OutputConstraint",
+    "ConstraintError",
 ]
 
 
@@ -48,7 +52,7 @@ def load(
     Raises LoadError (its message names the file, tensor or key, and the fix) for anything that
     cannot be loaded.
     """
-    folder = resolve_model_path(path_or_repo)
+    folder = resolve(path_or_repo)
     tokenizer = load_tokenizer(folder)
     check_vocabulary(model_config(folder), tokenizer.vocab_size, folder)  # before any weight is read
     model, _ = load_model(folder, dtype=dtype, quantize_experts=quantize_experts, memory_budget=memory_budget)

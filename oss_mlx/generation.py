@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -59,6 +60,15 @@ class GenerationStats:
     peak_memory_gb: float = 0.0
     finish_reason: str = "length"  # "stop" (return), "tool_call" (call), "length", "interrupted"
     context_tokens: int = 0  # tokens in the cache after the reply
+    # Constrained replies (structured outputs): host time spent on token masks, how many were made,
+    # and whether the end was forced to fit max_tokens (constrained.py).
+    mask_seconds: float = 0.0
+    masked_tokens: int = 0
+    closed_to_fit: bool = False
+
+    @property
+    def mask_ms_per_token(self) -> float:
+        return 1e3 * self.mask_seconds / self.masked_tokens if self.masked_tokens else 0.0
 
     @property
     def prompt_tps(self) -> float:
@@ -69,7 +79,8 @@ class GenerationStats:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "prompt_tps": self.prompt_tps, "generation_tps": self.generation_tps}
+        rates = {"prompt_tps": self.prompt_tps, "generation_tps": self.generation_tps}
+        return {**self.__dict__, **rates, "mask_ms_per_token": self.mask_ms_per_token}
 
 
 @dataclass
@@ -78,6 +89,30 @@ class TokenStream:
 
     stats: GenerationStats = field(default_factory=GenerationStats)
     tokens: list[int] = field(default_factory=list)
+
+
+class TokenConstraint(Protocol):
+    """Which tokens may come next (constrained.TurnConstraint): an int32 bitmask [1, ceil(vocab/32)],
+    bit i of word i // 32 allowing token i."""
+
+    closed: bool  # the end was forced to fit the token budget
+
+    def begin(self, remaining: int) -> mx.array: ...
+
+    def advance(self, token: int, remaining: int) -> mx.array: ...
+
+
+def masked(logits: mx.array, words: mx.array) -> mx.array:
+    """`logits` [B, vocab] with every token the bitmask `words` [B, W] does not allow set to -inf."""
+    # (made here, not at import: an array belongs to the thread that made it, and the server
+    # generates on a worker thread)
+    bits = mx.right_shift(words[..., None], mx.arange(32, dtype=mx.int32)) & 1
+    allowed = bits.reshape(words.shape[0], -1)[:, : logits.shape[-1]].astype(mx.bool_)
+    return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+
+# One fused kernel instead of five 201k-wide ones (measured on the CPU: 1.3 ms -> 0.2 ms a token).
+_masked = mx.compile(masked)
 
 
 def prefill(
@@ -145,6 +180,7 @@ def generate_tokens(
     mark_at: Iterable[int] = (),
     prefill_step: int | None = None,
     on_prefill: Callable[[int, int], None] | None = None,
+    constraint: TokenConstraint | None = None,
 ) -> Iterator[int]:
     """Prefill `new_tokens` after what the cache holds, then sample until a stop id or max_tokens.
 
@@ -154,10 +190,13 @@ def generate_tokens(
     prefill_step: the prefill chunk; default the model's (`load` picks it for the machine's memory).
     on_prefill(done, total): after each prefill chunk; the stats (tokens prefilled, seconds, peak
     memory) are kept up to date with it, so a prefill cut short reports what it really did.
+    constraint: masks the logits before sampling (greedy and sampled alike). The mask for token n+1
+    depends on token n, so the forward pass of step n+1 is queued first and the mask is computed on
+    the host while the GPU runs it; only the sampling waits for the mask.
     A distributed model's loop runs where a dead rank cannot hang the caller (distributed/runtime.py).
     """
     tokens = _generate_tokens(
-        model, new_tokens, cache, options, stop_ids, report, mark_at, prefill_step, on_prefill
+        model, new_tokens, cache, options, stop_ids, report, mark_at, prefill_step, on_prefill, constraint
     )
     guard = getattr(model, "guard", None)
     return tokens if guard is None else guard(tokens)
@@ -173,6 +212,7 @@ def _generate_tokens(
     mark_at: Iterable[int],
     prefill_step: int | None,
     on_prefill: Callable[[int, int], None] | None,
+    constraint: TokenConstraint | None,
 ) -> Iterator[int]:
     report = report if report is not None else TokenStream()
     stats = report.stats
@@ -185,15 +225,24 @@ def _generate_tokens(
     greedy = options.temperature == 0
     bias: list[mx.array] = []  # made at the first step, as wide as the logits
 
-    def sample(logits: mx.array) -> mx.array:
+    def sample(logits: mx.array, mask: mx.array | None = None) -> mx.array:
         if options.logit_bias:
             if not bias:
                 bias.append(options.bias_vector(logits.shape[-1]).astype(logits.dtype))
             logits = logits + bias[0]
+        if mask is not None:
+            logits = _masked(logits, mask)
         if greedy:  # the argmax of the logits is the argmax of the log-probabilities: no 201k-wide
             return sampler(logits)  # logsumexp and subtraction (two launches) in every step
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs)
+
+    def next_mask(call: Callable[[], mx.array]) -> mx.array:
+        begun = time.perf_counter()
+        mask = call()
+        stats.mask_seconds += time.perf_counter() - begun
+        stats.masked_tokens += 1
+        return mask
 
     prefill_start = time.perf_counter()
 
@@ -204,9 +253,17 @@ def _generate_tokens(
         if on_prefill is not None:
             on_prefill(done, total)
 
-    progress(0, len(new_tokens))
+    mask = None
     step = prefill_step or getattr(model, "prefill_step", PREFILL_STEP)
     decode = decode_step(model)
+
+    def while_prefilling() -> None:  # host work for after the prompt, done while the GPU runs it
+        nonlocal mask
+        decode.prepare(cache)
+        if constraint is not None:
+            mask = next_mask(lambda: constraint.begin(options.max_tokens))
+
+    progress(0, len(new_tokens))
     try:
         logits = prefill(
             model,
@@ -214,23 +271,34 @@ def _generate_tokens(
             cache,
             step=step,
             mark_at=mark_at,
-            while_running=lambda: decode.prepare(cache),
+            while_running=while_prefilling,
             progress=progress,
         )
     except BaseException:  # cut short (Ctrl-C): the time it did take
         stats.prompt_seconds = time.perf_counter() - prefill_start
         raise
-    token = sample(logits)
+    token = sample(logits, mask)
     mx.eval(token)
     progress(len(new_tokens), len(new_tokens))
     start = time.perf_counter()
     for n in range(options.max_tokens):
-        if n + 1 < options.max_tokens:
-            next_token = sample(decode(token[:, None], cache)[:, -1, :])
-            mx.async_eval(next_token)
+        more = n + 1 < options.max_tokens
+        if more:
+            next_logits = decode(token[:, None], cache)[:, -1, :]
+            if constraint is None:
+                next_token = sample(next_logits)
+                mx.async_eval(next_token)
+            else:
+                mx.async_eval(next_logits)
         value = token.item()
         if n == 0:
             stats.time_to_first_token = stats.prompt_seconds + time.perf_counter() - start
+        if constraint is not None and more and value not in stop_ids:
+            remaining = options.max_tokens - n - 1
+            mask = next_mask(lambda value=value, remaining=remaining: constraint.advance(value, remaining))
+            next_token = sample(next_logits, mask)
+            mx.async_eval(next_token)
+            stats.closed_to_fit = constraint.closed
         report.tokens.append(value)
         stats.generated_tokens = n + 1
         stats.generation_seconds = time.perf_counter() - start
@@ -239,6 +307,6 @@ def _generate_tokens(
         if value in stop_ids:
             stats.finish_reason = "stop"
             return
-        if n + 1 < options.max_tokens:
+        if more:
             token = next_token
     stats.finish_reason = "length"

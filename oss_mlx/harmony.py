@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_KNOWLEDGE_CUTOFF",
     "Message",
     "Tool",
+    "as_tool",
     "TextDelta",
     "MessageDone",
     "ToolCall",
@@ -73,11 +74,17 @@ class Message:
 
 @dataclass
 class Tool:
-    """A function tool; ``parameters`` is a JSON schema (``None``: the function takes no argument)."""
+    """A function tool; ``parameters`` is a JSON schema (``None``: the function takes no argument).
+
+    ``strict`` is read only when a reply is constrained (structured.py): True, the arguments follow
+    ``parameters`` or the request is refused; None, they do when the engine supports the schema, else
+    they are any JSON object; False, any JSON object. It does not change the rendering.
+    """
 
     name: str
     description: str = ""
     parameters: dict | None = None
+    strict: bool | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,16 +140,16 @@ def render_developer(instructions: str | None = None, tools: Sequence[Tool] | No
 
 def render_tools(tools: Sequence[Tool], namespace: str = "functions") -> str:
     """The TypeScript-like declaration of function tools that harmony puts in the developer message."""
-    body = "\n\n".join(_render_tool(_as_tool(t)) for t in tools)
+    body = "\n\n".join(_render_tool(as_tool(t)) for t in tools)
     return f"## {namespace}\n\nnamespace {namespace} {{\n\n{body}\n\n}} // namespace {namespace}"
 
 
-def _as_tool(tool: Tool | Mapping[str, Any]) -> Tool:
+def as_tool(tool: Tool | Mapping[str, Any]) -> Tool:
     if isinstance(tool, Tool):
         return tool
     # OpenAI-style {"type": "function", "function": {...}} or a bare {"name", "description", "parameters"}.
     spec = tool.get("function", tool)
-    return Tool(spec["name"], spec.get("description") or "", spec.get("parameters"))
+    return Tool(spec["name"], spec.get("description") or "", spec.get("parameters"), spec.get("strict"))
 
 
 def _render_tool(tool: Tool) -> str:
@@ -404,7 +411,7 @@ def render_conversation(
     medium. Previous turns' analysis is dropped as harmony does (``drop_analysis``).
     """
     msgs = [_as_message(m) for m in messages]
-    tool_list = [_as_tool(t) for t in tools or ()]
+    tool_list = [as_tool(t) for t in tools or ()]
     prefix: list[Message] = []
     if not any(m.role == "system" for m in msgs):
         system = render_system(

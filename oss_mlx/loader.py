@@ -12,9 +12,9 @@ from mlx.utils import tree_flatten
 
 from . import kernel_selftest, kernels
 from .config import ModelConfig, read_config
-from .hub import resolve_model_path
 from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
 from .model import Transformer
+from .model_store import resolve
 from .moe import Experts
 from .weights import (
     CheckpointError,
@@ -60,7 +60,7 @@ class Checkpoint:
 
 def open_checkpoint(path_or_repo: str | os.PathLike, quantize_experts: bool = True) -> Checkpoint:
     """Resolve, read the config and the tensors' headers, detect the layout (nothing else is read)."""
-    folder = resolve_model_path(path_or_repo)
+    folder = resolve(path_or_repo)
     config, raw = read_config(folder)
     tensors = LazyTensors.from_folder(folder)
     layout = detect_layout(folder, raw, tensors.names())
@@ -200,7 +200,7 @@ def quantize_dense(model: Transformer, spec: dict | None) -> None:
 
 
 def model_config(path_or_repo: str | os.PathLike) -> ModelConfig:
-    return read_config(resolve_model_path(path_or_repo))[0]
+    return read_config(resolve(path_or_repo))[0]
 
 
 def check_vocabulary(config: ModelConfig, tokenizer_vocab: int, folder: Path) -> None:

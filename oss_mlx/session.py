@@ -15,7 +15,12 @@ from typing import Any
 from .generation import GenerationStats, SamplingOptions, TokenStream, generate_tokens
 from .harmony import Message, MessageDone, StreamParser, TextDelta, Tool, ToolCall, render_conversation
 from .model import Transformer
+from .structured import Checked, ConstraintError, OutputConstraint, check
 from .tokenizer import HarmonyTokenizer
+
+# Keyword arguments of stream / send / generate that constrain the reply (structured.py) rather than
+# set sampling options.
+CONSTRAINT_KEYS = ("json_schema", "regex", "grammar", "tool_choice", "reasoning_budget")
 
 
 @dataclass
@@ -120,12 +125,25 @@ class Session:
 
     # ---- replies --------------------------------------------------------------------------------
 
+    def constraint(self, constraint: OutputConstraint | Checked | None = None, **keys: Any) -> Checked | None:
+        """The checked constraint of a reply: `constraint`, or one made of CONSTRAINT_KEYS with the
+        session's tools (None when nothing is constrained). Raises ConstraintError."""
+        if constraint is not None and keys:
+            raise ConstraintError(f"Give either constraint= or {', '.join(keys)}, not both.")
+        if constraint is None:
+            if not keys:
+                return None
+            constraint = OutputConstraint(tools=self.tools, **keys)
+        checked = constraint if isinstance(constraint, Checked) else check(constraint)
+        return checked if checked.constraint.active else None
+
     def stream(
         self,
         prompt: Prompt | None = None,
         options: SamplingOptions | None = None,
         assistant_prefix: Sequence[int] = (),
         on_prefill: Callable[[int, int], None] | None = None,
+        constraint: OutputConstraint | Checked | None = None,
         **sampling: Any,
     ) -> Iterator[Event]:
         """Generate the assistant's reply to `prompt` (default: the session's history).
@@ -136,8 +154,20 @@ class Session:
         assistant_prefix: tokens the reply is forced to start with (after `<|start|>assistant`), e.g.
         a tool-call header when a call is required; they count as prompt, and the parser reads them.
         on_prefill(done, total): progress of the prompt's processing (the part not in the cache).
+        Structured outputs (structured.py): json_schema=, regex= or grammar= (Lark) make the final
+        answer follow it; tool_choice= ("auto", "none", "required" or a function's name) constrains
+        calls to the session's tools, their arguments to each tool's parameters; reasoning_budget=
+        bounds the analysis (default 3/4 of max_tokens); or pass a whole `constraint`. The reasoning
+        stays free; the answer always ends properly within max_tokens when it can fit at all.
         """
+        keys = {k: sampling.pop(k) for k in CONSTRAINT_KEYS if k in sampling}
+        checked = self.constraint(constraint, **keys)
         options = options or SamplingOptions(**sampling)
+        turn = None
+        if checked is not None:
+            from .constrained import TurnConstraint  # llguidance is imported only when it is used
+
+            turn = TurnConstraint(checked, self.tokenizer, options.max_tokens, assistant_prefix)
         tokens = self._to_tokens(prompt) + list(assistant_prefix)
         reused = self._reuse_prefix(tokens)
         report = TokenStream()
@@ -161,6 +191,7 @@ class Session:
                 report,
                 mark_at=marks,
                 on_prefill=on_prefill,
+                constraint=turn,
             ):
                 for event in parser.feed(token):
                     self._collect(event, reply)
@@ -198,12 +229,16 @@ class Session:
         """Chat: add a user message (if given), reply, and keep the reply in the history.
 
         If the reply is cut off (Ctrl-C, max tokens), what was generated is kept as well, so the
-        conversation shown is the conversation remembered.
+        conversation shown is the conversation remembered. Takes the structured-output keys of
+        `stream`; a constraint that cannot be enforced raises ConstraintError before the message is
+        added.
         """
+        keys = {k: sampling.pop(k) for k in CONSTRAINT_KEYS if k in sampling}
+        checked = self.constraint(sampling.pop("constraint", None), **keys)
         if text is not None:
             self.messages.append(Message("user", text))
         self.last_reply = None
-        events = self.stream(**sampling)
+        events = self.stream(constraint=checked, **sampling)
         try:
             yield from events
         finally:
@@ -233,7 +268,8 @@ def stream_generate(
 ) -> Iterator[Event]:
     """Stream one reply: TextDelta events (channel-tagged), ToolCall, MessageDone, then Done.
 
-    sampling: temperature, top_p, min_p, top_k, seed, max_tokens (see SamplingOptions).
+    sampling: temperature, top_p, min_p, top_k, seed, max_tokens (see SamplingOptions), and the
+    structured-output keys json_schema, regex, grammar, tool_choice, reasoning_budget (Session.stream).
     """
     session = Session(
         model, tokenizer, reasoning_effort=reasoning_effort, instructions=instructions, tools=tools

@@ -375,6 +375,8 @@ class HarmonyTokenizer:
             special_tokens=dict(SPECIAL_TOKENS),
             explicit_n_vocab=VOCAB_SIZE,
         )
+        self._grammar_lock = threading.Lock()
+        self._grammar_tokenizer = None
 
     @property
     def encoding(self) -> tiktoken.Encoding:
@@ -411,6 +413,25 @@ class HarmonyTokenizer:
     def streaming_decoder(self) -> StreamingDecoder:
         """A new :class:`StreamingDecoder` over this tokenizer."""
         return StreamingDecoder(self)
+
+    def grammar_tokenizer(self):
+        """This vocabulary as llguidance's ``LLTokenizer`` (built once, ~1 s, on first use).
+
+        Built from our encoding, not tiktoken's ``o200k_harmony``: that one names id 200018 twice
+        (``<|endofprompt|>`` from o200k_base and ``<|reserved_200018|>``, tiktoken#457), which makes
+        llguidance count 201,089 tokens (a mask one bit wider than the logits) and drop one name. Ours
+        has one name per id, the names the renderer and parser use. The end-of-sequence id given to
+        llguidance is ``<|endoftext|>``, which no grammar of ours uses: the turn grammars name
+        ``<|return|>`` / ``<|call|>`` themselves.
+        """
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                import llguidance.tiktoken  # imported here: only constrained replies need it
+
+                self._grammar_tokenizer = llguidance.tiktoken.lltokenizer_from_encoding(
+                    self._encoding, n_vocab=self.vocab_size, eos_token=self.ENDOFTEXT
+                )
+            return self._grammar_tokenizer
 
     def __repr__(self) -> str:
         return f"HarmonyTokenizer(vocab_size={self.vocab_size}, source={self.source!r})"

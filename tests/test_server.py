@@ -40,8 +40,8 @@ RULES = [
         + CALL_ARGS
         + "<|call|>",
     },
-    # a forced tool call: the server already wrote the header, the model writes only the arguments
-    {"match": "[forced]", "reply": CALL_ARGS + "<|call|>"},
+    # a plain answer where tool_choice forces a call: the constraint overrules the script
+    {"match": "[forced]", "reply": "<|channel|>final<|message|>No call needed.<|return|>"},
     {"match": "temp_c", "reply": "<|channel|>final<|message|>It is 21C in Paris.<|return|>"},
     # examples/openai_client.py's three questions
     {
@@ -66,8 +66,8 @@ RULES = [
         + UNOFFERED_ARGS
         + "<|call|>",
     },
-    # after a forced `to=functions.` (tool_choice required, several tools) the model writes no name
-    {"match": "[garbled]", "reply": " please look up the weather<|end|>"},
+    # a model that, asked for a call (tool_choice required), writes words where the call should be
+    {"match": "[garbled]", "reply": "<|channel|>commentary to=functions. please look up the weather<|end|>"},
     {
         "match": "[slow]",
         "reply": "<|channel|>final<|message|>" + " word" * 400 + "<|return|>",
@@ -329,27 +329,30 @@ def test_chat_tool_call_round_trip(client):
 
 
 def test_named_tool_choice_forces_the_call(client):
-    """tool_choice naming a function: the reply starts with that call's header (forced), so the
-    answer is that call even though the model, left alone, would not have called it."""
+    """tool_choice naming a function: the reply is that call (its arguments valid for the schema) even
+    though the model, left alone, answers in text (scripted): the constraint overrules it."""
     weather = {"type": "function", "function": {"name": "get_weather"}}
     r = client.chat.completions.create(
         model="gpt-oss",
         messages=[{"role": "user", "content": "[forced] Paris please"}],
         tools=[CHAT_WEATHER_TOOL],
         tool_choice=weather,
+        max_completion_tokens=40,
     )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
     resp = client.responses.create(
         model="gpt-oss",
         input="[forced] Paris please",
         tools=[WEATHER_TOOL],
         tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=40,
     )
     (call,) = [item for item in resp.output if item.type == "function_call"]
-    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
 
 
 def test_chat_stop_sequence(client):
@@ -610,6 +613,7 @@ def test_echoed_fields_keep_only_what_means_something(client):
         text={
             "format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}, "junk": [1] * 100}
         },
+        max_output_tokens=40,  # the named call is enforced: the scripted text answer is overruled
     )
     assert r.tool_choice.model_dump(exclude_none=True) == {"type": "function", "name": "get_weather"}
     fmt = r.text.format.model_dump(exclude_none=True, by_alias=True)
@@ -863,62 +867,69 @@ def test_chat_stored_completions_through_the_sdk(client):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_call_to_a_function_not_offered_is_text(client, stream):
-    """The model calls delete_everything, which is not in `tools`: no client can run that, so it is
-    answered as text (the call's arguments), never as a function call."""
+    """The model calls delete_everything and the request offers no tools (so nothing constrains the
+    reply): no client can run that call, so it is answered as text (the call's arguments), never as
+    a function call."""
     question = "[unoffered] clean up"
     if stream:
-        events = list(
-            client.responses.create(model="gpt-oss", input=question, tools=[WEATHER_TOOL], stream=True)
-        )
+        events = list(client.responses.create(model="gpt-oss", input=question, stream=True))
         assert not any("function_call" in e.type for e in events)
         r = events[-1].response
     else:
-        r = client.responses.create(model="gpt-oss", input=question, tools=[WEATHER_TOOL])
+        r = client.responses.create(model="gpt-oss", input=question)
     assert [i.type for i in r.output] == ["message"] and r.output[0].phase == "final_answer"
     assert r.output_text == UNOFFERED_ARGS and r.status == "completed"
     # The stored conversation agrees with what the client saw: continuing it works.
-    follow = client.responses.create(
-        model="gpt-oss", previous_response_id=r.id, input="[greet] ok", tools=[WEATHER_TOOL]
-    )
+    follow = client.responses.create(model="gpt-oss", previous_response_id=r.id, input="[greet] ok")
     assert follow.output_text == FINAL
     messages = [{"role": "user", "content": question}]
     if stream:
-        chunks = list(
-            client.chat.completions.create(
-                model="gpt-oss", messages=messages, tools=[CHAT_WEATHER_TOOL], stream=True
-            )
-        )
+        chunks = list(client.chat.completions.create(model="gpt-oss", messages=messages, stream=True))
         assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
     else:
-        c = client.chat.completions.create(model="gpt-oss", messages=messages, tools=[CHAT_WEATHER_TOOL])
+        c = client.chat.completions.create(model="gpt-oss", messages=messages)
         assert c.choices[0].message.tool_calls is None
         text, reason = c.choices[0].message.content, c.choices[0].finish_reason
     assert text == UNOFFERED_ARGS and reason == "stop"
 
 
-@pytest.mark.parametrize("api", ["chat", "responses"])
-def test_the_agents_sdk_takes_an_unoffered_call_as_the_answer(server, api):
-    """The Agents SDK fails on a call to a tool it does not have (ModelBehaviorError); answered as
-    text, the agent's run ends with it instead."""
-    pytest.importorskip("agents", reason="needs openai-agents (the test extra)")
-    example = Path(__file__).resolve().parents[1] / "examples" / "agents_sdk.py"
-    cmd = [sys.executable, str(example), "--base-url", f"{server.url}/v1", "--api-key", KEY, "--api", api]
-    out = subprocess.run([*cmd, "[unoffered] clean up"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == UNOFFERED_ARGS
+def test_with_tools_offered_a_call_of_another_function_cannot_be_written(client):
+    """The same scripted call while get_weather is offered: the grammar allows only offered names, so
+    the script is overruled where it names delete_everything and the reply is a call of get_weather,
+    its arguments valid for the schema."""
+    r = client.responses.create(
+        model="gpt-oss", input="[unoffered] clean up", tools=[WEATHER_TOOL], max_output_tokens=40
+    )
+    (call,) = [i for i in r.output if i.type == "function_call"]
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    c = client.chat.completions.create(
+        model="gpt-oss",
+        messages=[{"role": "user", "content": "[unoffered] clean up"}],
+        tools=[CHAT_WEATHER_TOOL],
+        max_completion_tokens=40,
+    )
+    (call,) = c.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and c.choices[0].finish_reason == "tool_calls"
 
 
-def test_a_garbled_forced_header_never_shows_its_address(client):
-    """tool_choice required with two tools forces `<|channel|>commentary to=functions.`; when the
-    model does not write a name after it, its words are text, without the header's address."""
+@pytest.mark.parametrize("seed", range(3))
+def test_required_with_several_tools_is_always_a_call_of_one_of_them(client, seed):
+    """tool_choice required with two tools, and a model that writes no name (scripted: words where the
+    name should be): the reply is still one well-formed call of an offered tool, never text."""
     second = {**WEATHER_TOOL, "name": "get_time"}
     r = client.responses.create(
-        model="gpt-oss", input="[garbled]", tools=[WEATHER_TOOL, second], tool_choice="required"
+        model="gpt-oss",
+        input="[garbled]",
+        tools=[WEATHER_TOOL, second],
+        tool_choice="required",
+        max_output_tokens=48,
+        extra_body={"seed": seed},
     )
-    text = " ".join(part.text for item in r.output if item.type == "message" for part in item.content)
-    assert "please look up the weather" in text and "to=" not in text and "functions." not in text
+    assert [i.type for i in r.output if i.type != "reasoning"] == ["function_call"]
+    (call,) = [i for i in r.output if i.type == "function_call"]
+    assert call.name in ("get_weather", "get_time") and isinstance(json.loads(call.arguments)["city"], str)
     c = client.chat.completions.create(
         model="gpt-oss",
         messages=[{"role": "user", "content": "[garbled]"}],
@@ -927,9 +938,11 @@ def test_a_garbled_forced_header_never_shows_its_address(client):
             {"type": "function", "function": {**CHAT_WEATHER_TOOL["function"], "name": "get_time"}},
         ],
         tool_choice="required",
+        max_completion_tokens=48,
+        seed=seed,
     )
-    content = c.choices[0].message.content
-    assert "please look up the weather" in content and "to=" not in content
+    (call,) = c.choices[0].message.tool_calls
+    assert call.function.name in ("get_weather", "get_time") and c.choices[0].message.content is None
 
 
 def test_still_healthy_after_everything(servers):

@@ -139,25 +139,12 @@ def context_limit(model: Any) -> int | None:
 
 
 def prepare_model(model: str, console: Console) -> Path:
-    """The folder to load. A hub id (the default, openai/gpt-oss-20b) is downloaded and converted
-    once, on first run, into the data folder; later runs load the converted copy directly."""
-    from ..hub import is_repo_id, resolve_model_path
+    """The folder to load: a local folder as is; a hub id (the default, openai/gpt-oss-20b) by the
+    model store's rule (its converted copy, else the Hugging Face cache, else downloaded and
+    converted once into the store, announced here)."""
+    from ..model_store import resolve
 
-    if Path(model).expanduser().exists() or not is_repo_id(model):
-        return resolve_model_path(model)
-    dest = data_dir() / "models" / model.replace("/", "--")
-    if (dest / "config.json").is_file():
-        return dest
-    from ..hub import download
-    from ..weights import CheckpointError
-
-    download(model, config_only=True)  # offline: says so now, with what to do, before any output
-    console.print(Text(f"first run: {model} is downloaded and converted once, into {dest}", style="bold"))
-    from ..convert.cli import main as convert
-
-    if convert([model, str(dest)]) != 0:
-        raise CheckpointError(f"could not convert {model} into {dest} (the reason is above)")
-    return dest
+    return resolve(model, say=lambda text: console.print(Text(text, style="bold")))
 
 
 def _import_sampler() -> None:
@@ -172,9 +159,8 @@ def install_scripted_replies(path: str, tokenizer: Any) -> None:
     (strings, e.g. "<|channel|>final<|message|>Hi!<|return|>"), one per reply; null entries, and
     replies past the end of the list, sample for real. The model still runs (prefill, decode, cache);
     only the sampler's choice is replaced, as tests/test_session.py's `scripted()` does."""
-    import mlx.core as mx
-
     from ..generation import SamplingOptions
+    from ..server.scripted import scripted_pick  # a token a constraint (/json) forbids is not taken
 
     queue = list(json.loads(Path(path).read_text()))
     real = SamplingOptions.sampler
@@ -184,13 +170,7 @@ def install_scripted_replies(path: str, tokenizer: Any) -> None:
         if entry is None:
             return real(self)
         script = iter(tokenizer.encode(entry, allow_special=True))
-
-        def pick(logprobs):
-            # Depends on the logits, so each decode step really runs (as with a real sampler).
-            forced = mx.array([next(script, tokenizer.RETURN)], dtype=mx.uint32)
-            return mx.argmax(logprobs, axis=-1).astype(mx.uint32) * 0 + forced
-
-        return pick
+        return lambda logprobs: scripted_pick(logprobs, next(script, tokenizer.RETURN))
 
     SamplingOptions.sampler = sampler
 
@@ -233,6 +213,8 @@ class ChatApp:
         self._prompt = None
         self._quit_armed = False  # Ctrl-C on an empty line was pressed: a second one quits
         self.session.tools = [Tool(t.name, t.description, t.parameters) for t in self.tools.values()]
+        self.json_schema: dict | None = None  # /json: the answers follow this schema (enforced)
+        self.json_file = ""
 
     # -- messages the model sees ----------------------------------------------------------------------
 
@@ -500,7 +482,8 @@ class ChatApp:
         guard = InterruptGuard()
         with guard:
             with no_echo():
-                events = self.session.send(prompt, on_prefill=view.prefill, **self.sampling)
+                constraint = {"json_schema": self.json_schema} if self.json_schema is not None else {}
+                events = self.session.send(prompt, on_prefill=view.prefill, **self.sampling, **constraint)
                 try:
                     for event in events:
                         guard.streaming = True
@@ -905,6 +888,33 @@ class ChatApp:
             self.say(f"no clipboard here: {what} written to {done.path}")
         else:
             self.say(f"copied {what} to the clipboard ({done.how})")
+
+    def cmd_json(self, arg: str) -> None:
+        if not arg:
+            if self.json_schema is None:
+                self.say("answers are free text; /json SCHEMA_FILE makes them follow a JSON schema")
+            else:
+                self.say(f"answers follow the JSON schema in {self.json_file} (/json off: free text)")
+            return
+        if arg.lower() == "off":
+            self.json_schema, self.json_file = None, ""
+            self.say("answers are free text again")
+            return
+        from ..structured import ConstraintError, OutputConstraint, check
+
+        path = Path(arg).expanduser()
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+            check(OutputConstraint(json_schema=schema, tools=self.session.tools, param=str(path)))
+        except OSError as e:
+            self.error(f"cannot read {path}: {e.strerror or e}")
+            return
+        except ValueError as e:  # not JSON, or a schema the engine cannot enforce (ConstraintError)
+            what = e.message if isinstance(e, ConstraintError) else f"{path} is not JSON: {e}"
+            self.error(what)
+            return
+        self.json_schema, self.json_file = schema, str(path)
+        self.say(f"answers follow the JSON schema in {path} (the reasoning stays free; /json off to stop)")
 
     def cmd_multi(self, arg: str) -> None:
         self.multiline = not self.multiline

@@ -64,6 +64,12 @@ COMMANDS: tuple[Command, ...] = (
         "copy the last reply (or its last code block) to the clipboard, exactly as written",
         ("code",),
     ),
+    Command(
+        "json",
+        "/json [SCHEMA_FILE|off]",
+        "answers follow this JSON schema (enforced; reasoning stays free); off: free text; no argument: show",
+        path=True,
+    ),
     Command("multi", "/multi", "toggle multi-line input (Enter: new line, Alt+Enter: send)"),
     Command("exit", "/exit", "quit (also Ctrl-D, or Ctrl-C twice on an empty line)", aliases=("quit", "q")),
 )

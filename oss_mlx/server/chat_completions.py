@@ -45,7 +45,6 @@ from .schemas import (
     bounded_array,
     bounded_string,
     brief,
-    forced_call_prefix,
     function_name,
     function_tool,
     identifiers,
@@ -54,6 +53,7 @@ from .schemas import (
     metadata,
     no_effect_parameters,
     number_in,
+    output_constraint,
     positive_int,
     reasoning_effort,
     refuse_unsupported,
@@ -223,8 +223,12 @@ def parse(body: dict, state: ServerState) -> ChatCall:
     if effort is None and isinstance(body.get("reasoning"), dict):
         effort = reasoning_effort(body["reasoning"].get("effort"), "reasoning.effort")
     tools = tool_list(body, _tool)
-    rendered_tools, choice_text = tool_choice_rules(body.get("tool_choice"), tools)
-    format_text, _ = response_format(body.get("response_format"), "response_format")
+    choice = body.get("tool_choice")
+    rendered_tools, choice_text = tool_choice_rules(choice, tools)
+    fmt = body.get("response_format")
+    format_text, _ = response_format(fmt, "response_format")
+    parameters = {t.name: f"tools[{i}].function.parameters" for i, t in enumerate(tools)}
+    constraint = output_constraint(fmt, "response_format", rendered_tools, choice, parameters)
 
     n = get(body, "n", "integer", default=1)
     if n != 1:
@@ -280,7 +284,7 @@ def parse(body: dict, state: ServerState) -> ChatCall:
         stream_options, "include_usage", "boolean", param="stream_options.include_usage", default=False
     )
     get(stream_options, "include_obfuscation", "boolean", param="stream_options.include_obfuscation")
-    get(body, "parallel_tool_calls", "boolean")
+    get(body, "parallel_tool_calls", "boolean")  # harmony writes one call per reply: either way, one
     no_effect_parameters(body)
     identifiers(body, ("user", "safety_identifier", "prompt_cache_key"))
     store = get(body, "store", "boolean", default=False)
@@ -289,7 +293,7 @@ def parse(body: dict, state: ServerState) -> ChatCall:
         messages=messages,
         instructions=join_instructions(*system_texts, choice_text, format_text),
         tools=rendered_tools,
-        assistant_prefix=forced_call_prefix(body.get("tool_choice"), rendered_tools),
+        constraint=constraint,
         reasoning_effort=effort or state.config.reasoning_effort,
         options=options,
         max_tokens=max_tokens,

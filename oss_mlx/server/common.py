@@ -15,7 +15,8 @@ import anyio
 from starlette.requests import Request
 
 from ..harmony import Message
-from .schemas import APIError, brief, invalid
+from ..structured import ConstraintError
+from .schemas import APIError, brief, constraint_error, invalid
 from .store import ObjectStore
 from .worker import ContextTooLong, Engine, Failed, Finished, GenerationRequest, Job, QueueFull
 
@@ -74,6 +75,8 @@ async def render(state: ServerState, req: GenerationRequest, prompt_param: str, 
         await anyio.to_thread.run_sync(lambda: state.engine.prepare(req, check))
     except ContextTooLong as e:
         raise APIError(400, str(e), prompt_param, "context_length_exceeded") from None
+    except ConstraintError as e:  # a schema or tool_choice the engine cannot enforce
+        raise constraint_error(e) from None
     except (ValueError, KeyError, TypeError, RecursionError) as e:  # a message harmony cannot render
         raise APIError(400, f"The conversation cannot be rendered: {brief(str(e))}", prompt_param) from None
 

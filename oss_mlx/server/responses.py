@@ -53,7 +53,6 @@ from .schemas import (
     bounded_array,
     bounded_string,
     brief,
-    forced_call_prefix,
     function_name,
     function_tool,
     identifiers,
@@ -61,6 +60,7 @@ from .schemas import (
     join_instructions,
     metadata,
     no_effect_parameters,
+    output_constraint,
     positive_int,
     reasoning_effort,
     refuse_unsupported,
@@ -339,7 +339,10 @@ def parse(body: dict, state: ServerState) -> ResponsesCall:
     choice = body.get("tool_choice")
     rendered_tools, choice_text = tool_choice_rules(choice, tools)
     text_config = get(body, "text", "object", default={})
-    format_text, format_echo = response_format(text_config.get("format"), "text.format")
+    fmt = text_config.get("format")
+    format_text, format_echo = response_format(fmt, "text.format")
+    parameters = {t.name: f"tools[{i}].parameters" for i, t in enumerate(tools)}
+    constraint = output_constraint(fmt, "text.format", rendered_tools, choice, parameters)
     verbosity = get(text_config, "verbosity", "string", param="text.verbosity")
     if verbosity not in (None, "medium"):
         raise invalid(
@@ -360,7 +363,7 @@ def parse(body: dict, state: ServerState) -> ResponsesCall:
     max_tool_calls = positive_int(body, "max_tool_calls")  # counts built-in tool calls: there are none
     stream = get(body, "stream", "boolean", default=False)
     store = get(body, "store", "boolean", default=True)
-    parallel = get(body, "parallel_tool_calls", "boolean", default=True)
+    parallel = get(body, "parallel_tool_calls", "boolean", default=True)  # harmony: one call a reply
     stream_options = get(body, "stream_options", "object", default={})
     get(stream_options, "include_obfuscation", "boolean", param="stream_options.include_obfuscation")
     extras = no_effect_parameters(body)
@@ -370,7 +373,7 @@ def parse(body: dict, state: ServerState) -> ResponsesCall:
         messages=history + new,
         instructions=join_instructions(*extra_instructions, instructions, choice_text, format_text),
         tools=rendered_tools,
-        assistant_prefix=forced_call_prefix(choice, rendered_tools),
+        constraint=constraint,
         reasoning_effort=effort,
         options=options,
         max_tokens=max_output,
@@ -403,7 +406,7 @@ def parse(body: dict, state: ServerState) -> ResponsesCall:
                 "name": t.name,
                 "description": t.description,
                 "parameters": t.parameters,
-                "strict": False,
+                "strict": t.strict is not False,  # made exact once the schemas are checked (create)
             }
             for t in tools
         ],
@@ -621,6 +624,10 @@ def _remember(state: ServerState, call: ResponsesCall, builder: ResponseBuilder,
 async def create(request: Request, body: dict, state: ServerState) -> Response:
     call = parse(body, state)
     job = await submit(state, call.request, "input")
+    if call.request.checked is not None:  # whether each tool's schema is enforced, now it is compiled
+        enforced = call.request.checked.enforced_tools
+        for tool in call.response["tools"]:
+            tool["strict"] = enforced.get(tool["name"], tool["strict"])
     builder = ResponseBuilder(call.response, call.offered, call.include)
 
     if not call.stream:
@@ -692,5 +699,5 @@ async def count_input_tokens(body: dict, state: ServerState) -> Response:
     body = {k: v for k, v in body.items() if k not in ("stream", "store", "background")}
     call = parse(body, state)
     await render(state, call.request, "input", check=False)
-    tokens = len(call.request.prompt) + len(call.request.prefix_tokens)
+    tokens = len(call.request.prompt)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": tokens})

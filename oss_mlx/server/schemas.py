@@ -15,6 +15,7 @@ from typing import Any
 
 from ..generation import SamplingOptions
 from ..harmony import Tool
+from ..structured import ConstraintError, OutputConstraint
 from ..tokenizer import HarmonyTokenizer
 
 EFFORTS = {
@@ -375,11 +376,17 @@ def function_name(name: str, param: str, dotted: bool = False) -> str:
 
 
 def function_tool(spec: Mapping[str, Any], param: str) -> Tool:
-    """A function tool from ``{"name", "description", "parameters"}`` (already unwrapped)."""
+    """A function tool from ``{"name", "description", "parameters", "strict"}`` (already unwrapped).
+
+    strict (structured.py): true, the arguments follow ``parameters`` or the request is refused (400
+    naming what cannot be enforced); absent, they follow it when the engine supports the schema, else
+    they are any JSON object (OpenAI: Responses strict by default, Chat Completions best effort; both
+    get the stronger of the two here); false, any JSON object."""
     name = function_name(field(spec, "name", "string", param=f"{param}.name", required=True), f"{param}.name")
     description = field(spec, "description", "string", param=f"{param}.description", default="")
     parameters = field(spec, "parameters", "object", param=f"{param}.parameters")
-    return Tool(name, description, parameters)
+    strict = field(spec, "strict", "boolean", param=f"{param}.strict")
+    return Tool(name, description, parameters, strict)
 
 
 def tool_list(body: Mapping, parse_one: Any) -> list[Tool]:
@@ -407,7 +414,7 @@ def tool_choice_rules(
 
     auto: all tools. none: no tools are rendered, so the model cannot see them. required / a named
     function: the tools (only the named one) are rendered and the instructions ask for a call; the
-    reply is also forced to begin with a tool-call header (see forced_call_prefix).
+    reply is constrained to be such a call (output_constraint, structured.py).
     """
     if choice is None or choice == "auto":
         return tools, None
@@ -473,8 +480,9 @@ def tool_choice_echo(choice: Any) -> Any:
 
 
 def response_format(fmt: Any, param: str) -> tuple[str | None, dict]:
-    """Harmony's ``# Response Formats`` section for a JSON schema (a request to the model, not
-    enforced) or None, and the format as the Responses API echoes it (its meaningful fields only)."""
+    """Harmony's ``# Response Formats`` section for a JSON schema (the model is told the schema; the
+    answer is also held to it: output_constraint) or None, and the format as the Responses API echoes
+    it (its meaningful fields only)."""
     if fmt is None:
         return None, {"type": "text"}
     if not isinstance(fmt, dict):
@@ -519,18 +527,37 @@ def join_instructions(*parts: str | None) -> str | None:
     return "\n\n".join(texts) if texts else None
 
 
-def forced_call_prefix(choice: Any, tools: list[Tool]) -> str | None:
-    """The harmony header a reply must start with so that it is a tool call: the named function's
-    full header (the model writes only the arguments), or for `required` the header up to the
-    function name (the model picks which). None when no call is required."""
-    if isinstance(choice, dict):
+def tool_choice_mode(choice: Any, rendered: list[Tool]) -> str:
+    """The constraint's tool_choice for the tools `tool_choice_rules` rendered: "auto", "none",
+    "required" (one of them) or a function's name (validated there already)."""
+    if not isinstance(choice, dict):
+        return choice or "auto"
+    if choice.get("type") == "allowed_tools":
         inner = choice.get("allowed_tools", choice)
-        if choice.get("type") == "allowed_tools" and inner.get("mode") == "required":
-            choice = "required"
-        elif choice.get("type") == "function" and len(tools) == 1:
-            return f"<|channel|>commentary to=functions.{tools[0].name} <|constrain|>json<|message|>"
-    if choice == "required" and tools:
-        if len(tools) == 1:
-            return f"<|channel|>commentary to=functions.{tools[0].name} <|constrain|>json<|message|>"
-        return "<|channel|>commentary to=functions."
-    return None
+        return "required" if inner.get("mode") == "required" else "auto"
+    return rendered[0].name  # type function: rendered is the named tool
+
+
+def output_constraint(
+    fmt: Any, param: str, tools: list[Tool], choice: Any, tool_params: Mapping[str, str]
+) -> OutputConstraint:
+    """What the reply is held to: the response format's JSON (json_object: any object; json_schema:
+    its schema, strict as the request says) and calls of the rendered tools as tool_choice says.
+    tool_params: function name -> the request field of its parameters (for errors)."""
+    _, echo = response_format(fmt, param)  # validated there
+    answer: dict[str, Any] = {}
+    if echo["type"] == "json_object":
+        answer = {"json_schema": {"type": "object"}, "param": param}
+    elif echo["type"] == "json_schema":
+        where = f"{param}.json_schema" if isinstance(fmt.get("json_schema"), dict) else param
+        answer = {"json_schema": echo["schema"], "strict": echo["strict"], "param": f"{where}.schema"}
+    return OutputConstraint(
+        tools=tools, tool_choice=tool_choice_mode(choice, tools), tools_param=dict(tool_params), **answer
+    )
+
+
+def constraint_error(e: ConstraintError) -> APIError:
+    """A constraint the engine cannot enforce, as the 400 naming the field and the keyword."""
+    code = "unsupported_json_schema" if e.keywords else "invalid_value"
+    message = e.message if len(e.message) <= 600 else e.message[:599] + "…"  # llguidance may quote a lot
+    return APIError(400, message, e.param, code)

@@ -14,6 +14,8 @@ wins (no rule matches: normal sampling)::
 
 ``reply`` is harmony text as the model would write it after ``<|start|>assistant`` (special tokens
 allowed); after it the sampler repeats ``<|return|>``. ``token_delay`` (seconds) slows each step.
+When the reply is constrained (structured outputs), a scripted token the constraint forbids is
+replaced by the best token it allows: the script shows what is accepted, never an invalid output.
 The server logs a warning at start when the hook is on.
 """  # noqa: E501
 
@@ -31,6 +33,15 @@ from ..generation import SamplingOptions
 ENV = "OSS_MLX_SCRIPTED_REPLIES"
 
 
+def scripted_pick(logprobs: mx.array, token: int) -> mx.array:
+    """`token`, unless a constraint masked it out (its log-probability is -inf): then the best token
+    the constraint allows, so a constrained reply stays valid whatever the script says. Depends on
+    the logits, so that each decode step is evaluated as a real one would be (a constant would leave
+    the model's work lazy, piling up in the cache)."""
+    best = mx.argmax(logprobs, axis=-1)
+    return mx.where(logprobs[..., token] > -mx.inf, mx.array(token, dtype=best.dtype), best)
+
+
 @dataclass
 class ScriptedSampling(SamplingOptions):
     script: tuple[int, ...] = ()
@@ -43,9 +54,7 @@ class ScriptedSampling(SamplingOptions):
         def pick(logprobs: mx.array) -> mx.array:
             if self.token_delay:
                 time.sleep(self.token_delay)
-            # Depends on the logits, so that each decode step is evaluated as a real one would be (a
-            # constant would leave the model's work lazy, piling up in the cache).
-            return mx.argmax(logprobs, axis=-1) * 0 + next(tokens, self.fill)
+            return scripted_pick(logprobs, next(tokens, self.fill))
 
         return pick
 

@@ -32,6 +32,8 @@ from typing import Any
 from ..generation import SamplingOptions
 from ..harmony import Message, MessageDone, StreamParser, Tool, render_conversation
 from ..session import Done, Reply, Session
+from ..structured import Checked, OutputConstraint
+from ..structured import check as check_constraint
 
 log = logging.getLogger("oss_mlx.server")
 
@@ -70,8 +72,8 @@ class GenerationRequest:
     max_tokens: int | None = None  # None: whatever context is left
     prompt: list[int] = field(default_factory=list)  # filled by Engine.prepare
     header_tokens: int = 0  # tokens of the system + developer messages
-    assistant_prefix: str | None = None  # forced start of the reply (tool_choice required / named)
-    prefix_tokens: list[int] = field(default_factory=list)  # filled by Engine.prepare
+    constraint: OutputConstraint | None = None  # response format, tool calls (structured.py)
+    checked: Checked | None = None  # filled by Engine.prepare: None when nothing is constrained
     truncate: bool = False  # drop the oldest turns when the prompt does not fit (truncation: auto)
     dropped_messages: int = 0  # how many Engine.prepare dropped
 
@@ -240,10 +242,19 @@ class Engine:
 
     def _warm_up(self) -> None:
         # The sampler comes from mlx-lm, whose import takes seconds: done now, while the first request
-        # is still being written, rather than during it.
+        # is still being written, rather than during it. Constrained replies need the vocabulary in
+        # llguidance's form (~1 s to build): built on a thread of its own, so that a first request
+        # without a constraint does not wait for it (one with a constraint waits on its lock).
+        threading.Thread(target=self._grammar_vocabulary, name="oss-mlx-grammar", daemon=True).start()
         try:
             SamplingOptions().sampler()
         except Exception:  # noqa: BLE001 - only an optimisation
+            pass
+
+    def _grammar_vocabulary(self) -> None:
+        try:
+            self.tokenizer.grammar_tokenizer()
+        except Exception:  # noqa: BLE001 - the first constrained request builds it, or says why not
             pass
 
     # ---- requests --------------------------------------------------------------------------------
@@ -270,17 +281,17 @@ class Engine:
             tools=req.tools or None,
             developer_instructions=req.instructions,
         )
-        if req.assistant_prefix:
-            req.prefix_tokens = self.tokenizer.encode(req.assistant_prefix, allow_special=True)
         req.prompt = render_conversation(req.messages, self.tokenizer, **kwargs)
         req.header_tokens = len(render_conversation([], self.tokenizer, for_completion=False, **kwargs))
         reserve = min(4096, self.context_limit // 4)
-        if req.truncate and len(req.prompt) + len(req.prefix_tokens) + reserve > self.context_limit:
+        if req.truncate and len(req.prompt) + reserve > self.context_limit:
             self._truncate(req, kwargs, reserve)
-        room = self.context_limit - len(req.prompt) - len(req.prefix_tokens)
+        room = self.context_limit - len(req.prompt)
         if check and room < 1:
             raise ContextTooLong(len(req.prompt), self.context_limit)
         req.options.max_tokens = max(1, min(req.max_tokens or room, room))
+        if check and req.constraint is not None and req.constraint.active:
+            req.checked = check_constraint(req.constraint)  # ConstraintError: the request's 400
         return req
 
     def _truncate(self, req: GenerationRequest, kwargs: dict, reserve: int) -> None:
@@ -291,7 +302,7 @@ class Engine:
         def fit(start: int) -> bool:
             tokens = render_conversation(req.messages[start:], self.tokenizer, **kwargs)
             fits[start] = tokens
-            return len(tokens) + len(req.prefix_tokens) + reserve <= self.context_limit
+            return len(tokens) + reserve <= self.context_limit
 
         lo, hi = 0, len(starts)  # the answer is the first start (index into starts) that fits
         while lo < hi:
@@ -353,7 +364,7 @@ class Engine:
         if self.script is not None:
             options = self.script.options(options, req.messages)
         session.last_reply = None
-        events = session.stream(req.prompt, options, assistant_prefix=req.prefix_tokens)
+        events = session.stream(req.prompt, options, constraint=req.checked)
         reply = None
         try:
             for event in events:
