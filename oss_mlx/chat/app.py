@@ -1056,8 +1056,9 @@ def main(argv: list[str] | None = None) -> int:
         if not unchecked and refuse_unless_fits("oss-mlx chat", args.model):
             return 1
         path = prepare_model(args.model, console)
-        if several:  # this process is rank 0; the other ranks only compute (and never get here)
-            model, tokenizer = distributed.load(str(path), args)
+        if several:  # this process is rank 0; the other ranks only compute (and never get here).
+            # The name as given: each machine resolves a hub id by its own store (rank 0's is ready).
+            model, tokenizer = distributed.load(args.model, args)
         else:
             model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import cli_args as A
 from ..memory import DEFAULT_CONTEXT, GiB, Machine
 from .errors import DistributedError
 from .hosts import Hostfile, HostsError, Launch
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("several machines (docs/DISTRIBUTED.md)")
     g.add_argument(
         "--hosts",
+        type=A.non_empty("hosts.json"),
         metavar="FILE",
         help="hosts.json (mlx.launch's hostfile): start a rank on each host, this process being rank 0",
     )
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--plan-context",
-        type=int,
+        type=A.CONTEXT,
         default=DEFAULT_CONTEXT,
         metavar="TOKENS",
         help=f"context the memory split is planned for (default {DEFAULT_CONTEXT})",
@@ -62,8 +64,6 @@ def load(model_path: str, args: argparse.Namespace):
     from .runtime import Options, start
 
     mode = None if args.distributed == "auto" else args.distributed
-    if args.plan_context < 1:
-        raise DistributedError("--plan-context must be at least 1 token")
     launch = None
     if args.hosts:
         if launched():

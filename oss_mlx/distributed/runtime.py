@@ -37,8 +37,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..errors import LoadError
 from ..loader import Checkpoint, open_checkpoint
 from ..memory import DEFAULT_CONTEXT, Machine
+from ..model_store import resolve
 from ..weights import read_safetensors_header
 from . import protocol
 from .group import (
@@ -247,7 +249,7 @@ class _Agreement:
     def __call__(self, what: str, fn: Callable):
         try:
             result, error = fn(), None
-        except (DistributedError, PlanError, ValueError, OSError, RuntimeError) as e:
+        except (DistributedError, PlanError, LoadError, ValueError, OSError, RuntimeError) as e:
             result, error = None, f"{what}: {e}"
         if error and self.group.rank != 0:
             self.link.report(error)
@@ -284,17 +286,26 @@ def digest(x) -> str:
 
 class CheckpointSource:
     """Where every rank's weights come from: a checkpoint folder (any layout) at the same path on
-    each machine. `start` uses open(), then config, quantization, dtype_bytes, identity(), build().
+    each machine, or a hub id, which each machine resolves by the model store's rule. `start` uses
+    find() (optional), open(), then config, quantization, dtype_bytes, identity(), build().
     (benchmarks/distributed_bench.py has another source: random weights made in memory.)"""
 
     def __init__(self, path: str | os.PathLike, options: Options) -> None:
         self.path, self.options = path, options
+        self.folder: Path | None = None
         self.ckpt: Checkpoint | None = None
+
+    def find(self) -> None:
+        """The folder on this machine (model_store.resolve: a hub id's first use downloads and
+        converts it once)."""
+        self.folder = resolve(self.path)
 
     def open(self) -> None:
         from .shard_load import activation_dtype
 
-        self.ckpt = open_checkpoint(self.path, self.options.quantize_experts)
+        if self.folder is None:
+            self.find()
+        self.ckpt = open_checkpoint(self.folder, self.options.quantize_experts)
         self.config = self.ckpt.config
         self.quantization = (self.ckpt.raw.get("oss_mlx") or {}).get("quantization")
         self.dtype_bytes = activation_dtype(self.ckpt, self.options.dtype).size
@@ -384,6 +395,16 @@ def _report(group: Group, plan: Plan, baseline: int, loaded: float) -> None:
     tmp.replace(path)
 
 
+def first_on_its_host(group: Group) -> bool:
+    """Whether no lower rank runs on this machine (by host name): it resolves a hub id first, so that
+    a first use downloads and converts once per machine, not once per rank."""
+    import socket
+
+    mine = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:4], "little") >> 1
+    hosts = [int(h) for h in group.gather([mine])[:, 0]]
+    return hosts.index(mine) == group.rank
+
+
 def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -406,6 +427,11 @@ def start(model, options: Options | None = None, launch=None) -> Runtime:
     agree = _Agreement(group, link, runtime)
     try:
         started = time.perf_counter()
+        find = getattr(source, "find", None)
+        if find is not None:  # the first rank of each machine, then the others (they find its copy)
+            first = first_on_its_host(group)
+            agree("find the model", find if first else lambda: None)
+            agree("find the model", (lambda: None) if first else find)
         agree("open the model", source.open)
         budgets = [int(b) * 2**20 for b in group.gather([_budget() // 2**20])[:, 0]]
         latency = measure_latency(group, source.config.hidden_size) if options.mode is None else 0.0
