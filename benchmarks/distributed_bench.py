@@ -11,10 +11,11 @@ keeps its part, so no checkpoint is written (a 120b would be 65 GB).
     python3 benchmarks/distributed_bench.py --compare single.json pipeline.json
 
 Rows: prefill tok/s of a prompt of each length (time to the first token) and decode tok/s after it
-(oss_mlx.bench.run_oss_mlx, as `oss-mlx bench` measures). Peak memory: MLX's peak per rank over the
-whole run (the workers report theirs with each heartbeat). Greedy: GREEDY_TOKENS tokens after a
-256-token prompt, with each step's top-2 logit gap, so `--compare` can tell a real difference from
-a near-tie that bf16 rounding may flip.
+(oss_mlx.bench.run_oss_mlx, as `oss-mlx bench` measures). Peak memory: MLX's peak per rank after
+the load, rank 0's since the last (longest) prompt (the workers report theirs with each heartbeat).
+Greedy: GREEDY_TOKENS tokens after a 256-token prompt, with each step's top-2 logit gap, so
+`--compare` can tell a real difference from a near-tie that bf16 rounding may flip. `--results`
+appends every measurement as rows (benchmarks/results/); distributed_device.sh runs the whole set.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class RandomSource:
         model.load_weights(weights, strict=True)
         model.eval()
         prepare_for_backend(model)  # as the loader does
+        # Each rank's peak from here on: the requests' (rank 0 resets it per request too), not the
+        # transient whole tensors drawn above.
+        mx.reset_peak_memory()
         return model
 
 
@@ -137,6 +141,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-layers", type=int, help="override the preset's (a CPU check of this script)")
     ap.add_argument("--json", help="write the results here (rank 0)")
+    ap.add_argument("--results", help="append a JSON row per measurement here (rank 0; benchmarks/results/)")
     ap.add_argument("--compare", nargs="+", metavar="JSON", help="the one-process results first, then others")
     ap.add_argument(
         "--noise", type=float, default=0.01, help="--compare: top-2 gaps below this x scale are ties"
@@ -193,6 +198,7 @@ def main() -> int:
         "rows": rows,
         "greedy": greedy(model, config, args.seed),
         "plan": runtime.plan.as_dict() if runtime else None,
+        "backend": runtime.group.backend if runtime else None,
         "memory": runtime.memory() if runtime else [{"rank": 0, "peak_memory": mx.get_peak_memory()}],
     }
     if runtime is not None:
@@ -202,7 +208,25 @@ def main() -> int:
         print(f"rank {m['rank']}: peak {m['peak_memory'] / 1e9:.2f} GB", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
+    if args.results:
+        append_results(args.results, out)
     return 0
+
+
+def append_results(path: str, out: dict) -> None:
+    """The run as results rows (oss_mlx.bench_results): speed rows, each rank's peak, the greedy tokens."""
+    from oss_mlx.bench import device_name
+    from oss_mlx.bench_results import ResultsFile, provenance
+
+    shared = provenance(sys.argv[1:], device_name(), "python3 benchmarks/distributed_bench.py")
+    about = {"kind": "distributed_bench", "mode": out["mode"], "config": out["config"]}
+    about.update(backend=out["backend"], world=len(out["memory"]))
+    results = ResultsFile(path, {**shared, **about})
+    for row in out["rows"]:
+        results.append(row)
+    for m in out["memory"]:
+        results.append({"phase": "memory", **m})
+    results.append({"phase": "greedy", "tokens": out["greedy"]["tokens"], "gaps": out["greedy"]["gaps"]})
 
 
 if __name__ == "__main__":

@@ -84,8 +84,15 @@ def main() -> int:
     ap.add_argument("--prefill-step", type=int, default=24)
     ap.add_argument("--endless", action="store_true", help="decode until a rank fails (fault tests)")
     ap.add_argument("--then-endless", action="store_true", help="the checks, then --endless")
-    ap.add_argument("--parts", default=",".join(PARTS), help="which checks (default all)")
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"which checks, of {','.join(PARTS)} (default all; none: load only)",
+    )
     args = ap.parse_args()
+    parts = tuple(p for p in args.parts.split(",") if p != "none")
+    if not set(parts) <= set(PARTS):
+        ap.error(f"--parts: choose from {', '.join(PARTS)} or none")
 
     import time
 
@@ -97,7 +104,7 @@ def main() -> int:
     if args.endless:
         endless(model)
         return 1
-    out = checks(model, tokenizer, args.max_tokens, args.prefill_step, tuple(args.parts.split(",")))
+    out = checks(model, tokenizer, args.max_tokens, args.prefill_step, parts)
     out["plan"] = model.runtime.plan.as_dict()
     out["seconds"]["load"] = loaded
     print(json.dumps(out), flush=True)

@@ -163,14 +163,20 @@ def test_plan_cli_shows_the_split_and_memory_per_machine(tmp_path):
 # ---- real processes ------------------------------------------------------------------------------------
 
 
+# 6 layers (sliding/full), window 8: shares the planner can split 4 ways both ways. 256 small experts
+# (top-2): 7.4 MB a layer in MXFP4 at about the compute of 4, so that a pipeline stage's layers weigh
+# more than the RSS check's tolerance (not only the embeddings' 103 MB on rank 0).
+TINY = dict(num_layers=6, sliding_window=8, num_experts=256, intermediate_size=256)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, vocab_dir) -> Path:
-    """6 layers (sliding/full), window 8, float32: shares the planner can split 4 ways both ways."""
+    """The TINY model, float32 outside the experts."""
     from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
     from oss_mlx.tokenizer import copy_vocabulary
 
     folder = tmp_path_factory.mktemp("tiny-dist")
-    write_checkpoint(folder, SyntheticSpec.tiny(num_layers=6, sliding_window=8), seed=3, dtype="float32")
+    write_checkpoint(folder, SyntheticSpec.tiny(**TINY), seed=3, dtype="float32")
     copy_vocabulary(folder)
     return folder
 
@@ -475,7 +481,7 @@ def test_generate_with_hosts_matches_one_process_and_refuses_different_models(ti
     from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
 
     other = tmp_path / "other"
-    write_checkpoint(other, SyntheticSpec.tiny(num_layers=6, sliding_window=8), seed=4, dtype="float32")
+    write_checkpoint(other, SyntheticSpec.tiny(**TINY), seed=4, dtype="float32")
     (other / "o200k_base.tiktoken").write_bytes((tiny / "o200k_base.tiktoken").read_bytes())
     mixed = tmp_path / "mixed.json"
     spec = _hosts(2)
@@ -577,3 +583,26 @@ def test_each_rank_reads_exactly_its_part(layouts, layout):
             if mode == "pipeline":
                 assert ("embedding" in held) == (rank == 0)
                 assert len(model.blocks) == len(share.layers)
+
+
+def test_every_rank_refuses_a_checkpoint_one_process_would_refuse(layouts, tmp_path):
+    """A tensor only rank 0 holds (the embedding) with a wrong shape: rank 1 of a pipeline refuses the
+    checkpoint too, naming the tensor (the whole checkpoint is checked on every rank first)."""
+    import shutil
+
+    from oss_mlx.distributed.group import Group
+    from oss_mlx.distributed.shard_load import build_rank_model
+    from oss_mlx.loader import open_checkpoint
+    from oss_mlx.weights import CheckpointError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(layouts["hf-mxfp4"], bad)
+    [path] = [p for p in bad.glob("*.safetensors") if "model.embed_tokens.weight" in mx.load(str(p))]
+    tensors = mx.load(str(path))
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:-1]
+    mx.save_safetensors(str(path), tensors)
+    ckpt = open_checkpoint(bad)
+    plan = make_plan(ckpt.config, [GiB] * 2, mode="pipeline")
+    assert not plan.shares[1].ends
+    with pytest.raises(CheckpointError, match="model.embed_tokens.weight"):
+        build_rank_model(ckpt, plan, Group(_Ranks(1, 2), "test"))
