@@ -1,6 +1,6 @@
 """Distributed speed on GPUs (NCCL) or any backend: prefill and decode tok/s, peak memory per rank,
 greedy tokens, against one process with the same random weights. Random gpt-oss weights are made
-in memory (oss_mlx.bench.random_model's values, in its order): each rank draws every tensor and
+in memory (oss_mlx.testing.random_model's values, in its order): each rank draws every tensor and
 keeps its part, so no checkpoint is written (a 120b would be 65 GB).
 
     # one GPU, the reference (same lease)
@@ -49,11 +49,11 @@ class RandomSource:
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        from oss_mlx.bench import random_parameter, random_parts
         from oss_mlx.distributed.pipeline import PipelineStage
         from oss_mlx.distributed.tensor_parallel import TensorParallelRank, apply_cut, cut
         from oss_mlx.loader import prepare_for_backend
         from oss_mlx.model import Transformer
+        from oss_mlx.testing.random_model import random_parameter, random_parts
 
         share = plan.shares[group.rank]
         if plan.mode == "pipeline":
@@ -85,11 +85,11 @@ class RandomSource:
 def greedy(model, config, seed: int) -> dict:
     import mlx.core as mx
 
-    from oss_mlx.bench import _prompt
     from oss_mlx.generation import decode_step, prefill
+    from oss_mlx.testing.random_model import random_prompt
 
     cache = model.make_cache()
-    logits = prefill(model, _prompt(GREEDY_PROMPT, config.vocab_size, seed), cache)
+    logits = prefill(model, random_prompt(GREEDY_PROMPT, config.vocab_size, seed), cache)
     step = decode_step(model)
     tokens, gaps, scales = [], [], []
     for _ in range(GREEDY_TOKENS):
@@ -153,7 +153,8 @@ def main() -> int:
     import mlx.core as mx
 
     from oss_mlx import kernels
-    from oss_mlx.bench import _prompt, preset_config, random_model, run_oss_mlx
+    from oss_mlx.bench import run_oss_mlx
+    from oss_mlx.testing.random_model import preset_config, random_model, random_prompt
 
     config = preset_config(args.config)
     if args.num_layers:
@@ -171,7 +172,7 @@ def main() -> int:
     rows = []
     for n in [int(x) for x in args.prompt_lengths.split(",")]:
         prefill, decode, peak, first, steady = run_oss_mlx(
-            model, _prompt(n, config.vocab_size, args.seed), args.decode_tokens
+            model, random_prompt(n, config.vocab_size, args.seed), args.decode_tokens
         )
         rows.append({"phase": "prefill", "context": n, "tokens_per_s": prefill, "peak_gb": peak})
         rows.append(

@@ -1,48 +1,29 @@
 """Parts of safetensors tensors read straight from their files: only the bytes asked for.
 
-A safetensors tensor is stored row-major at `data_start + data_offsets[0]`, so rows [a, b) along axis 0
-are one contiguous byte range. Expert streaming reads one expert at a time this way (streaming.py);
-a distributed rank reads only its experts, heads and vocabulary rows (distributed/shard_load.py):
-`mx.load` would read a whole tensor as soon as any part of it is evaluated.
+A safetensors tensor is stored row-major from `Header.offset(name)` (safetensors_file.py), so rows
+[a, b) along axis 0 are one contiguous byte range. Expert streaming reads one expert at a time this
+way (streaming.py); a distributed rank reads only its experts, heads and vocabulary rows
+(distributed/shard_load.py): `mx.load` would read a whole tensor as soon as any part of it is evaluated.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import struct
 from pathlib import Path
 
 import mlx.core as mx
 
-from .weights import CheckpointError, read_safetensors_header
+from . import safetensors_file as st
+from .errors import CheckpointError
 
-# safetensors dtype -> MLX dtype
-DTYPES = {
-    "BOOL": mx.bool_,
-    "U8": mx.uint8,
-    "I8": mx.int8,
-    "U16": mx.uint16,
-    "I16": mx.int16,
-    "F16": mx.float16,
-    "BF16": mx.bfloat16,
-    "U32": mx.uint32,
-    "I32": mx.int32,
-    "F32": mx.float32,
-    "U64": mx.uint64,
-    "I64": mx.int64,
-}
-
-Headers = dict[Path, tuple[int, dict]]
+Headers = dict[Path, st.Header]
 
 
-def data_start(path: Path, cache: Headers) -> tuple[int, dict]:
-    """(file offset of the first data byte, the header) of a safetensors file, read once per cache."""
+def header_of(path: Path, cache: Headers) -> st.Header:
+    """The checked header of a safetensors file, read once per cache."""
     if path not in cache:
-        header = read_safetensors_header(path)
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-        cache[path] = (8 + n, header)
+        cache[path] = st.read_header(path)
     return cache[path]
 
 
@@ -60,11 +41,11 @@ def pread_into(fd: int, view: memoryview, pos: int, path: Path | str, what: str)
 def read_rows(path: Path, name: str, ranges: list[range], headers: Headers) -> mx.array:
     """Rows `ranges` of tensor `name` (along axis 0, concatenated in the order given) as one array,
     read into MLX's memory directly (no intermediate copy)."""
-    start, header = data_start(path, headers)
-    info = header.get(name)
+    header = header_of(path, headers)
+    info = header.tensors.get(name)
     if info is None:
         raise CheckpointError(f"{path}: no tensor {name!r}")
-    dtype = DTYPES.get(info["dtype"])
+    dtype = st.MLX_DTYPES.get(info["dtype"])
     if dtype is None:
         raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which MLX cannot hold")
     shape = tuple(info["shape"])
@@ -80,7 +61,7 @@ def read_rows(path: Path, name: str, ranges: list[range], headers: Headers) -> m
     if rows == 0 or row == 0:
         return out
     view = memoryview(out).cast("B")  # MLX's buffer, writable: the file's bytes go straight in
-    base = start + info["data_offsets"][0]
+    base = header.offset(name)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         at = 0

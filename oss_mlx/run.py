@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import oss_mlx
     from oss_mlx.harmony import TextDelta
-    from oss_mlx.memory import refuse_unless_fits
+    from oss_mlx.plan_cli import refuse_unless_fits
     from oss_mlx.session import Done
 
     if distributed.requested(args):  # several ranks: this is rank 0 (the others never return)

@@ -20,10 +20,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from oss_mlx.config import ModelConfig
+from oss_mlx.config import ModelConfig, official_config
 from oss_mlx.distributed.hosts import Hostfile, HostsError, rank_environments
 from oss_mlx.distributed.plan import PlanError, choose_mode, make_plan, pipeline_shares, tensor_shares
-from oss_mlx.memory import GiB, named_config
+from oss_mlx.machine import GiB
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "distributed_probe.py"
@@ -38,7 +38,7 @@ MLX_LAUNCH = (
 
 
 def test_pipeline_splits_layers_by_memory_and_rank0_holds_the_ends():
-    c = named_config("120b")
+    c = official_config("120b")
     even = pipeline_shares(c, [48 * GiB, 48 * GiB])
     assert [s.layers for s in even] == [range(0, 18), range(18, 36)]
     assert even[0].ends and not even[1].ends
@@ -55,13 +55,13 @@ def test_pipeline_rank0_holds_every_attention_kind_and_errors_say_why():
     shares = pipeline_shares(c, [GiB, 20 * GiB, 20 * GiB])  # in proportion rank 0 would take none
     assert len(shares[0].layers) >= 2  # sliding and full
     with pytest.raises(PlanError, match="does not fit these 2 machines.*Add a machine"):
-        pipeline_shares(named_config("120b"), [16 * GiB, 16 * GiB])
+        pipeline_shares(official_config("120b"), [16 * GiB, 16 * GiB])
     with pytest.raises(PlanError, match="at least one layer per rank"):
         pipeline_shares(c, [GiB] * 7)
 
 
 def test_tensor_shares_split_heads_kv_heads_experts_and_vocabulary():
-    c = named_config("20b")
+    c = official_config("20b")
     shares = tensor_shares(c, 4)
     assert [s.heads for s in shares] == [range(0, 16), range(16, 32), range(32, 48), range(48, 64)]
     assert [s.kv_heads for s in shares] == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
@@ -78,13 +78,13 @@ def test_tensor_shares_split_heads_kv_heads_experts_and_vocabulary():
 
 
 def test_plan_chooses_by_link_and_memory():
-    c = named_config("20b")
+    c = official_config("20b")
     fast = make_plan(c, [32 * GiB] * 2, latency=5e-6)
     slow = make_plan(c, [32 * GiB] * 2, latency=5e-3)
     assert (fast.mode, slow.mode) == ("tensor", "pipeline")
     assert "all_sum latency measured" in fast.why
     # Unequal machines: 1/2 of the 120b does not fit the small one, layers by memory do.
-    c120 = named_config("120b")
+    c120 = official_config("120b")
     plan = make_plan(c120, [26 * GiB, 96 * GiB], latency=1e-6)
     assert plan.mode == "pipeline" and "cannot hold 1/2" in plan.why
     with pytest.raises(PlanError, match="tensor parallel over 3 ranks is not possible.*64 query heads"):

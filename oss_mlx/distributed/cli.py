@@ -14,7 +14,9 @@ import argparse
 import sys
 
 from .. import cli_args as A
-from ..memory import DEFAULT_CONTEXT, GiB, Machine
+from .. import safetensors_file as st
+from ..machine import GiB, Machine
+from ..memory import DEFAULT_CONTEXT
 from .errors import DistributedError
 from .hosts import Hostfile, HostsError, Launch
 
@@ -112,7 +114,7 @@ def print_plan(
 
     console = console or Console()
     budgets, notes = budgets_of(hostfile)
-    dtype_bytes = {"float32": 4}.get(section.get("dtype", "bfloat16"), 2)
+    dtype_bytes = st.ITEMSIZE[st.FLOAT_NAMES.get(section.get("dtype"), "BF16")]
     quant = section.get("quantization")
     try:
         plan = make_plan(

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..config import FULL, ModelConfig
+from ..config import ModelConfig
 from ..memory import (
     DEFAULT_CONTEXT,
     PREFILL_CHUNK,
     activation_bytes,
     expert_bytes,
-    kv_bytes_per_token,
+    kv_bytes_per_layer,
     weight_bytes,
 )
 
@@ -131,8 +131,8 @@ class Plan:
 
 def _layer_kv(config: ModelConfig, context: int, kv_heads: int | None = None) -> list[int]:
     """KV cache bytes per layer at `context` tokens (kv_heads: a tensor-parallel rank's count)."""
-    per = kv_bytes_per_token(config) * (kv_heads or config.num_key_value_heads) // config.num_key_value_heads
-    return [per * (context if t == FULL else min(context, config.sliding_window)) for t in config.layer_types]
+    heads = kv_heads or config.num_key_value_heads
+    return [b * heads // config.num_key_value_heads for b in kv_bytes_per_layer(config, context)]
 
 
 def _layer_weights(config: ModelConfig, quantization: dict | None, dtype_bytes: int) -> int:

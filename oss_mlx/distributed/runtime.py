@@ -37,11 +37,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .. import safetensors_file as st
 from ..errors import LoadError
 from ..loader import Checkpoint, open_checkpoint
-from ..memory import DEFAULT_CONTEXT, Machine
+from ..machine import Machine
+from ..memory import DEFAULT_CONTEXT
 from ..model_store import resolve
-from ..weights import read_safetensors_header
 from . import protocol
 from .group import (
     ControlLink,
@@ -277,7 +278,8 @@ def _fingerprint(path: Path) -> dict:
         h.update(f.read(FINGERPRINT_BYTES))
         f.seek(max(0, size - FINGERPRINT_BYTES))
         h.update(f.read(FINGERPRINT_BYTES))
-    return {"size": size, "header": read_safetensors_header(path), "sha256": h.hexdigest()}
+    header = st.read_header(path)
+    return {"size": size, "header": header.tensors, "metadata": header.metadata, "sha256": h.hexdigest()}
 
 
 def digest(x) -> str:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .. import safetensors_file as st
 from .. import weights as W
 from ..loader import Checkpoint, finish_loading, quantize_dense
 from ..memory import DEFAULT_CONTEXT
-from ..partial_read import DTYPES, Headers, read_rows
+from ..partial_read import Headers, read_rows
 from .group import Group
 from .pipeline import PipelineStage
 from .plan import Plan
@@ -36,13 +37,8 @@ def activation_dtype(ckpt: Checkpoint, dtype: mx.Dtype | None) -> mx.Dtype:
     for name in ("embedding.scales", "embedding.weight"):
         srcs, _ = ckpt.recipes.get(name, ([], None))
         if srcs and srcs[0] in ckpt.tensors:
-            path = ckpt.tensors.file_of[srcs[0]]
-            stored = W.read_safetensors_header(path)[srcs[0]]["dtype"]
-            return DTYPES[stored]
+            return st.MLX_DTYPES[ckpt.tensors.dtype_of[srcs[0]]]
     raise W.CheckpointError(f"{ckpt.folder}: no embedding tensor to take the activation dtype from")
-
-
-_ST_NAME = {v: k for k, v in W.ST_DTYPES.items()}
 
 
 class _ShareTensors:
@@ -60,7 +56,7 @@ class _ShareTensors:
             if ckpt.quantize_float_experts and W.EXPERT_WEIGHT.search(n):
                 shape, dtype = (*shape[:-1], shape[-1] * 8), mx.float32  # quantized after reading
             self.file_of[n] = ckpt.tensors.file_of[ckpt.recipes[n][0][0]]
-            self.shape_of[n], self.dtype_of[n] = tuple(shape), _ST_NAME[dtype]
+            self.shape_of[n], self.dtype_of[n] = tuple(shape), st.NAME_OF[dtype]
 
     def __contains__(self, name: str) -> bool:
         return name in self.shape_of

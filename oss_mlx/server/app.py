@@ -476,11 +476,11 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         loaded = distributed.load(args.model, args)
         loader = lambda path: loaded  # noqa: E731 - the engine calls it on its thread
     elif not args.memory_budget and not args.ignore_memory:
-        from ..memory import refuse_unless_fits
+        from ..plan_cli import refuse_unless_fits
 
         if refuse_unless_fits("oss-mlx serve", args.model):
             return 1
-    from . import scripted
+    from ..testing import scripted
     from .connections import GuardedH11Protocol
 
     script = scripted.Script.from_env()
