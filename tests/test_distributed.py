@@ -366,11 +366,11 @@ def test_greedy_tokens_identical_to_one_process(tiny, tiny_converted, reference,
 class _Lines:
     """A process's stdout lines, read by a thread (so waiting for one can time out)."""
 
-    def __init__(self, proc: subprocess.Popen):
+    def __init__(self, proc: subprocess.Popen, stderr: Path | None = None):
         import queue
         import threading
 
-        self.proc, self.lines, self._queue = proc, [], queue.Queue()
+        self.proc, self.lines, self._queue, self.stderr = proc, [], queue.Queue(), stderr
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -392,14 +392,16 @@ class _Lines:
             self.lines.append(line)
             if text in line:
                 return line
-        raise AssertionError(f"no {text!r} within {timeout} s; output: {self.lines[-10:]}")
+        err = self.stderr.read_text()[-3000:] if self.stderr and self.stderr.exists() else ""
+        raise AssertionError(f"no {text!r} within {timeout} s; output: {self.lines[-10:]}; stderr: {err}")
 
 
 def test_tensor_parallel_greedy_then_a_killed_rank_ends_the_request_under_mlx_launch(
     tiny_converted, reference, tmp_path
 ):
     """One run: the greedy checks on 2 tensor-parallel ranks, then decoding until rank 1 is killed
-    (SIGKILL): rank 0's request ends with an error naming it within seconds, and every rank exits."""
+    (SIGKILL) and rank 0 gets mlx.launch's SIGTERM: rank 0's request ends with an error naming rank 1
+    within seconds, and every rank exits."""
     cmd = [*MLX_LAUNCH, "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_base(2))]
     cmd += [
         "--",
@@ -410,14 +412,19 @@ def test_tensor_parallel_greedy_then_a_killed_rank_ends_the_request_under_mlx_la
         "tensor",
         "--then-endless",
     ]
-    proc = _start(cmd, _env(OSS_MLX_DISTRIBUTED_REPORT=str(tmp_path)), stderr=subprocess.DEVNULL)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = _start(cmd, _env(OSS_MLX_DISTRIBUTED_REPORT=str(tmp_path)), stderr=err)
     try:
-        out = _Lines(proc)
+        out = _Lines(proc, log)
         _check_greedy(json.loads(out.wait_for('"generated"', 120)), reference(8), tmp_path, "tensor", 2)
         out.wait_for('"tokens": 20', 60)
         victim, rank0 = _rank_pid(proc.pid, 1), _rank_pid(proc.pid, 0)
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
+        # mlx.launch stops the other ranks (SIGTERM) when one ends, at times before rank 0's link has
+        # noticed which: sent here at once, rank 0 must still say it.
+        os.kill(rank0, signal.SIGTERM)
         error = json.loads(out.wait_for('"error"', 10))["error"]
         said = time.monotonic() - killed
         assert "rank 1" in error and "connection" in error, error

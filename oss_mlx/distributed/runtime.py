@@ -126,6 +126,7 @@ class Runtime:
         self._failed = threading.Event()
         self._starting = True
         self._closed = False
+        self._told = False  # the failure was raised to the caller (the request ended with it)
         self._compute = _ComputeThread()
         atexit.register(self.close)
 
@@ -149,6 +150,7 @@ class Runtime:
                 pass
 
     def error(self) -> DistributedError:
+        self._told = True
         return DistributedError(f"the distributed run failed: {self.failure}; the request was ended")
 
     def _wait(self, future: concurrent.futures.Future, timeout: float | None = None):
@@ -407,8 +409,22 @@ def first_on_its_host(group: Group) -> bool:
     return hosts.index(mine) == group.rank
 
 
-def _terminate(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+def _on_sigterm(runtime: Runtime) -> Callable:
+    """Rank 0's SIGTERM handler. mlx.launch stops every rank as soon as one ends, often before this
+    rank's link has said which one ended: wait a moment for that, then end the request with it (a
+    DistributedError, said by the chat, the server or generate); a SIGTERM without a failure exits,
+    one after the error was raised is left to the ending caller (raising again could cut its message)."""
+
+    def handler(signum, frame) -> None:
+        if runtime.failure is None:
+            runtime._failed.wait(2.0)
+        if runtime.failure is None:
+            raise SystemExit(128 + signum)
+        if not runtime._told:
+            raise runtime.error()
+        # Else the caller already has the error and is ending (close() exits with status 1).
+
+    return handler
 
 
 def start(model, options: Options | None = None, launch=None) -> Runtime:
@@ -479,7 +495,7 @@ def start(model, options: Options | None = None, launch=None) -> Runtime:
     ):
         # SIGTERM (mlx.launch stopping every rank, or a user) unwinds: the workers are stopped, or the
         # failure that caused it is said before the process ends.
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, _on_sigterm(runtime))
     runtime.model, runtime.plan = model, plan
     runtime.controller = protocol.Controller(
         group, on_step=lambda: setattr(link, "steps", link.steps + 1), wake=link.wake_all
