@@ -341,12 +341,15 @@ def _check_greedy(got: dict, reference: dict, report: Path, mode: str, n: int) -
             assert np.array_equal(logits, ref)
         else:  # sums in another order
             assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max()
-    # Peak RSS per rank: its share of the weights, plus a few MB (MLX's buffers, the control link).
-    for r in range(n):
-        rep = json.loads((report / f"rank-{r}.json").read_text())
+    # Peak RSS per rank: its share of the weights, plus a few MB (MLX's buffers, the control link),
+    # below what one process holds: not even half of the other ranks' weights on top of its own.
+    reports = [json.loads((report / f"rank-{r}.json").read_text()) for r in range(n)]
+    whole = sum(rep["planned_weight_bytes"] for rep in reports)
+    for r, rep in enumerate(reports):
         grown = rep["peak_rss_after_load"] - rep["baseline_rss"]
         share = rep["planned_weight_bytes"]
         assert abs(grown - share) <= 8e6 + 0.05 * share, (r, grown, share)
+        assert grown < share + 0.5 * (whole - share), (r, grown, share, whole)
 
 
 @pytest.mark.parametrize("mode,n", [("pipeline", 2), ("pipeline", 4), ("tensor", 4)])
@@ -613,3 +616,135 @@ def test_every_rank_refuses_a_checkpoint_one_process_would_refuse(layouts, tmp_p
     assert not plan.shares[1].ends
     with pytest.raises(CheckpointError, match="model.embed_tokens.weight"):
         build_rank_model(ckpt, plan, Group(_Ranks(1, 2), "test"))
+
+
+# ---- chat and serve with --hosts (real processes: tmux, an HTTP server on 127.0.0.1) ------------------
+
+LONG_REPLY = "<|channel|>final<|message|>" + " ".join(f"word{i}" for i in range(3000)) + "<|return|>"
+
+
+def _conversation(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["messages"]
+
+
+def test_chat_with_hosts_replies_as_one_process_and_a_killed_rank_ends_it_in_words(tiny, tmp_path, vocab_dir):
+    """`oss-mlx chat --hosts` in a real terminal: the greedy reply (and what is saved) equals the
+    one-process chat's; then rank 1 is killed mid-reply: the chat says so naming rank 1, keeps the
+    conversation and exits with status 1 (no traceback, no hang)."""
+    sys.path.insert(0, str(PROBE.parent))
+    from chat_helpers import TmuxChat, env_has_tmux
+
+    if not env_has_tmux():
+        pytest.skip("tmux is not installed (apt-get install -y tmux)")
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps(_hosts(2)))
+    flags = ["--model", str(tiny), "--temperature", "0", "--max-tokens", "12", "--reasoning-effort", "low"]
+    apps = []
+    try:
+        alone = TmuxChat(tmp_path / "home-a", vocab_dir).start(
+            [*flags, "--history", str(tmp_path / "a.json")]
+        )
+        apps.append(alone)
+        alone.wait_prompt(timeout=90)
+        alone.command("Hello!", r"tok/s", timeout=60)
+        alone.type("/exit")
+        assert alone.wait_exit() == 0
+
+        both = TmuxChat(tmp_path / "home-b", vocab_dir).start(
+            [*flags, "--hosts", str(hosts), "--distributed", "tensor", "--history", str(tmp_path / "b.json")],
+            replies=[None, LONG_REPLY],  # the first reply sampled for real, the second scripted
+        )
+        apps.append(both)
+        both.wait_prompt(timeout=120)
+        both.command("Hello!", r"tok/s", timeout=60)
+        assert _conversation(tmp_path / "b.json") == _conversation(tmp_path / "a.json")
+
+        both.command("/set max_tokens 100000", r"max_tokens: 100000")
+        pane = int(both.tmux("display-message", "-p", "#{pane_pid}").strip())
+        victim = _rank_pid(pane, 1)
+        both.type("Tell me a long story")
+        both.wait_for(r"word12 ", timeout=60)
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        both.wait_for(r"rank 1 .*closed its connection", timeout=10)
+        assert time.monotonic() - killed < 5
+        assert both.wait_exit(timeout=20) == 1
+        screen = both.screen()
+        assert "Traceback" not in screen, screen
+        users = [m["content"] for m in _conversation(tmp_path / "b.json") if m["role"] == "user"]
+        assert users == ["Hello!", "Tell me a long story"], users
+        assert not _alive(victim)
+    finally:
+        for app in apps:
+            app.close()
+
+
+def test_serve_with_hosts_answers_as_one_process_and_a_killed_rank_ends_the_stream(tiny, tmp_path):
+    """`oss-mlx serve --hosts` through the openai client: the greedy completion equals a one-process
+    server's; rank 1 killed mid-stream: the stream ends with an error within seconds and the server
+    exits, its log naming rank 1."""
+    openai = pytest.importorskip("openai")
+    sys.path.insert(0, str(PROBE.parent))
+    from server_helpers import ServerProcess, running
+
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps(_hosts(2)))
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"match": "story", "reply": LONG_REPLY.removesuffix("<|return|>")}]))
+    env = {"PYTHONPATH": str(REPO), "OSS_MLX_SCRIPTED_REPLIES": str(rules)}
+    alone = ServerProcess(tiny, tmp_path / "alone.log", env=env)
+    both = ServerProcess(
+        tiny, tmp_path / "both.log", "--hosts", str(hosts), "--distributed", "pipeline", env=env
+    )
+    request = {
+        "model": "gpt-oss",
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "temperature": 0,
+        "max_tokens": 10,
+    }
+    try:
+        with running(alone, both):
+            answers = []
+            for server in (alone, both):
+                client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=60)
+                r = client.chat.completions.create(**request)
+                answers.append((r.choices[0].message.model_dump(), r.usage.completion_tokens))
+            assert answers[0] == answers[1] and answers[0][1] > 0, answers
+
+            victim = _rank_pid(both.proc.pid, 1)
+            stream = client.chat.completions.create(
+                model="gpt-oss",
+                messages=[{"role": "user", "content": "Tell me a story"}],
+                max_tokens=100000,
+                stream=True,
+            )
+            text, killed, failed = "", None, None
+            try:
+                for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        text += chunk.choices[0].delta.content
+                    if killed is None and "word12 " in text:
+                        killed = time.monotonic()
+                        os.kill(victim, signal.SIGKILL)
+                    if killed is not None and time.monotonic() - killed > 10:
+                        raise AssertionError(
+                            f"the stream went on for 10 s after rank 1 was killed: {text[-200:]}"
+                        )
+            except openai.APIError as e:  # the server's error event, in words
+                failed = e
+            ended = time.monotonic() - killed
+            assert killed is not None and ended < 5, (ended, text[-200:])
+            assert "word2999" not in text
+            assert both.proc.wait(timeout=20) != 0
+            log = both.log()
+            assert "rank 1" in log and "closed its connection" in log, log[-2000:]
+            assert "Traceback" not in log, log[-3000:]
+            assert isinstance(failed, openai.APIError) and "rank 1" in str(failed), (failed, text[-200:])
+    finally:
+        for server in (alone, both):
+            if server.proc.poll() is None:
+                for pid in _children(server.proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..distributed.errors import DistributedError
 from ..generation import SamplingOptions
 from ..harmony import Message, MessageDone, StreamParser, Tool, render_conversation
 from ..session import Done, Reply, Session
@@ -229,6 +230,9 @@ class Engine:
             started = time.monotonic()
             try:
                 self._run(job)
+            except DistributedError as e:  # a rank or a link is gone: said in one line; the server stops
+                log.error("%s", e)
+                job.put(Failed(str(e)))
             except Exception as e:  # a bug or an MLX error: the job fails, the server goes on
                 log.exception("generation failed")
                 job.put(Failed(f"{type(e).__name__}: {e}"))
