@@ -115,6 +115,30 @@ for stage in $STAGES; do
               env $v timeout 280 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,2048,8192,32768 \
                 --decode-tokens 32 --engines oss-mlx,mlx-lm --json $OUT/bench-$i.json 2>&1 | tee -a $OUT/bench2.log
             done ;;
+    firsttests)  # the fixed prefill shapes, the warm-up, the caches and the decode step on the card
+             timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rf -p no:cacheprovider tests/test_first_prompt.py \
+               tests/test_cache.py tests/test_decode.py > $OUT/firsttests.log 2>&1
+             echo "rc $?" | tee -a $OUT/run.log; tail -n 3 $OUT/firsttests.log | tee -a $OUT/run.log ;;
+    cold)  # issue 22: each length and a chat's first message as a fresh process's first prompt (cold), then
+           # again in it (warm); load apart. ENGINES=oss-mlx or mlx-lm: one call each (~3 min each)
+           timeout ${BENCH_TIMEOUT:-570} python3 -m oss_mlx.cli bench --config ${CONFIG:-20b} --cold --ttft \
+             --prompt-lengths ${LENGTHS:-128,2048,8192,32768} --decode-tokens 32 --engines ${ENGINES:-oss-mlx} \
+             --json $OUT/cold-${ENGINES:-oss-mlx}.json 2>&1 | tee -a $OUT/cold.log ;;
+    followup)  # issue 22: 2k new after 8k / 32k cached beside a fresh 2k prompt, and decode after 128 / 32k
+           timeout ${BENCH_TIMEOUT:-480} python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,32768 \
+             --decode-tokens 64 --follow-up 8192,32768 --engines ${ENGINES:-oss-mlx,mlx-lm} \
+             --json $OUT/followup.json 2>&1 | tee -a $OUT/followup.log ;;
+    cold120)  # issue 22 (c): the 120b's first 8k prompt in a fresh process, without then with the load-time
+              # warm-up (its report splits the one-time cost into kernel compiles and attention graphs)
+           for w in off on; do
+             timeout ${BENCH_TIMEOUT:-280} python3 -m oss_mlx.cli bench --config 120b --cold --prompt-lengths 8192 \
+               --decode-tokens 8 --engines oss-mlx --load-warmup $w ${STEP:+--prefill-step $STEP} \
+               --json $OUT/cold120-$w.json 2>&1 | tee -a $OUT/cold120.log
+           done ;;
+    coldbefore)  # the cold stage with the old behaviour (no fixed shapes, no load-time warm-up), oss-mlx only
+           OSS_MLX_FIXED_SHAPES=0 timeout ${BENCH_TIMEOUT:-570} python3 -m oss_mlx.cli bench --config 20b --cold \
+             --ttft --prompt-lengths ${LENGTHS:-128,2048,8192,32768} --decode-tokens 32 --engines oss-mlx \
+             --load-warmup off --json $OUT/cold-before.json 2>&1 | tee -a $OUT/cold.log ;;
     bench) timeout ${BENCH_TIMEOUT:-300} python3 -m oss_mlx.cli bench --config 20b \
              --prompt-lengths ${LENGTHS:-128,2048,8192,32768} --decode-tokens 32 --engines oss-mlx,mlx-lm \
              --json $OUT/bench.json 2>&1 | tee $OUT/bench.log ;;

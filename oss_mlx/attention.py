@@ -118,17 +118,12 @@ def block_sdpa(
     return sdpa_with_sinks(padded, k, v, sinks, scale, "causal")[:, :, before : before + T]
 
 
-def window_tile_mask(
-    first_query: int, first_key: int, window: int, valid_from: int, dtype: mx.Dtype
-) -> mx.array:
-    """[WINDOW_TILE, WINDOW_TILE + window - 1], additive (0 or -inf): query first_query + i may see key
-    first_key + j (causal, within the window, at or after valid_from: keys before it are padding).
-    Additive, not boolean: MLX turns a boolean mask into an additive one of the whole
-    [B, heads, queries, keys] shape first (12.5 MB a 20b tile), an additive one is broadcast as is."""
+def window_tile_mask(first_query: int, first_key: int, window: int, valid_from: int) -> mx.array:
+    """[WINDOW_TILE, WINDOW_TILE + window - 1] bool: query first_query + i may see key first_key + j
+    (causal, within the window, and at or after valid_from: keys before it are padding)."""
     q = mx.arange(first_query, first_query + WINDOW_TILE)[:, None]
     k = mx.arange(first_key, first_key + WINDOW_TILE + window - 1)[None, :]
-    visible = (k <= q) & (q - k < window) & (k >= valid_from)
-    return mx.where(visible, mx.array(0.0, dtype), mx.array(-float("inf"), dtype))
+    return (k <= q) & (q - k < window) & (k >= valid_from)
 
 
 def windowed_sdpa(
@@ -163,7 +158,7 @@ def windowed_sdpa(
         first_row = start  # rows of this tile not produced by the one before
         start = min(start, rows - WINDOW_TILE)
         lo = q0 + start - (window - 1)  # absolute position of the tile's first key
-        mask = window_tile_mask(q0 + start, lo, window, first_key, q.dtype)
+        mask = window_tile_mask(q0 + start, lo, window, first_key)
         tile_q, tile_k, tile_v = (
             mx.contiguous(a)
             for a in (

@@ -113,7 +113,7 @@ def steps(model: Transformer, context: int, step: int | None = None) -> Iterator
         kv = mx.zeros((1, attn.num_kv_heads, keys, attn.head_dim), model.dtype)
         mx.eval(block_sdpa(q, kv, kv, attn.sinks, attn.scale, block.first, block))
         yield f"attention {queries} x {keys}"
-    mx.clear_cache()  # the dummy buffers: MLX would keep them for reuse
+    # (MLX's buffer cache keeps what the warm-up freed: the first prompts reuse it, not allocate)
 
 
 def warm_up(model: Transformer, context: int, step: int | None = None) -> WarmupReport:
