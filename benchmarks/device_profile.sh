@@ -47,7 +47,7 @@ for stage in $STAGES; do
          for d in ${DEPTHS:-128 32768}; do
            timeout ${STEPS_TIMEOUT:-300} ncu --profile-from-start off --cache-control none --clock-control none \
              --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread --csv \
-             python3 benchmarks/step_kernels.py --depth $d --steps 2 > $OUT/steps-$d.csv 2> $OUT/steps-$d.err
+             python3 benchmarks/step_kernels.py --depth $d --steps 2 --sampler ${SAMPLER:-ours} > $OUT/steps-$d.csv 2> $OUT/steps-$d.err
            echo "-- depth $d" | tee -a $OUT/run.log
            python3 benchmarks/step_kernels.py --summarize $OUT/steps-$d.csv --steps 2 | tee -a $OUT/run.log
          done ;;
