@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -276,6 +277,35 @@ def run_mlx_lm(model, prompt: list[int], decode: int) -> Timings:
     """(prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s) through
     mlx-lm's own generate_step."""
     return rates(len(prompt), *mlx_lm_token_times(model, prompt, decode))
+
+
+def follow_up(engine: str, model, depth: int, new: int, seed: int, prefill_step: int | None) -> dict:
+    """`new` tokens prefilled after `depth` cached ones, beside `new` tokens on an empty cache: each
+    rate (tok/s to the first token) and their ratio. The fresh prompt runs first, twice (the second
+    kept: warm), then the depth is filled and the follow-up timed once (--follow-up)."""
+    vocab = model.config.vocab_size if hasattr(model, "config") else model.args.vocab_size
+    tokens = [(i * 7919 + seed) % vocab for i in range(depth + new)]
+    context, added = tokens[:depth], tokens[depth:]
+
+    def timed(prompt: list[int], cache) -> float:
+        if engine == "mlx-lm":
+            start, times = mlx_lm_token_times(model, prompt, 0, cache)
+        else:
+            start, times = oss_mlx_token_times(model, prompt, 0, prefill_step, cache)
+        return len(prompt) / (times[0] - start)
+
+    def fresh_cache():
+        if engine == "mlx-lm":
+            from mlx_lm.models.cache import make_prompt_cache
+
+            return make_prompt_cache(model)
+        return model.make_cache()
+
+    fresh = [timed(added, fresh_cache()) for _ in range(2)][-1]
+    cache = fresh_cache()
+    timed(context, cache)
+    after = timed(added, cache)
+    return {"depth": depth, "new": new, "fresh_tps": fresh, "follow_up_tps": after, "ratio": after / fresh}
 
 
 def check_logits(model: Transformer, n: int, steps: int = 8, seed: int = 0) -> dict:
@@ -694,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = lambda p=prompt: run_oss_mlx(model, p, G, args.prefill_step)  # noqa: E731
                 record(name, kern, n, measure(name, n, run))
                 gc.collect()
-            follow_ups += bench_first.follow_up_rows("oss-mlx", name, kern, model, args, Row, add)
+            measure_at = partial(follow_up, "oss-mlx", model, seed=args.seed, prefill_step=args.prefill_step)
+            follow_ups += bench_first.follow_up_rows("oss-mlx", name, kern, measure_at, args, Row, add)
     if args.memory_budget:
         from .streaming import model_streaming_stats
 
@@ -720,7 +751,8 @@ def main(argv: list[str] | None = None) -> int:
             prompt = _prompt(n, c.vocab_size, args.seed)
             record("mlx-lm", "", n, measure("mlx-lm", n, lambda p=prompt: run_mlx_lm(lm, p, G)))
             gc.collect()
-        follow_ups += bench_first.follow_up_rows("mlx-lm", "mlx-lm", "", lm, args, Row, add)
+        measure_at = partial(follow_up, "mlx-lm", lm, seed=args.seed, prefill_step=None)
+        follow_ups += bench_first.follow_up_rows("mlx-lm", "mlx-lm", "", measure_at, args, Row, add)
 
     title = f"{device_name()} · mlx {mx.__version__} · {source} · decode {G} tokens"
     print_table([r for r in rows if r.phase in ("prefill", "decode")], engines, title)

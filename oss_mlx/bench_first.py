@@ -17,15 +17,13 @@ how many files that cache held when its process started (`ptx_cache_files`).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
-
-MODULE_START = time.time()  # as early as this module runs: after the interpreter and oss_mlx's imports
-
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 CHILD_MARK = "oss-mlx-bench-first: "
 # The chat-like first message (~300 tokens rendered): developer instructions and a user's question.
@@ -116,84 +114,13 @@ class FirstPrompt:
         return self.warm_prefill_tps / self.cold_prefill_tps if self.cold_prefill_tps else float("inf")
 
 
-def _child(spec: ChildSpec, module_start: float) -> FirstPrompt:
-    import mlx.core as mx
-
-    from . import kernels, warmup
-    from .bench import (
-        mlx_lm_model,
-        mlx_lm_token_times,
-        oss_mlx_token_times,
-        preset_config,
-        random_model,
-        rates,
-    )
-
-    ptx = ptx_cache_files()
-    engine = spec.engine
-    report = None
-    if spec.model:
-        from .loader import load_model
-
-        model, _ = load_model(spec.model, warm_up=spec.warm_up if engine != "mlx-lm" else False)
-        report = model.warmup_report
-    else:
-        model = random_model(preset_config(spec.config), seed=spec.seed)
-        want = warmup.wanted() if spec.warm_up is None else spec.warm_up
-        if engine != "mlx-lm" and want:
-            report = warmup.warm_up(model, context=warmup.WARM_CONTEXT, step=spec.prefill_step)
-    vocab = model.config.vocab_size
-    if spec.prompt == "chat":
-        prompt = chat_prompt(spec.model if spec.model and os.path.isdir(spec.model) else None)
-    else:
-        prompt = [(i * 7919 + spec.seed) % vocab for i in range(int(spec.prompt))]
-    if engine == "mlx-lm":
-        lm = mlx_lm_model(model)
-        del model
-        mx.clear_cache()
-
-        def run():
-            return mlx_lm_token_times(lm, prompt, spec.decode)
-    else:
-
-        def run():
-            return oss_mlx_token_times(model, prompt, spec.decode, spec.prefill_step)
-
-    ready = time.perf_counter()
-    ready_wall = time.time()
-    start, times = run()
-    first_wall = ready_wall + (times[0] - ready)
-    cold = rates(len(prompt), start, times)
-    w_start, w_times = run()
-    warm = rates(len(prompt), w_start, w_times)
-    return FirstPrompt(
-        engine=engine,
-        prompt=spec.prompt,
-        tokens=len(prompt),
-        imports_s=module_start - spec.spawned,
-        load_s=ready_wall - module_start,
-        warmup_s=report.seconds if report else None,
-        warmup=report.summary() if report else None,
-        cold_prefill_tps=cold[0],
-        warm_prefill_tps=warm[0],
-        cold_decode_tps=cold[1],
-        warm_decode_tps=warm[1],
-        ttft_from_start_s=first_wall - spec.spawned,
-        ttft_from_load_s=times[0] - ready,
-        warm_ttft_s=w_times[0] - w_start,
-        ptx_cache_files=ptx,
-        kernels="" if engine == "mlx-lm" else kernels.backend(),
-        peak_gb=max(cold[2], warm[2]),
-    )
-
-
 def run_fresh_process(spec: ChildSpec, timeout: float) -> FirstPrompt | str:
     """`spec` measured in a new Python process; the result, or why there is none (in words)."""
     env = dict(os.environ)
     if spec.engine.endswith(":reference") or spec.engine == "mlx-lm":
         env["OSS_MLX_KERNELS"] = "reference"  # no self-test of kernels that will not run
     spec.spawned = time.time()
-    cmd = [sys.executable, "-m", "oss_mlx.bench_first", "--child", json.dumps(asdict(spec))]
+    cmd = [sys.executable, "-m", "oss_mlx.bench_child", json.dumps(asdict(spec))]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -204,40 +131,6 @@ def run_fresh_process(spec: ChildSpec, timeout: float) -> FirstPrompt | str:
             return FirstPrompt(**fields)
     tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
     return f"the process exited with {out.returncode}: {tail}"
-
-
-# ---- follow-up at depth (in the bench's process) ------------------------------------------------------
-
-
-def follow_up(engine: str, model, depth: int, new: int, seed: int, prefill_step: int | None) -> dict:
-    """`new` tokens prefilled after `depth` cached ones, beside `new` tokens on an empty cache: each
-    rate (tok/s to the first token) and their ratio. The fresh prompt runs first, twice (the second
-    kept: warm), then the depth is filled and the follow-up timed once."""
-    from .bench import mlx_lm_token_times, oss_mlx_token_times
-
-    vocab = model.config.vocab_size if hasattr(model, "config") else model.args.vocab_size
-    tokens = [(i * 7919 + seed) % vocab for i in range(depth + new)]
-    context, added = tokens[:depth], tokens[depth:]
-
-    def timed(prompt: list[int], cache) -> float:
-        if engine == "mlx-lm":
-            start, times = mlx_lm_token_times(model, prompt, 0, cache)
-        else:
-            start, times = oss_mlx_token_times(model, prompt, 0, prefill_step, cache)
-        return len(prompt) / (times[0] - start)
-
-    def fresh_cache():
-        if engine == "mlx-lm":
-            from mlx_lm.models.cache import make_prompt_cache
-
-            return make_prompt_cache(model)
-        return model.make_cache()
-
-    fresh = [timed(added, fresh_cache()) for _ in range(2)][-1]
-    cache = fresh_cache()
-    timed(context, cache)
-    after = timed(added, cache)
-    return {"depth": depth, "new": new, "fresh_tps": fresh, "follow_up_tps": after, "ratio": after / fresh}
 
 
 # ---- the bench's options and rows ---------------------------------------------------------------------
@@ -353,11 +246,14 @@ def fresh_process_rows(args, engines: list[str], row_type, add) -> None:
         print_first_prompts(results, "first prompt of a fresh process")
 
 
-def follow_up_rows(engine: str, label: str, kern: str, model, args, row_type, add) -> list[tuple[str, dict]]:
-    """--follow-up: each depth's follow-up row (`add(row)`); returns them for the table."""
+def follow_up_rows(
+    engine: str, label: str, kern: str, measure: Callable[[int, int], dict], args, row_type, add
+) -> list[tuple[str, dict]]:
+    """--follow-up: each depth's row (`add(row)`), measure(depth, new tokens) giving its numbers
+    (bench.follow_up); returns them for the table."""
     out = []
     for depth in args.follow_up:
-        r = follow_up(engine, model, depth, args.follow_up_tokens, args.seed, args.prefill_step)
+        r = measure(depth, args.follow_up_tokens)
         print(
             f"  {label:<18} {r['new']:,} new after {depth:,} cached: {r['follow_up_tps']:,.1f} tok/s, fresh "
             f"{r['fresh_tps']:,.1f} ({r['ratio']:.2f})",
@@ -436,15 +332,3 @@ def print_follow_ups(rows: list[tuple[str, dict]], title: str) -> None:
             f"{r['ratio']:.2f}",
         )
     Console().print(table)
-
-
-def main() -> None:
-    """The fresh process's side: `python -m oss_mlx.bench_first --child SPEC`."""
-    if len(sys.argv) != 3 or sys.argv[1] != "--child":
-        sys.exit("usage: python -m oss_mlx.bench_first --child SPEC (oss-mlx bench --cold starts it)")
-    result = _child(ChildSpec(**json.loads(sys.argv[2])), MODULE_START)
-    print(CHILD_MARK + json.dumps(asdict(result)), flush=True)
-
-
-if __name__ == "__main__":
-    main()
