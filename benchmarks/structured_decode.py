@@ -2,6 +2,7 @@
 
     python3 benchmarks/structured_decode.py --config 20b --decode-tokens 256 --repeat 3 --json out.json
     python3 benchmarks/structured_decode.py --config tiny --json-schema schema.json
+    python3 benchmarks/structured_decode.py --config 20b --results benchmarks/results/h200.jsonl
 
 Random weights (gpt-oss shapes, as `oss-mlx bench`) or `--model DIR`, batch 1, greedy. Each repeat runs
 the same harmony prompt twice through generation.generate_tokens, free and constrained (the order
@@ -118,7 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reasoning-budget", type=int, help="analysis tokens at most (default: half the tokens)")
     p.add_argument("--repeat", type=int, default=3, help="free + constrained pairs (default 3)")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--results", help="append a JSON row per run and the summary here (benchmarks/results/)")
     args = p.parse_args(argv)
+    results = None
+    if args.results:
+        from oss_mlx.bench_results import ResultsFile, provenance
+
+        shared = {
+            **provenance(
+                list(sys.argv[1:] if argv is None else argv),
+                device_name(),
+                "python3 benchmarks/structured_decode.py",
+            ),
+            "kind": "structured_decode",
+        }
+        results = ResultsFile(args.results, shared)
 
     schema = json.loads(Path(args.json_schema).read_text()) if args.json_schema else DEFAULT_SCHEMA
     tokenizer = load_tokenizer(args.model)
@@ -142,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in pair:
             row = run(model, tokenizer, prompt, args.decode_tokens, c)
             rows.append(row)
+            if results is not None:
+                results.append(
+                    {"config": args.model or args.config, **{k: v for k, v in row.items() if k != "text"}}
+                )
             extra = (
                 f" mask ms mean {row['mask_ms_mean']:.3f} median {row['mask_ms_median']:.3f} "
                 f"p90 {row['mask_ms_p90']:.3f} max {row['mask_ms_max']:.2f}"
@@ -174,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    if results is not None:
+        results.append({"summary": summary})
     return 0
 
 

@@ -12,8 +12,12 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .presets import PRESETS, get_preset
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_ERROR = 1
 EXIT_VERIFY = 3
@@ -57,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, out: Console | None = None) -> int:
+    """out: a rich Console for the summary table (default stdout; the model store passes stderr)."""
     args = build_parser().parse_args(argv)
     from rich.console import Console
     from rich.markup import escape
 
-    out, err = Console(), Console(stderr=True)
+    out, err = out or Console(), Console(stderr=True)
 
     def on_term(signum, frame):  # a kill -TERM cleans up like Ctrl-C
         raise KeyboardInterrupt

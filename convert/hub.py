@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oss_mlx.hub import download as download_snapshot
-from oss_mlx.hub import is_repo_id, resolve_model_path
+from oss_mlx.hub import is_repo_id
+from oss_mlx.model_store import resolve
 from oss_mlx.weights import CheckpointError
 
 
@@ -42,7 +43,7 @@ def resolve_source(
     """A local folder as is (or its `original/`), else a hub repo id, downloaded or found in the cache."""
     path = Path(source).expanduser()
     if path.exists():
-        folder = resolve_model_path(path)
+        folder = resolve(path)
         return Source(folder, str(folder.resolve()), _snapshot_revision(folder), False)
     if not is_repo_id(source):
         raise CheckpointError(f"{source}: no such folder, and not a hub repo id like 'openai/gpt-oss-20b'")

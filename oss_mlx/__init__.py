@@ -13,8 +13,9 @@ import mlx.core as mx
 
 from .errors import LoadError
 from .generation import SamplingOptions
-from .loader import check_vocabulary, load_model, model_config, resolve_model_path
+from .loader import check_vocabulary, load_model, model_config
 from .model import Transformer
+from .model_store import resolve
 from .session import Done, Reply, Session, generate, stream_generate
 from .structured import ConstraintError, OutputConstraint
 from .tokenizer import HarmonyTokenizer, load_tokenizer
@@ -53,7 +54,7 @@ def load(
     Raises LoadError (its message names the file, tensor or key, and the fix) for anything that
     cannot be loaded.
     """
-    folder = resolve_model_path(path_or_repo)
+    folder = resolve(path_or_repo)
     tokenizer = load_tokenizer(folder)
     check_vocabulary(model_config(folder), tokenizer.vocab_size, folder)  # before any weight is read
     model, _ = load_model(

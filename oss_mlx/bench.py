@@ -9,6 +9,7 @@ and the model's caches); mlx-lm runs its own `generate_step`. For each prompt le
 after the first / their time), with the peak memory of that request.
 
     oss-mlx bench --config 20b --prompt-lengths 128,2048,8192 --json out.json
+    oss-mlx bench --config 20b --results benchmarks/results/h200.jsonl   # append, with provenance
     oss-mlx bench --config tiny --engines oss-mlx,oss-mlx:reference,mlx-lm
 
 Engines: `oss-mlx` (custom kernels where the backend has them), `oss-mlx:reference` (pure MLX,
@@ -56,7 +57,7 @@ class Row:
     label: str = ""  # the --engines entry it came from (oss-mlx:reference shows as engine oss-mlx)
     # decode rows: the first decode step alone (oss-mlx traces its compiled step there when the cache
     # buffer has a size not seen before) and the rate over the steps after it. tokens_per_s stays the
-    # rate over every decoded token, as measured since the first sessions.
+    # rate over every decoded token (what the bench has always reported).
     first_step_ms: float | None = None
     steady_tokens_per_s: float | None = None
     detail: dict | None = None  # the first-prompt rows' other numbers (bench_first.py)
@@ -546,6 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=A.output_file, metavar="FILE", help="write the rows here")
     bench_first.add_arguments(p)
     p.add_argument(
+        "--results",
+        type=A.output_file,
+        metavar="FILE",
+        help="append one JSON line per measurement here, with date, device, versions, command and git "
+        "commit (the device's results file: benchmarks/results/DEVICE.jsonl)",
+    )
+    p.add_argument(
         "--memory-budget",
         type=A.size,
         metavar="SIZE",
@@ -573,7 +581,8 @@ def memory_needed(config: ModelConfig, quality: str, context: int, engines: list
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     engines = args.engines
     if args.memory_budget and (not args.model or "mlx-lm" in engines):
         parser.error(
@@ -626,20 +635,29 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "device": device_name(),
         "mlx": mx.__version__,
-        "source": args.model or f"--config {args.config} (random weights)",
+        "source": args.model or f"--config {args.config} (random weights)",  # made exact once built
         "decode_tokens": G,
         "repeat": args.repeat,
     }
 
-    def write_rows() -> None:
+    results = None
+    if args.results:
+        from .bench_results import ResultsFile, provenance
+
+        run_fields = {"kind": "bench", "source": meta["source"], "decode_tokens": G, "repeat": args.repeat}
+        results = ResultsFile(args.results, {**provenance(argv, meta["device"]), **run_fields})
+
+    def write_rows(new: list[Row], kept: bool = True) -> None:
         # After every measurement, not once at the end: a run cut by a time limit keeps its rows.
-        if args.json:
+        if args.json and kept:
             with open(args.json, "w") as f:
                 json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
+        for r in new if results is not None else ():
+            results.append({**asdict(r), "kept": kept})
 
     def add(row: Row) -> None:
         rows.append(row)
-        write_rows()
+        write_rows([row])
 
     if args.cold or args.ttft:  # fresh processes first: this one then holds no model beside theirs
         bench_first.fresh_process_rows(args, engines, Row, add)
@@ -652,10 +670,11 @@ def main(argv: list[str] | None = None) -> int:
         from .loader import load_model
 
         try:
-            model, _ = load_model(args.model, memory_budget=args.memory_budget, warm_up=False)
+            model, info = load_model(args.model, memory_budget=args.memory_budget, warm_up=False)
         except user_errors() as e:
             return report("oss-mlx bench", e, doing=f"cannot load {args.model}")
-        source = args.model + (f" (memory budget {args.memory_budget})" if args.memory_budget else "")
+        where = "" if str(info.path) == args.model else f" from {info.path}"
+        source = args.model + where + (f" (memory budget {args.memory_budget})" if args.memory_budget else "")
     else:
         model = random_model(preset_config(args.config), seed=args.seed)
         source = f"--config {args.config} (random weights)"
@@ -667,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
             mx.eval(model.parameters())
             source += f", --quality {args.quality}"
     meta["source"] = source
+    if results is not None:
+        results.shared["source"] = source
     from . import warmup
 
     want = warmup.wanted() if args.load_warmup == "auto" else args.load_warmup == "on"
@@ -688,30 +709,40 @@ def main(argv: list[str] | None = None) -> int:
 
     follow_ups: list[tuple[str, dict]] = []
 
-    def measure(label: str, ctx: int, run) -> Timings:
-        """`run()` args.repeat times; the last result (the earlier ones printed, not kept)."""
+    def timing_rows(label: str, kern: str, ctx: int, res: Timings) -> list[Row]:
+        pre, dec, peak, first_ms, steady = res
+        engine = label.split(":")[0]
+        return [
+            Row(engine, "prefill", ctx, pre, peak, kern, label),
+            Row(engine, "decode", ctx, dec, peak, kern, label, first_ms, steady),
+        ]
+
+    def measure(label: str, kern: str, ctx: int, run) -> Timings:
+        """`run()` args.repeat times; the last result (the earlier ones printed, and appended to
+        --results marked "kept": false)."""
         for i in range(args.repeat - 1):
-            pre, dec, *_ = run()
+            res = run()
+            pre, dec, *_ = res
             print(
                 f"  {label:<18} context {ctx:>6}, run {i + 1} of {args.repeat} (not kept): "
                 f"prefill {pre:9.1f} tok/s, decode {dec:7.1f} tok/s",
                 flush=True,
             )
+            write_rows(timing_rows(label, kern, ctx, res), kept=False)
             gc.collect()
         return run()
 
     def record(label: str, kern: str, ctx: int, res: Timings) -> None:
         pre, dec, peak, first_ms, steady = res
-        engine = label.split(":")[0]
-        rows.append(Row(engine, "prefill", ctx, pre, peak, kern, label))
-        rows.append(Row(engine, "decode", ctx, dec, peak, kern, label, first_ms, steady))
+        new = timing_rows(label, kern, ctx, res)
+        rows.extend(new)
         after_first = "" if steady is None else f" (first step {first_ms:.1f} ms, then {steady:.1f} tok/s)"
         print(
             f"  {label:<18} [{kern or '-':>9}] context {ctx:>6}: prefill {pre:9.1f} tok/s, "
             f"decode {dec:7.1f} tok/s{after_first}, peak {peak:.2f} GB",
             flush=True,
         )
-        write_rows()
+        write_rows(new)
 
     for name in [e for e in engines if e.startswith("oss-mlx")]:
         mode = "reference" if name.endswith(":reference") else None
@@ -722,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in lengths:
                 prompt = _prompt(n, c.vocab_size, args.seed)
                 run = lambda p=prompt: run_oss_mlx(model, p, G, args.prefill_step)  # noqa: E731
-                record(name, kern, n, measure(name, n, run))
+                record(name, kern, n, measure(name, kern, n, run))
                 gc.collect()
             measure_at = partial(follow_up, "oss-mlx", model, seed=args.seed, prefill_step=args.prefill_step)
             follow_ups += bench_first.follow_up_rows("oss-mlx", name, kern, measure_at, args, Row, add)
@@ -749,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             run_mlx_lm(lm, _prompt(args.warmup, c.vocab_size, args.seed), 4)
         for n in lengths:
             prompt = _prompt(n, c.vocab_size, args.seed)
-            record("mlx-lm", "", n, measure("mlx-lm", n, lambda p=prompt: run_mlx_lm(lm, p, G)))
+            record("mlx-lm", "", n, measure("mlx-lm", "", n, lambda p=prompt: run_mlx_lm(lm, p, G)))
             gc.collect()
         measure_at = partial(follow_up, "mlx-lm", lm, seed=args.seed, prefill_step=None)
         follow_ups += bench_first.follow_up_rows("mlx-lm", "mlx-lm", "", measure_at, args, Row, add)
@@ -761,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and extra:
         with open(args.json + ".check.json", "w") as f:
             json.dump(extra, f, indent=1)
+    for name, result in extra.items() if results is not None else ():
+        results.append({"phase": name, "result": result})
     return 0
 
 

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "serve": ("oss_mlx.server.app", "OpenAI-compatible server (Responses, Chat Completions)"),
     "bench": ("oss_mlx.bench", "prefill/decode speed and memory, side by side with mlx-lm"),
     "plan": ("oss_mlx.memory", "will a model fit this machine? memory plan per preset and context"),
+    "models": ("oss_mlx.models_cli", "the models on this machine: list, path, remove"),
     "synthetic": ("oss_mlx.synthetic", "write a random gpt-oss checkpoint (tests, benchmarks)"),
 }
 
@@ -28,6 +29,17 @@ def usage() -> str:
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "  --debug    on an unexpected error, print the traceback (also OSS_MLX_DEBUG=1)"]
     return "\n".join(lines)
+
+
+def _one_line_warnings(prog: str) -> None:
+    """Warnings (an unused checkpoint tensor, kernels turned off) as one line naming the command,
+    not Python's file:line and source line, which mean nothing to a user (--debug keeps those)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"oss-mlx: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if not debug:
+        _one_line_warnings(f"oss-mlx {name}")
     try:
         module = importlib.import_module(SUBCOMMANDS[name][0])
         return int(module.main(argv) or 0)

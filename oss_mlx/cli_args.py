@@ -209,6 +209,16 @@ def non_empty(what: str) -> Callable[[str], str]:
     return check
 
 
+def hub_id(text: str) -> str:
+    """A Hugging Face repo id (`oss-mlx models path ID`): ORG/NAME, nothing that reads as a path."""
+    from .hub import is_repo_id
+
+    value = str(text).strip()
+    if not is_repo_id(value):
+        raise BadValue(f"must be a hub repo id like openai/gpt-oss-20b (got {text!r})")
+    return value
+
+
 def output_file(text: str) -> str:
     """A file this process will write later (--json): its folder must exist and be writable now,
     not after an hour of benchmarks."""

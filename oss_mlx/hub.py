@@ -125,19 +125,3 @@ def download(
         # A plan cached config.json alone; the weights were never downloaded.
         raise CheckpointError(offline_advice(repo_id, f"{reason}; the cache holds only its config.json"))
     return folder
-
-
-def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
-    """A local folder as is (or its original/); otherwise a hub repo id, downloaded or from the cache."""
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; pass the folder that holds config.json")
-        if not (path / "config.json").is_file() and (path / "original" / "config.json").is_file():
-            return path / "original"
-        return path
-    if not is_repo_id(str(path_or_repo)):
-        raise CheckpointError(
-            f"{path_or_repo}: no such folder, and not a hub repo id like 'openai/gpt-oss-20b'"
-        )
-    return download(str(path_or_repo))

@@ -12,9 +12,9 @@ from mlx.utils import tree_flatten
 
 from . import kernel_selftest, kernels, warmup
 from .config import ModelConfig, read_config
-from .hub import resolve_model_path
 from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
 from .model import Transformer
+from .model_store import resolve
 from .moe import Experts
 from .weights import (
     CheckpointError,
@@ -56,7 +56,7 @@ def load_model(
     warm_up: pay the first prompts' one-time costs now (warmup.py), for prompts up to warmup.WARM_CONTEXT;
     None: where a GPU runs the model (warmup.wanted). What it took: `model.warmup_report`.
     """
-    folder = resolve_model_path(path_or_repo)
+    folder = resolve(path_or_repo)
     config, raw = read_config(folder)
     tensors = LazyTensors.from_folder(folder)
     layout = detect_layout(folder, raw, tensors.names())
@@ -175,7 +175,7 @@ def quantize_dense(model: Transformer, spec: dict | None) -> None:
 
 
 def model_config(path_or_repo: str | os.PathLike) -> ModelConfig:
-    return read_config(resolve_model_path(path_or_repo))[0]
+    return read_config(resolve(path_or_repo))[0]
 
 
 def check_vocabulary(config: ModelConfig, tokenizer_vocab: int, folder: Path) -> None:

@@ -528,14 +528,11 @@ def config_of(model: str) -> tuple[ModelConfig, dict[str, Any]]:
     path = Path(model).expanduser()
     if path.is_file():
         return read_config(path.parent) if path.name == "config.json" else _read_file_config(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file() and (path / "original" / "config.json").is_file():
-            path = path / "original"
-        return read_config(path)
-    from .hub import download, is_repo_id
+    from .hub import is_repo_id
+    from .model_store import resolve
 
-    if is_repo_id(model):
-        return read_config(download(model, config_only=True))
+    if path.is_dir() or is_repo_id(model):
+        return read_config(resolve(model, need="config"))
     raise ConfigError(f"{model}: no such folder or config.json, and not a hub repo id")
 
 

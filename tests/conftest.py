@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,24 @@ VOCAB_DIRS = [
     Path(p) for p in (os.environ.get("TIKTOKEN_CACHE_DIR"), os.environ.get("TIKTOKEN_RS_CACHE_DIR")) if p
 ] + [REPO.parent / "shared" / "data" / "tiktoken-cache"]
 VOCAB_FILE = "fb374d419588a4632f3f557e76b4b70aebbca790"  # sha1 of o200k_base's public address
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many of the Metal kernels ran on this CPU in the run (tests/metal_emulator), printed even
+    under -q: the count the Metal kernels' CI check reports."""
+    emulator = sys.modules.get("metal_emulator")
+    if emulator is None or not emulator.LAUNCHES:
+        return
+    from oss_mlx import kernels
+
+    launches, built = emulator.LAUNCHES, emulator.build.library_counts
+    ran = sorted({n.removeprefix("oss_") for n in launches} & set(kernels.SPECS))
+    missing = sorted(set(kernels.SPECS) - set(ran))
+    terminalreporter.write_line(
+        f"Metal emulator: {len(ran)} of {len(kernels.SPECS)} kernels in SPECS executed on the CPU "
+        f"({sum(launches.values())} launches of {sum(built.values())} instantiations, "
+        f"{built['compiled']} compiled now)" + (f"; not run: {', '.join(missing)}" if missing else "")
+    )
 
 
 def vocabulary_dir() -> Path | None:

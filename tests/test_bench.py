@@ -100,6 +100,68 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
     assert sorted((r["engine"], r["phase"]) for r in rows) == [("oss-mlx", "decode"), ("oss-mlx", "prefill")]
 
 
+def test_results_file_is_appended_with_provenance(tmp_path, monkeypatch):
+    """--results FILE appends one JSON line per measurement as it is measured (the repeats' earlier
+    runs marked "kept": false, a crash keeps what was measured), each row with date, device,
+    versions, the command and the git commit; a second run appends, never rewrites; --json still
+    writes its list beside it."""
+    from oss_mlx.bench_results import read_rows
+
+    results, out = tmp_path / "h200.jsonl", tmp_path / "bench.json"
+    args = ["--config", "tiny", "--prompt-lengths", "12", "--decode-tokens", "2", "--warmup", "0"]
+    assert (
+        bench.main(
+            [*args, "--engines", "oss-mlx", "--repeat", "2", "--results", str(results), "--json", str(out)]
+        )
+        == 0
+    )
+    first = read_rows(results)
+    assert [(r["phase"], r["kept"]) for r in first] == [
+        ("prefill", False),
+        ("decode", False),
+        ("prefill", True),
+        ("decode", True),
+    ]
+    for r in first:
+        assert r["schema"] == 1 and r["kind"] == "bench" and r["date"].endswith("Z")
+        assert r["versions"]["mlx"] == mx.__version__ and r["versions"]["mlx-lm"]
+        assert r["command"].startswith("oss-mlx bench --config tiny") and "--results" in r["command"]
+        assert r["commit"] is None or len(r["commit"].split("+")[0]) == 40
+        assert r["device"] and r["source"] == "--config tiny (random weights)" and r["tokens_per_s"] > 0
+    assert len(json.loads(out.read_text())) == 2  # --json: the kept rows of this run
+
+    def broken(*a, **k):
+        raise RuntimeError("mlx-lm went away")
+
+    monkeypatch.setattr(bench, "run_mlx_lm", broken)
+    with pytest.raises(RuntimeError, match="went away"):
+        bench.main([*args, "--engines", "oss-mlx,mlx-lm", "--results", str(results)])
+    rows = read_rows(results)
+    assert rows[:4] == first and [r["engine"] for r in rows[4:]] == ["oss-mlx", "oss-mlx"]
+    results.write_text(results.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=r"h200.jsonl:7: not a JSON row"):
+        read_rows(results)
+    refused(bench.main, [*args, "--results", str(tmp_path / "no-such-folder" / "r.jsonl")])
+
+
+def test_the_results_files_hold_rows_that_read_back():
+    """benchmarks/results/*.jsonl: every line a row with the keys the docs' tables are read by."""
+    from pathlib import Path
+
+    from oss_mlx.bench_results import read_rows
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    files = sorted(folder.glob("*.jsonl"))
+    assert {f.name for f in files} >= {"h200.jsonl", "cpu-2core.jsonl"}
+    for f in files:
+        rows = read_rows(f)
+        assert rows
+        for r in rows:
+            assert {"date", "device", "versions", "command", "commit", "kind"} <= set(r), (f, r)
+        dates = [r["date"][:10] for r in rows]
+        assert dates == sorted(dates), f"{f.name}: rows are appended in time order"
+
+
 def test_unknown_engine_is_an_error():
     refused(bench.main, ["--config", "tiny", "--engines", "vllm"])
 

@@ -88,26 +88,29 @@ def chat(tmp_path, vocab_dir, tiny_checkpoint):
 
 @needs_tmux
 def test_first_run_downloads_and_converts_a_hub_model_once(tmp_path, vocab_dir, tiny_checkpoint):
-    """`--model ORG/NAME` (the default is openai/gpt-oss-20b): fetched through huggingface_hub (here its
-    cache, offline), converted once into the data folder, loaded from there on later runs."""
+    """`--model ORG/NAME` (the default is openai/gpt-oss-20b), in neither the store nor the Hugging Face
+    cache: fetched through huggingface_hub into the store's download cache (here already there, as
+    after a download whose conversion was cut: offline), converted once into the store, the download
+    removed; later runs load the converted copy."""
     rev = "fedcba9876543210fedcba9876543210fedcba98"
-    cache = make_hub_cache(tmp_path / "hub", "acme/tiny-gpt-oss", tiny_checkpoint, rev)
     home = tmp_path / "home"
-    env = {"HF_HUB_CACHE": str(cache)}
+    make_hub_cache(home / "models" / ".downloads", "acme/tiny-gpt-oss", tiny_checkpoint, rev)
+    env = {"HF_HUB_CACHE": str(tmp_path / "empty-hub")}
     app = TmuxChat(home, vocab_dir).start(["--model", "acme/tiny-gpt-oss"], replies=[SHORT], env_extra=env)
     try:
         screen = app.wait_prompt(timeout=120)
-        assert "first run" in screen and "Traceback" not in screen
+        assert "first use of acme/tiny-gpt-oss" in screen and "Traceback" not in screen
         converted = home / "models" / "acme--tiny-gpt-oss"
         section = json.loads((converted / "config.json").read_text())["oss_mlx"]
         assert section["source"] == "acme/tiny-gpt-oss" and section["revision"] == rev
+        assert not (home / "models" / ".downloads" / "models--acme--tiny-gpt-oss").exists()
         assert "Short answer." in app.command("Hi", r"tok/s")
     finally:
         app.close()
     again = TmuxChat(home, vocab_dir).start(["--model", "acme/tiny-gpt-oss"], env_extra=env)
     try:
         screen = again.wait_prompt(timeout=60)
-        assert "first run" not in screen and "(oss-mlx) loaded" in screen  # the converted copy
+        assert "first use" not in screen and "(oss-mlx) loaded" in screen  # the converted copy
     finally:
         again.close()
 

@@ -25,7 +25,7 @@ def run(*args: str, env_extra: dict | None = None, stdin: str | None = None) -> 
 def test_help_lists_subcommands():
     out = run("--help")
     assert out.returncode == 0
-    for name in ("chat", "generate", "convert", "serve", "bench", "plan"):
+    for name in ("chat", "generate", "convert", "serve", "bench", "plan", "models"):
         assert name in out.stdout
 
 

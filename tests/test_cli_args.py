@@ -162,6 +162,12 @@ bad("synthetic", "--config", ["7b"], before=["dst"])
 bad("synthetic", "--layout", ["gguf"], before=["dst"])
 bad("synthetic", "--dtype", ["int4"], before=["dst"])
 bad("synthetic", "--config-style", ["v3"], before=["dst"])
+BAD += [
+    ("models", [action, value, "--yes"][: 2 + (action == "remove")], "ID")
+    for action in ("path", "remove")
+    for value in ("../etc", "/etc/passwd", "acme", "", "a b/c")
+]
+BAD += [("models", ["frobnicate"], "ACTION")]
 
 
 def test_the_bad_input_list_is_broad():
@@ -186,6 +192,9 @@ def test_bad_values_are_refused_by_the_parser(sub, argv, flag, capsys):
         ("plan", ["20b", "--context", "1000000"], "--context: the model's limit is 131,072 tokens"),
         ("plan", ["--config", "20b", "120b"], "not both"),
         ("plan", [], "give a model"),
+        ("models", ["remove"], "remove needs a hub repo id"),
+        ("models", ["path", "acme/x", "--yes"], "--yes applies to remove"),
+        ("models", ["list", "acme/x"], "list takes no ID"),
     ],
 )
 def test_combinations_are_refused_in_words(sub, argv, needle, capsys):

@@ -62,7 +62,10 @@ def recording_launches():
     """The names of the kernels launched inside, the kernels themselves real: this machine's
     dialect through kernels.emulated with a factory that wraps MLX's."""
     dialect = kernels.available_backend()
-    make = mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
+    # inside kernels.emulated (the Metal emulator's tests), the factory in use; else MLX's
+    make = dispatch.RUNTIME.make_kernel or (
+        mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
+    )
     launched = []
 
     def recording(**kw):

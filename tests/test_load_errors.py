@@ -686,3 +686,28 @@ def test_generate_with_a_too_small_vocabulary_is_a_message_not_a_segfault(small_
     out = _generate(small_vocab)
     assert out.returncode == 1, (out.returncode, out.stderr)  # was -11 (SIGSEGV), exit 139 in a shell
     assert out.stderr.strip().count("\n") == 0 and "vocab_size is 10" in out.stderr
+
+
+def test_a_checkpoint_warning_is_one_line_on_the_command_line(tiny_checkpoint, vocab_dir, tmp_path):
+    """An unused tensor is worth a word, not Python's file:line and source line: the command prints
+    `oss-mlx generate: warning: ...` on one line and still answers."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    folder = copy(tiny_checkpoint, tmp_path)
+    extra = "model.rotary_emb.inv_freq"
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    tensors = load_torch(shard)
+    tensors[extra] = torch.ones(8)
+    save_torch(tensors, shard)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        idx = json.loads(index.read_text())
+        idx["weight_map"][extra] = shard.name
+        index.write_text(json.dumps(idx))
+    out = _generate(folder)
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if "not used" in line]
+    assert len(warned) == 1 and warned[0].startswith("oss-mlx generate: warning: "), out.stderr
+    assert extra in warned[0] and ".py:" not in out.stderr

@@ -138,25 +138,12 @@ def context_limit(model: Any) -> int | None:
 
 
 def prepare_model(model: str, console: Console) -> Path:
-    """The folder to load. A hub id (the default, openai/gpt-oss-20b) is downloaded and converted
-    once, on first run, into the data folder; later runs load the converted copy directly."""
-    from ..hub import is_repo_id, resolve_model_path
+    """The folder to load: a local folder as is; a hub id (the default, openai/gpt-oss-20b) by the
+    model store's rule (its converted copy, else the Hugging Face cache, else downloaded and
+    converted once into the store, announced here)."""
+    from ..model_store import resolve
 
-    if Path(model).expanduser().exists() or not is_repo_id(model):
-        return resolve_model_path(model)
-    dest = data_dir() / "models" / model.replace("/", "--")
-    if (dest / "config.json").is_file():
-        return dest
-    from ..hub import download
-    from ..weights import CheckpointError
-
-    download(model, config_only=True)  # offline: says so now, with what to do, before any output
-    console.print(Text(f"first run: {model} is downloaded and converted once, into {dest}", style="bold"))
-    from ..convert.cli import main as convert
-
-    if convert([model, str(dest)]) != 0:
-        raise CheckpointError(f"could not convert {model} into {dest} (the reason is above)")
-    return dest
+    return resolve(model, say=lambda text: console.print(Text(text, style="bold")))
 
 
 def _import_sampler() -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..harmony import ROLES, Message
+from ..model_store import data_dir
 
 FORMAT = "oss-mlx-chat"
 VERSION = 1
@@ -36,14 +37,6 @@ _MESSAGE_FIELDS = [f.name for f in fields(Message)]
 
 class ChatFileError(ValueError):
     """A conversation file that cannot be read (the message says why)."""
-
-
-def data_dir() -> Path:
-    home = os.environ.get("OSS_MLX_HOME")
-    if home:
-        return Path(home).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
-    return Path(base).expanduser() / "oss-mlx"
 
 
 def new_autosave_path(folder: Path | None = None) -> Path:

@@ -1,0 +1,58 @@
+#!/bin/bash
+# GPU machine: the one-question probes (benchmarks/probes/README.md says which question each answers).
+# Logs under $OUT; STAGES picks, no default. Bench rows are appended to $RESULTS as in
+# benchmarks/device_profile.sh. DRY_RUN=1 prints the commands instead of running them.
+#   STAGES="order envbench" bash benchmarks/probes/device_probes.sh
+set -o pipefail
+OUT=${OUT:-./bench-out}
+RESULTS=${RESULTS:-$OUT/results.jsonl}
+mkdir -p "$OUT"
+if [ -n "$DRY_RUN" ]; then
+  timeout() { shift; "$@"; }
+  for tool in python3 ncu; do eval "$tool() { echo \"+ $tool \$*\"; }"; done
+fi
+for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
+[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise moeprobe shapeprobe smallprobe compile loadchecks"; exit 2; }
+for stage in $STAGES; do
+  echo "== $stage" | tee -a $OUT/run.log
+  case $stage in
+    order)  # is the first length after the warm-up slow whatever its context? (128 twice first, with and without the warm-up)
+      for w in 2100 0; do
+        timeout ${BENCH_TIMEOUT:-200} python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,128,2048,128 \
+          --decode-tokens 64 --engines oss-mlx --warmup $w --results $RESULTS --json $OUT/order-warmup$w.json 2>&1 \
+          | tee -a $OUT/order.log
+      done ;;
+    envbench)  # host-bound decode: MLX-CUDA's graph settings (a commit every 100 ops or 1,000 M input
+               # elements on H100/H200, device.cpp) against the default, oss-mlx alone, 128 and 32k
+      i=0
+      for v in MLX_X=0 MLX_MAX_OPS_PER_BUFFER=400 "MLX_MAX_OPS_PER_BUFFER=400 MLX_MAX_MB_PER_BUFFER=1000000" \
+               MLX_USE_CUDA_GRAPHS=0; do
+        i=$((i + 1)); echo "-- $v" | tee -a $OUT/envbench.log
+        ( export $v; timeout 150 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,32768 --decode-tokens 64 \
+            --engines oss-mlx --results $RESULTS --json $OUT/envbench-$i.json ) 2>&1 | grep -E "context|device|\+ " \
+          | tee -a $OUT/envbench.log
+      done ;;
+    cold120)  # why the 120b's first 8k prompt ran at 302 tok/s: a fresh process's first 8k prompt with the
+              # load-time warm-up off, then on (its report splits the cost: the dummy prompt's kernel
+              # compiles, the attention graphs); STEP=512 for a memory-tight load's chunks
+      for w in off on; do
+        timeout ${BENCH_TIMEOUT:-280} python3 -m oss_mlx.cli bench --config 120b --cold --prompt-lengths 8192 \
+          --decode-tokens 8 --engines oss-mlx --load-warmup $w ${STEP:+--prefill-step $STEP} \
+          --results $RESULTS --json $OUT/cold120-$w.json 2>&1 | tee -a $OUT/cold120.log
+      done ;;
+    greedy)  # does the two-stage greedy argmax speed decode up on the card? (alternating rounds, 128 and 32k)
+      timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/greedy_probe.py 2>&1 | tee -a $OUT/greedy.log ;;
+    noise) timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/decode_noise_probe.py 2>&1 | tee -a $OUT/noise.log ;;
+    moeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/probes/prefill_moe_probe.py 2>&1 | tee -a $OUT/moeprobe.log ;;
+    shapeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/probes/first_shape_probe.py 2>&1 | tee -a $OUT/shapeprobe.log ;;
+    smallprobe)
+      timeout 120 python3 benchmarks/probes/small_array_probe.py 2>&1 | tee -a $OUT/run.log
+      timeout 200 ncu --metrics gpu__time_duration.sum -k regex:probe --csv \
+        python3 benchmarks/probes/small_array_probe.py > $OUT/smallprobe.csv 2> $OUT/smallprobe.err
+      python3 benchmarks/ncu_sweep.py --summarize $OUT/smallprobe.csv | tee -a $OUT/run.log ;;
+    compile) timeout ${PROBE_TIMEOUT:-200} python3 benchmarks/probes/compile_probe.py --keys ${KEYS:-256} \
+               --json $OUT/compile-probe.json 2>&1 | tee -a $OUT/run.log ;;
+    loadchecks) timeout ${PROBE_TIMEOUT:-200} python3 benchmarks/probes/load_checks_probe.py 2>&1 | tee -a $OUT/loadchecks.log ;;
+    *) echo "unknown stage $stage" | tee -a $OUT/run.log; exit 2 ;;
+  esac
+done
