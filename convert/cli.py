@@ -103,7 +103,8 @@ def _main_thread() -> bool:
 
 
 def _run(args, out, err) -> int:
-    from oss_mlx.memory import GiB, Machine, MemoryPlan, print_plan
+    from oss_mlx.memory import GiB, Machine, MemoryPlan
+    from oss_mlx.plan_cli import print_plan
 
     from . import converter as C
     from .hub import download, is_repo_id, resolve_source

@@ -7,10 +7,8 @@ quantization of the attention projections (qkv, out), the token embedding and th
 `max_deviation` is what `--verify` accepts: the largest relative RMS difference from the source of
 any stage of a 16-token forward run stage by stage on the source's own activations (embedding,
 each layer's attention and MoE update, logits; measured in float32, so it is the quantization
-error alone; see convert/verify.py). On random synthetic models of every size from tiny to
-20b-wide, balanced measures 0.7% (embedding, logits) and 1.5% (attention), small 2.2% and 1.5%;
-the bounds are about twice that. The MoE stages are never quantized and measure 0. Measured
-numbers: docs/PERFORMANCE.md ("## Converter").
+error alone; see convert/verify.py). The bounds are about twice what random synthetic models of
+every size measure (docs/PERFORMANCE.md, "Converter"); the MoE stages are never quantized (0).
 """
 
 from __future__ import annotations

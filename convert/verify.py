@@ -31,6 +31,7 @@ import numpy as np
 from oss_mlx.attention import attention_mask
 from oss_mlx.loader import load_model, quantize_dense
 
+from .plan import DTYPES
 from .presets import get_preset
 from .writer import sha256_file
 
@@ -205,9 +206,7 @@ def verify_logits(dest: Path, source: Path, n_tokens: int = 16) -> Report:
     cfg = json.loads((dest / "config.json").read_text())
     section = cfg["oss_mlx"]
     preset = get_preset(section.get("preset", "reference"))
-    dtype = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[
-        section.get("dtype", "bfloat16")
-    ]
+    dtype = DTYPES[section.get("dtype", "bfloat16")]
     spec = section.get("quantization") or {}
     tokens = verify_tokens(cfg["vocab_size"], n_tokens)
     stages, end = lockstep(source, dest, tokens, dtype, spec if any(spec.values()) else None)

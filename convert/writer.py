@@ -1,39 +1,22 @@
 """A safetensors shard written streaming: header first (every offset computed up front), then the
 tensors' bytes in order, chunk by chunk, hashed on the way. Never holds more than the chunk it is given.
 
-File layout (the safetensors format): 8-byte little-endian header length N, N bytes of JSON header
-(padded with spaces so that the data starts on a 4096-byte boundary: a page, for memory mapping), then
-the tensors back to back in the order given. A tensor's bytes are at file offset
-`data_start + data_offsets[0]`, with `data_start = 8 + N` (`ShardWriter.data_start`).
+The format is `oss_mlx.safetensors_file`'s; here the data starts on a 4096-byte boundary (a page, for
+memory mapping) and the tensors follow back to back in the order given (`ShardWriter.data_start`,
+`ShardWriter.offset_of`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
-# mx dtype -> (safetensors dtype, itemsize)
-ST_DTYPES: dict[mx.Dtype, tuple[str, int]] = {
-    mx.bool_: ("BOOL", 1),
-    mx.uint8: ("U8", 1),
-    mx.int8: ("I8", 1),
-    mx.uint16: ("U16", 2),
-    mx.int16: ("I16", 2),
-    mx.float16: ("F16", 2),
-    mx.bfloat16: ("BF16", 2),
-    mx.uint32: ("U32", 4),
-    mx.int32: ("I32", 4),
-    mx.float32: ("F32", 4),
-    mx.uint64: ("U64", 8),
-    mx.int64: ("I64", 8),
-}
+from oss_mlx import safetensors_file as st
+
 DATA_ALIGN = 4096
 
 
@@ -45,25 +28,13 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * ST_DTYPES[self.dtype][1]
+        return st.nbytes(self.shape, st.NAME_OF[self.dtype])
 
 
 def build_header(tensors: list[TensorSpec], metadata: dict[str, str] | None = None) -> tuple[bytes, dict]:
     """(the header bytes incl. the 8-byte length, the header dict); tensors laid out in the given order."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for t in tensors:
-        header[t.name] = {
-            "dtype": ST_DTYPES[t.dtype][0],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)
-    return struct.pack("<Q", len(raw)) + raw, header
+    entries = [(t.name, t.shape, st.NAME_OF[t.dtype]) for t in tensors]
+    return st.build_header(entries, metadata, align=DATA_ALIGN)
 
 
 class ShardWriter:

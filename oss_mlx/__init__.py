@@ -11,9 +11,10 @@ import os
 
 import mlx.core as mx
 
+from .config import read_config
 from .errors import LoadError
 from .generation import SamplingOptions
-from .loader import check_vocabulary, load_model, model_config
+from .loader import check_vocabulary, load_model
 from .model import Transformer
 from .model_store import resolve
 from .session import Done, Reply, Session, generate, stream_generate
@@ -56,7 +57,7 @@ def load(
     """
     folder = resolve(path_or_repo)
     tokenizer = load_tokenizer(folder)
-    check_vocabulary(model_config(folder), tokenizer.vocab_size, folder)  # before any weight is read
+    check_vocabulary(read_config(folder)[0], tokenizer.vocab_size, folder)  # before any weight is read
     model, _ = load_model(
         folder, dtype=dtype, quantize_experts=quantize_experts, memory_budget=memory_budget, warm_up=warm_up
     )

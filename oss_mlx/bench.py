@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
 import shutil
 import subprocess
@@ -33,15 +32,15 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
 
-from . import bench_first, kernels
+from . import bench_first, kernels, mxfp4
 from .config import ModelConfig
-from .kernels import decode_moe
-from .loader import prepare_for_backend
 from .model import Transformer
-from .moe import mxfp4_weights
+from .testing.kernel_checks import check_layers, check_logits
+from .testing.random_model import preset_config, random_model
+from .testing.random_model import random_prompt as _prompt
+
+__all__ = ["check_layers", "check_logits", "main", "mlx_lm_model", "preset_config", "random_model"]
 
 ENGINES = ("oss-mlx", "oss-mlx:reference", "mlx-lm")
 
@@ -66,107 +65,16 @@ class Row:
 # ---- models ---------------------------------------------------------------------------------------
 
 
-def preset_config(name: str) -> ModelConfig:
-    from .synthetic import SyntheticSpec
-
-    spec = SyntheticSpec.preset(name)
-    return ModelConfig(
-        num_layers=spec.num_layers,
-        num_experts=spec.num_experts,
-        experts_per_token=spec.experts_per_token,
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        head_dim=spec.head_dim,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        sliding_window=spec.sliding_window,
-        rope_theta=spec.rope_theta,
-        rope_scaling_factor=spec.rope_scaling_factor,
-        rope_beta_fast=spec.beta_fast,
-        rope_beta_slow=spec.beta_slow,
-        rope_original_context=spec.original_max_position_embeddings,
-        rope_truncate=spec.rope_truncate,
-    )
-
-
-def _e8m0_center(fan_in: int) -> int:
-    # FP4 codes uniform over the 16 values have rms 2.93: 2^c * 2.93 * sqrt(fan_in) ~ 1.
-    return 127 + round(-math.log2(2.926 * math.sqrt(fan_in)))
-
-
-def random_model(config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.bfloat16) -> Transformer:
-    """A gpt-oss with random weights of realistic scale, built block by block in memory."""
-    mx.random.seed(seed)
-    model = Transformer(config, quantized_experts=True)
-
-    def make(name: str, p: mx.array) -> mx.array:
-        shape = p.shape
-        if p.dtype == mx.uint32:  # packed FP4 codes: any bits are valid
-            bytes_ = mx.random.randint(0, 256, (*shape[:-1], 4 * shape[-1]), dtype=mx.uint8)
-            return bytes_.view(mx.uint32)
-        if p.dtype == mx.uint8:  # e8m0 scales around the fan-in centre
-            c = _e8m0_center(shape[-1] * 32)
-            return mx.random.randint(c - 1, c + 2, shape).astype(mx.uint8)
-        if name.endswith("norm.weight"):
-            return (1 + 0.05 * mx.random.normal(shape)).astype(dtype)
-        if name.endswith("sinks"):
-            return mx.random.normal(shape).astype(dtype)
-        if name.endswith("bias"):
-            return (0.02 * mx.random.normal(shape)).astype(dtype)
-        if name.startswith("embedding"):
-            return mx.random.normal(shape, dtype=dtype)
-        return (mx.random.normal(shape, dtype=dtype) * (1 / math.sqrt(shape[-1]))).astype(dtype)
-
-    def fill(module: nn.Module, prefix: str) -> None:
-        params = [(n, make(prefix + n, p)) for n, p in tree_flatten(module.parameters())]
-        module.update(tree_unflatten(params))
-        mx.eval(module.parameters())
-
-    for i, block in enumerate(model.blocks):
-        fill(block, f"blocks.{i}.")
-    fill(model.embedding, "embedding.")
-    fill(model.norm, "norm.")
-    fill(model.unembedding, "unembedding.")
-    prepare_for_backend(model)  # as the loader does
-    return model
-
-
 def mlx_lm_model(model: Transformer):
     """mlx-lm's gpt_oss.Model holding the same weights (shared where the layouts agree)."""
     from mlx_lm.models import gpt_oss
 
     c = model.config
-    args = gpt_oss.ModelArgs(
-        model_type="gpt_oss",
-        num_hidden_layers=c.num_layers,
-        num_local_experts=c.num_experts,
-        num_experts_per_tok=c.experts_per_token,
-        vocab_size=c.vocab_size,
-        rms_norm_eps=c.rms_norm_eps,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        head_dim=c.head_dim,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        sliding_window=c.sliding_window,
-        rope_theta=c.rope_theta,
-        rope_scaling={
-            "rope_type": "yarn",
-            "factor": c.rope_scaling_factor,
-            "beta_fast": c.rope_beta_fast,
-            "beta_slow": c.rope_beta_slow,
-            "original_max_position_embeddings": c.rope_original_context,
-            "truncate": c.rope_truncate,
-        },
-        layer_types=list(c.layer_types),
-    )
+    args = gpt_oss.ModelArgs.from_dict(c.to_hf_dict())  # the HF config.json keys mlx-lm reads
     lm = gpt_oss.Model(args)
     nn.quantize(
         lm,
-        group_size=32,
-        bits=4,
-        mode="mxfp4",
+        **mxfp4.MLX_MODE,
         class_predicate=lambda p, m: ".experts." in p and hasattr(m, "to_quantized"),
     )
     hq, hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -207,11 +115,6 @@ def mlx_lm_model(model: Transformer):
 
 
 # ---- runs -----------------------------------------------------------------------------------------
-
-
-def _prompt(n: int, vocab: int, seed: int) -> list[int]:
-    key = mx.random.key(seed + n)
-    return mx.random.randint(0, vocab, (n,), key=key).tolist()
 
 
 # (prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s)
@@ -285,7 +188,7 @@ def follow_up(engine: str, model, depth: int, new: int, seed: int, prefill_step:
     rate (tok/s to the first token) and their ratio. The fresh prompt runs first, twice (the second
     kept: warm), then the depth is filled and the follow-up timed once (--follow-up)."""
     vocab = model.config.vocab_size if hasattr(model, "config") else model.args.vocab_size
-    tokens = [(i * 7919 + seed) % vocab for i in range(depth + new)]
+    tokens = _prompt(depth + new, vocab, seed)
     context, added = tokens[:depth], tokens[depth:]
 
     def timed(prompt: list[int], cache) -> float:
@@ -307,110 +210,6 @@ def follow_up(engine: str, model, depth: int, new: int, seed: int, prefill_step:
     timed(context, cache)
     after = timed(added, cache)
     return {"depth": depth, "new": new, "fresh_tps": fresh, "follow_up_tps": after, "ratio": after / fresh}
-
-
-def check_logits(model: Transformer, n: int, steps: int = 8, seed: int = 0) -> dict:
-    """Logits with kernels vs the reference path: an n-token prefill, then `steps` decoded tokens
-    (the kernel run's greedy tokens fed to both). Max |diff| / max |ref| per step, argmax agreement."""
-    prompt = _prompt(n, model.config.vocab_size, seed + 7)
-
-    def logits_seq(tokens_fed: list[int] | None) -> tuple[list[mx.array], list[int]]:
-        cache = model.make_cache()
-        out = [model(mx.array(prompt)[None], cache=cache, last_logits_only=True)[0, -1].astype(mx.float32)]
-        mx.eval(out[-1])
-        fed = []
-        for i in range(steps):
-            tok = int(mx.argmax(out[-1]).item()) if tokens_fed is None else tokens_fed[i]
-            fed.append(tok)
-            out.append(model(mx.array([[tok]]), cache=cache)[0, -1].astype(mx.float32))
-            mx.eval(out[-1])
-        return out, fed
-
-    fast, fed = logits_seq(None)
-    with kernels.use_backend("reference"):
-        ref, _ = logits_seq(fed)
-    errs = [float(mx.max(mx.abs(a - b)).item() / mx.max(mx.abs(b)).item()) for a, b in zip(fast, ref)]
-    agree = sum(int(mx.argmax(a).item() == mx.argmax(b).item()) for a, b in zip(fast, ref))
-    return {
-        "prompt": n,
-        "steps": steps,
-        "max_rel_err": max(errs),
-        "rel_err_per_step": errs,
-        "argmax_agree": f"{agree}/{len(errs)}",
-        "backend": kernels.backend(),
-    }
-
-
-def check_layers(model: Transformer, n: int, steps: int = 4, seed: int = 0) -> dict:
-    """Decode with kernels vs the reference, layer by layer, each layer fed the reference's input.
-
-    A random-weight MoE is chaotic end to end (one ulp in a router near-tie changes an expert and then
-    everything after it), so this compares each block's update (output - input) alone: both paths get
-    the same input and caches that hold the same keys (the prompt prefilled by the reference into
-    both), and the reference's output goes on to the next layer. Max relative RMS over layers/steps.
-
-    Even one layer's router can tie: its logits are rounded to bf16 (as the reference's addmm
-    returns them), so the 4th and 5th of 32 experts fall within an ulp now and then, and a different
-    expert is a different update. So the MoE is judged three ways: the whole fused block where the
-    kernel's router picked the reference's experts (`moe`), the expert kernels given the reference's
-    routing everywhere (`moe_experts`), and each disagreement's gap between the k-th and (k+1)-th
-    reference logit, in units of that logit's bf16 spacing (a tie is <= 1).
-    """
-    prompt = mx.array(_prompt(n, model.config.vocab_size, seed + 11))[None]
-    caches = [model.make_cache(), model.make_cache()]
-    with kernels.use_backend("reference"):
-        for c in caches:
-            mx.eval(model(prompt, cache=c, last_logits_only=True))
-    worst = {"attention": 0.0, "moe": 0.0, "moe_experts": 0.0}
-    disagreements: list[float] = []
-
-    def rel(out: mx.array, ref: mx.array, inp: mx.array) -> float:
-        d = (out - inp).astype(mx.float32)
-        r = (ref - inp).astype(mx.float32)
-        return (mx.sqrt(mx.mean((d - r) ** 2)) / mx.maximum(mx.sqrt(mx.mean(r**2)), 1e-30)).item()
-
-    token = mx.array([[7]])
-    for _ in range(steps):
-        x = model.embedding(token)
-        for i, block in enumerate(model.blocks):
-            mask = None  # one query: every cached key is visible
-            fast_attn = block.attn(x, mask, caches[0][i])
-            with kernels.use_backend("reference"):
-                ref_attn = block.attn(x, mask, caches[1][i])
-            worst["attention"] = max(worst["attention"], rel(fast_attn, ref_attn, x))
-            mlp, H = block.mlp, ref_attn.shape[-1]
-            fast_moe = mlp(ref_attn)
-            with kernels.use_backend("reference"):
-                ref_moe = mlp(ref_attn)
-                h = mlp.norm(ref_attn).reshape(-1, H)
-                ref_w, ref_ids = mlp.router(h)
-                logits = mx.addmm(mlp.router.bias, h, mlp.router.weight.T)
-            _, fast_ids = mlp.router(h)
-            if set(np.array(fast_ids).ravel().tolist()) == set(np.array(ref_ids).ravel().tolist()):
-                worst["moe"] = max(worst["moe"], rel(fast_moe, ref_moe, ref_attn))
-            else:
-                top = np.sort(np.array(logits.astype(mx.float32)).ravel())[::-1]
-                k = mlp.router.top_k
-                ulp = 2.0 ** (np.floor(np.log2(max(abs(top[k - 1]), 1e-30))) - 7)  # bf16: 8 significant bits
-                disagreements.append(float((top[k - 1] - top[k]) / ulp))
-            experts = mxfp4_weights(mlp.experts)
-            if decode_moe.moe_decode_ok(experts, h, ref_ids):
-                fused = decode_moe.moe_decode(experts, h, ref_w, ref_ids, ref_attn.reshape(-1, H))
-                worst["moe_experts"] = max(
-                    worst["moe_experts"], rel(fused.reshape(ref_moe.shape), ref_moe, ref_attn)
-                )
-            x = ref_moe
-        with kernels.use_backend("reference"):
-            token = mx.argmax(model.unembedding(model.norm(x)), axis=-1)
-    return {
-        "prompt": n,
-        "steps": steps,
-        "max_rel_rms": worst,
-        "router_disagreements": len(disagreements),
-        "of": steps * len(model.blocks),
-        "disagreement_gaps_in_bf16_ulps": [round(g, 2) for g in disagreements],
-        "backend": kernels.backend(),
-    }
 
 
 # ---- output ---------------------------------------------------------------------------------------
@@ -625,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
     elif not args.memory_budget and not args.ignore_memory:
-        from .memory import refuse_unless_fits
+        from .plan_cli import refuse_unless_fits
 
         if refuse_unless_fits("oss-mlx bench", args.model, context, how=" (with --engines oss-mlx)"):
             return 1

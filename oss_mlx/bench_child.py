@@ -20,14 +20,8 @@ def _child(spec: ChildSpec, module_start: float) -> FirstPrompt:
     import mlx.core as mx
 
     from . import kernels, warmup
-    from .bench import (
-        mlx_lm_model,
-        mlx_lm_token_times,
-        oss_mlx_token_times,
-        preset_config,
-        random_model,
-        rates,
-    )
+    from .bench import mlx_lm_model, mlx_lm_token_times, oss_mlx_token_times, rates
+    from .testing.random_model import preset_config, random_model, random_prompt
 
     ptx = ptx_cache_files()
     engine = spec.engine
@@ -46,7 +40,7 @@ def _child(spec: ChildSpec, module_start: float) -> FirstPrompt:
     if spec.prompt == "chat":
         prompt = chat_prompt(spec.model if spec.model and os.path.isdir(spec.model) else None)
     else:
-        prompt = [(i * 7919 + spec.seed) % vocab for i in range(int(spec.prompt))]
+        prompt = random_prompt(int(spec.prompt), vocab, spec.seed)  # the bench's warm rows' prompt
     if engine == "mlx-lm":
         lm = mlx_lm_model(model)
         del model

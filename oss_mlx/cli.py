@@ -10,12 +10,12 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "chat": ("oss_mlx.chat.app", "terminal chat (default)"),
+    "chat": ("oss_mlx.chat.main", "terminal chat (default)"),
     "generate": ("oss_mlx.run", "one prompt in, the answer out (scripts, pipes)"),
     "convert": ("oss_mlx.convert.cli", "checkpoint -> MLX layout resharded for unified memory"),
     "serve": ("oss_mlx.server.app", "OpenAI-compatible server (Responses, Chat Completions)"),
     "bench": ("oss_mlx.bench", "prefill/decode speed and memory, side by side with mlx-lm"),
-    "plan": ("oss_mlx.memory", "will a model fit this machine? memory plan per preset and context"),
+    "plan": ("oss_mlx.plan_cli", "will a model fit this machine? memory plan per preset and context"),
     "models": ("oss_mlx.models_cli", "the models on this machine: list, path, remove"),
     "synthetic": ("oss_mlx.synthetic", "write a random gpt-oss checkpoint (tests, benchmarks)"),
 }

@@ -128,9 +128,9 @@ SIZE_UNITS = {
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
 
 
-def parse_size(text: str) -> int:
-    """'6GB' (10^9), '6.5GiB' (2^30), '800MB', '800MiB', '12G' or a number of bytes -> bytes (> 0).
-    ValueError (without the name of what is sized: callers add it) otherwise."""
+def parse_size(text: str | int) -> int:
+    """'6GB' (10^9), '6.5GiB' (2^30), '800MB', '800MiB', '12G' or a number of bytes (text or int) ->
+    bytes (> 0). ValueError (without the name of what is sized: callers add it) otherwise."""
     m = _SIZE.fullmatch(str(text))
     unit = m.group(2).lower() if m else None
     if m is None or unit not in SIZE_UNITS:
@@ -279,9 +279,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The project's own error types: bad input, said in words (printed without a traceback)."""
     from .chat.history import ChatFileError
     from .chat.tools import ToolFileError
-    from .convert.converter import ConvertError
     from .convert.verify import VerifyError
-    from .errors import LoadError, MemoryBudgetError
+    from .errors import ConvertError, LoadError, MemoryBudgetError
 
     return (
         UsageError,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoadError
+from .mxfp4 import GROUP_SIZE
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -204,8 +205,10 @@ class ModelConfig:
         if self.head_dim < 2 or self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be positive and even for rotary embeddings")
         for name in ("hidden_size", "intermediate_size"):
-            if getattr(self, name) < 32 or getattr(self, name) % 32:
-                problems.append(f"{name}={getattr(self, name)} is not a multiple of the MXFP4 group (32)")
+            if getattr(self, name) < GROUP_SIZE or getattr(self, name) % GROUP_SIZE:
+                problems.append(
+                    f"{name}={getattr(self, name)} is not a multiple of the MXFP4 group ({GROUP_SIZE})"
+                )
         for name in ("rms_norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
@@ -482,6 +485,17 @@ def _check_converted(section: Any) -> None:
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# The official models, as changes to ModelConfig's defaults (which are gpt-oss-20b's).
+OFFICIAL_SHAPES: dict[str, dict[str, Any]] = {"20b": {}, "120b": {"num_layers": 36, "num_experts": 128}}
+
+
+def official_config(size: str) -> ModelConfig:
+    """The config of openai/gpt-oss-20b or -120b (`size` "20b" / "120b"), no file needed."""
+    if size not in OFFICIAL_SHAPES:
+        raise ValueError(f"unknown model size {size!r}; choose {' or '.join(OFFICIAL_SHAPES)}")
+    return ModelConfig(**OFFICIAL_SHAPES[size])
 
 
 def read_config(folder: str | Path) -> tuple[ModelConfig, dict[str, Any]]:

@@ -12,5 +12,13 @@ class LoadError(Exception):
     """A model folder, hub id, config.json, checkpoint or vocabulary that cannot be loaded."""
 
 
+class CheckpointError(LoadError, ValueError):
+    """A checkpoint folder that cannot be loaded; the message says what and how to fix it."""
+
+
+class ConvertError(RuntimeError):
+    """A conversion (`oss-mlx convert`) that cannot proceed; the message says why and what to do."""
+
+
 class MemoryBudgetError(ValueError):
     """A memory budget that cannot hold the model even when streaming its experts."""

@@ -1,5 +1,6 @@
-"""The Hugging Face hub: what a hub id is, whether the hub answers, and the download of a model's files
-(huggingface_hub does the work: resumable downloads, progress bars, its cache)."""
+"""The Hugging Face hub: what a hub id is, whether the network answers (the hub, or the vocabulary's
+server for the tokenizer: one rule for both), and the download of a model's files (huggingface_hub
+does the work: resumable downloads, progress bars, its cache)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from .weights import CheckpointError
+from .errors import CheckpointError
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
 # Only what the model needs. The hub repos also carry original/ and metal/ copies of the weights,
@@ -31,18 +32,35 @@ def is_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "OSS_MLX_OFFLINE")
 HUB_CONNECT_TIMEOUT = 3.0  # seconds; huggingface_hub itself retries for ~25 s before it gives up
+
+
+def offline_mode() -> str | None:
+    """The variable that sets offline mode ("HF_HUB_OFFLINE=1"), None when none does. The values
+    huggingface_hub takes for true (1, true, yes, on) count, in either variable."""
+    for name in OFFLINE_VARIABLES:
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{name}={os.environ[name]}"
+    return None
+
+
+def network_unavailable(url: str | None = None) -> str | None:
+    """Why not to try a download from `url` (default: the hub), or None: offline mode is set, or one
+    quick connect fails. Every download (model files, the tokenizer's vocabulary) asks this first, so
+    none waits on retries when there is no network."""
+    setting = offline_mode()
+    if setting is not None:
+        return f"offline mode is set ({setting})"
+    return hub_unreachable(url)
 
 
 @functools.lru_cache(maxsize=4)  # one probe per process and endpoint: a plan and a load share it
 def hub_unreachable(endpoint: str | None = None, timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
-    """Why the Hugging Face hub cannot be reached (None: it can), from one TCP connect.
+    """Why `endpoint` (default: the Hugging Face hub) cannot be reached (None: it can), from one TCP
+    connect.
 
-    The endpoint is huggingface_hub's (HF_ENDPOINT); behind a proxy (HTTPS_PROXY, ALL_PROXY) the
+    The hub's endpoint is huggingface_hub's (HF_ENDPOINT); behind a proxy (HTTPS_PROXY, ALL_PROXY) the
     proxy is what must answer. A connect is enough to tell "no network" from "slow network".
     """
     import socket
@@ -96,7 +114,7 @@ def download(
         RevisionNotFoundError,
     )
 
-    reason = "HF_HUB_OFFLINE is set" if _offline() else hub_unreachable()
+    reason = network_unavailable()
     try:
         folder = Path(
             snapshot_download(

@@ -13,7 +13,7 @@ import warnings
 
 import mlx.core as mx
 
-from . import kernels
+from . import kernels, mxfp4
 from .attention import AttentionBlock, sdpa_with_sinks
 from .config import ModelConfig
 from .kernels import decode_attention, decode_moe, prefill_moe
@@ -63,9 +63,7 @@ def run() -> str | None:
         router = block.router
         router.weight = 0.1 * mx.random.normal((8, 64), key=keys[0])
         for name, shape, key in (("gate_up", (8, 128, 64), keys[1]), ("down", (8, 64, 64), keys[2])):
-            w, scales = mx.quantize(
-                0.1 * mx.random.normal(shape, key=key), group_size=32, bits=4, mode="mxfp4"
-            )
+            w, scales = mxfp4.quantize(0.1 * mx.random.normal(shape, key=key))
             setattr(block.experts, f"{name}_weight", w)
             setattr(block.experts, f"{name}_scales", scales)
         experts = mxfp4_weights(block.experts)

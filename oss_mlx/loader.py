@@ -12,7 +12,8 @@ from mlx.utils import tree_flatten
 
 from . import kernel_selftest, kernels, warmup
 from .config import ModelConfig, read_config
-from .memory import DEFAULT_CONTEXT, Machine, kv_bytes, prefill_step_for, wire_weights
+from .machine import Machine, prefill_step_for, wire_weights
+from .memory import DEFAULT_CONTEXT, kv_bytes
 from .model import Transformer
 from .model_store import resolve
 from .moe import Experts
@@ -35,9 +36,6 @@ class LoadInfo:
     path: Path
     config: ModelConfig
     raw_config: dict = field(repr=False)
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
 
 
 def load_model(
@@ -172,10 +170,6 @@ def quantize_dense(model: Transformer, spec: dict | None) -> None:
             mode=q.get("mode", "affine"),
             class_predicate=wanted,
         )
-
-
-def model_config(path_or_repo: str | os.PathLike) -> ModelConfig:
-    return read_config(resolve(path_or_repo))[0]
 
 
 def check_vocabulary(config: ModelConfig, tokenizer_vocab: int, folder: Path) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -29,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .convert.folder import WORKING, clean_stale, pid_alive
 from .weights import CheckpointError, checkpoint_files
 
 DOWNLOADS = ".downloads"
-# The converter's working names beside DEST (convert/converter.py: convert, clean_stale).
-_WORKING = re.compile(r"\.(partial|old)-(\d+)$")
 
 
 def data_dir() -> Path:
@@ -214,7 +212,7 @@ def stored_models() -> list[StoredModel]:
         return []
     found = []
     for folder in sorted(root.iterdir()):
-        if folder.name.startswith(".") or _WORKING.search(folder.name) or not folder.is_dir():
+        if folder.name.startswith(".") or WORKING.search(folder.name) or not folder.is_dir():
             continue
         if not _is_converted(folder):
             continue
@@ -252,16 +250,14 @@ def cached_models() -> list[StoredModel]:
 def unfinished() -> list[tuple[Path, bool]]:
     """Leftovers in the store: (folder, alive) for each converter's working folder (alive: its
     process still runs) and each download of the download cache not yet converted."""
-    from .convert.converter import _pid_alive
-
     root = store_dir()
     if not root.is_dir():
         return []
     found = []
     for folder in sorted(root.iterdir()):
-        m = _WORKING.search(folder.name)
+        m = WORKING.search(folder.name)
         if m and folder.is_dir():
-            found.append((folder, _pid_alive(int(m.group(2)))))
+            found.append((folder, pid_alive(int(m.group(2)))))
     staging = root / DOWNLOADS
     if staging.is_dir():
         found += [(p, False) for p in sorted(staging.glob("models--*")) if p.is_dir()]
@@ -271,12 +267,11 @@ def unfinished() -> list[tuple[Path, bool]]:
 def clean_unfinished() -> list[Path]:
     """Remove the working folders of conversions whose process is gone (or restore an old copy a
     killed `--force` moved aside: the converter's own rule). Downloads are kept: they resume."""
-    from .convert.converter import clean_stale
 
     removed: list[Path] = []
     for folder, alive in unfinished():
-        if not alive and _WORKING.search(folder.name):
-            removed += clean_stale(folder.parent / _WORKING.sub("", folder.name))
+        if not alive and WORKING.search(folder.name):
+            removed += clean_stale(folder.parent / WORKING.sub("", folder.name))
     return removed
 
 
@@ -294,7 +289,7 @@ def removable(repo_id: str) -> list[Path]:
     root = store_dir()
     paths = [root / name] if (root / name).exists() or (root / name).is_symlink() else []
     for folder, alive in unfinished():
-        base = _WORKING.sub("", folder.name)
+        base = WORKING.sub("", folder.name)
         if (base == name and not alive) or folder.name == f"models--{name}":
             paths.append(folder)
     return [p for p in paths if _inside_store(p)]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import mxfp4
 from .config import ModelConfig
 from .kernels import ExpertWeights, decode_moe, prefill_moe, routing
 from .norm import RMSNorm
 
-MXFP4_GROUP = 32
 # Below this many (token, expert) pairs, gathering in token order is cheaper than sorting.
 SORT_THRESHOLD = 64
 
@@ -58,11 +58,8 @@ def route_reference(x: mx.array, weight: mx.array, bias: mx.array, k: int) -> tu
 
 
 def gather_qmm_mxfp4(x, w, scales, indices, sorted_indices: bool) -> mx.array:
-    """mx.gather_qmm on MXFP4 weights [E, N_out, K/8] (transposed), as the experts use it.
-
-    (Splitting N_out = 2880 into 2816 + 64 to reach MLX-CUDA's tensor-core path was tried: MLX 0.32.4
-    has no gather_qmm implementation for the sliced 64-row tail, so the call stays whole.)
-    """
+    """mx.gather_qmm on MXFP4 weights [E, N_out, K/8] (transposed), as the experts use it: one call
+    (why not split to reach MLX-CUDA's tensor-core path: docs/KERNELS.md)."""
     return mx.gather_qmm(
         x,
         w,
@@ -70,10 +67,8 @@ def gather_qmm_mxfp4(x, w, scales, indices, sorted_indices: bool) -> mx.array:
         None,
         rhs_indices=indices,
         transpose=True,
-        group_size=32,
-        bits=4,
-        mode="mxfp4",
         sorted_indices=sorted_indices,
+        **mxfp4.MLX_MODE,
     )
 
 
@@ -101,7 +96,7 @@ def dequantized_experts(experts: ExpertWeights, x: mx.array, indices: mx.array) 
     of its own (over a minute at the 20b's shapes, docs/PERFORMANCE.md)."""
 
     def linear(w: mx.array, scales: mx.array, bias: mx.array, h: mx.array) -> mx.array:
-        w = mx.dequantize(w, scales, group_size=MXFP4_GROUP, bits=4, mode="mxfp4", dtype=mx.float32)[indices]
+        w = mxfp4.dequantize(w, scales)[indices]
         y = (w[..., : bias.shape[-1], :] @ h.astype(mx.float32)[..., None])[..., 0]  # rows may be padded
         return y.astype(x.dtype) + bias[indices].astype(x.dtype)
 
@@ -143,10 +138,11 @@ class Experts(nn.Module):
         self.quantized = quantized
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         if quantized:
-            self.gate_up_weight = mx.zeros((E, 2 * I, H // 8), dtype=mx.uint32)
-            self.gate_up_scales = mx.zeros((E, 2 * I, H // MXFP4_GROUP), dtype=mx.uint8)
-            self.down_weight = mx.zeros((E, H, I // 8), dtype=mx.uint32)
-            self.down_scales = mx.zeros((E, H, I // MXFP4_GROUP), dtype=mx.uint8)
+            words, group = mxfp4.VALUES_PER_WORD, mxfp4.GROUP_SIZE
+            self.gate_up_weight = mx.zeros((E, 2 * I, H // words), dtype=mx.uint32)
+            self.gate_up_scales = mx.zeros((E, 2 * I, H // group), dtype=mx.uint8)
+            self.down_weight = mx.zeros((E, H, I // words), dtype=mx.uint32)
+            self.down_scales = mx.zeros((E, H, I // group), dtype=mx.uint8)
         else:
             self.gate_up_weight = mx.zeros((E, 2 * I, H))
             self.down_weight = mx.zeros((E, H, I))

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import oss_mlx
     from oss_mlx.harmony import TextDelta
-    from oss_mlx.memory import refuse_unless_fits
+    from oss_mlx.plan_cli import refuse_unless_fits
     from oss_mlx.session import Done
 
     if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits("oss-mlx generate", args.model):

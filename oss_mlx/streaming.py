@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import time
 import weakref
 from collections import OrderedDict
@@ -36,17 +35,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import safetensors_file as st
 from . import weights as W
 from .cli_args import parse_size
 from .config import ModelConfig
 from .errors import MemoryBudgetError
+from .memory import ACTIVATION_ALLOWANCE, kv_bytes, min_budget
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
 
 if TYPE_CHECKING:
     from .model import Transformer
 
-# Activations, logits, MLX's scratch buffers and the Python runtime, beyond the KV cache.
-ACTIVATION_ALLOWANCE = 512 * 2**20
 # The KV cache is budgeted for this many tokens (sliding layers only ever hold their window).
 DEFAULT_CONTEXT = 4096
 _EXPERT_TENSORS = ("gate_up_weight", "gate_up_scales", "down_weight", "down_scales")
@@ -54,15 +53,9 @@ _EXPERT_PARAM = re.compile(r"\.experts\.(gate_up|down)_(weight|scales)$")
 
 
 def parse_budget(budget: str | int) -> int:
-    """'6GB' (10^9), '6.5GiB' (2^30), '800MB', '800MiB', '12G' or an int of bytes -> bytes."""
-    if isinstance(budget, bool):
-        raise ValueError(f"memory_budget must be bytes or a size like '6GB', not {budget!r}")
-    if isinstance(budget, (int, np.integer)):
-        if int(budget) <= 0:
-            raise ValueError(f"memory_budget must be positive, got {budget!r}")
-        return int(budget)
+    """`memory_budget` in bytes: a size like '6GB' or a number of bytes (cli_args.parse_size)."""
     try:
-        return parse_size(str(budget))
+        return parse_size(budget)
     except ValueError as e:
         raise ValueError(f"memory_budget={budget!r}: {e}") from None
 
@@ -115,16 +108,12 @@ def _close_all(fds: dict[Path, int]) -> None:
     fds.clear()
 
 
-def _data_start(path: Path, cache: dict[Path, tuple[int, dict]]) -> tuple[int, dict]:
+def _header(path: Path, cache: dict[Path, st.Header]) -> st.Header:
     if path not in cache:
-        header = W.read_safetensors_header(path)
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-        cache[path] = (8 + n, header)
+        cache[path] = st.read_header(path)
     return cache[path]
 
 
-_INT_DTYPES = {"U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4}
 _CONVERT_FIRST = (
     "expert streaming reads MXFP4 experts byte for byte from the checkpoint, but {what}. "
     "Convert it to MXFP4 first (`oss-mlx convert {folder} OUT`) and load OUT with memory_budget, "
@@ -143,7 +132,7 @@ def expert_sources(
                 folder=folder or "CHECKPOINT",
             )
         )
-    headers: dict[Path, tuple[int, dict]] = {}
+    headers: dict[Path, st.Header] = {}
     layers = []
     for i, block in enumerate(model.blocks):
         experts = block.mlp.experts
@@ -166,11 +155,11 @@ def expert_sources(
                     )
                 )
             path = tensors.file_of[srcs[0]]
-            start, header = _data_start(path, headers)
-            info = header[srcs[0]]
+            header = _header(path, headers)
+            info = header.tensors[srcs[0]]
             lo, hi = info["data_offsets"]
             per_expert = int(np.prod(param.shape[1:])) * param.dtype.size
-            if info["dtype"] not in _INT_DTYPES:
+            if info["dtype"] not in st.INTEGERS or st.ITEMSIZE[info["dtype"]] > 4:
                 raise MemoryBudgetError(
                     _CONVERT_FIRST.format(
                         what=f"{srcs[0]!r} in {path.name} is {info['dtype']}, not packed MXFP4",
@@ -183,18 +172,14 @@ def expert_sources(
                     f"of {per_expert} bytes along axis 0 for {canonical}"
                 )
             np_dtype = np.dtype(np.uint32 if param.dtype == mx.uint32 else np.uint8).newbyteorder("<")
-            layer[name] = ExpertSource(path, start + lo, per_expert, np_dtype, tuple(param.shape[1:]))
+            layer[name] = ExpertSource(
+                path, header.data_start + lo, per_expert, np_dtype, tuple(param.shape[1:])
+            )
         layers.append(layer)
     return layers
 
 
 # ---- the embedding table, row by row ------------------------------------------------------------------
-
-_FLOAT_DTYPES = {
-    "BF16": (np.uint16, mx.bfloat16),
-    "F16": (np.float16, mx.float16),
-    "F32": (np.float32, mx.float32),
-}
 
 
 def embedding_source(
@@ -207,14 +192,13 @@ def embedding_source(
     if not isinstance(emb, nn.Embedding) or len(srcs) != 1 or build is not W.identity:
         return None
     path = tensors.file_of[srcs[0]]
-    start, header = _data_start(path, headers)
-    info = header[srcs[0]]
-    if info["dtype"] not in _FLOAT_DTYPES or tuple(info["shape"]) != tuple(emb.weight.shape):
+    header = _header(path, headers)
+    info = header.tensors[srcs[0]]
+    if info["dtype"] not in st.FLOATS or tuple(info["shape"]) != tuple(emb.weight.shape):
         return None
-    np_dtype, stored = _FLOAT_DTYPES[info["dtype"]]
+    stored, np_dtype = st.FLOATS[info["dtype"]], st.DTYPES[info["dtype"]].numpy
     V, H = emb.weight.shape
-    row = H * np.dtype(np_dtype).itemsize
-    return ExpertSource(path, start + info["data_offsets"][0], row, np.dtype(np_dtype), (H,)), stored
+    return ExpertSource(path, header.offset(srcs[0]), H * np_dtype.itemsize, np_dtype, (H,)), stored
 
 
 class StreamingEmbedding(nn.Module):
@@ -301,10 +285,6 @@ class StreamingPlan:
         return min_budget(
             self.resident_bytes, self.allowance_bytes, self.expert_bytes, self.layers, self.top_k
         )
-
-
-def min_budget(resident: int, allowance: int, expert_bytes: int, layers: int, top_k: int) -> int:
-    return resident + allowance + top_k * (layers + 1) * expert_bytes
 
 
 # ---- the module ---------------------------------------------------------------------------------------
@@ -446,16 +426,6 @@ class StreamingExperts(nn.Module):
 # ---- planning and installing ---------------------------------------------------------------------------
 
 
-def kv_allowance(config: ModelConfig, context: int = DEFAULT_CONTEXT, dtype_bytes: int = 2) -> int:
-    """Bytes of KV cache for `context` tokens (sliding layers hold at most their window)."""
-    per_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-    total = 0
-    for i in range(config.num_layers):
-        sliding = config.layer_types[i] == "sliding_attention"
-        total += per_token * (min(context, config.sliding_window) if sliding else context)
-    return total
-
-
 def plan_streaming(
     model: Transformer, budget: str | int, context: int = DEFAULT_CONTEXT, allowance: int | None = None
 ) -> StreamingPlan:
@@ -472,7 +442,7 @@ def plan_streaming(
     per_expert = expert // (L * E)
     if allowance is None:
         act = model.dtype if mx.issubdtype(model.dtype, mx.floating) else mx.bfloat16
-        allowance = kv_allowance(config, context, act.size) + ACTIVATION_ALLOWANCE
+        allowance = kv_bytes(config, context, act.size) + ACTIVATION_ALLOWANCE
     slots = min(E, (total - resident - allowance) // ((L + 1) * per_expert)) if total > resident else 0
     plan = StreamingPlan(total, resident, allowance, per_expert, L, max(int(slots), 0), E, k)
     if slots < k:

@@ -9,7 +9,8 @@ Where the ranks come from (first hit wins), see :func:`load_tokenizer`:
    Face ``tokenizer.json`` (hub checkpoints ship one);
 2. tiktoken's cache folders (``TIKTOKEN_CACHE_DIR``, ``DATA_GYM_CACHE_DIR``, ``$TMP/data-gym-cache``)
    and openai-harmony's (``TIKTOKEN_RS_CACHE_DIR``);
-3. a download through tiktoken's loader (skipped when ``HF_HUB_OFFLINE`` or ``OSS_MLX_OFFLINE`` is set).
+3. a download through tiktoken's loader (skipped when ``HF_HUB_OFFLINE`` or ``OSS_MLX_OFFLINE`` is set,
+   or when its server does not answer a quick connect: ``hub.network_unavailable``, the loader's rule).
 """
 
 from __future__ import annotations
@@ -229,13 +230,6 @@ def _cache_dirs() -> list[Path]:
     return dirs
 
 
-def _offline() -> bool:
-    return any(
-        os.environ.get(var, "").lower() in ("1", "true", "yes")
-        for var in ("HF_HUB_OFFLINE", "OSS_MLX_OFFLINE")
-    )
-
-
 def _download_ranks() -> dict[bytes, int]:
     """tiktoken's own loader: reads its cache, else downloads and caches the file."""
     from tiktoken.load import read_file_cached
@@ -296,8 +290,11 @@ def _find_ranks(model_dir: str | Path | None) -> tuple[dict[bytes, int], str, tu
             searched.append(f"{cached} (cache; content does not match o200k_base, skipped)")
         else:
             searched.append(f"{cached} (cache)")
-    if _offline():
-        searched.append(f"{O200K_BASE_URL} (not tried: offline mode is set)")
+    from .hub import network_unavailable
+
+    reason = network_unavailable(O200K_BASE_URL)
+    if reason is not None:
+        searched.append(f"{O200K_BASE_URL} (not tried: {reason})")
     else:
         try:
             key = (O200K_BASE_URL,)
@@ -481,8 +478,8 @@ def load_tokenizer(model_dir: str | Path | None = None) -> HarmonyTokenizer:
 
     The vocabulary is searched (1) in ``model_dir``: ``o200k_base.tiktoken``, else ``tokenizer.json``;
     (2) in tiktoken's and openai-harmony's cache folders; (3) by downloading through tiktoken, unless
-    ``HF_HUB_OFFLINE=1`` or ``OSS_MLX_OFFLINE=1``. Raises :class:`TokenizerNotFoundError`, naming the
-    places searched and the fixes, when none works.
+    ``HF_HUB_OFFLINE=1`` or ``OSS_MLX_OFFLINE=1`` or its server does not answer a quick connect.
+    Raises :class:`TokenizerNotFoundError`, naming the places searched and the fixes, when none works.
     """
     ranks, source, key = _find_ranks(model_dir)
     with _tokenizer_lock:

@@ -14,104 +14,22 @@ tensor and what was expected.
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
 
+from . import mxfp4
+from . import safetensors_file as st
 from .config import ModelConfig, defaults_note, is_original_dialect
-from .errors import LoadError
-
-
-class CheckpointError(LoadError, ValueError):
-    """A checkpoint folder that cannot be loaded; the message says what and how to fix it."""
-
+from .errors import CheckpointError
 
 LAYOUTS = ("hf-mxfp4", "hf-float", "original", "oss-mlx")
 
 
 # ---- reading safetensors files -----------------------------------------------------------------
-
-# Bytes per element of each safetensors dtype; mx.load reads all but these (and refuses a whole file
-# that holds one, naming neither the tensor nor the fix).
-ST_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
-}  # fmt: skip
-MLX_UNREADABLE = {"F8_E4M3": "float8", "F8_E5M2": "float8", "F64": "float64"}
-ST_FLOATS = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
-ST_DTYPES = {
-    **ST_FLOATS, "BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16,
-    "U32": mx.uint32, "I32": mx.int32, "U64": mx.uint64, "I64": mx.int64,
-}  # fmt: skip
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked: every tensor's dtype (one MLX reads), shape and
-    byte range are consistent, and the file holds all the data it promises."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path} is truncated or not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path} is truncated or not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not a valid safetensors file (unreadable header)") from None
-    except OSError as e:
-        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a valid safetensors file (its header is not an object)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        _check_entry(path, name, info)
-        end = max(end, info["data_offsets"][1])
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path} is truncated: it holds {size} bytes but its header describes {8 + n + end}. "
-            "Re-download or re-copy this file."
-        )
-    return header
-
-
-def _check_entry(path: Path, name: str, info: object) -> None:
-    corrupt = f"{path}: tensor {name!r} has a corrupt header entry"
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{corrupt} ({info!r}); re-download or re-save this file")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in ST_ITEMSIZE:
-        raise CheckpointError(f"{corrupt}: unknown dtype {dtype!r}")
-    if dtype in MLX_UNREADABLE:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} is stored as {MLX_UNREADABLE[dtype]}, which MLX cannot read. "
-            "Save the checkpoint with float weights in bfloat16, float16 or float32."
-        )
-    if not _naturals(shape) or not _naturals(offsets, 2) or offsets[0] > offsets[1]:
-        raise CheckpointError(f"{corrupt} (shape {shape!r}, data_offsets {offsets!r})")
-    want = math.prod(shape) * ST_ITEMSIZE[dtype]
-    if offsets[1] - offsets[0] != want:
-        raise CheckpointError(
-            f"{corrupt}: {offsets[1] - offsets[0]} bytes for {shape} {dtype} ({want} bytes). "
-            "Re-download or re-save this file."
-        )
-
-
-def _naturals(value: object, length: int | None = None) -> bool:
-    """A JSON list of non-negative integers (of `length` items, when given)."""
-    return (
-        isinstance(value, list)
-        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
-        and (length is None or len(value) == length)
-    )
 
 
 def read_index(folder: Path) -> dict[str, str] | None:
@@ -166,9 +84,7 @@ class LazyTensors:
         self.dtype_of: dict[str, str] = {}  # the safetensors dtype, e.g. "BF16"
         self._loaded: dict[Path, dict[str, mx.array]] = {}
         for path in files:
-            for name, info in read_safetensors_header(path).items():
-                if name == "__metadata__":
-                    continue
+            for name, info in st.read_header(path).tensors.items():
                 if weight_map is not None and weight_map.get(name) != path:
                     continue  # the index puts it elsewhere (or nowhere): that copy is not read
                 if name in self.file_of:
@@ -407,7 +323,7 @@ def check_checkpoint(
     for name, (srcs, build) in needed.items():
         shape, dtype = expected[name]
         if quantize_float_experts and EXPERT_WEIGHT.search(name):
-            shape, dtype = (*shape[:-1], shape[-1] * 8), mx.float32  # eight 4-bit values per uint32
+            shape, dtype = (*shape[:-1], shape[-1] * mxfp4.VALUES_PER_WORD), mx.float32
         for src, (want_shape, want_dtype) in zip(srcs, build.sources(tuple(shape), dtype)):
             _check_source(tensors, src, name, want_shape, want_dtype, build, config)
     used = {src for srcs, _ in needed.values() for src in srcs}
@@ -421,15 +337,16 @@ def _kind(dtype: mx.Dtype) -> str:
 
 
 def _dtype_name(st_dtype: str) -> str:
-    return str(ST_DTYPES[st_dtype]).removeprefix("mlx.core.") if st_dtype in ST_DTYPES else st_dtype
+    known = st_dtype in st.MLX_DTYPES
+    return str(st.MLX_DTYPES[st_dtype]).removeprefix("mlx.core.") if known else st_dtype
 
 
 def _check_source(tensors, src, name, want_shape, want_dtype, build, config) -> None:
     got_shape, got_dtype = tensors.shape_of[src], tensors.dtype_of[src]
     if mx.issubdtype(want_dtype, mx.floating):
-        dtype_ok = got_dtype in ST_FLOATS
+        dtype_ok = got_dtype in st.FLOATS
     else:
-        dtype_ok = ST_DTYPES.get(got_dtype) == want_dtype
+        dtype_ok = st.MLX_DTYPES.get(got_dtype) == want_dtype
     if tuple(got_shape) == tuple(want_shape) and dtype_ok:
         return
     why = (
@@ -439,7 +356,7 @@ def _check_source(tensors, src, name, want_shape, want_dtype, build, config) -> 
     )
     hint = f" ({build.what})" if build.what else ""
     if name.endswith("_scales") and ".experts." in name:
-        hint = " (MXFP4 scales are uint8 e8m0 exponents, one per 32 values)"
+        hint = f" (MXFP4 scales are uint8 e8m0 exponents, one per {mxfp4.GROUP_SIZE} values)"
     got = f"{list(got_shape)} {_dtype_name(got_dtype)}"
     raise CheckpointError(
         f"{tensors.file_of[src]}: tensor {src!r} is {got}, expected {list(want_shape)} {_kind(want_dtype)} "
@@ -507,10 +424,7 @@ def iter_canonical(
             # A float fine-tune: quantize to MXFP4 like the released experts. One expert at a time:
             # MLX's CPU quantizer needs ~77 bytes of scratch per value, so a whole 20b layer at once
             # would need ~41 GB.
-            parts = [
-                mx.quantize(array[e].astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
-                for e in range(array.shape[0])
-            ]
+            parts = [mxfp4.quantize(array[e]) for e in range(array.shape[0])]
             w, scales = mx.stack([p[0] for p in parts]), mx.stack([p[1] for p in parts])
             yield name, w
             yield name.replace("_weight", "_scales"), scales

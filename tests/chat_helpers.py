@@ -18,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+from oss_mlx.testing.scripted import in_order
+
 REPO = Path(__file__).resolve().parents[1]
 TMUX = shutil.which("tmux")
 
@@ -68,7 +70,7 @@ class TmuxChat:
         if replies is not None:
             script = self.home / f"replies-{uuid.uuid4().hex[:8]}.json"
             script.parent.mkdir(parents=True, exist_ok=True)
-            script.write_text(json.dumps(replies))
+            script.write_text(json.dumps(in_order(replies)))
             env["OSS_MLX_SCRIPTED_REPLIES"] = str(script)
         chat = "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         chat += " " + shlex.join([sys.executable, "-m", "oss_mlx.cli", "chat", *args])

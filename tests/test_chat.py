@@ -1017,7 +1017,7 @@ def test_streamed_reasoning_breaks_lines_between_words(chat):
 
 @needs_tmux
 def test_ambiguous_commands_and_the_date_in_the_system_message(chat, tmp_path):
-    from oss_mlx.chat.app import today
+    from oss_mlx.chat.slash import today
 
     app = chat(replies=[SHORT])
     app.command("/e", r"/e could be /effort or /exit: type more of the name")
@@ -1135,7 +1135,7 @@ def test_stats_line_of_a_reply_stopped_in_its_prompt():
 def test_the_system_message_date_renders_as_openai_harmony_renders_it(loaded_tiny):
     """The chat's Session carries today's date (as OpenAI's reference chat does), token for token."""
     oh = pytest.importorskip("openai_harmony")
-    from oss_mlx.chat.app import today
+    from oss_mlx.chat.slash import today
     from oss_mlx.session import Session
 
     model, tokenizer = loaded_tiny

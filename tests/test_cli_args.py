@@ -238,12 +238,12 @@ def test_help_shows_every_default(sub):
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(monkeypatch, capsys):
-    memory = importlib.import_module("oss_mlx.memory")
+    plan = importlib.import_module("oss_mlx.plan_cli")
 
     def broken(argv):
         raise RuntimeError("planner fell over")
 
-    monkeypatch.setattr(memory, "main", broken)
+    monkeypatch.setattr(plan, "main", broken)
     monkeypatch.delenv("OSS_MLX_DEBUG", raising=False)
     assert cli.main(["plan", "20b"]) == 1
     err = capsys.readouterr().err

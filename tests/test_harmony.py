@@ -11,6 +11,7 @@ import pytest
 from conftest import VOCAB_FILE
 
 from oss_mlx import harmony as H
+from oss_mlx.harmony import tools as harmony_tools
 from oss_mlx.tokenizer import VOCAB_FILENAME, HarmonyTokenizer, load_tokenizer
 
 oh = pytest.importorskip("openai_harmony")
@@ -535,10 +536,10 @@ def test_render_errors(tok) -> None:
 
 def test_default_number_formatting() -> None:
     # serde_json's layout, not Python's repr.
-    assert [H._json(v) for v in (1e-05, 1e-06, 1e16, 1e21, 1.0, 100.0, -0.0, 0.25, 1234.5)] == [
+    assert [harmony_tools._json(v) for v in (1e-05, 1e-06, 1e16, 1e21, 1.0, 100.0, -0.0, 0.25, 1234.5)] == [
         "0.00001", "1e-6", "1e16", "1e21", "1.0", "100.0", "-0.0", "0.25", "1234.5",
     ]  # fmt: skip
-    assert H._json({"a": [1, "ü", None, True]}) == '{"a":[1,"ü",null,true]}'
+    assert harmony_tools._json({"a": [1, "ü", None, True]}) == '{"a":[1,"ü",null,true]}'
 
 
 # --- parsing --------------------------------------------------------------------------------------

@@ -324,20 +324,14 @@ def _config(E: int, k: int, H: int, I: int) -> ModelConfig:
 
 def random_mlp(E: int, k: int, H: int, I: int, dtype) -> MLPBlock:
     """An MoE block with random MXFP4 experts (random codes, e8m0 scales near the fan-in centre)."""
+    from oss_mlx.testing.random_model import random_codes, random_scales
+
     block = MLPBlock(_config(E, k, H, I))
     ex = block.experts
-
-    def codes(shape):
-        return mx.random.randint(0, 256, (*shape[:-1], 4 * shape[-1]), dtype=mx.uint8).view(mx.uint32)
-
-    def scales(shape, fan_in):
-        c = 127 + round(-math.log2(2.93 * math.sqrt(fan_in)))
-        return mx.random.randint(c - 1, c + 2, shape).astype(mx.uint8)
-
-    ex.gate_up_weight = codes(ex.gate_up_weight.shape)
-    ex.gate_up_scales = scales(ex.gate_up_scales.shape, H)
-    ex.down_weight = codes(ex.down_weight.shape)
-    ex.down_scales = scales(ex.down_scales.shape, I)
+    ex.gate_up_weight = random_codes(ex.gate_up_weight.shape)
+    ex.gate_up_scales = random_scales(ex.gate_up_scales.shape, H)
+    ex.down_weight = random_codes(ex.down_weight.shape)
+    ex.down_scales = random_scales(ex.down_scales.shape, I)
     ex.gate_up_bias = (0.05 * mx.random.normal(ex.gate_up_bias.shape)).astype(dtype)
     ex.down_bias = (0.05 * mx.random.normal(ex.down_bias.shape)).astype(dtype)
     block.router.weight = (mx.random.normal((E, H)) / math.sqrt(H)).astype(dtype)

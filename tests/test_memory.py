@@ -1,4 +1,4 @@
-"""oss_mlx.memory: the planner's arithmetic, fit and advice, and `oss-mlx plan`."""
+"""oss_mlx.memory: the planner's arithmetic, fit and advice; oss_mlx.machine; `oss-mlx plan` (plan_cli)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from oss_mlx import memory
+from oss_mlx import machine
 from oss_mlx.config import ModelConfig
-from oss_mlx.memory import GiB, Machine, MemoryPlan, kv_bytes, main, named_config, weight_bytes
+from oss_mlx.memory import GiB, Machine, MemoryPlan, kv_bytes, weight_bytes
+from oss_mlx.plan_cli import main, named_config
 from oss_mlx.synthetic import SyntheticSpec, checkpoint_tensors
 
 C20, C120 = named_config("20b"), named_config("120b")
@@ -78,12 +79,12 @@ def test_machines():
 
 
 def test_detect_uses_metal_working_set_on_a_mac(monkeypatch):
-    monkeypatch.setattr(memory.sys, "platform", "darwin")
-    monkeypatch.setattr(memory, "_metal_working_set", lambda: 12 * GiB)
+    monkeypatch.setattr(machine.sys, "platform", "darwin")
+    monkeypatch.setattr(machine, "_metal_working_set", lambda: 12 * GiB)
     m = Machine.detect()
     assert m.platform == "mac" and m.working_set_bytes == 12 * GiB and "Metal" in m.how
-    monkeypatch.setattr(memory, "_metal_working_set", lambda: None)  # no Metal: the approximation
-    assert Machine.detect().working_set_bytes == memory.mac_working_set(Machine.detect().ram_bytes)
+    monkeypatch.setattr(machine, "_metal_working_set", lambda: None)  # no Metal: the approximation
+    assert Machine.detect().working_set_bytes == machine.mac_working_set(Machine.detect().ram_bytes)
 
 
 def test_advice():
@@ -92,7 +93,7 @@ def test_advice():
     assert advice[0].startswith("does not fit")
     assert any("iogpu.wired_limit_mb=" in a for a in advice)
     mb = int(next(a for a in advice if "wired_limit_mb" in a).rsplit("=", 1)[1])
-    assert mb % 1024 == 0 and mb * (1 << 20) <= memory.wired_limit_cap(16 * GiB)
+    assert mb % 1024 == 0 and mb * (1 << 20) <= machine.wired_limit_cap(16 * GiB)
     # a 24 GB Mac: smaller presets fit
     advice = MemoryPlan(C20, "reference", 8192).advice(Machine.of_size(24))
     assert any(a.startswith("use --quality") for a in advice) or advice[0].startswith("fits")
@@ -146,7 +147,6 @@ def test_weights_are_wired_on_metal(monkeypatch, tmp_path):
     """On a Mac the loader wires the weights (up to Metal's working set); elsewhere nothing is set."""
     import mlx.core as mx
 
-    from oss_mlx import memory
     from oss_mlx.loader import load_model
     from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
 
@@ -155,15 +155,15 @@ def test_weights_are_wired_on_metal(monkeypatch, tmp_path):
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 0)
     load_model(folder)
     assert calls == []  # no Metal here
-    monkeypatch.setattr(memory, "_metal_working_set", lambda: 64 * memory.GiB)
+    monkeypatch.setattr(machine, "_metal_working_set", lambda: 64 * GiB)
     model, _ = load_model(folder)
     from mlx.utils import tree_flatten
 
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    assert calls == [weights + memory.GiB]
-    monkeypatch.setattr(memory, "_metal_working_set", lambda: memory.GiB // 2)
+    assert calls == [weights + GiB]
+    monkeypatch.setattr(machine, "_metal_working_set", lambda: GiB // 2)
     load_model(folder)
-    assert calls[-1] == memory.GiB // 2  # never above the working set
+    assert calls[-1] == GiB // 2  # never above the working set
 
 
 def test_streaming_advice_agrees_with_what_streaming_accepts(tmp_path):
@@ -193,10 +193,10 @@ def test_prefill_step_shrinks_where_memory_is_tight():
     a 72 GB one does not."""
     w120 = sum(weight_bytes(named_config("120b")).values())
     kv = kv_bytes(named_config("120b"), 8192)
-    assert memory.prefill_step_for(w120, kv, 72 * 10**9) == 512
-    assert memory.prefill_step_for(w120, kv, 72 * GiB) == 2048
-    assert memory.prefill_step_for(10**9, 0, 64 * GiB) == 2048
-    assert memory.prefill_step_for(10**9, 0, 10**9) == 512  # never below the smallest chunk
+    assert machine.prefill_step_for(w120, kv, 72 * 10**9) == 512
+    assert machine.prefill_step_for(w120, kv, 72 * GiB) == 2048
+    assert machine.prefill_step_for(10**9, 0, 64 * GiB) == 2048
+    assert machine.prefill_step_for(10**9, 0, 10**9) == 512  # never below the smallest chunk
 
 
 @pytest.mark.parametrize("gb,step", [("0.01", 512), ("1000", 2048)])

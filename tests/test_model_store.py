@@ -108,7 +108,7 @@ def test_every_entry_point_resolves_a_hub_id_to_the_converted_folder(converted, 
     the Hugging Face cache (unreadable there: only the converted copy can make them succeed)."""
     import oss_mlx
     from oss_mlx.loader import load_model
-    from oss_mlx.memory import config_of
+    from oss_mlx.plan_cli import config_of
 
     home, hub, env = places
     poisoned = poison_hub_cache(hub, tiny_checkpoint)

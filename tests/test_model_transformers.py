@@ -72,8 +72,8 @@ def reference(request, tmp_path_factory):
 def test_full_forward_matches_transformers(reference):
     folder, tokens, ref, truncate = reference
     model, info = load_model(folder, dtype=mx.float32, quantize_experts=False)
-    assert info["layout"] == "hf-float"
-    assert info["config"].rope_truncate is truncate
+    assert info.layout == "hf-float"
+    assert info.config.rope_truncate is truncate
     out = np.array(model(mx.array(tokens)))
     assert out.shape == ref.shape
     assert rel_err(out, ref) <= TOL

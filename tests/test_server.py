@@ -2,7 +2,7 @@
 
 The tiny random checkpoint writes random text, so replies that must be a tool call or an analysis +
 final pair are scripted through the server's test hook (OSS_MLX_SCRIPTED_REPLIES, see
-oss_mlx/server/scripted.py): a rule fires when its marker is in the last message. The model still
+oss_mlx/testing/scripted.py): a rule fires when its marker is in the last message. The model still
 runs every step. Requests without a marker are sampled for real.
 """
 

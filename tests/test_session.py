@@ -12,8 +12,8 @@ import mlx.core as mx
 import pytest
 
 import oss_mlx
-from oss_mlx.generation import SamplingOptions
 from oss_mlx.session import Done, Session
+from oss_mlx.testing.scripted import Script
 
 
 @pytest.fixture(scope="module")
@@ -21,34 +21,13 @@ def loaded(tiny_checkpoint):
     return oss_mlx.load(tiny_checkpoint, dtype=mx.float32)
 
 
-def scripted(monkeypatch, tokenizer, texts: list[str]) -> None:
-    """Make the sampler emit these harmony completions, one per reply (the model still runs).
-
-    Decoding is pipelined, so the sampler is asked once more after the stop token: it then
-    repeats <|return|>, which nobody reads.
-    """
-    replies = iter([tokenizer.encode(t, allow_special=True) for t in texts])
-
-    def sampler(self):
-        script = iter(next(replies))
-
-        def pick(logprobs):
-            # Depend on the logits, so each decode step is evaluated like a real one (a constant
-            # would leave the model's work lazy and piling up).
-            return mx.argmax(logprobs, axis=-1) * 0 + next(script, tokenizer.RETURN)
-
-        return pick
-
-    monkeypatch.setattr(SamplingOptions, "sampler", sampler)
-
-
 ANSWER = "<|channel|>analysis<|message|>The user greets. Reply briefly.<|end|><|start|>assistant<|channel|>final<|message|>Hello there! How can I help?<|return|>"  # noqa: E501
 
 
-def test_generate_splits_analysis_and_final(loaded, monkeypatch):
+def test_generate_splits_analysis_and_final(loaded):
     model, tokenizer = loaded
-    scripted(monkeypatch, tokenizer, [ANSWER])
-    reply = oss_mlx.generate(model, tokenizer, "Hi", max_tokens=200)
+    replies = Script.replies([ANSWER], tokenizer).sampling
+    reply = oss_mlx.generate(model, tokenizer, "Hi", options=replies(max_tokens=200))
     assert reply.text == "Hello there! How can I help?"
     assert reply.analysis == "The user greets. Reply briefly."
     assert reply.stats.finish_reason == "stop"
@@ -56,12 +35,12 @@ def test_generate_splits_analysis_and_final(loaded, monkeypatch):
     assert reply.stats.prompt_tokens > 20 and reply.stats.generation_tps > 0
 
 
-def test_stream_events_and_tool_call(loaded, monkeypatch):
+def test_stream_events_and_tool_call(loaded):
     model, tokenizer = loaded
     call = (
         '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
     )
-    scripted(monkeypatch, tokenizer, [call])
+    replies = Script.replies([call], tokenizer).sampling
     tools = [
         {
             "name": "get_weather",
@@ -73,7 +52,10 @@ def test_stream_events_and_tool_call(loaded, monkeypatch):
             },
         }
     ]
-    events = list(oss_mlx.stream_generate(model, tokenizer, "Weather in Paris?", tools=tools, max_tokens=100))
+    options = replies(max_tokens=100)
+    events = list(
+        oss_mlx.stream_generate(model, tokenizer, "Weather in Paris?", tools=tools, options=options)
+    )
     done = events[-1]
     assert isinstance(done, Done)
     assert [c.name for c in done.reply.tool_calls] == ["get_weather"]
@@ -82,21 +64,21 @@ def test_stream_events_and_tool_call(loaded, monkeypatch):
 
 
 @pytest.mark.parametrize("channel", ["analysis", "commentary"])
-def test_tool_result_follows_its_call_channel(loaded, monkeypatch, channel):
+def test_tool_result_follows_its_call_channel(loaded, channel):
     """A function called on analysis gets its output on analysis: once the turn is answered, harmony
     drops both (on commentary, both stay). The output never outlives its call in the next prompt."""
     model, tokenizer = loaded
     args = '{"city": "Paris"}'
     call = f"<|channel|>{channel} to=functions.get_weather <|constrain|>json<|message|>{args}<|call|>"
     final = "<|channel|>final<|message|>It is sunny in Paris.<|return|>"
-    scripted(monkeypatch, tokenizer, [call, final])
+    replies = Script.replies([call, final], tokenizer).sampling
     city = {"type": "object", "properties": {"city": {"type": "string"}}}
     tools = [{"name": "get_weather", "parameters": city}]
     session = Session(model, tokenizer, tools=tools)
-    list(session.send("Weather in Paris?", max_tokens=100))
+    list(session.send("Weather in Paris?", options=replies(max_tokens=100)))
     session.add_tool_result("get_weather", '{"sky": "sunny"}')
     assert session.messages[-1].channel == channel
-    list(session.send(max_tokens=100))
+    list(session.send(options=replies(max_tokens=100)))
     text = tokenizer.decode(session._to_tokens("Thanks!"))
     kept = channel == "commentary"
     assert ('"city": "Paris"' in text) is kept and ('{"sky": "sunny"}' in text) is kept
@@ -110,17 +92,17 @@ def test_greedy_is_deterministic_and_bounded(loaded):
     assert a.tokens == b.tokens and 1 <= len(a.tokens) <= 12
 
 
-def test_turns_prefill_only_what_is_new(loaded, monkeypatch):
+def test_turns_prefill_only_what_is_new(loaded):
     """Turn 3 of a conversation processes only its new tokens, though each turn's analysis was dropped."""
     model, tokenizer = loaded
     texts = [ANSWER.replace("Hello there!", f"Answer {i}.") for i in range(3)]
-    scripted(monkeypatch, tokenizer, texts)
+    replies = Script.replies(texts, tokenizer).sampling
     session = Session(model, tokenizer)
     prompts = []
     seen = []  # what the model was fed: each prompt, then each reply
     for question in ["Hi", "Tell me more about yourself, at length.", "And a third question?"]:
         prompts.append(session._to_tokens(question))
-        reply = list(session.send(question, max_tokens=200))[-1].reply
+        reply = list(session.send(question, options=replies(max_tokens=200)))[-1].reply
         assert reply.text.startswith("Answer")
         seen.append(prompts[-1] + reply.tokens)
     first, second, third = session.turn_stats
@@ -133,13 +115,13 @@ def test_turns_prefill_only_what_is_new(loaded, monkeypatch):
     assert third.prefilled_tokens < len(prompts[2]) // 2
 
 
-def test_reused_cache_gives_the_same_tokens_as_a_fresh_one(loaded, monkeypatch):
+def test_reused_cache_gives_the_same_tokens_as_a_fresh_one(loaded):
     model, tokenizer = loaded
-    scripted(monkeypatch, tokenizer, [ANSWER, ANSWER])
+    replies = Script.replies([ANSWER, ANSWER], tokenizer).sampling
     session = Session(model, tokenizer)
     for q in ["Hi", "Again"]:
-        list(session.send(q, max_tokens=200))
-    monkeypatch.undo()  # real greedy sampling from here
+        list(session.send(q, options=replies(max_tokens=200)))
+    # real greedy sampling from here
     session.messages.append(oss_mlx.harmony.Message("user", "Third"))
     history = list(session.messages)
     reused = list(session.stream(temperature=0.0, max_tokens=8))[-1].reply
@@ -163,14 +145,14 @@ def test_interrupted_reply_keeps_conversation_and_cache_consistent(loaded):
     assert reply.stats.prefilled_tokens < reply.stats.prompt_tokens
 
 
-def test_regenerating_the_same_prompt_prefills_one_token(loaded, monkeypatch):
+def test_regenerating_the_same_prompt_prefills_one_token(loaded):
     """/regen: the same prompt again after a long reply reuses all but its last token."""
     model, tokenizer = loaded
-    scripted(monkeypatch, tokenizer, [ANSWER, ANSWER])
+    replies = Script.replies([ANSWER, ANSWER], tokenizer).sampling
     session = Session(model, tokenizer)
-    list(session.send("Hi", max_tokens=200))
+    list(session.send("Hi", options=replies(max_tokens=200)))
     session.messages = session.messages[:1]  # drop the reply, keep the question
-    reply = list(session.send(max_tokens=200))[-1].reply
+    reply = list(session.send(options=replies(max_tokens=200)))[-1].reply
     assert reply.stats.prefilled_tokens == 1
     assert reply.text == "Hello there! How can I help?"
 
@@ -206,7 +188,7 @@ def test_a_prefill_stopped_half_way_reports_what_it_did_and_keeps_it(loaded, mon
     prompt), how long it took and the peak memory; those tokens stay in the cache for the next turn."""
     model, tokenizer = loaded
     monkeypatch.setattr(model, "prefill_step", 64)
-    scripted(monkeypatch, tokenizer, [ANSWER, ANSWER])  # the stopped reply asks for its sampler too
+    replies = Script.replies([ANSWER, ANSWER], tokenizer).sampling
     session = Session(model, tokenizer)
     long_text = " ".join(f"fact {i} is worth keeping" for i in range(60))
     calls: list[tuple[int, int]] = []
@@ -217,7 +199,7 @@ def test_a_prefill_stopped_half_way_reports_what_it_did_and_keeps_it(loaded, mon
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        for _ in session.send(long_text, on_prefill=stop_after_two_chunks):
+        for _ in session.send(long_text, on_prefill=stop_after_two_chunks, options=replies()):
             pass
     total = calls[0][1]
     assert calls[0] == (0, total) and total > 256
@@ -228,7 +210,7 @@ def test_a_prefill_stopped_half_way_reports_what_it_did_and_keeps_it(loaded, mon
     assert session.messages[-1].content == long_text  # the question is kept
     # The next reply to the same history prefills only the rest.
     reply = None
-    for event in session.send(None, max_tokens=200):
+    for event in session.send(None, options=replies(max_tokens=200)):
         if isinstance(event, Done):
             reply = event.reply
     assert reply.text == "Hello there! How can I help?"

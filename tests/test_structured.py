@@ -17,11 +17,11 @@ from chat_helpers import TmuxChat, env_has_tmux
 from structured_cases import CHECKER, PERSON, SCHEMAS, validate
 
 import oss_mlx
-from oss_mlx.generation import SamplingOptions, masked
+from oss_mlx.generation import masked
 from oss_mlx.harmony import Message, TextDelta, Tool, render_message
-from oss_mlx.server.scripted import scripted_pick
 from oss_mlx.session import Done, Session
 from oss_mlx.structured import ConstraintError, OutputConstraint, check, turn_grammar
+from oss_mlx.testing.scripted import Script
 from oss_mlx.tokenizer import SPECIAL_TOKENS
 
 pytest.importorskip("llguidance")
@@ -46,18 +46,6 @@ FINAL = "<|start|>assistant<|channel|>final<|message|>"
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
     return oss_mlx.load(tiny_checkpoint, dtype=mx.float32)
-
-
-def scripted(monkeypatch, tokenizer, texts: list[str]) -> None:
-    """The sampler emits these harmony completions, one per reply (the model still runs); under a
-    constraint a token it forbids is replaced by the best one it allows (server/scripted.py)."""
-    replies = iter([tokenizer.encode(t, allow_special=True) for t in texts])
-
-    def sampler(self):
-        script = iter(next(replies))
-        return lambda logprobs: scripted_pick(logprobs, next(script, tokenizer.RETURN))
-
-    monkeypatch.setattr(SamplingOptions, "sampler", sampler)
 
 
 def matcher(tokenizer, constraint: OutputConstraint, max_tokens: int = 200):
@@ -256,38 +244,43 @@ def test_regex_and_lark_answers(loaded):
 # ---- reasoning ----------------------------------------------------------------------------------------
 
 
-def test_scripted_reasoning_with_braces_and_prose_passes_unchanged(loaded, monkeypatch):
+def test_scripted_reasoning_with_braces_and_prose_passes_unchanged(loaded):
     """A scripted analysis full of braces, brackets and prose is kept token for token under a JSON schema
     (the constraint only starts at the final message); the scripted answer, valid, is kept too."""
     model, tokenizer = loaded
     thought = 'The user wants {"name": ..., "age": ...}; braces } { and [lists], then prose. Fine.'
     answer = '{"name": "Ada", "age": 36}'
     script = f"<|channel|>analysis<|message|>{thought}<|end|>{FINAL}{answer}<|return|>"
-    scripted(monkeypatch, tokenizer, [script])
-    reply = oss_mlx.generate(model, tokenizer, "Who?", json_schema=PERSON, max_tokens=200)
+    options = Script.replies([script], tokenizer).sampling(max_tokens=200)
+    reply = oss_mlx.generate(model, tokenizer, "Who?", json_schema=PERSON, options=options)
     assert reply.analysis == thought
     assert reply.text == answer
     assert reply.tokens == tokenizer.encode(script, allow_special=True)
 
 
-def test_a_scripted_answer_that_breaks_the_schema_is_overruled(loaded, monkeypatch):
+def test_a_scripted_answer_that_breaks_the_schema_is_overruled(loaded):
     """The same reasoning, then prose where the JSON should be: the reasoning passes, the answer is
     replaced token by token with what the schema allows."""
     model, tokenizer = loaded
     thought = "Braces { are fine here }."
     script = f"<|channel|>analysis<|message|>{thought}<|end|>{FINAL}Ada, 36 years old.<|return|>"
-    scripted(monkeypatch, tokenizer, [script])
-    reply = oss_mlx.generate(model, tokenizer, "Who?", json_schema=PERSON, max_tokens=60)
+    options = Script.replies([script], tokenizer).sampling(max_tokens=60)
+    reply = oss_mlx.generate(model, tokenizer, "Who?", json_schema=PERSON, options=options)
     assert reply.analysis == thought
     validate(reply.text, PERSON)
 
 
-def test_the_reasoning_budget_ends_the_analysis(loaded, monkeypatch):
+def test_the_reasoning_budget_ends_the_analysis(loaded):
     model, tokenizer = loaded
     long_thought = " ".join(["word"] * 80)
-    scripted(monkeypatch, tokenizer, [f"<|channel|>analysis<|message|>{long_thought}<|end|>"])
+    script = Script.replies([f"<|channel|>analysis<|message|>{long_thought}<|end|>"], tokenizer)
     reply = oss_mlx.generate(
-        model, tokenizer, "Think.", json_schema=PERSON, reasoning_budget=10, max_tokens=80
+        model,
+        tokenizer,
+        "Think.",
+        json_schema=PERSON,
+        reasoning_budget=10,
+        options=script.sampling(max_tokens=80),
     )
     assert len(tokenizer.encode(reply.analysis)) <= 10
     assert reply.analysis == " ".join(["word"] * len(reply.analysis.split()))

@@ -1,4 +1,4 @@
-"""oss_mlx.synthetic: the random gpt-oss checkpoints the suite runs on.
+"""oss_mlx.testing.synthetic (and `oss-mlx synthetic`): the random gpt-oss checkpoints the suite runs on.
 
 Facts checked here come from openai/gpt-oss (gpt_oss/torch/model.py, weights.py,
 metal/scripts/create-local-model.py) and transformers (models/gpt_oss/convert_gpt_oss_weights_to_hf.py,
@@ -16,14 +16,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from oss_mlx.synthetic import (
-    FP4_VALUES,
+from oss_mlx.mxfp4 import FP4_VALUES
+from oss_mlx.mxfp4 import dequantize_blocks as dequantize_mxfp4
+from oss_mlx.mxfp4 import quantize_blocks as quantize_mxfp4
+from oss_mlx.synthetic import main
+from oss_mlx.testing.synthetic import (
     ORIGINAL_CONFIG_KEYS,
     SyntheticSpec,
     checkpoint_tensors,
-    dequantize_mxfp4,
-    main,
-    quantize_mxfp4,
     write_checkpoint,
 )
 
@@ -510,7 +510,7 @@ def test_same_seed_same_bytes_other_seed_other_values(tmp_path, ckpts, values):
 
 def test_bfloat16_rounding_matches_torch():
     torch = pytest.importorskip("torch")
-    from oss_mlx.synthetic import _f32_to_bf16_bits
+    from oss_mlx.testing.synthetic import _f32_to_bf16_bits
 
     x = np.random.default_rng(1).standard_normal(100_000).astype(np.float32) * 10
     x[:4] = [1.00390625, 1.01171875, -1.00390625, 3.0e-39]  # ties to even both ways, a subnormal

@@ -223,17 +223,31 @@ def _no_network_no_cache(monkeypatch, empty: Path) -> list[str]:
 
 
 def test_missing_vocabulary_offline(tmp_path: Path, monkeypatch) -> None:
+    from oss_mlx import hub
+
     attempts = _no_network_no_cache(monkeypatch, tmp_path / "empty-cache")
     model = tmp_path / "model-without-vocab"
     model.mkdir()
-    with pytest.raises(TokenizerNotFoundError) as info:
+    hub.hub_unreachable.cache_clear()  # the probe's answers are kept per process
+    try:
+        # No network: one quick connect says so, as for the model's files; no download is tried.
+        with pytest.raises(TokenizerNotFoundError) as info:
+            load_tokenizer(model)
+        message = str(info.value)
+        assert attempts == []
+        assert f"{tk.O200K_BASE_URL} (not tried: cannot connect to" in message
+        assert str(model / VOCAB_FILENAME) in message
+        assert str(tmp_path / "empty-cache" / VOCAB_FILE) in message
+        assert "TIKTOKEN_CACHE_DIR" in message and "oss-mlx convert" in message and "internet" in message
+        assert isinstance(info.value, RuntimeError)
+    finally:
+        hub.hub_unreachable.cache_clear()
+
+    # The server answers but the download fails: the failure is named.
+    monkeypatch.setattr(hub, "hub_unreachable", lambda url=None: None)
+    with pytest.raises(TokenizerNotFoundError, match="download failed"):
         load_tokenizer(model)
-    message = str(info.value)
     assert attempts == [tk.O200K_BASE_URL]
-    assert str(model / VOCAB_FILENAME) in message
-    assert str(tmp_path / "empty-cache" / VOCAB_FILE) in message
-    assert "TIKTOKEN_CACHE_DIR" in message and "oss-mlx convert" in message and "internet" in message
-    assert isinstance(info.value, RuntimeError)
 
     # With offline mode set, no download is even tried.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

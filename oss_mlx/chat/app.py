@@ -1,49 +1,27 @@
-"""`oss-mlx chat`: a terminal chat with gpt-oss.
-
-    oss-mlx chat [--model M] [--reasoning-effort low|medium|high] [--system TEXT]
-                 [--reasoning summary|show|hide] [--tools FILE] [--python] [--max-tokens N]
-                 [--temperature T] [--top-p P] [--seed S] [--history FILE] [--no-autosave]
-
-One `Session` holds the conversation and its KV cache: each turn prefills only what the cache does
-not hold yet. Replies stream as markdown, block by block (render.py); the chain of thought is shown
-apart. Ctrl-C stops a reply and keeps what was said; the conversation is saved after every turn.
-docs/CHAT.md is the user's guide.
-"""
+"""The chat application, `ChatApp`: the read-reply loop, a turn and its tool calls, a streamed reply,
+autosave. Its slash commands are in slash.py, its input line in keys.py; `oss-mlx chat`'s arguments
+and start-up in main.py (docs/CHAT.md is the user's guide)."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from .. import cli_args
-from ..harmony import REASONING_EFFORTS, Message, TextDelta, Tool, ToolCall, render_developer, render_system
-from . import commands
-from .clipboard import copy_text
+from ..harmony import Message, TextDelta, Tool, ToolCall, render_developer, render_system
+from . import commands, keys
 from .guard import InterruptGuard, LoopDetector, is_interactive, no_echo
-from .history import (
-    ChatFileError,
-    data_dir,
-    load_conversation,
-    new_autosave_path,
-    save_conversation,
-)
-from .render import REASONING_MODES, BlockSplitter, ReplyView, code_of, print_markdown
-from .tools import FunctionTool, PythonSandbox, ToolFileError, load_tools, python_system_section
+from .history import save_conversation
+from .render import ReplyView
+from .slash import SlashCommands
+from .tools import FunctionTool, PythonSandbox, python_system_section
 
 MAX_TOOL_ROUNDS = 12
-DEFAULT_MAX_TOKENS = 8192
-PROMPT = ">>> "
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,95 +69,12 @@ def ensure_consistent(session: Any) -> bool:
     return False
 
 
-def today() -> str:
-    """The conversation's start date as OpenAI's reference chat writes it in the system message."""
-    import datetime
-
-    return datetime.datetime.now().strftime("%Y-%m-%d")
-
-
-def _valid_date(value: Any) -> bool:
-    import datetime
-
-    try:
-        return isinstance(value, str) and datetime.date.fromisoformat(value).isoformat() == value
-    except ValueError:
-        return False
-
-
-def _short(text: str, limit: int = 70) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def context_limit(model: Any) -> int | None:
-    """max_position_embeddings, lowered to what fits in memory when the memory planner knows."""
-    info = getattr(model, "info", None)
-    config = getattr(info, "config", None)
-    if config is None:
-        return None
-    limit = config.max_position_embeddings
-    try:
-        from ..memory import Machine, MemoryPlan
-
-        raw = getattr(info, "raw_config", {}) or {}
-        section = raw.get("oss_mlx") or {}
-        plan = MemoryPlan(
-            config,
-            section.get("preset") or "reference",
-            quantization=section.get("quantization") or None,
-        )
-        fits = plan.max_context(Machine.detect().working_set_bytes)
-        if fits > 0:
-            limit = min(limit, fits)
-    except Exception:  # no planner, or it cannot tell: the model's own limit
-        pass
-    return limit
-
-
-def prepare_model(model: str, console: Console) -> Path:
-    """The folder to load: a local folder as is; a hub id (the default, openai/gpt-oss-20b) by the
-    model store's rule (its converted copy, else the Hugging Face cache, else downloaded and
-    converted once into the store, announced here)."""
-    from ..model_store import resolve
-
-    return resolve(model, say=lambda text: console.print(Text(text, style="bold")))
-
-
-def _import_sampler() -> None:
-    try:
-        import mlx_lm.sample_utils  # noqa: F401
-    except Exception:  # the reply will say what is wrong, in words
-        pass
-
-
-def install_scripted_replies(path: str, tokenizer: Any) -> None:
-    """TEST HOOK, only when OSS_MLX_SCRIPTED_REPLIES names a JSON file: a list of harmony completions
-    (strings, e.g. "<|channel|>final<|message|>Hi!<|return|>"), one per reply; null entries, and
-    replies past the end of the list, sample for real. The model still runs (prefill, decode, cache);
-    only the sampler's choice is replaced, as tests/test_session.py's `scripted()` does."""
-    from ..generation import SamplingOptions
-    from ..server.scripted import scripted_pick  # a token a constraint (/json) forbids is not taken
-
-    queue = list(json.loads(Path(path).read_text()))
-    real = SamplingOptions.sampler
-
-    def sampler(self: SamplingOptions):
-        entry = queue.pop(0) if queue else None
-        if entry is None:
-            return real(self)
-        script = iter(tokenizer.encode(entry, allow_special=True))
-        return lambda logprobs: scripted_pick(logprobs, next(script, tokenizer.RETURN))
-
-    SamplingOptions.sampler = sampler
-
-
 # ---------------------------------------------------------------------------------------------------
 # The chat
 # ---------------------------------------------------------------------------------------------------
 
 
-class ChatApp:
+class ChatApp(SlashCommands):
     def __init__(
         self,
         session: Any,
@@ -193,6 +88,7 @@ class ChatApp:
         python: PythonSandbox | None = None,
         autosave: Path | None = None,
         context_limit: int | None = None,
+        script: Any = None,
     ) -> None:
         self.session = session
         self.console = console
@@ -202,6 +98,7 @@ class ChatApp:
         self.sampling: dict[str, Any] = dict(sampling or {})
         self.tools = {t.name: t for t in tools or []}
         self.python = python
+        self.script = script  # the test hook (oss_mlx/testing/scripted.py), None in normal use
         self.autosave_path = autosave
         self.limit = context_limit
         self.multiline = False
@@ -210,7 +107,7 @@ class ChatApp:
         self.last_analysis = ""
         self._autosave_warned = False
         self._prompt = None
-        self._quit_armed = False  # Ctrl-C on an empty line was pressed: a second one quits
+        self.quit_armed = False  # Ctrl-C on an empty line was pressed: a second one quits
         self.session.tools = [Tool(t.name, t.description, t.parameters) for t in self.tools.values()]
         self.json_schema: dict | None = None  # /json: the answers follow this schema (enforced)
         self.json_file = ""
@@ -287,81 +184,6 @@ class ChatApp:
 
     # -- input ------------------------------------------------------------------------------------------
 
-    def _toolbar(self):
-        used = self.session.cache.offset if self.session.cache is not None else 0
-        ctx = f"{used:,}" + (f"/{self.limit:,}" if self.limit else "")
-        keys = (
-            "multi-line: Enter new line, Alt+Enter send"
-            if self.multiline
-            else "Alt+Enter or Ctrl-J: new line"
-        )
-        return (  # /help before the keys: a narrow terminal cuts the end of the line
-            f" {self.model_name} · effort {self.session.reasoning_effort} · reasoning {self.reasoning}"
-            f" · context {ctx} · /help · {keys}"
-        )
-
-    def _make_prompt(self):
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.filters import Condition
-        from prompt_toolkit.history import FileHistory, InMemoryHistory
-        from prompt_toolkit.key_binding import KeyBindings
-
-        kb = KeyBindings()
-        multi = Condition(lambda: self.multiline)
-
-        @kb.add("enter", filter=~multi)
-        def _submit(event):
-            buffer = event.current_buffer
-            state = buffer.complete_state
-            if state is not None and state.current_completion is not None:
-                buffer.apply_completion(state.current_completion)
-                return
-            buffer.validate_and_handle()
-
-        # Alt+Enter arrives as Escape then Enter: a new line, or in /multi mode (where Enter is the
-        # new line) it sends.
-        @kb.add("escape", "enter", filter=~multi)
-        @kb.add("c-j")
-        def _newline(event):
-            event.current_buffer.insert_text("\n")
-
-        @kb.add("escape", "enter", filter=multi)
-        def _submit_multi(event):
-            event.current_buffer.validate_and_handle()
-
-        @kb.add("c-c")
-        def _interrupt(event):
-            buffer = event.current_buffer
-            if buffer.text:
-                buffer.reset()
-            elif self._quit_armed:  # the second Ctrl-C in a row on an empty line
-                event.app.exit(exception=EOFError())
-            else:
-                event.app.exit(exception=KeyboardInterrupt())
-
-        try:
-            folder = data_dir()
-            folder.mkdir(parents=True, exist_ok=True)
-            history = FileHistory(str(folder / "input_history"))
-        except OSError:
-            history = InMemoryHistory()
-        session = PromptSession(
-            history=history,
-            completer=commands.SlashCompleter(),
-            complete_while_typing=True,
-            key_bindings=kb,
-            multiline=True,
-            bottom_toolbar=self._toolbar,
-            prompt_continuation=lambda width, line, soft: "." * (width - 1) + " ",
-            enable_history_search=False,
-        )
-
-        def typed(_buffer) -> None:
-            self._quit_armed = False
-
-        session.default_buffer.on_text_changed += typed
-        return session
-
     def read(self) -> str:
         """The next input; EOFError at the end (Ctrl-D, Ctrl-C on an empty line, end of stdin)."""
         if not is_interactive():
@@ -370,8 +192,8 @@ class ChatApp:
                 raise EOFError
             return line.rstrip("\n")
         if self._prompt is None:
-            self._prompt = self._make_prompt()
-        return self._prompt.prompt(PROMPT)
+            self._prompt = keys.prompt_session(self)
+        return self._prompt.prompt(keys.PROMPT)
 
     def ask(self, question: str) -> str:
         """A one-off answer from the user (a tool's result); KeyboardInterrupt / EOFError cancel."""
@@ -395,10 +217,10 @@ class ChatApp:
             except KeyboardInterrupt:
                 # Ctrl-C on an empty line (or one meant for a reply that had already stopped): the
                 # chat ends only when it is pressed again, and says so.
-                self._quit_armed = True
+                self.quit_armed = True
                 self.say("(Ctrl-C again quits; so do Ctrl-D and /exit)")
                 continue
-            self._quit_armed = False
+            self.quit_armed = False
             if not line.strip():
                 continue
             keep = True
@@ -478,7 +300,8 @@ class ChatApp:
         with guard:
             with no_echo():
                 constraint = {"json_schema": self.json_schema} if self.json_schema is not None else {}
-                events = self.session.send(prompt, on_prefill=view.prefill, **self.sampling, **constraint)
+                sampling = self._sampling_for(prompt)
+                events = self.session.send(prompt, on_prefill=view.prefill, **sampling, **constraint)
                 try:
                     for event in events:
                         guard.streaming = True
@@ -503,6 +326,15 @@ class ChatApp:
             # More Ctrl-C presses while this reply is wrapped up are absorbed: they were meant for it.
             with guard.hold():
                 return self._after_reply(view, detector, label, before, reply, stopped)
+
+    def _sampling_for(self, prompt: str | None) -> dict[str, Any]:
+        """The reply's sampling: the /set values, as scripted options when the test hook is on."""
+        if self.script is None:
+            return self.sampling
+        from ..generation import SamplingOptions
+
+        last = [prompt] if prompt is not None else self.session.messages
+        return {"options": self.script.options(SamplingOptions(**self.sampling), last)}
 
     def _after_reply(
         self,
@@ -584,535 +416,3 @@ class ChatApp:
             view.show_result(out, ok)
         self._tool_message(call, out)
         return True
-
-    # -- commands ---------------------------------------------------------------------------------------
-
-    def cmd_help(self, arg: str) -> None:
-        table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
-        table.add_column(style="bold cyan", no_wrap=True)
-        table.add_column()
-        for usage, text in commands.help_rows():
-            table.add_row(usage, text)
-        self.console.print(table)
-        self.say(
-            "Enter sends · Alt+Enter (Esc Enter) or Ctrl-J: new line · paste keeps new lines · "
-            "Ctrl-C stops a reply; at the prompt it clears the line, twice on an empty line it quits · "
-            "Ctrl-D quits"
-        )
-
-    def cmd_effort(self, arg: str) -> None:
-        if not arg:
-            self.say(f"reasoning effort: {self.session.reasoning_effort}")
-            return
-        value = arg.lower()
-        if value not in REASONING_EFFORTS:
-            self.error(f"/effort takes one of: {', '.join(REASONING_EFFORTS)}")
-            return
-        self.session.reasoning_effort = value
-        self.say(f"reasoning effort: {value} (from the next reply)")
-
-    def cmd_reasoning(self, arg: str) -> None:
-        value = arg.lower()
-        if value and value not in REASONING_MODES:
-            self.error(f"/reasoning takes one of: {', '.join(REASONING_MODES)}")
-            return
-        if value:
-            self.reasoning = value
-            self.say(f"reasoning: {value}")
-        if not value or value == "show":
-            text = self.last_analysis.strip() or self._analysis_in_history()
-            if text:
-                self.console.print(Text(text, style="dim"), soft_wrap=True)
-            elif not value:
-                self.say("no reasoning in the last reply")
-
-    def cmd_system(self, arg: str) -> None:
-        if not arg:
-            self.say("system message:", style="bold")
-            self.console.print(Text(self.system_message(), style="dim"), soft_wrap=True)
-            developer = self.developer_message()
-            self.say("developer message:" if developer else "developer message: (none)", style="bold")
-            if developer:
-                self.console.print(Text(developer, style="dim"), soft_wrap=True)
-            return
-        if arg.lower() in ("none", "off", "-"):
-            self.session.instructions = None
-            self.say("instructions removed (from the next reply)")
-        else:
-            self.session.instructions = arg
-            self.say("instructions set (from the next reply)")
-
-    cmd_developer = cmd_system
-
-    def _analysis_in_history(self) -> str:
-        """The reasoning of the last turn as kept in the history (after /load, say)."""
-        at = self._last_user()
-        if at is None:
-            return ""
-        msgs = self.session.messages[at + 1 :]
-        return "\n\n".join(
-            m.content for m in msgs if m.role == "assistant" and m.channel == "analysis"
-        ).strip()
-
-    def cmd_clear(self, arg: str) -> None:
-        self.autosave()
-        self.session.reset()
-        self.session.current_date = today()
-        self.rows.clear()
-        self.turn_no = 0
-        self.last_analysis = ""
-        if self.autosave_path is not None and self.autosave_path.parent.name == "chats":
-            self.autosave_path = new_autosave_path(self.autosave_path.parent.parent)
-        self.say("new conversation")
-
-    def _last_user(self) -> int | None:
-        return next(
-            (
-                i
-                for i in range(len(self.session.messages) - 1, -1, -1)
-                if self.session.messages[i].role == "user"
-            ),
-            None,
-        )
-
-    def cmd_regen(self, arg: str) -> None:
-        at = self._last_user()
-        if at is None:
-            self.error("nothing to regenerate")
-            return
-        del self.session.messages[at + 1 :]
-        self.turn(None, label=f"{self.turn_no}r")
-
-    def cmd_undo(self, arg: str) -> None:
-        at = self._last_user()
-        if at is None:
-            self.error("nothing to undo")
-            return
-        text = self.session.messages[at].content
-        del self.session.messages[at:]
-        self.turn_no = max(0, self.turn_no - 1)
-        self.say(f"removed: {_short(text)}")
-
-    def cmd_save(self, arg: str) -> None:
-        if not arg:
-            self.error("/save FILE")
-            return
-        path = Path(arg).expanduser()
-        try:
-            self.save(path)
-        except OSError as e:
-            self.error(f"cannot save to {path}: {e.strerror or e}")
-            return
-        n = sum(m.role != "system" for m in self.session.messages)
-        self.say(f"saved {n} messages to {path}")
-
-    def cmd_load(self, arg: str) -> None:
-        if not arg:
-            self.error("/load FILE")
-            return
-        try:
-            messages, settings = load_conversation(arg)
-        except ChatFileError as e:
-            self.error(f"cannot load: {e}")
-            return
-        self.apply_loaded(messages, settings)
-        users = sum(m.role == "user" for m in messages)
-        self.say(f"loaded {len(messages)} messages ({users} turns) from {Path(arg).expanduser()}")
-        self.show_last_exchange()
-
-    def apply_loaded(self, messages: list[Message], settings: dict[str, Any]) -> None:
-        effort = settings.get("reasoning_effort")
-        if effort in REASONING_EFFORTS:
-            self.session.reasoning_effort = effort
-        if _valid_date(settings.get("current_date")):  # the conversation's own start date
-            self.session.current_date = settings["current_date"]
-        instructions = settings.get("instructions")
-        developer = [m for m in messages if m.role == "developer"]
-        if instructions is None and developer:
-            instructions = developer[0].content.removeprefix("# Instructions\n\n").split("\n\n# Tools")[0]
-        if "instructions" in settings or developer:
-            self.session.instructions = instructions if isinstance(instructions, str) else None
-        missing = sorted(set(settings.get("tools") or []) - set(self.tools))
-        if missing:
-            self.say(
-                f"note: the conversation used tools not loaded now: {', '.join(missing)}", style="yellow"
-            )
-        # The cache is kept: the next turn reuses whatever prefix it shares (at least the system message).
-        self.session.messages[:] = [m for m in messages if m.role != "developer"]
-        self._sync_system()
-        self.session.turn_stats.clear()
-        self.rows.clear()
-        self.turn_no = sum(m.role == "user" for m in messages)
-        self.last_analysis = ""
-
-    def show_last_exchange(self) -> None:
-        msgs = self.session.messages
-        at = self._last_user()
-        if at is None:
-            return
-        self.console.print(Text(f"{PROMPT}{_short(msgs[at].content, 200)}", style="bold"), soft_wrap=True)
-        answer = next(
-            (m.content for m in msgs[at + 1 :] if m.role == "assistant" and m.channel == "final"), None
-        )
-        if answer:
-            print_markdown(self.console, answer)
-
-    def cmd_tools(self, arg: str) -> None:
-        if not self.tools and self.python is None:
-            self.say(
-                "no tools: start with --tools FILE (a .py module or a .json list of schemas) or --python"
-            )
-            return
-        for tool in self.tools.values():
-            how = "runs the function" if tool.function else "you type the result"
-            self.console.print(
-                Text.assemble(("• ", "dim"), (tool.signature(), "bold cyan"), (f"  {how}", "dim")),
-                soft_wrap=True,
-            )
-            if tool.description:
-                self.say(f"    {_short(tool.description, 100)}")
-        if self.python is not None:
-            self.console.print(
-                Text.assemble(
-                    ("• ", "dim"), ("python", "bold cyan"), (f"  sandbox: {self.python.limits}", "dim")
-                ),
-                soft_wrap=True,
-            )
-
-    def cmd_stats(self, arg: str) -> None:
-        if not self.rows:
-            self.say("no replies yet")
-            return
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        for name in (
-            "turn",
-            "prompt",
-            "prefilled",
-            "generated",
-            "ttft s",
-            "tok/s",
-            "prefill tok/s",
-            "finish",
-        ):
-            table.add_column(name, justify="left" if name in ("turn", "finish") else "right")
-        for label, s in self.rows:
-            table.add_row(
-                label,
-                str(s.prompt_tokens),
-                str(s.prefilled_tokens),
-                str(s.generated_tokens),
-                f"{s.time_to_first_token:.2f}",
-                f"{s.generation_tps:.1f}",
-                f"{s.prompt_tps:.0f}",
-                s.finish_reason,
-            )
-        self.console.print(table)
-        used = self.session.cache.offset
-        peak = max((s.peak_memory_gb for _, s in self.rows), default=0.0)
-        limit = f" / {self.limit:,}" if self.limit else ""
-        self.say(f"context: {used:,}{limit} tokens in the cache · peak memory {peak:.2f} GB")
-        from ..streaming import model_streaming_stats
-
-        streamed = model_streaming_stats(self.session.model)
-        if streamed is not None:  # --memory-budget
-            self.say(f"experts streamed from disk: {streamed.summary()}")
-
-    def cmd_set(self, arg: str) -> None:
-        if not arg:
-            shown = {k: self.sampling.get(k) for k in cli_args.SAMPLING}
-            self.say(" · ".join(f"{k} {'default' if v is None else v}" for k, v in shown.items()))
-            return
-        name, _, value = arg.partition(" ")
-        value = value.strip()
-        name = name.replace("-", "_").lower()
-        kind = cli_args.SAMPLING.get(name)
-        if kind is None or not value:
-            self.error(f"/set {'|'.join(cli_args.SAMPLING)} VALUE")
-            return
-        try:
-            number = kind(value)  # the same check as the command-line flag
-        except ValueError as e:
-            self.error(f"{name} {e}")
-            return
-        if number is None:
-            self.sampling.pop(name, None)
-            self.say(f"{name}: random")
-            return
-        self.sampling[name] = number
-        self.say(f"{name}: {number}")
-
-    def cmd_copy(self, arg: str) -> None:
-        what = arg.strip().lower()
-        if what not in ("", "code"):
-            self.error("/copy copies the last reply; /copy code its last code block")
-            return
-        reply = next(
-            (
-                m.content
-                for m in reversed(self.session.messages)
-                if m.role == "assistant" and m.channel == "final" and m.content.strip()
-            ),
-            None,
-        )
-        if reply is None:
-            self.error("nothing to copy: no reply yet")
-            return
-        text = reply
-        if what == "code":
-            splitter = BlockSplitter()
-            blocks = splitter.feed(reply) + splitter.flush()
-            code = [code_of(b.text)[1] for b in blocks if b.kind == "code" and not b.continued]
-            if not code:
-                self.error("the last reply has no code block (/copy copies all of it)")
-                return
-            text = code[-1] + "\n"
-        terminal = self.console.file.write if self.console.is_terminal else None
-        try:
-            done = copy_text(text, data_dir() / "copied.txt", terminal)
-        except OSError as e:
-            self.error(f"cannot copy: {cli_args.describe_error(e)}")
-            return
-        lines = text.count("\n") + (not text.endswith("\n"))
-        what = f"{'the code block' if what else 'the reply'} ({lines:,} lines, {len(text):,} characters)"
-        if done.how == "OSC 52":
-            self.say(
-                f"copied {what} to the terminal's clipboard (OSC 52: if your terminal does not allow it, "
-                f"the text is also in {done.path})"
-            )
-        elif done.path is not None:
-            self.say(f"no clipboard here: {what} written to {done.path}")
-        else:
-            self.say(f"copied {what} to the clipboard ({done.how})")
-
-    def cmd_json(self, arg: str) -> None:
-        if not arg:
-            if self.json_schema is None:
-                self.say("answers are free text; /json SCHEMA_FILE makes them follow a JSON schema")
-            else:
-                self.say(f"answers follow the JSON schema in {self.json_file} (/json off: free text)")
-            return
-        if arg.lower() == "off":
-            self.json_schema, self.json_file = None, ""
-            self.say("answers are free text again")
-            return
-        from ..structured import ConstraintError, OutputConstraint, check
-
-        path = Path(arg).expanduser()
-        try:
-            schema = json.loads(path.read_text(encoding="utf-8"))
-            check(OutputConstraint(json_schema=schema, tools=self.session.tools, param=str(path)))
-        except OSError as e:
-            self.error(f"cannot read {path}: {e.strerror or e}")
-            return
-        except ValueError as e:  # not JSON, or a schema the engine cannot enforce (ConstraintError)
-            what = e.message if isinstance(e, ConstraintError) else f"{path} is not JSON: {e}"
-            self.error(what)
-            return
-        self.json_schema, self.json_file = schema, str(path)
-        self.say(f"answers follow the JSON schema in {path} (the reasoning stays free; /json off to stop)")
-
-    def cmd_multi(self, arg: str) -> None:
-        self.multiline = not self.multiline
-        if self.multiline:
-            self.say(
-                "multi-line input: Enter adds a line, Alt+Enter (Esc Enter) sends; /multi to switch back"
-            )
-        else:
-            self.say("single-line input: Enter sends, Alt+Enter or Ctrl-J adds a line")
-
-    def cmd_exit(self, arg: str) -> bool:
-        return False
-
-
-# ---------------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from ..hub import DEFAULT_MODEL
-
-    A = cli_args
-    ap = A.parser(
-        "oss-mlx chat", "Chat with gpt-oss in the terminal. /help inside the chat lists the commands."
-    )
-    ap.add_argument(
-        "--model",
-        "-m",
-        default=os.environ.get("OSS_MLX_MODEL", DEFAULT_MODEL),
-        help="hub repo id, checkpoint folder or converted folder "
-        f"(default: $OSS_MLX_MODEL, else {DEFAULT_MODEL})",
-    )
-    ap.add_argument(
-        "--reasoning-effort", "-e", choices=REASONING_EFFORTS, default="medium", help="how long it thinks"
-    )
-    ap.add_argument("--system", "-s", metavar="TEXT", help="instructions (harmony's developer message)")
-    ap.add_argument(
-        "--reasoning",
-        choices=REASONING_MODES,
-        default="summary",
-        help="chain of thought: summary (one dim line, default), show (in full, dim), hide",
-    )
-    ap.add_argument(
-        "--tools",
-        metavar="FILE",
-        action="append",
-        default=[],
-        help="function tools: a .py module of typed functions (called for real) or a .json list of schemas "
-        "(you type the results); may be repeated",
-    )
-    ap.add_argument(
-        "--python", action="store_true", help="let the model run Python in a sandboxed subprocess"
-    )
-    ap.add_argument(
-        "--python-timeout",
-        type=A.SECONDS,
-        default=10.0,
-        metavar="S",
-        help="seconds per run of the python tool",
-    )
-    ap.add_argument(
-        "--python-memory",
-        type=A.Number(int, 32, 2**22),
-        default=2048,
-        metavar="MB",
-        help="address space of the python tool (Linux)",
-    )
-    ap.add_argument("--max-tokens", type=A.MAX_TOKENS, default=DEFAULT_MAX_TOKENS, help="per reply")
-    ap.add_argument(
-        "--temperature", type=A.TEMPERATURE, default=1.0, help="0 to 2; 0 is greedy; 1.0 as OpenAI advises"
-    )
-    ap.add_argument("--top-p", type=A.TOP_P, default=1.0, help="nucleus sampling, above 0 and at most 1")
-    ap.add_argument(
-        "--seed", type=A.SEED, help="0 to 2^64-1 for every reply; -1 or none: random (the default)"
-    )
-    ap.add_argument(
-        "--history",
-        metavar="FILE",
-        help="keep this conversation in FILE: resumed if it exists, saved after every turn "
-        "(default: a new file in the data folder's chats/)",
-    )
-    ap.add_argument("--no-autosave", action="store_true", help="do not save the conversation automatically")
-    ap.add_argument("--no-markdown", action="store_true", help="print replies as plain text")
-    ap.add_argument("--ignore-memory", action="store_true", help="load even if the planner says it won't fit")
-    ap.add_argument(
-        "--memory-budget",
-        type=A.size,
-        metavar="SIZE",
-        help='e.g. "6GB": keep only hot experts in memory and read the rest from disk (slower, smaller)',
-    )
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    console = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
-
-    def fail(message: str, code: int = 1) -> int:
-        err.print(f"oss-mlx chat: [red]error:[/] {escape(message)}", soft_wrap=True)
-        return code
-
-    tools: list[FunctionTool] = []
-    try:
-        for file in args.tools:
-            tools += load_tools(file)
-    except ToolFileError as e:
-        return fail(str(e), 2)
-    names = [t.name for t in tools]
-    if len(set(names)) != len(names):
-        return fail(f"two tools have the same name: {sorted(n for n in set(names) if names.count(n) > 1)}", 2)
-
-    resumed: tuple[list[Message], dict] | None = None
-    autosave = None
-    if not args.no_autosave:
-        autosave = Path(args.history).expanduser() if args.history else new_autosave_path()
-    if args.history and Path(args.history).expanduser().exists():
-        try:
-            resumed = load_conversation(args.history)
-        except ChatFileError as e:
-            return fail(f"--history: {e}", 2)
-
-    # The model: a hub id is downloaded and converted on first use (with progress bars).
-    start = time.perf_counter()
-    try:
-        import oss_mlx
-
-        console.print(Text(f"loading {args.model} …", style="dim"))
-        # Checked from config.json alone (a hub model's too), before any download or load.
-        from ..memory import refuse_unless_fits
-
-        if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits("oss-mlx chat", args.model):
-            return 1
-        path = prepare_model(args.model, console)
-        model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
-    except KeyboardInterrupt:
-        return 130
-    except (*cli_args.user_errors(), OSError) as e:  # bad folder, offline, no vocabulary: in words
-        return fail(f"cannot load {args.model}: {cli_args.describe_error(e)}")
-    loaded_in = time.perf_counter() - start
-
-    scripted = os.environ.get("OSS_MLX_SCRIPTED_REPLIES")
-    if scripted:
-        install_scripted_replies(scripted, tokenizer)
-    else:
-        # The sampler comes from mlx_lm, whose import takes seconds: done while the user types.
-        import threading
-
-        threading.Thread(target=_import_sampler, daemon=True).start()
-
-    from ..session import Session
-
-    session = Session(
-        model,
-        tokenizer,
-        reasoning_effort=args.reasoning_effort,
-        instructions=args.system,
-        current_date=today(),  # as OpenAI's reference chat: the conversation's start date
-    )
-    sampling: dict[str, Any] = {
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "max_tokens": args.max_tokens,
-    }
-    if args.seed is not None:
-        sampling["seed"] = args.seed
-    python = PythonSandbox(timeout=args.python_timeout, memory_mb=args.python_memory) if args.python else None
-    app = ChatApp(
-        session,
-        console,
-        model_name=Path(str(args.model).rstrip("/")).name or str(args.model),
-        reasoning=args.reasoning,
-        markdown=not args.no_markdown,
-        sampling=sampling,
-        tools=tools,
-        python=python,
-        autosave=autosave,
-        context_limit=context_limit(model),
-    )
-    layout = getattr(getattr(model, "info", None), "layout", "?")
-    limit = f" · context limit {app.limit:,}" if app.limit else ""
-    console.print(
-        Text.assemble(
-            ("oss-mlx chat", "bold"),
-            (f" · {app.model_name} ({layout}) loaded in {loaded_in:.1f} s{limit}", "dim"),
-            (f" · effort {session.reasoning_effort}", "dim"),
-        ),
-        soft_wrap=True,
-    )
-    if tools:
-        app.say(f"tools: {', '.join(t.name for t in tools)}")
-    if python is not None:
-        app.say(f"python tool: {python.limits}")
-    if resumed is not None:
-        app.apply_loaded(*resumed)
-        app.say(f"resumed {len(resumed[0])} messages from {args.history}")
-        app.show_last_exchange()
-    if autosave is not None:
-        app.say(f"autosave: {autosave}")
-    app.say("/help for commands · Ctrl-C stops a reply · Ctrl-D quits")
-    return app.run()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

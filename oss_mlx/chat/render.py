@@ -98,7 +98,7 @@ class BlockSplitter:
             self._line(self._partial, out)
             self._partial = ""
         if self._fence is not None:
-            self._emit_code(out, closer=None)
+            self._emit_code(out)
         else:
             self._emit_text(out)
         self._blank = False
@@ -112,7 +112,7 @@ class BlockSplitter:
         out: list[Block] = []
         if self._fence is not None:
             if self._lines:
-                self._emit_code(out, closer=None, keep_open=True)
+                self._emit_code(out, keep_open=True)
         elif self._lines:
             self._emit_text(out, keep_continued=True)
         return out
@@ -146,7 +146,7 @@ class BlockSplitter:
                 and stripped.startswith(char * length)
                 and set(stripped) == {char}
             ):
-                self._emit_code(out, closer=line)
+                self._emit_code(out)
             else:
                 self._lines.append(line)
             return
@@ -192,7 +192,7 @@ class BlockSplitter:
         self._lines = []
         self._continued = keep_continued
 
-    def _emit_code(self, out: list[Block], closer: str | None, keep_open: bool = False) -> None:
+    def _emit_code(self, out: list[Block], keep_open: bool = False) -> None:
         fence_char, length = self._fence or ("`", 3)
         closing = fence_char * length
         body = "".join(line + "\n" for line in self._lines)
@@ -624,7 +624,7 @@ class ReplyView:
         name = event.recipient.removeprefix("functions.") if event.recipient else "tool"
         self.status.show(f"calling {name}… ({self._call_tokens} tokens)", throttle=0.08)
 
-    def show_call(self, call: ToolCall, source: str | None = None) -> None:
+    def show_call(self, call: ToolCall) -> None:
         """Print a tool call (before it runs)."""
         self._end_section()
         if call.recipient == "python" or call.name == "python":

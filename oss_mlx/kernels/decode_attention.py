@@ -18,8 +18,7 @@ SDPA_KEYS_PER_SPLIT = 256
 SDPA_MAX_SPLITS = 32
 SDPA_MMA = True  # sdpa_decode_mma where its shapes apply
 # Work per warp of the projection GEMVs (as decode_moe's): chosen by GPU time per kernel under Nsight
-# Compute (benchmarks/ncu_sweep.py); timing launches from Python had chosen out_residual RW = 8 (16.6 µs
-# on the card; RW = 4: 9.0).
+# Compute (benchmarks/ncu_sweep.py), not by launches timed from Python (docs/KERNELS.md).
 QKV_PAIRS_PER_WARP = 4  # norm_qkv_rope: RoPE pairs (2 weight rows each)
 OUT_ROWS_PER_WARP = 4  # out_residual (even)
 

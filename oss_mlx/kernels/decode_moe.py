@@ -13,9 +13,8 @@ from .weights import ExpertWeights
 MOE_MAX_SLOTS = 64
 # Work per warp of the GEMV kernels (each warp holds its input vector in registers and reads whole
 # weight rows): more rows per warp reuse the vector more and keep more loads in flight; fewer make
-# more blocks. Chosen by GPU time per kernel (benchmarks/ncu_sweep.py under Nsight Compute, cold caches,
-# H200): timing launches from Python measured the ~5 µs host cost of a launch instead, and had chosen
-# gate_up COLS = 2 (41.5 µs on the card; COLS = 1: 34.5).
+# more blocks. Chosen by each kernel's GPU time under Nsight Compute (benchmarks/ncu_sweep.py), not by
+# launches timed from Python, which time the host's cost of a launch (docs/KERNELS.md).
 MOE_COLS_PER_WARP = 1  # gate_up_swiglu: SwiGLU columns (2 weight rows each)
 MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert each)
 

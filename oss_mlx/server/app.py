@@ -463,11 +463,11 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
             "listening on %s without --api-key: anyone who can reach this port can use the model", args.host
         )
     if not args.memory_budget and not args.ignore_memory:
-        from ..memory import refuse_unless_fits
+        from ..plan_cli import refuse_unless_fits
 
         if refuse_unless_fits("oss-mlx serve", args.model):
             return 1
-    from . import scripted
+    from ..testing import scripted
     from .connections import GuardedH11Protocol
 
     script = scripted.Script.from_env()

@@ -162,7 +162,7 @@ class Engine:
         self.max_queue = max_queue
         self.cache_slots = max(1, cache_slots)
         self.context_limit = context_limit
-        self.script = script  # the test hook (scripted.py), None in normal use
+        self.script = script  # the test hook (oss_mlx/testing/scripted.py), None in normal use
         self._loader = loader
         self._load_kwargs = dict(load_kwargs or {})
         self.model = self.tokenizer = None
