@@ -107,7 +107,7 @@ def load_model(
     model.warmup_report = None
     # Not for streamed experts: the dummy prompt would read experts from disk and skew the hot set.
     if memory_budget is None and (warmup.wanted() if warm_up is None else warm_up):
-        model.warmup_report = warmup.warm_up(model, context=warmup.WARM_CONTEXT)
+        model.warmup_report = warmup.warm_up_or_warn(model, context=warmup.WARM_CONTEXT)
     return model, model.info
 
 

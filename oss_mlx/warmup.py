@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -131,3 +132,19 @@ def warm_up(model: Transformer, context: int, step: int | None = None) -> Warmup
     if attention:
         report.pieces.append(("the attention graphs", attention))
     return report
+
+
+def warm_up_or_warn(model: Transformer, context: int, step: int | None = None) -> WarmupReport | None:
+    """warm_up, where a failure is a warning and not a failed load: the warm-up only moves costs
+    earlier, so a model it could not warm up still answers (its first prompt then pays them)."""
+    try:
+        return warm_up(model, context, step)
+    except Exception as e:  # noqa: BLE001 (any failure of it: the load itself has succeeded)
+        mx.clear_cache()  # what the failed piece allocated
+        warnings.warn(
+            f"oss-mlx: the load-time warm-up failed ({type(e).__name__}: {e}); the first prompt will be "
+            f"slower. {ENV}=0 turns it off.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None

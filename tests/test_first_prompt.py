@@ -172,6 +172,48 @@ def test_the_warm_up_is_for_gpus(monkeypatch):
     assert not warmup.wanted()
 
 
+def test_loading_on_a_cpu_does_not_warm_up(tiny_checkpoint, monkeypatch):
+    """A CPU user's load pays nothing for the warm-up: it does not run (a CPU has no per-shape setup),
+    and prefill attention keeps the prompt's own shapes (no padding to the fixed ones)."""
+    from oss_mlx.loader import load_model
+
+    if mx.default_device() == mx.gpu:
+        pytest.skip("a CPU-only check")
+    monkeypatch.delenv(warmup.ENV, raising=False)
+    monkeypatch.delenv(FIXED_SHAPES_ENV, raising=False)
+    assert not attention.fixed_shapes()
+    ran = []
+    monkeypatch.setattr(warmup, "warm_up", lambda *a, **k: ran.append(a))
+    loaded, _ = load_model(tiny_checkpoint)
+    assert loaded.warmup_report is None and not ran
+
+
+def test_a_failing_warm_up_warns_and_the_model_still_answers(tiny_checkpoint, monkeypatch):
+    """The warm-up only moves costs earlier: if a piece of it fails (here: out of memory half way),
+    the load succeeds with a warning that names the failure and how to turn it off, and the model
+    generates what a load without the warm-up generates."""
+    from oss_mlx.loader import load_model
+
+    real = warmup.steps
+
+    def failing(m, context, step=None):
+        pieces = real(m, context, step)
+        yield next(pieces)
+        raise RuntimeError("[metal::malloc] out of memory")
+
+    options = generation.SamplingOptions(temperature=0.0, max_tokens=6)
+    plain, _ = load_model(tiny_checkpoint, warm_up=False)
+    expected = list(generation.generate_tokens(plain, TOKENS[:20], plain.make_cache(), options, set()))
+    monkeypatch.setattr(warmup, "steps", failing)
+    with pytest.warns(
+        RuntimeWarning, match=r"warm-up failed \(RuntimeError: .*out of memory\).*OSS_MLX_WARMUP=0"
+    ):
+        loaded, _ = load_model(tiny_checkpoint, warm_up=True)
+    assert loaded.warmup_report is None
+    got = list(generation.generate_tokens(loaded, TOKENS[:20], loaded.make_cache(), options, set()))
+    assert got == expected
+
+
 @pytest.mark.parametrize("width", [201088, 1024, 777, 256])
 def test_greedy_tokens_are_the_first_maximum(width):
     """The two-stage argmax picks what mx.argmax picks, ties included (the first maximum)."""
