@@ -242,7 +242,8 @@ def fresh_process_rows(args, engines: list[str], row_type, add) -> None:
                     detail={"in": "the same fresh process, second run", "prompt": prompt},
                 )
             )
-    if results:
+    if results:  # each prompt's engines side by side
+        results.sort(key=lambda r: prompts.index(r.prompt))
         print_first_prompts(results, "first prompt of a fresh process")
 
 
@@ -280,8 +281,14 @@ def follow_up_rows(
 # ---- output ---------------------------------------------------------------------------------------
 
 
-def print_first_prompts(results: list[FirstPrompt], title: str) -> None:
+def _console():
     from rich.console import Console
+
+    # Into a log (the GPU machine's runs) the wide tables would be cut to 80 columns and lose digits.
+    return Console() if sys.stdout.isatty() else Console(width=180)
+
+
+def print_first_prompts(results: list[FirstPrompt], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
@@ -312,11 +319,10 @@ def print_first_prompts(results: list[FirstPrompt], title: str) -> None:
             f"{r.load_s:.1f}{warm_up}",
             f"{r.cold_decode_tps:,.1f}",
         )
-    Console().print(table)
+    _console().print(table)
 
 
 def print_follow_ups(rows: list[tuple[str, dict]], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -331,4 +337,4 @@ def print_follow_ups(rows: list[tuple[str, dict]], title: str) -> None:
             f"{r['follow_up_tps']:,.1f}",
             f"{r['ratio']:.2f}",
         )
-    Console().print(table)
+    _console().print(table)

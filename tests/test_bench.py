@@ -284,26 +284,42 @@ def test_profile_script_runs_and_counts_the_graph(tmp_path):
 
 def test_cold_and_ttft_run_in_fresh_processes(tmp_path, capsys):
     """--cold / --ttft: each measurement in a new process (its own pid, its PTX-cache count, its load),
-    the first prompt then the same again; a chat's first message of 200-400 tokens rendered by harmony;
-    the rows say what each number includes."""
+    the first prompt then the same again, for both engines in one run; a chat's first message of
+    200-400 tokens rendered by harmony; the rows say what each number includes; the table puts each
+    prompt's engines side by side."""
     out = tmp_path / "cold.json"
-    argv = ["--config", "tiny", "--prompt-lengths", "48", "--decode-tokens", "3", "--engines", "oss-mlx"]
+    argv = ["--config", "tiny", "--prompt-lengths", "48", "--decode-tokens", "3"]
+    argv += ["--engines", "oss-mlx,mlx-lm"]
     assert bench.main([*argv, "--cold", "--ttft", "--load-warmup", "on", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["phase"], r["context"]) for r in rows][::2] == [
-        ("cold prefill", 48),
-        ("ttft", rows[2]["context"]),
+    chat = rows[2]["context"]
+    assert 200 <= chat <= 400  # the chat message's tokens
+    assert [(r["engine"], r["phase"], r["context"]) for r in rows] == [
+        (engine, phase, n)
+        for engine in ("oss-mlx", "mlx-lm")
+        for n, first in ((48, "cold prefill"), (chat, "ttft"))
+        for phase in (first, "warm prefill")
     ]
-    assert 200 <= rows[2]["context"] <= 400  # the chat message's tokens
-    for cold, warm in (rows[0:2], rows[2:4]):
+    for cold, warm in zip(rows[::2], rows[1::2]):
         d = cold["detail"]
-        assert warm["phase"] == "warm prefill" and warm["tokens_per_s"] == d["warm_prefill_tps"]
+        assert warm["tokens_per_s"] == d["warm_prefill_tps"] and cold["tokens_per_s"] == d["cold_prefill_tps"]
         assert d["imports_s"] > 0 and d["load_s"] > 0 and d["ptx_cache_files"] >= 0
         assert 0 < d["ttft_from_load_s"] < d["ttft_from_start_s"]  # the start includes the load
         assert d["ttft_from_start_s"] >= d["imports_s"] + d["load_s"]
-        assert d["warmup_s"] > 0 and "prompt" in d["warmup"]  # --load-warmup on: the warm-up ran
+        if cold["engine"] == "oss-mlx":  # --load-warmup on: the warm-up ran (oss-mlx's model only)
+            assert d["warmup_s"] > 0 and "prompt" in d["warmup"]
+        else:
+            assert d["warmup_s"] is None and d["kernels"] == ""
     printed = capsys.readouterr().out
     assert "first prompt of a fresh process" in printed and "after the load" in printed
+    table = printed[printed.index("first prompt of a fresh process") :]
+    order = [line.split("│")[1:3] for line in table.splitlines() if line.startswith("│")]
+    assert [(e.strip(), p.strip()) for e, p in order] == [
+        ("oss-mlx", "48"),
+        ("mlx-lm", "48"),
+        ("oss-mlx", "chat"),
+        ("mlx-lm", "chat"),
+    ]
 
 
 def test_follow_up_at_depth_beside_a_fresh_prompt(tmp_path):
