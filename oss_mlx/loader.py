@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import kernel_selftest, kernels
+from . import kernel_selftest, kernels, warmup
 from .config import ModelConfig, read_config
 from .machine import Machine, prefill_step_for, wire_weights
 from .memory import DEFAULT_CONTEXT, kv_bytes
@@ -43,6 +43,7 @@ def load_model(
     dtype: mx.Dtype | None = None,
     quantize_experts: bool = True,
     memory_budget: str | int | None = None,
+    warm_up: bool | None = None,
 ) -> tuple[Transformer, LoadInfo]:
     """Build and fill a Transformer. Returns (model, info): layout, path, config.
 
@@ -50,6 +51,8 @@ def load_model(
     quantize_experts: float experts (a transformers fine-tune) are quantized to MXFP4 unless False.
     memory_budget: e.g. "6GB"; keep only the hot experts in memory, read the others on demand
     (streaming.py). None keeps every expert resident.
+    warm_up: pay the first prompts' one-time costs now (warmup.py), for prompts up to warmup.WARM_CONTEXT;
+    None: where a GPU runs the model (warmup.wanted). What it took: `model.warmup_report`.
     """
     folder = resolve(path_or_repo)
     config, raw = read_config(folder)
@@ -101,6 +104,10 @@ def load_model(
         resident, kv_bytes(config, DEFAULT_CONTEXT), Machine.detect().working_set_bytes
     )
     model.info = LoadInfo(layout, folder, config, raw)
+    model.warmup_report = None
+    # Not for streamed experts: the dummy prompt would read experts from disk and skew the hot set.
+    if memory_budget is None and (warmup.wanted() if warm_up is None else warm_up):
+        model.warmup_report = warmup.warm_up_or_warn(model, context=warmup.WARM_CONTEXT)
     return model, model.info
 
 
