@@ -38,13 +38,16 @@ def _profiler(start: bool) -> None:
         print(f"cuProfiler{'Start' if start else 'Stop'} returned {rc}", file=sys.stderr)
 
 
-def run(depth: int, steps: int, layers: int, preset: str) -> None:
+def run(depth: int, steps: int, layers: int, preset: str, sampler: str = "ours") -> None:
     import dataclasses
 
     import mlx.core as mx
 
     from oss_mlx.bench import _prompt, preset_config, random_model
-    from oss_mlx.generation import decode_step, prefill
+    from oss_mlx.generation import decode_step, greedy_tokens, prefill
+
+    # the greedy sampler generation uses (a two-stage argmax), or MLX's one-row argmax (before it)
+    argmax = greedy_tokens if sampler == "ours" else lambda x: mx.argmax(x, axis=-1)
 
     full = preset_config(preset)
     config = dataclasses.replace(full, num_layers=layers, layer_types=full.layer_types[:layers])
@@ -52,14 +55,14 @@ def run(depth: int, steps: int, layers: int, preset: str) -> None:
     cache = model.make_cache()
     logits = prefill(model, _prompt(depth, config.vocab_size, 0), cache)
     step = decode_step(model)
-    token = mx.argmax(logits, axis=-1)[:, None]
+    token = argmax(logits)[:, None]
     for _ in range(3):  # trace, JIT-compile every kernel, settle the buffers
-        token = mx.argmax(step(token, cache)[:, -1, :], axis=-1)[:, None]
+        token = argmax(step(token, cache)[:, -1, :])[:, None]
         mx.eval(token)
     mx.synchronize()
     _profiler(True)
     for _ in range(steps):
-        token = mx.argmax(step(token, cache)[:, -1, :], axis=-1)[:, None]
+        token = argmax(step(token, cache)[:, -1, :])[:, None]
         mx.eval(token)
     mx.synchronize()
     _profiler(False)
@@ -107,6 +110,9 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--config", default="20b", help="20b | 120b | tiny")
+    p.add_argument(
+        "--sampler", choices=("ours", "mlx"), default="ours", help="greedy argmax: ours or mx.argmax"
+    )
     p.add_argument("--summarize", metavar="CSV")
     a = p.parse_args()
-    summarize(a.summarize, a.steps) if a.summarize else run(a.depth, a.steps, a.layers, a.config)
+    summarize(a.summarize, a.steps) if a.summarize else run(a.depth, a.steps, a.layers, a.config, a.sampler)

@@ -282,7 +282,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .convert.verify import VerifyError
     from .distributed.errors import DistributedError
     from .distributed.hosts import HostsError
-    from .errors import ConvertError, LoadError, MemoryBudgetError
+    from .errors import ConvertError, LoadError, LoRAError, MemoryBudgetError
+    from .finetune.errors import DataError, TrainError
 
     return (
         UsageError,
@@ -292,6 +293,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ToolFileError,
         ConvertError,
         VerifyError,
+        LoRAError,  # adapter folders (AdapterError) and LoRA settings
+        DataError,
+        TrainError,
         DistributedError,  # a rank died or hangs, ranks disagree: said with the rank
         HostsError,
     )

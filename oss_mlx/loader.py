@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import kernel_selftest, kernels
+from . import kernel_selftest, kernels, warmup
 from .config import ModelConfig, read_config
 from .machine import Machine, prefill_step_for, wire_weights
 from .memory import DEFAULT_CONTEXT, kv_bytes
@@ -81,6 +81,7 @@ def load_model(
     dtype: mx.Dtype | None = None,
     quantize_experts: bool = True,
     memory_budget: str | int | None = None,
+    warm_up: bool | None = None,
 ) -> tuple[Transformer, LoadInfo]:
     """Build and fill a Transformer. Returns (model, info): layout, path, config.
 
@@ -88,6 +89,8 @@ def load_model(
     quantize_experts: float experts (a transformers fine-tune) are quantized to MXFP4 unless False.
     memory_budget: e.g. "6GB"; keep only the hot experts in memory, read the others on demand
     (streaming.py). None keeps every expert resident.
+    warm_up: pay the first prompts' one-time costs now (warmup.py), for prompts up to warmup.WARM_CONTEXT;
+    None: where a GPU runs the model (warmup.wanted). What it took: `model.warmup_report`.
     """
     ckpt = open_checkpoint(path_or_repo, quantize_experts)
     model = Transformer(ckpt.config, quantized_experts=not ckpt.float_experts)
@@ -116,15 +119,22 @@ def load_model(
         from .streaming import parse_budget
 
         resident = parse_budget(memory_budget)
-    return finish_loading(model, ckpt, resident)
+    # Not for streamed experts: the dummy prompt would read experts from disk and skew the hot set.
+    warm = memory_budget is None and (warmup.wanted() if warm_up is None else warm_up)
+    return finish_loading(model, ckpt, resident, warm_up=warm)
 
 
 def finish_loading(
-    model: Transformer, ckpt: Checkpoint, resident: int | None = None, kv: int | None = None
+    model: Transformer,
+    ckpt: Checkpoint,
+    resident: int | None = None,
+    kv: int | None = None,
+    warm_up: bool = False,
 ) -> tuple[Transformer, LoadInfo]:
     """A filled model made ready to run: eval mode, the backend's weight shapes, weights wired (Metal),
     the prefill chunk for this machine's memory. resident: at least this many bytes stay in memory
-    (expert streaming's budget); kv: the KV cache at the default context (default: the whole model's)."""
+    (expert streaming's budget); kv: the KV cache at the default context (default: the whole model's);
+    warm_up: pay the first prompts' one-time costs now (warmup.py)."""
     model.eval()
     prepare_for_backend(model)  # backend-specific weight shapes (CUDA: padded down rows), kernel self-test
     resident = max(resident or 0, sum(v.nbytes for _, v in tree_flatten(model.parameters())))
@@ -133,6 +143,9 @@ def finish_loading(
     kv = kv_bytes(ckpt.config, DEFAULT_CONTEXT) if kv is None else kv
     model.prefill_step = prefill_step_for(resident, kv, Machine.detect().working_set_bytes)
     model.info = LoadInfo(ckpt.layout, ckpt.folder, ckpt.config, ckpt.raw)
+    model.warmup_report = None
+    if warm_up:
+        model.warmup_report = warmup.warm_up_or_warn(model, context=warmup.WARM_CONTEXT)
     return model, model.info
 
 

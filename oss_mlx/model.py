@@ -15,7 +15,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels
-from .attention import WINDOW_TILE, AttentionBlock, attention_mask
+from .attention import (
+    TILES,
+    WINDOW_TILE,
+    AttentionBlock,
+    QueryBlock,
+    attention_mask,
+    fixed_shapes,
+    query_block,
+)
 from .cache import FullCache, ModelCache, WindowCache
 from .config import ModelConfig
 from .moe import MLPBlock
@@ -45,22 +53,34 @@ class Transformer(nn.Module):
         self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(
-        self, tokens: mx.array, cache: ModelCache | None = None, last_logits_only: bool = False
+        self,
+        tokens: mx.array,
+        cache: ModelCache | None = None,
+        last_logits_only: bool = False,
+        block_step: int | None = None,
     ) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only). One token
         per sequence with a cache is a decode step: `decode` on the cache's buffers, not compiled.
+        block_step: the prefill's chunk step, its chunks aligned to multiples of it (generation.prefill):
+        with fixed attention shapes (attention.fixed_shapes) the attention then takes them.
 
         Raw ids are checked here (check_tokens); the compiled decode loop (decode.py) is not: the ids
         it feeds are sampled from the model's own logits."""
         self.check_tokens(tokens)
         if tokens.shape[1] == 1 and cache is not None:
             return self.decode_into(cache, tokens)
-        x = self.run_blocks(self.embed(tokens), cache, last_logits_only)
+        x = self.run_blocks(self.embed(tokens), cache, last_logits_only, block_step)
         return self.head(x, last_logits_only)
 
-    def run_blocks(self, x: mx.array, cache: ModelCache | None, last_logits_only: bool = False) -> mx.array:
+    def run_blocks(
+        self,
+        x: mx.array,
+        cache: ModelCache | None,
+        last_logits_only: bool = False,
+        block_step: int | None = None,
+    ) -> mx.array:
         """The held layers over hidden states x [B, T, H]; cache[j] is blocks[j]'s."""
-        masks = self._masks(x.shape[1], cache)
+        masks = self._masks(x.shape[1], cache, block_step)
         last = self.config.num_layers - 1
         for i, (layer, block) in enumerate(zip(self.layer_range, self.blocks)):
             c = cache[i] if cache is not None else None
@@ -101,6 +121,18 @@ class Transformer(nn.Module):
                 "is too small"
             )
 
+    def hidden_states(self, tokens: mx.array, run_block=None) -> mx.array:
+        """tokens [B, T] from position 0, no cache -> the final norm's output [B, T, H] (training: the
+        loss unembeds only the positions it scores). run_block(block, x, mask) replaces block(x, mask),
+        e.g. to keep each block's input for a recomputation in the backward pass (finetune/loss.py)."""
+        self.check_tokens(tokens)
+        x = self.embedding(tokens)
+        masks = self._masks(tokens.shape[1], None)
+        for block in self.blocks:
+            mask = masks[block.attn.window]
+            x = block(x, mask) if run_block is None else run_block(block, x, mask)
+        return self.norm(x)
+
     def decode(self, tokens: mx.array, pos: mx.array, kv: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
         """tokens [B, 1] at position `pos` (int32 [1]) -> (logits [B, 1, vocab], each layer's cache
         buffer [2, B, Hkv, S, D] with this position written). Pure and shape-stable: decode.py
@@ -129,9 +161,13 @@ class Transformer(nn.Module):
         attn = self.blocks[0].attn
         return batch, attn.num_kv_heads, attn.head_dim
 
-    def _masks(self, T: int, cache: ModelCache | None) -> dict[int | None, mx.array | str | None]:
-        """One mask per attention kind, shared by all layers of that kind."""
-        masks: dict[int | None, mx.array | str | None] = {}
+    def _masks(
+        self, T: int, cache: ModelCache | None, block_step: int | None = None
+    ) -> dict[int | None, mx.array | str | QueryBlock | None]:
+        """One mask per attention kind, shared by all layers of that kind (a QueryBlock or TILES where
+        the prefill takes fixed shapes: attention.fixed_shapes)."""
+        masks: dict[int | None, mx.array | str | QueryBlock | None] = {}
+        fixed = cache is not None and T > 1 and fixed_shapes()
         for i, block in enumerate(self.blocks):
             window = block.attn.window
             if window in masks:
@@ -139,8 +175,11 @@ class Transformer(nn.Module):
             c = cache[i] if cache is not None else None
             offset = c.offset if c is not None else 0
             kept = (c.kept() if isinstance(c, WindowCache) else offset) if c is not None else 0
-            if window is not None and T > WINDOW_TILE:
-                masks[window] = None  # the window layers' prefill tiles build their own
+            qb = query_block(offset, offset + T, block_step) if fixed and block_step else None
+            if window is not None and (T > WINDOW_TILE or fixed):
+                masks[window] = TILES  # the window layers' prefill tiles build their own
+            elif window is None and qb is not None and isinstance(c, FullCache):
+                masks[window] = qb
             else:
                 masks[window] = attention_mask(T, offset, kept + T, window)
         return masks

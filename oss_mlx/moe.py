@@ -52,7 +52,9 @@ def gather_mm_float(x: mx.array, w: mx.array, indices: mx.array, sorted_indices:
 def route_reference(x: mx.array, weight: mx.array, bias: mx.array, k: int) -> tuple[mx.array, mx.array]:
     """x [N, H] -> (weights [N, k] float32, expert indices [N, k] uint32): top-k, softmax over k."""
     logits = mx.addmm(bias, x, weight.T)
-    indices = mx.argpartition(logits, kth=-k, axis=-1)[..., -k:]
+    # The choice is not differentiable (gradients reach the router through the k weights only); MLX
+    # would otherwise try a VJP through the gather's indices when fine-tuning.
+    indices = mx.stop_gradient(mx.argpartition(logits, kth=-k, axis=-1)[..., -k:])
     top = mx.take_along_axis(logits, indices, axis=-1)
     return mx.softmax(top.astype(mx.float32), axis=-1), indices.astype(mx.uint32)
 

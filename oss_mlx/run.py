@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory-budget", type=A.size, metavar="SIZE", help='e.g. "6GB": stream experts from disk'
     )
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
     distributed.add_arguments(p)
     return p
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             "oss-mlx generate", args.model
         ):
             return 1
-        model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget)
+        model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget, adapter=args.adapter)
     events = oss_mlx.stream_generate(
         model,
         tokenizer,

@@ -18,12 +18,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import make_hub_cache
-
 from oss_mlx.convert import converter as C
 from oss_mlx.convert.cli import main
 from oss_mlx.convert.hub import resolve_source
 from oss_mlx.convert.presets import PRESETS
 from oss_mlx.convert.verify import VerifyError, check_shards, verify_logits, verify_tokens
+
 from oss_mlx.loader import load_model, quantize_dense
 from oss_mlx.memory import weight_bytes
 from oss_mlx.synthetic import SyntheticSpec, write_checkpoint

@@ -8,6 +8,7 @@ import pytest
 from test_cache import CFG, TOKENS, model  # noqa: F401  (the fixture)
 
 from oss_mlx import kernels
+from oss_mlx.attention import FIXED_SHAPES_ENV
 from oss_mlx.cache import FullCache
 from oss_mlx.decode import DecodeStep, compilable
 
@@ -183,6 +184,7 @@ def test_generation_traces_the_step_while_the_prompt_runs(model, monkeypatch):  
 
     monkeypatch.setattr(FullCache, "step", 8)
     monkeypatch.setattr(FullCache, "decode_step", 16)
+    monkeypatch.setenv(FIXED_SHAPES_ENV, "0")  # buffers grown in steps of 8, not to a query block
     monkeypatch.setattr(model, "_decode_step", None, raising=False)  # a fresh step: no traces yet
     events = []
     real_decode, real_prefill = type(model).decode, generation.prefill

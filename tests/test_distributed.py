@@ -547,6 +547,7 @@ def _expected_part(name: str, full: np.ndarray, share, rank: int, c: ModelConfig
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict[str, Path]:
     from oss_mlx.convert.cli import main as convert
+
     from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
 
     spec = SyntheticSpec.tiny(num_layers=4, vocab_size=512, head_dim=32, num_key_value_heads=2)

@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help='e.g. "6GB": keep only hot experts in memory and read the rest from disk (slower, smaller)',
     )
+    ap.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
     from ..distributed import cli as distributed
 
     distributed.add_arguments(ap)
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             # The name as given: each machine resolves a hub id by its own store (rank 0's is ready).
             model, tokenizer = distributed.load(args.model, args)
         else:
-            model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget)
+            model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget, adapter=args.adapter)
     except KeyboardInterrupt:
         return 130
     except (*cli_args.user_errors(), OSError) as e:  # bad folder, offline, no vocabulary: in words

@@ -405,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=A.size,
         help="e.g. 6GB: stream experts from the checkpoint, hot ones kept in memory (default: all resident)",
     )
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
     p.add_argument(
         "--log-level",
         default="info",
@@ -493,7 +494,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         context_limit=args.context_limit,
         script=script,
         loader=loader,
-        load_kwargs={"memory_budget": args.memory_budget} if args.memory_budget else None,
+        load_kwargs={k: v for k, v in (("memory_budget", args.memory_budget), ("adapter", args.adapter)) if v}
+        or None,
     )
     log.info("loading %s", args.model)
     try:

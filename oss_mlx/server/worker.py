@@ -176,6 +176,7 @@ class Engine:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="oss-mlx-generation", daemon=True)
+        self._warming = None  # the model's warm-up steps left (warmup.steps), run while idle
         self.running: Job | None = None
 
     # ---- life ----------------------------------------------------------------------------------
@@ -200,7 +201,9 @@ class Engine:
             else:
                 import oss_mlx
 
-                self.model, self.tokenizer = oss_mlx.load(self.model_path, **self._load_kwargs)
+                # warmed up below, while no request waits, instead of before the server is ready
+                kwargs = {"warm_up": False, **self._load_kwargs}
+                self.model, self.tokenizer = oss_mlx.load(self.model_path, **kwargs)
             limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
             if self.context_limit is None:
                 self.context_limit = int(limit or 131072)
@@ -219,6 +222,9 @@ class Engine:
         self._ready.set()
         self._warm_up()
         while True:
+            if self._warming is not None and self._queue.empty():
+                self._warm_up_step()
+                continue
             job = self._queue.get()
             if job is None:
                 return
@@ -254,6 +260,24 @@ class Engine:
             SamplingOptions().sampler()
         except Exception:  # noqa: BLE001 - only an optimisation
             pass
+        # Then the model's warm-up (warmup.py) one piece at a time while no request waits: on this
+        # thread, which generates (MLX-CUDA keeps its attention graphs per thread); a request that
+        # comes meanwhile waits at most for the piece under way (~0.1 s).
+        from .. import warmup
+        from ..model import Transformer
+
+        if isinstance(self.model, Transformer) and self.script is None and warmup.wanted():
+            self._warming = warmup.steps(self.model, context=min(self.context_limit, warmup.SERVER_CONTEXT))
+
+    def _warm_up_step(self) -> None:
+        try:
+            log.debug("warm-up: %s", next(self._warming))
+        except StopIteration:
+            self._warming = None
+            log.info("warm-up done")
+        except Exception:  # noqa: BLE001 - only an optimisation: requests run without it
+            log.exception("warm-up failed")
+            self._warming = None
 
     def _grammar_vocabulary(self) -> None:
         try:
