@@ -247,12 +247,20 @@ class AnnouncedCalls:
 
     controller: Controller | None = None
 
-    def __call__(self, tokens: mx.array, cache: ModelCache | None = None, last_logits_only: bool = False):
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: ModelCache | None = None,
+        last_logits_only: bool = False,
+        block_step: int | None = None,
+    ):
+        # block_step only picks attention's fixed shapes (MLX-CUDA), not what it computes: rank 0 keeps
+        # it, the others are not told (their calls are the same sums in other launch shapes).
         if self.controller is None or (tokens.shape[1] == 1 and cache is not None):
-            return super().__call__(tokens, cache, last_logits_only)
+            return super().__call__(tokens, cache, last_logits_only, block_step)
         self.check_tokens(tokens)  # before the others are told: a refused call must not reach them
         tokens = self.controller.forward(tokens, cache, last_logits_only)
-        out = super().__call__(tokens, cache, last_logits_only)
+        out = super().__call__(tokens, cache, last_logits_only, block_step)
         # Every rank evaluates the whole call (its collectives), even when the caller then evaluates
         # only the cache (generation.prefill before the last chunk).
         mx.async_eval(out)
