@@ -48,6 +48,10 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
       export TIKTOKEN_CACHE_DIR=$PWD/.device/vocab TIKTOKEN_RS_CACHE_DIR=$PWD/.device/vocab
       timeout ${STRUCTURED_TIMEOUT:-500} python3 benchmarks/structured_decode.py --config 20b \
         --decode-tokens 256 --repeat 3 --results $RESULTS --json $OUT/structured.json 2>&1 | tee -a $OUT/run.log ;;
+    finetune)  # LoRA training at 20b shapes (docs/FINETUNE.md): MXFP4 base, rank 8 on attention + experts,
+               # 2048 tokens, batch 1; checkpointing on, then off; peak memory and tok/s beside the plan
+      timeout ${FINETUNE_TIMEOUT:-290} python3 benchmarks/finetune_bench.py --config 20b --length 2048 --batch 1 \
+        --rank 8 --warmup 1 --steps 3 --checkpointing ${CHECKPOINTING:-on,off} --results $RESULTS --json $OUT/finetune.json 2>&1 | tee -a $OUT/run.log ;;
     layers)  # each layer's decode update, kernels vs reference on the same inputs (docs/KERNELS.md)
       timeout 300 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128 --decode-tokens 4 \
         --engines oss-mlx --check-layers 300 --results $RESULTS --json $OUT/layers.json 2>&1 | tee -a $OUT/run.log ;;

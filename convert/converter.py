@@ -100,6 +100,7 @@ def converted_config(
         # Expert e of tensor T in layer i lies at experts["blocks.i"]["tensors"][T]["offset"] + e * stride
         # in its shard (a file offset; stride = that tensor's bytes / num_experts).
         "experts": experts,
+        **plan.provenance,
     }
     return cfg
 

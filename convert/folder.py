@@ -60,7 +60,7 @@ def check_disk(dest: Path, needed: int) -> None:
         )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -92,7 +92,7 @@ def atomic_folder(dest: Path, force: bool = False, needed_bytes: int = 0) -> Ite
     partial.mkdir()
     try:
         yield partial
-        _fsync_dir(partial)
+        fsync_dir(partial)
         if dest.exists():  # --force: the old DEST goes only now that the new one is complete
             old = dest.parent / f"{dest.name}.old-{os.getpid()}"
             dest.rename(old)
@@ -100,12 +100,12 @@ def atomic_folder(dest: Path, force: bool = False, needed_bytes: int = 0) -> Ite
             shutil.rmtree(old, ignore_errors=True)
         else:
             partial.rename(dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         if e.errno == 28:  # ENOSPC
             raise ConvertError(
-                f"the disk of {dest.parent} filled up during the conversion; nothing was kept"
+                f"the disk of {dest.parent} filled up while {dest.name} was written; nothing of it was kept"
             ) from None
         raise
     except BaseException:

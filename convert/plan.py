@@ -70,6 +70,11 @@ class ConversionPlan:
     preset: Preset
     dtype: str
     shards: list[ShardPlan]
+    # The source's tensors and the recipes that map them to canonical names (fuse.py builds jobs of
+    # its own from them), and entries added to config.json's oss_mlx section (fuse.py: the adapter).
+    tensors: W.LazyTensors | None = field(default=None, repr=False)
+    recipes: dict | None = field(default=None, repr=False)
+    provenance: dict = field(default_factory=dict)
 
     @property
     def tensor_bytes(self) -> int:
@@ -188,7 +193,8 @@ def plan_conversion(folder: Path, preset: Preset, dtype: str = "bfloat16") -> Co
             outs = [TensorSpec(name, shape, out_dtype)]
             jobs[name] = Job(outs, _plain_producer(tensors, srcs, build, target, shape), component_of(name))
 
-    return ConversionPlan(folder, config, raw, layout, preset, dtype, _assign_shards(config, jobs))
+    shards = _assign_shards(config, jobs)
+    return ConversionPlan(folder, config, raw, layout, preset, dtype, shards, tensors, recipes)
 
 
 def _assign_shards(config: ModelConfig, jobs: dict[str, Job]) -> list[ShardPlan]:

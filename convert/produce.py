@@ -28,6 +28,9 @@ FORMAT_VERSION = CONVERTED_FORMAT_VERSION
 CHUNK_BYTES = 64 << 20  # rows of a source tensor evaluated at once when it can be split
 # Recipes whose output rows (axis 0) are the source's rows: a tensor can be produced in row chunks.
 _ROW_WISE = (W.identity, W.blocks_to_uint32, W.transpose_last)
+# Values per MXFP4 quantize call (4 MB of float32): MLX's CPU quantizer takes ~80 bytes of scratch per
+# value, ~0.7 GB for one whole 20b expert. The fused experts (oss_mlx/fuse.py) go in the same blocks.
+QUANTIZE_BLOCK_VALUES = 1 << 20
 
 
 class StreamingTensors(W.LazyTensors):
@@ -88,15 +91,13 @@ def _quantized_producer(tensors, srcs, build, target, q):
 
 def _float_expert_producer(tensors, srcs, build):
     """A float fine-tune's experts -> MXFP4, exactly as the loader quantizes them (groups of 32 along
-    the input axis, so rows are independent), in blocks of rows: MLX's CPU mxfp4 quantization takes
-    ~80 bytes of scratch per value, ~0.7 GB for one whole 20b expert."""
-    rows_per_block = 1 << 20  # values per quantize call (4 MB of float32)
+    the input axis, so rows are independent), in blocks of rows (QUANTIZE_BLOCK_VALUES)."""
 
     def produce():
         (array,) = _load(tensors, srcs)
         for e in range(array.shape[0]):
             x = build(array[e : e + 1])[0]  # [out, in]
-            step = max(1, rows_per_block // x.shape[-1])
+            step = max(1, QUANTIZE_BLOCK_VALUES // x.shape[-1])
             for r in range(0, x.shape[0], step):
                 yield mxfp4.quantize(x[r : r + step])
 

@@ -43,6 +43,7 @@ def load(
     dtype: mx.Dtype | None = None,
     quantize_experts: bool = True,
     memory_budget: str | int | None = None,
+    adapter: str | os.PathLike | None = None,
     warm_up: bool | None = None,
 ) -> tuple[Transformer, HarmonyTokenizer]:
     """Load a gpt-oss checkpoint in any supported layout. Returns (model, tokenizer).
@@ -51,6 +52,8 @@ def load(
     made by `oss-mlx convert`) or a hub repo id. dtype: cast float weights (MXFP4 experts stay
     MXFP4). quantize_experts: quantize float experts of a fine-tune to MXFP4 (default) or keep float.
     memory_budget: e.g. "6GB" streams experts from the checkpoint, keeping only hot ones in memory.
+    adapter: a LoRA adapter folder (`oss-mlx finetune`'s, or PEFT's `adapter_config.json` +
+    `adapter_model.safetensors`), run beside the base weights, which stay as loaded (MXFP4 experts).
     warm_up: pay the first prompts' one-time costs at load (default: where a GPU runs the model).
     Raises LoadError (its message names the file, tensor or key, and the fix) for anything that
     cannot be loaded.
@@ -61,4 +64,8 @@ def load(
     model, _ = load_model(
         folder, dtype=dtype, quantize_experts=quantize_experts, memory_budget=memory_budget, warm_up=warm_up
     )
+    if adapter is not None:
+        from .adapters import load_adapter
+
+        load_adapter(model, adapter)
     return model, tokenizer

@@ -186,6 +186,10 @@ def _write_row(buffer: mx.array, row: mx.array, slot: mx.array) -> mx.array:
 class AttentionBlock(nn.Module):
     """x + out(attention(rope(q), rope(k), v, sinks)) over the pre-normed x."""
 
+    # Tensor parallel (distributed/tensor_parallel.py): the block holds a slice of the heads, and
+    # `shard` adds every rank's part of the output, the residual counted once.
+    shard = None
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -238,7 +242,8 @@ class AttentionBlock(nn.Module):
     def _output(self, o: mx.array, x: mx.array) -> mx.array:
         """x + out(o) for the heads' outputs o [B, Hq, T, D]."""
         B, _, T, _ = o.shape
-        return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
+        y = self.out(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
+        return x + y if self.shard is None else self.shard.all_sum(self.shard.residual(x) + y)
 
     def step(self, x: mx.array, pos: mx.array, slot: mx.array, kv: mx.array) -> tuple[mx.array, mx.array]:
         """One token per sequence, x [B, 1, H], at position `pos` (int32 [1]), with the cache as a
@@ -255,7 +260,10 @@ class AttentionBlock(nn.Module):
             q, row = decode_attention.norm_qkv_rope(w, x, pos)
             kv = _write_row(kv, row, slot)
             o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
-            return decode_attention.out_residual(o, w.out_weight, w.out_bias, x), kv
+            if self.shard is None:
+                return decode_attention.out_residual(o, w.out_weight, w.out_bias, x), kv
+            y = decode_attention.out_residual(o, w.out_weight, w.out_bias, self.shard.residual(x))
+            return self.shard.all_sum(y), kv
         q, k, v = self._project(x)
         offset = pos.reshape(())
         q, k = self.rope(q, offset), self.rope(k, offset)
@@ -264,7 +272,8 @@ class AttentionBlock(nn.Module):
             B = x.shape[0]
             q = mx.contiguous(q.reshape(B, self.num_heads, self.head_dim))
             o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, pos)
-            return x + self.out(o), kv
+            y = self.out(o)
+            return (x + y if self.shard is None else self.shard.all_sum(self.shard.residual(x) + y)), kv
         written = mx.arange(kv.shape[3]) <= pos  # a ring's slots are all written once pos >= window - 1
         o = sdpa_with_sinks(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, written)
         return self._output(o, x), kv

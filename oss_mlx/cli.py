@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "plan": ("oss_mlx.plan_cli", "will a model fit this machine? memory plan per preset and context"),
     "models": ("oss_mlx.models_cli", "the models on this machine: list, path, remove"),
     "synthetic": ("oss_mlx.synthetic", "write a random gpt-oss checkpoint (tests, benchmarks)"),
+    "finetune": ("oss_mlx.finetune.cli", "LoRA fine-tuning on the MXFP4 base from JSONL chat data"),
+    "fuse": ("oss_mlx.fuse", "merge an adapter into a converted model (experts re-quantized to MXFP4)"),
 }
 
 

@@ -280,7 +280,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .chat.history import ChatFileError
     from .chat.tools import ToolFileError
     from .convert.verify import VerifyError
-    from .errors import ConvertError, LoadError, MemoryBudgetError
+    from .distributed.errors import DistributedError
+    from .distributed.hosts import HostsError
+    from .errors import ConvertError, LoadError, LoRAError, MemoryBudgetError
+    from .finetune.errors import DataError, TrainError
 
     return (
         UsageError,
@@ -290,6 +293,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ToolFileError,
         ConvertError,
         VerifyError,
+        LoRAError,  # adapter folders (AdapterError) and LoRA settings
+        DataError,
+        TrainError,
+        DistributedError,  # a rank died or hangs, ranks disagree: said with the rank
+        HostsError,
     )
 
 

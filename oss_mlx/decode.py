@@ -29,7 +29,7 @@ def compilable(model: Transformer) -> bool:
     """False when the forward pass does host work (streamed experts or embedding rows)."""
     from .streaming import StreamingEmbedding, StreamingExperts
 
-    if isinstance(model.embedding, StreamingEmbedding):
+    if isinstance(getattr(model, "embedding", None), StreamingEmbedding):  # a pipeline stage may hold none
         return False
     return not any(isinstance(b.mlp.experts, StreamingExperts) for b in model.blocks)
 

@@ -221,7 +221,27 @@ def generate_tokens(
     constraint: masks the logits before sampling (greedy and sampled alike). The mask for token n+1
     depends on token n, so the forward pass of step n+1 is queued first and the mask is computed on
     the host while the GPU runs it; only the sampling waits for the mask.
+    A distributed model's loop runs where a dead rank cannot hang the caller (distributed/runtime.py).
     """
+    tokens = _generate_tokens(
+        model, new_tokens, cache, options, stop_ids, report, mark_at, prefill_step, on_prefill, constraint
+    )
+    guard = getattr(model, "guard", None)
+    return tokens if guard is None else guard(tokens)
+
+
+def _generate_tokens(
+    model: Transformer,
+    new_tokens: list[int],
+    cache: ModelCache,
+    options: SamplingOptions,
+    stop_ids: set[int],
+    report: TokenStream | None,
+    mark_at: Iterable[int],
+    prefill_step: int | None,
+    on_prefill: Callable[[int, int], None] | None,
+    constraint: TokenConstraint | None,
+) -> Iterator[int]:
     report = report if report is not None else TokenStream()
     stats = report.stats
     stats.prefilled_tokens = 0

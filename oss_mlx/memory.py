@@ -13,6 +13,9 @@ kv cache  bfloat16 keys + values: 2 * Hkv * D * 2 bytes per layer per token; ful
           every token, sliding layers at most `sliding_window` tokens.
 activations  one prefill chunk (default 512 tokens) of hidden states, attention and MoE intermediates
           (float32, worst case) plus the last token's logits; attention itself fused (no score matrix).
+training  `TrainingPlan`: the weights as above + a LoRA adapter with its gradient and AdamW's moments
+          (float32) + a training step's activations, with or without gradient checkpointing
+          (docs/FINETUNE.md).
 
 The machine's budget is `machine.py`'s; `oss-mlx plan` and the fit checks before a load are in
 `plan_cli.py`.
@@ -89,13 +92,15 @@ def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = KV_BYTES) -> int:
     return 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
-def kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = KV_BYTES) -> int:
-    """The KV cache of `context` tokens: full-attention layers hold all, sliding ones their window."""
+def kv_bytes_per_layer(config: ModelConfig, context: int, dtype_bytes: int = KV_BYTES) -> list[int]:
+    """Each layer's KV cache at `context` tokens: full-attention layers hold all, sliding ones a window."""
     per = kv_bytes_per_token(config, dtype_bytes)
-    total = 0
-    for t in config.layer_types:
-        total += per * (context if t == FULL else min(context, config.sliding_window))
-    return total
+    return [per * (context if t == FULL else min(context, config.sliding_window)) for t in config.layer_types]
+
+
+def kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = KV_BYTES) -> int:
+    """The KV cache of `context` tokens (all layers)."""
+    return sum(kv_bytes_per_layer(config, context, dtype_bytes))
 
 
 def activation_bytes(config: ModelConfig, chunk: int = PREFILL_CHUNK) -> int:
@@ -265,6 +270,180 @@ class MemoryPlan:
                 "use a smaller model or a machine with more memory"
             )
         return out
+
+
+# ---- fine-tuning --------------------------------------------------------------------------------
+
+# Activation bytes per token and layer of a training step, fitted to peaks measured on MLX's CPU backend
+# (docs/FINETUNE.md, "Memory"): what one block keeps for its backward pass, S = k (8 I b + 11 H) + 8 H +
+# (Q + A) b (b: activation bytes, Q: qkv rows, A: heads x head_dim; the experts' SwiGLU rows dominate).
+# Unfused attention (the CPU, where MLX has no fused kernel) also holds score-sized arrays
+# (heads x queries x keys, in the activations' dtype): ~1.25 of them kept per layer, ~5.5 at once in one
+# layer's backward.
+# On a GPU, MLX's fused attention and its fused backward (ScaledDotProductAttentionVJP) hold none.
+ATTENTION_SAVED_SCORES = 1.25
+ATTENTION_BACKWARD_SCORES = 5.5
+ACTIVATION_MARGIN = 1.1  # the fit's worst under-estimate was 7%
+ADAM_STATES = 2
+# Scored rows the loss unembeds at once (finetune/loss.py): 512 x 201,088 float32 logits = 0.41 GB.
+LOSS_CHUNK = 512
+
+
+def training_block_bytes(config: ModelConfig, dtype_bytes: int) -> int:
+    """Bytes one block keeps per token for its backward pass (attention scores aside)."""
+    H, I, k = config.hidden_size, config.intermediate_size, config.experts_per_token
+    q, a = config.qkv_dim, config.num_attention_heads * config.head_dim
+    return k * (8 * I * dtype_bytes + 11 * H) + 8 * H + (q + a) * dtype_bytes
+
+
+def attention_score_bytes(config: ModelConfig, tokens: int, batch: int, dtype_bytes: int) -> tuple[int, int]:
+    """(score bytes of a full-attention layer, of a sliding one) for rows of `tokens` queries, in the
+    activations' dtype (the unfused attention's): a sliding layer's prefill goes in tiles of WINDOW_TILE
+    queries over their window (attention.py)."""
+    from .attention import WINDOW_TILE
+
+    heads = batch * config.num_attention_heads * dtype_bytes
+    full = heads * tokens * tokens
+    if tokens <= WINDOW_TILE:
+        return full, full
+    tiles = -(-tokens // WINDOW_TILE)
+    return full, heads * tiles * WINDOW_TILE * (WINDOW_TILE + config.sliding_window - 1)
+
+
+@dataclass
+class TrainingPlan:
+    """Bytes a LoRA training step needs: the base weights (as loaded: MXFP4 experts), the adapter with
+    its gradient and AdamW's two moments (float32), and the activations of `batch` rows of `length`
+    tokens, with or without gradient checkpointing."""
+
+    config: ModelConfig
+    adapter_parameters: int
+    length: int
+    batch: int = 1
+    checkpointing: bool = True
+    quantization: dict | None = None
+    dtype_bytes: int = 2
+    grad_accum: int = 1
+    scored: int | None = None  # scored tokens per row (default: all of them, the worst case)
+    fused_attention: bool | None = None  # None: fused where MLX has a GPU (Metal or CUDA)
+
+    def __post_init__(self) -> None:
+        if self.fused_attention is None:
+            import mlx.core as mx
+
+            cuda = getattr(mx, "cuda", None)
+            self.fused_attention = mx.metal.is_available() or bool(cuda and cuda.is_available())
+
+    @property
+    def weights(self) -> int:
+        return sum(weight_bytes(self.config, self.quantization, self.dtype_bytes).values())
+
+    @property
+    def adapter_bytes(self) -> int:
+        """The adapter, its gradient, AdamW's moments (+ the accumulated gradient with grad_accum > 1)."""
+        copies = 2 + ADAM_STATES + (self.grad_accum > 1)
+        return self.adapter_parameters * 4 * copies
+
+    def _scores(self) -> tuple[int, int]:
+        if self.fused_attention:
+            return 0, 0
+        return attention_score_bytes(self.config, self.length, self.batch, self.dtype_bytes)
+
+    @property
+    def activation_parts(self) -> dict[str, int]:
+        c, b, N = self.config, self.dtype_bytes, self.batch * self.length
+        S = training_block_bytes(c, b)
+        S_f32 = training_block_bytes(c, 4)  # a block's backward works largely in float32
+        full, sliding = self._scores()
+        n_full = sum(t == FULL for t in c.layer_types)
+        if self.checkpointing:
+            kept = c.num_layers * N * c.hidden_size * b  # the blocks' inputs
+            block = N * (S + S_f32) + ATTENTION_BACKWARD_SCORES * full
+        else:
+            saved_scores = ATTENTION_SAVED_SCORES * (n_full * full + (c.num_layers - n_full) * sliding)
+            kept = c.num_layers * N * S + int(saved_scores)
+            block = N * S_f32 + ATTENTION_BACKWARD_SCORES * full
+        scored = self.batch * (self.scored if self.scored is not None else self.length)
+        # a chunk's logits (b bytes) and four float32 arrays of their size (cast, exp, softmax, gradient)
+        loss = min(scored, LOSS_CHUNK) * c.vocab_size * (b + 16) + scored * c.hidden_size * (b + 4)
+        return {"kept": int(kept), "block": int(max(block, loss)), "loss": int(loss)}
+
+    @property
+    def activation_bytes(self) -> int:
+        p = self.activation_parts
+        return int(ACTIVATION_MARGIN * (p["kept"] + p["block"]))
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapter_bytes + self.activation_bytes
+
+    def fits(self, working_set_bytes: int) -> bool:
+        return self.total <= working_set_bytes
+
+    def replace(self, **changes) -> TrainingPlan:
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+    def max_length(self, working_set_bytes: int, limit: int = 131072) -> int:
+        """The longest rows (with this plan's batch and checkpointing) that fit; 0: none."""
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.replace(length=mid).fits(working_set_bytes):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def summary(self) -> str:
+        ck = "on" if self.checkpointing else "off"
+        p = self.activation_parts
+        return (
+            f"base weights {gib(self.weights)} + adapter, gradient and AdamW state {gib(self.adapter_bytes)} "
+            f"+ activations {gib(self.activation_bytes)} (batch {self.batch} x {self.length:,} tokens, "
+            f"checkpointing {ck}: kept {gib(p['kept'])}, one block or the loss {gib(p['block'])}, "
+            f"+{ACTIVATION_MARGIN - 1:.0%}) = {gib(self.total)}"
+        )
+
+
+def choose_checkpointing(
+    plan: TrainingPlan, working_set: int, wanted: str = "auto"
+) -> tuple[TrainingPlan, str]:
+    """The plan to run and why, for --checkpointing auto|on|off: off when it fits (faster), else on;
+    raises MemoryError with the way out when nothing fits."""
+    on, off = plan.replace(checkpointing=True), plan.replace(checkpointing=False)
+    if wanted == "off" or (wanted == "auto" and off.fits(working_set)):
+        chosen, why = off, "gradient checkpointing off"
+    else:
+        chosen = on
+        why = "gradient checkpointing on" + (
+            f" (without it the step needs {gib(off.total)}, over the {gib(working_set)} budget)"
+            if wanted == "auto"
+            else ""
+        )
+    if chosen.fits(working_set):
+        return chosen, why
+    fixed = plan.weights + plan.adapter_bytes
+    if fixed > working_set:
+        raise MemoryError(
+            f"training does not fit: the base weights and the adapter's training state alone need "
+            f"{gib(fixed)}, the budget is {gib(working_set)}: use a machine with more memory or a smaller "
+            "quality preset of the model (oss-mlx convert --quality small)"
+        )
+    options = []
+    longest = on.max_length(working_set)
+    if longest >= 64:
+        options.append(f"--max-length {longest} (with checkpointing, batch {plan.batch})")
+    if plan.batch > 1 and on.replace(batch=1).fits(working_set):
+        options.append(f"--batch-size 1 --grad-accum {plan.batch * plan.grad_accum} (same effective batch)")
+    if not chosen.checkpointing and on.fits(working_set):
+        options.append("--checkpointing auto (or on)")
+    options.append("fewer adapted layers or targets (--layers, --targets), or a smaller --rank")
+    raise MemoryError(
+        f"training does not fit: {chosen.summary()}, the budget is {gib(working_set)}. "
+        "Any one of these may make it fit: " + "; ".join(options)
+    )
 
 
 def gib(n: int | float) -> str:

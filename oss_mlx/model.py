@@ -41,11 +41,14 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, quantized_experts: bool = True):
+    def __init__(self, config: ModelConfig, quantized_experts: bool = True, layers: range | None = None):
+        """layers: the contiguous range of layers this object holds and runs (default all); a pipeline
+        stage (distributed/pipeline.py) holds a part, blocks[j] being layer layers[j]."""
         super().__init__()
         self.config = config
+        self.layer_range = range(config.num_layers) if layers is None else layers
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = [TransformerBlock(config, i, quantized_experts) for i in range(config.num_layers)]
+        self.blocks = [TransformerBlock(config, i, quantized_experts) for i in self.layer_range]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -66,16 +69,38 @@ class Transformer(nn.Module):
         self.check_tokens(tokens)
         if tokens.shape[1] == 1 and cache is not None:
             return self.decode_into(cache, tokens)
-        x = self.embedding(tokens)
-        masks = self._masks(tokens.shape[1], cache, block_step)
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
+        x = self.run_blocks(self.embed(tokens), cache, last_logits_only, block_step)
+        return self.head(x, last_logits_only)
+
+    def run_blocks(
+        self,
+        x: mx.array,
+        cache: ModelCache | None,
+        last_logits_only: bool = False,
+        block_step: int | None = None,
+    ) -> mx.array:
+        """The held layers over hidden states x [B, T, H]; cache[j] is blocks[j]'s."""
+        masks = self._masks(x.shape[1], cache, block_step)
+        last = self.config.num_layers - 1
+        for i, (layer, block) in enumerate(zip(self.layer_range, self.blocks)):
             c = cache[i] if cache is not None else None
-            if i == last and last_logits_only:
+            if layer == last and last_logits_only:
                 # Only the last position goes on: the last MoE block runs on one token, not T.
                 x = block.mlp(block.attn(x, masks[block.attn.window], c)[:, -1:, :])
             else:
                 x = block(x, masks[block.attn.window], c)
+        return x
+
+    # Where the hidden states come from and where they go. A pipeline stage receives them from the
+    # previous stage and sends them on; a tensor-parallel rank holds a slice of the vocabulary
+    # (distributed/pipeline.py, distributed/tensor_parallel.py).
+    def embed(self, tokens: mx.array) -> mx.array:
+        """tokens [B, T] -> hidden states [B, T, H]."""
+        return self.embedding(tokens)
+
+    def head(self, x: mx.array, last_logits_only: bool = False) -> mx.array:
+        """Hidden states after the last layer -> logits (x holds only the last position when
+        last_logits_only: the last layer cut it)."""
         return self.unembedding(self.norm(x))
 
     def check_tokens(self, tokens: mx.array) -> None:
@@ -96,11 +121,23 @@ class Transformer(nn.Module):
                 "is too small"
             )
 
+    def hidden_states(self, tokens: mx.array, run_block=None) -> mx.array:
+        """tokens [B, T] from position 0, no cache -> the final norm's output [B, T, H] (training: the
+        loss unembeds only the positions it scores). run_block(block, x, mask) replaces block(x, mask),
+        e.g. to keep each block's input for a recomputation in the backward pass (finetune/loss.py)."""
+        self.check_tokens(tokens)
+        x = self.embedding(tokens)
+        masks = self._masks(tokens.shape[1], None)
+        for block in self.blocks:
+            mask = masks[block.attn.window]
+            x = block(x, mask) if run_block is None else run_block(block, x, mask)
+        return self.norm(x)
+
     def decode(self, tokens: mx.array, pos: mx.array, kv: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
         """tokens [B, 1] at position `pos` (int32 [1]) -> (logits [B, 1, vocab], each layer's cache
         buffer [2, B, Hkv, S, D] with this position written). Pure and shape-stable: decode.py
         compiles it once per buffer shape; `decode_into` hands the cache's buffers in and back."""
-        x = self.embedding(tokens)
+        x = self.embed(tokens)
         # A window layer writes slot pos % window: one slot array per window size, not per layer.
         slots = {b.attn.window: kernels.ring_slot(pos, b.attn.window) for b in self.blocks if b.attn.window}
         written = []
@@ -108,7 +145,7 @@ class Transformer(nn.Module):
             x, buffer = block.attn.step(x, pos, slots.get(block.attn.window, pos), buffer)
             x = block.mlp(x)
             written.append(buffer)
-        return self.unembedding(self.norm(x)), written
+        return self.head(x), written
 
     def decode_into(self, cache: ModelCache, tokens: mx.array, step=None) -> mx.array:
         """tokens [B, 1] -> logits [B, 1, vocab], the cache advanced by one position: `step` (decode,

@@ -11,7 +11,7 @@ from typing import Any
 from . import safetensors_file as st
 from .config import OFFICIAL_SHAPES, ConfigError, ModelConfig, official_config
 from .machine import PREFILL_TRANSIENT, GiB, Machine, MiB, prefill_step_for
-from .memory import COMPONENTS, DEFAULT_CONTEXT, MemoryPlan, gib, kv_bytes, presets
+from .memory import COMPONENTS, DEFAULT_CONTEXT, MemoryPlan, TrainingPlan, gib, kv_bytes, presets
 
 
 def fit_advice(model: str, context: int = DEFAULT_CONTEXT) -> list[str]:
@@ -193,7 +193,55 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--platform", choices=["mac", "linux"], help="with --memory: mac (default; GPU working set) or linux"
     )
+    ap.add_argument(
+        "--finetune",
+        action="store_true",
+        help="plan LoRA training instead (oss-mlx finetune: attention + experts, batch 1); --context is "
+        "the training sequence length",
+    )
+    ap.add_argument("--rank", type=A.Number(int, 1, 4096), default=8, help="with --finetune: the LoRA rank")
+    ap.add_argument(
+        "--hosts",
+        type=A.non_empty("hosts.json"),
+        metavar="FILE",
+        help="hosts.json: the split over these machines and the memory on each",
+    )
+    ap.add_argument(
+        "--distributed", choices=("auto", "pipeline", "tensor"), default="auto", help="with --hosts"
+    )
     return ap
+
+
+def training_plans(
+    config: ModelConfig, rank: int, length: int, quantization: dict | None = None, dtype_bytes: int = 2
+) -> dict[bool, TrainingPlan]:
+    """{checkpointing: plan} for oss-mlx finetune's defaults (attention + experts, every layer, batch 1,
+    every token scored), attention fused (a GPU)."""
+    from .lora import LoRAConfig, parameter_count
+
+    sites = LoRAConfig(rank=rank).sites(config.num_layers)
+    base = TrainingPlan(
+        config, parameter_count(sites, config), length, quantization=quantization, dtype_bytes=dtype_bytes,
+        fused_attention=True,
+    )  # fmt: skip
+    return {ck: base.replace(checkpointing=ck) for ck in (True, False)}
+
+
+def training_table(config: ModelConfig, rank: int, length: int, machines: list[Machine], title: str = ""):
+    """A rich Table: per machine, the step's bytes with and without checkpointing, and the longest
+    sequence that fits with it."""
+    from rich.table import Table
+
+    plans = training_plans(config, rank, length)
+    t = Table(title=title or f"LoRA training (rank {rank}, {length:,} tokens, batch 1): predictions")
+    for col in ("machine", "budget", "checkpointing on", "off", "longest sequence (on)"):
+        t.add_column(col, justify="left" if col == "machine" else "right")
+    for m in machines:
+        ws = m.working_set_bytes
+        cells = [f"{gib(p.total)} {'fits' if p.fits(ws) else 'no'}" for p in (plans[True], plans[False])]
+        longest = plans[True].max_length(ws)
+        t.add_row(m.how.split(":")[0], gib(ws), *cells, f"{longest:,}" if longest else "-")
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     dtype_bytes = st.ITEMSIZE[st.FLOAT_NAMES.get(section.get("dtype"), "BF16")]
     quant = section.get("quantization") if not args.preset and section else None
     plan = MemoryPlan(config, preset, args.context, quantization=quant, dtype_bytes=dtype_bytes)
+    if args.hosts:
+        from .distributed.cli import plan_main
+
+        return plan_main(args, config, {**section, "quantization": plan.quantization})
     machine = Machine.of_size(args.memory, args.platform or "mac") if args.memory else Machine.detect()
+    if args.finetune:
+        from rich.console import Console
+
+        console = Console()
+        plans = training_plans(config, args.rank, args.context, quant, dtype_bytes)
+        for plan in plans.values():
+            console.print(plan.summary(), highlight=False)
+        console.print(training_table(config, args.rank, args.context, [machine]))
+        return 0
     print_plan(plan, machine)
     return 0
 

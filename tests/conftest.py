@@ -77,6 +77,24 @@ def vocab_dir() -> Path:
     return found
 
 
+@pytest.fixture(scope="module")
+def tok(vocab_dir: Path, tmp_path_factory):
+    """Our harmony tokenizer on the real vocabulary (a model folder holding it)."""
+    from oss_mlx.tokenizer import VOCAB_FILENAME, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("model")
+    (folder / VOCAB_FILENAME).write_bytes((vocab_dir / VOCAB_FILE).read_bytes())
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def enc(vocab_dir: Path):
+    """openai-harmony's gpt-oss encoding, on the same vocabulary."""
+    oh = pytest.importorskip("openai_harmony")
+    os.environ.setdefault("TIKTOKEN_RS_CACHE_DIR", str(vocab_dir))
+    return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, vocab_dir) -> Path:
     """A tiny random gpt-oss in the hub layout, with the real 201088-token vocabulary beside it."""

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-from pathlib import Path
 
 import pytest
-from conftest import VOCAB_FILE
 
 from oss_mlx import harmony as H
 from oss_mlx.harmony import tools as harmony_tools
-from oss_mlx.tokenizer import VOCAB_FILENAME, HarmonyTokenizer, load_tokenizer
+from oss_mlx.tokenizer import HarmonyTokenizer
 
 oh = pytest.importorskip("openai_harmony")
 from openai_harmony import (  # noqa: E402
@@ -29,19 +26,6 @@ from openai_harmony import (  # noqa: E402
 from openai_harmony import Message as HMessage  # noqa: E402
 
 DATE = "2025-06-28"
-
-
-@pytest.fixture(scope="module")
-def tok(vocab_dir: Path, tmp_path_factory) -> HarmonyTokenizer:
-    folder = tmp_path_factory.mktemp("model")
-    (folder / VOCAB_FILENAME).write_bytes((vocab_dir / VOCAB_FILE).read_bytes())
-    return load_tokenizer(folder)
-
-
-@pytest.fixture(scope="module")
-def enc(vocab_dir: Path):
-    os.environ.setdefault("TIKTOKEN_RS_CACHE_DIR", str(vocab_dir))
-    return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
 # --- building both sides --------------------------------------------------------------------------

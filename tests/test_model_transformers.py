@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err
+from hf_reference import random_base
 
 from oss_mlx.loader import load_model
 
@@ -22,39 +23,8 @@ TOL = 1e-4
 
 
 def build_reference(folder, truncate: bool, seed: int = 0, layers: int = 4):
-    torch.manual_seed(seed)
-    rope = {
-        "rope_type": "yarn",
-        "factor": 32.0,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "truncate": truncate,
-        "original_max_position_embeddings": 4096,
-        "rope_theta": 150000.0,
-    }
-    cfg = transformers.GptOssConfig(
-        num_hidden_layers=layers,
-        num_local_experts=8,
-        num_experts_per_tok=4,
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=96,
-        head_dim=16,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        sliding_window=16,
-        rope_parameters=rope,
-        attn_implementation="eager",
-    )
-    model = transformers.GptOssForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif "sinks" in name or "embed" in name:
-                p.copy_(torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
+    model = random_base(torch, transformers, None, seed=seed, layers=layers, truncate=truncate)
+    cfg = model.config
     model.save_pretrained(folder)
     tokens = torch.randint(0, cfg.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():

@@ -405,12 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=A.size,
         help="e.g. 6GB: stream experts from the checkpoint, hot ones kept in memory (default: all resident)",
     )
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
     p.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
         help="what the server logs",
     )
+    from ..distributed import cli as distributed
+
+    distributed.add_arguments(p)
     return p  # a string default goes through its type when parsed: 256MB -> bytes
 
 
@@ -446,6 +450,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from ..distributed import cli as distributed
+
+    if distributed.is_worker():  # a compute rank under mlx.launch: no port, no HTTP (never returns)
+        distributed.load(args.model, args)
     try:
         sock = listen(args.host, args.port)
     except OSError as e:
@@ -462,7 +470,13 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         log.warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", args.host
         )
-    if not args.memory_budget and not args.ignore_memory:
+    from ..distributed import cli as distributed
+
+    loader = None
+    if distributed.requested(args):  # this process is rank 0 and serves; the others only compute
+        loaded = distributed.load(args.model, args)
+        loader = lambda path: loaded  # noqa: E731 - the engine calls it on its thread
+    elif not args.memory_budget and not args.ignore_memory:
         from ..plan_cli import refuse_unless_fits
 
         if refuse_unless_fits("oss-mlx serve", args.model):
@@ -479,7 +493,9 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         cache_slots=args.cache_slots,
         context_limit=args.context_limit,
         script=script,
-        load_kwargs={"memory_budget": args.memory_budget} if args.memory_budget else None,
+        loader=loader,
+        load_kwargs={k: v for k, v in (("memory_budget", args.memory_budget), ("adapter", args.adapter)) if v}
+        or None,
     )
     log.info("loading %s", args.model)
     try:
@@ -522,6 +538,14 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
             h11_max_incomplete_event_size=16 * 1024,  # request line + headers (h11's default)
         )
     )
+    runtime = getattr(engine.model, "runtime", None)
+    if runtime is not None:  # a rank or a link is gone: the request in flight gets the error, then we stop
+
+        def stop(reason: str) -> None:
+            log.error("distributed run failed: %s; shutting down", reason)
+            server.should_exit = True
+
+        runtime.on_failure.append(stop)
     try:
         server.run(sockets=[sock])
     finally:

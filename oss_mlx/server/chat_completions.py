@@ -2,7 +2,8 @@
 
 * system / developer messages -> the harmony developer message's instructions (joined, in order)
 * user -> user; tool (``tool_call_id``) -> the tool result, addressed from the matching call
-* assistant -> its reasoning (``reasoning_content`` or ``reasoning``) as an analysis message, its
+* assistant -> its reasoning (``reasoning_content``, ``reasoning`` or ``thinking``, the field of
+  transformers' chat template and of the cookbook's fine-tuning data) as an analysis message, its
   content (``final``, or ``commentary`` when it carries tool_calls: a preamble), its tool_calls
 * reply: ``message.content`` holds only text meant for the user (final channel and commentary
   preambles); the chain of thought is in ``message.reasoning_content`` and ``message.reasoning``
@@ -20,7 +21,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..harmony import Message, MessageDone, TextDelta
+from ..harmony import Message, MessageDone, TextDelta, Tool
 from ..tokenizer import HarmonyTokenizer
 from .common import (
     KEEPALIVE,
@@ -109,7 +110,7 @@ def conversation(raw: Any) -> tuple[list[Message], list[str], list[dict]]:
             messages.append(Message("user", text_of_parts(content or "", f"{p}.content", TEXT_PARTS)))
             record["content"] = messages[-1].content
         elif role == "assistant":
-            for key in ("reasoning_content", "reasoning"):
+            for key in ("reasoning_content", "reasoning", "thinking"):
                 thought = get(m, key, "string", param=f"{p}.{key}")
                 if thought:
                     messages.append(Message("assistant", thought, channel="analysis"))
@@ -175,6 +176,12 @@ def conversation(raw: Any) -> tuple[list[Message], list[str], list[dict]]:
     return messages, instructions, records
 
 
+def function_tools(body: dict) -> list[Tool]:
+    """``tools`` (``[{"type": "function", "function": {...}}]``) -> harmony function tools (also read
+    by fine-tuning's data, finetune/data.py)."""
+    return tool_list(body, _tool)
+
+
 @dataclass
 class ChatCall:
     request: GenerationRequest
@@ -222,7 +229,7 @@ def parse(body: dict, state: ServerState) -> ChatCall:
     effort = reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
     if effort is None and isinstance(body.get("reasoning"), dict):
         effort = reasoning_effort(body["reasoning"].get("effort"), "reasoning.effort")
-    tools = tool_list(body, _tool)
+    tools = function_tools(body)
     choice = body.get("tool_choice")
     rendered_tools, choice_text = tool_choice_rules(choice, tools)
     fmt = body.get("response_format")

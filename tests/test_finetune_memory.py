@@ -1,0 +1,111 @@
+"""The training memory planner against measured peaks (MLX's CPU backend, small shapes), and the GPU
+benchmark's command run here at tiny shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from oss_mlx.config import ModelConfig
+from oss_mlx.lora import LoRAConfig, parameter_count
+from oss_mlx.machine import GiB, Machine
+from oss_mlx.memory import TrainingPlan, choose_checkpointing
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_bench.py"
+
+
+def bench():
+    spec = importlib.util.spec_from_file_location("finetune_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "plain"])
+def test_plan_bounds_the_measured_peak(checkpointing):
+    """Shapes unlike the fit's (docs/FINETUNE.md): the plan is above the peak, and not far above."""
+    row = bench().run(
+        "tiny", length=300, batch=1, rank=8, targets="attention,experts", checkpointing=checkpointing,
+        steps=1, warmup=1, num_layers=3, vocab_size=4096, hidden_size=128, intermediate_size=192,
+    )  # fmt: skip
+    ratio = row["planned_over_measured"]
+    assert 1.0 <= ratio <= 1.6, row
+
+
+def test_the_benchmark_command_runs_at_tiny_shapes(tmp_path):
+    from oss_mlx.bench_results import read_rows
+
+    out, results = tmp_path / "rows.json", tmp_path / "results.jsonl"
+    argv = ["--config", "tiny", "--length", "16", "--steps", "1", "--warmup", "1", "--json", str(out)]
+    assert bench().main([*argv, "--results", str(results)]) == 0
+    rows = json.loads(out.read_text())
+    appended = read_rows(results)  # the results files' rows: provenance + the measurement
+    assert [r["kind"] for r in appended] == ["finetune"] * 2 and all(r["commit"] for r in appended)
+    assert [r["peak_memory_bytes"] for r in appended] == [r["peak_memory_bytes"] for r in rows]
+    assert [r["checkpointing"] for r in rows] == [True, False]
+    for r in rows:
+        assert r["tokens_per_second"] > 0 and r["peak_memory_bytes"] > r["planned_parts"]["weights"]
+        assert r["planned_over_measured"] >= 1.0
+    assert rows[0]["losses"] == rows[1]["losses"]  # checkpointing changes memory, not the math
+
+
+def test_auto_checkpointing_and_refusal_at_20b_shapes():
+    config = ModelConfig()  # gpt-oss-20b
+    sites = LoRAConfig(rank=8).sites(config.num_layers)
+    plan = TrainingPlan(config, parameter_count(sites, config), length=2048, fused_attention=True)
+    big, mac24, mac16 = (Machine.of_size(g).working_set_bytes for g in (128, 24, 16))
+    chosen, why = choose_checkpointing(plan, big)
+    assert not chosen.checkpointing and "off" in why
+    off = plan.replace(checkpointing=False)
+    on = plan.replace(checkpointing=True)
+    assert on.total < off.total
+    if on.fits(mac24) and not off.fits(mac24):
+        chosen, why = choose_checkpointing(plan, mac24)
+        assert chosen.checkpointing and "without it" in why
+    with pytest.raises(MemoryError, match="training does not fit.*--max-length"):
+        choose_checkpointing(plan.replace(length=32768), mac24)
+    with pytest.raises(MemoryError, match="alone need"):
+        choose_checkpointing(plan, mac16 // 2)
+    assert plan.weights == pytest.approx(12.82 * GiB, rel=1e-3)  # the inference planner's weights
+
+
+@pytest.mark.parametrize(
+    "flag, value, words",
+    [
+        ("--length", "0", "--length: must be between 1 and 131,072"),
+        ("--checkpointing", "sometimes", "--checkpointing: must be a comma-separated list of on, off"),
+        ("--targets", "mlp", "unknown LoRA target 'mlp'"),
+        ("--steps", "-1", "--steps: must be at least 1"),
+        ("--results", "/no/such/folder/r.jsonl", "the folder /no/such/folder does not exist"),
+    ],
+)
+def test_the_benchmark_refuses_bad_values_before_building_anything(flag, value, words):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--config", "tiny", flag, value],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2 and words in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_the_gpu_stage_command_parses(tmp_path):
+    """device_profile.sh's `finetune` stage, printed by DRY_RUN: the flags the GPU run will get are the
+    benchmark's (a typo would cost a GPU call)."""
+    import os
+    import shlex
+    import subprocess
+
+    script = BENCH.parent / "device_profile.sh"
+    env = {**os.environ, "DRY_RUN": "1", "STAGES": "finetune", "OUT": str(tmp_path)}
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, env=env)
+    lines = [x for x in run.stdout.splitlines() if "finetune_bench.py" in x]
+    assert run.returncode == 0 and len(lines) == 1, run.stdout + run.stderr
+    argv = shlex.split(lines[0])
+    args = bench().build_parser().parse_args(argv[argv.index("benchmarks/finetune_bench.py") + 1 :])
+    assert (args.config, args.length, args.batch, args.rank) == ("20b", 2048, 1, 8)
+    assert args.checkpointing == ["on", "off"] and args.results == str(tmp_path / "results.jsonl")

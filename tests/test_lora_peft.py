@@ -1,0 +1,190 @@
+"""Adapters made by peft run here as in transformers + peft: logits within 1e-4 relative in float32.
+
+The reference is peft 0.2x's LoRA on a random transformers GptOssForCausalLM: attention through
+`target_modules` (q/k/v/o_proj, which our fused qkv takes as three row blocks), experts through
+`target_parameters` (the 3-D gate_up_proj / down_proj, nested wrappers), A and B random and non-zero.
+Loaded from peft's saved folder and from our own format (written by us, read back), on float experts
+and on the MXFP4 base (against transformers with the dequantized experts).
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import rel_err
+from hf_reference import ATTENTION, EXPERTS, VOCAB, add_lora, random_base, torch_logits
+
+from oss_mlx.adapters import AdapterError, load_adapter, save_adapter
+from oss_mlx.loader import load_model
+from oss_mlx.lora import LoRAExperts, LoRALinear, LoRARouter
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TOL = 1e-4
+PROMPT = 80  # 5x the sliding window
+
+
+def tokens(seed: int = 0, n: int = PROMPT) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, size=(2, n))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf-float")
+    random_base(torch, transformers, folder)
+    return folder
+
+
+def reference(base_folder, out, **lora):
+    """transformers + peft logits, and the saved adapter folder."""
+    model = transformers.GptOssForCausalLM.from_pretrained(
+        base_folder, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    pm = add_lora(torch, peft, model, **lora)
+    pm.save_pretrained(out)
+    with pm.disable_adapter():
+        plain = torch_logits(torch, pm, tokens())
+    return torch_logits(torch, pm, tokens()), plain
+
+
+def ours(folder, adapter, quantize=False):
+    model, _ = load_model(folder, dtype=mx.float32, quantize_experts=quantize)
+    load_adapter(model, adapter)
+    return model, np.array(model(mx.array(tokens())))
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {},  # attention + both expert parameters, nested wrappers
+        {"transposed": False},  # the layout peft >= 0.19 writes on transformers 4.x
+        {"modules": ["q_proj", "v_proj"], "parameters": ["mlp.experts.down_proj"]},
+        {"modules": ATTENTION, "parameters": [*EXPERTS, "mlp.router.weight"], "r": 3, "alpha": 5.0},
+        {
+            "use_rslora": True,
+            "alpha_pattern": {"o_proj": 3.0, "gate_up_proj": 1.5},
+            "layers_to_transform": [0, 2],
+        },
+    ],
+    ids=["all", "peft-swapped", "subset", "router-rank3", "rslora-patterns-layers"],
+)
+def test_peft_folder_matches_transformers_peft(base, tmp_path, lora):
+    ref, plain = reference(base, tmp_path / "peft", **lora)
+    model, out = ours(base, tmp_path / "peft")
+    assert rel_err(plain, ref) > 100 * TOL  # the adapter changes the logits: the test can fail
+    assert rel_err(out, ref) <= TOL
+    # written in our format, read back onto a fresh model: the same logits
+    save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["format"] == "oss-mlx-lora"
+    _, again = ours(base, tmp_path / "ours")
+    assert rel_err(again, ref) <= TOL
+
+
+def test_modules_wrapped_and_decode_path(base, tmp_path):
+    """The adapter sits on the canonical modules, and the cache / decode path applies it too."""
+    ref, _ = reference(base, tmp_path / "peft", parameters=[*EXPERTS, "mlp.router.weight"])
+    model, _ = load_model(base, dtype=mx.float32, quantize_experts=False)
+    load_adapter(model, tmp_path / "peft")
+    block = model.blocks[1]
+    assert isinstance(block.attn.qkv, LoRALinear) and isinstance(block.attn.out, LoRALinear)
+    assert isinstance(block.mlp.experts, LoRAExperts) and isinstance(block.mlp.router, LoRARouter)
+    assert sorted(block.attn.qkv.lora_a) == ["k", "q", "v"]
+    cache, outs, start = model.make_cache(), [], 0
+    for n in [7, 1, 1, 40, 1, PROMPT - 50]:
+        outs.append(np.array(model(mx.array(tokens()[:, start : start + n]), cache=cache)))
+        start += n
+    assert rel_err(np.concatenate(outs, axis=1), ref) <= TOL
+
+
+def test_mxfp4_base_matches_dequantized_reference(tmp_path):
+    """QLoRA-style: the experts stay MXFP4 (hub layout, bytes unchanged) with the adapter beside them;
+    transformers + peft run on the same experts dequantized (the hf-float layout of the same numbers)."""
+    from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
+
+    spec = SyntheticSpec.tiny(
+        num_layers=3, num_experts=8, experts_per_token=4, vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=96, head_dim=16, num_attention_heads=8, num_key_value_heads=2, sliding_window=16,
+    )  # fmt: skip
+    for layout in ("hf-mxfp4", "hf-float"):
+        write_checkpoint(tmp_path / layout, spec, layout=layout, seed=5, dtype="float32")
+    model = transformers.GptOssForCausalLM.from_pretrained(
+        tmp_path / "hf-float",
+        dtype=torch.float32,
+        attn_implementation="eager",
+        experts_implementation="eager",
+    ).eval()
+    pm = add_lora(torch, peft, model, seed=3)
+    pm.save_pretrained(tmp_path / "peft")
+    ref = torch_logits(torch, pm, tokens())
+    ours_model, info = load_model(tmp_path / "hf-mxfp4", dtype=mx.float32)
+    assert info.layout == "hf-mxfp4"
+    load_adapter(ours_model, tmp_path / "peft")
+    experts = ours_model.blocks[0].mlp.experts
+    assert isinstance(experts, LoRAExperts) and experts.base.quantized
+    assert experts.base.gate_up_weight.dtype == mx.uint32  # still MXFP4
+    assert rel_err(np.array(ours_model(mx.array(tokens()))), ref) <= TOL
+
+
+def test_our_adapter_exported_to_peft_runs_in_transformers(base, tmp_path):
+    """The other direction: an adapter attached here (random, as after training), saved in PEFT's
+    format, loads in transformers + peft and gives our logits."""
+    from oss_mlx.lora import LoRAConfig, attach
+
+    model, _ = load_model(base, dtype=mx.float32, quantize_experts=False)
+    attach(model, LoRAConfig(rank=4, alpha=8, targets="attention,experts,router").sites(3), seed=4)
+    rng = np.random.default_rng(0)
+    model.update_modules  # noqa: B018 - (the module tree is what we fill below)
+    from oss_mlx.lora import adapter_weights
+
+    model.load_weights(
+        [
+            (k, mx.array(0.2 * rng.standard_normal(v.shape), dtype=mx.float32))
+            for k, v in adapter_weights(model).items()
+        ],
+        strict=False,
+    )
+    out = np.array(model(mx.array(tokens())))
+    save_adapter(model, tmp_path / "peft", format="peft")
+    hf = transformers.GptOssForCausalLM.from_pretrained(
+        base, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    )
+    pm = peft.PeftModel.from_pretrained(hf.eval(), tmp_path / "peft").eval()
+    assert rel_err(out, torch_logits(torch, pm, tokens())) <= TOL
+
+
+def test_bad_adapter_folders(base, tmp_path):
+    model, _ = load_model(base, dtype=mx.float32, quantize_experts=False)
+    with pytest.raises(AdapterError, match="no such adapter folder"):
+        load_adapter(model, tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="holds no adapter_config.json"):
+        load_adapter(model, tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        load_adapter(model, tmp_path / "bad")
+    reference(base, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for key, value, message in (
+        ("use_dora", True, "DoRA is not supported"),
+        ("peft_type", "IA3", "only LORA"),
+        ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(AdapterError, match=message):
+            load_adapter(load_model(base, dtype=mx.float32)[0], tmp_path / key)
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="adapter_model.safetensors is missing"):
+        load_adapter(load_model(base, dtype=mx.float32)[0], tmp_path / "noweights")
+    # an adapter for another model's shapes
+    other = tmp_path / "other-base"
+    random_base(torch, transformers, other, hidden=96)
+    with pytest.raises(AdapterError, match="fits neither|needs"):
+        load_adapter(load_model(other, dtype=mx.float32)[0], tmp_path / "peft")
