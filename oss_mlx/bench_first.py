@@ -174,7 +174,7 @@ def add_arguments(p) -> None:
         type=A.Number(float, 1, 86400),
         default=900,
         metavar="S",
-        help="seconds for each fresh process of --cold / --ttft (default 900)",
+        help="seconds for each fresh process of --cold / --ttft (default %(default)s)",
     )
 
 
