@@ -122,10 +122,11 @@ def _load_tensors(path: Path) -> dict[str, mx.array]:
             else ""
         )
         raise AdapterError(f"{path} is missing{hint}")
-    from .weights import CheckpointError, read_safetensors_header
+    from .errors import CheckpointError
+    from .safetensors_file import read_header
 
     try:
-        read_safetensors_header(path)  # truncation, bad header: said in words
+        read_header(path)  # truncation, bad header: said in words
         return dict(mx.load(str(path)))
     except CheckpointError as e:
         raise AdapterError(str(e)) from None
