@@ -3,6 +3,7 @@
 # the decode profile, and the bench beside mlx-lm. Logs under $OUT; STAGES picks (default below).
 #   STAGES=suites SHARD=1/3 bash benchmarks/device_profile.sh   # then 2/3, 3/3: one call each
 #   STAGES=bench BENCH_TIMEOUT=560 bash benchmarks/device_profile.sh
+#   STAGES=firsttests,cold,followup bash benchmarks/device_profile.sh   # the first prompt (issue 22)
 # Bench rows are appended to $RESULTS (default $OUT/results.jsonl, one JSON row per measurement with
 # date, device, versions, command and commit): append that file to benchmarks/results/h200.jsonl.
 # DRY_RUN=1 prints every command a stage would run instead of running it (no GPU needed).
@@ -20,7 +21,7 @@ fi
 for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
 STAGES=${STAGES:-tests sweep profile bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/gpu.txt
-for stage in $STAGES; do
+for stage in ${STAGES//,/ }; do  # spaces or commas between stages
   echo "== $stage" | tee -a $OUT/run.log
   case $stage in
     tests)  # a selection of the kernel tests (TESTK), quick
@@ -71,11 +72,13 @@ for stage in $STAGES; do
       timeout ${NCU_TIMEOUT:-400} ncu --cache-control all --clock-control none -k regex:oss_ \
         --metrics gpu__time_duration.sum --csv python3 benchmarks/ncu_sweep.py > $OUT/ncu.csv 2> $OUT/ncu.err
       python3 benchmarks/ncu_sweep.py --summarize $OUT/ncu.csv | tee -a $OUT/run.log ;;
-    steps)  # every kernel of real decode steps at each depth, timed on the card (step_kernels.py)
+    steps)  # every kernel of real decode steps at each depth, timed on the card (step_kernels.py);
+            # SAMPLER=mlx: MLX's one-row argmax instead of generation's two-stage one (before / after)
       for d in ${DEPTHS:-128 32768}; do
         timeout ${STEPS_TIMEOUT:-300} ncu --profile-from-start off --cache-control none --clock-control none \
           --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread --csv \
-          python3 benchmarks/step_kernels.py --depth $d --steps 2 > $OUT/steps-$d.csv 2> $OUT/steps-$d.err
+          python3 benchmarks/step_kernels.py --depth $d --steps 2 --sampler ${SAMPLER:-ours} > $OUT/steps-$d.csv \
+          2> $OUT/steps-$d.err
         echo "-- depth $d" | tee -a $OUT/run.log
         python3 benchmarks/step_kernels.py --summarize $OUT/steps-$d.csv --steps 2 | tee -a $OUT/run.log
       done ;;
@@ -93,6 +96,25 @@ for stage in $STAGES; do
         --prompt-lengths ${LENGTHS:-128,2048,8192,32768} --decode-tokens ${DECODE:-32} \
         --engines ${ENGINES:-oss-mlx,mlx-lm} ${REPEAT:+--repeat $REPEAT} ${WARMUP:+--warmup $WARMUP} \
         --results $RESULTS --json $OUT/bench.json 2>&1 | tee -a $OUT/bench.log ;;
+    firsttests)  # the fixed prefill shapes (cuDNN's attention on the padded blocks), the warm-up, the caches
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -rf -p no:cacheprovider tests/test_first_prompt.py \
+        tests/test_cache.py > $OUT/firsttests.log 2>&1
+      echo "rc $?" | tee -a $OUT/run.log; tail -n 3 $OUT/firsttests.log | tee -a $OUT/run.log ;;
+    cold)  # each length and a chat's first message as a fresh process's first prompt (cold), then again in
+           # it (warm), load apart, both engines in one call (docs/PERFORMANCE.md "The first prompt")
+      timeout ${BENCH_TIMEOUT:-570} python3 -m oss_mlx.cli bench --config ${CONFIG:-20b} --cold --ttft \
+        --prompt-lengths ${LENGTHS:-128,2048,8192,32768} --decode-tokens ${DECODE:-32} \
+        --engines ${ENGINES:-oss-mlx,mlx-lm} --cold-timeout ${COLD_TIMEOUT:-150} \
+        --results $RESULTS --json $OUT/cold.json 2>&1 | tee -a $OUT/cold.log ;;
+    coldbefore)  # the cold stage as the code was before (no fixed shapes, no load-time warm-up), oss-mlx only
+      ( export OSS_MLX_FIXED_SHAPES=0; timeout ${BENCH_TIMEOUT:-300} python3 -m oss_mlx.cli bench --config 20b \
+          --cold --ttft --prompt-lengths ${LENGTHS:-128} --decode-tokens ${DECODE:-32} --engines oss-mlx \
+          --load-warmup off --cold-timeout ${COLD_TIMEOUT:-150} --results $RESULTS --json $OUT/cold-before.json ) \
+        2>&1 | tee -a $OUT/cold.log ;;
+    followup)  # 2k new after 8k / 32k cached beside a fresh 2k prompt, and decode after 128 and 32k, both engines
+      timeout ${BENCH_TIMEOUT:-450} python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128,32768 \
+        --decode-tokens ${DECODE:-64} --follow-up ${FOLLOW_DEPTHS:-8192,32768} --engines ${ENGINES:-oss-mlx,mlx-lm} \
+        --results $RESULTS --json $OUT/followup.json 2>&1 | tee -a $OUT/followup.log ;;
     bench120)  # the 120b's peak memory at 8k / 32k (docs/MEMORY.md); STEP=512 is what load picks there
       timeout ${BENCH_TIMEOUT:-300} python3 -m oss_mlx.cli bench --config 120b \
         --prompt-lengths 8192,32768 --decode-tokens 8 --warmup 0 --engines oss-mlx ${STEP:+--prefill-step $STEP} \

@@ -38,14 +38,18 @@ def _profiler(start: bool) -> None:
         print(f"cuProfiler{'Start' if start else 'Stop'} returned {rc}", file=sys.stderr)
 
 
-def run(depth: int, steps: int, layers: int, preset: str) -> None:
+def run(depth: int, steps: int, layers: int, preset: str, sampler: str = "ours") -> None:
     import dataclasses
 
     import mlx.core as mx
 
     from oss_mlx.batch_cache import BatchCache
     from oss_mlx.bench import _prompt, preset_config, random_model
+    from oss_mlx.generation import greedy_tokens
     from oss_mlx.runtime import runtime_of
+
+    # the greedy sampler generation uses (a two-stage argmax), or MLX's one-row argmax (before it)
+    argmax = greedy_tokens if sampler == "ours" else lambda x: mx.argmax(x, axis=-1)
 
     full = preset_config(preset)
     config = dataclasses.replace(full, num_layers=layers, layer_types=full.layer_types[:layers])
@@ -55,14 +59,14 @@ def run(depth: int, steps: int, layers: int, preset: str) -> None:
     step = runtime_of(model).decode
     batch = BatchCache.for_model(model)
     batch.join(0, cache)
-    token = mx.argmax(logits[:, -1, :], axis=-1)[:, None]
+    token = argmax(logits[:, -1, :])[:, None]
     for _ in range(3):  # trace, JIT-compile every kernel, settle the buffers
-        token = mx.argmax(step(token, batch)[:, -1, :], axis=-1)[:, None]
+        token = argmax(step(token, batch)[:, -1, :])[:, None]
         mx.eval(token)
     mx.synchronize()
     _profiler(True)
     for _ in range(steps):
-        token = mx.argmax(step(token, batch)[:, -1, :], axis=-1)[:, None]
+        token = argmax(step(token, batch)[:, -1, :])[:, None]
         mx.eval(token)
     mx.synchronize()
     _profiler(False)
@@ -110,6 +114,9 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--config", default="20b", help="20b | 120b | tiny")
+    p.add_argument(
+        "--sampler", choices=("ours", "mlx"), default="ours", help="greedy argmax: ours or mx.argmax"
+    )
     p.add_argument("--summarize", metavar="CSV")
     a = p.parse_args()
-    summarize(a.summarize, a.steps) if a.summarize else run(a.depth, a.steps, a.layers, a.config)
+    summarize(a.summarize, a.steps) if a.summarize else run(a.depth, a.steps, a.layers, a.config, a.sampler)

@@ -45,6 +45,7 @@ def load(
     quantize_experts: bool = True,
     memory_budget: str | int | None = None,
     adapter: str | os.PathLike | None = None,
+    warm_up: bool | None = None,
 ) -> tuple[Transformer, HarmonyTokenizer]:
     """Load a gpt-oss checkpoint in any supported layout. Returns (model, tokenizer).
 
@@ -54,13 +55,16 @@ def load(
     memory_budget: e.g. "6GB" streams experts from the checkpoint, keeping only hot ones in memory.
     adapter: a LoRA adapter folder (`oss-mlx finetune`'s, or PEFT's `adapter_config.json` +
     `adapter_model.safetensors`), run beside the base weights, which stay as loaded (MXFP4 experts).
+    warm_up: pay the first prompts' one-time costs at load (default: where a GPU runs the model).
     Raises LoadError (its message names the file, tensor or key, and the fix) for anything that
     cannot be loaded.
     """
     folder = resolve(path_or_repo)
     tokenizer = load_tokenizer(folder)
     check_vocabulary(read_config(folder)[0], tokenizer.vocab_size, folder)  # before any weight is read
-    model, _ = load_model(folder, dtype=dtype, quantize_experts=quantize_experts, memory_budget=memory_budget)
+    model, _ = load_model(
+        folder, dtype=dtype, quantize_experts=quantize_experts, memory_budget=memory_budget, warm_up=warm_up
+    )
     if adapter is not None:
         from .adapters import load_adapter
 

@@ -49,6 +49,7 @@ from .lora import (
     sites_of,
     sites_to_json,
 )
+from .runtime import runtime_of
 
 FORMAT = "oss-mlx-lora"
 FORMAT_VERSION = 1
@@ -167,8 +168,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, dtype: mx.Dtype | 
         weights.append((name, got.astype(target)))
     model.load_weights(weights, strict=False)
     mx.eval([w for _, w in weights])  # the adapter only: the base stays as lazy as it was loaded
-    model.adapter = AdapterInfo(kind, folder, len(sites), sum(w.size for _, w in weights))
-    return {"kind": kind, "sites": len(sites), "parameters": model.adapter.parameters}
+    info = AdapterInfo(kind, folder, len(sites), sum(w.size for _, w in weights))
+    runtime_of(model).adapter = info
+    return {"kind": kind, "sites": len(sites), "parameters": info.parameters}
 
 
 class AdapterInfo:

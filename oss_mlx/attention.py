@@ -7,10 +7,13 @@ Each head has a sink logit that joins the softmax but has no value: the head may
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .cache import FullCache, WindowCache
 from .config import ModelConfig
 from .kernels import AttentionWeights, decode_attention
@@ -49,36 +52,124 @@ def sdpa_with_sinks(
 # and never a T x S mask (a 2k chunk would otherwise build 2k x 2k scores per head per layer).
 WINDOW_TILE = 256
 
+# ---- fixed prefill shapes ---------------------------------------------------------------------------
+# MLX-CUDA builds a cuDNN graph for every new shape and stride set of its fused attention (~70 ms each,
+# docs/UPSTREAM.md item 4), so on CUDA every prefill attention is given one of a small fixed set of
+# shapes, which the load-time warm-up builds (warmup.py): a window layer's tiles all have one shape
+# (windowed_sdpa), and a full layer attends a chunk as the aligned block of queries that holds it
+# (QueryBlock), its other rows zeros and its keys cut at the block's end. Exact: the padded rows are
+# dropped, and the keys past the chunk are hidden by the causal mask from every real query.
+FIXED_SHAPES_ENV = "OSS_MLX_FIXED_SHAPES"
+# Block sizes of a prompt's first block (a fresh cache): a short prompt is not padded to a whole step.
+FIRST_BLOCKS = (256, 512, 1024)
+# The window layers' mask marking "tiles, whatever T is" (Transformer._masks).
+TILES = "tiles"
+
+
+def fixed_shapes() -> bool:
+    """Whether prefill attention takes the fixed shapes: on MLX-CUDA (the only backend that builds
+    per-shape graphs), or as OSS_MLX_FIXED_SHAPES=1 / 0 says. Elsewhere the padding would be waste."""
+    want = os.environ.get(FIXED_SHAPES_ENV, "auto").strip().lower()
+    if want in ("1", "on", "true", "yes"):
+        return True
+    if want in ("0", "off", "false", "no"):
+        return False
+    return kernels.available_backend() == "cuda"
+
+
+@dataclass(frozen=True)
+class QueryBlock:
+    """A full layer's prefill chunk attended as the queries [first, first + size) over the keys
+    [0, first + size): a shape that depends on the block, not on the chunk (query_block)."""
+
+    first: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.first + self.size
+
+
+def block_sizes(step: int) -> tuple[int, ...]:
+    """The sizes a prompt's first block may have for prefill chunks of `step`: FIRST_BLOCKS below it,
+    then the step (deeper blocks are always a whole step)."""
+    return (*(s for s in FIRST_BLOCKS if s < step), step)
+
+
+def query_block(start: int, end: int, step: int) -> QueryBlock | None:
+    """The aligned block of queries that holds the chunk [start, end) for prefill chunks of `step`
+    aligned to multiples of it (generation.prefill_cuts); None if the chunk crosses a block boundary."""
+    first = (start // step) * step
+    if end > first + step:
+        return None
+    size = step if first else next(s for s in block_sizes(step) if s >= end)
+    return QueryBlock(first, size)
+
+
+def block_sdpa(
+    q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, offset: int, block: QueryBlock
+) -> mx.array:
+    """Causal attention with sinks of the T queries at offset.. (q [B, Hq, T, D]) as the whole block:
+    q padded with zero rows to [block.first, block.end), k/v [B, Hkv, block.end, D] the keys from
+    position 0 (rows past offset + T hold anything finite: only the padding rows see them)."""
+    T = q.shape[2]
+    before, after = offset - block.first, block.end - offset - T
+    padded = mx.pad(q, [(0, 0), (0, 0), (before, after), (0, 0)]) if before or after else mx.contiguous(q)
+    return sdpa_with_sinks(padded, k, v, sinks, scale, "causal")[:, :, before : before + T]
+
+
+def window_tile_mask(first_query: int, first_key: int, window: int, valid_from: int) -> mx.array:
+    """[WINDOW_TILE, WINDOW_TILE + window - 1] bool: query first_query + i may see key first_key + j
+    (causal, within the window, and at or after valid_from: keys before it are padding)."""
+    q = mx.arange(first_query, first_query + WINDOW_TILE)[:, None]
+    k = mx.arange(first_key, first_key + WINDOW_TILE + window - 1)[None, :]
+    return (k <= q) & (q - k < window) & (k >= valid_from)
+
 
 def windowed_sdpa(
     q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float, offset: int, window: int
 ) -> mx.array:
-    """Sliding-window attention with sinks for T >= WINDOW_TILE queries at offset.., tile by tile.
+    """Sliding-window attention with sinks for T > 1 queries at offset.., tile by tile.
 
     k/v hold the last S positions up to offset + T - 1 (what the window cache hands out).
 
-    Every tile has the same shape, whatever T is: the last one ends at T and overlaps its neighbour
-    (only its new rows are kept), and each tile is copied out contiguous. MLX-CUDA builds a cuDNN graph
-    per distinct shape and strides (0.1-0.9 s for a new prompt length's tiles, docs/UPSTREAM.md item
-    4); this way the window layers build them once per process (twice from an empty cache, plus one
-    for a first prompt shorter than WINDOW_TILE + window - 1). The copies are ~3 MB a tile.
+    Every tile has the same shape, [WINDOW_TILE queries, WINDOW_TILE + window - 1 keys], whatever T
+    and the cache hold: the last tile ends at T and overlaps its neighbour (only its new rows are
+    kept), fewer than WINDOW_TILE queries are padded in front with zero rows (dropped), and keys the
+    cache does not hold (before position 0) are zero rows the mask hides. Each tile is copied out
+    contiguous. MLX-CUDA builds a cuDNN graph per distinct shape and strides (0.1-0.9 s for a new prompt
+    length's tiles, docs/UPSTREAM.md item 4); this way the window layers build one per process. The
+    copies are ~3 MB a tile.
     """
     T, S = q.shape[2], k.shape[2]
     first_key = offset + T - S  # absolute position of k[:, :, 0]
+    span = WINDOW_TILE + window - 1
+    q_pad = max(0, WINDOW_TILE - T)
+    if q_pad:
+        q = mx.pad(q, [(0, 0), (0, 0), (q_pad, 0), (0, 0)])
+    q0 = offset - q_pad  # absolute position of q[:, :, 0]
+    k_pad = max(0, first_key - (q0 - (window - 1)))
+    if k_pad:
+        k, v = (mx.pad(a, [(0, 0), (0, 0), (k_pad, 0), (0, 0)]) for a in (k, v))
+    k0 = first_key - k_pad  # absolute position of k[:, :, 0] now
+    rows = q.shape[2]
     tiles = []
-    for start in range(0, T, WINDOW_TILE):
+    for start in range(0, rows, WINDOW_TILE):
         first_row = start  # rows of this tile not produced by the one before
-        start = min(start, T - WINDOW_TILE)
-        end = start + WINDOW_TILE
-        lo = max(0, offset + start - (window - 1) - first_key)  # oldest key the first query sees
-        hi = offset + end - first_key  # one past the last query's own key
-        mask = attention_mask(WINDOW_TILE, offset + start, hi - lo, window)
+        start = min(start, rows - WINDOW_TILE)
+        lo = q0 + start - (window - 1)  # absolute position of the tile's first key
+        mask = window_tile_mask(q0 + start, lo, window, first_key)
         tile_q, tile_k, tile_v = (
-            mx.contiguous(a) for a in (q[:, :, start:end], k[:, :, lo:hi], v[:, :, lo:hi])
+            mx.contiguous(a)
+            for a in (
+                q[:, :, start : start + WINDOW_TILE],
+                k[:, :, lo - k0 : lo - k0 + span],
+                v[:, :, lo - k0 : lo - k0 + span],
+            )
         )
         out = sdpa_with_sinks(tile_q, tile_k, tile_v, sinks, scale, mask)
         tiles.append(out[:, :, first_row - start :])
-    return mx.concatenate(tiles, axis=2)
+    return mx.concatenate(tiles, axis=2)[:, :, q_pad:]
 
 
 def _write_row(buffer: mx.array, row: mx.array, slots: mx.array) -> mx.array:
@@ -95,6 +186,10 @@ def _write_row(buffer: mx.array, row: mx.array, slots: mx.array) -> mx.array:
 class AttentionBlock(nn.Module):
     """x + out(attention(rope(q), rope(k), v, sinks)) over the pre-normed x."""
 
+    # Tensor parallel (distributed/tensor_parallel.py): the block holds a slice of the heads, and
+    # `shard` adds every rank's part of the output, the residual counted once.
+    shard = None
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -109,17 +204,26 @@ class AttentionBlock(nn.Module):
         self.rope = YarnRoPE(config)
 
     def __call__(
-        self, x: mx.array, mask: mx.array | str | None, cache: FullCache | WindowCache | None = None
+        self,
+        x: mx.array,
+        mask: mx.array | str | QueryBlock | None,
+        cache: FullCache | WindowCache | None = None,
     ) -> mx.array:
         """x [B, T, H] after what `cache` holds (the decode batch's one token per row goes through
-        `step` instead: Transformer.step)."""
+        `step` instead: Transformer.step). mask: as attention_mask makes it, TILES (a window layer in
+        tiles whatever T is) or a QueryBlock (a full layer with a FullCache, at the block's shape)."""
         T = x.shape[1]
         q, k, v = self._project(x)
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
+        if isinstance(mask, QueryBlock) and isinstance(cache, FullCache):
+            k, v = cache.update_and_fetch(k, v, keys_to=mask.end)
+            return self._output(block_sdpa(q, k, v, self.sinks, self.scale, offset, mask), x)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if self.window is not None and T > WINDOW_TILE:
+        if self.window is not None and (
+            T > WINDOW_TILE or (isinstance(mask, str) and mask == TILES and T > 1)
+        ):
             o = windowed_sdpa(q, k, v, self.sinks, self.scale, offset, self.window)
         else:
             o = sdpa_with_sinks(q, k, v, self.sinks, self.scale, mask)
@@ -138,7 +242,8 @@ class AttentionBlock(nn.Module):
     def _output(self, o: mx.array, x: mx.array) -> mx.array:
         """x + out(o) for the heads' outputs o [B, Hq, T, D]."""
         B, _, T, _ = o.shape
-        return x + self.out(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
+        y = self.out(o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
+        return x + y if self.shard is None else self.shard.all_sum(self.shard.residual(x) + y)
 
     def step(
         self, x: mx.array, positions: mx.array, slots: mx.array, kv: mx.array
@@ -158,7 +263,10 @@ class AttentionBlock(nn.Module):
             q, row = decode_attention.norm_qkv_rope(w, x, positions)
             kv = _write_row(kv, row, slots)
             o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, positions)
-            return decode_attention.out_residual(o, w.out_weight, w.out_bias, x), kv
+            if self.shard is None:
+                return decode_attention.out_residual(o, w.out_weight, w.out_bias, x), kv
+            y = decode_attention.out_residual(o, w.out_weight, w.out_bias, self.shard.residual(x))
+            return self.shard.all_sum(y), kv
         q, k, v = self._project(x)
         q, k = self.rope(q, positions), self.rope(k, positions)
         kv = _write_row(kv, mx.stack([k, v]).astype(kv.dtype), slots)
@@ -166,7 +274,8 @@ class AttentionBlock(nn.Module):
             B = x.shape[0]
             q = mx.contiguous(q.reshape(B, self.num_heads, self.head_dim))
             o = decode_attention.sdpa_decode(q, kv, self.sinks, self.scale, self.window, positions)
-            return x + self.out(o), kv
+            y = self.out(o)
+            return (x + y if self.shard is None else self.shard.all_sum(self.shard.residual(x) + y)), kv
         # Per row: the slots written so far (a ring's are all written once the row reaches window - 1).
         written = mx.arange(kv.shape[3])[None, :] <= positions[:, None]
         o = sdpa_with_sinks(q, kv[0, ...], kv[1, ...], self.sinks, self.scale, written[:, None, None, :])

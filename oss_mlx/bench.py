@@ -33,11 +33,12 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels, mxfp4
+from . import bench_first, kernels, mxfp4
 from .config import ModelConfig
 from .model import Transformer
 from .testing.kernel_checks import check_layers, check_logits
@@ -63,6 +64,7 @@ class Row:
     # rate over every decoded token (what the bench has always reported).
     first_step_ms: float | None = None
     steady_tokens_per_s: float | None = None
+    detail: dict | None = None  # the first-prompt rows' other numbers (bench_first.py)
     # --concurrency rows (phase "decode-concurrent"): tokens_per_s is the aggregate of `streams`
     streams: int | None = None
     per_stream_tokens_per_s: float | None = None
@@ -136,41 +138,89 @@ def _first_and_steady(times: list[float]) -> tuple[float | None, float | None]:
     return 1000 * (times[1] - times[0]), (len(times) - 2) / (times[-1] - times[1])
 
 
+def oss_mlx_token_times(
+    model: Transformer, prompt: list[int], decode: int, prefill_chunk: int | None = None, cache=None
+) -> tuple[float, list[float]]:
+    """oss-mlx's own token loop over `prompt` (after what `cache` holds; default a fresh cache), greedy,
+    decode + 1 tokens: (its start, when each token arrived), time.perf_counter() seconds."""
+    from .generation import SamplingOptions, TokenStream
+    from .runtime import generate_tokens
+
+    cache = cache if cache is not None else model.make_cache()
+    options = SamplingOptions(temperature=0.0, max_tokens=decode + 1)
+    times = []
+    start = time.perf_counter()
+    for _ in generate_tokens(
+        model, prompt, cache, options, stop_ids=set(), report=TokenStream(), prefill_chunk=prefill_chunk
+    ):
+        times.append(time.perf_counter())
+    return start, times
+
+
+def mlx_lm_token_times(model, prompt: list[int], decode: int, cache=None) -> tuple[float, list[float]]:
+    """mlx-lm's own generate_step over `prompt` (after what its prompt `cache` holds), decode + 1
+    tokens: (its start, when each token arrived), time.perf_counter() seconds."""
+    from mlx_lm.generate import generate_step
+
+    mx.reset_peak_memory()
+    times = []
+    start = time.perf_counter()
+    for _ in generate_step(mx.array(prompt), model, max_tokens=decode + 1, prompt_cache=cache):
+        times.append(time.perf_counter())
+    return start, times
+
+
+def rates(prompt_tokens: int, start: float, times: list[float]) -> Timings:
+    """(prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s) from the
+    times the tokens arrived: prefill = prompt tokens / time to the first token; decode = the
+    tokens after the first / their time."""
+    n, t1, t2 = len(times), times[0], times[-1]
+    decode_tps = (n - 1) / (t2 - t1) if t2 > t1 else 0.0
+    peak = mx.get_peak_memory() / 1e9
+    return (prompt_tokens / (t1 - start), decode_tps, peak, *_first_and_steady(times))
+
+
 def run_oss_mlx(
     model: Transformer, prompt: list[int], decode: int, prefill_chunk: int | None = None
 ) -> Timings:
     """(prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s) through
     oss-mlx's own token loop."""
-    from .generation import SamplingOptions, TokenStream
-    from .runtime import generate_tokens
-
-    report = TokenStream()
-    cache = model.make_cache()
-    options = SamplingOptions(temperature=0.0, max_tokens=decode + 1)
-    times = []
-    for _ in generate_tokens(
-        model, prompt, cache, options, stop_ids=set(), report=report, prefill_chunk=prefill_chunk
-    ):
-        times.append(time.perf_counter())
-    s = report.stats
-    decode_tps = (s.generated_tokens - 1) / s.generation_seconds if s.generation_seconds > 0 else 0.0
-    del cache
-    return (len(prompt) / s.prompt_seconds, decode_tps, mx.get_peak_memory() / 1e9, *_first_and_steady(times))
+    return rates(len(prompt), *oss_mlx_token_times(model, prompt, decode, prefill_chunk))
 
 
 def run_mlx_lm(model, prompt: list[int], decode: int) -> Timings:
     """(prefill tok/s, decode tok/s, peak GB, first decode step ms, steady decode tok/s) through
     mlx-lm's own generate_step."""
-    from mlx_lm.generate import generate_step
+    return rates(len(prompt), *mlx_lm_token_times(model, prompt, decode))
 
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    times = []
-    for _ in generate_step(mx.array(prompt), model, max_tokens=decode + 1):
-        times.append(time.perf_counter())
-    n, t1, t2 = len(times), times[0], time.perf_counter()
-    decode_tps = (n - 1) / (t2 - t1) if t2 > t1 else 0.0
-    return (len(prompt) / (t1 - t0), decode_tps, mx.get_peak_memory() / 1e9, *_first_and_steady(times))
+
+def follow_up(engine: str, model, depth: int, new: int, seed: int, prefill_chunk: int | None) -> dict:
+    """`new` tokens prefilled after `depth` cached ones, beside `new` tokens on an empty cache: each
+    rate (tok/s to the first token) and their ratio. The fresh prompt runs first, twice (the second
+    kept: warm), then the depth is filled and the follow-up timed once (--follow-up)."""
+    vocab = model.config.vocab_size if hasattr(model, "config") else model.args.vocab_size
+    tokens = _prompt(depth + new, vocab, seed)
+    context, added = tokens[:depth], tokens[depth:]
+
+    def timed(prompt: list[int], cache) -> float:
+        if engine == "mlx-lm":
+            start, times = mlx_lm_token_times(model, prompt, 0, cache)
+        else:
+            start, times = oss_mlx_token_times(model, prompt, 0, prefill_chunk, cache)
+        return len(prompt) / (times[0] - start)
+
+    def fresh_cache():
+        if engine == "mlx-lm":
+            from mlx_lm.models.cache import make_prompt_cache
+
+            return make_prompt_cache(model)
+        return model.make_cache()
+
+    fresh = [timed(added, fresh_cache()) for _ in range(2)][-1]
+    cache = fresh_cache()
+    timed(context, cache)
+    after = timed(added, cache)
+    return {"depth": depth, "new": new, "fresh_tps": fresh, "follow_up_tps": after, "ratio": after / fresh}
 
 
 # ---- output ---------------------------------------------------------------------------------------
@@ -319,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="oss-mlx's prefill chunk in tokens (default: 2048, or what load picks)",
     )
     p.add_argument("--json", type=A.output_file, metavar="FILE", help="write the rows here")
+    bench_first.add_arguments(p)
     p.add_argument(
         "--results",
         type=A.output_file,
@@ -371,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dtype applies to --config random weights (a checkpoint has its own dtype)")
     lengths = args.prompt_lengths
     G = args.decode_tokens
-    context = max([*lengths, args.warmup, args.check_logits, args.check_layers]) + G + 1
+    depth = max(args.follow_up, default=0) + (args.follow_up_tokens if args.follow_up else 0)
+    context = max([*lengths, args.warmup, args.check_logits, args.check_layers, depth]) + G + 1
     print(
         f"oss-mlx bench: prompts of {', '.join(f'{n:,}' for n in lengths)} tokens, {G} decoded after each, "
         f"engines {', '.join(engines)}",
@@ -404,13 +456,47 @@ def main(argv: list[str] | None = None) -> int:
         if refuse_unless_fits("oss-mlx bench", args.model, context, how=" (with --engines oss-mlx)"):
             return 1
 
+    rows: list[Row] = []
+    extra: dict = {}
+    meta = {
+        "device": device_name(),
+        "mlx": mx.__version__,
+        "source": args.model or f"--config {args.config} (random weights)",  # made exact once built
+        "decode_tokens": G,
+        "repeat": args.repeat,
+    }
+
+    results = None
+    if args.results:
+        from .bench_results import ResultsFile, provenance
+
+        run_fields = {"kind": "bench", "source": meta["source"], "decode_tokens": G, "repeat": args.repeat}
+        results = ResultsFile(args.results, {**provenance(argv, meta["device"]), **run_fields})
+
+    def write_rows(new: list[Row], kept: bool = True) -> None:
+        # After every measurement, not once at the end: a run cut by a time limit keeps its rows.
+        if args.json and kept:
+            with open(args.json, "w") as f:
+                json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
+        for r in new if results is not None else ():
+            results.append({**asdict(r), "kept": kept})
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        write_rows([row])
+
+    if args.cold or args.ttft:  # fresh processes first: this one then holds no model beside theirs
+        bench_first.fresh_process_rows(args, engines, Row, add)
+        if not args.follow_up:
+            return 0
+        lengths = []  # the in-process rows are the fresh processes' second runs
     t = time.perf_counter()
     if args.model:
         from .cli_args import report, user_errors
         from .loader import load_model
 
         try:
-            model, info = load_model(args.model, memory_budget=args.memory_budget)
+            model, info = load_model(args.model, memory_budget=args.memory_budget, warm_up=False)
         except user_errors() as e:
             return report("oss-mlx bench", e, doing=f"cannot load {args.model}")
         where = "" if str(info.path) == args.model else f" from {info.path}"
@@ -428,6 +514,16 @@ def main(argv: list[str] | None = None) -> int:
             quantize_dense(model, get_preset(args.quality).spec())
             mx.eval(model.parameters())
             source += f", --quality {args.quality}"
+    meta["source"] = source
+    if results is not None:
+        results.shared["source"] = source
+    from . import warmup
+
+    want = warmup.wanted() if args.load_warmup == "auto" else args.load_warmup == "on"
+    if want and not args.memory_budget and any(e.startswith("oss-mlx") for e in engines):
+        # as loading does, deep enough for every prompt here (warmup.WARM_CONTEXT at least)
+        done = warmup.warm_up(model, context=max(warmup.WARM_CONTEXT, context), step=args.prefill_step)
+        print(f"oss-mlx bench: load-time warm-up {done.summary()}", flush=True)
     c = model.config
     print(
         f"oss-mlx bench: {source}; {c.num_layers} layers, {c.num_experts} experts "
@@ -440,38 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    rows: list[Row] = []
-    extra: dict = {}
     if args.concurrency:
-        results = None
-        if args.results:
-            from .bench_results import ResultsFile, provenance
-
-            fields = {"kind": "bench", "source": source, "decode_tokens": G}
-            results = ResultsFile(args.results, {**provenance(argv, device_name()), **fields})
         return _concurrency(args, model, engines, source, rows, results)
-    meta = {
-        "device": device_name(),
-        "mlx": mx.__version__,
-        "source": source,
-        "decode_tokens": G,
-        "repeat": args.repeat,
-    }
-
-    results = None
-    if args.results:
-        from .bench_results import ResultsFile, provenance
-
-        run_fields = {"kind": "bench", "source": source, "decode_tokens": G, "repeat": args.repeat}
-        results = ResultsFile(args.results, {**provenance(argv, meta["device"]), **run_fields})
-
-    def write_rows(new: list[Row], kept: bool = True) -> None:
-        # After every measurement, not once at the end: a run cut by a time limit keeps its rows.
-        if args.json and kept:
-            with open(args.json, "w") as f:
-                json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
-        for r in new if results is not None else ():
-            results.append({**asdict(r), "kept": kept})
+    follow_ups: list[tuple[str, dict]] = []
 
     def timing_rows(label: str, kern: str, ctx: int, res: Timings) -> list[Row]:
         pre, dec, peak, first_ms, steady = res
@@ -519,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = lambda p=prompt: run_oss_mlx(model, p, G, args.prefill_step)  # noqa: E731
                 record(name, kern, n, measure(name, kern, n, run))
                 gc.collect()
+            measure_at = partial(follow_up, "oss-mlx", model, seed=args.seed, prefill_chunk=args.prefill_step)
+            follow_ups += bench_first.follow_up_rows("oss-mlx", name, kern, measure_at, args, Row, add)
     if args.memory_budget:
         from .streaming import model_streaming_stats
 
@@ -544,9 +613,13 @@ def main(argv: list[str] | None = None) -> int:
             prompt = _prompt(n, c.vocab_size, args.seed)
             record("mlx-lm", "", n, measure("mlx-lm", "", n, lambda p=prompt: run_mlx_lm(lm, p, G)))
             gc.collect()
+        measure_at = partial(follow_up, "mlx-lm", lm, seed=args.seed, prefill_chunk=None)
+        follow_ups += bench_first.follow_up_rows("mlx-lm", "mlx-lm", "", measure_at, args, Row, add)
 
     title = f"{device_name()} · mlx {mx.__version__} · {source} · decode {G} tokens"
-    print_table(rows, engines, title)
+    print_table([r for r in rows if r.phase in ("prefill", "decode")], engines, title)
+    if follow_ups:
+        bench_first.print_follow_ups(follow_ups, title)
     if args.json and extra:
         with open(args.json + ".check.json", "w") as f:
             json.dump(extra, f, indent=1)

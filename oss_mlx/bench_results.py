@@ -10,7 +10,7 @@ Row keys (schema 1): schema, date (UTC, ISO 8601), device, versions {oss-mlx, ml
 commit (the checkout's HEAD, "+dirty" when it had uncommitted changes; null outside a git checkout),
 command, kind ("bench" for `oss-mlx bench` rows), then the measurement's own fields (for bench: engine,
 label, kernels, phase, context, tokens_per_s, peak_gb, first_step_ms, steady_tokens_per_s, source,
-decode_tokens, repeat, kept).
+decode_tokens, repeat, kept; the first-prompt rows add detail: bench_first.py).
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ class _JointKV:
     def values(self) -> mx.array | None:
         return None if self.kv is None else self.kv[1, ...]
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array, **fetch) -> tuple[mx.array, mx.array]:
         """Append [B, H, T, D] keys and values (update_and_fetch_kv with the two stacked)."""
-        return self.update_and_fetch_kv(mx.stack([keys, values.astype(keys.dtype)]))
+        return self.update_and_fetch_kv(mx.stack([keys, values.astype(keys.dtype)]), **fetch)
 
     def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
         raise NotImplementedError
@@ -50,16 +50,26 @@ class FullCache(_JointKV):
         self.kv: mx.array | None = None
         self.offset = 0
 
-    def update_and_fetch_kv(self, kv: mx.array) -> tuple[mx.array, mx.array]:
-        """Append [2, B, H, T, D] keys and values; return everything cached so far (keys, values)."""
+    def update_and_fetch_kv(self, kv: mx.array, keys_to: int | None = None) -> tuple[mx.array, mx.array]:
+        """Append [2, B, H, T, D] keys and values; return everything cached so far (keys, values).
+
+        keys_to: return the first `keys_to` positions instead (at least the cached ones; those past
+        them hold zeros or older keys), row-contiguous whatever the buffer's size, so that their shape
+        and strides depend on keys_to alone (attention.QueryBlock: one attention graph per block)."""
         start, t = self.offset, kv.shape[3]
-        if self.kv is None or start + t > self.kv.shape[3]:
-            grow = ((t + self.step - 1) // self.step) * self.step
+        need = start + t if keys_to is None else max(start + t, keys_to)
+        if self.kv is None or need > self.kv.shape[3]:
+            # to the block's end exactly (its keys are then the whole buffer: no copy), else in steps
+            grow = keys_to - start if keys_to is not None else -(-t // self.step) * self.step
             new = mx.zeros((*kv.shape[:3], grow, kv.shape[4]), kv.dtype)
             self.kv = new if self.kv is None else mx.concatenate([self.kv[..., :start, :], new], axis=3)
         self.kv[..., start : start + t, :] = kv
         self.offset = start + t
-        return self.kv[0, ..., : self.offset, :], self.kv[1, ..., : self.offset, :]
+        n = self.offset if keys_to is None else keys_to
+        keys, values = self.kv[0, ..., :n, :], self.kv[1, ..., :n, :]
+        if keys_to is not None and self.kv.shape[3] != n:
+            keys, values = mx.contiguous(keys), mx.contiguous(values)
+        return keys, values
 
     def held(self) -> mx.array | None:
         """The buffer [2, B, H, S, D] whose first `offset` positions are this cache's keys and values

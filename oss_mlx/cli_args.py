@@ -282,6 +282,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .chat.history import ChatFileError
     from .chat.tools import ToolFileError
     from .convert.verify import VerifyError
+    from .distributed.errors import DistributedError
+    from .distributed.hosts import HostsError
     from .errors import ConvertError, LoadError, LoRAError, MemoryBudgetError
     from .finetune.errors import DataError, TrainError
 
@@ -296,6 +298,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
         LoRAError,  # adapter folders (AdapterError) and LoRA settings
         DataError,
         TrainError,
+        DistributedError,  # a rank died or hangs, ranks disagree: said with the rank
+        HostsError,
     )
 
 

@@ -31,7 +31,7 @@ def compilable(model: Transformer) -> bool:
     """False when the forward pass does host work (streamed experts or embedding rows)."""
     from .streaming import StreamingEmbedding, StreamingExperts
 
-    if isinstance(model.embedding, StreamingEmbedding):
+    if isinstance(getattr(model, "embedding", None), StreamingEmbedding):  # a pipeline stage may hold none
         return False
     return not any(isinstance(b.mlp.experts, StreamingExperts) for b in model.blocks)
 
@@ -62,11 +62,7 @@ class DecodeStep:
     def __call__(self, tokens: mx.array, batch: BatchCache) -> mx.array:
         if tokens.dtype != mx.uint32:  # one trace per input dtype: samplers return uint32
             tokens = tokens.astype(mx.uint32)
-        state = batch.state()
-        logits, written = self._fn()(tokens, batch.positions(), state)
-        del state  # the old buffers are now referenced by the graph only: MLX writes them in place
-        batch.commit(written)
-        return logits
+        return self.model.step_into(batch, tokens, self._fn())
 
     def trace_ahead(self, batch: BatchCache, rows: int, length: int) -> None:
         """Trace the compiled step for buffers of `rows` rows and full layers of `length` positions
@@ -79,11 +75,25 @@ class DecodeStep:
         if key in self._traced:
             return
         self._traced.add(key)
-        H, D, dtype = batch.kv_heads, batch.head_dim, batch.dtype
-        state = [mx.zeros((2, rows, H, w or length, D), dtype) for w in batch.windows]
-        tokens = mx.zeros((rows, 1), dtype=mx.uint32)
-        positions = kernels.device_ints([0] * rows)[:rows]
-        self._fn()(tokens, positions, state)  # outputs dropped unevaluated: only the trace is kept
+        self._fn()(*_dummy_step(batch, rows, length))  # outputs dropped unevaluated: only the trace is kept
+
+    def run_ahead(self, batch: BatchCache, rows: int, length: int) -> None:
+        """Run the step once on zero buffers of that shape (the load-time warm-up: the kernels a
+        batch of `rows` uses are compiled, and the step traced, before a request needs them)."""
+        if self.compiled:
+            self._traced.add((kernels.backend(), threading.get_ident(), rows, length))
+        logits, written = self._fn()(*_dummy_step(batch, rows, length))
+        mx.eval(logits, written)
+
+
+def _dummy_step(batch: BatchCache, rows: int, length: int) -> tuple[mx.array, mx.array, list[mx.array]]:
+    """(tokens, positions, buffers) of a decode step of `rows` rows at position 0, the full layers
+    `length` positions long."""
+    H, D, dtype = batch.kv_heads, batch.head_dim, batch.dtype
+    state = [mx.zeros((2, rows, H, w or length, D), dtype) for w in batch.windows]
+    tokens = mx.zeros((rows, 1), dtype=mx.uint32)
+    positions = kernels.device_ints([0] * rows)[:rows]
+    return tokens, positions, state
 
 
 def decode_one(step: DecodeStep, tokens: mx.array, cache) -> mx.array:

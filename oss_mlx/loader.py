@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import kernel_selftest, kernels
+from . import kernel_selftest, kernels, warmup
 from .config import ModelConfig, read_config
 from .machine import Machine, prefill_step_for, wire_weights
 from .memory import DEFAULT_CONTEXT, kv_bytes
@@ -39,30 +39,33 @@ class LoadInfo:
     raw_config: dict = field(repr=False)
 
 
-def load_model(
-    path_or_repo: str | os.PathLike,
-    dtype: mx.Dtype | None = None,
-    quantize_experts: bool = True,
-    memory_budget: str | int | None = None,
-) -> tuple[Transformer, LoadInfo]:
-    """Build and fill a Transformer. Returns (model, info): layout, path, config.
+@dataclass
+class Checkpoint:
+    """A checkpoint folder, opened: its config, its tensors (lazy) and how they map to the model's
+    canonical names (weights.py recipes)."""
 
-    dtype: cast float weights (None keeps the checkpoint's, usually bfloat16). MXFP4 experts stay MXFP4.
-    quantize_experts: float experts (a transformers fine-tune) are quantized to MXFP4 unless False.
-    memory_budget: e.g. "6GB"; keep only the hot experts in memory, read the others on demand
-    (streaming.py). None keeps every expert resident.
-    """
+    folder: Path
+    config: ModelConfig
+    raw: dict = field(repr=False)
+    tensors: LazyTensors = field(repr=False)
+    layout: str
+    recipes: dict = field(repr=False)
+    float_experts: bool  # the model's experts stay float (a fine-tune kept so, or converted so)
+
+    @property
+    def quantize_float_experts(self) -> bool:
+        return self.layout == "hf-float" and not self.float_experts
+
+
+def open_checkpoint(path_or_repo: str | os.PathLike, quantize_experts: bool = True) -> Checkpoint:
+    """Resolve, read the config and the tensors' headers, detect the layout (nothing else is read)."""
     folder = resolve(path_or_repo)
     config, raw = read_config(folder)
     tensors = LazyTensors.from_folder(folder)
     layout = detect_layout(folder, raw, tensors.names())
-
     keep_float = layout == "hf-float" and not quantize_experts
     if layout == "oss-mlx":
         keep_float = not raw["oss_mlx"].get("experts_mxfp4", True)
-    model = Transformer(config, quantized_experts=not keep_float)
-    quantize_dense(model, raw.get("oss_mlx", {}).get("quantization"))
-
     if layout == "hf-mxfp4":
         recipes = hf_recipes(config, mxfp4=True)
     elif layout == "hf-float":
@@ -71,39 +74,77 @@ def load_model(
         recipes = original_recipes(config)
     else:
         recipes = canonical_recipes(tensors.names())
+    return Checkpoint(folder, config, raw, tensors, layout, recipes, keep_float)
 
+
+def load_model(
+    path_or_repo: str | os.PathLike,
+    dtype: mx.Dtype | None = None,
+    quantize_experts: bool = True,
+    memory_budget: str | int | None = None,
+    warm_up: bool | None = None,
+) -> tuple[Transformer, LoadInfo]:
+    """Build and fill a Transformer. Returns (model, info): layout, path, config.
+
+    dtype: cast float weights (None keeps the checkpoint's, usually bfloat16). MXFP4 experts stay MXFP4.
+    quantize_experts: float experts (a transformers fine-tune) are quantized to MXFP4 unless False.
+    memory_budget: e.g. "6GB"; keep only the hot experts in memory, read the others on demand
+    (streaming.py). None keeps every expert resident.
+    warm_up: pay the first prompts' one-time costs now (warmup.py), for prompts up to warmup.WARM_CONTEXT;
+    None: where a GPU runs the model (warmup.wanted). What it took: `runtime_of(model).warmup_report`.
+    """
+    ckpt = open_checkpoint(path_or_repo, quantize_experts)
+    model = Transformer(ckpt.config, quantized_experts=not ckpt.float_experts)
+    quantize_dense(model, ckpt.raw.get("oss_mlx", {}).get("quantization"))
     expected = {k: (v.shape, v.dtype) for k, v in tree_flatten(model.parameters())}
     weights = list(
         iter_canonical(
-            tensors,
-            recipes,
+            ckpt.tensors,
+            ckpt.recipes,
             expected,
             dtype=dtype,
-            quantize_float_experts=layout == "hf-float" and not keep_float,
-            folder=folder,
-            config=config,
+            quantize_float_experts=ckpt.quantize_float_experts,
+            folder=ckpt.folder,
+            config=ckpt.config,
         )
     )
     model.load_weights(weights, strict=True)
-    streaming = None
-    if memory_budget is not None:
-        from .streaming import stream_experts
-
-        streaming = stream_experts(model, tensors, recipes, memory_budget, layout=layout, folder=folder)
-    model.eval()
-    prepare_for_backend(model)
-    resident = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    resident = None
     if memory_budget is not None:  # streamed experts are cached up to the budget, not parameters
-        from .streaming import parse_budget
+        from .streaming import parse_budget, stream_experts
 
-        resident = max(resident, parse_budget(memory_budget))
+        runtime_of(model).streaming = stream_experts(
+            model, ckpt.tensors, ckpt.recipes, memory_budget, layout=ckpt.layout, folder=ckpt.folder
+        )
+        resident = parse_budget(memory_budget)
+    # Not for streamed experts: the dummy prompt would read experts from disk and skew the hot set.
+    warm = memory_budget is None and (warmup.wanted() if warm_up is None else warm_up)
+    return finish_loading(model, ckpt, resident, warm_up=warm)
+
+
+def finish_loading(
+    model: Transformer,
+    ckpt: Checkpoint,
+    resident: int | None = None,
+    kv: int | None = None,
+    warm_up: bool = False,
+) -> tuple[Transformer, LoadInfo]:
+    """A filled model made ready to run: eval mode, the backend's weight shapes, weights wired (Metal),
+    the prefill chunk for this machine's memory. resident: at least this many bytes stay in memory
+    (expert streaming's budget); kv: the KV cache at the default context (default: the whole model's);
+    warm_up: pay the first prompts' one-time costs now (warmup.py)."""
+    model.eval()
+    prepare_for_backend(model)  # backend-specific weight shapes (CUDA: padded down rows), kernel self-test
+    resident = max(resident or 0, sum(v.nbytes for _, v in tree_flatten(model.parameters())))
     wire_weights(resident)
     runtime = runtime_of(model)
-    runtime.info, runtime.streaming = LoadInfo(layout, folder, config, raw), streaming
+    runtime.info = LoadInfo(ckpt.layout, ckpt.folder, ckpt.config, ckpt.raw)
     # Smaller prefill chunks where memory is tight.
-    runtime.prefill_chunk = prefill_step_for(
-        resident, kv_bytes(config, DEFAULT_CONTEXT), Machine.detect().working_set_bytes
-    )
+    kv = kv_bytes(ckpt.config, DEFAULT_CONTEXT) if kv is None else kv
+    runtime.prefill_chunk = prefill_step_for(resident, kv, Machine.detect().working_set_bytes)
+    runtime.warmup_report = None
+    if warm_up:
+        runtime.warmup_report = warmup.warm_up_or_warn(model, context=warmup.WARM_CONTEXT)
     return model, runtime.info
 
 

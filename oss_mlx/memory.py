@@ -92,13 +92,15 @@ def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = KV_BYTES) -> int:
     return 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
-def kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = KV_BYTES) -> int:
-    """The KV cache of `context` tokens: full-attention layers hold all, sliding ones their window."""
+def kv_bytes_per_layer(config: ModelConfig, context: int, dtype_bytes: int = KV_BYTES) -> list[int]:
+    """Each layer's KV cache at `context` tokens: full-attention layers hold all, sliding ones a window."""
     per = kv_bytes_per_token(config, dtype_bytes)
-    total = 0
-    for t in config.layer_types:
-        total += per * (context if t == FULL else min(context, config.sliding_window))
-    return total
+    return [per * (context if t == FULL else min(context, config.sliding_window)) for t in config.layer_types]
+
+
+def kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = KV_BYTES) -> int:
+    """The KV cache of `context` tokens (all layers)."""
+    return sum(kv_bytes_per_layer(config, context, dtype_bytes))
 
 
 def activation_bytes(config: ModelConfig, chunk: int = PREFILL_CHUNK) -> int:

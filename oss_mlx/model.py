@@ -15,7 +15,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels
-from .attention import WINDOW_TILE, AttentionBlock, attention_mask
+from .attention import (
+    TILES,
+    WINDOW_TILE,
+    AttentionBlock,
+    QueryBlock,
+    attention_mask,
+    fixed_shapes,
+    query_block,
+)
+from .batch_cache import BatchCache
 from .cache import FullCache, ModelCache, WindowCache
 from .config import ModelConfig
 from .moe import MLPBlock
@@ -33,34 +42,65 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, quantized_experts: bool = True):
+    def __init__(self, config: ModelConfig, quantized_experts: bool = True, layers: range | None = None):
+        """layers: the contiguous range of layers this object holds and runs (default all); a pipeline
+        stage (distributed/pipeline.py) holds a part, blocks[j] being layer layers[j]."""
         super().__init__()
         self.config = config
+        self.layer_range = range(config.num_layers) if layers is None else layers
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = [TransformerBlock(config, i, quantized_experts) for i in range(config.num_layers)]
+        self.blocks = [TransformerBlock(config, i, quantized_experts) for i in self.layer_range]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(
-        self, tokens: mx.array, cache: ModelCache | None = None, last_logits_only: bool = False
+        self,
+        tokens: mx.array,
+        cache: ModelCache | None = None,
+        last_logits_only: bool = False,
+        block_step: int | None = None,
     ) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_logits_only), after what
         `cache` holds (which takes the new keys and values). The decode batch's steps go through
-        `step` instead (decode.py).
+        `step_into` instead (decode.py).
+        block_step: the prefill's chunk step, its chunks aligned to multiples of it (generation.prefill_cuts):
+        with fixed attention shapes (attention.fixed_shapes) the attention then takes them.
 
         Raw ids are checked here (check_tokens); the decode step is not: the ids it feeds are
         sampled from the model's own logits."""
         self.check_tokens(tokens)
-        x = self.embedding(tokens)
-        masks = self._masks(tokens.shape[1], cache)
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
+        x = self.run_blocks(self.embed(tokens), cache, last_logits_only, block_step)
+        return self.head(x, last_logits_only)
+
+    def run_blocks(
+        self,
+        x: mx.array,
+        cache: ModelCache | None,
+        last_logits_only: bool = False,
+        block_step: int | None = None,
+    ) -> mx.array:
+        """The held layers over hidden states x [B, T, H]; cache[j] is blocks[j]'s."""
+        masks = self._masks(x.shape[1], cache, block_step)
+        last = self.config.num_layers - 1
+        for i, (layer, block) in enumerate(zip(self.layer_range, self.blocks)):
             c = cache[i] if cache is not None else None
-            if i == last and last_logits_only:
+            if layer == last and last_logits_only:
                 # Only the last position goes on: the last MoE block runs on one token, not T.
                 x = block.mlp(block.attn(x, masks[block.attn.window], c)[:, -1:, :])
             else:
                 x = block(x, masks[block.attn.window], c)
+        return x
+
+    # Where the hidden states come from and where they go. A pipeline stage receives them from the
+    # previous stage and sends them on; a tensor-parallel rank holds a slice of the vocabulary
+    # (distributed/pipeline.py, distributed/tensor_parallel.py).
+    def embed(self, tokens: mx.array) -> mx.array:
+        """tokens [B, T] -> hidden states [B, T, H]."""
+        return self.embedding(tokens)
+
+    def head(self, x: mx.array, last_logits_only: bool = False) -> mx.array:
+        """Hidden states after the last layer -> logits (x holds only the last position when
+        last_logits_only: the last layer cut it)."""
         return self.unembedding(self.norm(x))
 
     def check_tokens(self, tokens: mx.array) -> None:
@@ -98,9 +138,9 @@ class Transformer(nn.Module):
     ) -> tuple[mx.array, list[mx.array]]:
         """One token per row, tokens [R, 1], row r at position positions[r] (int32 [R]) -> (logits
         [R, 1, vocab], each layer's buffer [2, R, Hkv, S, D] with every row's position written).
-        Pure and shape-stable: decode.py compiles it once per buffer shape and hands the decode
-        batch's buffers in and back (batch_cache.py)."""
-        x = self.embedding(tokens)
+        Pure and shape-stable: decode.py compiles it once per buffer shape; `step_into` hands the
+        decode batch's buffers in and back (batch_cache.py)."""
+        x = self.embed(tokens)
         # A window layer writes slot position % window: one slot array per window size, not per layer.
         slots = {
             b.attn.window: kernels.ring_slots(positions, b.attn.window) for b in self.blocks if b.attn.window
@@ -110,11 +150,25 @@ class Transformer(nn.Module):
             x, buffer = block.attn.step(x, positions, slots.get(block.attn.window, positions), buffer)
             x = block.mlp(x)
             written.append(buffer)
-        return self.unembedding(self.norm(x)), written
+        return self.head(x), written
 
-    def _masks(self, T: int, cache: ModelCache | None) -> dict[int | None, mx.array | str | None]:
-        """One mask per attention kind, shared by all layers of that kind."""
-        masks: dict[int | None, mx.array | str | None] = {}
+    def step_into(self, batch: BatchCache, tokens: mx.array, step=None) -> mx.array:
+        """tokens [R, 1] -> logits [R, 1, vocab], every row of the decode batch advanced one position:
+        `step` (Transformer.step, or its compiled trace: decode.py) on the batch's buffers, which then
+        take the written ones. (A distributed model announces it to the other ranks first.)"""
+        state = batch.state()
+        logits, written = (step or self.step)(tokens, batch.positions(), state)
+        del state  # the old buffers are now referenced by the graph only: MLX writes them in place
+        batch.commit(written)
+        return logits
+
+    def _masks(
+        self, T: int, cache: ModelCache | None, block_step: int | None = None
+    ) -> dict[int | None, mx.array | str | QueryBlock | None]:
+        """One mask per attention kind, shared by all layers of that kind (a QueryBlock or TILES where
+        the prefill takes fixed shapes: attention.fixed_shapes)."""
+        masks: dict[int | None, mx.array | str | QueryBlock | None] = {}
+        fixed = cache is not None and T > 1 and fixed_shapes()
         for i, block in enumerate(self.blocks):
             window = block.attn.window
             if window in masks:
@@ -122,8 +176,11 @@ class Transformer(nn.Module):
             c = cache[i] if cache is not None else None
             offset = c.offset if c is not None else 0
             kept = (c.kept() if isinstance(c, WindowCache) else offset) if c is not None else 0
-            if window is not None and T > WINDOW_TILE:
-                masks[window] = None  # the window layers' prefill tiles build their own
+            qb = query_block(offset, offset + T, block_step) if fixed and block_step else None
+            if window is not None and (T > WINDOW_TILE or fixed):
+                masks[window] = TILES  # the window layers' prefill tiles build their own
+            elif window is None and qb is not None and isinstance(c, FullCache):
+                masks[window] = qb
             else:
                 masks[window] = attention_mask(T, offset, kept + T, window)
         return masks

@@ -188,6 +188,11 @@ class Experts(nn.Module):
 class MLPBlock(nn.Module):
     """x + sum_k weight_k * expert_k(norm(x))."""
 
+    # Expert parallel (distributed/tensor_parallel.py): `experts` holds a contiguous slice of them,
+    # the router still scores all; `shard` keeps the chosen experts this rank holds and adds every
+    # rank's part of the output, the residual counted once.
+    shard = None
+
     def __init__(self, config: ModelConfig, quantized_experts: bool = True):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -197,13 +202,21 @@ class MLPBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         router, experts = self.router, mxfp4_weights(self.experts)
-        if decode_moe.moe_block_ok(x, router.weight, router.top_k, experts):
+        if self.shard is None and decode_moe.moe_block_ok(x, router.weight, router.top_k, experts):
             # GPU, few tokens: norm + router, gate_up + SwiGLU, down + sum + residual
             return decode_moe.moe_block(
                 x, self.norm.weight, self.norm.eps, router.weight, router.bias, router.top_k, experts
             )
         h = self.norm(x).reshape(-1, shape[-1])
         weights, indices = self.router(h)
+        residual = x
+        if self.shard is not None:
+            weights, indices = self.shard.local(weights, indices)
+            residual = self.shard.residual(x)
+            if decode_moe.moe_decode_ok(experts, h, indices):  # GPU, few tokens: this rank's experts
+                fused = decode_moe.moe_decode(experts, h, weights, indices, residual.reshape(h.shape))
+                return self.shard.all_sum(fused.reshape(shape))
         y = self.experts(h, indices)
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
-        return x + y.reshape(shape)
+        out = residual + y.reshape(shape)
+        return out if self.shard is None else self.shard.all_sum(out)

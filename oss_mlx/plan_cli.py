@@ -200,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the training sequence length",
     )
     ap.add_argument("--rank", type=A.Number(int, 1, 4096), default=8, help="with --finetune: the LoRA rank")
+    ap.add_argument(
+        "--hosts",
+        type=A.non_empty("hosts.json"),
+        metavar="FILE",
+        help="hosts.json: the split over these machines and the memory on each",
+    )
+    ap.add_argument(
+        "--distributed", choices=("auto", "pipeline", "tensor"), default="auto", help="with --hosts"
+    )
     return ap
 
 
@@ -273,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     preset = args.preset or section.get("preset") or "reference"
     dtype_bytes = st.ITEMSIZE[st.FLOAT_NAMES.get(section.get("dtype"), "BF16")]
     quant = section.get("quantization") if not args.preset and section else None
+    plan = MemoryPlan(config, preset, args.context, quantization=quant, dtype_bytes=dtype_bytes)
+    if args.hosts:
+        from .distributed.cli import plan_main
+
+        return plan_main(args, config, {**section, "quantization": plan.quantization})
     machine = Machine.of_size(args.memory, args.platform or "mac") if args.memory else Machine.detect()
     if args.finetune:
         from rich.console import Console
@@ -283,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
             console.print(plan.summary(), highlight=False)
         console.print(training_table(config, args.rank, args.context, [machine]))
         return 0
-    plan = MemoryPlan(config, preset, args.context, quantization=quant, dtype_bytes=dtype_bytes)
     print_plan(plan, machine)
     return 0
 

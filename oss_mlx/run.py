@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .distributed import cli as distributed
 from .hub import DEFAULT_MODEL
 
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-budget", type=A.size, metavar="SIZE", help='e.g. "6GB": stream experts from disk'
     )
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
+    distributed.add_arguments(p)
     return p
 
 
@@ -64,9 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     from oss_mlx.plan_cli import refuse_unless_fits
     from oss_mlx.session import Done
 
-    if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits("oss-mlx generate", args.model):
-        return 1
-    model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget, adapter=args.adapter)
+    if distributed.requested(args):  # several ranks: this is rank 0 (the others never return)
+        model, tokenizer = distributed.load(args.model, args)
+    else:
+        if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits(
+            "oss-mlx generate", args.model
+        ):
+            return 1
+        model, tokenizer = oss_mlx.load(args.model, memory_budget=args.memory_budget, adapter=args.adapter)
     events = oss_mlx.stream_generate(
         model,
         tokenizer,

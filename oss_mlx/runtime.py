@@ -3,6 +3,10 @@
     runtime_of(model).info           where it came from (loader.LoadInfo; None for a model built here)
     runtime_of(model).prefill_chunk  the prompt chunk the loader picked for this machine's memory
     runtime_of(model).streaming      the expert-streaming plan (streaming.StreamingPlan) or None
+    runtime_of(model).adapter        the LoRA adapter attached (adapters.AdapterInfo) or None
+    runtime_of(model).warmup_report  what the load-time warm-up did (warmup.WarmupReport) or None
+    runtime_of(model).distributed    rank 0's view of a distributed group (distributed/runtime.py) or
+                                     None: every step then runs on its compute thread, watched
     runtime_of(model).decode         the compiled decode step and its traces (decode.DecodeStep)
     runtime_of(model).scheduler      the continuous-batching scheduler every Session on the model
                                      shares (scheduler.py), stepped by one thread: `submit` starts it
@@ -29,6 +33,7 @@ import mlx.core as mx
 
 from .cache import ModelCache
 from .decode import DecodeStep
+from .distributed.errors import DistributedError
 from .generation import PREFILL_CHUNK, SamplingOptions, TokenConstraint, TokenStream
 from .memory import kv_bytes
 from .model import Transformer
@@ -47,6 +52,9 @@ class Runtime:
         self._model = weakref.ref(model)
         self.info = None  # loader.LoadInfo
         self.streaming = None  # streaming.StreamingPlan
+        self.adapter = None  # adapters.AdapterInfo
+        self.warmup_report = None  # warmup.WarmupReport
+        self._distributed = None  # distributed.runtime.Runtime (rank 0)
         self._prefill_chunk = PREFILL_CHUNK
         self.max_batch = DEFAULT_MAX_BATCH
         self.max_waiting: int | None = None
@@ -66,6 +74,30 @@ class Runtime:
         self._prefill_chunk = tokens
         if self._scheduler is not None:
             self._scheduler.prefill_chunk = tokens
+
+    @property
+    def distributed(self):
+        """Rank 0's view of a distributed group (distributed/runtime.py), or None."""
+        return self._distributed
+
+    @distributed.setter
+    def distributed(self, group) -> None:
+        # One sequence at a time: the other ranks mirror rank 0's commands on their own caches, and
+        # a decode batch of several rows is not among them (protocol.py).
+        self._distributed = group
+        self.configure(max_batch=1)
+
+    def run_step(self, scheduler: Scheduler) -> None:
+        """One scheduler step, on a distributed group's compute thread where there is one: a rank that
+        dies or hangs then ends it with a DistributedError within the heartbeat timeout, whatever
+        collective the step waits in; the workers are parked (off the collectives) once it is idle."""
+        group = self._distributed
+        if group is None:
+            scheduler.step()
+            return
+        group.run(scheduler.step)
+        if scheduler.idle:
+            group.run(group.controller.park)
 
     @property
     def model(self):
@@ -109,6 +141,9 @@ class Runtime:
         if self._scheduler is not None and not self._scheduler.idle:
             raise RuntimeError("the scheduler is running sequences: configure it before or between them")
         if max_batch is not None:
+            if self._distributed is not None and max_batch > 1:
+                log.info("a distributed model decodes one sequence at a time: the others wait their turn")
+                max_batch = 1
             self.max_batch = max_batch
         if max_waiting is not None:
             self.max_waiting = max_waiting
@@ -145,9 +180,16 @@ class Runtime:
                 _PARKED[self._driver] = parked
                 self._driver.start()
 
-    def drive(self, stop: threading.Event, started: Callable[[], None] | None = None) -> None:
+    def drive(
+        self,
+        stop: threading.Event,
+        started: Callable[[], None] | None = None,
+        while_idle: Callable[[], bool] | None = None,
+    ) -> None:
         """Step the scheduler in this thread until `stop` is set (the server's worker thread, which
-        loaded the model); `started` is called once this thread is the one (submits may come then)."""
+        loaded the model); `started` is called once this thread is the one (submits may come then);
+        while_idle() runs instead of waiting while no sequence is in (the server's warm-up, a piece
+        at a time) and says whether it did something (False: wait as usual)."""
         with self._lock:
             if self._driver is not None:
                 raise RuntimeError("another thread steps this model's scheduler already")
@@ -157,7 +199,9 @@ class Runtime:
             started()
         try:
             while not stop.is_set():
-                _step_or_wait(scheduler, stop.is_set)
+                if while_idle is not None and scheduler.idle and while_idle():
+                    continue
+                _step_or_wait(self, scheduler, stop.is_set)
         finally:
             scheduler.fail_all(RuntimeError("the server is stopping"))
             _settle_stream()
@@ -165,14 +209,17 @@ class Runtime:
                 self._driver = None
 
 
-def _step_or_wait(scheduler: Scheduler, stopping) -> None:
+def _step_or_wait(runtime: Runtime, scheduler: Scheduler, stopping) -> None:
     if scheduler.idle:
         with scheduler.wake:
             if scheduler.idle and not stopping():
                 scheduler.wake.wait(IDLE_WAIT)
         return
     try:
-        scheduler.step()
+        runtime.run_step(scheduler)
+    except DistributedError as e:  # a rank or a link is gone: said in one line, every sequence told
+        log.error("%s", e)
+        scheduler.fail_all(e)
     except Exception as e:  # a bug: every sequence is told, the thread goes on
         log.exception("scheduler step failed")
         scheduler.fail_all(e)
@@ -189,8 +236,8 @@ def _drive_weakly(ref: weakref.ref, parked: threading.Event) -> None:
                 return
             scheduler = runtime.scheduler
             _STEPPED.add(scheduler)
+            _step_or_wait(runtime, scheduler, _EXITING.is_set)
             del runtime
-            _step_or_wait(scheduler, _EXITING.is_set)
             scheduler = None
     finally:
         if scheduler is not None:
@@ -291,7 +338,7 @@ def generate_tokens(
     ended = False
     try:
         while not ended:
-            scheduler.step()
+            runtime.run_step(scheduler)
             for out in outputs:
                 if isinstance(out, Token):
                     yield out.id
@@ -305,5 +352,5 @@ def generate_tokens(
     finally:
         if not ended:  # closed early or interrupted: the cache comes back out of the batch
             seq.cancel()
-            while not seq.done:
-                scheduler.step()
+            while not seq.done and (runtime.distributed is None or runtime.distributed.failure is None):
+                runtime.run_step(scheduler)

@@ -37,7 +37,14 @@ import mlx.core as mx
 from .batch_cache import BatchCache, grown, row_bucket
 from .cache import ModelCache
 from .decode import DecodeStep
-from .generation import SamplingOptions, TokenConstraint, TokenStream, masked_fused, prefill_cuts
+from .generation import (
+    SamplingOptions,
+    TokenConstraint,
+    TokenStream,
+    greedy_tokens,
+    masked_fused,
+    prefill_cuts,
+)
 
 # ---- what a sequence reports --------------------------------------------------------------------------
 
@@ -312,7 +319,7 @@ class Scheduler:
             mx.reset_peak_memory()
         seq.state = _PREFILL
         self.prefilling.append(seq)
-        seq._cuts = prefill_cuts(len(seq.tokens), self.prefill_chunk, seq.marks)
+        seq._cuts = prefill_cuts(len(seq.tokens), self.prefill_chunk, seq.marks, seq.cache.offset)
         seq._started = time.perf_counter()
         seq._sample = _Sampler(
             seq.options, self.model.config.vocab_size, self.model.dtype, seq.constraint is not None
@@ -398,9 +405,9 @@ class Scheduler:
         """logits [R, vocab] -> uint32 [R]: one argmax for the plain greedy rows, each other row its
         own sampler with its mask (free rows: 0)."""
         masks = masks or {}
+        greedy = greedy_tokens(logits)
         if all(s is None or s._sample.greedy for s in keys):
-            return mx.argmax(logits, axis=-1).astype(mx.uint32)
-        greedy = mx.argmax(logits, axis=-1).astype(mx.uint32)
+            return greedy
         parts = [
             greedy[r : r + 1]
             if s is None or s._sample.greedy
@@ -440,7 +447,7 @@ class Scheduler:
         """One chunk of seq's prompt; True once the prompt is done (and seq decoding)."""
         cut = next(c for c in seq._cuts if c > seq._prefilled)
         chunk = mx.array(seq.tokens[seq._prefilled : cut])[None]
-        logits = self.model(chunk, cache=seq.cache, last_logits_only=True)
+        logits = self.model(chunk, cache=seq.cache, last_logits_only=True, block_step=self.prefill_chunk)
         last = cut == len(seq.tokens)
         if not last:
             # Only the caches: MLX then skips the last block's MoE and the unembedding of the chunk.

@@ -42,6 +42,7 @@ from .config import ModelConfig
 from .errors import MemoryBudgetError
 from .memory import ACTIVATION_ALLOWANCE, kv_bytes, min_budget
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
+from .partial_read import header_of, pread_into
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -90,12 +91,9 @@ class _Files:
         if fd is None:
             fd = self.fds[src.path] = os.open(src.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         out = np.empty(src.shape, dtype=src.dtype)
-        view, pos, done = memoryview(out).cast("B"), src.offset + expert * src.stride, 0
-        while done < src.stride:  # pread may return short reads (signals, network filesystems)
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n <= 0:
-                raise OSError(f"{src.path}: unexpected end of file reading expert {expert} at {pos + done}")
-            done += n
+        pread_into(
+            fd, memoryview(out).cast("B"), src.offset + expert * src.stride, src.path, f"expert {expert}"
+        )
         return out
 
 
@@ -106,12 +104,6 @@ def _close_all(fds: dict[Path, int]) -> None:
         except OSError:
             pass
     fds.clear()
-
-
-def _header(path: Path, cache: dict[Path, st.Header]) -> st.Header:
-    if path not in cache:
-        cache[path] = st.read_header(path)
-    return cache[path]
 
 
 _CONVERT_FIRST = (
@@ -155,7 +147,7 @@ def expert_sources(
                     )
                 )
             path = tensors.file_of[srcs[0]]
-            header = _header(path, headers)
+            header = header_of(path, headers)
             info = header.tensors[srcs[0]]
             lo, hi = info["data_offsets"]
             per_expert = int(np.prod(param.shape[1:])) * param.dtype.size
@@ -192,7 +184,7 @@ def embedding_source(
     if not isinstance(emb, nn.Embedding) or len(srcs) != 1 or build is not W.identity:
         return None
     path = tensors.file_of[srcs[0]]
-    header = _header(path, headers)
+    header = header_of(path, headers)
     info = header.tensors[srcs[0]]
     if info["dtype"] not in st.FLOATS or tuple(info["shape"]) != tuple(emb.weight.shape):
         return None

@@ -280,3 +280,61 @@ def test_profile_script_runs_and_counts_the_graph(tmp_path):
     row = json.loads(out.read_text())["depth_40"]
     assert row["primitives_per_step"]["total"] > 10
     assert row["pipelined_ms"] > 0 and row["no_blocks_ms"] > 0
+
+
+def test_cold_and_ttft_run_in_fresh_processes(tmp_path, capsys):
+    """--cold / --ttft: each measurement in a new process (its own pid, its PTX-cache count, its load),
+    the first prompt then the same again, for both engines in one run; a chat's first message of
+    200-400 tokens rendered by harmony; the rows say what each number includes; the table puts each
+    prompt's engines side by side."""
+    out = tmp_path / "cold.json"
+    argv = ["--config", "tiny", "--prompt-lengths", "48", "--decode-tokens", "3"]
+    argv += ["--engines", "oss-mlx,mlx-lm"]
+    assert bench.main([*argv, "--cold", "--ttft", "--load-warmup", "on", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    chat = rows[2]["context"]
+    assert 200 <= chat <= 400  # the chat message's tokens
+    assert [(r["engine"], r["phase"], r["context"]) for r in rows] == [
+        (engine, phase, n)
+        for engine in ("oss-mlx", "mlx-lm")
+        for n, first in ((48, "cold prefill"), (chat, "ttft"))
+        for phase in (first, "warm prefill")
+    ]
+    for cold, warm in zip(rows[::2], rows[1::2]):
+        d = cold["detail"]
+        assert warm["tokens_per_s"] == d["warm_prefill_tps"] and cold["tokens_per_s"] == d["cold_prefill_tps"]
+        assert d["imports_s"] > 0 and d["load_s"] > 0 and d["ptx_cache_files"] >= 0
+        assert 0 < d["ttft_from_load_s"] < d["ttft_from_start_s"]  # the start includes the load
+        assert d["ttft_from_start_s"] >= d["imports_s"] + d["load_s"]
+        if cold["engine"] == "oss-mlx":  # --load-warmup on: the warm-up ran (oss-mlx's model only)
+            assert d["warmup_s"] > 0 and "prompt" in d["warmup"]
+        else:
+            assert d["warmup_s"] is None and d["kernels"] == ""
+    printed = capsys.readouterr().out
+    assert "first prompt of a fresh process" in printed and "after the load" in printed
+    table = printed[printed.index("first prompt of a fresh process") :]
+    order = [line.split("│")[1:3] for line in table.splitlines() if line.startswith("│")]
+    assert [(e.strip(), p.strip()) for e, p in order] == [
+        ("oss-mlx", "48"),
+        ("mlx-lm", "48"),
+        ("oss-mlx", "chat"),
+        ("mlx-lm", "chat"),
+    ]
+
+
+def test_follow_up_at_depth_beside_a_fresh_prompt(tmp_path):
+    out = tmp_path / "follow.json"
+    argv = ["--config", "tiny", "--prompt-lengths", "16", "--decode-tokens", "2", "--warmup", "0"]
+    argv += ["--follow-up", "100,300", "--follow-up-tokens", "64", "--engines", "oss-mlx,mlx-lm"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text()) if r["phase"] == "follow-up"]
+    assert [(r["label"], r["context"]) for r in rows] == [
+        ("oss-mlx", 100),
+        ("oss-mlx", 300),
+        ("mlx-lm", 100),
+        ("mlx-lm", 300),
+    ]
+    for r in rows:
+        d = r["detail"]
+        assert d["new"] == 64 and d["follow_up_tps"] == r["tokens_per_s"] > 0 and d["fresh_tps"] > 0
+        assert d["ratio"] == pytest.approx(d["follow_up_tps"] / d["fresh_tps"])

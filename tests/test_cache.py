@@ -123,14 +123,28 @@ def test_marks_are_bounded_and_the_newest_kept(model):
 
 
 @pytest.mark.parametrize(
-    "T,kept,window", [(257, 0, 8), (600, 7, 8), (700, 127, 128), (1000, 0, 128), (513, 40, 300)]
+    "T,kept,window",
+    [
+        (257, 0, 8),
+        (600, 7, 8),
+        (700, 127, 128),
+        (1000, 0, 128),
+        (513, 40, 300),
+        (2, 0, 8),
+        (5, 3, 8),
+        (100, 127, 128),
+        (200, 30, 128),
+        (256, 0, 128),
+        (300, 0, 128),
+    ],
 )
 def test_windowed_tiles_equal_one_masked_attention(T, kept, window):
-    """Window-layer prefill in query tiles (no T x S mask) == one attention with the full mask."""
+    """Window-layer prefill in query tiles (no T x S mask) == one attention with the full mask, for
+    chunks shorter than a tile (padded in front) and caches holding fewer keys than the window."""
     from oss_mlx.attention import attention_mask, sdpa_with_sinks, windowed_sdpa
 
     rng = np.random.default_rng(T)
-    offset = 1000 + kept
+    offset = kept if kept < window - 1 else 1000 + kept  # a cache holds fewer keys only near the start
     q = mx.array(rng.standard_normal((1, 4, T, 16)), dtype=mx.float32)
     k = mx.array(rng.standard_normal((1, 2, kept + T, 16)), dtype=mx.float32)
     v = mx.array(rng.standard_normal((1, 2, kept + T, 16)), dtype=mx.float32)
@@ -141,9 +155,8 @@ def test_windowed_tiles_equal_one_masked_attention(T, kept, window):
 
 
 def test_windowed_tiles_have_one_shape_whatever_the_length(monkeypatch):
-    """Every window tile has the same shape for any prompt length (MLX-CUDA builds an attention graph
-    per shape): one shape once the window is full before the prompt, two from an empty cache (a prompt
-    of under WINDOW_TILE + window - 1 tokens there ends in a tile of its own, as it does here for W + 1)."""
+    """Every window tile has the same shape for any chunk length and any cache (MLX-CUDA builds an
+    attention graph per shape): short chunks are padded to a tile, missing keys to the window."""
     from oss_mlx import attention
 
     seen = set()
@@ -155,14 +168,11 @@ def test_windowed_tiles_have_one_shape_whatever_the_length(monkeypatch):
 
     monkeypatch.setattr(attention, "sdpa_with_sinks", spy)
     window, W = 128, attention.WINDOW_TILE
-    for kept, lengths, shapes in (
-        (window - 1, (W + 1, 777, 2047), 1),
-        (0, (777, 1000, 2047), 2),
-        (0, (W + 1,), 2),
-    ):
-        seen.clear()
-        for T in lengths:
+    for kept, offset in ((window - 1, 5000), (0, 0), (40, 40)):
+        for T in (2, 100, W, W + 1, 777, 2047):
             q = mx.zeros((1, 4, T, 16))
             kv = mx.zeros((1, 2, kept + T, 16))
-            assert attention.windowed_sdpa(q, kv, kv, mx.zeros(4), 0.25, 5000 + kept, window).shape == q.shape
-        assert len(seen) == shapes, seen
+            assert attention.windowed_sdpa(q, kv, kv, mx.zeros(4), 0.25, offset, window).shape == q.shape
+    assert seen == {
+        ((1, 4, W, 16), (1, 2, W + window - 1, 16), (1, 2, W + window - 1, 16), (W, W + window - 1))
+    }

@@ -9,6 +9,7 @@ import pytest
 from test_cache import CFG, TOKENS, model  # noqa: F401  (the fixture)
 
 from oss_mlx import batch_cache, kernels
+from oss_mlx.attention import FIXED_SHAPES_ENV
 from oss_mlx.batch_cache import BatchCache
 from oss_mlx.cache import FullCache
 from oss_mlx.decode import DecodeStep, compilable, decode_one
@@ -197,6 +198,7 @@ def test_generation_traces_the_step_while_the_prompt_runs(model, monkeypatch):  
     from oss_mlx.runtime import runtime_of
 
     monkeypatch.setattr(batch_cache, "GROW", 16)
+    monkeypatch.setenv(FIXED_SHAPES_ENV, "0")  # buffers grown in steps of 8, not to a query block
     runtime = runtime_of(model)
     monkeypatch.setattr(runtime, "_decode", None)  # a fresh step: no traces yet
     events = []

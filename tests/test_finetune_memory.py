@@ -109,3 +109,18 @@ def test_the_gpu_stage_command_parses(tmp_path):
     args = bench().build_parser().parse_args(argv[argv.index("benchmarks/finetune_bench.py") + 1 :])
     assert (args.config, args.length, args.batch, args.rank) == ("20b", 2048, 1, 8)
     assert args.checkpointing == ["on", "off"] and args.results == str(tmp_path / "results.jsonl")
+
+
+def test_plan_finetune_prints_the_training_plan(capsys):
+    """`oss-mlx plan --config 20b --finetune --memory 32`: both plans in words and the table row, the
+    numbers the planner computes for the same settings."""
+    from oss_mlx.plan_cli import main, training_plans
+
+    assert main(["--config", "20b", "--finetune", "--context", "2048", "--memory", "32"]) == 0
+    out = capsys.readouterr().out
+    plans = training_plans(ModelConfig(), 8, 2048)
+    words = " ".join(out.split())  # rich wraps the lines at the terminal's width
+    for plan in plans.values():
+        assert " ".join(plan.summary().split()) in words
+    on, off = (plans[ck].total / GiB for ck in (True, False))
+    assert f"{on:.2f} GiB fits" in out and f"{off:.2f} GiB no" in out  # 32 GB Mac: on fits, off does not

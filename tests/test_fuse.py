@@ -14,6 +14,7 @@ import pytest
 from conftest import rel_err
 from hf_reference import VOCAB, add_lora
 
+from oss_mlx import mxfp4
 from oss_mlx.adapters import load_adapter
 from oss_mlx.fuse import fuse
 from oss_mlx.loader import load_model
@@ -94,23 +95,9 @@ def test_experts_requantized_with_the_error_reported(base, tmp_path):
     sums = np.zeros(4)
     for i, block in enumerate(model.blocks):
         experts, name = block.mlp.experts.base, f"blocks.{i}.mlp.experts.gate_up_weight"
-        w = mx.dequantize(
-            experts.gate_up_weight,
-            experts.gate_up_scales,
-            group_size=32,
-            bits=4,
-            mode="mxfp4",
-            dtype=mx.float32,
-        )
+        w = mxfp4.dequantize(experts.gate_up_weight, experts.gate_up_scales)
         shard = mx.load(str(out / f"model-layer-{i:02d}.safetensors"))
-        stored = mx.dequantize(
-            shard[name],
-            shard[name.replace("_weight", "_scales")],
-            group_size=32,
-            bits=4,
-            mode="mxfp4",
-            dtype=mx.float32,
-        )
+        stored = mxfp4.dequantize(shard[name], shard[name.replace("_weight", "_scales")])
         d = np.array(deltas[name], dtype=np.float64)
         w, stored = np.array(w, dtype=np.float64), np.array(stored, dtype=np.float64)
         merged = w + d

@@ -252,3 +252,28 @@ def test_remove_asks_and_touches_nothing_outside_the_store(converted, places, ti
     (home / "models" / "acme--linked").symlink_to(target)
     assert [p.name for p in model_store.remove("acme/linked")] == ["acme--linked"]
     assert (target / "keep.txt").read_text() == "mine"
+
+
+def test_several_ranks_resolve_a_hub_id_by_the_store_and_convert_it_once(places, tiny_checkpoint, tmp_path):
+    """`generate --hosts` (two ranks on this machine) at a hub id's first use: the first rank on the
+    machine downloads (staged here) and converts it once, the other finds that copy; the answer is the
+    one-process model's."""
+    import oss_mlx
+
+    home, _, env = places
+    stage_download(home, tiny_checkpoint)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2}))
+    args = ["--temperature", "0", "--max-tokens", "4", "--reasoning-effort", "low", "Hi"]
+    run = cli(
+        *("generate", "--model", REPO_ID, "--hosts", str(hosts), "--distributed", "pipeline", *args),
+        env={**env, "OSS_MLX_DISTRIBUTED_LOG": "1"},  # the other rank's output on this one's stderr
+        timeout=150,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count(f"first use of {REPO_ID}") == 1, run.stderr[-3000:]
+    folder = model_store.converted(REPO_ID)
+    assert folder is not None and [m.repo_id for m in model_store.stored_models()] == [REPO_ID]
+    model, tokenizer = oss_mlx.load(folder)
+    alone = oss_mlx.generate(model, tokenizer, "Hi", reasoning_effort="low", temperature=0, max_tokens=4)
+    assert run.stdout == alone.text + "\n"

@@ -12,8 +12,8 @@ if [ -n "$DRY_RUN" ]; then
   for tool in python3 ncu; do eval "$tool() { echo \"+ $tool \$*\"; }"; done
 fi
 for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
-[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench noise moeprobe shapeprobe smallprobe compile loadchecks"; exit 2; }
-for stage in $STAGES; do
+[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise moeprobe shapeprobe smallprobe compile loadchecks"; exit 2; }
+for stage in ${STAGES//,/ }; do  # spaces or commas between stages
   echo "== $stage" | tee -a $OUT/run.log
   case $stage in
     order)  # is the first length after the warm-up slow whatever its context? (128 twice first, with and without the warm-up)
@@ -32,6 +32,16 @@ for stage in $STAGES; do
             --engines oss-mlx --results $RESULTS --json $OUT/envbench-$i.json ) 2>&1 | grep -E "context|device|\+ " \
           | tee -a $OUT/envbench.log
       done ;;
+    cold120)  # the 120b's first 8k prompt (it ran at 302 tok/s) in a fresh process, then again: cold vs warm;
+              # its warm-up report splits the cost (the dummy prompt's kernel compiles, the attention
+              # graphs). WARMUPS="off on" adds the run without the warm-up; STEP=512: a memory-tight load's chunks
+      for w in ${WARMUPS:-on}; do
+        timeout ${BENCH_TIMEOUT:-280} python3 -m oss_mlx.cli bench --config 120b --cold --prompt-lengths 8192 \
+          --decode-tokens 8 --engines oss-mlx --load-warmup $w ${STEP:+--prefill-step $STEP} --cold-timeout 260 \
+          --results $RESULTS --json $OUT/cold120-$w.json 2>&1 | tee -a $OUT/cold120.log
+      done ;;
+    greedy)  # does the two-stage greedy argmax speed decode up on the card? (alternating rounds, 128 and 32k)
+      timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/greedy_probe.py 2>&1 | tee -a $OUT/greedy.log ;;
     noise) timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/decode_noise_probe.py 2>&1 | tee -a $OUT/noise.log ;;
     moeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/probes/prefill_moe_probe.py 2>&1 | tee -a $OUT/moeprobe.log ;;
     shapeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/probes/first_shape_probe.py 2>&1 | tee -a $OUT/shapeprobe.log ;;

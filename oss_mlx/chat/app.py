@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import cli_args
+from ..distributed.errors import DistributedError
 from ..harmony import Message, TextDelta, Tool, ToolCall, render_developer, render_system
 from . import commands, keys
 from .guard import InterruptGuard, LoopDetector, is_interactive, no_echo
@@ -228,6 +229,10 @@ class ChatApp(SlashCommands):
                 keep = self.handle(line)
             except KeyboardInterrupt:
                 self.say("interrupted")
+            except DistributedError as e:  # a rank or a link is gone: the model is too
+                self.error(str(e))
+                self.autosave()
+                return 1
             except Exception as e:  # a bug must not end the chat or lose the conversation
                 self.error(f"error: {type(e).__name__}: {e}")
                 if cli_args.debug_requested():

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         help='e.g. "6GB": keep only hot experts in memory and read the rest from disk (slower, smaller)',
     )
     ap.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (oss-mlx finetune's or PEFT's)")
+    from ..distributed import cli as distributed
+
+    distributed.add_arguments(ap)
     return ap
 
 
@@ -194,12 +197,19 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(Text(f"loading {args.model} …", style="dim"))
         # Checked from config.json alone (a hub model's too), before any download or load.
+        from ..distributed import cli as distributed
         from ..plan_cli import refuse_unless_fits
 
-        if not (args.memory_budget or args.ignore_memory) and refuse_unless_fits("oss-mlx chat", args.model):
+        several = distributed.requested(args)  # the distributed planner checks each machine instead
+        unchecked = args.memory_budget or args.ignore_memory or several
+        if not unchecked and refuse_unless_fits("oss-mlx chat", args.model):
             return 1
         path = prepare_model(args.model, console)
-        model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget, adapter=args.adapter)
+        if several:  # this process is rank 0; the other ranks only compute (and never get here).
+            # The name as given: each machine resolves a hub id by its own store (rank 0's is ready).
+            model, tokenizer = distributed.load(args.model, args)
+        else:
+            model, tokenizer = oss_mlx.load(path, memory_budget=args.memory_budget, adapter=args.adapter)
     except KeyboardInterrupt:
         return 130
     except (*cli_args.user_errors(), OSError) as e:  # bad folder, offline, no vocabulary: in words

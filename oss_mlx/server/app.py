@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="what the server logs",
     )
+    from ..distributed import cli as distributed
+
+    distributed.add_arguments(p)
     return p  # a string default goes through its type when parsed: 256MB -> bytes
 
 
@@ -463,6 +466,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from ..distributed import cli as distributed
+
+    if distributed.is_worker():  # a compute rank under mlx.launch: no port, no HTTP (never returns)
+        distributed.load(args.model, args)
     try:
         sock = listen(args.host, args.port)
     except OSError as e:
@@ -479,7 +486,13 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         log.warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", args.host
         )
-    if not args.memory_budget and not args.ignore_memory:
+    from ..distributed import cli as distributed
+
+    loader = None
+    if distributed.requested(args):  # this process is rank 0 and serves; the others only compute
+        loaded = distributed.load(args.model, args)
+        loader = lambda path: loaded  # noqa: E731 - the engine calls it on its thread
+    elif not args.memory_budget and not args.ignore_memory:
         from ..plan_cli import refuse_unless_fits
 
         if refuse_unless_fits("oss-mlx serve", args.model):
@@ -498,6 +511,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         cache_slots=args.cache_slots,
         context_limit=args.context_limit,
         script=script,
+        loader=loader,
         load_kwargs={k: v for k, v in (("memory_budget", args.memory_budget), ("adapter", args.adapter)) if v}
         or None,
     )
@@ -542,6 +556,16 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
             h11_max_incomplete_event_size=16 * 1024,  # request line + headers (h11's default)
         )
     )
+    from ..runtime import runtime_of
+
+    group = runtime_of(engine.model).distributed
+    if group is not None:  # a rank or a link is gone: the request in flight gets the error, then we stop
+
+        def stop(reason: str) -> None:
+            log.error("distributed run failed: %s; shutting down", reason)
+            server.should_exit = True
+
+        group.on_failure.append(stop)
     try:
         server.run(sockets=[sock])
     finally:

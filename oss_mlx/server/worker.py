@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..distributed.errors import DistributedError
 from ..generation import SamplingOptions
 from ..harmony import Message, MessageDone, StreamParser, Tool, render_conversation
 from ..runtime import runtime_of
@@ -133,7 +134,8 @@ class Job:
                     yield event
             elif isinstance(output, End):
                 if output.error is not None:
-                    yield Failed(f"{type(output.error).__name__}: {output.error}")
+                    e = output.error  # a DistributedError says which rank, in a sentence of its own
+                    yield Failed(str(e) if isinstance(e, DistributedError) else f"{type(e).__name__}: {e}")
                     return
                 for event in self.builder.finish():
                     yield event
@@ -194,6 +196,7 @@ class Engine:
         self._stop = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="oss-mlx-generation", daemon=True)
+        self._warming = None  # the model's warm-up steps left (warmup.steps), run while idle
 
     # ---- life ----------------------------------------------------------------------------------
 
@@ -217,7 +220,9 @@ class Engine:
             else:
                 import oss_mlx
 
-                self.model, self.tokenizer = oss_mlx.load(self.model_path, **self._load_kwargs)
+                # warmed up below, while no request waits, instead of before the server is ready
+                kwargs = {"warm_up": False, **self._load_kwargs}
+                self.model, self.tokenizer = oss_mlx.load(self.model_path, **kwargs)
             limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
             if self.context_limit is None:
                 self.context_limit = int(limit or 131072)
@@ -245,7 +250,8 @@ class Engine:
             self._ready.set()
             self._warm_up()
 
-        self.runtime.drive(self._stop, started)  # this thread steps the scheduler until stop()
+        # This thread steps the scheduler until stop(), and runs the warm-up's pieces while idle.
+        self.runtime.drive(self._stop, started, while_idle=self._warm_up_step)
 
     def _warm_up(self) -> None:
         # The sampler comes from mlx-lm, whose import takes seconds: done now, while the first request
@@ -257,6 +263,28 @@ class Engine:
             SamplingOptions().sampler()
         except Exception:  # noqa: BLE001 - only an optimisation
             pass
+        # Then the model's warm-up (warmup.py) one piece at a time while no request waits: on this
+        # thread, which generates (MLX-CUDA keeps its attention graphs per thread); a request that
+        # comes meanwhile waits at most for the piece under way (~0.1 s).
+        from .. import warmup
+        from ..model import Transformer
+
+        if isinstance(self.model, Transformer) and self.script is None and warmup.wanted():
+            self._warming = warmup.steps(self.model, context=min(self.context_limit, warmup.SERVER_CONTEXT))
+
+    def _warm_up_step(self) -> bool:
+        """One piece of the warm-up; False once there is none left."""
+        if self._warming is None:
+            return False
+        try:
+            log.debug("warm-up: %s", next(self._warming))
+        except StopIteration:
+            self._warming = None
+            log.info("warm-up done")
+        except Exception:  # noqa: BLE001 - only an optimisation: requests run without it
+            log.exception("warm-up failed")
+            self._warming = None
+        return True
 
     def _grammar_vocabulary(self) -> None:
         try:

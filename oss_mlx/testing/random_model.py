@@ -33,6 +33,36 @@ def random_scales(shape: tuple[int, ...], fan_in: int) -> mx.array:
     return mx.random.randint(c - 1, c + 2, shape).astype(mx.uint8)
 
 
+def random_parameter(name: str, p: mx.array, dtype: mx.Dtype = mx.bfloat16) -> mx.array:
+    """A random value of realistic scale for parameter `name` shaped like p (draws from MLX's global
+    random state: the order of calls fixes the values)."""
+    shape = p.shape
+    if p.dtype == mx.uint32:
+        return random_codes(shape)
+    if p.dtype == mx.uint8:
+        return random_scales(shape, shape[-1] * mxfp4.GROUP_SIZE)
+    if name.endswith("norm.weight"):
+        return (1 + NORM_STD * mx.random.normal(shape)).astype(dtype)
+    if name.endswith("sinks"):
+        return mx.random.normal(shape).astype(dtype)  # SINK_STD = 1
+    if name.endswith("bias"):
+        return (BIAS_STD * mx.random.normal(shape)).astype(dtype)
+    if name.startswith("embedding"):
+        return mx.random.normal(shape, dtype=dtype)  # EMBED_STD = 1
+    return (mx.random.normal(shape, dtype=dtype) * (1 / math.sqrt(shape[-1]))).astype(dtype)
+
+
+def random_parts(model: Transformer) -> list[tuple[nn.Module, str]]:
+    """The modules random_model fills, in its order, with their name prefixes (a distributed rank
+    draws the same sequence and keeps its part: benchmarks/distributed_bench.py)."""
+    parts = [(block, f"blocks.{i}.") for i, block in enumerate(model.blocks)]
+    return parts + [
+        (model.embedding, "embedding."),
+        (model.norm, "norm."),
+        (model.unembedding, "unembedding."),
+    ]
+
+
 def random_model(config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.bfloat16) -> Transformer:
     """A gpt-oss with random weights of realistic scale, built block by block in memory, prepared for the
     backend as the loader prepares a checkpoint's."""
@@ -40,33 +70,10 @@ def random_model(config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.bfloat
 
     mx.random.seed(seed)
     model = Transformer(config, quantized_experts=True)
-
-    def make(name: str, p: mx.array) -> mx.array:
-        shape = p.shape
-        if p.dtype == mx.uint32:
-            return random_codes(shape)
-        if p.dtype == mx.uint8:
-            return random_scales(shape, shape[-1] * mxfp4.GROUP_SIZE)
-        if name.endswith("norm.weight"):
-            return (1 + NORM_STD * mx.random.normal(shape)).astype(dtype)
-        if name.endswith("sinks"):
-            return mx.random.normal(shape).astype(dtype)  # SINK_STD = 1
-        if name.endswith("bias"):
-            return (BIAS_STD * mx.random.normal(shape)).astype(dtype)
-        if name.startswith("embedding"):
-            return mx.random.normal(shape, dtype=dtype)  # EMBED_STD = 1
-        return (mx.random.normal(shape, dtype=dtype) * (1 / math.sqrt(shape[-1]))).astype(dtype)
-
-    def fill(module: nn.Module, prefix: str) -> None:
-        params = [(n, make(prefix + n, p)) for n, p in tree_flatten(module.parameters())]
+    for module, prefix in random_parts(model):
+        params = [(n, random_parameter(prefix + n, p, dtype)) for n, p in tree_flatten(module.parameters())]
         module.update(tree_unflatten(params))
         mx.eval(module.parameters())
-
-    for i, block in enumerate(model.blocks):
-        fill(block, f"blocks.{i}.")
-    fill(model.embedding, "embedding.")
-    fill(model.norm, "norm.")
-    fill(model.unembedding, "unembedding.")
     prepare_for_backend(model)
     return model
 
