@@ -101,6 +101,31 @@ def test_modules_wrapped_and_decode_path(base, tmp_path):
     assert rel_err(np.concatenate(outs, axis=1), ref) <= TOL
 
 
+def test_the_decode_batch_applies_the_adapter(base, tmp_path):
+    """Two sequences at different positions decoded together (the compiled batched step the scheduler
+    runs: decode.py, batch_cache.py) with an adapter on every target: each row's logits are
+    transformers + peft's at its own position."""
+    from oss_mlx.batch_cache import BatchCache
+    from oss_mlx.decode import DecodeStep
+
+    ref, _ = reference(base, tmp_path / "peft", parameters=[*EXPERTS, "mlp.router.weight"])
+    model, _ = load_model(base, dtype=mx.float32, quantize_experts=False)
+    load_adapter(model, tmp_path / "peft")
+    ids, starts = tokens(), (40, 47)
+    batch = BatchCache.for_model(model)
+    for r, n in enumerate(starts):
+        cache = model.make_cache()
+        mx.eval(model(mx.array(ids[r : r + 1, :n]), cache=cache))
+        batch.join(r, cache)
+    step = DecodeStep(model)
+    assert step.compiled
+    for i in range(PROMPT - max(starts)):
+        feed = mx.array([[int(ids[r, n + i])] for r, n in enumerate(starts)])
+        logits = np.array(step(feed, batch))
+        for r, n in enumerate(starts):
+            assert rel_err(logits[r, 0], ref[r, n + i]) <= TOL, (r, n + i)
+
+
 def test_mxfp4_base_matches_dequantized_reference(tmp_path):
     """QLoRA-style: the experts stay MXFP4 (hub layout, bytes unchanged) with the adapter beside them;
     transformers + peft run on the same experts dequantized (the hf-float layout of the same numbers)."""
