@@ -55,10 +55,12 @@ def bytes_per_step(config, rows: int, context: int) -> float:
 def gaps_and_tokens(model, prompt: list[int], steps: int) -> tuple[list[int], list[float], list[float]]:
     """A prompt alone, the way the scheduler runs it (prefill but the last token, the last token,
     then the batch's decode step), with each step's logits: (tokens, top-2 gaps, top logits)."""
-    step = runtime_of(model).decode
+    runtime = runtime_of(model)
+    step, chunk = runtime.decode, runtime.prefill_chunk
+    assert len(prompt) <= chunk, "one chunk and the last token, as the scheduler cuts a short prompt"
     cache = model.make_cache()
-    model(mx.array([prompt[:-1]]), cache=cache)
-    logits = model(mx.array([prompt[-1:]]), cache=cache, last_logits_only=True)[:, -1, :]
+    model(mx.array([prompt[:-1]]), cache=cache, block_step=chunk)  # block_step: the same attention shapes
+    logits = model(mx.array([prompt[-1:]]), cache=cache, last_logits_only=True, block_step=chunk)[:, -1, :]
     batch = BatchCache.for_model(model)
     tokens, gaps, tops = [], [], []
     for i in range(steps):

@@ -306,6 +306,48 @@ def test_constrained_replies_batched_equal_each_alone(loaded):
     assert results["free"].stats.masked_tokens == 0
 
 
+def test_a_constrained_reply_makes_each_mask_while_its_step_runs(loaded, monkeypatch):
+    """generate(..., json_schema=) alone (batch 1, the model's scheduler thread): every token's mask
+    is made after the step that needs it was queued and before anything waits for that step, so the
+    host builds the mask while the device runs the forward pass (only the sampling waits for it)."""
+    from oss_mlx.constrained import TurnConstraint
+    from oss_mlx.model import Transformer
+
+    model, tokenizer = loaded
+    events: list[str] = []
+    real_step, real_advance = Transformer.step_into, TurnConstraint.advance
+    real_eval, real_sync = mx.eval, mx.synchronize
+
+    def step_into(self, batch, tokens, step=None):
+        events.append("step")
+        return real_step(self, batch, tokens, step)
+
+    def advance(self, token, remaining):
+        events.append("mask")
+        return real_advance(self, token, remaining)
+
+    def waits(real):
+        def wait(*args, **kwargs):
+            events.append("wait")
+            return real(*args, **kwargs)
+
+        return wait
+
+    monkeypatch.setattr(Transformer, "step_into", step_into)
+    monkeypatch.setattr(TurnConstraint, "advance", advance)
+    monkeypatch.setattr(mx, "eval", waits(real_eval))
+    monkeypatch.setattr(mx, "synchronize", waits(real_sync))
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    reply = oss_mlx.generate(
+        model, tokenizer, QUESTIONS[0], max_tokens=40, temperature=0, json_schema=schema, reasoning_budget=6
+    )
+    monkeypatch.undo()
+    assert reply.stats.max_batch == 1 and reply.stats.masked_tokens == reply.stats.generated_tokens
+    masks = [i for i, e in enumerate(events) if e == "mask"]
+    assert len(masks) == reply.stats.generated_tokens - 1  # the first one is made during the prompt
+    assert all(events[i - 1] == "step" for i in masks), events  # queued, and nothing waited on it
+
+
 def test_sessions_on_one_model_stream_from_threads_at_once(loaded):
     """Four conversations of two turns each, every one in its own thread, on one model: each gives
     what it gives alone (second turns reuse their own session's prefix), decoded together."""
