@@ -36,7 +36,7 @@ def _child(spec: ChildSpec, module_start: float) -> FirstPrompt:
         model = random_model(preset_config(spec.config), seed=spec.seed)
         want = warmup.wanted() if spec.warm_up is None else spec.warm_up
         if engine != "mlx-lm" and want:
-            report = warmup.warm_up(model, context=warmup.WARM_CONTEXT, step=spec.prefill_step)
+            report = warmup.warm_up(model, context=warmup.WARM_CONTEXT, step=spec.prefill_chunk)
     vocab = model.config.vocab_size
     if spec.prompt == "chat":
         prompt = chat_prompt(spec.model if spec.model and os.path.isdir(spec.model) else None)
@@ -52,7 +52,7 @@ def _child(spec: ChildSpec, module_start: float) -> FirstPrompt:
     else:
 
         def run():
-            return oss_mlx_token_times(model, prompt, spec.decode, spec.prefill_step)
+            return oss_mlx_token_times(model, prompt, spec.decode, spec.prefill_chunk)
 
     ready = time.perf_counter()
     ready_wall = time.time()

@@ -96,16 +96,24 @@ def oss_mlx_ttft(model, running: list[list[int]], probe: list[int]) -> float:
     return ttft
 
 
+def _concurrent(
+    decode_rate, ttft, model, streams: int, prompts: list[list[int]], probe: list[int], decode: int
+) -> Concurrent:
+    """One engine at `streams` streams: its decode_rate(model, prompts, tokens, rate) and
+    ttft(model, running, probe) (the engine's pair of functions below)."""
+    decode_rate(model, prompts[:streams], 4, rate=False)  # traces for these batch shapes, kernels
+    mx.reset_peak_memory()
+    rate = decode_rate(model, prompts[:streams], decode)
+    peak = mx.get_peak_memory() / 1e9
+    alone = ttft(model, [], probe)
+    under_load = ttft(model, prompts[: streams - 1], probe) if streams > 1 else None
+    return Concurrent(streams, rate, rate / streams, under_load, alone, peak)
+
+
 def oss_mlx_concurrent(
     model, streams: int, prompts: list[list[int]], probe: list[int], decode: int
 ) -> Concurrent:
-    oss_mlx_decode(model, prompts[:streams], 4, rate=False)  # traces for these batch shapes, kernels
-    mx.reset_peak_memory()
-    rate = oss_mlx_decode(model, prompts[:streams], decode)
-    peak = mx.get_peak_memory() / 1e9
-    alone = oss_mlx_ttft(model, [], probe)
-    under_load = oss_mlx_ttft(model, prompts[: streams - 1], probe) if streams > 1 else None
-    return Concurrent(streams, rate, rate / streams, under_load, alone, peak)
+    return _concurrent(oss_mlx_decode, oss_mlx_ttft, model, streams, prompts, probe, decode)
 
 
 # ---- mlx-lm -----------------------------------------------------------------------------------------
@@ -155,13 +163,7 @@ def mlx_lm_ttft(lm, running: list[list[int]], probe: list[int]) -> float:
 def mlx_lm_concurrent(
     lm, streams: int, prompts: list[list[int]], probe: list[int], decode: int
 ) -> Concurrent:
-    mlx_lm_decode(lm, prompts[:streams], 4, rate=False)
-    mx.reset_peak_memory()
-    rate = mlx_lm_decode(lm, prompts[:streams], decode)
-    peak = mx.get_peak_memory() / 1e9
-    alone = mlx_lm_ttft(lm, [], probe)
-    under_load = mlx_lm_ttft(lm, prompts[: streams - 1], probe) if streams > 1 else None
-    return Concurrent(streams, rate, rate / streams, under_load, alone, peak)
+    return _concurrent(mlx_lm_decode, mlx_lm_ttft, lm, streams, prompts, probe, decode)
 
 
 def print_concurrency(results: dict[str, list[Concurrent]], title: str) -> None:

@@ -80,7 +80,7 @@ class ChildSpec:
     config: str | None
     model: str | None
     seed: int
-    prefill_step: int | None
+    prefill_chunk: int | None
     spawned: float  # time.time() in the parent just before the process started
     warm_up: bool | None = None  # the load-time warm-up: None as the loader decides (warmup.wanted)
 
@@ -196,7 +196,7 @@ def fresh_process_rows(args, engines: list[str], row_type, add) -> None:
                 config=None if args.model else args.config,
                 model=args.model,
                 seed=args.seed,
-                prefill_step=args.prefill_step,
+                prefill_chunk=args.prefill_step,
                 spawned=0.0,
                 warm_up=warm_up_flag(args),
             )

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from . import kernel_selftest, kernels, warmup
 from .config import ModelConfig, read_config
-from .machine import Machine, prefill_step_for, wire_weights
+from .machine import Machine, prefill_chunk_for, wire_weights
 from .memory import DEFAULT_CONTEXT, kv_bytes
 from .model import Transformer
 from .model_store import resolve
@@ -141,7 +141,7 @@ def finish_loading(
     runtime.info = LoadInfo(ckpt.layout, ckpt.folder, ckpt.config, ckpt.raw)
     # Smaller prefill chunks where memory is tight.
     kv = kv_bytes(ckpt.config, DEFAULT_CONTEXT) if kv is None else kv
-    runtime.prefill_chunk = prefill_step_for(resident, kv, Machine.detect().working_set_bytes)
+    runtime.prefill_chunk = prefill_chunk_for(resident, kv, Machine.detect().working_set_bytes)
     runtime.warmup_report = None
     if warm_up:
         runtime.warmup_report = warmup.warm_up_or_warn(model, context=warmup.WARM_CONTEXT)

@@ -74,7 +74,7 @@ class Machine:
 PREFILL_TRANSIENT = {2048: 9 * 10**9, 512: 4 * 10**9}
 
 
-def prefill_step_for(resident_bytes: int, kv: int, working_set: int) -> int:
+def prefill_chunk_for(resident_bytes: int, kv: int, working_set: int) -> int:
     """The prefill chunk to use: 2,048 tokens (fastest) when the machine has room for its transient
     memory beside the weights and the KV cache (8k context), else 512: a lower peak for a slower long
     prefill (the trade, measured: docs/MEMORY.md)."""

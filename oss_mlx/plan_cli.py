@@ -10,7 +10,7 @@ from typing import Any
 
 from . import safetensors_file as st
 from .config import OFFICIAL_SHAPES, ConfigError, ModelConfig, official_config
-from .machine import PREFILL_TRANSIENT, GiB, Machine, MiB, prefill_step_for
+from .machine import PREFILL_TRANSIENT, GiB, Machine, MiB, prefill_chunk_for
 from .memory import COMPONENTS, DEFAULT_CONTEXT, MemoryPlan, TrainingPlan, gib, kv_bytes, presets
 
 
@@ -122,7 +122,7 @@ def print_plan(plan: MemoryPlan, machine: Machine, console=None, presets: bool =
     console.print(
         f"machine: {machine.how}: RAM {gib(machine.ram_bytes)}, budget {gib(machine.working_set_bytes)}"
     )
-    step = prefill_step_for(
+    step = prefill_chunk_for(
         plan.weights_total, kv_bytes(plan.config, DEFAULT_CONTEXT), machine.working_set_bytes
     )
     console.print(

@@ -19,7 +19,7 @@ TURNS = ("Hello there, who are you?", "And what can you do for me today?")
 PARTS = ("forward", "generate", "session")
 
 
-def checks(model, tokenizer, max_tokens: int, prefill_step: int, parts=PARTS) -> dict:
+def checks(model, tokenizer, max_tokens: int, prefill_chunk: int, parts=PARTS) -> dict:
     """A forward without cache, chunked prefill + decode, and a two-turn session (greedy), or the
     `parts` of them named."""
     import time
@@ -30,7 +30,7 @@ def checks(model, tokenizer, max_tokens: int, prefill_step: int, parts=PARTS) ->
     from oss_mlx.runtime import generate_tokens, runtime_of
     from oss_mlx.session import Done, Session
 
-    runtime_of(model).prefill_chunk = prefill_step  # several prefill chunks even for short prompts
+    runtime_of(model).prefill_chunk = prefill_chunk  # several prefill chunks even for short prompts
     out: dict = {"seconds": {}}
     start = time.perf_counter()
     ids = [int(t) for t in tokenizer.encode(PROMPT)]

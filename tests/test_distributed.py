@@ -204,7 +204,7 @@ def reference(tiny):
 
     def get(max_tokens: int) -> dict:
         if max_tokens not in done:
-            done[max_tokens] = checks(model, tokenizer, max_tokens=max_tokens, prefill_step=24)
+            done[max_tokens] = checks(model, tokenizer, max_tokens=max_tokens, prefill_chunk=24)
         return done[max_tokens]
 
     return get

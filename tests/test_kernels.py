@@ -362,17 +362,21 @@ MOE_SHAPES = [
 ]
 
 
+def moe_decode_inputs(dtype, E, k, H, I, N):
+    """(block, x, its normed rows, indices, weights, the MXFP4 experts) for a decode MoE of N tokens;
+    routing drawn independently of the kernel: k distinct experts per token, random weights."""
+    block = random_mlp(E, k, H, I, dtype)
+    x = mx.random.normal((N, H)).astype(dtype)
+    indices = mx.argsort(mx.random.uniform(shape=(N, E)), axis=-1)[:, :k].astype(mx.uint32)
+    weights = mx.softmax(mx.random.normal((N, k)), axis=-1)
+    return block, x, block.norm(x), indices, weights, mxfp4_weights(block.experts)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("E,k,H,I,N", MOE_SHAPES)
 def test_moe_decode_matches_reference(dtype, E, k, H, I, N):
-    block = random_mlp(E, k, H, I, dtype)
-    x = mx.random.normal((N, H)).astype(dtype)
-    h = block.norm(x)
-    # routing drawn independently of the kernel: k distinct experts per token, random weights
-    indices = mx.argsort(mx.random.uniform(shape=(N, E)), axis=-1)[:, :k].astype(mx.uint32)
-    weights = mx.softmax(mx.random.normal((N, k)), axis=-1)
-    experts = mxfp4_weights(block.experts)
+    block, x, h, indices, weights, experts = moe_decode_inputs(dtype, E, k, H, I, N)
     assert decode_moe.moe_decode_ok(experts, h, indices)
     out = decode_moe.moe_decode(experts, h, weights, indices, x)
     assert out.shape == (N, H) and out.dtype == dtype
@@ -1140,12 +1144,7 @@ def test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k,
     """From MOE_GROUPED_FROM tokens the decode MoE groups the slots by expert (each expert's weights
     read once a step); for k <= 4 its result is the per-slot kernels' to the bit (a sequence decodes
     the same in a batch as alone), and the reference's within tolerance."""
-    block = random_mlp(E, k, H, I, dtype)
-    x = mx.random.normal((N, H)).astype(dtype)
-    h = block.norm(x)
-    indices = mx.argsort(mx.random.uniform(shape=(N, E)), axis=-1)[:, :k].astype(mx.uint32)
-    weights = mx.softmax(mx.random.normal((N, k)), axis=-1)
-    experts = mxfp4_weights(block.experts)
+    block, x, h, indices, weights, experts = moe_decode_inputs(dtype, E, k, H, I, N)
     with recording_launches() as launched:
         grouped = decode_moe.moe_decode(experts, h, weights, indices, x)
         mx.eval(grouped)

@@ -187,20 +187,20 @@ def test_streaming_advice_agrees_with_what_streaming_accepts(tmp_path):
         plan_streaming(model, int(need * 0.98), context=4096)
 
 
-def test_prefill_step_shrinks_where_memory_is_tight():
+def test_prefill_chunk_shrinks_where_memory_is_tight():
     """2,048-token chunks where their measured transient fits beside weights + KV, else 512: the
     120b at 8k needs ~74.6 GB with 2,048-token chunks, which a 72 GiB (77.3 GB) working set holds and
     a 72 GB one does not."""
     w120 = sum(weight_bytes(named_config("120b")).values())
     kv = kv_bytes(named_config("120b"), 8192)
-    assert machine.prefill_step_for(w120, kv, 72 * 10**9) == 512
-    assert machine.prefill_step_for(w120, kv, 72 * GiB) == 2048
-    assert machine.prefill_step_for(10**9, 0, 64 * GiB) == 2048
-    assert machine.prefill_step_for(10**9, 0, 10**9) == 512  # never below the smallest chunk
+    assert machine.prefill_chunk_for(w120, kv, 72 * 10**9) == 512
+    assert machine.prefill_chunk_for(w120, kv, 72 * GiB) == 2048
+    assert machine.prefill_chunk_for(10**9, 0, 64 * GiB) == 2048
+    assert machine.prefill_chunk_for(10**9, 0, 10**9) == 512  # never below the smallest chunk
 
 
 @pytest.mark.parametrize("gb,step", [("0.01", 512), ("1000", 2048)])
-def test_load_picks_the_prefill_step_and_generation_uses_it(tiny_checkpoint, monkeypatch, gb, step):
+def test_load_picks_the_prefill_chunk_and_generation_uses_it(tiny_checkpoint, monkeypatch, gb, step):
     from oss_mlx import generation, runtime, scheduler
     from oss_mlx.loader import load_model
     from oss_mlx.runtime import runtime_of
@@ -222,7 +222,7 @@ def test_load_picks_the_prefill_step_and_generation_uses_it(tiny_checkpoint, mon
     assert seen == [step, 64]
 
 
-def test_a_streaming_budget_counts_toward_the_prefill_step(tiny_checkpoint, monkeypatch):
+def test_a_streaming_budget_counts_toward_the_prefill_chunk(tiny_checkpoint, monkeypatch):
     """With expert streaming the expert cache fills up to the budget: that is the model's footprint."""
     from oss_mlx.loader import load_model
     from oss_mlx.runtime import runtime_of

@@ -91,6 +91,19 @@ class KernelSpec:
 
 
 _B, _F = "bf16", "f32"
+# The decode MoE's weights and gate/up template, as its per-slot and grouped kernels both take them.
+_GATE_UP_WEIGHTS = (
+    "w [E, 2I, H/8] uint32 (gate and up rows interleaved)",
+    "scales [E, 2I, H/32] uint8",
+    "bias [E, 2I]",
+    "consts [2] float32 (alpha, limit)",
+)
+_DOWN_WEIGHTS = (
+    "w [E, HP, I/8] uint32 (HP >= H: rows may be padded)",
+    "scales [E, HP, I/32] uint8",
+    "bias [E, H]",
+)
+_GATE_UP_TEMPLATES = ("T", "H", "I", "K", "NC (ceil(H / 1024))", "COLS (SwiGLU columns per warp, <= 32)")
 _SDPA = dict(
     input_docs=(
         "q [B, Hq, D] (T, contiguous)",
@@ -153,20 +166,10 @@ SPECS = {
             input_docs=(
                 "x [N, H] (the normed rows)",
                 "ids [N * K] uint32",
-                "w [E, 2I, H/8] uint32 (gate and up rows interleaved)",
-                "scales [E, 2I, H/32] uint8",
-                "bias [E, 2I]",
-                "consts [2] float32 (alpha, limit)",
+                *_GATE_UP_WEIGHTS,
             ),
             output_docs=("h [N * K, I] (T)",),
-            template_docs=(
-                "T",
-                "H",
-                "I",
-                "K",
-                "NC (ceil(H / 1024))",
-                "COLS (SwiGLU columns per warp, <= 32)",
-            ),
+            template_docs=_GATE_UP_TEMPLATES,
             grid="(128 * ceil(I / (4 * COLS)), N * K, 1)",
             threads="(128, 1, 1): 4 warps",
             cases=(
@@ -182,9 +185,7 @@ SPECS = {
                 "h [N * K, I]",
                 "ids [N * K] uint32",
                 "wts [N * K] float32",
-                "w [E, HP, I/8] uint32 (HP >= H: rows may be padded)",
-                "scales [E, HP, I/32] uint8",
-                "bias [E, H]",
+                *_DOWN_WEIGHTS,
                 "res [N, H]",
             ),
             output_docs=("y [N, H] (T)",),
@@ -205,20 +206,10 @@ SPECS = {
                 "x [N, H] (the normed rows)",
                 "perm [N * K] uint32 (moe_group: sorted slot -> slot)",
                 "offsets [E + 1] uint32 (moe_group: expert e's slots are perm[offsets[e] .. offsets[e + 1]))",
-                "w [E, 2I, H/8] uint32 (gate and up rows interleaved)",
-                "scales [E, 2I, H/32] uint8",
-                "bias [E, 2I]",
-                "consts [2] float32 (alpha, limit)",
+                *_GATE_UP_WEIGHTS,
             ),
             output_docs=("h [N * K, I] (T; in slot order, as gate_up_swiglu's)",),
-            template_docs=(
-                "T",
-                "H",
-                "I",
-                "K",
-                "NC (ceil(H / 1024))",
-                "COLS (SwiGLU columns per warp, <= 32)",
-            ),
+            template_docs=_GATE_UP_TEMPLATES,
             grid="(128 * ceil(I / (4 * COLS)), E, 1)",
             threads="(128, 1, 1): 4 warps",
             cases=(
@@ -235,9 +226,7 @@ SPECS = {
                 "perm [N * K] uint32",
                 "offsets [E + 1] uint32",
                 "wts [N * K] float32",
-                "w [E, HP, I/8] uint32 (HP >= H: rows may be padded)",
-                "scales [E, HP, I/32] uint8",
-                "bias [E, H]",
+                *_DOWN_WEIGHTS,
             ),
             output_docs=("d [N * K, H] float32 (each slot's weighted expert output)",),
             template_docs=("T", "H", "HP", "I", "K", "NC (ceil(I / 1024))", "RW (rows per warp, <= 32)"),
