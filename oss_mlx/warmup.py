@@ -3,7 +3,8 @@
 On a GPU the first prompt of a process pays one-time costs the later ones do not (docs/PERFORMANCE.md,
 "The first prompt"): our kernels compiled at the model's shapes (NVRTC on CUDA, the Metal compiler on
 a Mac; the start-up self-test compiles them at its own small shapes only), MLX's own JIT kernels, the
-decode step's trace, the sampler's compile, buffers allocated; and on MLX-CUDA a cuDNN graph for every
+decode step's trace, the batched step's kernels and trace at each row count (continuous batching), the
+sampler's compile, buffers allocated; and on MLX-CUDA a cuDNN graph for every
 new attention shape. The last is made a small fixed set (attention.fixed_shapes: the window layers'
 tiles, the full layers' query blocks), so it can be built here, once: `attention_shapes` lists it.
 
@@ -104,12 +105,14 @@ def steps(model: Transformer, context: int, step: int | None = None) -> Iterator
     yield "the decode step's traces"
     # The batched step once at each row count up to the runtime's max_batch (a few ms each): from two
     # rows the expert kernels are the grouped ones (kernels/decode_moe.py), compiled at first use, and
-    # every row count has a trace of its own.
-    rows = 2
-    while rows <= row_bucket(max(runtime.max_batch, 1)):
-        decode.run_ahead(batch, rows, block_sizes(step)[0])
-        rows *= 2
-    yield "the batched decode step"
+    # every row count has a trace of its own. (Not for a distributed model: one row, and a step run
+    # here alone would wait in its collectives for ranks that were not told.)
+    if runtime.distributed is None and runtime.max_batch > 1:
+        rows = 2
+        while rows <= row_bucket(runtime.max_batch):
+            decode.run_ahead(batch, rows, block_sizes(step)[0])
+            rows *= 2
+        yield "the batched decode step"
     if not fixed_shapes():
         return
     attn = next((b.attn for b in model.blocks if b.attn.window is None), None)
