@@ -52,6 +52,12 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
                   # (docs/PERFORMANCE.md, Concurrency): aggregate and per-stream tok/s, TTFT beside running streams
       timeout ${CONCURRENCY_TIMEOUT:-450} python3 -m oss_mlx.cli bench --config 20b --concurrency 1,4,8,16 \
         --prompt-lengths 128 --decode-tokens 64 --results $RESULTS --json $OUT/concurrency.json 2>&1 | tee -a $OUT/run.log ;;
+    batchtests)  # continuous batching on the card: the scheduler's tests (float32: batched tokens equal each
+                 # alone) and the decode kernels with rows at their own positions, grouped vs per-slot MoE
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rf -p no:cacheprovider tests/test_batching.py \
+        tests/test_decode.py tests/test_kernels.py -k "batch or rows or grouped or moe_decode or few_ops" \
+        > $OUT/batchtests.log 2>&1
+      echo "rc $?" | tee -a $OUT/run.log; tail -n 3 $OUT/batchtests.log | tee -a $OUT/run.log ;;
     batchdecode)  # benchmarks/batch_decode.py at 20b shapes: the bytes-per-step prediction, TTFT beside 7
                   # streams, grouped vs per-slot MoE, bf16 greedy equality (mlx-lm: the concurrency stage)
       timeout ${BATCHDECODE_TIMEOUT:-450} python3 benchmarks/batch_decode.py --config 20b --skip-mlx-lm \
