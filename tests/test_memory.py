@@ -211,9 +211,9 @@ def test_load_picks_the_prefill_chunk_and_generation_uses_it(tiny_checkpoint, mo
     seen = []
     real = generation.prefill_cuts
 
-    def spy(n, chunk, marks=()):
+    def spy(n, chunk, marks=(), start=0):
         seen.append(chunk)
-        return real(n, chunk, marks)
+        return real(n, chunk, marks, start)
 
     monkeypatch.setattr(scheduler, "prefill_cuts", spy)
     options = generation.SamplingOptions(temperature=0, max_tokens=2)

@@ -86,7 +86,7 @@ def sdpa_decode(
     part_shape = (B, Hq, nsplit, D + 2) if nsplit > 1 else (1,)
     out, part = launch(
         "sdpa_decode_mma" if sdpa_mma_ok(q.dtype, D, Hq // Hkv) else "sdpa_decode",
-        [q, kv, sinks, const(scale * math.log2(math.e)), as_position(pos)],
+        [q, kv, sinks, const(scale * math.log2(math.e)), as_position(pos, B)],
         [
             ("T", q.dtype),
             ("D", D),
@@ -152,7 +152,7 @@ def norm_qkv_rope(w: AttentionWeights, x: mx.array, offset: int | mx.array) -> t
             w.qkv_weight,
             w.qkv_bias,
             w.wavelengths,
-            as_position(offset),
+            as_position(offset, B),
             const(w.eps, w.concentration),
         ],
         [("T", x.dtype), ("H", H), ("D", D), ("HQ", hq), ("HKV", hkv), ("NC", -(-H // 256)), ("PW", pw)],

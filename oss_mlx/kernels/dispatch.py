@@ -48,7 +48,7 @@ class KernelRuntime:
     poison: float | None = None  # poison_outputs()
     compiled: dict[tuple[str, str], object] = field(default_factory=dict)
     consts: dict[tuple, mx.array] = field(default_factory=dict)
-    position: tuple[int, mx.array] | None = None  # the decode position array of the current step
+    position: tuple[tuple[int, int], mx.array] | None = None  # ((position, rows), the step's array)
 
 
 RUNTIME = KernelRuntime(_machine_backend())
@@ -176,10 +176,10 @@ def const(*values: float) -> mx.array:
     return RUNTIME.consts[values]
 
 
-def position_array(offset: int) -> mx.array:
-    """A decode position for the kernels: int32 [1] on the card (filled by a GPU op, see
-    MIN_DEVICE_BYTES), not in MLX's host-memory pool of small arrays."""
-    return mx.full((MIN_DEVICE_BYTES // 4,), offset, dtype=mx.int32)[:1]
+def position_array(offset: int, rows: int = 1) -> mx.array:
+    """A decode position for the kernels, the same for `rows` rows: int32 [rows] on the card (filled
+    by a GPU op, see MIN_DEVICE_BYTES), not in MLX's host-memory pool of small arrays."""
+    return mx.full((max(rows, MIN_DEVICE_BYTES // 4),), offset, dtype=mx.int32)[:rows]
 
 
 def device_ints(values: list[int]) -> mx.array:
@@ -189,14 +189,14 @@ def device_ints(values: list[int]) -> mx.array:
     return mx.array(list(values) + [0] * pad, dtype=mx.int32)
 
 
-def as_position(pos: int | mx.array) -> mx.array:
-    """pos as the kernels' int32 [B] (one position per row): an array as it is; an int (the same
-    position for every row, a single sequence) becomes an int32 [1] shared by every layer of the
-    step (a template argument would compile a kernel per position)."""
+def as_position(pos: int | mx.array, rows: int = 1) -> mx.array:
+    """pos as the kernels' int32 [rows] (one position per row, each row reads its own): an array as
+    it is; an int (the same position for every row) becomes an int32 [rows] made once and shared by
+    every layer of the step (a template argument would compile a kernel per position)."""
     if isinstance(pos, mx.array):
         return pos
-    if RUNTIME.position is None or RUNTIME.position[0] != pos:
-        RUNTIME.position = (pos, position_array(pos))
+    if RUNTIME.position is None or RUNTIME.position[0] != (pos, rows):
+        RUNTIME.position = ((pos, rows), position_array(pos, rows))
     return RUNTIME.position[1]
 
 
