@@ -274,6 +274,38 @@ def test_a_disconnect_during_another_prefill_frees_its_place(servers):
     assert "cancelled" in narrow.log()
 
 
+def test_a_client_leaving_during_its_own_prefill_frees_its_place_within_a_chunk(servers):
+    """A long prompt's client disconnects while its prompt is being read: the prefill stops between
+    two chunks (the log's line for it counts the prompt tokens it did not read as not prefilled), no
+    token is generated, and its place is free at once, long before the prompt would have been read."""
+    _, narrow = servers
+    body = {"model": "gpt-oss", "input": "word " * 60000, "max_output_tokens": 4, "stream": True}
+    h = httpx.Client(base_url=narrow.url, timeout=180)
+    response = h.send(h.build_request("POST", "/v1/responses", json=body), stream=True)
+    assert response.status_code == 200
+    deadline = time.monotonic() + 60
+    while _queue(narrow)["prefilling"] < 1:
+        assert time.monotonic() < deadline, _queue(narrow)
+        time.sleep(0.02)
+    time.sleep(0.5)  # some chunks in
+    response.close()
+    h.close()
+    left = time.monotonic()
+    while _queue(narrow)["running"]:
+        assert time.monotonic() - left < 10, _queue(narrow)
+        time.sleep(0.02)
+    freed = time.monotonic() - left
+    line = re.findall(r"cancelled: prompt (\d+) tokens \((\d+) cached\), (\d+) generated", narrow.log())[-1]
+    prompt, not_prefilled, generated = (int(n) for n in line)
+    assert prompt > 60000 and generated == 0
+    assert not_prefilled > prompt // 4, line  # most of the prompt was never read
+    assert freed < 3, freed
+    r = client(narrow).chat.completions.create(
+        model="gpt-oss", messages=[{"role": "user", "content": "[greet]"}]
+    )
+    assert r.choices[0].message.content == GREETING
+
+
 def test_a_full_queue_is_429_with_retry_after(servers):
     _, narrow = servers
     decoding = [_long_decode(narrow), _long_decode(narrow)]
