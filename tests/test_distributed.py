@@ -8,8 +8,10 @@ The multi-process tests are bounded (timeouts) and kept few: each starts 2-4 Pyt
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -711,6 +713,20 @@ def test_serve_with_hosts_answers_as_one_process_and_a_killed_rank_ends_the_stre
                 r = client.chat.completions.create(**request)
                 answers.append((r.choices[0].message.model_dump(), r.usage.completion_tokens))
             assert answers[0] == answers[1] and answers[0][1] > 0, answers
+
+            # Two requests at once: the distributed server decodes one at a time, each as alone.
+            def ask(server, text: str):
+                c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=60)
+                r = c.chat.completions.create(**{**request, "messages": [{"role": "user", "content": text}]})
+                return r.choices[0].message.content, r.usage.completion_tokens
+
+            texts = ["Hi there", "What is two plus two?"]
+            want = [ask(alone, t) for t in texts]
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                got = list(pool.map(lambda t: ask(both, t), texts))
+            assert got == want, (got, want)
+            sizes = {int(n) for n in re.findall(r"decoded in a batch of up to (\d+)", both.log())}
+            assert sizes == {1}, sizes
 
             victim = _rank_pid(both.proc.pid, 1)
             stream = client.chat.completions.create(
