@@ -62,11 +62,19 @@ def load(
     folder = resolve(path_or_repo)
     tokenizer = load_tokenizer(folder)
     check_vocabulary(read_config(folder)[0], tokenizer.vocab_size, folder)  # before any weight is read
+    # With an adapter the warm-up comes after it: the compiled step's traces hold the arrays they saw.
     model, _ = load_model(
-        folder, dtype=dtype, quantize_experts=quantize_experts, memory_budget=memory_budget, warm_up=warm_up
+        folder,
+        dtype=dtype,
+        quantize_experts=quantize_experts,
+        memory_budget=memory_budget,
+        warm_up=False if adapter is not None else warm_up,
     )
     if adapter is not None:
         from .adapters import load_adapter
+        from .loader import wants_warm_up, warm_up_loaded
 
         load_adapter(model, adapter)
+        if wants_warm_up(memory_budget, warm_up):
+            warm_up_loaded(model)
     return model, tokenizer

@@ -169,7 +169,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, dtype: mx.Dtype | 
     model.load_weights(weights, strict=False)
     mx.eval([w for _, w in weights])  # the adapter only: the base stays as lazy as it was loaded
     info = AdapterInfo(kind, folder, len(sites), sum(w.size for _, w in weights))
-    runtime_of(model).adapter = info
+    runtime = runtime_of(model)
+    runtime.adapter = info
+    runtime.model_changed()  # decode traces made before hold the base model's arrays
     return {"kind": kind, "sites": len(sites), "parameters": info.parameters}
 
 

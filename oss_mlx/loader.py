@@ -117,9 +117,19 @@ def load_model(
             model, ckpt.tensors, ckpt.recipes, memory_budget, layout=ckpt.layout, folder=ckpt.folder
         )
         resident = parse_budget(memory_budget)
-    # Not for streamed experts: the dummy prompt would read experts from disk and skew the hot set.
-    warm = memory_budget is None and (warmup.wanted() if warm_up is None else warm_up)
-    return finish_loading(model, ckpt, resident, warm_up=warm)
+    return finish_loading(model, ckpt, resident, warm_up=wants_warm_up(memory_budget, warm_up))
+
+
+def wants_warm_up(memory_budget: str | int | None, warm_up: bool | None) -> bool:
+    """Whether a load warms up: as asked, or where a GPU runs the model (warmup.wanted); never with
+    streamed experts (the dummy prompt would read experts from disk and skew the hot set)."""
+    return memory_budget is None and (warmup.wanted() if warm_up is None else warm_up)
+
+
+def warm_up_loaded(model: Transformer) -> None:
+    """The load-time warm-up of a loaded model (runtime_of(model).warmup_report says what it took;
+    None if it failed: a warning, not a failed load)."""
+    runtime_of(model).warmup_report = warmup.warm_up_or_warn(model, context=warmup.WARM_CONTEXT)
 
 
 def finish_loading(
@@ -144,7 +154,7 @@ def finish_loading(
     runtime.prefill_chunk = prefill_chunk_for(resident, kv, Machine.detect().working_set_bytes)
     runtime.warmup_report = None
     if warm_up:
-        runtime.warmup_report = warmup.warm_up_or_warn(model, context=warmup.WARM_CONTEXT)
+        warm_up_loaded(model)
     return model, runtime.info
 
 

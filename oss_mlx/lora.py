@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig
 from .errors import LoRAError
 from .moe import Experts, Router
+from .runtime import runtime_of
 
 ATTENTION_TARGETS = ("q", "k", "v", "out")
 EXPERT_TARGETS = ("gate_up", "down")
@@ -353,6 +354,7 @@ def attach(
             block.mlp.experts = LoRAExperts(base, experts, dropout, keys[2])
         if "router" in wanted:
             block.mlp.router = LoRARouter(block.mlp.router, wanted["router"], keys[3])
+    runtime_of(model).model_changed()  # decode traces made before hold the modules they saw
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

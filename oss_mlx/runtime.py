@@ -106,6 +106,18 @@ class Runtime:
             raise RuntimeError("the model of this runtime is gone")
         return model
 
+    def model_changed(self) -> None:
+        """The model's modules or weights were replaced (an adapter attached, weights trained in
+        place): the compiled step's traces hold the arrays they saw, so the step is made again at
+        next use. Not while sequences run."""
+        if self._scheduler is not None and not self._scheduler.idle:
+            raise RuntimeError("the model changed while sequences were running on it")
+        self._decode = None
+        if self._driver is None:
+            self._scheduler = None
+        elif self._scheduler is not None:  # a thread steps it: the same scheduler, a new step
+            self._scheduler.decode = self.decode
+
     @property
     def decode(self) -> DecodeStep:
         """The model's decode step, made once: its compiled traces are kept across requests."""

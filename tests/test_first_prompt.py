@@ -236,3 +236,34 @@ def test_greedy_tokens_are_the_first_maximum(width):
     assert got.dtype == mx.uint32
     np.testing.assert_array_equal(np.array(got), np.array(mx.argmax(x, axis=-1)))
     assert generation.SamplingOptions(temperature=0.0).sampler() is generation.greedy_tokens
+
+
+def test_an_adapter_after_a_traced_step_and_the_warm_up_with_one(tiny_checkpoint, tmp_path):
+    """The compiled decode step's traces hold the arrays they saw: a model that decoded, then took an
+    adapter, decodes with the adapter; `load(adapter=, warm_up=True)` warms up the adapted model.
+    Both generate what a load with the adapter and no warm-up generates (which differs from the base)."""
+    import oss_mlx
+    from oss_mlx.adapters import load_adapter, save_adapter
+    from oss_mlx.lora import LoRAConfig, attach, lora_modules
+
+    trained, _ = oss_mlx.load(tiny_checkpoint, dtype=mx.float32, warm_up=False)
+    targets = ("q", "v", "out", "gate_up", "down")
+    attach(trained, LoRAConfig(rank=4, targets=targets).sites(trained.config.num_layers))
+    for _, module in lora_modules(trained):
+        for part in list(module.lora_b):
+            module.lora_b[part] = 0.5 * mx.random.normal(module.lora_b[part].shape, key=mx.random.key(7))
+    save_adapter(trained, tmp_path / "adapter")
+    options = generation.SamplingOptions(temperature=0.0, max_tokens=12)
+
+    def tokens(m) -> list[int]:
+        return list(generate_tokens(m, TOKENS[:30], m.make_cache(), options, set()))
+
+    want = tokens(
+        oss_mlx.load(tiny_checkpoint, dtype=mx.float32, adapter=tmp_path / "adapter", warm_up=False)[0]
+    )
+    warmed, _ = oss_mlx.load(tiny_checkpoint, dtype=mx.float32, adapter=tmp_path / "adapter", warm_up=True)
+    assert runtime_of(warmed).warmup_report is not None and tokens(warmed) == want
+    late, _ = oss_mlx.load(tiny_checkpoint, dtype=mx.float32, warm_up=False)
+    base = tokens(late)  # traces the step on the base model
+    load_adapter(late, tmp_path / "adapter")
+    assert tokens(late) == want and base != want

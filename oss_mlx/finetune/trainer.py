@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 from ..adapters import CONFIG_FILE, OURS_FILE, atomic_save_safetensors, atomic_write_text, save_adapter
 from ..convert.folder import WORKING, atomic_folder, clean_stale
 from ..lora import LoRAConfig, adapter_weights, attach, freeze_base, lora_modules
+from ..runtime import runtime_of
 from .data import BatchOrder, DataPosition, Dataset, eval_batches, make_batch
 from .errors import TrainError
 from .loss import loss_sum, value_and_grad
@@ -127,6 +128,7 @@ class Trainer:
         lr = self.learning_rate()
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        runtime_of(self.model).model_changed()  # new adapter weights: decode traces are stale
         self.step += 1
         fed = sum(b.tokens for b in batches)
         self.tokens_seen += fed
@@ -184,6 +186,7 @@ class Trainer:
         if set(weights) != set(expected):
             raise TrainError(f"{folder}: the checkpoint's adapter does not match this run's LoRA settings")
         self.model.load_weights([(k, v.astype(expected[k].dtype)) for k, v in weights.items()], strict=False)
+        runtime_of(self.model).model_changed()
         saved = dict(mx.load(str(folder / OPTIMIZER_FILE)))
         current = dict(tree_flatten(self.optimizer.state))
         if set(saved) != set(current):
