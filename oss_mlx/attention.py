@@ -44,13 +44,30 @@ def sdpa_with_sinks(
     """softmax([q·k * scale, sink]) @ [v, 0] per head; q [B, Hq, T, D], k/v [B, Hkv, S, D]: MLX's
     fused attention with sinks. A decode step on a GPU takes the kernel instead (AttentionBlock.step).
     """
+    if isinstance(mask, mx.array) and k.shape[2] % KEY_ALIGN and kernels.available_backend() == "cuda":
+        pad = -k.shape[2] % KEY_ALIGN  # masked-out zero keys
+        k, v = (mx.pad(a, [(0, 0), (0, 0), (0, pad), (0, 0)]) for a in (k, v))
+        mask = mx.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)], constant_values=False)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks.astype(q.dtype))
+
+
+# MLX-CUDA's fused attention backward (cuDNN) corrupts memory when a boolean mask's key length is not
+# a multiple of 8 (0.32.4; its forward is right; docs/UPSTREAM.md item 11): fine-tuning differentiates
+# it, so such keys are padded with masked-out zero rows on CUDA, and window tiles are sized to need none.
+KEY_ALIGN = 8
 
 
 # Prefill of a sliding-window layer goes in query tiles of this many tokens, each against only the
 # keys its window can see: scores of TILE x (TILE + window - 1) per head instead of T x (T + window - 1),
 # and never a T x S mask (a 2k chunk would otherwise build 2k x 2k scores per head per layer).
 WINDOW_TILE = 256
+
+
+def window_tile_keys(window: int) -> int:
+    """Keys a window tile attends: the WINDOW_TILE + window - 1 its queries can see, rounded up to
+    KEY_ALIGN (the extra keys come first and the window hides them)."""
+    return -(-(WINDOW_TILE + window - 1) // KEY_ALIGN) * KEY_ALIGN
+
 
 # ---- fixed prefill shapes ---------------------------------------------------------------------------
 # MLX-CUDA builds a cuDNN graph for every new shape and stride set of its fused attention (~70 ms each,
@@ -119,10 +136,10 @@ def block_sdpa(
 
 
 def window_tile_mask(first_query: int, first_key: int, window: int, valid_from: int) -> mx.array:
-    """[WINDOW_TILE, WINDOW_TILE + window - 1] bool: query first_query + i may see key first_key + j
+    """[WINDOW_TILE, window_tile_keys(window)] bool: query first_query + i may see key first_key + j
     (causal, within the window, and at or after valid_from: keys before it are padding)."""
     q = mx.arange(first_query, first_query + WINDOW_TILE)[:, None]
-    k = mx.arange(first_key, first_key + WINDOW_TILE + window - 1)[None, :]
+    k = mx.arange(first_key, first_key + window_tile_keys(window))[None, :]
     return (k <= q) & (q - k < window) & (k >= valid_from)
 
 
@@ -133,7 +150,7 @@ def windowed_sdpa(
 
     k/v hold the last S positions up to offset + T - 1 (what the window cache hands out).
 
-    Every tile has the same shape, [WINDOW_TILE queries, WINDOW_TILE + window - 1 keys], whatever T
+    Every tile has the same shape, [WINDOW_TILE queries, window_tile_keys(window) keys], whatever T
     and the cache hold: the last tile ends at T and overlaps its neighbour (only its new rows are
     kept), fewer than WINDOW_TILE queries are padded in front with zero rows (dropped), and keys the
     cache does not hold (before position 0) are zero rows the mask hides. Each tile is copied out
@@ -143,12 +160,13 @@ def windowed_sdpa(
     """
     T, S = q.shape[2], k.shape[2]
     first_key = offset + T - S  # absolute position of k[:, :, 0]
-    span = WINDOW_TILE + window - 1
+    span = window_tile_keys(window)
+    back = span - WINDOW_TILE  # keys before a tile's first query
     q_pad = max(0, WINDOW_TILE - T)
     if q_pad:
         q = mx.pad(q, [(0, 0), (0, 0), (q_pad, 0), (0, 0)])
     q0 = offset - q_pad  # absolute position of q[:, :, 0]
-    k_pad = max(0, first_key - (q0 - (window - 1)))
+    k_pad = max(0, first_key - (q0 - back))
     if k_pad:
         k, v = (mx.pad(a, [(0, 0), (0, 0), (k_pad, 0), (0, 0)]) for a in (k, v))
     k0 = first_key - k_pad  # absolute position of k[:, :, 0] now
@@ -157,7 +175,7 @@ def windowed_sdpa(
     for start in range(0, rows, WINDOW_TILE):
         first_row = start  # rows of this tile not produced by the one before
         start = min(start, rows - WINDOW_TILE)
-        lo = q0 + start - (window - 1)  # absolute position of the tile's first key
+        lo = q0 + start - back  # absolute position of the tile's first key
         mask = window_tile_mask(q0 + start, lo, window, first_key)
         tile_q, tile_k, tile_v = (
             mx.contiguous(a)

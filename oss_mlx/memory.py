@@ -300,14 +300,14 @@ def attention_score_bytes(config: ModelConfig, tokens: int, batch: int, dtype_by
     """(score bytes of a full-attention layer, of a sliding one) for rows of `tokens` queries, in the
     activations' dtype (the unfused attention's): a sliding layer's prefill goes in tiles of WINDOW_TILE
     queries over their window (attention.py)."""
-    from .attention import WINDOW_TILE
+    from .attention import WINDOW_TILE, window_tile_keys
 
     heads = batch * config.num_attention_heads * dtype_bytes
     full = heads * tokens * tokens
     if tokens <= WINDOW_TILE:
         return full, full
     tiles = -(-tokens // WINDOW_TILE)
-    return full, heads * tiles * WINDOW_TILE * (WINDOW_TILE + config.sliding_window - 1)
+    return full, heads * tiles * WINDOW_TILE * window_tile_keys(config.sliding_window)
 
 
 @dataclass

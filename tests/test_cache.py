@@ -173,6 +173,32 @@ def test_windowed_tiles_have_one_shape_whatever_the_length(monkeypatch):
             q = mx.zeros((1, 4, T, 16))
             kv = mx.zeros((1, 2, kept + T, 16))
             assert attention.windowed_sdpa(q, kv, kv, mx.zeros(4), 0.25, offset, window).shape == q.shape
-    assert seen == {
-        ((1, 4, W, 16), (1, 2, W + window - 1, 16), (1, 2, W + window - 1, 16), (W, W + window - 1))
-    }
+    S = attention.window_tile_keys(window)
+    assert S >= W + window - 1 and S % attention.KEY_ALIGN == 0
+    assert seen == {((1, 4, W, 16), (1, 2, S, 16), (1, 2, S, 16), (W, S))}
+
+
+def test_boolean_masks_are_padded_to_whole_key_groups_on_cuda(monkeypatch):
+    """MLX-CUDA's attention backward breaks on a boolean mask of an odd key length (docs/UPSTREAM.md
+    item 11): there the keys are padded with masked-out rows; the result is the unpadded one's."""
+    from oss_mlx import attention, kernels
+
+    rng = np.random.default_rng(7)
+    T, S = 5, 13
+    q = mx.array(rng.standard_normal((1, 4, T, 16)), dtype=mx.float32)
+    k, v = (mx.array(rng.standard_normal((1, 2, S, 16)), dtype=mx.float32) for _ in range(2))
+    sinks = mx.array(rng.standard_normal(4), dtype=mx.float32)
+    mask = attention.attention_mask(T, S - T, S, 4)
+    want = attention.sdpa_with_sinks(q, k, v, sinks, 0.25, mask)
+    seen = []
+    real = mx.fast.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((k.shape[2], kw["mask"].shape))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(kernels, "available_backend", lambda: "cuda")
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    got = attention.sdpa_with_sinks(q, k, v, sinks, 0.25, mask)
+    assert seen == [(16, (T, 16))]
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-6)

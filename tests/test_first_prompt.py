@@ -139,7 +139,7 @@ def test_prefill_attention_takes_the_warm_ups_shapes(model, monkeypatch, small_b
     full = {(q, k) for q, k, masked in seen if not masked and q > 1}  # q = 1: the decode steps
     tiles = {(q, k) for q, k, masked in seen if masked and q > 1}
     assert full <= set(warmup.attention_shapes(step, context)), full
-    assert tiles == {(attention.WINDOW_TILE, attention.WINDOW_TILE + CFG.sliding_window - 1)}
+    assert tiles == {(attention.WINDOW_TILE, attention.window_tile_keys(CFG.sliding_window))}
 
 
 def test_after_the_warm_up_a_first_prompt_makes_no_new_shape(model, monkeypatch, small_blocks):  # noqa: F811

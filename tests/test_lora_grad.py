@@ -110,3 +110,26 @@ def test_lora_gradients_match_torch(setup, checkpoint):
     worst = max(rel_err(np.array(grads[k]), ref[k]) for k in ref)
     assert worst <= TOL, worst
     assert all(np.abs(ref[k]).max() > 0 for k in ref)  # every tensor really gets a gradient
+
+
+def test_gradients_with_the_gpu_kernel_layer_on(setup, monkeypatch):
+    """On a GPU the model's forward takes fused kernels (the router's among them) that have no VJP;
+    training must build its graph from the reference ops there too. The kernel layer is made to
+    believe this CPU is a Metal GPU (tests/metal_emulator) and the gradients must not change."""
+    from metal_emulator import EMULATOR, unavailable
+
+    from oss_mlx import kernels
+
+    if unavailable() is not None:
+        pytest.skip(f"Metal emulator: {unavailable()}")
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    root, batch, _, ref = setup
+    model, _ = load_model(root / "base", dtype=mx.float32, quantize_experts=False)
+    load_adapter(model, root / "peft")
+    freeze_base(model)
+    n = len(batch.labels)
+    with kernels.emulated("metal", EMULATOR.metal_kernel):
+        assert kernels.routing.route_ok(mx.zeros((4, 64)), mx.zeros((E, 64)), 4)  # the fused router is on
+        _, grads = value_and_grad(model, batch, checkpoint=True)
+        grads = {k: np.array(v) / n for k, v in tree_flatten(grads)}
+    assert max(rel_err(grads[k], ref[k]) for k in ref) <= TOL

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from ..memory import LOSS_CHUNK
 from .data import Batch
 
@@ -66,7 +67,16 @@ def _blocks_forward(model: nn.Module, tokens: mx.array, run_block) -> mx.array:
 def value_and_grad(
     model: nn.Module, batch: Batch, checkpoint: bool = False, seed: int = 0
 ) -> tuple[mx.array, dict]:
-    """(summed loss, gradients of the summed loss w.r.t. the model's trainable parameters)."""
+    """(summed loss, gradients of the summed loss w.r.t. the model's trainable parameters).
+
+    The graph is built from the reference ops: the fused kernels (mx.fast.*_kernel) have no VJP, and
+    the fused router's expert indices would sit in the graph, where MLX refuses a gather's VJP with
+    respect to its indices."""
+    with kernels.use_backend("reference"):
+        return _value_and_grad(model, batch, checkpoint, seed)
+
+
+def _value_and_grad(model: nn.Module, batch: Batch, checkpoint: bool, seed: int) -> tuple[mx.array, dict]:
     if not checkpoint:
 
         def loss_fn(b):
