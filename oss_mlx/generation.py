@@ -4,8 +4,12 @@ chunks. The token loop itself is the scheduler (scheduler.py); runtime.generate_
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
 import mlx.core as mx
@@ -32,9 +36,8 @@ class SamplingOptions:
         (MLX's global random state is shared by every sequence of a batch)."""
         if self.temperature == 0:  # greedy: our argmax (faster over 201k, and no mlx_lm import)
             return greedy_tokens
-        # mlx-lm's samplers are well tested and compiled; no reason to write our own. Imported here:
-        # mlx_lm pulls in transformers, which would slow every start-up by seconds.
-        from mlx_lm import sample_utils as su
+        # mlx-lm's samplers are well tested and compiled; no reason to write our own.
+        su = mlx_lm_samplers()
 
         if self.seed is None or self.temperature == 0:
             return su.make_sampler(
@@ -72,6 +75,28 @@ def _argmax_rows(width: int) -> int:
     """Rows to split a `width`-wide argmax into: the largest divisor of width up to 512 that leaves
     rows of at least 256 (1: none)."""
     return next((r for r in range(min(512, width // 256), 1, -1) if width % r == 0), 1)
+
+
+@functools.lru_cache(maxsize=1)
+def mlx_lm_samplers() -> ModuleType:
+    """mlx-lm's `sample_utils` without running the `mlx_lm` package's __init__, which imports its
+    generate, convert and utils and through them transformers and torch: seconds of a process's start
+    (docs/PERFORMANCE.md, the first prompt). The module needs only mlx.core. If mlx_lm is already
+    imported, or its file cannot be found, the usual import."""
+    if "mlx_lm" in sys.modules:
+        from mlx_lm import sample_utils
+
+        return sample_utils
+    spec = importlib.util.find_spec("mlx_lm")  # finds the package without importing it
+    path = Path(spec.origin).parent / "sample_utils.py" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from mlx_lm import sample_utils
+
+        return sample_utils
+    module_spec = importlib.util.spec_from_file_location("oss_mlx._mlx_lm_sample_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 @functools.lru_cache(maxsize=8)

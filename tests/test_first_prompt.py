@@ -267,3 +267,29 @@ def test_an_adapter_after_a_traced_step_and_the_warm_up_with_one(tiny_checkpoint
     base = tokens(late)  # traces the step on the base model
     load_adapter(late, tmp_path / "adapter")
     assert tokens(late) == want and base != want
+
+
+def test_the_sampler_comes_without_transformers_or_torch():
+    """A sampled reply's sampler is mlx-lm's (the same draws as make_sampler's), and making it imports
+    neither the mlx_lm package nor transformers or torch (their import was the warm-up's sampler
+    piece: seconds of every GPU process's start)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mlx.core as mx\n"
+        "from oss_mlx.generation import SamplingOptions\n"
+        "mx.random.seed(5)\n"
+        "logits = mx.random.normal((1, 4096))\n"
+        "mx.random.seed(9)\n"
+        "ours = SamplingOptions(temperature=0.8, top_p=0.9, min_p=0.01, top_k=50).sampler()(logits)\n"
+        "mx.eval(ours)\n"
+        "print(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))\n"
+        "from mlx_lm.sample_utils import make_sampler\n"
+        "mx.random.seed(9)\n"
+        "theirs = make_sampler(temp=0.8, top_p=0.9, min_p=0.01, top_k=50)(logits)\n"
+        "print(ours.tolist() == theirs.tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout
