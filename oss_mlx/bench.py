@@ -522,7 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     want = warmup.wanted() if args.load_warmup == "auto" else args.load_warmup == "on"
     if want and not args.memory_budget and any(e.startswith("oss-mlx") for e in engines):
         # as loading does, deep enough for every prompt here (warmup.WARM_CONTEXT at least)
-        done = warmup.warm_up(model, context=max(warmup.WARM_CONTEXT, context), step=args.prefill_step)
+        done = warmup.warm_up(
+            model,
+            context=max(warmup.WARM_CONTEXT, context),
+            step=args.prefill_step,
+            batched=bool(args.concurrency),
+        )
         print(f"oss-mlx bench: load-time warm-up {done.summary()}", flush=True)
     c = model.config
     print(

@@ -3,10 +3,11 @@
 On a GPU the first prompt of a process pays one-time costs the later ones do not (docs/PERFORMANCE.md,
 "The first prompt"): our kernels compiled at the model's shapes (NVRTC on CUDA, the Metal compiler on
 a Mac; the start-up self-test compiles them at its own small shapes only), MLX's own JIT kernels, the
-decode step's trace, the batched step's kernels and trace at each row count (continuous batching), the
-sampler's compile, buffers allocated; and on MLX-CUDA a cuDNN graph for every
-new attention shape. The last is made a small fixed set (attention.fixed_shapes: the window layers'
-tiles, the full layers' query blocks), so it can be built here, once: `attention_shapes` lists it.
+decode step's trace, the batched step's kernels and trace at each row count (continuous batching;
+only where batches will run: the server, `oss-mlx bench --concurrency`), the sampler's compile,
+buffers allocated; and on MLX-CUDA a cuDNN graph for every new attention shape. The last is made a
+small fixed set (attention.fixed_shapes: the window layers' tiles, the full layers' query blocks), so
+it can be built here, once: `attention_shapes` lists it.
 
 `warm_up(model, context)` runs it all; `steps(model, context)` is the same one piece at a time, for
 a caller that can stop between them (the server's worker warms up while no request waits; MLX-CUDA's
@@ -72,11 +73,14 @@ def attention_shapes(step: int, context: int) -> list[tuple[int, int]]:
     return first + [(step, end) for end in range(2 * step, context + step, step)]
 
 
-def steps(model: Transformer, context: int, step: int | None = None) -> Iterator[str]:
+def steps(model: Transformer, context: int, step: int | None = None, batched: bool = False) -> Iterator[str]:
     """The warm-up one piece at a time; each yields what it did once done.
 
     context: build the full layers' attention graphs for prompts up to this many tokens (deeper
-    blocks are built when first used). step: the prefill chunk (default: the model runtime's)."""
+    blocks are built when first used). step: the prefill chunk (default: the model runtime's).
+    batched: also the batched decode step up to the runtime's max_batch (seconds on a GPU: the
+    grouped expert kernels' compile), for a caller that will decode several sequences at once; a
+    chat or `generate` decodes one, and a first batch_generate pays it at its first step."""
     from .batch_cache import BatchCache, row_bucket
     from .generation import SamplingOptions, TokenStream
     from .runtime import generate_tokens, runtime_of
@@ -103,11 +107,11 @@ def steps(model: Transformer, context: int, step: int | None = None) -> Iterator
     for size in block_sizes(step):
         decode.trace_ahead(batch, 1, size)
     yield "the decode step's traces"
-    # The batched step once at each row count up to the runtime's max_batch (a few ms each): from two
+    # The batched step once at each row count up to the runtime's max_batch: from two
     # rows the expert kernels are the grouped ones (kernels/decode_moe.py), compiled at first use, and
     # every row count has a trace of its own. (Not for a distributed model: one row, and a step run
     # here alone would wait in its collectives for ranks that were not told.)
-    if runtime.distributed is None and runtime.max_batch > 1:
+    if batched and runtime.distributed is None and runtime.max_batch > 1:
         rows = 2
         while rows <= row_bucket(runtime.max_batch):
             decode.run_ahead(batch, rows, block_sizes(step)[0])
@@ -127,12 +131,12 @@ def steps(model: Transformer, context: int, step: int | None = None) -> Iterator
     # (MLX's buffer cache keeps what the warm-up freed: the first prompts reuse it, not allocate)
 
 
-def warm_up(model: Transformer, context: int, step: int | None = None) -> WarmupReport:
+def warm_up(model: Transformer, context: int, step: int | None = None, batched: bool = False) -> WarmupReport:
     """Run every piece of `steps`; what each took."""
     report = WarmupReport()
     t = time.perf_counter()
     attention = 0.0
-    for what in steps(model, context, step):
+    for what in steps(model, context, step, batched):
         now = time.perf_counter()
         if what.startswith("attention "):  # one line for all the attention graphs
             attention += now - t

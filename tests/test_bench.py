@@ -340,22 +340,26 @@ def test_follow_up_at_depth_beside_a_fresh_prompt(tmp_path):
         assert d["ratio"] == pytest.approx(d["follow_up_tps"] / d["fresh_tps"])
 
 
-def test_four_streams_decode_well_above_one_on_the_cpu():
-    """The tiny model's aggregate decode at 4 streams against one stream's (the scheduler's batched
-    step: bench_concurrency.oss_mlx_decode, as `bench --concurrency` measures it), best of three runs
-    each, alternating. On the 2-core CPU the ratio is 1.7-2.2x (docs/PERFORMANCE.md, Concurrency):
-    the 201,088-row unembedding dominates the step there and its matmul time grows with the rows
-    (mlx-lm's BatchGenerator shows the same ratio), so the test asks 1.5x, which rows stepped one at
-    a time (at most 1x) cannot reach."""
+def test_four_streams_decode_in_one_step_each_token(monkeypatch):
+    """Four streams of the tiny model decode together as `bench --concurrency` runs them
+    (bench_concurrency.oss_mlx_decode): each batched step advances all four, so 48 tokens each take
+    about 48 steps of four rows, not 192 of one. (How much faster that is, is the benchmark's to say:
+    docs/PERFORMANCE.md, Concurrency; on the 2-core CPU 1.3-2.2x, the unembedding's matmul growing with
+    the rows there; no timed assertion here.)"""
     from oss_mlx import bench_concurrency as bc
+    from oss_mlx.decode import DecodeStep
     from oss_mlx.testing.random_model import random_prompt
 
     model = bench.random_model(bench.preset_config("tiny"), seed=3)
     prompts = [random_prompt(32, model.config.vocab_size, seed) for seed in range(4)]
-    for n in (1, 4):
-        bc.oss_mlx_decode(model, prompts[:n], 4, rate=False)  # traces and buffers for these shapes
-    best = {1: 0.0, 4: 0.0}
-    for _ in range(3):
-        for n in best:
-            best[n] = max(best[n], bc.oss_mlx_decode(model, prompts[:n], 48))
-    assert best[4] >= 1.5 * best[1], best
+    rows: list[int] = []
+    real = DecodeStep.__call__
+
+    def counted(self, tokens, batch):
+        rows.append(tokens.shape[0])
+        return real(self, tokens, batch)
+
+    monkeypatch.setattr(DecodeStep, "__call__", counted)
+    bc.oss_mlx_decode(model, prompts, 48, rate=False)
+    assert 48 <= len(rows) <= 52, len(rows)
+    assert sum(r >= 4 for r in rows) >= 46, rows

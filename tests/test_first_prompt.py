@@ -210,8 +210,8 @@ def test_a_failing_warm_up_warns_and_the_model_still_answers(tiny_checkpoint, mo
 
     real = warmup.steps
 
-    def failing(m, context, step=None):
-        pieces = real(m, context, step)
+    def failing(m, context, step=None, batched=False):
+        pieces = real(m, context, step, batched)
         yield next(pieces)
         raise RuntimeError("[metal::malloc] out of memory")
 
@@ -293,3 +293,18 @@ def test_the_sampler_comes_without_transformers_or_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout
+
+
+def test_the_batched_step_is_warmed_only_where_batches_run(tiny_checkpoint):
+    """A chat or `generate` decodes one sequence: its load-time warm-up leaves the batched step (the
+    grouped expert kernels' compile, seconds on a GPU) to where batches run (the server, bench
+    --concurrency), which ask for it."""
+    from oss_mlx.loader import load_model
+
+    loaded, _ = load_model(tiny_checkpoint, warm_up=False)
+    assert runtime_of(loaded).max_batch > 1
+    alone = list(warmup.steps(loaded, context=64))
+    batched = list(warmup.steps(loaded, context=64, batched=True))
+    assert "the batched decode step" not in alone
+    assert [p for p in batched if p != "the batched decode step"] == alone
+    assert "the batched decode step" in batched

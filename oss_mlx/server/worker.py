@@ -270,7 +270,9 @@ class Engine:
         from ..model import Transformer
 
         if isinstance(self.model, Transformer) and self.script is None and warmup.wanted():
-            self._warming = warmup.steps(self.model, context=min(self.context_limit, warmup.SERVER_CONTEXT))
+            self._warming = warmup.steps(
+                self.model, context=min(self.context_limit, warmup.SERVER_CONTEXT), batched=True
+            )
 
     def _warm_up_step(self) -> bool:
         """One piece of the warm-up; False once there is none left."""
