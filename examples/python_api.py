@@ -1,4 +1,4 @@
-"""The Python API in a few lines: load, one reply, streaming, a multi-turn session.
+"""The Python API in a few lines: load, one reply, streaming, a multi-turn session, several prompts at once.
 
 python examples/python_api.py [MODEL] [--max-tokens N]     (default: openai/gpt-oss-20b, 2048 tokens a reply)
 """
@@ -36,3 +36,9 @@ for question in ["My name is Ada.", "What is my name?"]:
     answer = "".join(e.text for e in events if isinstance(e, TextDelta) and e.channel == "final")
     print(f"> {question}\n{answer}")
 print("prefilled per turn:", [s.prefilled_tokens for s in chat.turn_stats])
+
+# Several prompts decoded together (continuous batching): each reply is what `generate` gives it alone.
+questions = ["Name a prime number.", "Name a colour.", "Name a planet."]
+replies = oss_mlx.batch_generate(model, tokenizer, questions, reasoning_effort="low", max_tokens=cap)
+for question, r in zip(questions, replies):
+    print(f"{question} -> {r.text!r} ({r.stats.generated_tokens} tokens)")

@@ -162,7 +162,7 @@ def test_regenerating_the_same_prompt_prefills_one_token(loaded):
 def test_the_python_api_example_runs(tiny_checkpoint):
     """examples/python_api.py as a user runs it (the tiny random model, replies capped at 6 tokens):
     load, one reply with its stats, a stream, a two-turn session whose second turn prefills only what
-    is new."""
+    is new, three prompts decoded together."""
     example = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
     cmd = [sys.executable, str(example), str(tiny_checkpoint), "--max-tokens", "6"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -171,6 +171,10 @@ def test_the_python_api_example_runs(tiny_checkpoint):
     assert "\n> My name is Ada.\n" in out.stdout and "\n> What is my name?\n" in out.stdout
     turns = re.search(r"^prefilled per turn: \[(\d+), (\d+)\]$", out.stdout, re.M)
     assert turns and 0 < int(turns[2]) < int(turns[1]), out.stdout
+    batched = re.findall(
+        r"^Name a (?:prime number|colour|planet)\. -> .* \(([1-6]) tokens\)$", out.stdout, re.M
+    )
+    assert len(batched) == 3, out.stdout
 
 
 def test_prefill_progress_reports_without_changing_the_tokens(loaded):
