@@ -66,6 +66,15 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
                # 2048 tokens, batch 1; checkpointing on, then off; peak memory and tok/s beside the plan
       timeout ${FINETUNE_TIMEOUT:-290} python3 benchmarks/finetune_bench.py --config 20b --length 2048 --batch 1 \
         --rank 8 --warmup 1 --steps 3 --checkpointing ${CHECKPOINTING:-on,off} --results $RESULTS --json $OUT/finetune.json 2>&1 | tee -a $OUT/run.log ;;
+    ftmemory)  # where a training step's memory goes on the card: finetune_bench.py at 20b shapes over layer
+               # counts, lengths, LoRA targets and a small vocabulary (the loss apart), checkpointing on and off
+      for spec in ${FT_GRID:-"2 1024 attention" "2 2048 attention" "2 1024 attention,experts" \
+          "2 2048 attention,experts" "4 2048 attention,experts" "2 2048 attention,experts 8192"}; do
+        set -- $spec
+        timeout ${FT_TIMEOUT:-90} python3 benchmarks/finetune_bench.py --config 20b --num-layers $1 --length $2 \
+          --targets $3 ${4:+--vocab-size $4} --warmup 1 --steps 1 --checkpointing on,off --results $RESULTS \
+          2>&1 | grep -E "checkpointing|rror" | sed "s/^/[$1 layers, vocab ${4:-full}, $3] /" | tee -a $OUT/run.log
+      done ;;
     layers)  # each layer's decode update, kernels vs reference on the same inputs (docs/KERNELS.md)
       timeout 300 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128 --decode-tokens 4 \
         --engines oss-mlx --check-layers 300 --results $RESULTS --json $OUT/layers.json 2>&1 | tee -a $OUT/run.log ;;

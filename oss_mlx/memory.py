@@ -277,12 +277,15 @@ class MemoryPlan:
 # Activation bytes per token and layer of a training step, fitted to peaks measured on MLX's CPU backend
 # (docs/FINETUNE.md, "Memory"): what one block keeps for its backward pass, S = k (8 I b + 11 H) + 8 H +
 # (Q + A) b (b: activation bytes, Q: qkv rows, A: heads x head_dim; the experts' SwiGLU rows dominate).
-# Unfused attention (the CPU, where MLX has no fused kernel) also holds score-sized arrays
-# (heads x queries x keys, in the activations' dtype): ~1.25 of them kept per layer, ~5.5 at once in one
-# layer's backward.
-# On a GPU, MLX's fused attention and its fused backward (ScaledDotProductAttentionVJP) hold none.
+# Unfused attention also holds score-sized arrays (heads x queries x keys, in the activations' dtype):
+# ~1.25 of them kept per layer, ~5.5 at once in one layer's backward. MLX (0.32) trains with the unfused
+# attention on the CPU and on Metal (both ways: its Metal ScaledDotProductAttention falls back whenever
+# gradients are traced); only on CUDA do the fused attention and its cuDNN backward
+# (ScaledDotProductAttentionVJP) hold none, and there only for query counts that are a multiple of
+# CUDA_FUSED_VJP_QUERIES: for others the forward is fused and the backward recomputes the scores.
 ATTENTION_SAVED_SCORES = 1.25
 ATTENTION_BACKWARD_SCORES = 5.5
+CUDA_FUSED_VJP_QUERIES = 128
 ACTIVATION_MARGIN = 1.1  # the fit's worst under-estimate was 7%
 ADAM_STATES = 2
 # Scored rows the loss unembeds at once (finetune/loss.py): 512 x 201,088 float32 logits = 0.41 GB.
@@ -325,14 +328,14 @@ class TrainingPlan:
     dtype_bytes: int = 2
     grad_accum: int = 1
     scored: int | None = None  # scored tokens per row (default: all of them, the worst case)
-    fused_attention: bool | None = None  # None: fused where MLX has a GPU (Metal or CUDA)
+    fused_attention: bool | None = None  # None: as this machine trains (fused on CUDA only)
 
     def __post_init__(self) -> None:
         if self.fused_attention is None:
             import mlx.core as mx
 
             cuda = getattr(mx, "cuda", None)
-            self.fused_attention = mx.metal.is_available() or bool(cuda and cuda.is_available())
+            self.fused_attention = bool(cuda and cuda.is_available())
 
     @property
     def weights(self) -> int:
@@ -344,25 +347,30 @@ class TrainingPlan:
         copies = 2 + ADAM_STATES + (self.grad_accum > 1)
         return self.adapter_parameters * 4 * copies
 
-    def _scores(self) -> tuple[int, int]:
-        if self.fused_attention:
-            return 0, 0
-        return attention_score_bytes(self.config, self.length, self.batch, self.dtype_bytes)
+    def _scores(self) -> tuple[int, int, int]:
+        """(saved per full layer, saved per sliding layer, what one layer's backward builds at once:
+        a full layer's scores)."""
+        full, sliding = attention_score_bytes(self.config, self.length, self.batch, self.dtype_bytes)
+        if not self.fused_attention:
+            return full, sliding, full
+        # The fused forward saves none; a full layer's backward recomputes its scores unless its
+        # queries (the whole row) fit the cuDNN backward. Window tiles (WINDOW_TILE queries) always do.
+        return 0, 0, (0 if self.length % CUDA_FUSED_VJP_QUERIES == 0 else full)
 
     @property
     def activation_parts(self) -> dict[str, int]:
         c, b, N = self.config, self.dtype_bytes, self.batch * self.length
         S = training_block_bytes(c, b)
         S_f32 = training_block_bytes(c, 4)  # a block's backward works largely in float32
-        full, sliding = self._scores()
+        full, sliding, backward = self._scores()
         n_full = sum(t == FULL for t in c.layer_types)
         if self.checkpointing:
             kept = c.num_layers * N * c.hidden_size * b  # the blocks' inputs
-            block = N * (S + S_f32) + ATTENTION_BACKWARD_SCORES * full
+            block = N * (S + S_f32) + ATTENTION_BACKWARD_SCORES * backward
         else:
             saved_scores = ATTENTION_SAVED_SCORES * (n_full * full + (c.num_layers - n_full) * sliding)
             kept = c.num_layers * N * S + int(saved_scores)
-            block = N * S_f32 + ATTENTION_BACKWARD_SCORES * full
+            block = N * S_f32 + ATTENTION_BACKWARD_SCORES * backward
         scored = self.batch * (self.scored if self.scored is not None else self.length)
         # a chunk's logits (b bytes) and four float32 arrays of their size (cast, exp, softmax, gradient)
         loss = min(scored, LOSS_CHUNK) * c.vocab_size * (b + 16) + scored * c.hidden_size * (b + 4)

@@ -405,13 +405,14 @@ class Scheduler:
         """logits [R, vocab] -> uint32 [R]: one argmax for the plain greedy rows, each other row its
         own sampler with its mask (free rows: 0)."""
         masks = masks or {}
-        greedy = greedy_tokens(logits)
-        if all(s is None or s._sample.greedy for s in keys):
-            return greedy
+        plain = [s is None or s._sample.greedy for s in keys]
+        if all(plain):
+            return greedy_tokens(logits)
+        if len(keys) == 1:  # one sequence (batch 1): its own sampler, no slicing or joining (host time)
+            return keys[0]._sample(logits, masks.get(0)).astype(mx.uint32)
+        greedy = greedy_tokens(logits) if any(plain) else None
         parts = [
-            greedy[r : r + 1]
-            if s is None or s._sample.greedy
-            else s._sample(logits[r : r + 1], masks.get(r)).astype(mx.uint32)
+            greedy[r : r + 1] if plain[r] else s._sample(logits[r : r + 1], masks.get(r)).astype(mx.uint32)
             for r, s in enumerate(keys)
         ]
         return mx.concatenate(parts)

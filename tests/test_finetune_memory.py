@@ -124,3 +124,33 @@ def test_plan_finetune_prints_the_training_plan(capsys):
         assert " ".join(plan.summary().split()) in words
     on, off = (plans[ck].total / GiB for ck in (True, False))
     assert f"{on:.2f} GiB fits" in out and f"{off:.2f} GiB no" in out  # 32 GB Mac: on fits, off does not
+
+
+def test_a_macs_plan_counts_the_unfused_attention_and_cuda_only_aligned_rows_are_fused():
+    """MLX trains with the unfused attention on Metal (docs/UPSTREAM.md item 12): the Mac predictions
+    count a full layer's scores in the backward; CUDA's fused backward takes rows of a multiple of 128
+    queries only, so other lengths count them too (in the backward, not kept)."""
+    from dataclasses import replace
+
+    from oss_mlx.memory import ATTENTION_BACKWARD_SCORES, ATTENTION_SAVED_SCORES, attention_score_bytes
+    from oss_mlx.plan_cli import training_plans
+
+    config = replace(ModelConfig(), vocab_size=1024)  # the blocks, not the loss, set the peak
+    mac = training_plans(config, rank=8, length=2048)
+    assert not mac[True].fused_attention and not mac[False].fused_attention
+    full, sliding = attention_score_bytes(config, 2048, 1, 2)
+    assert full == 64 * 2048 * 2048 * 2
+    fused = mac[True].replace(fused_attention=True)
+    scores = mac[True].activation_parts["block"] - fused.activation_parts["block"]
+    assert scores == pytest.approx(ATTENTION_BACKWARD_SCORES * full, rel=1e-6)
+    kept = (
+        mac[False].activation_parts["kept"]
+        - mac[False].replace(fused_attention=True).activation_parts["kept"]
+    )
+    assert kept == pytest.approx(ATTENTION_SAVED_SCORES * 12 * (full + sliding), rel=1e-6)
+    ragged, aligned = fused.replace(length=2047), fused.replace(length=2048)
+    full_2047, _ = attention_score_bytes(config, 2047, 1, 2)
+    assert ragged.activation_parts["kept"] == aligned.replace(length=2047).activation_parts["kept"]
+    block_2047 = ragged.replace(fused_attention=False).activation_parts["block"]
+    assert ragged.activation_parts["block"] == block_2047  # the same backward scores as unfused
+    assert ragged.activation_parts["block"] > aligned.activation_parts["block"] + full_2047

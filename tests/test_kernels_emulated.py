@@ -76,13 +76,23 @@ def test_moe_decode(dtype, E, k, H, I, N):
     tk.test_moe_decode_matches_reference(dtype, E, k, H, I, N)
 
 
+@pytest.mark.parametrize(
+    "dtype,E,k,H,I,N", ids((F32, 8, 4, 128, 96, 16), (BF16, 8, 4, 96, 64, 40), (BF16, 16, 4, 64, 96, 63))
+)
+def test_grouped_experts_of_large_batches(monkeypatch, dtype, E, k, H, I, N):
+    """Decode batches of 16 to 63 rows (64 to 252 slots of k = 4) keep the grouped kernels, to the bit
+    the per-slot ones."""
+    tk.test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k, H, I, N)
+
+
 @pytest.mark.parametrize("dtype,E,k,H,I,N", ids((F32, 8, 4, 96, 64, 2), (BF16, 4, 2, 64, 96, 3)))
 def test_gate_up_swiglu_against_dequantized_math(dtype, E, k, H, I, N):
     tk.test_gate_up_swiglu_matches_dequantized_math(dtype, E, k, H, I, N)
 
 
 @pytest.mark.parametrize(
-    "dtype,E,k,H,I,N", ids((F32, 8, 4, 96, 64, 2), (F32, 4, 1, 64, 64, 1), (BF16, 8, 3, 96, 64, 5))
+    "dtype,E,k,H,I,N",
+    ids((F32, 8, 4, 96, 64, 2), (F32, 4, 1, 64, 64, 1), (BF16, 8, 3, 96, 64, 5), (BF16, 8, 4, 96, 64, 16)),
 )
 def test_mlp_block_fused(dtype, E, k, H, I, N):
     tk.test_mlp_block_fused_matches_reference(dtype, E, k, H, I, N)

@@ -12,7 +12,10 @@ from .routing import norm_route, route_ok
 from .weights import ExpertWeights
 
 # The fused MoE decode while N * k stays under this (from here on, the prefill experts: prefill_moe).
-MOE_MAX_SLOTS = 64
+# Up to 63 rows of k = 4: a decode batch of 16-63 sequences keeps the grouped kernels and the fused
+# routing. At 64 slots, 16 rows of the 20b went to the prefill path (MLX's unfused routing, the GEMM's
+# 64-row tiles at ~2 rows an expert): 16 streams decoded at 867 tok/s, fewer than 8 did (956; H200).
+MOE_MAX_SLOTS = 256
 # Work per warp of the GEMV kernels (each warp holds its input vector in registers and reads whole
 # weight rows): more rows per warp reuse the vector more and keep more loads in flight; fewer make
 # more blocks. Chosen by each kernel's GPU time under Nsight Compute (benchmarks/ncu_sweep.py), not by
