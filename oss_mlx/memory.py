@@ -287,9 +287,18 @@ ATTENTION_SAVED_SCORES = 1.25
 ATTENTION_BACKWARD_SCORES = 5.5
 CUDA_FUSED_VJP_QUERIES = 128
 ACTIVATION_MARGIN = 1.1  # the fit's worst under-estimate was 7%
+# MLX-CUDA holds more than that fit for the same graph (measured on an H200 at 20b shapes, 2,048 tokens,
+# benchmarks/probes/train_phase_memory_probe.py and finetune_bench.py; docs/FINETUNE.md): a block's
+# forward and backward ~2x, checkpointing off 2.4-2.6x of the fit's blocks, and ~36 KB per token and
+# layer more at 24 layers than at 2 (not yet attributed). The plan scales by these there.
+CUDA_ACTIVATION_FACTOR = 2.6
+CUDA_LAYER_TOKEN_BYTES = 40_000
 ADAM_STATES = 2
 # Scored rows the loss unembeds at once (finetune/loss.py): 512 x 201,088 float32 logits = 0.41 GB.
 LOSS_CHUNK = 512
+# Bytes per logit when every chunk's logits live at once: without checkpointing the loss is part of one
+# graph, and MLX held them all (12.6 per logit measured on CUDA, 8 on the CPU in float32), + b.
+ONE_GRAPH_LOSS_BYTES = 12
 
 
 def training_block_bytes(config: ModelConfig, dtype_bytes: int) -> int:
@@ -329,13 +338,16 @@ class TrainingPlan:
     grad_accum: int = 1
     scored: int | None = None  # scored tokens per row (default: all of them, the worst case)
     fused_attention: bool | None = None  # None: as this machine trains (fused on CUDA only)
+    cuda: bool | None = None  # None: whether this machine trains on MLX-CUDA (CUDA_ACTIVATION_FACTOR)
 
     def __post_init__(self) -> None:
-        if self.fused_attention is None:
+        if self.cuda is None:
             import mlx.core as mx
 
             cuda = getattr(mx, "cuda", None)
-            self.fused_attention = bool(cuda and cuda.is_available())
+            self.cuda = bool(cuda and cuda.is_available())
+        if self.fused_attention is None:
+            self.fused_attention = self.cuda
 
     @property
     def weights(self) -> int:
@@ -364,17 +376,25 @@ class TrainingPlan:
         S_f32 = training_block_bytes(c, 4)  # a block's backward works largely in float32
         full, sliding, backward = self._scores()
         n_full = sum(t == FULL for t in c.layer_types)
-        if self.checkpointing:
-            kept = c.num_layers * N * c.hidden_size * b  # the blocks' inputs
-            block = N * (S + S_f32) + ATTENTION_BACKWARD_SCORES * backward
-        else:
-            saved_scores = ATTENTION_SAVED_SCORES * (n_full * full + (c.num_layers - n_full) * sliding)
-            kept = c.num_layers * N * S + int(saved_scores)
-            block = N * S_f32 + ATTENTION_BACKWARD_SCORES * backward
+        f = CUDA_ACTIVATION_FACTOR if self.cuda else 1.0
+        extra = CUDA_LAYER_TOKEN_BYTES * c.num_layers * N if self.cuda else 0
         scored = self.batch * (self.scored if self.scored is not None else self.length)
-        # a chunk's logits (b bytes) and four float32 arrays of their size (cast, exp, softmax, gradient)
-        loss = min(scored, LOSS_CHUNK) * c.vocab_size * (b + 16) + scored * c.hidden_size * (b + 4)
-        return {"kept": int(kept), "block": int(max(block, loss)), "loss": int(loss)}
+        rows = scored * c.hidden_size * (b + 4)  # the scored rows, normed, and their gradient
+        # One chunk: its logits (b bytes) and four float32 arrays of their size (cast, exp, softmax,
+        # gradient); with checkpointing one chunk is evaluated at a time.
+        chunk = min(scored, LOSS_CHUNK) * c.vocab_size * (b + 16)
+        if self.checkpointing:
+            kept = c.num_layers * N * c.hidden_size * b + extra  # the blocks' inputs
+            block = f * N * (S + S_f32) + ATTENTION_BACKWARD_SCORES * backward
+            loss = chunk + rows
+            return {"kept": int(kept), "block": int(max(block, loss)), "loss": int(loss)}
+        saved_scores = ATTENTION_SAVED_SCORES * (n_full * full + (c.num_layers - n_full) * sliding)
+        kept = f * c.num_layers * N * S + int(saved_scores) + extra
+        block = f * N * S_f32 + ATTENTION_BACKWARD_SCORES * backward
+        # One graph: every chunk's logits at once, while the kept activations and a block's backward
+        # wait for them (measured on CUDA: the sum, not the larger).
+        loss = max(chunk, scored * c.vocab_size * (b + ONE_GRAPH_LOSS_BYTES)) + rows
+        return {"kept": int(kept), "block": int(block + loss), "loss": int(loss)}
 
     @property
     def activation_bytes(self) -> int:

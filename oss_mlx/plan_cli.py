@@ -222,7 +222,7 @@ def training_plans(
     sites = LoRAConfig(rank=rank).sites(config.num_layers)
     base = TrainingPlan(
         config, parameter_count(sites, config), length, quantization=quantization, dtype_bytes=dtype_bytes,
-        fused_attention=False,
+        fused_attention=False, cuda=False,
     )  # fmt: skip
     return {ck: base.replace(checkpointing=ck) for ck in (True, False)}
 

@@ -154,3 +154,41 @@ def test_a_macs_plan_counts_the_unfused_attention_and_cuda_only_aligned_rows_are
     block_2047 = ragged.replace(fused_attention=False).activation_parts["block"]
     assert ragged.activation_parts["block"] == block_2047  # the same backward scores as unfused
     assert ragged.activation_parts["block"] > aligned.activation_parts["block"] + full_2047
+
+
+def test_checkpointed_loss_holds_one_chunk_of_logits(monkeypatch):
+    """With gradient checkpointing the loss and its gradient are evaluated a chunk of LOSS_CHUNK rows
+    at a time: the same values to the bit as one graph, whose peak held every chunk's logits (on CUDA
+    5.2 GB for 2,048 rows of the real vocabulary)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from oss_mlx.bench import preset_config
+    from oss_mlx.finetune import loss
+    from oss_mlx.finetune.data import Batch
+    from oss_mlx.testing.random_model import random_model
+
+    monkeypatch.setattr(loss, "LOSS_CHUNK", 128)
+    from dataclasses import replace
+
+    config = replace(preset_config("tiny"), vocab_size=16384)
+    model = random_model(config, dtype=mx.float32)
+    T = 1024  # 8 chunks
+    labels = np.random.default_rng(0).integers(0, config.vocab_size, T).astype(np.int32)
+    batch = Batch(np.zeros((1, T), np.int32), np.arange(T, dtype=np.int32), labels, T)
+    x = mx.random.normal((1, T, config.hidden_size))
+    mx.eval(x)
+
+    def peak(f):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        out = f()
+        mx.eval(out)
+        return mx.get_peak_memory() - base, out
+
+    one_graph, (l1, g1) = peak(lambda: mx.value_and_grad(lambda x: loss.head_loss(model, x, batch))(x))
+    chunked, (l2, g2) = peak(lambda: loss.head_value_and_grad(model, x, batch))
+    assert l1.item() == l2.item() and mx.array_equal(g1, g2).item()
+    chunk_logits = 128 * config.vocab_size * 4
+    assert chunked < 4 * chunk_logits < one_graph / 2, (chunked, one_graph, chunk_logits)

@@ -2,7 +2,8 @@
 
 Only scored positions are unembedded (the answer tokens, not the prompt): at 201,088 words of vocabulary
 a 2,048-token row's full logits alone would be 1.6 GB in float32. They are unembedded in chunks of
-`LOSS_CHUNK` rows, each under mx.checkpoint, so at most one chunk's logits exist at a time.
+`LOSS_CHUNK` rows, each under mx.checkpoint; with gradient checkpointing each chunk's loss and gradient
+are also evaluated before the next (head_value_and_grad), so at most one chunk's logits exist at a time.
 
 Gradient checkpointing is done layer by layer with an evaluation between layers: the forward keeps each
 block's input (evaluated), then the backward recomputes one block at a time from its input and the
@@ -32,16 +33,39 @@ def _chunk_loss(unembedding: nn.Module):
     return mx.checkpoint(loss)
 
 
+def _scored(model: nn.Module, x: mx.array, batch: Batch) -> mx.array:
+    """The final norm of x [B, T, H] at the batch's scored positions: [scored, H]."""
+    h = model.norm(x)
+    return h.reshape(-1, h.shape[-1])[mx.array(batch.positions)]
+
+
 def head_loss(model: nn.Module, x: mx.array, batch: Batch) -> mx.array:
     """Summed cross-entropy of the last block's output x [B, T, H] at the batch's scored positions."""
-    h = model.norm(x)
-    h = h.reshape(-1, h.shape[-1])[mx.array(batch.positions)]
+    h = _scored(model, x, batch)
     labels = mx.array(batch.labels)
     chunk = _chunk_loss(model.unembedding)
     total = mx.array(0.0, dtype=mx.float32)
     for i in range(0, labels.size, LOSS_CHUNK):
         total = total + chunk(h[i : i + LOSS_CHUNK], labels[i : i + LOSS_CHUNK])
     return total
+
+
+def head_value_and_grad(model: nn.Module, x: mx.array, batch: Batch) -> tuple[mx.array, mx.array]:
+    """(head_loss, its gradient w.r.t. x), evaluated a loss chunk at a time. In one graph MLX held
+    every chunk's logits at once despite mx.checkpoint: 5.2 GB for 2,048 rows at 201,088 words on
+    CUDA, where one chunk's are ~1.3 GB (benchmarks/probes/train_phase_memory_probe.py)."""
+    h = _scored(model, x, batch)
+    mx.eval(h)
+    labels = mx.array(batch.labels)
+    chunk = mx.value_and_grad(_chunk_loss(model.unembedding))
+    total, grads = mx.array(0.0, dtype=mx.float32), []
+    for i in range(0, labels.size, LOSS_CHUNK):
+        loss, g = chunk(h[i : i + LOSS_CHUNK], labels[i : i + LOSS_CHUNK])
+        mx.eval(loss, g)
+        total, grads = total + loss, [*grads, g]
+    _, (dx,) = mx.vjp(lambda x: _scored(model, x, batch), [x], [mx.concatenate(grads)])
+    mx.eval(total, dx)
+    return total, dx
 
 
 def loss_sum(model: nn.Module, batch: Batch) -> mx.array:
@@ -103,8 +127,7 @@ def _value_and_grad(model: nn.Module, batch: Batch, checkpoint: bool, seed: int)
         return y
 
     last = _blocks_forward(model, mx.array(batch.inputs), forward)
-    loss, g = mx.value_and_grad(lambda x: head_loss(model, x, batch))(last)
-    mx.eval(loss, g)
+    loss, g = head_value_and_grad(model, last, batch)
     block_grads: list[dict] = [None] * len(saved)  # type: ignore[list-item]
     for i in range(len(saved) - 1, -1, -1):
         block, x, mask = saved[i]
