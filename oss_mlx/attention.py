@@ -63,6 +63,28 @@ KEY_ALIGN = 8
 WINDOW_TILE = 256
 
 
+# Without a cache (training: whole rows at once) a full layer attends in query tiles of this many
+# tokens, each over the keys up to its end, where MLX differentiates the unfused attention (the CPU and
+# Metal, docs/UPSTREAM.md item 12): a layer's backward then builds scores of TILE x keys at a time, not
+# T x T. On CUDA the fused backward builds none, and a new key length per tile would be a new cuDNN graph
+# (item 4): untiled there.
+FULL_TRAIN_TILE = 256
+
+
+def causal_tiles_sdpa(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float) -> mx.array:
+    """Causal attention with sinks of q [B, Hq, T, D] over k/v [B, Hkv, T, D] from position 0, in query
+    tiles of FULL_TRAIN_TILE, each over the keys up to its last query (MLX's "causal" aligns the mask
+    to the last key): the same result as one call."""
+    T = q.shape[2]
+    tiles = []
+    for start in range(0, T, FULL_TRAIN_TILE):
+        end = min(start + FULL_TRAIN_TILE, T)
+        tiles.append(
+            sdpa_with_sinks(q[:, :, start:end], k[:, :, :end], v[:, :, :end], sinks, scale, "causal")
+        )
+    return mx.concatenate(tiles, axis=2)
+
+
 def window_tile_keys(window: int) -> int:
     """Keys a window tile attends: the WINDOW_TILE + window - 1 its queries can see, rounded up to
     KEY_ALIGN (the extra keys come first and the window hides them)."""
@@ -243,6 +265,14 @@ class AttentionBlock(nn.Module):
             T > WINDOW_TILE or (isinstance(mask, str) and mask == TILES and T > 1)
         ):
             o = windowed_sdpa(q, k, v, self.sinks, self.scale, offset, self.window)
+        elif (
+            cache is None
+            and isinstance(mask, str)
+            and mask == "causal"
+            and T > FULL_TRAIN_TILE
+            and kernels.available_backend() != "cuda"
+        ):
+            o = causal_tiles_sdpa(q, k, v, self.sinks, self.scale)
         else:
             o = sdpa_with_sinks(q, k, v, self.sinks, self.scale, mask)
         return self._output(o, x)

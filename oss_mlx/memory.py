@@ -285,6 +285,11 @@ class MemoryPlan:
 # CUDA_FUSED_VJP_QUERIES: for others the forward is fused and the backward recomputes the scores.
 ATTENTION_SAVED_SCORES = 1.25
 ATTENTION_BACKWARD_SCORES = 5.5
+# Rows longer than attention.FULL_TRAIN_TILE attend in query tiles there: a layer's backward then held
+# ~9.75 times the largest tile's scores (heads x tile x keys) at tiles of 128 and 256 over 1,024 keys
+# on the CPU (untiled: the 5.5 full-score arrays above), and more at 2,048 keys (the recomputed forward
+# keeps every tile's scores for the backward): counted as 10 largest tiles + 1.25 x all the tiles'.
+ATTENTION_TILED_BACKWARD_SCORES = 10
 CUDA_FUSED_VJP_QUERIES = 128
 ACTIVATION_MARGIN = 1.1  # the fit's worst under-estimate was 7%
 # MLX-CUDA holds more than that fit for the same graph (measured on an H200 at 20b shapes, 2,048 tokens,
@@ -360,14 +365,26 @@ class TrainingPlan:
         return self.adapter_parameters * 4 * copies
 
     def _scores(self) -> tuple[int, int, int]:
-        """(saved per full layer, saved per sliding layer, what one layer's backward builds at once:
-        a full layer's scores)."""
-        full, sliding = attention_score_bytes(self.config, self.length, self.batch, self.dtype_bytes)
-        if not self.fused_attention:
-            return full, sliding, full
-        # The fused forward saves none; a full layer's backward recomputes its scores unless its
-        # queries (the whole row) fit the cuDNN backward. Window tiles (WINDOW_TILE queries) always do.
-        return 0, 0, (0 if self.length % CUDA_FUSED_VJP_QUERIES == 0 else full)
+        """(score bytes saved per full layer, per sliding layer, what one layer's backward builds at
+        once)."""
+        from .attention import FULL_TRAIN_TILE
+
+        T = self.length
+        full, sliding = attention_score_bytes(self.config, T, self.batch, self.dtype_bytes)
+        if self.fused_attention:
+            # The fused forward saves none; a full layer's backward recomputes its scores unless its
+            # queries (the whole row) fit the cuDNN backward. Window tiles (WINDOW_TILE queries) do.
+            return 0, 0, (0 if T % CUDA_FUSED_VJP_QUERIES == 0 else int(ATTENTION_BACKWARD_SCORES * full))
+        if T <= FULL_TRAIN_TILE:
+            return full, sliding, int(ATTENTION_BACKWARD_SCORES * full)
+        # Query tiles (attention.causal_tiles_sdpa): tile i's queries over the keys up to its end.
+        per_key = full // (T * T)
+        saved = per_key * sum(
+            (min(s + FULL_TRAIN_TILE, T) - s) * min(s + FULL_TRAIN_TILE, T)
+            for s in range(0, T, FULL_TRAIN_TILE)
+        )
+        largest = per_key * FULL_TRAIN_TILE * T
+        return saved, sliding, int(ATTENTION_TILED_BACKWARD_SCORES * largest + ATTENTION_SAVED_SCORES * saved)
 
     @property
     def activation_parts(self) -> dict[str, int]:
@@ -385,12 +402,12 @@ class TrainingPlan:
         chunk = min(scored, LOSS_CHUNK) * c.vocab_size * (b + 16)
         if self.checkpointing:
             kept = c.num_layers * N * c.hidden_size * b + extra  # the blocks' inputs
-            block = f * N * (S + S_f32) + ATTENTION_BACKWARD_SCORES * backward
+            block = f * N * (S + S_f32) + backward
             loss = chunk + rows
             return {"kept": int(kept), "block": int(max(block, loss)), "loss": int(loss)}
         saved_scores = ATTENTION_SAVED_SCORES * (n_full * full + (c.num_layers - n_full) * sliding)
         kept = f * c.num_layers * N * S + int(saved_scores) + extra
-        block = f * N * S_f32 + ATTENTION_BACKWARD_SCORES * backward
+        block = f * N * S_f32 + backward
         # One graph: every chunk's logits at once, while the kept activations and a block's backward
         # wait for them (measured on CUDA: the sum, not the larger).
         loss = max(chunk, scored * c.vocab_size * (b + ONE_GRAPH_LOSS_BYTES)) + rows

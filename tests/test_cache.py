@@ -154,6 +154,53 @@ def test_windowed_tiles_equal_one_masked_attention(T, kept, window):
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [17, 64, 65, 200])
+def test_full_layer_query_tiles_equal_one_causal_attention(monkeypatch, T):
+    """Without a cache (training) a full layer attends in query tiles where MLX differentiates the
+    unfused attention: values and gradients equal one causal call (tiles of 16 here, a last partial
+    one included)."""
+    from oss_mlx import attention
+
+    monkeypatch.setattr(attention, "FULL_TRAIN_TILE", 16)
+    rng = np.random.default_rng(T)
+    q, k, v = (mx.array(rng.standard_normal((1, h, T, 16)), dtype=mx.float32) for h in (4, 2, 2))
+    sinks = mx.array(rng.standard_normal(4), dtype=mx.float32)
+    cot = mx.array(rng.standard_normal((1, 4, T, 16)), dtype=mx.float32)
+
+    def one(q, k, v):
+        return (attention.sdpa_with_sinks(q, k, v, sinks, 0.25, "causal") * cot).sum()
+
+    def tiled(q, k, v):
+        return (attention.causal_tiles_sdpa(q, k, v, sinks, 0.25) * cot).sum()
+
+    want, got = (mx.value_and_grad(f, argnums=(0, 1, 2))(q, k, v) for f in (one, tiled))
+    np.testing.assert_allclose(got[0].item(), want[0].item(), rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-5)
+
+
+def test_training_takes_the_query_tiles_except_on_cuda(monkeypatch):
+    """The model's no-cache forward (training) tiles a full layer's queries on the CPU and Metal, not
+    on CUDA (fused backward there), and never with a cache (inference)."""
+    from oss_mlx import attention, kernels
+
+    model = Transformer(CFG, quantized_experts=False)
+    full = sum(b.attn.window is None for b in model.blocks)
+    monkeypatch.setattr(attention, "FULL_TRAIN_TILE", 8)
+    calls = []
+    real = attention.causal_tiles_sdpa
+    monkeypatch.setattr(attention, "causal_tiles_sdpa", lambda *a: calls.append(1) or real(*a))
+    tokens = mx.array([list(range(20))])
+    mx.eval(model.hidden_states(tokens))
+    assert len(calls) == full == 2  # each full layer
+    mx.eval(model(tokens, cache=model.make_cache()))
+    assert len(calls) == full
+    monkeypatch.setattr(kernels, "available_backend", lambda: "cuda")
+    monkeypatch.setattr(attention, "sdpa_with_sinks", lambda q, *a: mx.zeros_like(q))  # no CUDA here
+    mx.eval(model.hidden_states(tokens))
+    assert len(calls) == full
+
+
 def test_windowed_tiles_have_one_shape_whatever_the_length(monkeypatch):
     """Every window tile has the same shape for any chunk length and any cache (MLX-CUDA builds an
     attention graph per shape): short chunks are padded to a tile, missing keys to the window."""

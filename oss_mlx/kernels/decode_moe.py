@@ -11,11 +11,21 @@ from .dispatch import FLOATS, KERNEL_MAX_HIDDEN, backend, const, launch, on_gpu
 from .routing import norm_route, route_ok
 from .weights import ExpertWeights
 
-# The fused MoE decode while N * k stays under this (from here on, the prefill experts: prefill_moe).
-# Up to 63 rows of k = 4: a decode batch of 16-63 sequences keeps the grouped kernels and the fused
-# routing. At 64 slots, 16 rows of the 20b went to the prefill path (MLX's unfused routing, the GEMM's
-# 64-row tiles at ~2 rows an expert): 16 streams decoded at 867 tok/s, fewer than 8 did (956; H200).
-MOE_MAX_SLOTS = 256
+# The fused MoE decode while N * k stays under this (from here on, a prefill chunk's experts take the
+# grouped GEMM: prefill_moe).
+MOE_MAX_SLOTS = 64
+# A decode batch (one token a row, x [R, 1, H]) keeps the decode kernels up to this many slots: at 64,
+# 16 rows of the 20b went to the prefill path (MLX's unfused routing, the GEMM's 64-row tiles at ~2 rows
+# an expert) and 16 streams decoded at 867 tok/s, fewer than 8 did (956); with the grouped kernels 1,154
+# (H200, docs/PERFORMANCE.md "Concurrency").
+MOE_BATCH_MAX_SLOTS = 256
+
+
+def max_slots(x: mx.array) -> int:
+    """The (token, expert) slots the decode kernels take for x: more for a decode batch's rows."""
+    return MOE_BATCH_MAX_SLOTS if x.ndim == 3 and x.shape[1] == 1 else MOE_MAX_SLOTS
+
+
 # Work per warp of the GEMV kernels (each warp holds its input vector in registers and reads whole
 # weight rows): more rows per warp reuse the vector more and keep more loads in flight; fewer make
 # more blocks. Chosen by each kernel's GPU time under Nsight Compute (benchmarks/ncu_sweep.py), not by
@@ -42,7 +52,7 @@ def experts_ok(experts: ExpertWeights | None, x: mx.array, N: int, k: int) -> bo
     return (
         backend() != "reference"
         and on_gpu()
-        and N * k < MOE_MAX_SLOTS
+        and N * k < max_slots(x)
         and x.dtype in FLOATS
         and H % 32 == 0
         and I % 32 == 0
@@ -54,12 +64,7 @@ def moe_block_ok(x: mx.array, router_weight: mx.array, k: int, experts: ExpertWe
     """Whether moe_block takes the MoE block of x [..., H] (its row staged in threadgroup memory)."""
     H = x.shape[-1]
     N = x.size // H
-    return (
-        route_ok(x, router_weight, k)
-        and H <= KERNEL_MAX_HIDDEN
-        and N * k < MOE_MAX_SLOTS
-        and experts_ok(experts, x, N, k)
-    )
+    return route_ok(x, router_weight, k) and H <= KERNEL_MAX_HIDDEN and experts_ok(experts, x, N, k)
 
 
 def moe_block(
