@@ -128,32 +128,51 @@ def test_plan_finetune_prints_the_training_plan(capsys):
 
 def test_a_macs_plan_counts_the_unfused_attention_and_cuda_only_aligned_rows_are_fused():
     """MLX trains with the unfused attention on Metal (docs/UPSTREAM.md item 12): the Mac predictions
-    count a full layer's scores in the backward; CUDA's fused backward takes rows of a multiple of 128
-    queries only, so other lengths count them too (in the backward, not kept)."""
+    count a full layer's scores, in query tiles of FULL_TRAIN_TILE (attention.causal_tiles_sdpa) for
+    longer rows; CUDA's fused backward takes rows of a multiple of 128 queries only, so other lengths
+    count a full layer's whole scores in the backward there (untiled), none kept."""
     from dataclasses import replace
 
-    from oss_mlx.memory import ATTENTION_BACKWARD_SCORES, ATTENTION_SAVED_SCORES, attention_score_bytes
+    from oss_mlx.attention import FULL_TRAIN_TILE
+    from oss_mlx.memory import (
+        ATTENTION_BACKWARD_SCORES,
+        ATTENTION_SAVED_SCORES,
+        ATTENTION_TILED_BACKWARD_SCORES,
+        attention_score_bytes,
+    )
     from oss_mlx.plan_cli import training_plans
 
     config = replace(ModelConfig(), vocab_size=1024)  # the blocks, not the loss, set the peak
-    mac = training_plans(config, rank=8, length=2048)
-    assert not mac[True].fused_attention and not mac[False].fused_attention
-    full, sliding = attention_score_bytes(config, 2048, 1, 2)
-    assert full == 64 * 2048 * 2048 * 2
+    T, per_key = 2048, 64 * 2  # 64 heads, bf16
+    mac = training_plans(config, rank=8, length=T)
+    assert not mac[True].fused_attention and not mac[False].fused_attention and not mac[True].cuda
+    full, sliding = attention_score_bytes(config, T, 1, 2)
+    assert full == per_key * T * T
+    tiles = [(s, min(s + FULL_TRAIN_TILE, T)) for s in range(0, T, FULL_TRAIN_TILE)]
+    saved = per_key * sum((e - s) * e for s, e in tiles)  # each tile's queries over its keys
+    assert saved < 0.6 * full
+    backward = (
+        ATTENTION_TILED_BACKWARD_SCORES * per_key * FULL_TRAIN_TILE * T + ATTENTION_SAVED_SCORES * saved
+    )
     fused = mac[True].replace(fused_attention=True)
     scores = mac[True].activation_parts["block"] - fused.activation_parts["block"]
-    assert scores == pytest.approx(ATTENTION_BACKWARD_SCORES * full, rel=1e-6)
+    assert scores == pytest.approx(backward, rel=1e-6) and scores < ATTENTION_BACKWARD_SCORES * full / 2
     kept = (
         mac[False].activation_parts["kept"]
         - mac[False].replace(fused_attention=True).activation_parts["kept"]
     )
-    assert kept == pytest.approx(ATTENTION_SAVED_SCORES * 12 * (full + sliding), rel=1e-6)
-    ragged, aligned = fused.replace(length=2047), fused.replace(length=2048)
-    full_2047, _ = attention_score_bytes(config, 2047, 1, 2)
-    assert ragged.activation_parts["kept"] == aligned.replace(length=2047).activation_parts["kept"]
-    block_2047 = ragged.replace(fused_attention=False).activation_parts["block"]
-    assert ragged.activation_parts["block"] == block_2047  # the same backward scores as unfused
-    assert ragged.activation_parts["block"] > aligned.activation_parts["block"] + full_2047
+    assert kept == pytest.approx(ATTENTION_SAVED_SCORES * 12 * (saved + sliding), rel=1e-6)
+    short = mac[True].replace(length=FULL_TRAIN_TILE)  # one tile: the whole scores, as before
+    short_full, _ = attention_score_bytes(config, FULL_TRAIN_TILE, 1, 2)
+    short_scores = (
+        short.activation_parts["block"] - short.replace(fused_attention=True).activation_parts["block"]
+    )
+    assert short_scores == pytest.approx(ATTENTION_BACKWARD_SCORES * short_full, rel=1e-6)
+    ragged, aligned = fused.replace(length=T - 1), fused.replace(length=T)
+    full_ragged, _ = attention_score_bytes(config, T - 1, 1, 2)
+    assert ragged.activation_parts["kept"] == aligned.replace(length=T - 1).activation_parts["kept"]
+    extra = ragged.activation_parts["block"] - aligned.activation_parts["block"]
+    assert extra == pytest.approx(ATTENTION_BACKWARD_SCORES * full_ragged, rel=1e-3)
 
 
 def test_checkpointed_loss_holds_one_chunk_of_logits(monkeypatch):
