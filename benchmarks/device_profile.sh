@@ -71,10 +71,14 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
       for spec in ${FT_GRID:-"2 1024 attention" "2 2048 attention" "2 1024 attention,experts" \
           "2 2048 attention,experts" "4 2048 attention,experts" "2 2048 attention,experts 8192"}; do
         set -- $spec
-        timeout ${FT_TIMEOUT:-90} python3 benchmarks/finetune_bench.py --config 20b --num-layers $1 --length $2 \
+        timeout ${FT_TIMEOUT:-240} python3 benchmarks/finetune_bench.py --config 20b --num-layers $1 --length $2 \
           --targets $3 ${4:+--vocab-size $4} --warmup 1 --steps 1 --checkpointing on,off --results $RESULTS \
           2>&1 | grep -E "checkpointing|rror" | sed "s/^/[$1 layers, vocab ${4:-full}, $3] /" | tee -a $OUT/run.log
       done ;;
+    ftphases)  # a training step's peak per evaluation (forward blocks, the loss, backward blocks, the
+               # optimizer) at 20b shapes, 2,048 tokens, checkpointing on (FT_LAYERS: layer counts)
+      timeout ${FT_TIMEOUT:-300} python3 -u benchmarks/probes/train_phase_memory_probe.py --layers ${FT_LAYERS:-2,24} \
+        --length 2048 --checkpointing on 2>&1 | tee -a $OUT/run.log ;;
     layers)  # each layer's decode update, kernels vs reference on the same inputs (docs/KERNELS.md)
       timeout 300 python3 -m oss_mlx.cli bench --config 20b --prompt-lengths 128 --decode-tokens 4 \
         --engines oss-mlx --check-layers 300 --results $RESULTS --json $OUT/layers.json 2>&1 | tee -a $OUT/run.log ;;
