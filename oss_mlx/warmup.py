@@ -97,9 +97,12 @@ def steps(model: Transformer, context: int, step: int | None = None, batched: bo
     for _ in run:
         pass
     yield f"a {len(prompt)}-token prompt"
-    # The sampler a chat uses (mlx-lm's, compiled at first use; imported here, not at the first reply).
+    # The sampler chat and the server use by default (mlx-lm's, compiled at first use): temperature 1,
+    # no top-p, as OpenAI advises for gpt-oss. Not top-p's: its sort and cumulative sum over the
+    # vocabulary are compiled by the first reply that asks for them (with top-p 0.95 warmed this piece
+    # took 28-30 s on the H200, docs/PERFORMANCE.md).
     logits = mx.zeros((1, vocab), dtype=model.dtype)
-    mx.eval(SamplingOptions(temperature=1.0, top_p=0.95).sampler()(logits))
+    mx.eval(SamplingOptions(temperature=1.0).sampler()(logits))
     yield "the sampler"
     # The compiled step's trace for each buffer size a first prompt can leave (host work, no GPU): a
     # prompt's full layers end at a query block's end (cache.FullCache with fixed shapes).
