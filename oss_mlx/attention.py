@@ -71,6 +71,12 @@ WINDOW_TILE = 256
 FULL_TRAIN_TILE = 256
 
 
+def fused_attention_backward() -> bool:
+    """Whether MLX differentiates the fused attention here (CUDA's cuDNN backward; docs/UPSTREAM.md
+    item 12): then training attends whole rows, and the training plan counts no scores."""
+    return kernels.available_backend() == "cuda"
+
+
 def causal_tiles_sdpa(q: mx.array, k: mx.array, v: mx.array, sinks: mx.array, scale: float) -> mx.array:
     """Causal attention with sinks of q [B, Hq, T, D] over k/v [B, Hkv, T, D] from position 0, in query
     tiles of FULL_TRAIN_TILE, each over the keys up to its last query (MLX's "causal" aligns the mask
@@ -270,7 +276,7 @@ class AttentionBlock(nn.Module):
             and isinstance(mask, str)
             and mask == "causal"
             and T > FULL_TRAIN_TILE
-            and kernels.available_backend() != "cuda"
+            and not fused_attention_backward()
         ):
             o = causal_tiles_sdpa(q, k, v, self.sinks, self.scale)
         else:

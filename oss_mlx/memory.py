@@ -352,7 +352,9 @@ class TrainingPlan:
             cuda = getattr(mx, "cuda", None)
             self.cuda = bool(cuda and cuda.is_available())
         if self.fused_attention is None:
-            self.fused_attention = self.cuda
+            from .attention import fused_attention_backward
+
+            self.fused_attention = self.cuda and fused_attention_backward()
 
     @property
     def weights(self) -> int:
@@ -444,10 +446,11 @@ class TrainingPlan:
     def summary(self) -> str:
         ck = "on" if self.checkpointing else "off"
         p = self.activation_parts
+        block = "one block or the loss" if self.checkpointing else "a block and the loss"
         return (
             f"base weights {gib(self.weights)} + adapter, gradient and AdamW state {gib(self.adapter_bytes)} "
             f"+ activations {gib(self.activation_bytes)} (batch {self.batch} x {self.length:,} tokens, "
-            f"checkpointing {ck}: kept {gib(p['kept'])}, one block or the loss {gib(p['block'])}, "
+            f"checkpointing {ck}: kept {gib(p['kept'])}, {block} {gib(p['block'])}, "
             f"+{ACTIVATION_MARGIN - 1:.0%}) = {gib(self.total)}"
         )
 
