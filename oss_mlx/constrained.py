@@ -1,9 +1,10 @@
 """The token mask of a constrained reply: llguidance's matcher over the whole turn, one per sequence.
 
-The scheduler (scheduler.py) asks for the next mask with the token just read while the GPU already runs
-the next forward step (which does not need the mask; only its sampling does), so the host work here
-overlaps the model's. A mask is llguidance's bitmask (int32 words, bit i allows token i), applied
-to the logits inside the sequence's sampler (generation.py `masked`).
+The scheduler (scheduler.py) asks for the next mask on its mask thread, with the token just sampled,
+while its own thread queues the forward step that token feeds (which does not need the mask; only the
+next sampling does), so the host work here overlaps the model's and the host's queuing of it. A mask is
+llguidance's bitmask (a numpy copy: int32 words, bit i allows token i), applied to the logits inside
+the sequence's sampler (generation.py `masked`).
 
 Fitting max_tokens: a constrained answer cut off by the token limit would be invalid JSON, and a
 model (a random one at worst) may never want to close its strings. So the processor keeps a closing
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import mlx.core as mx
 import numpy as np
 
 from .structured import Checked, turn_grammar
@@ -89,7 +89,7 @@ class TurnConstraint:
 
     # ---- the steps the scheduler drives ----------------------------------------------------------
 
-    def begin(self, remaining: int) -> mx.array:
+    def begin(self, remaining: int) -> np.ndarray:
         """Build the matcher (the reply starts after `<|start|>assistant`), feed the prefix, and return
         the first mask."""
         import llguidance
@@ -105,7 +105,7 @@ class TurnConstraint:
             self._consume(token)
         return self._next(remaining)
 
-    def advance(self, token: int, remaining: int) -> mx.array:
+    def advance(self, token: int, remaining: int) -> np.ndarray:
         """Take the token sampled last; return the mask for the next one (`remaining` may follow)."""
         self._consume(token)
         return self._next(remaining)
@@ -129,12 +129,12 @@ class TurnConstraint:
             return state
         return _quoting(state, self.tokenizer.token_bytes(token))
 
-    def _only(self, token: int) -> mx.array:
+    def _only(self, token: int) -> np.ndarray:
         words = np.zeros_like(self._words)
         words[0, token >> 5] = np.int32(np.uint32(1 << (token & 31)).view(np.int32))
-        return mx.array(words)
+        return words
 
-    def _next(self, remaining: int) -> mx.array:
+    def _next(self, remaining: int) -> np.ndarray:
         from llguidance.numpy import fill_next_token_bitmask
 
         if not self._forced and remaining <= self._check_at:
@@ -146,7 +146,7 @@ class TurnConstraint:
             return self._only(forced[0])
         fill_next_token_bitmask(self.matcher, self._words)
         self._raise_on_error()
-        return mx.array(self._words)
+        return self._words.copy()  # (the buffer is refilled by the next call, maybe before it is used)
 
     def _plan_closing(self, remaining: int) -> None:
         path = self.closing_path()

@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Protocol
 
 import mlx.core as mx
+import numpy as np
 
 # Prefill in chunks: bounded activation memory for long prompts, same logits (tested).
 PREFILL_CHUNK = 2048
@@ -180,14 +181,15 @@ def prefill_cuts(n: int, chunk: int, marks: Iterable[int] = (), start: int = 0) 
 
 
 class TokenConstraint(Protocol):
-    """Which tokens may come next (constrained.TurnConstraint): an int32 bitmask [1, ceil(vocab/32)],
-    bit i of word i // 32 allowing token i."""
+    """Which tokens may come next (constrained.TurnConstraint): an int32 bitmask [1, ceil(vocab/32)]
+    on the host (numpy), bit i of word i // 32 allowing token i. `advance` may run on another thread
+    than the one that samples (the scheduler's mask thread), one call at a time per constraint."""
 
     closed: bool  # the end was forced to fit the token budget
 
-    def begin(self, remaining: int) -> mx.array: ...
+    def begin(self, remaining: int) -> np.ndarray: ...
 
-    def advance(self, token: int, remaining: int) -> mx.array: ...
+    def advance(self, token: int, remaining: int) -> np.ndarray: ...
 
 
 def masked(logits: mx.array, words: mx.array) -> mx.array:

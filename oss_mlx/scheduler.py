@@ -14,8 +14,11 @@ A step, in order:
   5. the tokens sampled one step earlier are read (the GPU meanwhile runs this step's): each
      sequence's `emit` gets them, and a stop token or max_tokens finishes it;
   6. with a constrained sequence in the batch (structured outputs: constrained.py), the batch's
-     sampling waits until here: a row's mask depends on the token just read, and is made on the host
-     while the GPU runs the step's forward pass (which does not need it).
+     sampling waits until here: a row's mask depends on the token the step was fed. The mask is made
+     on the mask thread, handed that token before step 3 queues the forward pass (which does not
+     need the mask), so the grammar's host work runs beside the host's queuing of the step, not after
+     it (a decode step is bound by that queuing at 20b shapes: a mask on this thread added its whole
+     time to every token).
 
 Every sequence sees exactly what it would alone: its prompt prefilled the same way, its decode steps
 at its own positions over its own keys (per-row masks and rings), its own sampler and random key.
@@ -30,9 +33,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from .batch_cache import BatchCache, grown, row_bucket
 from .cache import ModelCache
@@ -128,6 +133,10 @@ class Sequence:
         self.pending: tuple[mx.array, int] | None = None  # the token to feed next: (array, index)
         self._unread: list[tuple[mx.array, int, int]] = []  # (array, index, step sampled at)
         self._first_read = 0.0
+        # constrained: the pending token again, in an array only the mask thread reads (an MLX array
+        # waited on from two threads at once races on its event), and that thread's next mask
+        self._readable: tuple[mx.array, int] | None = None
+        self._next_mask: Future | None = None
 
     @property
     def projected(self) -> int:
@@ -215,6 +224,7 @@ class Scheduler:
         self._sampled: mx.array | None = None  # the last step's tokens, one per row
         self._rows_changed = True
         self._deferred: tuple[mx.array, list] | None = None  # logits and rows waiting for masks
+        self._masks: ThreadPoolExecutor | None = None  # the mask thread, made at the first constraint
         self._step = 0
         self.wake = threading.Condition()  # notified on submit and cancel (runtime.py waits on it)
 
@@ -354,14 +364,26 @@ class Scheduler:
             tokens = mx.concatenate(pieces)
         else:
             tokens = self._sampled
-        logits = self.decode(tokens[:, None], batch)[:, -1, :]
         keys = list(batch.keys)  # the rows as they are now (a sequence joining in _prefill may add one)
+        constrained = [s for s in keys if s is not None and s.constraint is not None]
+        for seq in constrained:  # their masks, made while the step below is queued and run
+            self._ask_mask(seq)
+        logits = self.decode(tokens[:, None], batch)[:, -1, :]
         self._rows_changed = False
-        if any(s is not None and s.constraint is not None for s in keys):
-            mx.async_eval(logits)  # the masks need the tokens _read reads: sampled after it
+        if constrained:
+            mx.async_eval(logits)  # sampled once the masks are made (_sample_deferred)
             self._deferred = (logits, keys)
             return
         self._sampled_rows(self._sample_rows(logits, keys), keys)
+
+    def _ask_mask(self, seq: Sequence) -> None:
+        """Hand seq's fed token to the mask thread: the mask for the token after it (none once it
+        stops the reply: the row's sample is then never read)."""
+        if self._masks is None:
+            self._masks = ThreadPoolExecutor(1, thread_name_prefix="oss-mlx-masks")
+        array, index = seq._readable
+        remaining = seq.options.max_tokens - seq.produced
+        seq._next_mask = self._masks.submit(_next_mask, seq, array, index, remaining)
 
     def _sample_deferred(self) -> None:
         """The batch's sampling with each constrained row's mask: the token it was fed was read (in
@@ -370,17 +392,24 @@ class Scheduler:
         self._deferred = None
         masks = {}
         for r, seq in enumerate(keys):
-            if seq is None or seq.constraint is None or seq.finish is not None or seq.error is not None:
-                continue  # (a finished row's token is never read)
-            fed, remaining = seq.report.tokens[-1], seq.options.max_tokens - len(seq.report.tokens)
+            if seq is None or seq._next_mask is None:
+                continue
+            future, seq._next_mask = seq._next_mask, None
             try:
-                masks[r] = self._mask(seq, lambda s=seq, t=fed, n=remaining: s.constraint.advance(t, n))
+                words, seconds = future.result()
             except Exception as e:  # the grammar failed: this sequence ends with it, the others go on
-                seq.error = e
+                seq.error = seq.error or e
+                continue
+            if words is None or seq.finish is not None or seq.error is not None:
+                continue  # (a finished row's token is never read)
+            masks[r] = self._counted(seq, mx.array(words), seconds)
         self._sampled_rows(self._sample_rows(logits, keys, masks), keys)
 
     def _sampled_rows(self, sampled: mx.array, keys: list) -> None:
-        mx.async_eval(sampled)
+        readable = None
+        if any(s is not None and s.constraint is not None for s in keys):
+            readable = mx.stop_gradient(sampled)  # the same tokens, an array of their own
+        mx.async_eval(sampled, *([readable] if readable is not None else []))
         size = sum(s is not None for s in keys)
         for r, seq in enumerate(keys):
             if seq is not None:
@@ -388,14 +417,15 @@ class Scheduler:
                 seq.pending = (sampled, r)
                 seq._unread.append((sampled, r, self._step))
                 seq.produced += 1
+                if seq.constraint is not None:
+                    seq._readable = (readable, r)
         self._sampled = sampled
 
     @staticmethod
-    def _mask(seq: Sequence, make: Callable[[], mx.array]) -> mx.array:
-        """The constraint's next mask, its host time counted in the sequence's stats."""
-        stats, begun = seq.report.stats, time.perf_counter()
-        mask = make()
-        stats.mask_seconds += time.perf_counter() - begun
+    def _counted(seq: Sequence, mask: mx.array, seconds: float) -> mx.array:
+        """A mask of seq's constraint, its host time counted in the sequence's stats."""
+        stats = seq.report.stats
+        stats.mask_seconds += seconds
         stats.masked_tokens += 1
         stats.closed_to_fit = seq.constraint.closed
         return mask
@@ -467,9 +497,16 @@ class Scheduler:
             seq.cache.mark()
         mask = None
         if seq.constraint is not None:  # made while the GPU runs the chunk
-            mask = self._mask(seq, lambda: seq.constraint.begin(seq.options.max_tokens))
+            begun = time.perf_counter()
+            words = seq.constraint.begin(seq.options.max_tokens)
+            mask = self._counted(seq, mx.array(words), time.perf_counter() - begun)
         token = seq._sample(logits[:, -1, :], mask).astype(mx.uint32)
-        mx.async_eval(token)
+        if seq.constraint is not None:
+            readable = mx.stop_gradient(token)  # (see _sampled_rows)
+            mx.async_eval(token, readable)
+            seq._readable = (readable, 0)
+        else:
+            mx.async_eval(token)
         seq._prefilled = cut
         seq.produced, seq.pending = 1, (token, 0)
         seq._unread.append((token, 0, self._step - 1))  # read in this step: the first token waits on nothing
@@ -547,3 +584,14 @@ class Scheduler:
                 seq.on_end()
         finally:
             seq.emit(End(seq.error))
+
+
+def _next_mask(seq: Sequence, tokens: mx.array, row: int, remaining: int) -> tuple[np.ndarray | None, float]:
+    """On the mask thread: the mask after the token in row `row` of `tokens` (waited for here, on
+    the device's sampling of it) and the host seconds it took; None after a stop token."""
+    token = tokens.tolist()[row]
+    if token in seq.stop_ids:
+        return None, 0.0
+    begun = time.perf_counter()
+    words = seq.constraint.advance(token, remaining)
+    return words, time.perf_counter() - begun

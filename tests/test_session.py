@@ -6,6 +6,7 @@ import itertools
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -310,35 +311,50 @@ def test_constrained_replies_batched_equal_each_alone(loaded):
     assert results["free"].stats.masked_tokens == 0
 
 
-def test_a_constrained_reply_makes_each_mask_while_its_step_runs(loaded, monkeypatch):
+def test_a_constrained_reply_makes_each_mask_beside_the_queuing_of_its_step(loaded, monkeypatch):
     """generate(..., json_schema=) alone (batch 1, the model's scheduler thread): every token's mask
-    is made after the step that needs it was queued and before anything waits for that step, so the
-    host builds the mask while the device runs the forward pass (only the sampling waits for it)."""
+    is asked of the mask thread before the step fed that token is queued, nothing waits in between,
+    and the grammar runs on that other thread, so its host work overlaps the queuing and the run of
+    the forward pass (only the sampling waits for it)."""
+    import threading
+
     from oss_mlx.constrained import TurnConstraint
     from oss_mlx.model import Transformer
+    from oss_mlx.scheduler import Scheduler
 
     model, tokenizer = loaded
     events: list[str] = []
-    real_step, real_advance = Transformer.step_into, TurnConstraint.advance
+    masks: list[int] = []
+    mask_threads: set[int] = set()
+    step_threads: set[int] = set()
+    real_step, real_advance, real_ask = Transformer.step_into, TurnConstraint.advance, Scheduler._ask_mask
     real_eval, real_sync = mx.eval, mx.synchronize
 
     def step_into(self, batch, tokens, step=None):
         events.append("step")
+        step_threads.add(threading.get_ident())
         return real_step(self, batch, tokens, step)
 
     def advance(self, token, remaining):
-        events.append("mask")
+        mask_threads.add(threading.get_ident())
+        masks.append(token)
         return real_advance(self, token, remaining)
+
+    def ask(self, seq):
+        events.append("ask")
+        return real_ask(self, seq)
 
     def waits(real):
         def wait(*args, **kwargs):
-            events.append("wait")
+            if threading.get_ident() in step_threads:
+                events.append("wait")
             return real(*args, **kwargs)
 
         return wait
 
     monkeypatch.setattr(Transformer, "step_into", step_into)
     monkeypatch.setattr(TurnConstraint, "advance", advance)
+    monkeypatch.setattr(Scheduler, "_ask_mask", ask)
     monkeypatch.setattr(mx, "eval", waits(real_eval))
     monkeypatch.setattr(mx, "synchronize", waits(real_sync))
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
@@ -347,9 +363,43 @@ def test_a_constrained_reply_makes_each_mask_while_its_step_runs(loaded, monkeyp
     )
     monkeypatch.undo()
     assert reply.stats.max_batch == 1 and reply.stats.masked_tokens == reply.stats.generated_tokens
-    masks = [i for i, e in enumerate(events) if e == "mask"]
-    assert len(masks) == reply.stats.generated_tokens - 1  # the first one is made during the prompt
-    assert all(events[i - 1] == "step" for i in masks), events  # queued, and nothing waited on it
+    asks = [i for i, e in enumerate(events) if e == "ask"]
+    # every fed token is asked for, the stop too (not yet read when its step is queued); the stop
+    # makes no mask, and the first mask is made during the prompt
+    assert len(asks) == reply.stats.generated_tokens and reply.tokens[-1] == tokenizer.RETURN
+    assert masks == reply.tokens[:-1]
+    assert all(events[i + 1] == "step" for i in asks), events  # asked, then queued, nothing waited
+    assert mask_threads and not mask_threads & step_threads  # the grammar ran beside, not on, it
+
+
+def test_a_mask_that_takes_long_costs_no_more_than_the_step_beside_it(loaded, monkeypatch):
+    """The overlap, timed: with a mask and the host's queuing of a step each made to take 40 ms, a
+    constrained reply's tokens take ~40 ms each, not the 80 ms one after the other would."""
+    from oss_mlx.constrained import TurnConstraint
+    from oss_mlx.model import Transformer
+
+    model, tokenizer = loaded
+    real_step, real_advance = Transformer.step_into, TurnConstraint.advance
+    pause = 0.04
+
+    def step_into(self, batch, tokens, step=None):
+        time.sleep(pause)
+        return real_step(self, batch, tokens, step)
+
+    def advance(self, token, remaining):
+        time.sleep(pause)
+        return real_advance(self, token, remaining)
+
+    monkeypatch.setattr(Transformer, "step_into", step_into)
+    monkeypatch.setattr(TurnConstraint, "advance", advance)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    reply = oss_mlx.generate(
+        model, tokenizer, QUESTIONS[0], max_tokens=24, temperature=0, json_schema=schema, reasoning_budget=6
+    )
+    monkeypatch.undo()
+    steps = reply.stats.generated_tokens - 1  # between the first token read and the last
+    assert steps >= 10 and reply.stats.mask_seconds >= steps * pause
+    assert reply.stats.generation_seconds < 0.75 * steps * 2 * pause, reply.stats
 
 
 def test_sessions_on_one_model_stream_from_threads_at_once(loaded):
