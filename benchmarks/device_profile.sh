@@ -93,14 +93,15 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
       python3 benchmarks/ncu_sweep.py --summarize $OUT/ncu.csv | tee -a $OUT/run.log ;;
     steps)  # every kernel of real decode steps at each depth, timed on the card (step_kernels.py);
             # SAMPLER=mlx: MLX's one-row argmax instead of generation's two-stage one (before / after)
-      for d in ${DEPTHS:-128 32768}; do
+            # ROWS="1 16": the batch sizes (streams decoding together, each prompt DEPTHS long)
+      for r in ${ROWS:-1}; do for d in ${DEPTHS:-128 32768}; do
         timeout ${STEPS_TIMEOUT:-300} ncu --profile-from-start off --cache-control none --clock-control none \
           --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread --csv \
-          python3 benchmarks/step_kernels.py --depth $d --steps 2 --sampler ${SAMPLER:-ours} > $OUT/steps-$d.csv \
-          2> $OUT/steps-$d.err
-        echo "-- depth $d" | tee -a $OUT/run.log
-        python3 benchmarks/step_kernels.py --summarize $OUT/steps-$d.csv --steps 2 | tee -a $OUT/run.log
-      done ;;
+          python3 benchmarks/step_kernels.py --depth $d --rows $r --steps 2 --sampler ${SAMPLER:-ours} \
+          > $OUT/steps-$d-r$r.csv 2> $OUT/steps-$d-r$r.err
+        echo "-- depth $d, rows $r" | tee -a $OUT/run.log
+        python3 benchmarks/step_kernels.py --summarize $OUT/steps-$d-r$r.csv --steps 2 | tee -a $OUT/run.log
+      done; done ;;
     detail)  # Nsight Compute's full sections for one launch of each decode kernel (stalls, occupancy)
       timeout ${DETAIL_TIMEOUT:-300} ncu --set full --cache-control all --clock-control none -k regex:oss_ \
         --page details --csv python3 benchmarks/ncu_sweep.py --detail > $OUT/detail.csv 2> $OUT/detail.err

@@ -38,7 +38,7 @@ def _profiler(start: bool) -> None:
         print(f"cuProfiler{'Start' if start else 'Stop'} returned {rc}", file=sys.stderr)
 
 
-def run(depth: int, steps: int, layers: int, preset: str, sampler: str = "ours") -> None:
+def run(depth: int, steps: int, layers: int, preset: str, sampler: str = "ours", rows: int = 1) -> None:
     import dataclasses
 
     import mlx.core as mx
@@ -54,12 +54,15 @@ def run(depth: int, steps: int, layers: int, preset: str, sampler: str = "ours")
     full = preset_config(preset)
     config = dataclasses.replace(full, num_layers=layers, layer_types=full.layer_types[:layers])
     model = random_model(config)
-    cache = model.make_cache()
-    logits = model(mx.array(_prompt(depth, config.vocab_size, 0))[None], cache=cache, last_logits_only=True)
     step = runtime_of(model).decode
     batch = BatchCache.for_model(model)
-    batch.join(0, cache)
-    token = argmax(logits[:, -1, :])[:, None]
+    firsts = []
+    for r in range(rows):  # each row its own prompt (so the rows route to different experts), own cache
+        cache = model.make_cache()
+        prompt = mx.array(_prompt(depth, config.vocab_size, r))[None]
+        firsts.append(argmax(model(prompt, cache=cache, last_logits_only=True)[:, -1, :]))
+        batch.join(r, cache)
+    token = mx.concatenate(firsts)[:, None]
     for _ in range(3):  # trace, JIT-compile every kernel, settle the buffers
         token = argmax(step(token, batch)[:, -1, :])[:, None]
         mx.eval(token)
@@ -70,7 +73,10 @@ def run(depth: int, steps: int, layers: int, preset: str, sampler: str = "ours")
         mx.eval(token)
     mx.synchronize()
     _profiler(False)
-    print(f"depth {depth}: {steps} steps profiled, cache offset {batch.lengths[0]}", file=sys.stderr)
+    print(
+        f"depth {depth}, {rows} rows: {steps} steps profiled, cache offset {batch.lengths[0]}",
+        file=sys.stderr,
+    )
 
 
 def family(name: str) -> str:
@@ -117,6 +123,10 @@ if __name__ == "__main__":
     p.add_argument(
         "--sampler", choices=("ours", "mlx"), default="ours", help="greedy argmax: ours or mx.argmax"
     )
+    p.add_argument("--rows", type=int, default=1, help="sequences decoded together (a batch of streams)")
     p.add_argument("--summarize", metavar="CSV")
     a = p.parse_args()
-    summarize(a.summarize, a.steps) if a.summarize else run(a.depth, a.steps, a.layers, a.config, a.sampler)
+    if a.summarize:
+        summarize(a.summarize, a.steps)
+    else:
+        run(a.depth, a.steps, a.layers, a.config, a.sampler, a.rows)

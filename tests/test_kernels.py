@@ -1138,7 +1138,17 @@ def test_prefill_experts_launch_with_the_gpu_faked():
 @needs_gpu
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize(
-    "E,k,H,I,N", [(4, 2, 64, 96, 5), (32, 4, 2880, 2880, 4), (32, 4, 2880, 2880, 15), (128, 4, 1088, 1120, 9)]
+    "E,k,H,I,N",
+    [
+        (4, 2, 64, 96, 5),
+        (32, 4, 2880, 2880, 4),
+        (32, 4, 2880, 2880, 15),
+        # a decode batch of 16 / 40 / 63 streams (MOE_BATCH_MAX_SLOTS): 64, 160 and 252 slots
+        (32, 4, 2880, 2880, 16),
+        (32, 4, 2880, 2880, 40),
+        (32, 4, 2880, 2880, 63),
+        (128, 4, 1088, 1120, 9),
+    ],
 )
 def test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k, H, I, N):
     """From MOE_GROUPED_FROM tokens the decode MoE groups the slots by expert (each expert's weights
