@@ -12,7 +12,7 @@ if [ -n "$DRY_RUN" ]; then
   for tool in python3 ncu; do eval "$tool() { echo \"+ $tool \$*\"; }"; done
 fi
 for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
-[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe moeprobe shapeprobe smallprobe compile loadchecks"; exit 2; }
+[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep moeprobe shapeprobe smallprobe compile loadchecks"; exit 2; }
 for stage in ${STAGES//,/ }; do  # spaces or commas between stages
   echo "== $stage" | tee -a $OUT/run.log
   case $stage in
@@ -46,6 +46,9 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
     groupedmoe)  # the decode MoE at 1-32 streams: per-slot vs grouped kernels at each COLS / RW (issue 19)
       timeout ${PROBE_TIMEOUT:-240} python3 benchmarks/probes/grouped_moe_probe.py ${ROWS:+--rows $ROWS} 2>&1 \
         | tee -a $OUT/groupedmoe.log ;;
+    batchstep)  # a decode batch's step at 1-16 rows, the attention's projections fused or in MLX's matmuls
+      timeout ${PROBE_TIMEOUT:-240} python3 benchmarks/probes/batch_step_probe.py ${ROWS:+--rows $ROWS} 2>&1 \
+        | tee -a $OUT/batchstep.log ;;
     moeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/probes/prefill_moe_probe.py 2>&1 | tee -a $OUT/moeprobe.log ;;
     shapeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/probes/first_shape_probe.py 2>&1 | tee -a $OUT/shapeprobe.log ;;
     smallprobe)

@@ -112,6 +112,13 @@ def sdpa_decode(
     return out
 
 
+# norm_qkv_rope and out_residual read their weights once per row (a row is a grid row), so a decode
+# batch of R rows reads the attention's projections R times; up to this many rows the fused kernels
+# still pay (the probe: benchmarks/probes/batch_step_probe.py), past it the step takes MLX's matmuls,
+# which read each weight once for all rows, around the attention kernel.
+ATTENTION_KERNEL_MAX_ROWS = 64
+
+
 def attention_decode_ok(w: AttentionWeights | None, x: mx.array) -> bool:
     """Whether the decode kernels cover an attention block for x [B, 1, H] (GPU, the shapes the
     kernels were written for). w None: the block's projections are not plain float linears."""
@@ -122,7 +129,7 @@ def attention_decode_ok(w: AttentionWeights | None, x: mx.array) -> bool:
     return (
         x.ndim == 3
         and x.shape[1] == 1
-        and x.shape[0] <= 64
+        and x.shape[0] <= ATTENTION_KERNEL_MAX_ROWS
         and backend() != "reference"
         and on_gpu()
         and x.dtype in FLOATS
