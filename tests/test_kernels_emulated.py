@@ -232,6 +232,13 @@ def test_model_logits_with_kernels_equal_reference(dtype, prompt):
     tk.test_model_logits_with_kernels_equal_reference(dtype, prompt)
 
 
+def test_a_batch_with_matmul_projections_equals_each_row_alone(monkeypatch):
+    """A decode batch past ATTENTION_KERNEL_MAX_ROWS (MLX's matmuls for the attention's projections,
+    the attention and MoE kernels still emulated) against each row decoded alone on the kernels."""
+    monkeypatch.setenv("OSS_MLX_COMPILE", "0")  # the emulator runs eagerly, outside a trace
+    tk.test_a_batched_decode_step_equals_each_row_alone(monkeypatch, 1)
+
+
 def test_kernel_paths_are_taken():
     tk.test_kernel_paths_are_taken()
 
