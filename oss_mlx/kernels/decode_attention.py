@@ -114,9 +114,10 @@ def sdpa_decode(
 
 # norm_qkv_rope and out_residual read their weights once per row (a row is a grid row), so a decode
 # batch of R rows reads the attention's projections R times; up to this many rows the fused kernels
-# still pay (the probe: benchmarks/probes/batch_step_probe.py), past it the step takes MLX's matmuls,
-# which read each weight once for all rows, around the attention kernel.
-ATTENTION_KERNEL_MAX_ROWS = 64
+# still pay, past it the step takes MLX's matmuls, which read each weight once for all rows, around
+# the attention kernel. 20b step, H100 (benchmarks/probes/batch_step_probe.py): fused / matmuls 3.25 /
+# 3.88 ms at 2 rows, 5.45 / 5.55 at 4, 8.46 / 8.23 at 8, 14.07 / 11.90 at 16.
+ATTENTION_KERNEL_MAX_ROWS = 4
 
 
 def attention_decode_ok(w: AttentionWeights | None, x: mx.array) -> bool:

@@ -38,8 +38,18 @@ MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert e
 # moe_combine, cost about what is saved), 13.9 of 16 at 4, 21.9 of 32 at 8; the GPU benchmark
 # (benchmarks/batch_decode.py) measures both sides of it.
 MOE_GROUPED_FROM = 4
-MOE_GROUPED_COLS = 1  # gate_up_grouped: SwiGLU columns per warp
-MOE_GROUPED_ROWS = 2  # down_grouped: output rows per warp (4: 207 registers a thread)
+MOE_GROUPED_COLS = 2  # gate_up_grouped: SwiGLU columns per warp (its weight rows held in registers)
+MOE_GROUPED_ROWS = 2  # down_grouped: output rows per warp
+# The grouped kernels stage their slots' input rows in shared memory, this many bytes at most (Apple
+# GPUs give a threadgroup 32 KB): 4 rows of the 20b in bf16, 2 in float32.
+MOE_GROUPED_STAGE_BYTES = 24 * 1024
+
+
+def staged_slots(width: int, dtype: mx.Dtype) -> int:
+    """How many input rows of `width` elements the grouped kernels stage at a time (their layout:
+    32-element groups at a stride of 34)."""
+    row = -(-width // 32) * 34 * dtype.size
+    return max(1, min(8, MOE_GROUPED_STAGE_BYTES // row))
 
 
 def experts_ok(experts: ExpertWeights | None, x: mx.array, N: int, k: int) -> bool:
@@ -175,9 +185,17 @@ def _experts_grouped(experts: ExpertWeights, x, wts, ids, residual, N: int, k: i
             experts.gate_up_bias,
             const(experts.alpha, experts.limit),
         ],
-        [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024)), ("COLS", cols)],
-        (128 * -(-I // (4 * cols)), E, 1),
-        (128, 1, 1),
+        [
+            ("T", T),
+            ("H", H),
+            ("I", I),
+            ("K", k),
+            ("NC", -(-H // 1024)),
+            ("COLS", cols),
+            ("S", staged_slots(H, T)),
+        ],
+        (256 * -(-I // (8 * cols)), E, 1),
+        (256, 1, 1),
         [(NK, I)],
         [T],
     )
@@ -193,9 +211,10 @@ def _experts_grouped(experts: ExpertWeights, x, wts, ids, residual, N: int, k: i
             ("K", k),
             ("NC", -(-I // 1024)),
             ("RW", rw),
+            ("S", staged_slots(I, T)),
         ],
-        (128 * -(-H // (4 * rw)), E, 1),
-        (128, 1, 1),
+        (256 * -(-H // (8 * rw)), E, 1),
+        (256, 1, 1),
         [(NK, H)],
         [mx.float32],
     )
