@@ -209,7 +209,10 @@ SPECS = {
                 *_GATE_UP_WEIGHTS,
             ),
             output_docs=("h [N * K, I] (T; in slot order, as gate_up_swiglu's)",),
-            template_docs=(*_GATE_UP_TEMPLATES, "S (slots whose inputs are staged in shared memory at a time)"),
+            template_docs=(
+                *_GATE_UP_TEMPLATES,
+                "S (slots whose inputs are staged in shared memory at a time)",
+            ),
             grid="(256 * ceil(I / (8 * COLS)), E, 1)",
             threads="(256, 1, 1): 8 warps",
             cases=(
@@ -242,7 +245,9 @@ SPECS = {
             grid="(256 * ceil(H / (8 * RW)), E, 1)",
             threads="(256, 1, 1): 8 warps",
             cases=(
-                _case("bf16 u32 u32 f32 u32 u8 bf16 -> f32", T=_B, H=2880, HP=2944, I=2880, K=4, NC=3, RW=2, S=4),
+                _case(
+                    "bf16 u32 u32 f32 u32 u8 bf16 -> f32", T=_B, H=2880, HP=2944, I=2880, K=4, NC=3, RW=2, S=4
+                ),
                 _case("f32 u32 u32c f32 u32 u8 f32 -> f32", T=_F, H=64, HP=64, I=96, K=2, NC=1, RW=2, S=8),
             ),
         ),
