@@ -11,6 +11,10 @@ register growth before spending device time.
 
     python benchmarks/compile_cuda_kernels.py --mlx-src ~/mlx --mlx-include ~/mlx_cuda/mlx/include
     python benchmarks/compile_cuda_kernels.py ... --only route norm_route --ptx /tmp/before
+    python benchmarks/compile_cuda_kernels.py --nvrtc .../nvidia/cu13/lib/libnvrtc.so.13 \
+        --cuda-include .../nvidia/cu13/include --mlx-src DIR --mlx-include DIR   # no nvcc, no GPU
+
+With --nvrtc, --mlx-src needs only mlx/backend/cuda/device/{utils,complex}.cuh and config.h.
 """
 
 from __future__ import annotations
@@ -91,6 +95,35 @@ def compile_one(src: str, path: Path, includes: list[str], ptx: bool) -> tuple[i
     return r.returncode, "\n    ".join(keep)
 
 
+def compile_nvrtc(src: str, name: str, lib: str, includes: list[str]) -> tuple[int, str]:
+    """The same translation unit through NVRTC (ctypes; a GPU is not needed: the `nvidia-cuda-nvrtc`
+    wheel's libnvrtc.so runs anywhere), to sm_90a SASS with ptxas's register report."""
+    import ctypes
+
+    nvrtc = ctypes.CDLL(lib)
+    prog = ctypes.c_void_p()
+    rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None)
+    if rc:
+        return rc, "nvrtcCreateProgram failed"
+    opts = [
+        "--std=c++17",
+        "--device-as-default-execution-space",
+        "--gpu-architecture=sm_90a",
+        "--ptxas-options=-v",
+        *(f"--include-path={i.removeprefix('-I')}" for i in includes),
+    ]
+    argv = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
+    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), argv)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    text = log.value.decode(errors="replace")
+    keep = [ln.strip() for ln in text.splitlines() if re.search(r"error|registers|spill", ln)]
+    return rc, "\n    ".join(keep)
+
+
 def _ptx_code(path: Path) -> list[str]:
     """A PTX file without comments and the per-file symbol hashes of unused globals."""
     lines = path.read_text().splitlines()
@@ -104,6 +137,8 @@ def main() -> int:
     p.add_argument("--only", nargs="*", help="kernel names")
     p.add_argument("--ptx", help="write PTX here instead of reporting registers")
     p.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"), help="compare two --ptx folders")
+    p.add_argument("--nvrtc", metavar="LIBNVRTC", help="compile with this libnvrtc.so instead of nvcc")
+    p.add_argument("--cuda-include", help="CUDA's headers (cuda_bf16.h ...), for --nvrtc")
     a = p.parse_args()
     if a.compare:
         left, right = Path(a.compare[0]), Path(a.compare[1])
@@ -119,15 +154,20 @@ def main() -> int:
     if not (a.mlx_src and a.mlx_include):
         p.error("--mlx-src and --mlx-include are needed to compile")
     inc = [f"-I{a.mlx_src}", f"-I{a.mlx_include}", f"-I{Path(a.mlx_include) / 'cccl'}"]
+    if a.cuda_include:
+        inc.append(f"-I{a.cuda_include}")
     work = Path(a.ptx) if a.ptx else Path(tempfile.mkdtemp(prefix="oss-mlx-nvcc-"))
     work.mkdir(parents=True, exist_ok=True)
     ok = True
     for name, case in cases():
         if a.only and name not in a.only:
             continue
-        rc, report = compile_one(
-            translation_unit(name, case), work / f"{case_key(name, case)}.cu", inc, bool(a.ptx)
-        )
+        if a.nvrtc:
+            rc, report = compile_nvrtc(translation_unit(name, case), name, a.nvrtc, inc)
+        else:
+            rc, report = compile_one(
+                translation_unit(name, case), work / f"{case_key(name, case)}.cu", inc, bool(a.ptx)
+            )
         ok &= rc == 0
         print(f"{name} {case.template}: {'ok' if rc == 0 else 'FAILED'}\n    {report}".rstrip())
     return 0 if ok else 1

@@ -1015,9 +1015,10 @@ def test_decode_launches_with_the_gpu_faked():
 
 
 def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
-    """Five rows at their own positions: the attention kernels take the rows' positions (int32 [5]),
-    the experts are grouped (moe_group, gate_up_grouped over the experts, down_grouped, moe_combine);
-    two rows keep the per-slot experts (fewer than MOE_GROUPED_FROM tokens)."""
+    """Five rows at their own positions (a bucket of 8): the attention kernel takes the rows'
+    positions, the projections MLX's matmuls (more than ATTENTION_KERNEL_MAX_ROWS rows), the experts
+    are grouped (moe_group, gate_up_grouped over the experts, down_grouped, moe_combine); two rows
+    keep the fused projections and the per-slot experts (fewer than MOE_GROUPED_FROM tokens)."""
     from oss_mlx.batch_cache import BatchCache
     from oss_mlx.decode import DecodeStep
 
@@ -1036,15 +1037,21 @@ def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
         by_name = {}
         for name, template, grid, shapes in launches:
             by_name.setdefault(name, []).append((template, grid, shapes))
-        assert by_name["norm_qkv_rope"][0][2] == [(R, 8, 64), (2, R, 2, 1, 64)]
-        assert by_name["norm_qkv_rope"][0][1][1] == R
+        if R <= decode_attention.ATTENTION_KERNEL_MAX_ROWS:
+            assert by_name["norm_qkv_rope"][0][2] == [(R, 8, 64), (2, R, 2, 1, 64)]
+            assert by_name["norm_qkv_rope"][0][1][1] == R
+            assert names.count("out_residual") == len(model.blocks)
+        else:
+            assert "norm_qkv_rope" not in names and "out_residual" not in names
+        attention = [t for n, t, *_ in launches if n.startswith("sdpa_decode")]
+        assert len(attention) == len(model.blocks)
         if rows >= decode_moe.MOE_GROUPED_FROM:
             assert "gate_up_swiglu" not in names and "down_combine" not in names
             per_layer = ["moe_group", "gate_up_grouped", "down_grouped", "moe_combine"]
             assert [n for n in names if n in per_layer] == per_layer * len(model.blocks)
             assert by_name["moe_group"][0][2] == [(R * 4,), (9,), (9,)]
             assert by_name["gate_up_grouped"][0][1] == (
-                128 * -(-96 // (4 * decode_moe.MOE_GROUPED_COLS)),
+                256 * -(-96 // (8 * decode_moe.MOE_GROUPED_COLS)),
                 8,
                 1,
             )
