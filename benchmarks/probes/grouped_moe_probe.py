@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from oss_mlx.bench import preset_config, random_model
 from oss_mlx.kernels import decode_moe
+from oss_mlx.memory import expert_bytes
 from oss_mlx.moe import mxfp4_weights
 
 CHAIN, REPS = 20, 5
@@ -57,25 +58,15 @@ def main() -> None:
     model = random_model(config)
     experts = mxfp4_weights(model.blocks[0].mlp.experts)
     E, k, H = config.num_experts, config.experts_per_token, config.hidden_size
-    expert_bytes = sum(
-        a.nbytes // E
-        for a in (
-            experts.gate_up_weight,
-            experts.gate_up_scales,
-            experts.gate_up_bias,
-            experts.down_weight,
-            experts.down_scales,
-            experts.down_bias,
-        )
-    )
-    print(f"device {mx.default_device()}, one expert {expert_bytes / 1e6:.2f} MB, E {E}, k {k}, H {H}")
+    one_expert = expert_bytes(config)
+    print(f"device {mx.default_device()}, one expert {one_expert / 1e6:.2f} MB, E {E}, k {k}, H {H}")
     for N in [int(v) for v in a.rows.split(",")]:
         x0 = mx.random.normal((N, H)).astype(mx.bfloat16)
         h = mx.random.normal((N, H)).astype(mx.bfloat16)
         indices = mx.argsort(mx.random.uniform(shape=(N, E)), axis=-1)[:, :k].astype(mx.uint32)
         weights = mx.softmax(mx.random.normal((N, k)), axis=-1)
         distinct = len(set(indices.reshape(-1).tolist()))
-        need = distinct * expert_bytes
+        need = distinct * one_expert
         mx.eval(x0, h, indices, weights)
 
         def call(y, h=h, weights=weights, indices=indices):
