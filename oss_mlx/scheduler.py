@@ -386,8 +386,9 @@ class Scheduler:
         seq._next_mask = self._masks.submit(_next_mask, seq, array, index, remaining)
 
     def _sample_deferred(self) -> None:
-        """The batch's sampling with each constrained row's mask: the token it was fed was read (in
-        this step's _read, or the step before for a first token), so its grammar state advances by it."""
+        """The batch's sampling with each constrained row's mask, as the mask thread made it from the
+        token the row was fed (asked in _decode); a row whose token stopped its reply, or whose
+        grammar failed, samples unmasked (its token is never read)."""
         logits, keys = self._deferred
         self._deferred = None
         masks = {}
