@@ -19,6 +19,9 @@ fi
 # The device runs this checkout uninstalled (PYTHONPATH=$PWD), where pyproject.toml's package-dir
 # mapping (convert/ -> oss_mlx.convert, the kernel folders) does not apply: links do it (git-ignored).
 for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
+# The commit the rows name: the device's copy of the tree carries stale git metadata, so the commit
+# travels as a file (here: git rev-parse HEAD > .device/b/COMMIT before the run; oss_mlx/bench_results.py).
+[ -z "$OSS_MLX_COMMIT" ] && [ -f .device/b/COMMIT ] && export OSS_MLX_COMMIT=$(cat .device/b/COMMIT)
 STAGES=${STAGES:-tests sweep profile bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/gpu.txt
 for stage in ${STAGES//,/ }; do  # spaces or commas between stages

@@ -7,7 +7,8 @@ later: when, on what (device, versions), by what (the command, the git commit of
 measurement itself. docs/PERFORMANCE.md reads the current tables out of these files.
 
 Row keys (schema 1): schema, date (UTC, ISO 8601), device, versions {oss-mlx, mlx, mlx-lm, python},
-commit (the checkout's HEAD, "+dirty" when it had uncommitted changes; null outside a git checkout),
+commit (the checkout's HEAD, "+dirty" when it had uncommitted changes; null outside a git checkout;
+OSS_MLX_COMMIT when set),
 command, kind ("bench" for `oss-mlx bench` rows), then the measurement's own fields (for bench: engine,
 label, kernels, phase, context, tokens_per_s, peak_gb, first_step_ms, steady_tokens_per_s, source,
 decode_tokens, repeat, kept; the first-prompt rows add detail: bench_first.py).
@@ -47,8 +48,15 @@ def versions() -> dict[str, str | None]:
     }
 
 
+COMMIT_ENV = "OSS_MLX_COMMIT"
+
+
 def git_commit(folder: Path | None = None) -> str | None:
-    """HEAD of the checkout holding this code ("+dirty" with uncommitted changes); None outside git."""
+    """HEAD of the checkout holding this code ("+dirty" with uncommitted changes); None outside git.
+    OSS_MLX_COMMIT overrides it: a copied working tree whose .git is not its code's (the GPU machine
+    receives the tree with the git metadata of an older commit) says which commit it runs."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     folder = folder or Path(__file__).resolve().parent
     try:
         head = subprocess.run(

@@ -363,3 +363,14 @@ def test_four_streams_decode_in_one_step_each_token(monkeypatch):
     bc.oss_mlx_decode(model, prompts, 48, rate=False)
     assert 48 <= len(rows) <= 52, len(rows)
     assert sum(r >= 4 for r in rows) >= 46, rows
+
+
+def test_a_copied_tree_names_its_commit_by_the_environment(monkeypatch, tmp_path):
+    """OSS_MLX_COMMIT names the commit a row was measured on where the tree's git metadata is not its
+    code's (the GPU machine's copy); without it, the checkout's HEAD (none outside git)."""
+    from oss_mlx import bench_results
+
+    monkeypatch.setenv(bench_results.COMMIT_ENV, "0123abc")
+    assert bench_results.git_commit() == "0123abc"
+    monkeypatch.delenv(bench_results.COMMIT_ENV)
+    assert bench_results.git_commit(tmp_path) is None

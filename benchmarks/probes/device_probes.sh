@@ -12,6 +12,9 @@ if [ -n "$DRY_RUN" ]; then
   for tool in python3 ncu; do eval "$tool() { echo \"+ $tool \$*\"; }"; done
 fi
 for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ] || ln -s ../$d oss_mlx/$d; done
+# The commit the rows name: the device's copy of the tree carries stale git metadata, so the commit
+# travels as a file (here: git rev-parse HEAD > .device/b/COMMIT before the run; oss_mlx/bench_results.py).
+[ -z "$OSS_MLX_COMMIT" ] && [ -f .device/b/COMMIT ] && export OSS_MLX_COMMIT=$(cat .device/b/COMMIT)
 [ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep moeprobe shapeprobe smallprobe compile loadchecks"; exit 2; }
 for stage in ${STAGES//,/ }; do  # spaces or commas between stages
   echo "== $stage" | tee -a $OUT/run.log
