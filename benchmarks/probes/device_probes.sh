@@ -15,7 +15,7 @@ for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ]
 # The commit the rows name: the device's copy of the tree carries stale git metadata, so the commit
 # travels as a file (here: git rev-parse HEAD > .device/b/COMMIT before the run; oss_mlx/bench_results.py).
 [ -z "$OSS_MLX_COMMIT" ] && [ -f .device/b/COMMIT ] && export OSS_MLX_COMMIT=$(cat .device/b/COMMIT)
-[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep moeprobe shapeprobe smallprobe compile loadchecks"; exit 2; }
+[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep kernelcache moeprobe shapeprobe smallprobe compile loadchecks"; exit 2; }
 for stage in ${STAGES//,/ }; do  # spaces or commas between stages
   echo "== $stage" | tee -a $OUT/run.log
   case $stage in
@@ -52,6 +52,9 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
     batchstep)  # a decode batch's step at 1-16 rows, the attention's projections fused or in MLX's matmuls
       timeout ${PROBE_TIMEOUT:-240} python3 benchmarks/probes/batch_step_probe.py ${ROWS:+--rows $ROWS} 2>&1 \
         | tee -a $OUT/batchstep.log ;;
+    kernelcache)  # does MLX read the cache of our CUDA kernels oss-mlx writes (OSS_MLX_KERNEL_CACHE=1)?
+                  # MLX's printed sources against ours, then two fresh processes' first prompts timed
+      timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/kernel_cache_probe.py 2>&1 | tee -a $OUT/kernelcache.log ;;
     moeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/probes/prefill_moe_probe.py 2>&1 | tee -a $OUT/moeprobe.log ;;
     shapeprobe) timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/probes/first_shape_probe.py 2>&1 | tee -a $OUT/shapeprobe.log ;;
     smallprobe)

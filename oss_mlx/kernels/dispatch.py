@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from . import cuda_cache
 from .sources import SPECS, kernel_sources
 
 ENV = "OSS_MLX_KERNELS"
@@ -49,6 +50,7 @@ class KernelRuntime:
     compiled: dict[tuple[str, str], object] = field(default_factory=dict)
     consts: dict[tuple, mx.array] = field(default_factory=dict)
     position: tuple[tuple[int, int], mx.array] | None = None  # ((position, rows), the step's array)
+    disk_cache: cuda_cache.KernelCache = field(default_factory=cuda_cache.KernelCache)  # OSS_MLX_KERNEL_CACHE
 
 
 RUNTIME = KernelRuntime(_machine_backend())
@@ -144,8 +146,11 @@ def _kernel(name: str):
 
 
 def launch(name: str, inputs, template, grid, threadgroup, output_shapes, output_dtypes) -> list[mx.array]:
-    """Kernel `name` (SPECS) on `inputs`, compiled at first use."""
+    """Kernel `name` (SPECS) on `inputs`, compiled at first use (on CUDA, with OSS_MLX_KERNEL_CACHE=1,
+    also written to MLX's disk cache for the next process: cuda_cache.py)."""
     extra = {} if RUNTIME.poison is None else {"init_value": RUNTIME.poison}
+    if RUNTIME.disk_cache.on and RUNTIME.machine == "cuda" and RUNTIME.make_kernel is None:
+        _note_for_cache(name, inputs, template, output_dtypes)
     return _kernel(name)(
         inputs=inputs,
         template=template,
@@ -155,6 +160,22 @@ def launch(name: str, inputs, template, grid, threadgroup, output_shapes, output
         output_dtypes=output_dtypes,
         **extra,
     )
+
+
+def _note_for_cache(name: str, inputs, template, output_dtypes) -> None:
+    shapes = tuple((a.dtype, a.ndim) for a in inputs)
+    key = (name, tuple(template), shapes, tuple(output_dtypes))
+
+    def source() -> str:
+        spec = SPECS[name]
+        header, body = kernel_sources("cuda")[name]
+        func = cuda_cache.kernel_name(f"oss_{name}", list(template))
+        ins, outs = list(spec.inputs), list(spec.outputs)
+        return cuda_cache.kernel_source(
+            func, header, body, ins, list(shapes), outs, list(output_dtypes), list(template)
+        )
+
+    RUNTIME.disk_cache.note(key, source, cuda_cache.kernel_name(f"oss_{name}", list(template)))
 
 
 # ---- small inputs --------------------------------------------------------------------------------
