@@ -116,7 +116,7 @@ def sdpa_decode(
 # batch of R rows reads the attention's projections R times; up to this many rows the fused kernels
 # still pay, past it the step takes MLX's matmuls, which read each weight once for all rows, around
 # the attention kernel. 20b step, H100 (benchmarks/probes/batch_step_probe.py): fused / matmuls 3.25 /
-# 3.88 ms at 2 rows, 5.45 / 5.55 at 4, 8.46 / 8.23 at 8, 14.07 / 11.90 at 16.
+# 3.88 ms at 2 rows, 5.45 / 5.55 at 4, 8.46 / 8.23 at 8, 14.07 / 11.90 at 16 (Metal: not measured).
 ATTENTION_KERNEL_MAX_ROWS = 4
 
 
