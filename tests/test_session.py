@@ -402,6 +402,56 @@ def test_a_mask_that_takes_long_costs_no_more_than_the_step_beside_it(loaded, mo
     assert reply.stats.generation_seconds < 0.75 * steps * 2 * pause, reply.stats
 
 
+def test_a_grammar_failing_on_the_mask_thread_ends_its_reply_alone(loaded, monkeypatch):
+    """A constraint that fails on the mask thread (here: its fourth mask raises) ends that reply with
+    the grammar's error, raised to its caller; a reply decoding beside it gives what it gives alone,
+    and the next constrained reply is made as before."""
+    import threading
+
+    from oss_mlx.constrained import TurnConstraint
+
+    model, tokenizer = loaded
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    keys = dict(json_schema=schema, reasoning_budget=6, temperature=0)
+    free_alone = oss_mlx.generate(model, tokenizer, QUESTIONS[3], max_tokens=30, temperature=0)
+    json_alone = oss_mlx.generate(model, tokenizer, QUESTIONS[0], max_tokens=40, **keys)
+    real, calls = TurnConstraint.advance, []
+
+    def advance(self, token, remaining):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 4:
+            raise RuntimeError("constrained decoding: the grammar broke")
+        return real(self, token, remaining)
+
+    monkeypatch.setattr(TurnConstraint, "advance", advance)
+    results: dict[str, object] = {}
+    gate = threading.Barrier(2)
+
+    def run(name: str, **kwargs) -> None:
+        gate.wait(30)
+        try:
+            results[name] = oss_mlx.generate(model, tokenizer, **kwargs)
+        except Exception as e:
+            results[name] = e
+
+    threads = [
+        threading.Thread(
+            target=run, args=("free",), kwargs=dict(prompt=QUESTIONS[3], max_tokens=30, temperature=0)
+        ),
+        threading.Thread(target=run, args=("json",), kwargs=dict(prompt=QUESTIONS[0], max_tokens=40, **keys)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    monkeypatch.undo()
+    assert isinstance(results["json"], RuntimeError) and "the grammar broke" in str(results["json"])
+    assert calls[3].startswith("oss-mlx-masks")  # it failed on the mask thread
+    assert results["free"].tokens == free_alone.tokens
+    again = oss_mlx.generate(model, tokenizer, QUESTIONS[0], max_tokens=40, **keys)
+    assert again.tokens == json_alone.tokens
+
+
 def test_sessions_on_one_model_stream_from_threads_at_once(loaded):
     """Four conversations of two turns each, every one in its own thread, on one model: each gives
     what it gives alone (second turns reuse their own session's prefix), decoded together."""
