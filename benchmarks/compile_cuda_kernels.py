@@ -28,16 +28,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import mlx.core as mx  # noqa: E402
+
 from oss_mlx import kernels  # noqa: E402
+from oss_mlx.kernels import cuda_cache  # noqa: E402
 from oss_mlx.kernels.sources import Case  # noqa: E402
 
-CTYPE = {
-    "bf16": "__nv_bfloat16",
-    "f16": "__half",
-    "f32": "float",
-    "u32": "uint32_t",
-    "u8": "uint8_t",
-    "i32": "int32_t",
+DTYPE = {
+    "bf16": mx.bfloat16,
+    "f16": mx.float16,
+    "f32": mx.float32,
+    "u32": mx.uint32,
+    "u8": mx.uint8,
+    "i32": mx.int32,
 }
 
 
@@ -54,34 +57,19 @@ def case_key(name: str, case: Case) -> str:
     return f"{name}-{'.'.join(case.inputs)}-{args}"
 
 
-def translation_unit(name: str, case: Case) -> str:
-    """The kernel as MLX's custom_kernel.cpp builds it: MLX's device utils, our header, a signature
-    with shapes/strides for the inputs the body names, the template arguments as constants."""
+def translation_unit(name: str, case: Case) -> tuple[str, str]:
+    """(the kernel's name, its source) as MLX's custom_kernel.cpp builds them (cuda_cache.kernel_source:
+    every input an array, its shapes and strides where the body names them)."""
     header, body = kernels.kernel_sources("cuda")[name]
     spec = kernels.SPECS[name]
-    args = []
-    for arg, dtype in zip(spec.inputs, case.inputs):
-        args.append(f"const {CTYPE[dtype.removesuffix('c')]}* {arg}")
-        for extra in ("shape", "strides"):
-            if f"{arg}_{extra}" in body:
-                kind = "Shape" if extra == "shape" else "Strides"
-                args.append(f"const __grid_constant__ {kind} {arg}_{extra}")
-    args += [f"{CTYPE[dtype]}* {arg}" for arg, dtype in zip(spec.outputs, case.outputs)]
-    consts = "".join(
-        f"  using {k} = {CTYPE[v]};\n" if isinstance(v, str) else f"  constexpr int {k} = {v};\n"
-        for k, v in case.template.items()
+    template = [(k, DTYPE[v] if isinstance(v, str) else v) for k, v in case.template.items()]
+    func = cuda_cache.kernel_name(f"oss_{name}", template)
+    inputs = [(DTYPE[d.removesuffix("c")], 1) for d in case.inputs]
+    outputs = [DTYPE[d] for d in case.outputs]
+    source = cuda_cache.kernel_source(
+        func, header, body, list(spec.inputs), inputs, list(spec.outputs), outputs, template
     )
-    return (
-        '#include "mlx/backend/cuda/device/utils.cuh"\n#include <cooperative_groups.h>\n'
-        + header
-        + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-        + f"__global__ void k_{name}(\n  "
-        + ",\n  ".join(args)
-        + ") {\n"
-        + consts
-        + body
-        + "\n}\n}\n"
-    )
+    return func, source
 
 
 def compile_one(src: str, path: Path, includes: list[str], ptx: bool) -> tuple[int, str]:
@@ -95,32 +83,23 @@ def compile_one(src: str, path: Path, includes: list[str], ptx: bool) -> tuple[i
     return r.returncode, "\n    ".join(keep)
 
 
-def compile_nvrtc(src: str, name: str, lib: str, includes: list[str]) -> tuple[int, str]:
-    """The same translation unit through NVRTC (ctypes; a GPU is not needed: the `nvidia-cuda-nvrtc`
-    wheel's libnvrtc.so runs anywhere), to sm_90a SASS with ptxas's register report."""
-    import ctypes
-
-    nvrtc = ctypes.CDLL(lib)
-    prog = ctypes.c_void_p()
-    rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None)
-    if rc:
-        return rc, "nvrtcCreateProgram failed"
-    opts = [
-        "--std=c++17",
-        "--device-as-default-execution-space",
-        "--gpu-architecture=sm_90a",
-        "--ptxas-options=-v",
-        *(f"--include-path={i.removeprefix('-I')}" for i in includes),
-    ]
-    argv = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
-    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), argv)
-    size = ctypes.c_size_t()
-    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    text = log.value.decode(errors="replace")
-    keep = [ln.strip() for ln in text.splitlines() if re.search(r"error|registers|spill", ln)]
+def compile_nvrtc(src: str, func: str, lib: str, includes: list[str]) -> tuple[int, str]:
+    """The same translation unit through NVRTC as MLX calls it (cuda_cache.nvrtc_compile; no GPU
+    needed: the `nvidia-cuda-nvrtc` wheel's libnvrtc.so runs anywhere), with ptxas's register report."""
+    try:
+        _, _, log = cuda_cache.nvrtc_compile(
+            src,
+            f"mlx::core::cu::{func}",
+            "sm_90a",
+            {},
+            lib,
+            [i.removeprefix("-I") for i in includes],
+            ("--std=c++17", "--ptxas-options=-v"),
+        )
+        rc = 0
+    except RuntimeError as e:
+        rc, log = 1, str(e)
+    keep = [ln.strip() for ln in log.splitlines() if re.search(r"error|registers|spill", ln)]
     return rc, "\n    ".join(keep)
 
 
@@ -162,12 +141,11 @@ def main() -> int:
     for name, case in cases():
         if a.only and name not in a.only:
             continue
+        func, source = translation_unit(name, case)
         if a.nvrtc:
-            rc, report = compile_nvrtc(translation_unit(name, case), name, a.nvrtc, inc)
+            rc, report = compile_nvrtc(source, func, a.nvrtc, inc)
         else:
-            rc, report = compile_one(
-                translation_unit(name, case), work / f"{case_key(name, case)}.cu", inc, bool(a.ptx)
-            )
+            rc, report = compile_one(source, work / f"{case_key(name, case)}.cu", inc, bool(a.ptx))
         ok &= rc == 0
         print(f"{name} {case.template}: {'ok' if rc == 0 else 'FAILED'}\n    {report}".rstrip())
     return 0 if ok else 1

@@ -52,65 +52,57 @@ def check_sources() -> int:
     from oss_mlx.kernels.sources import SPECS, kernel_sources
 
     compared, differ = 0, []
-    real = dispatch.launch
+    make = dispatch._kernel
 
-    def launch(name, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-        nonlocal compared
-        with tempfile.TemporaryFile() as out:
-            saved = os.dup(1)
-            sys.stdout.flush()
-            os.dup2(out.fileno(), 1)
-            try:
-                result = dispatch._kernel(name)(
-                    inputs=inputs,
-                    template=template,
-                    grid=grid,
-                    threadgroup=threadgroup,
-                    output_shapes=output_shapes,
-                    output_dtypes=output_dtypes,
-                    verbose=True,
-                )
-            finally:
-                os.dup2(saved, 1)
-                os.close(saved)
-            out.seek(0)
-            printed = out.read().decode()
-        theirs = printed.split("```\n", 1)[1].rsplit("\n```", 1)[0]
-        spec = SPECS[name]
-        header, body = kernel_sources("cuda")[name]
-        func = cuda_cache.kernel_name(f"oss_{name}", list(template))
-        ours = cuda_cache.kernel_source(
-            func,
-            header,
-            body,
-            list(spec.inputs),
-            [(a.dtype, a.ndim) for a in inputs],
-            list(spec.outputs),
-            list(output_dtypes),
-            list(template),
-        )
-        compared += 1
-        if ours != theirs:
-            differ.append(name)
-            if len(differ) == 1:
-                for i, (a, b) in enumerate(zip(ours, theirs)):
-                    if a != b:
-                        near = slice(max(0, i - 40), i + 40)
-                        print(f"first difference at {i}: ours {ours[near]!r} theirs {theirs[near]!r}")
-                        break
-                print(f"lengths: ours {len(ours)}, theirs {len(theirs)}")
-        return result
+    def verbose_kernel(name):  # every launch goes through dispatch._kernel(name)(...)
+        kernel = make(name)
 
-    dispatch.launch = launch
-    for module in ("decode_attention", "decode_moe", "prefill_moe", "routing"):  # their bound names
-        mod = sys.modules.get(f"oss_mlx.kernels.{module}")
-        if mod is not None and hasattr(mod, "launch"):
-            mod.launch = launch
+        def call(**kwargs):
+            nonlocal compared
+            with tempfile.TemporaryFile() as out:
+                saved = os.dup(1)
+                sys.stdout.flush()
+                os.dup2(out.fileno(), 1)
+                try:
+                    result = kernel(**kwargs, verbose=True)
+                finally:
+                    os.dup2(saved, 1)
+                    os.close(saved)
+                out.seek(0)
+                printed = out.read().decode()
+            theirs = printed.split("```\n", 1)[1].rsplit("\n```", 1)[0]
+            spec, (header, body) = SPECS[name], kernel_sources("cuda")[name]
+            template = list(kwargs["template"])
+            ours = cuda_cache.kernel_source(
+                cuda_cache.kernel_name(f"oss_{name}", template),
+                header,
+                body,
+                list(spec.inputs),
+                [(a.dtype, a.ndim) for a in kwargs["inputs"]],
+                list(spec.outputs),
+                list(kwargs["output_dtypes"]),
+                template,
+            )
+            compared += 1
+            if ours != theirs:
+                differ.append(name)
+                if len(differ) == 1:
+                    at = next(
+                        (i for i, (p, q) in enumerate(zip(ours, theirs)) if p != q),
+                        min(len(ours), len(theirs)),
+                    )
+                    near = slice(max(0, at - 40), at + 40)
+                    print(f"first difference at {at}: ours {ours[near]!r} theirs {theirs[near]!r}")
+            return result
+
+        return call
+
+    dispatch._kernel = verbose_kernel
     try:
         _run(_model())
         mx.synchronize()
     finally:
-        dispatch.launch = real
+        dispatch._kernel = make
     print(f"sources compared: {compared}, different: {len(differ)} {sorted(set(differ))}")
     return 0 if compared and not differ else 1
 

@@ -191,10 +191,17 @@ def nvrtc_library() -> str:
     raise LookupError("no libnvrtc")
 
 
-def compile_cubin(
-    source: str, kernel: str, arch: str, headers: dict[str, bytes], lib: str
-) -> tuple[bytes, str]:
-    """(SASS for `arch`, the kernel's mangled name), as jit_module.cpp compile() makes them."""
+def nvrtc_compile(
+    source: str,
+    kernel: str,
+    arch: str,
+    headers: dict[str, bytes],
+    lib: str,
+    includes: list[str],
+    extra: tuple[str, ...] = (),
+) -> tuple[bytes, str, str]:
+    """(SASS for `arch`, the kernel's mangled name, NVRTC's log), as jit_module.cpp compile() makes
+    them (`extra`: more options, e.g. ptxas's register report)."""
     nvrtc = ctypes.CDLL(lib)
     prog = ctypes.c_void_p()
     names = list(headers)
@@ -204,24 +211,33 @@ def compile_cubin(
     _check(nvrtc, rc)
     try:
         _check(nvrtc, nvrtc.nvrtcAddNameExpression(prog, kernel.encode()))
-        opts = ["--device-as-default-execution-space", f"--gpu-architecture={arch}"]
-        opts += [f"--include-path={p}" for p in include_paths()]
+        opts = ["--device-as-default-execution-space", f"--gpu-architecture={arch}", *extra]
+        opts += [f"--include-path={p}" for p in includes]
         argv = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
-        if nvrtc.nvrtcCompileProgram(prog, len(opts), argv) != 0:
-            size = ctypes.c_size_t()
-            nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            nvrtc.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(log.value.decode(errors="replace")[:2000])
+        compiled = nvrtc.nvrtcCompileProgram(prog, len(opts), argv)
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        text = log.value.decode(errors="replace")
+        if compiled != 0:
+            raise RuntimeError(text[:2000])
         mangled = ctypes.c_char_p()
         _check(nvrtc, nvrtc.nvrtcGetLoweredName(prog, kernel.encode(), ctypes.byref(mangled)))
-        size = ctypes.c_size_t()
         _check(nvrtc, nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
         out = ctypes.create_string_buffer(size.value)
         _check(nvrtc, nvrtc.nvrtcGetCUBIN(prog, out))
-        return out.raw, mangled.value.decode()
+        return out.raw, mangled.value.decode(), text
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def compile_cubin(
+    source: str, kernel: str, arch: str, headers: dict[str, bytes], lib: str
+) -> tuple[bytes, str]:
+    """(SASS, mangled name) of one kernel with this process's MLX include folders."""
+    binary, mangled, _ = nvrtc_compile(source, kernel, arch, headers, lib, include_paths())
+    return binary, mangled
 
 
 def _check(nvrtc, rc: int) -> None:

@@ -115,8 +115,8 @@ def sdpa_decode(
 # norm_qkv_rope and out_residual read their weights once per row (a row is a grid row), so a decode
 # batch of R rows reads the attention's projections R times; up to this many rows the fused kernels
 # still pay, past it the step takes MLX's matmuls, which read each weight once for all rows, around
-# the attention kernel. 20b step, H100 (benchmarks/probes/batch_step_probe.py): fused / matmuls 3.25 /
-# 3.88 ms at 2 rows, 5.45 / 5.55 at 4, 8.46 / 8.23 at 8, 14.07 / 11.90 at 16 (Metal: not measured).
+# the attention kernel. Chosen by benchmarks/probes/batch_step_probe.py on an H100 (docs/PERFORMANCE.md
+# "Concurrency"); Metal not measured.
 ATTENTION_KERNEL_MAX_ROWS = 4
 
 

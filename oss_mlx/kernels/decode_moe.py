@@ -47,7 +47,7 @@ MOE_GROUPED_STAGE_BYTES = 24 * 1024
 
 def staged_slots(width: int, dtype: mx.Dtype) -> int:
     """How many input rows of `width` elements the grouped kernels stage at a time (their layout:
-    32-element groups at a stride of 34)."""
+    32-element groups at a stride of 34, decode_moe.gpu's GS)."""
     row = -(-width // 32) * 34 * dtype.size
     return max(1, min(8, MOE_GROUPED_STAGE_BYTES // row))
 

@@ -163,19 +163,17 @@ def launch(name: str, inputs, template, grid, threadgroup, output_shapes, output
 
 
 def _note_for_cache(name: str, inputs, template, output_dtypes) -> None:
-    shapes = tuple((a.dtype, a.ndim) for a in inputs)
-    key = (name, tuple(template), shapes, tuple(output_dtypes))
+    shapes = [(a.dtype, a.ndim) for a in inputs]
+    func = cuda_cache.kernel_name(f"oss_{name}", list(template))
 
     def source() -> str:
-        spec = SPECS[name]
-        header, body = kernel_sources("cuda")[name]
-        func = cuda_cache.kernel_name(f"oss_{name}", list(template))
+        spec, (header, body) = SPECS[name], kernel_sources("cuda")[name]
         ins, outs = list(spec.inputs), list(spec.outputs)
         return cuda_cache.kernel_source(
-            func, header, body, ins, list(shapes), outs, list(output_dtypes), list(template)
+            func, header, body, ins, shapes, outs, list(output_dtypes), list(template)
         )
 
-    RUNTIME.disk_cache.note(key, source, cuda_cache.kernel_name(f"oss_{name}", list(template)))
+    RUNTIME.disk_cache.note((func, tuple(shapes), tuple(output_dtypes)), source, func)
 
 
 # ---- small inputs --------------------------------------------------------------------------------
