@@ -88,3 +88,18 @@ def test_bad_arguments_are_messages_not_tracebacks(args, code, message):
     out = run(*args, env_extra={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == code, out.stderr
     assert message in out.stderr + out.stdout and "Traceback" not in out.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`oss-mlx --help | head -1`: the pipe closes before the usage is written; the command ends
+    quietly (no BrokenPipeError traceback on stderr)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oss_mlx.cli", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # before the interpreter has started: its write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) in (0, 141)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
