@@ -98,8 +98,8 @@ def test_a_noted_kernel_is_compiled_once_and_written_as_mlx_reads_it(tmp_path, m
     monkeypatch.setattr(cuda_cache, "compile_cubin", fake_compile)
     cache = cuda_cache.KernelCache()
     cache._setup = ("sm_90a", {}, "libnvrtc")
-    cache.note(("k", 1), lambda: "source one", "custom_kernel_oss_k_1")
-    cache.note(("k", 1), lambda: "source one", "custom_kernel_oss_k_1")
+    cache.note(("k", 1), lambda: ("custom_kernel_oss_k_1", "source one"))
+    cache.note(("k", 1), lambda: ("custom_kernel_oss_k_1", "source one"))
     cache.wait()
     module = cuda_cache.module_name("custom_kernel_oss_k_1", "source one")
     assert compiled == ["mlx::core::cu::custom_kernel_oss_k_1"] and cache.written == [module]
@@ -108,10 +108,10 @@ def test_a_noted_kernel_is_compiled_once_and_written_as_mlx_reads_it(tmp_path, m
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     again = cuda_cache.KernelCache()
     again._setup = cache._setup
-    again.note(("k", 1), lambda: "source one", "custom_kernel_oss_k_1")  # in the cache already
+    again.note(("k", 1), lambda: ("custom_kernel_oss_k_1", "source one"))  # in the cache already
     again.wait()
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "missing"))
-    again.note(("k", 2), lambda: "source two", "custom_kernel_oss_k_2")
+    again.note(("k", 2), lambda: ("custom_kernel_oss_k_2", "source two"))
     again.wait()
     assert compiled == ["mlx::core::cu::custom_kernel_oss_k_1"] and again.written == []
 
@@ -124,8 +124,27 @@ def test_a_failed_compile_turns_the_cache_off(tmp_path, monkeypatch):
     monkeypatch.setattr(cuda_cache, "compile_cubin", broken)
     cache = cuda_cache.KernelCache()
     cache._setup = ("sm_90a", {}, "libnvrtc")
-    cache.note(("k", 1), lambda: "one", "custom_kernel_oss_k_1")
+    cache.note(("k", 1), lambda: ("custom_kernel_oss_k_1", "one"))
     cache.wait()
     assert "no NVRTC" in cache.failed and not list(tmp_path.iterdir())
-    cache.note(("k", 2), lambda: "two", "custom_kernel_oss_k_2")  # off: not even the source is built
+    cache.note(("k", 2), lambda: ("custom_kernel_oss_k_2", "two"))  # off: not even the source is built
     assert ("k", 2) not in cache.seen
+
+
+def test_the_launch_and_the_offline_compile_check_build_one_source():
+    """dispatch.cuda_source (what the cache names and compiles at a launch) and the offline compile
+    check's translation unit are the same text for every case of SPECS."""
+    import importlib.util
+    from pathlib import Path
+
+    from oss_mlx.kernels import dispatch
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_cuda_kernels.py"
+    spec = importlib.util.spec_from_file_location("compile_cuda_kernels", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for name, case in tool.cases():
+        inputs = [mx.zeros((2,), dtype=tool.DTYPE[d.removesuffix("c")]) for d in case.inputs]
+        template = [(k, tool.DTYPE[v] if isinstance(v, str) else v) for k, v in case.template.items()]
+        outputs = [tool.DTYPE[d] for d in case.outputs]
+        assert dispatch.cuda_source(name, inputs, template, outputs) == tool.translation_unit(name, case)

@@ -48,8 +48,7 @@ def check_sources() -> int:
     """Part 1: MLX's generated source of each launched specialization against ours."""
     import mlx.core as mx
 
-    from oss_mlx.kernels import cuda_cache, dispatch
-    from oss_mlx.kernels.sources import SPECS, kernel_sources
+    from oss_mlx.kernels import dispatch
 
     compared, differ = 0, []
     make = dispatch._kernel
@@ -71,17 +70,8 @@ def check_sources() -> int:
                 out.seek(0)
                 printed = out.read().decode()
             theirs = printed.split("```\n", 1)[1].rsplit("\n```", 1)[0]
-            spec, (header, body) = SPECS[name], kernel_sources("cuda")[name]
-            template = list(kwargs["template"])
-            ours = cuda_cache.kernel_source(
-                cuda_cache.kernel_name(f"oss_{name}", template),
-                header,
-                body,
-                list(spec.inputs),
-                [(a.dtype, a.ndim) for a in kwargs["inputs"]],
-                list(spec.outputs),
-                list(kwargs["output_dtypes"]),
-                template,
+            _, ours = dispatch.cuda_source(
+                name, kwargs["inputs"], kwargs["template"], kwargs["output_dtypes"]
             )
             compared += 1
             if ours != theirs:

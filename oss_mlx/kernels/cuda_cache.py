@@ -268,13 +268,13 @@ class KernelCache:
         self._setup: tuple | None = None
         self._lock = threading.Lock()
 
-    def note(self, key: tuple, make_source, kernel: str) -> None:
+    def note(self, key: tuple, make_source) -> None:
         """A launch of specialization `key`: its module compiled in the background if MLX's cache
-        does not hold it (make_source() builds the source, called once per key)."""
+        does not hold it (make_source() -> (MLX's kernel name, source), called once per key)."""
         if key in self.seen or self.failed is not None:
             return
         self.seen.add(key)
-        source = make_source()
+        kernel, source = make_source()
         module = module_name(kernel, source)
         folder = cache_dir()
         if not folder.is_dir() or (folder / f"{module}.ptx").exists():

@@ -162,18 +162,20 @@ def launch(name: str, inputs, template, grid, threadgroup, output_shapes, output
     )
 
 
-def _note_for_cache(name: str, inputs, template, output_dtypes) -> None:
-    shapes = [(a.dtype, a.ndim) for a in inputs]
+def cuda_source(name: str, inputs, template, output_dtypes) -> tuple[str, str]:
+    """(MLX's name for this specialization of kernel `name`, the source MLX-CUDA compiles for it)."""
+    spec, (header, body) = SPECS[name], kernel_sources("cuda")[name]
     func = cuda_cache.kernel_name(f"oss_{name}", list(template))
+    shapes = [(a.dtype, a.ndim) for a in inputs]
+    source = cuda_cache.kernel_source(
+        func, header, body, list(spec.inputs), shapes, list(spec.outputs), list(output_dtypes), list(template)
+    )
+    return func, source
 
-    def source() -> str:
-        spec, (header, body) = SPECS[name], kernel_sources("cuda")[name]
-        ins, outs = list(spec.inputs), list(spec.outputs)
-        return cuda_cache.kernel_source(
-            func, header, body, ins, shapes, outs, list(output_dtypes), list(template)
-        )
 
-    RUNTIME.disk_cache.note((func, tuple(shapes), tuple(output_dtypes)), source, func)
+def _note_for_cache(name: str, inputs, template, output_dtypes) -> None:
+    key = (name, tuple(template), tuple((a.dtype, a.ndim) for a in inputs), tuple(output_dtypes))
+    RUNTIME.disk_cache.note(key, lambda: cuda_source(name, inputs, template, output_dtypes))
 
 
 # ---- small inputs --------------------------------------------------------------------------------
