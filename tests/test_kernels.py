@@ -463,7 +463,7 @@ def test_gate_up_swiglu_matches_dequantized_math(dtype, E, k, H, I, N):
             dispatch.const(ex.alpha, ex.limit),
         ],
         [("T", dtype), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024)), ("COLS", 2)],
-        (128 * -(-I // 8), N * k, 1),
+        (128 * N * k, -(-I // 8), 1),
         (128, 1, 1),
         [(N * k, I)],
         [dtype],
@@ -1010,8 +1010,8 @@ def test_decode_launches_with_the_gpu_faked():
     assert sdpa[1][2][1] == (1, 8, splits, 64 + 2)  # the partials sdpa_combine merges
     assert by_name["out_residual"][0][2] == [(1, 1, 128)]
     assert by_name["norm_route"][0][2] == [(1, 128), (4,), (4,)]
-    assert by_name["gate_up_swiglu"][0][1] == (128 * -(-96 // (4 * decode_moe.MOE_COLS_PER_WARP)), 4, 1)
-    assert by_name["down_combine"][0][1] == (128 * -(-128 // decode_moe.MOE_ROWS_PER_BLOCK), 1, 1)
+    assert by_name["gate_up_swiglu"][0][1] == (128 * 4, -(-96 // (4 * decode_moe.MOE_COLS_PER_WARP)), 1)
+    assert by_name["down_combine"][0][1] == (128, -(-128 // decode_moe.MOE_ROWS_PER_BLOCK), 1)
     assert by_name["down_combine"][0][2] == [(1, 1, 128)]
 
 

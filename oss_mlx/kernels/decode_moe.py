@@ -132,7 +132,7 @@ def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> m
             const(experts.alpha, experts.limit),
         ],
         [("T", T), ("H", H), ("I", I), ("K", k), ("NC", -(-H // 1024)), ("COLS", cols)],
-        (128 * -(-I // (4 * cols)), N * k, 1),
+        (128 * N * k, -(-I // (4 * cols)), 1),  # slots first: decode_moe.gpu says why
         (128, 1, 1),
         [(N * k, I)],
         [T],
@@ -150,7 +150,7 @@ def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> m
             ("NC", -(-I // 1024)),
             ("ROWS", rows),
         ],
-        (128 * -(-H // rows), N, 1),
+        (128 * N, -(-H // rows), 1),
         (128, 1, 1),
         [residual.shape],
         [T],

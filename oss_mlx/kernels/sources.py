@@ -170,7 +170,7 @@ SPECS = {
             ),
             output_docs=("h [N * K, I] (T)",),
             template_docs=_GATE_UP_TEMPLATES,
-            grid="(128 * ceil(I / (4 * COLS)), N * K, 1)",
+            grid="(128 * N * K, ceil(I / (4 * COLS)), 1): slots first",
             threads="(128, 1, 1): 4 warps",
             cases=(
                 _case("bf16 u32 u32 u8 bf16 f32c -> bf16", T=_B, H=2880, I=2880, K=4, NC=3, COLS=1),
@@ -190,7 +190,7 @@ SPECS = {
             ),
             output_docs=("y [N, H] (T)",),
             template_docs=("T", "H", "HP", "I", "K", "NC (ceil(I / 1024))", "ROWS (output rows per block)"),
-            grid="(128 * ceil(H / ROWS), N, 1)",
+            grid="(128 * N, ceil(H / ROWS), 1): tokens first",
             threads="(128, 1, 1): 4 warps, warp w takes experts w, w + 4, ...",
             cases=(
                 _case(
