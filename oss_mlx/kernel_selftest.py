@@ -87,9 +87,10 @@ def run() -> str | None:
             )
             with kernels.use_backend("reference"):
                 checks["moe"] = (fused, block(x[None])[0])
-        # The decode batch's experts grouped by expert (from MOE_GROUPED_FROM tokens on).
-        xg = mx.random.normal((decode_moe.MOE_GROUPED_FROM + 1, 64), key=keys[4])
-        if decode_moe.moe_block_ok(xg, router.weight, 2, experts):
+        # The decode batch's experts grouped by expert (from MOE_GROUPED_FROM tokens on, when set).
+        grouped_from = decode_moe.MOE_GROUPED_FROM
+        xg = mx.random.normal(((grouped_from or 0) + 1, 64), key=keys[4])
+        if grouped_from is not None and decode_moe.moe_block_ok(xg, router.weight, 2, experts):
             fused = decode_moe.moe_block(
                 xg, block.norm.weight, block.norm.eps, router.weight, router.bias, 2, experts
             )

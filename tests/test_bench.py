@@ -282,7 +282,7 @@ def test_profile_script_runs_and_counts_the_graph(tmp_path):
     assert row["pipelined_ms"] > 0 and row["no_blocks_ms"] > 0
 
 
-def test_cold_and_ttft_run_in_fresh_processes(tmp_path, capsys):
+def test_cold_and_ttft_run_in_fresh_processes(tmp_path, capsys, vocab_dir):  # --ttft: harmony renders
     """--cold / --ttft: each measurement in a new process (its own pid, its PTX-cache count, its load),
     the first prompt then the same again, for both engines in one run; a chat's first message of
     200-400 tokens rendered by harmony; the rows say what each number includes; the table puts each

@@ -547,7 +547,7 @@ def _expected_part(name: str, full: np.ndarray, share, rank: int, c: ModelConfig
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory) -> dict[str, Path]:
+def layouts(tmp_path_factory, vocab_dir) -> dict[str, Path]:  # convert copies the vocabulary
     from oss_mlx.convert.cli import main as convert
 
     from oss_mlx.synthetic import SyntheticSpec, write_checkpoint

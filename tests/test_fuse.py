@@ -33,7 +33,7 @@ TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(1, 48))
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, vocab_dir):  # the fused folder is a converted one: the vocabulary is copied in
     root = tmp_path_factory.mktemp("fuse")
     for layout in ("hf-mxfp4", "hf-float"):
         write_checkpoint(root / layout, SPEC, layout=layout, seed=5, dtype="float32")

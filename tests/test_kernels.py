@@ -960,12 +960,16 @@ def test_the_loader_pads_for_cuda_and_runs_the_self_test(fresh_self_test):
 # ---- the kernel path's Python, run here with the GPU faked ------------------------------------------
 
 
-def test_the_self_test_launches_every_kernel():
+@pytest.mark.parametrize("grouped_from", [None, 4], ids=["grouped-off", "grouped-on"])
+def test_the_self_test_launches_every_kernel(monkeypatch, grouped_from):
     """The start-up self-test is what turns the kernels off where one fails to compile (a Metal source
-    on a Mac nobody here has): a kernel it left out would fail at a user's first prompt instead."""
+    on a Mac nobody here has): a kernel it left out would fail at a user's first prompt instead.
+    The grouped decode-MoE kernels are tested when they can run (MOE_GROUPED_FROM set)."""
+    monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", grouped_from)
     with fake_gpu() as launches:
         kernel_selftest.run()  # the fakes return zeros: only which kernels it launches is checked here
-    assert {name for name, *_ in launches} == set(kernels.SPECS)
+    usable = set(kernels.SPECS) - (decode_moe.GROUPED_ONLY_KERNELS if grouped_from is None else set())
+    assert {name for name, *_ in launches} == usable
 
 
 def test_decode_launches_with_the_gpu_faked():
@@ -1018,13 +1022,16 @@ def test_decode_launches_with_the_gpu_faked():
 def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
     """Five rows at their own positions (a bucket of 8): the attention kernel takes the rows'
     positions, the projections MLX's matmuls (more than ATTENTION_KERNEL_MAX_ROWS rows), the experts
-    are grouped (moe_group, gate_up_grouped over the experts, down_grouped, moe_combine); two rows
-    keep the fused projections and the per-slot experts (fewer than MOE_GROUPED_FROM tokens)."""
+    are grouped (moe_group, gate_up_grouped over the experts, down_grouped, moe_combine) with the
+    grouped kernels on from 4 tokens, per-slot with them off (the default); two rows keep the fused
+    projections and the per-slot experts."""
     from oss_mlx.batch_cache import BatchCache
     from oss_mlx.decode import DecodeStep
 
     model = _tiny_model(mx.bfloat16)  # E 8, k 4, H 128, I 96
-    for rows in (5, 2):
+    assert decode_moe.MOE_GROUPED_FROM is None  # off by default (decode_moe says why)
+    for rows, grouped_from in ((5, 4), (5, None), (2, 4)):
+        monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", grouped_from)
         batch = BatchCache.for_model(model)
         for i in range(rows):
             c = model.make_cache()
@@ -1046,7 +1053,7 @@ def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
             assert "norm_qkv_rope" not in names and "out_residual" not in names
         attention = [t for n, t, *_ in launches if n.startswith("sdpa_decode")]
         assert len(attention) == len(model.blocks)
-        if rows >= decode_moe.MOE_GROUPED_FROM:
+        if grouped_from is not None and rows >= grouped_from:
             assert "gate_up_swiglu" not in names and "down_combine" not in names
             per_layer = ["moe_group", "gate_up_grouped", "down_grouped", "moe_combine"]
             assert [n for n in names if n in per_layer] == per_layer * len(model.blocks)
@@ -1159,15 +1166,16 @@ def test_prefill_experts_launch_with_the_gpu_faked():
     ],
 )
 def test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k, H, I, N):
-    """From MOE_GROUPED_FROM tokens the decode MoE groups the slots by expert (each expert's weights
-    read once a step); for k <= 4 its result is the per-slot kernels' to the bit (a sequence decodes
-    the same in a batch as alone), and the reference's within tolerance."""
+    """From MOE_GROUPED_FROM tokens (when set) the decode MoE groups the slots by expert (each
+    expert's weights read once a step); for k <= 4 its result is the per-slot kernels' to the bit (a
+    sequence decodes the same in a batch as alone), and the reference's within tolerance."""
     block, x, h, indices, weights, experts = moe_decode_inputs(dtype, E, k, H, I, N)
+    monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", 1)
     with recording_launches() as launched:
         grouped = decode_moe.moe_decode(experts, h, weights, indices, x)
         mx.eval(grouped)
     assert "gate_up_grouped" in launched and "gate_up_swiglu" not in launched
-    monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", 10**6)
+    monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", None)
     per_slot = decode_moe.moe_decode(experts, h, weights, indices, x)
     assert mx.array_equal(grouped, per_slot).item()
     assert rel_err(grouped, moe_reference(block, x, weights, indices)) < TOL[dtype]
@@ -1214,7 +1222,7 @@ def test_norm_qkv_rope_rows_at_their_own_positions(dtype):
 @needs_gpu
 @pytest.mark.parametrize("attention_rows", [64, 1], ids=["fused-projections", "matmul-projections"])
 def test_a_batched_decode_step_equals_each_row_alone(monkeypatch, attention_rows):
-    """The whole step on the kernels, five rows at their own positions (experts grouped) against each
+    """The whole step on the kernels, five rows at their own positions (the default decode MoE) against each
     sequence decoded alone: the attention and MoE kernels give each row its lone bits; only the
     unembedding's matmul (M rows against one) may round otherwise, so the logits agree to bf16 noise
     and their argmax everywhere. With the attention's projections in MLX's matmuls for a batch
@@ -1247,7 +1255,7 @@ def test_a_batched_decode_step_equals_each_row_alone(monkeypatch, attention_rows
         with recording_launches() as launched:
             together = step(tokens, batch)
             mx.eval(together)
-        assert "gate_up_grouped" in launched
+        assert ("gate_up_swiglu" if decode_moe.MOE_GROUPED_FROM is None else "gate_up_grouped") in launched
         for i, c in enumerate(alone_caches):
             alone = decode_one(step, tokens[i : i + 1], c)
             assert rel_err(together[i], alone[0]) < TOL[dtype]

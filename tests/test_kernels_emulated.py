@@ -80,15 +80,16 @@ def test_moe_decode(dtype, E, k, H, I, N):
     "dtype,E,k,H,I,N", ids((F32, 8, 4, 128, 96, 16), (BF16, 8, 4, 96, 64, 40), (BF16, 16, 4, 64, 96, 63))
 )
 def test_grouped_experts_of_large_batches(monkeypatch, dtype, E, k, H, I, N):
-    """Decode batches of 16 to 63 rows (64 to 252 slots of k = 4) keep the grouped kernels, to the bit
-    the per-slot ones."""
+    """Decode batches of 16 to 63 rows (64 to 252 slots of k = 4): the grouped kernels (when on) give
+    the per-slot ones' bits."""
     tk.test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k, H, I, N)
 
 
 @pytest.mark.parametrize("N", [16, 40])
 def test_a_decode_batch_keeps_the_fused_moe_block(N):
-    """A decode batch's rows (x [R, 1, H]) keep norm_route and the grouped kernels past the 64 slots
-    where a prefill chunk ([1, T, H]) takes the grouped GEMM; the result is the reference block's."""
+    """A decode batch's rows (x [R, 1, H]) keep norm_route and the per-slot decode kernels past the 64
+    slots where a prefill chunk ([1, T, H]) takes the grouped GEMM; the result is the reference
+    block's."""
     from oss_mlx.kernels import decode_moe
 
     E, k, H, I = 8, 4, 96, 64
@@ -101,7 +102,7 @@ def test_a_decode_batch_keeps_the_fused_moe_block(N):
     fused = decode_moe.moe_block(x, block.norm.weight, block.norm.eps, router.weight, router.bias, k, experts)
     mx.eval(fused)
     launched = {n.removeprefix("oss_") for n in LAUNCHES - before}
-    assert {"norm_route", "gate_up_grouped", "down_grouped"} <= launched, launched
+    assert {"norm_route", "gate_up_swiglu", "down_combine"} <= launched, launched
     with kernels.use_backend("reference"):
         ref = block(x)
     errs = [tk.rel_err(fused[n], ref[n]) for n in range(N)]
@@ -243,10 +244,13 @@ def test_kernel_paths_are_taken():
     tk.test_kernel_paths_are_taken()
 
 
-def test_self_test_passes_and_every_kernel_ran_on_this_cpu():
-    """The start-up self-test (each kernel against its reference) passes with every kernel emulated,
-    and every kernel in SPECS has run through the emulator in this session (the count is printed at
-    the end of the run)."""
+def test_self_test_passes_and_every_kernel_ran_on_this_cpu(monkeypatch):
+    """The start-up self-test (each kernel against its reference; the grouped decode-MoE kernels
+    turned on) passes with every kernel emulated, and every kernel in SPECS has run through the
+    emulator in this session (the count is printed at the end of the run)."""
+    from oss_mlx.kernels import decode_moe
+
+    monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", 4)
     before = LAUNCHES.copy()
     assert kernel_selftest.run() is None
     assert {n.removeprefix("oss_") for n in LAUNCHES - before} == set(kernels.SPECS)

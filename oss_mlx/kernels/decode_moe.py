@@ -32,12 +32,13 @@ def max_slots(x: mx.array) -> int:
 # launches timed from Python, which time the host's cost of a launch (docs/KERNELS.md).
 MOE_COLS_PER_WARP = 1  # gate_up_swiglu: SwiGLU columns (2 weight rows each)
 MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert each)
-# From this many tokens the grouped kernels: a step then reads each chosen expert once, not once per
-# (token, expert) slot. With uniform routing N tokens choose E (1 - (1 - k/E)^N) distinct experts of
-# their N k slots: for the 20b (E 32, k 4) 7.5 of 8 at N = 2 (the two extra launches, moe_group and
-# moe_combine, cost about what is saved), 13.9 of 16 at 4, 21.9 of 32 at 8; the GPU benchmark
-# (benchmarks/batch_decode.py) measures both sides of it.
-MOE_GROUPED_FROM = 4
+# From this many tokens the grouped kernels (None: never). They read each chosen expert once a step,
+# not once per (token, expert) slot, but on the H100 they were slower than the per-slot kernels at
+# every batch of 1-32 rows (docs/PERFORMANCE.md "Concurrency"), so they are off; they stay tested to
+# the per-slot kernels' bits for a device where they win (grouped_moe_probe.py measures both).
+MOE_GROUPED_FROM: int | None = None
+# The kernels only that path launches (moe_group is the prefill's too).
+GROUPED_ONLY_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combine"})
 MOE_GROUPED_COLS = 2  # gate_up_grouped: SwiGLU columns per warp (its weight rows held in registers)
 MOE_GROUPED_ROWS = 2  # down_grouped: output rows per warp
 # The grouped kernels stage their slots' input rows in shared memory, this many bytes at most (Apple
@@ -113,9 +114,10 @@ def moe_decode(
 
 
 def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> mx.array:
-    """gate_up_swiglu then down_combine (or grouped by expert from MOE_GROUPED_FROM tokens); the
+    """gate_up_swiglu then down_combine (or grouped by expert from MOE_GROUPED_FROM tokens, if set); the
     result has the residual's shape."""
-    if N >= MOE_GROUPED_FROM and experts.gate_up_weight.shape[0] <= 1024:
+    grouped = MOE_GROUPED_FROM is not None and N >= MOE_GROUPED_FROM
+    if grouped and experts.gate_up_weight.shape[0] <= 1024:
         return _experts_grouped(experts, x, wts, ids, residual, N, k)
     H = x.shape[-1]
     I = experts.gate_up_weight.shape[1] // 2
