@@ -11,10 +11,10 @@
 2. mlx-lm's BatchGenerator at the same concurrencies, same weights, same run.
 3. Time to first token of a request arriving while 7 streams decode, against the same request
    alone (target <= 2x).
-4. The decode MoE's grouped kernels against the per-slot ones at 4 and 8 streams
-   (kernels/decode_moe.py MOE_GROUPED_FROM).
-5. Greedy equality in bf16: the first 32 tokens of each prompt decoded in a batch of 8 against the
-   same prompt alone. Prompts are chosen by their logits alone (the lone run's, before any batch):
+4. The decode MoE's per-slot kernels, grouped kernels and the prefill's grouped GEMM against each
+   other at 4, 8 and 16 streams (kernels/decode_moe.py MOE_GROUPED_FROM, MOE_GEMM_FROM).
+5. Greedy equality in bf16: the first 32 tokens of each prompt decoded in a batch of 4 and of 8
+   against the same prompt alone. Prompts are chosen by their logits alone (the lone run's, before any batch):
    at each of the 32 steps the gap between the top two logits is measured, and a prompt is kept
    when every gap exceeds GAP_ULPS bf16 ulps of its top logit (bf16 noise in the sums can flip
    anything closer); the kept ones must be equal over all 32 tokens. Every prompt is also compared
@@ -92,6 +92,40 @@ def batched_tokens(model, prompts: list[list[int]], steps: int) -> list[list[int
     return [s.report.tokens for s in seqs]
 
 
+def equality(alone, together, steps: int, gap_ulps: float) -> dict:
+    """Each prompt's batched tokens against its lone run's, and whether its lone top-2 gaps kept
+    clear of `gap_ulps` bf16 ulps of the top logit at every step (then its tokens must be equal)."""
+    records = []
+    for (tokens, gaps, tops), got in zip(alone, together):
+        ulp = [2.0 ** (math.floor(math.log2(max(abs(t), 1e-30))) - 7) for t in tops]  # bf16: 7 bits
+        gaps_in_ulps = [g / u for g, u in zip(gaps, ulp)]
+        # the steps before the first one whose top two are within noise: comparable tokens
+        clear = next((i for i, g in enumerate(gaps_in_ulps) if g <= gap_ulps), steps)
+        differ = [i for i, (a, b) in enumerate(zip(tokens, got)) if a != b]
+        records.append(
+            {
+                "kept": clear == steps,
+                "min_gap_ulps": min(gaps_in_ulps),
+                "clear_steps": clear,
+                "equal": tokens == got,
+                "equal_while_clear": tokens[:clear] == got[:clear],
+                "first_difference": differ[0] if differ else None,
+            }
+        )
+    kept = [r for r in records if r["kept"]]
+    return {
+        "steps": steps,
+        "gap_ulps": gap_ulps,
+        "prompts": len(records),
+        "kept": len(kept),
+        "kept_equal": sum(r["equal"] for r in kept),
+        "all_equal": sum(r["equal"] for r in records),
+        "equal_while_clear": sum(r["equal_while_clear"] for r in records),
+        "clear_steps_total": sum(r["clear_steps"] for r in records),
+        "records": records,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="20b", choices=("tiny", "20b", "120b"))
@@ -166,66 +200,49 @@ def main() -> int:
         )
     print(f"TTFT beside 7 streams / alone: {out['ttft_beside_7_over_alone']:.2f}x", flush=True)
 
-    # 4: grouped MoE kernels against the per-slot ones
+    # 4: the decode MoE's ways against each other: per-slot kernels, grouped kernels, grouped GEMM
     grouped = {}
-    saved = decode_moe.MOE_GROUPED_FROM
-    for n in (4, 8):
-        for label, threshold in (("grouped", 1), ("per_slot", 10**6)):
-            decode_moe.MOE_GROUPED_FROM = threshold
+    saved = decode_moe.MOE_GROUPED_FROM, decode_moe.MOE_GEMM_FROM
+    for n in (4, 8, 16):
+        for label, grouped_from, gemm_from in (
+            ("per_slot", None, None),
+            ("grouped", 1, None),
+            ("gemm", None, 1),
+        ):
+            decode_moe.MOE_GROUPED_FROM, decode_moe.MOE_GEMM_FROM = grouped_from, gemm_from
             runtime_of(model)._decode = None  # new traces: the kernel choice is baked into them
             bench_concurrency.oss_mlx_decode(model, prompts[:n], 4, rate=False)
             grouped[f"{label}_{n}"] = bench_concurrency.oss_mlx_decode(model, prompts[:n], args.decode)
             print(f"moe {label:>8} at {n} streams: {grouped[f'{label}_{n}']:.1f} tok/s", flush=True)
-    decode_moe.MOE_GROUPED_FROM = saved
+    decode_moe.MOE_GROUPED_FROM, decode_moe.MOE_GEMM_FROM = saved
     runtime_of(model)._decode = None
     out["moe_grouped_vs_per_slot"] = grouped
     save("moe_grouped_vs_per_slot", grouped)
 
-    # 5: greedy equality, batched vs alone, for prompts beyond bf16 noise
+    # 5: greedy equality, batched vs alone, for prompts beyond bf16 noise; in batches of 4 (the
+    # attention's fused projections: each row's attention and experts are its lone bits, only the
+    # unembedding's matmul may round a logit otherwise, by at most one bf16 ulp, so a top-2 gap of
+    # more than 2 ulps cannot flip) and of 8 (MLX's matmuls for the projections: their rounding differs
+    # from the fused kernels' and can flip a random model's routing, so noise is wider there)
     steps = 32
     eq_prompts = [bench._prompt(args.prompt // 2, vocab, 555 + i) for i in range(args.equality_prompts)]
     alone = [gaps_and_tokens(model, p, steps) for p in eq_prompts]
-    together = []
-    for i in range(0, len(eq_prompts), 8):
-        together += batched_tokens(model, eq_prompts[i : i + 8], steps)
-    records = []
-    for (tokens, gaps, tops), got in zip(alone, together):
-        ulp = [2.0 ** (math.floor(math.log2(max(abs(t), 1e-30))) - 7) for t in tops]  # bf16: 7 bits
-        gap_ulps = [g / u for g, u in zip(gaps, ulp)]
-        # the steps before the first one whose top two are within bf16 noise: comparable tokens
-        clear = next((i for i, g in enumerate(gap_ulps) if g <= GAP_ULPS), steps)
-        differ = [i for i, (a, b) in enumerate(zip(tokens, got)) if a != b]
-        records.append(
-            {
-                "kept": clear == steps,
-                "min_gap_ulps": min(gap_ulps),
-                "clear_steps": clear,
-                "equal": tokens == got,
-                "equal_while_clear": tokens[:clear] == got[:clear],
-                "first_difference": differ[0] if differ else None,
-            }
+    out["equality"] = {}
+    for size in (4, 8):
+        together = []
+        for i in range(0, len(eq_prompts), size):
+            together += batched_tokens(model, eq_prompts[i : i + size], steps)
+        eq = equality(alone, together, steps, GAP_ULPS if size > 4 else 2)
+        out["equality"][f"batch_{size}"] = eq
+        print(
+            f"greedy equality, batch of {size} vs alone: {eq['kept_equal']} of {eq['kept']} kept prompts "
+            f"(every gap > {eq['gap_ulps']} bf16 ulps) equal over {steps} tokens; "
+            f"{eq['equal_while_clear']} of {eq['prompts']} equal up to their first step within noise "
+            f"({eq['clear_steps_total']} comparable steps in all); "
+            f"all {steps} tokens equal for {eq['all_equal']} of {eq['prompts']}",
+            flush=True,
         )
-    kept = [r for r in records if r["kept"]]
-    out["equality"] = {
-        "steps": steps,
-        "gap_ulps": GAP_ULPS,
-        "prompts": len(records),
-        "kept": len(kept),
-        "kept_equal": sum(r["equal"] for r in kept),
-        "all_equal": sum(r["equal"] for r in records),
-        "equal_while_clear": sum(r["equal_while_clear"] for r in records),
-        "clear_steps_total": sum(r["clear_steps"] for r in records),
-        "records": records,
-    }
-    eq = out["equality"]
-    print(
-        f"greedy equality, batch of 8 vs alone: {eq['kept_equal']} of {len(kept)} kept prompts (every gap > "
-        f"{GAP_ULPS} bf16 ulps) equal over {steps} tokens; {eq['equal_while_clear']} of {len(records)} equal "
-        f"up to their first step within noise ({eq['clear_steps_total']} comparable steps in all); "
-        f"all {steps} tokens equal for {eq['all_equal']} of {len(records)}",
-        flush=True,
-    )
-    save("equality", {k: v for k, v in eq.items() if k != "records"})
+        save(f"equality_batch_{size}", {k: v for k, v in eq.items() if k != "records"})
 
     # 2: mlx-lm's BatchGenerator, same weights
     if not args.skip_mlx_lm:

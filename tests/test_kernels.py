@@ -1182,6 +1182,21 @@ def test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k,
 
 
 @needs_gpu
+@pytest.mark.parametrize("E,k,H,I,N", [(8, 4, 96, 64, 5), (32, 4, 2880, 2880, 16), (32, 4, 2880, 2880, 63)])
+def test_a_decode_batch_on_the_grouped_gemm(monkeypatch, E, k, H, I, N):
+    """From MOE_GEMM_FROM tokens a decode batch's experts take the prefill's grouped GEMM (moe_group,
+    moe_gemm for gate_up and for down): the reference's result within bf16 tolerance."""
+    block, x, h, indices, weights, experts = moe_decode_inputs(mx.bfloat16, E, k, H, I, N)
+    monkeypatch.setattr(decode_moe, "MOE_GEMM_FROM", 4)
+    with recording_launches() as launched:
+        out = decode_moe.moe_decode(experts, h, weights, indices, x)
+        mx.eval(out)
+    assert "moe_gemm" in launched and "gate_up_swiglu" not in launched
+    assert out.shape == (N, H) and out.dtype == mx.bfloat16
+    assert rel_err(out, moe_reference(block, x, weights, indices)) < TOL[mx.bfloat16]
+
+
+@needs_gpu
 @pytest.mark.parametrize("mma", [True, False], ids=["mma", "simt"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_sdpa_decode_rows_at_their_own_positions(monkeypatch, mma, dtype):

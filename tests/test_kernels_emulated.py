@@ -85,6 +85,10 @@ def test_grouped_experts_of_large_batches(monkeypatch, dtype, E, k, H, I, N):
     tk.test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k, H, I, N)
 
 
+def test_a_decode_batch_on_the_grouped_gemm(monkeypatch):
+    tk.test_a_decode_batch_on_the_grouped_gemm(monkeypatch, 8, 4, 96, 64, 5)
+
+
 @pytest.mark.parametrize("N", [16, 40])
 def test_a_decode_batch_keeps_the_fused_moe_block(N):
     """A decode batch's rows (x [R, 1, H]) keep norm_route and the per-slot decode kernels past the 64

@@ -1,8 +1,9 @@
 """What the decode MoE costs a layer at a decode batch's sizes, and which work split is fastest there.
 
 One 20b layer's experts (E 32, k 4, H = I = 2,880, MXFP4), N rows of one token each (N streams
-decoding together), uniform random routing: the per-slot kernels (gate_up_swiglu + down_combine) and
-the grouped ones (moe_group, gate_up_grouped, down_grouped, moe_combine) at every COLS (SwiGLU
+decoding together), uniform random routing: the per-slot kernels (gate_up_swiglu + down_combine), the
+prefill's grouped GEMM on the matrix units (moe_group, moe_gemm twice, the weighted sum) and the grouped
+kernels (moe_group, gate_up_grouped, down_grouped, moe_combine) at every COLS (SwiGLU
 columns a warp of gate_up_grouped computes: each warp reads its slot's input row once for all of
 them) and RW (output rows a warp of down_grouped computes). Each figure: CHAIN calls in one
 evaluation, each call's output the next one's residual (so the card runs them back to back and the
@@ -75,8 +76,11 @@ def main() -> None:
         rows = []
         saved = (decode_moe.MOE_GROUPED_FROM, decode_moe.MOE_GROUPED_COLS, decode_moe.MOE_GROUPED_ROWS)
         try:
-            decode_moe.MOE_GROUPED_FROM = 10**6
+            decode_moe.MOE_GROUPED_FROM = None
             rows.append(("per-slot", timed(call, x0)))
+            decode_moe.MOE_GEMM_FROM = 1
+            rows.append(("grouped GEMM (moe_gemm)", timed(call, x0)))
+            decode_moe.MOE_GEMM_FROM = None
             decode_moe.MOE_GROUPED_FROM = 1
             for cols in [int(v) for v in a.cols.split(",")]:
                 for rw in [int(v) for v in a.rw.split(",")]:
@@ -84,6 +88,7 @@ def main() -> None:
                     rows.append((f"grouped COLS {cols} RW {rw}", timed(call, x0)))
         finally:
             decode_moe.MOE_GROUPED_FROM, decode_moe.MOE_GROUPED_COLS, decode_moe.MOE_GROUPED_ROWS = saved
+            decode_moe.MOE_GEMM_FROM = None
         print(f"-- N {N} rows ({N * k} slots, {distinct} distinct experts, {need / 1e6:.1f} MB to read)")
         for name, us in rows:
             print(f"   {name:28s} {us:9.1f} µs  {need / us / 1e3:7.0f} GB/s", flush=True)

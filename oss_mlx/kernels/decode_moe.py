@@ -39,6 +39,11 @@ MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert e
 MOE_GROUPED_FROM: int | None = None
 # The kernels only that path launches (moe_group is the prefill's too).
 GROUPED_ONLY_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combine"})
+# From this many tokens of a decode batch the experts take the prefill's grouped GEMM on the matrix
+# units (prefill_moe.moe_gemm; None: never). The per-slot kernels dequantize every weight once per
+# (token, expert) slot and are bound by the instructions that costs (about five per weight element and
+# slot on the H100); the GEMM dequantizes each chosen expert's weights once a step for all its rows.
+MOE_GEMM_FROM: int | None = None
 MOE_GROUPED_COLS = 2  # gate_up_grouped: SwiGLU columns per warp (its weight rows held in registers)
 MOE_GROUPED_ROWS = 2  # down_grouped: output rows per warp
 # The grouped kernels stage their slots' input rows in shared memory, this many bytes at most (Apple
@@ -114,8 +119,15 @@ def moe_decode(
 
 
 def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> mx.array:
-    """gate_up_swiglu then down_combine (or grouped by expert from MOE_GROUPED_FROM tokens, if set); the
-    result has the residual's shape."""
+    """gate_up_swiglu then down_combine (or, from MOE_GEMM_FROM / MOE_GROUPED_FROM tokens where set,
+    the grouped GEMM / the grouped kernels); the result has the residual's shape."""
+    if MOE_GEMM_FROM is not None and N >= MOE_GEMM_FROM:
+        from . import prefill_moe  # (it imports this module)
+
+        if prefill_moe.gemm_ok(experts, x):
+            y = prefill_moe.moe_prefill(experts, x, ids.reshape(N, k))  # [N, k, H], bias included
+            y = (y * wts.reshape(N, k, 1).astype(y.dtype)).sum(axis=-2)  # as moe.MLPBlock sums them
+            return residual + y.reshape(residual.shape)
     grouped = MOE_GROUPED_FROM is not None and N >= MOE_GROUPED_FROM
     if grouped and experts.gate_up_weight.shape[0] <= 1024:
         return _experts_grouped(experts, x, wts, ids, residual, N, k)

@@ -19,14 +19,19 @@ MOE_GEMM = True  # the grouped GEMM where its shapes apply (benchmarks compare i
 def moe_prefill_ok(experts: ExpertWeights | None, x: mx.array, indices: mx.array) -> bool:
     """Whether moe_prefill takes x [N, H] with indices [N, k] (GPU, MXFP4 weights, 16-bit
     activations for the matrix units, the row count where decode's kernels stop)."""
+    N, k = indices.shape
+    return N * k >= MOE_MAX_SLOTS and gemm_ok(experts, x)
+
+
+def gemm_ok(experts: ExpertWeights | None, x: mx.array) -> bool:
+    """Whether moe_gemm takes the rows x [N, H] at all, whatever their number (a decode batch's rows
+    too: decode_moe.MOE_GEMM_FROM)."""
     if not MOE_GEMM or experts is None:
         return False
-    N, k = indices.shape
     E, rows, _ = experts.gate_up_weight.shape
     return (
         backend() != "reference"
         and on_gpu()
-        and N * k >= MOE_MAX_SLOTS
         and x.dtype in (mx.bfloat16, mx.float16)
         and x.shape[-1] % 32 == 0
         and (rows // 2) % 32 == 0
