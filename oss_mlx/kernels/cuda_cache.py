@@ -171,9 +171,14 @@ def embedded_headers(library: Path | None = None) -> dict[str, bytes]:
 
 
 def include_paths() -> list[str]:
-    """jit_module.cpp include_path_args: MLX's include folder, its CCCL, the CUDA wheel's headers."""
+    """jit_module.cpp include_path_args: MLX's include folder, its CCCL, the CUDA wheel's headers or,
+    without that wheel beside MLX, the toolkit's (CUDA_HOME, CUDA_PATH, else /usr/local/cuda)."""
     root = _mlx_root()
-    paths = [root / "include", root / "include" / "cccl", root.parent / "nvidia" / "cu13" / "include"]
+    cuda = root.parent / "nvidia" / "cu13" / "include"
+    if not cuda.is_dir():
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+        cuda = Path(home) / "include"
+    paths = [root / "include", root / "include" / "cccl", cuda]
     return [str(p) for p in paths if p.is_dir()]
 
 
