@@ -1170,6 +1170,7 @@ def test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k,
     expert's weights read once a step); for k <= 4 its result is the per-slot kernels' to the bit (a
     sequence decodes the same in a batch as alone), and the reference's within tolerance."""
     block, x, h, indices, weights, experts = moe_decode_inputs(dtype, E, k, H, I, N)
+    monkeypatch.setattr(decode_moe, "MOE_GEMM_FROM", None)  # the kernels of this module, at any N
     monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", 1)
     with recording_launches() as launched:
         grouped = decode_moe.moe_decode(experts, h, weights, indices, x)

@@ -42,8 +42,9 @@ GROUPED_ONLY_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combin
 # From this many tokens of a decode batch the experts take the prefill's grouped GEMM on the matrix
 # units (prefill_moe.moe_gemm; None: never). The per-slot kernels dequantize every weight once per
 # (token, expert) slot and are bound by the instructions that costs (about five per weight element and
-# slot on the H100); the GEMM dequantizes each chosen expert's weights once a step for all its rows.
-MOE_GEMM_FROM: int | None = None
+# slot on the H100); the GEMM dequantizes each chosen expert's weights once a step for all its rows,
+# but its 64-row tiles cost more than that saves below 32 rows (docs/PERFORMANCE.md "Concurrency").
+MOE_GEMM_FROM: int | None = 32
 MOE_GROUPED_COLS = 2  # gate_up_grouped: SwiGLU columns per warp (its weight rows held in registers)
 MOE_GROUPED_ROWS = 2  # down_grouped: output rows per warp
 # The grouped kernels stage their slots' input rows in shared memory, this many bytes at most (Apple
