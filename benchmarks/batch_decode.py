@@ -1,7 +1,7 @@
 """Continuous batching on the GPU: gpt-oss-20b shapes, random weights, one command, JSON out.
 
-    python benchmarks/batch_decode.py --skip-mlx-lm --results benchmarks/results/h200.jsonl
-    (the mlx-lm comparison also comes from `oss-mlx bench --concurrency`; no GPU timing recorded yet)
+    python benchmarks/batch_decode.py --results benchmarks/results/h100.jsonl   # ~4 min on an H100
+    (docs/PERFORMANCE.md "Concurrency" has its last numbers)
 
 1. Aggregate decode at 1, 4, 8, 16 streams (oss-mlx's scheduler), beside the bytes-per-step
    prediction: a step reads the attention, norms, routers and unembedding once, each distinct expert

@@ -62,8 +62,8 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
         > $OUT/batchtests.log 2>&1
       echo "rc $?" | tee -a $OUT/run.log; tail -n 3 $OUT/batchtests.log | tee -a $OUT/run.log ;;
     batchdecode)  # benchmarks/batch_decode.py at 20b shapes: the bytes-per-step prediction, TTFT beside 7
-                  # streams, grouped vs per-slot MoE, bf16 greedy equality (mlx-lm: the concurrency stage)
-      timeout ${BATCHDECODE_TIMEOUT:-450} python3 benchmarks/batch_decode.py --config 20b --skip-mlx-lm \
+                  # streams, the decode MoE's ways, bf16 greedy equality, mlx-lm's BatchGenerator (SKIP_MLX_LM=1: not)
+      timeout ${BATCHDECODE_TIMEOUT:-450} python3 benchmarks/batch_decode.py --config 20b ${SKIP_MLX_LM:+--skip-mlx-lm} \
         --results $RESULTS --json $OUT/batch_decode.json 2>&1 | tee -a $OUT/run.log ;;
     finetune)  # LoRA training at 20b shapes (docs/FINETUNE.md): MXFP4 base, rank 8 on attention + experts,
                # 2048 tokens, batch 1; checkpointing on, then off; peak memory and tok/s beside the plan
