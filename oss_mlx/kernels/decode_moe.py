@@ -1,19 +1,19 @@
 """The MoE block for decode-sized batches in three kernels: norm_route (routing.py), gate_up_swiglu
-and down_combine (kernels_shared/decode_moe.gpu); from MOE_GROUPED_FROM tokens on, the slots are
-grouped by expert first (moe_group) and gate_up_grouped, down_grouped and moe_combine read each
-expert's weights once per step. The reference: moe.MLPBlock's own path."""
+and down_combine (kernels_shared/decode_moe.gpu); from MOE_GEMM_FROM tokens of a decode batch the
+experts take the prefill's grouped GEMM (prefill_moe), and from MOE_GROUPED_FROM (off by default)
+gate_up_grouped, down_grouped and moe_combine read each expert's weights once per step. The
+reference: moe.MLPBlock's own path."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from . import prefill_moe
 from .dispatch import FLOATS, KERNEL_MAX_HIDDEN, backend, const, launch, on_gpu
+from .prefill_moe import MOE_MAX_SLOTS
 from .routing import norm_route, route_ok
 from .weights import ExpertWeights
 
-# The fused MoE decode while N * k stays under this (from here on, a prefill chunk's experts take the
-# grouped GEMM: prefill_moe).
-MOE_MAX_SLOTS = 64
 # A decode batch (one token a row, x [R, 1, H]) keeps the decode kernels up to this many slots: at 64,
 # 16 rows of the 20b went to the prefill path (MLX's unfused routing, the GEMM's 64-row tiles at ~2 rows
 # an expert) and 16 streams decoded at 867 tok/s, fewer than 8 did (956); with the grouped kernels 1,154
@@ -123,8 +123,6 @@ def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> m
     """gate_up_swiglu then down_combine (or, from MOE_GEMM_FROM / MOE_GROUPED_FROM tokens where set,
     the grouped GEMM / the grouped kernels); the result has the residual's shape."""
     if MOE_GEMM_FROM is not None and N >= MOE_GEMM_FROM:
-        from . import prefill_moe  # (it imports this module)
-
         if prefill_moe.gemm_ok(experts, x):
             y = prefill_moe.moe_prefill(experts, x, ids.reshape(N, k))  # [N, k, H], bias included
             y = (y * wts.reshape(N, k, 1).astype(y.dtype)).sum(axis=-2)  # as moe.MLPBlock sums them

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .decode_moe import MOE_MAX_SLOTS
 from .dispatch import backend, const, launch, on_gpu
 from .weights import ExpertWeights
+
+# The fused MoE decode while N * k stays under this (decode_moe; a decode batch's rows go further:
+# decode_moe.MOE_BATCH_MAX_SLOTS); from here on a prefill chunk's experts take the grouped GEMM.
+MOE_MAX_SLOTS = 64
 
 # Rows of one expert per tile; moe_gemm is written for 64.
 MOE_GEMM_ROWS = 64
