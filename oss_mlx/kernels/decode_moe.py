@@ -16,7 +16,7 @@ from .weights import ExpertWeights
 
 # A decode batch (one token a row, x [R, 1, H]) keeps the decode kernels up to this many slots: at 64,
 # 16 rows of the 20b went to the prefill path (MLX's unfused routing, the GEMM's 64-row tiles at ~2 rows
-# an expert) and 16 streams decoded at 867 tok/s, fewer than 8 did (956); with the grouped kernels 1,154
+# an expert) and 16 streams decoded at 867 tok/s, fewer than 8 did (956); on the decode kernels 1,154
 # (H200, docs/PERFORMANCE.md "Concurrency").
 MOE_BATCH_MAX_SLOTS = 256
 
@@ -122,11 +122,10 @@ def moe_decode(
 def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> mx.array:
     """gate_up_swiglu then down_combine (or, from MOE_GEMM_FROM / MOE_GROUPED_FROM tokens where set,
     the grouped GEMM / the grouped kernels); the result has the residual's shape."""
-    if MOE_GEMM_FROM is not None and N >= MOE_GEMM_FROM:
-        if prefill_moe.gemm_ok(experts, x):
-            y = prefill_moe.moe_prefill(experts, x, ids.reshape(N, k))  # [N, k, H], bias included
-            y = (y * wts.reshape(N, k, 1).astype(y.dtype)).sum(axis=-2)  # as moe.MLPBlock sums them
-            return residual + y.reshape(residual.shape)
+    if MOE_GEMM_FROM is not None and N >= MOE_GEMM_FROM and prefill_moe.gemm_ok(experts, x):
+        y = prefill_moe.moe_prefill(experts, x, ids.reshape(N, k))  # [N, k, H], bias included
+        y = (y * wts.reshape(N, k, 1).astype(y.dtype)).sum(axis=-2)  # as moe.MLPBlock sums them
+        return residual + y.reshape(residual.shape)
     grouped = MOE_GROUPED_FROM is not None and N >= MOE_GROUPED_FROM
     if grouped and experts.gate_up_weight.shape[0] <= 1024:
         return _experts_grouped(experts, x, wts, ids, residual, N, k)
