@@ -50,3 +50,28 @@ template <typename T> OSS_DEV uint4 load8_raw(const T* p, long long stride) {
 OSS_DEV uint u4_word(uint4 u, int i) { return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w; }
 // The 16-bit half `half` of words a and b side by side: (a.half, b.half) as one register.
 OSS_DEV uint pair_halves(uint a, uint b, int half) { return __byte_perm(a, b, half ? 0x7632 : 0x5410); }
+// ---- MXFP4 codes as bf16 (the decode experts' A operand, kernels_cuda/decode_moe.cu) --------------
+// a * b on two bf16 pairs, exact for a power-of-two b (one fma with -0: subnormals kept, no ftz).
+OSS_DEV uint bf16x2_mul(uint a, uint b) {
+  uint d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+// bf16 2^126, twice: fp4x8_bf16's placement times this is the e2m1 value itself.
+#define OSS_BF16X2_2POW126 0x7E807E80u
+// An e8m0 scale s as the bf16 pair 2^126 * 2^(s - 127) = 2^(s - 1): a normal bf16 for s <= 128 only.
+OSS_DEV uint bf16x2_scale(uint s) { return s * 0x00800080u + 126u * 0x00800080u; }
+// 2^(s - 127) as a bf16 pair, any s < 255 (s = 0: the subnormal 2^-127).
+OSS_DEV uint bf16x2_pow2(uint s) { return s ? s * 0x00800080u : 0x00400040u; }
+// The 8 e2m1 codes of w (element i in nibble i) as four bf16 pairs, register i holding elements
+// (i, i + 4), times `mul`. Each code is placed as bf16 bits (sign -> bit 15, its exponent and
+// mantissa bits -> 8..6): that bf16 is the e2m1 value times 2^-126 (e = 0 lands on a subnormal), so a
+// multiply by 2^126 * scale gives value * scale exactly. One multiply spreads a nibble to both places
+// (nibble << 6 and nibble << 12 do not overlap), the mask keeps sign and magnitude.
+OSS_DEV void fp4x8_bf16(uint w, uint mul, uint* r) {
+  const uint hi = w >> 8;
+  r[0] = bf16x2_mul(((w & 0x000F000Fu) * 0x1040u) & 0x81C081C0u, mul);
+  r[1] = bf16x2_mul(((w & 0x00F000F0u) * 0x0104u) & 0x81C081C0u, mul);
+  r[2] = bf16x2_mul(((hi & 0x000F000Fu) * 0x1040u) & 0x81C081C0u, mul);
+  r[3] = bf16x2_mul(((hi & 0x00F000F0u) * 0x0104u) & 0x81C081C0u, mul);
+}

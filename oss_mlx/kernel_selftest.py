@@ -72,6 +72,7 @@ def run() -> str | None:
             "route": None,
             "moe": None,
             "moe_grouped": None,
+            "moe_mma": None,
             "moe_prefill": None,
             "sdpa": None,
             "attention": None,
@@ -96,6 +97,15 @@ def run() -> str | None:
             )
             with kernels.use_backend("reference"):
                 checks["moe_grouped"] = (fused, block(xg[None])[0])
+        # The decode batch's experts on the matrix units (from MOE_MMA_FROM bf16 tokens on, when set).
+        mma_from = decode_moe.MOE_MMA_FROM
+        xm = mx.random.normal((max(mma_from or 0, 3), 64), key=keys[5]).astype(mx.bfloat16)
+        if mma_from is not None and decode_moe.moe_block_ok(xm, router.weight, 2, experts):
+            fused = decode_moe.moe_block(
+                xm, block.norm.weight, block.norm.eps, router.weight, router.bias, 2, experts
+            )
+            with kernels.use_backend("reference"):
+                checks["moe_mma"] = (fused, block(xm[None])[0])
         # The prefill experts (moe_group + moe_gemm): 16-bit rows, enough of them for the GEMM.
         xp = mx.random.normal((decode_moe.MOE_MAX_SLOTS // 2, 64), key=keys[3]).astype(mx.bfloat16)
         _, ids_p = route_reference(xp, router.weight, router.bias, 2)

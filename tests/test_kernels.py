@@ -196,7 +196,7 @@ def test_dialect_words_are_replaced_as_text():
 
 
 def test_one_source_per_simt_kernel():
-    """Every kernel but the two matrix-unit ones is written once, in kernels_shared/; those two are
+    """Every kernel but the four matrix-unit ones is written once, in kernels_shared/; those four are
     written per dialect; no kernel is defined twice (kernel_sources refuses that)."""
     shared, per_dialect = set(), {d: set() for d in sources.DIALECTS}
     for family in {s.family for s in kernels.SPECS.values()}:
@@ -205,8 +205,9 @@ def test_one_source_per_simt_kernel():
                 (shared if where.startswith("kernels_shared/") else per_dialect[dialect]).update(bodies)
         for spec in kernels.SPECS.values():
             assert spec.family in {"routing", "decode_moe", "prefill_moe", "decode_attention"}, spec
-    assert per_dialect["metal"] == per_dialect["cuda"] == {"sdpa_decode_mma", "moe_gemm"}
-    assert shared == set(kernels.SPECS) - {"sdpa_decode_mma", "moe_gemm"}
+    matrix_units = {"sdpa_decode_mma", "moe_gemm", "gate_up_mma", "down_mma"}
+    assert per_dialect["metal"] == per_dialect["cuda"] == matrix_units
+    assert shared == set(kernels.SPECS) - matrix_units
     metal = kernels.kernel_sources("metal")
     for name in shared:  # CUDA's names are gone from the Metal expansion
         header, body = metal[name]
@@ -960,16 +961,29 @@ def test_the_loader_pads_for_cuda_and_runs_the_self_test(fresh_self_test):
 # ---- the kernel path's Python, run here with the GPU faked ------------------------------------------
 
 
-@pytest.mark.parametrize("grouped_from", [None, 4], ids=["grouped-off", "grouped-on"])
-def test_the_self_test_launches_every_kernel(monkeypatch, grouped_from):
+@pytest.mark.parametrize(
+    "grouped_from,mma_from",
+    [(None, 2), (4, 2), (None, None), (4, None)],
+    ids=["grouped-off", "grouped-on", "mma-off", "mma-off-grouped-on"],
+)
+def test_the_self_test_launches_every_kernel(monkeypatch, grouped_from, mma_from):
     """The start-up self-test is what turns the kernels off where one fails to compile (a Metal source
     on a Mac nobody here has): a kernel it left out would fail at a user's first prompt instead.
-    The grouped decode-MoE kernels are tested when they can run (MOE_GROUPED_FROM set)."""
+    The grouped and the matrix-unit decode-MoE kernels are tested when they can run (their
+    thresholds set)."""
     monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", grouped_from)
+    monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", mma_from)
     with fake_gpu() as launches:
         kernel_selftest.run()  # the fakes return zeros: only which kernels it launches is checked here
-    usable = set(kernels.SPECS) - (decode_moe.GROUPED_ONLY_KERNELS if grouped_from is None else set())
-    assert {name for name, *_ in launches} == usable
+    unused = set()
+    if grouped_from is None:
+        unused |= {"gate_up_grouped", "down_grouped"}
+    if mma_from is None:
+        unused |= {"gate_up_mma", "down_mma"}
+    if grouped_from is None and mma_from is None:
+        unused.add("moe_combine")
+    assert decode_moe.unused_kernels() == unused
+    assert {name for name, *_ in launches} == set(kernels.SPECS) - unused
 
 
 def test_decode_launches_with_the_gpu_faked():
@@ -1023,15 +1037,17 @@ def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
     """Five rows at their own positions (a bucket of 8): the attention kernel takes the rows'
     positions, the projections MLX's matmuls (more than ATTENTION_KERNEL_MAX_ROWS rows), the experts
     are grouped (moe_group, gate_up_grouped over the experts, down_grouped, moe_combine) with the
-    grouped kernels on from 4 tokens, per-slot with them off (the default); two rows keep the fused
-    projections and the per-slot experts."""
+    grouped kernels on from 4 tokens, on the matrix units (moe_group, gate_up_mma, down_mma,
+    moe_combine) from MOE_MMA_FROM rows, per-slot with both off or for one row; two rows keep the
+    fused projections."""
     from oss_mlx.batch_cache import BatchCache
     from oss_mlx.decode import DecodeStep
 
     model = _tiny_model(mx.bfloat16)  # E 8, k 4, H 128, I 96
     assert decode_moe.MOE_GROUPED_FROM is None  # off by default (decode_moe says why)
-    for rows, grouped_from in ((5, 4), (5, None), (2, 4)):
+    for rows, grouped_from, mma_from in ((5, 4, 2), (5, None, 2), (2, 4, 2), (5, None, None), (1, None, 2)):
         monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", grouped_from)
+        monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", mma_from)
         batch = BatchCache.for_model(model)
         for i in range(rows):
             c = model.make_cache()
@@ -1065,8 +1081,19 @@ def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
             )
             assert by_name["down_grouped"][0][2] == [(R * 4, 128)]
             assert by_name["moe_combine"][0][1] == (256, R, 1)
+        elif mma_from is not None and R >= mma_from:  # the matrix-unit kernels (RT tiles a warp)
+            assert "gate_up_swiglu" not in names and "gate_up_grouped" not in names
+            per_layer = ["moe_group", "gate_up_mma", "down_mma", "moe_combine"]
+            assert [n for n in names if n in per_layer] == per_layer * len(model.blocks)
+            rt = decode_moe.MOE_MMA_TILES
+            assert by_name["gate_up_mma"][0][1] == (128 * -(-96 // (8 * rt)), 8, 1)
+            assert by_name["gate_up_mma"][0][2] == [(R * 4, 96)]
+            assert by_name["down_mma"][0][1] == (128 * -(-128 // (16 * rt)), 8, 1)
+            assert by_name["down_mma"][0][2] == [(R * 4, 128)]
+            assert by_name["moe_combine"][0][1] == (256, R, 1)
         else:
-            assert "gate_up_grouped" not in names and names.count("down_combine") == len(model.blocks)
+            assert "gate_up_grouped" not in names and "gate_up_mma" not in names
+            assert names.count("down_combine") == len(model.blocks)
 
 
 @pytest.mark.parametrize(
@@ -1180,6 +1207,64 @@ def test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k,
     per_slot = decode_moe.moe_decode(experts, h, weights, indices, x)
     assert mx.array_equal(grouped, per_slot).item()
     assert rel_err(grouped, moe_reference(block, x, weights, indices)) < TOL[dtype]
+
+
+MMA_LAUNCHES = ("moe_group", "gate_up_mma", "down_mma", "moe_combine")
+
+
+def _skewed_indices(N: int, E: int, k: int) -> mx.array:
+    """k distinct experts a token, expert 0 chosen by every token (more than 8 slots: a second pass)."""
+    rest = mx.argsort(mx.random.uniform(shape=(N, E - 1)), axis=-1)[:, : k - 1] + 1
+    return mx.concatenate([mx.zeros((N, 1), dtype=rest.dtype), rest], axis=1).astype(mx.uint32)
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "E,k,H,I,N,case",
+    [
+        (8, 4, 96, 64, 5, "uniform"),  # H: 3 groups, the k block's fourth lane past the end
+        (8, 4, 96, 64, 12, "skewed"),  # expert 0: 12 slots, two passes of 8
+        (8, 2, 64, 96, 6, "large scales"),  # scales past 2^1: the two-multiply path
+        (32, 4, 2880, 2880, 4, "uniform"),  # the 20b's rows: 22.5 k blocks
+        (32, 4, 2880, 2880, 16, "skewed"),
+        (128, 4, 1088, 1120, 9, "uniform"),
+    ],
+)
+def test_experts_on_the_matrix_units(monkeypatch, E, k, H, I, N, case):
+    """From MOE_MMA_FROM tokens a bf16 decode batch's experts take gate_up_mma and down_mma (slots
+    grouped by expert, each weight dequantized once for 8 slots): the reference's result within bf16
+    tolerance, and every token's result the same bits as that token alone through the same kernels (a
+    sequence decodes the same in a batch as alone: an mma's outputs are each their own dot product)."""
+    block, x, h, indices, weights, experts = moe_decode_inputs(mx.bfloat16, E, k, H, I, N)
+    if case == "skewed":
+        indices = _skewed_indices(N, E, k)
+    if case == "large scales":  # e8m0 129..131 and 0 in some groups: weights x 4..16 and x 2^-127
+        ex = block.experts
+        big = mx.random.uniform(shape=ex.gate_up_scales.shape) < 0.2
+        ex.gate_up_scales = mx.where(big, mx.array(130, mx.uint8), ex.gate_up_scales)
+        tiny = mx.random.uniform(shape=ex.down_scales.shape) < 0.2
+        ex.down_scales = mx.where(tiny, mx.array(0, mx.uint8), ex.down_scales)
+        experts = mxfp4_weights(ex)
+    monkeypatch.setattr(decode_moe, "MOE_GEMM_FROM", None)
+    monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", 1)
+    with recording_launches() as launched:
+        out = decode_moe.moe_decode(experts, h, weights, indices, x)
+        mx.eval(out)
+    assert [n for n in launched if n in MMA_LAUNCHES] == list(MMA_LAUNCHES), launched
+    assert "gate_up_swiglu" not in launched
+    assert out.shape == (N, H) and out.dtype == mx.bfloat16
+    if case == "large scales":  # weights x 16: the bf16 reference's own rounding moves rows by 1-8%,
+        monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", None)  # so the per-slot kernels' float32 math
+        want = decode_moe.moe_decode(experts, h, weights, indices, x)
+        monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", 1)
+    else:
+        want = moe_reference(block, x, weights, indices)
+    assert rel_err(out, want) < TOL[mx.bfloat16]
+    for n in sorted({0, N // 2, N - 1}):
+        alone = decode_moe.moe_decode(
+            experts, h[n : n + 1], weights[n : n + 1], indices[n : n + 1], x[n : n + 1]
+        )
+        assert mx.array_equal(alone[0], out[n]).item(), n
 
 
 @needs_gpu

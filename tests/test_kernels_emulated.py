@@ -85,6 +85,14 @@ def test_grouped_experts_of_large_batches(monkeypatch, dtype, E, k, H, I, N):
     tk.test_grouped_experts_are_the_per_slot_kernels_bits(monkeypatch, dtype, E, k, H, I, N)
 
 
+@pytest.mark.parametrize(
+    "E,k,H,I,N,case",
+    ids((8, 4, 96, 64, 5, "uniform"), (8, 4, 96, 64, 12, "skewed"), (8, 2, 64, 96, 6, "large scales")),
+)
+def test_experts_on_the_matrix_units(monkeypatch, E, k, H, I, N, case):
+    tk.test_experts_on_the_matrix_units(monkeypatch, E, k, H, I, N, case)
+
+
 def test_a_decode_batch_on_the_grouped_gemm(monkeypatch):
     tk.test_a_decode_batch_on_the_grouped_gemm(monkeypatch, 8, 4, 96, 64, 5)
 
@@ -92,7 +100,7 @@ def test_a_decode_batch_on_the_grouped_gemm(monkeypatch):
 @pytest.mark.parametrize("N", [16, 40])
 def test_a_decode_batch_keeps_the_fused_moe_block(N):
     """A decode batch's rows (x [R, 1, H]) keep norm_route past the 64 slots where a prefill chunk
-    ([1, T, H]) takes MLX's routing, and the per-slot decode kernels up to MOE_GEMM_FROM rows (the
+    ([1, T, H]) takes MLX's routing, and the matrix-unit decode kernels up to MOE_GEMM_FROM rows (the
     grouped GEMM from there); the result is the reference block's."""
     from oss_mlx.kernels import decode_moe
 
@@ -106,9 +114,12 @@ def test_a_decode_batch_keeps_the_fused_moe_block(N):
     fused = decode_moe.moe_block(x, block.norm.weight, block.norm.eps, router.weight, router.bias, k, experts)
     mx.eval(fused)
     launched = {n.removeprefix("oss_") for n in LAUNCHES - before}
-    experts = (
-        {"moe_group", "moe_gemm"} if N >= decode_moe.MOE_GEMM_FROM else {"gate_up_swiglu", "down_combine"}
-    )
+    if N >= decode_moe.MOE_GEMM_FROM:
+        experts = {"moe_group", "moe_gemm"}
+    elif N >= decode_moe.MOE_MMA_FROM:
+        experts = {"moe_group", "gate_up_mma", "down_mma", "moe_combine"}
+    else:
+        experts = {"gate_up_swiglu", "down_combine"}
     assert {"norm_route"} | experts <= launched, launched
     with kernels.use_backend("reference"):
         ref = block(x)

@@ -46,8 +46,10 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
     greedy)  # does the two-stage greedy argmax speed decode up on the card? (alternating rounds, 128 and 32k)
       timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/greedy_probe.py 2>&1 | tee -a $OUT/greedy.log ;;
     noise) timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/decode_noise_probe.py 2>&1 | tee -a $OUT/noise.log ;;
-    groupedmoe)  # the decode MoE at 1-32 streams: per-slot vs grouped kernels at each COLS / RW (issue 19)
-      timeout ${PROBE_TIMEOUT:-240} python3 benchmarks/probes/grouped_moe_probe.py ${ROWS:+--rows $ROWS} 2>&1 \
+    groupedmoe)  # the decode MoE at 1-32 streams: per-slot vs the GEMM, the mma kernels at each RT and the
+                 # grouped kernels at each COLS / RW (issue 19; COLS= : the grouped kernels not run)
+      timeout ${PROBE_TIMEOUT:-240} python3 benchmarks/probes/grouped_moe_probe.py ${ROWS:+--rows $ROWS} \
+        ${RT:+--rt $RT} ${COLS+--cols "$COLS"} 2>&1 \
         | tee -a $OUT/groupedmoe.log ;;
     batchstep)  # a decode batch's step at 1-16 rows, the attention's projections fused or in MLX's matmuls
       timeout ${PROBE_TIMEOUT:-240} python3 benchmarks/probes/batch_step_probe.py ${ROWS:+--rows $ROWS} 2>&1 \

@@ -2,7 +2,8 @@
 
 One 20b layer's experts (E 32, k 4, H = I = 2,880, MXFP4), N rows of one token each (N streams
 decoding together), uniform random routing: the per-slot kernels (gate_up_swiglu + down_combine), the
-prefill's grouped GEMM on the matrix units (moe_group, moe_gemm twice, the weighted sum) and the grouped
+prefill's grouped GEMM on the matrix units (moe_group, moe_gemm twice, the weighted sum), the decode
+batch's matrix-unit kernels (moe_group, gate_up_mma, down_mma, moe_combine) at each RT and the grouped
 kernels (moe_group, gate_up_grouped, down_grouped, moe_combine) at every COLS (SwiGLU
 columns a warp of gate_up_grouped computes: each warp reads its slot's input row once for all of
 them) and RW (output rows a warp of down_grouped computes). Each figure: CHAIN calls in one
@@ -11,7 +12,7 @@ host's launch cost hides behind them), mean µs per call over REPS evaluations a
 Also printed: the bytes a call must read (each distinct expert once) and the rate that gives.
 
     python benchmarks/probes/grouped_moe_probe.py            # GPU machine (CUDA) or a Mac
-    python benchmarks/probes/grouped_moe_probe.py --rows 4,8,16 --cols 1,2,4,8 --rw 1,2,4
+    python benchmarks/probes/grouped_moe_probe.py --rows 4,8,16 --rt 1,2 --cols 1,2,4,8 --rw 1,2,4
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def timed(fn, x0: mx.array) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,4,8,16,32")
-    ap.add_argument("--cols", default="1,2,4,8")
+    ap.add_argument("--rt", default="1,2,4", help="gate_up_mma / down_mma: 16-row tiles per warp")
+    ap.add_argument("--cols", default="1,2,4,8", help="grouped kernels' COLS ('' : not run)")
     ap.add_argument("--rw", default="1,2,4")
     a = ap.parse_args()
     full = preset_config("20b")
@@ -74,21 +76,28 @@ def main() -> None:
             return decode_moe.moe_decode(experts, h, weights, indices, y)
 
         rows = []
-        saved = (decode_moe.MOE_GROUPED_FROM, decode_moe.MOE_GROUPED_COLS, decode_moe.MOE_GROUPED_ROWS)
+        names = ("MOE_GROUPED_FROM", "MOE_GROUPED_COLS", "MOE_GROUPED_ROWS", "MOE_GEMM_FROM", "MOE_MMA_FROM")
+        names += ("MOE_MMA_TILES",)
+        saved = {n: getattr(decode_moe, n) for n in names}
         try:
-            decode_moe.MOE_GROUPED_FROM = None
+            decode_moe.MOE_GROUPED_FROM = decode_moe.MOE_GEMM_FROM = decode_moe.MOE_MMA_FROM = None
             rows.append(("per-slot", timed(call, x0)))
             decode_moe.MOE_GEMM_FROM = 1
             rows.append(("grouped GEMM (moe_gemm)", timed(call, x0)))
             decode_moe.MOE_GEMM_FROM = None
+            decode_moe.MOE_MMA_FROM = 1
+            for rt in [int(v) for v in a.rt.split(",")]:
+                decode_moe.MOE_MMA_TILES = rt
+                rows.append((f"matrix units (mma) RT {rt}", timed(call, x0)))
+            decode_moe.MOE_MMA_FROM = None
             decode_moe.MOE_GROUPED_FROM = 1
-            for cols in [int(v) for v in a.cols.split(",")]:
+            for cols in [int(v) for v in a.cols.split(",") if v]:
                 for rw in [int(v) for v in a.rw.split(",")]:
                     decode_moe.MOE_GROUPED_COLS, decode_moe.MOE_GROUPED_ROWS = cols, rw
                     rows.append((f"grouped COLS {cols} RW {rw}", timed(call, x0)))
         finally:
-            decode_moe.MOE_GROUPED_FROM, decode_moe.MOE_GROUPED_COLS, decode_moe.MOE_GROUPED_ROWS = saved
-            decode_moe.MOE_GEMM_FROM = None
+            for n, v in saved.items():
+                setattr(decode_moe, n, v)
         print(f"-- N {N} rows ({N * k} slots, {distinct} distinct experts, {need / 1e6:.1f} MB to read)")
         for name, us in rows:
             print(f"   {name:28s} {us:9.1f} µs  {need / us / 1e3:7.0f} GB/s", flush=True)

@@ -1,8 +1,9 @@
 """The MoE block for decode-sized batches in three kernels: norm_route (routing.py), gate_up_swiglu
-and down_combine (kernels_shared/decode_moe.gpu); from MOE_GEMM_FROM tokens of a decode batch the
-experts take the prefill's grouped GEMM (prefill_moe), and from MOE_GROUPED_FROM (off by default)
-gate_up_grouped, down_grouped and moe_combine read each expert's weights once per step. The
-reference: moe.MLPBlock's own path."""
+and down_combine (kernels_shared/decode_moe.gpu). From MOE_MMA_FROM tokens the experts take the
+matrix-unit kernels gate_up_mma and down_mma (kernels_{cuda,metal}/decode_moe.*, slots grouped by
+moe_group, summed by moe_combine), from MOE_GEMM_FROM the prefill's grouped GEMM (prefill_moe), and
+from MOE_GROUPED_FROM (off by default) gate_up_grouped, down_grouped and moe_combine. The reference:
+moe.MLPBlock's own path."""
 
 from __future__ import annotations
 
@@ -37,14 +38,32 @@ MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert e
 # every batch of 1-32 rows (docs/PERFORMANCE.md "Concurrency"), so they are off; they stay tested to
 # the per-slot kernels' bits for a device where they win (grouped_moe_probe.py measures both).
 MOE_GROUPED_FROM: int | None = None
-# The kernels only that path launches (moe_group is the prefill's too).
-GROUPED_ONLY_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combine"})
 # From this many tokens of a decode batch the experts take the prefill's grouped GEMM on the matrix
 # units (prefill_moe.moe_gemm; None: never). The per-slot kernels dequantize every weight once per
 # (token, expert) slot and are bound by the instructions that costs (about five per weight element and
 # slot on the H100); the GEMM dequantizes each chosen expert's weights once a step for all its rows,
 # but its 64-row tiles cost more than that saves below 32 rows (docs/PERFORMANCE.md "Concurrency").
 MOE_GEMM_FROM: int | None = 32
+# From this many tokens of a decode batch (below MOE_GEMM_FROM) the experts take gate_up_mma and
+# down_mma (None: never): the slots grouped by expert (moe_group), each weight dequantized once a step
+# for all the slots that chose its expert, the slots the matrix units' narrow side (kernels_cuda/
+# decode_moe.cu says why). bf16 only (the CUDA mma's operands). A token alone keeps the per-slot
+# kernels: two launches fewer, and its four experts have one slot each.
+MOE_MMA_FROM: int | None = 2
+MOE_MMA_TILES = 2  # gate_up_mma / down_mma: 16-row weight tiles per warp (RT)
+# The kernels of the grouped and of the matrix-unit paths (moe_group is the prefill's too).
+GROUPED_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combine"})
+MMA_KERNELS = frozenset({"gate_up_mma", "down_mma", "moe_combine"})
+
+
+def unused_kernels() -> frozenset[str]:
+    """The decode-MoE kernels no path launches with the thresholds as set (the self-test skips them)."""
+    used = (GROUPED_KERNELS if MOE_GROUPED_FROM is not None else frozenset()) | (
+        MMA_KERNELS if MOE_MMA_FROM is not None else frozenset()
+    )
+    return (GROUPED_KERNELS | MMA_KERNELS) - used
+
+
 MOE_GROUPED_COLS = 2  # gate_up_grouped: SwiGLU columns per warp (its weight rows held in registers)
 MOE_GROUPED_ROWS = 2  # down_grouped: output rows per warp
 # The grouped kernels stage their slots' input rows in shared memory, this many bytes at most (Apple
@@ -119,9 +138,20 @@ def moe_decode(
     return _experts(experts, x, wts, ids, residual.astype(x.dtype), N, k)
 
 
+def mma_ok(experts: ExpertWeights, x: mx.array, N: int) -> bool:
+    """Whether a batch of N rows x takes gate_up_mma and down_mma (experts_ok first)."""
+    return (
+        MOE_MMA_FROM is not None
+        and N >= MOE_MMA_FROM
+        and x.dtype == mx.bfloat16
+        and experts.gate_up_weight.shape[0] <= 1024  # moe_group's limit
+    )
+
+
 def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> mx.array:
-    """gate_up_swiglu then down_combine (or, from MOE_GEMM_FROM / MOE_GROUPED_FROM tokens where set,
-    the grouped GEMM / the grouped kernels); the result has the residual's shape."""
+    """gate_up_swiglu then down_combine (or, from MOE_GEMM_FROM / MOE_GROUPED_FROM / MOE_MMA_FROM
+    tokens where set, in that order, the grouped GEMM / the grouped kernels / the matrix-unit
+    kernels); the result has the residual's shape."""
     if MOE_GEMM_FROM is not None and N >= MOE_GEMM_FROM and prefill_moe.gemm_ok(experts, x):
         y = prefill_moe.moe_prefill(experts, x, ids.reshape(N, k))  # [N, k, H], bias included
         y = (y * wts.reshape(N, k, 1).astype(y.dtype)).sum(axis=-2)  # as moe.MLPBlock sums them
@@ -129,6 +159,8 @@ def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> m
     grouped = MOE_GROUPED_FROM is not None and N >= MOE_GROUPED_FROM
     if grouped and experts.gate_up_weight.shape[0] <= 1024:
         return _experts_grouped(experts, x, wts, ids, residual, N, k)
+    if mma_ok(experts, x, N):
+        return _experts_mma(experts, x, wts, ids, residual, N, k)
     H = x.shape[-1]
     I = experts.gate_up_weight.shape[1] // 2
     T = x.dtype
@@ -176,15 +208,7 @@ def _experts_grouped(experts: ExpertWeights, x, wts, ids, residual, N: int, k: i
     H = x.shape[-1]
     E, gate_up_rows, _ = experts.gate_up_weight.shape
     I, T, NK = gate_up_rows // 2, x.dtype, N * k
-    perm, offsets, _ = launch(
-        "moe_group",
-        [ids],
-        [("E", E), ("BM", 64)],
-        (1024, 1, 1),
-        (1024, 1, 1),
-        [(NK,), (E + 1,), (E + 1,)],
-        [mx.uint32] * 3,
-    )
+    perm, offsets = _group(ids, E)
     cols = MOE_GROUPED_COLS
     (h,) = launch(
         "gate_up_grouped",
@@ -230,13 +254,69 @@ def _experts_grouped(experts: ExpertWeights, x, wts, ids, residual, N: int, k: i
         [(NK, H)],
         [mx.float32],
     )
+    return _combine(d, residual, N, k)
+
+
+def _group(ids: mx.array, E: int) -> tuple[mx.array, mx.array]:
+    """moe_group: the slots sorted by expert (perm) and each expert's run of them (offsets)."""
+    perm, offsets, _ = launch(
+        "moe_group",
+        [ids],
+        [("E", E), ("BM", 64)],
+        (1024, 1, 1),
+        (1024, 1, 1),
+        [(ids.size,), (E + 1,), (E + 1,)],
+        [mx.uint32] * 3,
+    )
+    return perm, offsets
+
+
+def _combine(d: mx.array, residual: mx.array, N: int, k: int) -> mx.array:
+    """moe_combine: the residual plus each token's k weighted expert outputs d [N * k, H], in order."""
+    H = residual.shape[-1]
     (y,) = launch(
         "moe_combine",
         [d, residual],
-        [("T", T), ("H", H), ("K", k)],
+        [("T", residual.dtype), ("H", H), ("K", k)],
         (256 * -(-H // 256), N, 1),
         (256, 1, 1),
         [residual.shape],
-        [T],
+        [residual.dtype],
     )
     return y
+
+
+def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> mx.array:
+    """moe_group, gate_up_mma, down_mma, moe_combine: each chosen expert's weights read and
+    dequantized once a step, the slots on the matrix units (mma_ok first)."""
+    H = x.shape[-1]
+    E, gate_up_rows, _ = experts.gate_up_weight.shape
+    I, T, NK, rt = gate_up_rows // 2, x.dtype, N * k, MOE_MMA_TILES
+    perm, offsets = _group(ids, E)
+    (h,) = launch(
+        "gate_up_mma",
+        [
+            x,
+            perm,
+            offsets,
+            experts.gate_up_weight,
+            experts.gate_up_scales,
+            experts.gate_up_bias,
+            const(experts.alpha, experts.limit),
+        ],
+        [("T", T), ("H", H), ("I", I), ("K", k), ("RT", rt)],
+        (128 * -(-I // (8 * rt)), E, 1),
+        (128, 1, 1),
+        [(NK, I)],
+        [T],
+    )
+    (d,) = launch(
+        "down_mma",
+        [h, perm, offsets, wts, experts.down_weight, experts.down_scales, experts.down_bias],
+        [("T", T), ("H", H), ("HP", experts.down_weight.shape[1]), ("I", I), ("K", k), ("RT", rt)],
+        (128 * -(-H // (16 * rt)), E, 1),
+        (128, 1, 1),
+        [(NK, H)],
+        [mx.float32],
+    )
+    return _combine(d, residual, N, k)
