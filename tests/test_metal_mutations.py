@@ -21,6 +21,7 @@ import test_kernels_emulated as te
 from metal_emulator import Emulator, MetalEmulatorError, unavailable
 
 from oss_mlx import kernels
+from oss_mlx.kernels import decode_moe
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"Metal emulator: {unavailable()}")
 
@@ -41,7 +42,14 @@ def sdpa(mma, dtype, B, Hkv, G, D, S):
 
 
 SPLIT_MMA = sdpa(True, BF16, 1, 8, 8, 64, 300)  # gpt-oss heads, two key splits + combine
-MOE_DECODE = lambda mp: tk.test_moe_decode_matches_reference(BF16, 8, 4, 96, 64, 2)  # noqa: E731
+
+
+def MOE_DECODE(mp):  # the per-slot kernels (two bf16 rows would take the matrix-unit ones)
+    mp.setattr(decode_moe, "MOE_MMA_FROM", None)
+    tk.test_moe_decode_matches_reference(BF16, 8, 4, 96, 64, 2)
+
+
+MOE_MMA = lambda mp: tk.test_experts_on_the_matrix_units(mp, 8, 4, 96, 64, 12, "skewed")  # noqa: E731
 MOE_PREFILL = lambda mp: tk.test_moe_prefill_matches_reference(BF16, 4, 2, 64, 96, 40, 3)  # noqa: E731
 
 MUTATIONS = [
@@ -94,6 +102,11 @@ MUTATIONS = [
              "l[c] *= corr[c];", "", sdpa(True, BF16, 1, 3, 5, 64, 1000)),
     Mutation("wrong split combine (the splits' weights left out)", "sdpa_combine",
              "O = fma(pp[i * (D + 2) + d], cm[i], O);", "O += pp[i * (D + 2) + d];", SPLIT_MMA),
+    Mutation("off-by-one in a fragment index (the B rows' k positions)", "gate_up_mma",
+             "const int k = 32 * gi + 8 * (fm / 2) + fm % 2;", "const int k = 32 * gi + 8 * (fm / 2);",
+             MOE_MMA),
+    Mutation("missing threadgroup barrier (the split k's partial tiles read before written)", "down_mma",
+             "threadgroup_barrier(mem_flags::mem_threadgroup);", "", MOE_MMA),
     Mutation("wrong rotation sign (RoPE)", "norm_qkv_rope",
              "y0[j] = c0 * cs[j] - c1 * sn[j];", "y0[j] = c0 * cs[j] + c1 * sn[j];",
              lambda mp: tk.test_norm_qkv_rope_matches_reference(F32, 96, 16, 6, 2, 3, 37)),
