@@ -11,8 +11,9 @@
 // the B operand, so the tensor cores do the multiplies and a slot's result does not depend on the
 // other slots of its tile (each output of an mma is its own dot product).
 //
-// The slots come grouped by expert (moe_group, prefill_moe.gpu). One block of 4 warps per (expert,
-// tile of RT x 16 weight rows); the 4 warps split the k range (warp w: 128-wide k blocks w, w + 4, ...)
+// The slots come grouped by expert (moe_group, prefill_moe.gpu; SORTED 0, for one token, whose k
+// slots have k distinct experts: one block row per slot, no grouping). One block of 4 warps per
+// (expert, tile of RT x 16 weight rows); the 4 warps split the k range (warp w: 128-wide k blocks w, w + 4, ...)
 // and meet in shared memory, summed in warp order (the same bits every run). The expert's slots go 8
 // at a time (a second pass re-reads the weights: rare at decode sizes).
 //
@@ -30,6 +31,23 @@
 // down_mma: d[s, r] = wts[s] * (W[e][r] . h[s] + b[e][r]) in float32 (down_grouped's), then
 //   moe_combine adds each token's K outputs to the residual in order.
 
+// The block's expert and its slots [first, last) in sorted order. SORTED: expert `y`'s run of moe_group's
+// sorted slots (false: none); else (one token: no grouping needed) slot y alone, perm holding the
+// slots' experts (the router's ids).
+OSS_DEV bool expert_slots(const uint* perm, const uint* offsets, int y, bool sorted, int& e, int& first, int& last) {
+  if (sorted) {
+    e = y;
+    first = (int)offsets[y];
+    last = (int)offsets[y + 1];
+    return first < last;
+  }
+  e = (int)perm[y];
+  first = y;
+  last = y + 1;
+  return true;
+}
+// The slot at sorted position j.
+OSS_DEV int slot_at(const uint* perm, int j, bool sorted) { return sorted ? (int)perm[j] : j; }
 // The A operand of one mma for rows (g, g + 8) from their words q of a group: codes placed as bf16
 // bits (fp4x8_bf16), times the rows' 2^126 * scale multipliers.
 OSS_DEV void a_frags(uint w0, uint w1, uint m0, uint m1, bool big, uint big0, uint big1, uint* a) {
@@ -113,9 +131,8 @@ template <int RT> OSS_DEV void split_k_sum(float (*acc)[4], float* red, int warp
   static_assert(sizeof(T) == 2, "gate_up_mma: bf16 inputs");
   __shared__ float red[3 * RT * 4 * 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int e = blockIdx.y;
-  const int first = (int)offsets[e], last = (int)offsets[e + 1];
-  if (first == last) return;  // no slot chose this expert
+  int e, first, last;
+  if (!expert_slots(perm, offsets, blockIdx.y, SORTED, e, first, last)) return;  // no slot chose e
   const int col0 = blockIdx.x * 8 * RT;
   // Lane rows: tile rt's row g is the gate row of column col0 + 8 rt + g, row g + 8 its up row.
   const uint* rw0[RT];
@@ -135,7 +152,7 @@ template <int RT> OSS_DEV void split_k_sum(float (*acc)[4], float* red, int warp
     float acc[RT][4];
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) acc[rt][0] = acc[rt][1] = acc[rt][2] = acc[rt][3] = 0.f;
-    const int xs = (int)perm[min(p + g, last - 1)];  // slot column g (past the last: computed, not stored)
+    const int xs = slot_at(perm, min(p + g, last - 1), SORTED);  // slot column g (past the last: not stored)
     mma_rows<H, RT>(rw0, rw1, rs0, rs1, x + (long long)(xs / K) * H, warp, t, acc);
     split_k_sum<RT>(acc, red, warp, lane);
     if (warp != 0) continue;
@@ -152,7 +169,7 @@ template <int RT> OSS_DEV void split_k_sum(float (*acc)[4], float* red, int warp
         float up = round_to<T>(round_to<T>(acc[rt][2 + j]) + bu);
         gt = fminf(gt, limit);
         up = fminf(fmaxf(up, -limit), limit);
-        h[(long long)perm[p + 2 * t + j] * I + col] = from_f<T>(gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f));
+        h[(long long)slot_at(perm, p + 2 * t + j, SORTED) * I + col] = from_f<T>(gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f));
       }
     }
   }
@@ -160,9 +177,8 @@ template <int RT> OSS_DEV void split_k_sum(float (*acc)[4], float* red, int warp
   static_assert(sizeof(T) == 2, "down_mma: bf16 inputs");
   __shared__ float red[3 * RT * 4 * 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int e = blockIdx.y;
-  const int first = (int)offsets[e], last = (int)offsets[e + 1];
-  if (first == last) return;
+  int e, first, last;
+  if (!expert_slots(perm, offsets, blockIdx.y, SORTED, e, first, last)) return;
   const int row0 = blockIdx.x * 16 * RT;
   const uint* rw0[RT];
   const uint* rw1[RT];
@@ -181,7 +197,7 @@ template <int RT> OSS_DEV void split_k_sum(float (*acc)[4], float* red, int warp
     float acc[RT][4];
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) acc[rt][0] = acc[rt][1] = acc[rt][2] = acc[rt][3] = 0.f;
-    const int xs = (int)perm[min(p + g, last - 1)];
+    const int xs = slot_at(perm, min(p + g, last - 1), SORTED);
     mma_rows<I, RT>(rw0, rw1, rs0, rs1, h + (long long)xs * I, warp, t, acc);
     split_k_sum<RT>(acc, red, warp, lane);
     if (warp != 0) continue;
@@ -195,7 +211,7 @@ template <int RT> OSS_DEV void split_k_sum(float (*acc)[4], float* red, int warp
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           if (p + 2 * t + j >= last) continue;
-          const int s = (int)perm[p + 2 * t + j];
+          const int s = slot_at(perm, p + 2 * t + j, SORTED);
           d[(long long)s * H + row] = wts[s] * (acc[rt][2 * hh + j] + bb);
         }
       }

@@ -3,7 +3,8 @@
 // oss_mlx/kernels/sources.py; launcher: oss_mlx/kernels/decode_moe.py). Written per dialect because
 // the matrix units differ: simdgroup_matrix 8 x 8 (fp32) here, mma.sync m16n8k16 on CUDA.
 //
-// The same algorithm as the CUDA kernels: the slots grouped by expert (moe_group), one threadgroup of
+// The same algorithm as the CUDA kernels: the slots grouped by expert (moe_group; SORTED 0: one token's
+// slots, a threadgroup row each), one threadgroup of
 // 4 simdgroups per (expert, tile of RT x 16 weight rows), the simdgroups splitting the k range (simdgroup
 // w: the 32-element groups w, w + 4, ...) and summed in simdgroup order; each weight dequantized once
 // for up to 8 slots, the slots the matrices' columns. A tile is two 8 x 8 weight matrices (rows 0..7
@@ -19,6 +20,21 @@
 // gate_up_mma and down_mma: the CUDA kernels' results (gate_up_swiglu's rounding; down_grouped's
 // float32 d, which moe_combine adds to the residual).
 
+// The threadgroup's expert and its slots [first, last) in sorted order (the CUDA kernels' expert_slots).
+template <typename P, typename O>
+OSS_DEV bool expert_slots(P perm, O offsets, int y, bool sorted, thread int& e, thread int& first, thread int& last) {
+  if (sorted) {
+    e = y;
+    first = int(offsets[y]);
+    last = int(offsets[y + 1]);
+    return first < last;
+  }
+  e = int(perm[y]);
+  first = y;
+  last = y + 1;
+  return true;
+}
+template <typename P> OSS_DEV int slot_at(P perm, int j, bool sorted) { return sorted ? int(perm[j]) : j; }
 // One simdgroup's part of a tile: acc[rt] (rows 0..7, rows 8..15) += W rows (r0, r1) . inputs, the
 // inputs of the slot columns fn and fn + 1 at xa and xb (rows of KD elements), for the groups warp,
 // warp + 4, ...; wr0 / wr1 / sr0 / sr1 address tile rt's rows by an offset of rt * the tile stride.
@@ -77,9 +93,8 @@ template <int RT> OSS_DEV void split_k_sum(thread frag8 (*acc)[2], threadgroup f
   threadgroup float red[3 * RT * 4 * 32];
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int fm = frag_row(lane), fn = frag_col(lane);
-  const int e = threadgroup_position_in_grid.y;
-  const int first = int(offsets[e]), last = int(offsets[e + 1]);
-  if (first == last) return;  // no slot chose this expert
+  int e, first, last;
+  if (!expert_slots(perm, offsets, threadgroup_position_in_grid.y, SORTED, e, first, last)) return;
   const int col0 = threadgroup_position_in_grid.x * 8 * RT;
   long r0[RT], r1[RT];  // tile rt: the gate row of column col0 + 8 rt + fm, and its up row
   for (int rt = 0; rt < RT; ++rt) {
@@ -93,7 +108,7 @@ template <int RT> OSS_DEV void split_k_sum(thread frag8 (*acc)[2], threadgroup f
       acc[rt][0] = make_filled_simdgroup_matrix<float, 8, 8>(0.f);
       acc[rt][1] = make_filled_simdgroup_matrix<float, 8, 8>(0.f);
     }
-    const int sa = int(perm[min(p + fn, last - 1)]), sb = int(perm[min(p + fn + 1, last - 1)]);
+    const int sa = slot_at(perm, min(p + fn, last - 1), SORTED), sb = slot_at(perm, min(p + fn + 1, last - 1), SORTED);
     mma_rows<T, H, RT>(w, scales, r0, r1, x + long(sa / K) * H, x + long(sb / K) * H, warp, fm, fn / 2, acc);
     split_k_sum<RT>(acc, red, warp, lane);
     if (warp != 0) continue;
@@ -108,7 +123,7 @@ template <int RT> OSS_DEV void split_k_sum(thread frag8 (*acc)[2], threadgroup f
         float up = round_to<T>(round_to<T>(j ? vu.y : vu.x) + bu);
         gt = min(gt, limit);
         up = min(max(up, -limit), limit);
-        h[long(perm[p + fn + j]) * I + col] = from_f<T>(gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f));
+        h[long(slot_at(perm, p + fn + j, SORTED)) * I + col] = from_f<T>(gt / (1.f + fast_exp(-alpha * gt)) * (up + 1.f));
       }
     }
   }
@@ -116,9 +131,8 @@ template <int RT> OSS_DEV void split_k_sum(thread frag8 (*acc)[2], threadgroup f
   threadgroup float red[3 * RT * 4 * 32];
   const int lane = thread_index_in_simdgroup, warp = simdgroup_index_in_threadgroup;
   const int fm = frag_row(lane), fn = frag_col(lane);
-  const int e = threadgroup_position_in_grid.y;
-  const int first = int(offsets[e]), last = int(offsets[e + 1]);
-  if (first == last) return;
+  int e, first, last;
+  if (!expert_slots(perm, offsets, threadgroup_position_in_grid.y, SORTED, e, first, last)) return;
   const int row0 = threadgroup_position_in_grid.x * 16 * RT;
   long r0[RT], r1[RT];  // tile rt: rows row0 + 16 rt + fm and + 8 (past H: not stored)
   for (int rt = 0; rt < RT; ++rt) {
@@ -131,7 +145,7 @@ template <int RT> OSS_DEV void split_k_sum(thread frag8 (*acc)[2], threadgroup f
       acc[rt][0] = make_filled_simdgroup_matrix<float, 8, 8>(0.f);
       acc[rt][1] = make_filled_simdgroup_matrix<float, 8, 8>(0.f);
     }
-    const int sa = int(perm[min(p + fn, last - 1)]), sb = int(perm[min(p + fn + 1, last - 1)]);
+    const int sa = slot_at(perm, min(p + fn, last - 1), SORTED), sb = slot_at(perm, min(p + fn + 1, last - 1), SORTED);
     mma_rows<T, I, RT>(w, scales, r0, r1, h + long(sa) * I, h + long(sb) * I, warp, fm, fn / 2, acc);
     split_k_sum<RT>(acc, red, warp, lane);
     if (warp != 0) continue;
@@ -143,7 +157,7 @@ template <int RT> OSS_DEV void split_k_sum(thread frag8 (*acc)[2], threadgroup f
         const float2 v = elems(acc[rt][hh]);
         for (int j = 0; j < 2; ++j) {
           if (p + fn + j >= last) continue;
-          const int s = int(perm[p + fn + j]);
+          const int s = slot_at(perm, p + fn + j, SORTED);
           d[long(s) * H + row] = wts[s] * ((j ? v.y : v.x) + bb);
         }
       }

@@ -292,7 +292,10 @@ def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) 
     H = x.shape[-1]
     E, gate_up_rows, _ = experts.gate_up_weight.shape
     I, T, NK, rt = gate_up_rows // 2, x.dtype, N * k, MOE_MMA_TILES
-    perm, offsets = _group(ids, E)
+    # One token's k slots have k distinct experts: no grouping (a block row per slot, the same bits)
+    sorted_ = int(N > 1)
+    perm, offsets = _group(ids, E) if sorted_ else (ids, ids)
+    rows = E if sorted_ else NK
     (h,) = launch(
         "gate_up_mma",
         [
@@ -304,8 +307,8 @@ def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) 
             experts.gate_up_bias,
             const(experts.alpha, experts.limit),
         ],
-        [("T", T), ("H", H), ("I", I), ("K", k), ("RT", rt)],
-        (128 * -(-I // (8 * rt)), E, 1),
+        [("T", T), ("H", H), ("I", I), ("K", k), ("RT", rt), ("SORTED", sorted_)],
+        (128 * -(-I // (8 * rt)), rows, 1),
         (128, 1, 1),
         [(NK, I)],
         [T],
@@ -313,8 +316,16 @@ def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) 
     (d,) = launch(
         "down_mma",
         [h, perm, offsets, wts, experts.down_weight, experts.down_scales, experts.down_bias],
-        [("T", T), ("H", H), ("HP", experts.down_weight.shape[1]), ("I", I), ("K", k), ("RT", rt)],
-        (128 * -(-H // (16 * rt)), E, 1),
+        [
+            ("T", T),
+            ("H", H),
+            ("HP", experts.down_weight.shape[1]),
+            ("I", I),
+            ("K", k),
+            ("RT", rt),
+            ("SORTED", sorted_),
+        ],
+        (128 * -(-H // (16 * rt)), rows, 1),
         (128, 1, 1),
         [(NK, H)],
         [mx.float32],

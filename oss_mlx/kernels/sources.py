@@ -103,6 +103,12 @@ _DOWN_WEIGHTS = (
     "scales [E, HP, I/32] uint8",
     "bias [E, H]",
 )
+# The matrix-unit decode kernels' slots: grouped by moe_group, or (one token) the router's ids as they are.
+_MMA_SLOTS = (
+    "perm [N * K] uint32 (SORTED: moe_group's sorted slot -> slot; else each slot's expert, the ids)",
+    "offsets [E + 1] uint32 (SORTED: moe_group's, e's slots perm[offsets[e] .. offsets[e + 1]); else unread)",
+)
+_SORTED = "SORTED (1: slots grouped by expert, a block row per expert; 0: a block row per slot)"
 _GATE_UP_TEMPLATES = ("T", "H", "I", "K", "NC (ceil(H / 1024))", "COLS (SwiGLU columns per warp, <= 32)")
 _SDPA = dict(
     input_docs=(
@@ -257,17 +263,24 @@ SPECS = {
             "gate_up_swiglu on the matrix units, slots grouped by expert: each weight dequantized once for 8",
             input_docs=(
                 "x [N, H] (the normed rows; bf16)",
-                "perm [N * K] uint32 (moe_group: sorted slot -> slot)",
-                "offsets [E + 1] uint32 (moe_group: expert e's slots are perm[offsets[e] .. offsets[e + 1]))",
+                *_MMA_SLOTS,
                 *_GATE_UP_WEIGHTS,
             ),
             output_docs=("h [N * K, I] (T; in slot order, as gate_up_swiglu's)",),
-            template_docs=("T (bf16)", "H (% 32 == 0)", "I (% 32 == 0)", "K", "RT (16-row tiles per warp)"),
-            grid="(128 * ceil(I / (8 * RT)), E, 1)",
+            template_docs=(
+                "T (bf16)",
+                "H (% 32 == 0)",
+                "I (% 32 == 0)",
+                "K",
+                "RT (16-row tiles per warp)",
+                _SORTED,
+            ),
+            grid="(128 * ceil(I / (8 * RT)), SORTED ? E : N * K, 1)",
             threads="(128, 1, 1): 4 warps splitting the k range",
             cases=(
-                _case("bf16 u32 u32 u32 u8 bf16 f32c -> bf16", T=_B, H=2880, I=2880, K=4, RT=2),
-                _case("bf16 u32 u32c u32 u8 f32 f32c -> bf16", T=_B, H=96, I=64, K=2, RT=1),
+                _case("bf16 u32 u32 u32 u8 bf16 f32c -> bf16", T=_B, H=2880, I=2880, K=4, RT=2, SORTED=1),
+                _case("bf16 u32c u32c u32 u8 bf16 f32c -> bf16", T=_B, H=2880, I=2880, K=4, RT=2, SORTED=0),
+                _case("bf16 u32 u32c u32 u8 f32 f32c -> bf16", T=_B, H=96, I=64, K=2, RT=1, SORTED=1),
             ),
         ),
         KernelSpec(
@@ -276,18 +289,29 @@ SPECS = {
             "down + bias, times the routing weight, on the matrix units, slots grouped by expert (float32)",
             input_docs=(
                 "h [N * K, I] (gate_up_mma's; bf16)",
-                "perm [N * K] uint32",
-                "offsets [E + 1] uint32",
+                *_MMA_SLOTS,
                 "wts [N * K] float32",
                 *_DOWN_WEIGHTS,
             ),
             output_docs=("d [N * K, H] float32 (each slot's weighted expert output, for moe_combine)",),
-            template_docs=("T (bf16)", "H", "HP", "I", "K", "RT (16-row tiles per warp)"),
-            grid="(128 * ceil(H / (16 * RT)), E, 1)",
+            template_docs=("T (bf16)", "H", "HP", "I", "K", "RT (16-row tiles per warp)", _SORTED),
+            grid="(128 * ceil(H / (16 * RT)), SORTED ? E : N * K, 1)",
             threads="(128, 1, 1): 4 warps splitting the k range",
             cases=(
-                _case("bf16 u32 u32 f32 u32 u8 bf16 -> f32", T=_B, H=2880, HP=2944, I=2880, K=4, RT=2),
-                _case("bf16 u32 u32c f32 u32 u8 f32 -> f32", T=_B, H=64, HP=64, I=96, K=2, RT=1),
+                _case(
+                    "bf16 u32 u32 f32 u32 u8 bf16 -> f32", T=_B, H=2880, HP=2944, I=2880, K=4, RT=2, SORTED=1
+                ),
+                _case(
+                    "bf16 u32c u32c f32c u32 u8 bf16 -> f32",
+                    T=_B,
+                    H=2880,
+                    HP=2944,
+                    I=2880,
+                    K=4,
+                    RT=2,
+                    SORTED=0,
+                ),
+                _case("bf16 u32 u32c f32 u32 u8 f32 -> f32", T=_B, H=64, HP=64, I=96, K=2, RT=1, SORTED=1),
             ),
         ),
         KernelSpec(
