@@ -116,7 +116,7 @@ def test_a_decode_batch_keeps_the_fused_moe_block(N):
     launched = {n.removeprefix("oss_") for n in LAUNCHES - before}
     if N >= decode_moe.MOE_GEMM_FROM:
         experts = {"moe_group", "moe_gemm"}
-    elif N >= decode_moe.MOE_MMA_FROM:
+    elif decode_moe.MOE_MMA_FROM is not None and N >= decode_moe.MOE_MMA_FROM:
         experts = {"moe_group", "gate_up_mma", "down_mma", "moe_combine"}
     else:
         experts = {"gate_up_swiglu", "down_combine"}
@@ -263,12 +263,13 @@ def test_kernel_paths_are_taken():
 
 
 def test_self_test_passes_and_every_kernel_ran_on_this_cpu(monkeypatch):
-    """The start-up self-test (each kernel against its reference; the grouped decode-MoE kernels
-    turned on) passes with every kernel emulated, and every kernel in SPECS has run through the
-    emulator in this session (the count is printed at the end of the run)."""
+    """The start-up self-test (each kernel against its reference; the grouped and the matrix-unit
+    decode-MoE kernels turned on) passes with every kernel emulated, and every kernel in SPECS has run
+    through the emulator in this session (the count is printed at the end of the run)."""
     from oss_mlx.kernels import decode_moe
 
     monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", 4)
+    monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", 2)
     before = LAUNCHES.copy()
     assert kernel_selftest.run() is None
     assert {n.removeprefix("oss_") for n in LAUNCHES - before} == set(kernels.SPECS)

@@ -49,7 +49,7 @@ MOE_GEMM_FROM: int | None = 32
 # for all the slots that chose its expert, the slots the matrix units' narrow side (kernels_cuda/
 # decode_moe.cu says why). bf16 only (the CUDA mma's operands). A token alone keeps the per-slot
 # kernels: two launches fewer, and its four experts have one slot each.
-MOE_MMA_FROM: int | None = 2
+MOE_MMA_FROM: int | None = None  # off until measured on a card (docs/PERFORMANCE.md "Concurrency")
 MOE_MMA_TILES = 2  # gate_up_mma / down_mma: 16-row weight tiles per warp (RT)
 # The kernels of the grouped and of the matrix-unit paths (moe_group is the prefill's too).
 GROUPED_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combine"})
