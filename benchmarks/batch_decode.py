@@ -136,7 +136,10 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--results", help="append a JSON row per measurement here (benchmarks/results/)")
     ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument("--mma-from", type=int, help="decode_moe.MOE_MMA_FROM for this run (0: off)")
     args = ap.parse_args()
+    if args.mma_from is not None:  # the decode MoE's matrix-unit kernels from this many rows
+        decode_moe.MOE_MMA_FROM = args.mma_from or None
     global STREAMS
     STREAMS = tuple(sorted({1, 8, *(int(n) for n in args.streams.split(","))}))
     out: dict = {"config": args.config, "prompt": args.prompt, "decode": args.decode, "mlx": mx.__version__}

@@ -62,8 +62,10 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
         > $OUT/batchtests.log 2>&1
       echo "rc $?" | tee -a $OUT/run.log; tail -n 3 $OUT/batchtests.log | tee -a $OUT/run.log ;;
     batchdecode)  # benchmarks/batch_decode.py at 20b shapes: the bytes-per-step prediction, TTFT beside 7
-                  # streams, the decode MoE's ways, bf16 greedy equality, mlx-lm's BatchGenerator (SKIP_MLX_LM=1: not)
+                  # streams, the decode MoE's ways, bf16 greedy equality, mlx-lm's BatchGenerator (SKIP_MLX_LM=1: not;
+                  # MMA_FROM=n: the matrix-unit decode MoE from n rows, 0 off)
       timeout ${BATCHDECODE_TIMEOUT:-450} python3 benchmarks/batch_decode.py --config 20b ${SKIP_MLX_LM:+--skip-mlx-lm} \
+        ${MMA_FROM:+--mma-from $MMA_FROM} \
         --results $RESULTS --json $OUT/batch_decode.json 2>&1 | tee -a $OUT/run.log ;;
     finetune)  # LoRA training at 20b shapes (docs/FINETUNE.md): MXFP4 base, rank 8 on attention + experts,
                # 2048 tokens, batch 1; checkpointing on, then off; peak memory and tok/s beside the plan
