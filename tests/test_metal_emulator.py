@@ -41,13 +41,14 @@ def run(body, inputs, outputs, grid, threadgroup, template=None, header="", emul
 
 
 def test_the_source_is_the_one_mlx_generates(tmp_path, capfd, monkeypatch):
-    """For every kernel in SPECS at a launch of the start-up self-test (the grouped decode-MoE
-    kernels turned on, so it launches them too): the emulator's text of the kernel equals what MLX's
-    metal_kernel generates for the same call (its verbose output, recorded here by tracing an
-    export: no Metal device needed)."""
+    """For every kernel in SPECS at a launch of the start-up self-test (the grouped and the
+    matrix-unit decode-MoE kernels turned on, so it launches them too): the emulator's text of the
+    kernel equals what MLX's metal_kernel generates for the same call (its verbose output, recorded
+    here by tracing an export: no Metal device needed)."""
     from oss_mlx.kernels import decode_moe
 
     monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", 4)
+    monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", 2)
     calls = []
 
     def recording(**factory):
