@@ -100,8 +100,8 @@ def test_a_decode_batch_on_the_grouped_gemm(monkeypatch):
 @pytest.mark.parametrize("N", [16, 40])
 def test_a_decode_batch_keeps_the_fused_moe_block(N):
     """A decode batch's rows (x [R, 1, H]) keep norm_route past the 64 slots where a prefill chunk
-    ([1, T, H]) takes MLX's routing, and the matrix-unit decode kernels up to MOE_GEMM_FROM rows (the
-    grouped GEMM from there); the result is the reference block's."""
+    ([1, T, H]) takes MLX's routing, and the matrix-unit decode kernels from MOE_MMA_FROM rows (the
+    grouped GEMM from MOE_GEMM_FROM where set); the result is the reference block's."""
     from oss_mlx.kernels import decode_moe
 
     E, k, H, I = 8, 4, 96, 64
@@ -114,7 +114,7 @@ def test_a_decode_batch_keeps_the_fused_moe_block(N):
     fused = decode_moe.moe_block(x, block.norm.weight, block.norm.eps, router.weight, router.bias, k, experts)
     mx.eval(fused)
     launched = {n.removeprefix("oss_") for n in LAUNCHES - before}
-    if N >= decode_moe.MOE_GEMM_FROM:
+    if decode_moe.MOE_GEMM_FROM is not None and N >= decode_moe.MOE_GEMM_FROM:
         experts = {"moe_group", "moe_gemm"}
     elif decode_moe.MOE_MMA_FROM is not None and N >= decode_moe.MOE_MMA_FROM:
         experts = {"moe_group", "gate_up_mma", "down_mma", "moe_combine"}

@@ -39,17 +39,19 @@ MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert e
 # the per-slot kernels' bits for a device where they win (grouped_moe_probe.py measures both).
 MOE_GROUPED_FROM: int | None = None
 # From this many tokens of a decode batch the experts take the prefill's grouped GEMM on the matrix
-# units (prefill_moe.moe_gemm; None: never). The per-slot kernels dequantize every weight once per
-# (token, expert) slot and are bound by the instructions that costs (about five per weight element and
-# slot on the H100); the GEMM dequantizes each chosen expert's weights once a step for all its rows,
-# but its 64-row tiles cost more than that saves below 32 rows (docs/PERFORMANCE.md "Concurrency").
-MOE_GEMM_FROM: int | None = 32
-# From this many tokens of a decode batch (below MOE_GEMM_FROM) the experts take gate_up_mma and
-# down_mma (None: never): the slots grouped by expert (moe_group), each weight dequantized once a step
-# for all the slots that chose its expert, the slots the matrix units' narrow side (kernels_cuda/
-# decode_moe.cu says why). bf16 only (the CUDA mma's operands). A token alone keeps the per-slot
-# kernels: two launches fewer, and its four experts have one slot each.
-MOE_MMA_FROM: int | None = None  # off until measured on a card (docs/PERFORMANCE.md "Concurrency")
+# units (prefill_moe.moe_gemm; None: never). Its 64-row tiles hold ~2 rows of an expert at decode
+# sizes: on the H100 one layer took 597 µs at 32 rows against gate_up_mma + down_mma's 214
+# (docs/PERFORMANCE.md "Concurrency"), so a decode batch never takes it.
+MOE_GEMM_FROM: int | None = None
+# From this many tokens of a decode batch the experts take gate_up_mma and down_mma (None: never):
+# the slots grouped by expert (moe_group), each weight dequantized once a step for all the slots that
+# chose its expert, the slots the matrix units' narrow side (kernels_cuda/decode_moe.cu says why; the
+# per-slot kernels dequantize every weight once per (token, expert) slot, about five instructions per
+# weight element and slot). bf16 only (the CUDA mma's operands). On the H100, one layer at 4 / 8 / 16
+# / 32 rows: 116 / 165 / 192 / 214 µs against the per-slot kernels' 150 / 216 / 397 / 745; at one
+# row 65 µs either way (RT 1), and the per-slot kernels take one launch fewer, so they keep it.
+# Rows 2-3 are not measured: the per-slot kernels keep them.
+MOE_MMA_FROM: int | None = 4
 MOE_MMA_TILES = 2  # gate_up_mma / down_mma: 16-row weight tiles per warp (RT)
 # The kernels of the grouped and of the matrix-unit paths (moe_group is the prefill's too).
 GROUPED_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combine"})
