@@ -1235,7 +1235,8 @@ def test_experts_on_the_matrix_units(monkeypatch, E, k, H, I, N, case):
     """From MOE_MMA_FROM tokens a bf16 decode batch's experts take gate_up_mma and down_mma (slots
     grouped by expert, each weight dequantized once for 8 slots): the reference's result within bf16
     tolerance, and every token's result the same bits as that token alone through the same kernels (a
-    sequence decodes the same in a batch as alone: an mma's outputs are each their own dot product)."""
+    sequence decodes the same in a batch as alone: an mma's outputs are each their own dot product;
+    alone, one tile a warp and no grouping)."""
     block, x, h, indices, weights, experts = moe_decode_inputs(mx.bfloat16, E, k, H, I, N)
     if case == "skewed":
         indices = _skewed_indices(N, E, k)
