@@ -138,6 +138,8 @@ def main() -> int:
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--mma-from", type=int, help="decode_moe.MOE_MMA_FROM for this run (0: off)")
     args = ap.parse_args()
+    if args.mma_from is not None and args.mma_from < 0:
+        ap.error(f"--mma-from {args.mma_from}: a row count (0: the matrix-unit MoE off)")
     if args.mma_from is not None:  # the decode MoE's matrix-unit kernels from this many rows
         decode_moe.MOE_MMA_FROM = args.mma_from or None
     global STREAMS

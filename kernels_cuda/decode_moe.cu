@@ -31,23 +31,6 @@
 // down_mma: d[s, r] = wts[s] * (W[e][r] . h[s] + b[e][r]) in float32 (down_grouped's), then
 //   moe_combine adds each token's K outputs to the residual in order.
 
-// The block's expert and its slots [first, last) in sorted order. SORTED: expert `y`'s run of moe_group's
-// sorted slots (false: none); else (one token: no grouping needed) slot y alone, perm holding the
-// slots' experts (the router's ids).
-OSS_DEV bool expert_slots(const uint* perm, const uint* offsets, int y, bool sorted, int& e, int& first, int& last) {
-  if (sorted) {
-    e = y;
-    first = (int)offsets[y];
-    last = (int)offsets[y + 1];
-    return first < last;
-  }
-  e = (int)perm[y];
-  first = y;
-  last = y + 1;
-  return true;
-}
-// The slot at sorted position j.
-OSS_DEV int slot_at(const uint* perm, int j, bool sorted) { return sorted ? (int)perm[j] : j; }
 // The A operand of one mma for rows (g, g + 8) from their words q of a group: codes placed as bf16
 // bits (fp4x8_bf16), times the rows' 2^126 * scale multipliers.
 OSS_DEV void a_frags(uint w0, uint w1, uint m0, uint m1, bool big, uint big0, uint big1, uint* a) {

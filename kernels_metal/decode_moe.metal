@@ -20,21 +20,6 @@
 // gate_up_mma and down_mma: the CUDA kernels' results (gate_up_swiglu's rounding; down_grouped's
 // float32 d, which moe_combine adds to the residual).
 
-// The threadgroup's expert and its slots [first, last) in sorted order (the CUDA kernels' expert_slots).
-template <typename P, typename O>
-OSS_DEV bool expert_slots(P perm, O offsets, int y, bool sorted, thread int& e, thread int& first, thread int& last) {
-  if (sorted) {
-    e = y;
-    first = int(offsets[y]);
-    last = int(offsets[y + 1]);
-    return first < last;
-  }
-  e = int(perm[y]);
-  first = y;
-  last = y + 1;
-  return true;
-}
-template <typename P> OSS_DEV int slot_at(P perm, int j, bool sorted) { return sorted ? int(perm[j]) : j; }
 // One simdgroup's part of a tile: acc[rt] (rows 0..7, rows 8..15) += W rows (r0, r1) . inputs, the
 // inputs of the slot columns fn and fn + 1 at xa and xb (rows of KD elements), for the groups warp,
 // warp + 4, ...; wr0 / wr1 / sr0 / sr1 address tile rt's rows by an offset of rt * the tile stride.

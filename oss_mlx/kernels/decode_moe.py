@@ -40,17 +40,15 @@ MOE_ROWS_PER_BLOCK = 8  # down_combine (its 4 warps share the rows, one expert e
 MOE_GROUPED_FROM: int | None = None
 # From this many tokens of a decode batch the experts take the prefill's grouped GEMM on the matrix
 # units (prefill_moe.moe_gemm; None: never). Its 64-row tiles hold ~2 rows of an expert at decode
-# sizes: on the H100 one layer took 597 µs at 32 rows against gate_up_mma + down_mma's 214
-# (docs/PERFORMANCE.md "Concurrency"), so a decode batch never takes it.
+# sizes: slower than gate_up_mma + down_mma at every batch measured (docs/PERFORMANCE.md
+# "Concurrency"), so a decode batch never takes it.
 MOE_GEMM_FROM: int | None = None
 # From this many tokens of a decode batch the experts take gate_up_mma and down_mma (None: never):
 # the slots grouped by expert (moe_group), each weight dequantized once a step for all the slots that
-# chose its expert, the slots the matrix units' narrow side (kernels_cuda/decode_moe.cu says why; the
-# per-slot kernels dequantize every weight once per (token, expert) slot, about five instructions per
-# weight element and slot). bf16 only (the CUDA mma's operands). On the H100, one layer at 4 / 8 / 16
-# / 32 rows: 116 / 165 / 192 / 214 µs against the per-slot kernels' 150 / 216 / 397 / 745; at one
-# row 65 µs either way (RT 1), and the per-slot kernels take one launch fewer, so they keep it.
-# Rows 2-3 are not measured: the per-slot kernels keep them.
+# chose its expert, the slots the matrix units' narrow side (kernels_cuda/decode_moe.cu says why).
+# bf16 only (the CUDA mma's operands). Faster than the per-slot kernels from 4 rows on the card; at
+# one row as fast, and the per-slot kernels take one launch fewer, so they keep it; rows 2-3 are not
+# measured yet (docs/PERFORMANCE.md "Concurrency").
 MOE_MMA_FROM: int | None = 4
 MOE_MMA_TILES = 2  # gate_up_mma / down_mma: 16-row weight tiles per warp (RT)
 # The kernels of the grouped and of the matrix-unit paths (moe_group is the prefill's too).
@@ -295,8 +293,8 @@ def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) 
     E, gate_up_rows, _ = experts.gate_up_weight.shape
     I, T, NK = gate_up_rows // 2, x.dtype, N * k
     # One token's k slots have k distinct experts: no grouping (a block row per slot, the same bits),
-    # and one tile a warp (on the H100 65 µs a layer against RT 2's 90: more warps for 4 slots). The
-    # tile count changes no bits: each tile's arithmetic and k split are the same.
+    # and one tile a warp (more warps for its 4 slots: faster on the card). The tile count changes no
+    # bits: each tile's arithmetic and k split are the same.
     sorted_, rt = int(N > 1), (MOE_MMA_TILES if N > 1 else 1)
     perm, offsets = _group(ids, E) if sorted_ else (ids, ids)
     rows = E if sorted_ else NK
