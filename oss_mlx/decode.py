@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from . import kernels
 from .batch_cache import BatchCache
+from .host_head import HostHeads
 from .model import Transformer
 
 ENV = "OSS_MLX_COMPILE"
@@ -46,15 +47,16 @@ class DecodeStep:
         if compile is None:
             compile = os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
         self.compiled = compile and compilable(model)
-        self._fns: dict[tuple[str, int], object] = {}
+        self._fns: dict[tuple[str, int, bool], object] = {}
         self._traced: set[tuple] = set()
+        self.host_heads = HostHeads()
 
-    def _fn(self):
-        key = (kernels.backend(), threading.get_ident())
+    def _fn(self, unembed: bool = True):
+        key = (kernels.backend(), threading.get_ident(), unembed)
         if key not in self._fns:
 
             def step(tokens, positions, kv):  # not the bound method: `model` may be a weak proxy
-                return self.model.step(tokens, positions, kv)
+                return self.model.step(tokens, positions, kv, unembed)
 
             self._fns[key] = mx.compile(step) if self.compiled else step
         return self._fns[key]
@@ -62,7 +64,14 @@ class DecodeStep:
     def __call__(self, tokens: mx.array, batch: BatchCache) -> mx.array:
         if tokens.dtype != mx.uint32:  # one trace per input dtype: samplers return uint32
             tokens = tokens.astype(mx.uint32)
-        return self.model.step_into(batch, tokens, self._fn())
+        fn, head = self._step()
+        out = self.model.step_into(batch, tokens, fn)
+        return out if head is None else head(out)
+
+    def _step(self):
+        """(the step's function, the host unembedding that finishes it or None: MLX's own)."""
+        head = self.host_heads.for_model(self.model)
+        return self._fn(unembed=head is None), head
 
     def trace_ahead(self, batch: BatchCache, rows: int, length: int) -> None:
         """Trace the compiled step for buffers of `rows` rows and full layers of `length` positions
@@ -75,14 +84,15 @@ class DecodeStep:
         if key in self._traced:
             return
         self._traced.add(key)
-        self._fn()(*_dummy_step(batch, rows, length))  # outputs dropped unevaluated: only the trace is kept
+        fn, _ = self._step()
+        fn(*_dummy_step(batch, rows, length))  # outputs dropped unevaluated: only the trace is kept
 
     def run_ahead(self, batch: BatchCache, rows: int, length: int) -> None:
         """Run the step once on zero buffers of that shape (the load-time warm-up: the kernels a
         batch of `rows` uses are compiled, and the step traced, before a request needs them)."""
         if self.compiled:
             self._traced.add((kernels.backend(), threading.get_ident(), rows, length))
-        logits, written = self._fn()(*_dummy_step(batch, rows, length))
+        logits, written = self._step()[0](*_dummy_step(batch, rows, length))
         mx.eval(logits, written)
 
 

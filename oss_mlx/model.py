@@ -134,12 +134,13 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def step(
-        self, tokens: mx.array, positions: mx.array, kv: list[mx.array]
+        self, tokens: mx.array, positions: mx.array, kv: list[mx.array], unembed: bool = True
     ) -> tuple[mx.array, list[mx.array]]:
         """One token per row, tokens [R, 1], row r at position positions[r] (int32 [R]) -> (logits
         [R, 1, vocab], each layer's buffer [2, R, Hkv, S, D] with every row's position written).
         Pure and shape-stable: decode.py compiles it once per buffer shape; `step_into` hands the
-        decode batch's buffers in and back (batch_cache.py)."""
+        decode batch's buffers in and back (batch_cache.py). unembed=False: the final norm's output
+        [R, 1, H] instead of the logits (the CPU's host unembedding takes it on: host_head.py)."""
         x = self.embed(tokens)
         # A window layer writes slot position % window: one slot array per window size, not per layer.
         slots = {
@@ -150,7 +151,7 @@ class Transformer(nn.Module):
             x, buffer = block.attn.step(x, positions, slots.get(block.attn.window, positions), buffer)
             x = block.mlp(x)
             written.append(buffer)
-        return self.head(x), written
+        return (self.head(x) if unembed else self.norm(x)), written
 
     def step_into(self, batch: BatchCache, tokens: mx.array, step=None) -> mx.array:
         """tokens [R, 1] -> logits [R, 1, vocab], every row of the decode batch advanced one position:

@@ -1,0 +1,80 @@
+"""The decode step's unembedding on MLX's CPU backend, through numpy's BLAS.
+
+Why not MLX's matmul there: the Linux `mlx-cpu` wheel links netlib's reference BLAS (docs/UPSTREAM.md
+item 13), whose product of a few rows with the 201,088-row unembedding is compute-bound and linear in
+the rows (bf16 on 2 cores: 9.5 / 22.6 / 40.0 ms at 1 / 4 / 8 rows). That is most of a small model's
+decode step and what keeps a decode batch from paying off on the CPU. numpy's OpenBLAS reads the
+weight once for 8 rows (1.8-2.8 ms at 1-8 rows on the same machine). The GPU keeps MLX's matmul.
+
+The rows go through the BLAS in blocks of `COLUMNS`, zero-padded: a row's logits are then the same bits
+whatever else is in the batch (OpenBLAS sums a lone column otherwise than a block's), so batched
+decoding stays token-for-token equal to each sequence alone. The weight is copied once as float32
+(`MAX_BYTES` bounds the copy) and again whenever the model's unembedding weight is replaced (an adapter
+fused into it, a reload).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+ENV = "OSS_MLX_HOST_HEAD"  # 0: MLX's matmul on the CPU too; 1: the host BLAS whatever the copy's size
+COLUMNS = 8  # rows per BLAS call: one block reads the weight once
+MAX_BYTES = 1 << 30  # the float32 copy's bound by default (a 20b's would be 2.3 GB: MLX's matmul there)
+
+
+class HostUnembedding:
+    """logits = h @ W^T for decode rows h [R, 1, H] on the host's BLAS, in h's dtype."""
+
+    def __init__(self, weight: mx.array) -> None:
+        self.source = weight  # kept: identity says whether the model's weight is still this one
+        self.weight = np.array(weight.astype(mx.float32), copy=True)  # [V, H]
+
+    def __call__(self, h: mx.array) -> mx.array:
+        R, V, H = h.shape[0], self.weight.shape[0], self.weight.shape[1]
+        x = np.array(h.reshape(R, H).astype(mx.float32))  # evaluates the step up to here
+        padded = -(-R // COLUMNS) * COLUMNS
+        block = np.zeros((H, COLUMNS), np.float32)
+        out = np.empty((padded // COLUMNS, V, COLUMNS), np.float32)
+        for b in range(padded // COLUMNS):
+            block[:] = 0
+            rows = x[b * COLUMNS : (b + 1) * COLUMNS]
+            block[:, : rows.shape[0]] = rows.T
+            np.matmul(self.weight, block, out=out[b])
+        # [blocks, V, COLUMNS] -> [R, V]: MLX transposes it in the cast to h's dtype
+        logits = mx.array(out).transpose(0, 2, 1).reshape(padded, V)[:R]
+        return logits.astype(h.dtype).reshape(R, 1, V)
+
+
+def wanted(model) -> bool:
+    """Whether the decode step of `model` takes the host's BLAS for its unembedding here and now."""
+    from .kernels.dispatch import on_gpu
+    from .model import Transformer
+
+    if on_gpu() or model.__class__ is not Transformer or type(model.unembedding) is not nn.Linear:
+        return False  # a GPU, a distributed model's own head, a quantized or adapted unembedding
+    weight = model.unembedding.weight
+    if not mx.issubdtype(weight.dtype, mx.floating):
+        return False
+    setting = os.environ.get(ENV, "").strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return False
+    return setting in ("1", "on", "true", "yes") or weight.size * 4 <= MAX_BYTES
+
+
+class HostHeads:
+    """The host unembedding of one model, made at first use and remade when its weight changes."""
+
+    def __init__(self) -> None:
+        self._head: HostUnembedding | None = None
+
+    def for_model(self, model) -> HostUnembedding | None:
+        if not wanted(model):
+            return None
+        weight = model.unembedding.weight
+        if self._head is None or self._head.source is not weight:
+            self._head = HostUnembedding(weight)
+        return self._head
