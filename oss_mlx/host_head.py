@@ -21,6 +21,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .kernels.dispatch import on_gpu
+from .model import Transformer
+
 ENV = "OSS_MLX_HOST_HEAD"  # 0: MLX's matmul on the CPU too; 1: the host BLAS whatever the copy's size
 COLUMNS = 8  # rows per BLAS call: one block reads the weight once
 MAX_BYTES = 1 << 30  # the float32 copy's bound by default (a 20b's would be 2.3 GB: MLX's matmul there)
@@ -58,9 +61,6 @@ class HostUnembedding:
 
 def wanted(model) -> bool:
     """Whether the decode step of `model` takes the host's BLAS for its unembedding here and now."""
-    from .kernels.dispatch import on_gpu
-    from .model import Transformer
-
     if on_gpu() or model.__class__ is not Transformer or type(model.unembedding) is not nn.Linear:
         return False  # a GPU, a distributed model's own head, a quantized or adapted unembedding
     weight = model.unembedding.weight
