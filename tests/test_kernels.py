@@ -855,11 +855,19 @@ def test_model_logits_with_kernels_equal_reference(dtype, prompt):
         assert kernel_err < max(2 * reference_err, 1e-2), (i, kernel_err, reference_err)
 
 
+ONE_TOKEN_MOE = {  # decode_moe.MOE_MMA_FROM -> the experts' kernels of one token
+    1: ["gate_up_mma", "down_mma", "moe_combine"],  # the default: a batch's kernels (SORTED 0)
+    None: ["gate_up_swiglu", "down_combine"],  # the per-slot kernels
+}
+
+
 @needs_gpu
-def test_kernel_paths_are_taken():
+@pytest.mark.parametrize("mma_from", [1, None])
+def test_kernel_paths_are_taken(monkeypatch, mma_from):
     """Guard against silently falling back: the decode shapes of gpt-oss hit every kernel."""
     from oss_mlx.decode import DecodeStep, decode_one
 
+    monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", mma_from)
     with recording_launches() as calls:
         model = _tiny_model(mx.bfloat16)
         cache = model.make_cache()
@@ -868,7 +876,7 @@ def test_kernel_paths_are_taken():
         calls.clear()
         mx.eval(decode_one(DecodeStep(model, compile=False), mx.array([[1]]), cache))
     attention = {"norm_qkv_rope", "sdpa_decode_mma", "out_residual"}  # bf16, 64-dim heads: matrix units
-    assert attention | {"norm_route", "gate_up_swiglu", "down_combine"} <= set(calls), calls
+    assert attention | {"norm_route", *ONE_TOKEN_MOE[mma_from]} <= set(calls), calls
 
 
 def test_dtype_config_copy_is_harmless():
@@ -987,12 +995,15 @@ def test_the_self_test_launches_every_kernel(monkeypatch, grouped_from, mma_from
     assert {name for name, *_ in launches} == set(kernels.SPECS) - unused
 
 
-def test_decode_launches_with_the_gpu_faked():
+@pytest.mark.parametrize("mma_from", [1, None])
+def test_decode_launches_with_the_gpu_faked(monkeypatch, mma_from):
     """The kernel path's Python (predicates, launch arguments, output shapes) runs in CI: the GPU
     backend and the compiled kernels are faked, each fake recording its launch and returning arrays of
-    the shapes it declared. A decode step must launch the six kernels per layer with grids that
+    the shapes it declared. A decode step must launch the attention's and the MoE's kernels per layer
+    (the experts' on the matrix units by default, per-slot with MOE_MMA_FROM off) with grids that
     follow the work sizes, plus sdpa_combine where the keys are split (a full layer past
     SDPA_KEYS_PER_SPLIT keys; the window layers never are)."""
+    monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", mma_from)
     model = _tiny_model(mx.bfloat16)  # H 128, I 96, E 8, k 4, D 64, 8 query / 2 KV heads, window 16
     cache = model.make_cache()
     prompt = decode_attention.SDPA_KEYS_PER_SPLIT + 100
@@ -1009,8 +1020,7 @@ def test_decode_launches_with_the_gpu_faked():
         "sdpa_decode_mma",  # bf16, 64-dim heads, 4 query heads per KV head: the matrix units
         "out_residual",
         "norm_route",
-        "gate_up_swiglu",
-        "down_combine",
+        *ONE_TOKEN_MOE[mma_from],
     ]
     full = per_layer[:2] + ["sdpa_combine"] + per_layer[2:]
     want = [full if block.attn.window is None else per_layer for block in model.blocks]
@@ -1029,9 +1039,16 @@ def test_decode_launches_with_the_gpu_faked():
     assert sdpa[1][2][1] == (1, 8, splits, 64 + 2)  # the partials sdpa_combine merges
     assert by_name["out_residual"][0][2] == [(1, 1, 128)]
     assert by_name["norm_route"][0][2] == [(1, 128), (4,), (4,)]
-    assert by_name["gate_up_swiglu"][0][1] == (128 * 4, -(-96 // (4 * decode_moe.MOE_COLS_PER_WARP)), 1)
-    assert by_name["down_combine"][0][1] == (128, -(-128 // decode_moe.MOE_ROWS_PER_BLOCK), 1)
-    assert by_name["down_combine"][0][2] == [(1, 1, 128)]
+    if mma_from is None:
+        assert by_name["gate_up_swiglu"][0][1] == (128 * 4, -(-96 // (4 * decode_moe.MOE_COLS_PER_WARP)), 1)
+        assert by_name["down_combine"][0][1] == (128, -(-128 // decode_moe.MOE_ROWS_PER_BLOCK), 1)
+        assert by_name["down_combine"][0][2] == [(1, 1, 128)]
+    else:  # one token: a block row per slot (k = 4), one tile a warp, no grouping
+        assert "moe_group" not in by_name
+        assert by_name["gate_up_mma"][0][0]["SORTED"] == 0 and by_name["gate_up_mma"][0][0]["RT"] == 1
+        assert by_name["gate_up_mma"][0][1][1] == 4 and by_name["down_mma"][0][1][1] == 4
+        assert by_name["gate_up_mma"][0][2] == [(4, 96)] and by_name["down_mma"][0][2] == [(4, 128)]
+        assert by_name["moe_combine"][0][2] == [(1, 1, 128)]
 
 
 def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
@@ -1129,6 +1146,7 @@ def test_compiled_decode_step_launches_with_the_gpu_faked():
     with fake_gpu() as launches:
         logits = decode_one(DecodeStep(model, compile=False), mx.array([[3]]), cache)
     assert logits.shape == (1, 1, 512) and cache.offset == prompt + 1
+    moe = len(ONE_TOKEN_MOE[1 if decode_moe.MOE_MMA_FROM == 1 else None])  # the default's kernels
     full_len = [c.keys.shape[2] for c in cache if isinstance(c, FullCache)][0]
     assert full_len >= prompt + 1
     splits = max(
@@ -1138,7 +1156,9 @@ def test_compiled_decode_step_launches_with_the_gpu_faked():
     assert [g for _, g in sdpa] == [
         (128, 2, 1) if b.attn.window else (128 * splits, 2, 1) for b in model.blocks
     ]
-    per_layer = 6 * len(model.blocks) + (splits > 1) * sum(b.attn.window is None for b in model.blocks)
+    per_layer = (4 + moe) * len(model.blocks) + (splits > 1) * sum(
+        b.attn.window is None for b in model.blocks
+    )
     assert len(launches) == per_layer
 
 

@@ -258,8 +258,9 @@ def test_a_batch_with_matmul_projections_equals_each_row_alone(monkeypatch):
     tk.test_a_batched_decode_step_equals_each_row_alone(monkeypatch, 1)
 
 
-def test_kernel_paths_are_taken():
-    tk.test_kernel_paths_are_taken()
+@pytest.mark.parametrize("mma_from", [1, None])
+def test_kernel_paths_are_taken(monkeypatch, mma_from):
+    tk.test_kernel_paths_are_taken(monkeypatch, mma_from)
 
 
 def test_self_test_passes_and_every_kernel_ran_on_this_cpu(monkeypatch):

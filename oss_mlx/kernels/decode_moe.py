@@ -1,9 +1,9 @@
-"""The MoE block for decode-sized batches in three kernels: norm_route (routing.py), gate_up_swiglu
-and down_combine (kernels_shared/decode_moe.gpu). From MOE_MMA_FROM tokens the experts take the
-matrix-unit kernels gate_up_mma and down_mma (kernels_{cuda,metal}/decode_moe.*, slots grouped by
-moe_group, summed by moe_combine), from MOE_GEMM_FROM the prefill's grouped GEMM (prefill_moe), and
-from MOE_GROUPED_FROM (off by default) gate_up_grouped, down_grouped and moe_combine. The reference:
-moe.MLPBlock's own path."""
+"""The MoE block for decode-sized batches: norm_route (routing.py), then the experts. In bf16 from
+MOE_MMA_FROM tokens (by default one) the matrix-unit kernels gate_up_mma and down_mma
+(kernels_{cuda,metal}/decode_moe.*, slots grouped by moe_group, summed by moe_combine); otherwise the
+per-slot gate_up_swiglu and down_combine (kernels_shared/decode_moe.gpu); from MOE_GEMM_FROM (off) the
+prefill's grouped GEMM (prefill_moe), from MOE_GROUPED_FROM (off) gate_up_grouped, down_grouped and
+moe_combine. The reference: moe.MLPBlock's own path."""
 
 from __future__ import annotations
 
@@ -46,10 +46,13 @@ MOE_GEMM_FROM: int | None = None
 # From this many tokens of a decode batch the experts take gate_up_mma and down_mma (None: never):
 # the slots grouped by expert (moe_group), each weight dequantized once a step for all the slots that
 # chose its expert, the slots the matrix units' narrow side (kernels_cuda/decode_moe.cu says why).
-# bf16 only (the CUDA mma's operands). Faster than the per-slot kernels from 4 rows on the card; at
-# one row as fast, and the per-slot kernels take one launch fewer, so they keep it; rows 2-3 are not
-# measured yet (docs/PERFORMANCE.md "Concurrency").
-MOE_MMA_FROM: int | None = 4
+# bf16 only (the CUDA mma's operands). From one row: a token's result does not depend on the other
+# slots of its tile, so a sequence alone then gets the bits it gets in a batch (bf16 greedy decoding
+# in a batch of up to 4 equals each sequence alone; from 5 rows the attention's projections take
+# MLX's matmuls, decode_attention.ATTENTION_KERNEL_MAX_ROWS). On the card one row is as fast as the
+# per-slot kernels (their one launch fewer a layer is within the decode rate's spread) and 4-32 rows
+# faster (docs/PERFORMANCE.md "Concurrency"); on Metal neither way has been timed.
+MOE_MMA_FROM: int | None = 1
 MOE_MMA_TILES = 2  # gate_up_mma / down_mma: 16-row weight tiles per warp (RT)
 # The kernels of the grouped and of the matrix-unit paths (moe_group is the prefill's too).
 GROUPED_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combine"})
