@@ -2,9 +2,9 @@
 
 Why not MLX's matmul there: the Linux `mlx-cpu` wheel links netlib's reference BLAS (docs/UPSTREAM.md
 item 13), whose product of a few rows with the 201,088-row unembedding is compute-bound and linear in
-the rows (bf16 on 2 cores: 9.5 / 22.6 / 40.0 ms at 1 / 4 / 8 rows). That is most of a small model's
-decode step and what keeps a decode batch from paying off on the CPU. numpy's OpenBLAS reads the
-weight once for 8 rows (1.8-2.8 ms at 1-8 rows on the same machine). The GPU keeps MLX's matmul.
+the rows. That is most of a small model's decode step and what kept a decode batch from paying off on
+the CPU; numpy's OpenBLAS reads the weight once for 8 rows (the times: docs/PERFORMANCE.md
+"Concurrency"). The GPU keeps MLX's matmul.
 
 The rows go through the BLAS in blocks of `COLUMNS`, zero-padded: a row's logits are then the same bits
 whatever else is in the batch (OpenBLAS sums a lone column otherwise than a block's), so batched
@@ -16,6 +16,7 @@ fused into it, a reload).
 from __future__ import annotations
 
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,20 +36,21 @@ class HostUnembedding:
     def __init__(self, weight: mx.array) -> None:
         self.source = weight  # kept: identity says whether the model's weight is still this one
         self.weight = np.array(weight.astype(mx.float32), copy=True)  # [V, H]
-        # Buffers kept across steps: a fresh 6 MB array a step is a fresh mapping whose page faults
-        # cost as much as the product (measured: 2-3x slower steps in some processes).
-        self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Buffers kept across steps (a fresh 6 MB array a step is a fresh mapping whose page faults
+        # cost as much as the product), one set per thread: two threads may each run a decode step.
+        self._buffers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(self, h: mx.array) -> mx.array:
         R, V, H = h.shape[0], self.weight.shape[0], self.weight.shape[1]
         x = np.array(h.reshape(R, H).astype(mx.float32))  # evaluates the step up to here
         blocks = -(-R // COLUMNS)
-        if blocks not in self._buffers:
-            self._buffers[blocks] = (
+        key = (threading.get_ident(), blocks)
+        if key not in self._buffers:
+            self._buffers[key] = (
                 np.zeros((H, COLUMNS), np.float32),
                 np.empty((blocks, V, COLUMNS), np.float32),
             )
-        block, out = self._buffers[blocks]
+        block, out = self._buffers[key]
         for b in range(blocks):
             rows = x[b * COLUMNS : (b + 1) * COLUMNS]
             block[:] = 0

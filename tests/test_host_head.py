@@ -140,3 +140,35 @@ def test_a_steps_logits_survive_the_next_step():
     first = head(h1)  # lazy
     head(h2)
     np.testing.assert_array_equal(np.array(first), want)
+
+
+def test_two_threads_decode_at_once():
+    """Each thread's product has its own buffers: two threads' steps at the same time each get their
+    own rows' logits."""
+    import threading
+
+    mx.random.seed(4)
+    head = HostUnembedding(mx.random.normal((4000, 48)))
+    inputs = [mx.random.normal((2, 1, 48)) for _ in range(2)]
+    want = [np.array(head(h)) for h in inputs]
+    got, errors = [None, None], []
+
+    def run(i: int) -> None:
+        try:
+            for _ in range(30):
+                out = np.array(head(inputs[i]))
+                if not np.array_equal(out, want[i]):
+                    got[i] = out
+                    return
+            got[i] = want[i]
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        np.testing.assert_array_equal(got[i], want[i])
