@@ -40,7 +40,9 @@ def compilable(model: Transformer) -> bool:
 class DecodeStep:
     """`step(tokens [R, 1], batch) -> logits [R, 1, vocab]`, every row of the batch advanced one
     position. Holds the compiled traces: one compiled function per kernel backend and thread (a
-    trace bakes in the backend it saw, and MLX streams belong to the thread that made them)."""
+    trace bakes in the backend it saw, and MLX streams belong to the thread that made them). On MLX's
+    CPU backend the trace stops at the final norm and the unembedding runs on numpy's BLAS
+    (host_head.py says why)."""
 
     def __init__(self, model: Transformer, compile: bool | None = None) -> None:
         self.model = model
