@@ -7,7 +7,6 @@ Each head has a sink logit that joins the softmax but has no value: the head may
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -19,6 +18,7 @@ from .config import ModelConfig
 from .kernels import AttentionWeights, decode_attention
 from .norm import RMSNorm
 from .rope import YarnRoPE
+from .switches import env_switch
 
 
 def attention_mask(num_queries: int, offset: int, num_keys: int, window: int | None) -> mx.array | str | None:
@@ -114,11 +114,9 @@ TILES = "tiles"
 def fixed_shapes() -> bool:
     """Whether prefill attention takes the fixed shapes: on MLX-CUDA (the only backend that builds
     per-shape graphs), or as OSS_MLX_FIXED_SHAPES=1 / 0 says. Elsewhere the padding would be waste."""
-    want = os.environ.get(FIXED_SHAPES_ENV, "auto").strip().lower()
-    if want in ("1", "on", "true", "yes"):
-        return True
-    if want in ("0", "off", "false", "no"):
-        return False
+    want = env_switch(FIXED_SHAPES_ENV)
+    if want is not None:
+        return want
     return kernels.available_backend() == "cuda"
 
 

@@ -15,7 +15,6 @@ router picks them) or `OSS_MLX_COMPILE=0`; the same pure function then runs eage
 
 from __future__ import annotations
 
-import os
 import threading
 
 import mlx.core as mx
@@ -24,6 +23,7 @@ from . import kernels
 from .batch_cache import BatchCache
 from .host_head import HostHeads
 from .model import Transformer
+from .switches import env_switch
 
 ENV = "OSS_MLX_COMPILE"
 
@@ -47,7 +47,7 @@ class DecodeStep:
     def __init__(self, model: Transformer, compile: bool | None = None) -> None:
         self.model = model
         if compile is None:
-            compile = os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+            compile = env_switch(ENV) is not False
         self.compiled = compile and compilable(model)
         self._fns: dict[tuple[str, int, bool], object] = {}
         self._traced: set[tuple] = set()
@@ -94,7 +94,8 @@ class DecodeStep:
         batch of `rows` uses are compiled, and the step traced, before a request needs them)."""
         if self.compiled:
             self._traced.add((kernels.backend(), threading.get_ident(), rows, length))
-        logits, written = self._step()[0](*_dummy_step(batch, rows, length))
+        fn, _ = self._step()
+        logits, written = fn(*_dummy_step(batch, rows, length))
         mx.eval(logits, written)
 
 

@@ -15,7 +15,6 @@ fused into it, a reload).
 
 from __future__ import annotations
 
-import os
 import threading
 
 import mlx.core as mx
@@ -24,6 +23,7 @@ import numpy as np
 
 from .kernels.dispatch import on_gpu
 from .model import Transformer
+from .switches import env_switch
 
 ENV = "OSS_MLX_HOST_HEAD"  # 0: MLX's matmul on the CPU too; 1: the host BLAS whatever the copy's size
 COLUMNS = 8  # rows per BLAS call: one block reads the weight once
@@ -68,10 +68,10 @@ def wanted(model) -> bool:
     weight = model.unembedding.weight
     if not mx.issubdtype(weight.dtype, mx.floating):
         return False
-    setting = os.environ.get(ENV, "").strip().lower()
-    if setting in ("0", "off", "false", "no"):
-        return False
-    return setting in ("1", "on", "true", "yes") or weight.size * 4 <= MAX_BYTES
+    setting = env_switch(ENV)
+    if setting is not None:
+        return setting
+    return weight.size * 4 <= MAX_BYTES
 
 
 class HostHeads:

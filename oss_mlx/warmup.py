@@ -17,7 +17,6 @@ Nothing here changes the model or its results: the warm-up's cache is thrown awa
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import mlx.core as mx
 from . import kernels
 from .attention import QueryBlock, block_sdpa, block_sizes, fixed_shapes
 from .model import Transformer
+from .switches import env_switch
 
 ENV = "OSS_MLX_WARMUP"
 # The warm-up's dummy prompt: long enough for the prefill experts' GEMM, the window layers' tiles and
@@ -58,11 +58,9 @@ class WarmupReport:
 def wanted() -> bool:
     """Whether loading warms up: where a GPU runs the model (a CPU has no per-shape setup worth a
     dummy prompt), unless OSS_MLX_WARMUP=0."""
-    want = os.environ.get(ENV, "auto").strip().lower()
-    if want in ("0", "off", "false", "no"):
-        return False
-    if want in ("1", "on", "true", "yes"):
-        return True
+    want = env_switch(ENV)
+    if want is not None:
+        return want
     return kernels.available_backend() in ("cuda", "metal") and mx.default_device() == mx.gpu
 
 
