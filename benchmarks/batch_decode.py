@@ -13,7 +13,7 @@
    alone (target <= 2x).
 4. The decode MoE's per-slot kernels, matrix-unit kernels and the prefill's grouped GEMM against
    each other at 4, 8 and 16 streams (kernels/decode_moe.py MOE_MMA_FROM, MOE_GEMM_FROM).
-5. Greedy equality in bf16: the first 32 tokens of each prompt decoded in a batch of 4 and of 8
+5. Greedy equality in bf16: the first 32 tokens of each prompt decoded in a batch of 4, 8 and 16
    against the same prompt alone. Prompts are chosen by their logits alone (the lone run's, before any batch):
    at each of the 32 steps the gap between the top two logits is measured, and a prompt is kept
    when every gap exceeds GAP_ULPS bf16 ulps of its top logit (bf16 noise in the sums can flip
@@ -36,7 +36,7 @@ import mlx.core as mx  # noqa: E402
 
 from oss_mlx import bench, bench_concurrency, kernels  # noqa: E402
 from oss_mlx.batch_cache import BatchCache  # noqa: E402
-from oss_mlx.kernels import decode_moe  # noqa: E402
+from oss_mlx.kernels import decode_attention, decode_moe  # noqa: E402
 from oss_mlx.memory import expert_bytes, kv_bytes, weight_bytes  # noqa: E402
 from oss_mlx.runtime import runtime_of  # noqa: E402
 
@@ -137,6 +137,8 @@ def main() -> int:
     ap.add_argument("--results", help="append a JSON row per measurement here (benchmarks/results/)")
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--mma-from", type=int, help="decode_moe.MOE_MMA_FROM for this run (0: off)")
+    ap.add_argument("--equality-sizes", default="4,8,16", help="the batch sizes of the bf16 equality")
+    ap.add_argument("--skip-moe-ways", action="store_true", help="leave out part 4 (~1.5 min on an H100)")
     args = ap.parse_args()
     if args.mma_from is not None and args.mma_from < 0:
         ap.error(f"--mma-from {args.mma_from}: a row count (0: the matrix-unit MoE off)")
@@ -209,7 +211,7 @@ def main() -> int:
     # grouped GEMM (the grouped kernels, slower than the per-slot ones on the H100, are left out)
     grouped = {}
     saved = decode_moe.MOE_GROUPED_FROM, decode_moe.MOE_GEMM_FROM, decode_moe.MOE_MMA_FROM
-    for n in (4, 8, 16):
+    for n in () if args.skip_moe_ways else (4, 8, 16):
         for label, gemm_from, mma_from in (
             ("per_slot", None, None),
             ("mma", None, 1),
@@ -223,23 +225,25 @@ def main() -> int:
             print(f"moe {label:>8} at {n} streams: {grouped[f'{label}_{n}']:.1f} tok/s", flush=True)
     decode_moe.MOE_GROUPED_FROM, decode_moe.MOE_GEMM_FROM, decode_moe.MOE_MMA_FROM = saved
     runtime_of(model)._decode = None
-    out["moe_grouped_vs_per_slot"] = grouped
-    save("moe_grouped_vs_per_slot", grouped)
+    if grouped:
+        out["moe_grouped_vs_per_slot"] = grouped
+        save("moe_grouped_vs_per_slot", grouped)
 
-    # 5: greedy equality, batched vs alone, for prompts beyond bf16 noise; in batches of 4 (the
-    # attention's fused projections: each row's attention and experts are its lone bits, only the
-    # unembedding's matmul may round a logit otherwise, by at most one bf16 ulp, so a top-2 gap of
-    # more than 2 ulps cannot flip) and of 8 (MLX's matmuls for the projections: their rounding differs
-    # from the fused kernels' and can flip a random model's routing, so noise is wider there)
+    # 5: greedy equality, batched vs alone, for prompts beyond bf16 noise. Up to
+    # ATTENTION_KERNEL_MAX_ROWS rows each row's attention and experts are its lone bits (the fused
+    # projections in blocks of rows, the matrix-unit MoE); only the unembedding's matmul may round a
+    # logit otherwise, by at most one bf16 ulp, so a top-2 gap of more than 2 ulps cannot flip. Past it
+    # MLX's matmuls round the projections otherwise, which can flip a random model's routing: wider.
     steps = 32
     eq_prompts = [bench._prompt(args.prompt // 2, vocab, 555 + i) for i in range(args.equality_prompts)]
     alone = [gaps_and_tokens(model, p, steps) for p in eq_prompts]
     out["equality"] = {}
-    for size in (4, 8):
+    for size in (int(n) for n in args.equality_sizes.split(",")):
         together = []
         for i in range(0, len(eq_prompts), size):
             together += batched_tokens(model, eq_prompts[i : i + size], steps)
-        eq = equality(alone, together, steps, GAP_ULPS if size > 4 else 2)
+        lone_bits = size <= decode_attention.ATTENTION_KERNEL_MAX_ROWS
+        eq = equality(alone, together, steps, 2 if lone_bits else GAP_ULPS)
         out["equality"][f"batch_{size}"] = eq
         print(
             f"greedy equality, batch of {size} vs alone: {eq['kept_equal']} of {eq['kept']} kept prompts "

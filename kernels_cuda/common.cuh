@@ -63,6 +63,8 @@ OSS_DEV void load8(const float* p, float* out) {
   out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
   out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
 }
+// 8 consecutive elements of shared memory (16-byte aligned) as floats: load8's 16-byte loads.
+template <typename T> OSS_DEV void load8_shared(const T* p, float* out) { load8(p, out); }
 // Strided fallback (any element stride).
 template <typename T> OSS_DEV void load8_strided(const T* p, long long stride, float* out) {
 #pragma unroll

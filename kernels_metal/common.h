@@ -51,6 +51,10 @@ OSS_DEV void load8(const device float* p, thread float* out) {
   out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
   out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
 }
+// 8 consecutive elements of threadgroup memory as floats (read one by one: no alignment asked).
+template <typename T> OSS_DEV void load8_shared(const threadgroup T* p, thread float* out) {
+  for (int i = 0; i < 8; ++i) out[i] = to_f(p[i]);
+}
 // Strided fallback (any element stride).
 template <typename T> OSS_DEV void load8_strided(const device T* p, long stride, thread float* out) {
   for (int i = 0; i < 8; ++i) out[i] = to_f(p[i * stride]);

@@ -1031,7 +1031,8 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch, mma_from):
         by_name.setdefault(name, []).append((template, grid, shapes))
     template, grid, shapes = by_name["norm_qkv_rope"][0]
     assert shapes == [(1, 8, 64), (2, 1, 2, 1, 64)]
-    assert grid == (128 * -(-((8 + 2 * 2) * 64 // 2) // (4 * decode_attention.QKV_PAIRS_PER_WARP)), 1, 1)
+    assert grid == (128, -(-((8 + 2 * 2) * 64 // 2) // (4 * decode_attention.QKV_PAIRS_PER_WARP)), 1)
+    assert template["RB"] == 1 and by_name["out_residual"][0][0]["RB"] == 1
     splits = -(-(prompt + 1) // decode_attention.SDPA_KEYS_PER_SPLIT)
     sdpa = by_name["sdpa_decode_mma"]
     assert sdpa[0][1] == (128, 2, 1)  # window layer: its 16 keys, one split
@@ -1053,7 +1054,8 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch, mma_from):
 
 def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
     """Five rows at their own positions (a bucket of 8): the attention kernel takes the rows'
-    positions, the projections MLX's matmuls (more than ATTENTION_KERNEL_MAX_ROWS rows), the experts
+    positions, the projections the fused kernels in blocks of rows (MLX's matmuls past
+    ATTENTION_KERNEL_MAX_ROWS rows), the experts
     are grouped (moe_group, gate_up_grouped over the experts, down_grouped, moe_combine) with the
     grouped kernels on from 4 tokens, on the matrix units (moe_group, gate_up_mma, down_mma,
     moe_combine) from MOE_MMA_FROM rows, per-slot with both off or for one row; two rows keep the
@@ -1063,7 +1065,9 @@ def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
 
     model = _tiny_model(mx.bfloat16)  # E 8, k 4, H 128, I 96
     assert decode_moe.MOE_GROUPED_FROM is None  # off by default (decode_moe says why)
-    for rows, grouped_from, mma_from in ((5, 4, 2), (5, None, 2), (2, 4, 2), (5, None, None), (1, None, 2)):
+    cases = ((5, 4, 2, 16), (5, None, 2, 16), (2, 4, 2, 16), (5, None, None, 4), (1, None, 2, 16))
+    for rows, grouped_from, mma_from, attention_rows in cases:
+        monkeypatch.setattr(decode_attention, "ATTENTION_KERNEL_MAX_ROWS", attention_rows)
         monkeypatch.setattr(decode_moe, "MOE_GROUPED_FROM", grouped_from)
         monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", mma_from)
         batch = BatchCache.for_model(model)
@@ -1079,9 +1083,12 @@ def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
         by_name = {}
         for name, template, grid, shapes in launches:
             by_name.setdefault(name, []).append((template, grid, shapes))
-        if R <= decode_attention.ATTENTION_KERNEL_MAX_ROWS:
+        if R <= attention_rows:
             assert by_name["norm_qkv_rope"][0][2] == [(R, 8, 64), (2, R, 2, 1, 64)]
-            assert by_name["norm_qkv_rope"][0][1][1] == R
+            rb = by_name["norm_qkv_rope"][0][0]["RB"]
+            assert rb == decode_attention.rows_per_block(R, 128, mx.bfloat16)
+            assert by_name["norm_qkv_rope"][0][1][0] == 128 * -(-R // rb)  # blocks of RB rows
+            assert by_name["out_residual"][0][1][0] == 128 * -(-R // by_name["out_residual"][0][0]["RB"])
             assert names.count("out_residual") == len(model.blocks)
         else:
             assert "norm_qkv_rope" not in names and "out_residual" not in names
@@ -1331,15 +1338,43 @@ def test_sdpa_decode_rows_at_their_own_positions(monkeypatch, mma, dtype):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_norm_qkv_rope_rows_at_their_own_positions(dtype):
-    block = random_attention(256, 64, 8, 2, dtype)
-    positions = [0, 37, 900, 5]
-    x = (3 * mx.random.normal((len(positions), 1, 256))).astype(dtype)
+@pytest.mark.parametrize("H,D,hq,hkv", [(256, 64, 8, 2), (2880, 64, 64, 8)], ids=["small", "gpt-oss"])
+@pytest.mark.parametrize("rows", [2, 6, 9])
+def test_projection_rows_get_their_bits_alone(dtype, H, D, hq, hkv, rows):
+    """norm_qkv_rope and out_residual on a batch (blocks of rows_per_block rows sharing each weight
+    load; 6 and 9 rows end in a part-filled block) give each row, at its own position, exactly the
+    bits it gets alone (one row: the register path). So a batched decode step is bit-for-bit each
+    sequence alone wherever the rest of the step is too."""
+    block = random_attention(H, D, hq, hkv, dtype)
+    positions = [0, 37, 900, 5, 30000, 2, 64, 131, 7][:rows]
+    x = (3 * mx.random.normal((rows, 1, H))).astype(dtype)
+    o = mx.random.normal((rows, 1, hq * D)).astype(dtype)
     w = block.decode_weights()
-    q, kv = decode_attention.norm_qkv_rope(w, x, kernels.device_ints(positions)[: len(positions)])
+    assert decode_attention.attention_decode_ok(w, x)
+    assert decode_attention.rows_per_block(rows, H, dtype) > 1
+    with recording_launches() as launched:
+        q, kv = decode_attention.norm_qkv_rope(w, x, kernels.device_ints(positions)[:rows])
+        y = decode_attention.out_residual(o, w.out_weight, w.out_bias, x)
+        mx.eval(q, kv, y)
+    assert {"norm_qkv_rope", "out_residual"} <= set(launched)
     for b, p in enumerate(positions):
         qb, kvb = decode_attention.norm_qkv_rope(w, x[b : b + 1], p)
-        assert mx.array_equal(q[b : b + 1], qb).item() and mx.array_equal(kv[:, b : b + 1], kvb).item()
+        yb = decode_attention.out_residual(o[b : b + 1], w.out_weight, w.out_bias, x[b : b + 1])
+        assert mx.array_equal(q[b : b + 1], qb).item() and mx.array_equal(kv[:, b : b + 1], kvb).item(), b
+        assert mx.array_equal(y[b : b + 1], yb).item(), b
+    assert rel_err(y, x + block.out(o)) < TOL[dtype]
+
+
+def test_projection_rows_per_block():
+    """One row keeps its inputs in registers; a batch takes one block size (one compile for every
+    batch), smaller where the staged rows would pass the threadgroup budget, 1 past it."""
+    per = decode_attention.ATTENTION_ROWS_PER_BLOCK
+    assert decode_attention.rows_per_block(1, 2880, mx.bfloat16) == 1
+    assert {decode_attention.rows_per_block(r, 2880, mx.bfloat16) for r in (2, 5, 16)} == {per}
+    for width, dtype in ((2880, mx.bfloat16), (4096, mx.bfloat16), (2880, mx.float32), (7680, mx.float32)):
+        rb = decode_attention.rows_per_block(8, width, dtype)
+        assert rb == 1 or rb * -(-width // 256) * 256 * dtype.size <= decode_attention.STAGED_BYTES
+        assert rb >= 1
 
 
 @needs_gpu

@@ -223,6 +223,18 @@ def test_out_residual(dtype, H, D, hq, hkv, B):
     tk.test_out_residual_matches_reference(dtype, H, D, hq, hkv, B)
 
 
+@pytest.mark.parametrize(
+    "dtype,H,D,hq,hkv,rows",
+    ids(
+        (BF16, 256, 64, 8, 2, 6), (F32, 256, 64, 8, 2, 9), (BF16, 2880, 64, 64, 8, 5), (F16, 96, 16, 6, 2, 2)
+    ),
+)
+def test_projection_rows_get_their_bits_alone(dtype, H, D, hq, hkv, rows):
+    """A decode batch's rows in blocks through norm_qkv_rope and out_residual (threadgroup-staged
+    inputs, part-filled last blocks) against each row alone on the register path: equal bits."""
+    tk.test_projection_rows_get_their_bits_alone(dtype, H, D, hq, hkv, rows)
+
+
 def test_out_residual_rounds_where_the_reference_rounds():
     """round(res + round(W o + b)) in bf16, as the reference's addmm then add: the kernel's outputs
     equal the reference's bit for bit except where float32 summation order flips a rounding (a

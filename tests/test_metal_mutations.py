@@ -51,6 +51,7 @@ def MOE_DECODE(mp):  # the per-slot kernels (two bf16 rows would take the matrix
 
 MOE_MMA = lambda mp: tk.test_experts_on_the_matrix_units(mp, 8, 4, 96, 64, 12, "skewed")  # noqa: E731
 MOE_PREFILL = lambda mp: tk.test_moe_prefill_matches_reference(BF16, 4, 2, 64, 96, 40, 3)  # noqa: E731
+STAGED_ROWS = lambda mp: tk.test_projection_rows_get_their_bits_alone(F32, 256, 64, 8, 2, 6)  # noqa: E731
 
 MUTATIONS = [
     Mutation("wrong shuffle mask (the max over a tile's keys misses a lane bit)", "sdpa_decode_mma",
@@ -107,8 +108,13 @@ MUTATIONS = [
              MOE_MMA),
     Mutation("missing threadgroup barrier (the split k's partial tiles read before written)", "down_mma",
              "threadgroup_barrier(mem_flags::mem_threadgroup);", "", MOE_MMA),
+    Mutation("missing threadgroup barrier (a block's staged rows read before written)", "norm_qkv_rope",
+             "OSS_BARRIER();", "", STAGED_ROWS),
+    Mutation("off-by-one in a staged row (the block's rows one element apart)", "out_residual",
+             "stage_chunks<NC>(xr, xs + r * ROW, lane);", "stage_chunks<NC>(xr, xs + r * ROW + 1, lane);",
+             STAGED_ROWS),
     Mutation("wrong rotation sign (RoPE)", "norm_qkv_rope",
-             "y0[j] = c0 * cs[j] - c1 * sn[j];", "y0[j] = c0 * cs[j] + c1 * sn[j];",
+             "y0[j][r] = c0 * cs[j][r] - c1 * sn[j][r];", "y0[j][r] = c0 * cs[j][r] + c1 * sn[j][r];",
              lambda mp: tk.test_norm_qkv_rope_matches_reference(F32, 96, 16, 6, 2, 3, 37)),
 ]  # fmt: skip
 

@@ -1,13 +1,15 @@
 """A decode batch's step time at 20b shapes, per number of rows, with the attention's projections in
 the fused kernels or in MLX's matmuls (issue 19: what limits 8 and 16 streams).
 
-norm_qkv_rope and out_residual run a grid row per batch row, so their weights are read once per row;
-MLX's matmuls read them once for all rows but add launches (norm, matmul, RoPE, the row write, the
-output matmul, the residual). For R rows of 128-token prompts each (own prompts, own caches, joined
-into one decode batch), STEPS compiled decode steps are queued back to back (each step's greedy
-tokens feed the next, nothing read in between, as the scheduler does) and timed to the last one:
-ms per step and aggregate tok/s, for each ATTENTION_KERNEL_MAX_ROWS setting ("kernels": the fused
-kernels at every R; "matmul": MLX's matmuls from 2 rows). Each setting traces its own step.
+norm_qkv_rope and out_residual take a batch's rows in blocks of rows_per_block (4 / 3 in bf16), so
+their weights are read once per block (the blocks sharing a slice side by side, its later reads from
+L2) and each row keeps the bits it gets alone; MLX's matmuls read them once for all rows but add
+launches (norm, matmul, RoPE, the row write, the output matmul, the residual). For R rows of
+128-token prompts each (own prompts, own caches, joined into one decode batch), STEPS compiled
+decode steps are queued back to back (each step's greedy tokens feed the next, nothing read in
+between, as the scheduler does) and timed to the last one: ms per step and aggregate tok/s, for each
+ATTENTION_KERNEL_MAX_ROWS setting ("kernels": the fused kernels at every R; "matmul": MLX's matmuls
+from 2 rows). Each setting traces its own step.
 
     python benchmarks/probes/batch_step_probe.py --rows 1,2,4,8,16
 """

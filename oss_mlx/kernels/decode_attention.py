@@ -112,12 +112,26 @@ def sdpa_decode(
     return out
 
 
-# norm_qkv_rope and out_residual read their weights once per row (a row is a grid row), so a decode
-# batch of R rows reads the attention's projections R times; up to this many rows the fused kernels
-# still pay, past it the step takes MLX's matmuls, which read each weight once for all rows, around
-# the attention kernel. Chosen by benchmarks/probes/batch_step_probe.py on an H100 (docs/PERFORMANCE.md
-# "Concurrency"); Metal not measured.
-ATTENTION_KERNEL_MAX_ROWS = 4
+# A decode batch's rows go through norm_qkv_rope and out_residual ATTENTION_ROWS_PER_BLOCK to a block
+# (fewer where their staged inputs would pass STAGED_BYTES of threadgroup memory: Apple GPUs give a
+# threadgroup 32 KB), so a batch of R rows reads each projection ceil(R / that) times, the blocks
+# sharing a slice side by side (L2). A row gets the bits it gets alone (kernels_shared/
+# decode_attention.gpu), which MLX's matmul of R rows against one does not, so the kernels serve
+# every batch the scheduler makes (up to ATTENTION_KERNEL_MAX_ROWS: 16 covers --max-concurrency 16);
+# past it the step takes MLX's matmuls around the attention kernel.
+ATTENTION_ROWS_PER_BLOCK = 4
+STAGED_BYTES = 24 * 1024
+ATTENTION_KERNEL_MAX_ROWS = 16
+
+
+def rows_per_block(rows: int, width: int, dtype: mx.Dtype) -> int:
+    """The RB of norm_qkv_rope / out_residual for `rows` inputs of `width` elements: 1 for one row
+    (its inputs stay in registers), else ATTENTION_ROWS_PER_BLOCK within STAGED_BYTES (one block
+    size for every batch: one compile)."""
+    if rows <= 1:
+        return 1
+    staged_row = -(-width // 256) * 256 * dtype.size
+    return max(1, min(ATTENTION_ROWS_PER_BLOCK, STAGED_BYTES // staged_row))
 
 
 def attention_decode_ok(w: AttentionWeights | None, x: mx.array) -> bool:
@@ -152,6 +166,7 @@ def norm_qkv_rope(w: AttentionWeights, x: mx.array, offset: int | mx.array) -> t
     B, _, H = x.shape
     D, hq, hkv = w.head_dim, w.num_heads, w.num_kv_heads
     pw = QKV_PAIRS_PER_WARP
+    rb = rows_per_block(B, H, x.dtype)
     q, kv = launch(
         "norm_qkv_rope",
         [
@@ -163,8 +178,17 @@ def norm_qkv_rope(w: AttentionWeights, x: mx.array, offset: int | mx.array) -> t
             as_position(offset, B),
             const(w.eps, w.concentration),
         ],
-        [("T", x.dtype), ("H", H), ("D", D), ("HQ", hq), ("HKV", hkv), ("NC", -(-H // 256)), ("PW", pw)],
-        (128 * -(-((hq + 2 * hkv) * D // 2) // (4 * pw)), B, 1),
+        [
+            ("T", x.dtype),
+            ("H", H),
+            ("D", D),
+            ("HQ", hq),
+            ("HKV", hkv),
+            ("NC", -(-H // 256)),
+            ("PW", pw),
+            ("RB", rb),
+        ],
+        (128 * -(-B // rb), -(-((hq + 2 * hkv) * D // 2) // (4 * pw)), 1),
         (128, 1, 1),
         [(B, hq, D), (2, B, hkv, 1, D)],
         [x.dtype] * 2,
@@ -176,13 +200,15 @@ def out_residual(o: mx.array, weight: mx.array, bias: mx.array, residual: mx.arr
     """residual + o @ weight.T + bias for o [B, 1, IN] in one kernel (attention_decode_ok first)."""
     IN = o.shape[-1]
     H = residual.shape[-1]
-    N = residual.size // H
+    N = residual.shape[0]  # [N, 1, H] or [N, H]: the kernel counts rows by the first dimension
+    assert residual.size == N * H and o.size == N * IN, (o.shape, residual.shape)
     rw = OUT_ROWS_PER_WARP
+    rb = rows_per_block(N, IN, residual.dtype)
     (y,) = launch(
         "out_residual",
         [o, weight, bias, residual],
-        [("T", residual.dtype), ("H", H), ("IN", IN), ("NC", -(-IN // 256)), ("RW", rw)],
-        (128 * -(-H // (4 * rw)), N, 1),
+        [("T", residual.dtype), ("H", H), ("IN", IN), ("NC", -(-IN // 256)), ("RW", rw), ("RB", rb)],
+        (128 * -(-N // rb), -(-H // (4 * rw)), 1),
         (128, 1, 1),
         [residual.shape],
         [residual.dtype],

@@ -478,8 +478,9 @@ SPECS = {
                 "HKV",
                 "NC (ceil(H / 256))",
                 "PW (pairs of rows per warp, <= 32)",
+                "RB (token rows per block: 1, or RB rows staged in threadgroup memory, RB * NC * 256 T)",
             ),
-            grid="(128 * ceil((HQ + 2 HKV) D / 2 / (4 PW)), N, 1)",
+            grid="(128 * ceil(N / RB), ceil((HQ + 2 HKV) D / 2 / (4 PW)), 1)",
             threads="(128, 1, 1): 4 warps",
             cases=(
                 _case(
@@ -491,6 +492,7 @@ SPECS = {
                     HKV=8,
                     NC=12,
                     PW=4,
+                    RB=1,
                 ),
                 _case(
                     "bf16 bf16 bf16 bf16 f32 i32 f32c -> bf16 bf16",
@@ -501,6 +503,7 @@ SPECS = {
                     HKV=8,
                     NC=12,
                     PW=4,
+                    RB=4,
                 ),
             ),
         ),
@@ -510,10 +513,21 @@ SPECS = {
             "the attention's output GEMV + bias + residual",
             input_docs=("o [N, IN]", "w [H, IN]", "b [H]", "res [N, H]"),
             output_docs=("y [N, H] (T)",),
-            template_docs=("T", "H", "IN", "NC (ceil(IN / 256))", "RW (rows per warp, even, <= 32)"),
-            grid="(128 * ceil(H / (4 RW)), N, 1)",
+            template_docs=(
+                "T",
+                "H",
+                "IN",
+                "NC (ceil(IN / 256))",
+                "RW (rows per warp, even, <= 32)",
+                "RB (token rows per block, as norm_qkv_rope's)",
+            ),
+            grid="(128 * ceil(N / RB), ceil(H / (4 RW)), 1)",
             threads="(128, 1, 1): 4 warps",
-            cases=(_case("bf16 bf16 bf16 bf16 -> bf16", T=_B, H=2880, IN=4096, NC=16, RW=4),),
+            cases=(
+                _case("bf16 bf16 bf16 bf16 -> bf16", T=_B, H=2880, IN=4096, NC=16, RW=4, RB=1),
+                _case("bf16 bf16 bf16 bf16 -> bf16", T=_B, H=2880, IN=4096, NC=16, RW=4, RB=3),
+                _case("f32 f32 f32 f32 -> f32", T=_F, H=2880, IN=4096, NC=16, RW=4, RB=1),
+            ),
         ),
     )
 }
