@@ -27,7 +27,8 @@ from oss_mlx.generation import greedy_tokens
 from oss_mlx.kernels import decode_attention
 from oss_mlx.testing.random_model import preset_config, random_model, random_prompt
 
-SETTINGS = {"kernels": 64, "matmul": 1}
+# "staged-1": one row through the projections' staged path (a block of RB rows, the rest padding)
+SETTINGS = {"kernels": 64, "matmul": 1, "staged-1": 64}
 
 
 def batch_of(model, rows: int, prompt: int) -> tuple[BatchCache, mx.array]:
@@ -73,9 +74,12 @@ def main() -> None:
     try:
         for rows in [int(v) for v in a.rows.split(",")]:
             for name, limit in SETTINGS.items():
-                if rows == 1 and name != "kernels":
+                if rows == 1 and name == "matmul":
                     continue  # one row takes the kernels either way
+                if rows > 1 and name == "staged-1":
+                    continue
                 decode_attention.ATTENTION_KERNEL_MAX_ROWS = limit
+                decode_attention.STAGE_ONE_ROW = name == "staged-1"
                 batch, token = batch_of(model, rows, a.prompt)
                 ms = timed_steps(DecodeStep(model), batch, token, a.steps)
                 print(
@@ -83,6 +87,7 @@ def main() -> None:
                 )
     finally:
         decode_attention.ATTENTION_KERNEL_MAX_ROWS = saved
+        decode_attention.STAGE_ONE_ROW = False
 
 
 if __name__ == "__main__":

@@ -122,13 +122,14 @@ def sdpa_decode(
 ATTENTION_ROWS_PER_BLOCK = 4
 STAGED_BYTES = 24 * 1024
 ATTENTION_KERNEL_MAX_ROWS = 16
+STAGE_ONE_ROW = False  # one row through the staged path too (benchmarks/probes/batch_step_probe.py)
 
 
 def rows_per_block(rows: int, width: int, dtype: mx.Dtype) -> int:
     """The RB of norm_qkv_rope / out_residual for `rows` inputs of `width` elements: 1 for one row
     (its inputs stay in registers), else ATTENTION_ROWS_PER_BLOCK within STAGED_BYTES (one block
     size for every batch: one compile)."""
-    if rows <= 1:
+    if rows <= 1 and not STAGE_ONE_ROW:
         return 1
     staged_row = -(-width // 256) * 256 * dtype.size
     return max(1, min(ATTENTION_ROWS_PER_BLOCK, STAGED_BYTES // staged_row))
