@@ -47,11 +47,11 @@ MOE_GEMM_FROM: int | None = None
 # the slots grouped by expert (moe_group), each weight dequantized once a step for all the slots that
 # chose its expert, the slots the matrix units' narrow side (kernels_cuda/decode_moe.cu says why).
 # bf16 only (the CUDA mma's operands). From one row: a token's result does not depend on the other
-# slots of its tile, so a sequence alone then gets the bits it gets in a batch (bf16 greedy decoding
-# in a batch of up to 4 equals each sequence alone; from 5 rows the attention's projections take
-# MLX's matmuls, decode_attention.ATTENTION_KERNEL_MAX_ROWS). On the card one row is as fast as the
-# per-slot kernels (their one launch fewer a layer is within the decode rate's spread) and 4-32 rows
-# faster (docs/PERFORMANCE.md "Concurrency"); on Metal neither way has been timed.
+# slots of its tile, so a sequence alone then gets the bits it gets in a batch (with the attention's
+# projections in blocks of rows, bf16 greedy decoding in a batch of up to
+# decode_attention.ATTENTION_KERNEL_MAX_ROWS equals each sequence alone). On the card one row is as
+# fast as the per-slot kernels (their one launch fewer a layer is within the decode rate's spread) and
+# 4-32 rows faster (docs/PERFORMANCE.md "Concurrency"); on Metal neither way has been timed.
 MOE_MMA_FROM: int | None = 1
 MOE_MMA_TILES = 2  # gate_up_mma / down_mma: 16-row weight tiles per warp (RT)
 # The kernels of the grouped and of the matrix-unit paths (moe_group is the prefill's too).
