@@ -142,6 +142,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.mma_from is not None and args.mma_from < 0:
         ap.error(f"--mma-from {args.mma_from}: a row count (0: the matrix-unit MoE off)")
+    sizes = args.equality_sizes.split(",")
+    if not all(n.strip().isdigit() and int(n) >= 1 for n in sizes):
+        ap.error(f"--equality-sizes {args.equality_sizes!r}: batch sizes >= 1, comma-separated (e.g. 4,8,16)")
     if args.mma_from is not None:  # the decode MoE's matrix-unit kernels from this many rows
         decode_moe.MOE_MMA_FROM = args.mma_from or None
     global STREAMS
@@ -238,7 +241,7 @@ def main() -> int:
     eq_prompts = [bench._prompt(args.prompt // 2, vocab, 555 + i) for i in range(args.equality_prompts)]
     alone = [gaps_and_tokens(model, p, steps) for p in eq_prompts]
     out["equality"] = {}
-    for size in (int(n) for n in args.equality_sizes.split(",")):
+    for size in (int(n) for n in sizes):
         together = []
         for i in range(0, len(eq_prompts), size):
             together += batched_tokens(model, eq_prompts[i : i + size], steps)

@@ -374,3 +374,20 @@ def test_a_copied_tree_names_its_commit_by_the_environment(monkeypatch, tmp_path
     assert bench_results.git_commit() == "0123abc"
     monkeypatch.delenv(bench_results.COMMIT_ENV)
     assert bench_results.git_commit(tmp_path) is None
+
+
+def test_batch_decode_refuses_bad_equality_sizes():
+    """benchmarks/batch_decode.py names a bad --equality-sizes and exits 2 before building a model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "batch_decode.py"
+    for bad in ("4,x", "0", "4,,8"):
+        r = subprocess.run(
+            [sys.executable, str(script), "--equality-sizes", bad], capture_output=True, text=True
+        )
+        assert r.returncode == 2, (bad, r.stderr)
+        assert (
+            "--equality-sizes" in r.stderr and "batch sizes >= 1" in r.stderr and "Traceback" not in r.stderr
+        )
