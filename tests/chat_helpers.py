@@ -168,9 +168,23 @@ class TmuxChat:
         deadline = time.monotonic() + timeout
         while not (self.status_file.exists() and self.status_file.read_text().strip()):
             if time.monotonic() > deadline:
-                raise AssertionError(f"the chat did not exit; screen:\n{self.screen()}")
+                raise AssertionError(
+                    f"the chat did not exit within {timeout:.0f} s; its processes:\n{self.processes()}"
+                    f"\nscreen:\n{self.screen()}"
+                )
             time.sleep(0.05)
         return int(self.status_file.read_text())
+
+    def processes(self) -> str:
+        """The pane's processes (its session: tmux makes each pane a session leader), with their states:
+        what a chat that does not exit is waiting on."""
+        pane = self.tmux("display-message", "-p", "#{pane_pid}", check=False).strip()
+        if not pane.isdigit():
+            return "(the pane is gone)"
+        ps = subprocess.run(
+            ["ps", "-s", pane, "-o", "pid,ppid,stat,etime,wchan:24,args"], capture_output=True, text=True
+        )
+        return ps.stdout or ps.stderr
 
     def close(self) -> None:
         if self.started:

@@ -671,7 +671,7 @@ def test_chat_with_hosts_replies_as_one_process_and_a_killed_rank_ends_it_in_wor
         os.kill(victim, signal.SIGKILL)
         both.wait_for(r"rank 1 .*closed its connection", timeout=10)
         assert time.monotonic() - killed < 5
-        assert both.wait_exit(timeout=20) == 1
+        assert both.wait_exit(timeout=45) == 1  # CI under load once needed more than 20 s
         screen = both.screen()
         assert "Traceback" not in screen, screen
         users = [m["content"] for m in _conversation(tmp_path / "b.json") if m["role"] == "user"]

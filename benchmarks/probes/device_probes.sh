@@ -15,7 +15,7 @@ for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ]
 # The commit the rows name: the device's copy of the tree carries stale git metadata, so the commit
 # travels as a file (here: git rev-parse HEAD > .device/b/COMMIT before the run; oss_mlx/bench_results.py).
 [ -z "$OSS_MLX_COMMIT" ] && [ -f .device/b/COMMIT ] && export OSS_MLX_COMMIT=$(cat .device/b/COMMIT)
-[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep kernelcache moeprobe shapeprobe smallprobe compile loadchecks"; exit 2; }
+[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep kernelcache moeprobe shapeprobe smallprobe compile loadchecks followattn"; exit 2; }
 for stage in ${STAGES//,/ }; do  # spaces or commas between stages
   echo "== $stage" | tee -a $OUT/run.log
   case $stage in
@@ -66,6 +66,8 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
       python3 benchmarks/ncu_sweep.py --summarize $OUT/smallprobe.csv | tee -a $OUT/run.log ;;
     compile) timeout ${PROBE_TIMEOUT:-200} python3 benchmarks/probes/compile_probe.py --keys ${KEYS:-256} \
                --json $OUT/compile-probe.json 2>&1 | tee -a $OUT/run.log ;;
+    followattn)  # a 2k follow-up's full-layer attention after 32k cached: MLX's fused attention per form, TFLOP/s
+      timeout ${PROBE_TIMEOUT:-150} python3 benchmarks/probes/followup_attention_probe.py 2>&1 | tee -a $OUT/followattn.log ;;
     loadchecks) timeout ${PROBE_TIMEOUT:-200} python3 benchmarks/probes/load_checks_probe.py 2>&1 | tee -a $OUT/loadchecks.log ;;
     *) echo "unknown stage $stage" | tee -a $OUT/run.log; exit 2 ;;
   esac
