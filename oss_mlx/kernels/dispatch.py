@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from ..switches import env_switch
 from . import cuda_cache
 from .sources import SPECS, kernel_sources
 
@@ -29,8 +28,7 @@ FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 KERNEL_MAX_HIDDEN = 7680
 # norm_qkv_rope and norm_route issue their weight rows' L2 prefetch before the norm (template PF):
 # their first weight loads otherwise wait for the norm's round trips (CUDA; a no-op on Metal).
-# OSS_MLX_PREFETCH_L2=0 turns it off (the card's before / after in one checkout).
-PREFETCH_L2 = env_switch("OSS_MLX_PREFETCH_L2") is not False
+PREFETCH_L2 = True
 
 
 def _machine_backend() -> str:
