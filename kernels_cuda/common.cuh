@@ -65,9 +65,6 @@ OSS_DEV void load8(const float* p, float* out) {
 }
 // 8 consecutive elements of shared memory (16-byte aligned) as floats: load8's 16-byte loads.
 template <typename T> OSS_DEV void load8_shared(const T* p, float* out) { load8(p, out); }
-// A hint: the 128-byte line at p into L2, nothing waited for (a kernel whose first weight loads
-// wait behind a prologue's round trips, a norm's reduction, issues these first).
-template <typename T> OSS_DEV void prefetch_l2(const T* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 // Strided fallback (any element stride).
 template <typename T> OSS_DEV void load8_strided(const T* p, long long stride, float* out) {
 #pragma unroll

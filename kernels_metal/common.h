@@ -55,8 +55,6 @@ OSS_DEV void load8(const device float* p, thread float* out) {
 template <typename T> OSS_DEV void load8_shared(const threadgroup T* p, thread float* out) {
   for (int i = 0; i < 8; ++i) out[i] = to_f(p[i]);
 }
-// CUDA's L2 prefetch hint (kernels_cuda/common.cuh): Metal has no such instruction; nothing.
-template <typename T> OSS_DEV void prefetch_l2(const device T*) {}
 // Strided fallback (any element stride).
 template <typename T> OSS_DEV void load8_strided(const device T* p, long stride, thread float* out) {
   for (int i = 0; i < 8; ++i) out[i] = to_f(p[i * stride]);

@@ -9,7 +9,6 @@ import math
 
 import mlx.core as mx
 
-from . import dispatch
 from .dispatch import FLOATS, KERNEL_MAX_HIDDEN, as_position, backend, const, launch, on_gpu
 from .weights import AttentionWeights
 
@@ -189,7 +188,6 @@ def norm_qkv_rope(w: AttentionWeights, x: mx.array, offset: int | mx.array) -> t
             ("NC", -(-H // 256)),
             ("PW", pw),
             ("RB", rb),
-            ("PF", int(dispatch.PREFETCH_L2)),
         ],
         (128 * -(-B // rb), -(-((hq + 2 * hkv) * D // 2) // (4 * pw)), 1),
         (128, 1, 1),

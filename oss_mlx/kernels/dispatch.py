@@ -26,9 +26,6 @@ FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 # Largest hidden size for the kernels that stage a whole row in threadgroup memory (norm_route,
 # norm_qkv_rope): Apple GPUs give a threadgroup 32 KB, i.e. 4 H + the router's 4 E (E <= 256) + 64.
 KERNEL_MAX_HIDDEN = 7680
-# norm_qkv_rope and norm_route issue their weight rows' L2 prefetch before the norm (template PF):
-# their first weight loads otherwise wait for the norm's round trips (CUDA; a no-op on Metal).
-PREFETCH_L2 = True
 
 
 def _machine_backend() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import dispatch
 from .dispatch import FLOATS, backend, const, launch, on_gpu, result_dtype
 
 
@@ -59,7 +58,6 @@ def norm_route(
             ("H", H),
             ("E", weight.shape[0]),
             ("K", k),
-            ("PF", int(dispatch.PREFETCH_L2)),
         ],
         (512 * N, 1, 1),
         (512, 1, 1),
