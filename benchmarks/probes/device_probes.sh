@@ -15,7 +15,7 @@ for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ]
 # The commit the rows name: the device's copy of the tree carries stale git metadata, so the commit
 # travels as a file (here: git rev-parse HEAD > .device/b/COMMIT before the run; oss_mlx/bench_results.py).
 [ -z "$OSS_MLX_COMMIT" ] && [ -f .device/b/COMMIT ] && export OSS_MLX_COMMIT=$(cat .device/b/COMMIT)
-[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep kernelcache moeprobe shapeprobe smallprobe compile loadchecks followattn"; exit 2; }
+[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep kernelcache moeprobe shapeprobe smallprobe compile loadchecks followattn timeline"; exit 2; }
 for stage in ${STAGES//,/ }; do  # spaces or commas between stages
   echo "== $stage" | tee -a $OUT/run.log
   case $stage in
@@ -43,6 +43,12 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
           --decode-tokens 8 --engines oss-mlx --load-warmup $w ${STEP:+--prefill-step $STEP} --cold-timeout 260 \
           --results $RESULTS --json $OUT/cold120-$w.json 2>&1 | tee -a $OUT/cold120.log
       done ;;
+    timeline)  # card- or host-bound decode? host time in async_eval, the card's busy / idle time a token
+               # (CUPTI through torch.profiler), each kernel's warm duration; Chrome traces gzipped under $OUT
+      (command -v nsys || echo "no nsys") | tee -a $OUT/timeline.log
+      timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/decode_timeline_probe.py ${CONTEXTS:+--contexts $CONTEXTS} \
+        --json $OUT/timeline.json --trace-dir $OUT 2>&1 | tee -a $OUT/timeline.log
+      gzip -f $OUT/decode-*.json 2>/dev/null ;;
     greedy)  # does the two-stage greedy argmax speed decode up on the card? (alternating rounds, 128 and 32k)
       timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/greedy_probe.py 2>&1 | tee -a $OUT/greedy.log ;;
     noise) timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/decode_noise_probe.py 2>&1 | tee -a $OUT/noise.log ;;
