@@ -9,7 +9,7 @@ launch), as long as most of these kernels take on the GPU, so timing launches fr
 the host. Nsight Compute times each kernel on the card; with `--cache-control all` every launch starts
 with cold caches, as a layer's weights are in a 24-layer decode step (the step reads ~1 GB, the L2
 holds 50 MB). Each configuration runs twice; the kernel names carry the template arguments (PW, RW,
-COLS, ROWS) and the grid the key splits.
+NI) and the grid the key splits.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def run() -> None:
     for rw in (2, 4, 8):
         decode_attention.OUT_ROWS_PER_WARP = rw
         twice(lambda: decode_attention.out_residual(o, w.out_weight, w.out_bias, x))
-    for cols in (1, 2):
-        for rows in (4, 8):
-            decode_moe.MOE_COLS_PER_WARP, decode_moe.MOE_ROWS_PER_BLOCK = cols, rows
-            twice(lambda: mlp(x))  # norm_route, gate_up_swiglu, down_combine
+    for ni in (1, 2, 3, 6):  # one token: norm_route, gate_up_mma, down_mma, moe_combine (RT 1)
+        decode_moe.MOE_MMA_ISSUE = ni
+        twice(lambda: mlp(x))
+    decode_moe.MOE_MMA_ISSUE = 1
     q = mx.random.normal((1, attn.num_heads, attn.head_dim)).astype(mx.bfloat16)
     for S in (128, 2048, 32768):
         k = mx.random.normal((2, 1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
@@ -92,7 +92,7 @@ def detail() -> None:
     mx.eval(x, o, q)
     mx.eval(decode_attention.norm_qkv_rope(w, x, 100))
     mx.eval(decode_attention.out_residual(o, w.out_weight, w.out_bias, x))
-    mx.eval(mlp(x))  # norm_route, gate_up_swiglu, down_combine
+    mx.eval(mlp(x))  # norm_route, gate_up_mma, down_mma, moe_combine
     for S in (128, 32768):
         k = mx.random.normal((2, 1, attn.num_kv_heads, S, attn.head_dim)).astype(mx.bfloat16)
         mx.eval(k)

@@ -1300,6 +1300,26 @@ def test_experts_on_the_matrix_units(monkeypatch, E, k, H, I, N, case):
 
 
 @needs_gpu
+@pytest.mark.parametrize("N", [1, 5])
+def test_the_matrix_unit_experts_issue_setting_changes_no_bit(monkeypatch, N):
+    """MOE_MMA_ISSUE (k blocks a warp loads before it multiplies them) at the 20b's rows: every value
+    gives the bits of one block at a time (the same sums in the same order), one token and a batch."""
+    block, x, h, indices, weights, experts = moe_decode_inputs(mx.bfloat16, 32, 4, 2880, 2880, N)
+    monkeypatch.setattr(decode_moe, "MOE_GEMM_FROM", None)
+    monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", 1)
+    outs = {}
+    for ni in (1, 2, 3, 6):
+        monkeypatch.setattr(decode_moe, "MOE_MMA_ISSUE", ni)
+        with recording_launches() as launched:
+            outs[ni] = decode_moe.moe_decode(experts, h, weights, indices, x)
+            mx.eval(outs[ni])
+        assert "gate_up_mma" in launched and "down_mma" in launched, launched
+    assert rel_err(outs[1], moe_reference(block, x, weights, indices)) < TOL[mx.bfloat16]
+    for ni in (2, 3, 6):
+        assert mx.array_equal(outs[ni], outs[1]).item(), ni
+
+
+@needs_gpu
 @pytest.mark.parametrize("E,k,H,I,N", [(8, 4, 96, 64, 5), (32, 4, 2880, 2880, 16), (32, 4, 2880, 2880, 63)])
 def test_a_decode_batch_on_the_grouped_gemm(monkeypatch, E, k, H, I, N):
     """From MOE_GEMM_FROM tokens a decode batch's experts take the prefill's grouped GEMM (moe_group,

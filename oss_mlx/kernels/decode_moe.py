@@ -54,6 +54,9 @@ MOE_GEMM_FROM: int | None = None
 # 4-32 rows faster (docs/PERFORMANCE.md "Concurrency"); on Metal neither way has been timed.
 MOE_MMA_FROM: int | None = 1
 MOE_MMA_TILES = 2  # gate_up_mma / down_mma: 16-row weight tiles per warp (RT)
+# gate_up_mma / down_mma: k blocks a warp loads together before it multiplies them (NI; CUDA: on
+# Metal the template argument is taken and unused). Any value gives the same bits.
+MOE_MMA_ISSUE = 1
 # The kernels of the grouped and of the matrix-unit paths (moe_group is the prefill's too).
 GROUPED_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combine"})
 MMA_KERNELS = frozenset({"gate_up_mma", "down_mma", "moe_combine"})
@@ -312,7 +315,7 @@ def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) 
             experts.gate_up_bias,
             const(experts.alpha, experts.limit),
         ],
-        [("T", T), ("H", H), ("I", I), ("K", k), ("RT", rt), ("SORTED", sorted_)],
+        [("T", T), ("H", H), ("I", I), ("K", k), ("RT", rt), ("SORTED", sorted_), ("NI", MOE_MMA_ISSUE)],
         (128 * -(-I // (8 * rt)), rows, 1),
         (128, 1, 1),
         [(NK, I)],
@@ -329,6 +332,7 @@ def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) 
             ("K", k),
             ("RT", rt),
             ("SORTED", sorted_),
+            ("NI", MOE_MMA_ISSUE),
         ],
         (128 * -(-H // (16 * rt)), rows, 1),
         (128, 1, 1),

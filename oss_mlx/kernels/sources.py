@@ -109,6 +109,7 @@ _MMA_SLOTS = (
     "offsets [E + 1] uint32 (SORTED: moe_group's, e's slots perm[offsets[e] .. offsets[e + 1]); else unread)",
 )
 _SORTED = "SORTED (1: slots grouped by expert, a block row per expert; 0: a block row per slot)"
+_NI = "NI (k blocks a warp loads before it multiplies them; CUDA: Metal's loads go one block at a time)"
 _GATE_UP_TEMPLATES = ("T", "H", "I", "K", "NC (ceil(H / 1024))", "COLS (SwiGLU columns per warp, <= 32)")
 _SDPA = dict(
     input_docs=(
@@ -274,13 +275,18 @@ SPECS = {
                 "K",
                 "RT (16-row tiles per warp)",
                 _SORTED,
+                _NI,
             ),
             grid="(128 * ceil(I / (8 * RT)), SORTED ? E : N * K, 1)",
             threads="(128, 1, 1): 4 warps splitting the k range",
             cases=(
-                _case("bf16 u32 u32 u32 u8 bf16 f32c -> bf16", T=_B, H=2880, I=2880, K=4, RT=2, SORTED=1),
-                _case("bf16 u32c u32c u32 u8 bf16 f32c -> bf16", T=_B, H=2880, I=2880, K=4, RT=2, SORTED=0),
-                _case("bf16 u32 u32c u32 u8 f32 f32c -> bf16", T=_B, H=96, I=64, K=2, RT=1, SORTED=1),
+                _case(
+                    "bf16 u32 u32 u32 u8 bf16 f32c -> bf16", T=_B, H=2880, I=2880, K=4, RT=2, SORTED=1, NI=2
+                ),
+                _case(
+                    "bf16 u32c u32c u32 u8 bf16 f32c -> bf16", T=_B, H=2880, I=2880, K=4, RT=2, SORTED=0, NI=2
+                ),
+                _case("bf16 u32 u32c u32 u8 f32 f32c -> bf16", T=_B, H=96, I=64, K=2, RT=1, SORTED=1, NI=1),
             ),
         ),
         KernelSpec(
@@ -294,12 +300,20 @@ SPECS = {
                 *_DOWN_WEIGHTS,
             ),
             output_docs=("d [N * K, H] float32 (each slot's weighted expert output, for moe_combine)",),
-            template_docs=("T (bf16)", "H", "HP", "I", "K", "RT (16-row tiles per warp)", _SORTED),
+            template_docs=("T (bf16)", "H", "HP", "I", "K", "RT (16-row tiles per warp)", _SORTED, _NI),
             grid="(128 * ceil(H / (16 * RT)), SORTED ? E : N * K, 1)",
             threads="(128, 1, 1): 4 warps splitting the k range",
             cases=(
                 _case(
-                    "bf16 u32 u32 f32 u32 u8 bf16 -> f32", T=_B, H=2880, HP=2944, I=2880, K=4, RT=2, SORTED=1
+                    "bf16 u32 u32 f32 u32 u8 bf16 -> f32",
+                    T=_B,
+                    H=2880,
+                    HP=2944,
+                    I=2880,
+                    K=4,
+                    RT=2,
+                    SORTED=1,
+                    NI=6,
                 ),
                 _case(
                     "bf16 u32c u32c f32c u32 u8 bf16 -> f32",
@@ -310,8 +324,11 @@ SPECS = {
                     K=4,
                     RT=2,
                     SORTED=0,
+                    NI=3,
                 ),
-                _case("bf16 u32 u32c f32 u32 u8 f32 -> f32", T=_B, H=64, HP=64, I=96, K=2, RT=1, SORTED=1),
+                _case(
+                    "bf16 u32 u32c f32 u32 u8 f32 -> f32", T=_B, H=64, HP=64, I=96, K=2, RT=1, SORTED=1, NI=2
+                ),
             ),
         ),
         KernelSpec(
