@@ -30,6 +30,12 @@
 //   its up output too (d0 / d2, d1 / d3) and applies SwiGLU there.
 // down_mma: d[s, r] = wts[s] * (W[e][r] . h[s] + b[e][r]) in float32 (down_grouped's), then
 //   moe_combine adds each token's K outputs to the residual in order.
+// down_mma_combine: one token's down_mma and moe_combine in one kernel, y = res + d[0] + ... + d[K -
+//   1] with d as down_mma makes it: a block of K x 4 warps per 16 rows, warps 4j .. 4j + 3 being
+//   down_mma's block for slot j (the same k split, summed in the same order), then the K results
+//   added to the residual in slot order as moe_combine adds them. The same bits as the two kernels,
+//   one launch and one graph node fewer a layer (batch 1 decode is partly bound by MLX's host work
+//   per node, docs/PERFORMANCE.md).
 
 // The A operand of one mma for rows (g, g + 8) from their words q of a group: codes placed as bf16
 // bits (fp4x8_bf16), times the rows' 2^126 * scale multipliers.
@@ -214,4 +220,35 @@ template <int RT> OSS_DEV void split_k_sum(float (*acc)[4], float* red, int warp
         }
       }
     }
+  }
+// @@kernel down_mma_combine
+  static_assert(sizeof(T) == 2, "down_mma_combine: bf16 inputs");
+  __shared__ float red[K][3 * 4 * 32];
+  __shared__ float part[K][16];
+  const int lane = threadIdx.x & 31, slot = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  const long long e = ids[slot];  // one token: slot j's expert is the router's j-th
+  const long long r0 = e * HP + min(row0 + g, H - 1), r1 = e * HP + min(row0 + g + 8, H - 1);  // past H: not stored
+  const uint* rw0[1] = {w + r0 * (I / 8)};
+  const uint* rw1[1] = {w + r1 * (I / 8)};
+  const uint8_t* rs0[1] = {scales + r0 * (I / 32)};
+  const uint8_t* rs1[1] = {scales + r1 * (I / 32)};
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+  mma_rows<I, 1, NI>(rw0, rw1, rs0, rs1, h + (long long)slot * I, warp, t, acc);
+  split_k_sum<1>(acc, red[slot], warp, lane);
+  if (warp == 0 && t == 0) {  // slot column 0 (every column holds this slot's input)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {  // rows g, g + 8
+      const int row = min(row0 + g + 8 * hh, H - 1);
+      part[slot][g + 8 * hh] = wts[slot] * (acc[0][2 * hh] + to_f(bias[e * H + row]));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < 16 && row0 + (int)threadIdx.x < H) {
+    const int row = row0 + threadIdx.x;
+    float a = to_f(res[row]);
+#pragma unroll
+    for (int j = 0; j < K; ++j) a += part[j][threadIdx.x];
+    y[row] = from_f<T>(a);
   }

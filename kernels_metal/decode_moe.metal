@@ -18,7 +18,8 @@
 // and fn + 1.
 //
 // gate_up_mma and down_mma: the CUDA kernels' results (gate_up_swiglu's rounding; down_grouped's
-// float32 d, which moe_combine adds to the residual).
+// float32 d, which moe_combine adds to the residual). down_mma_combine: one token's down_mma and
+// moe_combine in one threadgroup of K x 4 simdgroups per 16 rows, as on CUDA (the same bits).
 
 // One simdgroup's part of a tile: acc[rt] (rows 0..7, rows 8..15) += W rows (r0, r1) . inputs, the
 // inputs of the slot columns fn and fn + 1 at xa and xb (rows of KD elements), for the groups warp,
@@ -147,4 +148,35 @@ template <int RT> OSS_DEV void split_k_sum(thread frag8 (*acc)[2], threadgroup f
         }
       }
     }
+  }
+// @@kernel down_mma_combine
+  threadgroup float red[K][3 * 4 * 32];
+  threadgroup float part[K][16];
+  const int lane = thread_index_in_simdgroup, sg = simdgroup_index_in_threadgroup;
+  const int slot = sg / 4, warp = sg % 4;
+  const int fm = frag_row(lane), fn = frag_col(lane);
+  const int row0 = threadgroup_position_in_grid.x * 16;
+  const long e = ids[slot];  // one token: slot j's expert is the router's j-th
+  long r0[1], r1[1];  // rows row0 + fm and + 8 (past H: not stored)
+  r0[0] = e * HP + min(row0 + fm, H - 1);
+  r1[0] = e * HP + min(row0 + fm + 8, H - 1);
+  frag8 acc[1][2];
+  acc[0][0] = make_filled_simdgroup_matrix<float, 8, 8>(0.f);
+  acc[0][1] = make_filled_simdgroup_matrix<float, 8, 8>(0.f);
+  const device T* hs = h + long(slot) * I;
+  mma_rows<T, I, 1>(w, scales, r0, r1, hs, hs, warp, fm, fn / 2, acc);
+  split_k_sum<1>(acc, red[slot], warp, lane);
+  if (warp == 0 && fn == 0) {  // slot column 0 (every column holds this slot's input)
+    for (int hh = 0; hh < 2; ++hh) {  // rows fm, fm + 8
+      const int row = min(row0 + fm + 8 * hh, H - 1);
+      part[slot][fm + 8 * hh] = wts[slot] * (elems(acc[0][hh]).x + to_f(bias[e * H + row]));
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const int tid = thread_position_in_threadgroup.x;
+  if (tid < 16 && row0 + tid < H) {
+    const int row = row0 + tid;
+    float a = to_f(res[row]);
+    for (int j = 0; j < K; ++j) a += part[j][tid];
+    y[row] = from_f<T>(a);
   }

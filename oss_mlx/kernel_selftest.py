@@ -73,6 +73,7 @@ def run() -> str | None:
             "moe": None,
             "moe_grouped": None,
             "moe_mma": None,
+            "moe_mma_one": None,
             "moe_prefill": None,
             "sdpa": None,
             "attention": None,
@@ -106,6 +107,12 @@ def run() -> str | None:
             )
             with kernels.use_backend("reference"):
                 checks["moe_mma"] = (fused, block(xm[None])[0])
+            one = xm[:1]  # one token: down_mma_combine where on (decode_moe.ONE_TOKEN_COMBINED)
+            fused = decode_moe.moe_block(
+                one, block.norm.weight, block.norm.eps, router.weight, router.bias, 2, experts
+            )
+            with kernels.use_backend("reference"):
+                checks["moe_mma_one"] = (fused, block(one[None])[0])
         # The prefill experts (moe_group + moe_gemm): 16-bit rows, enough of them for the GEMM.
         xp = mx.random.normal((decode_moe.MOE_MAX_SLOTS // 2, 64), key=keys[3]).astype(mx.bfloat16)
         _, ids_p = route_reference(xp, router.weight, router.bias, 2)

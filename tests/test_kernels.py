@@ -196,7 +196,7 @@ def test_dialect_words_are_replaced_as_text():
 
 
 def test_one_source_per_simt_kernel():
-    """Every kernel but the four matrix-unit ones is written once, in kernels_shared/; those four are
+    """Every kernel but the five matrix-unit ones is written once, in kernels_shared/; those four are
     written per dialect; no kernel is defined twice (kernel_sources refuses that)."""
     shared, per_dialect = set(), {d: set() for d in sources.DIALECTS}
     for family in {s.family for s in kernels.SPECS.values()}:
@@ -205,7 +205,7 @@ def test_one_source_per_simt_kernel():
                 (shared if where.startswith("kernels_shared/") else per_dialect[dialect]).update(bodies)
         for spec in kernels.SPECS.values():
             assert spec.family in {"routing", "decode_moe", "prefill_moe", "decode_attention"}, spec
-    matrix_units = {"sdpa_decode_mma", "moe_gemm", "gate_up_mma", "down_mma"}
+    matrix_units = {"sdpa_decode_mma", "moe_gemm", "gate_up_mma", "down_mma", "down_mma_combine"}
     assert per_dialect["metal"] == per_dialect["cuda"] == matrix_units
     assert shared == set(kernels.SPECS) - matrix_units
     metal = kernels.kernel_sources("metal")
@@ -859,7 +859,7 @@ def test_model_logits_with_kernels_equal_reference(dtype, prompt):
 
 
 ONE_TOKEN_MOE = {  # decode_moe.MOE_MMA_FROM -> the experts' kernels of one token
-    1: ["gate_up_mma", "down_mma", "moe_combine"],  # the default: a batch's kernels (SORTED 0)
+    1: ["gate_up_mma", "down_mma_combine"],  # the default: a batch's gate_up_mma (SORTED 0), down fused
     None: ["gate_up_swiglu", "down_combine"],  # the per-slot kernels
 }
 
@@ -975,8 +975,8 @@ def test_the_loader_pads_for_cuda_and_runs_the_self_test(fresh_self_test):
 
 @pytest.mark.parametrize(
     "grouped_from,mma_from",
-    [(None, 2), (4, 2), (None, None), (4, None)],
-    ids=["grouped-off", "grouped-on", "mma-off", "mma-off-grouped-on"],
+    [(None, 1), (None, 2), (4, 2), (None, None), (4, None)],
+    ids=["default", "grouped-off", "grouped-on", "mma-off", "mma-off-grouped-on"],
 )
 def test_the_self_test_launches_every_kernel(monkeypatch, grouped_from, mma_from):
     """The start-up self-test is what turns the kernels off where one fails to compile (a Metal source
@@ -991,7 +991,9 @@ def test_the_self_test_launches_every_kernel(monkeypatch, grouped_from, mma_from
     if grouped_from is None:
         unused |= {"gate_up_grouped", "down_grouped"}
     if mma_from is None:
-        unused |= {"gate_up_mma", "down_mma"}
+        unused |= {"gate_up_mma", "down_mma", "down_mma_combine"}
+    if mma_from != 1:  # one token takes the per-slot kernels
+        unused.add("down_mma_combine")
     if grouped_from is None and mma_from is None:
         unused.add("moe_combine")
     assert decode_moe.unused_kernels() == unused
@@ -1047,12 +1049,12 @@ def test_decode_launches_with_the_gpu_faked(monkeypatch, mma_from):
         assert by_name["gate_up_swiglu"][0][1] == (128 * 4, -(-96 // (4 * decode_moe.MOE_COLS_PER_WARP)), 1)
         assert by_name["down_combine"][0][1] == (128, -(-128 // decode_moe.MOE_ROWS_PER_BLOCK), 1)
         assert by_name["down_combine"][0][2] == [(1, 1, 128)]
-    else:  # one token: a block row per slot (k = 4), one tile a warp, no grouping
-        assert "moe_group" not in by_name
+    else:  # one token: a block row per slot (k = 4), one tile a warp, no grouping; down + combine fused
+        assert "moe_group" not in by_name and "down_mma" not in by_name and "moe_combine" not in by_name
         assert by_name["gate_up_mma"][0][0]["SORTED"] == 0 and by_name["gate_up_mma"][0][0]["RT"] == 1
-        assert by_name["gate_up_mma"][0][1][1] == 4 and by_name["down_mma"][0][1][1] == 4
-        assert by_name["gate_up_mma"][0][2] == [(4, 96)] and by_name["down_mma"][0][2] == [(4, 128)]
-        assert by_name["moe_combine"][0][2] == [(1, 1, 128)]
+        assert by_name["gate_up_mma"][0][1][1] == 4 and by_name["gate_up_mma"][0][2] == [(4, 96)]
+        assert by_name["down_mma_combine"][0][1] == (128 * 4 * (128 // 16), 1, 1)  # K x 4 warps, 16 rows
+        assert by_name["down_mma_combine"][0][2] == [(1, 1, 128)]
 
 
 def test_a_decode_batch_launches_with_the_gpu_faked(monkeypatch):
@@ -1313,7 +1315,9 @@ def test_the_matrix_unit_experts_issue_setting_changes_no_bit(monkeypatch, N):
         with recording_launches() as launched:
             outs[ni] = decode_moe.moe_decode(experts, h, weights, indices, x)
             mx.eval(outs[ni])
-        assert "gate_up_mma" in launched and "down_mma" in launched, launched
+        assert "gate_up_mma" in launched and ("down_mma" if N > 1 else "down_mma_combine") in launched, (
+            launched
+        )
     assert rel_err(outs[1], moe_reference(block, x, weights, indices)) < TOL[mx.bfloat16]
     for ni in (2, 3, 6):
         assert mx.array_equal(outs[ni], outs[1]).item(), ni

@@ -57,9 +57,12 @@ MOE_MMA_TILES = 2  # gate_up_mma / down_mma: 16-row weight tiles per warp (RT)
 # gate_up_mma / down_mma: k blocks a warp loads together before it multiplies them (NI; CUDA: on
 # Metal the template argument is taken and unused). Any value gives the same bits.
 MOE_MMA_ISSUE = 1
+# One token's down_mma and moe_combine as one kernel, down_mma_combine (the same bits): a launch and
+# an MLX graph node fewer a layer.
+ONE_TOKEN_COMBINED = True
 # The kernels of the grouped and of the matrix-unit paths (moe_group is the prefill's too).
 GROUPED_KERNELS = frozenset({"gate_up_grouped", "down_grouped", "moe_combine"})
-MMA_KERNELS = frozenset({"gate_up_mma", "down_mma", "moe_combine"})
+MMA_KERNELS = frozenset({"gate_up_mma", "down_mma", "moe_combine", "down_mma_combine"})
 
 
 def unused_kernels() -> frozenset[str]:
@@ -67,6 +70,8 @@ def unused_kernels() -> frozenset[str]:
     used = (GROUPED_KERNELS if MOE_GROUPED_FROM is not None else frozenset()) | (
         MMA_KERNELS if MOE_MMA_FROM is not None else frozenset()
     )
+    if MOE_MMA_FROM is None or MOE_MMA_FROM > 1 or not ONE_TOKEN_COMBINED:  # one token: per-slot or unfused
+        used -= {"down_mma_combine"}
     return (GROUPED_KERNELS | MMA_KERNELS) - used
 
 
@@ -321,6 +326,24 @@ def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) 
         [(NK, I)],
         [T],
     )
+    if not sorted_ and ONE_TOKEN_COMBINED and k <= 8:
+        (y,) = launch(
+            "down_mma_combine",
+            [h, ids, wts, experts.down_weight, experts.down_scales, experts.down_bias, residual],
+            [
+                ("T", T),
+                ("H", H),
+                ("HP", experts.down_weight.shape[1]),
+                ("I", I),
+                ("K", k),
+                ("NI", MOE_MMA_ISSUE),
+            ],
+            (128 * k * -(-H // 16), 1, 1),
+            (128 * k, 1, 1),
+            [residual.shape],
+            [residual.dtype],
+        )
+        return y
     (d,) = launch(
         "down_mma",
         [h, perm, offsets, wts, experts.down_weight, experts.down_scales, experts.down_bias],

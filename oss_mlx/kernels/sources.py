@@ -332,6 +332,26 @@ SPECS = {
             ),
         ),
         KernelSpec(
+            "down_mma_combine",
+            "decode_moe",
+            "one token's down_mma and moe_combine in one kernel (the same bits): K x 4 warps per 16 rows",
+            input_docs=(
+                "h [K, I] (gate_up_mma's; bf16)",
+                "ids [K] uint32 (the token's experts, the router's order)",
+                "wts [K] float32",
+                *_DOWN_WEIGHTS,
+                "res [1, H]",
+            ),
+            output_docs=("y [1, H] (T)",),
+            template_docs=("T (bf16)", "H", "HP", "I", "K (<= 8)", _NI),
+            grid="(128 * K * ceil(H / 16), 1, 1)",
+            threads="(128 * K, 1, 1): warps 4j .. 4j + 3 slot j's, splitting its k range",
+            cases=(
+                _case("bf16 u32c f32c u32 u8 bf16 bf16 -> bf16", T=_B, H=2880, HP=2944, I=2880, K=4, NI=3),
+                _case("bf16 u32c f32c u32 u8 f32 bf16 -> bf16", T=_B, H=64, HP=64, I=96, K=2, NI=1),
+            ),
+        ),
+        KernelSpec(
             "moe_combine",
             "decode_moe",
             "the residual plus each token's K weighted expert outputs (down_grouped's), as down_combine sums",
