@@ -17,7 +17,7 @@ import mlx.core as mx
 
 
 def chain(kind: str, n: int):
-    body = "uint i = threadIdx.x + blockIdx.x * blockDim.x; if (i < 256) y[i] = x[i] + 1.0f;"
+    body = "unsigned int i = threadIdx.x + blockIdx.x * blockDim.x; if (i < 256) y[i] = x[i] + 1.0f;"
     pad = "" if kind != "custom-7KB" else "".join(f"__device__ inline float pad{i}(float v) {{ return v * {i}.0f; }}\n" for i in range(120))
     kernel = mx.fast.cuda_kernel(name=f"probe_{kind.replace('-', '_')}", input_names=["x"], output_names=["y"], source=body, header=pad)
 
