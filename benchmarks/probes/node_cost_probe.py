@@ -18,15 +18,29 @@ import mlx.core as mx
 
 def chain(kind: str, n: int):
     body = "unsigned int i = threadIdx.x + blockIdx.x * blockDim.x; if (i < 256) y[i] = x[i] + 1.0f;"
-    pad = "" if kind != "custom-7KB" else "".join(f"__device__ inline float pad{i}(float v) {{ return v * {i}.0f; }}\n" for i in range(120))
-    kernel = mx.fast.cuda_kernel(name=f"probe_{kind.replace('-', '_')}", input_names=["x"], output_names=["y"], source=body, header=pad)
+    pad = (
+        ""
+        if kind != "custom-7KB"
+        else "".join(
+            f"__device__ inline float pad{i}(float v) {{ return v * {i}.0f; }}\n" for i in range(120)
+        )
+    )
+    kernel = mx.fast.cuda_kernel(
+        name=f"probe_{kind.replace('-', '_')}", input_names=["x"], output_names=["y"], source=body, header=pad
+    )
 
     def step(x):
         for _ in range(n):
             if kind == "mlx-add":
                 x = x + 1.0
             else:
-                (x,) = kernel(inputs=[x], grid=(256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype])
+                (x,) = kernel(
+                    inputs=[x],
+                    grid=(256, 1, 1),
+                    threadgroup=(256, 1, 1),
+                    output_shapes=[x.shape],
+                    output_dtypes=[x.dtype],
+                )
         return x
 
     return mx.compile(step)
@@ -52,7 +66,13 @@ def main() -> None:
         mx.eval(out)
         wall = time.perf_counter() - start
         per = args.nodes * args.reps
-        row = {"probe": "node_cost", "kind": kind, "nodes": args.nodes, "host_us_per_node": 1e6 * host / per, "wall_us_per_node": 1e6 * wall / per}
+        row = {
+            "probe": "node_cost",
+            "kind": kind,
+            "nodes": args.nodes,
+            "host_us_per_node": 1e6 * host / per,
+            "wall_us_per_node": 1e6 * wall / per,
+        }
         print(json.dumps(row), flush=True)
 
 
