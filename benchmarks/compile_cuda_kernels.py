@@ -61,6 +61,7 @@ def translation_unit(name: str, case: Case) -> tuple[str, str]:
     """(the kernel's name, its source) as MLX's custom_kernel.cpp builds them (cuda_cache.kernel_source:
     every input an array, its shapes and strides where the body names them)."""
     header, body = kernels.kernel_sources("cuda")[name]
+    header = cuda_cache.included_header(header)  # as MLX is given it (dispatch._texts)
     spec = kernels.SPECS[name]
     template = [(k, DTYPE[v] if isinstance(v, str) else v) for k, v in case.template.items()]
     func = cuda_cache.kernel_name(f"oss_{name}", template)

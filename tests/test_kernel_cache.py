@@ -148,3 +148,55 @@ def test_the_launch_and_the_offline_compile_check_build_one_source():
         template = [(k, tool.DTYPE[v] if isinstance(v, str) else v) for k, v in case.template.items()]
         outputs = [tool.DTYPE[d] for d in case.outputs]
         assert dispatch.cuda_source(name, inputs, template, outputs) == tool.translation_unit(name, case)
+
+
+def test_the_helpers_go_to_a_file_named_by_their_text(tmp_path, monkeypatch):
+    """MLX-CUDA hashes a custom kernel's whole source at every launch, so the helpers are a file the
+    source includes: written once, whole, named by the text's hash (other helpers, another name); the
+    text itself where the folder cannot be written or OSS_MLX_HEADER_FILES=0."""
+    header = "// helpers\n__device__ float twice(float x) { return 2 * x; }\n"
+    line = cuda_cache.included_header(header, tmp_path / "h")
+    (path,) = (tmp_path / "h").iterdir()
+    assert line == f'#include "{path}"\n' and path.read_text() == header and path.is_absolute()
+    before = path.stat().st_mtime_ns
+    assert cuda_cache.included_header(header, tmp_path / "h") == line and path.stat().st_mtime_ns == before
+    other = cuda_cache.included_header(header + "// more\n", tmp_path / "h")
+    assert other != line and len(list((tmp_path / "h").iterdir())) == 2
+    path.write_text("damaged")  # rewritten whole
+    assert cuda_cache.included_header(header, tmp_path / "h") == line and path.read_text() == header
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert cuda_cache.included_header(header, blocked / "h") == header  # a file where the folder goes
+    monkeypatch.setenv(cuda_cache.HEADERS_ENV, "0")
+    assert cuda_cache.included_header(header, tmp_path / "h") == header
+
+
+def test_the_compiled_source_includes_the_helpers_and_nvcc_compiles_it(tmp_path):
+    """The source MLX is given for a kernel includes its helpers' file, and the file and the inline
+    text compile to the same code (nvcc here, where present; NVRTC on the card)."""
+    from oss_mlx.kernels import dispatch
+
+    inputs = [mx.zeros((2, 64), dtype=mx.float32), mx.zeros((64,), dtype=mx.float32)]
+    func, source = dispatch.cuda_source(
+        "moe_combine", inputs, [("T", mx.float32), ("H", 64), ("K", 2)], [mx.float32]
+    )
+    header, body = dispatch.kernel_sources("cuda")["moe_combine"]
+    assert '#include "' in source and header not in source and body in source
+    if shutil.which("nvcc") is None:
+        return
+    inline = source.replace(cuda_cache.included_header(header), header)
+    ptx = []
+    for i, text in enumerate((source, inline)):
+        unit = tmp_path / f"k{i}.cu"
+        unit.write_text(
+            text.replace('#include "mlx/backend/cuda/device/utils.cuh"', "typedef unsigned int uint32_t;")
+        )
+        out = subprocess.run(
+            ["nvcc", "-std=c++17", "-ptx", "-o", str(unit.with_suffix(".ptx")), str(unit)],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode != 0:
+            pytest.skip(f"nvcc cannot compile the unit here: {out.stderr[:200]}")
+        ptx.append(unit.with_suffix(".ptx").read_text().split("\n", 10)[-1])
+    assert ptx[0] == ptx[1]

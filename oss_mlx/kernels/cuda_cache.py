@@ -20,6 +20,7 @@ is the check.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import re
 import tempfile
@@ -138,6 +139,39 @@ def cache_dir() -> Path:
     if os.environ.get("MLX_PTX_CACHE_DIR"):
         return Path(os.environ["MLX_PTX_CACHE_DIR"])
     return Path(tempfile.gettempdir()) / "mlx" / mx.__version__ / "ptx"
+
+
+# ---- the header as a file ------------------------------------------------------------------------
+
+# MLX-CUDA hashes a custom kernel's whole source at every launch (custom_kernel.cpp eval_gpu: the
+# module's name), ~2.3 µs for 7 KB on the H100 machine's host (benchmarks/probes/node_cost_probe.py),
+# and a decode step launches ~144 of ours: so each kernel's helpers (3-7 KB) go to a file named by
+# their hash and the source MLX holds includes it (NVRTC reads it from disk when it compiles). The
+# name changes with the text, so a module cached on disk is never one of other helpers.
+HEADERS_ENV = "OSS_MLX_HEADER_FILES"
+
+
+def header_folder() -> Path:
+    """Beside MLX's PTX cache, so a later process names the same files (and its modules hit)."""
+    return cache_dir().parent / "oss_mlx_headers"
+
+
+def included_header(header: str, folder: Path | None = None) -> str:
+    """`#include` of a file holding `header` (written once, whole, then renamed), or the header itself
+    where the folder cannot be written or OSS_MLX_HEADER_FILES=0."""
+    if os.environ.get(HEADERS_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return header
+    folder = folder or header_folder()
+    path = folder / f"oss_{hashlib.sha256(header.encode()).hexdigest()[:20]}.cuh"
+    try:
+        if not path.is_file() or path.read_text() != header:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(header)
+            os.replace(tmp, path)
+    except OSError:
+        return header
+    return f'#include "{path}"\n'
 
 
 # ---- compiling as MLX does -----------------------------------------------------------------------

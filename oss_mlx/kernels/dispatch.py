@@ -51,6 +51,7 @@ class KernelRuntime:
     consts: dict[tuple, mx.array] = field(default_factory=dict)
     position: tuple[tuple[int, int], mx.array] | None = None  # ((position, rows), the step's array)
     disk_cache: cuda_cache.KernelCache = field(default_factory=cuda_cache.KernelCache)  # OSS_MLX_KERNEL_CACHE
+    specializations: set[tuple] = field(default_factory=set)  # launched so far (MLX compiles each once)
 
 
 RUNTIME = KernelRuntime(_machine_backend())
@@ -132,7 +133,7 @@ def _kernel(name: str):
     key = (dialect, name)
     if key not in RUNTIME.compiled:
         spec = SPECS[name]
-        header, body = kernel_sources(dialect)[name]
+        header, body = _texts(dialect, name)
         make = RUNTIME.make_kernel or (mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel)
         RUNTIME.compiled[key] = make(
             name=f"oss_{name}",
@@ -149,8 +150,13 @@ def launch(name: str, inputs, template, grid, threadgroup, output_shapes, output
     """Kernel `name` (SPECS) on `inputs`, compiled at first use (on CUDA, with OSS_MLX_KERNEL_CACHE=1,
     also written to MLX's disk cache for the next process: cuda_cache.py)."""
     extra = {} if RUNTIME.poison is None else {"init_value": RUNTIME.poison}
-    if RUNTIME.disk_cache.on and RUNTIME.machine == "cuda" and RUNTIME.make_kernel is None:
-        _note_for_cache(name, inputs, template, output_dtypes)
+    if RUNTIME.machine == "cuda" and RUNTIME.make_kernel is None:
+        key = (name, tuple(template), tuple((a.dtype, a.ndim) for a in inputs), tuple(output_dtypes))
+        if key not in RUNTIME.specializations:  # MLX compiles it at this launch's evaluation
+            RUNTIME.specializations.add(key)
+            _texts("cuda", name)  # the helpers' file again, should something have removed it
+            if RUNTIME.disk_cache.on:
+                RUNTIME.disk_cache.note(key, lambda: cuda_source(name, inputs, template, output_dtypes))
     return _kernel(name)(
         inputs=inputs,
         template=template,
@@ -162,20 +168,24 @@ def launch(name: str, inputs, template, grid, threadgroup, output_shapes, output
     )
 
 
+def _texts(dialect: str, name: str) -> tuple[str, str]:
+    """(header, body) as MLX is given them: on MLX-CUDA the header is an `#include` of a file holding
+    it (cuda_cache.included_header says why); emulated kernels get the text itself."""
+    header, body = kernel_sources(dialect)[name]
+    if dialect == "cuda" and RUNTIME.make_kernel is None:
+        header = cuda_cache.included_header(header)
+    return header, body
+
+
 def cuda_source(name: str, inputs, template, output_dtypes) -> tuple[str, str]:
     """(MLX's name for this specialization of kernel `name`, the source MLX-CUDA compiles for it)."""
-    spec, (header, body) = SPECS[name], kernel_sources("cuda")[name]
+    spec, (header, body) = SPECS[name], _texts("cuda", name)
     func = cuda_cache.kernel_name(f"oss_{name}", list(template))
     shapes = [(a.dtype, a.ndim) for a in inputs]
     source = cuda_cache.kernel_source(
         func, header, body, list(spec.inputs), shapes, list(spec.outputs), list(output_dtypes), list(template)
     )
     return func, source
-
-
-def _note_for_cache(name: str, inputs, template, output_dtypes) -> None:
-    key = (name, tuple(template), tuple((a.dtype, a.ndim) for a in inputs), tuple(output_dtypes))
-    RUNTIME.disk_cache.note(key, lambda: cuda_source(name, inputs, template, output_dtypes))
 
 
 # ---- small inputs --------------------------------------------------------------------------------
