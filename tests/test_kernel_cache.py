@@ -167,6 +167,10 @@ def test_the_helpers_go_to_a_file_named_by_their_text(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("")
     assert cuda_cache.included_header(header, blocked / "h") == header  # a file where the folder goes
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # others may write there: their text could be compiled in
+    assert cuda_cache.included_header(header, shared) == header and not list(shared.iterdir())
     monkeypatch.setenv(cuda_cache.HEADERS_ENV, "0")
     assert cuda_cache.included_header(header, tmp_path / "h") == header
 

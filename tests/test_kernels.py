@@ -778,8 +778,9 @@ def test_decode_step_is_a_few_ops_per_layer():
     mx.export_to_dot(buf, logits)
     ops = collections.Counter(re.findall(r'label ="([^"]+)", shape=rectangle', buf.getvalue()))
     per_layer = (sum(ops.values()) - 12) / len(model.blocks)  # ~12 for embedding, norm, unembedding
-    # 13 on the H100: 7 kernels a layer (norm_qkv_rope, sdpa_decode, out_residual; the bf16 MoE's
-    # norm_route, gate_up_mma, down_mma, moe_combine), the cache scatter, views and casts.
+    # 13 on the H100 with 7 kernels a layer (norm_qkv_rope, sdpa_decode, out_residual; the bf16 MoE's
+    # norm_route, gate_up_mma, down_mma, moe_combine), the cache scatter, views and casts; one token's
+    # down_mma and moe_combine are one kernel now (down_mma_combine: 6 a layer in the 20b's step).
     assert per_layer <= 13, ops
     assert ops["CustomKernel"] <= 7 * len(model.blocks), ops
 

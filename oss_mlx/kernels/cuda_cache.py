@@ -152,20 +152,24 @@ HEADERS_ENV = "OSS_MLX_HEADER_FILES"
 
 
 def header_folder() -> Path:
-    """Beside MLX's PTX cache, so a later process names the same files (and its modules hit)."""
-    return cache_dir().parent / "oss_mlx_headers"
+    """Beside MLX's PTX cache, so a later process names the same files (and its modules hit); one
+    folder per user, since what it holds is compiled into this process's kernels."""
+    return cache_dir().parent / f"oss_mlx_headers-{os.getuid()}"
 
 
 def included_header(header: str, folder: Path | None = None) -> str:
     """`#include` of a file holding `header` (written once, whole, then renamed), or the header itself
-    where the folder cannot be written or OSS_MLX_HEADER_FILES=0."""
+    where the folder cannot be written, is not this user's alone, or OSS_MLX_HEADER_FILES=0."""
     if os.environ.get(HEADERS_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
         return header
     folder = folder or header_folder()
     path = folder / f"oss_{hashlib.sha256(header.encode()).hexdigest()[:20]}.cuh"
     try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:  # another user could change the text
+            return header
         if not path.is_file() or path.read_text() != header:
-            folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(header)
             os.replace(tmp, path)
