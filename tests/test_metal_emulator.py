@@ -42,7 +42,8 @@ def run(body, inputs, outputs, grid, threadgroup, template=None, header="", emul
 
 def test_the_source_is_the_one_mlx_generates(tmp_path, capfd, monkeypatch):
     """For every kernel in SPECS at a launch of the start-up self-test (the grouped and the
-    matrix-unit decode-MoE kernels turned on, so it launches them too): the emulator's text of the
+    matrix-unit decode-MoE kernels turned on, from two rows and then from one, so it launches them
+    all): the emulator's text of the
     kernel equals what MLX's metal_kernel generates for the same call (its verbose output, recorded
     here by tracing an export: no Metal device needed)."""
     from oss_mlx.kernels import decode_moe
@@ -61,6 +62,8 @@ def test_the_source_is_the_one_mlx_generates(tmp_path, capfd, monkeypatch):
         return launch
 
     with kernels.emulated("metal", recording):
+        assert kernel_selftest.run() is None
+        monkeypatch.setattr(decode_moe, "MOE_MMA_FROM", 1)  # one token on the matrix units too
         assert kernel_selftest.run() is None
     seen = set()
     for i, (factory, call, k) in enumerate(calls):

@@ -196,21 +196,18 @@ def _experts(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> m
     (y,) = launch(
         "down_combine",
         [h, ids, wts, experts.down_weight, experts.down_scales, experts.down_bias, residual],
-        [
-            ("T", T),
-            ("H", H),
-            ("HP", experts.down_weight.shape[1]),
-            ("I", I),
-            ("K", k),
-            ("NC", -(-I // 1024)),
-            ("ROWS", rows),
-        ],
+        [*_down_template(experts, T, H, I, k), ("NC", -(-I // 1024)), ("ROWS", rows)],
         (128 * N, -(-H // rows), 1),
         (128, 1, 1),
         [residual.shape],
         [T],
     )
     return y
+
+
+def _down_template(experts: ExpertWeights, T: mx.Dtype, H: int, I: int, k: int) -> list[tuple]:
+    """The template arguments every down kernel starts with (HP: the weights' padded row count)."""
+    return [("T", T), ("H", H), ("HP", experts.down_weight.shape[1]), ("I", I), ("K", k)]
 
 
 def _experts_grouped(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) -> mx.array:
@@ -250,16 +247,7 @@ def _experts_grouped(experts: ExpertWeights, x, wts, ids, residual, N: int, k: i
     (d,) = launch(
         "down_grouped",
         [h, perm, offsets, wts, experts.down_weight, experts.down_scales, experts.down_bias],
-        [
-            ("T", T),
-            ("H", H),
-            ("HP", experts.down_weight.shape[1]),
-            ("I", I),
-            ("K", k),
-            ("NC", -(-I // 1024)),
-            ("RW", rw),
-            ("S", staged_slots(I, T)),
-        ],
+        [*_down_template(experts, T, H, I, k), ("NC", -(-I // 1024)), ("RW", rw), ("S", staged_slots(I, T))],
         (256 * -(-H // (8 * rw)), E, 1),
         (256, 1, 1),
         [(NK, H)],
@@ -330,14 +318,7 @@ def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) 
         (y,) = launch(
             "down_mma_combine",
             [h, ids, wts, experts.down_weight, experts.down_scales, experts.down_bias, residual],
-            [
-                ("T", T),
-                ("H", H),
-                ("HP", experts.down_weight.shape[1]),
-                ("I", I),
-                ("K", k),
-                ("NI", MOE_MMA_ISSUE),
-            ],
+            [*_down_template(experts, T, H, I, k), ("NI", MOE_MMA_ISSUE)],
             (128 * k * -(-H // 16), 1, 1),
             (128 * k, 1, 1),
             [residual.shape],
@@ -347,16 +328,7 @@ def _experts_mma(experts: ExpertWeights, x, wts, ids, residual, N: int, k: int) 
     (d,) = launch(
         "down_mma",
         [h, perm, offsets, wts, experts.down_weight, experts.down_scales, experts.down_bias],
-        [
-            ("T", T),
-            ("H", H),
-            ("HP", experts.down_weight.shape[1]),
-            ("I", I),
-            ("K", k),
-            ("RT", rt),
-            ("SORTED", sorted_),
-            ("NI", MOE_MMA_ISSUE),
-        ],
+        [*_down_template(experts, T, H, I, k), ("RT", rt), ("SORTED", sorted_), ("NI", MOE_MMA_ISSUE)],
         (128 * -(-H // (16 * rt)), rows, 1),
         (128, 1, 1),
         [(NK, H)],

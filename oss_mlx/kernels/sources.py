@@ -109,6 +109,7 @@ _MMA_SLOTS = (
     "offsets [E + 1] uint32 (SORTED: moe_group's, e's slots perm[offsets[e] .. offsets[e + 1]); else unread)",
 )
 _SORTED = "SORTED (1: slots grouped by expert, a block row per expert; 0: a block row per slot)"
+_DOWN_20B = dict(T=_B, H=2880, HP=2944, I=2880, K=4)  # the 20b's down experts (rows padded for CUDA)
 _NI = "NI (k blocks a warp loads before it multiplies them; CUDA: Metal's loads go one block at a time)"
 _GATE_UP_TEMPLATES = ("T", "H", "I", "K", "NC (ceil(H / 1024))", "COLS (SwiGLU columns per warp, <= 32)")
 _SDPA = dict(
@@ -304,28 +305,8 @@ SPECS = {
             grid="(128 * ceil(H / (16 * RT)), SORTED ? E : N * K, 1)",
             threads="(128, 1, 1): 4 warps splitting the k range",
             cases=(
-                _case(
-                    "bf16 u32 u32 f32 u32 u8 bf16 -> f32",
-                    T=_B,
-                    H=2880,
-                    HP=2944,
-                    I=2880,
-                    K=4,
-                    RT=2,
-                    SORTED=1,
-                    NI=6,
-                ),
-                _case(
-                    "bf16 u32c u32c f32c u32 u8 bf16 -> f32",
-                    T=_B,
-                    H=2880,
-                    HP=2944,
-                    I=2880,
-                    K=4,
-                    RT=2,
-                    SORTED=0,
-                    NI=3,
-                ),
+                _case("bf16 u32 u32 f32 u32 u8 bf16 -> f32", **_DOWN_20B, RT=2, SORTED=1, NI=6),
+                _case("bf16 u32c u32c f32c u32 u8 bf16 -> f32", **_DOWN_20B, RT=2, SORTED=0, NI=3),
                 _case(
                     "bf16 u32 u32c f32 u32 u8 f32 -> f32", T=_B, H=64, HP=64, I=96, K=2, RT=1, SORTED=1, NI=2
                 ),
@@ -347,7 +328,7 @@ SPECS = {
             grid="(128 * K * ceil(H / 16), 1, 1)",
             threads="(128 * K, 1, 1): warps 4j .. 4j + 3 slot j's, splitting its k range",
             cases=(
-                _case("bf16 u32c f32c u32 u8 bf16 bf16 -> bf16", T=_B, H=2880, HP=2944, I=2880, K=4, NI=3),
+                _case("bf16 u32c f32c u32 u8 bf16 bf16 -> bf16", **_DOWN_20B, NI=3),
                 _case("bf16 u32c f32c u32 u8 f32 bf16 -> bf16", T=_B, H=64, HP=64, I=96, K=2, NI=1),
             ),
         ),
