@@ -15,7 +15,7 @@ for d in convert kernels_shared kernels_metal kernels_cuda; do [ -e oss_mlx/$d ]
 # The commit the rows name: the device's copy of the tree carries stale git metadata, so the commit
 # travels as a file (here: git rev-parse HEAD > .device/b/COMMIT before the run; oss_mlx/bench_results.py).
 [ -z "$OSS_MLX_COMMIT" ] && [ -f .device/b/COMMIT ] && export OSS_MLX_COMMIT=$(cat .device/b/COMMIT)
-[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep kernelcache moeprobe shapeprobe smallprobe compile loadchecks followattn timeline"; exit 2; }
+[ -n "$STAGES" ] || { echo "STAGES: one or more of order envbench cold120 greedy noise groupedmoe batchstep kernelcache moeprobe shapeprobe smallprobe compile loadchecks followattn timeline hostab"; exit 2; }
 for stage in ${STAGES//,/ }; do  # spaces or commas between stages
   echo "== $stage" | tee -a $OUT/run.log
   case $stage in
@@ -49,6 +49,16 @@ for stage in ${STAGES//,/ }; do  # spaces or commas between stages
       timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/decode_timeline_probe.py ${CONTEXTS:+--contexts $CONTEXTS} \
         --json $OUT/timeline.json --trace-dir $OUT 2>&1 | tee -a $OUT/timeline.log
       gzip -f $OUT/decode-*.json 2>/dev/null ;;
+    hostab)  # the kernels' helpers as included files or inline (OSS_MLX_HEADER_FILES), a process each,
+             # alternating twice; then the card tests of down_mma_combine and MOE_MMA_ISSUE (20b shapes)
+      for r in 1 2; do for v in 1 0; do
+        echo "-- OSS_MLX_HEADER_FILES=$v" | tee -a $OUT/hostab.log
+        OSS_MLX_HEADER_FILES=$v timeout ${BENCH_TIMEOUT:-90} python3 -m oss_mlx.cli bench --config 20b \
+          --prompt-lengths 128,32768 --decode-tokens 64 --engines oss-mlx --results $RESULTS 2>&1 \
+          | grep -E "decode|disabled" | tee -a $OUT/hostab.log
+      done; done
+      timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q tests/test_kernels.py \
+        -k "matrix_units or issue_setting or batched_decode_step" 2>&1 | tail -5 | tee -a $OUT/hostab.log ;;
     greedy)  # does the two-stage greedy argmax speed decode up on the card? (alternating rounds, 128 and 32k)
       timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/greedy_probe.py 2>&1 | tee -a $OUT/greedy.log ;;
     noise) timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/probes/decode_noise_probe.py 2>&1 | tee -a $OUT/noise.log ;;
