@@ -391,3 +391,23 @@ def test_batch_decode_refuses_bad_equality_sizes():
         assert (
             "--equality-sizes" in r.stderr and "batch sizes >= 1" in r.stderr and "Traceback" not in r.stderr
         )
+
+
+def test_decode_variants_probe_refuses_bad_settings():
+    """benchmarks/probes/decode_variants_probe.py names a bad --set (no '=', no module, no such name,
+    unequal value counts) and exits before building a model, with no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "probes" / "decode_variants_probe.py"
+    cases = {
+        ("MOE_MMA_ISSUE",): "write MODULE.NAME=V1,V2",
+        ("nosuch.MOE_MMA_ISSUE=1",): "no module oss_mlx.kernels.nosuch",
+        ("decode_moe.NOSUCH=1",): "has no NOSUCH",
+        ("decode_moe.MOE_MMA_ISSUE=1,2", "decode_moe.ONE_TOKEN_COMBINED=True"): "the same number of values",
+    }
+    for settings, message in cases.items():
+        args = [a for s in settings for a in ("--set", s)]
+        r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (settings, r.stderr)

@@ -27,9 +27,7 @@ import time
 import mlx.core as mx
 
 from oss_mlx import decode as decode_module
-from oss_mlx.bench import _prompt, preset_config, random_model, run_oss_mlx
-from oss_mlx.generation import SamplingOptions, TokenStream
-from oss_mlx.runtime import generate_tokens
+from oss_mlx.bench import _prompt, oss_mlx_token_times, preset_config, random_model, run_oss_mlx
 
 
 class HostClock:
@@ -67,17 +65,17 @@ class HostClock:
         mx.async_eval, decode_module.DecodeStep.__call__ = self._eval, self._call
 
 
-def decode_run(model, prompt: list[int], tokens: int, on_first=None, on_last=None) -> tuple[float, int]:
-    """(seconds from the first token to the last, tokens after the first) through generate_tokens."""
-    options = SamplingOptions(temperature=0.0, max_tokens=tokens + 1)
-    times = []
+def prefilled(model, prompt: list[int]):
+    """A cache holding `prompt` (prefilled through oss-mlx's token loop, one token sampled)."""
     cache = model.make_cache()
-    for _ in generate_tokens(model, prompt, cache, options, stop_ids=set(), report=TokenStream()):
-        times.append(time.perf_counter())
-        if len(times) == 1 and on_first is not None:
-            on_first()
-    if on_last is not None:
-        on_last()
+    oss_mlx_token_times(model, prompt, 0, cache=cache)
+    return cache
+
+
+def decode_run(model, cache, tokens: int) -> tuple[float, int]:
+    """(seconds from the first token to the last, tokens after the first): one more token after what
+    `cache` holds, then `tokens` decoded, through oss-mlx's own token loop (bench.py's)."""
+    _, times = oss_mlx_token_times(model, [1], tokens, cache=cache)
     return times[-1] - times[0], len(times) - 1
 
 
@@ -87,19 +85,12 @@ def card_timeline(model, prompt: list[int], tokens: int, trace: str | None = Non
 
     torch.cuda.init()
     prof = profile(activities=[ProfilerActivity.CUDA])
-    state = {}
-
-    def first():
-        mx.synchronize()
-        prof.start()
-        state["t0"] = time.perf_counter()
-
-    def last():
-        mx.synchronize()
-        state["t1"] = time.perf_counter()
-        prof.stop()
-
-    seconds, n = decode_run(model, prompt, tokens, first, last)
+    cache = prefilled(model, prompt)
+    mx.synchronize()
+    prof.start()
+    seconds, n = decode_run(model, cache, tokens)
+    mx.synchronize()
+    prof.stop()
     if trace:
         prof.export_chrome_trace(trace)
     kernels = []
@@ -157,10 +148,11 @@ def main() -> None:
     for n in (int(c) for c in args.contexts.split(",")):
         prompt = _prompt(n, vocab, 1)
         run_oss_mlx(model, prompt, 4)
+        cache = prefilled(model, prompt)
         with HostClock() as clock:
-            seconds, steps = decode_run(model, prompt, args.tokens)
-        # the clock counted the prefill's evaluations too: those before the first token are few and
-        # cheap next to the decode's, so the per-token host figures are upper bounds
+            seconds, steps = decode_run(model, cache, args.tokens)
+        # the clock counts the one-token chunk before the first decoded token too: the per-token host
+        # figures are upper bounds by that much
         row = {
             "probe": "decode_timeline",
             "context": n,

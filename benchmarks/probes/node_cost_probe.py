@@ -1,7 +1,8 @@
 """What one graph node costs the host on MLX-CUDA: a compiled chain of N nodes evaluated again and
 again, the host's time in mx.async_eval per node (MLX encodes there) and the wall time per node,
-for MLX's own elementwise op, a custom kernel with a short source and the same with a source as long
-as ours (~7 KB: MLX hashes a custom kernel's whole source at every launch, custom_kernel.cpp).
+for a chain of MLX's own elementwise op (which mx.compile fuses into one kernel: a floor, not a node's
+cost), a custom kernel with a short source and the same with a source as long as ours (~7 KB: MLX
+hashes a custom kernel's whole source at every launch, docs/UPSTREAM.md item 14).
 (GPU machine; docs/PERFORMANCE.md, "Decode toward the floor".)
 
     python benchmarks/probes/node_cost_probe.py [--nodes 200] [--reps 50]

@@ -143,11 +143,10 @@ def cache_dir() -> Path:
 
 # ---- the header as a file ------------------------------------------------------------------------
 
-# MLX-CUDA hashes a custom kernel's whole source at every launch (custom_kernel.cpp eval_gpu: the
-# module's name), ~2.3 µs for 7 KB on the H100 machine's host (benchmarks/probes/node_cost_probe.py),
-# and a decode step launches ~144 of ours: so each kernel's helpers (3-7 KB) go to a file named by
-# their hash and the source MLX holds includes it (NVRTC reads it from disk when it compiles). The
-# name changes with the text, so a module cached on disk is never one of other helpers.
+# MLX-CUDA hashes a custom kernel's whole source at every launch (docs/UPSTREAM.md item 14), and a
+# decode step launches ~144 of ours: so each kernel's helpers go to a file named by their hash and the
+# source MLX holds includes it (NVRTC reads it from disk when it compiles). The name changes with the
+# text, so a module cached on disk is never one of other helpers.
 HEADERS_ENV = "OSS_MLX_HEADER_FILES"
 
 
