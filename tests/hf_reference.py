@@ -9,6 +9,8 @@ import numpy as np
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 VOCAB = 1024
+# A top-k choice closer than this (in logits) is a near tie: see clear_routing_tokens.
+ROUTING_MARGIN = 1e-3
 
 
 def tiny_config(
@@ -96,3 +98,50 @@ def add_lora(
 def torch_logits(torch, model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(tokens)).logits.float().numpy()
+
+
+def routing_gaps(torch, model, tokens: np.ndarray) -> np.ndarray:
+    """[rows, positions]: each token's smallest gap, over the layers, between its k-th and (k+1)-th
+    router logit in the transformers (or peft) `model`."""
+    found = []
+
+    def hook(module, args, out):
+        # transformers 5 returns (logits, scores, indices); 4.x the scores only, so recompute there.
+        if isinstance(out, tuple) and len(out) == 3:
+            logits = out[0]
+        else:
+            logits = torch.nn.functional.linear(args[0], module.weight, module.bias)
+        top = logits.float().topk(module.top_k + 1, dim=-1).values
+        found.append((top[..., -2] - top[..., -1]).reshape(tokens.shape))
+
+    routers = [m for m in model.modules() if type(m).__name__ == "GptOssTopKRouter"]
+    assert routers, "no GptOssTopKRouter in the reference model"
+    handles = [m.register_forward_hook(hook) for m in routers]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(tokens))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(found).amin(0).numpy()
+
+
+def clear_routing_tokens(
+    torch, model, shape: tuple[int, int], *, vocab: int = VOCAB, seed: int = 0, margin: float = ROUTING_MARGIN
+) -> np.ndarray:
+    """Random tokens of `shape` on which the reference `model` routes no token by a near tie.
+
+    Where a token's k-th and (k+1)-th router logits are closer than float32's noise, another correct
+    implementation, or the same one on another CPU, may pick the other expert, and that token's
+    logits then differ by a whole expert's output (seen in CI: a 6e-5 gap flipped on one machine and
+    not on another). Such a token is drawn again until none is left; the tokens before it keep their
+    routing, since attention is causal, so the loop ends after about as many passes as ties."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, size=shape)
+    for _ in range(1000):
+        near = routing_gaps(torch, model, tokens) < margin
+        if not near.any():
+            return tokens
+        for row in np.flatnonzero(near.any(axis=1)):
+            tokens[row, np.argmax(near[row])] = rng.integers(0, vocab)
+    raise AssertionError(f"no tokens of shape {shape} route without a near tie (margin {margin})")

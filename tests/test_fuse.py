@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err
-from hf_reference import VOCAB, add_lora
+from hf_reference import VOCAB, add_lora, clear_routing_tokens
 
 from oss_mlx import mxfp4
 from oss_mlx.adapters import load_adapter
@@ -29,7 +29,6 @@ SPEC = SyntheticSpec.tiny(
     num_layers=3, num_experts=8, experts_per_token=4, vocab_size=VOCAB, hidden_size=64,
     intermediate_size=96, head_dim=16, num_attention_heads=8, num_key_value_heads=2, sliding_window=16,
 )  # fmt: skip
-TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(1, 48))
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +40,28 @@ def base(tmp_path_factory, vocab_dir):  # the fused folder is a converted one: t
 
 
 def peft_adapter(base, out, **lora):
+    """The adapter's folder, and tokens the adapted model routes with no near tie (hf_reference)."""
     model = transformers.GptOssForCausalLM.from_pretrained(
         base / "hf-float", dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     )
     pm = add_lora(torch, peft, model.eval(), **lora)
     pm.save_pretrained(out)
-    return out
+    return out, clear_routing_tokens(torch, pm, (1, 48))
 
 
-def logits(folder, adapter=None, **kw):
+def logits(folder, tokens, adapter=None, **kw):
     model, _ = load_model(folder, dtype=mx.float32, **kw)
     if adapter is not None:
         load_adapter(model, adapter)
-    return np.array(model(mx.array(TOKENS)))
+    return np.array(model(mx.array(tokens)))
 
 
 def test_attention_and_router_fuse_exactly(base, tmp_path):
-    adapter = peft_adapter(base, tmp_path / "a", parameters=["mlp.router.weight"])
+    adapter, ids = peft_adapter(base, tmp_path / "a", parameters=["mlp.router.weight"])
     result, report = fuse(str(base / "hf-mxfp4"), str(adapter), tmp_path / "fused", dtype="float32")
-    fused = logits(result.dest)
-    unfused = logits(base / "hf-mxfp4", adapter)
-    assert rel_err(logits(base / "hf-mxfp4"), unfused) > 1e-2  # the adapter matters
+    fused = logits(result.dest, ids)
+    unfused = logits(base / "hf-mxfp4", ids, adapter)
+    assert rel_err(logits(base / "hf-mxfp4", ids), unfused) > 1e-2  # the adapter matters
     assert rel_err(fused, unfused) <= 1e-5
     for target, r in report.by_target.items():  # float32 holds W + delta exactly
         assert r.summary()["delta_kept"] == pytest.approx(1.0, abs=1e-5), target
@@ -77,7 +77,9 @@ def test_attention_and_router_fuse_exactly(base, tmp_path):
 def test_experts_requantized_with_the_error_reported(base, tmp_path):
     """Experts re-quantized to MXFP4: the report equals what the written tensors hold, computed here;
     the expert tensors the adapter leaves alone keep their bytes; the CLI prints the table."""
-    adapter = peft_adapter(base, tmp_path / "a", modules=[], parameters=["mlp.experts.gate_up_proj"], seed=4)
+    adapter, ids = peft_adapter(
+        base, tmp_path / "a", modules=[], parameters=["mlp.experts.gate_up_proj"], seed=4
+    )
     out = tmp_path / "fused"
     run = subprocess.run(
         [sys.executable, "-m", "oss_mlx.cli", "fuse", "--model", str(base / "hf-mxfp4"), "--adapter",
@@ -111,5 +113,5 @@ def test_experts_requantized_with_the_error_reported(base, tmp_path):
     assert 0 < got["error_vs_weight"] < 0.2
     # the fused model runs and carries the adapter's effect: nearer the unfused adapter than the base is
     # (this random delta is as large as the weights, so the re-quantization error is large as well)
-    fused, unfused = logits(out), logits(base / "hf-mxfp4", adapter)
-    assert 0 < rel_err(fused, unfused) < 0.5 * rel_err(logits(base / "hf-mxfp4"), unfused)
+    fused, unfused = logits(out, ids), logits(base / "hf-mxfp4", ids, adapter)
+    assert 0 < rel_err(fused, unfused) < 0.5 * rel_err(logits(base / "hf-mxfp4", ids), unfused)

@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import make_hub_cache, rel_err
+from hf_reference import clear_routing_tokens
 
 from oss_mlx.config import ConfigError
 from oss_mlx.loader import load_model
@@ -50,7 +51,7 @@ def reference(checkpoints):
     model = transformers.GptOssForCausalLM.from_pretrained(
         checkpoints["hf-float"], dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    tokens = np.random.default_rng(0).integers(0, SPEC.vocab_size, size=(1, PROMPT))
+    tokens = clear_routing_tokens(torch, model, (1, PROMPT), vocab=SPEC.vocab_size)
     with torch.no_grad():
         logits = model(torch.from_numpy(tokens)).logits.numpy()
     return tokens, logits

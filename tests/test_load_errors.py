@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err, vocabulary_dir
+from hf_reference import clear_routing_tokens
 
 import oss_mlx
 from oss_mlx.config import HF_DEFAULT_ROPE, HF_DEFAULTS, ConfigError, ModelConfig
@@ -320,7 +321,7 @@ def _transformers_checkpoint(folder: Path, config_edit, tie: bool = False):
     edit_config(folder, config_edit)
     # The reference is transformers reading the edited config.json, as a user's fine-tune would be read.
     ref = transformers.GptOssForCausalLM.from_pretrained(folder, attn_implementation="eager").float().eval()
-    tokens = np.random.default_rng(0).integers(0, 256, size=(1, 200))
+    tokens = clear_routing_tokens(torch, ref, (1, 200), vocab=256)
     with torch.no_grad():
         return tokens, ref(torch.from_numpy(tokens)).logits.numpy()
 

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err
-from hf_reference import EXPERTS, VOCAB, add_lora, random_base
+from hf_reference import EXPERTS, add_lora, clear_routing_tokens, random_base
 from mlx.utils import tree_flatten
 
 from oss_mlx.adapters import PEFT_PREFIX, load_adapter, peft_expert_to_ours
@@ -24,14 +24,16 @@ TOL = 1e-4
 E = 8
 
 
-def batch_of(seed: int = 0):
-    """Two rows of different lengths (one padded), about a third of the positions scored."""
+def batch_of(pm, seed: int = 0):
+    """Two rows of different lengths (one padded), about a third of the positions scored; tokens the
+    reference `pm` routes with no near tie (hf_reference)."""
     rng = np.random.default_rng(seed)
     seqs = []
-    for n in (70, 41):
+    for i, n in enumerate((70, 41)):
         scored = list(rng.random(n) < 0.35)
         scored[0] = False
-        seqs.append(TrainSequence([int(t) for t in rng.integers(0, VOCAB, n)], scored, 0))
+        ids = clear_routing_tokens(torch, pm, (1, n), seed=seed + i)[0]
+        seqs.append(TrainSequence([int(t) for t in ids], scored, 0))
     return seqs, make_batch(seqs)
 
 
@@ -88,7 +90,7 @@ def setup(tmp_path_factory):
     )
     pm = add_lora(torch, peft, hf, parameters=[*EXPERTS, "mlp.router.weight"], seed=2)
     pm.save_pretrained(root / "peft")
-    seqs, batch = batch_of()
+    seqs, batch = batch_of(pm)
     loss, grads = torch_grads(pm, seqs)
     return root, batch, loss, to_ours(grads)
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err
-from hf_reference import ATTENTION, EXPERTS, VOCAB, add_lora, random_base, torch_logits
+from hf_reference import ATTENTION, EXPERTS, VOCAB, add_lora, clear_routing_tokens, random_base, torch_logits
 
 from oss_mlx.adapters import AdapterError, load_adapter, save_adapter
 from oss_mlx.loader import load_model
@@ -29,8 +29,9 @@ TOL = 1e-4
 PROMPT = 80  # 5x the sliding window
 
 
-def tokens(seed: int = 0, n: int = PROMPT) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, size=(2, n))
+def tokens(pm) -> np.ndarray:
+    """Two rows the transformers + peft model `pm` routes with no near tie (hf_reference)."""
+    return clear_routing_tokens(torch, pm, (2, PROMPT))
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +42,22 @@ def base(tmp_path_factory):
 
 
 def reference(base_folder, out, **lora):
-    """transformers + peft logits, and the saved adapter folder."""
+    """The tokens, their transformers + peft logits and without the adapter; the adapter saved."""
     model = transformers.GptOssForCausalLM.from_pretrained(
         base_folder, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     ).eval()
     pm = add_lora(torch, peft, model, **lora)
     pm.save_pretrained(out)
+    ids = tokens(pm)
     with pm.disable_adapter():
-        plain = torch_logits(torch, pm, tokens())
-    return torch_logits(torch, pm, tokens()), plain
+        plain = torch_logits(torch, pm, ids)
+    return ids, torch_logits(torch, pm, ids), plain
 
 
-def ours(folder, adapter, quantize=False):
+def ours(folder, adapter, ids, quantize=False):
     model, _ = load_model(folder, dtype=mx.float32, quantize_experts=quantize)
     load_adapter(model, adapter)
-    return model, np.array(model(mx.array(tokens())))
+    return model, np.array(model(mx.array(ids)))
 
 
 @pytest.mark.parametrize(
@@ -74,20 +76,20 @@ def ours(folder, adapter, quantize=False):
     ids=["all", "peft-swapped", "subset", "router-rank3", "rslora-patterns-layers"],
 )
 def test_peft_folder_matches_transformers_peft(base, tmp_path, lora):
-    ref, plain = reference(base, tmp_path / "peft", **lora)
-    model, out = ours(base, tmp_path / "peft")
+    ids, ref, plain = reference(base, tmp_path / "peft", **lora)
+    model, out = ours(base, tmp_path / "peft", ids)
     assert rel_err(plain, ref) > 100 * TOL  # the adapter changes the logits: the test can fail
     assert rel_err(out, ref) <= TOL
     # written in our format, read back onto a fresh model: the same logits
     save_adapter(model, tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["format"] == "oss-mlx-lora"
-    _, again = ours(base, tmp_path / "ours")
+    _, again = ours(base, tmp_path / "ours", ids)
     assert rel_err(again, ref) <= TOL
 
 
 def test_modules_wrapped_and_decode_path(base, tmp_path):
     """The adapter sits on the canonical modules, and the cache / decode path applies it too."""
-    ref, _ = reference(base, tmp_path / "peft", parameters=[*EXPERTS, "mlp.router.weight"])
+    ids, ref, _ = reference(base, tmp_path / "peft", parameters=[*EXPERTS, "mlp.router.weight"])
     model, _ = load_model(base, dtype=mx.float32, quantize_experts=False)
     load_adapter(model, tmp_path / "peft")
     block = model.blocks[1]
@@ -96,7 +98,7 @@ def test_modules_wrapped_and_decode_path(base, tmp_path):
     assert sorted(block.attn.qkv.lora_a) == ["k", "q", "v"]
     cache, outs, start = model.make_cache(), [], 0
     for n in [7, 1, 1, 40, 1, PROMPT - 50]:
-        outs.append(np.array(model(mx.array(tokens()[:, start : start + n]), cache=cache)))
+        outs.append(np.array(model(mx.array(ids[:, start : start + n]), cache=cache)))
         start += n
     assert rel_err(np.concatenate(outs, axis=1), ref) <= TOL
 
@@ -108,10 +110,10 @@ def test_the_decode_batch_applies_the_adapter(base, tmp_path):
     from oss_mlx.batch_cache import BatchCache
     from oss_mlx.decode import DecodeStep
 
-    ref, _ = reference(base, tmp_path / "peft", parameters=[*EXPERTS, "mlp.router.weight"])
+    ids, ref, _ = reference(base, tmp_path / "peft", parameters=[*EXPERTS, "mlp.router.weight"])
     model, _ = load_model(base, dtype=mx.float32, quantize_experts=False)
     load_adapter(model, tmp_path / "peft")
-    ids, starts = tokens(), (40, 47)
+    starts = (40, 47)
     batch = BatchCache.for_model(model)
     for r, n in enumerate(starts):
         cache = model.make_cache()
@@ -145,14 +147,15 @@ def test_mxfp4_base_matches_dequantized_reference(tmp_path):
     ).eval()
     pm = add_lora(torch, peft, model, seed=3)
     pm.save_pretrained(tmp_path / "peft")
-    ref = torch_logits(torch, pm, tokens())
+    ids = tokens(pm)
+    ref = torch_logits(torch, pm, ids)
     ours_model, info = load_model(tmp_path / "hf-mxfp4", dtype=mx.float32)
     assert info.layout == "hf-mxfp4"
     load_adapter(ours_model, tmp_path / "peft")
     experts = ours_model.blocks[0].mlp.experts
     assert isinstance(experts, LoRAExperts) and experts.base.quantized
     assert experts.base.gate_up_weight.dtype == mx.uint32  # still MXFP4
-    assert rel_err(np.array(ours_model(mx.array(tokens()))), ref) <= TOL
+    assert rel_err(np.array(ours_model(mx.array(ids))), ref) <= TOL
 
 
 def test_our_adapter_exported_to_peft_runs_in_transformers(base, tmp_path):
@@ -173,13 +176,13 @@ def test_our_adapter_exported_to_peft_runs_in_transformers(base, tmp_path):
         ],
         strict=False,
     )
-    out = np.array(model(mx.array(tokens())))
     save_adapter(model, tmp_path / "peft", format="peft")
     hf = transformers.GptOssForCausalLM.from_pretrained(
         base, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     )
     pm = peft.PeftModel.from_pretrained(hf.eval(), tmp_path / "peft").eval()
-    assert rel_err(out, torch_logits(torch, pm, tokens())) <= TOL
+    ids = tokens(pm)
+    assert rel_err(np.array(model(mx.array(ids))), torch_logits(torch, pm, ids)) <= TOL
 
 
 def test_bad_adapter_folders(base, tmp_path):

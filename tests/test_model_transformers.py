@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err
-from hf_reference import random_base
+from hf_reference import clear_routing_tokens, random_base
 
 from oss_mlx.loader import load_model
 
@@ -26,10 +26,10 @@ def build_reference(folder, truncate: bool, seed: int = 0, layers: int = 4):
     model = random_base(torch, transformers, None, seed=seed, layers=layers, truncate=truncate)
     cfg = model.config
     model.save_pretrained(folder)
-    tokens = torch.randint(0, cfg.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(seed))
+    tokens = clear_routing_tokens(torch, model, (2, PROMPT), vocab=cfg.vocab_size, seed=seed)
     with torch.no_grad():
-        logits = model(tokens).logits.numpy()
-    return tokens.numpy(), logits
+        logits = model(torch.from_numpy(tokens)).logits.numpy()
+    return tokens, logits
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["truncate-false", "truncate-true"])
@@ -94,12 +94,13 @@ def bf16_finetune(tmp_path_factory):
     source, folder = tmp_path_factory.mktemp("f32"), tmp_path_factory.mktemp("hf-float-bf16")
     build_reference(source, truncate=False)
     transformers.GptOssForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(folder)
-    tokens = np.random.default_rng(1).integers(0, 1024, size=(1, 160))
-    logits = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("f32", torch.float32)):
+    logits, tokens = {}, None
+    for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
         model = transformers.GptOssForCausalLM.from_pretrained(
             folder, dtype=dtype, attn_implementation="eager"
         ).eval()
+        if tokens is None:  # the float32 comparison is the exact one
+            tokens = clear_routing_tokens(torch, model, (1, 160), seed=1)
         with torch.no_grad():
             logits[name] = model(torch.from_numpy(tokens)).logits.float().numpy()
     return folder, tokens, logits
@@ -153,3 +154,16 @@ def test_float_expert_product_is_the_float32_one_rounded(dtype, sorted_indices):
         mx.eval(got, want)
     assert got.dtype == dtype and got.shape == want.shape
     assert np.array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
+
+def test_reference_tokens_route_without_near_ties():
+    """The prompts compared with transformers avoid top-k near ties (hf_reference.clear_routing_tokens):
+    a plain random draw has some, the chosen tokens none, and only those few positions were drawn again."""
+    from hf_reference import ROUTING_MARGIN, routing_gaps
+
+    model = random_base(torch, transformers, None, layers=4)
+    plain = np.random.default_rng(0).integers(0, 1024, size=(2, PROMPT))
+    assert (routing_gaps(torch, model, plain) < ROUTING_MARGIN).any()
+    tokens = clear_routing_tokens(torch, model, (2, PROMPT))
+    assert routing_gaps(torch, model, tokens).min() >= ROUTING_MARGIN
+    assert 0 < (tokens != plain).sum() <= 0.05 * tokens.size
