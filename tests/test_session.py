@@ -373,33 +373,43 @@ def test_a_constrained_reply_makes_each_mask_beside_the_queuing_of_its_step(load
 
 
 def test_a_mask_that_takes_long_costs_no_more_than_the_step_beside_it(loaded, monkeypatch):
-    """The overlap, timed: with a mask and the host's queuing of a step each made to take 40 ms, a
-    constrained reply's tokens take ~40 ms each, not the 80 ms one after the other would."""
+    """The overlap, timed: with the host's queuing of a step made to take 40 ms, a constrained reply
+    whose masks are made to take 40 ms too is not ~40 ms a token slower than the same reply with
+    quick masks (one after the other it would be). Measured against that reply in the same process,
+    not against a fixed time: a loaded machine slows both alike."""
     from oss_mlx.constrained import TurnConstraint
     from oss_mlx.model import Transformer
 
     model, tokenizer = loaded
     real_step, real_advance = Transformer.step_into, TurnConstraint.advance
-    pause = 0.04
+    pause, mask_pause = 0.04, [0.0]
 
     def step_into(self, batch, tokens, step=None):
         time.sleep(pause)
         return real_step(self, batch, tokens, step)
 
     def advance(self, token, remaining):
-        time.sleep(pause)
+        time.sleep(mask_pause[0])
         return real_advance(self, token, remaining)
 
     monkeypatch.setattr(Transformer, "step_into", step_into)
     monkeypatch.setattr(TurnConstraint, "advance", advance)
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    reply = oss_mlx.generate(
-        model, tokenizer, QUESTIONS[0], max_tokens=24, temperature=0, json_schema=schema, reasoning_budget=6
-    )
+    keys = dict(max_tokens=24, temperature=0, json_schema=schema, reasoning_budget=6)
+    extra = []
+    for _ in range(3):  # a pair at a time; made one after the other, no pair would pass
+        replies = []
+        for mask_pause[0] in (0.0, pause):
+            replies.append(oss_mlx.generate(model, tokenizer, QUESTIONS[0], **keys))
+        quick, slow = (r.stats for r in replies)
+        assert replies[0].text == replies[1].text
+        steps = slow.generated_tokens - 1  # between the first token read and the last
+        assert steps >= 10 and slow.mask_seconds >= steps * pause
+        extra.append(slow.generation_seconds - quick.generation_seconds)
+        if extra[-1] < 0.5 * steps * pause:
+            break
     monkeypatch.undo()
-    steps = reply.stats.generated_tokens - 1  # between the first token read and the last
-    assert steps >= 10 and reply.stats.mask_seconds >= steps * pause
-    assert reply.stats.generation_seconds < 0.75 * steps * 2 * pause, reply.stats
+    assert min(extra) < 0.5 * steps * pause, (extra, steps * pause)
 
 
 def test_a_grammar_failing_on_the_mask_thread_ends_its_reply_alone(loaded, monkeypatch):
