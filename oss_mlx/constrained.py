@@ -29,17 +29,24 @@ left shrink toward the last path's length (halving the gap each time): a few tim
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
 
-from .structured import Checked, turn_grammar
+from .structured import Checked, ConstraintError, first_line, turn_grammar
 from .tokenizer import HarmonyTokenizer
 
 # Force the closing path when at most this many tokens beyond it are left: one more sampled token may
 # lengthen the path (an escape begun, a key opened), so it is not left to the last token.
 CLOSE_SLACK = 8
 WALK_LIMIT = 384  # bytes the closing walk may take before it is given up
+# Forced text is tokenized from at most this many of its bytes. llguidance's compute_ff_tokens
+# tokenizes all of it, holding the GIL: ~4 s for a pattern forcing 100k bytes, minutes for ~500k,
+# at every step (the server's event loop stopped with it). Only the first forced token is used.
+FORCED_BYTES = 512
+FORCED_MARGIN = 64
+_SPECIAL = re.compile(rb"\xff\[(\d+)\]")  # a special token in compute_ff_bytes' text
 
 
 def _quoting(state: tuple[bool, bool], data: bytes) -> tuple[bool, bool]:
@@ -114,7 +121,8 @@ class TurnConstraint:
 
     def _raise_on_error(self) -> None:
         if self.matcher.is_error():
-            raise RuntimeError(f"constrained decoding: {self.matcher.get_error()}")
+            # (which part failed is not known here: the turn's grammar holds them all)
+            raise ConstraintError(f"constrained decoding failed: {first_line(self.matcher.get_error())}")
 
     def _consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
@@ -129,6 +137,32 @@ class TurnConstraint:
             return state
         return _quoting(state, self.tokenizer.token_bytes(token))
 
+    def _forced_tokens(self, m) -> list[int]:
+        """The tokens the grammar forces next: compute_ff_tokens' own where the forced text is short,
+        else those of its first FORCED_BYTES bytes that end FORCED_MARGIN bytes before the cut (the
+        text goes on, and tokens near the cut may merge into others)."""
+        data = m.compute_ff_bytes()
+        if len(data) <= FORCED_BYTES:
+            return m.compute_ff_tokens() if data else []
+        data = data[:FORCED_BYTES]
+        grammar_tokenizer = self.tokenizer.grammar_tokenizer()
+        tokens: list[int] = []
+        start = 0
+        for special in _SPECIAL.finditer(data):
+            tokens += grammar_tokenizer.tokenize_bytes(data[start : special.start()])
+            tokens.append(int(special.group(1)))
+            start = special.end()
+        tail = data[start:]
+        if b"\xff" in tail:  # a special token's name cut off (0xff is never UTF-8 text)
+            tail = tail[: tail.find(b"\xff")]
+        end = 0
+        for token in grammar_tokenizer.tokenize_bytes(tail):
+            end += len(self.tokenizer.token_bytes(token))
+            if end > len(tail) - FORCED_MARGIN:
+                break
+            tokens.append(token)
+        return tokens[: m.validate_tokens(tokens)] if tokens else []
+
     def _only(self, token: int) -> np.ndarray:
         words = np.zeros_like(self._words)
         words[0, token >> 5] = np.int32(np.uint32(1 << (token & 31)).view(np.int32))
@@ -141,7 +175,7 @@ class TurnConstraint:
             self._plan_closing(remaining)
         if self._forced:
             return self._only(self._forced.pop(0))
-        forced = self.matcher.compute_ff_tokens()
+        forced = self._forced_tokens(self.matcher)
         if forced:  # the grammar allows one text here: take its canonical tokens, not any spelling
             return self._only(forced[0])
         fill_next_token_bitmask(self.matcher, self._words)
@@ -170,7 +204,7 @@ class TurnConstraint:
         path: list[int] = []
         seen: set[tuple] = set()  # states the walk has been in, by what they allow next
         while len(path) < WALK_LIMIT:
-            chosen = m.compute_ff_tokens()
+            chosen = self._forced_tokens(m)
             chosen = chosen[: m.try_consume_tokens(chosen)] if chosen else []
             if not chosen:
                 token = next((t for t in self._preferred(quote) if m.validate_tokens([t])), None)

@@ -200,7 +200,7 @@ class Session:
             if not keys:
                 return None
             constraint = OutputConstraint(tools=self.tools, **keys)
-        checked = constraint if isinstance(constraint, Checked) else check(constraint)
+        checked = constraint if isinstance(constraint, Checked) else check(constraint, self.tokenizer)
         return checked if checked.constraint.active else None
 
     def stream(

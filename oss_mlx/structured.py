@@ -116,6 +116,115 @@ def _validate(grammar: dict) -> str | None:
     return messages[0] if is_error and messages else None
 
 
+# The largest repetition count a pattern may ask for, nested counts multiplied (`(a{100}){100}` asks
+# for 10,000). llguidance's lexer builds a state per count: a mask took 4 s at `a{100000}` (40 ms at
+# 10,000), and `(a{1000}){1000}` stalled a request's mask thread for minutes. maxLength / maxItems
+# bound lengths without this cost.
+MAX_REPEAT = 10_000
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_COUNT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def repeat_count(pattern: str) -> int:
+    """The largest repetition `pattern` (a regex, or Lark text) asks for: counted quantifiers, each
+    times the counts of the groups around it. A scan, not a parse (any dialect: escapes, classes and
+    groups are all it needs), so it errs high, never low."""
+    frames = [[1, 1]]  # per open group: [the largest count inside, the last atom's count]
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            frames[-1][1] = 1
+            i += 2
+            continue
+        if ch == "[":  # a class: one atom, skipped whole ("]" first in it is literal)
+            j = i + 1 + (pattern[i + 1 : i + 2] == "^")
+            j += pattern[j : j + 1] == "]"
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            frames[-1][1] = 1
+            i = j + 1
+            continue
+        if ch == "(":
+            frames.append([1, 1])
+        elif ch == ")" and len(frames) > 1:
+            inner = frames.pop()[0]
+            frames[-1][1] = inner
+            frames[-1][0] = max(frames[-1][0], inner)
+        elif ch == "{" and (count := _COUNT.match(pattern, i)):
+            low, high = count.group(1), count.group(2)
+            n = max(int(low), int(high) if high else 0)
+            frames[-1][1] *= max(n, 1)
+            frames[-1][0] = max(frames[-1][0], frames[-1][1])
+            i = count.end()
+            continue
+        else:
+            frames[-1][1] = 1
+        i += 1
+    while len(frames) > 1:  # unclosed groups (the engine refuses them anyway)
+        inner = frames.pop()[0]
+        frames[-1][0] = max(frames[-1][0], inner)
+    return frames[0][0]
+
+
+def _patterns(schema: Any) -> list[str]:
+    """The regular expressions in a JSON schema: pattern values and patternProperties keys."""
+    found, todo = [], [(schema, False)]  # (node, whether it maps names to schemas)
+    while todo:
+        node, names = todo.pop()
+        if isinstance(node, list):
+            todo += [(v, False) for v in node]
+        elif isinstance(node, Mapping) and names:
+            todo += [(v, False) for v in node.values()]
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                if k in _DATA_KEYS:
+                    continue
+                if k == "pattern" and isinstance(v, str):
+                    found.append(v)
+                if k == "patternProperties" and isinstance(v, Mapping):
+                    found += [key for key in v if isinstance(key, str)]
+                todo.append((v, k in _SCHEMA_MAPS))
+    return found
+
+
+def _bounded_repeats(patterns: Sequence[str], what: str, param: str) -> None:
+    for pattern in patterns:
+        n = repeat_count(pattern)
+        if n > MAX_REPEAT:
+            raise ConstraintError(
+                f"{param}: the {what} {pattern[:60]!r} asks for {n:,} repetitions; at most {MAX_REPEAT:,} "
+                "can be enforced. Use smaller counts (for a length limit on a JSON string, maxLength).",
+                param,
+            )
+
+
+def first_line(message: str) -> str:
+    """llguidance's message without the parser state and grammar it appends (kilobytes)."""
+    return message.split("\n<state>", 1)[0].split("\n", 1)[0].strip()
+
+
+def _start(part: Part, param: str, tokenizer) -> None:
+    """Start `part` alone on the model's vocabulary: its first mask. A grammar that admits no text
+    (a schema that is only a reference to itself) or whose lexer grows past llguidance's limits fails
+    here, before the request is queued, not in the middle of a reply."""
+    import llguidance
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+    grammar_tokenizer = tokenizer.grammar_tokenizer()
+    m = llguidance.LLMatcher(grammar_tokenizer, json.dumps({"grammars": [part.grammar]}), log_level=0)
+    words = allocate_token_bitmask(1, grammar_tokenizer.vocab_size)
+    if not m.is_error():
+        fill_next_token_bitmask(m, words)
+    if m.is_error() and "NoExtensionBias" in m.get_error():  # llguidance's word for an empty language
+        raise ConstraintError(f"{param}: no text satisfies this constraint.", param)
+    if m.is_error():
+        error = first_line(m.get_error())
+        raise ConstraintError(f"{param}: this constraint cannot be enforced: {error}", param)
+    if not words.any() and not m.is_accepting():
+        raise ConstraintError(f"{param}: no text satisfies this constraint.", param)
+
+
 def _keywords(message: str) -> list[str]:
     """The schema keywords named in llguidance's message, e.g. 'Unimplemented keys: ["not"]'."""
     found = re.search(r"Unimplemented keys: (\[.*?\])", message)
@@ -135,6 +244,7 @@ def _json_part(schema: Any, strict: bool | None, param: str, fallback: dict) -> 
         )
     if strict is False:
         return Part(_json_grammar(fallback), enforced=False, note="strict is false")
+    _bounded_repeats(_patterns(schema), "pattern", param)
     try:
         error = _validate(_json_grammar(schema))
     except RecursionError:
@@ -191,7 +301,8 @@ def _dated(schema: Any) -> Any:
     return out
 
 
-def _text_part(grammar: dict, what: str, param: str) -> Part:
+def _text_part(grammar: dict, what: str, param: str, source: str) -> Part:
+    _bounded_repeats([source], what, param)
     error = _validate(grammar)
     if error is not None:
         raise ConstraintError(f"{param}: the {what} cannot be used: {error}", param)
@@ -210,16 +321,17 @@ def _answer(c: OutputConstraint) -> Part | None:
         if not isinstance(c.regex, str):
             raise ConstraintError(f"{c.param}: a regex must be a string.", c.param)
         return _text_part(json.loads(llguidance.LLMatcher.grammar_from_regex(c.regex))["grammars"][0],
-                          "regular expression", c.param)  # fmt: skip
+                          "regular expression", c.param, c.regex)  # fmt: skip
     if c.grammar is not None:
         if not isinstance(c.grammar, str):
             raise ConstraintError(f"{c.param}: a grammar must be Lark text.", c.param)
-        return _text_part({"lark_grammar": c.grammar}, "Lark grammar", c.param)
+        return _text_part({"lark_grammar": c.grammar}, "Lark grammar", c.param, c.grammar)
     return None
 
 
-def check(constraint: OutputConstraint) -> Checked:
-    """Compile every part once; raise :class:`ConstraintError` for what cannot be enforced."""
+def check(constraint: OutputConstraint, tokenizer=None) -> Checked:
+    """Compile every part once; raise :class:`ConstraintError` for what cannot be enforced. With the
+    model's tokenizer (a HarmonyTokenizer) each part is also started on its vocabulary (_start)."""
     c = constraint
     choice = c.tool_choice
     tools = [as_tool(t) for t in c.tools]
@@ -259,6 +371,10 @@ def check(constraint: OutputConstraint) -> Checked:
             seen.add(tool.name)
             schema = NO_ARGUMENTS if tool.parameters is None else tool.parameters
             calls.append((tool.name, _json_part(schema, tool.strict, param, ANY_OBJECT)))
+            if tokenizer is not None:
+                _start(calls[-1][1], param, tokenizer)
+    if tokenizer is not None and answer is not None:
+        _start(answer, c.param, tokenizer)
     return Checked(c, answer, tuple(calls))
 
 

@@ -758,6 +758,24 @@ def test_a_broken_header_never_shows_its_address(tok) -> None:
         )
 
 
+def test_a_call_header_cut_off_shows_no_text(tok) -> None:
+    """A reply that ends (max_tokens) inside a forced call's header leaves no fragment of it (` t`,
+    ` to`, `json`) in visible text; a cut-off header that holds words is still kept as text."""
+    cuts = [
+        "<|channel|>commentary t",
+        "<|channel|>commentary to",
+        "<|channel|>commentary to=functions.f",
+        "<|channel|>commentary to=functions.f <|constrain|>json",
+        " to=functions.f<|channel|>commentary",
+    ]
+    for cut in cuts:
+        parser, events = _parse(tok, cut)
+        assert not [e for e in events if isinstance(e, H.TextDelta)], (cut, events)
+        assert all(not m.content for m in parser.messages), cut
+    parser, _ = _parse(tok, "<|channel|>final some words that are not a header")
+    assert "words" in parser.messages[0].content
+
+
 def test_unterminated_tool_call_is_not_executed(tok) -> None:
     parser, events = _parse(tok, '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": ')
     assert parser.messages[0].content == '{"a": '

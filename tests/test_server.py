@@ -387,6 +387,26 @@ def _error(r: httpx.Response, status: int) -> dict:
     return error
 
 
+def test_numbers_past_float_and_long_values_are_400_quoted_short(http):
+    """A JSON integer beyond float's range (10**309) where a number goes is a 400 naming the field, not
+    an OverflowError's 500; a value out of range is quoted at most SHOWN_CHARS long."""
+    from oss_mlx.server.schemas import SHOWN_CHARS
+
+    huge, long = "1" + "0" * 309, "9" * 4000
+    chat = '{"messages":[{"role":"user","content":"x"}],'
+    cases = [
+        ("/v1/chat/completions", chat + f'"temperature":{huge}}}', "temperature"),
+        ("/v1/chat/completions", chat + f'"logit_bias":{{"7":{huge}}}}}', "logit_bias.7"),
+        ("/v1/responses", f'{{"input":"x","top_p":-{huge}}}', "top_p"),
+        ("/v1/responses", f'{{"input":"x","max_output_tokens":-{long}}}', "max_output_tokens"),
+        ("/v1/chat/completions", chat + f'"top_k":-{long}}}', "top_k"),
+    ]
+    for path, body, param in cases:
+        r = http.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
+        error = _error(r, 400)
+        assert error["param"] == param and len(error["message"]) < 2 * SHOWN_CHARS + 80, error
+
+
 def test_bad_requests_name_the_field(http):
     bad_json = http.post(
         "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}

@@ -153,8 +153,11 @@ def test_a_preflighted_cross_origin_request_is_refused(server):
             method, path, body, {"Origin": EVIL, "Content-Type": "application/json"}
         )
         assert status == 403 and "access-control-allow-origin" not in headers, (method, path)
-    status, _, _ = c.send("GET", "/health", None, {"Origin": "null"})  # sandboxed frames, file:// pages
-    assert status == 403
+    for origin in ("null", "file://"):  # sandboxed frames, file:// pages: nothing --cors-origin takes
+        status, _, data = c.send("GET", "/health", None, {"Origin": origin})
+        assert (
+            status == 403 and "--cors-origin null" not in data.decode() and "localhost:PORT" in data.decode()
+        )
     assert c.still_the_same()
     c.close()
 
@@ -179,6 +182,10 @@ def test_dns_rebinding_is_refused_by_host(server):
         "127.0.0.1.nip.io",
         "",
         "localhost.evil",
+        "[::1].evil.com",  # after the bracket only a port may follow
+        "[::1]evil",
+        "127.0.0.1:80@evil.com",  # a port is digits
+        "localhost:http",
     ):
         status, headers, data = c.send("GET", "/v1/models", None, {"Host": host})
         assert status == 403 and error(status, data)["code"] == "host_not_allowed", host
@@ -303,6 +310,27 @@ def test_stalled_connections_do_not_starve_the_server(server):
         for s in stalled:
             s.close()
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    assert "Traceback" not in server.log()
+
+
+def test_bodies_that_never_arrive_do_not_lock_clients_out(server):
+    """The cap's places held by requests whose bodies trickle (complete headers, Content-Length 100,
+    one byte sent): a new client closes the oldest of them, never a 503 while they stall."""
+    stalled = []
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    try:
+        for _ in range(40):  # past the cap (32)
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(head + b"Content-Length: 100\r\n\r\n{")
+            stalled.append(s)
+        time.sleep(0.3)
+        for _ in range(5):
+            start = time.monotonic()
+            r = httpx.get(f"{server.url}/health", timeout=5)
+            assert r.status_code == 200 and time.monotonic() - start < 2, r.text
+    finally:
+        for s in stalled:
+            s.close()
     assert "Traceback" not in server.log()
 
 

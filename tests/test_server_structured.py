@@ -427,6 +427,40 @@ def test_unsupported_schemas_are_400_naming_the_keyword(server):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
+def test_schemas_that_would_stall_or_admit_nothing_are_400_before_queueing(server):
+    """A counted repetition the lexer cannot afford (a mask of `a{100000}` took 4 s; `(a{1000}){1000}`
+    held the mask thread for minutes), and a schema no text satisfies (only a reference to itself),
+    are refused before the request is queued: a 400 naming the parameter, in one line, at once."""
+    import time
+
+    tools = [{"type": "function", "name": "f", "parameters": {"$ref": "#"}, "strict": True}]
+    cases = [
+        ({"type": "string", "pattern": "^(a{1000}){1000}$"}, "text.format.schema", "1,000,000 repetitions"),
+        ({"type": "string", "pattern": "^a{100000}$"}, "text.format.schema", "maxLength"),
+        ({"type": "object", "patternProperties": {"^x{20000}$": {}}}, "text.format.schema", "20,000"),
+        ({"$ref": "#"}, "text.format.schema", "no text satisfies"),
+    ]
+    bodies = [
+        (
+            {"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}},
+            param,
+            needle,
+        )
+        for schema, param, needle in cases
+    ]
+    required = {"input": "x", "tools": tools, "tool_choice": "required"}
+    bodies.append((required, "tools[0].parameters", "no text satisfies"))
+    for body, param, needle in bodies:
+        start = time.monotonic()
+        r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and needle in error["message"], error
+        assert "<state>" not in error["message"] and "\n" not in error["message"]
+        assert time.monotonic() - start < 5
+    assert httpx.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
+
+
 # ---- the examples ------------------------------------------------------------------------------------------
 
 

@@ -463,3 +463,86 @@ def test_a_schema_nested_too_deeply_is_refused_in_words():
         schema = {"type": "array", "items": schema}
     with pytest.raises(ConstraintError, match="nested too deeply"):
         check(OutputConstraint(json_schema=schema))
+
+
+# ---- what a constraint may cost (a client's schema must not stall the server) ---------------------------
+
+
+@pytest.mark.parametrize(
+    "pattern,count",
+    [
+        ("^[0-9]{5}$", 5),
+        ("^(a{100}){100}$", 10_000),
+        ("^(?:(?<x>a{10}){10}b{5}){100}$", 10_000),
+        ("^((a{10}){10}){10}$", 1_000),
+        ("^a{2,}$", 2),
+        ("^a{3,7}$", 7),
+        (r"^\{1000000\}$", 1),  # escaped braces are text
+        ("^[{]1000000}$", 1),  # a brace in a class too
+        ("^[]{9}]{3}$", 3),  # "]" first in a class is literal
+    ],
+)
+def test_repeat_count_multiplies_nested_counts(pattern, count):
+    from oss_mlx.structured import repeat_count
+
+    assert repeat_count(pattern) == count
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        OutputConstraint(json_schema={"type": "string", "pattern": "^(a{1000}){1000}$"}),
+        OutputConstraint(json_schema={"type": "object", "properties": {"enum": {"pattern": "^a{20000}$"}}}),
+        OutputConstraint(
+            json_schema={"$defs": {"s": {"type": "string", "pattern": "x{10001}"}}, "$ref": "#/$defs/s"}
+        ),
+        OutputConstraint(regex="(ab{200}){200}"),
+        OutputConstraint(grammar='start: "a"{20000}'),
+    ],
+    ids=["nested", "under-a-property-named-enum", "in-defs", "regex", "lark"],
+)
+def test_counts_past_the_limit_are_refused_at_once(constraint):
+    with pytest.raises(ConstraintError, match=r"repetitions; at most 10,000"):
+        check(constraint)
+
+
+def test_a_schema_no_text_satisfies_is_refused_on_the_vocabulary(loaded):
+    _, tokenizer = loaded
+    for schema in ({"$ref": "#"}, {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}):
+        check(OutputConstraint(json_schema=schema))  # the grammar compiles...
+    with pytest.raises(ConstraintError, match="no text satisfies") as e:
+        check(OutputConstraint(json_schema={"$ref": "#"}), tokenizer)  # ...but starts nowhere
+    assert "\n" not in e.value.message
+
+
+def test_long_forced_text_costs_a_mask_not_its_whole_tokenization(loaded):
+    """A pattern forcing 9,000 bytes: the forced tokens come from the first FORCED_BYTES (the same
+    first tokens llguidance's compute_ff_tokens gives, which tokenizes all 9,000), each step fast."""
+    import time
+
+    from oss_mlx.constrained import TurnConstraint
+
+    _, tokenizer = loaded
+    schema = {"type": "string", "pattern": "^(ab){4500}$"}
+    checked = check(OutputConstraint(json_schema=schema, reasoning_budget=0))
+    c = TurnConstraint(checked, tokenizer, 40)
+    c.begin(40)
+    for _ in range(3):
+        theirs, ours = c.matcher.compute_ff_tokens(), c._forced_tokens(c.matcher)
+        assert len(ours) > 10 and ours == theirs[: len(ours)]
+        c.matcher.consume_token(ours[0])
+    start = time.perf_counter()
+    for i in range(30):
+        c.advance(c._forced_tokens(c.matcher)[0], 30 - i)
+    assert time.perf_counter() - start < 2  # compute_ff_tokens each step: ~40 ms at 9,000 bytes
+
+
+def test_a_grammar_error_in_a_reply_is_one_line(loaded):
+    from oss_mlx.constrained import TurnConstraint
+
+    _, tokenizer = loaded
+    c = TurnConstraint(check(OutputConstraint(json_schema=PERSON), tokenizer), tokenizer, 40)
+    c.begin(40)
+    with pytest.raises(ConstraintError, match="constrained decoding failed") as e:
+        c.advance(tokenizer.RETURN, 39)  # not allowed before the answer
+    assert "\n" not in e.value.message and "<state>" not in e.value.message

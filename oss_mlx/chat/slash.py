@@ -357,7 +357,8 @@ class SlashCommands:
         path = Path(arg).expanduser()
         try:
             schema = json.loads(path.read_text(encoding="utf-8"))
-            check(OutputConstraint(json_schema=schema, tools=self.session.tools, param=str(path)))
+            constraint = OutputConstraint(json_schema=schema, tools=self.session.tools, param=str(path))
+            check(constraint, self.session.tokenizer)
         except OSError as e:
             self.error(f"cannot read {path}: {e.strerror or e}")
             return

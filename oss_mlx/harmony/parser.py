@@ -168,7 +168,11 @@ class StreamParser:
         recipient — those are kept as text, since a header that ends there cannot have a content type."""
         if not self._header.ids:
             return False
-        parsed = self._parse_header(self._header_text(), self._header.role)
+        text = self._header_text()
+        last = text.replace("<|constrain|>", " <|constrain|>").split()[-1:]
+        if last and ("to=".startswith(last[0]) or last[0].startswith(("to=", "<|constrain|>"))):
+            return False  # cut inside a recipient or content type: a call's header, never prose
+        parsed = self._parse_header(text, self._header.role)
         return parsed is None or parsed.content_type is not None
 
     def _header_token(self, token_id: int, events: list[Event]) -> None:

@@ -227,8 +227,9 @@ def parse(body: dict, state: ServerState) -> ChatCall:
     messages, system_texts, records = conversation(body["messages"])
 
     effort = reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
-    if effort is None and isinstance(body.get("reasoning"), dict):
-        effort = reasoning_effort(body["reasoning"].get("effort"), "reasoning.effort")
+    reasoning = get(body, "reasoning", "object")  # the Responses API's form, taken here too
+    if effort is None and reasoning is not None:
+        effort = reasoning_effort(reasoning.get("effort"), "reasoning.effort")
     tools = function_tools(body)
     choice = body.get("tool_choice")
     rendered_tools, choice_text = tool_choice_rules(choice, tools)
@@ -505,9 +506,9 @@ async def create(request: Request, body: dict, state: ServerState) -> Response:
             if isinstance(event, Failed):
                 error = {
                     "message": f"Generation failed: {event.message}",
-                    "type": "server_error",
+                    "type": event.code,
                     "param": None,
-                    "code": "server_error",
+                    "code": event.code,
                 }
                 yield sse({"error": error})
                 return

@@ -110,7 +110,7 @@ async def run_to_end(job: Job, request: Request, on_event: Callable[[Any], None]
                 continue
             if isinstance(event, Failed):
                 raise APIError(
-                    500, f"Generation failed: {event.message}", code="server_error", type="server_error"
+                    event.status, f"Generation failed: {event.message}", code=event.code, type=event.code
                 )
             if isinstance(event, Finished):
                 return event

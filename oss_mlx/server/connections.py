@@ -12,9 +12,10 @@ subclass:
   ``header_timeout`` seconds to complete the next request's headers (the line and all headers, a
   deadline, not an idle timer: one byte every few seconds does not keep it open); then it is closed.
 * **connection cap**: past ``max_connections`` open connections, a new one closes the connection
-  that has waited longest for headers (stalled or idle between requests), so stalled connections
-  never lock real clients out. Only when every connection is busy with a request is the new one
-  refused (503, ``Retry-After``).
+  that has waited longest on its client: for headers (stalled or idle between requests), or for the
+  rest of a request body it declared, so stalled connections never lock real clients out (64 bodies
+  trickling a byte each held every place until the body deadline). Only when every connection is
+  busy with a request the server is working on is the new one refused (503, ``Retry-After``).
 
 Request bodies have their own deadline, in the app (``--body-timeout``, 408).
 """
@@ -27,6 +28,7 @@ import logging
 import time
 from typing import Any
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("oss_mlx.server")
@@ -62,6 +64,7 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.waiting_since: float | None = None  # when it began waiting for request headers
+        self.request_since = 0.0  # when its current request's headers were read
         self._deadline: asyncio.TimerHandle | None = None
 
     # ---- the header deadline --------------------------------------------------------------------
@@ -87,6 +90,7 @@ class GuardedH11Protocol(H11Protocol):
         super().handle_events()
         if self.cycle is not cycle:  # a request's headers were read: a new request-response cycle
             self.waiting_since = None
+            self.request_since = time.monotonic()
             self._disarm()
 
     def on_response_complete(self) -> None:
@@ -107,17 +111,26 @@ class GuardedH11Protocol(H11Protocol):
         if len(self.connections) > self.max_connections:
             self._make_room()
 
+    def stalled_since(self) -> float | None:
+        """Since when this connection waits on its client: for request headers, or for the rest of
+        its request's body; None while the server works on a complete request."""
+        if self.transport.is_closing():
+            return None
+        if self.waiting_since is not None:
+            return self.waiting_since
+        if self.conn.their_state is h11.SEND_BODY:
+            return self.request_since
+        return None
+
     def _make_room(self) -> None:
         waiting = [
-            c
+            (since, c)
             for c in self.connections
-            if c is not self
-            and getattr(c, "waiting_since", None) is not None
-            and not c.transport.is_closing()
+            if c is not self and (since := getattr(c, "stalled_since", lambda: None)()) is not None
         ]
         if waiting:
-            oldest = min(waiting, key=lambda c: c.waiting_since)
-            log.debug("connection cap reached: closed the connection waiting longest for headers")
+            _, oldest = min(waiting, key=lambda pair: pair[0])
+            log.debug("connection cap reached: closed the connection waiting longest on its client")
             oldest.transport.close()
         else:
             log.warning(

@@ -591,9 +591,9 @@ class ResponseBuilder:
         events.append(self._event(kind, response=self._snapshot()))
         return events
 
-    def fail(self, message: str) -> list[dict]:
+    def fail(self, failed: Failed) -> list[dict]:
         self.response["status"] = "failed"
-        self.response["error"] = {"code": "server_error", "message": message}
+        self.response["error"] = {"code": failed.code, "message": failed.message}
         return [self._event("response.failed", response=self._snapshot())]
 
 
@@ -644,7 +644,7 @@ async def create(request: Request, body: dict, state: ServerState) -> Response:
                 yield KEEPALIVE
                 continue
             if isinstance(event, Failed):
-                out = builder.fail(event.message)
+                out = builder.fail(event)
             elif isinstance(event, Finished):
                 out = builder.end(event)
                 _remember(state, call, builder, event)

@@ -163,13 +163,21 @@ def field(
     kinds = (kind,) if isinstance(kind, str) else kind
     for k in kinds:
         if isinstance(value, _KINDS[k]) and not (k in ("integer", "number") and isinstance(value, bool)):
-            if k == "number" and not math.isfinite(value):
-                break
+            if k == "number" and not _finite(value):
+                raise invalid(param, f"Invalid '{param}': the number {brief(value)} is out of range.")
             return value
     names = " or ".join(f"{'an' if k[0] in 'aeiou' else 'a'} {k}" for k in kinds)
     raise invalid(
         param, f"Invalid type for '{param}': expected {names}, got {_json_kind(value)}.", "invalid_type"
     )
+
+
+def _finite(value: int | float) -> bool:
+    """Whether a JSON number is a finite float (an integer beyond float's range is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _json_kind(value: Any) -> str:
@@ -278,14 +286,14 @@ def no_effect_parameters(body: Mapping) -> dict[str, Any]:
 def number_in(data: Mapping, key: str, lo: float, hi: float, *, param: str | None = None) -> float | None:
     value = field(data, key, "number", param=param)
     if value is not None and not lo <= value <= hi:
-        raise invalid(param or key, f"'{param or key}' must be between {lo} and {hi}, got {value}.")
+        raise invalid(param or key, f"'{param or key}' must be between {lo} and {hi}, got {brief(value)}.")
     return value
 
 
 def positive_int(data: Mapping, key: str, *, param: str | None = None) -> int | None:
     value = field(data, key, "integer", param=param)
     if value is not None and value < 1:
-        raise invalid(param or key, f"'{param or key}' must be at least 1, got {value}.")
+        raise invalid(param or key, f"'{param or key}' must be at least 1, got {brief(value)}.")
     return value
 
 
@@ -299,7 +307,7 @@ def top_k(data: Mapping, vocab_size: int, key: str = "top_k") -> int:
     """0 (off) or a positive count; beyond the vocabulary it is the same as off."""
     value = field(data, key, "integer", default=0)
     if value < 0:
-        raise invalid(key, f"'{key}' must be at least 0, got {value}.")
+        raise invalid(key, f"'{key}' must be at least 0, got {brief(value)}.")
     return 0 if value >= vocab_size else value
 
 

@@ -20,6 +20,7 @@ decides whether they do anything. The rules (docs/SERVER.md "Security" states th
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .schemas import APIError, brief, clip
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_PORT = re.compile(r":[0-9]{1,5}")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -45,9 +47,20 @@ def is_loopback(host: str) -> bool:
 def host_name(header: str) -> str:
     """The name in a Host header, lower case, without port or brackets: ``[::1]:8000`` -> ``::1``."""
     header = header.strip().lower()
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0].rstrip(".") if header.count(":") == 1 else header.rstrip(".")
+    if header.startswith("["):  # [v6] or [v6]:port, nothing else after the bracket
+        name, sep, after = header[1:].partition("]")
+        return name if sep and (not after or _PORT.fullmatch(after)) else header
+    if header.count(":") == 1:
+        name, port = header.split(":")
+        return name.rstrip(".") if port.isdigit() and port.isascii() else header
+    return header.rstrip(".")
+
+
+def _allow_hint(origin: str) -> str:
+    try:
+        return f"Start the server with --cors-origin {clip(check_origin_value(origin))} to allow that page."
+    except ValueError:  # null (a local file, a sandboxed frame) or another scheme: nothing to name
+        return "Serve the page from http://localhost:PORT and allow that origin with --cors-origin."
 
 
 def normal_origin(origin: str) -> str:
@@ -136,8 +149,7 @@ class BrowserGuard:
             if not self.policy.origin_allowed(origin):
                 return _refuse(
                     403,
-                    f"Requests from web pages are refused (Origin {brief(origin)}). Start the server with "
-                    f"--cors-origin {clip(normal_origin(origin))} to allow that page.",
+                    f"Requests from web pages are refused (Origin {brief(origin)}). {_allow_hint(origin)}",
                     "origin_not_allowed",
                 )
         if not origins and fetch_site in ("cross-site", "same-site") and "*" not in self.policy.origins:

@@ -36,7 +36,7 @@ from ..harmony import Message, MessageDone, StreamParser, Tool, render_conversat
 from ..runtime import runtime_of
 from ..scheduler import Busy, End, Progress, Token
 from ..session import Reply, ReplyBuilder, Session, Turn
-from ..structured import Checked, OutputConstraint
+from ..structured import Checked, ConstraintError, OutputConstraint
 from ..structured import check as check_constraint
 
 log = logging.getLogger("oss_mlx.server")
@@ -61,9 +61,19 @@ class Finished:
 
 @dataclass
 class Failed:
-    """The last event of a job that raised."""
+    """The last event of a job that raised. client: the request's own constraint failed on the way
+    (a 400 where no answer has begun), not the server."""
 
     message: str
+    client: bool = False
+
+    @property
+    def status(self) -> int:
+        return 400 if self.client else 500
+
+    @property
+    def code(self) -> str:
+        return "invalid_request_error" if self.client else "server_error"
 
 
 @dataclass
@@ -135,7 +145,12 @@ class Job:
             elif isinstance(output, End):
                 if output.error is not None:
                     e = output.error  # a DistributedError says which rank, in a sentence of its own
-                    yield Failed(str(e) if isinstance(e, DistributedError) else f"{type(e).__name__}: {e}")
+                    if isinstance(e, ConstraintError):
+                        yield Failed(f"The output constraint failed: {e}", client=True)
+                    elif isinstance(e, DistributedError):
+                        yield Failed(str(e))
+                    else:
+                        yield Failed(f"{type(e).__name__}: {e}")
                     return
                 for event in self.builder.finish():
                     yield event
@@ -336,7 +351,7 @@ class Engine:
             raise ContextTooLong(len(req.prompt), self.context_limit)
         req.options.max_tokens = max(1, min(req.max_tokens or room, room))
         if check and req.constraint is not None and req.constraint.active:
-            req.checked = check_constraint(req.constraint)  # ConstraintError: the request's 400
+            req.checked = check_constraint(req.constraint, self.tokenizer)  # ConstraintError: its 400
         return req
 
     def _truncate(self, req: GenerationRequest, kwargs: dict, reserve: int) -> None:
