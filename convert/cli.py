@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None, out: Console | None = None) -> int:
         )
         return 130
     except Exception as e:
-        from oss_mlx.cli_args import describe_error, user_errors
+        from oss_mlx.cli_args import UsageError, describe_error, user_errors
 
         if not isinstance(e, (*user_errors(), OSError)):
             raise
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None, out: Console | None = None) -> int:
             highlight=False,
             soft_wrap=True,
         )
-        return EXIT_ERROR
+        return 2 if isinstance(e, UsageError) else EXIT_ERROR  # a bad DEST is a bad argument
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -107,14 +107,14 @@ def _run(args, out, err) -> int:
     from oss_mlx.plan_cli import print_plan
 
     from . import converter as C
+    from .folder import check_dest, is_converted
     from .hub import download, is_repo_id, resolve_source
 
     preset = get_preset(args.quality)
-    verify_only = args.verify and not args.force and not args.plan and _is_converted(args.dest)
-    if args.dest.exists() and not args.force and not args.plan and not verify_only:
-        raise C.ConvertError(  # fail before any download
-            f"{args.dest} already exists; pass --force to replace it (once the new one is complete)"
-        )
+    verify_only = args.verify and not args.force and not args.plan and is_converted(args.dest)
+    if not args.plan and not verify_only:  # fail before any download; convert() checks again
+        local = Path(args.source).expanduser()
+        check_dest(args.dest, args.force, keep=[local] if local.exists() else [])
 
     if args.plan and not Path(args.source).expanduser().exists() and is_repo_id(args.source):
         # Planning a hub model needs its config.json only.
@@ -193,15 +193,6 @@ def _run(args, out, err) -> int:
     if args.verify:
         return _verify(args, out, err, result.dest, src)
     return 0
-
-
-def _is_converted(dest: Path) -> bool:
-    import json
-
-    try:
-        return "oss_mlx" in json.loads((dest / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def _verify(args, out, err, dest: Path, src) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -121,16 +121,16 @@ def convert(
     force: bool = False,
     on_progress: Callable[[str, int], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    keep: Iterable[Path] = (),
 ) -> Result:
-    """Write `plan` to DEST through DEST.partial-<pid>, renamed into place once complete."""
+    """Write `plan` to DEST through DEST.partial-<pid>, renamed into place once complete. DEST must not
+    hold or be inside the source or a folder in `keep`; --force replaces only an earlier conversion."""
     from oss_mlx.tokenizer import copy_vocabulary
 
     dest = Path(dest).absolute()
-    src_folder = plan.folder.resolve()
-    if dest.resolve() == src_folder or src_folder in dest.resolve().parents:
-        raise ConvertError(f"DEST {dest} is (inside) the source folder; choose another DEST")
     start = time.monotonic()
-    with atomic_folder(dest, force, plan.file_bytes_estimate + 64 * 1024 * 1024) as partial:
+    needed = plan.file_bytes_estimate + 64 * 1024 * 1024
+    with atomic_folder(dest, force, needed, keep=[plan.folder, *keep]) as partial:
         if on_stage:
             on_stage("vocabulary")
         copy_vocabulary(partial, plan.folder)

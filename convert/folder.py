@@ -4,13 +4,15 @@ converters are cleaned up by the next run. Ctrl-C, a full disk or a crash never 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from oss_mlx.cli_args import UsageError
 from oss_mlx.errors import ConvertError
 
 # A converter's working folders beside DEST: DEST.partial-<pid>, DEST.old-<pid>.
@@ -51,6 +53,56 @@ def clean_stale(dest: Path) -> list[Path]:
     return removed
 
 
+class DestError(ConvertError, UsageError):
+    """A DEST that must not be written (or replaced): a bad argument, so the commands exit with 2."""
+
+
+def is_converted(folder: Path) -> bool:
+    """An oss-mlx conversion (convert's, fuse's output): its config.json has the oss_mlx section."""
+    try:
+        return isinstance(json.loads((folder / "config.json").read_text()).get("oss_mlx"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def check_dest(
+    dest: Path,
+    force: bool = False,
+    *,
+    keep: Iterable[Path] = (),
+    ours: Callable[[Path], bool] | None = is_converted,
+    ours_is: str = "an earlier conversion (no config.json with an oss_mlx section)",
+    flag: str = "--force",
+) -> None:
+    """Refuse a DEST whose writing would lose something the user made: one holding or inside a folder in
+    `keep` (the source, an adapter), and unless `force` any existing DEST; with `force`, one holding the
+    current folder or one that is neither empty nor `ours` (None: the caller owns every DEST)."""
+    dest = Path(dest).absolute()
+    for folder in keep:
+        if _within(Path(folder), dest):  # replacing DEST would delete it
+            raise DestError(f"DEST {dest} contains {folder}, which it would replace; choose another DEST")
+        if _within(dest, Path(folder)):
+            raise DestError(f"DEST {dest} is (inside) {folder}; choose another DEST")
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise DestError(f"{dest} exists and is a file, not a folder; choose another DEST")
+    if not force:
+        raise DestError(f"{dest} already exists; pass {flag} to replace it (once the new one is complete)")
+    if _within(Path.cwd(), dest):
+        raise DestError(f"DEST {dest} holds the current folder; {flag} would delete it: choose another DEST")
+    if ours is not None and any(dest.iterdir()) and not ours(dest):
+        raise DestError(
+            f"{dest} is not {ours_is}; {flag} replaces only that, so its files were left alone: "
+            "choose another DEST, or empty or remove it yourself"
+        )
+
+
 def check_disk(dest: Path, needed: int) -> None:
     free = shutil.disk_usage(dest.parent).free
     if free < needed:
@@ -74,23 +126,30 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(dest: Path, force: bool = False, needed_bytes: int = 0) -> Iterator[Path]:
+def atomic_folder(
+    dest: Path,
+    force: bool = False,
+    needed_bytes: int = 0,
+    **check: object,
+) -> Iterator[Path]:
     """`with atomic_folder(DEST) as partial:` write into `partial`; on a normal exit it becomes DEST
-    (replacing an old DEST only with `force`), on any error or interrupt it is removed."""
-    if dest.exists() and not force:
-        raise ConvertError(
-            f"{dest} already exists; pass --force to replace it (once the new one is complete)"
-        )
-    if dest.exists() and not dest.is_dir():
-        raise ConvertError(f"{dest} exists and is not a folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(dest)
-    check_disk(dest, needed_bytes)
+    (replacing an old DEST only with `force`, and only one `check_dest` accepts: `check` are its
+    keywords), on any error or interrupt it is removed."""
+    check_dest(dest, force, **check)  # type: ignore[arg-type]
     partial = dest.parent / f"{dest.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir()
+    try:  # before the disk check, so a folder that cannot be written (/proc) is not taken for a full disk
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(dest)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
+    except OSError as e:
+        raise ConvertError(
+            f"cannot write {dest}: {dest.parent} is not a writable folder ({e.strerror or e}); "
+            "choose another DEST"
+        ) from None
     try:
+        check_disk(dest, needed_bytes)
         yield partial
         fsync_dir(partial)
         if dest.exists():  # --force: the old DEST goes only now that the new one is complete

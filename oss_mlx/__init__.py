@@ -7,19 +7,55 @@ print(oss_mlx.generate(model, tokenizer, "Why is the sky blue?").text)
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING
 
-import mlx.core as mx
-
-from .config import read_config
 from .errors import LoadError
-from .generation import SamplingOptions
-from .loader import check_vocabulary, load_model
-from .model import Transformer
-from .model_store import resolve
-from .session import Done, Reply, Session, batch_generate, generate, stream_generate
-from .structured import ConstraintError, OutputConstraint
-from .tokenizer import HarmonyTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from .generation import SamplingOptions
+    from .loader import load_model
+    from .model import Transformer
+    from .session import Done, Reply, Session, batch_generate, generate, stream_generate
+    from .structured import ConstraintError, OutputConstraint
+    from .tokenizer import HarmonyTokenizer, load_tokenizer
+
+# Imported on first use (PEP 562), not with the package: `oss-mlx` starts without loading MLX and
+# numpy, so its Ctrl-C handler and its --help are there at once.
+_LAZY = {
+    "SamplingOptions": "generation",
+    "load_model": "loader",
+    "Transformer": "model",
+    "Done": "session",
+    "Reply": "session",
+    "Session": "session",
+    "batch_generate": "session",
+    "generate": "session",
+    "stream_generate": "session",
+    "ConstraintError": "structured",
+    "OutputConstraint": "structured",
+    "HarmonyTokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:  # `oss_mlx.config` after a bare `import oss_mlx`, as when the package imported everything
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
 
 __all__ = [
     "Done",
@@ -59,6 +95,11 @@ def load(
     Raises LoadError (its message names the file, tensor or key, and the fix) for anything that
     cannot be loaded.
     """
+    from .config import read_config
+    from .loader import check_vocabulary, load_model
+    from .model_store import resolve
+    from .tokenizer import load_tokenizer
+
     folder = resolve(path_or_repo)
     tokenizer = load_tokenizer(folder)
     check_vocabulary(read_config(folder)[0], tokenizer.vocab_size, folder)  # before any weight is read

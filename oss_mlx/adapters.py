@@ -28,6 +28,7 @@ read as transformers 5 lays it out. When both expert parameters are adapted PEFT
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -194,6 +195,8 @@ def _ours(folder: Path, raw: dict, config: ModelConfig):
         dropout = float(raw.get("dropout", 0.0))
     except (KeyError, TypeError, ValueError, LoRAError) as e:
         raise AdapterError(f"{path}: no valid 'sites' section ({e})") from None
+    if not 0.0 <= dropout < 1.0:  # (NaN too)
+        raise AdapterError(f"{path}: dropout {dropout} must be at least 0 and below 1")
     base = raw.get("base") or {}
     for key, ours in (
         ("num_layers", config.num_layers),
@@ -227,10 +230,12 @@ def _peft(folder: Path, raw: dict, config: ModelConfig):
     tensors = _load_tensors(folder / PEFT_FILE)
     E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
     rslora = bool(raw.get("use_rslora", False))
-    alpha_default = float(raw.get("lora_alpha", 8))  # ranks come from the tensors' shapes
+    alpha_default = raw.get("lora_alpha", 8)  # ranks come from the tensors' shapes
 
     def scale(key: str, rank: int) -> float:
-        alpha = float(_pattern_value(raw.get("alpha_pattern"), key, alpha_default))
+        alpha = _pattern_value(raw.get("alpha_pattern"), key, alpha_default)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise AdapterError(f"{path}: lora_alpha of {key} is {alpha!r}; it must be a finite number")
         return alpha / (rank**0.5) if rslora else alpha / rank
 
     pairs: dict[str, dict[str, mx.array]] = {}  # PEFT module path -> {"A": ..., "B": ...}

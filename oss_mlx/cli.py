@@ -45,12 +45,32 @@ def _one_line_warnings(prog: str) -> None:
     warnings.showwarning = show
 
 
+def _fill_closed_standard_fds() -> None:
+    """/dev/null on a closed stdin, stdout or stderr (`oss-mlx ... <&-`): else the next file opened (a
+    model's shard) gets fd 0, which MLX's safetensors loader takes for a failed open. sys.stdin and
+    sys.stdout stay None, so a command that needs them says so; diagnostics to a closed stderr are dropped."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
+        _fill_closed_standard_fds()
         return _main(argv)
     except BrokenPipeError:  # the reader left (`oss-mlx --help | head -3`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (exit's flush must not raise)
         return 141
+    except KeyboardInterrupt:  # also while the subcommand's modules are imported (numpy, MLX: ~1 s)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str] | None) -> int:

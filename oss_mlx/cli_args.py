@@ -100,6 +100,22 @@ SEED_NON_NEGATIVE = Number(int, 0, 2**63 - 1)  # deterministic content (syntheti
 CONCURRENCY = Number(int, 1, 256)  # sequences decoded together (the decode batch's largest bucket)
 PREFILL_CHUNK = Number(int, 16, 2**16)  # prompt tokens per prefill chunk
 
+HEARTBEAT_SECONDS = Number(float, 1.0, 3600.0)  # ranks beat twice a second: a shorter wait fails at once
+DELAY_SECONDS = Number(float, 0.0, 60.0)  # the tests' slow-down switches (OSS_MLX_*_DELAY)
+
+
+def env_number(name: str, kind: Number, default: Any = None, hint: str = "") -> Any:
+    """The environment variable `name` checked by `kind`, read where it is used (a bad value breaks only
+    what needs it, with a UsageError naming the variable, its range and `hint`); `default` if unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError as e:
+        raise UsageError(f"{name} {e}{f' ({hint})' if hint else ''}") from None
+
+
 # The chat's /set: the same checks as the flags.
 SAMPLING: dict[str, Number] = {
     "temperature": TEMPERATURE,
@@ -199,6 +215,32 @@ class ChoiceList:
         if bad or not names:
             raise BadValue(f"must be a comma-separated list of {', '.join(self.choices)} (got {text!r})")
         return list(dict.fromkeys(names))
+
+
+def layer_spans(text: str) -> list[range]:
+    """'0-3,7,-1' -> the ranges it names (a negative number counts from the last layer), checked as
+    written: BadValue for a part that is not a number or a range, or a range that runs backwards."""
+    spans = []
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(-?\d+)-(\d+)", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:  # 5-2 would select nothing
+                raise BadValue(f"{part!r} runs backwards; write the lower layer first ({hi}-{lo})")
+            spans.append(range(lo, hi + 1))
+        elif re.fullmatch(r"-?\d+", part):
+            spans.append(range(int(part), int(part) + 1))
+        else:
+            raise BadValue(f"{part!r} is not a layer number or range like 0-11")
+    return spans
+
+
+def layers(text: str) -> str:
+    """argparse type of --layers: its spelling checked now, the layers against the model once loaded."""
+    if text.strip() not in ("", "all"):
+        layer_spans(text)
+    return text
 
 
 def non_empty(what: str) -> Callable[[str], str]:

@@ -479,8 +479,24 @@ def _check_converted(section: Any) -> None:
         for key in ("bits", "group_size"):
             if isinstance(q.get(key), bool) or not isinstance(q.get(key), int) or q[key] < 1:
                 raise ConfigError(f"{where}.{key} must be a positive integer, not {q.get(key)!r}")
-        if q.get("mode", "affine") not in ("affine", "mxfp4", "mxfp8", "nvfp4"):
-            raise ConfigError(f"{where}.mode {q['mode']!r} is not an MLX quantization mode")
+        mode = q.get("mode", "affine")
+        if mode not in QUANTIZATION_MODES:
+            raise ConfigError(f"{where}.mode {mode!r} is not an MLX quantization mode")
+        for key, allowed in zip(("bits", "group_size"), QUANTIZATION_MODES[mode], strict=True):
+            if q[key] not in allowed:  # else mx.quantize fails at load, naming no file
+                raise ConfigError(
+                    f"{where}.{key} is {q[key]}; MLX's {mode} quantization takes {key} "
+                    f"{' or '.join(map(str, allowed))}"
+                )
+
+
+# What mx.quantize accepts, per mode: (bits, group sizes).
+QUANTIZATION_MODES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
+    "mxfp4": ((4,), (32,)),
+    "mxfp8": ((8,), (32,)),
+    "nvfp4": ((4,), (16,)),
+}
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -209,7 +209,8 @@ def fuse(model: str, adapter: str, out: Path, preset_name: str = "reference", dt
 
     source = resolve_source(model)
     plan, report = plan_fuse(source.folder, adapter, get_preset(preset_name), dtype)
-    result = C.convert(source, out, plan, force=force, on_progress=on_progress)
+    keep = [Path(adapter).expanduser()]  # --force must not replace the folder holding the adapter
+    result = C.convert(source, out, plan, force=force, on_progress=on_progress, keep=keep)
     return result, report
 
 
@@ -243,8 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     err, out = Console(stderr=True, highlight=False), Console(highlight=False)
-    if args.out.exists() and not args.force:
-        print(f"oss-mlx fuse: error: {args.out} already exists; pass --force to replace it", file=sys.stderr)
+    from .convert.folder import DestError, check_dest
+
+    local = [p for p in (Path(args.model).expanduser(), Path(args.adapter).expanduser()) if p.exists()]
+    try:  # before anything is read; fuse() checks again
+        check_dest(args.out, args.force, keep=local)
+    except DestError as e:
+        print(f"oss-mlx fuse: error: {e}", file=sys.stderr)
         return 2
     err.print(f"fusing {args.adapter} into {args.model} -> {args.out} …")
     result, report = fuse(args.model, args.adapter, args.out, args.quality, args.dtype, args.force)

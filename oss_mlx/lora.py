@@ -22,7 +22,6 @@ names onto these).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -63,26 +62,23 @@ def parse_targets(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in out)
 
 
-def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...] | None:
-    """'0-3,7,-1' -> (0, 1, 2, 3, 7, L-1); None or 'all' -> None (every layer)."""
+def parse_layers(text: str | None, num_layers: int, flag: str = "--layers") -> tuple[int, ...] | None:
+    """'0-3,7,-1' -> (0, 1, 2, 3, 7, L-1); None or 'all' -> None (every layer). Errors name `flag`."""
+    from .cli_args import BadValue, layer_spans
+
     if text is None or text.strip() in ("", "all"):
         return None
+    try:
+        spans = layer_spans(text)
+    except BadValue as e:
+        raise LoRAError(f"{flag}: {e}") from None
     layers: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if re.fullmatch(r"-?\d+-\d+", part):
-                lo, hi = part.rsplit("-", 1)
-                span = range(int(lo), int(hi) + 1)
-            else:
-                span = range(int(part), int(part) + 1)
-        except ValueError:
-            raise LoRAError(f"--layers: {part!r} is not a layer number or range like 0-11") from None
+    for span in spans:
         for i in span:
             j = i + num_layers if i < 0 else i
             if not 0 <= j < num_layers:
                 raise LoRAError(
-                    f"--layers: layer {i} does not exist (the model has {num_layers}: 0-{num_layers - 1})"
+                    f"{flag}: layer {i} does not exist (the model has {num_layers}: 0-{num_layers - 1})"
                 )
             layers.add(j)
     return tuple(sorted(layers))
@@ -156,12 +152,18 @@ def sites_to_json(sites: dict[tuple[int, str], Site]) -> dict[str, list]:
 
 
 def sites_from_json(d: dict) -> dict[tuple[int, str], Site]:
+    """{"LAYER.TARGET": [rank, scale]} -> sites; a rank that is not a positive whole number or a scale
+    that is not finite is refused (a NaN scale would make every logit NaN, and a fused model too)."""
     out = {}
     for key, (rank, scale) in d.items():
         layer, target = key.split(".", 1)
         if target not in TARGETS:
             raise LoRAError(f"unknown LoRA target {target!r} in {key!r}")
-        out[(int(layer), target)] = Site(int(rank), float(scale))
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise LoRAError(f"{key!r}: rank {rank!r} must be a positive whole number")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise LoRAError(f"{key!r}: scale {scale!r} must be a finite number")
+        out[(int(layer), target)] = Site(rank, float(scale))
     return out
 
 

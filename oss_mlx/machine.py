@@ -48,14 +48,11 @@ class Machine:
 
     @classmethod
     def detect(cls) -> Machine:
-        override = os.environ.get("OSS_MLX_MEMORY_GB")
+        override = os.environ.get("OSS_MLX_MEMORY_GB", "").strip()
         if override:  # plan as if the GPU budget were this size (a smaller share, or another machine)
-            from .cli_args import MEMORY_GB, UsageError
+            from .cli_args import MEMORY_GB, env_number
 
-            try:
-                b = int(MEMORY_GB(override) * 1e9)
-            except ValueError as e:
-                raise UsageError(f"OSS_MLX_MEMORY_GB {e} (GB, e.g. 16)") from None
+            b = int(env_number("OSS_MLX_MEMORY_GB", MEMORY_GB, hint="GB, e.g. 16") * 1e9)
             return cls(b, b, "mac" if sys.platform == "darwin" else "linux", f"OSS_MLX_MEMORY_GB={override}")
         ram = _total_ram()
         if sys.platform == "darwin":

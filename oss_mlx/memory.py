@@ -260,11 +260,12 @@ class MemoryPlan:
             out.append(head + "; any one of these makes it fit:")
             out += options
         else:
-            limit = (
-                f" even with the GPU limit raised to {gib(wired_limit_cap(machine.ram_bytes))}"
-                if machine.platform == "mac"
-                else ""
-            )
+            cap = wired_limit_cap(machine.ram_bytes)
+            limit = ""
+            if machine.platform == "mac" and cap > 0:
+                limit = f" even with the GPU limit raised to {gib(cap)}"
+            elif machine.platform == "mac":  # no limit to raise: macOS keeps all of it
+                limit = f" ({gib(machine.ram_bytes)} of memory is below what macOS itself needs)"
             out.append(
                 f"{head}; no preset or context makes it fit{limit}: "
                 "use a smaller model or a machine with more memory"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .convert.folder import WORKING, clean_stale, pid_alive
+from .convert.folder import WORKING, clean_stale, is_converted, pid_alive
 from .weights import CheckpointError, checkpoint_files
 
 DOWNLOADS = ".downloads"
@@ -65,17 +65,10 @@ def converted_folder(repo_id: str) -> Path:
     return store_dir() / entry_name(repo_id)
 
 
-def _is_converted(folder: Path) -> bool:
-    try:
-        return isinstance(json.loads((folder / "config.json").read_text()).get("oss_mlx"), dict)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def converted(repo_id: str) -> Path | None:
     """The complete converted copy of `repo_id` in the store, or None."""
     folder = converted_folder(repo_id)
-    return folder if folder.is_dir() and _is_converted(folder) else None
+    return folder if folder.is_dir() and is_converted(folder) else None
 
 
 def _complete(folder: Path) -> bool:
@@ -214,7 +207,7 @@ def stored_models() -> list[StoredModel]:
     for folder in sorted(root.iterdir()):
         if folder.name.startswith(".") or WORKING.search(folder.name) or not folder.is_dir():
             continue
-        if not _is_converted(folder):
+        if not is_converted(folder):
             continue
         section = json.loads((folder / "config.json").read_text())["oss_mlx"]
         found.append(

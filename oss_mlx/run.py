@@ -42,9 +42,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if sys.stdout is None:  # closed (`>&-`): the answer could go nowhere; said before the model loads
+        print(
+            "oss-mlx generate: error: standard output is closed: send it to a file or a pipe", file=sys.stderr
+        )
+        return 2
     if args.prompt is not None:
         prompt = args.prompt
     else:
+        if sys.stdin is None:  # closed (`<&-`), not empty
+            print(
+                "oss-mlx generate: error: standard input is closed: pass the prompt as an argument or on "
+                "standard input",
+                file=sys.stderr,
+            )
+            return 2
         if sys.stdin.isatty():
             print(
                 "oss-mlx generate: type the prompt, then Ctrl-D (or pass it as an argument)", file=sys.stderr

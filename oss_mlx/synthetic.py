@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .errors import ConvertError
 from .testing.synthetic import DTYPES, LAYOUTS, SyntheticSpec, checkpoint_tensors, write_checkpoint
 
 __all__ = ["LAYOUTS", "SyntheticSpec", "build_parser", "checkpoint_tensors", "main", "write_checkpoint"]
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--vocab-size", type=A.Number(int, 1, 2**24), help="override the preset's vocabulary size"
     )
-    ap.add_argument("--overwrite", action="store_true", help="replace safetensors already in DEST")
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace a checkpoint in DEST (once the new one is complete)"
+    )
     return ap
 
 
@@ -95,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except ValueError as e:
+    except ValueError as e:  # also a DEST that is a file or holds something else than a checkpoint
         print(f"oss-mlx synthetic: error: {e}", file=sys.stderr)
         return 2
+    except ConvertError as e:  # DEST's folder cannot be written, the disk is too small: said in words
+        print(f"\noss-mlx synthetic: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # a read-only or full disk, a file where the folder should be
         from .cli_args import describe_error
 

@@ -121,6 +121,8 @@ bad("chat", "--python-timeout", ["-5", "0", "abc", "inf"])
 bad("chat", "--python-memory", ["0", "-1", "10", "abc"])
 bad("chat", "--reasoning", ["verbose"])
 bad("serve", "--max-queue", ["-1", "abc", "1.5"])
+bad("serve", "--host", ["", " "])  # an empty bind address is every interface
+bad("serve", "--allowed-host", [""])
 bad("serve", "--max-body-bytes", ["0", "-5", "abc"])
 bad("serve", "--context-limit", ["0", "-1", "abc"])
 bad("serve", "--cache-slots", ["0", "-2"])

@@ -272,6 +272,47 @@ def test_force_replaces_only_when_complete(sources, tmp_path, capsys):
     assert leftovers(dest) == ["dest"]
 
 
+def test_force_never_deletes_the_source_or_a_users_files(sources, tmp_path, capsys):
+    """--force replaces an earlier conversion or an empty folder only: never a DEST holding the source
+    (or the current folder), never a folder of the user's; each refused in one line, status 2."""
+    proj = tmp_path / "proj"
+    shutil.copytree(sources["hf-mxfp4"], proj / "ckpt" / "orig")
+    (proj / "notes.txt").write_text("mine")
+    home = tmp_path / "home_like"
+    home.mkdir()
+    (home / "thesis.txt").write_text("years of work")
+    before = tree_hash(tmp_path)
+    for src, dest, words in [
+        (proj / "ckpt" / "orig", proj, "contains"),
+        (sources["hf-mxfp4"], home, "is not an earlier conversion"),
+    ]:
+        capsys.readouterr()
+        assert main([str(src), str(dest), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and str(dest) in err and "Traceback" not in err
+    # DEST is the current folder: `cd proj; oss-mlx convert ckpt/orig . --force`
+    run = subprocess.run(
+        _convert_cmd(Path("ckpt/orig"), Path("."), "--force"), cwd=proj, capture_output=True, text=True
+    )
+    assert run.returncode == 2, run.stderr
+    assert "contains" in run.stderr and "Traceback" not in run.stderr
+    assert tree_hash(tmp_path) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(sources["hf-mxfp4"]), str(empty), "--force"]) == 0  # an empty folder is replaced
+    capsys.readouterr()
+    run = subprocess.run(  # an earlier conversion that holds the current folder: not replaced
+        _convert_cmd(sources["hf-mxfp4"], Path("."), "--force"), cwd=empty, capture_output=True, text=True
+    )
+    assert run.returncode == 2 and "holds the current folder" in run.stderr, run.stderr
+
+
+def test_unwritable_dest_is_not_called_a_full_disk(sources, capsys):
+    assert main([str(sources["hf-mxfp4"]), "/proc/oss-mlx-test"]) == 1
+    err = capsys.readouterr().err
+    assert "/proc is not a writable folder" in err and "disk space" not in err
+
+
 def _missing_shard(folder: Path) -> str:
     next(folder.glob("model-00001-*.safetensors")).unlink()
     return "missing"

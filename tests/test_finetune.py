@@ -177,9 +177,47 @@ def test_bad_inputs_are_told_in_words(toy, tmp_path):
     (tmp_path / "full" / "something").write_text("x")
     r = oss_mlx(*finetune_args(toy, tmp_path / "full", "--steps", "1"))
     assert r.returncode == 2 and "not empty" in r.stderr and (tmp_path / "full" / "something").exists()
+    r = oss_mlx(*finetune_args(toy, tmp_path / "full", "--steps", "1", "--overwrite"))  # not a run: kept
+    assert r.returncode == 2 and "not a training run's (something)" in r.stderr, r.stderr
+    assert (tmp_path / "full" / "something").exists()
+    assert oss_mlx(*finetune_args(toy, tmp_path / "run", "--steps", "1")).returncode == 0
+    r = oss_mlx(*finetune_args(toy, tmp_path / "run", "--steps", "1", "--overwrite"))  # a run: replaced
+    assert r.returncode == 0, r.stderr
     r = oss_mlx(*finetune_args(toy, tmp_path / "o3", "--steps", "1"), env={"OSS_MLX_MEMORY_GB": "0.02"})
     assert r.returncode == 1 and "training does not fit" in r.stderr and "alone need" in r.stderr
     r = oss_mlx(*finetune_args(toy, tmp_path / "o4", "--layers", "7"))
     assert r.returncode == 1 and "layer 7 does not exist" in r.stderr
     r = oss_mlx("generate", "--model", str(toy / "model"), "--adapter", str(tmp_path / "nope"), "hi")
     assert r.returncode == 1 and "no such adapter folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_settings_are_refused_before_training(toy, tmp_path):
+    """Status 2, one line naming the flag (or variable), before the model is loaded."""
+    cases = [
+        (["--layers", "1-0"], "runs backwards"),
+        (["--expert-layers", "3-1"], "--expert-layers"),
+        (["--steps", "1e18"], "--steps: must be a whole number between 1 and 1,000,000,000"),
+        (["--steps", "100000000000000000000000"], "between 1 and 1,000,000,000"),
+        (["--epochs", "1e30"], "--epochs"),
+        (["--min-learning-rate", "1", "--lr", "1e-3"], "above the peak --learning-rate"),
+        (["--steps", "4", "--warmup", "4"], "--warmup 4 must be below --steps 4"),
+    ]
+    for extra, needle in cases:
+        r = oss_mlx(*finetune_args(toy, tmp_path / "o", *extra), timeout=60)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert needle in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    r = oss_mlx(*finetune_args(toy, tmp_path / "o", "--steps", "1"), env={"OSS_MLX_FINETUNE_DELAY": "soon"})
+    assert r.returncode == 2 and "OSS_MLX_FINETUNE_DELAY must be a number between 0 and 60" in r.stderr
+    r = oss_mlx(*finetune_args(toy, tmp_path / "o9", "--expert-layers", "9"))
+    assert r.returncode == 1 and "--expert-layers: layer 9 does not exist" in r.stderr
+    # --epochs over a small data set: warmup past the end is said once the step count is known
+    r = oss_mlx(*finetune_args(toy, tmp_path / "o10", "--warmup", "50"))
+    assert r.returncode == 2 and "--warmup 50 must be below the run's 5 steps" in r.stderr, r.stderr
+
+
+def test_the_eta_shows_days_past_24_hours():
+    from oss_mlx.finetune.cli import duration
+
+    assert duration(59) == "00:00:59"
+    assert duration(3 * 86400 + 4 * 3600 + 5 * 60 + 6) == "3d 04:05:06"

@@ -214,6 +214,19 @@ def test_bad_inputs_name_the_line(tok, tmp_path):
     assert len(data.sequences[0].tokens) == 64 and data.truncated == 1
 
 
+def test_odd_files_and_deep_nesting_are_data_errors(tok, tmp_path):
+    """A folder, /dev/null, a line nested past Python's JSON reader: one DataError saying what it is."""
+    with pytest.raises(DataError, match=r"is a folder; give the JSONL file"):
+        load_dataset(tmp_path, tok, RenderOptions())
+    with pytest.raises(DataError, match=r"^/dev/null: no examples \(the file is empty\)"):
+        load_dataset("/dev/null", tok, RenderOptions())
+    path = tmp_path / "deep.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    path.write_text(good + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: nested too deeply"):
+        load_dataset(path, tok, RenderOptions())
+
+
 def test_batches_and_positions(tok):
     def one(question, answer, where):
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

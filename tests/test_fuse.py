@@ -115,3 +115,32 @@ def test_experts_requantized_with_the_error_reported(base, tmp_path):
     # (this random delta is as large as the weights, so the re-quantization error is large as well)
     fused, unfused = logits(out, ids), logits(base / "hf-mxfp4", ids, adapter)
     assert 0 < rel_err(fused, unfused) < 0.5 * rel_err(logits(base / "hf-mxfp4", ids), unfused)
+
+
+def test_force_never_deletes_the_adapter_or_a_users_files(base, tmp_path):
+    """--out DIR --force replaces an earlier fused model only: not the folder holding the adapter, not a
+    folder of the user's; refused in one line with status 2 before anything is read."""
+    project = tmp_path / "project"
+    adapter = project / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")  # refused before the adapter is read
+    (project / "notes.txt").write_text("mine")
+    for out, words in [(project, "contains"), (adapter, "contains"), (tmp_path, "contains")]:
+        run = subprocess.run(
+            [sys.executable, "-m", "oss_mlx.cli", "fuse", "--model", str(base / "hf-mxfp4"), "--adapter",
+             str(adapter), "--out", str(out), "--force"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 2, run.stderr
+        assert words in run.stderr and "Traceback" not in run.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.txt").write_text("years of work")
+    run = subprocess.run(
+        [sys.executable, "-m", "oss_mlx.cli", "fuse", "--model", str(base / "hf-mxfp4"), "--adapter",
+         str(adapter), "--out", str(other), "--force"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2 and "is not an earlier conversion" in run.stderr, run.stderr
+    assert (other / "thesis.txt").read_text() == "years of work"
+    assert (project / "notes.txt").read_text() == "mine" and (adapter / "adapter_config.json").exists()

@@ -243,6 +243,20 @@ def test_reference_is_forced_by_the_environment(monkeypatch, fake_factory):
     assert kernels.backend() == kernels.available_backend()
 
 
+def test_an_unknown_kernels_value_is_warned_about_once(monkeypatch, recwarn):
+    """OSS_MLX_KERNELS=metl: the reference path runs, and one warning names the accepted values."""
+    import warnings
+
+    monkeypatch.setenv(kernels.ENV, "metl-typo")
+    warnings.simplefilter("always")
+    assert kernels.backend() == "reference" and kernels.backend() == "reference"
+    said = [str(w.message) for w in recwarn if "OSS_MLX_KERNELS" in str(w.message)]
+    assert said == ["OSS_MLX_KERNELS='metl-typo' is not one of auto, metal, cuda, reference (or off): the "
+                    "reference path runs"]  # fmt: skip
+    monkeypatch.setenv(kernels.ENV, "cuda" if kernels.available_backend() != "cuda" else "metal")
+    assert kernels.backend() == "reference" and len(recwarn) == len(said)  # another machine's: no warning
+
+
 def test_emulated_stands_in_for_the_machine(fake_factory):
     """kernels.emulated(dialect, make_kernel): the dialect is this machine's, the device counts as
     the GPU, kernels come from make_kernel with the text of that dialect, the compiled-kernel cache

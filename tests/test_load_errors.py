@@ -137,6 +137,7 @@ BASE = {
 }
 YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
 FULL_ROPE = {**YARN, "original_max_position_embeddings": 4096}
+MXFP4 = {"bits": 4, "group_size": 32, "mode": "mxfp4"}
 
 
 def _without(d: dict, *keys: str) -> dict:
@@ -256,6 +257,18 @@ def test_the_converted_dialect_keeps_every_field(case):
         ({**BASE, "oss_mlx": {"format_version": 2}}, "oss_mlx.format_version is 2: this oss-mlx reads"),
         ({**BASE, "oss_mlx": {"quantization": {"attention": {"bits": "four"}}}}, "attention.bits must be"),
         ({**BASE, "oss_mlx": {"quantization": {"router": None}}}, "oss_mlx.quantization.router: unknown"),
+        (
+            {**BASE, "oss_mlx": {"quantization": {"attention": {"bits": 3, "group_size": 7}}}},
+            "attention.group_size is 7; MLX's affine quantization takes group_size 32 or 64 or 128",
+        ),
+        (
+            {**BASE, "oss_mlx": {"quantization": {"embedding": {"bits": 7, "group_size": 64}}}},
+            "embedding.bits is 7; MLX's affine quantization takes bits 2 or 3 or 4 or 5 or 6 or 8",
+        ),
+        (
+            {**BASE, "oss_mlx": {"quantization": {"attention": {**MXFP4, "group_size": 64}}}},
+            "group_size is 64; MLX's mxfp4 quantization takes group_size 32",
+        ),
         ({**BASE, "oss_mlx": []}, "oss_mlx must be an object"),
     ],
 )

@@ -216,3 +216,37 @@ def test_bad_adapter_folders(base, tmp_path):
     random_base(torch, transformers, other, hidden=96)
     with pytest.raises(AdapterError, match="fits neither|needs"):
         load_adapter(load_model(other, dtype=mx.float32)[0], tmp_path / "peft")
+
+
+def test_adapter_config_values_are_checked(base, tmp_path):
+    """A NaN scale (NaN logits; a fused model of NaNs), a rank below 1, a NaN lora_alpha, a dropout of 2:
+    one AdapterError naming the file and the value."""
+    from oss_mlx.lora import LoRAConfig, attach
+
+    model, _ = load_model(base, dtype=mx.float32, quantize_experts=False)
+    attach(model, LoRAConfig(rank=4, targets="attention").sites(model.config.num_layers), seed=1)
+    save_adapter(model, tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    site = next(iter(cfg["sites"]))
+    rank = cfg["sites"][site][0]
+    for name, change, message in (
+        ("nan", {"sites": {**cfg["sites"], site: [rank, float("nan")]}}, "scale nan must be a finite number"),
+        ("inf", {"sites": {**cfg["sites"], site: [rank, float("inf")]}}, "scale inf must be a finite number"),
+        ("rank", {"sites": {**cfg["sites"], site: [-1, 2.0]}}, "rank -1 must be a positive whole number"),
+        ("dropout", {"dropout": 2.0}, "dropout 2.0 must be at least 0 and below 1"),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapters.safetensors").write_bytes(
+            (tmp_path / "ours" / "adapters.safetensors").read_bytes()
+        )
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(AdapterError, match=message):
+            load_adapter(load_model(base, dtype=mx.float32)[0], folder)
+    reference(base, tmp_path / "peft")
+    peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(
+        json.dumps({**peft_cfg, "lora_alpha": float("nan")})
+    )
+    with pytest.raises(AdapterError, match="lora_alpha of .* is nan; it must be a finite number"):
+        load_adapter(load_model(base, dtype=mx.float32)[0], tmp_path / "peft")

@@ -130,6 +130,14 @@ def test_plan_cli(capsys, tmp_path):
     assert "model_type" in capsys.readouterr().err
 
 
+def test_a_memory_below_what_macos_keeps_is_not_a_negative_limit(capsys):
+    assert main(["20b", "--memory", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "below what macOS itself needs" in out and "raised to -" not in out
+    assert main(["20b", "--memory", "4"]) == 0  # room to raise the limit: the advice stays
+    assert "GPU limit raised to" in capsys.readouterr().out
+
+
 def test_plan_of_a_converted_folder_uses_its_preset(tmp_path, capsys):
     import json
 

@@ -336,6 +336,39 @@ def test_existing_checkpoint_is_not_overwritten_silently(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_an_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path):
+    """--overwrite writes beside DEST and swaps once complete: Ctrl-C mid-way leaves the old one whole."""
+    dest = tmp_path / "m"
+    write_checkpoint(dest, SyntheticSpec(vocab_size=64), max_shard_bytes=100_000)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+
+    def interrupt(name, done, total):
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(dest, SyntheticSpec(vocab_size=64, num_layers=3), overwrite=True, progress=interrupt)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no half-written folder beside it
+
+
+def test_cli_never_replaces_files_that_are_not_a_checkpoint(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "own"}')
+    for extra in ([], ["--overwrite"]):
+        assert main([str(mine), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "is not a checkpoint" in err and str(mine) in err, err
+    assert (mine / "config.json").read_text() == '{"my": "own"}' and len(list(mine.iterdir())) == 1
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert main([str(a_file), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "pass --overwrite" not in err
+    assert a_file.read_text() == "x"
+
+
 # -- MXFP4 ------------------------------------------------------------------------------------------------
 
 

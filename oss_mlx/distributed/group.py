@@ -32,7 +32,17 @@ import numpy as np
 from .errors import DistributedError
 
 HEARTBEAT_INTERVAL = 0.5
-HEARTBEAT_TIMEOUT = float(os.environ.get("OSS_MLX_HEARTBEAT_TIMEOUT", "5"))
+HEARTBEAT_TIMEOUT = 5.0  # seconds; OSS_MLX_HEARTBEAT_TIMEOUT overrides it
+
+
+def heartbeat_timeout() -> float:
+    """OSS_MLX_HEARTBEAT_TIMEOUT, read when a link starts (a bad value fails the distributed run only,
+    in words, not every command at import)."""
+    from ..cli_args import HEARTBEAT_SECONDS, env_number
+
+    return env_number("OSS_MLX_HEARTBEAT_TIMEOUT", HEARTBEAT_SECONDS, HEARTBEAT_TIMEOUT, "seconds, e.g. 5")
+
+
 CONNECT_TIMEOUT = 120.0  # every worker connects to rank 0 within this (they load nothing before it)
 ADDRESS_BYTES = 256
 
@@ -191,10 +201,10 @@ class ControlLink:
     rank 0 decides what then happens, a worker ends itself unless told otherwise. `stop()` ends the
     link quietly (a planned shutdown)."""
 
-    def __init__(self, group: Group, on_failure: Callable[[str], None], timeout: float = HEARTBEAT_TIMEOUT):
+    def __init__(self, group: Group, on_failure: Callable[[str], None], timeout: float | None = None):
         self.group, self.rank, self.world = group, group.rank, group.size
         self.on_failure = on_failure
-        self.timeout = timeout
+        self.timeout = heartbeat_timeout() if timeout is None else timeout
         self.steps = 0  # this rank's completed steps (a worker sends it with each beat)
         self.peers: dict[int, Peer] = {}
         self.messages: list[str] = []  # workers' error reports, as they came

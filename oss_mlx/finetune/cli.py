@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 from ..lora import DEFAULT_TARGETS, LoRAConfig, LoRAError, parse_layers, parse_targets
 
 DELAY_ENV = "OSS_MLX_FINETUNE_DELAY"  # testing hook: seconds to sleep after each step (lets a test kill it)
+PEFT_FOLDER = "peft"  # the adapter in PEFT's format too, beside ours
+MAX_STEPS = 10**9  # MLX counts steps in int32; a billion steps is far beyond any run on one machine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_TARGETS),
         help="q,k,v,out (or attention), gate_up,down (or experts), router",
     )
-    g.add_argument("--layers", help="layers to adapt, e.g. 0-11,23 (default: all)")
-    g.add_argument("--expert-layers", help="layers whose experts are adapted (default: --layers)")
+    g.add_argument("--layers", type=A.layers, help="layers to adapt, e.g. 0-11,23 (default: all)")
+    g.add_argument(
+        "--expert-layers", type=A.layers, help="layers whose experts are adapted (default: --layers)"
+    )
     g.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(rank)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=A.POSITIVE_INT, help="optimizer steps (default: --epochs over the data)")
     g.add_argument(
-        "--epochs", type=positive, default=1.0, help="passes over the data (when --steps is not given)"
+        "--steps", type=A.Number(int, 1, MAX_STEPS), help="optimizer steps (default: --epochs over the data)"
+    )
+    g.add_argument(
+        "--epochs",
+        type=A.Number(float, 0.0, 1e6, low_open=True),
+        default=1.0,
+        help="passes over the data (when --steps is not given)",
     )
     g.add_argument("--learning-rate", "--lr", type=positive, default=1e-4, help="peak")
     g.add_argument(
@@ -114,6 +122,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.resume and args.overwrite:
         return _fail("--resume continues the run in --out, --overwrite deletes it: give one of them")
+    if args.min_learning_rate > args.learning_rate:  # the cosine would climb instead of decaying
+        return _fail(
+            f"--min-learning-rate {args.min_learning_rate:g} is above the peak --learning-rate "
+            f"{args.learning_rate:g}: give a smaller one (default 0)"
+        )
+    if args.steps is not None and args.warmup >= args.steps:
+        return _fail(
+            f"--warmup {args.warmup} must be below --steps {args.steps} (the peak would never be reached)"
+        )
+    from ..cli_args import DELAY_SECONDS, UsageError, env_number
+
+    try:
+        args.delay = env_number(DELAY_ENV, DELAY_SECONDS, 0.0, "seconds")
+    except UsageError as e:
+        return _fail(str(e))
     out = Path(args.out).expanduser()
     try:
         return run(args, out)
@@ -125,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, out: Path) -> int:
     from rich.console import Console
 
+    from ..adapters import CONFIG_FILE, OURS_FILE
     from ..machine import Machine
     from ..memory import TrainingPlan, choose_checkpointing, gib
     from ..plan_cli import config_of
     from ..tokenizer import load_tokenizer
     from .data import DataError, RenderOptions, load_dataset
-    from .trainer import LOG_FILE, TrainConfig, clean_partial, complete_checkpoints
+    from .trainer import CHECKPOINTS, LOG_FILE, TrainConfig, clean_partial, complete_checkpoints
 
     console = Console(stderr=True, highlight=False)
     say = console.print
@@ -148,6 +172,13 @@ def run(args, out: Path) -> int:
                 f"{out} is not empty (a previous run?): pass --resume to continue it, --overwrite to "
                 "delete it and start over, or another --out"
             )
+        run_files = {CHECKPOINTS, LOG_FILE, CONFIG_FILE, OURS_FILE, PEFT_FOLDER}
+        others = sorted(p.name for p in out.iterdir() if p.name not in run_files)
+        if others:  # --overwrite replaces a run, never a folder of the user's own files
+            return _fail(
+                f"--overwrite: {out} holds files that are not a training run's ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); give another --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_partial(out)
@@ -164,7 +195,7 @@ def run(args, out: Path) -> int:
         tokenizer = load_tokenizer(described)
         check_vocabulary(config, tokenizer.vocab_size, described)
         layers = parse_layers(args.layers, config.num_layers)
-        expert_layers = parse_layers(args.expert_layers, config.num_layers)
+        expert_layers = parse_layers(args.expert_layers, config.num_layers, "--expert-layers")
         lora = LoRAConfig(
             rank=args.rank,
             alpha=args.alpha,
@@ -192,6 +223,12 @@ def run(args, out: Path) -> int:
     )
     per_epoch = math.ceil(len(train) / args.batch_size / args.grad_accum)
     steps = args.steps or max(1, math.ceil(per_epoch * args.epochs))
+    if steps > MAX_STEPS:
+        return _fail(f"--epochs {args.epochs:g} makes {steps:,} steps, over {MAX_STEPS:,}: give fewer epochs")
+    if args.warmup >= steps:
+        return _fail(
+            f"--warmup {args.warmup} must be below the run's {steps} steps (the peak would never be reached)"
+        )
 
     # ---- the memory plan ----------------------------------------------------------------------------
     from ..lora import parameter_count
@@ -278,7 +315,7 @@ def run(args, out: Path) -> int:
         log_path.write_text("")
 
     extra = {"run": identity}
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    delay = args.delay
     progress = _Progress(console, steps, trainer.step)
     try:
         if valid is not None and trainer.step == 0:
@@ -318,7 +355,7 @@ def run(args, out: Path) -> int:
         from ..adapters import AdapterError, save_adapter
 
         try:
-            save_adapter(trainer.model, out / "peft", format="peft")
+            save_adapter(trainer.model, out / PEFT_FOLDER, format="peft")
         except AdapterError as e:
             say(f"[yellow]not written in PEFT's format: {e}[/]")
     say(f"done: {trainer.step} steps; adapter in {out} (use it with --adapter {out})")
@@ -372,6 +409,13 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
+def duration(seconds: float) -> str:
+    """H:MM:SS, with days in front past 24 hours ("3d 04:05:06"): a clock would wrap."""
+    days, rest = divmod(int(max(0.0, seconds)), 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
 class _Progress:
     """A rich progress bar (loss, tokens/s, ETA) on a terminal; plain lines otherwise."""
 
@@ -410,7 +454,7 @@ class _Progress:
         elif r.step % every == 0 or r.step == self.total:
             self.console.print(
                 f"step {r.step}/{self.total}  loss {r.loss:.4f}  lr {r.learning_rate:.2e}  "
-                f"{tps:,.0f} tok/s  eta {time.strftime('%H:%M:%S', time.gmtime(left))}"
+                f"{tps:,.0f} tok/s  eta {duration(left)}"
             )
 
     def note(self, text: str) -> None:

@@ -178,9 +178,11 @@ def render_record(
 def load_dataset(path: str | Path, tokenizer: HarmonyTokenizer, options: RenderOptions) -> Dataset:
     """Read and render a JSONL file; every problem names its line."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give the JSONL file (one JSON object a line, with 'messages')")
+    if not path.exists():
         raise DataError(f"{path}: no such file (training data: one JSON object a line, with 'messages')")
-    raw = path.read_bytes()
+    raw = path.read_bytes()  # also a pipe (`--data <(...)`); /dev/null reads as an empty file
     data = Dataset(path, hashlib.sha256(raw).hexdigest())
     try:
         text = raw.decode("utf-8")
@@ -192,9 +194,12 @@ def load_dataset(path: str | Path, tokenizer: HarmonyTokenizer, options: RenderO
             continue
         try:
             record = json.loads(line)
+            rendered = render_record(record, tokenizer, options, f"{path}:{n}")
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        for seq in render_record(record, tokenizer, options, f"{path}:{n}"):
+        except RecursionError:  # Python's JSON reader gives up on deep nesting; no conversation is
+            raise DataError(f"{path}:{n}: nested too deeply to be a conversation") from None
+        for seq in rendered:
             data.truncated += options.truncate and len(seq.tokens) == options.max_length
             data.sequences.append(seq)
     if not data.sequences:

@@ -161,7 +161,7 @@ class Trainer:
         final = root / f"step-{self.step:06d}"
         # The converter's atomic folder: written as step-N.partial-<pid>, renamed once complete; the same
         # step saved again (a resumed run) is replaced whole.
-        with atomic_folder(final, force=True) as tmp:
+        with atomic_folder(final, force=True, ours=None) as tmp:
             save_adapter(self.model, tmp, lora=self.config.lora)
             atomic_save_safetensors(dict(tree_flatten(self.optimizer.state)), tmp / OPTIMIZER_FILE)
             state = {

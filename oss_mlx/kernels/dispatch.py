@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -69,7 +70,16 @@ def backend() -> str:
         return "reference"
     if want in ("auto", "", "on", "1") or want == RUNTIME.machine:
         return "reference" if RUNTIME.disabled is not None else RUNTIME.machine
+    if want not in BACKENDS and want not in _WARNED:  # a typo must not silently turn the kernels off
+        _WARNED.add(want)
+        warnings.warn(
+            f"{ENV}={want!r} is not one of auto, metal, cuda, reference (or off): the reference path runs",
+            stacklevel=2,
+        )
     return "reference"  # asked for a dialect this machine cannot run
+
+
+_WARNED: set[str] = set()  # the unknown OSS_MLX_KERNELS values already warned about
 
 
 @contextlib.contextmanager

@@ -295,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=A.non_empty("--model-id"),
         help="the id clients see in /v1/models (default: the folder or repo name)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--host",
+        type=A.non_empty("--host"),  # an empty one binds every interface
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1: this machine only)",
+    )
     p.add_argument("--port", type=A.Number(int, 1, 65535), default=8000, help="TCP port")
     p.add_argument(
         "--api-key",
@@ -315,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allowed-host",
         action="append",
+        type=A.non_empty("--allowed-host"),
         default=[],
         metavar="NAME",
         help="a Host name to accept besides localhost, 127.0.0.1 and [::1] (repeatable; '*': any). "

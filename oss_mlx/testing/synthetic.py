@@ -627,9 +627,10 @@ def write_checkpoint(
     dtype: "bfloat16" (the hub's), "float32" or "float16" for every float tensor. max_shard_bytes: split into
     shards (+ model.safetensors.index.json for the hf layouts; the original layout, like OpenAI's loader,
     just takes every *.safetensors) above this size; None for one file. config_style: "hub" or
-    "transformers5" (hf layouts only, see `SyntheticSpec.hf_config`). A folder already holding safetensors is
-    refused unless overwrite=True (which deletes them first). progress(tensor name, bytes done, bytes total)
-    is called after each tensor.
+    "transformers5" (hf layouts only, see `SyntheticSpec.hf_config`). Written into a folder beside `path`,
+    renamed into place once complete. A folder holding a checkpoint is refused unless overwrite=True
+    (replaced once the new one is complete); one holding anything else is always refused.
+    progress(tensor name, bytes done, bytes total) is called after each tensor.
     """
     spec = spec if spec is not None else SyntheticSpec()
     tensors = _layout_tensors(spec, layout, seed, dtype)
@@ -638,13 +639,11 @@ def write_checkpoint(
     else:
         config = spec.hf_config(quantized=layout == "hf-mxfp4", style=config_style, dtype=dtype)
 
+    from ..convert.folder import atomic_folder
+
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    stale = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("model.safetensors.index.json"))
-    if stale and not overwrite:
-        raise FileExistsError(f"{folder} already holds {stale[0].name}; pass overwrite=True to replace it")
-    for f in stale:
-        f.unlink()
+    if folder.is_dir() and not overwrite and _is_checkpoint(folder):
+        raise FileExistsError(f"{folder} already holds a checkpoint; pass overwrite=True to replace it")
 
     shards = _plan_shards(tensors, max_shard_bytes)
     names = _shard_names(layout, len(shards))
@@ -657,15 +656,31 @@ def write_checkpoint(
         if progress is not None:
             progress(t.name, done, total)
 
-    for fname, shard in zip(names, shards, strict=True):
-        _write_safetensors(folder / fname, shard, on_tensor)
-    if len(shards) > 1 and layout != "original":
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": dict(
-                sorted((t.name, fname) for fname, sh in zip(names, shards, strict=True) for t in sh)
-            ),
-        }
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # The converter's atomic folder: an interrupted or failed run leaves the old DEST as it was, and only
+    # an empty folder or a checkpoint of nothing but these files is replaced (no file of a user's is lost).
+    replace = folder.exists()
+    what = f"a checkpoint ({CHECKPOINT_FILES})"
+    with atomic_folder(folder, replace, total, ours=_is_checkpoint, ours_is=what, flag="--overwrite") as tmp:
+        for fname, shard in zip(names, shards, strict=True):
+            _write_safetensors(tmp / fname, shard, on_tensor)
+        if len(shards) > 1 and layout != "original":
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": dict(
+                    sorted((t.name, fname) for fname, sh in zip(names, shards, strict=True) for t in sh)
+                ),
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+CHECKPOINT_FILES = "config.json and *.safetensors shards, nothing else"
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A folder `write_checkpoint` may replace: config.json and shards, nothing else (what it writes)."""
+    names = [p.name for p in folder.iterdir()]
+    allowed = ("config.json", "model.safetensors.index.json")
+    shards = [n for n in names if n.endswith(".safetensors")]
+    return "config.json" in names and bool(shards) and all(n in allowed or n in shards for n in names)
