@@ -56,8 +56,15 @@ class TmuxChat:
         return proc.stdout
 
     def start(
-        self, args: list[str], replies: list[str | None] | None = None, env_extra: dict | None = None
+        self,
+        args: list[str],
+        replies: list[str | None] | None = None,
+        env_extra: dict | None = None,
+        live_size: bool = False,
     ) -> TmuxChat:
+        """live_size: without the COLUMNS and LINES that a detached tmux puts in the pane's environment
+        (80x24, whatever the pane's size), so that the chat follows the pane's real size and resizes,
+        as in a terminal."""
         env = {
             **(env_extra or {}),
             "TIKTOKEN_CACHE_DIR": str(self.vocab_dir),
@@ -72,7 +79,8 @@ class TmuxChat:
             script.parent.mkdir(parents=True, exist_ok=True)
             script.write_text(json.dumps(in_order(replies)))
             env["OSS_MLX_SCRIPTED_REPLIES"] = str(script)
-        chat = "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        unset = "-u COLUMNS -u LINES " if live_size else ""
+        chat = f"env {unset}" + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         chat += " " + shlex.join([sys.executable, "-m", "oss_mlx.cli", "chat", *args])
         # tmux does not always collect the exit status of a pane's process, so a shell writes it down
         # (its INT trap keeps it alive through the Ctrl-C presses meant for the chat).

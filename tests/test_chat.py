@@ -232,7 +232,7 @@ def test_load_restores_the_conversation_in_a_new_instance(chat, tmp_path):
     assert app.wait_exit() == 0
 
     app = chat(replies=[SHORT])
-    screen = app.command(f"/load {first}", r"loaded 3 messages \(1 turns\)")
+    screen = app.command(f"/load {first}", r"loaded 3 messages \(1 turn\)")
     assert "Remember the number 42" in screen  # the last exchange is shown again
     app.command(f"/save {second}", r"saved 3 messages")
     a, b = saved(first), saved(second)

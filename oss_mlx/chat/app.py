@@ -4,6 +4,7 @@ and start-up in main.py (docs/CHAT.md is the user's guide)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 from pathlib import Path
@@ -18,7 +19,7 @@ from ..harmony import Message, TextDelta, Tool, ToolCall, render_developer, rend
 from . import commands, keys
 from .guard import InterruptGuard, LoopDetector, is_interactive, no_echo
 from .history import save_conversation
-from .render import ReplyView
+from .render import ReplyView, plural
 from .slash import SlashCommands
 from .tools import FunctionTool, PythonSandbox, python_system_section
 
@@ -37,7 +38,7 @@ def format_stats(stats: Any, limit: int | None) -> str:
         parts = [
             f"{stats.time_to_first_token:.2f} s to first token",
             f"{stats.generation_tps:.1f} tok/s",
-            f"{stats.generated_tokens:,} tokens",
+            plural(stats.generated_tokens, "token"),
             f"prefilled {stats.prefilled_tokens:,}/{stats.prompt_tokens:,}",
         ]
     else:
@@ -112,6 +113,9 @@ class ChatApp(SlashCommands):
         self.session.tools = [Tool(t.name, t.description, t.parameters) for t in self.tools.values()]
         self.json_schema: dict | None = None  # /json: the answers follow this schema (enforced)
         self.json_file = ""
+        self.own_files: set[Path] = set()  # this conversation's files: /save may replace them
+        self.context_used: int | None = None  # the history's tokens, when the cache is stale (/undo)
+        self._capped = False  # this reply's max_tokens was lowered to the room left in the context
 
     # -- messages the model sees ----------------------------------------------------------------------
 
@@ -158,12 +162,13 @@ class ChatApp(SlashCommands):
 
     # -- saving -----------------------------------------------------------------------------------------
 
-    def save(self, path: Path, pending: list[Message] | None = None) -> None:
+    def save(self, path: Path, pending: list[Message] | None = None, *, make_parents: bool = True) -> None:
         self._sync_system()
         save_conversation(
             path,
             self.session.messages + list(pending or []),
             self.settings(),
+            make_parents=make_parents,
             model=self.model_name,
             system_message=self.system_message(),
             developer_message=self.developer_message(),
@@ -210,6 +215,14 @@ class ChatApp(SlashCommands):
     # -- the loop ---------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        # No echo outside the input line too (prompt_toolkit puts back what it found): keys typed after
+        # Enter, before the reply starts, would otherwise be echoed into it, and an Enter typed then
+        # would reach the next prompt as a new line (Ctrl-J) instead of sending. Not for a line read
+        # from stdin (a tty, but the output is not: see `read`): Enter must end its line there.
+        with no_echo() if is_interactive() else contextlib.nullcontext():
+            return self._loop()
+
+    def _loop(self) -> int:
         while True:
             try:
                 line = self.read()
@@ -254,9 +267,14 @@ class ChatApp(SlashCommands):
         """One input line: a command or a message. False: quit."""
         parsed = commands.parse_command(line)
         if parsed is None:
+            if line.strip() == "/":  # surely not meant for the model
+                self.error("/ alone is not a command: /help lists the commands (// sends a leading slash)")
+                return True
             self.turn(commands.unescape(line))
             return True
         name, arg = parsed
+        force = name.endswith("!")
+        name = name.rstrip("!")
         command = commands.find(name)
         if command is None:
             options = commands.candidates(name)
@@ -266,13 +284,22 @@ class ChatApp(SlashCommands):
             else:
                 self.error(f"unknown command /{name} — /help lists the commands (// sends a leading slash)")
             return True
-        return getattr(self, f"cmd_{command.name}")(arg) is not False
+        if force and command.name != "save":
+            self.error(f"/{command.name} has no ! form (only /save! FILE, which replaces an existing file)")
+            return True
+        if arg and " " not in command.usage:  # a command without arguments: the words are a mistake
+            self.error(f"/{command.name} takes no argument (got {arg!r}): type /{command.name} alone")
+            return True
+        action = getattr(self, f"cmd_{command.name}")
+        return (action(arg, force=True) if force else action(arg)) is not False
 
     # -- a turn -----------------------------------------------------------------------------------------
 
     def turn(self, text: str | None, label: str | None = None) -> None:
         """A user message (or None: reply again to the history), with tool calls until the answer."""
         if text is not None:
+            if not self._fits(text):
+                return
             self.turn_no += 1
         label = label or str(self.turn_no)
         self.last_analysis = ""
@@ -291,11 +318,54 @@ class ChatApp(SlashCommands):
                 return
             self.autosave()
 
+    def history_tokens(self, extra: list[Message] | None = None) -> int:
+        """The prompt's length in tokens: the history (and `extra` messages) as the model would read it."""
+        self._sync_system()
+        messages = self.session.messages + list(extra or [])
+        return len(self.session.render(messages)) if any(m.role != "system" for m in messages) else 0
+
+    def _fits(self, text: str) -> bool:
+        """A message the context cannot hold is refused before anything is processed."""
+        if not self.limit:
+            return True
+        total = self.history_tokens([Message("user", text)])
+        if total < self.limit:  # room for at least one token of reply
+            return True
+        held = len(self.session.render())  # the system message and the conversation so far
+        self.error(
+            f"message too long: about {plural(total - held, 'token')}, with {held:,} already in the context "
+            f"(system message and conversation): the prompt would be {total:,} tokens, over the context "
+            f"limit of {self.limit:,}. "
+            "Send a shorter message, or make room with /undo or /clear (Up brings the message back)"
+        )
+        return False
+
+    def _room(self, prompt: str | None) -> int | None:
+        """Tokens the context has left for this reply (None: no limit known)."""
+        if not self.limit:
+            return None
+        extra = [Message("user", prompt)] if prompt is not None else []
+        return self.limit - self.history_tokens(extra)
+
     def reply(self, prompt: str | None, label: str) -> tuple[Any, str | None]:
-        """Stream one reply. Returns (Reply or None, why it was stopped: None, "interrupted", "loop")."""
+        """Stream one reply. Returns (Reply or None, why it was stopped: None, "interrupted", "loop",
+        "full": the context has no room left for it)."""
+        from ..generation import SamplingOptions
         from ..session import Done
 
         self._sync_system()
+        sampling = dict(self.sampling)
+        room = self._room(prompt)
+        if room is not None and room < 1:
+            self.error(
+                f"the context is full ({self.limit - room:,}/{self.limit:,} tokens): no room for a reply. "
+                "/undo or /clear make room"
+            )
+            return None, "full"
+        wanted = sampling.get("max_tokens") or SamplingOptions().max_tokens
+        self._capped = room is not None and room < wanted
+        if self._capped:  # a reply must not run past the context limit
+            sampling["max_tokens"] = room
         view = ReplyView(self.console, self.reasoning, self.markdown)
         detector = LoopDetector()
         before = len(self.session.turn_stats)
@@ -305,7 +375,7 @@ class ChatApp(SlashCommands):
         with guard:
             with no_echo():
                 constraint = {"json_schema": self.json_schema} if self.json_schema is not None else {}
-                sampling = self._sampling_for(prompt)
+                sampling = self._sampling_for(prompt, sampling)
                 events = self.session.send(prompt, on_prefill=view.prefill, **sampling, **constraint)
                 try:
                     for event in events:
@@ -332,14 +402,14 @@ class ChatApp(SlashCommands):
             with guard.hold():
                 return self._after_reply(view, detector, label, before, reply, stopped)
 
-    def _sampling_for(self, prompt: str | None) -> dict[str, Any]:
-        """The reply's sampling: the /set values, as scripted options when the test hook is on."""
+    def _sampling_for(self, prompt: str | None, sampling: dict[str, Any]) -> dict[str, Any]:
+        """The reply's sampling (the /set values), as scripted options when the test hook is on."""
         if self.script is None:
-            return self.sampling
+            return sampling
         from ..generation import SamplingOptions
 
         last = [prompt] if prompt is not None else self.session.messages
-        return {"options": self.script.options(SamplingOptions(**self.sampling), last)}
+        return {"options": self.script.options(SamplingOptions(**sampling), last)}
 
     def _after_reply(
         self,
@@ -372,11 +442,18 @@ class ChatApp(SlashCommands):
                 style="yellow",
             )
         if stats is not None:
+            self.context_used = None  # the cache holds the conversation again
             if stopped and stats.finish_reason == "length":
                 stats.finish_reason = "interrupted"
             self.rows.append((label, stats))
             self.say(format_stats(stats, self.limit))
-            if self.limit and stats.context_tokens > 0.9 * self.limit:
+            if self._capped and stats.finish_reason == "length":
+                self.say(
+                    f"the reply stopped at the context limit ({self.limit:,} tokens): /undo or /clear "
+                    "make room",
+                    style="yellow",
+                )
+            elif self.limit and stats.context_tokens > 0.9 * self.limit:
                 self.say("the context is nearly full: /clear starts a new conversation", style="yellow")
         return reply, stopped
 

@@ -25,7 +25,7 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("help", "/help", "this list"),
+    Command("help", "/help [COMMAND]", "this list, or one command's line"),
     Command(
         "effort",
         "/effort [low|medium|high]",
@@ -48,7 +48,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("clear", "/clear", "start a new conversation (settings kept)", aliases=("new", "reset")),
     Command("regen", "/regen", "drop the last reply and generate it again", aliases=("retry",)),
     Command("undo", "/undo", "remove your last message and its reply"),
-    Command("save", "/save FILE", "save the conversation as JSON", path=True),
+    Command(
+        "save",
+        "/save FILE",
+        "save the conversation as JSON; another file of that name is kept (/save! FILE replaces it)",
+        path=True,
+    ),
     Command("load", "/load FILE", "continue a saved conversation", path=True),
     Command("tools", "/tools", "the tools the model can call"),
     Command("stats", "/stats", "per reply: prompt, tokens prefilled (not reused from the cache), speed"),
@@ -75,7 +80,7 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 _BY_NAME = {c.name: c for c in COMMANDS} | {a: c for c in COMMANDS for a in c.aliases}
-_COMMAND_RE = re.compile(r"^/([A-Za-z][\w-]*)(?:\s+(.*))?$", re.DOTALL)
+_COMMAND_RE = re.compile(r"^/([A-Za-z][\w-]*!?)(?:\s+(.*))?$", re.DOTALL)  # "!": /save! replaces
 
 
 def parse_command(line: str) -> tuple[str, str] | None:
@@ -137,7 +142,7 @@ class SlashCompleter(Completer):
                     yield Completion("/" + c.name, start_position=-len(text), display_meta=c.help[:60])
             return
         name, _, arg = text[1:].partition(" ")
-        command = find(name.lower())
+        command = find(name.lower().rstrip("!"))  # /save! completes as /save
         if command is None:
             return
         if command.path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import asdict, fields
@@ -50,11 +51,20 @@ def new_autosave_path(folder: Path | None = None) -> Path:
     return path
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str, *, make_parents: bool = True) -> None:
+    """Write `text` to `path` whole or not at all. A file replaced keeps its permissions; a new one
+    is private (0600, mkstemp's): conversations are personal."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode) if path.is_file() else None
+    except OSError:
+        mode = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -111,21 +121,53 @@ def conversation_json(
     return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
 
 
-def save_conversation(path: Path, messages: list[Message], settings: dict[str, Any], **extra: Any) -> None:
-    atomic_write(Path(path).expanduser(), conversation_json(messages, settings, **extra))
+def save_conversation(
+    path: Path, messages: list[Message], settings: dict[str, Any], *, make_parents: bool = True, **extra: Any
+) -> None:
+    text = conversation_json(messages, settings, **extra)
+    atomic_write(Path(path).expanduser(), text, make_parents=make_parents)
+
+
+# A saved conversation is text: far below this. A bigger file (or a device such as /dev/zero) is refused
+# before anything is read, since reading it would take all the memory and could not be stopped.
+MAX_FILE_BYTES = 64 * 2**20
+
+
+def read_small_file(path: Path, what: str = "file", limit: int = MAX_FILE_BYTES) -> str:
+    """The text of a regular file of at most `limit` bytes; ChatFileError (one line) otherwise."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ChatFileError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ChatFileError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ChatFileError(f"{path}: is a folder, not a {what}")
+    if not stat.S_ISREG(info.st_mode):
+        raise ChatFileError(f"{path}: not a regular file (a device, a pipe...): give a {what} file")
+    if info.st_size > limit:
+        raise ChatFileError(
+            f"{path}: {info.st_size / 2**20:,.0f} MB, too big for a {what} (at most {limit // 2**20} MB)"
+        )
+    try:
+        # O_NONBLOCK: should the path become a pipe after the check, open() must not hang on it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)  # never more, even if the file grows meanwhile
+    except OSError as e:
+        raise ChatFileError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise ChatFileError(f"{path}: too big for a {what} (at most {limit // 2**20} MB)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ChatFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def load_conversation(path: str | os.PathLike) -> tuple[list[Message], dict[str, Any]]:
     """(messages, settings) of a saved conversation; ChatFileError says what is wrong."""
     p = Path(path).expanduser()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ChatFileError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise ChatFileError(f"{p}: is a folder") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ChatFileError(f"{p}: cannot read it ({e})") from None
+    text = read_small_file(p, "conversation")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -14,12 +14,24 @@ PROMPT = ">>> "
 def toolbar(app: Any) -> str:
     """The status line under the input: model, effort, reasoning view, context used, keys."""
     used = app.session.cache.offset if app.session.cache is not None else 0
+    if app.context_used is not None:  # after /undo or /load: what the history holds, not the stale cache
+        used = app.context_used
     ctx = f"{used:,}" + (f"/{app.limit:,}" if app.limit else "")
     keys = "multi-line: Enter new line, Alt+Enter send" if app.multiline else "Alt+Enter or Ctrl-J: new line"
     return (  # /help before the keys: a narrow terminal cuts the end of the line
         f" {app.model_name} · effort {app.session.reasoning_effort} · reasoning {app.reasoning}"
         f" · context {ctx} · /help · {keys}"
     )
+
+
+MENU_ROWS = 8  # prompt_toolkit's default room for the completion menu
+
+
+def menu_rows(terminal_rows: int) -> int:
+    """Rows kept for the input line and its completion menu: prompt_toolkit's 8, less on a short
+    terminal, where the bottom line and a row of output must fit too (with 8 kept, a terminal of 8
+    rows or fewer showed only "Window too small...")."""
+    return max(0, min(MENU_ROWS, terminal_rows - 2))
 
 
 def prompt_session(app: Any):
@@ -69,7 +81,21 @@ def prompt_session(app: Any):
         history = FileHistory(str(folder / "input_history"))
     except OSError:
         history = InMemoryHistory()
-    session = PromptSession(
+
+    class Session(PromptSession):
+        # prompt_toolkit reads this at each redraw: it follows the terminal's height, resizes included.
+        @property
+        def reserve_space_for_menu(self) -> int:
+            try:
+                return menu_rows(self.app.output.get_size().rows)
+            except Exception:  # before the application exists
+                return MENU_ROWS
+
+        @reserve_space_for_menu.setter
+        def reserve_space_for_menu(self, value: int) -> None:
+            pass  # fixed by menu_rows
+
+    session = Session(
         history=history,
         completer=commands.SlashCompleter(),
         complete_while_typing=True,

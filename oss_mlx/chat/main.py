@@ -27,7 +27,7 @@ from .. import cli_args
 from ..harmony import REASONING_EFFORTS, Message
 from .app import ChatApp
 from .history import ChatFileError, load_conversation, new_autosave_path
-from .render import REASONING_MODES
+from .render import REASONING_MODES, plural
 from .slash import today
 from .tools import FunctionTool, PythonSandbox, ToolFileError, load_tools
 
@@ -68,6 +68,26 @@ def prepare_model(model: str, console: Console) -> Path:
     from ..model_store import resolve
 
     return resolve(model, say=lambda text: console.print(Text(text, style="bold")))
+
+
+def unwritable(path: Path) -> str | None:
+    """Why the conversation could not be saved to `path`, or None. Checked once at start: a chat
+    whose turns cannot be kept must not start (and lose them), rather than warn after each."""
+    import tempfile
+
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    if path.exists() and not path.is_file():
+        return f"{path} is not a regular file"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # What a save does: a temporary file beside it, renamed over it.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return f"cannot write in {path.parent} ({e.strerror or e})"
+    return None
 
 
 def _import_sampler() -> None:
@@ -184,6 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     autosave = None
     if not args.no_autosave:
         autosave = Path(args.history).expanduser() if args.history else new_autosave_path()
+    if autosave is not None:
+        why = unwritable(autosave)
+        if why is not None:
+            fix = (
+                "give --history a file in a folder you can write"
+                if args.history
+                else "set OSS_MLX_HOME to a folder you can write"
+            )
+            return fail(f"cannot keep the conversation: {why}; {fix}, or pass --no-autosave", 2)
     if args.history and Path(args.history).expanduser().exists():
         try:
             resumed = load_conversation(args.history)
@@ -218,7 +247,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..testing.scripted import ENV, Script
 
-    script = Script.from_file(os.environ[ENV], tokenizer) if os.environ.get(ENV) else None
+    try:
+        script = Script.from_file(os.environ[ENV], tokenizer) if os.environ.get(ENV) else None
+    except Exception as e:  # a test hook's file, written by hand: say what is wrong, in one line
+        why = str(e).removeprefix(f"{ENV}: ") if isinstance(e, (OSError, ValueError)) else f"{e!r}"
+        return fail(
+            f"{ENV}={os.environ[ENV]}: {why} (a JSON list of rules, e.g. "
+            '[{"reply": "<|channel|>final<|message|>Hi!<|return|>", "once": true}]; see docs/CHAT.md)',
+            2,
+        )
     if script is None:
         # The sampler comes from mlx_lm, whose import takes seconds: done while the user types.
         import threading
@@ -273,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         app.say(f"python tool: {python.limits}")
     if resumed is not None:
         app.apply_loaded(*resumed)
-        app.say(f"resumed {len(resumed[0])} messages from {args.history}")
+        app.say(f"resumed {plural(len(resumed[0]), 'message')} from {args.history}")
         app.show_last_exchange()
     if autosave is not None:
         app.say(f"autosave: {autosave}")

@@ -33,6 +33,12 @@ from ..harmony import MessageDone, TextDelta, ToolCall
 # Sanitizing model text: it must not move the cursor or change the terminal's state.
 # ---------------------------------------------------------------------------------------------------
 
+
+def plural(n: int, word: str) -> str:
+    """ "1 token", "2 tokens", "1,024 tokens"."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -409,6 +415,14 @@ class WordWrap:
         self.spaces = 0  # spaces seen after the last word, not written yet
         self.word = ""
 
+    def resize(self, width: int) -> None:
+        width = max(10, width)
+        if width != self.width:
+            self.width = width
+            # The terminal rewraps the row being written: the column is where it now ends.
+            if self.column > width:
+                self.column = (self.column - 1) % width + 1
+
     def feed(self, text: str) -> str:
         out: list[str] = []
         for ch in text:
@@ -554,7 +568,8 @@ class ReplyView:
                     self._write("\n")
                 self.printed = True
             elif self.reasoning == "summary":
-                self.line(f"thought for {self._thinking_seconds:.1f} s ({self.thinking_tokens} tokens)")
+                tokens = plural(self.thinking_tokens, "token")
+                self.line(f"thought for {self._thinking_seconds:.1f} s ({tokens})")
         elif section == "call":
             self.status.clear()
 
@@ -587,10 +602,11 @@ class ReplyView:
         if self.reasoning == "show":
             clean = sanitize(text)
             if self._wrap is not None and self.console.is_terminal:
+                self._wrap.resize(self.console.width)  # the terminal may have been resized meanwhile
                 clean = self._wrap.feed(clean)
             self._write_dim(clean)
         else:
-            self.status.show(f"thinking… ({self.thinking_tokens} tokens)", throttle=0.08)
+            self.status.show(f"thinking… ({plural(self.thinking_tokens, 'token')})", throttle=0.08)
 
     def _write_dim(self, text: str) -> None:
         if text and self.console.is_terminal and self.console.color_system:
@@ -622,7 +638,7 @@ class ReplyView:
         self._begin("call")
         self._call_tokens += 1
         name = event.recipient.removeprefix("functions.") if event.recipient else "tool"
-        self.status.show(f"calling {name}… ({self._call_tokens} tokens)", throttle=0.08)
+        self.status.show(f"calling {name}… ({plural(self._call_tokens, 'token')})", throttle=0.08)
 
     def show_call(self, call: ToolCall) -> None:
         """Print a tool call (before it runs)."""

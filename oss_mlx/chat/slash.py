@@ -14,8 +14,9 @@ from .. import cli_args
 from ..harmony import REASONING_EFFORTS, Message
 from . import commands, keys
 from .clipboard import copy_text
-from .history import ChatFileError, data_dir, load_conversation, new_autosave_path
-from .render import REASONING_MODES, BlockSplitter, code_of, print_markdown
+from .guard import InterruptGuard
+from .history import ChatFileError, data_dir, load_conversation, new_autosave_path, read_small_file
+from .render import REASONING_MODES, BlockSplitter, code_of, plural, print_markdown
 
 
 def today() -> str:
@@ -39,10 +40,34 @@ def _short(text: str, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _unquote(arg: str) -> str:
+    """A file name as typed: `"with space.json"` and `'x.json'` lose their quotes (as in a shell)."""
+    if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "'\"":
+        return arg[1:-1]
+    return arg
+
+
+def _key(path: Path) -> Path:
+    """One spelling per file, to recognise a file this conversation wrote."""
+    try:
+        return path.resolve()
+    except OSError:
+        return path.absolute()
+
+
 class SlashCommands:
     """ChatApp's slash commands (a mixin: the attributes they use are ChatApp's)."""
 
     def cmd_help(self, arg: str) -> None:
+        if arg:  # /help NAME: that command only
+            command = commands.find(arg.removeprefix("/").lower())
+            if command is None:
+                self.error(f"no command /{arg.removeprefix('/')}: /help alone lists them all")
+                return
+            self.console.print(
+                Text.assemble((command.usage, "bold cyan"), ("  " + command.help, "")), soft_wrap=True
+            )
+            return
         table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
         table.add_column(style="bold cyan", no_wrap=True)
         table.add_column()
@@ -109,16 +134,30 @@ class SlashCommands:
             m.content for m in msgs if m.role == "assistant" and m.channel == "analysis"
         ).strip()
 
-    def cmd_clear(self, arg: str) -> None:
+    def _leave_conversation(self) -> str:
+        """Before the conversation is replaced (/clear, /load): it is saved where it is, and the autosave
+        moves on to a new file, so that the old one stays. Returns a note saying where it stays."""
+        self.own_files = set()
+        if self.autosave_path is None:
+            return ""
         self.autosave()
+        old = self.autosave_path
+        if not old.is_file():  # nothing was saved there: the new conversation may have the name
+            return ""
+        folder = old.parent.parent if old.parent.name == "chats" else data_dir()
+        self.autosave_path = new_autosave_path(folder)
+        self._autosave_warned = False
+        return f"the previous conversation stays saved in {old}"
+
+    def cmd_clear(self, arg: str) -> None:
+        note = self._leave_conversation()
         self.session.reset()
         self.session.current_date = today()
         self.rows.clear()
         self.turn_no = 0
         self.last_analysis = ""
-        if self.autosave_path is not None and self.autosave_path.parent.name == "chats":
-            self.autosave_path = new_autosave_path(self.autosave_path.parent.parent)
-        self.say("new conversation")
+        self.context_used = None
+        self.say("new conversation" + (f" ({note})" if note else ""))
 
     def _last_user(self) -> int | None:
         return next(
@@ -146,33 +185,60 @@ class SlashCommands:
         text = self.session.messages[at].content
         del self.session.messages[at:]
         self.turn_no = max(0, self.turn_no - 1)
+        self.context_used = self.history_tokens()  # the bottom line shows what is left, not the cache
         self.say(f"removed: {_short(text)}")
 
-    def cmd_save(self, arg: str) -> None:
+    def cmd_save(self, arg: str, force: bool = False) -> None:
         if not arg:
-            self.error("/save FILE")
+            self.error("/save FILE (/save! FILE replaces an existing file)")
             return
-        path = Path(arg).expanduser()
+        path = Path(_unquote(arg)).expanduser()
+        if path.is_dir():
+            self.error(f"cannot save to {path}: it is a folder; give a file name")
+            return
+        if not path.parent.is_dir():
+            self.error(
+                f"cannot save to {path}: the folder {path.parent} does not exist (create it, or choose "
+                "another place)"
+            )
+            return
+        if path.exists() and not path.is_file():
+            self.error(f"cannot save to {path}: it is not a regular file; choose another name")
+            return
+        own = self.own_files | ({_key(self.autosave_path)} if self.autosave_path else set())
+        if path.exists() and not force and _key(path) not in own:
+            # Another conversation's save, or any file of the user's: not replaced unless asked.
+            self.error(f"{path} already exists: choose another name, or /save! {arg} to replace it")
+            return
+        guard = InterruptGuard()  # a Ctrl-C now waits: the file is written whole
         try:
-            self.save(path)
+            with guard, guard.hold():
+                self.save(path, make_parents=False)
         except OSError as e:
             self.error(f"cannot save to {path}: {e.strerror or e}")
             return
+        self.own_files.add(_key(path))
         n = sum(m.role != "system" for m in self.session.messages)
-        self.say(f"saved {n} messages to {path}")
+        self.say(f"saved {plural(n, 'message')} to {path}")
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
             self.error("/load FILE")
             return
+        path = Path(_unquote(arg)).expanduser()
         try:
-            messages, settings = load_conversation(arg)
+            messages, settings = load_conversation(path)
         except ChatFileError as e:
             self.error(f"cannot load: {e}")
             return
+        note = self._leave_conversation()
         self.apply_loaded(messages, settings)
+        self.own_files = {_key(path)}  # /save FILE may write it back
         users = sum(m.role == "user" for m in messages)
-        self.say(f"loaded {len(messages)} messages ({users} turns) from {Path(arg).expanduser()}")
+        self.say(f"loaded {plural(len(messages), 'message')} ({plural(users, 'turn')}) from {path}")
+        if note:
+            where = f"; this one is autosaved in {self.autosave_path}" if self.autosave_path else ""
+            self.say(note + where)
         self.show_last_exchange()
 
     def apply_loaded(self, messages: list[Message], settings: dict[str, Any]) -> None:
@@ -199,6 +265,7 @@ class SlashCommands:
         self.rows.clear()
         self.turn_no = sum(m.role == "user" for m in messages)
         self.last_analysis = ""
+        self.context_used = self.history_tokens()
 
     def show_last_exchange(self) -> None:
         msgs = self.session.messages
@@ -283,8 +350,11 @@ class SlashCommands:
         value = value.strip()
         name = name.replace("-", "_").lower()
         kind = cli_args.SAMPLING.get(name)
-        if kind is None or not value:
-            self.error(f"/set {'|'.join(cli_args.SAMPLING)} VALUE")
+        if kind is None:
+            self.error(f"unknown setting {name!r}: /set takes {', '.join(cli_args.SAMPLING)}")
+            return
+        if not value:
+            self.error(f"/set {name} VALUE")
             return
         try:
             number = kind(value)  # the same check as the command-line flag
@@ -330,7 +400,8 @@ class SlashCommands:
             self.error(f"cannot copy: {cli_args.describe_error(e)}")
             return
         lines = text.count("\n") + (not text.endswith("\n"))
-        what = f"{'the code block' if what else 'the reply'} ({lines:,} lines, {len(text):,} characters)"
+        size = f"{plural(lines, 'line')}, {plural(len(text), 'character')}"
+        what = f"{'the code block' if what else 'the reply'} ({size})"
         if done.how == "OSC 52":
             self.say(
                 f"copied {what} to the terminal's clipboard (OSC 52: if your terminal does not allow it, "
@@ -354,13 +425,13 @@ class SlashCommands:
             return
         from ..structured import ConstraintError, OutputConstraint, check
 
-        path = Path(arg).expanduser()
+        path = Path(_unquote(arg)).expanduser()
         try:
-            schema = json.loads(path.read_text(encoding="utf-8"))
+            schema = json.loads(read_small_file(path, "JSON schema"))
             constraint = OutputConstraint(json_schema=schema, tools=self.session.tools, param=str(path))
             check(constraint, self.session.tokenizer)
-        except OSError as e:
-            self.error(f"cannot read {path}: {e.strerror or e}")
+        except ChatFileError as e:  # missing, a folder, a device, too big (before the ValueError below)
+            self.error(f"cannot read {e}")
             return
         except ValueError as e:  # not JSON, or a schema the engine cannot enforce (ConstraintError)
             what = e.message if isinstance(e, ConstraintError) else f"{path} is not JSON: {e}"
