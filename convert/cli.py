@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="after converting (or instead, when DEST is already a conversion): shard checksums and a "
         "stage-by-stage forward pass against SOURCE",
     )
-    ap.add_argument("--force", action="store_true", help="replace DEST (only once the new one is complete)")
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DEST if it is an earlier conversion or empty (only once the new one is complete)",
+    )
     ap.add_argument("--revision", help="hub revision (branch, tag or commit)")
     ap.add_argument("--cache-dir", help="Hugging Face cache folder (default: huggingface_hub's)")
     ap.add_argument("--context", type=A.CONTEXT, default=8192, help="context length in tokens for --plan")
