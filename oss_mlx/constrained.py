@@ -41,9 +41,9 @@ from .tokenizer import HarmonyTokenizer
 # lengthen the path (an escape begun, a key opened), so it is not left to the last token.
 CLOSE_SLACK = 8
 WALK_LIMIT = 384  # bytes the closing walk may take before it is given up
-# Forced text is tokenized from at most this many of its bytes. llguidance's compute_ff_tokens
-# tokenizes all of it, holding the GIL: ~4 s for a pattern forcing 100k bytes, minutes for ~500k,
-# at every step (the server's event loop stopped with it). Only the first forced token is used.
+# Forced text is tokenized from at most this many of its bytes: llguidance's compute_ff_tokens
+# tokenizes all of it while holding the GIL, at every step, and a schema can force a great deal
+# (docs/SERVER.md, "What a schema may cost"). Only the first forced tokens are used.
 FORCED_BYTES = 512
 FORCED_MARGIN = 64
 _SPECIAL = re.compile(rb"\xff\[(\d+)\]")  # a special token in compute_ff_bytes' text

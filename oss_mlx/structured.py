@@ -117,9 +117,8 @@ def _validate(grammar: dict) -> str | None:
 
 
 # The largest repetition count a pattern may ask for, nested counts multiplied (`(a{100}){100}` asks
-# for 10,000). llguidance's lexer builds a state per count: a mask took 4 s at `a{100000}` (40 ms at
-# 10,000), and `(a{1000}){1000}` stalled a request's mask thread for minutes. maxLength / maxItems
-# bound lengths without this cost.
+# for 10,000): llguidance's lexer builds a state per count, and its time grows faster than the count
+# (docs/SERVER.md, "What a schema may cost"). maxLength / maxItems bound lengths without this cost.
 MAX_REPEAT = 10_000
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _COUNT = re.compile(r"\{(\d+)(?:,(\d*))?\}")

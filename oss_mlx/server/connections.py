@@ -13,9 +13,9 @@ subclass:
   deadline, not an idle timer: one byte every few seconds does not keep it open); then it is closed.
 * **connection cap**: past ``max_connections`` open connections, a new one closes the connection
   that has waited longest on its client: for headers (stalled or idle between requests), or for the
-  rest of a request body it declared, so stalled connections never lock real clients out (64 bodies
-  trickling a byte each held every place until the body deadline). Only when every connection is
-  busy with a request the server is working on is the new one refused (503, ``Retry-After``).
+  rest of a request body it declared, so stalled connections never lock real clients out. Only when
+  every connection is busy with a request the server is working on is the new one refused (503,
+  ``Retry-After``).
 
 Request bodies have their own deadline, in the app (``--body-timeout``, 408).
 """
