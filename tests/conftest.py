@@ -129,3 +129,24 @@ def rel_err(a, b) -> float:
     import numpy as np
 
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.fixture
+def chat(tmp_path, vocab_dir, tiny_checkpoint):
+    """Start `oss-mlx chat` in tmux (the tiny model unless `model=`), waited for its prompt; all
+    closed at the end of the test."""
+    from chat_helpers import TmuxChat
+
+    apps = []
+
+    def start(*args: str, replies=None, model: Path | None = None, **size):
+        app = TmuxChat(tmp_path / "home", vocab_dir, **size).start(
+            ["--model", str(model or tiny_checkpoint), *args], replies=replies
+        )
+        apps.append(app)
+        app.wait_prompt(timeout=60)
+        return app
+
+    yield start
+    for app in apps:
+        app.close()

@@ -69,23 +69,6 @@ def loaded_tiny(tiny_checkpoint):
     return oss_mlx.load(tiny_checkpoint)
 
 
-@pytest.fixture
-def chat(tmp_path, vocab_dir, tiny_checkpoint):
-    apps: list[TmuxChat] = []
-
-    def start(*args: str, replies: list[str | None] | None = None) -> TmuxChat:
-        app = TmuxChat(tmp_path / "home", vocab_dir).start(
-            ["--model", str(tiny_checkpoint), *args], replies=replies
-        )
-        apps.append(app)
-        app.wait_prompt(timeout=60)
-        return app
-
-    yield start
-    for app in apps:
-        app.close()
-
-
 @needs_tmux
 def test_first_run_downloads_and_converts_a_hub_model_once(tmp_path, vocab_dir, tiny_checkpoint):
     """`--model ORG/NAME` (the default is openai/gpt-oss-20b), in neither the store nor the Hugging Face

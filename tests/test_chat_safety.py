@@ -36,23 +36,6 @@ def users(path: Path) -> list[str]:
     return [m["content"] for m in saved(path)["messages"] if m["role"] == "user"]
 
 
-@pytest.fixture
-def chat(tmp_path, vocab_dir, tiny_checkpoint):
-    apps: list[TmuxChat] = []
-
-    def start(*args: str, replies=None, model: Path | None = None, **size) -> TmuxChat:
-        app = TmuxChat(tmp_path / "home", vocab_dir, **size).start(
-            ["--model", str(model or tiny_checkpoint), *args], replies=replies
-        )
-        apps.append(app)
-        app.wait_prompt(timeout=60)
-        return app
-
-    yield start
-    for app in apps:
-        app.close()
-
-
 def run_chat(args: list[str], home: Path, vocab_dir: Path, **env: str) -> subprocess.CompletedProcess:
     environment = {
         **os.environ,
