@@ -19,6 +19,7 @@ it cannot enforce is refused by :func:`check` with its message, naming the keywo
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -200,28 +201,33 @@ def _bounded_repeats(patterns: Sequence[str], what: str, param: str) -> None:
 
 def first_line(message: str) -> str:
     """llguidance's message without the parser state and grammar it appends (kilobytes)."""
-    return message.split("\n<state>", 1)[0].split("\n", 1)[0].strip()
+    return message.split("\n", 1)[0].strip()
 
 
 def _start(part: Part, param: str, tokenizer) -> None:
     """Start `part` alone on the model's vocabulary: its first mask. A grammar that admits no text
     (a schema that is only a reference to itself) or whose lexer grows past llguidance's limits fails
     here, before the request is queued, not in the middle of a reply."""
+    problem = _start_problem(json.dumps({"grammars": [part.grammar]}), tokenizer)
+    if problem is not None:
+        raise ConstraintError(f"{param}: {problem}", param)
+
+
+@functools.lru_cache(maxsize=1024)  # clients send the same tools with every request (~1 ms a part)
+def _start_problem(grammar: str, tokenizer) -> str | None:
     import llguidance
     from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
     grammar_tokenizer = tokenizer.grammar_tokenizer()
-    m = llguidance.LLMatcher(grammar_tokenizer, json.dumps({"grammars": [part.grammar]}), log_level=0)
+    m = llguidance.LLMatcher(grammar_tokenizer, grammar, log_level=0)
     words = allocate_token_bitmask(1, grammar_tokenizer.vocab_size)
     if not m.is_error():
         fill_next_token_bitmask(m, words)
-    if m.is_error() and "NoExtensionBias" in m.get_error():  # llguidance's word for an empty language
-        raise ConstraintError(f"{param}: no text satisfies this constraint.", param)
-    if m.is_error():
-        error = first_line(m.get_error())
-        raise ConstraintError(f"{param}: this constraint cannot be enforced: {error}", param)
-    if not words.any() and not m.is_accepting():
-        raise ConstraintError(f"{param}: no text satisfies this constraint.", param)
+    if m.is_error() and "NoExtensionBias" not in m.get_error():  # that one is an empty language
+        return f"this constraint cannot be enforced: {first_line(m.get_error())}"
+    if m.is_error() or (not words.any() and not m.is_accepting()):
+        return "no text satisfies this constraint."
+    return None
 
 
 def _keywords(message: str) -> list[str]:

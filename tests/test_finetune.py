@@ -178,7 +178,7 @@ def test_bad_inputs_are_told_in_words(toy, tmp_path):
     r = oss_mlx(*finetune_args(toy, tmp_path / "full", "--steps", "1"))
     assert r.returncode == 2 and "not empty" in r.stderr and (tmp_path / "full" / "something").exists()
     r = oss_mlx(*finetune_args(toy, tmp_path / "full", "--steps", "1", "--overwrite"))  # not a run: kept
-    assert r.returncode == 2 and "not a training run's (something)" in r.stderr, r.stderr
+    assert r.returncode == 2 and "not a training run's folder (it also holds something)" in r.stderr, r.stderr
     assert (tmp_path / "full" / "something").exists()
     assert oss_mlx(*finetune_args(toy, tmp_path / "run", "--steps", "1")).returncode == 0
     r = oss_mlx(*finetune_args(toy, tmp_path / "run", "--steps", "1", "--overwrite"))  # a run: replaced

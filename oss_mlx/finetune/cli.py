@@ -149,6 +149,7 @@ def run(args, out: Path) -> int:
     from rich.console import Console
 
     from ..adapters import CONFIG_FILE, OURS_FILE
+    from ..convert.folder import DestError, check_dest
     from ..machine import Machine
     from ..memory import TrainingPlan, choose_checkpointing, gib
     from ..plan_cli import config_of
@@ -174,11 +175,17 @@ def run(args, out: Path) -> int:
             )
         run_files = {CHECKPOINTS, LOG_FILE, CONFIG_FILE, OURS_FILE, PEFT_FOLDER}
         others = sorted(p.name for p in out.iterdir() if p.name not in run_files)
-        if others:  # --overwrite replaces a run, never a folder of the user's own files
-            return _fail(
-                f"--overwrite: {out} holds files that are not a training run's ({', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}); give another --out"
+        try:  # --overwrite replaces a run, never a folder of the user's own files
+            check_dest(
+                out,
+                True,
+                ours=lambda _: not others,
+                ours_is=f"a training run's folder (it also holds {', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''})",
+                flag="--overwrite",
             )
+        except DestError as e:
+            return _fail(str(e))
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_partial(out)

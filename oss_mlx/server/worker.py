@@ -146,7 +146,7 @@ class Job:
                 if output.error is not None:
                     e = output.error  # a DistributedError says which rank, in a sentence of its own
                     if isinstance(e, ConstraintError):
-                        yield Failed(f"The output constraint failed: {e}", client=True)
+                        yield Failed(str(e), client=True)  # "constrained decoding failed: ..."
                     elif isinstance(e, DistributedError):
                         yield Failed(str(e))
                     else:
