@@ -269,7 +269,8 @@ def test_word_wrap_follows_a_resize():
 @needs_tmux
 def test_odd_commands_get_a_message(chat, tmp_path):
     app = chat(replies=[SHORT])
-    app.command("/", r"/ alone is not a command: /help lists the commands")
+    app.command("/", r"/ is not a command: /help lists the commands")
+    app.command("/!", r"/! is not a command: /help lists the commands")
     app.command("/help extra words", r"no command /extra words: /help alone lists them all")
     app.command("/help eff", r"/effort \[low\|medium\|high\]  reasoning effort")
     app.command("/clear now", r"/clear takes no argument")

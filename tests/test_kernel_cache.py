@@ -160,6 +160,9 @@ def test_the_helpers_go_to_a_file_named_by_their_text(tmp_path, monkeypatch):
     assert line == f'#include "{path}"\n' and path.read_text() == header and path.is_absolute()
     before = path.stat().st_mtime_ns
     assert cuda_cache.included_header(header, tmp_path / "h") == line and path.stat().st_mtime_ns == before
+    with monkeypatch.context() as m:  # checked once: a stat, not a read, answers again
+        m.setattr(type(path), "read_text", lambda *a, **k: pytest.fail("read again"))
+        assert cuda_cache.included_header(header, tmp_path / "h") == line
     other = cuda_cache.included_header(header + "// more\n", tmp_path / "h")
     assert other != line and len(list((tmp_path / "h").iterdir())) == 2
     path.write_text("damaged")  # rewritten whole

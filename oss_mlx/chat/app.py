@@ -267,8 +267,9 @@ class ChatApp(SlashCommands):
         """One input line: a command or a message. False: quit."""
         parsed = commands.parse_command(line)
         if parsed is None:
-            if line.strip() == "/":  # surely not meant for the model
-                self.error("/ alone is not a command: /help lists the commands (// sends a leading slash)")
+            word = line.strip()
+            if commands.looks_like_command(word):  # "/", "/!", "/?": surely not meant for the model
+                self.error(f"{word} is not a command: /help lists the commands (// sends a leading slash)")
                 return True
             self.turn(commands.unescape(line))
             return True

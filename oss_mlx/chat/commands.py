@@ -98,6 +98,13 @@ def parse_command(line: str) -> tuple[str, str] | None:
     return m.group(1).lower(), (m.group(2) or "").strip()
 
 
+def looks_like_command(text: str) -> bool:
+    """A lone word after one slash that is no command's form ("/", "/!", "/?", "/2"): a typo of a
+    command, not a message (a path has a second slash; words after it make a message)."""
+    rest = text[1:]
+    return text.startswith("/") and not rest.startswith("/") and "/" not in rest and len(rest.split()) <= 1
+
+
 def unescape(line: str) -> str:
     """A message that starts with "//" is sent with one slash."""
     stripped = line.lstrip()

@@ -168,13 +168,29 @@ def included_header(header: str, folder: Path | None = None) -> str:
         st = folder.stat()
         if st.st_uid != os.getuid() or st.st_mode & 0o022:  # another user could change the text
             return header
-        if not path.is_file() or path.read_text() != header:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(header)
-            os.replace(tmp, path)
+        stamp = _stamp(path)
+        if stamp is None or _HEADER_SEEN.get(path) != stamp:  # read again only if changed since checked
+            if not path.is_file() or path.read_text() != header:
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(header)
+                os.replace(tmp, path)
+            _HEADER_SEEN[path] = _stamp(path)
     except OSError:
         return header
     return f'#include "{path}"\n'
+
+
+# The header files this process has checked, by their stat: a new specialization asks again for
+# its helpers' file (dispatch), and a stat answers whether it is still the text checked.
+_HEADER_SEEN: dict[Path, tuple[int, int, int]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 # ---- compiling as MLX does -----------------------------------------------------------------------
