@@ -233,13 +233,24 @@ class Scheduler:
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence (raises Busy when max_waiting are waiting already)."""
         with self._lock:
-            waiting = len(self._submitted) + len(self.waiting)
-            if self.max_waiting is not None and waiting >= self.max_waiting + max(0, self.room()):
+            waiting = self._full()
+            if waiting is not None:
                 raise Busy(waiting)
             seq._start_offset = seq.cache.offset
             seq._wake = self.notify
             self._submitted.append(seq)
         self.notify()
+
+    def full(self) -> int | None:
+        """How many wait when the queue is full (submit would raise Busy), else None."""
+        with self._lock:
+            return self._full()
+
+    def _full(self) -> int | None:
+        waiting = len(self._submitted) + len(self.waiting)
+        if self.max_waiting is not None and waiting >= self.max_waiting + max(0, self.room()):
+            return waiting
+        return None
 
     def notify(self) -> None:
         with self.wake:
@@ -257,6 +268,13 @@ class Scheduler:
     def queued(self) -> int:
         with self._lock:
             return len(self._submitted) + len(self.waiting)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(running, prefilling, waiting) at one moment (the server's /health): every move between
+        the lists is made under the same lock (_move), so no sequence is seen in two lists or none."""
+        with self._lock:
+            prefilling = len(self.prefilling)
+            return len(self.decoding) + prefilling, prefilling, len(self._submitted) + len(self.waiting)
 
     @property
     def idle(self) -> bool:
@@ -289,20 +307,35 @@ class Scheduler:
     def fail_all(self, error: BaseException) -> None:
         """End every sequence with `error` (the stepping thread is stopping, or a bug)."""
         self._fail_batch(error)
-        for seq in [*self.waiting, *self.prefilling, *self.draining]:
+        with self._lock:  # (see _move)
+            ended = [*self.waiting, *self.prefilling, *self.draining]
+            self.waiting.clear()
+            self.prefilling = []
+            self.draining = []
+            for seq in ended:
+                seq.state = _DONE
+        for seq in ended:
             seq.error = seq.error or error
             self._end(seq)
-        self.waiting.clear()
-        self.prefilling = []
-        self.draining = []
+
+    def _move(self, seq: Sequence, source: list | deque | None, target: list | None, state: str) -> None:
+        """seq out of `source` into `target` (either may be None), its state set, as one change for
+        `counts` on other threads. Taken once per transition (admission, a prefill chunk, the end),
+        never per token: the lock is uncontended but for /health and submit."""
+        with self._lock:
+            if source is not None:
+                source.remove(seq)
+            if target is not None:
+                target.append(seq)
+            seq.state = state
 
     def _retire(self) -> None:
         for seq in [s for s in self.waiting if s.cancelled]:
-            self.waiting.remove(seq)
+            self._move(seq, self.waiting, None, _DONE)
             seq.finish = "interrupted"
             self._end(seq)
         for seq in [s for s in self.prefilling if s.cancelled]:
-            self.prefilling.remove(seq)
+            self._move(seq, self.prefilling, None, _DONE)
             seq.finish = "interrupted"
             self._end(seq)
         for seq in list(self.decoding):
@@ -311,24 +344,22 @@ class Scheduler:
                 seq._unread.clear()  # what was sampled after the end is never read
             elif seq.produced < seq.options.max_tokens:
                 continue
-            self.decoding.remove(seq)
             self.batch.leave(seq)
             self._rows_changed = True
-            if seq._unread:
-                seq.state = _DRAIN  # its last token is read next
-                self.draining.append(seq)
+            if seq._unread:  # its last token is read next
+                self._move(seq, self.decoding, self.draining, _DRAIN)
             else:
+                self._move(seq, self.decoding, None, _DONE)
                 self._end(seq)
 
     def _admit(self) -> None:
         while self.waiting and self.room() >= 1 and self._fits(self.waiting[0]):
-            self._start(self.waiting.popleft())
+            self._start(self.waiting[0])
 
     def _start(self, seq: Sequence) -> None:
         if not (self.decoding or self.draining or self.prefilling):  # alone: its peak is its own
             mx.reset_peak_memory()
-        seq.state = _PREFILL
-        self.prefilling.append(seq)
+        self._move(seq, self.waiting, self.prefilling, _PREFILL)
         seq._cuts = prefill_cuts(len(seq.tokens), self.prefill_chunk, seq.marks, seq.cache.offset)
         seq._started = time.perf_counter()
         seq._sample = _Sampler(
@@ -461,13 +492,12 @@ class Scheduler:
                     used += self._next_chunk(seq)
                     done = self._prefill_chunk(seq)
             except Exception as e:  # bad ids, an MLX error: this sequence fails, the others go on
-                self.prefilling.remove(seq)
+                self._move(seq, self.prefilling, None, _DONE)
                 seq.error = e
                 self._end(seq)
                 continue
-            self.prefilling.remove(seq)
-            if not done:
-                self.prefilling.append(seq)  # more chunks to come, after the others' turn
+            if not done:  # more chunks to come, after the others' turn (done: _prefill_chunk moved it)
+                self._move(seq, self.prefilling, self.prefilling, _PREFILL)
             if used >= self.prefill_chunk:
                 return
 
@@ -515,11 +545,9 @@ class Scheduler:
             self.batch.join(seq, seq.cache)
             mx.async_eval(self.batch.buffers)  # its rows copied (or grown) now, not in the next step
             self._rows_changed = True
-            seq.state = _DECODE
-            self.decoding.append(seq)
+            self._move(seq, self.prefilling, self.decoding, _DECODE)
         else:
-            seq.state = _DRAIN
-            self.draining.append(seq)
+            self._move(seq, self.prefilling, self.draining, _DRAIN)
         return True
 
     def _read(self) -> None:
@@ -564,11 +592,14 @@ class Scheduler:
         seq.emit(Progress(done, len(seq.tokens)))
 
     def _fail_batch(self, error: BaseException) -> None:
-        for seq in self.decoding:
+        with self._lock:  # (see _move)
+            failed, self.decoding = self.decoding, []
+            for seq in failed:
+                seq.state = _DONE
+        for seq in failed:
             seq.cache.rewind_to(0)  # its keys and values were in the batch
             seq.error = seq.error or error
             self._end(seq)
-        self.decoding = []
         self.batch = BatchCache.for_model(self.model)
         self._rows_changed = True
         self._deferred = None

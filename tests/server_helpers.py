@@ -1,4 +1,5 @@
-"""Start `oss-mlx serve` in a subprocess on a free loopback port, wait for /health, stop it."""
+"""Start `oss-mlx serve` in a subprocess on a free loopback port, wait for /health, stop it (or run
+its app and engine in this process: InProcessServer)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,3 +84,42 @@ def running(*servers: ServerProcess) -> Iterator[tuple[ServerProcess, ...]]:
     finally:
         for s in servers:
             s.stop()
+
+
+class InProcessServer:
+    """The server's app and engine in this process (uvicorn on a thread, a real socket on 127.0.0.1),
+    for tests that watch the engine's insides while real clients talk to it over HTTP."""
+
+    def __init__(self, checkpoint: Path, **engine_options):
+        import uvicorn
+
+        from oss_mlx.server.app import create_app, listen
+        from oss_mlx.server.common import ServerConfig, ServerState
+        from oss_mlx.server.worker import Engine
+
+        self.engine = Engine(str(checkpoint), **engine_options)
+        self.engine.start()
+        config = ServerConfig(model_id="tiny", aliases={"tiny", "gpt-oss"})
+        self._server = uvicorn.Server(
+            uvicorn.Config(create_app(ServerState(self.engine, config)), log_level="warning", ws="none")
+        )
+        self._sock = listen("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def __enter__(self) -> InProcessServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._sock.close()
+        self.engine.stop()

@@ -513,11 +513,22 @@ def _slow_stream(c: httpx.Client, path: str = "/v1/chat/completions") -> httpx.R
     return response
 
 
-def _until_generating(response: httpx.Response) -> httpx.Response:
-    lines = response.iter_lines()
-    while '"content":" word"' not in next(lines):
-        pass
-    return response
+class _Generating:
+    """A stream read up to its first word. Its line iterator is kept: a dropped one closes the
+    connection (httpcore closes a stream whose iterator is garbage collected), which cancels the
+    reply."""
+
+    def __init__(self, response: httpx.Response):
+        self.response, self.lines = response, response.iter_lines()
+        while '"content":" word"' not in next(self.lines):
+            pass
+
+    def close(self) -> None:
+        self.response.close()
+
+
+def _until_generating(response: httpx.Response) -> _Generating:
+    return _Generating(response)
 
 
 def test_client_disconnect_frees_the_worker(server, http, client):
@@ -548,8 +559,8 @@ def test_full_queue_is_429_with_retry_after(servers):
         waiting = _slow_stream(c)
         try:
             full = {"running": 1, "prefilling": 0, "waiting": 1, "max_running": 1, "max_waiting": 1}
-            # Polled, each answer within 2 s: one snapshot once raced the second request's admission
-            # in CI (running 1 and prefilling 1, waiting 0; cause not traced).
+            # Polled until the second request is queued, each answer within 2 s (the first still
+            # decodes: its stream is held open, see _Generating).
             start = time.monotonic()
             while True:
                 asked = time.monotonic()
@@ -562,6 +573,7 @@ def test_full_queue_is_429_with_retry_after(servers):
             r = c.post("/v1/responses", json={"input": "[greet]"})
             error = _error(r, 429)
             assert error["code"] == "rate_limit_exceeded" and int(r.headers["Retry-After"]) >= 1
+            assert "word" in next(line for line in running.lines if line)  # the first reply goes on
         finally:
             running.close()
             waiting.close()

@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from server_helpers import ServerProcess, running
+from server_helpers import InProcessServer, ServerProcess, running
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -31,7 +31,8 @@ REQUESTS = [
 
 @pytest.fixture(scope="module")
 def servers(tiny_checkpoint, tmp_path_factory):
-    """One server decoding up to 8 requests together, one with room for 2 (and 1 waiting)."""
+    """One server decoding up to 8 requests together, one with room for 2 (and 1 waiting; 4 cached
+    conversations, so that the requests filling it need not take an idle one's cache)."""
     folder = tmp_path_factory.mktemp("batching")
     rules = folder / "rules.json"
     rules.write_text(json.dumps(RULES))
@@ -48,6 +49,8 @@ def servers(tiny_checkpoint, tmp_path_factory):
         "1",
         "--prefill-chunk",
         "64",
+        "--cache-slots",
+        "4",
         env=env,
     )
     with running(wide, narrow):
@@ -200,10 +203,11 @@ class _Decoding:
         self.h.close()
 
 
-def _long_decode(server: ServerProcess) -> _Decoding:
+def _long_decode(server: ServerProcess, instructions: str | None = None) -> _Decoding:
+    system = [{"role": "system", "content": instructions}] if instructions else []
     body = {
         "model": "gpt-oss",
-        "messages": [{"role": "user", "content": "Write for a long time"}],
+        "messages": [*system, {"role": "user", "content": "Write for a long time"}],
         "max_tokens": 5000,
         "temperature": 1.0,
         "stream": True,
@@ -326,3 +330,177 @@ def test_a_full_queue_is_429_with_retry_after(servers):
             d.close()
         if waiting is not None:
             waiting.close()
+
+
+class _Probed:
+    """The scheduler's lock and lists, watched: after every change of a list made outside the lock,
+    and after every release of the lock, by the stepping thread, `probe` runs (the moments another
+    thread could read the scheduler at)."""
+
+    def __init__(self, lock, probe):
+        self.lock, self.probe = lock, probe
+
+    def __enter__(self):
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        self.lock.__exit__(*exc)
+        self.probe()
+
+    def __getattr__(self, name):
+        return getattr(self.lock, name)
+
+
+def _watched(kind, probe):
+    class Watched(kind):
+        pass
+
+    for name in ("append", "appendleft", "extend", "remove", "pop", "popleft", "clear", "insert"):
+        if hasattr(kind, name):
+
+            def changed(self, *args, _name=name):
+                result = getattr(kind, _name)(self, *args)
+                probe()
+                return result
+
+            setattr(Watched, name, changed)
+    return Watched
+
+
+def test_health_is_one_snapshot_at_every_transition(tiny_checkpoint):
+    """/health, asked over HTTP at every moment the stepping thread moves a request between its
+    lists (queued, admitted, prefilled chunk by chunk, joining the batch, done), equals what the
+    requests' states say then: a request is never counted twice (running above --max-concurrency),
+    nor lost between two lists."""
+    from collections import deque
+
+    from oss_mlx.scheduler import _DECODE, _PREFILL, _WAITING
+
+    with InProcessServer(tiny_checkpoint, max_concurrency=2, max_queue=8, prefill_chunk=16) as server:
+        engine = server.engine
+        scheduler = engine.runtime.scheduler
+        submitted, compared, mismatched = [], [], []
+        health = httpx.Client(base_url=server.url, timeout=30)
+
+        def truth() -> dict:
+            states = [s.state for s in submitted]
+            running = sum(s in (_PREFILL, _DECODE) for s in states)
+            return {
+                "running": running,
+                "prefilling": states.count(_PREFILL),
+                "waiting": states.count(_WAITING),
+            }
+
+        def probe() -> None:
+            if threading.current_thread() is not engine._thread or scheduler._lock.locked():
+                return  # a reader would wait for the lock: it sees the move whole
+            if all(s.done for s in submitted):
+                return
+            before = truth()
+            queue = health.get("/health").json()["queue"]
+            if truth() == before:  # (no submit came in between)
+                seen = {k: queue[k] for k in before}
+                (compared if seen == before else mismatched).append((seen, before))
+
+        lock = scheduler._lock
+        scheduler.waiting = _watched(deque, probe)()
+        scheduler.prefilling = _watched(list, probe)()
+        scheduler.decoding = _watched(list, probe)()
+        Submitted = _watched(deque, lambda: None)
+
+        class Recorded(Submitted):
+            def append(self, seq):
+                submitted.append(seq)
+                super().append(seq)
+
+        scheduler._submitted = Recorded()
+        scheduler._lock = _Probed(lock, probe)
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+        errors = []
+
+        def ask(i: int) -> None:
+            try:
+                c.chat.completions.create(
+                    model="gpt-oss",
+                    messages=[{"role": "user", "content": f"Request {i}: " + "more words " * (12 * i)}],
+                    max_tokens=3 + i,
+                    temperature=0,
+                )
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        try:
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        finally:
+            scheduler._lock = lock
+            health.close()
+        assert not errors, errors
+        assert not mismatched, mismatched[:5]
+        seen = [s for s, _ in compared]
+        assert any(s["waiting"] for s in seen) and any(s["running"] == 2 and s["prefilling"] for s in seen)
+        assert engine.queue_state()["running"] == 0
+
+
+def test_a_refused_request_leaves_the_idle_conversations_cache_alone(servers):
+    """A conversation's KV cache is kept while the server is full; requests refused with 429 meanwhile
+    do not take its session (picking one rewinds its cache): continued afterwards, its whole earlier
+    prompt is still cached."""
+    _, narrow = servers
+    c = client(narrow)
+    conversation = [{"role": "user", "content": "[greet] " + "earlier words " * 200}]
+    first = c.chat.completions.create(model="gpt-oss", messages=conversation)
+    conversation += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "[greet] and then?"},
+    ]
+    # The others have instructions of their own: they share no prefix with it and take fresh sessions.
+    decoding = [_long_decode(narrow, "Be long."), _long_decode(narrow, "Be long.")]
+    h = httpx.Client(base_url=narrow.url, timeout=60)
+    own = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "[greet]"}]
+    body = {"model": "gpt-oss", "messages": own, "stream": True}
+    waiting = h.send(h.build_request("POST", "/v1/chat/completions", json=body), stream=True)
+    try:
+        deadline = time.monotonic() + 30
+        while _queue(narrow)["waiting"] < 1:
+            assert time.monotonic() < deadline, _queue(narrow)
+            time.sleep(0.05)
+        for i in range(3):
+            r = h.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": f"[greet] {i}"}]}
+            )
+            assert r.status_code == 429, r.text
+    finally:
+        for d in decoding:
+            d.close()
+        waiting.close()
+        h.close()
+    deadline = time.monotonic() + 30
+    while _queue(narrow)["running"] or _queue(narrow)["waiting"]:  # the disconnects, noticed
+        assert time.monotonic() < deadline, _queue(narrow)
+        time.sleep(0.05)
+    again = c.chat.completions.create(model="gpt-oss", messages=conversation)
+    assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens, again.usage
+
+
+def test_a_new_conversation_opening_alike_leaves_an_idle_ones_cache_alone(servers):
+    """Two conversations with the same (no) instructions whose first messages open with the same
+    words are not one: the second gets a fresh session (or the least recently used one's), and the
+    first, continued, still finds its whole earlier prompt cached."""
+    _, narrow = servers
+    c = client(narrow)
+    conversation = [{"role": "user", "content": "[greet] " + "first conversation words " * 100}]
+    first = c.chat.completions.create(model="gpt-oss", messages=conversation)
+    other = c.chat.completions.create(
+        model="gpt-oss", messages=[{"role": "user", "content": "[greet] other"}]
+    )
+    assert other.choices[0].message.content
+    conversation += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "[greet] and then?"},
+    ]
+    again = c.chat.completions.create(model="gpt-oss", messages=conversation)
+    assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens, again.usage

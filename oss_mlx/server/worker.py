@@ -316,10 +316,9 @@ class Engine:
         return self._ready.is_set() and self._load_error is None
 
     def queue_state(self) -> dict:
+        """/health's queue: the scheduler's counts taken at one moment (Scheduler.counts)."""
         scheduler = self.runtime.scheduler if self.runtime is not None else None
-        running = scheduler.running if scheduler is not None else 0
-        waiting = scheduler.queued if scheduler is not None else 0
-        prefilling = len(scheduler.prefilling) if scheduler is not None else 0
+        running, prefilling, waiting = scheduler.counts() if scheduler is not None else (0, 0, 0)
         return {
             "running": running,  # prefilling or decoding
             "prefilling": prefilling,
@@ -383,6 +382,9 @@ class Engine:
     def submit(self, req: GenerationRequest) -> Job:
         """Start a job (from the event loop): a session for it, its sequence with the scheduler
         (QueueFull when max_queue are waiting already)."""
+        waiting = self.runtime.scheduler.full()
+        if waiting is not None:  # before a session is picked: begin() would rewind an idle one's cache
+            raise self._queue_full(waiting)
         job = Job(self, req, asyncio.get_running_loop())
         options = req.options
         if self.script is not None:
@@ -412,12 +414,16 @@ class Engine:
         turn.sequence.on_end = on_end
         try:
             self.runtime.submit(turn.sequence)
-        except Busy as e:
+        except Busy as e:  # filled up since the check above
             with self._lock:
                 self._busy.discard(id(session))
-            retry = math.ceil(self._seconds_per_job * (e.waiting - self.max_queue + 1) / self.max_concurrency)
-            raise QueueFull(max(1, min(retry, 120))) from None
+            raise self._queue_full(e.waiting) from None
         return job
+
+    def _queue_full(self, waiting: int) -> QueueFull:
+        """QueueFull with Retry-After from recent request durations."""
+        retry = math.ceil(self._seconds_per_job * (waiting - self.max_queue + 1) / self.max_concurrency)
+        return QueueFull(max(1, min(retry, 120)))
 
     def _finish(self, session: Session, turn: Turn, elapsed: float) -> Usage:
         stats, tokens = turn.report.stats, turn.report.tokens
@@ -455,7 +461,12 @@ class Engine:
 
     def _pick_session(self, prompt: list[int], header: int) -> Session:
         """Under the lock: an idle session continuing this conversation, else a fresh one while the
-        slots allow (or others are busy), else the least recently used idle one."""
+        slots allow (or others are busy), else the least recently used idle one.
+
+        Continuing: sharing more than the header and the first message's opening
+        (<|start|>user<|message|>), which every conversation with these instructions shares, and at
+        least half the session's cache (taking it rewinds the rest, which its own conversation may
+        still want: two chats that open with the same words are not one)."""
 
         def shared(s: Session) -> int:
             a, n = s.cached_tokens, min(len(s.cached_tokens), len(prompt))
@@ -464,10 +475,16 @@ class Engine:
                 i += 1
             return i
 
+        try:
+            opened = prompt.index(self.tokenizer.MESSAGE, header) + 1
+        except ValueError:
+            opened = header
         idle = [s for s in self.sessions if id(s) not in self._busy]
-        best = max(idle, key=lambda s: (shared(s), self._used[id(s)]), default=None)
-        if best is not None and shared(best) > header:
-            return best
+        scored = [(shared(s), self._used[id(s)], s) for s in idle]
+        if scored:
+            n, _, best = max(scored, key=lambda t: t[:2])
+            if n > opened and 2 * n >= len(best.cached_tokens):
+                return best
         if len(self.sessions) < self.cache_slots or not idle:
             session = Session(self.model, self.tokenizer)
             self.sessions.append(session)
