@@ -114,7 +114,8 @@ def adapter_kind(raw: dict, path: Path) -> str:
     raise AdapterError(f"{path}: neither an oss-mlx adapter (format {FORMAT!r}) nor a PEFT one (peft_type)")
 
 
-def _load_tensors(path: Path) -> dict[str, mx.array]:
+def load_tensors(path: Path) -> dict[str, mx.array]:
+    """A safetensors file's tensors; a missing, truncated or damaged file is an AdapterError in words."""
     if not path.is_file():
         bin_file = path.with_name("adapter_model.bin")
         hint = (
@@ -167,6 +168,14 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, dtype: mx.Dtype | 
                 "the adapter was trained on a model of other shapes"
             )
         weights.append((name, got.astype(target)))
+    finite = mx.stack([mx.isfinite(w).all() for _, w in weights]).tolist()
+    bad = [name for (name, _), ok in zip(weights, finite) if not ok]
+    if bad:  # every logit would be NaN: refused here rather than generating nothing
+        which = f"{bad[0]} and {len(bad) - 1} more hold" if len(bad) > 1 else f"{bad[0]} holds"
+        raise AdapterError(
+            f"{folder}: {which} NaN or infinite values (a diverged training run?); use an earlier "
+            "checkpoint or train again"
+        )
     model.load_weights(weights, strict=False)
     mx.eval([w for _, w in weights])  # the adapter only: the base stays as lazy as it was loaded
     info = AdapterInfo(kind, folder, len(sites), sum(w.size for _, w in weights))
@@ -188,8 +197,15 @@ class AdapterInfo:
 
 def _ours(folder: Path, raw: dict, config: ModelConfig):
     path = folder / CONFIG_FILE
-    if raw.get("format_version", 1) > FORMAT_VERSION:
-        raise AdapterError(f"{path}: format_version {raw['format_version']} is newer than this oss-mlx reads")
+    version = raw.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise AdapterError(
+            f"{path}: format_version {version!r} must be a whole number (this oss-mlx writes 1)"
+        )
+    if version > FORMAT_VERSION:
+        raise AdapterError(f"{path}: format_version {version} is newer than this oss-mlx reads")
+    if not isinstance(raw.get("sites"), dict):
+        raise AdapterError(f"{path}: no valid 'sites' section (an object of \"LAYER.TARGET\": [rank, scale])")
     try:
         sites = sites_from_json(raw["sites"])
         dropout = float(raw.get("dropout", 0.0))
@@ -209,14 +225,19 @@ def _ours(folder: Path, raw: dict, config: ModelConfig):
                 f"{folder}: trained on a model with {key} = {base[key]}, this one has {ours}: "
                 "an adapter only fits the model it was trained on"
             )
-    return sites, _load_tensors(folder / OURS_FILE), dropout
+    return sites, load_tensors(folder / OURS_FILE), dropout
 
 
-def _pattern_value(patterns: dict, key: str, default):
+def _pattern_value(patterns: dict, key: str, default, path: Path):
     # PEFT's get_pattern_key: the first pattern that matches the end of the module's (or parameter's) name.
+    if not isinstance(patterns or {}, dict):
+        raise AdapterError(f"{path}: alpha_pattern must be an object of pattern: alpha")
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", key):
+                return value
+        except re.error as e:
+            raise AdapterError(f"{path}: alpha_pattern {pattern!r} is not a valid pattern ({e})") from None
     return default
 
 
@@ -227,13 +248,13 @@ def _peft(folder: Path, raw: dict, config: ModelConfig):
             raise AdapterError(f"{path}: {key} is set; {what} is not supported (plain LoRA only)")
     if raw.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias {raw['bias']!r}: adapters that train biases are not supported")
-    tensors = _load_tensors(folder / PEFT_FILE)
+    tensors = load_tensors(folder / PEFT_FILE)
     E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
     rslora = bool(raw.get("use_rslora", False))
     alpha_default = raw.get("lora_alpha", 8)  # ranks come from the tensors' shapes
 
     def scale(key: str, rank: int) -> float:
-        alpha = _pattern_value(raw.get("alpha_pattern"), key, alpha_default)
+        alpha = _pattern_value(raw.get("alpha_pattern"), key, alpha_default, path)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise AdapterError(f"{path}: lora_alpha of {key} is {alpha!r}; it must be a finite number")
         return alpha / (rank**0.5) if rslora else alpha / rank
@@ -255,6 +276,11 @@ def _peft(folder: Path, raw: dict, config: ModelConfig):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{folder / PEFT_FILE}: {module} has lora_{next(iter(ab))} but not its pair")
         a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] < 1 or b.shape[1] != a.shape[0]:
+            raise AdapterError(
+                f"{folder / PEFT_FILE}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; "
+                "LoRA needs A [r, in] and B [out, r] with the same r of at least 1"
+            )
         m = re.fullmatch(
             r"model\.layers\.(\d+)\.(self_attn\.(q|k|v|o)_proj|mlp\.experts|mlp\.router)((?:\.base_layer)*)",
             module,

@@ -201,6 +201,8 @@ def test_bad_settings_are_refused_before_training(toy, tmp_path):
         (["--epochs", "1e30"], "--epochs"),
         (["--min-learning-rate", "1", "--lr", "1e-3"], "above the peak --learning-rate"),
         (["--steps", "4", "--warmup", "4"], "--warmup 4 must be below --steps 4"),
+        # 10 sequences in batches of 2: a step of 6 micro-batches would see some twice
+        (["--steps", "1", "--grad-accum", "6"], "--grad-accum 6 is more than the 5 batches of 2"),
     ]
     for extra, needle in cases:
         r = oss_mlx(*finetune_args(toy, tmp_path / "o", *extra), timeout=60)

@@ -4,6 +4,8 @@ tokens scored; bad files fail naming the line."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -250,3 +252,42 @@ def test_batches_and_positions(tok):
     again = BatchOrder(10, 3, seed=4, position=DataPosition(1, 3))
     assert again.next() == seen[5]
     assert not np.array_equal(order.order(0), order.order(1))
+
+
+def test_line_separators_inside_json_strings_and_a_bom(tok, tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(ensure_ascii=False) writes
+    them so): they are text, not line ends, so the line loads and later lines keep their numbers. A
+    byte-order mark before the first line (some editors write one) is not data."""
+    text = "a\u2028b\u2029c\x85d"
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]},
+        ensure_ascii=False,
+    )
+    path = tmp_path / "x.jsonl"
+    path.write_text("\ufeff" + good + "\n" + good + "\n", encoding="utf-8")
+    data = load_dataset(path, tok, RenderOptions())
+    assert len(data) == 2 and text in tok.decode(data.sequences[0].tokens)
+    path.write_text(good + "\n{oops\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"x\.jsonl:2: not valid JSON"):
+        load_dataset(path, tok, RenderOptions())
+
+
+def test_a_device_is_refused_without_reading_it(tmp_path):
+    """--data /dev/zero would be read to the end of memory: it is refused before anything is read (a
+    child process with a 2 GB address-space limit, so a read cannot take the machine's memory)."""
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from oss_mlx.finetune.data import DataError, RenderOptions, load_dataset\n"
+        "try:\n"
+        "    load_dataset('/dev/zero', None, RenderOptions())\n"
+        "except DataError as e:\n"
+        "    print(e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (
+        r.returncode == 0 and r.stdout.strip() == "/dev/zero is a device, not a file; give the JSONL file"
+    ), (
+        r.stdout,
+        r.stderr[-500:],
+    )

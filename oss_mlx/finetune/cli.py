@@ -141,8 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, out)
     except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint is kept: continue with --resume", file=sys.stderr)
+        print(f"\ninterrupted; {_what_is_kept(out)}", file=sys.stderr)
         return 130
+
+
+def _what_is_kept(out: Path) -> str:
+    from .trainer import complete_checkpoints
+
+    kept = complete_checkpoints(out) if out.is_dir() else []
+    if kept:
+        return f"the last checkpoint ({kept[-1].name}) is kept: continue with --resume"
+    return "no checkpoint was written yet, so there is nothing to resume: start again with --overwrite"
 
 
 def run(args, out: Path) -> int:
@@ -161,12 +170,19 @@ def run(args, out: Path) -> int:
     say = console.print
 
     # ---- the output folder: never lose a previous run by accident ---------------------------------
-    previous = complete_checkpoints(out) if out.is_dir() else []
     if out.exists() and not out.is_dir():
         return _fail(f"--out {out} is a file; give a folder")
+    if out.is_dir():
+        clean_partial(out)  # first: a checkpoint a killed save had moved aside is put back
+    previous = complete_checkpoints(out) if out.is_dir() else []
     if args.resume:
         if not previous:
-            return _fail(f"--resume: {out} holds no checkpoint to resume (start without --resume)")
+            start = (
+                "--overwrite instead of --resume"
+                if out.is_dir() and any(out.iterdir())
+                else "without --resume"
+            )
+            return _fail(f"--resume: {out} holds no checkpoint to resume (start again with {start})")
     elif out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             return _fail(
@@ -188,7 +204,6 @@ def run(args, out: Path) -> int:
             return _fail(str(e))
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    clean_partial(out)
 
     # ---- model config, data: checked before the weights are loaded ---------------------------------
     from ..errors import LoadError
@@ -228,7 +243,14 @@ def run(args, out: Path) -> int:
         + (f", {train.truncated} truncated" if train.truncated else "")
         + (f"; valid: {len(valid)} sequences, {valid.targets:,} scored tokens" if valid else "")
     )
-    per_epoch = math.ceil(len(train) / args.batch_size / args.grad_accum)
+    batches = math.ceil(len(train) / args.batch_size)
+    if args.grad_accum > batches:  # one step would go through the data more than once
+        return _fail(
+            f"--grad-accum {args.grad_accum} is more than the {batches} batches of {args.batch_size} "
+            f"the {len(train)} training sequences make: a step would see sequences twice; give at most "
+            f"--grad-accum {batches}"
+        )
+    per_epoch = math.ceil(batches / args.grad_accum)
     steps = args.steps or max(1, math.ceil(per_epoch * args.epochs))
     if steps > MAX_STEPS:
         return _fail(f"--epochs {args.epochs:g} makes {steps:,} steps, over {MAX_STEPS:,}: give fewer epochs")
@@ -247,7 +269,7 @@ def run(args, out: Path) -> int:
         config,
         parameter_count(sites, config),
         length=longest,
-        batch=args.batch_size,
+        batch=min(args.batch_size, len(train)),  # an epoch's batches hold at most every sequence
         quantization=section.get("quantization"),
         dtype_bytes=4 if args.dtype == "float32" else 2,
         grad_accum=args.grad_accum,
@@ -281,7 +303,7 @@ def run(args, out: Path) -> int:
     import mlx.core as mx
 
     from ..loader import load_model
-    from .trainer import Trainer, TrainError, write_final
+    from .trainer import Trainer, TrainError, read_state, write_final
 
     try:
         folder = resolve(args.model, say=lambda text: say(text, style="bold"))
@@ -306,13 +328,14 @@ def run(args, out: Path) -> int:
     if args.resume:
         last = previous[-1]
         try:
-            state = json.loads((last / "trainer_state.json").read_text())
+            state = read_state(last)
             problems = _resume_problems(state, tconfig, identity, train, valid)
             if problems:
                 return _fail(f"--resume: {last} was made with other settings: {'; '.join(problems)}", 1)
             trainer.load_checkpoint(last)
-        except (TrainError, json.JSONDecodeError, OSError, KeyError, ValueError) as e:
-            return _fail(f"--resume: cannot use {last}: {e}", 1)
+        except (TrainError, OSError, KeyError, ValueError) as e:
+            before = f" (delete {last.name} to resume from {previous[-2].name})" if len(previous) > 1 else ""
+            return _fail(f"--resume: cannot use {last}: {e}{before}", 1)
         _truncate_log(log_path, trainer.step)
         say(
             f"resumed from {last.name}: step {trainer.step} of {steps}, "
@@ -324,26 +347,32 @@ def run(args, out: Path) -> int:
     extra = {"run": identity}
     delay = args.delay
     progress = _Progress(console, steps, trainer.step)
+    from ..chat.guard import InterruptGuard
+
+    def eval_due(step: int) -> bool:
+        return valid is not None and (step == 0 or step % args.eval_every == 0 or step == steps)
+
     try:
-        if valid is not None and trainer.step == 0:
+        if eval_due(trainer.step) and not _has_eval(log_path, trainer.step):  # (an interrupted one too)
             loss = trainer.evaluate()
-            _log(log_path, {"step": 0, "eval_loss": loss})
-            progress.note(f"step 0: eval loss {loss:.4f}")
+            _log(log_path, {"step": trainer.step, "eval_loss": loss})
+            progress.note(f"step {trainer.step}: eval loss {loss:.4f}")
         while trainer.step < steps:
-            result = trainer.train_step()
-            _log(
-                log_path,
-                {
-                    "step": result.step,
-                    "loss": result.loss,
-                    "learning_rate": result.learning_rate,
-                    "tokens": result.tokens,
-                    "targets": result.targets,
-                    "seconds": round(result.seconds, 4),
-                },
-            )
+            with InterruptGuard() as guard:
+                try:
+                    pending = trainer.compute_step()
+                except TrainError as e:
+                    progress.stop()
+                    return _fail(
+                        f"{e}: lower --learning-rate (or --alpha) and start again with --overwrite", 1
+                    )
+                with guard.hold():  # the step's update and its log row: both or neither
+                    result = trainer.commit(pending)
+                    _log(log_path, _step_row(result))
+            if guard.requested:
+                raise KeyboardInterrupt
             progress.update(result, args.log_every)
-            if valid is not None and (result.step % args.eval_every == 0 or result.step == steps):
+            if eval_due(result.step):
                 loss = trainer.evaluate()
                 _log(log_path, {"step": result.step, "eval_loss": loss})
                 progress.note(f"step {result.step}: eval loss {loss:.4f}")
@@ -371,7 +400,7 @@ def run(args, out: Path) -> int:
 
 def _resume_problems(state: dict, config, identity: dict, train, valid) -> list[str]:
     problems = []
-    saved = state.get("config", {})
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
     for key, value in config.to_dict().items():
         if key == "steps":
             if value < state["step"]:
@@ -382,7 +411,7 @@ def _resume_problems(state: dict, config, identity: dict, train, valid) -> list[
                 )
         elif saved.get(key) != value:
             problems.append(f"{key} was {saved.get(key)!r}, now {value!r}")
-    run = state.get("run", {})
+    run = state.get("run") if isinstance(state.get("run"), dict) else {}
     for key, value in identity.items():
         if run.get(key) != value:
             problems.append(f"{key} was {run.get(key)!r}, now {value!r}")
@@ -391,6 +420,31 @@ def _resume_problems(state: dict, config, identity: dict, train, valid) -> list[
     if (state.get("valid_sha256") or None) != (valid.sha256 if valid is not None else None):
         problems.append("the validation data changed")
     return problems
+
+
+def _step_row(result) -> dict:
+    return {
+        "step": result.step,
+        "loss": result.loss,
+        "learning_rate": result.learning_rate,
+        "tokens": result.tokens,
+        "targets": result.targets,
+        "seconds": round(result.seconds, 4),
+    }
+
+
+def _has_eval(path: Path, step: int) -> bool:
+    """Whether the log holds step's eval loss (a run interrupted while evaluating does not)."""
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step") == step and "eval_loss" in row:
+            return True
+    return False
 
 
 def _log(path: Path, row: dict) -> None:

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -182,14 +184,17 @@ def load_dataset(path: str | Path, tokenizer: HarmonyTokenizer, options: RenderO
         raise DataError(f"{path} is a folder; give the JSONL file (one JSON object a line, with 'messages')")
     if not path.exists():
         raise DataError(f"{path}: no such file (training data: one JSON object a line, with 'messages')")
+    if _is_device(path):  # /dev/zero, /dev/urandom: read to the end, they would fill the memory
+        raise DataError(f"{path} is a device, not a file; give the JSONL file")
     raw = path.read_bytes()  # also a pipe (`--data <(...)`); /dev/null reads as an empty file
     data = Dataset(path, hashlib.sha256(raw).hexdigest())
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark some editors write
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text") from None
-    for n, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only: str.splitlines also splits at U+2028, U+0085 ..., which JSON strings may hold.
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -205,6 +210,22 @@ def load_dataset(path: str | Path, tokenizer: HarmonyTokenizer, options: RenderO
     if not data.sequences:
         raise DataError(f"{path}: no examples (the file is empty)")
     return data
+
+
+def _is_device(path: Path) -> bool:
+    """A character or block device other than /dev/null (which reads as an empty file) and a terminal
+    (which ends at Ctrl-D)."""
+    mode = path.stat().st_mode
+    if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) or path.resolve() == Path(os.devnull):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return True
+    try:
+        return not os.isatty(fd)
+    finally:
+        os.close(fd)
 
 
 # ---- batches ---------------------------------------------------------------------------------------
@@ -265,6 +286,16 @@ class BatchOrder:
         chosen = self.order(p.epoch)[p.index : p.index + self.batch_size]
         p.index += len(chosen)
         return [int(i) for i in chosen]
+
+    def peek(self, count: int) -> tuple[list[list[int]], DataPosition]:
+        """The next `count` batches and the position after them, the current position left as it is."""
+        saved = self.position
+        self.position = replace(saved)
+        try:
+            chosen = [self.next() for _ in range(count)]
+            return chosen, self.position
+        finally:
+            self.position = saved
 
     def batches_per_epoch(self) -> int:
         return -(-self.size // self.batch_size)

@@ -19,6 +19,7 @@ so accumulation changes memory, not the result.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,15 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from ..adapters import CONFIG_FILE, OURS_FILE, atomic_save_safetensors, atomic_write_text, save_adapter
+from ..adapters import (
+    CONFIG_FILE,
+    OURS_FILE,
+    AdapterError,
+    atomic_save_safetensors,
+    atomic_write_text,
+    load_tensors,
+    save_adapter,
+)
 from ..convert.folder import WORKING, atomic_folder, clean_stale
 from ..lora import LoRAConfig, adapter_weights, attach, freeze_base, lora_modules
 from ..runtime import runtime_of
@@ -65,6 +74,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         return cls(**{**d, "lora": LoRAConfig.from_dict(d["lora"])})
+
+
+@dataclass
+class PendingStep:
+    """A computed step not yet applied (Trainer.compute_step, then Trainer.commit)."""
+
+    grads: dict
+    position: DataPosition  # where the data continues once it is applied
+    loss: float
+    tokens: int
+    targets: int
+    start: float
 
 
 @dataclass
@@ -108,12 +129,16 @@ class Trainer:
     # ---- steps --------------------------------------------------------------------------------
 
     def train_step(self) -> StepResult:
+        return self.commit(self.compute_step())
+
+    def compute_step(self) -> PendingStep:
+        """The next step's loss and gradients; changes nothing, so an interrupt here loses only the
+        step's work (the data position and the adapter stay those of the last step)."""
         start = time.perf_counter()
         self.model.train()
         c = self.config
-        batches = [
-            make_batch([self.train.sequences[i] for i in self.order.next()]) for _ in range(c.grad_accum)
-        ]
+        chosen, position = self.order.peek(c.grad_accum)
+        batches = [make_batch([self.train.sequences[i] for i in ids]) for ids in chosen]
         targets = sum(len(b.labels) for b in batches)
         total, grads = mx.array(0.0), None
         for m, batch in enumerate(batches):
@@ -123,16 +148,30 @@ class Trainer:
             total = total + loss
             mx.eval(total, grads)
         grads = tree_map(lambda x: x / targets, grads)
+        norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+        loss, norm = total.item() / targets, norm.item()
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # an update would make the adapter NaN
+            what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient's norm is {norm}"
+            raise TrainError(
+                f"step {self.step + 1}: {what} (training diverged; the adapter is left as it was)"
+            )
         if c.grad_clip:
             grads, _ = optim.clip_grad_norm(grads, c.grad_clip)
+        fed = sum(b.tokens for b in batches)
+        return PendingStep(grads, position, loss, fed, targets, start)
+
+    def commit(self, pending: PendingStep) -> StepResult:
+        """Apply a computed step: the optimizer update, then the step count and the data position (run
+        it with interrupts held, so a checkpoint never mixes one step's adapter with another's)."""
         lr = self.learning_rate()
-        self.optimizer.update(self.model, grads)
+        self.optimizer.update(self.model, pending.grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         runtime_of(self.model).model_changed()  # new adapter weights: decode traces are stale
         self.step += 1
-        fed = sum(b.tokens for b in batches)
-        self.tokens_seen += fed
-        return StepResult(self.step, total.item() / targets, lr, fed, targets, time.perf_counter() - start)
+        self.order.position = pending.position
+        self.tokens_seen += pending.tokens
+        seconds = time.perf_counter() - pending.start
+        return StepResult(self.step, pending.loss, lr, pending.tokens, pending.targets, seconds)
 
     def learning_rate(self) -> float:
         return float(schedule(self.config)(self.optimizer.step))
@@ -180,23 +219,41 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> dict:
         """Restore the adapter, optimizer state, step and data position saved in `folder`."""
-        state = json.loads((folder / STATE_FILE).read_text())
-        weights = dict(mx.load(str(folder / OURS_FILE)))
+        state = read_state(folder)
+        try:
+            weights, saved = load_tensors(folder / OURS_FILE), load_tensors(folder / OPTIMIZER_FILE)
+        except AdapterError as e:
+            raise TrainError(str(e)) from None
         expected = adapter_weights(self.model)
         if set(weights) != set(expected):
             raise TrainError(f"{folder}: the checkpoint's adapter does not match this run's LoRA settings")
         self.model.load_weights([(k, v.astype(expected[k].dtype)) for k, v in weights.items()], strict=False)
         runtime_of(self.model).model_changed()
-        saved = dict(mx.load(str(folder / OPTIMIZER_FILE)))
         current = dict(tree_flatten(self.optimizer.state))
         if set(saved) != set(current):
             raise TrainError(f"{folder}: the optimizer state does not match this run's adapter")
         _fill(self.optimizer.state, saved)
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
-        self.order.position = DataPosition(**state["position"])
+        self.order.position = DataPosition(state["position"]["epoch"], state["position"]["index"])
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return state
+
+
+def read_state(folder: Path) -> dict:
+    """A checkpoint's trainer_state.json, its step and data position checked (a damaged file is a
+    TrainError, not a wrong resume)."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"{path} cannot be read ({e})") from None
+    position = state.get("position") if isinstance(state, dict) else None
+    whole = [state.get("step") if isinstance(state, dict) else None]
+    whole += [position.get(k) for k in ("epoch", "index")] if isinstance(position, dict) else [None]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in whole):
+        raise TrainError(f"{path} is damaged: its step and data position must be whole numbers")
+    return state
 
 
 def _fill(tree, flat: dict[str, mx.array], prefix: str = "") -> None:
