@@ -2,6 +2,7 @@
 drives the model and prints one JSON line of results; the other ranks only compute.
 
     python tests/distributed_probe.py MODEL --distributed pipeline|tensor [--hosts FILE] [--endless]
+        [--after-a-line]
 
 `checks` is also run in the test process on the single-process model: the reference.
 """
@@ -76,6 +77,22 @@ def endless(model) -> None:
         print(json.dumps({"error": str(e)}), flush=True)
 
 
+def after_a_line(model, tokenizer) -> None:
+    """Say ready, wait for a line on stdin (the test kills a rank meanwhile), then send a message:
+    prints the reply's token count or the error rank 0 got."""
+    from oss_mlx.distributed.group import DistributedError
+    from oss_mlx.session import Done, Session
+
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.readline()
+    try:
+        for event in Session(model, tokenizer).send(TURNS[0], temperature=0, max_tokens=4):
+            if isinstance(event, Done):
+                print(json.dumps({"reply": event.reply.tokens}), flush=True)
+    except DistributedError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -86,6 +103,7 @@ def main() -> int:
     ap.add_argument("--prefill-step", type=int, default=24)
     ap.add_argument("--endless", action="store_true", help="decode until a rank fails (fault tests)")
     ap.add_argument("--then-endless", action="store_true", help="the checks, then --endless")
+    ap.add_argument("--after-a-line", action="store_true", help="one message once stdin has a line")
     ap.add_argument(
         "--parts",
         default=",".join(PARTS),
@@ -105,6 +123,9 @@ def main() -> int:
     loaded = time.perf_counter() - start
     if args.endless:
         endless(model)
+        return 1
+    if args.after_a_line:
+        after_a_line(model, tokenizer)
         return 1
     out = checks(model, tokenizer, args.max_tokens, args.prefill_step, parts)
     from oss_mlx.runtime import runtime_of

@@ -549,7 +549,6 @@ def _expected_part(name: str, full: np.ndarray, share, rank: int, c: ModelConfig
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory, vocab_dir) -> dict[str, Path]:  # convert copies the vocabulary
     from oss_mlx.convert.cli import main as convert
-
     from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
 
     spec = SyntheticSpec.tiny(num_layers=4, vocab_size=512, head_dim=32, num_key_value_heads=2)
@@ -765,3 +764,131 @@ def test_serve_with_hosts_answers_as_one_process_and_a_killed_rank_ends_the_stre
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
+
+
+# ---- bad input and faults at the edges: start-up, Ctrl-C, a rank lost between requests -----------------
+
+
+def test_hostfile_refuses_fields_of_the_wrong_type():
+    """Each field's type is checked where the file is read (not later, as a bug, on another machine)."""
+    with pytest.raises(HostsError, match='"ips" must be a list'):
+        Hostfile.parse({"hosts": [{"ssh": "a", "ips": "10.0.0.1"}, {"ssh": "b", "ips": ["10.0.0.2"]}]})
+    with pytest.raises(HostsError, match="5 is not an IP"):
+        Hostfile.parse({"hosts": [{"ssh": "a", "ips": [5]}, {"ssh": "b", "ips": ["10.0.0.2"]}]})
+    with pytest.raises(HostsError, match="memory_gb must be a positive number"):
+        Hostfile.parse(_hosts(2, memory_gb=True))
+    with pytest.raises(HostsError, match='"model" must be a path'):
+        Hostfile.parse(_hosts(2, model=5))
+    with pytest.raises(HostsError, match='"python" must be a path'):
+        Hostfile.parse(_hosts(2, python=["python3"]))
+
+
+def _worker_pid(root: int, timeout: float = 30.0) -> int:
+    """The first rank --hosts started (as soon as it exists: before it joins the group)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in _children(root):
+            try:
+                if b"oss_mlx.distributed.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                continue
+        time.sleep(0.01)
+    raise AssertionError(f"no worker under {root}")
+
+
+def test_agreed_start_up_failure_says_each_reason_once(tiny, tmp_path):
+    """More ranks than a pipeline can hold: every rank refuses the plan for the same reason, said once."""
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps(_hosts(3)))
+    from oss_mlx.synthetic import SyntheticSpec, write_checkpoint
+
+    two = tmp_path / "two-layers"
+    write_checkpoint(two, SyntheticSpec.tiny(num_layers=2), seed=1, dtype="float32")
+    cmd = [sys.executable, "-m", "oss_mlx.cli", "generate", "--model", str(two), "--max-tokens", "2"]
+    run = _run([*cmd, "--hosts", str(hosts), "--distributed", "pipeline", "Hi"], _env(), timeout=90)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "ranks 0, 1, 2: plan the split: 3 ranks for 2 layers" in run.stderr, run.stderr[-2000:]
+    assert run.stderr.count("at least one layer per rank") == 1, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
+def test_a_rank_that_hangs_or_ends_before_joining_ends_the_start_up(tiny, tmp_path, fault):
+    """Rank 1 stopped or killed while it starts (before it joins the group, where MLX's set-up waits
+    for it for good): rank 0 says so and ends within the connect timeout, and rank 1 is gone."""
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps(_hosts(2)))
+    cmd = [sys.executable, "-m", "oss_mlx.cli", "generate", "--model", str(tiny), "--max-tokens", "2"]
+    proc = _start([*cmd, "--hosts", str(hosts), "Hi"], _env(OSS_MLX_CONNECT_TIMEOUT="2"))
+    try:
+        victim = _worker_pid(proc.pid)
+        os.kill(victim, getattr(signal, fault))
+        hit = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - hit < 2 + 5 + 5, err[-2000:]
+        assert proc.returncode != 0
+        if fault == "SIGSTOP":
+            assert "did not all join the group within 2 s" in err, err[-2000:]
+        else:  # said by the launcher's watch or, while MLX waits, by the join's
+            said = r"rank 1 \(.*pid \d+\).* (was killed by signal 9|ended before the group)"
+            assert re.search(said, err), err[-2000:]
+        assert "Traceback" not in err, err[-3000:]
+        deadline = time.monotonic() + 5
+        while _alive(victim) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(victim)
+    finally:
+        _end(proc)
+
+
+@pytest.mark.parametrize("target", ["group", "rank0"])
+def test_ctrl_c_stops_every_rank_in_order_with_hosts(tiny, tmp_path, target):
+    """SIGINT mid-generation, to the terminal's process group (as Ctrl-C) or to rank 0 alone: rank 0
+    says "interrupted" and stops the others (they leave as stopped, not as failed); no failure is
+    reported and every rank exits within seconds."""
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps(_hosts(2)))
+    cmd = [sys.executable, "-m", "oss_mlx.cli", "generate", "--model", str(tiny), "--max-tokens", "100000"]
+    cmd += ["--temperature", "0", "--reasoning-effort", "low", "--hosts", str(hosts), "Tell me a story"]
+    proc = _start(cmd, _env(OSS_MLX_DISTRIBUTED_LOG="1"))
+    try:
+        out = _Lines(proc)
+        worker = _worker_pid(proc.pid, timeout=60)
+        while len("".join(out.lines)) < 40:  # decoding
+            out.wait_for("", 60)
+        sent = time.monotonic()
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - sent < 5, err[-2000:]
+        assert proc.returncode == 130, err[-2000:]
+        assert "interrupted" in err and "stopped by rank 0" in err, err[-2000:]
+        assert "failed" not in err and "Traceback" not in err, err[-3000:]
+        assert not _alive(worker)
+    finally:
+        _end(proc)
+
+
+def test_a_rank_lost_between_requests_ends_the_next_one_in_words(tiny, tmp_path):
+    """Rank 1 killed while rank 0 waits for the next message: that message ends with an error naming
+    rank 1 at once (it was once left queued for good, the stepping thread logging the error in a loop)."""
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps(_hosts(2)))
+    cmd = [sys.executable, str(PROBE), str(tiny), "--distributed", "pipeline", "--hosts", str(hosts)]
+    proc = _start([*cmd, "--after-a-line"], _env())
+    try:
+        out = _Lines(proc)
+        out.wait_for('"ready"', 90)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        time.sleep(1.0)  # the link notices
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        error = json.loads(out.wait_for('"error"', 10))["error"]
+        assert "rank 1" in error and "closed its connection" in error, error
+        assert proc.wait(timeout=20) == 1
+        err = proc.stderr.read()
+        assert err.count("closed its connection") <= 2, err[-3000:]  # not logged over and over
+    finally:
+        _end(proc)

@@ -44,6 +44,15 @@ def heartbeat_timeout() -> float:
 
 
 CONNECT_TIMEOUT = 120.0  # every worker connects to rank 0 within this (they load nothing before it)
+
+
+def connect_timeout() -> float:
+    """OSS_MLX_CONNECT_TIMEOUT: seconds every rank has to join the group and the control link."""
+    from ..cli_args import HEARTBEAT_SECONDS, env_number
+
+    return env_number("OSS_MLX_CONNECT_TIMEOUT", HEARTBEAT_SECONDS, CONNECT_TIMEOUT, "seconds, e.g. 120")
+
+
 ADDRESS_BYTES = 256
 
 
@@ -142,15 +151,93 @@ def init_group(backend: str | None = None) -> Group:
         g = mx.distributed.init(strict=True, backend=backend)
     except (RuntimeError, ValueError) as e:
         raise DistributedError(
-            f"cannot join a distributed group with the {backend} backend ({e}). Start every rank with "
-            "mlx.launch (e.g. `mlx.launch --backend ring --hostfile hosts.json -- oss-mlx generate ...`) "
-            "or let oss-mlx start them: `oss-mlx generate --hosts hosts.json ...`."
+            f"cannot join a distributed group with the {backend} backend ({e}). {_advice(e)}"
         ) from None
     if g.size() < 2:
         raise DistributedError(
             f"the {backend} backend started a group of one: start several ranks (mlx.launch -n 2, or --hosts)"
         )
     return Group(g, backend)
+
+
+# The watcher of `JoinWatch` (argv: seconds, message, the rank's pid, then RANK=PID of the ranks it
+# started): EOF on its stdin in time (joined, or the rank is gone) ends it quietly; else, at the
+# deadline or once a started rank has ended (and the rank, given 2 s, did not say so itself: it
+# cannot while MLX waits), it says why and ends them all.
+_JOIN_WATCHER = """
+import os, select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+seconds, message, parent = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+started = [tuple(int(v) for v in a.split("=")) for a in sys.argv[4:]]
+def ended(pid):
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except OSError:
+            return True
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+deadline = time.monotonic() + seconds
+while not select.select([0], [], [], 0.2)[0]:
+    gone = [(r, p) for r, p in started if ended(p)]
+    if gone and select.select([0], [], [], 2.0)[0]:
+        break  # the rank said it itself (with the ended rank's output) and ended
+    if gone or time.monotonic() > deadline:
+        if gone:
+            r, p = gone[0]
+            message = (f"rank {r} (pid {p}) ended before the group was formed "
+                       "(OSS_MLX_DISTRIBUTED_LOG=1 shows its output)")
+        print("oss-mlx: " + message, file=sys.stderr, flush=True)
+        for pid in [p for _, p in started] + [parent]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        break
+"""
+
+
+class JoinWatch:
+    """Ends this rank, and the ranks it started (`started`: rank -> pid), with `message` unless
+    `done()` comes within `seconds`, or as soon as one of those ranks ends. MLX's set-up
+    (mx.distributed.init) holds the interpreter lock while it waits for the other ranks, so a rank
+    that dies or hangs before it joins would keep this one waiting for good, and no thread of this
+    process could step in: a small process of its own watches instead."""
+
+    def __init__(self, seconds: float, message: str, started: dict[int, int] | None = None) -> None:
+        import subprocess
+
+        ranks = [f"{r}={p}" for r, p in (started or {}).items()]
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _JOIN_WATCHER, str(seconds), message, str(os.getpid()), *ranks],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # (the terminal's Ctrl-C is not for it)
+        )
+
+    def done(self) -> None:
+        import subprocess
+
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+def _advice(error: Exception) -> str:
+    if "bind" in str(error):  # (the ring backend's "Couldn't bind socket")
+        return (
+            "This rank's address in the hostfile (its \"ips\") is not one of this machine's, or its port "
+            "is taken: correct the hostfile (or mlx.launch's --starting-port)."
+        )
+    return (
+        "Start every rank with mlx.launch (e.g. `mlx.launch --backend ring --hostfile hosts.json -- "
+        "oss-mlx generate ...`) or let oss-mlx start them: `oss-mlx generate --hosts hosts.json ...`."
+    )
 
 
 def measure_latency(group: Group, width: int, repeats: int = 12) -> float:
@@ -208,6 +295,7 @@ class ControlLink:
         self.steps = 0  # this rank's completed steps (a worker sends it with each beat)
         self.peers: dict[int, Peer] = {}
         self.messages: list[str] = []  # workers' error reports, as they came
+        self.reports: list[tuple[int, str]] = []  # the same as (rank, text)
         self._failed: str | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -233,14 +321,15 @@ class ControlLink:
         port = listener.getsockname()[1]
         self.group.broadcast(encode_text(f"{host} {port} {token}"))
         listener.settimeout(1.0)
-        deadline = time.monotonic() + CONNECT_TIMEOUT
+        wait = connect_timeout()
+        deadline = time.monotonic() + wait
         while len(self.peers) < self.world - 1:
             if time.monotonic() > deadline:
                 missing = sorted(set(range(1, self.world)) - set(self.peers))
                 listener.close()
                 raise DistributedError(
                     f"rank(s) {missing} did not connect to rank 0's control port {host}:{port} within "
-                    f"{CONNECT_TIMEOUT:.0f} s: is {host} reachable from them (firewall)? Set "
+                    f"{wait:.0f} s: is {host} reachable from them (firewall)? Set "
                     "OSS_MLX_CONTROL_HOST to an address of rank 0 they can reach."
                 )
             try:
@@ -405,6 +494,7 @@ class ControlLink:
                         peer.peak_memory, peer.peak_rss = fields[1], fields[2]
                 elif kind == "err":
                     self.messages.append(f"{self.describe(peer.rank)}: {text}")
+                    self.reports.append((peer.rank, text))
                     self.fail(self.messages[-1])
                 elif kind == "wake":
                     self.woken.set()

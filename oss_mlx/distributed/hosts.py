@@ -93,29 +93,40 @@ class Hostfile:
         envs = data.get("envs") or []
         if not all(isinstance(e, str) and "=" in e for e in envs):
             raise HostsError(f'{where}"envs" must be a list of "NAME=value" strings')
-        hosts = []
-        for i, h in enumerate(data["hosts"]):
-            if not isinstance(h, dict) or not isinstance(h.get("ssh"), str) or not h["ssh"]:
-                raise HostsError(f'{where}host {i}: needs "ssh": the name or address to reach it')
-            ips = h.get("ips") or []
-            for ip in ips:
-                try:
-                    ipaddress.ip_address(ip)
-                except ValueError:
-                    raise HostsError(f"{where}host {i} ({h['ssh']}): {ip!r} is not an IP address") from None
-            if backend == "ring" and not ips:
-                raise HostsError(f'{where}host {i} ({h["ssh"]}): the ring backend needs its "ips"')
-            memory = h.get("memory_gb")
-            if memory is not None and (not isinstance(memory, (int, float)) or memory <= 0):
-                raise HostsError(f"{where}host {i} ({h['ssh']}): memory_gb must be a positive number of GB")
-            hosts.append(
-                Host(
-                    h["ssh"], tuple(ips), tuple(h.get("rdma") or ()), memory, h.get("model"), h.get("python")
-                )
-            )
+        hosts = [_host(i, h, backend, where) for i, h in enumerate(data["hosts"])]
         if len(hosts) < 2:
             raise HostsError(f"{where}a distributed run needs at least two hosts (ranks); {len(hosts)} given")
         return cls(tuple(hosts), backend, tuple(envs), path)
+
+
+def _host(i: int, h, backend: str, where: str) -> Host:
+    """One entry of "hosts", checked: each field's type too (a number where a path belongs would
+    otherwise fail later, as a bug, on another machine)."""
+    if not isinstance(h, dict) or not isinstance(h.get("ssh"), str) or not h["ssh"]:
+        raise HostsError(f'{where}host {i}: needs "ssh": the name or address to reach it')
+    name = f"{where}host {i} ({h['ssh']})"
+    ips = h.get("ips") or []
+    if not isinstance(ips, list):
+        raise HostsError(f'{name}: "ips" must be a list of addresses, e.g. ["10.0.0.1"]')
+    for ip in ips:
+        try:
+            ipaddress.ip_address(ip if isinstance(ip, str) else "")  # (a number would pass as one)
+        except ValueError:
+            raise HostsError(f"{name}: {ip!r} is not an IP address") from None
+    if backend == "ring" and not ips:
+        raise HostsError(f'{name}: the ring backend needs its "ips"')
+    memory = h.get("memory_gb")
+    if memory is not None and (
+        isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0
+    ):
+        raise HostsError(f"{name}: memory_gb must be a positive number of GB")
+    for key in ("model", "python"):
+        if h.get(key) is not None and (not isinstance(h[key], str) or not h[key]):
+            raise HostsError(f'{name}: "{key}" must be a path (a string)')
+    rdma = h.get("rdma") or []
+    if not isinstance(rdma, list):
+        raise HostsError(f'{name}: "rdma" must be a list, as mlx.launch wants it')
+    return Host(h["ssh"], tuple(ips), tuple(rdma), memory, h.get("model"), h.get("python"))
 
 
 def _free_port() -> int:
@@ -195,6 +206,8 @@ class Launch:
         self.workers: list[_Worker] = []
         self.on_failure: Callable[[str], None] = self._fail_at_start
         self._ending = False
+        self._claimed = False  # a rank's end was reported (once: by the watcher or by `exited`)
+        self._lock = threading.Lock()
         self._files: list[str] = []
         self._echo = os.environ.get(LOG_ENV, "") not in ("", "0")
 
@@ -227,15 +240,10 @@ class Launch:
                     **{k: self._file(v) if k in _FILE_VARS else v for k, v in self.envs[rank].items()},
                 }
                 cmd = [python, "-m", "oss_mlx.distributed.worker", *model_args]
-                proc = subprocess.Popen(
-                    cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-                )
+                proc = _spawn(cmd, env)
             else:
-                proc = subprocess.Popen(
-                    ["ssh", "-o", "BatchMode=yes", host.ssh, self._remote_script(rank, host, model_args)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
+                proc = _spawn(
+                    ["ssh", "-o", "BatchMode=yes", host.ssh, self._remote_script(rank, host, model_args)]
                 )
             worker = _Worker(rank, host, proc)
             self.workers.append(worker)
@@ -261,18 +269,41 @@ class Launch:
 
     def _watch(self) -> None:
         while not self._ending:
-            for w in self.workers:
-                code = w.process.poll()
-                if code is not None and not self._ending:
-                    time.sleep(0.2)  # its last words
-                    said = " | ".join(line for line in w.tail if line.strip())[-600:]
-                    where = "this machine" if w.host.local else w.host.ssh
-                    self.on_failure(
-                        f"rank {w.rank} (on {where}, pid {w.process.pid}) {describe_exit(code)}"
-                        + (f"; its last output: {said}" if said else "")
-                    )
-                    return
+            ended = self._ended()
+            if ended is not None:
+                time.sleep(0.2)  # its last words
+                if self._claim():
+                    self.on_failure(self._describe(ended))
+                return
             time.sleep(0.1)
+
+    def _ended(self) -> _Worker | None:
+        return next((w for w in self.workers if w.process.poll() is not None), None)
+
+    def _describe(self, w: _Worker) -> str:
+        said = " | ".join(line for line in w.tail if line.strip())[-600:]
+        where = "this machine" if w.host.local else w.host.ssh
+        return f"rank {w.rank} (on {where}, pid {w.process.pid}) {describe_exit(w.process.poll())}" + (
+            f"; its last output: {said}" if said else ""
+        )
+
+    def _claim(self) -> bool:
+        """Whether this caller is the one to report a rank's end (the watcher, or `exited`)."""
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+        return not claimed and not self._ending
+
+    def exited(self, wait: float = 1.0) -> str | None:
+        """Why a rank we started has ended, if one has within `wait` seconds: the cause to report
+        when start-up fails (MLX's own error then is only a refused or lost connection). Claims the
+        report: the watcher stays silent."""
+        deadline = time.monotonic() + wait
+        while (ended := self._ended()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if ended is None:
+            return None
+        time.sleep(0.2)  # its last words
+        return self._describe(ended) if self._claim() else None
 
     def _fail_at_start(self, reason: str) -> None:
         print(f"oss-mlx: {reason}", file=sys.stderr, flush=True)
@@ -308,6 +339,20 @@ class Launch:
             except OSError:
                 pass
         self._files.clear()
+
+
+def _spawn(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A rank's process, in a session of its own: the terminal's Ctrl-C is meant for rank 0 (the chat
+    stops a reply on it), which stops the others itself; a rank interrupted mid-collective would end
+    the run."""
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _replace_model(args: list[str], model: str) -> list[str]:

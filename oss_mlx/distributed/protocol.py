@@ -92,6 +92,9 @@ class Controller:
         self.on_step = on_step
         self._wake = wake
         self.parked = False
+        # Set once the group cannot take commands (a failure, or the workers were stopped): the error
+        # each later command raises before any collective, so that nothing waits on a group that is gone.
+        self.refusal: Callable[[], DistributedError] | None = None
 
     # -- caches ----------------------------------------------------------------------------------
 
@@ -125,6 +128,8 @@ class Controller:
         inline=None,
         offset: int | None = None,
     ):
+        if self.refusal is not None:
+            raise self.refusal()
         if self.parked:
             self.parked = False
             if self._wake is not None:
@@ -177,7 +182,7 @@ class Controller:
 
     def park(self) -> None:
         """Tell the workers to wait off the collectives until the next command."""
-        if self.parked:
+        if self.parked or self.refusal is not None:  # (no workers to park)
             return
         self.flush()
         mx.eval(self._command(PARK, None, 0, 0, 0, 0))
@@ -186,6 +191,9 @@ class Controller:
     def stop(self) -> None:
         self.flush()
         mx.eval(self._command(STOP, None, 0, 0, 0, 0))
+        # Set here, on the thread that runs the commands: one queued behind the stop (the parking
+        # after a last step) must not wait on workers that have left.
+        self.refusal = lambda: DistributedError("the distributed group was stopped")
 
     def _stepped(self) -> None:
         if self.on_step is not None:

@@ -50,6 +50,8 @@ from .group import (
     ControlLink,
     DistributedError,
     Group,
+    JoinWatch,
+    connect_timeout,
     decode_text,
     encode_text,
     init_group,
@@ -59,6 +61,10 @@ from .group import (
 from .plan import MODES, Plan, PlanError, make_plan
 
 STOP_TIMEOUT = 10.0  # seconds the workers get to take the stop command at the end
+# Seconds start-up may go on once a rank's failure is known: enough for every rank to agree on it and
+# say why (_Agreement); past it the rank left waiting in a collective (one that hangs) is given up.
+START_GRACE = 10.0
+AFTER_FAILURE_TIMEOUT = 5.0  # a step run after a failure (Runtime.run) takes no collective: seconds
 REPORT_ENV = "OSS_MLX_DISTRIBUTED_REPORT"  # a folder: each rank writes rank-N.json (memory, share) there
 
 
@@ -95,22 +101,33 @@ class _ComputeThread:
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0  # submitted and not finished (a job stuck in a collective stays counted)
+        self._lock = threading.Lock()
         threading.Thread(target=self._loop, name="oss-mlx-compute", daemon=True).start()
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return self._pending == 0
 
     def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._pending += 1
         self._jobs.put((future, fn, args))
         return future
 
     def _loop(self) -> None:
         while True:
             future, fn, args = self._jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue
             try:
-                future.set_result(fn(*args))
+                if future.set_running_or_notify_cancel():
+                    future.set_result(fn(*args))
             except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 future.set_exception(e)
+            finally:
+                with self._lock:
+                    self._pending -= 1
 
 
 class Runtime:
@@ -129,6 +146,7 @@ class Runtime:
         self._starting = True
         self._closed = False
         self._told = False  # the failure was raised to the caller (the request ended with it)
+        self._started = threading.Event()  # start() returned or raised (ends the start-up grace)
         self._compute = _ComputeThread()
         atexit.register(self.close)
 
@@ -139,8 +157,11 @@ class Runtime:
             return
         self.failure = reason
         self._failed.set()
-        if self._starting:
-            return  # start() reports it once every rank agreed
+        if self._starting:  # start() reports it once every rank agreed, unless it waits for good
+            _deadline(START_GRACE, self._started, lambda: self._give_up(reason))
+            return
+        if self.controller is not None:
+            self.controller.refusal = self.error
         if self.link is not None:
             self.link.abort_all(reason)
         if self.launch is not None:
@@ -180,8 +201,31 @@ class Runtime:
         """fn(*args) on the compute thread, watched: a failure of the group raises a DistributedError
         here (oss_mlx/runtime.py steps the scheduler through this)."""
         if self.failure is not None:
-            raise self.error()
+            return self._run_failed(fn, args)
         return self._wait(self._compute.submit(fn, *args), timeout)
+
+    def _run_failed(self, fn: Callable, args: tuple):
+        """fn after a failure, when the compute thread is free (not stuck in a collective): every
+        command raises the failure before any collective now (Controller.refusal), so a scheduler
+        step ends the sequences submitted since with it rather than leaving them queued for good."""
+        if not self._compute.idle:
+            raise self.error()
+        try:
+            return self._compute.submit(fn, *args).result(timeout=AFTER_FAILURE_TIMEOUT)
+        except DistributedError:
+            raise
+        except Exception:  # noqa: BLE001 - the model's state after a failure: the failure says it
+            raise self.error() from None
+
+    def _give_up(self, reason: str) -> None:
+        """Start-up waits in a collective that will not end (a rank hangs or is gone): say why, stop
+        the ranks we started and end this process (nothing can interrupt that wait)."""
+        print(f"oss-mlx: the distributed start-up failed: {reason}", file=sys.stderr, flush=True)
+        if self.link is not None:
+            self.link.abort_all(reason)
+        if self.launch is not None:
+            self.launch.kill()
+        os._exit(1)
 
     def memory(self) -> list[dict]:
         """Per rank: MLX's peak memory and the peak RSS, bytes (the others' as of their last
@@ -200,6 +244,17 @@ class Runtime:
 
     # -- the end ---------------------------------------------------------------------------------
 
+    def _settle(self, timeout: float) -> None:
+        """Wait (bounded) until the thread stepping the model's scheduler has no sequence left: a
+        reply interrupted at exit (Ctrl-C) still takes steps to leave, which must reach the workers
+        before they are stopped."""
+        from ..runtime import runtime_of
+
+        model_runtime = runtime_of(self.model)
+        deadline = time.monotonic() + timeout
+        while model_runtime.busy and self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     def close(self) -> None:
         """Stop the workers (a planned end) or, after a failure, end this process (status 1)."""
         if self._closed:
@@ -208,6 +263,7 @@ class Runtime:
         if self.failure is None and self.link is not None:
             self.link.closing()  # the workers leave once stopped: not a failure
         if self.failure is None and self.controller is not None:
+            self._settle(STOP_TIMEOUT)
             try:
                 self.run(self.controller.stop, timeout=STOP_TIMEOUT)
             except DistributedError:
@@ -231,8 +287,8 @@ class Runtime:
 class _Agreement:
     """Every rank runs the same fallible step; all go on only if all succeeded."""
 
-    def __init__(self, group: Group, link: ControlLink, runtime: Runtime | None) -> None:
-        self.group, self.link, self.runtime = group, link, runtime
+    def __init__(self, group: Group, link: ControlLink) -> None:
+        self.group, self.link = group, link
 
     def __call__(self, what: str, fn: Callable):
         try:
@@ -248,10 +304,24 @@ class _Agreement:
             worker_exit(error or f"another rank could not {what}")
         deadline = time.monotonic() + 3.0
         expected = failed - (1 if error else 0)
-        while len(self.link.messages) < expected and time.monotonic() < deadline:
+        while len(self.link.reports) < expected and time.monotonic() < deadline:
             time.sleep(0.05)
-        reasons = ([f"rank 0: {error}"] if error else []) + self.link.messages
-        raise DistributedError("; ".join(reasons) or f"a rank could not {what}")
+        reports = ([(0, error)] if error else []) + self.link.reports
+        raise DistributedError(_merge(self.link, reports) or f"a rank could not {what}")
+
+
+def _merge(link: ControlLink, reports: list[tuple[int, str]]) -> str:
+    """The ranks' reasons in one line, each said once (every rank refuses a plan for the same reason)."""
+    ranks: dict[str, list[int]] = {}
+    for rank, text in reports:
+        ranks.setdefault(text, []).append(rank)
+    parts = []
+    for text, who in ranks.items():
+        if len(who) == 1:
+            parts.append(f"{'rank 0' if who[0] == 0 else link.describe(who[0])}: {text}")
+        else:
+            parts.append(f"ranks {', '.join(str(r) for r in sorted(who))}: {text}")
+    return "; ".join(parts)
 
 
 FINGERPRINT_BYTES = 1 << 20
@@ -420,60 +490,147 @@ def start(model, options: Options | None = None, launch=None) -> Runtime:
     source = model if hasattr(model, "build") else CheckpointSource(model, options)
     if options.mode is not None and options.mode not in MODES:
         raise DistributedError(f"unknown distributed mode {options.mode!r}; choose pipeline or tensor")
-    group = init_group()
-    rank0 = group.rank == 0
-    runtime = Runtime(group, launch) if rank0 else None
-    baseline = current_rss()
-    link = ControlLink(group, runtime.fail if rank0 else worker_exit)
-    if rank0:
-        runtime.link = link
-    agree = _Agreement(group, link, runtime)
+    group, link, runtime = _join(launch)
     try:
-        started = time.perf_counter()
-        find = getattr(source, "find", None)
-        if find is not None:  # the first rank of each machine, then the others (they find its copy)
-            first = first_on_its_host(group)
-            agree("find the model", find if first else lambda: None)
-            agree("find the model", (lambda: None) if first else find)
-        agree("open the model", source.open)
-        budgets = [int(b) * 2**20 for b in group.gather([_budget() // 2**20])[:, 0]]
-        latency = measure_latency(group, source.config.hidden_size) if options.mode is None else 0.0
-        latency = float(group.broadcast(np.array([latency], np.float32), mx.float32)[0])
-        plan = agree(
-            "plan the split",
-            lambda: make_plan(
-                source.config,
-                budgets,
-                mode=options.mode,
-                latency=latency if options.mode is None else None,
-                backend=group.backend,
-                context=options.context,
-                quantization=source.quantization,
-                dtype_bytes=source.dtype_bytes,
-            ),
-        )
-        _check_same(group, link, source, plan)
-        model = agree("load its part of the model", lambda: source.build(plan, group))
-        group.barrier()
-        _report(group, plan, baseline, time.perf_counter() - started)
-    except DistributedError:
-        if not rank0:
+        model, plan = _load(group, link, source, options)
+        if runtime is not None and runtime.failure is not None:
+            raise DistributedError(runtime.failure)
+    except DistributedError as e:  # agreed by every rank, with the reasons
+        if runtime is None:
             worker_exit("start-up failed")
-        raise
-    if not rank0:
-        try:
-            protocol.serve(
-                model,
-                group,
-                on_step=lambda: setattr(link, "steps", link.steps + 1),
-                wait_wake=link.wait_woken,
-            )
-        except Exception as e:  # a desynchronised cache, an MLX error: rank 0 hears why, then all stop
-            link.report(f"{type(e).__name__}: {e}")
-            time.sleep(0.5)
-            worker_exit(f"{type(e).__name__}: {e}")
-        link.stop()
-        worker_exit("stopped by rank 0", 0)
+        raise e from None
+    except RuntimeError as e:  # MLX's error in a collective: a rank is gone
+        if runtime is None:
+            worker_exit(f"start-up failed: {e}")
+        raise _cause(runtime, e) from None
+    finally:
+        if runtime is not None:
+            runtime._started.set()
+    if runtime is None:
+        _serve(model, group, link)  # never returns
+    return _ready(runtime, model, plan, group, link)
+
+
+def _deadline(seconds: float, done: threading.Event, expire: Callable[[], None]) -> None:
+    """expire() from a thread unless `done` is set within `seconds`."""
+
+    def watch() -> None:
+        if not done.wait(seconds):
+            expire()
+
+    threading.Thread(target=watch, name="oss-mlx-deadline", daemon=True).start()
+
+
+def _join(launch) -> tuple[Group, ControlLink, Runtime | None]:
+    """Join the group and open the control link; the Runtime on rank 0. Bounded by connect_timeout():
+    MLX's set-up waits for every rank for good, so a rank that hangs or dies before it joins ends
+    the others (JoinWatch)."""
+    wait = connect_timeout()
+    started = {w.rank: w.process.pid for w in launch.workers} if launch is not None else {}
+    watch = JoinWatch(wait + 5.0, _not_joined(wait), started)
+    group = None
+    try:
+        group = init_group()
+        runtime = Runtime(group, launch) if group.rank == 0 else None
+        if runtime is None:
+            _leave_interrupts_to_rank0()
+        link = ControlLink(group, runtime.fail if runtime is not None else worker_exit)
+    except RuntimeError as e:  # DistributedError (no group, a rank did not connect) or MLX's
+        if group is not None and group.rank != 0 and not isinstance(e, DistributedError):
+            worker_exit(f"start-up failed: {e}")
+        raise _exited(launch) or e from None
+    finally:
+        watch.done()
+    if runtime is not None:
+        runtime.link = link
+    return group, link, runtime
+
+
+def _not_joined(wait: float) -> str:
+    return (
+        f"the ranks did not all join the group within {wait:.0f} s: a rank hangs or ended at start-up, "
+        "or cannot reach the others' addresses (OSS_MLX_CONNECT_TIMEOUT sets the wait)"
+    )
+
+
+def _exited(launch) -> DistributedError | None:
+    """A rank we started that has ended, as the error (MLX's own then is only a refused or lost
+    connection, and advice that does not apply)."""
+    reason = launch.exited() if launch is not None else None
+    return DistributedError(reason) if reason else None
+
+
+def _cause(runtime: Runtime, error: Exception) -> DistributedError:
+    """What made a start-up collective fail on rank 0: the rank that ended (the launcher or the
+    control link says which) rather than MLX's lost connection."""
+    found = _exited(runtime.launch)
+    if found is not None:
+        return found
+    if runtime.failure is not None or runtime._failed.wait(2.0):
+        return DistributedError(runtime.failure)
+    return DistributedError(f"rank 0: {type(error).__name__}: {error}")
+
+
+def _leave_interrupts_to_rank0() -> None:
+    """A worker ignores SIGINT: a terminal's Ctrl-C reaches every rank of its process group (mlx.launch),
+    rank 0 gets it too and stops the others in order; a worker ended mid-collective fails the run."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _load(group: Group, link: ControlLink, source, options: Options):
+    """(model, plan) of this rank: find, open, plan and load, every fallible step agreed."""
+    agree = _Agreement(group, link)
+    baseline = current_rss()
+    started = time.perf_counter()
+    find = getattr(source, "find", None)
+    if find is not None:  # the first rank of each machine, then the others (they find its copy)
+        first = first_on_its_host(group)
+        agree("find the model", find if first else lambda: None)
+        agree("find the model", (lambda: None) if first else find)
+    agree("open the model", source.open)
+    budgets = [int(b) * 2**20 for b in group.gather([_budget() // 2**20])[:, 0]]
+    latency = measure_latency(group, source.config.hidden_size) if options.mode is None else 0.0
+    latency = float(group.broadcast(np.array([latency], np.float32), mx.float32)[0])
+    plan = agree(
+        "plan the split",
+        lambda: make_plan(
+            source.config,
+            budgets,
+            mode=options.mode,
+            latency=latency if options.mode is None else None,
+            backend=group.backend,
+            context=options.context,
+            quantization=source.quantization,
+            dtype_bytes=source.dtype_bytes,
+        ),
+    )
+    _check_same(group, link, source, plan)
+    model = agree("load its part of the model", lambda: source.build(plan, group))
+    group.barrier()
+    _report(group, plan, baseline, time.perf_counter() - started)
+    return model, plan
+
+
+def _serve(model, group: Group, link: ControlLink) -> None:
+    """A worker: run rank 0's commands until it stops them, then exit."""
+    try:
+        protocol.serve(
+            model,
+            group,
+            on_step=lambda: setattr(link, "steps", link.steps + 1),
+            wait_wake=link.wait_woken,
+        )
+    except Exception as e:  # a desynchronised cache, an MLX error: rank 0 hears why, then all stop
+        link.report(f"{type(e).__name__}: {e}")
+        time.sleep(0.5)
+        worker_exit(f"{type(e).__name__}: {e}")
+    link.stop()
+    worker_exit("stopped by rank 0", 0)
+
+
+def _ready(runtime: Runtime, model, plan: Plan, group: Group, link: ControlLink) -> Runtime:
+    """Rank 0 after the load: signals, the controller, the workers parked until the first request."""
     if (
         threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
