@@ -172,6 +172,13 @@ class Runtime:
 
     # ---- the stepping thread ----------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """Whether a thread steps this model's scheduler and sequences are still in it."""
+        with self._lock:
+            driver, scheduler = self._driver, self._scheduler
+        return driver is not None and driver.is_alive() and scheduler is not None and not scheduler.idle
+
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence with the shared scheduler (Busy when its queue is full) and make sure a
         thread steps it."""

@@ -307,8 +307,9 @@ class Scheduler:
     def fail_all(self, error: BaseException) -> None:
         """End every sequence with `error` (the stepping thread is stopping, or a bug)."""
         self._fail_batch(error)
-        with self._lock:  # (see _move)
-            ended = [*self.waiting, *self.prefilling, *self.draining]
+        with self._lock:  # (see _move); the submitted too: no step may come to take them in
+            ended = [*self._submitted, *self.waiting, *self.prefilling, *self.draining]
+            self._submitted.clear()
             self.waiting.clear()
             self.prefilling = []
             self.draining = []

@@ -237,3 +237,19 @@ def test_rows_shrink_and_grow_without_changing_tokens(model, monkeypatch, compil
         top = max(rows)
         later = rows[rows.index(top) :]
         assert top == 8 and 4 in later and 2 in later and later[-2] == 1, rows
+
+
+def test_fail_all_ends_the_sequences_not_yet_taken_in(model):  # noqa: F811
+    """The stepping thread's last act (a lost distributed rank, a stopping server): every sequence
+    ends with the error, those submitted since its last step too (no step would come for them)."""
+    scheduler = scheduler_for(model, max_batch=1)
+    running = sequence(model, prompts()[0], SamplingOptions(0.0, max_tokens=50))
+    scheduler.submit(running)
+    scheduler.step()
+    late = [sequence(model, p, SamplingOptions(0.0, max_tokens=4)) for p in prompts()[1:3]]
+    for s in late:
+        scheduler.submit(s)
+    error = RuntimeError("a rank is gone")
+    scheduler.fail_all(error)
+    assert all(s.done and s.error is error for s in [running, *late])
+    assert scheduler.idle and scheduler.counts() == (0, 0, 0)
