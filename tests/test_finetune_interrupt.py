@@ -210,3 +210,39 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tiny_checkpoint, toy, tm
         assert f"cannot use {last}" in r.stderr, r.stderr
         assert "delete step-000004 to resume from step-000002" in r.stderr, r.stderr
         assert "internal error" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tiny_checkpoint, toy, tmp_path):
+    """Two runs on one --out would mix their checkpoints (and --overwrite would delete the other's):
+    while a run writes there, another is refused in words; once it ended, --resume takes it up."""
+    import signal
+    import time
+
+    out = tmp_path / "busy"
+    args = ["finetune", "--model", str(tiny_checkpoint), "--data", str(toy / "train.jsonl"),
+            "--out", str(out), "--steps", "12", "--save-every", "1"]  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "oss_mlx.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OSS_MLX_FINETUNE_DELAY": "0.5"},
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "checkpoints" / "step-000001").is_dir():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended early"
+            time.sleep(0.05)
+        for extra in (["--overwrite"], ["--resume"]):
+            second = oss_mlx(*args, *extra)
+            assert second.returncode == 1 and "another oss-mlx finetune is writing to" in second.stderr, (
+                second.stderr
+            )
+        assert first.poll() is None  # untouched by the refused runs
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    resumed = oss_mlx(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "adapter_config.json").is_file()

@@ -12,8 +12,10 @@ planner checks that a step fits (turning gradient checkpointing on when needed) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -139,10 +141,26 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     out = Path(args.out).expanduser()
     try:
-        return run(args, out)
+        with contextlib.ExitStack() as held:  # the run lock, released when the run ends
+            return run(args, out, held)
     except KeyboardInterrupt:
         print(f"\ninterrupted; {_what_is_kept(out)}", file=sys.stderr)
         return 130
+
+
+def _lock_run(out: Path, held: contextlib.ExitStack) -> bool:
+    """Whether this process now holds `out`'s run lock (an flock on the folder itself, so no file of
+    ours sits among the user's), until `held` closes. Two runs writing one folder would mix their
+    checkpoints, and one's clean-up would take the other's save in progress."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    held.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _what_is_kept(out: Path) -> str:
@@ -154,7 +172,7 @@ def _what_is_kept(out: Path) -> str:
     return "no checkpoint was written yet, so there is nothing to resume: start again with --overwrite"
 
 
-def run(args, out: Path) -> int:
+def run(args, out: Path, held: contextlib.ExitStack) -> int:
     from rich.console import Console
 
     from ..adapters import CONFIG_FILE, OURS_FILE
@@ -172,8 +190,14 @@ def run(args, out: Path) -> int:
     # ---- the output folder: never lose a previous run by accident ---------------------------------
     if out.exists() and not out.is_dir():
         return _fail(f"--out {out} is a file; give a folder")
-    if out.is_dir():
-        clean_partial(out)  # first: a checkpoint a killed save had moved aside is put back
+    out.mkdir(parents=True, exist_ok=True)
+    if not _lock_run(out, held):
+        return _fail(
+            f"another oss-mlx finetune is writing to {out} now: wait for it to end (or stop it), or give "
+            "another --out",
+            1,
+        )
+    clean_partial(out)  # first: a checkpoint a killed save had moved aside is put back
     previous = complete_checkpoints(out) if out.is_dir() else []
     if args.resume:
         if not previous:
@@ -202,8 +226,8 @@ def run(args, out: Path) -> int:
             )
         except DestError as e:
             return _fail(str(e))
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        for path in out.iterdir():  # the folder itself stays: it holds this run's lock
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
     # ---- model config, data: checked before the weights are loaded ---------------------------------
     from ..errors import LoadError
