@@ -13,9 +13,10 @@ subclass:
   deadline, not an idle timer: one byte every few seconds does not keep it open); then it is closed.
 * **connection cap**: past ``max_connections`` open connections, a new one closes the connection
   that has waited longest on its client: for headers (stalled or idle between requests), or for the
-  rest of a request body it declared, so stalled connections never lock real clients out. Only when
-  every connection is busy with a request the server is working on is the new one refused (503,
-  ``Retry-After``).
+  rest of a request body it declared, so stalled connections never lock real clients out. One opened
+  a moment ago that has sent nothing yet is not taken for stalled (in a burst of clients its request
+  is still unread). Only when no connection waits on its client is the new one refused (503,
+  ``Retry-After``), so a burst past the cap gets answers, not resets.
 
 Request bodies have their own deadline, in the app (``--body-timeout``, 408).
 """
@@ -50,6 +51,10 @@ REFUSED = (
 )
 
 
+FRESH = 1.0  # seconds a silent new connection is not taken for a stalled one (just_opened)
+ROOM_DELAY = 0.1  # seconds after a connection past the cap opens until the cap is enforced
+
+
 class GuardedH11Protocol(H11Protocol):
     header_timeout: float = 10.0
     max_connections: int = 64
@@ -64,6 +69,8 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.waiting_since: float | None = None  # when it began waiting for request headers
+        self.opened = 0.0
+        self.heard = False  # whether any byte has come from the client
         self.request_since = 0.0  # when its current request's headers were read
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -84,6 +91,10 @@ class GuardedH11Protocol(H11Protocol):
         if self.waiting_since is not None and not self.transport.is_closing():
             log.debug("closed a connection that sent no complete request headers in %gs", self.header_timeout)
             self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+        super().data_received(data)
 
     def handle_events(self) -> None:
         cycle = self.cycle
@@ -107,14 +118,22 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.opened = time.monotonic()
         self._await_headers()
         if len(self.connections) > self.max_connections:
-            self._make_room()
+            self._make_room(at_open=True)
+
+    def _over_cap(self) -> None:
+        if self.transport.is_closing() or len(self.connections) <= self.max_connections:
+            return
+        if self.waiting_since is None:  # its request came meanwhile and runs: it keeps its place
+            return
+        self._make_room(at_open=False)
 
     def stalled_since(self) -> float | None:
         """Since when this connection waits on its client: for request headers, or for the rest of
         its request's body; None while the server works on a complete request."""
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self.just_opened():
             return None
         if self.waiting_since is not None:
             return self.waiting_since
@@ -122,7 +141,13 @@ class GuardedH11Protocol(H11Protocol):
             return self.request_since
         return None
 
-    def _make_room(self) -> None:
+    def just_opened(self) -> bool:
+        """Opened under FRESH seconds ago with nothing read yet: in a burst of clients, its request is
+        likely in the socket's buffer, not yet read by the event loop. Such a one is never closed
+        to make room (that would reset a working client); the newcomer is refused instead."""
+        return not self.heard and time.monotonic() - self.opened < FRESH
+
+    def _make_room(self, at_open: bool) -> None:
         waiting = [
             (since, c)
             for c in self.connections
@@ -132,6 +157,10 @@ class GuardedH11Protocol(H11Protocol):
             _, oldest = min(waiting, key=lambda pair: pair[0])
             log.debug("connection cap reached: closed the connection waiting longest on its client")
             oldest.transport.close()
+        elif at_open:
+            # Decided a moment later, once the loop has read what the others sent: in a burst they
+            # have sent nothing yet (just_opened), and their requests come in meanwhile.
+            self.loop.call_later(ROOM_DELAY, self._over_cap)
         else:
             log.warning(
                 "connection cap (%d) reached with every connection busy: refused one", self.max_connections
