@@ -15,7 +15,7 @@ subclass:
   that has waited longest on its client: for headers (stalled or idle between requests), or for the
   rest of a request body it declared, so stalled connections never lock real clients out. One opened
   a moment ago that has sent nothing yet is not taken for stalled (in a burst of clients its request
-  is still unread). Only when no connection waits on its client is the new one refused (503,
+  is still unread). Only when no connection waits on its client is the new one refused (429,
   ``Retry-After``), so a burst past the cap gets answers, not resets.
 
 Request bodies have their own deadline, in the app (``--body-timeout``, 408).
@@ -39,14 +39,15 @@ _BUSY = json.dumps(
         "error": {
             "message": "The server has too many open connections, all busy (see --max-connections). "
             "Retry later.",
-            "type": "server_error",
+            "type": "rate_limit_error",
             "param": None,
             "code": "too_many_connections",
         }
     }
 ).encode()
+# 429, as a full queue: a limit of load the client retries after Retry-After, not a server fault.
 REFUSED = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
     b"connection: close\r\ncontent-length: " + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY
 )
 
