@@ -191,6 +191,8 @@ def test_bad_inputs_name_the_line(tok, tmp_path):
         ("{not json", r"x\.jsonl:2: not valid JSON"),
         (json.dumps({"prompt": "a"}), r"x\.jsonl:2: no 'messages' field \(keys: prompt\)"),
         (chat(u), r"x\.jsonl:2: no assistant message"),
+        (chat(u, {"role": "assistant"}), r"x\.jsonl:2: message 1 \(assistant\) has no content"),
+        (chat(u, {"role": "assistant", "content": ""}), r"x\.jsonl:2: message 1 \(assistant\) has no"),
         (chat({"role": "wizard", "content": "a"}), r"x\.jsonl:2: Unknown role 'wizard'"),
         (chat({"content": "a"}), r"x\.jsonl:2: .*messages\[0\]\.role"),
         (json.dumps({"messages": "hi"}), r"x\.jsonl:2: .*expected an array"),

@@ -102,6 +102,22 @@ def _segments(messages: list[Message], turns: str) -> list[tuple[int, int]]:
     return out[-1:] if turns == "last" else out
 
 
+_SAYS = ("content", "tool_calls", "thinking", "reasoning_content", "reasoning")
+
+
+def _check_assistants_say_something(messages, where: str) -> None:
+    """An assistant message with no text, reasoning or call would train the model to answer nothing
+    (an API request may send one; training data that does is a mistake)."""
+    if not isinstance(messages, list):
+        return  # conversation() says what is wrong with it
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "assistant" and not any(m.get(k) for k in _SAYS):
+            raise DataError(
+                f"{where}: message {i} (assistant) has no content, reasoning or tool calls, so it would "
+                "teach an empty answer: give its text or drop it"
+            )
+
+
 def render_record(
     record: dict, tokenizer: HarmonyTokenizer, options: RenderOptions, where: str
 ) -> list[TrainSequence]:
@@ -117,6 +133,7 @@ def render_record(
         raise DataError(
             f"{where}: no 'messages' field (keys: {keys}); each line needs {{\"messages\": [...]}}"
         )
+    _check_assistants_say_something(record["messages"], where)
     try:
         messages, system_texts, _ = conversation(record["messages"])
         tools: list[Tool] = function_tools(record)
