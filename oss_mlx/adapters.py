@@ -36,6 +36,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from .atomic import replace_with, write_text
 from .config import ModelConfig
 from .errors import LoadError
 from .lora import (
@@ -387,22 +388,7 @@ def ours_expert_to_peft(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
 def atomic_save_safetensors(
     tensors: dict[str, mx.array], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # mlx keeps .safetensors last
-    mx.save_safetensors(str(tmp), tensors, metadata=metadata or {})
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    replace_with(path, lambda tmp: mx.save_safetensors(str(tmp), tensors, metadata=metadata or {}))
 
 
 def save_adapter(
@@ -439,7 +425,7 @@ def save_adapter(
             },
             **(extra or {}),
         }
-        atomic_write_text(folder / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+        write_text(folder / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
         return folder
     if format != "peft":
         raise AdapterError(f"unknown adapter format {format!r}; choose oss-mlx or peft")
@@ -501,4 +487,4 @@ def _save_peft(model: nn.Module, folder: Path, weights: dict[str, mx.array]) -> 
         "init_lora_weights": True,
         "base_model_name_or_path": None,
     }
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+    write_text(folder / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")

@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -251,6 +252,14 @@ def device_name() -> str:
     return name or platform.processor() or platform.machine()
 
 
+def write_json(path: str, value) -> None:
+    """`value` as JSON in `path`, whole or not at all: the file is rewritten after every row, and a
+    Ctrl-C in the middle of one write must not cost the rows of the earlier ones."""
+    from .atomic import write_text
+
+    write_text(path, json.dumps(value, indent=1))
+
+
 def print_table(rows: list[Row], engines: list[str], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -403,6 +412,40 @@ def memory_needed(config: ModelConfig, quality: str, context: int, engines: list
     return plan.total + extra, plan
 
 
+def _same_file(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _given(pairs: tuple[tuple[str, object], ...]) -> str:
+    """The names of the options given (truthy), comma-separated."""
+    return ", ".join(name for name, value in pairs if value)
+
+
+def option_clash(args: argparse.Namespace) -> str | None:
+    """Why these options do not go together (in words), or None: an option a mode would silently
+    ignore measures something else than what the command line says."""
+    fresh = "--cold/--ttft" if args.cold and args.ttft else "--cold" if args.cold else "--ttft"
+    checks = (("--check-logits", args.check_logits), ("--check-layers", args.check_layers))
+    repeat = (("--repeat", args.repeat > 1),)
+    if _same_file(args.json, args.results):
+        return "--json rewrites its file on every row and --results appends to its own: give two files"
+    modes = (("--cold", args.cold), ("--ttft", args.ttft), ("--follow-up", args.follow_up))
+    if args.concurrency and (used := _given(modes + repeat + checks)):
+        return f"--concurrency measures streams decoding together only; it takes no {used}"
+    if (args.cold or args.ttft) and not args.follow_up and (used := _given(repeat + checks)):
+        return f"{fresh} measure(s) in fresh processes only (no in-process runs); it takes no {used}"
+    if (args.cold or args.ttft) and (args.quality != "reference" or args.dtype != "bfloat16"):
+        return (
+            f"{fresh} build(s) the --config model in a fresh process with bfloat16 reference weights: "
+            "--quality and --dtype do not apply"
+        )
+    if args.follow_up_tokens is not None and not args.follow_up:
+        return "--follow-up-tokens applies to --follow-up D,..."
+    if args.cold_timeout is not None and not (args.cold or args.ttft):
+        return "--cold-timeout applies to --cold / --ttft"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -420,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.model and args.dtype != "bfloat16":
         parser.error("--dtype applies to --config random weights (a checkpoint has its own dtype)")
+    if clash := option_clash(args):
+        parser.error(clash)
+    bench_first.resolve_defaults(args)
     lengths = args.prompt_lengths
     G = args.decode_tokens
     depth = max(args.follow_up, default=0) + (args.follow_up_tokens if args.follow_up else 0)
@@ -476,8 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     def write_rows(new: list[Row], kept: bool = True) -> None:
         # After every measurement, not once at the end: a run cut by a time limit keeps its rows.
         if args.json and kept:
-            with open(args.json, "w") as f:
-                json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
+            write_json(args.json, [{**asdict(r), **meta} for r in rows])
         for r in new if results is not None else ():
             results.append({**asdict(r), "kept": kept})
 
@@ -486,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         write_rows([row])
 
     if args.cold or args.ttft:  # fresh processes first: this one then holds no model beside theirs
-        bench_first.fresh_process_rows(args, engines, Row, add)
+        failed = bench_first.fresh_process_rows(args, engines, Row, add)
+        if failed:
+            print(f"oss-mlx bench: error: {failed} fresh process(es) gave no result (above)", file=sys.stderr)
+            return 1
         if not args.follow_up:
             return 0
         lengths = []  # the in-process rows are the fresh processes' second runs
@@ -626,8 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     if follow_ups:
         bench_first.print_follow_ups(follow_ups, title)
     if args.json and extra:
-        with open(args.json + ".check.json", "w") as f:
-            json.dump(extra, f, indent=1)
+        write_json(args.json + ".check.json", extra)
     for name, result in extra.items() if results is not None else ():
         results.append({"phase": name, "result": result})
     return 0
@@ -668,8 +715,7 @@ def _concurrency(
         row.ttft_ms, row.ttft_alone_ms = c.ttft_ms, c.ttft_alone_ms
         rows.append(row)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump([{**asdict(r), **meta} for r in rows], f, indent=1)
+            write_json(args.json, [{**asdict(r), **meta} for r in rows])
         if results_file is not None:
             results_file.append({**asdict(row), "kept": True})
 

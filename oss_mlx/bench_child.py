@@ -30,7 +30,11 @@ def _child(spec: ChildSpec, module_start: float) -> FirstPrompt:
         from .loader import load_model
         from .runtime import runtime_of
 
-        model, _ = load_model(spec.model, warm_up=spec.warm_up if engine != "mlx-lm" else False)
+        model, _ = load_model(
+            spec.model,
+            memory_budget=spec.memory_budget,
+            warm_up=spec.warm_up if engine != "mlx-lm" else False,
+        )
         report = runtime_of(model).warmup_report
     else:
         model = random_model(preset_config(spec.config), seed=spec.seed)

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 CHILD_MARK = "oss-mlx-bench-first: "
+FOLLOW_UP_TOKENS = 2048  # --follow-up-tokens
+COLD_TIMEOUT = 900.0  # --cold-timeout, seconds
 # The chat-like first message (~300 tokens rendered): developer instructions and a user's question.
 CHAT_SYSTEM = (
     "You are a careful assistant for a small engineering team. Answer in plain English, keep answers "
@@ -83,6 +85,7 @@ class ChildSpec:
     prefill_chunk: int | None
     spawned: float  # time.time() in the parent just before the process started
     warm_up: bool | None = None  # the load-time warm-up: None as the loader decides (warmup.wanted)
+    memory_budget: str | None = None  # with model: stream its experts within this budget
 
 
 @dataclass
@@ -160,7 +163,10 @@ def add_arguments(p) -> None:
         help="prefill --follow-up-tokens new tokens after D cached ones, beside a fresh prompt's rate",
     )
     p.add_argument(
-        "--follow-up-tokens", type=A.Number(int, 1, 2**20), default=2048, metavar="N", help="(default 2048)"
+        "--follow-up-tokens",
+        type=A.Number(int, 1, 2**20),
+        metavar="N",
+        help=f"with --follow-up: new tokens after the cached ones (default {FOLLOW_UP_TOKENS:,})",
     )
     p.add_argument(
         "--load-warmup",
@@ -172,21 +178,31 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--cold-timeout",
         type=A.Number(float, 1, 86400),
-        default=900,
         metavar="S",
-        help="seconds for each fresh process of --cold / --ttft (default %(default)s)",
+        help=f"seconds for each fresh process of --cold / --ttft (default {COLD_TIMEOUT:g})",
     )
+
+
+def resolve_defaults(args) -> None:
+    """The defaults of the options above, once the bench has checked that they apply (their parser
+    default is None, so that an option given where it does nothing is refused)."""
+    if args.follow_up_tokens is None:
+        args.follow_up_tokens = FOLLOW_UP_TOKENS
+    if args.cold_timeout is None:
+        args.cold_timeout = COLD_TIMEOUT
 
 
 def warm_up_flag(args) -> bool | None:
     return {"auto": None, "on": True, "off": False}[args.load_warmup]
 
 
-def fresh_process_rows(args, engines: list[str], row_type, add) -> None:
-    """--cold and --ttft: each measurement in a fresh process; `add(row)` for each result."""
+def fresh_process_rows(args, engines: list[str], row_type, add) -> int:
+    """--cold and --ttft: each measurement in a fresh process; `add(row)` for each result. Returns
+    how many processes gave no result (the bench then exits with an error)."""
     prompts = [str(n) for n in args.prompt_lengths] if args.cold else []
     prompts += ["chat"] if args.ttft else []
     results: list[FirstPrompt] = []
+    failed = 0
     for engine in engines:
         for prompt in prompts:
             spec = ChildSpec(
@@ -199,10 +215,12 @@ def fresh_process_rows(args, engines: list[str], row_type, add) -> None:
                 prefill_chunk=args.prefill_step,
                 spawned=0.0,
                 warm_up=warm_up_flag(args),
+                memory_budget=args.memory_budget,
             )
             got = run_fresh_process(spec, args.cold_timeout)
             if isinstance(got, str):
                 print(f"  {engine:<18} fresh process, prompt {prompt}: {got}", flush=True)
+                failed += 1
                 continue
             results.append(got)
             print(
@@ -245,6 +263,7 @@ def fresh_process_rows(args, engines: list[str], row_type, add) -> None:
     if results:  # each prompt's engines side by side
         results.sort(key=lambda r: prompts.index(r.prompt))
         print_first_prompts(results, "first prompt of a fresh process")
+    return failed
 
 
 def follow_up_rows(

@@ -104,12 +104,22 @@ class ResultsFile:
     def append(self, row: dict[str, Any]) -> None:
         line = json.dumps({"date": now(), **self.shared, **row}, sort_keys=False) + "\n"
         # O_APPEND: a line lands whole at the end even if two runs share the file.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode())
+            if _ends_unterminated(fd):  # a line cut short (a crash, a full disk): ours must not join it
+                line = "\n" + line
+            data = line.encode()
+            while data:  # a regular file takes it in one write; a short one (a signal) goes on
+                data = data[os.write(fd, data) :]
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _ends_unterminated(fd: int) -> bool:
+    """Whether the file's last byte is not a newline (an empty file is terminated)."""
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -68,10 +68,24 @@ def wanted(model) -> bool:
     weight = model.unembedding.weight
     if not mx.issubdtype(weight.dtype, mx.floating):
         return False
+    return _copied(weight.size)
+
+
+def _copied(values: int) -> bool:
+    """Whether a float unembedding of `values` elements is copied for the host's BLAS on the CPU."""
     setting = env_switch(ENV)
-    if setting is not None:
-        return setting
-    return weight.size * 4 <= MAX_BYTES
+    return setting if setting is not None else values * 4 <= MAX_BYTES
+
+
+def copy_bytes(vocab: int, hidden: int) -> int:
+    """The float32 copy a float [vocab, hidden] unembedding takes on the CPU backend (0: none is made).
+    The memory planner counts it where a CPU runs the model."""
+    return vocab * hidden * 4 if _copied(vocab * hidden) else 0
+
+
+def model_copy_bytes(model) -> int:
+    """The copy `model`'s decode steps will make here and now (0 on a GPU, or for a quantized head)."""
+    return model.unembedding.weight.size * 4 if wanted(model) else 0
 
 
 class HostHeads:

@@ -135,9 +135,16 @@ class MemoryPlan:
     quantization: dict | None = None
     dtype_bytes: int = 2
     prefill_chunk: int = PREFILL_CHUNK
+    # The CPU's host unembedding copy (host_head.py) is counted: None = where this process runs on the
+    # CPU backend; False plans for another machine (a Mac's GPU, a GPU box).
+    host_head: bool | None = None
     weights: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.host_head is None:
+            from .kernels.dispatch import on_gpu
+
+            self.host_head = not on_gpu()
         if self.quantization is None and self.preset in presets():
             self.quantization = presets()[self.preset].spec()
         elif self.quantization is None:
@@ -147,6 +154,20 @@ class MemoryPlan:
     @property
     def weights_total(self) -> int:
         return sum(self.weights.values())
+
+    @property
+    def host_head_bytes(self) -> int:
+        """The float32 copy of a float unembedding the CPU's decode step makes (host_head.py)."""
+        if not self.host_head or (self.quantization or {}).get("unembedding"):
+            return 0
+        from .host_head import copy_bytes
+
+        return copy_bytes(self.config.vocab_size, self.config.hidden_size)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Weights and what stays beside them whatever the context (the host head's copy)."""
+        return self.weights_total + self.host_head_bytes
 
     @property
     def kv_bytes(self) -> int:
@@ -165,19 +186,25 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.weights_total + self.kv_bytes + self.activation_bytes
+        return self.resident_bytes + self.kv_bytes + self.activation_bytes
 
     def fits(self, working_set_bytes: int) -> bool:
         return self.total <= working_set_bytes
 
     def with_context(self, context: int) -> MemoryPlan:
         return MemoryPlan(
-            self.config, self.preset, context, self.quantization, self.dtype_bytes, self.prefill_chunk
+            self.config,
+            self.preset,
+            context,
+            self.quantization,
+            self.dtype_bytes,
+            self.prefill_chunk,
+            self.host_head,
         )
 
     def max_context(self, working_set_bytes: int) -> int:
         """The longest context that fits (0: not even the weights fit), at most max_position_embeddings."""
-        fixed = self.weights_total + self.activation_bytes
+        fixed = self.resident_bytes + self.activation_bytes
         if fixed + kv_bytes(self.config, 1) > working_set_bytes:
             return 0
         lo, hi = 1, self.config.max_position_embeddings
@@ -197,7 +224,7 @@ class MemoryPlan:
         c = self.config
         biases = (2 * c.intermediate_size + c.hidden_size) * self.dtype_bytes  # stay resident
         per_expert = expert_bytes(c, self.dtype_bytes) - biases
-        resident = self.weights_total - per_expert * c.num_experts * c.num_layers
+        resident = self.resident_bytes - per_expert * c.num_experts * c.num_layers
         if not (self.quantization or {}).get("embedding"):
             resident -= self.weights["embedding"]  # a float table is read by rows, not kept
         allowance = self.kv_bytes + ACTIVATION_ALLOWANCE
@@ -225,7 +252,11 @@ class MemoryPlan:
             p
             for name in presets()
             if name != self.preset
-            and (p := MemoryPlan(self.config, name, self.context, dtype_bytes=self.dtype_bytes)).total
+            and (
+                p := MemoryPlan(
+                    self.config, name, self.context, dtype_bytes=self.dtype_bytes, host_head=self.host_head
+                )
+            ).total
             < self.total
         ]
         for p in sorted(smaller, key=lambda p: p.total):

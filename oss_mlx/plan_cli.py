@@ -73,6 +73,9 @@ def plan_table(plan: MemoryPlan, machine: Machine | None = None, title: str | No
     for name in COMPONENTS:
         t.add_row(name, f"{plan.weights[name]:,}", f"{plan.weights[name] / GiB:.2f}", notes[name])
     t.add_row("weights", f"{plan.weights_total:,}", f"{plan.weights_total / GiB:.2f}", "", style="bold")
+    if plan.host_head_bytes:
+        n = plan.host_head_bytes
+        t.add_row("host head", f"{n:,}", f"{n / GiB:.2f}", "float32 copy of the unembedding (CPU decode)")
     grow, bounded = plan.kv_bytes_per_1k()
     t.add_row(
         "kv cache",
@@ -95,14 +98,16 @@ def plan_table(plan: MemoryPlan, machine: Machine | None = None, title: str | No
     return t
 
 
-def presets_table(config: ModelConfig, context: int, machine: Machine, dtype_bytes: int = 2):
+def presets_table(
+    config: ModelConfig, context: int, machine: Machine, dtype_bytes: int = 2, host_head: bool | None = None
+):
     from rich.table import Table
 
     t = Table(title=f"presets on {machine.how} ({gib(machine.working_set_bytes)} budget)")
     for col in ("preset", "weights GiB", f"total GiB @ {context:,}", "fits", "max context"):
         t.add_column(col, justify="left" if col in ("preset", "fits") else "right")
     for name in presets():
-        p = MemoryPlan(config, name, context, dtype_bytes=dtype_bytes)
+        p = MemoryPlan(config, name, context, dtype_bytes=dtype_bytes, host_head=host_head)
         mc = p.max_context(machine.working_set_bytes)
         t.add_row(
             name,
@@ -131,7 +136,7 @@ def print_plan(plan: MemoryPlan, machine: Machine, console=None, presets: bool =
         highlight=False,
     )
     if presets:
-        console.print(presets_table(plan.config, plan.context, machine, plan.dtype_bytes))
+        console.print(presets_table(plan.config, plan.context, machine, plan.dtype_bytes, plan.host_head))
     for line in plan.advice(machine):
         console.print(f"  - {line}", highlight=False, soft_wrap=True)
 
@@ -139,6 +144,7 @@ def print_plan(plan: MemoryPlan, machine: Machine, console=None, presets: bool =
 # ---- oss-mlx plan ---------------------------------------------------------------------------------
 
 NAMED_CONFIGS = tuple(OFFICIAL_SHAPES)
+DEFAULT_RANK = 8  # --rank with --finetune (oss-mlx finetune's default)
 named_config = official_config  # the shapes of openai/gpt-oss-20b / -120b (no file needed)
 
 
@@ -199,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan LoRA training instead (oss-mlx finetune: attention + experts, batch 1); --context is "
         "the training sequence length",
     )
-    ap.add_argument("--rank", type=A.Number(int, 1, 4096), default=8, help="with --finetune: the LoRA rank")
+    ap.add_argument(
+        "--rank", type=A.Number(int, 1, 4096), help=f"with --finetune: the LoRA rank (default {DEFAULT_RANK})"
+    )
     ap.add_argument(
         "--hosts",
         type=A.non_empty("hosts.json"),
@@ -210,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--distributed", choices=("auto", "pipeline", "tensor"), default="auto", help="with --hosts"
     )
     return ap
+
+
+def option_clash(args: argparse.Namespace) -> str | None:
+    """Why these options do not go together (in words), or None: none is silently ignored."""
+    if args.platform and args.memory is None:
+        return "--platform applies to --memory GB (this machine's platform is detected)"
+    if args.config and args.model:
+        return f"give a model or --config {args.config}, not both"
+    if args.hosts:
+        given = [f for f, on in (("--memory", args.memory is not None), ("--finetune", args.finetune)) if on]
+        if given:
+            return f"--hosts plans with each host's memory from its file; it takes no {', '.join(given)}"
+    elif args.distributed != "auto":
+        return "--distributed applies to --hosts FILE"
+    if args.rank is not None and not args.finetune:
+        return "--rank applies to --finetune"
+    return None
 
 
 def training_plans(
@@ -247,10 +272,8 @@ def training_table(config: ModelConfig, rank: int, length: int, machines: list[M
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.platform and args.memory is None:
-        ap.error("--platform applies to --memory GB (this machine's platform is detected)")
-    if args.config and args.model:
-        ap.error(f"give a model or --config {args.config}, not both")
+    if clash := option_clash(args):
+        ap.error(clash)
     raw: dict[str, Any] = {}
     if args.config or args.model in NAMED_CONFIGS:
         config = named_config(args.config or args.model)
@@ -282,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     preset = args.preset or section.get("preset") or "reference"
     dtype_bytes = st.ITEMSIZE[st.FLOAT_NAMES.get(section.get("dtype"), "BF16")]
     quant = section.get("quantization") if not args.preset and section else None
-    plan = MemoryPlan(config, preset, args.context, quantization=quant, dtype_bytes=dtype_bytes)
+    # --memory plans for another machine, whose backend is not this one's (host_head: memory.py)
+    host_head = None if args.memory is None else False
+    plan = MemoryPlan(
+        config, preset, args.context, quantization=quant, dtype_bytes=dtype_bytes, host_head=host_head
+    )
     if args.hosts:
         from .distributed.cli import plan_main
 
@@ -292,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         from rich.console import Console
 
         console = Console()
-        plans = training_plans(config, args.rank, args.context, quant, dtype_bytes)
+        rank = args.rank or DEFAULT_RANK
+        plans = training_plans(config, rank, args.context, quant, dtype_bytes)
         for plan in plans.values():
             console.print(plan.summary(), highlight=False)
-        console.print(training_table(config, args.rank, args.context, [machine]))
+        console.print(training_table(config, rank, args.context, [machine]))
         return 0
     print_plan(plan, machine)
     return 0

@@ -40,6 +40,7 @@ from . import weights as W
 from .cli_args import parse_size
 from .config import ModelConfig
 from .errors import MemoryBudgetError
+from .host_head import model_copy_bytes
 from .memory import ACTIVATION_ALLOWANCE, kv_bytes, min_budget
 from .moe import SORT_THRESHOLD, Experts, clamped_swiglu
 from .partial_read import header_of, pread_into
@@ -86,14 +87,27 @@ class _Files:
         self.fds: dict[Path, int] = {}
         self._finalizer = weakref.finalize(self, _close_all, self.fds)
 
-    def read(self, src: ExpertSource, expert: int) -> np.ndarray:
-        fd = self.fds.get(src.path)
+    def open(self, path: Path) -> int:
+        fd = self.fds.get(path)
         if fd is None:
-            fd = self.fds[src.path] = os.open(src.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return fd
+
+    def read(self, src: ExpertSource, expert: int) -> np.ndarray:
+        fd = self.open(src.path)
         out = np.empty(src.shape, dtype=src.dtype)
-        pread_into(
-            fd, memoryview(out).cast("B"), src.offset + expert * src.stride, src.path, f"expert {expert}"
-        )
+        try:
+            pread_into(
+                fd, memoryview(out).cast("B"), src.offset + expert * src.stride, src.path, f"expert {expert}"
+            )
+        except OSError as e:
+            if e.errno is not None:  # a read error (the disk), not the end of the file
+                raise
+            # The file is open since the load: only a change in place makes it shorter.
+            raise OSError(
+                f"{e}; the checkpoint changed after it was loaded (streamed weights are read from it "
+                "while the model runs): load it again"
+            ) from None
         return out
 
 
@@ -430,6 +444,7 @@ def plan_streaming(
             expert += p.nbytes
         else:
             resident += p.nbytes
+    resident += model_copy_bytes(model)  # the CPU decode step's float32 unembedding (host_head.py)
     L, E, k = config.num_layers, config.num_experts, config.experts_per_token
     per_expert = expert // (L * E)
     if allowance is None:
@@ -439,11 +454,12 @@ def plan_streaming(
     plan = StreamingPlan(total, resident, allowance, per_expert, L, max(int(slots), 0), E, k)
     if slots < k:
         need = plan.minimum_budget
+        suggest = f"{np.ceil(need / 1e8) / 10:.1f}GB"
         raise MemoryBudgetError(
             f"memory_budget={budget!r} ({_gb(total)}) is too small for this model: it needs at least "
             f"{_gb(need)} = resident weights {_gb(resident)} + KV cache and activations {_gb(allowance)} "
-            f"+ {k} experts (top-k) x ({L} layers + 1) x {per_expert / 1e6:.1f} MB. "
-            f"Use memory_budget='{np.ceil(need / 1e8) / 10:.1f}GB' or more."
+            f"+ {k} experts (top-k) x ({L} layers + 1) x {per_expert / 1e6:.3g} MB. "
+            f"Use memory_budget='{suggest}' (--memory-budget {suggest}) or more."
         )
     return plan
 
@@ -463,6 +479,12 @@ def stream_experts(
     sources = expert_sources(model, tensors, recipes, layout, folder)  # refuses hf-float first
     files = _Files()
     row_source = embedding_source(model, tensors, recipes, {})
+    # Open every file now: the offsets above are these files' headers, so a file deleted or replaced
+    # later (a re-conversion into the same folder) must not be read in their place.
+    for path in {src.path for layer in sources for src in layer.values()}:
+        files.open(path)
+    if row_source is not None:
+        files.open(row_source[0].path)
     if row_source is not None:  # before planning: the table no longer counts as resident
         source, stored = row_source
         model.embedding = StreamingEmbedding(source, stored, files, model.embedding.weight.dtype)

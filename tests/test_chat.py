@@ -24,12 +24,12 @@ import pytest
 from chat_helpers import REPO, TmuxChat, env_has_tmux, function_call, harmony_reply, python_call
 from conftest import make_hub_cache
 
+from oss_mlx.atomic import write_text
 from oss_mlx.chat import commands
 from oss_mlx.chat.app import format_stats
 from oss_mlx.chat.guard import LoopDetector
 from oss_mlx.chat.history import (
     ChatFileError,
-    atomic_write,
     data_dir,
     load_conversation,
     save_conversation,
@@ -100,7 +100,7 @@ def test_first_run_downloads_and_converts_a_hub_model_once(tmp_path, vocab_dir, 
 
 @needs_tmux
 def test_memory_budget_streams_experts_and_stats_show_it(chat):
-    app = chat("--memory-budget", "0.6GB", replies=[SHORT])
+    app = chat("--memory-budget", "0.7GB", replies=[SHORT])
     assert "Short answer." in app.command("Hi", r"tok/s")
     assert "expert cache hit rate" in app.command("/stats", r"experts streamed from disk")
 
@@ -750,9 +750,12 @@ def test_load_errors(tmp_path):
 
 def test_atomic_write_replaces_whole_files(tmp_path):
     path = tmp_path / "f.json"
-    atomic_write(path, "one")
-    atomic_write(path, "two")
+    write_text(path, "one", private=True)
+    assert path.stat().st_mode & 0o777 == 0o600  # a new private file
+    path.chmod(0o640)
+    write_text(path, "two")
     assert path.read_text() == "two" and len(list(tmp_path.iterdir())) == 1
+    assert path.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its permissions
 
 
 def test_data_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from oss_mlx.host_head import model_copy_bytes
 from oss_mlx.loader import load_model
 from oss_mlx.runtime import runtime_of
 from oss_mlx.streaming import (
@@ -171,8 +172,9 @@ def test_expert_weights_are_not_parameters(checkpoint, resident):
     names = [n for n, _ in tree_flatten(model.parameters())]
     assert not [n for n in names if n.endswith(("experts.gate_up_weight", "experts.down_scales"))]
     assert "blocks.0.mlp.experts.gate_up_bias" in names
+    # Resident: the parameters, and on the CPU the decode step's float32 copy of the unembedding.
     assert (
-        sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+        sum(p.nbytes for _, p in tree_flatten(model.parameters())) + model_copy_bytes(model)
         == runtime_of(model).streaming.resident_bytes
     )
 
@@ -185,6 +187,8 @@ def test_budget_too_small_names_the_minimum(checkpoint, resident):
     assert runtime_of(model).streaming.slots == SPEC.experts_per_token
     assert runtime_of(model).streaming.minimum_budget == need
     with pytest.raises(MemoryBudgetError, match="'0.6GB'"):
+        load_model(checkpoint, memory_budget="100MB")
+    with pytest.raises(MemoryBudgetError, match=r"\(--memory-budget 0.6GB\)"):  # the CLI's spelling too
         load_model(checkpoint, memory_budget="100MB")
 
 
@@ -270,3 +274,32 @@ def test_the_embedding_table_is_read_by_rows(hub_checkpoint):
     tokens = mx.array([[5, 7, 5, 300]])
     np.testing.assert_array_equal(as_np(model.embedding(tokens)), as_np(resident.embedding(tokens)))
     assert model.embedding.rows_read == 3  # unique rows only
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_files_replaced_or_deleted_after_the_load_are_not_read(change, hub_checkpoint, tmp_path):
+    """The files are opened at load: a re-conversion into the same folder (files replaced) or a
+    removed folder changes nothing for a model already loaded."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(hub_checkpoint, folder)
+    before, _ = greedy(load_model(hub_checkpoint, memory_budget=10**10)[0], PROMPT[:8], 3)
+    model, _ = load_model(folder, memory_budget=budget_for(load_model(folder)[0], 2))
+    if change == "replaced":
+        other = tmp_path / "other"
+        write_checkpoint(other, SPEC, layout="hf-mxfp4", seed=12)
+        for f in other.glob("*.safetensors"):
+            f.replace(folder / f.name)
+    else:
+        shutil.rmtree(folder)
+    assert greedy(model, PROMPT[:8], 3)[0] == before
+
+
+def test_a_file_cut_short_after_the_load_is_named(hub_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(hub_checkpoint, folder)
+    model, _ = load_model(folder, memory_budget=budget_for(load_model(folder)[0], 2))
+    for f in folder.glob("*.safetensors"):
+        with open(f, "r+b") as fh:
+            fh.truncate(4096)
+    with pytest.raises(OSError, match="the checkpoint changed after it was loaded"):
+        greedy(model, PROMPT[:8], 1)

@@ -64,9 +64,9 @@ def copy_text(
             continue
         if done.returncode == 0:
             return Copied(argv[0])
-    from .history import atomic_write
+    from ..atomic import write_text
 
-    atomic_write(fallback_file, text)
+    write_text(fallback_file, text, private=True, make_parents=True)
     if terminal is not None:
         terminal(osc52(text))
         return Copied("OSC 52", fallback_file)

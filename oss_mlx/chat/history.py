@@ -18,16 +18,15 @@ target: a crash leaves the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
-import tempfile
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
 from ..harmony import ROLES, Message
 from ..model_store import data_dir
 
@@ -49,31 +48,6 @@ def new_autosave_path(folder: Path | None = None) -> Path:
         n += 1
         path = folder / f"{stamp}-{n}.json"
     return path
-
-
-def atomic_write(path: Path, text: str, *, make_parents: bool = True) -> None:
-    """Write `text` to `path` whole or not at all. A file replaced keeps its permissions; a new one
-    is private (0600, mkstemp's): conversations are personal."""
-    path = Path(path)
-    if make_parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode) if path.is_file() else None
-    except OSError:
-        mode = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def message_to_dict(message: Message) -> dict[str, Any]:
@@ -125,7 +99,7 @@ def save_conversation(
     path: Path, messages: list[Message], settings: dict[str, Any], *, make_parents: bool = True, **extra: Any
 ) -> None:
     text = conversation_json(messages, settings, **extra)
-    atomic_write(Path(path).expanduser(), text, make_parents=make_parents)
+    write_text(Path(path).expanduser(), text, private=True, make_parents=make_parents)
 
 
 # A saved conversation is text: far below this. A bigger file (or a device such as /dev/zero) is refused

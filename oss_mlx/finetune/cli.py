@@ -479,7 +479,7 @@ def _log(path: Path, row: dict) -> None:
 
 def _truncate_log(path: Path, step: int) -> None:
     """Drop the log rows of steps after the checkpoint (they are trained again)."""
-    from ..adapters import atomic_write_text
+    from ..atomic import write_text
 
     if not path.is_file():
         return
@@ -491,7 +491,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut by the kill
-    atomic_write_text(path, "".join(k + "\n" for k in kept))
+    write_text(path, "".join(k + "\n" for k in kept))
 
 
 def duration(seconds: float) -> str:

@@ -35,10 +35,10 @@ from ..adapters import (
     OURS_FILE,
     AdapterError,
     atomic_save_safetensors,
-    atomic_write_text,
     load_tensors,
     save_adapter,
 )
+from ..atomic import write_text
 from ..convert.folder import WORKING, atomic_folder, clean_stale
 from ..lora import LoRAConfig, adapter_weights, attach, freeze_base, lora_modules
 from ..runtime import runtime_of
@@ -212,7 +212,7 @@ class Trainer:
                 "valid_sha256": self.valid.sha256 if self.valid is not None else None,
                 **(extra or {}),
             }
-            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+            write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
         for stale in complete_checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
         return final
