@@ -295,6 +295,14 @@ def _alive(pid: int) -> bool:
     return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _gone(pid: int, seconds: float) -> bool:
+    """Whether process `pid` has ended within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
 def _launch(n: int, mode: str, model: Path, report: Path, *extra: str, **env: str) -> dict:
     cmd = [*MLX_LAUNCH, "--backend", "ring", "-n", str(n), "--starting-port", str(_free_port_base(n))]
     cmd += ["--", sys.executable, str(PROBE), str(model), "--distributed", mode, *extra]
@@ -468,10 +476,7 @@ def test_frozen_rank_ends_the_request_within_the_heartbeat_timeout_with_hosts(ti
         assert "rank 1" in error and "has not answered for" in error, error
         assert said < 2 + 4, said
         assert proc.wait(timeout=20) == 1
-        deadline = time.monotonic() + 5
-        while _alive(victim) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(victim)
+        assert _gone(victim, 5)
     finally:
         _end(proc)
 
@@ -833,10 +838,7 @@ def test_a_rank_that_hangs_or_ends_before_joining_ends_the_start_up(tiny, tmp_pa
             said = r"rank 1 \(.*pid \d+\).* (was killed by signal 9|ended before the group)"
             assert re.search(said, err), err[-2000:]
         assert "Traceback" not in err, err[-3000:]
-        deadline = time.monotonic() + 5
-        while _alive(victim) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(victim)
+        assert _gone(victim, 5)
     finally:
         _end(proc)
 
