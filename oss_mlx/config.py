@@ -18,6 +18,9 @@ from .mxfp4 import GROUP_SIZE
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+MAX_DIM = 2**31 - 1  # the largest size of an MLX array dimension (int32)
+# Far above any gpt-oss (24, 36 layers), low enough that the default layer_types list is cheap to make.
+MAX_LAYERS = 65536
 
 
 class ConfigError(LoadError, ValueError):
@@ -166,8 +169,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.layer_types:
-            # OpenAI's convention: even layers slide, odd layers see everything.
-            types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.num_layers))
+            # OpenAI's convention: even layers slide, odd layers see everything. (An absurd or mistyped
+            # count gets none: validate names it.)
+            count = self.num_layers if isinstance(self.num_layers, int) else 0
+            types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(min(count, MAX_LAYERS)))
             object.__setattr__(self, "layer_types", types)
         else:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -187,7 +192,15 @@ class ModelConfig:
         ]
         if wrong:
             raise ConfigError("invalid gpt-oss config: " + "; ".join(wrong))
-        problems = []
+        problems = [
+            f"{f.name}={getattr(self, f.name)} is beyond {MAX_DIM} (MLX's sizes are 32-bit)"
+            for f in fields(self)
+            if f.type == "int" and getattr(self, f.name) > MAX_DIM
+        ]
+        if self.num_layers > MAX_LAYERS:
+            problems.append(f"num_layers={self.num_layers} is more than {MAX_LAYERS}")
+        if problems:  # the products below would overflow, and MLX refuses such shapes with OverflowError
+            raise ConfigError("invalid gpt-oss config: " + "; ".join(problems))
         for name in ("num_layers", "num_experts", "vocab_size", "num_attention_heads", "num_key_value_heads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")

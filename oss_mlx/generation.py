@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import numbers
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -44,7 +46,7 @@ class SamplingOptions:
             return su.make_sampler(
                 temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k
             )
-        key = [mx.random.key(self.seed)]
+        key = [mx.random.key(self.seed % (1 << 64))]  # MLX's seed is unsigned 64-bit, as the server's
 
         def sample(logprobs: mx.array) -> mx.array:
             # make_sampler's filters in its order, then the draw with this sampler's key
@@ -59,6 +61,28 @@ class SamplingOptions:
 
         return sample
 
+    def check(self, vocab_size: int) -> None:
+        """Raise ValueError / TypeError naming the first bad option. Called once per reply, before the
+        scheduler sees it: a bad value there fails on the scheduler's thread, an out-of-range
+        logit_bias id writes outside the bias vector (a crash on the CPU), and a wrong type raised
+        inside one of MLX's compiled samplers leaves that sampler broken for every later reply."""
+        _whole("max_tokens", self.max_tokens, low=1)
+        _real("temperature", self.temperature, 0.0, math.inf, "0 is greedy")
+        _real("top_p", self.top_p, 0.0, 1.0, "1 turns it off")
+        _real("min_p", self.min_p, 0.0, 1.0, "0 turns it off")
+        _whole("top_k", self.top_k, low=0, high=vocab_size - 1, hint="0 turns it off")
+        if self.seed is not None:
+            _whole("seed", self.seed)
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, Mapping):
+            raise TypeError(
+                f"logit_bias must be a dict of token id -> bias, not {type(self.logit_bias).__name__}"
+            )
+        for token, bias in self.logit_bias.items():
+            _whole("a logit_bias token id", token, low=0, high=vocab_size - 1, hint="this model's vocabulary")
+            _real(f"logit_bias[{token}]", bias, -math.inf, math.inf)
+
     @property
     def plain_greedy(self) -> bool:
         """The choice is the argmax of the logits, nothing else (the decode batch takes one argmax
@@ -70,6 +94,24 @@ class SamplingOptions:
         ids = mx.array(list(self.logit_bias or {}), dtype=mx.int32)
         values = mx.array(list((self.logit_bias or {}).values()), dtype=mx.float32)
         return mx.zeros((width,), dtype=mx.float32).at[ids].add(values)
+
+
+def _whole(name: str, value: object, low: int | None = None, high: int | None = None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise ValueError(f"{name} must be {bounds}{f' ({hint})' if hint else ''}, not {value}")
+
+
+def _real(name: str, value: object, low: float, high: float, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {value!r}")
+    if not (low <= value <= high and math.isfinite(value)):  # NaN fails both
+        bounds = "a finite number" if math.isinf(low) else f"a finite number from {low} to {high}"
+        if math.isinf(high) and not math.isinf(low):
+            bounds = f"a finite number of at least {low}"
+        raise ValueError(f"{name} must be {bounds}{f' ({hint})' if hint else ''}, not {value}")
 
 
 def _argmax_rows(width: int) -> int:

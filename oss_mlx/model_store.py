@@ -71,6 +71,39 @@ def converted(repo_id: str) -> Path | None:
     return folder if folder.is_dir() and is_converted(folder) else None
 
 
+def damage(folder: Path) -> str | None:
+    """What is wrong with a converted copy, from what is cheap to check (the shards its config.json
+    records exist, each header reads and its data is all there), or None. A copy damaged after its
+    conversion (a shard deleted or cut short) is then named as the store's, with the store's fix,
+    instead of failing as a download would. Checksums are `oss-mlx convert --verify`'s."""
+    from .safetensors_file import read_header
+
+    try:
+        shards = json.loads((folder / "config.json").read_text())["oss_mlx"].get("shards")
+        missing = [name for name in shards or () if not (folder / name).is_file()]
+        if missing:
+            return f"{', '.join(missing)} missing"
+        for path in checkpoint_files(folder):
+            read_header(path)
+    except CheckpointError as e:
+        return str(e).split(". ")[0]  # what is wrong, without the advice meant for a download
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        return f"{folder / 'config.json'} cannot be read ({e})"
+    return None
+
+
+def _usable_copy(repo_id: str) -> Path | None:
+    """The store's converted copy of `repo_id` if there is one; CheckpointError if it is damaged."""
+    folder = converted(repo_id)
+    problem = None if folder is None else damage(folder)
+    if problem is not None:
+        raise CheckpointError(
+            f"the converted copy of {repo_id} in the model store is damaged: {problem}. Remove it "
+            f"(oss-mlx models remove {repo_id}); the next use converts it again."
+        )
+    return folder
+
+
 def _complete(folder: Path) -> bool:
     """A snapshot holding config.json and every shard its index names (a half download is not)."""
     if not (folder / "config.json").is_file():
@@ -116,6 +149,12 @@ def resolve(
     """
     from .hub import download, is_repo_id
 
+    if not isinstance(path_or_repo, (str, os.PathLike)):
+        raise TypeError(f"a model is a folder or a hub repo id, not {type(path_or_repo).__name__}")
+    if not str(path_or_repo).strip():  # Path("") is the current folder
+        raise CheckpointError(
+            "no model given: pass a checkpoint folder or a hub repo id like 'openai/gpt-oss-20b'"
+        )
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -126,7 +165,7 @@ def resolve(
     repo_id = str(path_or_repo)
     if not is_repo_id(repo_id):
         raise CheckpointError(f"{repo_id}: no such folder, and not a hub repo id like 'openai/gpt-oss-20b'")
-    found = converted(repo_id) or hub_cached(repo_id, need=need)
+    found = _usable_copy(repo_id) or hub_cached(repo_id, need=need)
     if found is not None:
         return found
     if need == "config":
@@ -169,6 +208,7 @@ class StoredModel:
     bytes: int
     where: str  # "store" | "hf-cache"
     preset: str = ""  # the conversion's quality preset (store entries)
+    damage: str | None = None  # what is wrong with a store entry (model_store.damage)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -211,7 +251,14 @@ def stored_models() -> list[StoredModel]:
             continue
         section = json.loads((folder / "config.json").read_text())["oss_mlx"]
         found.append(
-            StoredModel(_repo_of(folder), folder, folder_bytes(folder), "store", section.get("preset", ""))
+            StoredModel(
+                _repo_of(folder),
+                folder,
+                folder_bytes(folder),
+                "store",
+                section.get("preset", ""),
+                damage(folder),
+            )
         )
     return found
 

@@ -52,6 +52,8 @@ def list_models() -> int:
     for m in models:
         where = f"store, {m.preset}" if m.where == "store" and m.preset else m.where
         print(f"{m.repo_id:<{width}}  {_size(m.bytes):>10}  {where:<17}  {m.path}")
+        if m.damage is not None:
+            print(f"{'':<{width}}  damaged, not used: {m.damage} (oss-mlx models remove {m.repo_id})")
     for folder, alive in S.unfinished():
         what = "conversion running" if alive else "download, resumes on next use"
         print(f"{'(unfinished)':<{width}}  {_size(S.folder_bytes(folder)):>10}  {what}: {folder}")
@@ -60,7 +62,16 @@ def list_models() -> int:
 
 def show_path(repo_id: str) -> int:
     S.entry_name(repo_id)  # a bad id is said as such
-    found = S.converted(repo_id) or S.hub_cached(repo_id)
+    found = S.converted(repo_id)
+    problem = None if found is None else S.damage(found)
+    if problem is not None:
+        print(
+            f"oss-mlx models: the store's copy of {repo_id} ({found}) is damaged: {problem}. "
+            f"Remove it (oss-mlx models remove {repo_id}); the next use converts it again.",
+            file=sys.stderr,
+        )
+        return 1
+    found = found or S.hub_cached(repo_id)
     if found is None:
         print(
             f"oss-mlx models: {repo_id} is not on this machine; its first use converts it into "

@@ -98,10 +98,9 @@ def read_header(path: Path) -> Header:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a valid safetensors file (its header is not an object)")
     metadata = header.pop("__metadata__", None) or {}
-    end = 0
     for name, info in header.items():
         _check_entry(path, name, info)
-        end = max(end, info["data_offsets"][1])
+    end = _check_disjoint(path, header)
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path} is truncated: it holds {size} bytes but its header describes {8 + n + end}. "
@@ -130,6 +129,22 @@ def _check_entry(path: Path, name: str, info: object) -> None:
             f"{corrupt}: {offsets[1] - offsets[0]} bytes for {shape} {dtype} ({want} bytes). "
             "Re-download or re-save this file."
         )
+
+
+def _check_disjoint(path: Path, tensors: dict[str, dict]) -> int:
+    """The end of the data; CheckpointError when two tensors' byte ranges overlap (a header edited
+    or damaged so that one tensor would be read out of another's bytes)."""
+    end, last = 0, None
+    for name, info in sorted(tensors.items(), key=lambda item: item[1]["data_offsets"]):
+        start, stop = info["data_offsets"]
+        if start < end:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} (bytes {start}-{stop}) overlaps tensor {last!r} (ending at "
+                f"{end}): the header is corrupt. Re-download or re-save this file."
+            )
+        if stop > start:
+            end, last = stop, name
+    return end
 
 
 def _naturals(value: object, length: int | None = None) -> bool:

@@ -8,13 +8,18 @@ after every prefill, which lets sliding-window layers rewind that far (see cache
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import numbers
 import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .generation import GenerationStats, SamplingOptions, TokenStream
 from .harmony import Message, MessageDone, StreamParser, TextDelta, Tool, ToolCall, render_conversation
+from .harmony.tools import as_tool
 from .model import Transformer
 from .runtime import runtime_of
 from .scheduler import End, Output, Progress, Token
@@ -97,6 +102,63 @@ class ReplyBuilder:
             reply.tool_calls.append(event)
 
 
+def prompt_items(prompt: object) -> list:
+    """A prompt that is not a str as a list: token ids or messages (arrays of ids as their lists).
+    Raises TypeError / ValueError for anything else, before anything is rendered or fed."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TypeError("a prompt is a str, token ids or messages, not bytes (decode it to a str first)")
+    if hasattr(prompt, "tolist") and getattr(prompt, "ndim", 1) == 1:  # numpy / MLX arrays of ids
+        prompt = prompt.tolist()
+    if not isinstance(prompt, Iterable) or isinstance(prompt, Mapping):
+        raise TypeError(f"a prompt is a str, token ids or messages, not {type(prompt).__name__}")
+    items = list(prompt)
+    if not items:
+        raise ValueError("the prompt is empty: give a str, token ids or messages")
+    ids = [isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items]
+    messages = [isinstance(t, (Message, Mapping)) for t in items]
+    if not (all(ids) or all(messages)):
+        bad = items[(ids if any(ids) else messages).index(False)]
+        raise TypeError(
+            f"a prompt's items are all token ids (int) or all messages (Message or dict), not {bad!r}"
+        )
+    return items
+
+
+def checked_tools(tools: Sequence[Tool | Mapping[str, Any]] | None) -> list[Tool | Mapping[str, Any]]:
+    """`tools` as a list, each a Tool or a dict harmony can render (a name, a JSON schema or none);
+    TypeError naming the first that is not, at once rather than at the first reply's rendering."""
+    if tools is None:
+        return []
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Iterable):
+        raise TypeError(f"tools must be a list of tools, not {type(tools).__name__}")
+    tools = list(tools)
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, (Tool, Mapping)):
+            raise TypeError(f"tools[{i}] must be a Tool or a dict, not {type(tool).__name__}")
+        try:
+            spec = as_tool(tool)
+        except (KeyError, AttributeError, TypeError):
+            spec = None
+        if spec is None or not isinstance(spec.name, str) or not spec.name:
+            raise TypeError(f'tools[{i}] needs a "name" (a non-empty str): {tool!r}')
+        if spec.parameters is not None and not isinstance(spec.parameters, Mapping):
+            raise TypeError(f'tools[{i}] ({spec.name}): "parameters" must be a JSON schema (a dict)')
+        if not isinstance(spec.description, str):
+            raise TypeError(f'tools[{i}] ({spec.name}): "description" must be a str')
+    return tools
+
+
+def fit_context(options: SamplingOptions, prompt_tokens: int, context: int) -> SamplingOptions:
+    """`options` with max_tokens cut to the room a prompt leaves in the context; ValueError if none."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise ValueError(
+            f"the prompt is {prompt_tokens} tokens, and this model's context is {context} "
+            "(max_position_embeddings in its config.json): it leaves no room for a reply"
+        )
+    return options if options.max_tokens <= room else dataclasses.replace(options, max_tokens=room)
+
+
 def _until_end(outputs: queue.SimpleQueue) -> None:
     """Wait for a cancelled sequence's End (one decode step or one prefill chunk away): until then the
     scheduler owns the cache. A Ctrl-C meanwhile is held until the cache is back."""
@@ -136,13 +198,15 @@ class Session:
         self.model, self.tokenizer = model, tokenizer
         self.reasoning_effort = reasoning_effort
         self.instructions = instructions
-        self.tools = list(tools or [])
+        self.tools = checked_tools(tools)
         self.current_date = current_date
         self.messages: list[Message] = []
         self.cache = model.make_cache()
         self.cached_tokens: list[int] = []  # exactly the tokens whose keys/values the cache holds
         self.turn_stats: list[GenerationStats] = []
         self.last_reply: Reply | None = None
+        self._streaming = False  # a reply of `stream` is in flight (one at a time: one cache)
+        self._streaming_lock = threading.Lock()
 
     # ---- prompt ---------------------------------------------------------------------------------
 
@@ -161,9 +225,10 @@ class Session:
             return self.render()
         if isinstance(prompt, str):
             return self.render([*self.messages, Message("user", prompt)])
-        if prompt and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        return self.render(prompt)
+        items = prompt_items(prompt)
+        if all(isinstance(t, numbers.Integral) for t in items):
+            return [int(t) for t in items]
+        return self.render(items)
 
     # ---- cache ----------------------------------------------------------------------------------
 
@@ -234,8 +299,42 @@ class Session:
         keys = {k: sampling.pop(k) for k in CONSTRAINT_KEYS if k in sampling}
         checked = self.constraint(constraint, **keys)
         options = options or SamplingOptions(**sampling)
+        with self._one_reply():
+            yield from self._stream(prompt, options, assistant_prefix, on_prefill, checked)
+
+    @contextlib.contextmanager
+    def _one_reply(self) -> Iterator[None]:
+        """Hold the session for one reply: a second one at the same time (another thread, or a new
+        stream while one is still open) would rewind the cache the first is filling."""
+        with self._streaming_lock:
+            if self._streaming:
+                raise RuntimeError(
+                    "this Session is already generating a reply (one at a time: finish or close that "
+                    "stream first, or give each thread a Session of its own)"
+                )
+            self._streaming = True
+        try:
+            yield
+        finally:
+            self._streaming = False
+
+    def _stream(
+        self,
+        prompt: Prompt | None,
+        options: SamplingOptions,
+        assistant_prefix: Sequence[int],
+        on_prefill: Callable[[int, int], None] | None,
+        checked: Checked | None,
+    ) -> Iterator[Event]:
         outputs: queue.SimpleQueue = queue.SimpleQueue()
-        turn = self.begin(prompt, options, assistant_prefix, emit=outputs.put, constraint=checked)
+        turn = self.begin(
+            prompt,
+            options,
+            assistant_prefix,
+            emit=outputs.put,
+            constraint=checked,
+            context=self.model.config.max_position_embeddings,
+        )
         builder = ReplyBuilder(self.tokenizer, turn.report, assistant_prefix)
         runtime_of(self.model).submit(turn.sequence)
         ended = finished = False
@@ -270,18 +369,25 @@ class Session:
         assistant_prefix: Sequence[int] = (),
         emit: Callable[[Output], None] | None = None,
         constraint: Checked | None = None,
+        context: int | None = None,
     ) -> Turn:
         """A reply as the scheduler's sequence (not submitted): the prompt rendered, the cache rewound
         to the longest prefix it can reuse, the marks where a later prompt may leave this one. When
         it ends (End, on the scheduler's thread) the cache is settled and the stats completed before
         `emit` hears of it. `stream` submits and reads it; the server does the same from its event loop.
-        constraint: the reply's checked constraint (Session.constraint), enforced token by token."""
+        constraint: the reply's checked constraint (Session.constraint), enforced token by token.
+        context: the most positions the reply may reach (the prompt must leave room; max_tokens is
+        cut to what is left); None: no limit (the server applies its own).
+        Raises ValueError / TypeError for a bad prompt or options, before the cache is touched."""
+        options.check(self.model.config.vocab_size)
+        tokens = self._to_tokens(prompt) + list(assistant_prefix)
+        if context is not None:
+            options = fit_context(options, len(tokens), context)
         turn_constraint = None
         if constraint is not None:
             from .constrained import TurnConstraint  # llguidance is imported only when it is used
 
             turn_constraint = TurnConstraint(constraint, self.tokenizer, options.max_tokens, assistant_prefix)
-        tokens = self._to_tokens(prompt) + list(assistant_prefix)
         reused = self._reuse_prefix(tokens)
         report = TokenStream()
         report.stats.prompt_tokens = len(tokens)
@@ -324,18 +430,27 @@ class Session:
         `stream`; a constraint that cannot be enforced raises ConstraintError before the message is
         added.
         """
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"send takes the user's message as a str, not {type(text).__name__}")
         keys = {k: sampling.pop(k) for k in CONSTRAINT_KEYS if k in sampling}
         checked = self.constraint(sampling.pop("constraint", None), **keys)
-        if text is not None:
-            self.messages.append(Message("user", text))
-        self.last_reply = None
-        events = self.stream(constraint=checked, **sampling)
-        try:
-            yield from events
-        finally:
-            events.close()  # settles the cache now, not at garbage collection
-            if self.last_reply is not None:
-                self.messages.extend(self.last_reply.messages)
+        prefix, on_prefill = sampling.pop("assistant_prefix", ()), sampling.pop("on_prefill", None)
+        options = sampling.pop("options", None) or SamplingOptions(**sampling)
+        with self._one_reply():
+            if text is not None:
+                self.messages.append(Message("user", text))
+            self.last_reply = None
+            events = self._stream(None, options, prefix, on_prefill, checked)
+            try:
+                yield from events
+            except BaseException:
+                if self.last_reply is None and text is not None:  # refused before it began
+                    self.messages.pop()
+                raise
+            finally:
+                events.close()  # settles the cache now, not at garbage collection
+                if self.last_reply is not None:
+                    self.messages.extend(self.last_reply.messages)
 
     def add_tool_result(self, name: str, content: str) -> None:
         """Record a function tool's output (name without the `functions.` prefix) on the channel of its
@@ -397,8 +512,11 @@ def batch_generate(
     reply constrained alike). Up to the runtime's max_batch decode at once (8 by default:
     `runtime_of(model).configure(max_batch=N)`), the rest start as places free up.
     """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of prompts, not {type(prompts).__name__}")
     keys = {k: sampling.pop(k) for k in CONSTRAINT_KEYS if k in sampling}
-    limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    many = isinstance(max_tokens, Sequence) and not isinstance(max_tokens, str)
+    limits = list(max_tokens) if many else [max_tokens] * len(prompts)  # each checked as an option
     if len(limits) != len(prompts):
         raise ValueError(f"max_tokens: {len(limits)} values for {len(prompts)} prompts")
     outputs: queue.SimpleQueue = queue.SimpleQueue()
@@ -409,7 +527,13 @@ def batch_generate(
         )
         options = SamplingOptions(max_tokens=limit, **sampling)
         checked = session.constraint(**keys)
-        turn = session.begin(prompt, options, emit=lambda out, i=i: outputs.put((i, out)), constraint=checked)
+        turn = session.begin(
+            prompt,
+            options,
+            emit=lambda out, i=i: outputs.put((i, out)),
+            constraint=checked,
+            context=model.config.max_position_embeddings,
+        )
         turns.append(turn)
         builders.append(ReplyBuilder(tokenizer, turn.report))
     runtime = runtime_of(model)

@@ -250,6 +250,9 @@ def test_the_converted_dialect_keeps_every_field(case):
         ({**BASE, "sliding_window": None}, "sliding_window is null"),
         ({**BASE, "sliding_window": 0}, "sliding_window=0 must be at least 1"),
         ({**BASE, "vocab_size": 0}, "vocab_size=0 must be at least 1"),
+        ({**BASE, "vocab_size": 10**12}, "vocab_size=1000000000000 is beyond 2147483647"),
+        ({**BASE, "num_hidden_layers": 2**40}, "num_layers=1099511627776 is beyond 2147483647"),
+        ({**BASE, "num_hidden_layers": 10**6}, "num_layers=1000000 is more than 65536"),
         ({**BASE, "num_key_value_heads": 3}, "multiple of num_key_value_heads"),
         ({**BASE, "attention_bias": False}, "attention_bias is false"),
         ({**BASE, "quantization_config": {"quant_method": "gptq"}}, "quant_method is 'gptq'"),
@@ -526,6 +529,23 @@ def _bad_offsets(folder):
     return rf"{f}: tensor '.*' has a corrupt header entry: \d+ bytes for \[.*\] BF16"
 
 
+def _overlapping_offsets(folder):
+    """Two tensors of one size sharing the same bytes: every size agrees, one tensor is the other's copy."""
+    f = sorted(folder.glob("*.safetensors"))[0]
+    moved = {}
+
+    def change(head):
+        names = [k for k in head if k != "__metadata__"]
+        size = lambda k: head[k]["data_offsets"][1] - head[k]["data_offsets"][0]  # noqa: E731
+        a, b = next((a, b) for a in names for b in names if a < b and size(a) == size(b) > 0)
+        head[b]["data_offsets"] = list(head[a]["data_offsets"])
+        moved["names"] = (a, b)
+
+    _rewrite_header(f, change)
+    a, b = moved["names"]
+    return rf"{f}: tensor '({a}|{b})' \(bytes \d+-\d+\) overlaps tensor '({a}|{b})'.*the header is corrupt"
+
+
 def _unknown_dtype(folder):
     f = sorted(folder.glob("*.safetensors"))[0]
     _rewrite_header(f, lambda head: head[_first_tensor(head)].update(dtype="Q7"))
@@ -591,6 +611,7 @@ def _empty_folder(folder):
 
 FILE_DAMAGE = [
     _bad_offsets,
+    _overlapping_offsets,
     _unknown_dtype,
     _header_not_object,
     _empty_file,

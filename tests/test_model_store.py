@@ -277,3 +277,49 @@ def test_several_ranks_resolve_a_hub_id_by_the_store_and_convert_it_once(places,
     model, tokenizer = oss_mlx.load(folder)
     alone = oss_mlx.generate(model, tokenizer, "Hi", reasoning_effort="low", temperature=0, max_tokens=4)
     assert run.stdout == alone.text + "\n"
+
+
+def _delete_a_shard(folder: Path) -> str:
+    (folder / "model-layer-01.safetensors").unlink()
+    return "model-layer-01.safetensors missing"
+
+
+def _truncate_a_shard(folder: Path) -> str:
+    shard = folder / "model-layer-00.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    return "model-layer-00.safetensors is truncated"
+
+
+@pytest.mark.parametrize("damage", [_delete_a_shard, _truncate_a_shard], ids=lambda f: f.__name__.strip("_"))
+def test_a_damaged_copy_in_the_store_is_named_with_the_store_s_fix(converted, places, damage):
+    """A store copy damaged after its conversion was used as it was: the load then failed advising a
+    re-download, and `oss-mlx models` listed it as fine."""
+    import oss_mlx
+
+    _, _, env = places
+    what = damage(converted)
+    fix = f"oss-mlx models remove {REPO_ID}"
+    with pytest.raises(model_store.CheckpointError, match=f"in the model store is damaged: .*{what}.*{fix}"):
+        oss_mlx.load(REPO_ID)
+    listing = cli("models", env=env)
+    assert listing.returncode == 0 and "damaged, not used: " in listing.stdout and what in listing.stdout
+    path = cli("models", "path", REPO_ID, env=env)
+    assert path.returncode == 1 and what in path.stderr and fix in path.stderr
+    generate = cli("generate", "--model", REPO_ID, "--max-tokens", "2", "Hi", env=env)
+    assert generate.returncode == 1 and fix in generate.stderr and "Traceback" not in generate.stderr
+    assert cli("models", "remove", REPO_ID, "--yes", env=env).returncode == 0
+    assert not converted.exists()
+
+
+def test_an_empty_model_name_is_not_the_current_folder(tmp_path, tiny_checkpoint, monkeypatch):
+    """`oss_mlx.load("")` loaded whatever the current folder (or its original/) held."""
+    import shutil
+
+    import oss_mlx
+
+    shutil.copytree(tiny_checkpoint, tmp_path / "original")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(model_store.CheckpointError, match="no model given"):
+        oss_mlx.load("")
+    with pytest.raises(TypeError, match="not NoneType"):
+        oss_mlx.load(None)
