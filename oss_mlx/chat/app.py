@@ -16,8 +16,9 @@ from rich.text import Text
 from .. import cli_args
 from ..distributed.errors import DistributedError
 from ..harmony import Message, TextDelta, Tool, ToolCall, render_developer, render_system
+from ..interrupts import InterruptGuard
 from . import commands, keys
-from .guard import InterruptGuard, LoopDetector, is_interactive, no_echo
+from .guard import LoopDetector, is_interactive, no_echo
 from .history import save_conversation
 from .render import ReplyView, plural
 from .slash import SlashCommands

@@ -1,10 +1,9 @@
-"""Stopping a reply: Ctrl-C during generation, and a detector of output that loops."""
+"""A detector of output that loops, and the terminal checks of a reply (no echo, interactive or not)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import Hashable, Iterator
 
@@ -49,49 +48,6 @@ class LoopDetector:
         self.items.clear()
         self.runs = [0] * (self.max_period + 1)
         self.period = 0
-
-
-class InterruptGuard:
-    """SIGINT while a reply streams.
-
-    The first Ctrl-C only sets `requested`: the chat stops at the next streamed token and closes the
-    reply, so history and cache stay consistent. If nothing streams yet (a long prefill) or Ctrl-C
-    comes again, KeyboardInterrupt is raised at once (the session settles its cache in `finally`).
-    `hold()` defers even that, for code that must not be cut (closing the reply).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.streaming = False  # events are arriving: a flag is enough
-        self._held = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        first = not self.requested
-        self.requested = True
-        if self._held:
-            return
-        if not first or not self.streaming:
-            raise KeyboardInterrupt
-
-    def __enter__(self) -> InterruptGuard:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        held, self._held = self._held, True
-        try:
-            yield
-        finally:
-            self._held = held
 
 
 @contextlib.contextmanager

@@ -12,9 +12,9 @@ from rich.text import Text
 
 from .. import cli_args
 from ..harmony import REASONING_EFFORTS, Message
+from ..interrupts import InterruptGuard
 from . import commands, keys
 from .clipboard import copy_text
-from .guard import InterruptGuard
 from .history import ChatFileError, data_dir, load_conversation, new_autosave_path, read_small_file
 from .render import REASONING_MODES, BlockSplitter, code_of, plural, print_markdown
 

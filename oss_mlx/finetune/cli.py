@@ -371,7 +371,7 @@ def run(args, out: Path, held: contextlib.ExitStack) -> int:
     extra = {"run": identity}
     delay = args.delay
     progress = _Progress(console, steps, trainer.step)
-    from ..chat.guard import InterruptGuard
+    from ..interrupts import InterruptGuard
 
     def eval_due(step: int) -> bool:
         return valid is not None and (step == 0 or step % args.eval_every == 0 or step == steps)
