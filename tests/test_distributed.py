@@ -894,3 +894,32 @@ def test_a_rank_lost_between_requests_ends_the_next_one_in_words(tiny, tmp_path)
         assert err.count("closed its connection") <= 2, err[-3000:]  # not logged over and over
     finally:
         _end(proc)
+
+
+def test_a_bad_connect_timeout_is_refused_before_any_rank_starts(tiny, tmp_path):
+    """OSS_MLX_CONNECT_TIMEOUT is checked on rank 0 before it starts the others: status 2, one line
+    naming the variable and its range, no rank left behind."""
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps(_hosts(2)))
+    cmd = [sys.executable, "-m", "oss_mlx.cli", "generate", "--model", str(tiny), "--max-tokens", "2"]
+    proc = _start([*cmd, "--hosts", str(hosts), "Hi"], _env(OSS_MLX_CONNECT_TIMEOUT="abc"))
+    try:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        assert "OSS_MLX_CONNECT_TIMEOUT must be a number between 1 and" in err and "Traceback" not in err
+        assert not _ranks_with(b"OSS_MLX_CONNECT_TIMEOUT=abc")
+    finally:
+        _end(proc)
+
+
+def _ranks_with(setting: bytes) -> list[int]:
+    """The worker ranks alive whose environment holds `setting`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if b"oss_mlx.distributed.worker" in (entry / "cmdline").read_bytes():
+                if setting in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+        except (OSError, ValueError):
+            pass
+    return found

@@ -62,11 +62,12 @@ def is_worker() -> bool:
 def load(model_path: str, args: argparse.Namespace):
     """(model, tokenizer) on rank 0; the other ranks compute until rank 0 is done, then exit here."""
     from ..tokenizer import load_tokenizer
-    from .group import launched
+    from .group import connect_timeout, heartbeat_timeout, launched
     from .runtime import Options, start
 
     mode = None if args.distributed == "auto" else args.distributed
     launch = None
+    connect_timeout(), heartbeat_timeout()  # a bad setting is refused before any rank starts
     if args.hosts:
         if launched():
             raise DistributedError(
